@@ -1,0 +1,213 @@
+//! The projector's hyper-parameters, NExT-GPT's presets and checkpoint layouts.
+
+use crate::error::{Error, Result};
+
+/// Which of NExT-GPT's code bases named the weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// The released model: `fc`, `tfm`, `model`, `query_embs`.
+    Legacy,
+    /// The v1.5 rewrite: `in_fc`, `tfm`, `out_fc`, `query_embs`.
+    V15,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Legacy => "legacy",
+            Variant::V15 => "v1.5",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "legacy" => Ok(Variant::Legacy),
+            "v1.5" | "v15" => Ok(Variant::V15),
+            _ => Err(Error::invalid(format!(
+                "unknown variant `{s}` (expected legacy or v1.5)"
+            ))),
+        }
+    }
+
+    /// Name of the input linear layer (LLM hidden size -> d_model).
+    pub fn input_linear(self) -> &'static str {
+        match self {
+            Variant::Legacy => "fc",
+            Variant::V15 => "in_fc",
+        }
+    }
+
+    /// Name of the output linear layer (d_model -> conditioning width).
+    pub fn output_linear(self) -> &'static str {
+        match self {
+            Variant::Legacy => "model",
+            Variant::V15 => "out_fc",
+        }
+    }
+
+    pub const ALL: [Variant; 2] = [Variant::Legacy, Variant::V15];
+}
+
+/// The three projectors of NExT-GPT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Modality {
+    Image,
+    Video,
+    Audio,
+}
+
+impl Modality {
+    pub fn name(self) -> &'static str {
+        match self {
+            Modality::Image => "image",
+            Modality::Video => "video",
+            Modality::Audio => "audio",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "image" => Ok(Modality::Image),
+            "video" => Ok(Modality::Video),
+            "audio" => Ok(Modality::Audio),
+            _ => Err(Error::invalid(format!(
+                "unknown modality `{s}` (expected image, video or audio)"
+            ))),
+        }
+    }
+
+    pub const ALL: [Modality; 3] = [Modality::Image, Modality::Video, Modality::Audio];
+
+    /// The state-dict prefix of this projector inside a full NExT-GPT checkpoint.
+    pub fn checkpoint_prefix(self, variant: Variant) -> &'static str {
+        match (variant, self) {
+            (Variant::Legacy, Modality::Image) => "gen_text_hidden_fcs.0.",
+            (Variant::Legacy, Modality::Video) => "gen_text_hidden_fcs_video.0.",
+            (Variant::Legacy, Modality::Audio) => "gen_text_hidden_fcs_audio.0.",
+            (Variant::V15, Modality::Image) => "model.mm_output_img_projector.",
+            (Variant::V15, Modality::Video) => "model.mm_output_vid_projector.",
+            (Variant::V15, Modality::Audio) => "model.mm_output_aud_projector.",
+        }
+    }
+
+    /// The modality and variant whose checkpoint prefix is `prefix`, if any.
+    pub fn from_prefix(prefix: &str) -> Option<(Modality, Variant)> {
+        Variant::ALL.iter().find_map(|&v| {
+            Modality::ALL
+                .iter()
+                .find(|m| m.checkpoint_prefix(v) == prefix)
+                .map(|&m| (m, v))
+        })
+    }
+}
+
+/// Everything that fixes the projector's shapes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProjectorConfig {
+    pub variant: Variant,
+    /// LLM hidden size (4096 for Vicuna-7B).
+    pub in_dim: usize,
+    pub d_model: usize,
+    pub heads: usize,
+    pub ffn_dim: usize,
+    pub encoder_layers: usize,
+    pub decoder_layers: usize,
+    /// Learned queries: tokens of conditioning produced.
+    pub n_out: usize,
+    pub out_dim: usize,
+    /// Signal tokens the projector expects, when known (a preset); the model itself
+    /// accepts any number.
+    pub n_in: Option<usize>,
+    pub eps: f64,
+}
+
+impl ProjectorConfig {
+    /// One of NExT-GPT's six projectors.
+    pub fn preset(modality: Modality, variant: Variant) -> Self {
+        let (n_in, n_out, out_dim) = match (variant, modality) {
+            (Variant::Legacy, Modality::Image) => (4, 77, 768),
+            (Variant::Legacy, Modality::Video) => (24, 77, 1024),
+            (Variant::Legacy, Modality::Audio) => (8, 1, 512),
+            (Variant::V15, Modality::Image) => (7, 77, 1024),
+            (Variant::V15, Modality::Video) => (47, 77, 1024),
+            (Variant::V15, Modality::Audio) => (15, 1, 512),
+        };
+        ProjectorConfig {
+            variant,
+            in_dim: 4096,
+            d_model: 512,
+            heads: 4,
+            ffn_dim: 2048,
+            encoder_layers: 4,
+            decoder_layers: 4,
+            n_out,
+            out_dim,
+            n_in: Some(n_in),
+            eps: 1e-5,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.heads.max(1)
+    }
+
+    /// Checks that the numbers make a valid projector.
+    pub fn validate(&self) -> Result<()> {
+        let dims = [
+            ("in_dim", self.in_dim),
+            ("d_model", self.d_model),
+            ("heads", self.heads),
+            ("ffn_dim", self.ffn_dim),
+            ("encoder_layers", self.encoder_layers),
+            ("decoder_layers", self.decoder_layers),
+            ("n_out", self.n_out),
+            ("out_dim", self.out_dim),
+        ];
+        for (name, v) in dims {
+            if v == 0 {
+                return Err(Error::invalid(format!("config: {name} must be at least 1")));
+            }
+        }
+        if self.n_in == Some(0) {
+            return Err(Error::invalid("config: n_in must be at least 1"));
+        }
+        if self.d_model % self.heads != 0 {
+            return Err(Error::invalid(format!(
+                "config: d_model {} is not divisible by {} heads",
+                self.d_model, self.heads
+            )));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(Error::invalid(format!("config: eps {} must be > 0", self.eps)));
+        }
+        Ok(())
+    }
+
+    /// Number of parameters.
+    pub fn parameter_count(&self) -> usize {
+        crate::weights::layout(self).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preset_parameter_counts_match_spec() {
+        let count = |m| ProjectorConfig::preset(m, Variant::Legacy).parameter_count();
+        assert_eq!(count(Modality::Image), 31_958_784);
+        assert_eq!(count(Modality::Video), 32_090_112);
+        assert_eq!(count(Modality::Audio), 31_788_544);
+    }
+
+    #[test]
+    fn prefixes_round_trip() {
+        for v in Variant::ALL {
+            for m in Modality::ALL {
+                assert_eq!(Modality::from_prefix(m.checkpoint_prefix(v)), Some((m, v)));
+            }
+        }
+        assert_eq!(Modality::from_prefix(""), None);
+    }
+}

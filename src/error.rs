@@ -1,0 +1,65 @@
+//! The one error type of the crate. Every failure a caller can cause is a variant
+//! here with a message that names what was wrong; library code never panics on
+//! caller data.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, each with what was expected and what was found.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not valid safetensors (truncated, bad header, ...).
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Format { path: PathBuf, reason: String },
+    /// A tensor the model needs is absent.
+    #[error("missing tensor `{key}`{hint}")]
+    MissingKey { key: String, hint: String },
+    /// A tensor has the wrong shape.
+    #[error("tensor `{key}`: expected shape {expected:?}, found {found:?}")]
+    Shape {
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype this crate does not accept.
+    #[error("tensor `{key}`: expected dtype {expected}, found {found}")]
+    DType {
+        key: String,
+        expected: String,
+        found: String,
+    },
+    /// An input or weight holds NaN or infinity.
+    #[error("tensor `{key}` holds a non-finite value ({value}) at flat index {index}")]
+    NonFinite { key: String, index: usize, value: f64 },
+    /// A size computation overflowed `usize`, or a size is out of range.
+    #[error("size overflow: {0}")]
+    Overflow(String),
+    /// Arguments that do not fit together (op shapes, config, batch 0, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The LLM output does not contain the signal tokens as required.
+    #[error("sequence {batch}: {reason}")]
+    SignalTokens { batch: usize, reason: String },
+    /// A backend or device was asked for that is not available here.
+    #[error("backend `{backend}` is not available: {reason}")]
+    Unavailable { backend: String, reason: String },
+    /// A backend reported a failure (driver, compiler, device error).
+    #[error("{backend}: {message}")]
+    Backend { backend: String, message: String },
+}
+
+impl Error {
+    /// Shorthand for [`Error::Invalid`].
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::Invalid(msg.into())
+    }
+}

@@ -1,0 +1,481 @@
+//! The op set every backend implements, and the shape rules every backend shares.
+//!
+//! Tensors are row-major; a "row" is the last dimension. Weights use PyTorch's
+//! layout (`[out, in]` for linear layers). Outputs are written into tensors the
+//! caller allocated, so a GPU backend can reuse buffers across calls.
+
+use crate::error::{Error, Result};
+use crate::signal::SignalPositions;
+use crate::tensor::HostTensor;
+
+/// What every backend's tensor can say about itself.
+pub trait Shaped {
+    fn shape(&self) -> &[usize];
+}
+
+/// The activation fused into [`Backend::linear`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Activation {
+    None,
+    Relu,
+    /// `0.5 x (1 + erf(x / sqrt 2))`, PyTorch's default GELU.
+    GeluErf,
+    /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, `approximate="tanh"`.
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::None => "none",
+            Activation::Relu => "relu",
+            Activation::GeluErf => "gelu_erf",
+            Activation::GeluTanh => "gelu_tanh",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Activation::None),
+            "relu" => Ok(Activation::Relu),
+            "gelu" | "gelu_erf" => Ok(Activation::GeluErf),
+            "gelu_tanh" => Ok(Activation::GeluTanh),
+            _ => Err(Error::invalid(format!("unknown activation `{s}`"))),
+        }
+    }
+}
+
+/// The two alignment losses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LossKind {
+    /// NExT-GPT's "l2 loss": the mean over batch and tokens of the per-token
+    /// Euclidean distance `sqrt(sum_d (u - v)^2)`. Its gradient is
+    /// `(u - v) / (dist * B * N)`, defined as 0 for a token with `dist = 0`
+    /// (PyTorch's autograd gives NaN there).
+    TokenL2,
+    /// Element-wise mean squared error `mean((u - v)^2)`, gradient `2 (u - v) / numel`.
+    Mse,
+}
+
+/// A block of columns of a `[B, L, W]` tensor: columns `start..start + width` of
+/// every row, read with the tensor's row stride `W`. This is how Q, K and V are read
+/// in place from a packed `in_proj` output.
+pub struct Cols<'a, T> {
+    pub tensor: &'a T,
+    pub start: usize,
+}
+
+impl<'a, T> Cols<'a, T> {
+    pub fn new(tensor: &'a T, start: usize) -> Self {
+        Cols { tensor, start }
+    }
+}
+
+/// Multi-head attention settings. Heads are consecutive column blocks of width
+/// `head_dim` inside each of Q, K, V and the output.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionSpec {
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Query `i` sees keys `j <= i` (top-left aligned, as PyTorch's `is_causal`).
+    pub causal: bool,
+    /// Score scale; `None` means `1 / sqrt(head_dim)`.
+    pub scale: Option<f64>,
+}
+
+impl AttentionSpec {
+    pub fn new(heads: usize, head_dim: usize) -> Self {
+        AttentionSpec {
+            heads,
+            head_dim,
+            causal: false,
+            scale: None,
+        }
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt())
+    }
+}
+
+/// A key padding mask `[B, Lk]`: `true` means the key is ignored (PyTorch's
+/// `key_padding_mask` convention). A query row whose keys are all ignored gets an
+/// output of zeros (PyTorch gives NaN there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyPaddingMask {
+    batch: usize,
+    keys: usize,
+    ignore: Vec<bool>,
+}
+
+impl KeyPaddingMask {
+    pub fn new(batch: usize, keys: usize, ignore: Vec<bool>) -> Result<Self> {
+        let n = batch
+            .checked_mul(keys)
+            .ok_or_else(|| Error::Overflow(format!("mask [{batch}, {keys}]")))?;
+        if ignore.len() != n {
+            return Err(Error::invalid(format!(
+                "key padding mask [{batch}, {keys}] needs {n} entries, {} given",
+                ignore.len()
+            )));
+        }
+        Ok(KeyPaddingMask {
+            batch,
+            keys,
+            ignore,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn keys(&self) -> usize {
+        self.keys
+    }
+
+    /// `true` where key `j` of sequence `b` is ignored.
+    pub fn ignore(&self) -> &[bool] {
+        &self.ignore
+    }
+}
+
+/// The op set. A backend is a cheap handle (clone it freely). Every method validates shapes first (with the shared `*Dims::check`
+/// functions below) and returns an error, never panics, on a mismatch.
+pub trait Backend: Clone {
+    /// A tensor living on this backend.
+    type Tensor: Shaped;
+    /// A key padding mask living on this backend.
+    type Mask;
+
+    /// A short name (`cpu`, `wgpu`, `cuda`) for messages and tables.
+    fn name(&self) -> &str;
+
+    /// Copy a host tensor to the backend, converting to its storage type.
+    fn upload(&self, t: &HostTensor) -> Result<Self::Tensor>;
+    /// Copy a tensor back to the host.
+    fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
+    /// Allocate a tensor. Its contents are unspecified until an op writes it.
+    fn alloc(&self, shape: &[usize]) -> Result<Self::Tensor>;
+    /// Copy a mask to the backend.
+    fn upload_mask(&self, mask: &KeyPaddingMask) -> Result<Self::Mask>;
+
+    /// `out = act(x · wᵀ + b) + residual` over the last dimension of `x`.
+    /// `x: [.., K]`, `w: [N, K]`, `b: [N]`, `residual` and `out: [.., N]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        act: Activation,
+        residual: Option<&Self::Tensor>,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// `s = x + residual` (or `x`), `out = (s - mean) / sqrt(var + eps) * weight + bias`
+    /// over the last dimension, with the biased variance; `sum_out` receives `s`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        residual: Option<&Self::Tensor>,
+        weight: &Self::Tensor,
+        bias: &Self::Tensor,
+        eps: f64,
+        out: &mut Self::Tensor,
+        sum_out: Option<&mut Self::Tensor>,
+    ) -> Result<()>;
+
+    /// Scaled-dot-product attention per head: `out = softmax(Q Kᵀ · scale) V`.
+    /// Q: `[B, Lq, *]`, K, V: `[B, Lk, *]` column blocks; `out: [B, Lq, heads·head_dim]`.
+    fn attention(
+        &self,
+        q: Cols<'_, Self::Tensor>,
+        k: Cols<'_, Self::Tensor>,
+        v: Cols<'_, Self::Tensor>,
+        spec: &AttentionSpec,
+        mask: Option<&Self::Mask>,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// The loss of `pred` against `target` (`[B, N, D]` each) into `loss` (`[1]`),
+    /// and its gradient w.r.t. `pred` into `grad` (`[B, N, D]`).
+    fn alignment_loss(
+        &self,
+        kind: LossKind,
+        pred: &Self::Tensor,
+        target: &Self::Tensor,
+        loss: &mut Self::Tensor,
+        grad: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// `out[b, i] = hidden[b, p_i] + embeds[b, p_i]` for the signal positions `p`.
+    /// `hidden`, `embeds: [B, T, C]`, `out: [B, n, C]`.
+    fn gather_signal_tokens(
+        &self,
+        hidden: &Self::Tensor,
+        embeds: Option<&Self::Tensor>,
+        positions: &SignalPositions,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+}
+
+fn shape_err(key: &str, expected: Vec<usize>, found: &[usize]) -> Error {
+    Error::Shape {
+        key: key.to_string(),
+        expected,
+        found: found.to_vec(),
+    }
+}
+
+fn check(key: &str, found: &[usize], expected: &[usize]) -> Result<()> {
+    if found != expected {
+        return Err(shape_err(key, expected.to_vec(), found));
+    }
+    Ok(())
+}
+
+fn nonempty(op: &str, dims: &[(&str, usize)]) -> Result<()> {
+    for (name, d) in dims {
+        if *d == 0 {
+            return Err(Error::invalid(format!("{op}: {name} must be at least 1")));
+        }
+    }
+    Ok(())
+}
+
+/// The rows/columns of one `linear` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearDims {
+    /// Rows of `x` (product of all but the last dimension).
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl LinearDims {
+    pub fn check(
+        x: &[usize],
+        w: &[usize],
+        b: Option<&[usize]>,
+        residual: Option<&[usize]>,
+        out: &[usize],
+    ) -> Result<Self> {
+        let (&k, lead) = x
+            .split_last()
+            .ok_or_else(|| Error::invalid("linear: x must have at least one dimension"))?;
+        if w.len() != 2 || w[1] != k {
+            return Err(shape_err("linear weight", vec![w.first().copied().unwrap_or(0), k], w));
+        }
+        let n = w[0];
+        let m = crate::tensor::checked_numel(lead, "linear x")?;
+        nonempty("linear", &[("rows of x", m), ("in_features", k), ("out_features", n)])?;
+        if let Some(b) = b {
+            check("linear bias", b, &[n])?;
+        }
+        let mut out_shape = lead.to_vec();
+        out_shape.push(n);
+        if let Some(r) = residual {
+            check("linear residual", r, &out_shape)?;
+        }
+        check("linear out", out, &out_shape)?;
+        Ok(LinearDims { m, n, k })
+    }
+}
+
+/// The rows of one `layer_norm` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerNormDims {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl LayerNormDims {
+    pub fn check(
+        x: &[usize],
+        residual: Option<&[usize]>,
+        weight: &[usize],
+        bias: &[usize],
+        eps: f64,
+        out: &[usize],
+        sum_out: Option<&[usize]>,
+    ) -> Result<Self> {
+        let (&cols, lead) = x
+            .split_last()
+            .ok_or_else(|| Error::invalid("layer_norm: x must have at least one dimension"))?;
+        let rows = crate::tensor::checked_numel(lead, "layer_norm x")?;
+        nonempty("layer_norm", &[("rows", rows), ("normalized size", cols)])?;
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(Error::invalid(format!(
+                "layer_norm: eps must be finite and >= 0, got {eps}"
+            )));
+        }
+        if let Some(r) = residual {
+            check("layer_norm residual", r, x)?;
+        }
+        check("layer_norm weight", weight, &[cols])?;
+        check("layer_norm bias", bias, &[cols])?;
+        check("layer_norm out", out, x)?;
+        if let Some(s) = sum_out {
+            check("layer_norm sum_out", s, x)?;
+        }
+        Ok(LayerNormDims { rows, cols })
+    }
+}
+
+/// The geometry of one `attention` call, with every row stride resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionDims {
+    pub batch: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Row strides (widths) of the Q, K, V source tensors.
+    pub q_stride: usize,
+    pub k_stride: usize,
+    pub v_stride: usize,
+    /// First column of the Q, K, V blocks.
+    pub q_start: usize,
+    pub k_start: usize,
+    pub v_start: usize,
+}
+
+impl AttentionDims {
+    #[allow(clippy::too_many_arguments)]
+    pub fn check(
+        q: (&[usize], usize),
+        k: (&[usize], usize),
+        v: (&[usize], usize),
+        spec: &AttentionSpec,
+        mask: Option<(usize, usize)>,
+        out: &[usize],
+    ) -> Result<Self> {
+        let inner = spec
+            .heads
+            .checked_mul(spec.head_dim)
+            .ok_or_else(|| Error::Overflow("attention heads * head_dim".into()))?;
+        nonempty("attention", &[("heads", spec.heads), ("head_dim", spec.head_dim)])?;
+        if let Some(s) = spec.scale {
+            if !s.is_finite() {
+                return Err(Error::invalid(format!("attention: scale {s} is not finite")));
+            }
+        }
+        let block = |name: &str, (shape, start): (&[usize], usize)| -> Result<(usize, usize, usize)> {
+            if shape.len() != 3 {
+                return Err(Error::invalid(format!(
+                    "attention {name}: expected a [batch, tokens, width] tensor, found shape {shape:?}"
+                )));
+            }
+            let end = start.checked_add(inner).ok_or_else(|| Error::Overflow(format!("attention {name} columns")))?;
+            if end > shape[2] {
+                return Err(Error::invalid(format!(
+                    "attention {name}: columns {start}..{end} do not fit in width {}",
+                    shape[2]
+                )));
+            }
+            Ok((shape[0], shape[1], shape[2]))
+        };
+        let (bq, lq, q_stride) = block("q", q)?;
+        let (bk, lk, k_stride) = block("k", k)?;
+        let (bv, lv, v_stride) = block("v", v)?;
+        if bk != bq || bv != bq || lv != lk {
+            return Err(Error::invalid(format!(
+                "attention: q [{bq}, {lq}, _], k [{bk}, {lk}, _] and v [{bv}, {lv}, _] disagree on batch or key count"
+            )));
+        }
+        nonempty("attention", &[("batch", bq), ("query length", lq), ("key length", lk)])?;
+        if let Some((mb, mk)) = mask {
+            check("attention key padding mask", &[mb, mk], &[bq, lk])?;
+        }
+        check("attention out", out, &[bq, lq, inner])?;
+        Ok(AttentionDims {
+            batch: bq,
+            lq,
+            lk,
+            heads: spec.heads,
+            head_dim: spec.head_dim,
+            q_stride,
+            k_stride,
+            v_stride,
+            q_start: q.1,
+            k_start: k.1,
+            v_start: v.1,
+        })
+    }
+}
+
+/// The geometry of one `alignment_loss` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LossDims {
+    pub batch: usize,
+    pub tokens: usize,
+    pub dim: usize,
+}
+
+impl LossDims {
+    pub fn check(pred: &[usize], target: &[usize], loss: &[usize], grad: &[usize]) -> Result<Self> {
+        if pred.len() != 3 {
+            return Err(Error::invalid(format!(
+                "alignment_loss: pred must be [batch, tokens, dim], found {pred:?}"
+            )));
+        }
+        nonempty(
+            "alignment_loss",
+            &[("batch", pred[0]), ("tokens", pred[1]), ("dim", pred[2])],
+        )?;
+        crate::tensor::checked_numel(pred, "alignment_loss pred")?;
+        check("alignment_loss target", target, pred)?;
+        check("alignment_loss loss", loss, &[1])?;
+        check("alignment_loss grad", grad, pred)?;
+        Ok(LossDims {
+            batch: pred[0],
+            tokens: pred[1],
+            dim: pred[2],
+        })
+    }
+}
+
+/// The geometry of one `gather_signal_tokens` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatherDims {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub n: usize,
+    pub channels: usize,
+}
+
+impl GatherDims {
+    pub fn check(
+        hidden: &[usize],
+        embeds: Option<&[usize]>,
+        positions: &SignalPositions,
+        out: &[usize],
+    ) -> Result<Self> {
+        if hidden.len() != 3 {
+            return Err(Error::invalid(format!(
+                "gather_signal_tokens: hidden must be [batch, seq, channels], found {hidden:?}"
+            )));
+        }
+        if let Some(e) = embeds {
+            check("gather_signal_tokens embeds", e, hidden)?;
+        }
+        let (batch, seq_len, channels) = (hidden[0], hidden[1], hidden[2]);
+        nonempty("gather_signal_tokens", &[("batch", batch), ("channels", channels)])?;
+        if positions.batch() != batch || positions.seq_len() != seq_len {
+            return Err(Error::invalid(format!(
+                "gather_signal_tokens: positions were found for [{}, {}] token ids but hidden is [{batch}, {seq_len}, _]",
+                positions.batch(),
+                positions.seq_len()
+            )));
+        }
+        let n = positions.count();
+        check("gather_signal_tokens out", out, &[batch, n, channels])?;
+        Ok(GatherDims {
+            batch,
+            seq_len,
+            n,
+            channels,
+        })
+    }
+}

@@ -1,0 +1,316 @@
+//! The NExT-GPT output projector, written once over the [`Backend`] op set.
+//!
+//! ```text
+//! x   = hidden + embeds                      [B, n_in, in_dim]
+//! src = fc(x)                                [B, n_in, d]
+//! mem = Encoder(src)                         pre-LN layers, then a final LayerNorm
+//! y   = Decoder(query_embs repeated B times, mem)
+//! out = model(y)                             [B, n_out, out_dim]
+//! ```
+//! Residual adds are fused into the LayerNorm that follows them: a sub-block
+//! writes its output `f`, and the next `layer_norm(f + stream)` also writes the
+//! new stream. So every residual add is one pass over the data, not two.
+
+use crate::config::ProjectorConfig;
+use crate::error::{Error, Result};
+use crate::ops::{Activation, AttentionSpec, Backend, Cols, Shaped};
+use crate::signal::SignalPositions;
+use crate::tensor::HostTensor;
+use crate::weights::ProjectorWeights;
+
+struct Linear<T> {
+    weight: T,
+    bias: T,
+}
+
+struct Norm<T> {
+    weight: T,
+    bias: T,
+}
+
+struct EncoderLayer<T> {
+    qkv: Linear<T>,
+    attn_out: Linear<T>,
+    linear1: Linear<T>,
+    linear2: Linear<T>,
+    norm1: Norm<T>,
+    norm2: Norm<T>,
+}
+
+struct DecoderLayer<T> {
+    self_qkv: Linear<T>,
+    self_out: Linear<T>,
+    /// Cross-attention: q from the decoder stream, k and v from the memory
+    /// (the packed `in_proj` split by rows: `[0, d)` and `[d, 3d)`).
+    cross_q: Linear<T>,
+    cross_kv: Linear<T>,
+    cross_out: Linear<T>,
+    linear1: Linear<T>,
+    linear2: Linear<T>,
+    norm1: Norm<T>,
+    norm2: Norm<T>,
+    norm3: Norm<T>,
+}
+
+/// A projector whose weights live on backend `B`.
+pub struct Projector<B: Backend> {
+    backend: B,
+    config: ProjectorConfig,
+    input: Linear<B::Tensor>,
+    query_embs: HostTensor,
+    encoder: Vec<EncoderLayer<B::Tensor>>,
+    encoder_norm: Norm<B::Tensor>,
+    decoder: Vec<DecoderLayer<B::Tensor>>,
+    decoder_norm: Norm<B::Tensor>,
+    output: Linear<B::Tensor>,
+}
+
+impl<B: Backend> Projector<B> {
+    /// Upload `weights` to `backend`.
+    pub fn new(backend: B, weights: &ProjectorWeights) -> Result<Self> {
+        let config = weights.config().clone();
+        config.validate()?;
+        let d = config.d_model;
+        let up = |name: &str| backend.upload(weights.get(name)?);
+        let linear = |p: &str| -> Result<Linear<B::Tensor>> {
+            Ok(Linear {
+                weight: up(&format!("{p}.weight"))?,
+                bias: up(&format!("{p}.bias"))?,
+            })
+        };
+        let norm = |p: &str| -> Result<Norm<B::Tensor>> {
+            Ok(Norm {
+                weight: up(&format!("{p}.weight"))?,
+                bias: up(&format!("{p}.bias"))?,
+            })
+        };
+        let packed = |p: &str, rows: std::ops::Range<usize>| -> Result<Linear<B::Tensor>> {
+            Ok(Linear {
+                weight: backend.upload(&weights.get(&format!("{p}.in_proj_weight"))?.rows(rows.clone())?)?,
+                bias: backend.upload(&weights.get(&format!("{p}.in_proj_bias"))?.rows(rows)?)?,
+            })
+        };
+        let attn = |p: &str| -> Result<(Linear<B::Tensor>, Linear<B::Tensor>)> {
+            Ok((
+                Linear {
+                    weight: up(&format!("{p}.in_proj_weight"))?,
+                    bias: up(&format!("{p}.in_proj_bias"))?,
+                },
+                linear(&format!("{p}.out_proj"))?,
+            ))
+        };
+        let mut encoder = Vec::with_capacity(config.encoder_layers);
+        for l in 0..config.encoder_layers {
+            let p = format!("tfm.encoder.layers.{l}");
+            let (qkv, attn_out) = attn(&format!("{p}.self_attn"))?;
+            encoder.push(EncoderLayer {
+                qkv,
+                attn_out,
+                linear1: linear(&format!("{p}.linear1"))?,
+                linear2: linear(&format!("{p}.linear2"))?,
+                norm1: norm(&format!("{p}.norm1"))?,
+                norm2: norm(&format!("{p}.norm2"))?,
+            });
+        }
+        let mut decoder = Vec::with_capacity(config.decoder_layers);
+        for l in 0..config.decoder_layers {
+            let p = format!("tfm.decoder.layers.{l}");
+            let (self_qkv, self_out) = attn(&format!("{p}.self_attn"))?;
+            let ca = format!("{p}.multihead_attn");
+            decoder.push(DecoderLayer {
+                self_qkv,
+                self_out,
+                cross_q: packed(&ca, 0..d)?,
+                cross_kv: packed(&ca, d..3 * d)?,
+                cross_out: linear(&format!("{ca}.out_proj"))?,
+                linear1: linear(&format!("{p}.linear1"))?,
+                linear2: linear(&format!("{p}.linear2"))?,
+                norm1: norm(&format!("{p}.norm1"))?,
+                norm2: norm(&format!("{p}.norm2"))?,
+                norm3: norm(&format!("{p}.norm3"))?,
+            });
+        }
+        Ok(Projector {
+            input: linear(config.variant.input_linear())?,
+            query_embs: weights.get("query_embs")?.clone(),
+            encoder,
+            encoder_norm: norm("tfm.encoder.norm")?,
+            decoder,
+            decoder_norm: norm("tfm.decoder.norm")?,
+            output: linear(config.variant.output_linear())?,
+            config,
+            backend,
+        })
+    }
+
+    pub fn config(&self) -> &ProjectorConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The conditioning `[B, n_out, out_dim]` for signal-token states
+    /// `hidden` (`[B, n_in, in_dim]`) plus, when given, their input embeddings
+    /// `embeds` (same shape), as NExT-GPT adds them.
+    pub fn forward(&self, hidden: &B::Tensor, embeds: Option<&B::Tensor>) -> Result<B::Tensor> {
+        let shape = hidden.shape();
+        let c = &self.config;
+        if shape.len() != 3 {
+            return Err(Error::invalid(format!(
+                "hidden must be [batch, n_in, in_dim], found shape {shape:?}"
+            )));
+        }
+        let (batch, n_in) = (shape[0], shape[1]);
+        if batch == 0 {
+            return Err(Error::invalid("hidden: batch is 0"));
+        }
+        if n_in == 0 {
+            return Err(Error::invalid("hidden: no signal tokens (n_in is 0)"));
+        }
+        if let Some(want) = c.n_in {
+            if n_in != want {
+                return Err(Error::Shape {
+                    key: "hidden".into(),
+                    expected: vec![batch, want, c.in_dim],
+                    found: shape.to_vec(),
+                });
+            }
+        }
+        if shape[2] != c.in_dim {
+            return Err(Error::Shape {
+                key: "hidden".into(),
+                expected: vec![batch, n_in, c.in_dim],
+                found: shape.to_vec(),
+            });
+        }
+        if let Some(e) = embeds {
+            if e.shape() != shape {
+                return Err(Error::Shape {
+                    key: "embeds".into(),
+                    expected: shape.to_vec(),
+                    found: e.shape().to_vec(),
+                });
+            }
+        }
+        let x = match embeds {
+            Some(e) => {
+                let mut x = self.backend.alloc(shape)?;
+                let all = SignalPositions::all(batch, n_in)?;
+                self.backend.gather_signal_tokens(hidden, Some(e), &all, &mut x)?;
+                Some(x)
+            }
+            None => None,
+        };
+        self.forward_summed(x.as_ref().unwrap_or(hidden), batch, n_in)
+    }
+
+    /// From full LLM outputs: gather the signal tokens `signal_ids` from `hidden`
+    /// and `embeds` (`[B, T, in_dim]`) at the positions found in `token_ids`
+    /// (`[B, T]`), then project.
+    pub fn forward_from_llm(
+        &self,
+        hidden: &B::Tensor,
+        embeds: Option<&B::Tensor>,
+        token_ids: &[i64],
+        signal_ids: &[i64],
+    ) -> Result<B::Tensor> {
+        let shape = hidden.shape();
+        if shape.len() != 3 {
+            return Err(Error::invalid(format!(
+                "hidden must be [batch, seq, in_dim], found shape {shape:?}"
+            )));
+        }
+        let positions = SignalPositions::find(token_ids, shape[0], shape[1], signal_ids)?;
+        let mut x = self.backend.alloc(&[shape[0], positions.count(), shape[2]])?;
+        self.backend.gather_signal_tokens(hidden, embeds, &positions, &mut x)?;
+        self.forward(&x, None)
+    }
+
+    fn forward_summed(&self, x: &B::Tensor, batch: usize, n_in: usize) -> Result<B::Tensor> {
+        let c = &self.config;
+        let be = &self.backend;
+        let d = c.d_model;
+        let spec = AttentionSpec::new(c.heads, c.head_dim());
+        let relu = Activation::Relu;
+
+        let mut src = be.alloc(&[batch, n_in, d])?;
+        be.linear(x, &self.input.weight, Some(&self.input.bias), Activation::None, None, &mut src)?;
+
+        // Encoder: stream `s`, pending sub-block output `f` (added by the next norm).
+        let mut s = [src, be.alloc(&[batch, n_in, d])?];
+        let mut f = be.alloc(&[batch, n_in, d])?;
+        let mut h = be.alloc(&[batch, n_in, d])?;
+        let mut qkv = be.alloc(&[batch, n_in, 3 * d])?;
+        let mut a = be.alloc(&[batch, n_in, d])?;
+        let mut ffn = be.alloc(&[batch, n_in, c.ffn_dim])?;
+        let mut pending = false;
+        for layer in &self.encoder {
+            add_norm(be, &mut s, &f, pending, &layer.norm1, c.eps, &mut h)?;
+            be.linear(&h, &layer.qkv.weight, Some(&layer.qkv.bias), Activation::None, None, &mut qkv)?;
+            be.attention(Cols::new(&qkv, 0), Cols::new(&qkv, d), Cols::new(&qkv, 2 * d), &spec, None, &mut a)?;
+            be.linear(&a, &layer.attn_out.weight, Some(&layer.attn_out.bias), Activation::None, None, &mut f)?;
+            add_norm(be, &mut s, &f, true, &layer.norm2, c.eps, &mut h)?;
+            be.linear(&h, &layer.linear1.weight, Some(&layer.linear1.bias), relu, None, &mut ffn)?;
+            be.linear(&ffn, &layer.linear2.weight, Some(&layer.linear2.bias), Activation::None, None, &mut f)?;
+            pending = true;
+        }
+        let mut memory = be.alloc(&[batch, n_in, d])?;
+        add_norm(be, &mut s, &f, pending, &self.encoder_norm, c.eps, &mut memory)?;
+
+        // Decoder over the learned queries, repeated per batch row.
+        let n = c.n_out;
+        let queries = self.query_embs.to_f64_vec().repeat(batch);
+        let t0 = be.upload(&HostTensor::from_f64(vec![batch, n, d], queries)?.to_dtype(self.query_embs.dtype()))?;
+        let mut s = [t0, be.alloc(&[batch, n, d])?];
+        let mut f = be.alloc(&[batch, n, d])?;
+        let mut h = be.alloc(&[batch, n, d])?;
+        let mut qkv = be.alloc(&[batch, n, 3 * d])?;
+        let mut q = be.alloc(&[batch, n, d])?;
+        let mut kv = be.alloc(&[batch, n_in, 2 * d])?;
+        let mut a = be.alloc(&[batch, n, d])?;
+        let mut ffn = be.alloc(&[batch, n, c.ffn_dim])?;
+        let mut pending = false;
+        for layer in &self.decoder {
+            add_norm(be, &mut s, &f, pending, &layer.norm1, c.eps, &mut h)?;
+            be.linear(&h, &layer.self_qkv.weight, Some(&layer.self_qkv.bias), Activation::None, None, &mut qkv)?;
+            be.attention(Cols::new(&qkv, 0), Cols::new(&qkv, d), Cols::new(&qkv, 2 * d), &spec, None, &mut a)?;
+            be.linear(&a, &layer.self_out.weight, Some(&layer.self_out.bias), Activation::None, None, &mut f)?;
+            add_norm(be, &mut s, &f, true, &layer.norm2, c.eps, &mut h)?;
+            be.linear(&h, &layer.cross_q.weight, Some(&layer.cross_q.bias), Activation::None, None, &mut q)?;
+            be.linear(&memory, &layer.cross_kv.weight, Some(&layer.cross_kv.bias), Activation::None, None, &mut kv)?;
+            be.attention(Cols::new(&q, 0), Cols::new(&kv, 0), Cols::new(&kv, d), &spec, None, &mut a)?;
+            be.linear(&a, &layer.cross_out.weight, Some(&layer.cross_out.bias), Activation::None, None, &mut f)?;
+            add_norm(be, &mut s, &f, true, &layer.norm3, c.eps, &mut h)?;
+            be.linear(&h, &layer.linear1.weight, Some(&layer.linear1.bias), relu, None, &mut ffn)?;
+            be.linear(&ffn, &layer.linear2.weight, Some(&layer.linear2.bias), Activation::None, None, &mut f)?;
+            pending = true;
+        }
+        let mut y = be.alloc(&[batch, n, d])?;
+        add_norm(be, &mut s, &f, pending, &self.decoder_norm, c.eps, &mut y)?;
+        let mut out = be.alloc(&[batch, n, c.out_dim])?;
+        be.linear(&y, &self.output.weight, Some(&self.output.bias), Activation::None, None, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// `out = norm(f + s[0])` and `s[0] = f + s[0]` when a sub-block output `f` is
+/// pending; `out = norm(s[0])` otherwise. `s[1]` is the ping-pong buffer.
+fn add_norm<B: Backend>(
+    be: &B,
+    s: &mut [B::Tensor; 2],
+    f: &B::Tensor,
+    pending: bool,
+    norm: &Norm<B::Tensor>,
+    eps: f64,
+    out: &mut B::Tensor,
+) -> Result<()> {
+    if !pending {
+        return be.layer_norm(&s[0], None, &norm.weight, &norm.bias, eps, out, None);
+    }
+    let [cur, next] = s;
+    be.layer_norm(f, Some(cur), &norm.weight, &norm.bias, eps, out, Some(next))?;
+    s.swap(0, 1);
+    Ok(())
+}

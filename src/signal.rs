@@ -1,0 +1,148 @@
+//! Where the signal tokens (`[IMG0]..`, `[VID0]..`, `[AUD0]..`) sit in an LLM's output.
+
+use crate::error::{Error, Result};
+
+/// Validated positions of `n` signal tokens in each of `B` sequences of length `T`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignalPositions {
+    batch: usize,
+    seq_len: usize,
+    count: usize,
+    /// `positions[b * count + i]` is the position of token `i` in sequence `b`.
+    positions: Vec<usize>,
+}
+
+impl SignalPositions {
+    /// Find the signal tokens in `token_ids` (`[batch, seq_len]`, row-major).
+    ///
+    /// `signal_ids` lists the ids in the order they must appear (`[IMG0]..[IMG{n-1}]`,
+    /// or, for the v1.5 layout, the signal tokens with their separators). Position
+    /// `p_i` is the first occurrence of `signal_ids[i]` after `p_{i-1}`. A sequence
+    /// that lacks one of them, or has them out of order, is an error naming the
+    /// sequence and the token.
+    pub fn find(
+        token_ids: &[i64],
+        batch: usize,
+        seq_len: usize,
+        signal_ids: &[i64],
+    ) -> Result<Self> {
+        let total = batch
+            .checked_mul(seq_len)
+            .ok_or_else(|| Error::Overflow(format!("token ids [{batch}, {seq_len}]")))?;
+        if batch == 0 {
+            return Err(Error::invalid("token ids: batch is 0"));
+        }
+        if token_ids.len() != total {
+            return Err(Error::Shape {
+                key: "token_ids".into(),
+                expected: vec![batch, seq_len],
+                found: vec![token_ids.len()],
+            });
+        }
+        if signal_ids.is_empty() {
+            return Err(Error::invalid("no signal token ids given"));
+        }
+        let count = signal_ids.len();
+        let mut positions = Vec::with_capacity(batch * count);
+        for (b, seq) in token_ids.chunks_exact(seq_len.max(1)).enumerate().take(batch) {
+            let mut from = 0usize;
+            for (i, &id) in signal_ids.iter().enumerate() {
+                match seq[from..].iter().position(|&t| t == id) {
+                    Some(off) => {
+                        positions.push(from + off);
+                        from += off + 1;
+                    }
+                    None => {
+                        let reason = if seq[..from].contains(&id) {
+                            format!(
+                                "signal token {i} (id {id}) appears only before signal token {} (id {}): out of order",
+                                i - 1,
+                                signal_ids[i - 1]
+                            )
+                        } else if i == 0 {
+                            format!("signal token 0 (id {id}) is missing")
+                        } else {
+                            format!("signal token {i} (id {id}) is missing after position {}", from - 1)
+                        };
+                        return Err(Error::SignalTokens { batch: b, reason });
+                    }
+                }
+            }
+        }
+        if seq_len == 0 {
+            return Err(Error::SignalTokens {
+                batch: 0,
+                reason: "the sequence is empty".into(),
+            });
+        }
+        Ok(SignalPositions {
+            batch,
+            seq_len,
+            count,
+            positions,
+        })
+    }
+
+    /// Positions `0..n` in every sequence: the identity gather, used to add
+    /// `hidden + embeds` when the caller already extracted the signal rows.
+    pub fn all(batch: usize, n: usize) -> Result<Self> {
+        let total = batch
+            .checked_mul(n)
+            .ok_or_else(|| Error::Overflow(format!("signal positions [{batch}, {n}]")))?;
+        if batch == 0 || n == 0 {
+            return Err(Error::invalid(format!(
+                "signal positions [{batch}, {n}]: batch and count must be at least 1"
+            )));
+        }
+        Ok(SignalPositions {
+            batch,
+            seq_len: n,
+            count: n,
+            positions: (0..total).map(|i| i % n).collect(),
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// Signal tokens per sequence.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// `[batch * count]` positions, row-major.
+    pub fn positions(&self) -> &[usize] {
+        &self.positions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_contiguous_and_separated_tokens() {
+        let ids = [1, 9, 10, 11, 2, 5, 9, 7, 10, 7, 11];
+        let p = SignalPositions::find(&ids[..5], 1, 5, &[9, 10, 11]).unwrap();
+        assert_eq!(p.positions(), &[1, 2, 3]);
+        let p = SignalPositions::find(&ids[5..], 1, 6, &[9, 7, 10, 7, 11]).unwrap();
+        assert_eq!(p.positions(), &[1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn missing_and_out_of_order_are_errors() {
+        let e = SignalPositions::find(&[1, 2, 3, 4], 2, 2, &[3]).unwrap_err();
+        assert!(e.to_string().contains("sequence 0"), "{e}");
+        let e = SignalPositions::find(&[5, 4, 0], 1, 3, &[4, 5]).unwrap_err();
+        assert!(e.to_string().contains("out of order"), "{e}");
+        assert!(SignalPositions::find(&[], 1, 0, &[4]).is_err());
+        assert!(SignalPositions::find(&[1, 2], 0, 2, &[1]).is_err());
+        assert!(SignalPositions::find(&[1, 2], 1, 2, &[]).is_err());
+        assert!(SignalPositions::find(&[1, 2], usize::MAX, 2, &[1]).is_err());
+    }
+}

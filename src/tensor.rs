@@ -1,0 +1,278 @@
+//! Host-side tensors: what files hold and what backends upload from and download to.
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+
+/// Element types accepted in files and on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F64,
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// The name PyTorch and the CLI use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F64 => "f64",
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 => 8,
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Parse a CLI name (`f64`, `f32`, `f16`, `bf16`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f64" | "float64" => Ok(DType::F64),
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            _ => Err(Error::invalid(format!(
+                "unknown dtype `{s}` (expected f64, f32, f16 or bf16)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The elements of a host tensor, in their stored type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostData {
+    F64(Vec<f64>),
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+/// A row-major tensor in host memory. The shape always matches the element count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    shape: Vec<usize>,
+    data: HostData,
+}
+
+/// The number of elements of `shape`, or an overflow error naming `what`.
+pub fn checked_numel(shape: &[usize], what: &str) -> Result<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| {
+        acc.checked_mul(d).ok_or_else(|| {
+            Error::Overflow(format!(
+                "{what}: the element count of shape {shape:?} overflows"
+            ))
+        })
+    })
+}
+
+impl HostTensor {
+    /// Build a tensor, checking that `data` has exactly as many elements as `shape`.
+    pub fn new(shape: Vec<usize>, data: HostData) -> Result<Self> {
+        let n = checked_numel(&shape, "tensor")?;
+        let len = match &data {
+            HostData::F64(v) => v.len(),
+            HostData::F32(v) => v.len(),
+            HostData::F16(v) => v.len(),
+            HostData::BF16(v) => v.len(),
+        };
+        if n != len {
+            return Err(Error::invalid(format!(
+                "shape {shape:?} holds {n} elements but {len} were given"
+            )));
+        }
+        Ok(HostTensor { shape, data })
+    }
+
+    /// An f64 tensor.
+    pub fn from_f64(shape: Vec<usize>, data: Vec<f64>) -> Result<Self> {
+        Self::new(shape, HostData::F64(data))
+    }
+
+    /// An f32 tensor.
+    pub fn from_f32(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        Self::new(shape, HostData::F32(data))
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn data(&self) -> &HostData {
+        &self.data
+    }
+
+    pub fn numel(&self) -> usize {
+        match &self.data {
+            HostData::F64(v) => v.len(),
+            HostData::F32(v) => v.len(),
+            HostData::F16(v) => v.len(),
+            HostData::BF16(v) => v.len(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match &self.data {
+            HostData::F64(_) => DType::F64,
+            HostData::F32(_) => DType::F32,
+            HostData::F16(_) => DType::F16,
+            HostData::BF16(_) => DType::BF16,
+        }
+    }
+
+    /// The same elements under another shape with the same element count.
+    pub fn reshape(self, shape: Vec<usize>) -> Result<Self> {
+        Self::new(shape, self.data)
+    }
+
+    /// Rows `rows` of the first dimension (e.g. the q or the k/v part of a packed
+    /// `in_proj_weight`), in the stored dtype.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Result<Self> {
+        let first = self.shape.first().copied().unwrap_or(0);
+        if rows.start > rows.end || rows.end > first {
+            return Err(Error::invalid(format!(
+                "rows {rows:?} out of range for shape {:?}",
+                self.shape
+            )));
+        }
+        let cols: usize = self.shape[1..].iter().product();
+        let r = rows.start * cols..rows.end * cols;
+        let data = match &self.data {
+            HostData::F64(v) => HostData::F64(v[r].to_vec()),
+            HostData::F32(v) => HostData::F32(v[r].to_vec()),
+            HostData::F16(v) => HostData::F16(v[r].to_vec()),
+            HostData::BF16(v) => HostData::BF16(v[r].to_vec()),
+        };
+        let mut shape = self.shape.clone();
+        shape[0] = rows.len();
+        Self::new(shape, data)
+    }
+
+    /// Every element widened (exactly) to f64.
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        match &self.data {
+            HostData::F64(v) => v.clone(),
+            HostData::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            HostData::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            HostData::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
+        }
+    }
+
+    /// Every element converted to f32 (rounded to nearest from f64).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match &self.data {
+            HostData::F64(v) => v.iter().map(|&x| x as f32).collect(),
+            HostData::F32(v) => v.clone(),
+            HostData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            HostData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    /// The tensor converted to `dtype` (round to nearest even).
+    pub fn to_dtype(&self, dtype: DType) -> HostTensor {
+        let data = match dtype {
+            DType::F64 => HostData::F64(self.to_f64_vec()),
+            DType::F32 => HostData::F32(self.to_f32_vec()),
+            DType::F16 => HostData::F16(match &self.data {
+                HostData::F64(v) => v.iter().map(|&x| f16::from_f64(x)).collect(),
+                _ => self.to_f32_vec().into_iter().map(f16::from_f32).collect(),
+            }),
+            DType::BF16 => HostData::BF16(match &self.data {
+                HostData::F64(v) => v.iter().map(|&x| bf16::from_f64(x)).collect(),
+                _ => self.to_f32_vec().into_iter().map(bf16::from_f32).collect(),
+            }),
+        };
+        HostTensor {
+            shape: self.shape.clone(),
+            data,
+        }
+    }
+
+    /// The first non-finite element, if any, as `(flat index, value)`.
+    pub fn first_non_finite(&self) -> Option<(usize, f64)> {
+        fn find<T: Copy>(v: &[T], f: impl Fn(T) -> f64) -> Option<(usize, f64)> {
+            v.iter()
+                .map(|&x| f(x))
+                .enumerate()
+                .find(|(_, x)| !x.is_finite())
+        }
+        match &self.data {
+            HostData::F64(v) => find(v, |x| x),
+            HostData::F32(v) => find(v, |x| x as f64),
+            HostData::F16(v) => find(v, |x| x.to_f64()),
+            HostData::BF16(v) => find(v, |x| x.to_f64()),
+        }
+    }
+
+    /// An error naming `key` if any element is NaN or infinite.
+    pub fn check_finite(&self, key: &str) -> Result<()> {
+        match self.first_non_finite() {
+            None => Ok(()),
+            Some((index, value)) => Err(Error::NonFinite {
+                key: key.to_string(),
+                index,
+                value,
+            }),
+        }
+    }
+
+    /// An error naming `key` unless the shape is exactly `expected`.
+    pub fn check_shape(&self, key: &str, expected: &[usize]) -> Result<()> {
+        if self.shape != expected {
+            return Err(Error::Shape {
+                key: key.to_string(),
+                expected: expected.to_vec(),
+                found: self.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The raw little-endian bytes, as safetensors stores them.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.data {
+            HostData::F64(v) => bytemuck::cast_slice(v),
+            HostData::F32(v) => bytemuck::cast_slice(v),
+            HostData::F16(v) => bytemuck::cast_slice(v),
+            HostData::BF16(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
+/// Relative error `||out - ref|| / ||ref||` (with `||ref|| = 0` giving `||out||`) and
+/// the largest absolute difference. Any NaN in `out` gives an infinite error, so an
+/// unwritten (poisoned) element always fails a comparison.
+pub fn compare(out: &[f64], reference: &[f64]) -> (f64, f64) {
+    if out.len() != reference.len() {
+        return (f64::INFINITY, f64::INFINITY);
+    }
+    let (mut diff2, mut ref2, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
+    for (&o, &r) in out.iter().zip(reference) {
+        if !o.is_finite() && o != r {
+            return (f64::INFINITY, f64::INFINITY);
+        }
+        let d = o - r;
+        diff2 += d * d;
+        ref2 += r * r;
+        max_abs = max_abs.max(d.abs());
+    }
+    let rel = if ref2 > 0.0 {
+        (diff2 / ref2).sqrt()
+    } else {
+        diff2.sqrt()
+    };
+    (rel, max_abs)
+}

@@ -1,0 +1,539 @@
+//! safetensors files: reading tensors (f64, f32, f16, bf16) with checks that name the
+//! key, and the projector's weights under PyTorch's exact state-dict names.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::tensor::{Dtype, Metadata};
+
+use crate::config::{Modality, ProjectorConfig, Variant};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::tensor::{DType, HostData, HostTensor};
+
+/// A safetensors file, memory-mapped, with its header parsed and validated.
+/// Tensors are read (and converted) one at a time, so a large checkpoint that holds
+/// an LLM besides the projector costs only the projector's bytes.
+pub struct TensorFile {
+    path: PathBuf,
+    map: Bytes,
+    data_start: usize,
+    header: Metadata,
+}
+
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Static(&'static [u8]),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Static(s) => s,
+        }
+    }
+}
+
+impl TensorFile {
+    /// A safetensors image compiled into the program; `name` stands for its path
+    /// in messages.
+    pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<Self> {
+        Self::parse(PathBuf::from(name), Bytes::Static(bytes))
+    }
+
+    fn parse(path: PathBuf, map: Bytes) -> Result<Self> {
+        let (header_len, header) =
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| Error::Format {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(TensorFile {
+            path,
+            map,
+            data_start: 8 + header_len,
+            header,
+        })
+    }
+
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(io)?;
+        // SAFETY: the map is read-only and private to this value; as with any mapped
+        // file, truncating it while mapped is the caller's responsibility.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::parse(path, Bytes::Mapped(map))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> BTreeSet<String> {
+        self.header.tensors().into_keys().collect()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.header.info(name).is_some()
+    }
+
+    /// The free-form string metadata of the header.
+    pub fn metadata(&self) -> Option<&HashMap<String, String>> {
+        self.header.metadata().as_ref()
+    }
+
+    /// The shape of a tensor, without reading it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.header.info(name).map(|i| i.shape.as_slice())
+    }
+
+    /// Read one floating-point tensor.
+    pub fn get(&self, name: &str) -> Result<HostTensor> {
+        let info = self.header.info(name).ok_or_else(|| Error::MissingKey {
+            key: name.to_string(),
+            hint: format!(" in {}", self.path.display()),
+        })?;
+        let bytes = self.bytes(name, info.data_offsets)?;
+        let data = match info.dtype {
+            Dtype::F64 => HostData::F64(bytemuck::pod_collect_to_vec(bytes)),
+            Dtype::F32 => HostData::F32(bytemuck::pod_collect_to_vec(bytes)),
+            Dtype::F16 => HostData::F16(bytemuck::pod_collect_to_vec::<u8, f16>(bytes)),
+            Dtype::BF16 => HostData::BF16(bytemuck::pod_collect_to_vec::<u8, bf16>(bytes)),
+            other => {
+                return Err(Error::DType {
+                    key: name.to_string(),
+                    expected: "f64, f32, f16 or bf16".into(),
+                    found: format!("{other:?}"),
+                })
+            }
+        };
+        HostTensor::new(info.shape.clone(), data)
+    }
+
+    /// Read an integer tensor (i64, i32, u32 or u8) as i64, e.g. token ids.
+    pub fn get_ids(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+        let info = self.header.info(name).ok_or_else(|| Error::MissingKey {
+            key: name.to_string(),
+            hint: format!(" in {}", self.path.display()),
+        })?;
+        let bytes = self.bytes(name, info.data_offsets)?;
+        let ids = match info.dtype {
+            Dtype::I64 => bytemuck::pod_collect_to_vec::<u8, i64>(bytes),
+            Dtype::I32 => bytemuck::pod_collect_to_vec::<u8, i32>(bytes)
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+            Dtype::U32 => bytemuck::pod_collect_to_vec::<u8, u32>(bytes)
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+            Dtype::U8 | Dtype::BOOL => bytes.iter().map(|&b| i64::from(b)).collect(),
+            other => {
+                return Err(Error::DType {
+                    key: name.to_string(),
+                    expected: "i64, i32, u32, u8 or bool".into(),
+                    found: format!("{other:?}"),
+                })
+            }
+        };
+        Ok((info.shape.clone(), ids))
+    }
+
+    fn bytes(&self, name: &str, (start, end): (usize, usize)) -> Result<&[u8]> {
+        let range = self.data_start.checked_add(start).zip(self.data_start.checked_add(end));
+        range
+            .and_then(|(s, e)| self.map.get(s..e))
+            .ok_or_else(|| Error::Format {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}` lies outside the file"),
+            })
+    }
+}
+
+impl safetensors::View for &HostTensor {
+    fn dtype(&self) -> Dtype {
+        match HostTensor::dtype(self) {
+            DType::F64 => Dtype::F64,
+            DType::F32 => Dtype::F32,
+            DType::F16 => Dtype::F16,
+            DType::BF16 => Dtype::BF16,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        HostTensor::shape(self)
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(self.as_bytes())
+    }
+
+    fn data_len(&self) -> usize {
+        self.as_bytes().len()
+    }
+}
+
+/// Write named tensors to a safetensors file, with optional string metadata.
+pub fn save(
+    path: impl AsRef<Path>,
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let path = path.as_ref();
+    safetensors::serialize_to_file(tensors.iter(), metadata, path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(source) => Error::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => Error::Format {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    })
+}
+
+/// Every parameter of a projector, as `(name, shape)` under the config's variant's
+/// PyTorch names (no checkpoint prefix), in state-dict order.
+pub fn layout(c: &ProjectorConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, f) = (c.d_model, c.ffn_dim);
+    let mut out = vec![("query_embs".to_string(), vec![1, c.n_out, d])];
+    let fc = c.variant.input_linear();
+    out.push((format!("{fc}.weight"), vec![d, c.in_dim]));
+    out.push((format!("{fc}.bias"), vec![d]));
+    let attn = |out: &mut Vec<(String, Vec<usize>)>, p: &str| {
+        out.push((format!("{p}.in_proj_weight"), vec![3 * d, d]));
+        out.push((format!("{p}.in_proj_bias"), vec![3 * d]));
+        out.push((format!("{p}.out_proj.weight"), vec![d, d]));
+        out.push((format!("{p}.out_proj.bias"), vec![d]));
+    };
+    let ffn_and_norms = |out: &mut Vec<(String, Vec<usize>)>, p: &str, norms: usize| {
+        out.push((format!("{p}.linear1.weight"), vec![f, d]));
+        out.push((format!("{p}.linear1.bias"), vec![f]));
+        out.push((format!("{p}.linear2.weight"), vec![d, f]));
+        out.push((format!("{p}.linear2.bias"), vec![d]));
+        for n in 1..=norms {
+            out.push((format!("{p}.norm{n}.weight"), vec![d]));
+            out.push((format!("{p}.norm{n}.bias"), vec![d]));
+        }
+    };
+    for l in 0..c.encoder_layers {
+        let p = format!("tfm.encoder.layers.{l}");
+        attn(&mut out, &format!("{p}.self_attn"));
+        ffn_and_norms(&mut out, &p, 2);
+    }
+    out.push(("tfm.encoder.norm.weight".into(), vec![d]));
+    out.push(("tfm.encoder.norm.bias".into(), vec![d]));
+    for l in 0..c.decoder_layers {
+        let p = format!("tfm.decoder.layers.{l}");
+        attn(&mut out, &format!("{p}.self_attn"));
+        attn(&mut out, &format!("{p}.multihead_attn"));
+        ffn_and_norms(&mut out, &p, 3);
+    }
+    out.push(("tfm.decoder.norm.weight".into(), vec![d]));
+    out.push(("tfm.decoder.norm.bias".into(), vec![d]));
+    let m = c.variant.output_linear();
+    out.push((format!("{m}.weight"), vec![c.out_dim, d]));
+    out.push((format!("{m}.bias"), vec![c.out_dim]));
+    out
+}
+
+/// How to find one projector inside a checkpoint. Every field is optional:
+/// what is not given is detected from the file.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// The key prefix (e.g. `gen_text_hidden_fcs.0.`); `Some("")` means none.
+    pub prefix: Option<String>,
+    pub modality: Option<Modality>,
+    pub variant: Option<Variant>,
+    /// Attention heads (cannot be read off the shapes; default 4).
+    pub heads: Option<usize>,
+}
+
+/// The weights of one projector, with its config, under canonical names.
+#[derive(Clone, Debug)]
+pub struct ProjectorWeights {
+    config: ProjectorConfig,
+    /// Which NExT-GPT projector these are, when known.
+    modality: Option<Modality>,
+    tensors: BTreeMap<String, HostTensor>,
+}
+
+const DEFAULT_HEADS: usize = 4;
+
+impl ProjectorWeights {
+    pub fn config(&self) -> &ProjectorConfig {
+        &self.config
+    }
+
+    pub fn modality(&self) -> Option<Modality> {
+        self.modality
+    }
+
+    /// A parameter by its canonical (unprefixed) name.
+    pub fn get(&self, name: &str) -> Result<&HostTensor> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingKey {
+            key: name.to_string(),
+            hint: String::new(),
+        })
+    }
+
+    /// All parameters by canonical name.
+    pub fn tensors(&self) -> &BTreeMap<String, HostTensor> {
+        &self.tensors
+    }
+
+    /// Build from named tensors (canonical names), checking every name, shape and
+    /// value against `config`.
+    pub fn from_tensors(
+        config: ProjectorConfig,
+        modality: Option<Modality>,
+        mut tensors: BTreeMap<String, HostTensor>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let mut checked = BTreeMap::new();
+        for (name, shape) in layout(&config) {
+            let t = tensors.remove(&name).ok_or_else(|| Error::MissingKey {
+                key: name.clone(),
+                hint: String::new(),
+            })?;
+            t.check_shape(&name, &shape)?;
+            t.check_finite(&name)?;
+            checked.insert(name, t);
+        }
+        if let Some(extra) = tensors.keys().next() {
+            return Err(Error::invalid(format!(
+                "unexpected tensor `{extra}` for a projector with {} encoder and {} decoder layers",
+                config.encoder_layers, config.decoder_layers
+            )));
+        }
+        Ok(ProjectorWeights {
+            config,
+            modality,
+            tensors: checked,
+        })
+    }
+
+    /// Seeded random weights with PyTorch's initialisation: `nn.Linear` layers
+    /// (`fc`/`model`) kaiming-uniform (`U(±1/sqrt(fan_in))` for weight and bias),
+    /// every Transformer matrix xavier-uniform (as `nn.Transformer` resets them),
+    /// attention biases 0, FFN biases `U(±1/sqrt(fan_in))`, LayerNorm 1 and 0,
+    /// `query_embs` standard normal.
+    pub fn random(config: ProjectorConfig, modality: Option<Modality>, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let mut rng = Rng::new(seed);
+        let io_linears = [config.variant.input_linear(), config.variant.output_linear()];
+        let shapes: BTreeMap<String, Vec<usize>> = layout(&config).into_iter().collect();
+        let mut tensors = BTreeMap::new();
+        for (name, shape) in &shapes {
+            let n = crate::tensor::checked_numel(shape, name)?;
+            let (module, param) = name.rsplit_once('.').unwrap_or(("", name));
+            // U(±1/sqrt(fan_in)) for a Linear's own weight and bias; fan_in from its weight.
+            let kaiming = |rng: &mut Rng| {
+                let fan_in = shapes.get(&format!("{module}.weight")).map_or(1, |s| s[1]);
+                let b = 1.0 / (fan_in as f64).sqrt();
+                rng.uniform_vec(n, -b, b)
+            };
+            let data = if name == "query_embs" {
+                rng.normal_vec(n)
+            } else if module.ends_with("norm") || module.contains(".norm") {
+                vec![if param == "weight" { 1.0 } else { 0.0 }; n]
+            } else if param == "in_proj_bias" || module.ends_with("out_proj") && param == "bias" {
+                vec![0.0; n]
+            } else if io_linears.contains(&module) || shape.len() == 1 {
+                kaiming(&mut rng)
+            } else {
+                // nn.Transformer resets every matrix with xavier_uniform.
+                let b = (6.0 / (shape[0] + shape[1]) as f64).sqrt();
+                rng.uniform_vec(n, -b, b)
+            };
+            let t = HostTensor::from_f64(shape.clone(), data)?.to_dtype(DType::F32);
+            tensors.insert(name.clone(), t);
+        }
+        Self::from_tensors(config, modality, tensors)
+    }
+
+    /// Find, read and check one projector in a checkpoint.
+    pub fn load(file: &TensorFile, sel: &Selection) -> Result<Self> {
+        let prefix = find_prefix(file, sel)?;
+        let key = |name: &str| format!("{prefix}{name}");
+        let shape_of = |name: &str| -> Result<Vec<usize>> {
+            file.shape(&key(name))
+                .map(<[usize]>::to_vec)
+                .ok_or_else(|| Error::MissingKey {
+                    key: key(name),
+                    hint: format!(" in {}", file.path().display()),
+                })
+        };
+        // Names tell the variant.
+        let variant = Variant::ALL
+            .into_iter()
+            .find(|v| file.contains(&key(&format!("{}.weight", v.input_linear()))))
+            .ok_or_else(|| Error::MissingKey {
+                key: key("fc.weight"),
+                hint: format!(
+                    " (or `{}`, the v1.5 name) in {}",
+                    key("in_fc.weight"),
+                    file.path().display()
+                ),
+            })?;
+        if let Some(want) = sel.variant {
+            if want != variant {
+                return Err(Error::invalid(format!(
+                    "--variant {} was asked for, but the weights under `{prefix}` use {} names",
+                    want.name(),
+                    variant.name()
+                )));
+            }
+        }
+        // Shapes tell the rest.
+        let dim = |name: &str, rank: usize, axis: usize| -> Result<usize> {
+            let s = shape_of(name)?;
+            if s.len() != rank {
+                return Err(Error::invalid(format!(
+                    "tensor `{}`: expected {rank} dimensions, found shape {s:?}",
+                    key(name)
+                )));
+            }
+            Ok(s[axis])
+        };
+        let count_layers = |stack: &str| {
+            (0..)
+                .take_while(|l| file.contains(&key(&format!("tfm.{stack}.layers.{l}.norm1.weight"))))
+                .count()
+        };
+        let config = ProjectorConfig {
+            variant,
+            in_dim: dim(&format!("{}.weight", variant.input_linear()), 2, 1)?,
+            d_model: dim("query_embs", 3, 2)?,
+            heads: sel.heads.unwrap_or(DEFAULT_HEADS),
+            ffn_dim: dim("tfm.encoder.layers.0.linear1.weight", 2, 0)?,
+            encoder_layers: count_layers("encoder"),
+            decoder_layers: count_layers("decoder"),
+            n_out: dim("query_embs", 3, 1)?,
+            out_dim: dim(&format!("{}.weight", variant.output_linear()), 2, 0)?,
+            n_in: None,
+            eps: 1e-5,
+        };
+        // A named modality must match its preset; otherwise a preset with these
+        // shapes (the prefix's own first) tells n_in, and a custom config has none.
+        let (config, modality) = match sel.modality {
+            Some(m) => (match_preset(config, m)?, Some(m)),
+            None => {
+                let fits = |m: Modality| match_preset(config.clone(), m).ok().map(|c| (c, m));
+                let by_prefix = Modality::from_prefix(&prefix).and_then(|(m, _)| fits(m));
+                let mut all = Modality::ALL.into_iter().filter_map(fits);
+                match (by_prefix, all.next(), all.next()) {
+                    (Some((c, m)), _, _) | (None, Some((c, m)), None) => (c, Some(m)),
+                    _ => (config, None),
+                }
+            }
+        };
+        let mut tensors = BTreeMap::new();
+        for (name, _) in layout(&config) {
+            let t = file.get(&key(&name))?;
+            tensors.insert(name, t);
+        }
+        let prefixed = |e: Error| match e {
+            Error::Shape { key: k, expected, found } => Error::Shape { key: key(&k), expected, found },
+            Error::NonFinite { key: k, index, value } => Error::NonFinite { key: key(&k), index, value },
+            other => other,
+        };
+        Self::from_tensors(config, modality, tensors).map_err(prefixed)
+    }
+
+    /// The parameters under PyTorch's names with `prefix` in front.
+    pub fn state_dict(&self, prefix: &str) -> BTreeMap<String, HostTensor> {
+        self.tensors
+            .iter()
+            .map(|(k, v)| (format!("{prefix}{k}"), v.clone()))
+            .collect()
+    }
+
+    /// Write the parameters to a safetensors file under PyTorch's names.
+    pub fn save(&self, path: impl AsRef<Path>, prefix: &str) -> Result<()> {
+        save(path, &self.state_dict(prefix), None)
+    }
+}
+
+/// `config` with the modality's preset n_in, if its shapes are that preset's.
+fn match_preset(mut config: ProjectorConfig, m: Modality) -> Result<ProjectorConfig> {
+    let p = ProjectorConfig::preset(m, config.variant);
+    let checks = [
+        ("in_dim", p.in_dim, config.in_dim),
+        ("d_model", p.d_model, config.d_model),
+        ("ffn_dim", p.ffn_dim, config.ffn_dim),
+        ("encoder layers", p.encoder_layers, config.encoder_layers),
+        ("decoder layers", p.decoder_layers, config.decoder_layers),
+        ("n_out", p.n_out, config.n_out),
+        ("out_dim", p.out_dim, config.out_dim),
+    ];
+    for (what, want, found) in checks {
+        if want != found {
+            return Err(Error::invalid(format!(
+                "the weights do not match the {} {} preset: {what} expected {want}, found {found}",
+                config.variant.name(),
+                m.name()
+            )));
+        }
+    }
+    config.n_in = p.n_in;
+    Ok(config)
+}
+
+/// The checkpoint prefix of the projector to load.
+fn find_prefix(file: &TensorFile, sel: &Selection) -> Result<String> {
+    let found: Vec<String> = file
+        .names()
+        .into_iter()
+        .filter_map(|k| k.strip_suffix("query_embs").map(str::to_string))
+        .collect();
+    let list = || {
+        if found.is_empty() {
+            "no projector (no `query_embs` key) in the file".to_string()
+        } else {
+            format!("projectors found under prefixes {found:?}")
+        }
+    };
+    if let Some(p) = &sel.prefix {
+        if found.contains(p) {
+            return Ok(p.clone());
+        }
+        return Err(Error::MissingKey {
+            key: format!("{p}query_embs"),
+            hint: format!(" in {}: {}", file.path().display(), list()),
+        });
+    }
+    let candidates: Vec<&String> = match sel.modality {
+        Some(m) => found
+            .iter()
+            .filter(|p| {
+                p.is_empty()
+                    || Variant::ALL
+                        .iter()
+                        .any(|&v| sel.variant.is_none_or(|w| w == v) && m.checkpoint_prefix(v) == p.as_str())
+            })
+            .collect(),
+        None => found.iter().collect(),
+    };
+    match candidates.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(Error::MissingKey {
+            key: match sel.modality {
+                Some(m) => format!("{}query_embs", m.checkpoint_prefix(sel.variant.unwrap_or(Variant::Legacy))),
+                None => "query_embs".into(),
+            },
+            hint: format!(" in {}: {}", file.path().display(), list()),
+        }),
+        _ => Err(Error::invalid(format!(
+            "{}: several projectors ({found:?}); choose one with --modality or --prefix",
+            file.path().display()
+        ))),
+    }
+}
