@@ -13,7 +13,9 @@
 //! - [`projector::Projector`]: the model, written once, generic over the backend.
 //! - [`weights`]: safetensors checkpoints with PyTorch's state-dict names.
 
+pub mod bench;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod golden;
 pub mod ops;

@@ -1,1 +1,480 @@
-fn main(){}
+//! `outproj`: run, check and benchmark the NExT-GPT output projector.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use output_projector::bench::{self, OpCase};
+use output_projector::config::{Modality, ProjectorConfig, Variant};
+use output_projector::device::{self, DeviceKind};
+use output_projector::golden;
+use output_projector::ops::Backend;
+use output_projector::projector::Projector;
+use output_projector::reference::Reference;
+use output_projector::rng::Rng;
+use output_projector::tensor::{checked_numel, DType, HostTensor};
+use output_projector::weights::{self, ProjectorWeights, Selection, TensorFile};
+use output_projector::{Error, Result};
+
+#[derive(Parser)]
+#[command(name = "outproj", version, about = "The NExT-GPT output projector on CUDA, wgpu or the CPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct ModelArgs {
+    /// Projector weights (safetensors; a whole NExT-GPT checkpoint is fine).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// auto, cpu, wgpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// image, video or audio: picks the projector in a checkpoint and checks its
+    /// shapes against that preset (default for random weights: image).
+    #[arg(long)]
+    modality: Option<String>,
+    /// legacy (the released model) or v1.5 (default for random weights: legacy).
+    #[arg(long)]
+    variant: Option<String>,
+    /// The checkpoint key prefix, e.g. `gen_text_hidden_fcs.0.` ("" for none).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Attention heads (the shapes cannot tell; default 4).
+    #[arg(long)]
+    heads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Which backends and devices exist here, and why a missing one is missing.
+    Info,
+    /// Project signal-token states into diffusion conditioning.
+    Run {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Input safetensors: `hidden` [B, n_in, in_dim] and optional `embeds` (same shape).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Output safetensors; receives `conditioning` [B, n_out, out_dim].
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Output dtype: f64, f32, f16 or bf16. Default: f64 on the CPU reference
+        /// (its own precision), f32 on a GPU.
+        #[arg(long)]
+        out_dtype: Option<String>,
+        /// Batch size of the random input (when no --input).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Seed of the random weights and input.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Every available backend against PyTorch's golden outputs and the CPU reference.
+    Check {
+        /// Check only this backend (auto, cpu, wgpu, cuda); default: all available.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Time the projector and each op at the projector's shapes.
+    Bench {
+        /// Backend(s) to time; default: all available.
+        #[arg(long)]
+        device: Option<String>,
+        /// image, video or audio preset.
+        #[arg(long, default_value = "image")]
+        modality: String,
+        /// Comma-separated batch sizes.
+        #[arg(long, default_value = "1")]
+        batch: String,
+        /// Seconds to spend on each measurement (at least 3 runs).
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Registers, shared memory and spill bytes of each CUDA kernel.
+    Kernels {
+        /// Target architecture, e.g. sm_80 or sm_90.
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("{}", msg.lines().next().unwrap_or("invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
+    // A bug must still end in one line and a non-zero status, never a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error (a bug; please report it): {info}");
+    }));
+    match std::panic::catch_unwind(|| dispatch(cli)) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            eprintln!("error: {}", one_line(&e.to_string()));
+            ExitCode::FAILURE
+        }
+        Err(_) => ExitCode::from(70),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Info => info(),
+        Command::Run { model, input, output, out_dtype, batch, seed } => {
+            run(&model, input, output, out_dtype, batch, seed)
+        }
+        Command::Check { device } => check(device),
+        Command::Bench { device, modality, batch, seconds, json } => {
+            bench(device, &modality, &batch, seconds, json)
+        }
+        Command::Kernels { arch } => kernels(&arch),
+    }
+}
+
+fn info() -> Result<ExitCode> {
+    println!("outproj {}", env!("CARGO_PKG_VERSION"));
+    for s in device::survey() {
+        match &s.usable {
+            Ok(what) => println!("{:<5} available: {what}", s.kind.name()),
+            Err(why) => println!("{:<5} unavailable: {}", s.kind.name(), one_line(why)),
+        }
+        for d in &s.details {
+            println!("      {}", one_line(d));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Backends to use for `check`/`bench`: the one asked for, or every usable one.
+fn backends(asked: Option<String>) -> Result<Vec<DeviceKind>> {
+    match asked {
+        Some(d) => Ok(vec![device::resolve(DeviceKind::parse(&d)?)?]),
+        None => Ok(device::survey()
+            .into_iter()
+            .filter(|s| s.usable.is_ok())
+            .map(|s| s.kind)
+            .collect()),
+    }
+}
+
+fn load_weights(m: &ModelArgs, seed: u64) -> Result<(ProjectorWeights, bool)> {
+    let modality = m.modality.as_deref().map(Modality::parse).transpose()?;
+    let variant = m.variant.as_deref().map(Variant::parse).transpose()?;
+    if m.heads == Some(0) {
+        return Err(Error::invalid("--heads must be at least 1"));
+    }
+    match &m.weights {
+        Some(path) => {
+            let file = TensorFile::open(path)?;
+            let sel = Selection { prefix: m.prefix.clone(), modality, variant, heads: m.heads };
+            Ok((ProjectorWeights::load(&file, &sel)?, false))
+        }
+        None => {
+            let modality = modality.unwrap_or(Modality::Image);
+            let mut config = ProjectorConfig::preset(modality, variant.unwrap_or(Variant::Legacy));
+            if let Some(h) = m.heads {
+                config.heads = h;
+            }
+            Ok((ProjectorWeights::random(config, Some(modality), seed)?, true))
+        }
+    }
+}
+
+fn load_input(path: &PathBuf) -> Result<(HostTensor, Option<HostTensor>)> {
+    let file = TensorFile::open(path)?;
+    let hidden = file.get("hidden")?;
+    let embeds = if file.contains("embeds") { Some(file.get("embeds")?) } else { None };
+    if hidden.shape().len() != 3 {
+        return Err(Error::invalid(format!(
+            "{}: `hidden` must be [batch, n_in, in_dim], found shape {:?}",
+            path.display(),
+            hidden.shape()
+        )));
+    }
+    if let Some(e) = &embeds {
+        e.check_shape("embeds", hidden.shape())?;
+    }
+    Ok((hidden, embeds))
+}
+
+/// One forward on `be`; the conditioning and the forward's own time.
+fn project<B: Backend>(
+    be: B,
+    w: &ProjectorWeights,
+    hidden: &HostTensor,
+    embeds: Option<&HostTensor>,
+) -> Result<(HostTensor, Duration)> {
+    let proj = Projector::new(be.clone(), w)?;
+    let h = be.upload(hidden)?;
+    let e = embeds.map(|e| be.upload(e)).transpose()?;
+    be.synchronize()?;
+    let t = Instant::now();
+    let y = proj.forward(&h, e.as_ref())?;
+    be.synchronize()?;
+    let elapsed = t.elapsed();
+    Ok((be.download(&y)?, elapsed))
+}
+
+fn run(
+    m: &ModelArgs,
+    input: Option<PathBuf>,
+    output: Option<PathBuf>,
+    out_dtype: Option<String>,
+    batch: usize,
+    seed: u64,
+) -> Result<ExitCode> {
+    let kind = device::resolve(DeviceKind::parse(&m.device)?)?;
+    let out_dtype = match out_dtype {
+        Some(s) => DType::parse(&s)?,
+        None if kind == DeviceKind::Cpu => DType::F64,
+        None => DType::F32,
+    };
+    let t_load = Instant::now();
+    let (w, random_weights) = load_weights(m, seed)?;
+    let c = w.config().clone();
+    let (hidden, embeds) = match &input {
+        Some(path) => load_input(path)?,
+        None => {
+            if batch == 0 {
+                return Err(Error::invalid("--batch must be at least 1"));
+            }
+            let n_in = c.n_in.unwrap_or(4);
+            let shape = vec![batch, n_in, c.in_dim];
+            let n = checked_numel(&shape, "--batch")?;
+            let mut rng = Rng::new(seed.wrapping_add(1));
+            let hidden = HostTensor::from_f64(shape.clone(), rng.normal_vec(n))?.to_dtype(DType::F32);
+            let embeds = HostTensor::from_f64(shape, rng.normal_vec(n))?.to_dtype(DType::F32);
+            (hidden, Some(embeds))
+        }
+    };
+    hidden.check_finite("hidden")?;
+    if let Some(e) = &embeds {
+        e.check_finite("embeds")?;
+    }
+    let load_time = t_load.elapsed();
+    let (y, fwd_time) = match kind {
+        DeviceKind::Cpu => project(Reference, &w, &hidden, embeds.as_ref())?,
+        other => {
+            return Err(Error::Unavailable {
+                backend: other.name().into(),
+                reason: "no kernels in this version".into(),
+            })
+        }
+    };
+    y.check_finite("conditioning")?;
+
+    let name = w.modality().map_or("custom".to_string(), |m| m.name().to_string());
+    if random_weights {
+        println!("note: no --weights given: seeded random weights (PyTorch's initialisation, seed {seed})");
+    }
+    if input.is_none() {
+        println!("note: no --input given: seeded random hidden states and embeddings (seed {})", seed.wrapping_add(1));
+    }
+    println!(
+        "projector: {name} ({}), in_dim {}, d_model {}, {} heads, {}+{} layers, {} parameters",
+        c.variant.name(),
+        c.in_dim,
+        c.d_model,
+        c.heads,
+        c.encoder_layers,
+        c.decoder_layers,
+        c.parameter_count()
+    );
+    let v = y.to_f64_vec();
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / v.len() as f64).sqrt();
+    println!(
+        "conditioning: {:?} on {}: mean {mean:.6}, std {std:.6}, first {:?}",
+        y.shape(),
+        kind.name(),
+        v.iter().take(4).map(|x| (x * 1e6).round() / 1e6).collect::<Vec<_>>()
+    );
+    println!(
+        "time: load {:.1} ms, forward {:.1} ms",
+        load_time.as_secs_f64() * 1e3,
+        fwd_time.as_secs_f64() * 1e3
+    );
+    if let Some(path) = output {
+        let mut t = BTreeMap::new();
+        t.insert("conditioning".to_string(), y.to_dtype(out_dtype));
+        let meta = HashMap::from([("device".to_string(), kind.name().to_string())]);
+        weights::save(&path, &t, Some(meta))?;
+        println!("wrote {} (conditioning, {})", path.display(), out_dtype.name());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The tolerance of a backend against PyTorch float64.
+fn golden_tolerance(kind: DeviceKind) -> f64 {
+    match kind {
+        DeviceKind::Cpu => 1e-10,
+        _ => 1e-4,
+    }
+}
+
+fn check(device: Option<String>) -> Result<ExitCode> {
+    let kinds = backends(device)?;
+    let mut failures = 0;
+    println!("{:<6} {:<22} {:<22} {:>10} {:>10} {:>9}  result", "device", "op", "case", "rel err", "max abs", "tol");
+    for kind in kinds {
+        let results = match kind {
+            DeviceKind::Cpu => golden::run_all(&Reference)?,
+            other => {
+                return Err(Error::Unavailable {
+                    backend: other.name().into(),
+                    reason: "no kernels in this version".into(),
+                })
+            }
+        };
+        let tol = golden_tolerance(kind);
+        for r in results {
+            let ok = r.rel <= tol;
+            failures += usize::from(!ok);
+            println!(
+                "{:<6} {:<22} {:<22} {:>10.2e} {:>10.2e} {:>9.0e}  {}",
+                kind.name(),
+                r.op,
+                r.case,
+                r.rel,
+                r.max_abs,
+                tol,
+                if ok { "ok" } else { "FAIL" }
+            );
+        }
+    }
+    if failures > 0 {
+        println!("{failures} failed");
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("all passed (reference: PyTorch float64 golden outputs)");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(serde::Serialize)]
+struct BenchRow {
+    device: String,
+    what: String,
+    shape: String,
+    median_us: f64,
+    min_us: f64,
+    runs: usize,
+    gflops: f64,
+    gbytes_per_s: f64,
+}
+
+fn bench_on<B: Backend>(
+    be: B,
+    kind: DeviceKind,
+    modality: Modality,
+    batches: &[usize],
+    budget: Duration,
+    rows: &mut Vec<BenchRow>,
+) -> Result<()> {
+    let config = ProjectorConfig::preset(modality, Variant::Legacy);
+    let w = ProjectorWeights::random(config.clone(), Some(modality), 0)?;
+    let proj = Projector::new(be.clone(), &w)?;
+    let n_in = config.n_in.unwrap_or(4);
+    let elem = 8; // the reference holds f64
+    for &batch in batches {
+        let shape = vec![batch, n_in, config.in_dim];
+        let n = checked_numel(&shape, "--batch")?;
+        let h = be.upload(&HostTensor::from_f64(shape, Rng::new(1).normal_vec(n))?)?;
+        let t = bench::time(&be, 3, budget, || proj.forward(&h, None).map(|_| ()))?;
+        let flops: f64 = OpCase::projector_ops(&config, batch, n_in).iter().map(OpCase::flops).sum();
+        let weight_bytes = (config.parameter_count() * elem) as f64;
+        rows.push(row(kind, "projector", format!("{} batch {batch}", modality.name()), &t, flops, weight_bytes));
+        for case in OpCase::projector_ops(&config, batch, n_in) {
+            let mut p = case.prepare(&be, 2)?;
+            let t = bench::time(&be, 3, budget, || p.run(&be))?;
+            rows.push(row(kind, case.op(), case.shape(), &t, case.flops(), case.bytes(elem)));
+        }
+    }
+    Ok(())
+}
+
+fn row(kind: DeviceKind, what: &str, shape: String, t: &bench::Timing, flops: f64, bytes: f64) -> BenchRow {
+    let s = t.median.as_secs_f64();
+    BenchRow {
+        device: kind.name().into(),
+        what: what.into(),
+        shape,
+        median_us: s * 1e6,
+        min_us: t.min.as_secs_f64() * 1e6,
+        runs: t.runs,
+        gflops: flops / s / 1e9,
+        gbytes_per_s: bytes / s / 1e9,
+    }
+}
+
+fn bench(device: Option<String>, modality: &str, batch: &str, seconds: f64, json: bool) -> Result<ExitCode> {
+    let modality = Modality::parse(modality)?;
+    let batches = batch
+        .split(',')
+        .map(|b| match b.trim().parse::<usize>() {
+            Ok(v) if v > 0 => Ok(v),
+            _ => Err(Error::invalid(format!("--batch: `{b}` is not a batch size >= 1"))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(Error::invalid(format!("--seconds {seconds} must be > 0")));
+    }
+    let budget = Duration::from_secs_f64(seconds.min(600.0));
+    let mut rows = Vec::new();
+    for kind in backends(device)? {
+        match kind {
+            DeviceKind::Cpu => bench_on(Reference, kind, modality, &batches, budget, &mut rows)?,
+            other => {
+                return Err(Error::Unavailable {
+                    backend: other.name().into(),
+                    reason: "no kernels in this version".into(),
+                })
+            }
+        }
+    }
+    if json {
+        let text = serde_json::to_string_pretty(&rows).map_err(|e| Error::invalid(e.to_string()))?;
+        println!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<6} {:<22} {:<34} {:>12} {:>12} {:>6} {:>9} {:>9}",
+        "device", "what", "shape", "median us", "min us", "runs", "GFLOP/s", "GB/s"
+    );
+    for r in rows {
+        println!(
+            "{:<6} {:<22} {:<34} {:>12.1} {:>12.1} {:>6} {:>9.2} {:>9.2}",
+            r.device, r.what, r.shape, r.median_us, r.min_us, r.runs, r.gflops, r.gbytes_per_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kernels(arch: &str) -> Result<ExitCode> {
+    if !arch.starts_with("sm_") || arch[3..].parse::<u32>().is_err() {
+        return Err(Error::invalid(format!("--arch `{arch}`: expected sm_XX, e.g. sm_90")));
+    }
+    Err(Error::Unavailable {
+        backend: "cuda".into(),
+        reason: "the CUDA kernels are not part of this version yet, so there is nothing to report".into(),
+    })
+}

@@ -159,6 +159,10 @@ pub trait Backend: Clone {
     fn alloc(&self, shape: &[usize]) -> Result<Self::Tensor>;
     /// Copy a mask to the backend.
     fn upload_mask(&self, mask: &KeyPaddingMask) -> Result<Self::Mask>;
+    /// Wait until every op issued so far has finished (a no-op on the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// `out = act(x · wᵀ + b) + residual` over the last dimension of `x`.
     /// `x: [.., K]`, `w: [N, K]`, `b: [N]`, `residual` and `out: [.., N]`.

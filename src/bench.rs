@@ -1,0 +1,208 @@
+//! The ops at the projector's own shapes, for `outproj bench` and the criterion
+//! benches: inputs, the work each op must do, and a timer.
+
+use std::time::{Duration, Instant};
+
+use crate::config::ProjectorConfig;
+use crate::error::Result;
+use crate::ops::{Activation, AttentionSpec, Backend, Cols, LossKind};
+use crate::rng::Rng;
+use crate::signal::SignalPositions;
+use crate::tensor::HostTensor;
+
+/// One op call at a projector shape.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OpCase {
+    Linear { m: usize, n: usize, k: usize, act: Activation },
+    LayerNorm { rows: usize, cols: usize },
+    Attention { batch: usize, lq: usize, lk: usize, heads: usize, head_dim: usize },
+    AlignmentLoss { batch: usize, tokens: usize, dim: usize },
+    Gather { batch: usize, seq: usize, n: usize, channels: usize },
+}
+
+impl OpCase {
+    /// The distinct op calls of one projector forward at `batch`, largest first
+    /// within each op.
+    pub fn projector_ops(c: &ProjectorConfig, batch: usize, n_in: usize) -> Vec<OpCase> {
+        let (d, n) = (c.d_model, c.n_out);
+        vec![
+            OpCase::Linear { m: batch * n_in, n: d, k: c.in_dim, act: Activation::None },
+            OpCase::Linear { m: batch * n, n: 3 * d, k: d, act: Activation::None },
+            OpCase::Linear { m: batch * n, n: c.ffn_dim, k: d, act: Activation::Relu },
+            OpCase::Linear { m: batch * n, n: d, k: c.ffn_dim, act: Activation::None },
+            OpCase::Linear { m: batch * n, n: c.out_dim, k: d, act: Activation::None },
+            OpCase::LayerNorm { rows: batch * n, cols: d },
+            OpCase::Attention { batch, lq: n, lk: n, heads: c.heads, head_dim: c.head_dim() },
+            OpCase::Attention { batch, lq: n, lk: n_in, heads: c.heads, head_dim: c.head_dim() },
+            OpCase::AlignmentLoss { batch, tokens: n, dim: c.out_dim },
+            OpCase::Gather { batch, seq: 4 * n_in, n: n_in, channels: c.in_dim },
+        ]
+    }
+
+    pub fn op(&self) -> &'static str {
+        match self {
+            OpCase::Linear { .. } => "linear",
+            OpCase::LayerNorm { .. } => "layer_norm",
+            OpCase::Attention { .. } => "attention",
+            OpCase::AlignmentLoss { .. } => "alignment_loss",
+            OpCase::Gather { .. } => "gather_signal_tokens",
+        }
+    }
+
+    /// The shape in words, e.g. `154x2048x512 relu`.
+    pub fn shape(&self) -> String {
+        match *self {
+            OpCase::Linear { m, n, k, act } => format!("{m}x{n}x{k} {}", act.name()),
+            OpCase::LayerNorm { rows, cols } => format!("{rows}x{cols}"),
+            OpCase::Attention { batch, lq, lk, heads, head_dim } => {
+                format!("B{batch} Lq{lq} Lk{lk} H{heads} d{head_dim}")
+            }
+            OpCase::AlignmentLoss { batch, tokens, dim } => format!("{batch}x{tokens}x{dim}"),
+            OpCase::Gather { batch, seq, n, channels } => format!("B{batch} T{seq} n{n} C{channels}"),
+        }
+    }
+
+    /// Floating-point operations (a multiply-add counts 2).
+    pub fn flops(&self) -> f64 {
+        match *self {
+            OpCase::Linear { m, n, k, .. } => 2.0 * (m * n * k) as f64,
+            OpCase::LayerNorm { rows, cols } => 8.0 * (rows * cols) as f64,
+            OpCase::Attention { batch, lq, lk, heads, head_dim } => {
+                4.0 * (batch * heads * lq * lk * head_dim) as f64
+            }
+            OpCase::AlignmentLoss { batch, tokens, dim } => 4.0 * (batch * tokens * dim) as f64,
+            OpCase::Gather { batch, n, channels, .. } => (batch * n * channels) as f64,
+        }
+    }
+
+    /// Bytes an ideal kernel reads and writes once, at `elem` bytes per element.
+    pub fn bytes(&self, elem: usize) -> f64 {
+        let e = elem as f64;
+        e * match *self {
+            OpCase::Linear { m, n, k, .. } => (m * k + n * k + n + m * n) as f64,
+            OpCase::LayerNorm { rows, cols } => (2 * rows * cols + 2 * cols) as f64,
+            OpCase::Attention { batch, lq, lk, heads, head_dim } => {
+                (batch * heads * head_dim * (2 * lq + 2 * lk)) as f64
+            }
+            OpCase::AlignmentLoss { batch, tokens, dim } => (3 * batch * tokens * dim + 1) as f64,
+            OpCase::Gather { batch, n, channels, .. } => (3 * batch * n * channels) as f64,
+        }
+    }
+
+    /// Inputs and outputs on `be`, filled with seeded random values.
+    pub fn prepare<B: Backend>(&self, be: &B, seed: u64) -> Result<Prepared<B>> {
+        let mut rng = Rng::new(seed);
+        let mut up = |shape: Vec<usize>| -> Result<B::Tensor> {
+            let n = crate::tensor::checked_numel(&shape, "bench input")?;
+            be.upload(&HostTensor::from_f64(shape, rng.normal_vec(n))?)
+        };
+        let p = match *self {
+            OpCase::Linear { m, n, k, act } => Prepared::Linear {
+                x: up(vec![m, k])?,
+                w: up(vec![n, k])?,
+                b: up(vec![n])?,
+                act,
+                out: be.alloc(&[m, n])?,
+            },
+            OpCase::LayerNorm { rows, cols } => Prepared::LayerNorm {
+                x: up(vec![rows, cols])?,
+                residual: up(vec![rows, cols])?,
+                w: up(vec![cols])?,
+                b: up(vec![cols])?,
+                out: be.alloc(&[rows, cols])?,
+                sum: be.alloc(&[rows, cols])?,
+            },
+            OpCase::Attention { batch, lq, lk, heads, head_dim } => {
+                let w = heads * head_dim;
+                Prepared::Attention {
+                    q: up(vec![batch, lq, w])?,
+                    kv: up(vec![batch, lk, 2 * w])?,
+                    spec: AttentionSpec::new(heads, head_dim),
+                    out: be.alloc(&[batch, lq, w])?,
+                }
+            }
+            OpCase::AlignmentLoss { batch, tokens, dim } => Prepared::Loss {
+                pred: up(vec![batch, tokens, dim])?,
+                target: up(vec![batch, tokens, dim])?,
+                loss: be.alloc(&[1])?,
+                grad: be.alloc(&[batch, tokens, dim])?,
+            },
+            OpCase::Gather { batch, seq, n, channels } => {
+                let ids: Vec<i64> = (0..batch * seq).map(|i| (i % seq) as i64).collect();
+                let signal: Vec<i64> = (0..n as i64).map(|i| i + (seq - n) as i64).collect();
+                Prepared::Gather {
+                    hidden: up(vec![batch, seq, channels])?,
+                    embeds: up(vec![batch, seq, channels])?,
+                    positions: SignalPositions::find(&ids, batch, seq, &signal)?,
+                    out: be.alloc(&[batch, n, channels])?,
+                }
+            }
+        };
+        Ok(p)
+    }
+}
+
+/// An op's inputs and outputs, ready to run again and again.
+pub enum Prepared<B: Backend> {
+    Linear { x: B::Tensor, w: B::Tensor, b: B::Tensor, act: Activation, out: B::Tensor },
+    LayerNorm { x: B::Tensor, residual: B::Tensor, w: B::Tensor, b: B::Tensor, out: B::Tensor, sum: B::Tensor },
+    Attention { q: B::Tensor, kv: B::Tensor, spec: AttentionSpec, out: B::Tensor },
+    Loss { pred: B::Tensor, target: B::Tensor, loss: B::Tensor, grad: B::Tensor },
+    Gather { hidden: B::Tensor, embeds: B::Tensor, positions: SignalPositions, out: B::Tensor },
+}
+
+impl<B: Backend> Prepared<B> {
+    /// Issue the op once (does not wait for it).
+    pub fn run(&mut self, be: &B) -> Result<()> {
+        match self {
+            Prepared::Linear { x, w, b, act, out } => be.linear(x, w, Some(b), *act, None, out),
+            Prepared::LayerNorm { x, residual, w, b, out, sum } => {
+                be.layer_norm(x, Some(residual), w, b, 1e-5, out, Some(sum))
+            }
+            Prepared::Attention { q, kv, spec, out } => {
+                let d = spec.heads * spec.head_dim;
+                be.attention(Cols::new(q, 0), Cols::new(kv, 0), Cols::new(kv, d), spec, None, out)
+            }
+            Prepared::Loss { pred, target, loss, grad } => {
+                be.alignment_loss(LossKind::TokenL2, pred, target, loss, grad)
+            }
+            Prepared::Gather { hidden, embeds, positions, out } => {
+                be.gather_signal_tokens(hidden, Some(embeds), positions, out)
+            }
+        }
+    }
+}
+
+/// Timings of repeated runs.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub median: Duration,
+    pub min: Duration,
+    pub runs: usize,
+}
+
+/// Run `f` once to warm up, then until `budget` is spent (at least `min_runs`
+/// times), synchronising after each run; the median and the minimum.
+pub fn time<B: Backend>(
+    be: &B,
+    min_runs: usize,
+    budget: Duration,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Timing> {
+    f()?;
+    be.synchronize()?;
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < min_runs.max(1) || start.elapsed() < budget {
+        let t = Instant::now();
+        f()?;
+        be.synchronize()?;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Ok(Timing {
+        median: samples[samples.len() / 2],
+        min: samples[0],
+        runs: samples.len(),
+    })
+}

@@ -1,0 +1,164 @@
+//! Which backends exist on this machine, and why a missing one is missing.
+
+use crate::error::{Error, Result};
+
+/// A backend the caller can ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    /// The best available: CUDA, then wgpu, then the CPU reference.
+    Auto,
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+impl DeviceKind {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(DeviceKind::Auto),
+            "cpu" => Ok(DeviceKind::Cpu),
+            "wgpu" => Ok(DeviceKind::Wgpu),
+            "cuda" => Ok(DeviceKind::Cuda),
+            _ => Err(Error::invalid(format!(
+                "unknown device `{s}` (expected auto, cpu, wgpu or cuda)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Auto => "auto",
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Wgpu => "wgpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// What `outproj info` reports for one backend.
+#[derive(Clone, Debug)]
+pub struct BackendStatus {
+    pub kind: DeviceKind,
+    /// `Ok(description)` when the backend can run the projector here,
+    /// `Err(reason)` when it cannot.
+    pub usable: std::result::Result<String, String>,
+    /// What was found on the way (adapters, devices, compilers), usable or not.
+    pub details: Vec<String>,
+}
+
+/// Probe every backend. Never panics: a missing driver or library is a reason.
+pub fn survey() -> Vec<BackendStatus> {
+    vec![
+        BackendStatus {
+            kind: DeviceKind::Cpu,
+            usable: Ok("naive float64 reference (the oracle)".into()),
+            details: vec![],
+        },
+        wgpu_status(),
+        cuda_status(),
+    ]
+}
+
+/// The backend `kind` resolves to here, or why it cannot be used.
+pub fn resolve(kind: DeviceKind) -> Result<DeviceKind> {
+    let all = survey();
+    let usable = |k: DeviceKind| all.iter().find(|s| s.kind == k).map(|s| s.usable.clone());
+    match kind {
+        DeviceKind::Auto => Ok([DeviceKind::Cuda, DeviceKind::Wgpu]
+            .into_iter()
+            .find(|&k| matches!(usable(k), Some(Ok(_))))
+            .unwrap_or(DeviceKind::Cpu)),
+        k => match usable(k) {
+            Some(Ok(_)) => Ok(k),
+            Some(Err(reason)) => Err(Error::Unavailable {
+                backend: k.name().into(),
+                reason,
+            }),
+            None => Err(Error::Unavailable {
+                backend: k.name().into(),
+                reason: "not compiled into this build".into(),
+            }),
+        },
+    }
+}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+const KERNELS_PENDING: &str = "its kernels are not part of this version yet";
+
+#[cfg(feature = "wgpu")]
+fn wgpu_status() -> BackendStatus {
+    let (usable, details) = match crate::wgpu::probe() {
+        Ok(i) => (
+            Err(format!("adapter `{}` found, but {KERNELS_PENDING}", i.adapter)),
+            vec![format!(
+                "adapter {} ({}, {}, driver {}), shader-f16 {}, subgroups {}, {} B workgroup memory",
+                i.adapter, i.backend, i.device_type, i.driver, i.shader_f16, i.subgroup, i.max_workgroup_storage
+            )],
+        ),
+        Err(e) => (Err(e.to_string()), vec![]),
+    };
+    BackendStatus {
+        kind: DeviceKind::Wgpu,
+        usable,
+        details,
+    }
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_status() -> BackendStatus {
+    BackendStatus {
+        kind: DeviceKind::Wgpu,
+        usable: Err("built without the `wgpu` cargo feature".into()),
+        details: vec![],
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_status() -> BackendStatus {
+    let mut details = Vec::new();
+    let devices = crate::cuda::probe_devices();
+    match &devices {
+        Ok(ds) => {
+            for d in ds {
+                details.push(format!(
+                    "device {}: {} (sm_{}{}, {:.1} GiB)",
+                    d.ordinal,
+                    d.name,
+                    d.compute_capability.0,
+                    d.compute_capability.1,
+                    d.memory_bytes as f64 / (1u64 << 30) as f64
+                ));
+            }
+        }
+        Err(e) => details.push(format!("driver: {e}")),
+    }
+    match crate::cuda::probe_nvrtc() {
+        Ok(n) => details.push(format!(
+            "NVRTC {}.{}, CUDA headers {}",
+            n.version.0,
+            n.version.1,
+            n.include_dir
+                .as_ref()
+                .map_or("not found".to_string(), |p| p.display().to_string())
+        )),
+        Err(e) => details.push(format!("NVRTC: {e}")),
+    }
+    let usable = match devices {
+        Ok(_) => Err(format!("a CUDA device was found, but {KERNELS_PENDING}")),
+        Err(e) => Err(e.to_string()),
+    };
+    BackendStatus {
+        kind: DeviceKind::Cuda,
+        usable,
+        details,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_status() -> BackendStatus {
+    BackendStatus {
+        kind: DeviceKind::Cuda,
+        usable: Err("built without the `cuda` cargo feature".into()),
+        details: vec![],
+    }
+}

@@ -1,0 +1,73 @@
+"""Full-size projectors made by PyTorch against `outproj run --device cpu`.
+
+Builds NExT-GPT-sized projectors (512 wide, 4+4 layers, in_dim 4096) with
+torch.nn.Transformer and non-trivial random weights, writes them as checkpoints the
+way NExT-GPT names them, runs the given `outproj` binary on them and compares its
+output with PyTorch's float64 forward. Exits non-zero if any case exceeds 1e-9.
+
+    python tests/golden/check_full_size.py target/release/outproj [workdir]
+
+Needs torch and safetensors; not run in CI (the files are ~130 MB each).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_golden import Projector, gen, randomize_  # noqa: E402
+
+TOL = 1e-9
+# name, variant, modality flag, prefix, heads, n_in, n_out, out_dim, batch, stored dtype, extra flags
+CASES = [
+    ("image_legacy", "legacy", "image", "gen_text_hidden_fcs.0.", 4, 4, 77, 768, 1, torch.float32, []),
+    ("audio_legacy", "legacy", "audio", "gen_text_hidden_fcs_audio.0.", 4, 8, 1, 512, 2, torch.float16, []),
+    ("image_v15", "v1.5", "image", "model.mm_output_img_projector.", 4, 7, 77, 1024, 2, torch.bfloat16, []),
+    ("custom_8_heads", "legacy", None, "", 8, 6, 5, 300, 3, torch.float32, ["--heads", "8"]),
+]
+
+
+def main():
+    exe = os.path.abspath(sys.argv[1])
+    work = sys.argv[2] if len(sys.argv) > 2 else tempfile.mkdtemp(prefix="outproj-full-")
+    os.makedirs(work, exist_ok=True)
+    torch.set_num_threads(2)
+    worst, failed = 0.0, False
+    for i, (name, variant, modality, prefix, heads, n_in, n_out, out_dim, batch, dtype, extra) in enumerate(CASES):
+        g = gen(1000 + i)
+        model = Projector(variant, 4096, out_dim, n_out, 512, heads, 2048, 4, 4).double().eval()
+        randomize_(model, g)
+        sd = {prefix + k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+        # what the file holds is the model: compute from the stored (rounded) values
+        model.load_state_dict({k[len(prefix):]: v.double() for k, v in sd.items()})
+        hidden = torch.randn(batch, n_in, 4096, generator=g, dtype=torch.float64).float()
+        embeds = torch.randn(batch, n_in, 4096, generator=g, dtype=torch.float64).float()
+        with torch.no_grad():
+            want = model(hidden.double(), embeds.double())
+        wpath, ipath, opath = (os.path.join(work, f"{name}.{s}.safetensors") for s in ("weights", "input", "out"))
+        save_file(sd, wpath)
+        save_file({"hidden": hidden, "embeds": embeds}, ipath)
+        cmd = [exe, "run", "--device", "cpu", "--weights", wpath, "--input", ipath, "--output", opath] + extra
+        if modality:
+            cmd += ["--modality", modality]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"{name}: outproj failed: {r.stderr.strip()}")
+            failed = True
+            continue
+        got = load_file(opath)["conditioning"].double()
+        rel = ((got - want).norm() / want.norm()).item() if got.shape == want.shape else float("inf")
+        worst = max(worst, rel)
+        ok = rel <= TOL
+        failed |= not ok
+        print(f"{name:<16} {str(list(want.shape)):<16} stored {str(dtype)[6:]:<9} rel {rel:.2e}  {'ok' if ok else 'FAIL'}")
+    print(json.dumps({"worst_rel": worst, "tolerance": TOL, "passed": not failed}))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
