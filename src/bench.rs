@@ -13,11 +13,34 @@ use crate::tensor::HostTensor;
 /// One op call at a projector shape.
 #[derive(Clone, Debug, PartialEq)]
 pub enum OpCase {
-    Linear { m: usize, n: usize, k: usize, act: Activation },
-    LayerNorm { rows: usize, cols: usize },
-    Attention { batch: usize, lq: usize, lk: usize, heads: usize, head_dim: usize },
-    AlignmentLoss { batch: usize, tokens: usize, dim: usize },
-    Gather { batch: usize, seq: usize, n: usize, channels: usize },
+    Linear {
+        m: usize,
+        n: usize,
+        k: usize,
+        act: Activation,
+    },
+    LayerNorm {
+        rows: usize,
+        cols: usize,
+    },
+    Attention {
+        batch: usize,
+        lq: usize,
+        lk: usize,
+        heads: usize,
+        head_dim: usize,
+    },
+    AlignmentLoss {
+        batch: usize,
+        tokens: usize,
+        dim: usize,
+    },
+    Gather {
+        batch: usize,
+        seq: usize,
+        n: usize,
+        channels: usize,
+    },
 }
 
 impl OpCase {
@@ -26,16 +49,65 @@ impl OpCase {
     pub fn projector_ops(c: &ProjectorConfig, batch: usize, n_in: usize) -> Vec<OpCase> {
         let (d, n) = (c.d_model, c.n_out);
         vec![
-            OpCase::Linear { m: batch * n_in, n: d, k: c.in_dim, act: Activation::None },
-            OpCase::Linear { m: batch * n, n: 3 * d, k: d, act: Activation::None },
-            OpCase::Linear { m: batch * n, n: c.ffn_dim, k: d, act: Activation::Relu },
-            OpCase::Linear { m: batch * n, n: d, k: c.ffn_dim, act: Activation::None },
-            OpCase::Linear { m: batch * n, n: c.out_dim, k: d, act: Activation::None },
-            OpCase::LayerNorm { rows: batch * n, cols: d },
-            OpCase::Attention { batch, lq: n, lk: n, heads: c.heads, head_dim: c.head_dim() },
-            OpCase::Attention { batch, lq: n, lk: n_in, heads: c.heads, head_dim: c.head_dim() },
-            OpCase::AlignmentLoss { batch, tokens: n, dim: c.out_dim },
-            OpCase::Gather { batch, seq: 4 * n_in, n: n_in, channels: c.in_dim },
+            OpCase::Linear {
+                m: batch * n_in,
+                n: d,
+                k: c.in_dim,
+                act: Activation::None,
+            },
+            OpCase::Linear {
+                m: batch * n,
+                n: 3 * d,
+                k: d,
+                act: Activation::None,
+            },
+            OpCase::Linear {
+                m: batch * n,
+                n: c.ffn_dim,
+                k: d,
+                act: Activation::Relu,
+            },
+            OpCase::Linear {
+                m: batch * n,
+                n: d,
+                k: c.ffn_dim,
+                act: Activation::None,
+            },
+            OpCase::Linear {
+                m: batch * n,
+                n: c.out_dim,
+                k: d,
+                act: Activation::None,
+            },
+            OpCase::LayerNorm {
+                rows: batch * n,
+                cols: d,
+            },
+            OpCase::Attention {
+                batch,
+                lq: n,
+                lk: n,
+                heads: c.heads,
+                head_dim: c.head_dim(),
+            },
+            OpCase::Attention {
+                batch,
+                lq: n,
+                lk: n_in,
+                heads: c.heads,
+                head_dim: c.head_dim(),
+            },
+            OpCase::AlignmentLoss {
+                batch,
+                tokens: n,
+                dim: c.out_dim,
+            },
+            OpCase::Gather {
+                batch,
+                seq: 4 * n_in,
+                n: n_in,
+                channels: c.in_dim,
+            },
         ]
     }
 
@@ -54,11 +126,22 @@ impl OpCase {
         match *self {
             OpCase::Linear { m, n, k, act } => format!("{m}x{n}x{k} {}", act.name()),
             OpCase::LayerNorm { rows, cols } => format!("{rows}x{cols}"),
-            OpCase::Attention { batch, lq, lk, heads, head_dim } => {
+            OpCase::Attention {
+                batch,
+                lq,
+                lk,
+                heads,
+                head_dim,
+            } => {
                 format!("B{batch} Lq{lq} Lk{lk} H{heads} d{head_dim}")
             }
             OpCase::AlignmentLoss { batch, tokens, dim } => format!("{batch}x{tokens}x{dim}"),
-            OpCase::Gather { batch, seq, n, channels } => format!("B{batch} T{seq} n{n} C{channels}"),
+            OpCase::Gather {
+                batch,
+                seq,
+                n,
+                channels,
+            } => format!("B{batch} T{seq} n{n} C{channels}"),
         }
     }
 
@@ -67,11 +150,17 @@ impl OpCase {
         match *self {
             OpCase::Linear { m, n, k, .. } => 2.0 * (m * n * k) as f64,
             OpCase::LayerNorm { rows, cols } => 8.0 * (rows * cols) as f64,
-            OpCase::Attention { batch, lq, lk, heads, head_dim } => {
-                4.0 * (batch * heads * lq * lk * head_dim) as f64
-            }
+            OpCase::Attention {
+                batch,
+                lq,
+                lk,
+                heads,
+                head_dim,
+            } => 4.0 * (batch * heads * lq * lk * head_dim) as f64,
             OpCase::AlignmentLoss { batch, tokens, dim } => 4.0 * (batch * tokens * dim) as f64,
-            OpCase::Gather { batch, n, channels, .. } => (batch * n * channels) as f64,
+            OpCase::Gather {
+                batch, n, channels, ..
+            } => (batch * n * channels) as f64,
         }
     }
 
@@ -81,11 +170,17 @@ impl OpCase {
         e * match *self {
             OpCase::Linear { m, n, k, .. } => (m * k + n * k + n + m * n) as f64,
             OpCase::LayerNorm { rows, cols } => (2 * rows * cols + 2 * cols) as f64,
-            OpCase::Attention { batch, lq, lk, heads, head_dim } => {
-                (batch * heads * head_dim * (2 * lq + 2 * lk)) as f64
-            }
+            OpCase::Attention {
+                batch,
+                lq,
+                lk,
+                heads,
+                head_dim,
+            } => (batch * heads * head_dim * (2 * lq + 2 * lk)) as f64,
             OpCase::AlignmentLoss { batch, tokens, dim } => (3 * batch * tokens * dim + 1) as f64,
-            OpCase::Gather { batch, n, channels, .. } => (3 * batch * n * channels) as f64,
+            OpCase::Gather {
+                batch, n, channels, ..
+            } => (3 * batch * n * channels) as f64,
         }
     }
 
@@ -112,7 +207,13 @@ impl OpCase {
                 out: be.alloc(&[rows, cols])?,
                 sum: be.alloc(&[rows, cols])?,
             },
-            OpCase::Attention { batch, lq, lk, heads, head_dim } => {
+            OpCase::Attention {
+                batch,
+                lq,
+                lk,
+                heads,
+                head_dim,
+            } => {
                 let w = heads * head_dim;
                 Prepared::Attention {
                     q: up(vec![batch, lq, w])?,
@@ -127,7 +228,12 @@ impl OpCase {
                 loss: be.alloc(&[1])?,
                 grad: be.alloc(&[batch, tokens, dim])?,
             },
-            OpCase::Gather { batch, seq, n, channels } => {
+            OpCase::Gather {
+                batch,
+                seq,
+                n,
+                channels,
+            } => {
                 let ids: Vec<i64> = (0..batch * seq).map(|i| (i % seq) as i64).collect();
                 let signal: Vec<i64> = (0..n as i64).map(|i| i + (seq - n) as i64).collect();
                 Prepared::Gather {
@@ -144,11 +250,39 @@ impl OpCase {
 
 /// An op's inputs and outputs, ready to run again and again.
 pub enum Prepared<B: Backend> {
-    Linear { x: B::Tensor, w: B::Tensor, b: B::Tensor, act: Activation, out: B::Tensor },
-    LayerNorm { x: B::Tensor, residual: B::Tensor, w: B::Tensor, b: B::Tensor, out: B::Tensor, sum: B::Tensor },
-    Attention { q: B::Tensor, kv: B::Tensor, spec: AttentionSpec, out: B::Tensor },
-    Loss { pred: B::Tensor, target: B::Tensor, loss: B::Tensor, grad: B::Tensor },
-    Gather { hidden: B::Tensor, embeds: B::Tensor, positions: SignalPositions, out: B::Tensor },
+    Linear {
+        x: B::Tensor,
+        w: B::Tensor,
+        b: B::Tensor,
+        act: Activation,
+        out: B::Tensor,
+    },
+    LayerNorm {
+        x: B::Tensor,
+        residual: B::Tensor,
+        w: B::Tensor,
+        b: B::Tensor,
+        out: B::Tensor,
+        sum: B::Tensor,
+    },
+    Attention {
+        q: B::Tensor,
+        kv: B::Tensor,
+        spec: AttentionSpec,
+        out: B::Tensor,
+    },
+    Loss {
+        pred: B::Tensor,
+        target: B::Tensor,
+        loss: B::Tensor,
+        grad: B::Tensor,
+    },
+    Gather {
+        hidden: B::Tensor,
+        embeds: B::Tensor,
+        positions: SignalPositions,
+        out: B::Tensor,
+    },
 }
 
 impl<B: Backend> Prepared<B> {
@@ -156,19 +290,37 @@ impl<B: Backend> Prepared<B> {
     pub fn run(&mut self, be: &B) -> Result<()> {
         match self {
             Prepared::Linear { x, w, b, act, out } => be.linear(x, w, Some(b), *act, None, out),
-            Prepared::LayerNorm { x, residual, w, b, out, sum } => {
-                be.layer_norm(x, Some(residual), w, b, 1e-5, out, Some(sum))
-            }
+            Prepared::LayerNorm {
+                x,
+                residual,
+                w,
+                b,
+                out,
+                sum,
+            } => be.layer_norm(x, Some(residual), w, b, 1e-5, out, Some(sum)),
             Prepared::Attention { q, kv, spec, out } => {
                 let d = spec.heads * spec.head_dim;
-                be.attention(Cols::new(q, 0), Cols::new(kv, 0), Cols::new(kv, d), spec, None, out)
+                be.attention(
+                    Cols::new(q, 0),
+                    Cols::new(kv, 0),
+                    Cols::new(kv, d),
+                    spec,
+                    None,
+                    out,
+                )
             }
-            Prepared::Loss { pred, target, loss, grad } => {
-                be.alignment_loss(LossKind::TokenL2, pred, target, loss, grad)
-            }
-            Prepared::Gather { hidden, embeds, positions, out } => {
-                be.gather_signal_tokens(hidden, Some(embeds), positions, out)
-            }
+            Prepared::Loss {
+                pred,
+                target,
+                loss,
+                grad,
+            } => be.alignment_loss(LossKind::TokenL2, pred, target, loss, grad),
+            Prepared::Gather {
+                hidden,
+                embeds,
+                positions,
+                out,
+            } => be.gather_signal_tokens(hidden, Some(embeds), positions, out),
         }
     }
 }

@@ -178,14 +178,20 @@ impl ProjectorConfig {
             )));
         }
         if !(self.eps.is_finite() && self.eps > 0.0) {
-            return Err(Error::invalid(format!("config: eps {} must be > 0", self.eps)));
+            return Err(Error::invalid(format!(
+                "config: eps {} must be > 0",
+                self.eps
+            )));
         }
         Ok(())
     }
 
     /// Number of parameters.
     pub fn parameter_count(&self) -> usize {
-        crate::weights::layout(self).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        crate::weights::layout(self)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 }
 

@@ -48,37 +48,49 @@ pub struct BackendStatus {
 
 /// Probe every backend. Never panics: a missing driver or library is a reason.
 pub fn survey() -> Vec<BackendStatus> {
-    vec![
-        BackendStatus {
+    [DeviceKind::Cpu, DeviceKind::Wgpu, DeviceKind::Cuda]
+        .into_iter()
+        .map(status)
+        .collect()
+}
+
+/// Probe one backend.
+pub fn status(kind: DeviceKind) -> BackendStatus {
+    match kind {
+        DeviceKind::Wgpu => wgpu_status(),
+        DeviceKind::Cuda => cuda_status(),
+        DeviceKind::Cpu | DeviceKind::Auto => BackendStatus {
             kind: DeviceKind::Cpu,
             usable: Ok("naive float64 reference (the oracle)".into()),
             details: vec![],
         },
-        wgpu_status(),
-        cuda_status(),
-    ]
+    }
 }
 
-/// The backend `kind` resolves to here, or why it cannot be used.
+/// The backend `kind` resolves to here, or why it cannot be used. Only the
+/// backends that `kind` can mean are probed.
 pub fn resolve(kind: DeviceKind) -> Result<DeviceKind> {
-    let all = survey();
-    let usable = |k: DeviceKind| all.iter().find(|s| s.kind == k).map(|s| s.usable.clone());
     match kind {
         DeviceKind::Auto => Ok([DeviceKind::Cuda, DeviceKind::Wgpu]
             .into_iter()
-            .find(|&k| matches!(usable(k), Some(Ok(_))))
+            .find(|&k| status(k).usable.is_ok())
             .unwrap_or(DeviceKind::Cpu)),
-        k => match usable(k) {
-            Some(Ok(_)) => Ok(k),
-            Some(Err(reason)) => Err(Error::Unavailable {
+        k => match status(k).usable {
+            Ok(_) => Ok(k),
+            Err(reason) => Err(Error::Unavailable {
                 backend: k.name().into(),
                 reason,
             }),
-            None => Err(Error::Unavailable {
-                backend: k.name().into(),
-                reason: "not compiled into this build".into(),
-            }),
         },
+    }
+}
+
+/// The reason inside an `Unavailable` error, or the whole message.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn reason(e: Error) -> String {
+    match e {
+        Error::Unavailable { reason, .. } => reason,
+        other => other.to_string(),
     }
 }
 
@@ -95,7 +107,7 @@ fn wgpu_status() -> BackendStatus {
                 i.adapter, i.backend, i.device_type, i.driver, i.shader_f16, i.subgroup, i.max_workgroup_storage
             )],
         ),
-        Err(e) => (Err(e.to_string()), vec![]),
+        Err(e) => (Err(reason(e)), vec![]),
     };
     BackendStatus {
         kind: DeviceKind::Wgpu,
@@ -130,7 +142,7 @@ fn cuda_status() -> BackendStatus {
                 ));
             }
         }
-        Err(e) => details.push(format!("driver: {e}")),
+        Err(_) => {} // the reason is the status line itself
     }
     match crate::cuda::probe_nvrtc() {
         Ok(n) => details.push(format!(
@@ -141,11 +153,11 @@ fn cuda_status() -> BackendStatus {
                 .as_ref()
                 .map_or("not found".to_string(), |p| p.display().to_string())
         )),
-        Err(e) => details.push(format!("NVRTC: {e}")),
+        Err(e) => details.push(format!("NVRTC: {}", reason(e))),
     }
     let usable = match devices {
         Ok(_) => Err(format!("a CUDA device was found, but {KERNELS_PENDING}")),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(reason(e)),
     };
     BackendStatus {
         kind: DeviceKind::Cuda,

@@ -39,7 +39,11 @@ pub enum Error {
     },
     /// An input or weight holds NaN or infinity.
     #[error("tensor `{key}` holds a non-finite value ({value}) at flat index {index}")]
-    NonFinite { key: String, index: usize, value: f64 },
+    NonFinite {
+        key: String,
+        index: usize,
+        value: f64,
+    },
     /// A size computation overflowed `usize`, or a size is out of range.
     #[error("size overflow: {0}")]
     Overflow(String),

@@ -13,7 +13,10 @@ use crate::weights::{ProjectorWeights, Selection, TensorFile};
 
 macro_rules! fixture {
     ($name:literal) => {
-        ($name, include_bytes!(concat!("../tests/golden/", $name)) as &'static [u8])
+        (
+            $name,
+            include_bytes!(concat!("../tests/golden/", $name)) as &'static [u8],
+        )
     };
 }
 
@@ -36,8 +39,13 @@ macro_rules! model {
     ($name:literal) => {
         (
             $name,
-            include_bytes!(concat!("../tests/golden/model_", $name, ".weights.safetensors")) as &'static [u8],
-            include_bytes!(concat!("../tests/golden/model_", $name, ".io.safetensors")) as &'static [u8],
+            include_bytes!(concat!(
+                "../tests/golden/model_",
+                $name,
+                ".weights.safetensors"
+            )) as &'static [u8],
+            include_bytes!(concat!("../tests/golden/model_", $name, ".io.safetensors"))
+                as &'static [u8],
         )
     };
 }
@@ -114,7 +122,12 @@ fn record<B: Backend>(
     } else {
         (f64::INFINITY, f64::INFINITY)
     };
-    out.push(GoldenResult { op, case, rel, max_abs });
+    out.push(GoldenResult {
+        op,
+        case,
+        rel,
+        max_abs,
+    });
     Ok(())
 }
 
@@ -206,7 +219,10 @@ fn run_op<B: Backend>(
             let hidden = up("hidden")?;
             let (ids_shape, ids) = file.get_ids(&key("token_ids"))?;
             let (_, signal) = file.get_ids(&key("signal_ids"))?;
-            let (batch, seq) = (ids_shape.first().copied().unwrap_or(0), ids_shape.get(1).copied().unwrap_or(0));
+            let (batch, seq) = (
+                ids_shape.first().copied().unwrap_or(0),
+                ids_shape.get(1).copied().unwrap_or(0),
+            );
             let pos = SignalPositions::find(&ids, batch, seq, &signal)?;
             let want = get("out")?;
             let mut o = be.alloc(want.shape())?;

@@ -19,7 +19,11 @@ use output_projector::weights::{self, ProjectorWeights, Selection, TensorFile};
 use output_projector::{Error, Result};
 
 #[derive(Parser)]
-#[command(name = "outproj", version, about = "The NExT-GPT output projector on CUDA, wgpu or the CPU")]
+#[command(
+    name = "outproj",
+    version,
+    about = "The NExT-GPT output projector on CUDA, wgpu or the CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -106,6 +110,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Mesa's Vulkan device-select layer prints errors of its own when it finds no
+    // display; wgpu picks the adapter itself. Set before any thread starts.
+    if std::env::var_os("NODEVICE_SELECT").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {
@@ -140,13 +149,22 @@ fn one_line(s: &str) -> String {
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Info => info(),
-        Command::Run { model, input, output, out_dtype, batch, seed } => {
-            run(&model, input, output, out_dtype, batch, seed)
-        }
+        Command::Run {
+            model,
+            input,
+            output,
+            out_dtype,
+            batch,
+            seed,
+        } => run(&model, input, output, out_dtype, batch, seed),
         Command::Check { device } => check(device),
-        Command::Bench { device, modality, batch, seconds, json } => {
-            bench(device, &modality, &batch, seconds, json)
-        }
+        Command::Bench {
+            device,
+            modality,
+            batch,
+            seconds,
+            json,
+        } => bench(device, &modality, &batch, seconds, json),
         Command::Kernels { arch } => kernels(&arch),
     }
 }
@@ -186,7 +204,12 @@ fn load_weights(m: &ModelArgs, seed: u64) -> Result<(ProjectorWeights, bool)> {
     match &m.weights {
         Some(path) => {
             let file = TensorFile::open(path)?;
-            let sel = Selection { prefix: m.prefix.clone(), modality, variant, heads: m.heads };
+            let sel = Selection {
+                prefix: m.prefix.clone(),
+                modality,
+                variant,
+                heads: m.heads,
+            };
             Ok((ProjectorWeights::load(&file, &sel)?, false))
         }
         None => {
@@ -195,7 +218,10 @@ fn load_weights(m: &ModelArgs, seed: u64) -> Result<(ProjectorWeights, bool)> {
             if let Some(h) = m.heads {
                 config.heads = h;
             }
-            Ok((ProjectorWeights::random(config, Some(modality), seed)?, true))
+            Ok((
+                ProjectorWeights::random(config, Some(modality), seed)?,
+                true,
+            ))
         }
     }
 }
@@ -203,7 +229,11 @@ fn load_weights(m: &ModelArgs, seed: u64) -> Result<(ProjectorWeights, bool)> {
 fn load_input(path: &PathBuf) -> Result<(HostTensor, Option<HostTensor>)> {
     let file = TensorFile::open(path)?;
     let hidden = file.get("hidden")?;
-    let embeds = if file.contains("embeds") { Some(file.get("embeds")?) } else { None };
+    let embeds = if file.contains("embeds") {
+        Some(file.get("embeds")?)
+    } else {
+        None
+    };
     if hidden.shape().len() != 3 {
         return Err(Error::invalid(format!(
             "{}: `hidden` must be [batch, n_in, in_dim], found shape {:?}",
@@ -262,7 +292,8 @@ fn run(
             let shape = vec![batch, n_in, c.in_dim];
             let n = checked_numel(&shape, "--batch")?;
             let mut rng = Rng::new(seed.wrapping_add(1));
-            let hidden = HostTensor::from_f64(shape.clone(), rng.normal_vec(n))?.to_dtype(DType::F32);
+            let hidden =
+                HostTensor::from_f64(shape.clone(), rng.normal_vec(n))?.to_dtype(DType::F32);
             let embeds = HostTensor::from_f64(shape, rng.normal_vec(n))?.to_dtype(DType::F32);
             (hidden, Some(embeds))
         }
@@ -283,12 +314,17 @@ fn run(
     };
     y.check_finite("conditioning")?;
 
-    let name = w.modality().map_or("custom".to_string(), |m| m.name().to_string());
+    let name = w
+        .modality()
+        .map_or("custom".to_string(), |m| m.name().to_string());
     if random_weights {
         println!("note: no --weights given: seeded random weights (PyTorch's initialisation, seed {seed})");
     }
     if input.is_none() {
-        println!("note: no --input given: seeded random hidden states and embeddings (seed {})", seed.wrapping_add(1));
+        println!(
+            "note: no --input given: seeded random hidden states and embeddings (seed {})",
+            seed.wrapping_add(1)
+        );
     }
     println!(
         "projector: {name} ({}), in_dim {}, d_model {}, {} heads, {}+{} layers, {} parameters",
@@ -307,7 +343,10 @@ fn run(
         "conditioning: {:?} on {}: mean {mean:.6}, std {std:.6}, first {:?}",
         y.shape(),
         kind.name(),
-        v.iter().take(4).map(|x| (x * 1e6).round() / 1e6).collect::<Vec<_>>()
+        v.iter()
+            .take(4)
+            .map(|x| (x * 1e6).round() / 1e6)
+            .collect::<Vec<_>>()
     );
     println!(
         "time: load {:.1} ms, forward {:.1} ms",
@@ -319,7 +358,11 @@ fn run(
         t.insert("conditioning".to_string(), y.to_dtype(out_dtype));
         let meta = HashMap::from([("device".to_string(), kind.name().to_string())]);
         weights::save(&path, &t, Some(meta))?;
-        println!("wrote {} (conditioning, {})", path.display(), out_dtype.name());
+        println!(
+            "wrote {} (conditioning, {})",
+            path.display(),
+            out_dtype.name()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -335,7 +378,10 @@ fn golden_tolerance(kind: DeviceKind) -> f64 {
 fn check(device: Option<String>) -> Result<ExitCode> {
     let kinds = backends(device)?;
     let mut failures = 0;
-    println!("{:<6} {:<22} {:<22} {:>10} {:>10} {:>9}  result", "device", "op", "case", "rel err", "max abs", "tol");
+    println!(
+        "{:<6} {:<22} {:<22} {:>10} {:>10} {:>9}  result",
+        "device", "op", "case", "rel err", "max abs", "tol"
+    );
     for kind in kinds {
         let results = match kind {
             DeviceKind::Cpu => golden::run_all(&Reference)?,
@@ -400,19 +446,43 @@ fn bench_on<B: Backend>(
         let n = checked_numel(&shape, "--batch")?;
         let h = be.upload(&HostTensor::from_f64(shape, Rng::new(1).normal_vec(n))?)?;
         let t = bench::time(&be, 3, budget, || proj.forward(&h, None).map(|_| ()))?;
-        let flops: f64 = OpCase::projector_ops(&config, batch, n_in).iter().map(OpCase::flops).sum();
+        let flops: f64 = OpCase::projector_ops(&config, batch, n_in)
+            .iter()
+            .map(OpCase::flops)
+            .sum();
         let weight_bytes = (config.parameter_count() * elem) as f64;
-        rows.push(row(kind, "projector", format!("{} batch {batch}", modality.name()), &t, flops, weight_bytes));
+        rows.push(row(
+            kind,
+            "projector",
+            format!("{} batch {batch}", modality.name()),
+            &t,
+            flops,
+            weight_bytes,
+        ));
         for case in OpCase::projector_ops(&config, batch, n_in) {
             let mut p = case.prepare(&be, 2)?;
             let t = bench::time(&be, 3, budget, || p.run(&be))?;
-            rows.push(row(kind, case.op(), case.shape(), &t, case.flops(), case.bytes(elem)));
+            rows.push(row(
+                kind,
+                case.op(),
+                case.shape(),
+                &t,
+                case.flops(),
+                case.bytes(elem),
+            ));
         }
     }
     Ok(())
 }
 
-fn row(kind: DeviceKind, what: &str, shape: String, t: &bench::Timing, flops: f64, bytes: f64) -> BenchRow {
+fn row(
+    kind: DeviceKind,
+    what: &str,
+    shape: String,
+    t: &bench::Timing,
+    flops: f64,
+    bytes: f64,
+) -> BenchRow {
     let s = t.median.as_secs_f64();
     BenchRow {
         device: kind.name().into(),
@@ -426,13 +496,21 @@ fn row(kind: DeviceKind, what: &str, shape: String, t: &bench::Timing, flops: f6
     }
 }
 
-fn bench(device: Option<String>, modality: &str, batch: &str, seconds: f64, json: bool) -> Result<ExitCode> {
+fn bench(
+    device: Option<String>,
+    modality: &str,
+    batch: &str,
+    seconds: f64,
+    json: bool,
+) -> Result<ExitCode> {
     let modality = Modality::parse(modality)?;
     let batches = batch
         .split(',')
         .map(|b| match b.trim().parse::<usize>() {
             Ok(v) if v > 0 => Ok(v),
-            _ => Err(Error::invalid(format!("--batch: `{b}` is not a batch size >= 1"))),
+            _ => Err(Error::invalid(format!(
+                "--batch: `{b}` is not a batch size >= 1"
+            ))),
         })
         .collect::<Result<Vec<_>>>()?;
     if !(seconds.is_finite() && seconds > 0.0) {
@@ -452,7 +530,8 @@ fn bench(device: Option<String>, modality: &str, batch: &str, seconds: f64, json
         }
     }
     if json {
-        let text = serde_json::to_string_pretty(&rows).map_err(|e| Error::invalid(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&rows).map_err(|e| Error::invalid(e.to_string()))?;
         println!("{text}");
         return Ok(ExitCode::SUCCESS);
     }
@@ -471,10 +550,13 @@ fn bench(device: Option<String>, modality: &str, batch: &str, seconds: f64, json
 
 fn kernels(arch: &str) -> Result<ExitCode> {
     if !arch.starts_with("sm_") || arch[3..].parse::<u32>().is_err() {
-        return Err(Error::invalid(format!("--arch `{arch}`: expected sm_XX, e.g. sm_90")));
+        return Err(Error::invalid(format!(
+            "--arch `{arch}`: expected sm_XX, e.g. sm_90"
+        )));
     }
     Err(Error::Unavailable {
         backend: "cuda".into(),
-        reason: "the CUDA kernels are not part of this version yet, so there is nothing to report".into(),
+        reason: "the CUDA kernels are not part of this version yet, so there is nothing to report"
+            .into(),
     })
 }

@@ -269,11 +269,18 @@ impl LinearDims {
             .split_last()
             .ok_or_else(|| Error::invalid("linear: x must have at least one dimension"))?;
         if w.len() != 2 || w[1] != k {
-            return Err(shape_err("linear weight", vec![w.first().copied().unwrap_or(0), k], w));
+            return Err(shape_err(
+                "linear weight",
+                vec![w.first().copied().unwrap_or(0), k],
+                w,
+            ));
         }
         let n = w[0];
         let m = crate::tensor::checked_numel(lead, "linear x")?;
-        nonempty("linear", &[("rows of x", m), ("in_features", k), ("out_features", n)])?;
+        nonempty(
+            "linear",
+            &[("rows of x", m), ("in_features", k), ("out_features", n)],
+        )?;
         if let Some(b) = b {
             check("linear bias", b, &[n])?;
         }
@@ -359,19 +366,28 @@ impl AttentionDims {
             .heads
             .checked_mul(spec.head_dim)
             .ok_or_else(|| Error::Overflow("attention heads * head_dim".into()))?;
-        nonempty("attention", &[("heads", spec.heads), ("head_dim", spec.head_dim)])?;
+        nonempty(
+            "attention",
+            &[("heads", spec.heads), ("head_dim", spec.head_dim)],
+        )?;
         if let Some(s) = spec.scale {
             if !s.is_finite() {
-                return Err(Error::invalid(format!("attention: scale {s} is not finite")));
+                return Err(Error::invalid(format!(
+                    "attention: scale {s} is not finite"
+                )));
             }
         }
-        let block = |name: &str, (shape, start): (&[usize], usize)| -> Result<(usize, usize, usize)> {
+        let block = |name: &str,
+                     (shape, start): (&[usize], usize)|
+         -> Result<(usize, usize, usize)> {
             if shape.len() != 3 {
                 return Err(Error::invalid(format!(
                     "attention {name}: expected a [batch, tokens, width] tensor, found shape {shape:?}"
                 )));
             }
-            let end = start.checked_add(inner).ok_or_else(|| Error::Overflow(format!("attention {name} columns")))?;
+            let end = start
+                .checked_add(inner)
+                .ok_or_else(|| Error::Overflow(format!("attention {name} columns")))?;
             if end > shape[2] {
                 return Err(Error::invalid(format!(
                     "attention {name}: columns {start}..{end} do not fit in width {}",
@@ -388,7 +404,10 @@ impl AttentionDims {
                 "attention: q [{bq}, {lq}, _], k [{bk}, {lk}, _] and v [{bv}, {lv}, _] disagree on batch or key count"
             )));
         }
-        nonempty("attention", &[("batch", bq), ("query length", lq), ("key length", lk)])?;
+        nonempty(
+            "attention",
+            &[("batch", bq), ("query length", lq), ("key length", lk)],
+        )?;
         if let Some((mb, mk)) = mask {
             check("attention key padding mask", &[mb, mk], &[bq, lk])?;
         }
@@ -465,7 +484,10 @@ impl GatherDims {
             check("gather_signal_tokens embeds", e, hidden)?;
         }
         let (batch, seq_len, channels) = (hidden[0], hidden[1], hidden[2]);
-        nonempty("gather_signal_tokens", &[("batch", batch), ("channels", channels)])?;
+        nonempty(
+            "gather_signal_tokens",
+            &[("batch", batch), ("channels", channels)],
+        )?;
         if positions.batch() != batch || positions.seq_len() != seq_len {
             return Err(Error::invalid(format!(
                 "gather_signal_tokens: positions were found for [{}, {}] token ids but hidden is [{batch}, {seq_len}, _]",

@@ -86,7 +86,11 @@ impl<B: Backend> Projector<B> {
         };
         let packed = |p: &str, rows: std::ops::Range<usize>| -> Result<Linear<B::Tensor>> {
             Ok(Linear {
-                weight: backend.upload(&weights.get(&format!("{p}.in_proj_weight"))?.rows(rows.clone())?)?,
+                weight: backend.upload(
+                    &weights
+                        .get(&format!("{p}.in_proj_weight"))?
+                        .rows(rows.clone())?,
+                )?,
                 bias: backend.upload(&weights.get(&format!("{p}.in_proj_bias"))?.rows(rows)?)?,
             })
         };
@@ -198,7 +202,8 @@ impl<B: Backend> Projector<B> {
             Some(e) => {
                 let mut x = self.backend.alloc(shape)?;
                 let all = SignalPositions::all(batch, n_in)?;
-                self.backend.gather_signal_tokens(hidden, Some(e), &all, &mut x)?;
+                self.backend
+                    .gather_signal_tokens(hidden, Some(e), &all, &mut x)?;
                 Some(x)
             }
             None => None,
@@ -223,8 +228,11 @@ impl<B: Backend> Projector<B> {
             )));
         }
         let positions = SignalPositions::find(token_ids, shape[0], shape[1], signal_ids)?;
-        let mut x = self.backend.alloc(&[shape[0], positions.count(), shape[2]])?;
-        self.backend.gather_signal_tokens(hidden, embeds, &positions, &mut x)?;
+        let mut x = self
+            .backend
+            .alloc(&[shape[0], positions.count(), shape[2]])?;
+        self.backend
+            .gather_signal_tokens(hidden, embeds, &positions, &mut x)?;
         self.forward(&x, None)
     }
 
@@ -236,7 +244,14 @@ impl<B: Backend> Projector<B> {
         let relu = Activation::Relu;
 
         let mut src = be.alloc(&[batch, n_in, d])?;
-        be.linear(x, &self.input.weight, Some(&self.input.bias), Activation::None, None, &mut src)?;
+        be.linear(
+            x,
+            &self.input.weight,
+            Some(&self.input.bias),
+            Activation::None,
+            None,
+            &mut src,
+        )?;
 
         // Encoder: stream `s`, pending sub-block output `f` (added by the next norm).
         let mut s = [src, be.alloc(&[batch, n_in, d])?];
@@ -248,21 +263,66 @@ impl<B: Backend> Projector<B> {
         let mut pending = false;
         for layer in &self.encoder {
             add_norm(be, &mut s, &f, pending, &layer.norm1, c.eps, &mut h)?;
-            be.linear(&h, &layer.qkv.weight, Some(&layer.qkv.bias), Activation::None, None, &mut qkv)?;
-            be.attention(Cols::new(&qkv, 0), Cols::new(&qkv, d), Cols::new(&qkv, 2 * d), &spec, None, &mut a)?;
-            be.linear(&a, &layer.attn_out.weight, Some(&layer.attn_out.bias), Activation::None, None, &mut f)?;
+            be.linear(
+                &h,
+                &layer.qkv.weight,
+                Some(&layer.qkv.bias),
+                Activation::None,
+                None,
+                &mut qkv,
+            )?;
+            be.attention(
+                Cols::new(&qkv, 0),
+                Cols::new(&qkv, d),
+                Cols::new(&qkv, 2 * d),
+                &spec,
+                None,
+                &mut a,
+            )?;
+            be.linear(
+                &a,
+                &layer.attn_out.weight,
+                Some(&layer.attn_out.bias),
+                Activation::None,
+                None,
+                &mut f,
+            )?;
             add_norm(be, &mut s, &f, true, &layer.norm2, c.eps, &mut h)?;
-            be.linear(&h, &layer.linear1.weight, Some(&layer.linear1.bias), relu, None, &mut ffn)?;
-            be.linear(&ffn, &layer.linear2.weight, Some(&layer.linear2.bias), Activation::None, None, &mut f)?;
+            be.linear(
+                &h,
+                &layer.linear1.weight,
+                Some(&layer.linear1.bias),
+                relu,
+                None,
+                &mut ffn,
+            )?;
+            be.linear(
+                &ffn,
+                &layer.linear2.weight,
+                Some(&layer.linear2.bias),
+                Activation::None,
+                None,
+                &mut f,
+            )?;
             pending = true;
         }
         let mut memory = be.alloc(&[batch, n_in, d])?;
-        add_norm(be, &mut s, &f, pending, &self.encoder_norm, c.eps, &mut memory)?;
+        add_norm(
+            be,
+            &mut s,
+            &f,
+            pending,
+            &self.encoder_norm,
+            c.eps,
+            &mut memory,
+        )?;
 
         // Decoder over the learned queries, repeated per batch row.
         let n = c.n_out;
         let queries = self.query_embs.to_f64_vec().repeat(batch);
-        let t0 = be.upload(&HostTensor::from_f64(vec![batch, n, d], queries)?.to_dtype(self.query_embs.dtype()))?;
+        let t0 = be.upload(
+            &HostTensor::from_f64(vec![batch, n, d], queries)?.to_dtype(self.query_embs.dtype()),
+        )?;
         let mut s = [t0, be.alloc(&[batch, n, d])?];
         let mut f = be.alloc(&[batch, n, d])?;
         let mut h = be.alloc(&[batch, n, d])?;
@@ -274,23 +334,93 @@ impl<B: Backend> Projector<B> {
         let mut pending = false;
         for layer in &self.decoder {
             add_norm(be, &mut s, &f, pending, &layer.norm1, c.eps, &mut h)?;
-            be.linear(&h, &layer.self_qkv.weight, Some(&layer.self_qkv.bias), Activation::None, None, &mut qkv)?;
-            be.attention(Cols::new(&qkv, 0), Cols::new(&qkv, d), Cols::new(&qkv, 2 * d), &spec, None, &mut a)?;
-            be.linear(&a, &layer.self_out.weight, Some(&layer.self_out.bias), Activation::None, None, &mut f)?;
+            be.linear(
+                &h,
+                &layer.self_qkv.weight,
+                Some(&layer.self_qkv.bias),
+                Activation::None,
+                None,
+                &mut qkv,
+            )?;
+            be.attention(
+                Cols::new(&qkv, 0),
+                Cols::new(&qkv, d),
+                Cols::new(&qkv, 2 * d),
+                &spec,
+                None,
+                &mut a,
+            )?;
+            be.linear(
+                &a,
+                &layer.self_out.weight,
+                Some(&layer.self_out.bias),
+                Activation::None,
+                None,
+                &mut f,
+            )?;
             add_norm(be, &mut s, &f, true, &layer.norm2, c.eps, &mut h)?;
-            be.linear(&h, &layer.cross_q.weight, Some(&layer.cross_q.bias), Activation::None, None, &mut q)?;
-            be.linear(&memory, &layer.cross_kv.weight, Some(&layer.cross_kv.bias), Activation::None, None, &mut kv)?;
-            be.attention(Cols::new(&q, 0), Cols::new(&kv, 0), Cols::new(&kv, d), &spec, None, &mut a)?;
-            be.linear(&a, &layer.cross_out.weight, Some(&layer.cross_out.bias), Activation::None, None, &mut f)?;
+            be.linear(
+                &h,
+                &layer.cross_q.weight,
+                Some(&layer.cross_q.bias),
+                Activation::None,
+                None,
+                &mut q,
+            )?;
+            be.linear(
+                &memory,
+                &layer.cross_kv.weight,
+                Some(&layer.cross_kv.bias),
+                Activation::None,
+                None,
+                &mut kv,
+            )?;
+            be.attention(
+                Cols::new(&q, 0),
+                Cols::new(&kv, 0),
+                Cols::new(&kv, d),
+                &spec,
+                None,
+                &mut a,
+            )?;
+            be.linear(
+                &a,
+                &layer.cross_out.weight,
+                Some(&layer.cross_out.bias),
+                Activation::None,
+                None,
+                &mut f,
+            )?;
             add_norm(be, &mut s, &f, true, &layer.norm3, c.eps, &mut h)?;
-            be.linear(&h, &layer.linear1.weight, Some(&layer.linear1.bias), relu, None, &mut ffn)?;
-            be.linear(&ffn, &layer.linear2.weight, Some(&layer.linear2.bias), Activation::None, None, &mut f)?;
+            be.linear(
+                &h,
+                &layer.linear1.weight,
+                Some(&layer.linear1.bias),
+                relu,
+                None,
+                &mut ffn,
+            )?;
+            be.linear(
+                &ffn,
+                &layer.linear2.weight,
+                Some(&layer.linear2.bias),
+                Activation::None,
+                None,
+                &mut f,
+            )?;
             pending = true;
         }
         let mut y = be.alloc(&[batch, n, d])?;
         add_norm(be, &mut s, &f, pending, &self.decoder_norm, c.eps, &mut y)?;
         let mut out = be.alloc(&[batch, n, c.out_dim])?;
-        be.linear(&y, &self.output.weight, Some(&self.output.bias), Activation::None, None, &mut out)?;
+        be.linear(
+            &y,
+            &self.output.weight,
+            Some(&self.output.bias),
+            Activation::None,
+            None,
+            &mut out,
+        )?;
         Ok(out)
     }
 }

@@ -74,6 +74,9 @@ mod tests {
         assert_eq!(a, Rng::new(7).normal_vec(20000));
         let mean = a.iter().sum::<f64>() / a.len() as f64;
         let var = a.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / a.len() as f64;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
     }
 }

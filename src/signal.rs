@@ -44,7 +44,11 @@ impl SignalPositions {
         }
         let count = signal_ids.len();
         let mut positions = Vec::with_capacity(batch * count);
-        for (b, seq) in token_ids.chunks_exact(seq_len.max(1)).enumerate().take(batch) {
+        for (b, seq) in token_ids
+            .chunks_exact(seq_len.max(1))
+            .enumerate()
+            .take(batch)
+        {
             let mut from = 0usize;
             for (i, &id) in signal_ids.iter().enumerate() {
                 match seq[from..].iter().position(|&t| t == id) {
@@ -62,7 +66,10 @@ impl SignalPositions {
                         } else if i == 0 {
                             format!("signal token 0 (id {id}) is missing")
                         } else {
-                            format!("signal token {i} (id {id}) is missing after position {}", from - 1)
+                            format!(
+                                "signal token {i} (id {id}) is missing after position {}",
+                                from - 1
+                            )
                         };
                         return Err(Error::SignalTokens { batch: b, reason });
                     }

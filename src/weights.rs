@@ -147,7 +147,10 @@ impl TensorFile {
     }
 
     fn bytes(&self, name: &str, (start, end): (usize, usize)) -> Result<&[u8]> {
-        let range = self.data_start.checked_add(start).zip(self.data_start.checked_add(end));
+        let range = self
+            .data_start
+            .checked_add(start)
+            .zip(self.data_start.checked_add(end));
         range
             .and_then(|(s, e)| self.map.get(s..e))
             .ok_or_else(|| Error::Format {
@@ -328,7 +331,10 @@ impl ProjectorWeights {
     pub fn random(config: ProjectorConfig, modality: Option<Modality>, seed: u64) -> Result<Self> {
         config.validate()?;
         let mut rng = Rng::new(seed);
-        let io_linears = [config.variant.input_linear(), config.variant.output_linear()];
+        let io_linears = [
+            config.variant.input_linear(),
+            config.variant.output_linear(),
+        ];
         let shapes: BTreeMap<String, Vec<usize>> = layout(&config).into_iter().collect();
         let mut tensors = BTreeMap::new();
         for (name, shape) in &shapes {
@@ -405,7 +411,9 @@ impl ProjectorWeights {
         };
         let count_layers = |stack: &str| {
             (0..)
-                .take_while(|l| file.contains(&key(&format!("tfm.{stack}.layers.{l}.norm1.weight"))))
+                .take_while(|l| {
+                    file.contains(&key(&format!("tfm.{stack}.layers.{l}.norm1.weight")))
+                })
                 .count()
         };
         let config = ProjectorConfig {
@@ -441,8 +449,24 @@ impl ProjectorWeights {
             tensors.insert(name, t);
         }
         let prefixed = |e: Error| match e {
-            Error::Shape { key: k, expected, found } => Error::Shape { key: key(&k), expected, found },
-            Error::NonFinite { key: k, index, value } => Error::NonFinite { key: key(&k), index, value },
+            Error::Shape {
+                key: k,
+                expected,
+                found,
+            } => Error::Shape {
+                key: key(&k),
+                expected,
+                found,
+            },
+            Error::NonFinite {
+                key: k,
+                index,
+                value,
+            } => Error::NonFinite {
+                key: key(&k),
+                index,
+                value,
+            },
             other => other,
         };
         Self::from_tensors(config, modality, tensors).map_err(prefixed)
@@ -515,9 +539,9 @@ fn find_prefix(file: &TensorFile, sel: &Selection) -> Result<String> {
             .iter()
             .filter(|p| {
                 p.is_empty()
-                    || Variant::ALL
-                        .iter()
-                        .any(|&v| sel.variant.is_none_or(|w| w == v) && m.checkpoint_prefix(v) == p.as_str())
+                    || Variant::ALL.iter().any(|&v| {
+                        sel.variant.is_none_or(|w| w == v) && m.checkpoint_prefix(v) == p.as_str()
+                    })
             })
             .collect(),
         None => found.iter().collect(),
@@ -526,7 +550,10 @@ fn find_prefix(file: &TensorFile, sel: &Selection) -> Result<String> {
         [one] => Ok((*one).clone()),
         [] => Err(Error::MissingKey {
             key: match sel.modality {
-                Some(m) => format!("{}query_embs", m.checkpoint_prefix(sel.variant.unwrap_or(Variant::Legacy))),
+                Some(m) => format!(
+                    "{}query_embs",
+                    m.checkpoint_prefix(sel.variant.unwrap_or(Variant::Legacy))
+                ),
                 None => "query_embs".into(),
             },
             hint: format!(" in {}: {}", file.path().display(), list()),

@@ -19,7 +19,14 @@ fn reference_matches_pytorch_float64() {
         );
     }
     // Every op and the whole model were exercised.
-    for op in ["linear", "layer_norm", "attention", "alignment_loss", "gather_signal_tokens", "projector"] {
+    for op in [
+        "linear",
+        "layer_norm",
+        "attention",
+        "alignment_loss",
+        "gather_signal_tokens",
+        "projector",
+    ] {
         assert!(ops.contains(op), "no golden case for {op}");
     }
     let worst = results.iter().map(|r| r.rel).fold(0.0, f64::max);

@@ -1,0 +1,72 @@
+//! Criterion benchmarks: each op at the image projector's shapes, and the whole
+//! projector, on every backend compiled in and available here.
+//!
+//! `cargo bench --bench ops`; add `-- projector` or `-- linear` to filter.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use output_projector::bench::OpCase;
+use output_projector::config::{Modality, ProjectorConfig, Variant};
+use output_projector::ops::Backend;
+use output_projector::projector::Projector;
+use output_projector::reference::Reference;
+use output_projector::rng::Rng;
+use output_projector::tensor::HostTensor;
+use output_projector::weights::ProjectorWeights;
+
+fn ops_on<B: Backend>(c: &mut Criterion, be: &B, elem: usize) {
+    let config = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+    let n_in = config.n_in.unwrap_or(4);
+    for case in OpCase::projector_ops(&config, 1, n_in) {
+        let mut g = c.benchmark_group(format!("{}/{}", be.name(), case.op()));
+        g.sample_size(10);
+        g.throughput(Throughput::Bytes(case.bytes(elem) as u64));
+        let Ok(mut p) = case.prepare(be, 1) else {
+            continue;
+        };
+        g.bench_function(BenchmarkId::from_parameter(case.shape()), |b| {
+            b.iter(|| {
+                p.run(be).ok();
+                be.synchronize().ok();
+            })
+        });
+        g.finish();
+    }
+}
+
+fn projector_on<B: Backend>(c: &mut Criterion, be: &B, batches: &[usize]) {
+    let config = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+    let n_in = config.n_in.unwrap_or(4);
+    let Ok(w) = ProjectorWeights::random(config.clone(), Some(Modality::Image), 0) else {
+        return;
+    };
+    let Ok(proj) = Projector::new(be.clone(), &w) else {
+        return;
+    };
+    let mut g = c.benchmark_group(format!("{}/projector", be.name()));
+    g.sample_size(10);
+    for &batch in batches {
+        let n = batch * n_in * config.in_dim;
+        let Ok(host) =
+            HostTensor::from_f64(vec![batch, n_in, config.in_dim], Rng::new(2).normal_vec(n))
+        else {
+            continue;
+        };
+        let Ok(h) = be.upload(&host) else { continue };
+        g.bench_function(BenchmarkId::new("image", format!("batch {batch}")), |b| {
+            b.iter(|| {
+                proj.forward(&h, None).ok();
+                be.synchronize().ok();
+            })
+        });
+    }
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    // The reference is naive by design: batch 1 only, as the baseline.
+    ops_on(c, &Reference, 8);
+    projector_on(c, &Reference, &[1]);
+}
+
+criterion_group!(all, benches);
+criterion_main!(all);

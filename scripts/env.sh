@@ -1,0 +1,150 @@
+# shellcheck shell=bash
+# Environment for building and testing output-projector without a GPU.
+#
+#   source scripts/env.sh            # export the variables (installs nothing)
+#   outproj_install_deps             # then, optionally: install what is missing
+#   outproj_export_env               # and export again to pick up new installs
+#
+# What the tests need:
+# - a Vulkan driver for wgpu: Mesa's lavapipe (`mesa-vulkan-drivers libvulkan1`)
+#   on a machine without a GPU;
+# - NVRTC 13.0 and the CUDA headers (cuda_fp16.h, cuda_bf16.h), taken from the
+#   PyPI wheels `nvidia-cuda-nvrtc` and `nvidia-cuda-runtime` into `.venv-cuda`.
+#   NVRTC stays at 13.0: a CUDA 13.0 driver rejects PTX from a newer NVRTC.
+#
+# Variables exported:
+#   LD_LIBRARY_PATH       gains the wheel's lib folder (libnvrtc.so.13 and
+#                         libnvrtc-builtins.so.13.0 are found by the dynamic
+#                         loader; it reads LD_LIBRARY_PATH only at process start)
+#   OUTPROJ_CUDA_INCLUDE  folder holding cuda_fp16.h / cuda_bf16.h
+#   NODEVICE_SELECT=1     silences a harmless Mesa device-select message
+# Nothing is exported when nothing is found; callers keep their own values.
+
+OUTPROJ_ROOT="${OUTPROJ_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+OUTPROJ_CUDA_VENV="${OUTPROJ_CUDA_VENV:-$OUTPROJ_ROOT/.venv-cuda}"
+OUTPROJ_NVRTC_WHEEL="${OUTPROJ_NVRTC_WHEEL:-nvidia-cuda-nvrtc==13.0.88}"
+OUTPROJ_CUDART_WHEEL="${OUTPROJ_CUDART_WHEEL:-nvidia-cuda-runtime==13.0.96}"
+
+outproj_log() { printf '[env] %s\n' "$*" >&2; }
+
+# Prints the folder holding libnvrtc.so.13 inside the local venv, if any.
+outproj_nvrtc_lib_dir() {
+    local f
+    for f in "$OUTPROJ_CUDA_VENV"/lib/python3*/site-packages/nvidia/cu13/lib/libnvrtc.so.13 \
+             "$OUTPROJ_CUDA_VENV"/pkgs/nvidia/cu13/lib/libnvrtc.so.13; do
+        if [[ -e "$f" ]]; then
+            dirname "$f"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# Prints the folder holding cuda_fp16.h inside the local venv, if any.
+outproj_cuda_include_dir() {
+    local f
+    for f in "$OUTPROJ_CUDA_VENV"/lib/python3*/site-packages/nvidia/cu13/include/cuda_fp16.h \
+             "$OUTPROJ_CUDA_VENV"/pkgs/nvidia/cu13/include/cuda_fp16.h; do
+        if [[ -e "$f" ]]; then
+            dirname "$f"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# True when a Vulkan loader and at least one ICD (driver manifest) are installed.
+outproj_have_vulkan() {
+    local d have_icd=0
+    for d in /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/share/vulkan/icd.d; do
+        if compgen -G "$d/*.json" >/dev/null; then
+            have_icd=1
+        fi
+    done
+    [[ $have_icd == 1 ]] || return 1
+    if command -v ldconfig >/dev/null 2>&1; then
+        ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1' || return 1
+    fi
+    return 0
+}
+
+outproj_as_root() {
+    if [[ $(id -u) == 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        outproj_log "need root to run: $*"
+        return 1
+    fi
+}
+
+# Installs Mesa lavapipe + the Vulkan loader when no Vulkan driver is present.
+outproj_ensure_vulkan() {
+    if outproj_have_vulkan; then
+        outproj_log "vulkan: driver present ($(compgen -G '/usr/share/vulkan/icd.d/*.json' | xargs -r -n1 basename | tr '\n' ' '))"
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        outproj_log "vulkan: no driver found and no apt-get; install Mesa's lavapipe (Vulkan on the CPU) by hand"
+        return 1
+    fi
+    outproj_log "vulkan: no driver found; installing mesa-vulkan-drivers libvulkan1 (Mesa lavapipe) with apt-get"
+    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        mesa-vulkan-drivers libvulkan1
+}
+
+# Installs NVRTC 13.0 and the CUDA runtime headers into $OUTPROJ_CUDA_VENV when missing.
+outproj_ensure_nvrtc() {
+    if outproj_nvrtc_lib_dir >/dev/null && outproj_cuda_include_dir >/dev/null; then
+        outproj_log "nvrtc: present in $OUTPROJ_CUDA_VENV"
+        return 0
+    fi
+    local py
+    py=$(command -v python3 || true)
+    if [[ -z $py ]]; then
+        if command -v apt-get >/dev/null 2>&1; then
+            outproj_log "nvrtc: no python3; installing python3 python3-venv with apt-get"
+            outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+            outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3 python3-venv
+            py=$(command -v python3)
+        else
+            outproj_log "nvrtc: python3 is needed to fetch $OUTPROJ_NVRTC_WHEEL"
+            return 1
+        fi
+    fi
+    outproj_log "nvrtc: installing $OUTPROJ_NVRTC_WHEEL $OUTPROJ_CUDART_WHEEL into $OUTPROJ_CUDA_VENV"
+    if [[ ! -x $OUTPROJ_CUDA_VENV/bin/python ]] && ! "$py" -m venv "$OUTPROJ_CUDA_VENV" 2>/dev/null; then
+        # No ensurepip (Debian without python3-venv): plain folder install instead.
+        rm -rf "$OUTPROJ_CUDA_VENV"
+        outproj_log "nvrtc: python3 -m venv unavailable; installing with pip --target"
+        "$py" -m pip install --disable-pip-version-check --no-input --target "$OUTPROJ_CUDA_VENV/pkgs" \
+            "$OUTPROJ_NVRTC_WHEEL" "$OUTPROJ_CUDART_WHEEL"
+    else
+        "$OUTPROJ_CUDA_VENV/bin/python" -m pip install --disable-pip-version-check --no-input \
+            "$OUTPROJ_NVRTC_WHEEL" "$OUTPROJ_CUDART_WHEEL"
+    fi
+    outproj_nvrtc_lib_dir >/dev/null && outproj_cuda_include_dir >/dev/null
+}
+
+outproj_install_deps() {
+    outproj_ensure_vulkan
+    outproj_ensure_nvrtc
+}
+
+outproj_export_env() {
+    local lib inc
+    if lib=$(outproj_nvrtc_lib_dir); then
+        case ":${LD_LIBRARY_PATH:-}:" in
+            *":$lib:"*) ;;
+            *) export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+        esac
+    fi
+    if [[ -z ${OUTPROJ_CUDA_INCLUDE:-} ]] && inc=$(outproj_cuda_include_dir); then
+        export OUTPROJ_CUDA_INCLUDE="$inc"
+    fi
+    export NODEVICE_SELECT="${NODEVICE_SELECT:-1}"
+}
+
+outproj_export_env

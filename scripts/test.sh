@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Builds and tests output-projector on a machine without a GPU, installing what
+# the GPU-backend tests need when it is missing:
+#   - Mesa lavapipe (Vulkan on the CPU) for wgpu, with apt-get, when no Vulkan
+#     driver is installed;
+#   - NVRTC 13.0 and the CUDA headers from PyPI into .venv-cuda.
+# Missing toolchains fail the tests (REQUIRE_WGPU=1, REQUIRE_NVRTC=1); set either
+# to 0 beforehand to let those tests skip instead. OUTPROJ_SKIP_INSTALL=1 installs
+# nothing. Extra arguments go to every `cargo test`.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! command -v cargo >/dev/null 2>&1 && [[ -x $HOME/.cargo/bin/cargo ]]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "test.sh: cargo not found; install Rust (https://rustup.rs), version 1.85 or newer" >&2
+    exit 1
+fi
+
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+if [[ ${OUTPROJ_SKIP_INSTALL:-0} != 1 ]]; then
+    outproj_ensure_vulkan || outproj_log "warning: could not install a Vulkan driver; wgpu tests will report it"
+    outproj_ensure_nvrtc || outproj_log "warning: could not install NVRTC; nvrtc tests will report it"
+    outproj_export_env
+fi
+export REQUIRE_WGPU="${REQUIRE_WGPU:-1}"
+export REQUIRE_NVRTC="${REQUIRE_NVRTC:-1}"
+
+outproj_log "$(rustc --version), $(cargo --version)"
+outproj_log "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+outproj_log "OUTPROJ_CUDA_INCLUDE=${OUTPROJ_CUDA_INCLUDE:-}"
+outproj_log "NODEVICE_SELECT=$NODEVICE_SELECT REQUIRE_WGPU=$REQUIRE_WGPU REQUIRE_NVRTC=$REQUIRE_NVRTC"
+
+cargo_flags=()
+if [[ ${CI:-} == true && -f Cargo.lock ]]; then
+    cargo_flags+=(--locked)
+fi
+
+# The toolchains first, output shown: the adapter, NVRTC's version and the
+# register/spill report, or the one-line reason a check was skipped.
+cargo test "${cargo_flags[@]}" --test toolchain "$@" -- --nocapture --test-threads=1
+# Everything: unit tests, binaries, integration tests, doctests.
+cargo test "${cargo_flags[@]}" "$@"
+# Keep the benches compiling without running them. `cargo test --benches
+# --no-run` builds them with the test profile and so reuses the build above
+# (`cargo build --benches` would build every dependency again, in dev).
+cargo test "${cargo_flags[@]}" --benches --no-run "$@"
+outproj_log "all tests passed"

@@ -1,0 +1,360 @@
+//! Properties of the CPU reference that the PyTorch fixtures do not pin down:
+//! edge cases, error paths, gradients against finite differences.
+
+use output_projector::config::{Modality, ProjectorConfig, Variant};
+use output_projector::ops::{Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind};
+use output_projector::projector::Projector;
+use output_projector::reference::{RefTensor, Reference};
+use output_projector::rng::Rng;
+use output_projector::signal::SignalPositions;
+use output_projector::tensor::compare;
+use output_projector::weights::{ProjectorWeights, Selection, TensorFile};
+use output_projector::Error;
+
+fn rand(shape: &[usize], seed: u64) -> RefTensor {
+    let n = shape.iter().product();
+    RefTensor::new(shape.to_vec(), Rng::new(seed).normal_vec(n)).unwrap()
+}
+
+fn alloc(shape: &[usize]) -> RefTensor {
+    Reference.alloc(shape).unwrap()
+}
+
+#[test]
+fn fully_masked_query_row_gives_zeros_and_others_ignore_masked_keys() {
+    let (b, l, h, hd) = (2, 5, 2, 3);
+    let q = rand(&[b, l, h * hd], 1);
+    let kv = rand(&[b, l, 2 * h * hd], 2);
+    // Sequence 0: every key ignored; sequence 1: keys 3 and 4 ignored.
+    let ignore: Vec<bool> = (0..b * l).map(|i| i < l || i % l >= 3).collect();
+    let mask = KeyPaddingMask::new(b, l, ignore).unwrap();
+    let spec = AttentionSpec::new(h, hd);
+    let mut out = alloc(&[b, l, h * hd]);
+    Reference
+        .attention(
+            Cols::new(&q, 0),
+            Cols::new(&kv, 0),
+            Cols::new(&kv, h * hd),
+            &spec,
+            Some(&mask),
+            &mut out,
+        )
+        .unwrap();
+    assert!(out.data()[..l * h * hd].iter().all(|&x| x == 0.0));
+    // Sequence 1 equals attention over its first 3 keys only.
+    let take = |t: &RefTensor, w: usize| {
+        let rows: Vec<f64> = (0..3)
+            .flat_map(|j| t.data()[(l + j) * w..(l + j + 1) * w].to_vec())
+            .collect();
+        RefTensor::new(vec![1, 3, w], rows).unwrap()
+    };
+    let kv3 = take(&kv, 2 * h * hd);
+    let q1 = RefTensor::new(vec![1, l, h * hd], q.data()[l * h * hd..].to_vec()).unwrap();
+    let mut want = alloc(&[1, l, h * hd]);
+    Reference
+        .attention(
+            Cols::new(&q1, 0),
+            Cols::new(&kv3, 0),
+            Cols::new(&kv3, h * hd),
+            &spec,
+            None,
+            &mut want,
+        )
+        .unwrap();
+    let (rel, _) = compare(&out.data()[l * h * hd..], want.data());
+    assert!(rel < 1e-15, "{rel}");
+}
+
+#[test]
+fn single_key_attention_returns_its_value() {
+    let q = rand(&[1, 4, 6], 3);
+    let kv = rand(&[1, 1, 12], 4);
+    let mut out = alloc(&[1, 4, 6]);
+    Reference
+        .attention(
+            Cols::new(&q, 0),
+            Cols::new(&kv, 0),
+            Cols::new(&kv, 6),
+            &AttentionSpec::new(2, 3),
+            None,
+            &mut out,
+        )
+        .unwrap();
+    for i in 0..4 {
+        assert_eq!(&out.data()[i * 6..(i + 1) * 6], &kv.data()[6..12]);
+    }
+}
+
+#[test]
+fn layer_norm_survives_a_huge_mean() {
+    // E[x^2] - E[x]^2 would lose every digit here; two passes do not.
+    let c = 512;
+    let noise = Rng::new(5).normal_vec(c);
+    let x = RefTensor::new(vec![1, c], noise.iter().map(|v| 1e8 + v).collect()).unwrap();
+    let ones = RefTensor::new(vec![c], vec![1.0; c]).unwrap();
+    let zeros = RefTensor::new(vec![c], vec![0.0; c]).unwrap();
+    let mut y = alloc(&[1, c]);
+    Reference
+        .layer_norm(&x, None, &ones, &zeros, 0.0, &mut y, None)
+        .unwrap();
+    let mean = noise.iter().sum::<f64>() / c as f64;
+    let std = (noise.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c as f64).sqrt();
+    let want: Vec<f64> = noise.iter().map(|v| (v - mean) / std).collect();
+    let (rel, _) = compare(y.data(), &want);
+    assert!(rel < 1e-7, "{rel}");
+}
+
+#[test]
+fn layer_norm_sum_out_without_residual_is_a_copy() {
+    let x = rand(&[3, 7], 6);
+    let w = rand(&[7], 7);
+    let b = rand(&[7], 8);
+    let (mut y, mut s) = (alloc(&[3, 7]), alloc(&[3, 7]));
+    Reference
+        .layer_norm(&x, None, &w, &b, 1e-5, &mut y, Some(&mut s))
+        .unwrap();
+    assert_eq!(s.data(), x.data());
+}
+
+#[test]
+fn alignment_loss_gradients_match_finite_differences() {
+    let (b, n, d) = (2, 3, 4);
+    let pred = rand(&[b, n, d], 9);
+    let mut target = rand(&[b, n, d], 10);
+    // Token 1 of sequence 0 matches exactly: its l2 gradient is defined as 0.
+    target.data_mut()[d..2 * d].copy_from_slice(&pred.data()[d..2 * d]);
+    for kind in [LossKind::TokenL2, LossKind::Mse] {
+        let (mut loss, mut grad) = (alloc(&[1]), alloc(&[b, n, d]));
+        Reference
+            .alignment_loss(kind, &pred, &target, &mut loss, &mut grad)
+            .unwrap();
+        let f = |p: &RefTensor| {
+            let (mut l, mut g) = (alloc(&[1]), alloc(&[b, n, d]));
+            Reference
+                .alignment_loss(kind, p, &target, &mut l, &mut g)
+                .unwrap();
+            l.data()[0]
+        };
+        for j in 0..b * n * d {
+            if kind == LossKind::TokenL2 && (d..2 * d).contains(&j) {
+                assert_eq!(grad.data()[j], 0.0);
+                continue;
+            }
+            let h = 1e-6;
+            let (mut p1, mut p2) = (pred.clone(), pred.clone());
+            p1.data_mut()[j] += h;
+            p2.data_mut()[j] -= h;
+            let fd = (f(&p1) - f(&p2)) / (2.0 * h);
+            assert!(
+                (fd - grad.data()[j]).abs() < 1e-8,
+                "{kind:?} {j}: {fd} vs {}",
+                grad.data()[j]
+            );
+        }
+    }
+}
+
+#[test]
+fn shape_mismatches_are_errors_not_panics() {
+    let x = rand(&[2, 5], 11);
+    let w = rand(&[3, 4], 12);
+    let mut y = alloc(&[2, 3]);
+    let e = Reference
+        .linear(&x, &w, None, Activation::None, None, &mut y)
+        .unwrap_err();
+    assert!(matches!(e, Error::Shape { .. }), "{e}");
+    let w = rand(&[3, 5], 12);
+    let bad_bias = rand(&[4], 13);
+    assert!(Reference
+        .linear(&x, &w, Some(&bad_bias), Activation::Relu, None, &mut y)
+        .is_err());
+    let mut bad_out = alloc(&[2, 4]);
+    assert!(Reference
+        .linear(&x, &w, None, Activation::Relu, None, &mut bad_out)
+        .is_err());
+    let empty = rand(&[0, 5], 14);
+    let mut y0 = alloc(&[0, 3]);
+    assert!(Reference
+        .linear(&empty, &w, None, Activation::None, None, &mut y0)
+        .is_err());
+    // attention: a column block past the row end, a mask of the wrong size
+    let qkv = rand(&[1, 4, 12], 15);
+    let mut o = alloc(&[1, 4, 4]);
+    let spec = AttentionSpec::new(2, 2);
+    assert!(Reference
+        .attention(
+            Cols::new(&qkv, 10),
+            Cols::new(&qkv, 0),
+            Cols::new(&qkv, 4),
+            &spec,
+            None,
+            &mut o
+        )
+        .is_err());
+    let mask = KeyPaddingMask::new(1, 3, vec![false; 3]).unwrap();
+    assert!(Reference
+        .attention(
+            Cols::new(&qkv, 0),
+            Cols::new(&qkv, 4),
+            Cols::new(&qkv, 8),
+            &spec,
+            Some(&mask),
+            &mut o
+        )
+        .is_err());
+    assert!(KeyPaddingMask::new(2, 3, vec![false; 5]).is_err());
+    // layer_norm: negative eps, wrong weight
+    let (ln_w, ln_b) = (rand(&[5], 16), rand(&[5], 17));
+    let mut yy = alloc(&[2, 5]);
+    assert!(Reference
+        .layer_norm(&x, None, &ln_w, &ln_b, -1.0, &mut yy, None)
+        .is_err());
+    assert!(Reference
+        .layer_norm(&x, None, &rand(&[4], 1), &ln_b, 1e-5, &mut yy, None)
+        .is_err());
+    // loss: mismatched target
+    let (mut l, mut g) = (alloc(&[1]), alloc(&[1, 2, 5]));
+    assert!(Reference
+        .alignment_loss(
+            LossKind::Mse,
+            &rand(&[1, 2, 5], 1),
+            &rand(&[1, 2, 4], 2),
+            &mut l,
+            &mut g
+        )
+        .is_err());
+    // gather: positions found for another shape
+    let pos = SignalPositions::all(1, 2).unwrap();
+    let mut gout = alloc(&[2, 2, 5]);
+    assert!(Reference
+        .gather_signal_tokens(&rand(&[2, 3, 5], 1), None, &pos, &mut gout)
+        .is_err());
+    // overflowing shapes
+    assert!(Reference.alloc(&[usize::MAX, 2]).is_err());
+}
+
+fn tiny_config(variant: Variant) -> ProjectorConfig {
+    ProjectorConfig {
+        variant,
+        in_dim: 12,
+        d_model: 8,
+        heads: 2,
+        ffn_dim: 16,
+        encoder_layers: 2,
+        decoder_layers: 2,
+        n_out: 3,
+        out_dim: 5,
+        n_in: None,
+        eps: 1e-5,
+    }
+}
+
+#[test]
+fn batch_rows_are_independent_and_gathering_matches_direct_input() {
+    let w = ProjectorWeights::random(tiny_config(Variant::Legacy), None, 3).unwrap();
+    let proj = Projector::new(Reference, &w).unwrap();
+    let (b, n_in, c) = (3, 4, 12);
+    let hidden = rand(&[b, n_in, c], 20);
+    let embeds = rand(&[b, n_in, c], 21);
+    let all = proj.forward(&hidden, Some(&embeds)).unwrap();
+    let per_row = 3 * 5;
+    for i in 0..b {
+        let one = |t: &RefTensor| {
+            RefTensor::new(
+                vec![1, n_in, c],
+                t.data()[i * n_in * c..(i + 1) * n_in * c].to_vec(),
+            )
+            .unwrap()
+        };
+        let y = proj.forward(&one(&hidden), Some(&one(&embeds))).unwrap();
+        assert_eq!(y.data(), &all.data()[i * per_row..(i + 1) * per_row]);
+    }
+    // The same tokens embedded in longer sequences, found by id.
+    let t = 9;
+    let signal = [100, 101, 102, 103];
+    let mut ids = vec![0i64; b * t];
+    let mut long_h = vec![0.5; b * t * c];
+    let mut long_e = vec![-0.25; b * t * c];
+    for i in 0..b {
+        for (k, &id) in signal.iter().enumerate() {
+            let p = 1 + i + k; // a different start per row
+            ids[i * t + p] = id;
+            let (src, dst) = ((i * n_in + k) * c, (i * t + p) * c);
+            long_h[dst..dst + c].copy_from_slice(&hidden.data()[src..src + c]);
+            long_e[dst..dst + c].copy_from_slice(&embeds.data()[src..src + c]);
+        }
+    }
+    let long_h = RefTensor::new(vec![b, t, c], long_h).unwrap();
+    let long_e = RefTensor::new(vec![b, t, c], long_e).unwrap();
+    let y = proj
+        .forward_from_llm(&long_h, Some(&long_e), &ids, &signal)
+        .unwrap();
+    assert_eq!(y.data(), all.data());
+    // A missing signal token names the sequence.
+    ids[2 * t + 3] = 7;
+    let e = proj
+        .forward_from_llm(&long_h, Some(&long_e), &ids, &signal)
+        .unwrap_err();
+    assert!(e.to_string().contains("sequence 2"), "{e}");
+}
+
+#[test]
+fn checkpoints_round_trip_under_every_prefix_and_variant() {
+    let dir = std::env::temp_dir().join(format!("outproj-ref-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for variant in Variant::ALL {
+        let w = ProjectorWeights::random(tiny_config(variant), None, 4).unwrap();
+        for m in Modality::ALL {
+            let prefix = m.checkpoint_prefix(variant);
+            let path = dir.join(format!("{}-{}.safetensors", variant.name(), m.name()));
+            w.save(&path, prefix).unwrap();
+            let file = TensorFile::open(&path).unwrap();
+            let sel = Selection {
+                heads: Some(2),
+                ..Selection::default()
+            };
+            let back = ProjectorWeights::load(&file, &sel).unwrap();
+            assert_eq!(back.tensors(), w.tensors());
+            assert_eq!(back.config(), w.config());
+            // Asking for this modality checks the preset's shapes, which a tiny model fails.
+            let sel = Selection {
+                modality: Some(m),
+                ..sel
+            };
+            let e = ProjectorWeights::load(&file, &sel).unwrap_err();
+            assert!(e.to_string().contains("preset"), "{e}");
+        }
+    }
+    // Two projectors in one file: auto-detection refuses to guess; a prefix picks.
+    let w = ProjectorWeights::random(tiny_config(Variant::Legacy), None, 5).unwrap();
+    let mut both = w.state_dict("gen_text_hidden_fcs.0.");
+    both.extend(w.state_dict("gen_text_hidden_fcs_audio.0."));
+    let path = dir.join("both.safetensors");
+    output_projector::weights::save(&path, &both, None).unwrap();
+    let file = TensorFile::open(&path).unwrap();
+    let e = ProjectorWeights::load(&file, &Selection::default()).unwrap_err();
+    assert!(e.to_string().contains("several projectors"), "{e}");
+    let sel = Selection {
+        prefix: Some("gen_text_hidden_fcs_audio.0.".into()),
+        heads: Some(2),
+        ..Selection::default()
+    };
+    assert_eq!(
+        ProjectorWeights::load(&file, &sel).unwrap().tensors(),
+        w.tensors()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn legacy_state_dict_has_pytorchs_129_names() {
+    let c = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+    let names = output_projector::weights::layout(&c);
+    assert_eq!(names.len(), 129);
+    assert!(names.iter().any(
+        |(k, s)| k == "tfm.decoder.layers.3.multihead_attn.in_proj_weight" && s == &vec![1536, 512]
+    ));
+    assert!(names
+        .iter()
+        .any(|(k, s)| k == "model.weight" && s == &vec![768, 512]));
+}

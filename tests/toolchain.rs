@@ -1,0 +1,266 @@
+//! The toolchains the GPU backends stand on: a wgpu adapter that computes,
+//! NVRTC that compiles CUDA C (with the fp16/bf16 headers) to a CUBIN, and a
+//! CUDA driver probe that answers instead of panicking.
+//!
+//! Where a toolchain is missing the test says so in one line and passes, unless
+//! `REQUIRE_WGPU=1` / `REQUIRE_NVRTC=1` asks for it (as CI does): then a missing
+//! toolchain fails with the reason.
+
+#[allow(dead_code)]
+fn required(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+#[cfg(feature = "wgpu")]
+mod wgpu {
+    use super::required;
+    use output_projector::wgpu::{probe, smoke_test};
+
+    #[test]
+    fn adapter_computes() {
+        let info = match probe() {
+            Ok(info) => info,
+            Err(e) if required("REQUIRE_WGPU") => panic!("REQUIRE_WGPU=1 but {e}"),
+            Err(e) => {
+                println!("skipped: wgpu unavailable: {e}");
+                return;
+            }
+        };
+        println!("wgpu adapter: {info}");
+        assert!(!info.adapter.is_empty());
+        assert!(
+            info.max_workgroup_storage >= 16 * 1024,
+            "workgroup memory {} < 16 KiB",
+            info.max_workgroup_storage
+        );
+        if let Err(e) = smoke_test() {
+            panic!("smoke test on {}: {e}", info.adapter);
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod nvrtc {
+    use super::required;
+    use output_projector::cuda::{compile, probe_nvrtc, NvrtcInfo};
+    use output_projector::Error;
+
+    /// Two kernels using the fp16 and bf16 headers, one of them with shared memory.
+    const KERNELS: &str = r#"
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+extern "C" __global__ void scale_f16(const __half* __restrict__ x, __half* __restrict__ y,
+                                     float a, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        y[i] = __float2half(a * __half2float(x[i]));
+    }
+}
+
+extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* __restrict__ out,
+                                    int n) {
+    __shared__ float partial[256];
+    float acc = 0.0f;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        acc += __bfloat162float(x[i]);
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            partial[threadIdx.x] += partial[threadIdx.x + s];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        atomicAdd(out, partial[0]);
+    }
+}
+"#;
+
+    fn nvrtc_or_skip() -> Option<NvrtcInfo> {
+        match probe_nvrtc() {
+            Ok(info) => Some(info),
+            Err(e) if required("REQUIRE_NVRTC") => panic!("REQUIRE_NVRTC=1 but {e}"),
+            Err(e) => {
+                println!("skipped: nvrtc unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn compiles_fp16_bf16_kernels_to_cubin() {
+        let Some(info) = nvrtc_or_skip() else { return };
+        println!(
+            "nvrtc {}.{}, CUDA headers: {}",
+            info.version.0,
+            info.version.1,
+            info.include_dir
+                .as_ref()
+                .map_or("none found".to_string(), |d| d.display().to_string())
+        );
+        if info.include_dir.is_none() {
+            let msg =
+                "no CUDA include folder (set OUTPROJ_CUDA_INCLUDE to the folder with cuda_fp16.h)";
+            if required("REQUIRE_NVRTC") {
+                panic!("REQUIRE_NVRTC=1 but {msg}");
+            }
+            println!("skipped: nvrtc unavailable: {msg}");
+            return;
+        }
+        for arch in ["sm_80", "sm_90"] {
+            let compiled =
+                compile(KERNELS, "toolchain.cu", arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            // An ELF image.
+            assert!(
+                compiled.cubin.len() > 64,
+                "{arch}: CUBIN of {} bytes",
+                compiled.cubin.len()
+            );
+            assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{arch}: CUBIN is not ELF");
+            let mut names: Vec<&str> = compiled.kernels.iter().map(|k| k.name.as_str()).collect();
+            names.sort_unstable();
+            assert_eq!(
+                names,
+                ["scale_f16", "sum_bf16"],
+                "{arch}: log:\n{}",
+                compiled.log
+            );
+            for k in &compiled.kernels {
+                println!(
+                    "{arch} {}: {} registers, {} B smem, {} B stack, spill {} B stores / {} B loads",
+                    k.name, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
+                );
+                assert!(
+                    (2..=255).contains(&k.registers),
+                    "{arch} {}: implausible register count {}",
+                    k.name,
+                    k.registers
+                );
+                assert_eq!(
+                    (k.spill_stores, k.spill_loads),
+                    (0, 0),
+                    "{arch} {}: spills",
+                    k.name
+                );
+            }
+            let sum = compiled.kernel("sum_bf16").expect("sum_bf16 reported");
+            assert_eq!(sum.shared_bytes, 256 * 4, "{arch}: sum_bf16 shared memory");
+            assert_eq!(
+                compiled.kernel("scale_f16").map(|k| k.shared_bytes),
+                Some(0)
+            );
+        }
+    }
+
+    #[test]
+    fn syntax_error_is_an_error_with_the_log() {
+        if nvrtc_or_skip().is_none() {
+            return;
+        }
+        let source = "extern \"C\" __global__ void broken(float* y) { y[0] = undeclared_name + ; }";
+        match compile(source, "broken.cu", "sm_90") {
+            Err(Error::Backend { backend, message }) => {
+                assert_eq!(backend, "nvrtc");
+                assert!(
+                    message.contains("broken.cu"),
+                    "message lacks the program name:\n{message}"
+                );
+                assert!(
+                    message.contains("undeclared_name"),
+                    "message lacks the log:\n{message}"
+                );
+                assert!(
+                    message.contains("error"),
+                    "message lacks the error:\n{message}"
+                );
+            }
+            Err(other) => panic!("expected a Backend error, got {other:?}"),
+            Ok(c) => panic!("a syntax error compiled: log:\n{}", c.log),
+        }
+    }
+
+    #[test]
+    fn virtual_arch_is_rejected() {
+        assert!(matches!(
+            compile("extern \"C\" __global__ void k() {}", "k.cu", "compute_90"),
+            Err(Error::Invalid(_))
+        ));
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_driver {
+    use output_projector::cuda::probe_devices;
+    use output_projector::Error;
+
+    #[test]
+    fn probe_answers_without_panicking() {
+        match probe_devices() {
+            Ok(devices) => {
+                assert!(!devices.is_empty(), "Ok with no devices");
+                for d in &devices {
+                    println!(
+                        "cuda device {}: {} (sm_{}{}, {:.1} GiB)",
+                        d.ordinal,
+                        d.name,
+                        d.compute_capability.0,
+                        d.compute_capability.1,
+                        d.memory_bytes as f64 / (1u64 << 30) as f64
+                    );
+                    assert!(d.compute_capability.0 >= 3);
+                    assert!(d.memory_bytes > 0);
+                }
+            }
+            Err(Error::Unavailable { backend, reason }) => {
+                assert_eq!(backend, "cuda");
+                assert!(!reason.is_empty());
+                println!("skipped: no CUDA device: {reason}");
+            }
+            Err(e) => panic!("unexpected error kind from probe_devices: {e:?}"),
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+mod wgpu_errors {
+    use output_projector::wgpu::{open, probe};
+    use output_projector::Error;
+
+    const BAD_WGSL: &str =
+        "@compute @workgroup_size(1) fn main() { let x: f32 = undefined_thing; }";
+
+    fn source(text: &str) -> ::wgpu::ShaderModuleDescriptor<'_> {
+        ::wgpu::ShaderModuleDescriptor {
+            label: Some("bad"),
+            source: ::wgpu::ShaderSource::Wgsl(text.into()),
+        }
+    }
+
+    #[test]
+    fn invalid_shader_is_an_error_not_a_panic() {
+        if probe().is_err() {
+            return; // reported by wgpu::adapter_computes
+        }
+        let gpu = open().expect("open a device");
+        match gpu.scoped("bad shader", |device, _| {
+            let _ = device.create_shader_module(source(BAD_WGSL));
+        }) {
+            Err(Error::Backend { backend, message }) => {
+                assert_eq!(backend, "wgpu");
+                assert!(message.contains("bad shader"), "{message}");
+                assert!(message.contains("undefined_thing"), "{message}");
+            }
+            other => panic!("expected a Backend error, got {other:?}"),
+        }
+        // An error outside any scope reaches the non-panicking handler and is
+        // reported by the next scoped call.
+        let _ = gpu.device.create_shader_module(source(BAD_WGSL));
+        assert!(gpu.scoped("after", |_, _| ()).is_err());
+        // And the device still works afterwards.
+        assert!(gpu.scoped("clean", |_, _| ()).is_ok());
+        output_projector::wgpu::smoke_test_on(&gpu).expect("device still computes");
+    }
+}
