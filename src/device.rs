@@ -129,20 +129,18 @@ fn wgpu_status() -> BackendStatus {
 fn cuda_status() -> BackendStatus {
     let mut details = Vec::new();
     let devices = crate::cuda::probe_devices();
-    match &devices {
-        Ok(ds) => {
-            for d in ds {
-                details.push(format!(
-                    "device {}: {} (sm_{}{}, {:.1} GiB)",
-                    d.ordinal,
-                    d.name,
-                    d.compute_capability.0,
-                    d.compute_capability.1,
-                    d.memory_bytes as f64 / (1u64 << 30) as f64
-                ));
-            }
+    // When there is no device, the reason is the status line itself.
+    if let Ok(ds) = &devices {
+        for d in ds {
+            details.push(format!(
+                "device {}: {} (sm_{}{}, {:.1} GiB)",
+                d.ordinal,
+                d.name,
+                d.compute_capability.0,
+                d.compute_capability.1,
+                d.memory_bytes as f64 / (1u64 << 30) as f64
+            ));
         }
-        Err(_) => {} // the reason is the status line itself
     }
     match crate::cuda::probe_nvrtc() {
         Ok(n) => details.push(format!(

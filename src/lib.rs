@@ -32,3 +32,8 @@ pub mod cuda;
 pub mod wgpu;
 
 pub use error::{Error, Result};
+
+// The README's examples are compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -15,7 +15,7 @@ use crate::config::ProjectorConfig;
 use crate::error::{Error, Result};
 use crate::ops::{Activation, AttentionSpec, Backend, Cols, Shaped};
 use crate::signal::SignalPositions;
-use crate::tensor::HostTensor;
+use crate::tensor::{checked_numel, try_filled, HostTensor};
 use crate::weights::ProjectorWeights;
 
 struct Linear<T> {
@@ -94,7 +94,9 @@ impl<B: Backend> Projector<B> {
                 bias: backend.upload(&weights.get(&format!("{p}.in_proj_bias"))?.rows(rows)?)?,
             })
         };
-        let attn = |p: &str| -> Result<(Linear<B::Tensor>, Linear<B::Tensor>)> {
+        // (packed q/k/v projection, output projection) of one attention block
+        type AttnPair<T> = (Linear<T>, Linear<T>);
+        let attn = |p: &str| -> Result<AttnPair<B::Tensor>> {
             Ok((
                 Linear {
                     weight: up(&format!("{p}.in_proj_weight"))?,
@@ -319,10 +321,13 @@ impl<B: Backend> Projector<B> {
 
         // Decoder over the learned queries, repeated per batch row.
         let n = c.n_out;
-        let queries = self.query_embs.to_f64_vec().repeat(batch);
-        let t0 = be.upload(
-            &HostTensor::from_f64(vec![batch, n, d], queries)?.to_dtype(self.query_embs.dtype()),
-        )?;
+        let one = self.query_embs.to_f64_vec();
+        let mut queries = try_filled(checked_numel(&[batch, n, d], "queries")?, 0.0, "queries")?;
+        for row in queries.chunks_exact_mut(one.len().max(1)) {
+            row.copy_from_slice(&one);
+        }
+        let queries = HostTensor::from_f64(vec![batch, n, d], queries)?;
+        let t0 = be.upload(&queries.to_dtype(self.query_embs.dtype()))?;
         let mut s = [t0, be.alloc(&[batch, n, d])?];
         let mut f = be.alloc(&[batch, n, d])?;
         let mut h = be.alloc(&[batch, n, d])?;

@@ -58,6 +58,13 @@ impl Rng {
         (0..n).map(|_| self.normal()).collect()
     }
 
+    /// Overwrite `out` with standard normal values.
+    pub fn fill_normal(&mut self, out: &mut [f64]) {
+        for x in out {
+            *x = self.normal();
+        }
+    }
+
     /// `n` values uniform in [lo, hi).
     pub fn uniform_vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
         (0..n).map(|_| self.uniform_in(lo, hi)).collect()

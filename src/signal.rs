@@ -42,13 +42,15 @@ impl SignalPositions {
         if signal_ids.is_empty() {
             return Err(Error::invalid("no signal token ids given"));
         }
+        if seq_len == 0 {
+            return Err(Error::SignalTokens {
+                batch: 0,
+                reason: "the sequence is empty".into(),
+            });
+        }
         let count = signal_ids.len();
         let mut positions = Vec::with_capacity(batch * count);
-        for (b, seq) in token_ids
-            .chunks_exact(seq_len.max(1))
-            .enumerate()
-            .take(batch)
-        {
+        for (b, seq) in token_ids.chunks_exact(seq_len).enumerate().take(batch) {
             let mut from = 0usize;
             for (i, &id) in signal_ids.iter().enumerate() {
                 match seq[from..].iter().position(|&t| t == id) {
@@ -75,12 +77,6 @@ impl SignalPositions {
                     }
                 }
             }
-        }
-        if seq_len == 0 {
-            return Err(Error::SignalTokens {
-                batch: 0,
-                reason: "the sequence is empty".into(),
-            });
         }
         Ok(SignalPositions {
             batch,
@@ -133,20 +129,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_contiguous_and_separated_tokens() {
+    fn finds_contiguous_and_separated_tokens() -> Result<()> {
         let ids = [1, 9, 10, 11, 2, 5, 9, 7, 10, 7, 11];
-        let p = SignalPositions::find(&ids[..5], 1, 5, &[9, 10, 11]).unwrap();
+        let p = SignalPositions::find(&ids[..5], 1, 5, &[9, 10, 11])?;
         assert_eq!(p.positions(), &[1, 2, 3]);
-        let p = SignalPositions::find(&ids[5..], 1, 6, &[9, 7, 10, 7, 11]).unwrap();
+        let p = SignalPositions::find(&ids[5..], 1, 6, &[9, 7, 10, 7, 11])?;
         assert_eq!(p.positions(), &[1, 2, 3, 4, 5]);
+        Ok(())
     }
 
     #[test]
     fn missing_and_out_of_order_are_errors() {
-        let e = SignalPositions::find(&[1, 2, 3, 4], 2, 2, &[3]).unwrap_err();
-        assert!(e.to_string().contains("sequence 0"), "{e}");
-        let e = SignalPositions::find(&[5, 4, 0], 1, 3, &[4, 5]).unwrap_err();
-        assert!(e.to_string().contains("out of order"), "{e}");
+        let e = SignalPositions::find(&[1, 2, 3, 4], 2, 2, &[3]).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("sequence 0")));
+        let e = SignalPositions::find(&[5, 4, 0], 1, 3, &[4, 5]).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("out of order")));
         assert!(SignalPositions::find(&[], 1, 0, &[4]).is_err());
         assert!(SignalPositions::find(&[1, 2], 0, 2, &[1]).is_err());
         assert!(SignalPositions::find(&[1, 2], 1, 2, &[]).is_err());

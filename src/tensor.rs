@@ -79,6 +79,20 @@ pub fn checked_numel(shape: &[usize], what: &str) -> Result<usize> {
     })
 }
 
+/// A vector of `n` copies of `value`, or an error (never an abort) when `n`
+/// elements cannot be allocated; `what` names the tensor in the message.
+pub fn try_filled<T: Clone>(n: usize, value: T, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::Overflow(format!(
+            "{what}: cannot allocate {n} elements of {} bytes",
+            std::mem::size_of::<T>()
+        ))
+    })?;
+    v.resize(n, value);
+    Ok(v)
+}
+
 impl HostTensor {
     /// Build a tensor, checking that `data` has exactly as many elements as `shape`.
     pub fn new(shape: Vec<usize>, data: HostData) -> Result<Self> {

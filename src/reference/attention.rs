@@ -21,7 +21,7 @@ pub(super) fn attention(
             for i in 0..d.lq {
                 let qrow = (b * d.lq + i) * d.q_stride + d.q_start + h * hd;
                 let visible =
-                    |j: usize| !(causal && j > i) && !ignore.is_some_and(|m| m[b * d.lk + j]);
+                    |j: usize| !(causal && j > i || ignore.is_some_and(|m| m[b * d.lk + j]));
                 let mut max = f64::NEG_INFINITY;
                 for (j, s) in scores.iter_mut().enumerate() {
                     if !visible(j) {

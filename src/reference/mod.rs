@@ -14,7 +14,7 @@ use crate::ops::{
     LayerNormDims, LinearDims, LossDims, LossKind, Shaped,
 };
 use crate::signal::SignalPositions;
-use crate::tensor::{checked_numel, HostTensor};
+use crate::tensor::{checked_numel, try_filled, HostTensor};
 
 /// A row-major f64 tensor in host memory.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,7 +78,7 @@ impl Backend for Reference {
     fn alloc(&self, shape: &[usize]) -> Result<RefTensor> {
         let n = checked_numel(shape, "tensor")?;
         // NaN, so that an element no op writes can never pass as a result.
-        RefTensor::new(shape.to_vec(), vec![f64::NAN; n])
+        RefTensor::new(shape.to_vec(), try_filled(n, f64::NAN, "tensor")?)
     }
 
     fn upload_mask(&self, mask: &KeyPaddingMask) -> Result<KeyPaddingMask> {
