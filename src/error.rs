@@ -47,6 +47,9 @@ pub enum Error {
     /// A size computation overflowed `usize`, or a size is out of range.
     #[error("size overflow: {0}")]
     Overflow(String),
+    /// An allocation the sizes asked for could not be made.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
     /// Arguments that do not fit together (op shapes, config, batch 0, ...).
     #[error("{0}")]
     Invalid(String),

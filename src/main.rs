@@ -13,8 +13,7 @@ use output_projector::golden;
 use output_projector::ops::Backend;
 use output_projector::projector::Projector;
 use output_projector::reference::Reference;
-use output_projector::rng::Rng;
-use output_projector::tensor::{checked_numel, DType, HostTensor};
+use output_projector::tensor::{DType, HostTensor};
 use output_projector::weights::{self, ProjectorWeights, Selection, TensorFile};
 use output_projector::{Error, Result};
 
@@ -48,7 +47,7 @@ struct ModelArgs {
     #[arg(long)]
     prefix: Option<String>,
     /// Attention heads (the shapes cannot tell; default 4).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     heads: Option<usize>,
 }
 
@@ -71,10 +70,10 @@ enum Command {
         #[arg(long)]
         out_dtype: Option<String>,
         /// Batch size of the random input (when no --input).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
         batch: usize,
         /// Seed of the random weights and input.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         seed: u64,
     },
     /// Every available backend against PyTorch's golden outputs and the CPU reference.
@@ -92,10 +91,10 @@ enum Command {
         #[arg(long, default_value = "image")]
         modality: String,
         /// Comma-separated batch sizes.
-        #[arg(long, default_value = "1")]
+        #[arg(long, default_value = "1", allow_negative_numbers = true)]
         batch: String,
         /// Seconds to spend on each measurement (at least 3 runs).
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         seconds: f64,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -122,6 +121,16 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // clap would print the whole help; one line says what is missing.
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let names: Vec<&str> = cmd.get_subcommands().map(|c| c.get_name()).collect();
+            eprintln!(
+                "error: no command given (expected one of: {}); see `outproj --help`",
+                names.join(", ")
+            );
+            return ExitCode::from(2);
+        }
         Err(e) => {
             let msg = e.to_string();
             eprintln!("{}", msg.lines().next().unwrap_or("invalid arguments"));
@@ -130,7 +139,19 @@ fn main() -> ExitCode {
     };
     // A bug must still end in one line and a non-zero status, never a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("error: internal error (a bug; please report it): {info}");
+        let payload = info.payload();
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown cause".into());
+        let at = info
+            .location()
+            .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+        eprintln!(
+            "error: internal error (a bug; please report it){at}: {}",
+            one_line(&what)
+        );
     }));
     match std::panic::catch_unwind(|| dispatch(cli)) {
         Ok(Ok(code)) => code,
@@ -290,11 +311,8 @@ fn run(
             }
             let n_in = c.n_in.unwrap_or(4);
             let shape = vec![batch, n_in, c.in_dim];
-            let n = checked_numel(&shape, "--batch")?;
-            let mut rng = Rng::new(seed.wrapping_add(1));
-            let hidden =
-                HostTensor::from_f64(shape.clone(), rng.normal_vec(n))?.to_dtype(DType::F32);
-            let embeds = HostTensor::from_f64(shape, rng.normal_vec(n))?.to_dtype(DType::F32);
+            let hidden = HostTensor::randn(shape.clone(), seed.wrapping_add(1), "--batch")?;
+            let embeds = HostTensor::randn(shape, seed.wrapping_add(2), "--batch")?;
             (hidden, Some(embeds))
         }
     };
@@ -322,8 +340,9 @@ fn run(
     }
     if input.is_none() {
         println!(
-            "note: no --input given: seeded random hidden states and embeddings (seed {})",
-            seed.wrapping_add(1)
+            "note: no --input given: seeded random hidden states and embeddings (seeds {} and {})",
+            seed.wrapping_add(1),
+            seed.wrapping_add(2)
         );
     }
     println!(
@@ -442,9 +461,11 @@ fn bench_on<B: Backend>(
     let n_in = config.n_in.unwrap_or(4);
     let elem = 8; // the reference holds f64
     for &batch in batches {
-        let shape = vec![batch, n_in, config.in_dim];
-        let n = checked_numel(&shape, "--batch")?;
-        let h = be.upload(&HostTensor::from_f64(shape, Rng::new(1).normal_vec(n))?)?;
+        let h = be.upload(&HostTensor::randn(
+            vec![batch, n_in, config.in_dim],
+            1,
+            "--batch",
+        )?)?;
         let t = bench::time(&be, 3, budget, || proj.forward(&h, None).map(|_| ()))?;
         let flops: f64 = OpCase::projector_ops(&config, batch, n_in)
             .iter()

@@ -84,7 +84,7 @@ pub fn checked_numel(shape: &[usize], what: &str) -> Result<usize> {
 pub fn try_filled<T: Clone>(n: usize, value: T, what: &str) -> Result<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|_| {
-        Error::Overflow(format!(
+        Error::OutOfMemory(format!(
             "{what}: cannot allocate {n} elements of {} bytes",
             std::mem::size_of::<T>()
         ))
@@ -109,6 +109,18 @@ impl HostTensor {
             )));
         }
         Ok(HostTensor { shape, data })
+    }
+
+    /// An f32 tensor of seeded standard normal values; an error naming `what`,
+    /// not an abort, when the shape is too large to allocate.
+    pub fn randn(shape: Vec<usize>, seed: u64, what: &str) -> Result<Self> {
+        let n = checked_numel(&shape, what)?;
+        let mut data = try_filled(n, 0.0f32, what)?;
+        let mut rng = crate::rng::Rng::new(seed);
+        for x in &mut data {
+            *x = rng.normal() as f32;
+        }
+        Self::from_f32(shape, data)
     }
 
     /// An f64 tensor.

@@ -409,12 +409,29 @@ impl ProjectorWeights {
             }
             Ok(s[axis])
         };
-        let count_layers = |stack: &str| {
-            (0..)
-                .take_while(|l| {
-                    file.contains(&key(&format!("tfm.{stack}.layers.{l}.norm1.weight")))
+        // Layers: one past the highest index with any key, so that a layer with a
+        // missing tensor is reported by name below instead of being dropped.
+        let names = file.names();
+        let count_layers = |stack: &str| -> Result<usize> {
+            let head = key(&format!("tfm.{stack}.layers."));
+            let count = names
+                .iter()
+                .filter_map(|k| {
+                    k.strip_prefix(&head)?
+                        .split('.')
+                        .next()?
+                        .parse::<usize>()
+                        .ok()
                 })
-                .count()
+                .max()
+                .map_or(0, |l| l + 1);
+            if count == 0 {
+                return Err(Error::MissingKey {
+                    key: key(&format!("tfm.{stack}.layers.0.norm1.weight")),
+                    hint: format!(" in {}: no {stack} layer found", file.path().display()),
+                });
+            }
+            Ok(count)
         };
         let config = ProjectorConfig {
             variant,
@@ -422,8 +439,8 @@ impl ProjectorWeights {
             d_model: dim("query_embs", 3, 2)?,
             heads: sel.heads.unwrap_or(DEFAULT_HEADS),
             ffn_dim: dim("tfm.encoder.layers.0.linear1.weight", 2, 0)?,
-            encoder_layers: count_layers("encoder"),
-            decoder_layers: count_layers("decoder"),
+            encoder_layers: count_layers("encoder")?,
+            decoder_layers: count_layers("decoder")?,
             n_out: dim("query_embs", 3, 1)?,
             out_dim: dim(&format!("{}.weight", variant.output_linear()), 2, 0)?,
             n_in: None,
