@@ -24,6 +24,7 @@ pub mod reference;
 pub mod rng;
 pub mod signal;
 pub mod tensor;
+pub mod verify;
 pub mod weights;
 
 #[cfg(feature = "cuda")]

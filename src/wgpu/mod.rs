@@ -15,6 +15,15 @@
 //! Backends default to Vulkan, Metal and DX12; `WGPU_BACKEND` (e.g. `gl`)
 //! overrides that, and `WGPU_ADAPTER_NAME` picks an adapter by a part of its name.
 
+mod alignment_loss;
+mod attention;
+mod backend;
+mod gather_signal_tokens;
+mod layer_norm;
+mod linear;
+
+pub use backend::{KernelVersion, Precision, Wgpu, WgpuMask, WgpuOptions, WgpuTensor};
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -331,6 +340,18 @@ impl Gpu {
     /// Copies the first `bytes` bytes of `buffer` (which needs `COPY_SRC`
     /// usage) to the host. `bytes` is rounded up to a multiple of 4 for the copy.
     pub fn read_buffer(&self, buffer: &::wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        self.read_buffer_after(None, buffer, 0, bytes)
+    }
+
+    /// Like [`Gpu::read_buffer`], from byte `offset` (a multiple of 4), after the
+    /// commands already recorded in `encoder`, which is submitted with the copy.
+    pub fn read_buffer_after(
+        &self,
+        encoder: Option<::wgpu::CommandEncoder>,
+        buffer: &::wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+    ) -> Result<Vec<u8>> {
         if bytes == 0 {
             return Ok(Vec::new());
         }
@@ -338,9 +359,13 @@ impl Gpu {
             .checked_add(3)
             .map(|b| b & !3)
             .ok_or_else(|| Error::Overflow(format!("read of {bytes} bytes")))?;
-        if padded > buffer.size() {
+        if offset % 4 != 0
+            || offset
+                .checked_add(padded)
+                .is_none_or(|end| end > buffer.size())
+        {
             return Err(Error::invalid(format!(
-                "read of {bytes} bytes from a buffer of {} bytes",
+                "read of {bytes} bytes at offset {offset} from a buffer of {} bytes",
                 buffer.size()
             )));
         }
@@ -353,10 +378,12 @@ impl Gpu {
                 usage: ::wgpu::BufferUsages::MAP_READ | ::wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
-            let mut encoder = device.create_command_encoder(&::wgpu::CommandEncoderDescriptor {
-                label: Some("readback"),
+            let mut encoder = encoder.unwrap_or_else(|| {
+                device.create_command_encoder(&::wgpu::CommandEncoderDescriptor {
+                    label: Some("readback"),
+                })
             });
-            encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, padded);
+            encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
             let submission = queue.submit([encoder.finish()]);
             (staging, submission)
         })?;
@@ -672,4 +699,137 @@ pub fn smoke_test_on(gpu: &Gpu) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `v` as a u32 for a shader, or an error naming the size that does not fit.
+pub(crate) fn u32_of(v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| {
+        Error::Overflow(format!(
+            "{v} does not fit the 32-bit indices of the wgpu kernels"
+        ))
+    })
+}
+
+impl crate::ops::Backend for Wgpu {
+    type Tensor = WgpuTensor;
+    type Mask = WgpuMask;
+
+    fn name(&self) -> &str {
+        WGPU
+    }
+
+    fn upload(&self, t: &crate::tensor::HostTensor) -> Result<WgpuTensor> {
+        self.upload_tensor(t)
+    }
+
+    fn download(&self, t: &WgpuTensor) -> Result<crate::tensor::HostTensor> {
+        self.download_tensor(t)
+    }
+
+    fn alloc(&self, shape: &[usize]) -> Result<WgpuTensor> {
+        self.alloc_tensor(shape)
+    }
+
+    fn upload_mask(&self, mask: &crate::ops::KeyPaddingMask) -> Result<WgpuMask> {
+        self.upload_mask_words(mask)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.sync()
+    }
+
+    fn linear(
+        &self,
+        x: &WgpuTensor,
+        w: &WgpuTensor,
+        b: Option<&WgpuTensor>,
+        act: crate::ops::Activation,
+        residual: Option<&WgpuTensor>,
+        out: &mut WgpuTensor,
+    ) -> Result<()> {
+        use crate::ops::Shaped;
+        let d = crate::ops::LinearDims::check(
+            x.shape(),
+            w.shape(),
+            b.map(|t| t.shape()),
+            residual.map(|t| t.shape()),
+            out.shape(),
+        )?;
+        linear::linear(self, d, x, w, b, act, residual, out)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &WgpuTensor,
+        residual: Option<&WgpuTensor>,
+        weight: &WgpuTensor,
+        bias: &WgpuTensor,
+        eps: f64,
+        out: &mut WgpuTensor,
+        sum_out: Option<&mut WgpuTensor>,
+    ) -> Result<()> {
+        use crate::ops::Shaped;
+        let d = crate::ops::LayerNormDims::check(
+            x.shape(),
+            residual.map(|t| t.shape()),
+            weight.shape(),
+            bias.shape(),
+            eps,
+            out.shape(),
+            sum_out.as_ref().map(|t| t.shape()),
+        )?;
+        layer_norm::layer_norm(self, d, x, residual, weight, bias, eps, out, sum_out)
+    }
+
+    fn attention(
+        &self,
+        q: crate::ops::Cols<'_, WgpuTensor>,
+        k: crate::ops::Cols<'_, WgpuTensor>,
+        v: crate::ops::Cols<'_, WgpuTensor>,
+        spec: &crate::ops::AttentionSpec,
+        mask: Option<&WgpuMask>,
+        out: &mut WgpuTensor,
+    ) -> Result<()> {
+        use crate::ops::Shaped;
+        let d = crate::ops::AttentionDims::check(
+            (q.tensor.shape(), q.start),
+            (k.tensor.shape(), k.start),
+            (v.tensor.shape(), v.start),
+            spec,
+            mask.map(|m| (m.batch(), m.keys())),
+            out.shape(),
+        )?;
+        attention::attention(self, d, q.tensor, k.tensor, v.tensor, spec, mask, out)
+    }
+
+    fn alignment_loss(
+        &self,
+        kind: crate::ops::LossKind,
+        pred: &WgpuTensor,
+        target: &WgpuTensor,
+        loss: &mut WgpuTensor,
+        grad: &mut WgpuTensor,
+    ) -> Result<()> {
+        use crate::ops::Shaped;
+        let d =
+            crate::ops::LossDims::check(pred.shape(), target.shape(), loss.shape(), grad.shape())?;
+        alignment_loss::alignment_loss(self, d, kind, pred, target, loss, grad)
+    }
+
+    fn gather_signal_tokens(
+        &self,
+        hidden: &WgpuTensor,
+        embeds: Option<&WgpuTensor>,
+        positions: &crate::signal::SignalPositions,
+        out: &mut WgpuTensor,
+    ) -> Result<()> {
+        use crate::ops::Shaped;
+        let d = crate::ops::GatherDims::check(
+            hidden.shape(),
+            embeds.map(|t| t.shape()),
+            positions,
+            out.shape(),
+        )?;
+        gather_signal_tokens::gather_signal_tokens(self, d, hidden, embeds, positions, out)
+    }
 }

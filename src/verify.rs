@@ -1,0 +1,610 @@
+//! Any backend against the CPU reference, on fresh random inputs and awkward
+//! sizes, with outputs poisoned (NaN) first so that an element a kernel forgets
+//! to write always fails. Used by `outproj check` and by the tests.
+
+use crate::config::ProjectorConfig;
+use crate::error::Result;
+use crate::ops::{Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind};
+use crate::projector::Projector;
+use crate::reference::Reference;
+use crate::rng::Rng;
+use crate::signal::SignalPositions;
+use crate::tensor::{checked_numel, compare, DType, HostTensor};
+use crate::weights::ProjectorWeights;
+
+/// One op call to compare.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Case {
+    Linear {
+        m: usize,
+        n: usize,
+        k: usize,
+        act: Activation,
+        bias: bool,
+        residual: bool,
+    },
+    LayerNorm {
+        rows: usize,
+        cols: usize,
+        residual: bool,
+        /// Added to every input: a large mean tests the variance computation.
+        offset: f64,
+    },
+    Attention {
+        batch: usize,
+        lq: usize,
+        lk: usize,
+        heads: usize,
+        head_dim: usize,
+        causal: bool,
+        mask: bool,
+        /// Q, K and V as the three column blocks of one packed `[B, L, 3C]` tensor
+        /// (self-attention, needs `lq == lk`); else Q alone and K, V packed.
+        packed: bool,
+    },
+    AlignmentLoss {
+        batch: usize,
+        tokens: usize,
+        dim: usize,
+        kind: LossKind,
+    },
+    Gather {
+        batch: usize,
+        seq: usize,
+        n: usize,
+        channels: usize,
+        embeds: bool,
+    },
+}
+
+/// The outcome of one comparison.
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    pub op: &'static str,
+    pub case: String,
+    /// `||out - ref|| / ||ref||` (the worst over the op's outputs).
+    pub rel: f64,
+    pub max_abs: f64,
+}
+
+impl Case {
+    pub fn op(&self) -> &'static str {
+        match self {
+            Case::Linear { .. } => "linear",
+            Case::LayerNorm { .. } => "layer_norm",
+            Case::Attention { .. } => "attention",
+            Case::AlignmentLoss { .. } => "alignment_loss",
+            Case::Gather { .. } => "gather_signal_tokens",
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match *self {
+            Case::Linear {
+                m,
+                n,
+                k,
+                act,
+                bias,
+                residual,
+            } => format!(
+                "{m}x{n}x{k} {}{}{}",
+                act.name(),
+                if bias { " +b" } else { "" },
+                if residual { " +res" } else { "" }
+            ),
+            Case::LayerNorm {
+                rows,
+                cols,
+                residual,
+                offset,
+            } => format!(
+                "{rows}x{cols}{}{}",
+                if residual { " +res" } else { "" },
+                if offset != 0.0 {
+                    format!(" mean {offset}")
+                } else {
+                    String::new()
+                }
+            ),
+            Case::Attention {
+                batch,
+                lq,
+                lk,
+                heads,
+                head_dim,
+                causal,
+                mask,
+                packed,
+            } => format!(
+                "B{batch} Lq{lq} Lk{lk} H{heads} d{head_dim}{}{}{}",
+                if causal { " causal" } else { "" },
+                if mask { " mask" } else { "" },
+                if packed { " packed" } else { "" }
+            ),
+            Case::AlignmentLoss {
+                batch,
+                tokens,
+                dim,
+                kind,
+            } => {
+                format!("{batch}x{tokens}x{dim} {kind:?}")
+            }
+            Case::Gather {
+                batch,
+                seq,
+                n,
+                channels,
+                embeds,
+            } => format!(
+                "B{batch} T{seq} n{n} C{channels}{}",
+                if embeds { " +embeds" } else { "" }
+            ),
+        }
+    }
+}
+
+/// Awkward sizes for every op: 1, 3, 77, 129, 513, masks, causal, n_out = 1, the
+/// projector's own shapes, and head dims 64 and 128.
+pub fn standard_cases() -> Vec<Case> {
+    use Activation::*;
+    let mut cases = Vec::new();
+    for &(m, n, k) in &[
+        (1, 1, 1),
+        (3, 5, 7),
+        (77, 129, 513),
+        (129, 77, 3),
+        (4, 512, 4096),
+        (77, 1536, 512),
+        (154, 512, 2048),
+        (513, 33, 64),
+    ] {
+        for (act, bias, residual) in [
+            (None, true, false),
+            (Relu, true, true),
+            (GeluErf, false, true),
+            (GeluTanh, true, false),
+        ] {
+            cases.push(Case::Linear {
+                m,
+                n,
+                k,
+                act,
+                bias,
+                residual,
+            });
+        }
+    }
+    for &(rows, cols) in &[(1, 1), (3, 3), (77, 512), (129, 513), (5, 4096), (2, 77)] {
+        cases.push(Case::LayerNorm {
+            rows,
+            cols,
+            residual: false,
+            offset: 0.0,
+        });
+        cases.push(Case::LayerNorm {
+            rows,
+            cols,
+            residual: true,
+            offset: 0.0,
+        });
+    }
+    cases.push(Case::LayerNorm {
+        rows: 7,
+        cols: 512,
+        residual: true,
+        offset: 1000.0,
+    });
+    let attn = |batch, lq, lk, heads, head_dim, causal, mask, packed| Case::Attention {
+        batch,
+        lq,
+        lk,
+        heads,
+        head_dim,
+        causal,
+        mask,
+        packed,
+    };
+    cases.extend([
+        attn(1, 77, 77, 4, 128, false, false, true),
+        attn(2, 77, 4, 4, 128, false, false, false),
+        attn(3, 1, 1, 4, 128, false, false, true),
+        attn(1, 3, 129, 2, 64, false, true, false),
+        attn(2, 129, 129, 2, 64, true, false, true),
+        attn(2, 77, 513, 1, 128, false, true, false),
+        attn(1, 513, 77, 4, 64, true, true, false),
+        attn(1, 5, 3, 3, 8, false, false, false),
+        attn(2, 64, 64, 8, 64, false, true, true),
+    ]);
+    for &(batch, tokens, dim) in &[
+        (1, 1, 1),
+        (1, 77, 768),
+        (3, 77, 1024),
+        (2, 1, 512),
+        (4, 3, 129),
+    ] {
+        for kind in [LossKind::TokenL2, LossKind::Mse] {
+            cases.push(Case::AlignmentLoss {
+                batch,
+                tokens,
+                dim,
+                kind,
+            });
+        }
+    }
+    cases.push(Case::Gather {
+        batch: 2,
+        seq: 30,
+        n: 4,
+        channels: 4096,
+        embeds: true,
+    });
+    cases.push(Case::Gather {
+        batch: 3,
+        seq: 7,
+        n: 1,
+        channels: 3,
+        embeds: false,
+    });
+    cases.push(Case::Gather {
+        batch: 1,
+        seq: 77,
+        n: 24,
+        channels: 129,
+        embeds: true,
+    });
+    cases
+}
+
+/// Cases long enough to exercise tiling over many key blocks (Lk up to 4096).
+pub fn long_attention_cases() -> Vec<Case> {
+    vec![
+        Case::Attention {
+            batch: 1,
+            lq: 33,
+            lk: 4096,
+            heads: 2,
+            head_dim: 64,
+            causal: false,
+            mask: true,
+            packed: false,
+        },
+        Case::Attention {
+            batch: 1,
+            lq: 4096,
+            lk: 17,
+            heads: 1,
+            head_dim: 128,
+            causal: false,
+            mask: false,
+            packed: false,
+        },
+    ]
+}
+
+/// Random host tensors rounded to `dtype`, so the reference and the backend see
+/// exactly the same numbers.
+struct Inputs {
+    rng: Rng,
+    dtype: DType,
+}
+
+impl Inputs {
+    fn tensor(&mut self, shape: &[usize], scale: f64, offset: f64) -> Result<HostTensor> {
+        let n = checked_numel(shape, "verify input")?;
+        let v: Vec<f64> = (0..n).map(|_| offset + scale * self.rng.normal()).collect();
+        Ok(HostTensor::from_f64(shape.to_vec(), v)?.to_dtype(self.dtype))
+    }
+}
+
+/// A tensor full of NaN on `be`: what a kernel does not write stays NaN.
+pub fn poisoned<B: Backend>(be: &B, shape: &[usize]) -> Result<B::Tensor> {
+    let n = checked_numel(shape, "poisoned output")?;
+    be.upload(&HostTensor::from_f32(shape.to_vec(), vec![f32::NAN; n])?)
+}
+
+/// Run `case` on `be` and on the reference with the same random inputs (rounded to
+/// `dtype`, the backend's storage type) and compare every output.
+pub fn compare_case<B: Backend>(
+    be: &B,
+    case: &Case,
+    dtype: DType,
+    seed: u64,
+) -> Result<Comparison> {
+    let mut inp = Inputs {
+        rng: Rng::new(seed),
+        dtype,
+    };
+    let mut worst = (0.0f64, 0.0f64);
+    let mut record = |got: HostTensor, want: HostTensor| {
+        let (rel, max_abs) = if got.shape() == want.shape() {
+            compare(&got.to_f64_vec(), &want.to_f64_vec())
+        } else {
+            (f64::INFINITY, f64::INFINITY)
+        };
+        worst = (worst.0.max(rel), worst.1.max(max_abs));
+    };
+    let r = &Reference;
+    match *case {
+        Case::Linear {
+            m,
+            n,
+            k,
+            act,
+            bias,
+            residual,
+        } => {
+            let x = inp.tensor(&[m, k], 1.0, 0.0)?;
+            let w = inp.tensor(&[n, k], 1.0 / (k as f64).sqrt(), 0.0)?;
+            let b = if bias {
+                Some(inp.tensor(&[n], 0.5, 0.0)?)
+            } else {
+                None
+            };
+            let res = if residual {
+                Some(inp.tensor(&[m, n], 1.0, 0.0)?)
+            } else {
+                None
+            };
+            let run = |be: &B| -> Result<HostTensor> {
+                let mut out = poisoned(be, &[m, n])?;
+                let bt = b.as_ref().map(|t| be.upload(t)).transpose()?;
+                let rt = res.as_ref().map(|t| be.upload(t)).transpose()?;
+                be.linear(
+                    &be.upload(&x)?,
+                    &be.upload(&w)?,
+                    bt.as_ref(),
+                    act,
+                    rt.as_ref(),
+                    &mut out,
+                )?;
+                be.download(&out)
+            };
+            let mut out = r.alloc(&[m, n])?;
+            let bt = b.as_ref().map(|t| r.upload(t)).transpose()?;
+            let rt = res.as_ref().map(|t| r.upload(t)).transpose()?;
+            r.linear(
+                &r.upload(&x)?,
+                &r.upload(&w)?,
+                bt.as_ref(),
+                act,
+                rt.as_ref(),
+                &mut out,
+            )?;
+            record(run(be)?, r.download(&out)?);
+        }
+        Case::LayerNorm {
+            rows,
+            cols,
+            residual,
+            offset,
+        } => {
+            let x = inp.tensor(&[rows, cols], 1.0, offset)?;
+            let res = if residual {
+                Some(inp.tensor(&[rows, cols], 1.0, 0.0)?)
+            } else {
+                None
+            };
+            let w = inp.tensor(&[cols], 0.2, 1.0)?;
+            let b = inp.tensor(&[cols], 0.1, 0.0)?;
+            let eps = 1e-5;
+            // Compared: the normalised output, and the sum where a residual is added.
+            let mut outs = Vec::new();
+            {
+                let mut y = poisoned(be, &[rows, cols])?;
+                let mut s = poisoned(be, &[rows, cols])?;
+                let rt = res.as_ref().map(|t| be.upload(t)).transpose()?;
+                let sum = if residual { Some(&mut s) } else { None };
+                be.layer_norm(
+                    &be.upload(&x)?,
+                    rt.as_ref(),
+                    &be.upload(&w)?,
+                    &be.upload(&b)?,
+                    eps,
+                    &mut y,
+                    sum,
+                )?;
+                outs.push(be.download(&y)?);
+                if residual {
+                    outs.push(be.download(&s)?);
+                }
+            }
+            let mut y = r.alloc(&[rows, cols])?;
+            let mut s = r.alloc(&[rows, cols])?;
+            let rt = res.as_ref().map(|t| r.upload(t)).transpose()?;
+            let sum = if residual { Some(&mut s) } else { None };
+            r.layer_norm(
+                &r.upload(&x)?,
+                rt.as_ref(),
+                &r.upload(&w)?,
+                &r.upload(&b)?,
+                eps,
+                &mut y,
+                sum,
+            )?;
+            let mut want = vec![r.download(&y)?];
+            if residual {
+                want.push(r.download(&s)?);
+            }
+            for (g, w) in outs.into_iter().zip(want) {
+                record(g, w);
+            }
+        }
+        Case::Attention {
+            batch,
+            lq,
+            lk,
+            heads,
+            head_dim,
+            causal,
+            mask,
+            packed,
+        } => {
+            let c = heads * head_dim;
+            let (qsrc, kvsrc) = if packed {
+                (inp.tensor(&[batch, lq, 3 * c], 1.0, 0.0)?, None)
+            } else {
+                (
+                    inp.tensor(&[batch, lq, c], 1.0, 0.0)?,
+                    Some(inp.tensor(&[batch, lk, 2 * c], 1.0, 0.0)?),
+                )
+            };
+            let m = if mask {
+                // Random keys ignored, never all of a row; the last row keeps one key.
+                let ignore = (0..batch * lk)
+                    .map(|i| i % lk != 0 && inp.rng.uniform() < 0.4)
+                    .collect();
+                Some(KeyPaddingMask::new(batch, lk, ignore)?)
+            } else {
+                None
+            };
+            let mut spec = AttentionSpec::new(heads, head_dim);
+            spec.causal = causal;
+            fn run<B: Backend>(
+                be: &B,
+                qsrc: &HostTensor,
+                kvsrc: Option<&HostTensor>,
+                spec: &AttentionSpec,
+                m: Option<&KeyPaddingMask>,
+                out: &mut B::Tensor,
+            ) -> Result<()> {
+                let c = spec.heads * spec.head_dim;
+                let q = be.upload(qsrc)?;
+                let kv = kvsrc.map(|t| be.upload(t)).transpose()?;
+                let mask = m.map(|m| be.upload_mask(m)).transpose()?;
+                let (k, v) = match &kv {
+                    Some(kv) => (Cols::new(kv, 0), Cols::new(kv, c)),
+                    None => (Cols::new(&q, c), Cols::new(&q, 2 * c)),
+                };
+                be.attention(Cols::new(&q, 0), k, v, spec, mask.as_ref(), out)
+            }
+            let mut out = poisoned(be, &[batch, lq, c])?;
+            run(be, &qsrc, kvsrc.as_ref(), &spec, m.as_ref(), &mut out)?;
+            let mut want = r.alloc(&[batch, lq, c])?;
+            run(r, &qsrc, kvsrc.as_ref(), &spec, m.as_ref(), &mut want)?;
+            record(be.download(&out)?, r.download(&want)?);
+        }
+        Case::AlignmentLoss {
+            batch,
+            tokens,
+            dim,
+            kind,
+        } => {
+            let pred = inp.tensor(&[batch, tokens, dim], 1.0, 0.0)?;
+            let target = inp.tensor(&[batch, tokens, dim], 1.0, 0.0)?;
+            let shape = [batch, tokens, dim];
+            let mut loss = poisoned(be, &[1])?;
+            let mut grad = poisoned(be, &shape)?;
+            be.alignment_loss(
+                kind,
+                &be.upload(&pred)?,
+                &be.upload(&target)?,
+                &mut loss,
+                &mut grad,
+            )?;
+            let (mut rl, mut rg) = (r.alloc(&[1])?, r.alloc(&shape)?);
+            r.alignment_loss(
+                kind,
+                &r.upload(&pred)?,
+                &r.upload(&target)?,
+                &mut rl,
+                &mut rg,
+            )?;
+            record(be.download(&loss)?, r.download(&rl)?);
+            record(be.download(&grad)?, r.download(&rg)?);
+        }
+        Case::Gather {
+            batch,
+            seq,
+            n,
+            channels,
+            embeds,
+        } => {
+            let hidden = inp.tensor(&[batch, seq, channels], 1.0, 0.0)?;
+            let emb = if embeds {
+                Some(inp.tensor(&[batch, seq, channels], 1.0, 0.0)?)
+            } else {
+                None
+            };
+            // Signal ids 1000.. at a different start in every sequence.
+            let signal: Vec<i64> = (0..n as i64).map(|i| 1000 + i).collect();
+            let mut ids = vec![7i64; batch * seq];
+            for b in 0..batch {
+                let start = (b * 3) % (seq - n + 1);
+                for (i, &id) in signal.iter().enumerate() {
+                    ids[b * seq + start + i] = id;
+                }
+            }
+            let pos = SignalPositions::find(&ids, batch, seq, &signal)?;
+            let mut out = poisoned(be, &[batch, n, channels])?;
+            let et = emb.as_ref().map(|t| be.upload(t)).transpose()?;
+            be.gather_signal_tokens(&be.upload(&hidden)?, et.as_ref(), &pos, &mut out)?;
+            let mut want = r.alloc(&[batch, n, channels])?;
+            let rt = emb.as_ref().map(|t| r.upload(t)).transpose()?;
+            r.gather_signal_tokens(&r.upload(&hidden)?, rt.as_ref(), &pos, &mut want)?;
+            record(be.download(&out)?, r.download(&want)?);
+        }
+    }
+    Ok(Comparison {
+        op: case.op(),
+        case: case.describe(),
+        rel: worst.0,
+        max_abs: worst.1,
+    })
+}
+
+/// The whole projector on `be` against the reference, with the same random
+/// weights and inputs (rounded to `dtype`).
+pub fn compare_projector<B: Backend>(
+    be: &B,
+    config: &ProjectorConfig,
+    batch: usize,
+    dtype: DType,
+    seed: u64,
+) -> Result<Comparison> {
+    let w = ProjectorWeights::random(config.clone(), None, seed)?;
+    let rounded = w
+        .tensors()
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_dtype(dtype)))
+        .collect();
+    let w = ProjectorWeights::from_tensors(config.clone(), None, rounded)?;
+    let n_in = config.n_in.unwrap_or(4);
+    let mut inp = Inputs {
+        rng: Rng::new(seed ^ 0x5eed),
+        dtype,
+    };
+    let hidden = inp.tensor(&[batch, n_in, config.in_dim], 1.0, 0.0)?;
+    let embeds = inp.tensor(&[batch, n_in, config.in_dim], 1.0, 0.0)?;
+    fn run<B: Backend>(
+        be: &B,
+        w: &ProjectorWeights,
+        h: &HostTensor,
+        e: &HostTensor,
+    ) -> Result<HostTensor> {
+        let p = Projector::new(be.clone(), w)?;
+        let y = p.forward(&be.upload(h)?, Some(&be.upload(e)?))?;
+        be.download(&y)
+    }
+    let got = run(be, &w, &hidden, &embeds)?;
+    let want = run(&Reference, &w, &hidden, &embeds)?;
+    let (rel, max_abs) = if got.shape() == want.shape() {
+        compare(&got.to_f64_vec(), &want.to_f64_vec())
+    } else {
+        (f64::INFINITY, f64::INFINITY)
+    };
+    let name = format!(
+        "{} {}x{}->{}x{} batch {batch}",
+        config.variant.name(),
+        n_in,
+        config.in_dim,
+        config.n_out,
+        config.out_dim
+    );
+    Ok(Comparison {
+        op: "projector",
+        case: name,
+        rel,
+        max_abs,
+    })
+}

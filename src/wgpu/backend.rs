@@ -1,0 +1,687 @@
+//! The wgpu implementation of [`Backend`]: tensors in storage buffers, pipelines
+//! compiled once per device, and every op recorded into one pending command
+//! encoder that is submitted only when the host needs a result (a download or
+//! [`Backend::synchronize`]), so a projector forward is one submit.
+//!
+//! Each dispatch's parameters go into a uniform arena (one 256-byte slot per
+//! dispatch) written just before the submit. Buffers are pooled by size; a
+//! dropped tensor's buffer becomes reusable only after the next submit, so no
+//! write can overtake recorded work that still reads it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use super::Gpu;
+use crate::error::{Error, Result};
+use crate::ops::{KeyPaddingMask, Shaped};
+use crate::tensor::{checked_numel, DType, HostData, HostTensor};
+
+/// Which set of kernels the backend runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelVersion {
+    /// The naive v1 kernels: the baseline in benchmarks, a second oracle in tests.
+    Naive,
+    /// The tuned kernels (the default).
+    Fast,
+}
+
+/// The storage type of every tensor of a backend (arithmetic is f32 either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Precision {
+    F32,
+    /// Needs the SHADER_F16 feature.
+    F16,
+}
+
+impl Precision {
+    fn bytes(self) -> u64 {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 => 2,
+        }
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+        }
+    }
+}
+
+/// Options of [`Wgpu::new`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WgpuOptions {
+    pub precision: Precision,
+    pub version: KernelVersion,
+}
+
+impl Default for WgpuOptions {
+    fn default() -> Self {
+        WgpuOptions {
+            precision: Precision::F32,
+            version: KernelVersion::Fast,
+        }
+    }
+}
+
+/// One uniform slot per dispatch: the largest parameter block and the
+/// alignment every adapter accepts for uniform offsets.
+const PARAM_SLOT: u64 = 256;
+/// Dispatches recorded before the encoder is submitted on its own.
+const ARENA_SLOTS: u64 = 512;
+
+/// A compute kernel: an entry point of a shader file and how many storage
+/// buffers it reads and writes (bindings 1.. in that order; binding 0 is the
+/// parameter block).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Kernel {
+    /// File name under `shaders/`, for messages.
+    pub shader: &'static str,
+    pub source: &'static str,
+    pub entry: &'static str,
+    pub reads: u32,
+    pub writes: u32,
+}
+
+/// A storage binding of a dispatch: a tensor, or an unused placeholder for an
+/// optional input the kernel is told (by its parameters) not to read.
+#[derive(Clone, Copy)]
+pub(crate) enum Bind<'a> {
+    Tensor(&'a WgpuTensor),
+    Words(&'a Words),
+    Unused,
+}
+
+impl<'a> From<&'a WgpuTensor> for Bind<'a> {
+    fn from(t: &'a WgpuTensor) -> Self {
+        Bind::Tensor(t)
+    }
+}
+
+impl<'a> From<Option<&'a WgpuTensor>> for Bind<'a> {
+    fn from(t: Option<&'a WgpuTensor>) -> Self {
+        t.map_or(Bind::Unused, Bind::Tensor)
+    }
+}
+
+struct Pending {
+    encoder: Option<::wgpu::CommandEncoder>,
+    params: Vec<u8>,
+}
+
+struct Inner {
+    gpu: Arc<Gpu>,
+    options: WgpuOptions,
+    arena: ::wgpu::Buffer,
+    /// Bound where a kernel's optional input is absent.
+    placeholder: ::wgpu::Buffer,
+    pending: Mutex<Pending>,
+    pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<::wgpu::ComputePipeline>>>,
+    layouts: Mutex<HashMap<(u32, u32), Arc<::wgpu::BindGroupLayout>>>,
+    /// Reusable buffers by size.
+    free: Mutex<HashMap<u64, Vec<::wgpu::Buffer>>>,
+    /// Buffers dropped since the last submit: reusable after the next one.
+    retired: Mutex<Vec<::wgpu::Buffer>>,
+}
+
+/// The wgpu backend: a cheap handle (clone it freely) to one device.
+#[derive(Clone)]
+pub struct Wgpu {
+    inner: Arc<Inner>,
+}
+
+/// A buffer and the pool it returns to when the last tensor using it is dropped.
+struct Storage {
+    buffer: ::wgpu::Buffer,
+    pool: Option<Weak<Inner>>,
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Some(inner) = self.pool.as_ref().and_then(Weak::upgrade) {
+            if let Ok(mut retired) = inner.retired.lock() {
+                retired.push(self.buffer.clone());
+            }
+        }
+    }
+}
+
+/// A tensor in a wgpu storage buffer, at a byte offset, in the backend's precision.
+#[derive(Clone)]
+pub struct WgpuTensor {
+    storage: Arc<Storage>,
+    offset: u64,
+    shape: Vec<usize>,
+    numel: usize,
+}
+
+impl Shaped for WgpuTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+impl WgpuTensor {
+    /// The buffer holding the tensor.
+    pub fn buffer(&self) -> &::wgpu::Buffer {
+        &self.storage.buffer
+    }
+
+    /// Where the tensor starts in [`WgpuTensor::buffer`], in bytes.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+/// u32 words on the device (positions, masks), in a pooled buffer.
+pub(crate) struct Words {
+    storage: Arc<Storage>,
+    len: usize,
+}
+
+/// A key padding mask on the device: one u32 per key, 1 = ignored.
+pub struct WgpuMask {
+    words: Words,
+    batch: usize,
+    keys: usize,
+}
+
+impl WgpuMask {
+    pub(crate) fn words(&self) -> &Words {
+        &self.words
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn keys(&self) -> usize {
+        self.keys
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock().map_err(|_| Error::Backend {
+        backend: "wgpu".into(),
+        message: "internal state poisoned by an earlier failure".into(),
+    })
+}
+
+/// Round `bytes` up to a multiple of 16 (the vec4 granule), at least 16.
+fn padded(bytes: u64) -> u64 {
+    bytes.max(1).div_ceil(16) * 16
+}
+
+impl Wgpu {
+    /// Open the best adapter with default options.
+    pub fn open() -> Result<Self> {
+        Self::new(Arc::new(super::open()?), WgpuOptions::default())
+    }
+
+    /// A backend on an open device (yours or [`super::open`]'s).
+    pub fn new(gpu: Arc<Gpu>, options: WgpuOptions) -> Result<Self> {
+        if options.precision == Precision::F16
+            && !gpu.features.contains(::wgpu::Features::SHADER_F16)
+        {
+            return Err(Error::Unavailable {
+                backend: "wgpu".into(),
+                reason: format!(
+                    "f16 storage needs SHADER_F16, which `{}` lacks",
+                    gpu.info.adapter
+                ),
+            });
+        }
+        if gpu.limits.min_uniform_buffer_offset_alignment as u64 > PARAM_SLOT {
+            return Err(Error::Unavailable {
+                backend: "wgpu".into(),
+                reason: format!(
+                    "uniform offsets must be aligned to {} bytes; this backend needs at most {PARAM_SLOT}",
+                    gpu.limits.min_uniform_buffer_offset_alignment
+                ),
+            });
+        }
+        let (arena, placeholder) = gpu.scoped("creating the parameter arena", |device, _| {
+            let arena = device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: PARAM_SLOT * ARENA_SLOTS,
+                usage: ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let placeholder = device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some("unused input"),
+                size: 16,
+                usage: ::wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            });
+            (arena, placeholder)
+        })?;
+        Ok(Wgpu {
+            inner: Arc::new(Inner {
+                gpu,
+                options,
+                arena,
+                placeholder,
+                pending: Mutex::new(Pending {
+                    encoder: None,
+                    params: Vec::new(),
+                }),
+                pipelines: Mutex::new(HashMap::new()),
+                layouts: Mutex::new(HashMap::new()),
+                free: Mutex::new(HashMap::new()),
+                retired: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// This backend with other options on the same device. Pipelines and pooled
+    /// buffers are not shared with the original.
+    pub fn with_options(&self, options: WgpuOptions) -> Result<Self> {
+        Self::new(Arc::clone(&self.inner.gpu), options)
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.inner.gpu
+    }
+
+    pub fn options(&self) -> WgpuOptions {
+        self.inner.options
+    }
+
+    pub(crate) fn version(&self) -> KernelVersion {
+        self.inner.options.version
+    }
+
+    /// The element size of every tensor of this backend.
+    fn elem_bytes(&self) -> u64 {
+        self.inner.options.precision.bytes()
+    }
+
+    /// A tensor over a buffer you own: `shape` elements of this backend's
+    /// precision starting at byte `offset`. The buffer needs STORAGE, COPY_SRC
+    /// and COPY_DST usage; the offset must meet the device's storage alignment.
+    pub fn tensor_from_buffer(
+        &self,
+        buffer: ::wgpu::Buffer,
+        offset: u64,
+        shape: &[usize],
+    ) -> Result<WgpuTensor> {
+        let need = ::wgpu::BufferUsages::STORAGE
+            | ::wgpu::BufferUsages::COPY_SRC
+            | ::wgpu::BufferUsages::COPY_DST;
+        if !buffer.usage().contains(need) {
+            return Err(Error::invalid(format!(
+                "wgpu buffer usage {:?} lacks {:?}",
+                buffer.usage(),
+                need - buffer.usage()
+            )));
+        }
+        let align = u64::from(self.inner.gpu.limits.min_storage_buffer_offset_alignment);
+        if offset % align != 0 {
+            return Err(Error::invalid(format!(
+                "wgpu buffer offset {offset} is not a multiple of the device's storage alignment {align}"
+            )));
+        }
+        let numel = checked_numel(shape, "wgpu tensor")?;
+        let bytes = (numel as u64)
+            .checked_mul(self.elem_bytes())
+            .and_then(|b| b.checked_add(offset))
+            .ok_or_else(|| Error::Overflow(format!("wgpu tensor of shape {shape:?}")))?;
+        // Kernels read whole 4-byte words: the binding is rounded up to 4 bytes.
+        if bytes.div_ceil(4) * 4 > buffer.size() {
+            return Err(Error::invalid(format!(
+                "wgpu buffer of {} bytes is too small for shape {shape:?} at offset {offset} ({bytes} bytes)",
+                buffer.size()
+            )));
+        }
+        Ok(WgpuTensor {
+            storage: Arc::new(Storage { buffer, pool: None }),
+            offset,
+            shape: shape.to_vec(),
+            numel,
+        })
+    }
+
+    fn buffer(&self, bytes: u64) -> Result<::wgpu::Buffer> {
+        let size = padded(bytes);
+        if size > self.inner.gpu.limits.max_buffer_size {
+            return Err(Error::OutOfMemory(format!(
+                "a wgpu buffer of {size} bytes exceeds the device's limit of {}",
+                self.inner.gpu.limits.max_buffer_size
+            )));
+        }
+        if let Some(b) = lock(&self.inner.free)?.get_mut(&size).and_then(Vec::pop) {
+            return Ok(b);
+        }
+        self.inner.gpu.scoped("allocating a buffer", |device, _| {
+            device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some("tensor"),
+                size,
+                usage: ::wgpu::BufferUsages::STORAGE
+                    | ::wgpu::BufferUsages::COPY_SRC
+                    | ::wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    pub(crate) fn alloc_tensor(&self, shape: &[usize]) -> Result<WgpuTensor> {
+        let numel = checked_numel(shape, "wgpu tensor")?;
+        let bytes = (numel as u64)
+            .checked_mul(self.elem_bytes())
+            .ok_or_else(|| Error::Overflow(format!("wgpu tensor of shape {shape:?}")))?;
+        let buffer = self.buffer(bytes)?;
+        Ok(WgpuTensor {
+            storage: Arc::new(Storage {
+                buffer,
+                pool: Some(Arc::downgrade(&self.inner)),
+            }),
+            offset: 0,
+            shape: shape.to_vec(),
+            numel,
+        })
+    }
+
+    pub(crate) fn upload_tensor(&self, t: &HostTensor) -> Result<WgpuTensor> {
+        let out = self.alloc_tensor(t.shape())?;
+        let converted = t.to_dtype(self.inner.options.precision.dtype());
+        let mut bytes = converted.as_bytes().to_vec();
+        bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+        if !bytes.is_empty() {
+            // Lands before the next submit's commands; the buffer is fresh or
+            // was last used by work already submitted.
+            self.inner.gpu.scoped("uploading a tensor", |_, queue| {
+                queue.write_buffer(out.buffer(), out.offset, &bytes);
+            })?;
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn download_tensor(&self, t: &WgpuTensor) -> Result<HostTensor> {
+        let bytes = (t.numel as u64) * self.elem_bytes();
+        let encoder = self.take_encoder()?;
+        let raw = if bytes == 0 {
+            self.submit(encoder)?;
+            Vec::new()
+        } else {
+            let raw = self
+                .inner
+                .gpu
+                .read_buffer_after(encoder, t.buffer(), t.offset, bytes)?;
+            self.recycle()?;
+            raw
+        };
+        let data = match self.inner.options.precision {
+            Precision::F32 => HostData::F32(bytemuck::pod_collect_to_vec(&raw)),
+            Precision::F16 => HostData::F16(bytemuck::pod_collect_to_vec(&raw)),
+        };
+        HostTensor::new(t.shape.clone(), data)
+    }
+
+    /// Copy u32 words to a pooled device buffer.
+    pub(crate) fn upload_words(&self, words: &[u32]) -> Result<Words> {
+        let bytes = (words.len() as u64)
+            .checked_mul(4)
+            .ok_or_else(|| Error::Overflow(format!("{} words", words.len())))?;
+        let buffer = self.buffer(bytes)?;
+        if !words.is_empty() {
+            self.inner.gpu.scoped("uploading words", |_, queue| {
+                queue.write_buffer(&buffer, 0, bytemuck::cast_slice(words));
+            })?;
+        }
+        Ok(Words {
+            storage: Arc::new(Storage {
+                buffer,
+                pool: Some(Arc::downgrade(&self.inner)),
+            }),
+            len: words.len(),
+        })
+    }
+
+    pub(crate) fn upload_mask_words(&self, m: &KeyPaddingMask) -> Result<WgpuMask> {
+        let words: Vec<u32> = m.ignore().iter().map(|&b| u32::from(b)).collect();
+        Ok(WgpuMask {
+            words: self.upload_words(&words)?,
+            batch: m.batch(),
+            keys: m.keys(),
+        })
+    }
+
+    /// Submit the pending work and wait for it.
+    pub(crate) fn sync(&self) -> Result<()> {
+        let encoder = self.take_encoder()?;
+        let submission = self.submit(encoder)?;
+        self.inner.gpu.wait(submission)
+    }
+
+    /// The pending encoder, with the parameter arena written for it.
+    fn take_encoder(&self) -> Result<Option<::wgpu::CommandEncoder>> {
+        let mut p = lock(&self.inner.pending)?;
+        let encoder = p.encoder.take();
+        let params = std::mem::take(&mut p.params);
+        if !params.is_empty() {
+            self.inner.gpu.scoped("writing parameters", |_, queue| {
+                queue.write_buffer(&self.inner.arena, 0, &params);
+            })?;
+        }
+        Ok(encoder)
+    }
+
+    fn submit(
+        &self,
+        encoder: Option<::wgpu::CommandEncoder>,
+    ) -> Result<Option<::wgpu::SubmissionIndex>> {
+        let Some(encoder) = encoder else {
+            return Ok(None);
+        };
+        let index = self
+            .inner
+            .gpu
+            .scoped("submitting", |_, queue| queue.submit([encoder.finish()]))?;
+        self.recycle()?;
+        Ok(Some(index))
+    }
+
+    /// Buffers retired before a submit may be reused by work recorded after it.
+    fn recycle(&self) -> Result<()> {
+        let retired = std::mem::take(&mut *lock(&self.inner.retired)?);
+        let mut free = lock(&self.inner.free)?;
+        for b in retired {
+            free.entry(b.size()).or_default().push(b);
+        }
+        Ok(())
+    }
+
+    fn layout(&self, reads: u32, writes: u32) -> Result<Arc<::wgpu::BindGroupLayout>> {
+        let mut layouts = lock(&self.inner.layouts)?;
+        if let Some(l) = layouts.get(&(reads, writes)) {
+            return Ok(Arc::clone(l));
+        }
+        let storage = |binding: u32, read_only: bool| ::wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: ::wgpu::ShaderStages::COMPUTE,
+            ty: ::wgpu::BindingType::Buffer {
+                ty: ::wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let mut entries = vec![::wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: ::wgpu::ShaderStages::COMPUTE,
+            ty: ::wgpu::BindingType::Buffer {
+                ty: ::wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        entries.extend((0..reads).map(|i| storage(1 + i, true)));
+        entries.extend((0..writes).map(|i| storage(1 + reads + i, false)));
+        let layout = self
+            .inner
+            .gpu
+            .scoped("creating a bind group layout", |device, _| {
+                device.create_bind_group_layout(&::wgpu::BindGroupLayoutDescriptor {
+                    label: None,
+                    entries: &entries,
+                })
+            })?;
+        let layout = Arc::new(layout);
+        layouts.insert((reads, writes), Arc::clone(&layout));
+        Ok(layout)
+    }
+
+    fn pipeline(&self, k: &Kernel) -> Result<Arc<::wgpu::ComputePipeline>> {
+        if let Some(p) = lock(&self.inner.pipelines)?.get(&(k.shader, k.entry)) {
+            return Ok(Arc::clone(p));
+        }
+        let layout = self.layout(k.reads, k.writes)?;
+        let header = match self.inner.options.precision {
+            Precision::F32 => "alias elem = f32;\nalias elem4 = vec4<f32>;\n",
+            Precision::F16 => "enable f16;\nalias elem = f16;\nalias elem4 = vec4<f16>;\n",
+        };
+        let source = format!("{header}{}", k.source);
+        let what = format!("compiling shaders/{} ({})", k.shader, k.entry);
+        let pipeline = self.inner.gpu.scoped(&what, |device, _| {
+            let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
+                label: Some(k.shader),
+                source: ::wgpu::ShaderSource::Wgsl(source.into()),
+            });
+            let pl = device.create_pipeline_layout(&::wgpu::PipelineLayoutDescriptor {
+                label: Some(k.shader),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+            device.create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
+                label: Some(k.entry),
+                layout: Some(&pl),
+                module: &module,
+                entry_point: Some(k.entry),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        })?;
+        let pipeline = Arc::new(pipeline);
+        lock(&self.inner.pipelines)?.insert((k.shader, k.entry), Arc::clone(&pipeline));
+        Ok(pipeline)
+    }
+
+    /// Record one dispatch of `k` over `groups` workgroups with parameter block
+    /// `params` (at most 256 bytes), reading `reads` and writing `writes`.
+    pub(crate) fn dispatch<P: bytemuck::Pod>(
+        &self,
+        k: &Kernel,
+        params: &P,
+        reads: &[Bind<'_>],
+        writes: &[&WgpuTensor],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let param_bytes = bytemuck::bytes_of(params);
+        if param_bytes.len() as u64 > PARAM_SLOT
+            || reads.len() != k.reads as usize
+            || writes.len() != k.writes as usize
+        {
+            return Err(Error::Backend {
+                backend: "wgpu".into(),
+                message: format!("{}: dispatch does not match the kernel's bindings", k.entry),
+            });
+        }
+        let max = self.inner.gpu.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > max) {
+            return Err(Error::invalid(format!(
+                "{}: {groups:?} workgroups exceed the device's {max} per dimension",
+                k.entry
+            )));
+        }
+        let pipeline = self.pipeline(k)?;
+        let layout = self.layout(k.reads, k.writes)?;
+        let mut pending = lock(&self.inner.pending)?;
+        if pending.params.len() as u64 >= PARAM_SLOT * ARENA_SLOTS {
+            // The arena is full: submit what is recorded and start again.
+            drop(pending);
+            let encoder = self.take_encoder()?;
+            self.submit(encoder)?;
+            pending = lock(&self.inner.pending)?;
+        }
+        let slot = pending.params.len() as u64;
+        pending.params.extend_from_slice(param_bytes);
+        pending.params.resize((slot + PARAM_SLOT) as usize, 0);
+
+        let elem = self.elem_bytes();
+        fn tensor_binding(t: &WgpuTensor, elem: u64) -> ::wgpu::BufferBinding<'_> {
+            ::wgpu::BufferBinding {
+                buffer: t.buffer(),
+                offset: t.offset,
+                size: ::wgpu::BufferSize::new(((t.numel as u64) * elem).div_ceil(4).max(1) * 4),
+            }
+        }
+        let mut entries = vec![::wgpu::BindGroupEntry {
+            binding: 0,
+            resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                buffer: &self.inner.arena,
+                offset: slot,
+                size: ::wgpu::BufferSize::new(PARAM_SLOT),
+            }),
+        }];
+        for (i, b) in reads.iter().enumerate() {
+            let resource = match b {
+                Bind::Tensor(t) => ::wgpu::BindingResource::Buffer(tensor_binding(t, elem)),
+                Bind::Words(w) => ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                    buffer: &w.storage.buffer,
+                    offset: 0,
+                    size: ::wgpu::BufferSize::new((w.len as u64).max(1) * 4),
+                }),
+                Bind::Unused => self.inner.placeholder.as_entire_binding(),
+            };
+            entries.push(::wgpu::BindGroupEntry {
+                binding: 1 + i as u32,
+                resource,
+            });
+        }
+        for (i, t) in writes.iter().enumerate() {
+            entries.push(::wgpu::BindGroupEntry {
+                binding: 1 + k.reads + i as u32,
+                resource: ::wgpu::BindingResource::Buffer(tensor_binding(t, elem)),
+            });
+        }
+        let gpu = &self.inner.gpu;
+        let pending = &mut *pending;
+        gpu.scoped(k.entry, |device, _| {
+            let bind_group = device.create_bind_group(&::wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &layout,
+                entries: &entries,
+            });
+            let encoder = pending.encoder.get_or_insert_with(|| {
+                device.create_command_encoder(&::wgpu::CommandEncoderDescriptor {
+                    label: Some("output-projector"),
+                })
+            });
+            let mut pass = encoder.begin_compute_pass(&::wgpu::ComputePassDescriptor {
+                label: Some(k.entry),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        })
+    }
+
+    /// Workgroups for `n` groups of work: as many as fit in x, the rest in y.
+    /// Shaders recover the index as `wg.x + wg.y * num_workgroups.x` and must
+    /// bounds-check it.
+    pub(crate) fn grid(&self, n: usize) -> Result<[u32; 3]> {
+        let max = self.inner.gpu.limits.max_compute_workgroups_per_dimension as usize;
+        let n = n.max(1);
+        let x = n.min(max);
+        let y = n.div_ceil(x);
+        if y > max {
+            return Err(Error::invalid(format!(
+                "{n} workgroups exceed what the device can dispatch"
+            )));
+        }
+        Ok([x as u32, y as u32, 1])
+    }
+}
