@@ -101,10 +101,15 @@ const KERNELS_PENDING: &str = "its kernels are not part of this version yet";
 fn wgpu_status() -> BackendStatus {
     let (usable, details) = match crate::wgpu::probe() {
         Ok(i) => (
-            Err(format!("adapter `{}` found, but {KERNELS_PENDING}", i.adapter)),
+            Ok(format!("adapter `{}` ({}, {})", i.adapter, i.backend, i.device_type)),
             vec![format!(
-                "adapter {} ({}, {}, driver {}), shader-f16 {}, subgroups {}, {} B workgroup memory",
-                i.adapter, i.backend, i.device_type, i.driver, i.shader_f16, i.subgroup, i.max_workgroup_storage
+                "driver {}, shader-f16 {}, subgroups {} (size {}..={}), {} B workgroup memory",
+                i.driver,
+                i.shader_f16,
+                i.subgroup,
+                i.subgroup_min_size,
+                i.subgroup_max_size,
+                i.max_workgroup_storage
             )],
         ),
         Err(e) => (Err(reason(e)), vec![]),
@@ -170,5 +175,25 @@ fn cuda_status() -> BackendStatus {
         kind: DeviceKind::Cuda,
         usable: Err("built without the `cuda` cargo feature".into()),
         details: vec![],
+    }
+}
+
+/// Work to run on whichever backend a [`DeviceKind`] resolves to: the generic
+/// method is instantiated once per backend compiled in.
+pub trait BackendTask {
+    type Output;
+    fn run<B: crate::ops::Backend>(self, backend: B, kind: DeviceKind) -> Result<Self::Output>;
+}
+
+/// Open the backend `kind` resolves to and run `task` on it.
+pub fn run_on<T: BackendTask>(kind: DeviceKind, task: T) -> Result<T::Output> {
+    match resolve(kind)? {
+        DeviceKind::Cpu | DeviceKind::Auto => task.run(crate::reference::Reference, DeviceKind::Cpu),
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu => task.run(crate::wgpu::Wgpu::open()?, DeviceKind::Wgpu),
+        other => Err(Error::Unavailable {
+            backend: other.name().into(),
+            reason: "not compiled into this build".into(),
+        }),
     }
 }

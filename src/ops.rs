@@ -164,6 +164,12 @@ pub trait Backend: Clone {
         Ok(())
     }
 
+    /// The same device running the naive v1 kernels, for benchmarks and as a
+    /// second oracle; `None` where there is no such variant (the reference).
+    fn naive(&self) -> Result<Option<Self>> {
+        Ok(None)
+    }
+
     /// `out = act(x · wᵀ + b) + residual` over the last dimension of `x`.
     /// `x: [.., K]`, `w: [N, K]`, `b: [N]`, `residual` and `out: [.., N]`.
     fn linear(

@@ -648,7 +648,7 @@ impl Wgpu {
         }
         let gpu = &self.inner.gpu;
         let pending = &mut *pending;
-        gpu.scoped(k.entry, |device, _| {
+        let recorded = gpu.scoped(k.entry, |device, _| {
             let bind_group = device.create_bind_group(&::wgpu::BindGroupDescriptor {
                 label: None,
                 layout: &layout,
@@ -666,7 +666,14 @@ impl Wgpu {
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-        })
+        });
+        if recorded.is_err() {
+            // An encoder that saw an error is invalid: drop the work recorded in
+            // it, so the next op starts clean.
+            pending.encoder = None;
+            pending.params.clear();
+        }
+        recorded
     }
 
     /// Workgroups for `n` groups of work: as many as fit in x, the rest in y.

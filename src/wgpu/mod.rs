@@ -244,6 +244,41 @@ pub fn open() -> Result<Gpu> {
             unavailable(format!("{}: requesting a device failed: {e}", info.adapter))
         })?;
 
+        Ok(Gpu::wrap(device, queue, info, limits, features))
+    })
+}
+
+impl Gpu {
+    /// Use a device you opened. The device's uncaptured-error handler is replaced
+    /// by one that records errors for [`Gpu::scoped`] (wgpu's default panics).
+    pub fn from_device(
+        adapter: &::wgpu::AdapterInfo,
+        device: ::wgpu::Device,
+        queue: ::wgpu::Queue,
+    ) -> Self {
+        let features = device.features();
+        let limits = device.limits();
+        let info = WgpuInfo {
+            adapter: adapter.name.clone(),
+            backend: format!("{:?}", adapter.backend),
+            device_type: format!("{:?}", adapter.device_type),
+            driver: format!("{} {}", adapter.driver, adapter.driver_info).trim().to_string(),
+            shader_f16: features.contains(::wgpu::Features::SHADER_F16),
+            subgroup: features.contains(::wgpu::Features::SUBGROUP),
+            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            subgroup_min_size: adapter.subgroup_min_size,
+            subgroup_max_size: adapter.subgroup_max_size,
+        };
+        Gpu::wrap(device, queue, info, limits, features)
+    }
+
+    fn wrap(
+        device: ::wgpu::Device,
+        queue: ::wgpu::Queue,
+        info: WgpuInfo,
+        limits: ::wgpu::Limits,
+        features: ::wgpu::Features,
+    ) -> Self {
         let uncaptured = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&uncaptured);
         device.on_uncaptured_error(Arc::new(move |e: ::wgpu::Error| {
@@ -260,15 +295,15 @@ pub fn open() -> Result<Gpu> {
                 }
             }
         });
-        Ok(Gpu {
+        Gpu {
             device,
             queue,
             info,
             limits,
             features,
             uncaptured,
-        })
-    })
+        }
+    }
 }
 
 impl Gpu {
@@ -736,6 +771,14 @@ impl crate::ops::Backend for Wgpu {
 
     fn synchronize(&self) -> Result<()> {
         self.sync()
+    }
+
+    fn naive(&self) -> Result<Option<Self>> {
+        let options = WgpuOptions {
+            version: KernelVersion::Naive,
+            ..self.options()
+        };
+        self.with_options(options).map(Some)
     }
 
     fn linear(

@@ -1,0 +1,113 @@
+//! The wgpu backend on a caller's own device and buffers, and wgpu errors
+//! returned as `Err` (wgpu's default handler would panic).
+#![cfg(feature = "wgpu")]
+
+use std::sync::Arc;
+
+use output_projector::ops::Backend;
+use output_projector::signal::SignalPositions;
+use output_projector::tensor::HostTensor;
+use output_projector::wgpu::{Gpu, Wgpu, WgpuOptions};
+
+fn gpu() -> Option<Arc<Gpu>> {
+    match output_projector::wgpu::open() {
+        Ok(g) => Some(Arc::new(g)),
+        Err(e) if std::env::var("REQUIRE_WGPU").as_deref() == Ok("1") => {
+            panic!("REQUIRE_WGPU=1 but no wgpu adapter: {e}")
+        }
+        Err(e) => {
+            println!("skipped: wgpu unavailable: {e}");
+            None
+        }
+    }
+}
+
+fn caller_buffer(gpu: &Gpu, bytes: u64) -> wgpu::Buffer {
+    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("caller's"),
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+#[test]
+fn runs_on_a_callers_device() {
+    if gpu().is_none() {
+        return;
+    }
+    // The caller opens the device with plain wgpu.
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default())).unwrap();
+    let (device, queue) =
+        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default())).unwrap();
+    let gpu = Arc::new(Gpu::from_device(&adapter.get_info(), device, queue));
+    let be = Wgpu::new(gpu, WgpuOptions::default()).unwrap();
+    let hidden = HostTensor::from_f32(vec![1, 3, 4], (0..12).map(|i| i as f32).collect()).unwrap();
+    let pos = SignalPositions::find(&[5, 9, 7], 1, 3, &[9, 7]).unwrap();
+    let mut out = be.alloc(&[1, 2, 4]).unwrap();
+    be.gather_signal_tokens(&be.upload(&hidden).unwrap(), None, &pos, &mut out).unwrap();
+    let got = be.download(&out).unwrap().to_f32_vec();
+    assert_eq!(got, vec![4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
+}
+
+#[test]
+fn reads_and_writes_callers_buffers_at_offsets() {
+    let Some(gpu) = gpu() else { return };
+    let be = Wgpu::new(Arc::clone(&gpu), WgpuOptions::default()).unwrap();
+    let align = u64::from(gpu.limits.min_storage_buffer_offset_alignment);
+    let input = caller_buffer(&gpu, align + 64);
+    let data: Vec<f32> = (0..8).map(|i| 10.0 + i as f32).collect();
+    gpu.queue.write_buffer(&input, align, bytemuck::cast_slice(&data));
+    let output = caller_buffer(&gpu, align + 32);
+    let hidden = be.tensor_from_buffer(input, align, &[2, 1, 4]).unwrap();
+    let mut out = be.tensor_from_buffer(output.clone(), align, &[2, 1, 4]).unwrap();
+    let pos = SignalPositions::all(2, 1).unwrap();
+    be.gather_signal_tokens(&hidden, None, &pos, &mut out).unwrap();
+    assert_eq!(be.download(&out).unwrap().to_f32_vec(), data);
+    // The caller's buffer itself holds the result at its offset.
+    let raw = gpu.read_buffer_after(None, &output, align, 32).unwrap();
+    assert_eq!(bytemuck::cast_slice::<u8, f32>(&raw), data.as_slice());
+}
+
+#[test]
+fn unusable_buffers_are_refused() {
+    let Some(gpu) = gpu() else { return };
+    let be = Wgpu::new(Arc::clone(&gpu), WgpuOptions::default()).unwrap();
+    let uniform = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 64,
+        usage: wgpu::BufferUsages::UNIFORM,
+        mapped_at_creation: false,
+    });
+    let e = be.tensor_from_buffer(uniform, 0, &[4]).err().unwrap();
+    assert!(e.to_string().contains("usage"), "{e}");
+    let small = caller_buffer(&gpu, 16);
+    let e = be.tensor_from_buffer(small.clone(), 0, &[5]).err().unwrap();
+    assert!(e.to_string().contains("too small"), "{e}");
+    let e = be.tensor_from_buffer(small.clone(), 4, &[1]).err().unwrap();
+    assert!(e.to_string().contains("alignment"), "{e}");
+    assert!(be.tensor_from_buffer(small, 0, &[usize::MAX, 2]).is_err());
+}
+
+#[test]
+fn a_wgpu_validation_error_is_an_err_and_the_backend_recovers() {
+    let Some(gpu) = gpu() else { return };
+    let be = Wgpu::new(Arc::clone(&gpu), WgpuOptions::default()).unwrap();
+    // Output and input in one buffer: a writable binding aliasing a read-only one
+    // is a validation error in WebGPU.
+    let shared = caller_buffer(&gpu, 64);
+    let hidden = be.tensor_from_buffer(shared.clone(), 0, &[1, 2, 2]).unwrap();
+    let mut out = be.tensor_from_buffer(shared, 0, &[1, 2, 2]).unwrap();
+    let pos = SignalPositions::all(1, 2).unwrap();
+    let result = be
+        .gather_signal_tokens(&hidden, None, &pos, &mut out)
+        .and_then(|()| be.synchronize());
+    let e = result.expect_err("aliased bindings must be reported");
+    assert!(matches!(e, output_projector::Error::Backend { .. }), "{e}");
+    // The backend still works afterwards.
+    let h = be.upload(&HostTensor::from_f32(vec![1, 2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap()).unwrap();
+    let mut o = be.alloc(&[1, 2, 2]).unwrap();
+    be.gather_signal_tokens(&h, None, &pos, &mut o).unwrap();
+    assert_eq!(be.download(&o).unwrap().to_f32_vec(), vec![1.0, 2.0, 3.0, 4.0]);
+}
