@@ -101,7 +101,10 @@ const KERNELS_PENDING: &str = "its kernels are not part of this version yet";
 fn wgpu_status() -> BackendStatus {
     let (usable, details) = match crate::wgpu::probe() {
         Ok(i) => (
-            Ok(format!("adapter `{}` ({}, {})", i.adapter, i.backend, i.device_type)),
+            Ok(format!(
+                "adapter `{}` ({}, {})",
+                i.adapter, i.backend, i.device_type
+            )),
             vec![format!(
                 "driver {}, shader-f16 {}, subgroups {} (size {}..={}), {} B workgroup memory",
                 i.driver,
@@ -188,7 +191,9 @@ pub trait BackendTask {
 /// Open the backend `kind` resolves to and run `task` on it.
 pub fn run_on<T: BackendTask>(kind: DeviceKind, task: T) -> Result<T::Output> {
     match resolve(kind)? {
-        DeviceKind::Cpu | DeviceKind::Auto => task.run(crate::reference::Reference, DeviceKind::Cpu),
+        DeviceKind::Cpu | DeviceKind::Auto => {
+            task.run(crate::reference::Reference, DeviceKind::Cpu)
+        }
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => task.run(crate::wgpu::Wgpu::open()?, DeviceKind::Wgpu),
         other => Err(Error::Unavailable {

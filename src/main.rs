@@ -10,10 +10,10 @@ use output_projector::bench::{self, OpCase};
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::device::{self, BackendTask, DeviceKind};
 use output_projector::golden;
-use output_projector::verify;
 use output_projector::ops::Backend;
 use output_projector::projector::Projector;
 use output_projector::tensor::{DType, HostTensor};
+use output_projector::verify;
 use output_projector::weights::{self, ProjectorWeights, Selection, TensorFile};
 use output_projector::{Error, Result};
 
@@ -424,7 +424,11 @@ impl BackendTask for Check {
         };
         let mut rows = Vec::new();
         for r in golden::run_all(&be)? {
-            let tol = if r.op == "projector" { model_tol } else { op_tol };
+            let tol = if r.op == "projector" {
+                model_tol
+            } else {
+                op_tol
+            };
             let c = verify::Comparison {
                 op: r.op,
                 case: r.case,
@@ -551,7 +555,14 @@ fn bench_on<B: Backend>(
             let mut p = case.prepare(be, 2)?;
             let t = bench::time(be, 3, b.budget, || p.run(be))?;
             let what = format!("{}{suffix}", case.op());
-            rows.push(row(kind, &what, case.shape(), &t, case.flops(), case.bytes(elem)));
+            rows.push(row(
+                kind,
+                &what,
+                case.shape(),
+                &t,
+                case.flops(),
+                case.bytes(elem),
+            ));
         }
     }
     Ok(())

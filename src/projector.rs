@@ -11,6 +11,9 @@
 //! writes its output `f`, and the next `layer_norm(f + stream)` also writes the
 //! new stream. So every residual add is one pass over the data, not two.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use crate::config::ProjectorConfig;
 use crate::error::{Error, Result};
 use crate::ops::{Activation, AttentionSpec, Backend, Cols, Shaped};
@@ -63,7 +66,12 @@ pub struct Projector<B: Backend> {
     decoder: Vec<DecoderLayer<B::Tensor>>,
     decoder_norm: Norm<B::Tensor>,
     output: Linear<B::Tensor>,
+    /// The learned queries repeated per batch row, uploaded once per batch size.
+    queries: Mutex<HashMap<usize, B::Tensor>>,
 }
+
+/// Batch sizes whose repeated queries are kept on the device.
+const QUERY_CACHE_SIZES: usize = 8;
 
 impl<B: Backend> Projector<B> {
     /// Upload `weights` to `backend`.
@@ -144,9 +152,22 @@ impl<B: Backend> Projector<B> {
             decoder,
             decoder_norm: norm("tfm.decoder.norm")?,
             output: linear(config.variant.output_linear())?,
+            queries: Mutex::new(HashMap::new()),
             config,
             backend,
         })
+    }
+
+    /// `query_embs` repeated `batch` times, on the device.
+    fn repeated_queries(&self, batch: usize) -> Result<B::Tensor> {
+        let (n, d) = (self.config.n_out, self.config.d_model);
+        let one = self.query_embs.to_f64_vec();
+        let mut all = try_filled(checked_numel(&[batch, n, d], "queries")?, 0.0, "queries")?;
+        for row in all.chunks_exact_mut(one.len().max(1)) {
+            row.copy_from_slice(&one);
+        }
+        let all = HostTensor::from_f64(vec![batch, n, d], all)?;
+        self.backend.upload(&all.to_dtype(self.query_embs.dtype()))
     }
 
     pub fn config(&self) -> &ProjectorConfig {
@@ -321,14 +342,20 @@ impl<B: Backend> Projector<B> {
 
         // Decoder over the learned queries, repeated per batch row.
         let n = c.n_out;
-        let one = self.query_embs.to_f64_vec();
-        let mut queries = try_filled(checked_numel(&[batch, n, d], "queries")?, 0.0, "queries")?;
-        for row in queries.chunks_exact_mut(one.len().max(1)) {
-            row.copy_from_slice(&one);
+        let mut cache = self
+            .queries
+            .lock()
+            .map_err(|_| Error::invalid("projector query cache poisoned by an earlier panic"))?;
+        if !cache.contains_key(&batch) {
+            if cache.len() >= QUERY_CACHE_SIZES {
+                cache.clear();
+            }
+            cache.insert(batch, self.repeated_queries(batch)?);
         }
-        let queries = HostTensor::from_f64(vec![batch, n, d], queries)?;
-        let t0 = be.upload(&queries.to_dtype(self.query_embs.dtype()))?;
-        let mut s = [t0, be.alloc(&[batch, n, d])?];
+        let queries = cache
+            .get(&batch)
+            .ok_or_else(|| Error::invalid("projector query cache lost an entry"))?;
+        let mut s = [be.alloc(&[batch, n, d])?, be.alloc(&[batch, n, d])?];
         let mut f = be.alloc(&[batch, n, d])?;
         let mut h = be.alloc(&[batch, n, d])?;
         let mut qkv = be.alloc(&[batch, n, 3 * d])?;
@@ -336,9 +363,14 @@ impl<B: Backend> Projector<B> {
         let mut kv = be.alloc(&[batch, n_in, 2 * d])?;
         let mut a = be.alloc(&[batch, n, d])?;
         let mut ffn = be.alloc(&[batch, n, c.ffn_dim])?;
-        let mut pending = false;
-        for layer in &self.decoder {
-            add_norm(be, &mut s, &f, pending, &layer.norm1, c.eps, &mut h)?;
+        for (l, layer) in self.decoder.iter().enumerate() {
+            if l == 0 {
+                // The stream starts as the queries: the first norm copies them in.
+                let (w, b) = (&layer.norm1.weight, &layer.norm1.bias);
+                be.layer_norm(queries, None, w, b, c.eps, &mut h, Some(&mut s[0]))?;
+            } else {
+                add_norm(be, &mut s, &f, true, &layer.norm1, c.eps, &mut h)?;
+            }
             be.linear(
                 &h,
                 &layer.self_qkv.weight,
@@ -413,10 +445,10 @@ impl<B: Backend> Projector<B> {
                 None,
                 &mut f,
             )?;
-            pending = true;
         }
+        // At least one decoder layer ran (the config says so): f is pending.
         let mut y = be.alloc(&[batch, n, d])?;
-        add_norm(be, &mut s, &f, pending, &self.decoder_norm, c.eps, &mut y)?;
+        add_norm(be, &mut s, &f, true, &self.decoder_norm, c.eps, &mut y)?;
         let mut out = be.alloc(&[batch, n, c.out_dim])?;
         be.linear(
             &y,

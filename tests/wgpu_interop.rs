@@ -26,7 +26,9 @@ fn caller_buffer(gpu: &Gpu, bytes: u64) -> wgpu::Buffer {
     gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("caller's"),
         size: bytes,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     })
 }
@@ -37,8 +39,11 @@ fn runs_on_a_callers_device() {
         return;
     }
     // The caller opens the device with plain wgpu.
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default())).unwrap();
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter =
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+            .unwrap();
     let (device, queue) =
         pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default())).unwrap();
     let gpu = Arc::new(Gpu::from_device(&adapter.get_info(), device, queue));
@@ -46,7 +51,8 @@ fn runs_on_a_callers_device() {
     let hidden = HostTensor::from_f32(vec![1, 3, 4], (0..12).map(|i| i as f32).collect()).unwrap();
     let pos = SignalPositions::find(&[5, 9, 7], 1, 3, &[9, 7]).unwrap();
     let mut out = be.alloc(&[1, 2, 4]).unwrap();
-    be.gather_signal_tokens(&be.upload(&hidden).unwrap(), None, &pos, &mut out).unwrap();
+    be.gather_signal_tokens(&be.upload(&hidden).unwrap(), None, &pos, &mut out)
+        .unwrap();
     let got = be.download(&out).unwrap().to_f32_vec();
     assert_eq!(got, vec![4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
 }
@@ -58,12 +64,16 @@ fn reads_and_writes_callers_buffers_at_offsets() {
     let align = u64::from(gpu.limits.min_storage_buffer_offset_alignment);
     let input = caller_buffer(&gpu, align + 64);
     let data: Vec<f32> = (0..8).map(|i| 10.0 + i as f32).collect();
-    gpu.queue.write_buffer(&input, align, bytemuck::cast_slice(&data));
+    gpu.queue
+        .write_buffer(&input, align, bytemuck::cast_slice(&data));
     let output = caller_buffer(&gpu, align + 32);
     let hidden = be.tensor_from_buffer(input, align, &[2, 1, 4]).unwrap();
-    let mut out = be.tensor_from_buffer(output.clone(), align, &[2, 1, 4]).unwrap();
+    let mut out = be
+        .tensor_from_buffer(output.clone(), align, &[2, 1, 4])
+        .unwrap();
     let pos = SignalPositions::all(2, 1).unwrap();
-    be.gather_signal_tokens(&hidden, None, &pos, &mut out).unwrap();
+    be.gather_signal_tokens(&hidden, None, &pos, &mut out)
+        .unwrap();
     assert_eq!(be.download(&out).unwrap().to_f32_vec(), data);
     // The caller's buffer itself holds the result at its offset.
     let raw = gpu.read_buffer_after(None, &output, align, 32).unwrap();
@@ -97,7 +107,9 @@ fn a_wgpu_validation_error_is_an_err_and_the_backend_recovers() {
     // Output and input in one buffer: a writable binding aliasing a read-only one
     // is a validation error in WebGPU.
     let shared = caller_buffer(&gpu, 64);
-    let hidden = be.tensor_from_buffer(shared.clone(), 0, &[1, 2, 2]).unwrap();
+    let hidden = be
+        .tensor_from_buffer(shared.clone(), 0, &[1, 2, 2])
+        .unwrap();
     let mut out = be.tensor_from_buffer(shared, 0, &[1, 2, 2]).unwrap();
     let pos = SignalPositions::all(1, 2).unwrap();
     let result = be
@@ -106,8 +118,13 @@ fn a_wgpu_validation_error_is_an_err_and_the_backend_recovers() {
     let e = result.expect_err("aliased bindings must be reported");
     assert!(matches!(e, output_projector::Error::Backend { .. }), "{e}");
     // The backend still works afterwards.
-    let h = be.upload(&HostTensor::from_f32(vec![1, 2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap()).unwrap();
+    let h = be
+        .upload(&HostTensor::from_f32(vec![1, 2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap())
+        .unwrap();
     let mut o = be.alloc(&[1, 2, 2]).unwrap();
     be.gather_signal_tokens(&h, None, &pos, &mut o).unwrap();
-    assert_eq!(be.download(&o).unwrap().to_f32_vec(), vec![1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(
+        be.download(&o).unwrap().to_f32_vec(),
+        vec![1.0, 2.0, 3.0, 4.0]
+    );
 }

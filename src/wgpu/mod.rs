@@ -262,7 +262,9 @@ impl Gpu {
             adapter: adapter.name.clone(),
             backend: format!("{:?}", adapter.backend),
             device_type: format!("{:?}", adapter.device_type),
-            driver: format!("{} {}", adapter.driver, adapter.driver_info).trim().to_string(),
+            driver: format!("{} {}", adapter.driver, adapter.driver_info)
+                .trim()
+                .to_string(),
             shader_f16: features.contains(::wgpu::Features::SHADER_F16),
             subgroup: features.contains(::wgpu::Features::SUBGROUP),
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
