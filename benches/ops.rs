@@ -13,11 +13,11 @@ use output_projector::rng::Rng;
 use output_projector::tensor::HostTensor;
 use output_projector::weights::ProjectorWeights;
 
-fn ops_on<B: Backend>(c: &mut Criterion, be: &B, elem: usize) {
+fn ops_on<B: Backend>(c: &mut Criterion, label: &str, be: &B, elem: usize) {
     let config = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
     let n_in = config.n_in.unwrap_or(4);
     for case in OpCase::projector_ops(&config, 1, n_in) {
-        let mut g = c.benchmark_group(format!("{}/{}", be.name(), case.op()));
+        let mut g = c.benchmark_group(format!("{label}/{}", case.op()));
         g.sample_size(10);
         g.throughput(Throughput::Bytes(case.bytes(elem) as u64));
         let Ok(mut p) = case.prepare(be, 1) else {
@@ -33,7 +33,7 @@ fn ops_on<B: Backend>(c: &mut Criterion, be: &B, elem: usize) {
     }
 }
 
-fn projector_on<B: Backend>(c: &mut Criterion, be: &B, batches: &[usize]) {
+fn projector_on<B: Backend>(c: &mut Criterion, label: &str, be: &B, batches: &[usize]) {
     let config = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
     let n_in = config.n_in.unwrap_or(4);
     let Ok(w) = ProjectorWeights::random(config.clone(), Some(Modality::Image), 0) else {
@@ -42,7 +42,7 @@ fn projector_on<B: Backend>(c: &mut Criterion, be: &B, batches: &[usize]) {
     let Ok(proj) = Projector::new(be.clone(), &w) else {
         return;
     };
-    let mut g = c.benchmark_group(format!("{}/projector", be.name()));
+    let mut g = c.benchmark_group(format!("{label}/projector"));
     g.sample_size(10);
     for &batch in batches {
         let n = batch * n_in * config.in_dim;
@@ -64,8 +64,17 @@ fn projector_on<B: Backend>(c: &mut Criterion, be: &B, batches: &[usize]) {
 
 fn benches(c: &mut Criterion) {
     // The reference is naive by design: batch 1 only, as the baseline.
-    ops_on(c, &Reference, 8);
-    projector_on(c, &Reference, &[1]);
+    ops_on(c, "cpu", &Reference, 8);
+    projector_on(c, "cpu", &Reference, &[1]);
+    #[cfg(feature = "wgpu")]
+    if let Ok(gpu) = output_projector::wgpu::Wgpu::open() {
+        // Each kernel beside its naive v1, then the projector at batch 1, 8, 64.
+        for (label, be) in [("wgpu", Some(gpu.clone())), ("wgpu-v1", gpu.naive().ok().flatten())] {
+            let Some(be) = be else { continue };
+            ops_on(c, label, &be, 4);
+            projector_on(c, label, &be, &[1, 8, 64]);
+        }
+    }
 }
 
 criterion_group!(all, benches);

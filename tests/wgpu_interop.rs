@@ -128,3 +128,36 @@ fn a_wgpu_validation_error_is_an_err_and_the_backend_recovers() {
         vec![1.0, 2.0, 3.0, 4.0]
     );
 }
+
+#[test]
+fn a_projector_forward_is_one_submit() {
+    use output_projector::config::{ProjectorConfig, Variant};
+    use output_projector::projector::Projector;
+    use output_projector::weights::ProjectorWeights;
+    let Some(gpu) = gpu() else { return };
+    let be = Wgpu::new(gpu, WgpuOptions::default()).unwrap();
+    let config = ProjectorConfig {
+        variant: Variant::Legacy,
+        in_dim: 64,
+        d_model: 32,
+        heads: 4,
+        ffn_dim: 64,
+        encoder_layers: 4,
+        decoder_layers: 4,
+        n_out: 7,
+        out_dim: 16,
+        n_in: None,
+        eps: 1e-5,
+    };
+    let w = ProjectorWeights::random(config, None, 1).unwrap();
+    let proj = Projector::new(be.clone(), &w).unwrap();
+    let hidden = be.upload(&HostTensor::randn(vec![2, 4, 64], 3, "hidden").unwrap()).unwrap();
+    let embeds = be.upload(&HostTensor::randn(vec![2, 4, 64], 4, "embeds").unwrap()).unwrap();
+    for _ in 0..2 {
+        let before = be.submits();
+        let y = proj.forward(&hidden, Some(&embeds)).unwrap();
+        let out = be.download(&y).unwrap();
+        assert_eq!(out.shape(), &[2, 7, 16]);
+        assert_eq!(be.submits() - before, 1, "forward + readback must be one submit");
+    }
+}

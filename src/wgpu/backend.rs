@@ -9,6 +9,7 @@
 //! write can overtake recorded work that still reads it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use super::Gpu;
@@ -123,6 +124,8 @@ struct Inner {
     free: Mutex<HashMap<u64, Vec<::wgpu::Buffer>>>,
     /// Buffers dropped since the last submit: reusable after the next one.
     retired: Mutex<Vec<::wgpu::Buffer>>,
+    /// Command buffers submitted so far.
+    submits: AtomicU64,
 }
 
 /// The wgpu backend: a cheap handle (clone it freely) to one device.
@@ -270,6 +273,7 @@ impl Wgpu {
                 layouts: Mutex::new(HashMap::new()),
                 free: Mutex::new(HashMap::new()),
                 retired: Mutex::new(Vec::new()),
+                submits: AtomicU64::new(0),
             }),
         })
     }
@@ -278,6 +282,12 @@ impl Wgpu {
     /// buffers are not shared with the original.
     pub fn with_options(&self, options: WgpuOptions) -> Result<Self> {
         Self::new(Arc::clone(&self.inner.gpu), options)
+    }
+
+    /// Command buffers this backend has submitted so far (a projector forward
+    /// and the download of its result take one).
+    pub fn submits(&self) -> u64 {
+        self.inner.submits.load(Ordering::Relaxed)
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -408,6 +418,7 @@ impl Wgpu {
                 .inner
                 .gpu
                 .read_buffer_after(encoder, t.buffer(), t.offset, bytes)?;
+            self.inner.submits.fetch_add(1, Ordering::Relaxed);
             self.recycle()?;
             raw
         };
@@ -478,6 +489,7 @@ impl Wgpu {
             .inner
             .gpu
             .scoped("submitting", |_, queue| queue.submit([encoder.finish()]))?;
+        self.inner.submits.fetch_add(1, Ordering::Relaxed);
         self.recycle()?;
         Ok(Some(index))
     }
