@@ -69,7 +69,10 @@ fn benches(c: &mut Criterion) {
     #[cfg(feature = "wgpu")]
     if let Ok(gpu) = output_projector::wgpu::Wgpu::open() {
         // Each kernel beside its naive v1, then the projector at batch 1, 8, 64.
-        for (label, be) in [("wgpu", Some(gpu.clone())), ("wgpu-v1", gpu.naive().ok().flatten())] {
+        for (label, be) in [
+            ("wgpu", Some(gpu.clone())),
+            ("wgpu-v1", gpu.naive().ok().flatten()),
+        ] {
             let Some(be) = be else { continue };
             ops_on(c, label, &be, 4);
             projector_on(c, label, &be, &[1, 8, 64]);

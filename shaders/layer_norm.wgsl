@@ -8,19 +8,23 @@
 // lanes that hold an element) and `widen`/`narrow` (unit <-> vec4<f32>).
 // Arithmetic is f32 whatever the storage type.
 //
-// Accuracy: the mean and the variance are two passes (the variance of the
-// deviations, never E[s^2] - E[s]^2). The deviation s - mean is formed as
-// (x - x0) + (r - r0) - (mean - x0 - r0), with x0, r0 the row's first elements:
-// x - x0 is exact when the row sits far from zero (Sterbenz), so rows with a mean
-// of 1000 and a spread of 1 lose nothing to the rounding of x + r in f32.
+// Accuracy: every value is first shifted by the row's first elements x0, r0:
+// d = (x - x0) + (r - r0). x - x0 is exact when the row sits far from zero
+// (Sterbenz), so a row with a mean of 1000 and a spread of 1 loses nothing to
+// the rounding of x + r in f32 (unshifted, that rounding alone is a 1.3e-5
+// relative error in `out`). The mean and variance are those of d, each by two
+// passes (the variance of the deviations, never E[d^2] - E[d]^2), and
+// s - mean = d - mean(d).
 //
 // Entry points (the `_sum` ones also write `sum_out`):
 // - layer_norm_v1[_sum]: naive, one invocation per row, three passes over the row.
 // - layer_norm[_sum]: a team of `p.team` invocations per row (a power of two that
-//   divides the workgroup; 256 / team rows per workgroup, so narrow rows share a
-//   workgroup), up to CACHE units per invocation held in registers between the
-//   passes, team sums by a fixed-order tree in workgroup memory (deterministic).
-//   Units beyond CACHE per invocation (cols > CACHE * LANES * team) are re-read.
+//   divides the workgroup: 256 / team rows per workgroup, so narrow rows share
+//   one). Each invocation reads its units once, keeps up to CACHE of them in
+//   registers, and computes their count, mean and squared deviations; the team
+//   merges those (Chan et al.) in a fixed order through workgroup memory, so
+//   the result is deterministic. Units beyond CACHE per invocation
+//   (cols > CACHE * LANES * team, i.e. cols > 8192 with vec4) are re-read.
 
 struct Params {
     rows: u32,
@@ -45,7 +49,10 @@ const V1_WG: u32 = 64u;
 // keep `cache` in registers.
 const CACHE: u32 = 8u;
 
-var<workgroup> red: array<f32, WG>;
+// Per-invocation moments for the team merges (3 x 1 KiB).
+var<workgroup> part_n: array<u32, WG>;
+var<workgroup> part_mean: array<f32, WG>;
+var<workgroup> part_m2: array<f32, WG>;
 var<private> cache: array<vec4<f32>, CACHE>;
 
 // The per-row shift: x0 + r0 as a pair, so that (x - x0) + (r - r0) stays exact.
@@ -62,25 +69,31 @@ fn shift_of(base: u32) -> Shift {
     return s;
 }
 
-// s - x0 - r0 for unit i (padding lanes of a scalar unit hold garbage; MASK them).
+// Unit i of x and of the residual (zero without one).
+struct Pair {
+    x: vec4<f32>,
+    r: vec4<f32>,
+}
+
+fn load(i: u32) -> Pair {
+    var v = Pair(widen(x[i]), vec4<f32>(0.0));
+    if (p.has_residual != 0u) {
+        v.r = widen(residual[i]);
+    }
+    return v;
+}
+
+// d = s - x0 - r0 (the padding lanes of a scalar unit hold -x0 - r0: callers
+// MASK them).
+fn shift_pair(v: Pair, sh: Shift) -> vec4<f32> {
+    return (v.x - sh.x0) + (v.r - sh.r0);
+}
+
 fn shifted(i: u32, sh: Shift) -> vec4<f32> {
-    var v = widen(x[i]) - sh.x0;
-    if (p.has_residual != 0u) {
-        v += widen(residual[i]) - sh.r0;
-    }
-    return v;
+    return shift_pair(load(i), sh);
 }
 
-// The sum s itself, for sum_out.
-fn summed(i: u32) -> vec4<f32> {
-    var v = widen(x[i]);
-    if (p.has_residual != 0u) {
-        v += widen(residual[i]);
-    }
-    return v;
-}
-
-// d = shifted value minus shifted mean; the normalised, scaled output of unit j.
+// The output of unit j (column unit j) from its deviation d = s - mean.
 fn normalized(d: vec4<f32>, j: u32, rstd: f32) -> vec4<f32> {
     return d * rstd * widen(weight[j]) + widen(bias[j]);
 }
@@ -128,28 +141,74 @@ fn layer_norm_v1_sum(@builtin(global_invocation_id) gid: vec3<u32>,
     let sh = shift_of(base);
     let st = row_stats_v1(base, sh);
     for (var j = 0u; j < p.units; j++) {
-        out[base + j] = narrow(normalized(shifted(base + j, sh) - st.x, j, st.y));
-        sum_out[base + j] = narrow(summed(base + j));
+        let v = load(base + j);
+        out[base + j] = narrow(normalized(shift_pair(v, sh) - st.x, j, st.y));
+        sum_out[base + j] = narrow(v.x + v.r);
     }
 }
 
 // ---------------------------------------------------------------- fast
 
-// The sum of `v` over the invocation's team, returned to every member. Every
-// invocation of the workgroup must call it (it holds barriers); the tree adds in
-// a fixed order, so the result is the same run to run.
-fn team_sum(li: u32, lane: u32, v: f32) -> f32 {
-    red[li] = v;
-    workgroupBarrier();
-    for (var s = p.team / 2u; s > 0u; s = s / 2u) {
-        if (lane < s) {
-            red[li] += red[li + s];
-        }
-        workgroupBarrier();
+// Count, mean and sum of squared deviations of a set of values.
+struct Moments {
+    n: u32,
+    mean: f32,
+    m2: f32,
+}
+
+// Chan et al.'s merge of two sets' moments (exact in real arithmetic, and stable:
+// only differences of means are squared).
+fn merge(a: Moments, b: Moments) -> Moments {
+    if (b.n == 0u) {
+        return a;
     }
-    let total = red[li - lane];
-    workgroupBarrier(); // everyone has read `red` before it is reused
-    return total;
+    let n = a.n + b.n;
+    let delta = b.mean - a.mean;
+    let f = f32(b.n) / f32(n);
+    return Moments(n, a.mean + delta * f, a.m2 + b.m2 + delta * delta * f32(a.n) * f);
+}
+
+fn part(i: u32) -> Moments {
+    return Moments(part_n[i], part_mean[i], part_m2[i]);
+}
+
+fn set_part(i: u32, m: Moments) {
+    part_n[i] = m.n;
+    part_mean[i] = m.mean;
+    part_m2[i] = m.m2;
+}
+
+// The moments of the invocation's team (`p.team` invocations from `li - lane`),
+// merged in a fixed order (deterministic) in two levels: groups of `span`
+// partials by one invocation each, then the groups by the team's first
+// invocation. Three barriers whatever the team size, and few workgroup-memory
+// reads per invocation. Every invocation of the workgroup must call it.
+// Returns (mean, rstd).
+fn team_moments(li: u32, lane: u32, m: Moments) -> vec2<f32> {
+    set_part(li, m);
+    workgroupBarrier();
+    // span * groups == p.team, both powers of two, span >= groups.
+    let span = 1u << ((countTrailingZeros(p.team) + 1u) / 2u);
+    let first = li - lane;
+    if (lane * span < p.team) {
+        let i = first + lane * span;
+        var acc = part(i);
+        for (var k = 1u; k < span; k++) {
+            acc = merge(acc, part(i + k));
+        }
+        set_part(i, acc);
+    }
+    workgroupBarrier();
+    if (lane == 0u) {
+        var acc = part(first);
+        for (var g = span; g < p.team; g += span) {
+            acc = merge(acc, part(first + g));
+        }
+        part_mean[first] = acc.mean;
+        part_m2[first] = inverseSqrt(acc.m2 / f32(acc.n) + p.eps);
+    }
+    workgroupBarrier();
+    return vec2<f32>(part_mean[first], part_m2[first]);
 }
 
 struct Row {
@@ -160,8 +219,10 @@ struct Row {
 }
 
 fn row_of(wid: vec3<u32>, nwg: vec3<u32>, li: u32) -> Row {
-    let lane = li % p.team;
-    let row = (wid.x + wid.y * nwg.x) * (WG / p.team) + li / p.team;
+    // p.team is a power of two: shifts and masks, no integer division.
+    let lg = countTrailingZeros(p.team);
+    let lane = li & (p.team - 1u);
+    let row = ((wid.x + wid.y * nwg.x) << (countTrailingZeros(WG) - lg)) + (li >> lg);
     // Invocations past the last row get n = 0 but still take part in the barriers.
     var r = Row(row * p.units, lane, select(0u, p.units, row < p.rows), Shift(0.0, 0.0));
     if (r.n != 0u) {
@@ -170,10 +231,12 @@ fn row_of(wid: vec3<u32>, nwg: vec3<u32>, li: u32) -> Row {
     return r;
 }
 
-// The row's shifted mean and rstd, given `acc`, this invocation's sum of its
-// shifted units (the first CACHE of them already in `cache`, MASKed).
-fn row_moments(r: Row, li: u32, acc: vec4<f32>) -> vec2<f32> {
-    let mean = team_sum(li, r.lane, acc.x + acc.y + acc.z + acc.w) / f32(p.cols);
+// The row's shifted mean and rstd. `acc` is this invocation's sum of its
+// shifted units (MASKed; the first CACHE of them already in `cache`) and `cnt`
+// how many elements that is. Its own moments come from a second pass over its
+// units (two-pass, in registers), then the team merges them.
+fn row_moments(r: Row, li: u32, acc: vec4<f32>, cnt: u32) -> vec2<f32> {
+    let mean = (acc.x + acc.y + acc.z + acc.w) / f32(max(cnt, 1u));
     var sq = vec4<f32>(0.0);
     for (var k = 0u; k < CACHE; k++) {
         if (r.lane + k * p.team < r.n) {
@@ -185,8 +248,7 @@ fn row_moments(r: Row, li: u32, acc: vec4<f32>) -> vec2<f32> {
         let d = (shifted(r.base + j, r.sh) - mean) * MASK;
         sq += d * d;
     }
-    let var_ = team_sum(li, r.lane, sq.x + sq.y + sq.z + sq.w) / f32(p.cols);
-    return vec2<f32>(mean, inverseSqrt(var_ + p.eps));
+    return team_moments(li, r.lane, Moments(cnt, mean, sq.x + sq.y + sq.z + sq.w));
 }
 
 // Writes the normalised row from `cache` and re-reads what did not fit.
@@ -208,19 +270,22 @@ fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
     let r = row_of(wid, nwg, li);
     var acc = vec4<f32>(0.0);
+    var cnt = 0u;
     for (var k = 0u; k < CACHE; k++) {
         let j = r.lane + k * p.team;
         var v = vec4<f32>(0.0);
         if (j < r.n) {
             v = shifted(r.base + j, r.sh) * MASK;
+            cnt += LANES;
         }
         cache[k] = v;
         acc += v;
     }
     for (var j = r.lane + CACHE * p.team; j < r.n; j += p.team) {
         acc += shifted(r.base + j, r.sh) * MASK;
+        cnt += LANES;
     }
-    write_out(r, row_moments(r, li, acc));
+    write_out(r, row_moments(r, li, acc, cnt));
 }
 
 // As layer_norm, and s = x + residual goes to sum_out while it is loaded.
@@ -230,19 +295,24 @@ fn layer_norm_sum(@builtin(workgroup_id) wid: vec3<u32>,
                   @builtin(local_invocation_index) li: u32) {
     let r = row_of(wid, nwg, li);
     var acc = vec4<f32>(0.0);
+    var cnt = 0u;
     for (var k = 0u; k < CACHE; k++) {
         let j = r.lane + k * p.team;
         var v = vec4<f32>(0.0);
         if (j < r.n) {
-            sum_out[r.base + j] = narrow(summed(r.base + j));
-            v = shifted(r.base + j, r.sh) * MASK;
+            let u = load(r.base + j);
+            sum_out[r.base + j] = narrow(u.x + u.r);
+            v = shift_pair(u, r.sh) * MASK;
+            cnt += LANES;
         }
         cache[k] = v;
         acc += v;
     }
     for (var j = r.lane + CACHE * p.team; j < r.n; j += p.team) {
-        sum_out[r.base + j] = narrow(summed(r.base + j));
-        acc += shifted(r.base + j, r.sh) * MASK;
+        let u = load(r.base + j);
+        sum_out[r.base + j] = narrow(u.x + u.r);
+        acc += shift_pair(u, r.sh) * MASK;
+        cnt += LANES;
     }
-    write_out(r, row_moments(r, li, acc));
+    write_out(r, row_moments(r, li, acc, cnt));
 }

@@ -9,6 +9,7 @@ use crate::ops::{Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossK
 use crate::projector::Projector;
 use crate::signal::SignalPositions;
 use crate::tensor::{compare, HostTensor};
+use crate::verify::Comparison;
 use crate::weights::{ProjectorWeights, Selection, TensorFile};
 
 macro_rules! fixture {
@@ -51,20 +52,8 @@ macro_rules! model {
 }
 use model;
 
-/// One compared output of one case.
-#[derive(Clone, Debug)]
-pub struct GoldenResult {
-    /// `linear`, `attention`, ..., or `projector`.
-    pub op: &'static str,
-    /// Case name and output, e.g. `c3.y` or `legacy_prefixed`.
-    pub case: String,
-    /// `||out - ref|| / ||ref||`.
-    pub rel: f64,
-    pub max_abs: f64,
-}
-
 /// Run every golden case on `be` and compare with PyTorch.
-pub fn run_all<B: Backend>(be: &B) -> Result<Vec<GoldenResult>> {
+pub fn run_all<B: Backend>(be: &B) -> Result<Vec<Comparison>> {
     let mut out = Vec::new();
     for (name, bytes) in OPS {
         let file = TensorFile::from_static(name, bytes)?;
@@ -75,7 +64,7 @@ pub fn run_all<B: Backend>(be: &B) -> Result<Vec<GoldenResult>> {
     }
     for (name, weights, io) in MODELS {
         let (rel, max_abs) = run_model(be, weights, io)?;
-        out.push(GoldenResult {
+        out.push(Comparison {
             op: "projector",
             case: name.to_string(),
             rel,
@@ -114,7 +103,7 @@ fn record<B: Backend>(
     case: String,
     got: &B::Tensor,
     want: &HostTensor,
-    out: &mut Vec<GoldenResult>,
+    out: &mut Vec<Comparison>,
 ) -> Result<()> {
     let got = be.download(got)?;
     let (rel, max_abs) = if got.shape() == want.shape() {
@@ -122,7 +111,7 @@ fn record<B: Backend>(
     } else {
         (f64::INFINITY, f64::INFINITY)
     };
-    out.push(GoldenResult {
+    out.push(Comparison {
         op,
         case,
         rel,
@@ -137,7 +126,7 @@ fn run_op<B: Backend>(
     op: &str,
     case: &str,
     p: &serde_json::Value,
-    out: &mut Vec<GoldenResult>,
+    out: &mut Vec<Comparison>,
 ) -> Result<()> {
     let key = |field: &str| format!("{case}.{field}");
     let get = |field: &str| file.get(&key(field));

@@ -422,21 +422,15 @@ impl BackendTask for Check {
             max_abs: c.max_abs,
             tol,
         };
-        let mut rows = Vec::new();
-        for r in golden::run_all(&be)? {
-            let tol = if r.op == "projector" {
-                model_tol
-            } else {
-                op_tol
-            };
-            let c = verify::Comparison {
-                op: r.op,
-                case: r.case,
-                rel: r.rel,
-                max_abs: r.max_abs,
-            };
-            rows.push(row("pytorch", c, tol));
-        }
+        // PyTorch's fixtures are float64: an f32 backend first rounds them, which
+        // alone moves an ill-conditioned case (layer_norm of rows with mean 1000)
+        // by ~2e-5. Kernel accuracy proper is the 1e-5 check below against the
+        // reference on identically rounded inputs.
+        let golden_tol = if kind == DeviceKind::Cpu { 1e-10 } else { 1e-4 };
+        let mut rows: Vec<CheckRow> = golden::run_all(&be)?
+            .into_iter()
+            .map(|c| row("pytorch", c, golden_tol))
+            .collect();
         if kind == DeviceKind::Cpu {
             return Ok(rows);
         }

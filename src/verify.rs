@@ -175,7 +175,17 @@ pub fn standard_cases() -> Vec<Case> {
             });
         }
     }
-    for &(rows, cols) in &[(1, 1), (3, 3), (77, 512), (129, 513), (5, 4096), (2, 77)] {
+    // Rows past 8192 or 2048 elements take the kernels' re-read paths.
+    for &(rows, cols) in &[
+        (1, 1),
+        (3, 3),
+        (77, 512),
+        (129, 513),
+        (5, 4096),
+        (2, 77),
+        (3, 9000),
+        (2, 2049),
+    ] {
         cases.push(Case::LayerNorm {
             rows,
             cols,

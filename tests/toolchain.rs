@@ -155,6 +155,51 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         }
     }
 
+    /// Every file of kernels/ compiles for sm_80 and sm_90 (with the host's
+    /// parameter layouts asserted inside), lists the kernels the host launches,
+    /// and spills nothing.
+    #[test]
+    fn project_kernels_compile_without_spills() {
+        use output_projector::cuda::{kernel_files, program_reports};
+        if nvrtc_or_skip().is_none() {
+            return;
+        }
+        for arch in ["sm_80", "sm_90"] {
+            let reports = program_reports(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            assert_eq!(
+                reports.iter().map(|p| p.file).collect::<Vec<_>>(),
+                kernel_files()
+            );
+            for p in &reports {
+                assert!(p.cubin_bytes > 64, "{arch} {}: empty CUBIN", p.file);
+                assert!(!p.kernels.is_empty(), "{arch} {}: no kernels", p.file);
+                for k in &p.kernels {
+                    println!(
+                        "{arch} {:<24} {:<30} {:>3} registers {:>6} B smem {:>4} B stack, spill {} B stores / {} B loads",
+                        p.file, k.name, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
+                    );
+                    assert!(
+                        (2..=255).contains(&k.registers),
+                        "{arch} {}: implausible register count {}",
+                        k.name,
+                        k.registers
+                    );
+                    assert_eq!(
+                        (k.spill_stores, k.spill_loads),
+                        (0, 0),
+                        "{arch} {}: spills",
+                        k.name
+                    );
+                    assert!(
+                        k.shared_bytes <= 48 * 1024,
+                        "{arch} {}: static smem",
+                        k.name
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn syntax_error_is_an_error_with_the_log() {
         if nvrtc_or_skip().is_none() {

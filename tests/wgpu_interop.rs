@@ -151,13 +151,21 @@ fn a_projector_forward_is_one_submit() {
     };
     let w = ProjectorWeights::random(config, None, 1).unwrap();
     let proj = Projector::new(be.clone(), &w).unwrap();
-    let hidden = be.upload(&HostTensor::randn(vec![2, 4, 64], 3, "hidden").unwrap()).unwrap();
-    let embeds = be.upload(&HostTensor::randn(vec![2, 4, 64], 4, "embeds").unwrap()).unwrap();
+    let hidden = be
+        .upload(&HostTensor::randn(vec![2, 4, 64], 3, "hidden").unwrap())
+        .unwrap();
+    let embeds = be
+        .upload(&HostTensor::randn(vec![2, 4, 64], 4, "embeds").unwrap())
+        .unwrap();
     for _ in 0..2 {
         let before = be.submits();
         let y = proj.forward(&hidden, Some(&embeds)).unwrap();
         let out = be.download(&y).unwrap();
         assert_eq!(out.shape(), &[2, 7, 16]);
-        assert_eq!(be.submits() - before, 1, "forward + readback must be one submit");
+        assert_eq!(
+            be.submits() - before,
+            1,
+            "forward + readback must be one submit"
+        );
     }
 }

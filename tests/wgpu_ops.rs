@@ -108,3 +108,35 @@ fn every_op_with_f16_storage() {
         assert!(r.rel <= 1e-2, "f16 {} {}: rel {:.3e}", r.op, r.case, r.rel);
     }
 }
+
+/// The loss reduction has a fixed order: the same inputs give the same bits.
+#[test]
+fn alignment_loss_is_deterministic() {
+    use output_projector::ops::{Backend, LossKind};
+    use output_projector::tensor::HostTensor;
+    let Some(be) = backend(WgpuOptions::default()) else {
+        return;
+    };
+    let pred = be
+        .upload(&HostTensor::randn(vec![8, 77, 1024], 1, "pred").unwrap())
+        .unwrap();
+    let target = be
+        .upload(&HostTensor::randn(vec![8, 77, 1024], 2, "target").unwrap())
+        .unwrap();
+    for kind in [LossKind::TokenL2, LossKind::Mse] {
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            let mut loss = be.alloc(&[1]).unwrap();
+            let mut grad = be.alloc(&[8, 77, 1024]).unwrap();
+            be.alignment_loss(kind, &pred, &target, &mut loss, &mut grad)
+                .unwrap();
+            let l = be.download(&loss).unwrap().to_f32_vec()[0].to_bits();
+            let g = be.download(&grad).unwrap().to_f32_vec();
+            runs.push((l, g.iter().map(|x| x.to_bits()).collect::<Vec<_>>()));
+        }
+        assert!(
+            runs.windows(2).all(|w| w[0] == w[1]),
+            "{kind:?} differs between runs"
+        );
+    }
+}

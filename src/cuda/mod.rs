@@ -13,6 +13,28 @@
 //! The loader panics on the first call into a library it cannot find, so every
 //! entry point here checks that the library is present first and answers
 //! [`Error::Unavailable`] instead.
+//!
+//! On top of that: [`Cuda`], the [`Backend`](crate::ops::Backend) that runs the
+//! kernels of `kernels/*.cu` (embedded in the crate, compiled at run time for the
+//! device's architecture), and [`kernel_report`], which compiles them for any
+//! architecture without a GPU and reports registers, shared memory and spills.
+//! Building the crate needs no CUDA toolkit.
+
+mod alignment_loss;
+mod attention;
+mod backend;
+mod gather_signal_tokens;
+mod layer_norm;
+mod linear;
+mod program;
+
+pub use backend::{Cuda, CudaMask, CudaOptions, CudaTensor, KernelVersion};
+/// The cudarc this crate is built with, for [`Cuda::on_stream`] and
+/// [`Cuda::tensor_from_slice`] (streams and slices must come from the same version).
+pub use cudarc;
+pub use program::{
+    kernel_files, kernel_report, program_reports, KernelCache, ProgramReport, KERNEL_CACHE_ENV,
+};
 
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::{Path, PathBuf};
@@ -409,18 +431,34 @@ fn check_arch(arch: &str) -> Result<()> {
 ///
 /// A compile error is [`Error::Backend`] whose message holds NVRTC's log.
 pub fn compile(source: &str, program_name: &str, arch: &str) -> Result<Compiled> {
+    compile_with_headers(source, program_name, arch, &[])
+}
+
+/// The options [`compile`] passes to NVRTC for `arch`, without the include path.
+pub fn compile_options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        "--ptxas-options=-v".to_string(),
+        "--generate-line-info".to_string(),
+    ]
+}
+
+/// [`compile`] with in-memory headers: each `(name, text)` pair can be included
+/// by the source as `#include "name"`.
+pub fn compile_with_headers(
+    source: &str,
+    program_name: &str,
+    arch: &str,
+    headers: &[(&str, &str)],
+) -> Result<Compiled> {
     check_arch(arch)?;
     let src = CString::new(source)
         .map_err(|_| Error::invalid(format!("CUDA source `{program_name}` contains a NUL byte")))?;
     let name = CString::new(program_name).map_err(|_| {
         Error::invalid(format!("program name {program_name:?} contains a NUL byte"))
     })?;
-    let mut options = vec![
-        format!("--gpu-architecture={arch}"),
-        "-std=c++17".to_string(),
-        "--ptxas-options=-v".to_string(),
-        "--generate-line-info".to_string(),
-    ];
+    let mut options = compile_options(arch);
     if let Some(dir) = cuda_include_dir() {
         options.push(format!("--include-path={}", dir.display()));
     }
@@ -430,21 +468,49 @@ pub fn compile(source: &str, program_name: &str, arch: &str) -> Result<Compiled>
             CString::new(o).map_err(|_| Error::invalid("CUDA include path contains a NUL byte"))
         })
         .collect::<Result<Vec<CString>>>()?;
+    let header_texts = headers
+        .iter()
+        .map(|(name, text)| {
+            CString::new(*text)
+                .map_err(|_| Error::invalid(format!("CUDA header `{name}` contains a NUL byte")))
+        })
+        .collect::<Result<Vec<CString>>>()?;
+    let header_names = headers
+        .iter()
+        .map(|(name, _)| {
+            CString::new(*name).map_err(|_| {
+                Error::invalid(format!("CUDA header name {name:?} contains a NUL byte"))
+            })
+        })
+        .collect::<Result<Vec<CString>>>()?;
+    let header_text_ptrs: Vec<*const c_char> = header_texts.iter().map(|h| h.as_ptr()).collect();
+    let header_name_ptrs: Vec<*const c_char> = header_names.iter().map(|h| h.as_ptr()).collect();
+    let header_count =
+        c_int::try_from(headers.len()).map_err(|_| Error::invalid("too many CUDA headers"))?;
 
     require_nvrtc()?;
     no_panic(NVRTC, || {
         let mut raw: nvrtc_sys::nvrtcProgram = std::ptr::null_mut();
-        // SAFETY: `src` and `name` are NUL-terminated and outlive the program (the
-        // program is destroyed at the end of this closure, before they drop); no
-        // headers are passed (count 0, null arrays).
+        // SAFETY: `src`, `name` and every header text and name are NUL-terminated
+        // and outlive the program (it is destroyed at the end of this closure,
+        // before they drop); the two header arrays hold `header_count` pointers
+        // each (null arrays when there are none).
         unsafe {
             nvrtc_sys::nvrtcCreateProgram(
                 &mut raw,
                 src.as_ptr(),
                 name.as_ptr(),
-                0,
-                std::ptr::null(),
-                std::ptr::null(),
+                header_count,
+                if headers.is_empty() {
+                    std::ptr::null()
+                } else {
+                    header_text_ptrs.as_ptr()
+                },
+                if headers.is_empty() {
+                    std::ptr::null()
+                } else {
+                    header_name_ptrs.as_ptr()
+                },
             )
         }
         .result()

@@ -1,0 +1,280 @@
+// A small CUDA execution emulator for checking kernels without a GPU.
+//
+// The kernel files are compiled as C++ with this header included first. Blocks
+// run one after another; every thread of a block is a fiber with its own stack,
+// run until its next __syncthreads or warp collective (shuffle, __syncwarp),
+// which are scheduling points: a barrier releases when every live thread of the
+// block reached it, a warp collective when all 32 lanes did (the exchange of a
+// shuffle happens then). __shared__ arrays are function statics, shared by the
+// fibers of a block. The emulator aborts, naming the block, on a deadlock, a
+// shuffle missing lanes (exited or partial warps), a non-full shuffle mask, or a
+// warp mixing a shuffle with a block barrier. Built with
+// -fsanitize=address,undefined, out-of-bounds and misaligned (float4) accesses
+// abort too. What it cannot show: performance, and races that happen to give
+// the right values in its fixed interleaving (run again with the order
+// reversed, emu::reverse_order, for a second interleaving).
+//
+// Fiber switches are a few instructions on x86-64 (callee-saved registers and
+// the stack pointer); elsewhere ucontext's swapcontext is used.
+#pragma once
+#include <ucontext.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include <functional>
+#include <algorithm>
+#include <random>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#else
+#define EMU_ASAN 0
+#endif
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+    dim3() {}
+    dim3(unsigned a, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __restrict__
+
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+
+namespace emu {
+enum State { RUN, BARRIER, WARP, DONE };
+#if defined(__x86_64__)
+// Callee-saved registers and the stack pointer: a switch is a few instructions,
+// no system call (swapcontext saves the signal mask with one).
+extern "C" void emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch,@function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+struct Context {
+    void* sp = nullptr;
+};
+inline void ctx_switch(Context& from, Context& to) { emu_switch(&from.sp, to.sp); }
+inline void ctx_make(Context& c, char* stack, size_t size, void (*entry)()) {
+    uintptr_t top = ((uintptr_t)(stack + size)) & ~(uintptr_t)15;
+    void** sp = (void**)top;
+    *--sp = nullptr;           // entry's return address slot (never returns)
+    *--sp = (void*)entry;      // popped by emu_switch's ret
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp rbx r12 r13 r14 r15
+    c.sp = sp;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+inline void ctx_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void ctx_make(Context& c, char* stack, size_t size, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
+struct Fiber {
+    Context ctx;
+    char* stack = nullptr;
+    State st = RUN;
+    uint64_t xval = 0, xres = 0;
+    int xsrc = 0;
+    int xkind = 0;  // 0 plain warp barrier, 1 exchange
+    void* fake = nullptr;
+};
+constexpr size_t STACK = 256 * 1024;
+inline std::vector<Fiber> fibers;
+inline Context sched;
+inline int cur = 0;
+inline std::function<void()> body;
+inline const void* main_bottom = nullptr;
+inline size_t main_size = 0;
+inline void* sched_fake = nullptr;
+inline bool reverse_order = false;
+inline long switches = 0;
+
+[[noreturn]] inline void fail(const char* what) {
+    fprintf(stderr, "EMULATOR ERROR: %s (block %u,%u,%u)\n", what, blockIdx.x, blockIdx.y, blockIdx.z);
+    abort();
+}
+
+inline void to_sched(bool finishing) {
+#if EMU_ASAN
+    __sanitizer_start_switch_fiber(finishing ? nullptr : &fibers[cur].fake, main_bottom, main_size);
+#endif
+    ctx_switch(fibers[cur].ctx, sched);
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(fibers[cur].fake, nullptr, nullptr);
+#endif
+}
+
+inline void trampoline() {
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, &main_bottom, &main_size);
+#endif
+    body();
+    fibers[cur].st = DONE;
+    to_sched(true);
+}
+
+inline void set_tid(int i) {
+    threadIdx.x = i % blockDim.x;
+    threadIdx.y = (i / blockDim.x) % blockDim.y;
+    threadIdx.z = i / (blockDim.x * blockDim.y);
+}
+
+inline void run_block() {
+    const int n = blockDim.x * blockDim.y * blockDim.z;
+    if ((int)fibers.size() < n) fibers.resize(n);
+    for (int i = 0; i < n; ++i) {
+        Fiber& f = fibers[i];
+        if (!f.stack) f.stack = (char*)malloc(STACK);
+        ctx_make(f.ctx, f.stack, STACK, trampoline);
+        f.st = RUN;
+    }
+    for (;;) {
+        for (int k = 0; k < n; ++k) {
+            int i = reverse_order ? n - 1 - k : k;
+            if (fibers[i].st != RUN) continue;
+            cur = i;
+            set_tid(i);
+            ++switches;
+#if EMU_ASAN
+            __sanitizer_start_switch_fiber(&sched_fake, fibers[i].stack, STACK);
+#endif
+            ctx_switch(sched, fibers[i].ctx);
+#if EMU_ASAN
+            __sanitizer_finish_switch_fiber(sched_fake, nullptr, nullptr);
+#endif
+        }
+        int done = 0;
+        for (int i = 0; i < n; ++i) done += fibers[i].st == DONE;
+        if (done == n) return;
+        bool progressed = false;
+        for (int w = 0; w * 32 < n; ++w) {
+            int lo = w * 32, hi = std::min(n, lo + 32);
+            int nwarp = 0, ndone = 0, nbar = 0;
+            for (int i = lo; i < hi; ++i) {
+                nwarp += fibers[i].st == WARP;
+                ndone += fibers[i].st == DONE;
+                nbar += fibers[i].st == BARRIER;
+            }
+            if (nwarp == 0) continue;
+            if (nbar) fail("warp shuffle and __syncthreads mixed in one warp");
+            if (ndone) fail("warp shuffle with exited lanes");
+            if (hi - lo != 32) fail("warp shuffle in a partial warp");
+            int kind = fibers[lo].xkind;
+            for (int i = lo; i < hi; ++i) {
+                if (fibers[i].xkind != kind) fail("different warp collectives in one warp");
+            }
+            for (int i = lo; i < hi; ++i) {
+                int src = fibers[i].xsrc;
+                if (src < 0 || src >= 32) fail("shuffle source out of range");
+                fibers[i].xres = fibers[lo + src].xval;
+            }
+            for (int i = lo; i < hi; ++i) fibers[i].st = RUN;
+            progressed = true;
+        }
+        if (progressed) continue;
+        for (int i = 0; i < n; ++i) {
+            if (fibers[i].st != BARRIER && fibers[i].st != DONE) fail("deadlock");
+        }
+        for (int i = 0; i < n; ++i) {
+            if (fibers[i].st == BARRIER) fibers[i].st = RUN;
+        }
+    }
+}
+
+template <class F>
+void launch(dim3 grid, dim3 block, F kernel) {
+    gridDim = grid;
+    blockDim = block;
+    body = kernel;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                blockIdx = dim3(x, y, z);
+                run_block();
+            }
+}
+}  // namespace emu
+
+inline void __syncthreads() {
+    emu::fibers[emu::cur].st = emu::BARRIER;
+    emu::to_sched(false);
+}
+
+inline void __syncwarp(unsigned = 0xffffffffu) {
+    auto& f = emu::fibers[emu::cur];
+    f.st = emu::WARP;
+    f.xkind = 0;
+    f.xsrc = 0;
+    emu::to_sched(false);
+}
+
+template <class T>
+inline T emu_exchange(unsigned mask, T v, int src) {
+    static_assert(sizeof(T) <= 8, "");
+    if (mask != 0xffffffffu) emu::fail("partial shuffle mask");
+    auto& f = emu::fibers[emu::cur];
+    f.xval = 0;
+    memcpy(&f.xval, &v, sizeof(T));
+    f.xsrc = src;
+    f.xkind = 1;
+    f.st = emu::WARP;
+    emu::to_sched(false);
+    T r;
+    memcpy(&r, &emu::fibers[emu::cur].xres, sizeof(T));
+    return r;
+}
+
+template <class T>
+inline T __shfl_sync(unsigned mask, T v, int src) {
+    return emu_exchange(mask, v, src & 31);
+}
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    int lane = (threadIdx.x + threadIdx.y * blockDim.x + threadIdx.z * blockDim.x * blockDim.y) & 31;
+    return emu_exchange(mask, v, lane ^ lane_mask);
+}

@@ -1,0 +1,397 @@
+// Runs every kernel of kernels/*.cu on the CPU (see emu.h) against float64
+// references, over the sizes of src/verify.rs's standard cases plus a few more
+// (misaligned inputs, odd head dims, forced split-K). Launch geometry mirrors
+// src/cuda/<op>.rs. Exit status 1 when any comparison fails; the emulator
+// aborts on a deadlock or a shuffle with missing lanes, and a sanitized build
+// (-fsanitize=address,undefined) aborts on out-of-bounds or misaligned access.
+//
+//   c++ -std=c++17 -O1 -fsanitize=address,undefined run_kernels.cpp -o run_kernels
+//   ASAN_OPTIONS=detect_leaks=0 ./run_kernels [--reverse] [--long] [op ...]
+//
+// ops: gather loss ln attn linear (default: all). --reverse runs the threads of
+// a block in the opposite order between barriers (another interleaving);
+// --long adds the long attention cases (Lk = 4096, Lq = 4096).
+#include "emu.h"
+#include "../linear.cu"
+#include "../layer_norm.cu"
+#include "../attention.cu"
+#include "../alignment_loss.cu"
+#include "../gather_signal_tokens.cu"
+#include <set>
+#include <string>
+
+static std::mt19937_64 rng(42);
+static int failures = 0;
+
+struct Buf {
+    float* p = nullptr;
+    size_t n = 0;
+    explicit Buf(size_t n_) : n(n_) {
+        p = (float*)malloc(std::max<size_t>(n, 1) * 4);
+        for (size_t i = 0; i < n; ++i) p[i] = NAN;
+    }
+    ~Buf() { free(p); }
+    Buf(const Buf&) = delete;
+    void randn(double scale, double offset = 0.0) {
+        std::normal_distribution<double> d(0.0, 1.0);
+        for (size_t i = 0; i < n; ++i) p[i] = (float)(offset + scale * d(rng));
+    }
+};
+
+static void report(const std::string& what, const float* got, const std::vector<double>& want,
+                   double tol) {
+    double d2 = 0, r2 = 0, mx = 0;
+    bool bad = false;
+    for (size_t i = 0; i < want.size(); ++i) {
+        double g = got[i];
+        if (!std::isfinite(g)) bad = true;
+        double d = g - want[i];
+        d2 += d * d;
+        r2 += want[i] * want[i];
+        mx = std::max(mx, std::fabs(d));
+    }
+    double rel = r2 > 0 ? std::sqrt(d2 / r2) : std::sqrt(d2);
+    if (bad) rel = INFINITY;
+    bool ok = rel <= tol;
+    if (!ok) ++failures;
+    printf("%-4s %-60s rel %.2e max %.2e\n", ok ? "ok" : "FAIL", what.c_str(), rel, mx);
+    fflush(stdout);
+}
+
+static bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
+static unsigned cdiv(long a, long b) { return (unsigned)((a + b - 1) / b); }
+
+// ---------------------------------------------------------------- linear
+static double act_ref(int act, double x) {
+    switch (act) {
+    case 1: return std::max(x, 0.0);
+    case 2: return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0)));
+    case 3: { double c = std::sqrt(2 / M_PI); return 0.5 * x * (1 + std::tanh(c * (x + 0.044715 * x * x * x))); }
+    default: return x;
+    }
+}
+
+static int splits_for(int m, int n, int k, int sms) {
+    long blocks = (long)cdiv(n, 64) * cdiv(m, 64);
+    if (blocks >= sms || k < 512) return 1;
+    long want = (2L * sms + blocks - 1) / blocks;
+    long s = std::min<long>({want, k / 256, 32});
+    return (int)std::max<long>(s, 1);
+}
+
+static void test_linear(int m, int n, int k, int act, bool bias, bool res, int xoff = 0) {
+    Buf xb(m * k + xoff), w(n * k), b(n), r(m * n);
+    xb.randn(1.0);
+    w.randn(1.0 / std::sqrt((double)k));
+    b.randn(0.5);
+    r.randn(1.0);
+    const float* x = xb.p + xoff;
+    std::vector<double> want(m * n);
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+            double acc = 0;
+            for (int kk = 0; kk < k; ++kk) acc += (double)x[i * k + kk] * w.p[j * k + kk];
+            if (bias) acc += b.p[j];
+            double y = act_ref(act, acc);
+            if (res) y += r.p[i * n + j];
+            want[i * n + j] = y;
+        }
+    char name[128];
+    snprintf(name, sizeof name, "linear %dx%dx%d act%d%s%s%s", m, n, k, act, bias ? " +b" : "",
+             res ? " +res" : "", xoff ? " misaligned" : "");
+    for (int variant = 0; variant < 4; ++variant) {
+        Buf out(m * n);
+        LinearParams p{};
+        p.x = x; p.w = w.p; p.bias = bias ? b.p : nullptr; p.residual = res ? r.p : nullptr;
+        p.out = out.p; p.m = m; p.n = n; p.k = k; p.act = act;
+        std::string v;
+        if (variant == 0) {
+            v = "naive";
+            emu::launch(dim3(cdiv(n, 16), cdiv(m, 16)), dim3(16, 16), [&] { linear_naive(p); });
+        } else {
+            int splits = variant == 1 ? 1 : variant == 2 ? splits_for(m, n, k, 132) : std::max(1, std::min(3, k / 16));
+            int kps = cdiv(cdiv(k, splits), 16) * 16;
+            splits = cdiv(k, kps);
+            p.k_per_split = kps;
+            p.splits = splits;
+            bool vec = k % 4 == 0 && aligned16(p.x) && aligned16(p.w);
+            Buf part(splits > 1 ? (size_t)splits * m * n : 0);
+            p.partial = splits > 1 ? part.p : nullptr;
+            v = std::string(vec ? "tiled_vec4" : "tiled_scalar") + " splits " + std::to_string(splits);
+            emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), splits), dim3(256), [&] {
+                if (vec) linear_tiled_vec4(p); else linear_tiled_scalar(p);
+            });
+            if (splits > 1) {
+                emu::launch(dim3(cdiv((long)m * n, 256)), dim3(256), [&] { linear_splitk_reduce(p); });
+            }
+        }
+        report(std::string(name) + " " + v, out.p, want, 1e-5);
+    }
+}
+
+// ---------------------------------------------------------------- layer norm
+static void test_layer_norm(int rows, int cols, bool res, double offset, bool with_sum) {
+    Buf x(rows * cols), r(rows * cols), g(cols), bb(cols);
+    x.randn(1.0, offset);
+    r.randn(1.0);
+    g.randn(0.2, 1.0);
+    bb.randn(0.1);
+    std::vector<double> want(rows * cols), wsum(rows * cols);
+    for (int i = 0; i < rows; ++i) {
+        std::vector<double> s(cols);
+        for (int j = 0; j < cols; ++j) s[j] = (double)x.p[i * cols + j] + (res ? (double)r.p[i * cols + j] : 0.0);
+        double mean = 0; for (double v : s) mean += v; mean /= cols;
+        double var = 0; for (double v : s) var += (v - mean) * (v - mean); var /= cols;
+        double rstd = 1 / std::sqrt(var + 1e-5);
+        for (int j = 0; j < cols; ++j) {
+            want[i * cols + j] = (s[j] - mean) * rstd * g.p[j] + bb.p[j];
+            wsum[i * cols + j] = s[j];
+        }
+    }
+    char name[128];
+    snprintf(name, sizeof name, "layer_norm %dx%d%s mean %g", rows, cols, res ? " +res" : "", offset);
+    for (int variant = 0; variant < 2; ++variant) {
+        Buf out(rows * cols), so(rows * cols);
+        LayerNormParams p{};
+        p.x = x.p; p.residual = res ? r.p : nullptr; p.weight = g.p; p.bias = bb.p;
+        p.out = out.p; p.sum_out = with_sum ? so.p : nullptr; p.rows = rows; p.cols = cols; p.eps = 1e-5f;
+        std::string v;
+        if (variant == 0) {
+            v = "naive";
+            emu::launch(dim3(cdiv(rows, 128)), dim3(128), [&] { layer_norm_naive(p); });
+        } else {
+            bool vec = cols % 4 == 0;
+            v = vec ? "warp_vec4" : "warp_scalar";
+            emu::launch(dim3(cdiv(rows, 4)), dim3(128), [&] {
+                if (vec) layer_norm_warp_vec4(p); else layer_norm_warp_scalar(p);
+            });
+        }
+        report(std::string(name) + " " + v, out.p, want, 1e-5);
+        if (with_sum) report(std::string(name) + " " + v + " sum", so.p, wsum, 1e-7);
+    }
+}
+
+// ---------------------------------------------------------------- attention
+static void test_attention(int batch, int lq, int lk, int heads, int hd, bool causal, bool mask,
+                           bool packed, bool naive_too = true) {
+    int c = heads * hd;
+    Buf qsrc(packed ? (size_t)batch * lq * 3 * c : (size_t)batch * lq * c);
+    Buf kvsrc(packed ? 0 : (size_t)batch * lk * 2 * c);
+    qsrc.randn(1.0);
+    kvsrc.randn(1.0);
+    std::vector<unsigned char> m(batch * lk, 0);
+    if (mask) {
+        std::uniform_real_distribution<double> u(0, 1);
+        for (int i = 0; i < batch * lk; ++i) m[i] = (i % lk != 0) && u(rng) < 0.4;
+    }
+    AttentionParams p{};
+    p.batch = batch; p.lq = lq; p.lk = lk; p.heads = heads; p.head_dim = hd;
+    p.scale = (float)(1.0 / std::sqrt((double)hd));
+    p.causal = causal;
+    p.mask = mask ? m.data() : nullptr;
+    if (packed) {
+        p.q = qsrc.p; p.k = qsrc.p; p.v = qsrc.p;
+        p.q_stride = p.k_stride = p.v_stride = 3 * c;
+        p.q_col = 0; p.k_col = c; p.v_col = 2 * c;
+    } else {
+        p.q = qsrc.p; p.k = kvsrc.p; p.v = kvsrc.p;
+        p.q_stride = c; p.k_stride = p.v_stride = 2 * c;
+        p.q_col = 0; p.k_col = 0; p.v_col = c;
+    }
+    std::vector<double> want((size_t)batch * lq * c);
+    double scale = 1.0 / std::sqrt((double)hd);
+    for (int b = 0; b < batch; ++b)
+        for (int h = 0; h < heads; ++h)
+            for (int i = 0; i < lq; ++i) {
+                std::vector<double> s(lk);
+                double mx = -INFINITY;
+                auto vis = [&](int j) { return !((causal && j > i) || m[b * lk + j]); };
+                for (int j = 0; j < lk; ++j) {
+                    if (!vis(j)) continue;
+                    double dot = 0;
+                    for (int t = 0; t < hd; ++t)
+                        dot += (double)p.q[(b * lq + i) * p.q_stride + p.q_col + h * hd + t] *
+                               p.k[(b * lk + j) * p.k_stride + p.k_col + h * hd + t];
+                    s[j] = dot * scale;
+                    mx = std::max(mx, s[j]);
+                }
+                double* o = &want[(b * lq + i) * c + h * hd];
+                for (int t = 0; t < hd; ++t) o[t] = 0;
+                if (mx == -INFINITY) continue;
+                double den = 0;
+                for (int j = 0; j < lk; ++j) {
+                    if (!vis(j)) continue;
+                    double e = std::exp(s[j] - mx);
+                    den += e;
+                    for (int t = 0; t < hd; ++t) o[t] += e * p.v[(b * lk + j) * p.v_stride + p.v_col + h * hd + t];
+                }
+                for (int t = 0; t < hd; ++t) o[t] /= den;
+            }
+    char name[128];
+    snprintf(name, sizeof name, "attention B%d Lq%d Lk%d H%d d%d%s%s%s", batch, lq, lk, heads, hd,
+             causal ? " causal" : "", mask ? " mask" : "", packed ? " packed" : "");
+    for (int variant = naive_too ? 0 : 1; variant < 3; ++variant) {
+        Buf out((size_t)batch * lq * c);
+        p.out = out.p;
+        std::string v;
+        if (variant == 0) {
+            v = "naive";
+            long total = (long)batch * lq * c;
+            emu::launch(dim3(cdiv(total, 128)), dim3(128), [&] { attention_naive(p); });
+        } else {
+            if (hd > 128) continue;
+            // variant 1: vec4 when allowed; variant 2: scalar forced
+            bool vec = variant == 1 && hd % 4 == 0 && p.q_stride % 4 == 0 && p.k_stride % 4 == 0 &&
+                       p.v_stride % 4 == 0 && p.q_col % 4 == 0 && p.k_col % 4 == 0 && p.v_col % 4 == 0;
+            p.vec4 = vec;
+            int width = hd <= 32 ? 32 : hd <= 64 ? 64 : 128;
+            v = "flash_d" + std::to_string(width) + (vec ? " vec4" : " scalar");
+            emu::launch(dim3(cdiv(lq, 8), heads, batch), dim3(128), [&] {
+                if (width == 32) attention_flash_d32(p);
+                else if (width == 64) attention_flash_d64(p);
+                else attention_flash_d128(p);
+            });
+        }
+        report(std::string(name) + " " + v, out.p, want, 1e-5);
+    }
+}
+
+// ---------------------------------------------------------------- loss
+static void test_loss(int batch, int tokens, int dim, int kind, bool zero_token = false) {
+    int t = batch * tokens;
+    Buf u(t * dim), v(t * dim);
+    u.randn(1.0);
+    v.randn(1.0);
+    if (zero_token) for (int d = 0; d < dim; ++d) v.p[d] = u.p[d];
+    std::vector<double> wg(t * dim), wl(1);
+    double total = 0;
+    long numel = (long)t * dim;
+    for (int i = 0; i < t; ++i) {
+        double ss = 0;
+        for (int d = 0; d < dim; ++d) { double df = (double)u.p[i * dim + d] - v.p[i * dim + d]; ss += df * df; }
+        double dist = std::sqrt(ss);
+        total += kind == 1 ? ss : dist;
+        for (int d = 0; d < dim; ++d) {
+            double df = (double)u.p[i * dim + d] - v.p[i * dim + d];
+            wg[i * dim + d] = kind == 1 ? 2 * df / numel : (dist > 0 ? df / (dist * t) : 0);
+        }
+    }
+    wl[0] = kind == 1 ? total / numel : total / t;
+    char name[128];
+    snprintf(name, sizeof name, "loss %dx%dx%d kind%d%s", batch, tokens, dim, kind, zero_token ? " zero-token" : "");
+    for (int variant = 0; variant < 2; ++variant) {
+        Buf grad(t * dim), part(t), loss(1);
+        LossParams p{};
+        p.pred = u.p; p.target = v.p; p.grad = grad.p; p.partial = part.p; p.loss = loss.p;
+        p.tokens = t; p.dim = dim; p.kind = kind; p.grad_scale = (float)(2.0 / (double)numel);
+        if (variant == 0) {
+            emu::launch(dim3(cdiv(t, 128)), dim3(128), [&] { alignment_loss_naive_rows(p); });
+            emu::launch(dim3(1), dim3(1), [&] { alignment_loss_naive_finish(p); });
+        } else {
+            emu::launch(dim3(t), dim3(256), [&] { alignment_loss_rows(p); });
+            emu::launch(dim3(1), dim3(256), [&] { alignment_loss_finish(p); });
+        }
+        std::string v = variant == 0 ? " naive" : " fast";
+        report(std::string(name) + v + " loss", loss.p, wl, 1e-5);
+        report(std::string(name) + v + " grad", grad.p, wg, 1e-5);
+    }
+}
+
+// ---------------------------------------------------------------- gather
+static void test_gather(int batch, int seq, int n, int ch, bool embeds, bool identity) {
+    Buf h(batch * seq * ch), e(batch * seq * ch);
+    h.randn(1.0);
+    e.randn(1.0);
+    std::vector<int> pos(batch * n);
+    for (int b = 0; b < batch; ++b) {
+        int start = identity ? 0 : (b * 3) % (seq - n + 1);
+        for (int i = 0; i < n; ++i) pos[b * n + i] = start + i;
+    }
+    std::vector<double> want(batch * n * ch);
+    for (int b = 0; b < batch; ++b)
+        for (int i = 0; i < n; ++i)
+            for (int c = 0; c < ch; ++c) {
+                int src = (b * seq + pos[b * n + i]) * ch + c;
+                want[(b * n + i) * ch + c] = (double)h.p[src] + (embeds ? (double)e.p[src] : 0.0);
+            }
+    char name[128];
+    snprintf(name, sizeof name, "gather B%d T%d n%d C%d%s%s", batch, seq, n, ch, embeds ? " +embeds" : "",
+             identity ? " identity" : "");
+    for (int variant = 0; variant < 2; ++variant) {
+        Buf out(batch * n * ch);
+        GatherParams p{};
+        p.hidden = h.p; p.embeds = embeds ? e.p : nullptr; p.positions = identity ? nullptr : pos.data();
+        p.out = out.p; p.batch = batch; p.seq_len = seq; p.n = n; p.channels = ch;
+        long total = (long)batch * n * ch;
+        bool vec = variant == 1 && ch % 4 == 0;
+        if (variant == 1 && !vec) continue;  // the fast version falls back to naive
+        if (vec) emu::launch(dim3(cdiv(total / 4, 256)), dim3(256), [&] { gather_signal_tokens_vec4(p); });
+        else emu::launch(dim3(cdiv(total, 256)), dim3(256), [&] { gather_signal_tokens_naive(p); });
+        report(std::string(name) + (vec ? " vec4" : " naive"), out.p, want, 1e-7);
+    }
+}
+
+int main(int argc, char** argv) {
+    std::set<std::string> ops;
+    bool long_cases = false;
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        if (a == "--reverse") emu::reverse_order = true;
+        else if (a == "--long") long_cases = true;
+        else ops.insert(a);
+    }
+    auto want = [&](const char* op) { return ops.empty() || ops.count(op) > 0; };
+    if (want("gather")) {
+        test_gather(2, 30, 4, 4096, true, false);
+        test_gather(3, 7, 1, 3, false, false);
+        test_gather(1, 77, 24, 129, true, false);
+        test_gather(2, 5, 5, 8, true, true);
+    }
+    if (want("loss")) {
+        int dims[][3] = {{1, 1, 1}, {1, 77, 768}, {3, 77, 1024}, {2, 1, 512}, {4, 3, 129}};
+        for (auto& d : dims)
+            for (int kind = 0; kind < 2; ++kind) test_loss(d[0], d[1], d[2], kind);
+        test_loss(2, 3, 17, 0, true);
+    }
+    if (want("ln")) {
+        int dims[][2] = {{1, 1}, {3, 3}, {77, 512}, {129, 513}, {5, 4096}, {2, 77}};
+        for (auto& d : dims) {
+            test_layer_norm(d[0], d[1], false, 0.0, false);
+            test_layer_norm(d[0], d[1], true, 0.0, true);
+        }
+        test_layer_norm(7, 512, true, 1000.0, true);
+        test_layer_norm(7, 512, false, 1000.0, true);
+    }
+    if (want("attn") && long_cases) {
+        test_attention(1, 33, 4096, 2, 64, false, true, false);
+        test_attention(1, 4096, 17, 1, 128, false, false, false);
+    }
+    if (want("attn")) {
+        test_attention(1, 77, 77, 4, 128, false, false, true);
+        test_attention(2, 77, 4, 4, 128, false, false, false);
+        test_attention(3, 1, 1, 4, 128, false, false, true);
+        test_attention(1, 3, 129, 2, 64, false, true, false);
+        test_attention(2, 129, 129, 2, 64, true, false, true);
+        test_attention(2, 77, 513, 1, 128, false, true, false);
+        test_attention(1, 513, 77, 4, 64, true, true, false);
+        test_attention(1, 5, 3, 3, 8, false, false, false);
+        test_attention(2, 64, 64, 8, 64, false, true, true);
+        test_attention(1, 9, 40, 2, 6, true, true, false);    // odd head dim: scalar loads
+        test_attention(1, 9, 40, 1, 100, false, true, false);  // head dim 100 in the 128 tile
+        test_attention(2, 33, 33, 2, 100, true, false, true);
+        test_attention(1, 33, 70, 2, 64, false, true, false, false);
+    }
+    if (want("linear")) {
+        int dims[][3] = {{1, 1, 1}, {3, 5, 7}, {77, 129, 513}, {129, 77, 3}, {4, 512, 4096},
+                         {77, 1536, 512}, {154, 512, 2048}, {513, 33, 64}};
+        int acts[][3] = {{0, 1, 0}, {1, 1, 1}, {2, 0, 1}, {3, 1, 0}};
+        for (auto& d : dims)
+            for (auto& a : acts) {
+                if ((long)d[0] * d[1] * d[2] > 5000000 && a[0] != 1) continue;  // emulation time
+                test_linear(d[0], d[1], d[2], a[0], a[1], a[2]);
+            }
+        test_linear(9, 70, 36, 1, true, true, 1);  // misaligned x: scalar path
+    }
+    printf("emulated kernels: %d comparisons failed (%ld fiber switches)\n", failures, emu::switches);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,201 @@
+// layer_norm over the last dimension, with the residual add fused:
+//   s   = x + residual (or x)                 -> sum_out (optional)
+//   out = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias   (biased variance)
+//
+// Numerics (both versions): s is never rounded before it is centred. Pass 1 takes
+// the f32 means mx, mr of x and of the residual; pass 2 forms the deviations
+// d = (x - mx) + (r - mr), which keeps the bits that rounding x + r to f32 would
+// lose when the mean is large (x ~ 1000: ulp 6e-5), and sums d and d^2; their
+// mean c is tiny (the rounding error of mx + mr), so var = mean(d^2) - c^2 is the
+// corrected two-pass formula (Chan, Golub & LeVeque), not E[s^2] - E[s]^2. Pass 3
+// writes (d - c) * rstd * weight + bias.
+//
+// Versions:
+// - layer_norm_naive (v1): one thread per row, three loops over the row.
+// - layer_norm_warp_vec4 / layer_norm_warp_scalar (v2): one warp per row (4 rows
+//   per block of 128 threads), lanes striding the row with 16-byte loads when
+//   cols % 4 == 0 and every pointer is 16-byte aligned; passes 2 and 3 re-read
+//   the row, which is then in L1. Warp sums are deterministic.
+//
+// Bytes: 4 rows cols (2 or 3 reads + 1 or 2 writes); flops ~ 10 rows cols.
+#include "common.cuh"
+
+struct LayerNormParams {
+    const float* x;         // [rows, cols]
+    const float* residual;  // [rows, cols] or null
+    const float* weight;    // [cols]
+    const float* bias;      // [cols]
+    float* out;             // [rows, cols]
+    float* sum_out;         // [rows, cols] or null: receives x + residual
+    int rows;
+    int cols;
+    float eps;
+    int pad0;
+};
+
+// v1: block 128 threads, one thread per row; grid ceil(rows / 128).
+extern "C" __global__ void layer_norm_naive(const LayerNormParams p) {
+    const int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= p.rows) {
+        return;
+    }
+    const int base = row * p.cols;
+    const float* x = p.x + base;
+    const float* r = p.residual != nullptr ? p.residual + base : nullptr;
+    const float inv_cols = 1.0f / (float)p.cols;
+
+    float sx = 0.0f, sr = 0.0f;
+    for (int j = 0; j < p.cols; ++j) {
+        sx += x[j];
+        if (r != nullptr) {
+            sr += r[j];
+            if (p.sum_out != nullptr) {
+                p.sum_out[base + j] = x[j] + r[j];
+            }
+        } else if (p.sum_out != nullptr) {
+            p.sum_out[base + j] = x[j];
+        }
+    }
+    const float mx = sx * inv_cols;
+    const float mr = sr * inv_cols;
+
+    float sd = 0.0f, sdd = 0.0f;
+    for (int j = 0; j < p.cols; ++j) {
+        const float d = (x[j] - mx) + (r != nullptr ? r[j] - mr : 0.0f);
+        sd += d;
+        sdd = fmaf(d, d, sdd);
+    }
+    const float c = sd * inv_cols;
+    const float var = fmaxf(sdd * inv_cols - c * c, 0.0f);
+    const float rstd = 1.0f / sqrtf(var + p.eps);
+
+    for (int j = 0; j < p.cols; ++j) {
+        const float d = (x[j] - mx) + (r != nullptr ? r[j] - mr : 0.0f);
+        p.out[base + j] = fmaf((d - c) * rstd, p.weight[j], p.bias[j]);
+    }
+}
+
+#define LN_WARPS 4
+
+// v2: block 128 threads (4 warps), one warp per row; grid ceil(rows / 4).
+template <bool VEC>
+__device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * LN_WARPS + (threadIdx.x >> 5);
+    // The whole warp leaves together (row is warp-uniform), so the shuffles
+    // below always see 32 lanes.
+    if (row >= p.rows) {
+        return;
+    }
+    const int base = row * p.cols;
+    const float* x = p.x + base;
+    const float* r = p.residual != nullptr ? p.residual + base : nullptr;
+    float* so = p.sum_out != nullptr ? p.sum_out + base : nullptr;
+    float* out = p.out + base;
+    const float inv_cols = 1.0f / (float)p.cols;
+
+    // Pass 1: the means of x and r; s = x + r to sum_out.
+    float sx = 0.0f, sr = 0.0f;
+    if (VEC) {
+        const int c4 = p.cols >> 2;
+        for (int i = lane; i < c4; i += 32) {
+            const float4 a = load_float4(x + 4 * i);
+            sx += (a.x + a.y) + (a.z + a.w);
+            float4 s = a;
+            if (r != nullptr) {
+                const float4 b = load_float4(r + 4 * i);
+                sr += (b.x + b.y) + (b.z + b.w);
+                s = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+            }
+            if (so != nullptr) {
+                store_float4(so + 4 * i, s);
+            }
+        }
+    } else {
+        for (int j = lane; j < p.cols; j += 32) {
+            const float a = x[j];
+            sx += a;
+            float s = a;
+            if (r != nullptr) {
+                const float b = r[j];
+                sr += b;
+                s = a + b;
+            }
+            if (so != nullptr) {
+                so[j] = s;
+            }
+        }
+    }
+    const float mx = warp_sum(sx) * inv_cols;
+    const float mr = r != nullptr ? warp_sum(sr) * inv_cols : 0.0f;
+
+    // Pass 2: deviations from (mx + mr), their sum and sum of squares.
+    float sd = 0.0f, sdd = 0.0f;
+    if (VEC) {
+        const int c4 = p.cols >> 2;
+        for (int i = lane; i < c4; i += 32) {
+            const float4 a = load_float4(x + 4 * i);
+            float4 d = make_float4(a.x - mx, a.y - mx, a.z - mx, a.w - mx);
+            if (r != nullptr) {
+                const float4 b = load_float4(r + 4 * i);
+                d.x += b.x - mr;
+                d.y += b.y - mr;
+                d.z += b.z - mr;
+                d.w += b.w - mr;
+            }
+            sd += (d.x + d.y) + (d.z + d.w);
+            sdd = fmaf(d.x, d.x, sdd);
+            sdd = fmaf(d.y, d.y, sdd);
+            sdd = fmaf(d.z, d.z, sdd);
+            sdd = fmaf(d.w, d.w, sdd);
+        }
+    } else {
+        for (int j = lane; j < p.cols; j += 32) {
+            const float d = (x[j] - mx) + (r != nullptr ? r[j] - mr : 0.0f);
+            sd += d;
+            sdd = fmaf(d, d, sdd);
+        }
+    }
+    const float c = warp_sum(sd) * inv_cols;
+    const float var = fmaxf(warp_sum(sdd) * inv_cols - c * c, 0.0f);
+    const float rstd = 1.0f / sqrtf(var + p.eps);
+
+    // Pass 3: normalise, scale, shift.
+    if (VEC) {
+        const int c4 = p.cols >> 2;
+        for (int i = lane; i < c4; i += 32) {
+            const float4 a = load_float4(x + 4 * i);
+            float4 d = make_float4(a.x - mx, a.y - mx, a.z - mx, a.w - mx);
+            if (r != nullptr) {
+                const float4 b = load_float4(r + 4 * i);
+                d.x += b.x - mr;
+                d.y += b.y - mr;
+                d.z += b.z - mr;
+                d.w += b.w - mr;
+            }
+            const float4 g = load_float4(p.weight + 4 * i);
+            const float4 h = load_float4(p.bias + 4 * i);
+            float4 y;
+            y.x = fmaf((d.x - c) * rstd, g.x, h.x);
+            y.y = fmaf((d.y - c) * rstd, g.y, h.y);
+            y.z = fmaf((d.z - c) * rstd, g.z, h.z);
+            y.w = fmaf((d.w - c) * rstd, g.w, h.w);
+            store_float4(out + 4 * i, y);
+        }
+    } else {
+        for (int j = lane; j < p.cols; j += 32) {
+            const float d = (x[j] - mx) + (r != nullptr ? r[j] - mr : 0.0f);
+            out[j] = fmaf((d - c) * rstd, p.weight[j], p.bias[j]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
+layer_norm_warp_vec4(const LayerNormParams p) {
+    layer_norm_warp<true>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
+layer_norm_warp_scalar(const LayerNormParams p) {
+    layer_norm_warp<false>(p);
+}

@@ -1,0 +1,207 @@
+// linear: out[m, n] = act(sum_k x[m, k] w[n, k] + bias[n]) + residual[m, n]
+// x [M, K] row-major, w [N, K] (PyTorch's layout: both operands K-contiguous),
+// bias [N] and residual [M, N] optional, out [M, N].
+//
+// Versions:
+// - linear_naive (v1): one thread per output, a plain dot product. The baseline
+//   and a second oracle.
+// - linear_tiled_vec4 / linear_tiled_scalar (v2): 64x64 output tiles per block of
+//   256 threads, K in steps of 16 through shared memory, a 4x4 register tile per
+//   thread, the next K step prefetched into registers while the current one is
+//   multiplied. `vec4` loads 16 bytes at a time (needs K % 4 == 0 and 16-byte
+//   aligned x and w); `scalar` takes any M, N, K. With `partial` set the block
+//   computes only its K slice (blockIdx.z) and writes raw sums to
+//   partial[z, M, N]; linear_splitk_reduce then adds the slices in fixed order
+//   and applies the epilogue (deterministic split-K, for grids that would leave
+//   SMs idle).
+//
+// Bytes and flops: 4 (MK + NK + MN (+MN residual)) bytes, 2 MNK flops.
+#include "common.cuh"
+
+struct LinearParams {
+    const float* x;         // [M, K]
+    const float* w;         // [N, K]
+    const float* bias;      // [N] or null
+    const float* residual;  // [M, N] or null
+    float* out;             // [M, N]
+    float* partial;         // [splits, M, N] or null (no split)
+    int m;
+    int n;
+    int k;
+    int act;          // OP_ACT_*
+    int k_per_split;  // K columns per blockIdx.z, a multiple of LINEAR_BK
+    int splits;       // gridDim.z of the tiled kernel
+};
+
+__device__ __forceinline__ float linear_epilogue(const LinearParams& p, int m, int n, float acc) {
+    if (p.bias != nullptr) {
+        acc += p.bias[n];
+    }
+    float y = activate(p.act, acc);
+    if (p.residual != nullptr) {
+        y += p.residual[m * p.n + n];
+    }
+    return y;
+}
+
+// v1: block (16, 16); grid (ceil(N / 16), ceil(M / 16)).
+extern "C" __global__ void linear_naive(const LinearParams p) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    const int m = blockIdx.y * blockDim.y + threadIdx.y;
+    if (m >= p.m || n >= p.n) {
+        return;
+    }
+    const float* xr = p.x + m * p.k;
+    const float* wr = p.w + n * p.k;
+    float acc = 0.0f;
+    for (int kk = 0; kk < p.k; ++kk) {
+        acc = fmaf(xr[kk], wr[kk], acc);
+    }
+    p.out[m * p.n + n] = linear_epilogue(p, m, n, acc);
+}
+
+#define LINEAR_BM 64
+#define LINEAR_BN 64
+#define LINEAR_BK 16
+#define LINEAR_THREADS 256
+// Shared tiles are stored K-major with 4 floats of padding per row: a row is
+// 272 bytes, so float4 reads of a row stay 16-byte aligned.
+#define LINEAR_LD (LINEAR_BM + 4)
+
+// Elements [col, col + 4) of row `row` of a [rows, K] matrix, zero where the row
+// is out of range or a column is at or past `k_end`.
+template <bool VEC>
+__device__ __forceinline__ float4 linear_load4(const float* a, int row, int rows, int col,
+                                               int k_end, int k) {
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (row >= rows) {
+        return v;
+    }
+    const float* r = a + row * k;
+    if (VEC) {
+        // K % 4 == 0, col % 4 == 0 and k_end % 4 == 0 (k_end is K or a multiple
+        // of LINEAR_BK), so the 4 columns are all in range or all out.
+        if (col < k_end) {
+            v = load_float4(r + col);
+        }
+    } else {
+        if (col + 0 < k_end) v.x = r[col + 0];
+        if (col + 1 < k_end) v.y = r[col + 1];
+        if (col + 2 < k_end) v.z = r[col + 2];
+        if (col + 3 < k_end) v.w = r[col + 3];
+    }
+    return v;
+}
+
+// v2: block 256 threads; grid (ceil(N / 64), ceil(M / 64), splits).
+template <bool VEC>
+__device__ __forceinline__ void linear_tiled(const LinearParams& p) {
+    __shared__ __align__(16) float xs[LINEAR_BK][LINEAR_LD];
+    __shared__ __align__(16) float ws[LINEAR_BK][LINEAR_LD];
+
+    const int tid = threadIdx.x;
+    const int tx = tid & 15;  // output columns tx * 4 .. + 4 of the tile
+    const int ty = tid >> 4;  // output rows ty * 4 .. + 4 of the tile
+    const int m0 = blockIdx.y * LINEAR_BM;
+    const int n0 = blockIdx.x * LINEAR_BN;
+    const int k_begin = blockIdx.z * p.k_per_split;
+    const int k_end = min(p.k, k_begin + p.k_per_split);
+
+    // Loader: each thread fetches 4 consecutive K columns of one row of each tile.
+    const int lr = tid >> 2;        // tile row 0..63
+    const int lk = (tid & 3) * 4;   // tile column 0, 4, 8, 12
+
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            acc[i][j] = 0.0f;
+        }
+    }
+
+    float4 xa = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float4 wa = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (k_begin < k_end) {
+        xa = linear_load4<VEC>(p.x, m0 + lr, p.m, k_begin + lk, k_end, p.k);
+        wa = linear_load4<VEC>(p.w, n0 + lr, p.n, k_begin + lk, k_end, p.k);
+    }
+    for (int k0 = k_begin; k0 < k_end; k0 += LINEAR_BK) {
+        __syncthreads();  // every thread is done reading the previous tile
+        xs[lk + 0][lr] = xa.x;
+        xs[lk + 1][lr] = xa.y;
+        xs[lk + 2][lr] = xa.z;
+        xs[lk + 3][lr] = xa.w;
+        ws[lk + 0][lr] = wa.x;
+        ws[lk + 1][lr] = wa.y;
+        ws[lk + 2][lr] = wa.z;
+        ws[lk + 3][lr] = wa.w;
+        __syncthreads();
+        if (k0 + LINEAR_BK < k_end) {
+            xa = linear_load4<VEC>(p.x, m0 + lr, p.m, k0 + LINEAR_BK + lk, k_end, p.k);
+            wa = linear_load4<VEC>(p.w, n0 + lr, p.n, k0 + LINEAR_BK + lk, k_end, p.k);
+        }
+#pragma unroll
+        for (int kk = 0; kk < LINEAR_BK; ++kk) {
+            const float4 a = *reinterpret_cast<const float4*>(&xs[kk][ty * 4]);
+            const float4 b = *reinterpret_cast<const float4*>(&ws[kk][tx * 4]);
+            const float av[4] = {a.x, a.y, a.z, a.w};
+            const float bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m0 + ty * 4 + i;
+        if (m >= p.m) {
+            continue;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int n = n0 + tx * 4 + j;
+            if (n >= p.n) {
+                continue;
+            }
+            if (p.partial != nullptr) {
+                p.partial[(blockIdx.z * p.m + m) * p.n + n] = acc[i][j];
+            } else {
+                p.out[m * p.n + n] = linear_epilogue(p, m, n, acc[i][j]);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
+linear_tiled_vec4(const LinearParams p) {
+    linear_tiled<true>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
+linear_tiled_scalar(const LinearParams p) {
+    linear_tiled<false>(p);
+}
+
+// Split-K finish: block 256 threads, one thread per output; grid ceil(M N / 256).
+// Slices are added in order 0, 1, .., splits - 1, so the result does not depend
+// on scheduling.
+extern "C" __global__ void linear_splitk_reduce(const LinearParams p) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    const int total = p.m * p.n;
+    if (idx >= total) {
+        return;
+    }
+    float acc = 0.0f;
+    for (int s = 0; s < p.splits; ++s) {
+        acc += p.partial[s * total + idx];
+    }
+    const int m = idx / p.n;
+    const int n = idx - m * p.n;
+    p.out[idx] = linear_epilogue(p, m, n, acc);
+}

@@ -1,0 +1,296 @@
+#!/usr/bin/env bash
+# Checks a prebuilt `outproj` on a machine with an NVIDIA GPU (no Rust needed):
+#
+#   scripts/gpu-check.sh                      # uses target/release/outproj
+#   OUTPROJ=/path/to/outproj OUT=results scripts/gpu-check.sh
+#
+# Steps (each one's full output goes to a log file in the output folder):
+#   nvidia-smi       the GPU and driver (skipped without nvidia-smi)
+#   nvrtc            finds libnvrtc.so.13 (CUDA 13.0; from a CUDA toolkit or the
+#                    nvidia-cuda-nvrtc wheel PyTorch installs) and puts its folder
+#                    on LD_LIBRARY_PATH for the steps below
+#   info             outproj info
+#   check-cuda       outproj check --device cuda
+#   bench-cuda       outproj bench --device cuda --batch $BATCHES --json
+#   memcheck,        compute-sanitizer --tool <tool> outproj check --device cuda,
+#   racecheck        for each tool in $SANITIZER_TOOLS (skipped without
+#                    compute-sanitizer)
+#   check-wgpu,      the same check and bench on wgpu, when `outproj info` reports
+#   bench-wgpu       a wgpu adapter that is a real GPU (the NVIDIA Vulkan driver)
+# then prints one table: step, status, key figure. Exits non-zero when any step
+# failed. A failed step does not stop the ones after it.
+#
+# Environment:
+#   OUTPROJ            the binary (default: target/release/outproj next to this script)
+#   OUT                output folder (default: ./gpu-check-<date>)
+#   BATCHES            bench batch sizes (default: 1,8,64)
+#   SANITIZER_TOOLS    compute-sanitizer tools (default: "memcheck racecheck";
+#                      synccheck and initcheck also work)
+#   STEP_TIMEOUT       seconds per plain step (default: 1800)
+#   SANITIZER_TIMEOUT  seconds per sanitizer step (default: 5400)
+#   OUTPROJ_KERNEL_CACHE  passed through: set to 1 to keep compiled kernels on disk
+set -u
+
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$script_dir/.." && pwd)
+OUTPROJ=${OUTPROJ:-$root/target/release/outproj}
+OUT=${OUT:-$PWD/gpu-check-$(date +%Y%m%d-%H%M%S)}
+BATCHES=${BATCHES:-1,8,64}
+SANITIZER_TOOLS=${SANITIZER_TOOLS:-memcheck racecheck}
+STEP_TIMEOUT=${STEP_TIMEOUT:-1800}
+SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-5400}
+
+steps=()
+statuses=()
+figures=()
+failures=0
+
+record() { # step status figure
+    local fig=${3//$'\n'/ }
+    if ((${#fig} > 120)); then
+        fig="${fig:0:117}..."
+    fi
+    steps+=("$1")
+    statuses+=("$2")
+    figures+=("$fig")
+    if [[ $2 == FAIL ]]; then
+        failures=$((failures + 1))
+    fi
+    printf '[gpu-check] %-14s %-5s %s\n' "$1" "$2" "$fig" >&2
+}
+
+summary() {
+    local i table
+    table=$(
+        printf '%-14s %-6s %s\n' step status "key figure"
+        printf '%-14s %-6s %s\n' -------------- ------ ----------
+        for i in "${!steps[@]}"; do
+            printf '%-14s %-6s %s\n' "${steps[$i]}" "${statuses[$i]}" "${figures[$i]}"
+        done
+    )
+    echo
+    echo "$table"
+    if [[ -d $OUT ]]; then
+        echo "$table" >"$OUT/summary.txt"
+        echo "logs: $OUT"
+    fi
+    if ((failures > 0)); then
+        echo "$failures step(s) failed"
+    else
+        echo "all steps passed or were skipped"
+    fi
+}
+
+on_exit() {
+    local rc=$?
+    trap - EXIT
+    summary
+    if ((failures > 0)); then
+        exit 1
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'record interrupted FAIL "stopped by a signal"; exit 130' INT TERM
+
+# run_step NAME TIMEOUT CMD...: stdout to NAME.out, stderr to NAME.err, both to
+# NAME.log; returns the command's status (124 on timeout).
+run_step() {
+    local name=$1 limit=$2
+    shift 2
+    local rc
+    {
+        echo "\$ $*"
+        echo "# started $(date -Is)"
+    } >"$OUT/$name.log"
+    if command -v timeout >/dev/null 2>&1; then
+        timeout --kill-after=30 "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+        rc=$?
+    else
+        "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+        rc=$?
+    fi
+    {
+        cat "$OUT/$name.out"
+        if [[ -s $OUT/$name.err ]]; then
+            echo "# stderr:"
+            cat "$OUT/$name.err"
+        fi
+        echo "# finished $(date -Is), exit status $rc"
+    } >>"$OUT/$name.log"
+    return "$rc"
+}
+
+# The last non-empty line of a step's stderr (the error `outproj` printed).
+last_error() {
+    local line
+    line=$(grep -v '^[[:space:]]*$' "$OUT/$1.err" 2>/dev/null | tail -n 1)
+    [[ -z $line ]] && line=$(grep -v '^[[:space:]]*$' "$OUT/$1.out" 2>/dev/null | tail -n 1)
+    printf '%s' "${line:0:100}"
+}
+
+status_of() { # exit status -> ok / FAIL
+    if [[ $1 == 0 ]]; then echo ok; else echo FAIL; fi
+}
+
+# "N ok, M failed, worst rel X" from an `outproj check` table.
+check_figure() {
+    awk '
+        ($NF == "ok" || $NF == "FAIL") && NF >= 7 {
+            if ($NF == "ok") ok++; else bad++
+            rel = $(NF - 3) + 0
+            if (rel > worst) worst = rel
+        }
+        END { if (ok + bad > 0) printf "%d ok, %d failed, worst rel %.2e", ok, bad, worst }
+    ' "$OUT/$1.out"
+}
+
+# "batch 1: X us, ..." (the projector's median) from `outproj bench --json`.
+bench_figure() {
+    local json=$OUT/$1.out
+    if command -v python3 >/dev/null 2>&1; then
+        python3 - "$json" <<'EOF' 2>/dev/null || echo "unparsable JSON: see $1.out"
+import json, sys
+rows = json.load(open(sys.argv[1]))
+proj = [r for r in rows if r.get("what") == "projector"]
+print(", ".join("batch %s: %.0f us" % (r["shape"].split()[-1], r["median_us"]) for r in proj)
+      or "no projector rows")
+EOF
+    else
+        echo "$(grep -c '"projector"' "$json") projector rows (python3 missing: see $1.out)"
+    fi
+}
+
+# The folder holding libnvrtc.so.13, if any.
+find_nvrtc() {
+    local d py sp
+    for d in ${CUDA_HOME:+$CUDA_HOME/lib64} ${CUDA_PATH:+$CUDA_PATH/lib64} \
+        /usr/local/cuda-13.0/lib64 /usr/local/cuda/lib64 \
+        "$root"/.venv-cuda/lib/python3*/site-packages/nvidia/cu13/lib; do
+        if [[ -e $d/libnvrtc.so.13 ]]; then
+            echo "$d"
+            return 0
+        fi
+    done
+    for py in python3 python; do
+        command -v "$py" >/dev/null 2>&1 || continue
+        while IFS= read -r sp; do
+            [[ -d $sp/nvidia ]] || continue
+            for d in "$sp"/nvidia/cu13/lib "$sp"/nvidia/cuda_nvrtc/lib "$sp"/nvidia/*/lib; do
+                if [[ -e $d/libnvrtc.so.13 ]]; then
+                    echo "$d"
+                    return 0
+                fi
+            done
+        done < <("$py" -c 'import site, sys
+paths = list(getattr(site, "getsitepackages", lambda: [])()) + [site.getusersitepackages()] + sys.path
+print("\n".join(p for p in paths if p))' 2>/dev/null)
+    done
+    if command -v ldconfig >/dev/null 2>&1; then
+        d=$(ldconfig -p 2>/dev/null | awk '/libnvrtc\.so\.13 / { print $NF; exit }')
+        if [[ -n $d ]]; then
+            dirname "$d"
+            return 0
+        fi
+    fi
+    return 1
+}
+
+# ---------------------------------------------------------------------------
+
+if ! mkdir -p "$OUT"; then
+    OUT=""
+    record setup FAIL "cannot create the output folder"
+    exit 1
+fi
+OUT=$(cd "$OUT" && pwd)
+
+if [[ ! -x $OUTPROJ ]]; then
+    record binary FAIL "no executable at $OUTPROJ (set OUTPROJ)"
+    exit 1
+fi
+record binary ok "$OUTPROJ ($("$OUTPROJ" --version 2>/dev/null | head -n 1))"
+
+if command -v nvidia-smi >/dev/null 2>&1; then
+    run_step nvidia-smi "$STEP_TIMEOUT" nvidia-smi
+    rc=$?
+    fig=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)
+    record nvidia-smi "$(status_of "$rc")" "${fig:-$(last_error nvidia-smi)}"
+else
+    record nvidia-smi skip "nvidia-smi not found"
+fi
+
+if lib=$(find_nvrtc); then
+    case ":${LD_LIBRARY_PATH:-}:" in
+        *":$lib:"*) ;;
+        *) export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+    esac
+    record nvrtc ok "$lib"
+else
+    record nvrtc warn "libnvrtc.so.13 not found (pip install nvidia-cuda-nvrtc==13.0.88, or a CUDA 13.0 toolkit)"
+fi
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >"$OUT/environment.txt"
+env | grep -E '^(CUDA|OUTPROJ|NVIDIA|WGPU)' >>"$OUT/environment.txt" 2>/dev/null
+
+run_step info "$STEP_TIMEOUT" "$OUTPROJ" info
+rc=$?
+cuda_line=$(grep -E '^cuda ' "$OUT/info.out" | head -n 1 | tr -s ' ')
+record info "$(status_of "$rc")" "${cuda_line:-$(last_error info)}"
+
+run_step check-cuda "$STEP_TIMEOUT" "$OUTPROJ" check --device cuda
+rc=$?
+if [[ $rc == 0 ]]; then
+    record check-cuda ok "$(check_figure check-cuda)"
+else
+    record check-cuda FAIL "exit $rc: $(check_figure check-cuda) $(last_error check-cuda)"
+fi
+
+run_step bench-cuda "$STEP_TIMEOUT" "$OUTPROJ" bench --device cuda --batch "$BATCHES" --json
+rc=$?
+if [[ $rc == 0 ]]; then
+    record bench-cuda ok "$(bench_figure bench-cuda)"
+else
+    record bench-cuda FAIL "exit $rc: $(last_error bench-cuda)"
+fi
+
+if command -v compute-sanitizer >/dev/null 2>&1; then
+    for tool in $SANITIZER_TOOLS; do
+        run_step "$tool" "$SANITIZER_TIMEOUT" compute-sanitizer --tool "$tool" \
+            --error-exitcode 86 --print-limit 100 "$OUTPROJ" check --device cuda
+        rc=$?
+        fig=$(grep -hE '(ERROR|RACECHECK) SUMMARY' "$OUT/$tool.out" "$OUT/$tool.err" 2>/dev/null |
+            sed 's/^=* *//' | tr '\n' ' ')
+        case $rc in
+            0) record "$tool" ok "${fig:-no errors reported}" ;;
+            86) record "$tool" FAIL "${fig:-errors found}: see $tool.log" ;;
+            124) record "$tool" FAIL "timed out after ${SANITIZER_TIMEOUT}s" ;;
+            *) record "$tool" FAIL "exit $rc: ${fig:-$(last_error "$tool")}" ;;
+        esac
+    done
+else
+    record sanitizer skip "compute-sanitizer not found"
+fi
+
+# wgpu on the same GPU, when its adapter is a real GPU (not llvmpipe).
+wgpu_block=$(awk '/^[^ ]/ { on = ($1 == "wgpu") } on' "$OUT/info.out" 2>/dev/null)
+if ! grep -qE '^wgpu +available' <<<"$wgpu_block"; then
+    record wgpu skip "no usable wgpu adapter: $(head -n 1 <<<"$wgpu_block" | tr -s ' ' | cut -c1-80)"
+elif grep -qiE 'llvmpipe|lavapipe|swiftshader|, Cpu,' <<<"$wgpu_block" ||
+    ! grep -qE 'DiscreteGpu|IntegratedGpu|VirtualGpu|NVIDIA' <<<"$wgpu_block"; then
+    record wgpu skip "the wgpu adapter is not a GPU"
+else
+    run_step check-wgpu "$STEP_TIMEOUT" "$OUTPROJ" check --device wgpu
+    rc=$?
+    if [[ $rc == 0 ]]; then
+        record check-wgpu ok "$(check_figure check-wgpu)"
+    else
+        record check-wgpu FAIL "exit $rc: $(check_figure check-wgpu) $(last_error check-wgpu)"
+    fi
+    run_step bench-wgpu "$STEP_TIMEOUT" "$OUTPROJ" bench --device wgpu --batch "$BATCHES" --json
+    rc=$?
+    if [[ $rc == 0 ]]; then
+        record bench-wgpu ok "$(bench_figure bench-wgpu)"
+    else
+        record bench-wgpu FAIL "exit $rc: $(last_error bench-wgpu)"
+    fi
+fi

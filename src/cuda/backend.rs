@@ -1,0 +1,927 @@
+//! The CUDA implementation of [`Backend`]: f32 tensors in device memory, kernels
+//! compiled by NVRTC for the device's own architecture on first use (once per
+//! process, optionally cached on disk), and every op launched on ONE stream
+//! without a host synchronisation, so a projector forward is a sequence of
+//! launches the host does not wait for. Only [`Backend::download`] and
+//! [`Backend::synchronize`] wait.
+//!
+//! Memory comes from a small caching allocator: freed blocks are kept by size
+//! and reused by later allocations of the same size, which, being on the same
+//! stream, are ordered after every kernel that used the block before. After the
+//! first forward of a shape, a forward allocates nothing from the driver.
+//!
+//! Interop: [`Cuda::on_stream`] runs on a stream you own (wrap one from another
+//! library with cudarc's `CudaContext::wrap_borrowed_stream`);
+//! [`Cuda::tensor_from_slice`] and [`Cuda::tensor_from_raw`] make tensors over
+//! device memory you own, for inputs and outputs alike.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::driver::result as drv;
+use cudarc::driver::sys as drv_sys;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::program::{self, KernelCache, Program};
+use super::{
+    backend_error, driver_error_text, no_panic, probe_devices, require_driver, require_nvrtc, CUDA,
+};
+use crate::error::{Error, Result};
+use crate::ops::{
+    Activation, AttentionDims, AttentionSpec, Backend, Cols, GatherDims, KeyPaddingMask,
+    LayerNormDims, LinearDims, LossDims, LossKind, Shaped,
+};
+use crate::signal::SignalPositions;
+use crate::tensor::{checked_numel, try_filled, HostData, HostTensor};
+
+/// Which set of kernels the backend runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KernelVersion {
+    /// The naive v1 kernels: the baseline in benchmarks, a second oracle in tests.
+    Naive,
+    /// The tuned kernels (the default).
+    #[default]
+    Fast,
+}
+
+/// Options of [`Cuda::new`] and [`Cuda::on_stream`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CudaOptions {
+    pub version: KernelVersion,
+    /// Where compiled kernels are kept between runs (default: as
+    /// `$OUTPROJ_KERNEL_CACHE` says, off when unset).
+    pub kernel_cache: KernelCache,
+}
+
+/// Allocation granule: every block is a multiple of 256 bytes (and the driver
+/// aligns blocks to at least 256 bytes, so 16-byte vector loads always qualify).
+const GRANULE: usize = 256;
+
+/// Freed device blocks by size, and the stream they are used on.
+pub(crate) struct Pool {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// Stream-ordered allocation (`cuMemAllocAsync`) is available.
+    stream_ordered: bool,
+    free: Mutex<HashMap<usize, Vec<drv_sys::CUdeviceptr>>>,
+}
+
+impl Pool {
+    fn raw_alloc(
+        &self,
+        bytes: usize,
+    ) -> std::result::Result<drv_sys::CUdeviceptr, drv::DriverError> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the context is current; the memory is only ever used as raw
+        // bytes by kernels and copies on `self.stream`, and freed once (by
+        // `raw_free`, from `release_cached` or a failed return to the pool).
+        unsafe {
+            if self.stream_ordered {
+                drv::malloc_async(self.stream.cu_stream(), bytes)
+            } else {
+                drv::malloc_sync(bytes)
+            }
+        }
+    }
+
+    fn raw_free(&self, ptr: drv_sys::CUdeviceptr) -> std::result::Result<(), drv::DriverError> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: `ptr` came from `raw_alloc` and is freed exactly once. Work
+        // queued on `self.stream` that still uses it is ordered before the
+        // stream-ordered free; the synchronous free waits for the device.
+        unsafe {
+            if self.stream_ordered {
+                drv::free_async(ptr, self.stream.cu_stream())
+            } else {
+                drv::free_sync(ptr)
+            }
+        }
+    }
+
+    fn take(self: &Arc<Self>, bytes: usize) -> Result<Block> {
+        let size = bytes
+            .max(1)
+            .checked_next_multiple_of(GRANULE)
+            .ok_or_else(|| Error::Overflow(format!("a device allocation of {bytes} bytes")))?;
+        if let Ok(mut free) = self.free.lock() {
+            if let Some(ptr) = free.get_mut(&size).and_then(Vec::pop) {
+                return Ok(Block {
+                    ptr,
+                    size,
+                    pool: Arc::clone(self),
+                });
+            }
+        }
+        let ptr = match self.raw_alloc(size) {
+            Ok(ptr) => ptr,
+            Err(e) if e.0 == drv_sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
+                // Give the cached blocks back to the driver and try once more.
+                self.release_cached();
+                self.raw_alloc(size).map_err(|e| {
+                    Error::OutOfMemory(format!(
+                        "CUDA allocation of {size} bytes: {}",
+                        driver_error_text(e)
+                    ))
+                })?
+            }
+            Err(e) => {
+                return Err(backend_error(
+                    CUDA,
+                    format!("allocating {size} bytes: {}", driver_error_text(e)),
+                ))
+            }
+        };
+        Ok(Block {
+            ptr,
+            size,
+            pool: Arc::clone(self),
+        })
+    }
+
+    /// Returns every cached block to the driver.
+    fn release_cached(&self) {
+        let blocks: Vec<drv_sys::CUdeviceptr> = match self.free.lock() {
+            Ok(mut free) => free.drain().flat_map(|(_, v)| v).collect(),
+            Err(_) => return,
+        };
+        for ptr in blocks {
+            let result = self.raw_free(ptr);
+            self.ctx.record_err(result);
+        }
+    }
+
+    fn cached_bytes(&self) -> usize {
+        self.free
+            .lock()
+            .map(|f| f.iter().map(|(size, v)| size * v.len()).sum())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.release_cached();
+    }
+}
+
+/// A device block from the pool; dropping it returns it to the pool.
+pub(crate) struct Block {
+    ptr: drv_sys::CUdeviceptr,
+    size: usize,
+    pool: Arc<Pool>,
+}
+
+impl Block {
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        match self.pool.free.lock() {
+            Ok(mut free) => free.entry(self.size).or_default().push(self.ptr),
+            Err(_) => {
+                let result = self.pool.raw_free(self.ptr);
+                self.pool.ctx.record_err(result);
+            }
+        }
+    }
+}
+
+/// Where a tensor's memory comes from.
+enum Memory {
+    /// The backend's pool (held for its Drop, which returns the block).
+    Pooled(#[allow(dead_code)] Block),
+    /// A caller's cudarc slice, kept alive by the tensor.
+    Slice(CudaSlice<f32>),
+    /// A caller's raw device pointer (see [`Cuda::tensor_from_raw`]).
+    Raw,
+}
+
+/// An f32 tensor in device memory: the backend's own, or memory you own (see
+/// [`Cuda::tensor_from_slice`] and [`Cuda::tensor_from_raw`]).
+pub struct CudaTensor {
+    memory: Memory,
+    ptr: u64,
+    shape: Vec<usize>,
+    numel: usize,
+    /// The CUDA context the memory belongs to (as an address, for checks).
+    ctx: usize,
+}
+
+impl Shaped for CudaTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+impl std::fmt::Debug for CudaTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaTensor")
+            .field("shape", &self.shape)
+            .field("ptr", &format_args!("{:#x}", self.ptr))
+            .finish()
+    }
+}
+
+impl CudaTensor {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
+    /// The device address of element 0, e.g. to hand the tensor to another
+    /// library. Valid while the tensor lives; work on it is ordered by the
+    /// backend's stream.
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// The cudarc slice this tensor was made from with
+    /// [`Cuda::tensor_from_slice`], back to its owner; `None` for other tensors.
+    /// Work already queued on the backend's stream may still use it: order your
+    /// next use after it (same stream, or `synchronize`).
+    pub fn into_slice(self) -> Option<CudaSlice<f32>> {
+        match self.memory {
+            Memory::Slice(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.numel as u64 * 4
+    }
+}
+
+/// A key padding mask on the device: one byte per key, 1 = ignored.
+pub struct CudaMask {
+    block: Block,
+    batch: usize,
+    keys: usize,
+}
+
+impl CudaMask {
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn keys(&self) -> usize {
+        self.keys
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        self.block.ptr
+    }
+}
+
+/// A module loaded into the context, and its kernels.
+struct Loaded {
+    _module: Arc<CudaModule>,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+/// What every backend on one stream shares: the device, loaded kernels, pool.
+struct Shared {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    device_name: String,
+    sm_count: u32,
+    modules: Mutex<HashMap<&'static str, Arc<Loaded>>>,
+    pool: Arc<Pool>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    options: CudaOptions,
+    cache_dir: Option<PathBuf>,
+}
+
+/// The CUDA backend: a cheap handle (clone it freely) to one stream of one
+/// device, with its compiled kernels and memory pool.
+#[derive(Clone)]
+pub struct Cuda {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cuda")
+            .field("device", &self.inner.shared.device_name)
+            .field("arch", &self.inner.shared.arch)
+            .field("version", &self.inner.options.version)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| backend_error(CUDA, "internal state poisoned by an earlier failure"))
+}
+
+fn driver(what: &str) -> impl Fn(drv::DriverError) -> Error + '_ {
+    move |e| backend_error(CUDA, format!("{what}: {}", driver_error_text(e)))
+}
+
+/// `n` as a kernel's 32-bit int, or an error naming `what`.
+pub(crate) fn i32_of(what: &str, n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| {
+        Error::Overflow(format!(
+            "{what}: {n} does not fit the 32-bit indices of the CUDA kernels"
+        ))
+    })
+}
+
+/// Blocks of `threads` covering `n` items, as a grid size.
+pub(crate) fn blocks_for(what: &str, n: usize, threads: usize) -> Result<u32> {
+    let blocks = n.div_ceil(threads).max(1);
+    u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| Error::Overflow(format!("{what}: {blocks} blocks exceed CUDA's grid")))
+}
+
+impl Cuda {
+    /// The first device with default options.
+    pub fn open() -> Result<Self> {
+        Self::new(0, CudaOptions::default())
+    }
+
+    /// A backend on device `ordinal` (its primary context) with a new stream of
+    /// its own. No driver, no device or no NVRTC is [`Error::Unavailable`].
+    pub fn new(ordinal: usize, options: CudaOptions) -> Result<Self> {
+        let devices = probe_devices()?;
+        if ordinal >= devices.len() {
+            return Err(Error::invalid(format!(
+                "CUDA device {ordinal} requested, but only {} found",
+                devices.len()
+            )));
+        }
+        require_nvrtc()?;
+        no_panic(CUDA, || {
+            let ctx = CudaContext::new(ordinal)
+                .map_err(driver(&format!("creating a context on device {ordinal}")))?;
+            let stream = ctx.new_stream().map_err(driver("creating a stream"))?;
+            Self::build(stream, options)
+        })
+    }
+
+    /// A backend that launches everything on `stream`, a stream you own (its
+    /// context is the backend's). The stream must outlive the backend and every
+    /// tensor it made; ordering this work with work you submit elsewhere is up
+    /// to you (submit on the same stream, or use events).
+    pub fn on_stream(stream: Arc<CudaStream>, options: CudaOptions) -> Result<Self> {
+        require_driver()?;
+        require_nvrtc()?;
+        no_panic(CUDA, || Self::build(stream, options))
+    }
+
+    fn build(stream: Arc<CudaStream>, options: CudaOptions) -> Result<Self> {
+        let ctx = Arc::clone(stream.context());
+        ctx.bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(driver("reading the compute capability"))?;
+        let sm_count = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("reading the multiprocessor count"))?;
+        let device_name = ctx.name().map_err(driver("reading the device name"))?;
+        let pool = Arc::new(Pool {
+            ctx: Arc::clone(&ctx),
+            stream: Arc::clone(&stream),
+            stream_ordered: ctx.has_async_alloc(),
+            free: Mutex::new(HashMap::new()),
+        });
+        let shared = Arc::new(Shared {
+            arch: format!("sm_{major}{minor}"),
+            device_name,
+            sm_count: u32::try_from(sm_count.max(1)).unwrap_or(1),
+            modules: Mutex::new(HashMap::new()),
+            pool,
+            stream,
+            ctx,
+        });
+        Ok(Self::with_shared(shared, options))
+    }
+
+    fn with_shared(shared: Arc<Shared>, options: CudaOptions) -> Self {
+        Cuda {
+            inner: Arc::new(Inner {
+                shared,
+                cache_dir: options.kernel_cache.folder(),
+                options,
+            }),
+        }
+    }
+
+    /// This backend with other options (e.g. the naive kernels) on the same
+    /// stream, sharing its memory pool and loaded kernels.
+    pub fn with_options(&self, options: CudaOptions) -> Result<Self> {
+        Ok(Self::with_shared(Arc::clone(&self.inner.shared), options))
+    }
+
+    pub fn options(&self) -> &CudaOptions {
+        &self.inner.options
+    }
+
+    pub fn version(&self) -> KernelVersion {
+        self.inner.options.version
+    }
+
+    /// The stream every op is launched on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.shared.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.inner.shared.ctx
+    }
+
+    /// The architecture kernels are compiled for, e.g. `sm_90`.
+    pub fn arch(&self) -> &str {
+        &self.inner.shared.arch
+    }
+
+    pub fn device_name(&self) -> &str {
+        &self.inner.shared.device_name
+    }
+
+    /// Streaming multiprocessors of the device.
+    pub fn sm_count(&self) -> u32 {
+        self.inner.shared.sm_count
+    }
+
+    /// Bytes held by the pool for reuse.
+    pub fn cached_bytes(&self) -> usize {
+        self.inner.shared.pool.cached_bytes()
+    }
+
+    /// Returns the pool's cached blocks to the driver.
+    pub fn release_cached(&self) {
+        self.inner.shared.pool.release_cached();
+    }
+
+    /// Compiles (or finds in the caches) and loads every kernel now rather than
+    /// on first use, e.g. before timing.
+    pub fn warm_up(&self) -> Result<()> {
+        for p in program::PROGRAMS {
+            for k in p.kernels {
+                self.function(p, k)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ctx_id(&self) -> usize {
+        self.inner.shared.ctx.cu_ctx() as usize
+    }
+
+    /// A tensor of `shape` over a cudarc slice you allocated on this backend's
+    /// stream ([`Cuda::stream`]); the tensor owns the slice until
+    /// [`CudaTensor::into_slice`] gives it back.
+    pub fn tensor_from_slice(&self, slice: CudaSlice<f32>, shape: &[usize]) -> Result<CudaTensor> {
+        if **slice.stream() != *self.inner.shared.stream {
+            return Err(Error::invalid(
+                "a CUDA slice must be allocated on the backend's stream (Cuda::stream) to be \
+                 used as a tensor; copy it or create the backend with Cuda::on_stream",
+            ));
+        }
+        let numel = checked_numel(shape, "cuda tensor")?;
+        if numel > slice.len() {
+            return Err(Error::invalid(format!(
+                "a CUDA slice of {} elements is too small for shape {shape:?}",
+                slice.len()
+            )));
+        }
+        let ptr = {
+            let (ptr, _record) = slice.device_ptr(&self.inner.shared.stream);
+            ptr
+        };
+        Ok(CudaTensor {
+            memory: Memory::Slice(slice),
+            ptr,
+            shape: shape.to_vec(),
+            numel,
+            ctx: self.ctx_id(),
+        })
+    }
+
+    /// A tensor of `shape` over device memory you own, starting at `ptr`
+    /// (`len` f32 elements available from there).
+    ///
+    /// # Safety
+    /// - `ptr` must point to at least `len` f32 elements of device memory of
+    ///   this backend's context, 4-byte aligned (16-byte alignment enables the
+    ///   vector paths);
+    /// - the memory must stay allocated, and must not be written by anything
+    ///   else, while the tensor lives and while work queued with it on the
+    ///   backend's stream has not finished;
+    /// - memory given as an op's output must not overlap memory the op reads
+    ///   (the backend checks this only between tensors it is given).
+    pub unsafe fn tensor_from_raw(
+        &self,
+        ptr: u64,
+        len: usize,
+        shape: &[usize],
+    ) -> Result<CudaTensor> {
+        if ptr == 0 || ptr % 4 != 0 {
+            return Err(Error::invalid(format!(
+                "device pointer {ptr:#x} is null or not 4-byte aligned"
+            )));
+        }
+        let numel = checked_numel(shape, "cuda tensor")?;
+        if numel > len {
+            return Err(Error::invalid(format!(
+                "device memory of {len} elements is too small for shape {shape:?}"
+            )));
+        }
+        let end = (numel as u64)
+            .checked_mul(4)
+            .and_then(|b| b.checked_add(ptr));
+        if end.is_none() {
+            return Err(Error::Overflow(format!("device range at {ptr:#x}")));
+        }
+        Ok(CudaTensor {
+            memory: Memory::Raw,
+            ptr,
+            shape: shape.to_vec(),
+            numel,
+            ctx: self.ctx_id(),
+        })
+    }
+
+    /// A block of scratch memory from the pool (returned to it on drop).
+    pub(crate) fn scratch(&self, bytes: usize) -> Result<Block> {
+        self.inner.shared.pool.take(bytes)
+    }
+
+    /// Copies `data` into a fresh pool block. The host buffer may be dropped
+    /// on return (pageable memory is staged by the driver before it returns).
+    pub(crate) fn upload_bytes<T: Copy>(&self, data: &[T]) -> Result<Block> {
+        let bytes = std::mem::size_of_val(data);
+        let block = self.scratch(bytes)?;
+        if bytes > 0 {
+            self.inner
+                .shared
+                .ctx
+                .bind_to_thread()
+                .map_err(driver("binding the context"))?;
+            // SAFETY: the block holds at least `bytes` bytes; the copy is queued
+            // on the stream every use of the block is ordered on, and pageable
+            // `data` is staged before the call returns.
+            unsafe {
+                drv::memcpy_htod_async(block.ptr, data, self.inner.shared.stream.cu_stream())
+            }
+            .map_err(driver("copying to the device"))?;
+        }
+        Ok(block)
+    }
+
+    fn alloc_tensor(&self, shape: &[usize]) -> Result<CudaTensor> {
+        let numel = checked_numel(shape, "cuda tensor")?;
+        let bytes = numel
+            .checked_mul(4)
+            .ok_or_else(|| Error::Overflow(format!("cuda tensor of shape {shape:?}")))?;
+        let block = self.scratch(bytes)?;
+        Ok(CudaTensor {
+            ptr: block.ptr,
+            memory: Memory::Pooled(block),
+            shape: shape.to_vec(),
+            numel,
+            ctx: self.ctx_id(),
+        })
+    }
+
+    fn upload_tensor(&self, t: &HostTensor) -> Result<CudaTensor> {
+        let converted;
+        let data: &[f32] = match t.data() {
+            HostData::F32(v) => v,
+            _ => {
+                converted = t.to_f32_vec();
+                &converted
+            }
+        };
+        let block = self.upload_bytes(data)?;
+        Ok(CudaTensor {
+            ptr: block.ptr,
+            memory: Memory::Pooled(block),
+            shape: t.shape().to_vec(),
+            numel: data.len(),
+            ctx: self.ctx_id(),
+        })
+    }
+
+    fn download_tensor(&self, t: &CudaTensor) -> Result<HostTensor> {
+        self.check_tensor("download", t)?;
+        let mut host = try_filled(t.numel, 0.0f32, "cuda download")?;
+        if !host.is_empty() {
+            self.inner
+                .shared
+                .ctx
+                .bind_to_thread()
+                .map_err(driver("binding the context"))?;
+            // SAFETY: `host` holds exactly the tensor's `numel` f32 elements and
+            // the device range was checked when the tensor was made; the copy is
+            // ordered after every op queued on the stream, and the stream is
+            // synchronised before `host` is read.
+            unsafe {
+                drv::memcpy_dtoh_async(&mut host, t.ptr, self.inner.shared.stream.cu_stream())
+            }
+            .map_err(driver("copying to the host"))?;
+        }
+        self.sync()?;
+        HostTensor::from_f32(t.shape.clone(), host)
+    }
+
+    fn upload_mask_bytes(&self, m: &KeyPaddingMask) -> Result<CudaMask> {
+        let bytes: Vec<u8> = m.ignore().iter().map(|&b| u8::from(b)).collect();
+        Ok(CudaMask {
+            block: self.upload_bytes(&bytes)?,
+            batch: m.batch(),
+            keys: m.keys(),
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.inner.shared.stream.synchronize().map_err(driver(
+            "waiting for the stream (an earlier kernel may have failed)",
+        ))?;
+        self.inner
+            .shared
+            .ctx
+            .check_err()
+            .map_err(driver("a deferred CUDA error"))
+    }
+
+    /// Checks that `t` lives in this backend's context and that its element
+    /// count fits the kernels' 32-bit indices; returns its address.
+    pub(crate) fn check_tensor(&self, what: &str, t: &CudaTensor) -> Result<u64> {
+        if t.ctx != self.ctx_id() {
+            return Err(Error::invalid(format!(
+                "{what}: the tensor belongs to another CUDA context"
+            )));
+        }
+        i32_of(what, t.numel)?;
+        Ok(t.ptr)
+    }
+
+    /// An error unless every output's memory is disjoint from every input's and
+    /// from the other outputs'.
+    pub(crate) fn check_disjoint(
+        &self,
+        op: &str,
+        outputs: &[&CudaTensor],
+        inputs: &[&CudaTensor],
+    ) -> Result<()> {
+        let range = |t: &CudaTensor| (t.ptr, t.ptr + t.bytes());
+        let overlap = |a: (u64, u64), b: (u64, u64)| a.0 < b.1 && b.0 < a.1;
+        for (i, out) in outputs.iter().enumerate() {
+            let o = range(out);
+            let clash = inputs.iter().any(|t| overlap(o, range(t)))
+                || outputs[i + 1..].iter().any(|t| overlap(o, range(t)));
+            if clash {
+                return Err(Error::invalid(format!(
+                    "{op}: an output's device memory overlaps an input or another output"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel `name` of `program`, compiled and loaded on first use.
+    fn function(&self, program: &'static Program, name: &'static str) -> Result<CudaFunction> {
+        let mut modules = lock(&self.inner.shared.modules)?;
+        let loaded = match modules.get(program.file) {
+            Some(l) => Arc::clone(l),
+            None => {
+                let cubin = program::cubin(
+                    program,
+                    &self.inner.shared.arch,
+                    self.inner.cache_dir.as_deref(),
+                )?;
+                let module = self
+                    .inner
+                    .shared
+                    .ctx
+                    .load_module(Ptx::from_binary(cubin.as_ref().clone()))
+                    .map_err(driver(&format!("loading kernels/{}", program.file)))?;
+                let mut functions = HashMap::new();
+                for &k in program.kernels {
+                    let f = module.load_function(k).map_err(driver(&format!(
+                        "finding kernel `{k}` in kernels/{}",
+                        program.file
+                    )))?;
+                    functions.insert(k, f);
+                }
+                let loaded = Arc::new(Loaded {
+                    _module: module,
+                    functions,
+                });
+                modules.insert(program.file, Arc::clone(&loaded));
+                loaded
+            }
+        };
+        loaded.functions.get(name).cloned().ok_or_else(|| {
+            backend_error(
+                CUDA,
+                format!("kernel `{name}` is not listed for kernels/{}", program.file),
+            )
+        })
+    }
+
+    /// Queues kernel `name` of `program` on the stream with one by-value
+    /// parameter struct.
+    pub(crate) fn launch<P: DeviceRepr>(
+        &self,
+        program: &'static Program,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        params: &P,
+    ) -> Result<()> {
+        let (gx, gy, gz) = grid;
+        if gx == 0 || gy == 0 || gz == 0 || gx > i32::MAX as u32 || gy > 65_535 || gz > 65_535 {
+            return Err(Error::invalid(format!(
+                "{name}: grid {grid:?} is outside CUDA's limits"
+            )));
+        }
+        let f = self.function(program, name)?;
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: block,
+            shared_mem_bytes: 0,
+        };
+        let mut args = self.inner.shared.stream.launch_builder(&f);
+        args.arg(params);
+        // SAFETY: `params` is the `#[repr(C)]` mirror of the kernel's only
+        // parameter (its layout is checked by static_asserts compiled into the
+        // kernel). Every address in it was checked by the calling op: it belongs
+        // to this context, covers the elements the kernel indexes for the sizes
+        // in `params` (validated by the shared `*Dims::check`), and outputs do
+        // not overlap inputs. The memory outlives the queued work: pool blocks
+        // are only reused by later work on this same stream, and caller memory
+        // is under the contract of `tensor_from_raw`/`tensor_from_slice`.
+        unsafe { args.launch(cfg) }.map_err(driver(&format!(
+            "launching {name} with grid {grid:?}, block {block:?}"
+        )))?;
+        Ok(())
+    }
+}
+
+impl Backend for Cuda {
+    type Tensor = CudaTensor;
+    type Mask = CudaMask;
+
+    fn name(&self) -> &str {
+        CUDA
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<CudaTensor> {
+        self.upload_tensor(t)
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<HostTensor> {
+        self.download_tensor(t)
+    }
+
+    fn alloc(&self, shape: &[usize]) -> Result<CudaTensor> {
+        self.alloc_tensor(shape)
+    }
+
+    fn upload_mask(&self, mask: &KeyPaddingMask) -> Result<CudaMask> {
+        self.upload_mask_bytes(mask)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.sync()
+    }
+
+    fn naive(&self) -> Result<Option<Self>> {
+        let options = CudaOptions {
+            version: KernelVersion::Naive,
+            ..self.options().clone()
+        };
+        self.with_options(options).map(Some)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        act: Activation,
+        residual: Option<&CudaTensor>,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let d = LinearDims::check(
+            x.shape(),
+            w.shape(),
+            b.map(|t| t.shape()),
+            residual.map(|t| t.shape()),
+            out.shape(),
+        )?;
+        super::linear::linear(self, d, x, w, b, act, residual, out)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        residual: Option<&CudaTensor>,
+        weight: &CudaTensor,
+        bias: &CudaTensor,
+        eps: f64,
+        out: &mut CudaTensor,
+        sum_out: Option<&mut CudaTensor>,
+    ) -> Result<()> {
+        let d = LayerNormDims::check(
+            x.shape(),
+            residual.map(|t| t.shape()),
+            weight.shape(),
+            bias.shape(),
+            eps,
+            out.shape(),
+            sum_out.as_ref().map(|t| t.shape()),
+        )?;
+        super::layer_norm::layer_norm(self, d, x, residual, weight, bias, eps, out, sum_out)
+    }
+
+    fn attention(
+        &self,
+        q: Cols<'_, CudaTensor>,
+        k: Cols<'_, CudaTensor>,
+        v: Cols<'_, CudaTensor>,
+        spec: &AttentionSpec,
+        mask: Option<&CudaMask>,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let d = AttentionDims::check(
+            (q.tensor.shape(), q.start),
+            (k.tensor.shape(), k.start),
+            (v.tensor.shape(), v.start),
+            spec,
+            mask.map(|m| (m.batch(), m.keys())),
+            out.shape(),
+        )?;
+        super::attention::attention(self, d, q.tensor, k.tensor, v.tensor, spec, mask, out)
+    }
+
+    fn alignment_loss(
+        &self,
+        kind: LossKind,
+        pred: &CudaTensor,
+        target: &CudaTensor,
+        loss: &mut CudaTensor,
+        grad: &mut CudaTensor,
+    ) -> Result<()> {
+        let d = LossDims::check(pred.shape(), target.shape(), loss.shape(), grad.shape())?;
+        super::alignment_loss::alignment_loss(self, d, kind, pred, target, loss, grad)
+    }
+
+    fn gather_signal_tokens(
+        &self,
+        hidden: &CudaTensor,
+        embeds: Option<&CudaTensor>,
+        positions: &SignalPositions,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let d = GatherDims::check(
+            hidden.shape(),
+            embeds.map(|t| t.shape()),
+            positions,
+            out.shape(),
+        )?;
+        super::gather_signal_tokens::gather_signal_tokens(self, d, hidden, embeds, positions, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_limits() {
+        assert_eq!(i32_of("x", 5).ok(), Some(5));
+        assert!(matches!(i32_of("x", 1 << 31), Err(Error::Overflow(_))));
+        assert_eq!(blocks_for("x", 0, 128).ok(), Some(1));
+        assert_eq!(blocks_for("x", 257, 128).ok(), Some(3));
+        assert!(blocks_for("x", usize::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn no_device_is_unavailable_not_a_panic() {
+        if super::super::driver_present() {
+            return; // a machine with a driver: covered by tests/cuda_ops.rs
+        }
+        match Cuda::open() {
+            Err(Error::Unavailable { backend, .. }) => assert_eq!(backend, "cuda"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! `kernels/linear.cu`: naive v1, and a 64x64-tiled v2 with 16-byte loads and a
+//! deterministic split-K for grids too small to fill the device.
+
+use cudarc::driver::DeviceRepr;
+
+use super::backend::{blocks_for, i32_of, Cuda, CudaTensor, KernelVersion};
+use super::program::{param_layout, Program};
+use crate::error::Result;
+use crate::ops::{Activation, LinearDims};
+
+/// Mirror of `LinearParams` in kernels/linear.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct LinearParams {
+    x: u64,
+    w: u64,
+    bias: u64,
+    residual: u64,
+    out: u64,
+    partial: u64,
+    m: i32,
+    n: i32,
+    k: i32,
+    act: i32,
+    k_per_split: i32,
+    splits: i32,
+}
+
+// SAFETY: plain data (u64 and i32 fields, no padding), laid out exactly as the
+// kernels' LinearParams: the static_asserts compiled into linear.cu check it.
+unsafe impl DeviceRepr for LinearParams {}
+
+fn layouts() -> String {
+    param_layout!(LinearParams {
+        x,
+        w,
+        bias,
+        residual,
+        out,
+        partial,
+        m,
+        n,
+        k,
+        act,
+        k_per_split,
+        splits
+    })
+}
+
+pub(crate) static PROGRAM: Program = Program {
+    file: "linear.cu",
+    source: include_str!("../../kernels/linear.cu"),
+    kernels: &[
+        "linear_naive",
+        "linear_tiled_vec4",
+        "linear_tiled_scalar",
+        "linear_splitk_reduce",
+    ],
+    layouts,
+};
+
+/// Output tile of the v2 kernel (rows and columns), and its K step.
+const TILE: usize = 64;
+const TILE_K: usize = 16;
+/// K columns a split must at least cover to be worth its partial sums.
+const MIN_SPLIT_K: usize = 256;
+const MAX_SPLITS: usize = 32;
+
+/// How one `linear` call is launched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LinearPlan {
+    /// `linear_naive`, block (16, 16).
+    Naive { grid: (u32, u32, u32) },
+    /// `linear_tiled_*`, block 256; with `splits > 1` the partial sums go to a
+    /// `[splits, M, N]` workspace and `linear_splitk_reduce` (block 256,
+    /// `reduce_blocks` blocks) finishes.
+    Tiled {
+        vec4: bool,
+        grid: (u32, u32, u32),
+        splits: usize,
+        k_per_split: usize,
+        reduce_blocks: u32,
+    },
+}
+
+/// The K split for an `m x n` output over `k` on `sm_count` SMs: enough blocks
+/// for two waves when the tiles alone are too few, each split at least
+/// `MIN_SPLIT_K` deep. Returns `(splits, k_per_split)` with
+/// `k_per_split` a multiple of `TILE_K` and every split non-empty.
+fn split_k(m: usize, n: usize, k: usize, sm_count: usize) -> (usize, usize) {
+    let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
+    let mut splits = 1;
+    if tiles < sm_count && k >= 2 * MIN_SPLIT_K {
+        let want = (2 * sm_count).div_ceil(tiles);
+        splits = want.min(k / MIN_SPLIT_K).clamp(1, MAX_SPLITS);
+        // The workspace [splits, m, n] must fit the kernels' 32-bit indices.
+        while splits > 1
+            && splits
+                .checked_mul(m)
+                .and_then(|v| v.checked_mul(n))
+                .is_none_or(|v| v > i32::MAX as usize)
+        {
+            splits -= 1;
+        }
+    }
+    let k_per_split = k.div_ceil(splits).div_ceil(TILE_K) * TILE_K;
+    (k.div_ceil(k_per_split), k_per_split)
+}
+
+pub(crate) fn plan(
+    d: LinearDims,
+    version: KernelVersion,
+    sm_count: u32,
+    vec4: bool,
+) -> Result<LinearPlan> {
+    match version {
+        KernelVersion::Naive => Ok(LinearPlan::Naive {
+            grid: (
+                blocks_for("linear", d.n, 16)?,
+                blocks_for("linear", d.m, 16)?,
+                1,
+            ),
+        }),
+        KernelVersion::Fast => {
+            let (splits, k_per_split) = split_k(d.m, d.n, d.k, sm_count as usize);
+            let total = d.m.saturating_mul(d.n);
+            Ok(LinearPlan::Tiled {
+                vec4,
+                grid: (
+                    blocks_for("linear", d.n, TILE)?,
+                    blocks_for("linear", d.m, TILE)?,
+                    u32::try_from(splits).unwrap_or(u32::MAX),
+                ),
+                splits,
+                k_per_split,
+                reduce_blocks: if splits > 1 {
+                    blocks_for("linear", total, 256)?
+                } else {
+                    0
+                },
+            })
+        }
+    }
+}
+
+pub(crate) fn act_code(act: Activation) -> i32 {
+    match act {
+        Activation::None => 0,
+        Activation::Relu => 1,
+        Activation::GeluErf => 2,
+        Activation::GeluTanh => 3,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn linear(
+    be: &Cuda,
+    d: LinearDims,
+    x: &CudaTensor,
+    w: &CudaTensor,
+    b: Option<&CudaTensor>,
+    act: Activation,
+    residual: Option<&CudaTensor>,
+    out: &mut CudaTensor,
+) -> Result<()> {
+    let xp = be.check_tensor("linear x", x)?;
+    let wp = be.check_tensor("linear weight", w)?;
+    let bp = b.map(|t| be.check_tensor("linear bias", t)).transpose()?;
+    let rp = residual
+        .map(|t| be.check_tensor("linear residual", t))
+        .transpose()?;
+    let op = be.check_tensor("linear out", out)?;
+    let mut inputs = vec![x, w];
+    inputs.extend(b);
+    inputs.extend(residual);
+    be.check_disjoint("linear", &[out], &inputs)?;
+
+    let vec4 = d.k % 4 == 0 && xp % 16 == 0 && wp % 16 == 0;
+    let mut params = LinearParams {
+        x: xp,
+        w: wp,
+        bias: bp.unwrap_or(0),
+        residual: rp.unwrap_or(0),
+        out: op,
+        partial: 0,
+        m: i32_of("linear rows", d.m)?,
+        n: i32_of("linear out_features", d.n)?,
+        k: i32_of("linear in_features", d.k)?,
+        act: act_code(act),
+        k_per_split: 0,
+        splits: 1,
+    };
+    match plan(d, be.version(), be.sm_count(), vec4)? {
+        LinearPlan::Naive { grid } => {
+            be.launch(&PROGRAM, "linear_naive", grid, (16, 16, 1), &params)
+        }
+        LinearPlan::Tiled {
+            vec4,
+            grid,
+            splits,
+            k_per_split,
+            reduce_blocks,
+        } => {
+            params.k_per_split = i32_of("linear split", k_per_split)?;
+            params.splits = i32_of("linear splits", splits)?;
+            let kernel = if vec4 {
+                "linear_tiled_vec4"
+            } else {
+                "linear_tiled_scalar"
+            };
+            if splits == 1 {
+                return be.launch(&PROGRAM, kernel, grid, (256, 1, 1), &params);
+            }
+            // [splits, M, N] partial sums; back to the pool when this returns,
+            // reusable only by work queued after the reduce.
+            let workspace = be.scratch(splits * d.m * d.n * 4)?;
+            params.partial = workspace.ptr();
+            be.launch(&PROGRAM, kernel, grid, (256, 1, 1), &params)?;
+            be.launch(
+                &PROGRAM,
+                "linear_splitk_reduce",
+                (reduce_blocks, 1, 1),
+                (256, 1, 1),
+                &params,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(m: usize, n: usize, k: usize) -> LinearDims {
+        LinearDims { m, n, k }
+    }
+
+    #[test]
+    fn layout_has_no_padding() {
+        assert_eq!(std::mem::size_of::<LinearParams>(), 6 * 8 + 6 * 4);
+    }
+
+    #[test]
+    fn splits_cover_k_exactly() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (4, 512, 4096),
+            (77, 1536, 512),
+            (154, 512, 2048),
+            (77, 129, 513),
+            (1, 1, 100_000),
+            (616, 512, 2048),
+        ] {
+            for sms in [1, 8, 132] {
+                let (s, kps) = split_k(m, n, k, sms);
+                assert!((1..=MAX_SPLITS).contains(&s), "{m}x{n}x{k}: {s} splits");
+                assert_eq!(kps % TILE_K, 0);
+                // Every split starts inside K, the last one reaches it.
+                assert!(
+                    (s - 1) * kps < k && s * kps >= k,
+                    "{m}x{n}x{k}: {s} x {kps}"
+                );
+                if s > 1 {
+                    assert!(kps >= MIN_SPLIT_K - TILE_K);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_grids_are_split_large_are_not() {
+        // The projector's fc at batch 1: 8 tiles on 132 SMs.
+        let (s, kps) = split_k(4, 512, 4096, 132);
+        assert_eq!((s, kps), (16, 256));
+        // Batch 64 decoder FFN: 77 x 8 tiles, enough on their own.
+        assert_eq!(split_k(64 * 77, 512, 2048, 132).0, 1);
+        // Short K is never split.
+        assert_eq!(split_k(4, 512, 300, 132).0, 1);
+    }
+
+    #[test]
+    fn plans_cover_the_output() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (77, 129, 513),
+            (4, 512, 4096),
+            (513, 33, 64),
+        ] {
+            match plan(dims(m, n, k), KernelVersion::Naive, 132, true).unwrap() {
+                LinearPlan::Naive { grid } => {
+                    assert!(grid.0 as usize * 16 >= n && grid.1 as usize * 16 >= m);
+                }
+                p => panic!("{p:?}"),
+            }
+            match plan(dims(m, n, k), KernelVersion::Fast, 132, false).unwrap() {
+                LinearPlan::Tiled {
+                    vec4,
+                    grid,
+                    splits,
+                    k_per_split,
+                    reduce_blocks,
+                } => {
+                    assert!(!vec4);
+                    assert!(grid.0 as usize * TILE >= n && grid.1 as usize * TILE >= m);
+                    assert_eq!(grid.2 as usize, splits);
+                    assert!(splits * k_per_split >= k);
+                    if splits > 1 {
+                        assert!(reduce_blocks as usize * 256 >= m * n);
+                    }
+                }
+                p => panic!("{p:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn activation_codes_match_the_kernels() {
+        let src = PROGRAM.source.to_string() + super::super::program::COMMON.1;
+        for (act, name) in [
+            (Activation::None, "OP_ACT_NONE"),
+            (Activation::Relu, "OP_ACT_RELU"),
+            (Activation::GeluErf, "OP_ACT_GELU_ERF"),
+            (Activation::GeluTanh, "OP_ACT_GELU_TANH"),
+        ] {
+            assert!(
+                src.contains(&format!("#define {name} {}", act_code(act))),
+                "{name}"
+            );
+        }
+    }
+}

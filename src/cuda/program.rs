@@ -1,0 +1,410 @@
+//! The kernel files (`kernels/*.cu`, embedded at build time), compiling them for
+//! a device, and the caches of the results: in memory for the process, and
+//! optionally on disk (see [`KernelCache`]).
+//!
+//! Every program is compiled with `kernels/common.cuh` as an in-memory header and
+//! with `static_assert`s appended that pin the size and field offsets of each
+//! kernel parameter struct to its `#[repr(C)]` mirror on the host: a layout that
+//! drifts apart is a compile error, never a kernel reading the wrong argument.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::{compile_options, compile_with_headers, probe_nvrtc, Compiled, KernelReport};
+use crate::error::{Error, Result};
+
+/// The shared header, as the kernel files include it.
+pub(crate) const COMMON: (&str, &str) = ("common.cuh", include_str!("../../kernels/common.cuh"));
+
+/// One kernel file: its source, the kernels (extern "C" entry points) the host
+/// launches from it, and the layout checks of its parameter structs.
+pub(crate) struct Program {
+    /// File name under `kernels/`.
+    pub file: &'static str,
+    pub source: &'static str,
+    /// Every entry point of the file.
+    pub kernels: &'static [&'static str],
+    /// `static_assert`s of the parameter structs' layouts (see [`param_layout`]).
+    pub layouts: fn() -> String,
+}
+
+impl Program {
+    /// The source as compiled: the file plus the layout checks.
+    pub fn full_source(&self) -> String {
+        // NVRTC has no offsetof (no <cstddef> without a toolkit, no
+        // __builtin_offsetof); its EDG front end folds __INTADDR__ of a member
+        // address to a constant, which is what offsetof expands to there.
+        format!(
+            "{}\n// Parameter layouts as the host lays them out.\n\
+             #define OP_HOST_OFFSETOF(T, f) ((unsigned long long)__INTADDR__(&((T*)0)->f))\n{}",
+            self.source,
+            (self.layouts)()
+        )
+    }
+}
+
+/// `static_assert`s that a C struct of the same name has the size and field
+/// offsets of the `#[repr(C)]` Rust struct `$ty`.
+macro_rules! param_layout {
+    ($ty:ident { $($field:ident),+ $(,)? }) => {{
+        let name = stringify!($ty);
+        let mut s = format!(
+            "static_assert(sizeof({name}) == {}, \"{name}: size differs from the host's\");\n",
+            std::mem::size_of::<$ty>()
+        );
+        $(
+            s += &format!(
+                "static_assert(OP_HOST_OFFSETOF({name}, {field}) == {}, \"{name}.{field}: offset differs from the host's\");\n",
+                std::mem::offset_of!($ty, $field),
+                field = stringify!($field)
+            );
+        )+
+        s
+    }};
+}
+pub(crate) use param_layout;
+
+/// Every kernel file, in the order `outproj kernels` lists them.
+pub(crate) static PROGRAMS: [&Program; 5] = [
+    &super::linear::PROGRAM,
+    &super::layer_norm::PROGRAM,
+    &super::attention::PROGRAM,
+    &super::alignment_loss::PROGRAM,
+    &super::gather_signal_tokens::PROGRAM,
+];
+
+/// The environment variable that enables the on-disk CUBIN cache: `1` or `on`
+/// for the default folder (`$XDG_CACHE_HOME/output-projector/kernels`, else
+/// `~/.cache/output-projector/kernels`), any other non-empty value but `0`/`off`
+/// for that folder.
+pub const KERNEL_CACHE_ENV: &str = "OUTPROJ_KERNEL_CACHE";
+
+/// Where compiled CUBINs are kept between runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum KernelCache {
+    /// As `$OUTPROJ_KERNEL_CACHE` says (off when unset).
+    #[default]
+    FromEnv,
+    /// No disk cache: compile once per process.
+    Off,
+    /// This folder (created when missing).
+    Dir(PathBuf),
+}
+
+impl KernelCache {
+    /// The folder to use, if any.
+    pub fn folder(&self) -> Option<PathBuf> {
+        match self {
+            KernelCache::Off => None,
+            KernelCache::Dir(d) => Some(d.clone()),
+            KernelCache::FromEnv => {
+                let value = std::env::var_os(KERNEL_CACHE_ENV)?;
+                match value.to_str() {
+                    Some("" | "0" | "off") => None,
+                    Some("1" | "on") => default_cache_folder(),
+                    _ => Some(PathBuf::from(value)),
+                }
+            }
+        }
+    }
+}
+
+fn default_cache_folder() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })?;
+    Some(base.join("output-projector").join("kernels"))
+}
+
+/// FNV-1a (64 bit) over `parts`, each followed by a separator byte: a stable
+/// hash for cache file names (std's hasher may change between Rust versions).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in *part {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(PRIME);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(PRIME);
+    }
+    h
+}
+
+/// The cache file name of `program` compiled from `source` for `arch` by NVRTC
+/// `version`: the hash covers the shared header, the source (with the layout
+/// checks), the architecture, the NVRTC version and the compile options.
+pub(crate) fn cache_file_name(
+    program: &Program,
+    source: &str,
+    arch: &str,
+    version: (i32, i32),
+) -> String {
+    let options = compile_options(arch).join(" ");
+    let nvrtc = format!("{}.{}", version.0, version.1);
+    let hash = fnv1a(&[
+        b"output-projector cubin v1",
+        COMMON.1.as_bytes(),
+        source.as_bytes(),
+        arch.as_bytes(),
+        nvrtc.as_bytes(),
+        options.as_bytes(),
+    ]);
+    let stem = program.file.trim_end_matches(".cu");
+    format!("{stem}-{arch}-nvrtc{nvrtc}-{hash:016x}.cubin")
+}
+
+/// Compiles `program` for `arch` and checks that every kernel the host launches
+/// is in it.
+pub(crate) fn compile_program(program: &Program, arch: &str) -> Result<Compiled> {
+    let compiled = compile_with_headers(&program.full_source(), program.file, arch, &[COMMON])?;
+    for name in program.kernels {
+        if compiled.kernel(name).is_none() {
+            return Err(Error::Backend {
+                backend: "nvrtc".into(),
+                message: format!(
+                    "kernels/{} compiled for {arch} has no entry point `{name}`; it has {:?}",
+                    program.file,
+                    compiled.kernels.iter().map(|k| &k.name).collect::<Vec<_>>()
+                ),
+            });
+        }
+    }
+    Ok(compiled)
+}
+
+type MemoryCache = Mutex<HashMap<(&'static str, String), Arc<Vec<u8>>>>;
+
+/// The CUBIN of `program` for `arch`: from this process's cache, else as
+/// [`cubin_from_disk_or_compile`] finds or makes it (then kept in memory).
+pub(crate) fn cubin(
+    program: &'static Program,
+    arch: &str,
+    disk: Option<&Path>,
+) -> Result<Arc<Vec<u8>>> {
+    static MEMORY: OnceLock<MemoryCache> = OnceLock::new();
+    let memory = MEMORY.get_or_init(Default::default);
+    let key = (program.file, arch.to_string());
+    if let Some(hit) = memory.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(hit);
+    }
+    let bytes = Arc::new(cubin_from_disk_or_compile(program, arch, disk)?);
+    if let Ok(mut m) = memory.lock() {
+        m.insert(key, Arc::clone(&bytes));
+    }
+    Ok(bytes)
+}
+
+/// The CUBIN of `program` for `arch` from the disk cache in `disk` (when given
+/// and the file is an ELF image), else compiled and, with `disk`, stored there.
+/// A disk cache that cannot be read or written is skipped, not an error.
+pub(crate) fn cubin_from_disk_or_compile(
+    program: &Program,
+    arch: &str,
+    disk: Option<&Path>,
+) -> Result<Vec<u8>> {
+    let path = match disk {
+        Some(dir) => {
+            let version = probe_nvrtc()?.version;
+            Some(dir.join(cache_file_name(
+                program,
+                &program.full_source(),
+                arch,
+                version,
+            )))
+        }
+        None => None,
+    };
+    let from_disk = path
+        .as_deref()
+        .and_then(|p| std::fs::read(p).ok())
+        .filter(|bytes| bytes.len() > 64 && bytes.starts_with(b"\x7fELF"));
+    if let Some(bytes) = from_disk {
+        return Ok(bytes);
+    }
+    let compiled = compile_program(program, arch)?;
+    if let Some(p) = &path {
+        let _ = write_atomically(p, &compiled.cubin);
+    }
+    Ok(compiled.cubin)
+}
+
+/// Writes `bytes` to a temporary file next to `path`, then renames it into place,
+/// so a reader never sees half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// What ptxas reported for one kernel file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramReport {
+    /// File name under `kernels/`.
+    pub file: &'static str,
+    pub arch: String,
+    /// Size of the CUBIN.
+    pub cubin_bytes: usize,
+    /// One entry per kernel, in the order ptxas compiled them.
+    pub kernels: Vec<KernelReport>,
+}
+
+/// Compiles every kernel file for `arch` (e.g. `sm_90`) and returns ptxas's
+/// report of each: registers, shared memory, stack and spills per kernel. Needs
+/// NVRTC, not a GPU.
+pub fn program_reports(arch: &str) -> Result<Vec<ProgramReport>> {
+    PROGRAMS
+        .iter()
+        .map(|program| {
+            let compiled = compile_program(program, arch)?;
+            Ok(ProgramReport {
+                file: program.file,
+                arch: arch.to_string(),
+                cubin_bytes: compiled.cubin.len(),
+                kernels: compiled.kernels,
+            })
+        })
+        .collect()
+}
+
+/// Every kernel of every kernel file compiled for `arch`, as ptxas reports them
+/// (see [`program_reports`] for the per-file view).
+pub fn kernel_report(arch: &str) -> Result<Vec<KernelReport>> {
+    Ok(program_reports(arch)?
+        .into_iter()
+        .flat_map(|p| p.kernels)
+        .collect())
+}
+
+/// The names of all kernel files, for messages.
+pub fn kernel_files() -> Vec<&'static str> {
+    PROGRAMS.iter().map(|p| p.file).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_is_stable_and_separates_parts() {
+        // Pinned: a cache written by one build must be found by the next.
+        assert_eq!(fnv1a(&[]), 0xcbf2_9ce4_8422_2325);
+        assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+        assert_eq!(fnv1a(&[b"abc"]), fnv1a(&[b"abc"]));
+    }
+
+    #[test]
+    fn cache_names_differ_by_arch_version_and_source() {
+        let p = &super::super::linear::PROGRAM;
+        let src = p.full_source();
+        let a = cache_file_name(p, &src, "sm_90", (13, 0));
+        assert!(
+            a.starts_with("linear-sm_90-nvrtc13.0-") && a.ends_with(".cubin"),
+            "{a}"
+        );
+        assert_ne!(a, cache_file_name(p, &src, "sm_80", (13, 0)));
+        assert_ne!(a, cache_file_name(p, &src, "sm_90", (13, 1)));
+        assert_ne!(a, cache_file_name(p, &format!("{src} "), "sm_90", (13, 0)));
+    }
+
+    #[test]
+    fn kernel_cache_setting() {
+        assert_eq!(KernelCache::Off.folder(), None);
+        assert_eq!(
+            KernelCache::Dir("/tmp/x".into()).folder(),
+            Some(PathBuf::from("/tmp/x"))
+        );
+    }
+
+    /// Compiles for sm_80 into an empty folder, then shows the file is what a
+    /// second call reads, and that a damaged file is replaced.
+    #[test]
+    fn disk_cache_round_trip() {
+        if !super::super::nvrtc_present() {
+            assert!(
+                std::env::var("REQUIRE_NVRTC").as_deref() != Ok("1"),
+                "REQUIRE_NVRTC=1 but NVRTC is missing"
+            );
+            println!("skipped: nvrtc unavailable");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("outproj-cubin-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = &super::super::gather_signal_tokens::PROGRAM;
+        let first = cubin_from_disk_or_compile(p, "sm_80", Some(&dir)).unwrap();
+        assert!(first.starts_with(b"\x7fELF"));
+        let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!(std::fs::read(&files[0]).unwrap(), first);
+        // A file in the cache is used as it is...
+        let mut planted = b"\x7fELF".to_vec();
+        planted.resize(100, 7);
+        std::fs::write(&files[0], &planted).unwrap();
+        assert_eq!(
+            cubin_from_disk_or_compile(p, "sm_80", Some(&dir)).unwrap(),
+            planted
+        );
+        // ...unless it is not an ELF image: then it is compiled and rewritten.
+        std::fs::write(&files[0], b"garbage").unwrap();
+        assert_eq!(
+            cubin_from_disk_or_compile(p, "sm_80", Some(&dir)).unwrap(),
+            first
+        );
+        assert_eq!(std::fs::read(&files[0]).unwrap(), first);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A host struct that drifts from the kernel's is a compile error.
+    #[test]
+    fn a_layout_mismatch_fails_to_compile() {
+        if !super::super::nvrtc_present() {
+            println!("skipped: nvrtc unavailable");
+            return;
+        }
+        fn wrong() -> String {
+            "static_assert(OP_HOST_OFFSETOF(GatherParams, out) == 16, \
+             \"GatherParams.out: offset differs from the host's\");\n"
+                .to_string()
+        }
+        static WRONG: Program = Program {
+            file: "gather_signal_tokens.cu",
+            source: include_str!("../../kernels/gather_signal_tokens.cu"),
+            kernels: &["gather_signal_tokens_naive"],
+            layouts: wrong,
+        };
+        let err = compile_program(&WRONG, "sm_80").unwrap_err().to_string();
+        assert!(err.contains("GatherParams.out: offset differs"), "{err}");
+    }
+
+    #[test]
+    fn every_program_lists_kernels_and_layouts() {
+        for p in PROGRAMS {
+            assert!(!p.kernels.is_empty(), "{}", p.file);
+            assert!(p.source.contains("#include \"common.cuh\""), "{}", p.file);
+            let layouts = (p.layouts)();
+            assert!(layouts.contains("static_assert(sizeof("), "{}", p.file);
+            for k in p.kernels {
+                assert!(
+                    p.source.contains(&format!("{k}(const ")),
+                    "{}: no kernel `{k}`",
+                    p.file
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The CUDA backend against the CPU reference: every op over the standard cases
+//! for both kernel versions, and the whole projector. Needs a CUDA device; where
+//! there is none these tests pass after printing one line (NVRTC alone is
+//! checked by tests/toolchain.rs).
+#![cfg(feature = "cuda")]
+
+use std::sync::Once;
+
+use output_projector::config::{Modality, ProjectorConfig, Variant};
+use output_projector::cuda::{Cuda, CudaOptions, KernelVersion};
+use output_projector::ops::{Activation, Backend, Cols, Shaped};
+use output_projector::tensor::{DType, HostTensor};
+use output_projector::verify::{self, Case};
+use output_projector::Error;
+
+/// The backend with `version`, or None (after saying so once per test run)
+/// where no CUDA device exists.
+fn backend(version: KernelVersion) -> Option<Cuda> {
+    static SKIP_NOTE: Once = Once::new();
+    let options = CudaOptions {
+        version,
+        ..CudaOptions::default()
+    };
+    match Cuda::new(0, options) {
+        Ok(be) => Some(be),
+        Err(Error::Unavailable { backend, reason }) if backend == "cuda" => {
+            SKIP_NOTE.call_once(|| println!("skipped: no CUDA device: {reason}"));
+            None
+        }
+        Err(e) => panic!("CUDA backend: {e}"),
+    }
+}
+
+/// Every standard case of `op` within `tol`, on each kernel version.
+fn check_cases(cases: &[Case], op: &str, tol: f64) {
+    for version in [KernelVersion::Naive, KernelVersion::Fast] {
+        let Some(be) = backend(version) else { return };
+        for (i, case) in cases.iter().filter(|c| c.op() == op).enumerate() {
+            let r = verify::compare_case(&be, case, DType::F32, 100 + i as u64)
+                .unwrap_or_else(|e| panic!("{version:?} {}: {e}", case.describe()));
+            assert!(
+                r.rel <= tol,
+                "{version:?} {} {}: rel {:.3e} max_abs {:.3e}",
+                r.op,
+                r.case,
+                r.rel,
+                r.max_abs
+            );
+        }
+    }
+}
+
+// Tolerances: f32 kernels accumulate in f32 against a float64 reference; over
+// K <= 4096 terms the error stays near 1e-6, so 1e-5 has margin.
+
+#[test]
+fn linear_matches_reference() {
+    check_cases(&verify::standard_cases(), "linear", 1e-5);
+}
+
+#[test]
+fn layer_norm_matches_reference() {
+    check_cases(&verify::standard_cases(), "layer_norm", 1e-5);
+}
+
+#[test]
+fn attention_matches_reference() {
+    check_cases(&verify::standard_cases(), "attention", 1e-5);
+}
+
+#[test]
+fn long_attention_matches_reference() {
+    check_cases(&verify::long_attention_cases(), "attention", 1e-5);
+}
+
+#[test]
+fn alignment_loss_matches_reference() {
+    check_cases(&verify::standard_cases(), "alignment_loss", 1e-5);
+}
+
+#[test]
+fn gather_signal_tokens_matches_reference() {
+    // One f32 rounding of a sum of two f32 values.
+    check_cases(&verify::standard_cases(), "gather_signal_tokens", 1e-7);
+}
+
+#[test]
+fn projector_matches_reference() {
+    for version in [KernelVersion::Naive, KernelVersion::Fast] {
+        let Some(be) = backend(version) else { return };
+        let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+        let audio = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
+        for (config, batch) in [(&image, 1), (&image, 3), (&audio, 2)] {
+            let r = verify::compare_projector(&be, config, batch, DType::F32, 7)
+                .unwrap_or_else(|e| panic!("{version:?} {}: {e}", config.variant.name()));
+            println!(
+                "{version:?} {}: rel {:.3e} max_abs {:.3e}",
+                r.case, r.rel, r.max_abs
+            );
+            assert!(r.rel <= 1e-4, "{version:?} {}: rel {:.3e}", r.case, r.rel);
+        }
+    }
+}
+
+/// Both versions give the same loss bits run after run (no float atomics).
+#[test]
+fn alignment_loss_is_deterministic() {
+    use output_projector::ops::LossKind;
+    for version in [KernelVersion::Naive, KernelVersion::Fast] {
+        let Some(be) = backend(version) else { return };
+        let shape = vec![3, 77, 1024];
+        let u = be
+            .upload(&HostTensor::randn(shape.clone(), 1, "u").unwrap())
+            .unwrap();
+        let v = be
+            .upload(&HostTensor::randn(shape.clone(), 2, "v").unwrap())
+            .unwrap();
+        let mut first = None;
+        for _ in 0..5 {
+            let mut loss = be.alloc(&[1]).unwrap();
+            let mut grad = be.alloc(&shape).unwrap();
+            be.alignment_loss(LossKind::TokenL2, &u, &v, &mut loss, &mut grad)
+                .unwrap();
+            let l = be.download(&loss).unwrap().to_f32_vec()[0].to_bits();
+            assert_eq!(*first.get_or_insert(l), l, "{version:?}");
+        }
+    }
+}
+
+/// Caller-owned memory as input and output, on the backend's stream.
+#[test]
+fn caller_memory_in_and_out() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    let stream = be.stream().clone();
+    let x: Vec<f32> = (0..12).map(|i| i as f32).collect();
+    let w: Vec<f32> = (0..6).map(|i| (i as f32) * 0.5).collect();
+    let xs = stream.clone_htod(&x).unwrap();
+    let ws = stream.clone_htod(&w).unwrap();
+    let out = stream.alloc_zeros::<f32>(8).unwrap();
+    let xt = be.tensor_from_slice(xs, &[4, 3]).unwrap();
+    let wt = be.tensor_from_slice(ws, &[2, 3]).unwrap();
+    let mut ot = be.tensor_from_slice(out, &[4, 2]).unwrap();
+    be.linear(&xt, &wt, None, Activation::None, None, &mut ot)
+        .unwrap();
+    let got = be.download(&ot).unwrap().to_f32_vec();
+    for m in 0..4 {
+        for n in 0..2 {
+            let want: f32 = (0..3).map(|k| x[m * 3 + k] * w[n * 3 + k]).sum();
+            assert_eq!(got[m * 2 + n], want, "[{m}, {n}]");
+        }
+    }
+    let back = ot.into_slice().expect("the slice comes back");
+    assert_eq!(stream.clone_dtoh(&back).unwrap(), got);
+
+    // A slice from another stream is refused.
+    let other = be.context().new_stream().unwrap();
+    let foreign = other.alloc_zeros::<f32>(4).unwrap();
+    assert!(matches!(
+        be.tensor_from_slice(foreign, &[4]),
+        Err(Error::Invalid(_))
+    ));
+}
+
+/// An output that overlaps an input is an error, not a race.
+#[test]
+fn overlapping_output_is_an_error() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    let x = be
+        .upload(&HostTensor::randn(vec![2, 8], 3, "x").unwrap())
+        .unwrap();
+    let w = be
+        .upload(&HostTensor::randn(vec![8, 8], 4, "w").unwrap())
+        .unwrap();
+    // SAFETY: `x` lives until the end of the test and holds 16 elements.
+    let mut alias = unsafe { be.tensor_from_raw(x.device_ptr(), 16, &[2, 8]) }.unwrap();
+    assert!(matches!(
+        be.linear(&x, &w, None, Activation::None, None, &mut alias),
+        Err(Error::Invalid(_))
+    ));
+    // Q, K and V may share one tensor; the output may not live inside it.
+    let qkv = be
+        .upload(&HostTensor::randn(vec![1, 4, 3 * 64], 5, "qkv").unwrap())
+        .unwrap();
+    // SAFETY: `qkv` holds 768 elements and outlives the tensor; the range
+    // [256, 512) is inside it.
+    let mut out =
+        unsafe { be.tensor_from_raw(qkv.device_ptr() + 256 * 4, 256, &[1, 4, 64]) }.unwrap();
+    let spec = output_projector::ops::AttentionSpec::new(1, 64);
+    assert!(matches!(
+        be.attention(
+            Cols::new(&qkv, 0),
+            Cols::new(&qkv, 64),
+            Cols::new(&qkv, 128),
+            &spec,
+            None,
+            &mut out,
+        ),
+        Err(Error::Invalid(_))
+    ));
+    assert_eq!(out.shape(), &[1, 4, 64]);
+}
+
+/// Shape errors come from the shared checks before anything is launched.
+#[test]
+fn bad_shapes_are_errors() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    let x = be.alloc(&[3, 5]).unwrap();
+    let w = be.alloc(&[4, 6]).unwrap();
+    let mut out = be.alloc(&[3, 4]).unwrap();
+    assert!(be
+        .linear(&x, &w, None, Activation::None, None, &mut out)
+        .is_err());
+    be.synchronize().unwrap();
+}
