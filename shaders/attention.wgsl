@@ -7,15 +7,39 @@
 // the output is [B, Lq, heads*hd], contiguous. `elem` (f32 or f16) is defined by
 // the backend before this source; all arithmetic is f32.
 //
-// Two versions, as llm.c keeps them:
+// Versions side by side, as llm.c keeps them:
 //   attention_v1: one invocation per (b, h, i), two passes over the keys straight
-//     from global memory (the max, then the sum and the weighted V). The baseline
-//     and a second oracle.
+//     from global memory (the max, then the sum and the weighted V). The
+//     baseline and a second oracle. Any head dim.
 //   attention / attention_d64: flash-style. A workgroup per (b, h, tile of BQ
-//     queries); K/V tiles of BK keys streamed through workgroup memory; online
-//     softmax (running max and sum, the accumulator rescaled per tile); the score
-//     matrix never leaves the workgroup. Head dim <= 128 (<= 64 for _d64, whose
-//     loops are shorter); larger head dims run v1.
+//     queries); K/V tiles of BK keys staged in workgroup memory; online softmax
+//     (running max and sum, the accumulator rescaled once per tile); scores never
+//     leave the workgroup. Any device, any column alignment, head dim <= 128
+//     (<= 64 for _d64, whose loops are shorter).
+//   attention_sg / attention_sg_d64: the same online softmax, but the invocations
+//     of a subgroup share K/V through subgroupBroadcast instead of workgroup
+//     memory. Needs SUBGROUP, subgroups of >= 8 and 4-aligned columns. The
+//     fastest where it runs, by far on lavapipe (see below).
+// The host picks one (src/wgpu/attention.rs); head dims above 128 run v1.
+//
+// The file is two modules: this head plus the part after `//! plain:`, and this
+// head plus the part after `//! subgroup:` (a device without SUBGROUP rejects a
+// module that merely mentions a subgroup builtin).
+//
+// Lavapipe (llvmpipe, Mesa 22.3), what the designs answer to:
+//   - an invocation runs as one lane of an 8-wide SIMD loop, and every storage or
+//     workgroup-memory access becomes a loop over the 8 lanes (~25 instructions
+//     per lane for a vec4), while arithmetic is one vector instruction for all 8.
+//     So the cost is the number of memory instructions; a subgroupBroadcast from
+//     a constant lane is a register shuffle, which is why attention_sg wins.
+//   - loops up to 32 iterations are unrolled only when small or when they index
+//     a function-local array; elsewhere arrays indexed by a loop counter are
+//     per-lane gathers.
+//   - an invocation is stopped after 65535 loop iterations in total (every loop,
+//     each entry counting at least one), silently leaving wrong results. Per key
+//     this allows Lk up to about 3200 (v1, hd 128), 4600 (v1, hd 64), 11000
+//     (attention) and 27000 (attention_sg, hd 128) on lavapipe. Real GPUs have
+//     no such limit.
 
 struct Params {
     batch: u32,
@@ -50,7 +74,7 @@ fn key_ignored(b: u32, j: u32) -> bool {
     return p.has_mask != 0u && mask[b * p.lk + j] != 0u;
 }
 
-//! plain: any device, any column alignment
+//! plain: v1 and the workgroup-memory flash kernel; any device, any alignment
 
 @group(0) @binding(1) var<storage, read> q: array<elem>;
 @group(0) @binding(2) var<storage, read> k: array<elem>;
@@ -59,10 +83,8 @@ fn key_ignored(b: u32, j: u32) -> bool {
 
 // ---------------------------------------------------------------- v1 (naive)
 //
-// Dim loops take V1_STEP dims per iteration, written out: Mesa's llvmpipe
-// (lavapipe) stops an invocation after 65535 loop iterations in total, so per
-// key v1 spends about 2 + 3 * hd / V1_STEP of that budget, which bounds Lk
-// there (~4600 at hd 128, ~8000 at hd 64). Real GPUs have no such limit.
+// Dim loops take V1_STEP dims per iteration, written out (a loop would not be
+// unrolled on lavapipe), to spend less of lavapipe's loop budget per key.
 
 const V1_WG: u32 = 64u;
 // Dims accumulated per pass over the keys; head dims above it repeat pass 2.
@@ -92,9 +114,6 @@ fn v1_score(qrow: u32, krow: u32, hd: u32) -> f32 {
     var t = 0u;
     for (; t + V1_STEP <= hd; t += V1_STEP) {
         d4 += dot16(qrow + t, krow + t) + dot16(qrow + t + 16u, krow + t + 16u);
-    }
-    for (; t + 4u <= hd; t += 4u) {
-        d4 += q4(qrow + t) * k4(krow + t);
     }
     var dot = d4.x + d4.y + d4.z + d4.w;
     for (; t < hd; t++) {
@@ -166,9 +185,6 @@ fn attention_v1(@builtin(global_invocation_id) gid: vec3<u32>) {
                 acc[c + 5u] += pj * v4(vrow + t + 20u);
                 acc[c + 6u] += pj * v4(vrow + t + 24u);
                 acc[c + 7u] += pj * v4(vrow + t + 28u);
-            }
-            for (; t + 4u <= width; t += 4u) {
-                acc[t / 4u] += pj * v4(vrow + t);
             }
             for (; t < width; t++) {
                 acc[t / 4u][t % 4u] += pj * f32(v[vrow + t]);
@@ -414,15 +430,15 @@ fn attention_d64(
     flash(wg.x + wg.y * p.row_stride, tid, MAXC / 2u);
 }
 
-//! subgroup: needs SUBGROUP, subgroups of at least 8, columns 4-aligned
+//! subgroup: the subgroup flash kernel; SUBGROUP, subgroups >= 8, 4-aligned columns
 
-// attention_sg / attention_sg_d64: flash-style without workgroup memory. Each
-// invocation owns one query (its q and accumulator in registers). Keys go in
-// blocks of SG_KEYS: lane L of the subgroup loads key j0 + L, one vec4 of it
-// at a time, and subgroupBroadcast hands every vec4 to all lanes. On a CPU
-// (lavapipe) a broadcast from a constant lane is a register shuffle while
-// every memory access is a loop over the lanes, so each load now brings 8
-// useful vec4 instead of 1. Online softmax per key block.
+// attention_sg / attention_sg_d64: flash-style without workgroup memory. A
+// workgroup per (b, h, tile of SG_WG queries); each invocation owns one query,
+// its q and accumulator in registers. Keys go in blocks of SG_KEYS: lane L of
+// the subgroup loads key j0 + L, one vec4 at a time, and subgroupBroadcast from
+// lanes 0..7 hands each vec4 to every lane (lanes past 8, where subgroups are
+// wider, repeat lanes 0..7). On lavapipe each load instruction thus brings 8
+// useful vec4 instead of 1. Online softmax once per key block.
 
 @group(0) @binding(1) var<storage, read> q_vec: array<elem4>;
 @group(0) @binding(2) var<storage, read> k_vec: array<elem4>;
@@ -433,7 +449,7 @@ const SG_WG: u32 = 16u;
 const SG_KEYS: u32 = 8u;
 const SG_MAXC: u32 = 32u;
 // Dim loops run SG_UNROLL vec4 per outer step: the inner loop is short enough
-// for a driver to unroll, so lavapipe's loop-iteration budget (see v1) goes to keys.
+// for a driver to unroll, so lavapipe's loop budget (see the head) goes to keys.
 const SG_UNROLL: u32 = 4u;
 
 fn sg_flash(wid: u32, tid: u32, lane: u32, nc: u32) {

@@ -225,6 +225,9 @@ pub fn standard_cases() -> Vec<Case> {
         attn(1, 513, 77, 4, 64, true, true, false),
         attn(1, 5, 3, 3, 8, false, false, false),
         attn(2, 64, 64, 8, 64, false, true, true),
+        // Head dim and strides not multiples of 4: the kernels' scalar paths.
+        attn(1, 19, 23, 2, 6, true, true, false),
+        attn(2, 9, 9, 3, 5, false, false, true),
     ]);
     for &(batch, tokens, dim) in &[
         (1, 1, 1),
@@ -460,9 +463,11 @@ pub fn compare_case<B: Backend>(
                 )
             };
             let m = if mask {
-                // Random keys ignored, never all of a row; the last row keeps one key.
+                // Random keys ignored, key 0 kept, so no row is fully masked; but
+                // with `causal`, key 0 of sequence 0 is ignored too, which leaves
+                // its query 0 with no visible key at all (output: zeros).
                 let ignore = (0..batch * lk)
-                    .map(|i| i % lk != 0 && inp.rng.uniform() < 0.4)
+                    .map(|i| (causal && i == 0) || (i % lk != 0 && inp.rng.uniform() < 0.4))
                     .collect();
                 Some(KeyPaddingMask::new(batch, lk, ignore)?)
             } else {

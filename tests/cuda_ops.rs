@@ -218,3 +218,67 @@ fn bad_shapes_are_errors() {
         .is_err());
     be.synchronize().unwrap();
 }
+
+/// The kernel files executed on the CPU, where no GPU is needed:
+/// kernels/emulator runs each CUDA thread of a block as a fiber (barriers and
+/// warp shuffles as scheduling points) under AddressSanitizer and UBSan, and
+/// compares every kernel version with float64 references over the standard
+/// sizes. Needs a C++17 compiler (`$CXX`, else `c++`); without one it skips in
+/// one line, and without sanitizer runtimes it runs unsanitized.
+#[test]
+fn kernels_pass_under_cpu_emulation() {
+    use std::path::Path;
+    use std::process::Command;
+
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emulator/run_kernels.cpp");
+    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("run_kernels");
+    let compile = |sanitize: bool| {
+        let mut cmd = Command::new(&cxx);
+        cmd.args(["-std=c++17", "-O1", "-g", "-w"]);
+        if sanitize {
+            cmd.args([
+                "-fsanitize=address,undefined",
+                "-fno-sanitize-recover=undefined",
+            ]);
+        }
+        cmd.arg(&source).arg("-o").arg(&exe).output()
+    };
+    let sanitized = match compile(true) {
+        Err(e) => {
+            println!("skipped: no C++ compiler `{cxx}` for the kernel emulator: {e}");
+            return;
+        }
+        Ok(out) if out.status.success() => true,
+        Ok(_) => {
+            let out = compile(false).expect("the C++ compiler ran a moment ago");
+            assert!(
+                out.status.success(),
+                "compiling {}:\n{}",
+                source.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            false
+        }
+    };
+    let out = Command::new(&exe)
+        .env("ASAN_OPTIONS", "detect_leaks=0")
+        .output()
+        .expect("running the kernel emulator");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(
+        out.status.success(),
+        "kernel emulation failed ({}):\n{}\n{}",
+        out.status,
+        failed.join("\n"),
+        stderr.lines().rev().take(40).collect::<Vec<_>>().join("\n")
+    );
+    println!(
+        "{} ({} comparisons{})",
+        stdout.lines().last().unwrap_or(""),
+        stdout.lines().filter(|l| l.starts_with("ok")).count(),
+        if sanitized { ", sanitized" } else { "" }
+    );
+}

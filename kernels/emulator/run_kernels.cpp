@@ -354,7 +354,7 @@ int main(int argc, char** argv) {
         test_loss(2, 3, 17, 0, true);
     }
     if (want("ln")) {
-        int dims[][2] = {{1, 1}, {3, 3}, {77, 512}, {129, 513}, {5, 4096}, {2, 77}};
+        int dims[][2] = {{1, 1}, {3, 3}, {77, 512}, {129, 513}, {5, 4096}, {2, 77}, {3, 9000}, {2, 2049}};
         for (auto& d : dims) {
             test_layer_norm(d[0], d[1], false, 0.0, false);
             test_layer_norm(d[0], d[1], true, 0.0, true);

@@ -141,6 +141,7 @@ pub(super) fn attention(
     let kp = be.check_tensor("attention k", k)?;
     let vp = be.check_tensor("attention v", v)?;
     let op = be.check_tensor("attention out", out)?;
+    let mask_ptr = mask.map(|m| be.check_mask(m)).transpose()?;
     be.check_disjoint("attention", &[out], &[q, k, v])?;
     // Rows of the mask are indexed b * Lk + j; its size was checked against
     // [batch, Lk] by AttentionDims::check.
@@ -150,7 +151,7 @@ pub(super) fn attention(
         q: qp,
         k: kp,
         v: vp,
-        mask: mask.map_or(0, CudaMask::ptr),
+        mask: mask_ptr.unwrap_or(0),
         out: op,
         batch: i32_of("attention batch", d.batch)?,
         lq: i32_of("attention query length", d.lq)?,

@@ -274,10 +274,6 @@ impl CudaMask {
     pub fn keys(&self) -> usize {
         self.keys
     }
-
-    pub(crate) fn ptr(&self) -> u64 {
-        self.block.ptr
-    }
 }
 
 /// A module loaded into the context, and its kernels.
@@ -670,6 +666,16 @@ impl Cuda {
         }
         i32_of(what, t.numel)?;
         Ok(t.ptr)
+    }
+
+    /// Checks that `m` lives in this backend's context; returns its address.
+    pub(crate) fn check_mask(&self, m: &CudaMask) -> Result<u64> {
+        if m.block.pool.ctx.cu_ctx() != self.inner.shared.ctx.cu_ctx() {
+            return Err(Error::invalid(
+                "attention: the key padding mask belongs to another CUDA context",
+            ));
+        }
+        Ok(m.block.ptr)
     }
 
     /// An error unless every output's memory is disjoint from every input's and

@@ -16,8 +16,9 @@ use crate::error::{Error, Result};
 use crate::ops::{AttentionDims, AttentionSpec};
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
-const PLAIN_MARK: &str = "//! plain:";
-const SUBGROUP_MARK: &str = "//! subgroup:";
+// At the start of a line: the head also names them in passing.
+const PLAIN_MARK: &str = "\n//! plain:";
+const SUBGROUP_MARK: &str = "\n//! subgroup:";
 
 /// (plain module, subgroup module), each the common head plus its part.
 fn sources() -> &'static (String, String) {
@@ -117,9 +118,6 @@ fn choose(be: &Wgpu, d: &AttentionDims) -> Path {
     ]
     .iter()
     .all(|x| x % 4 == 0);
-    if std::env::var("TMP_ATTN_NO_SG").is_ok() {
-        return Path::Flash;
-    } // TEMP
     if aligned
         && gpu.features.contains(::wgpu::Features::SUBGROUP)
         && gpu.info.subgroup_min_size >= SG_KEYS
@@ -216,4 +214,39 @@ pub(super) fn attention(
         &[out],
         groups,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sources;
+
+    #[test]
+    fn the_plain_module_leaves_out_the_subgroup_part() {
+        let (plain, subgroup) = sources();
+        for builtin in [
+            "subgroupBroadcast(",
+            "subgroupBallot(",
+            "subgroup_invocation_id)",
+        ] {
+            assert!(!plain.contains(builtin), "plain module uses {builtin}");
+            assert!(
+                subgroup.contains(builtin),
+                "subgroup module lacks {builtin}"
+            );
+        }
+        for entry in ["fn attention_v1(", "fn attention(", "fn attention_d64("] {
+            assert!(
+                plain.contains(entry) && !subgroup.contains(entry),
+                "{entry}"
+            );
+        }
+        for entry in ["fn attention_sg(", "fn attention_sg_d64("] {
+            assert!(
+                subgroup.contains(entry) && !plain.contains(entry),
+                "{entry}"
+            );
+        }
+        // Both carry the common head (parameters, mask binding).
+        assert!(plain.contains("struct Params") && subgroup.contains("struct Params"));
+    }
 }
