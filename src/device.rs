@@ -94,9 +94,6 @@ fn reason(e: Error) -> String {
     }
 }
 
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-const KERNELS_PENDING: &str = "its kernels are not part of this version yet";
-
 #[cfg(feature = "wgpu")]
 fn wgpu_status() -> BackendStatus {
     let (usable, details) = match crate::wgpu::probe() {
@@ -150,20 +147,27 @@ fn cuda_status() -> BackendStatus {
             ));
         }
     }
-    match crate::cuda::probe_nvrtc() {
-        Ok(n) => details.push(format!(
+    let nvrtc = crate::cuda::probe_nvrtc();
+    if let Ok(n) = &nvrtc {
+        details.push(format!(
             "NVRTC {}.{}, CUDA headers {}",
             n.version.0,
             n.version.1,
             n.include_dir
                 .as_ref()
                 .map_or("not found".to_string(), |p| p.display().to_string())
-        )),
-        Err(e) => details.push(format!("NVRTC: {}", reason(e))),
+        ));
     }
-    let usable = match devices {
-        Ok(_) => Err(format!("a CUDA device was found, but {KERNELS_PENDING}")),
-        Err(e) => Err(reason(e)),
+    let usable = match (devices, nvrtc) {
+        (Ok(ds), Ok(n)) => Ok(match ds.first() {
+            Some(d) => format!(
+                "{} (sm_{}{}), kernels compiled at run time by NVRTC {}.{}",
+                d.name, d.compute_capability.0, d.compute_capability.1, n.version.0, n.version.1
+            ),
+            None => "a CUDA device".to_string(),
+        }),
+        (Ok(_), Err(e)) => Err(format!("a CUDA device was found, but {}", reason(e))),
+        (Err(e), _) => Err(reason(e)),
     };
     BackendStatus {
         kind: DeviceKind::Cuda,
@@ -196,6 +200,9 @@ pub fn run_on<T: BackendTask>(kind: DeviceKind, task: T) -> Result<T::Output> {
         }
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => task.run(crate::wgpu::Wgpu::open()?, DeviceKind::Wgpu),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => task.run(crate::cuda::Cuda::open()?, DeviceKind::Cuda),
+        #[allow(unreachable_patterns)] // with every backend compiled in
         other => Err(Error::Unavailable {
             backend: other.name().into(),
             reason: "not compiled into this build".into(),

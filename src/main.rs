@@ -638,9 +638,49 @@ fn kernels(arch: &str) -> Result<ExitCode> {
             "--arch `{arch}`: expected sm_XX, e.g. sm_90"
         )));
     }
+    kernel_table(arch)
+}
+
+/// ptxas's report of every kernel compiled for `arch` (needs NVRTC, not a GPU).
+#[cfg(feature = "cuda")]
+fn kernel_table(arch: &str) -> Result<ExitCode> {
+    let reports = output_projector::cuda::program_reports(arch)?;
+    println!(
+        "{:<24} {:<30} {:>9} {:>9} {:>8} {:>14}",
+        "file", "kernel", "registers", "smem B", "stack B", "spill st/ld B"
+    );
+    let (mut count, mut spilling) = (0, 0);
+    for p in &reports {
+        for k in &p.kernels {
+            count += 1;
+            spilling += usize::from(k.spill_stores + k.spill_loads > 0);
+            println!(
+                "{:<24} {:<30} {:>9} {:>9} {:>8} {:>14}",
+                p.file,
+                k.name,
+                k.registers,
+                k.shared_bytes,
+                k.stack_bytes,
+                format!("{}/{}", k.spill_stores, k.spill_loads)
+            );
+        }
+    }
+    println!(
+        "{count} kernels in {} files for {arch}; {}",
+        reports.len(),
+        if spilling == 0 {
+            "none spills".to_string()
+        } else {
+            format!("{spilling} spill registers")
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernel_table(_arch: &str) -> Result<ExitCode> {
     Err(Error::Unavailable {
         backend: "cuda".into(),
-        reason: "the CUDA kernels are not part of this version yet, so there is nothing to report"
-            .into(),
+        reason: "built without the `cuda` cargo feature".into(),
     })
 }

@@ -13,6 +13,10 @@ use output_projector::tensor::{DType, HostTensor};
 use output_projector::verify::{self, Case};
 use output_projector::Error;
 
+/// Set in the child process of `backend_runs_on_emulated_driver`, where a
+/// missing device is a failure, not a skip.
+const EMULATED_DRIVER_ENV: &str = "OUTPROJ_TEST_EMULATED_DRIVER";
+
 /// The backend with `version`, or None (after saying so once per test run)
 /// where no CUDA device exists.
 fn backend(version: KernelVersion) -> Option<Cuda> {
@@ -23,6 +27,9 @@ fn backend(version: KernelVersion) -> Option<Cuda> {
     };
     match Cuda::new(0, options) {
         Ok(be) => Some(be),
+        Err(e) if std::env::var_os(EMULATED_DRIVER_ENV).is_some() => {
+            panic!("the emulated driver should provide a device: {e}")
+        }
         Err(Error::Unavailable { backend, reason }) if backend == "cuda" => {
             SKIP_NOTE.call_once(|| println!("skipped: no CUDA device: {reason}"));
             None
@@ -219,6 +226,47 @@ fn bad_shapes_are_errors() {
     be.synchronize().unwrap();
 }
 
+/// `OUTPROJ_SKIP_EMULATION=1` skips the two CPU-emulation tests below.
+fn emulation_skipped() -> bool {
+    if std::env::var("OUTPROJ_SKIP_EMULATION").is_ok_and(|v| v == "1") {
+        println!("skipped: OUTPROJ_SKIP_EMULATION=1");
+        return true;
+    }
+    false
+}
+
+/// Compiles `source` with `$CXX` (else `c++`) and `flags`: `Err` when there is
+/// no compiler, `Ok(false)` when the compile fails.
+fn cxx_compile(
+    source: &std::path::Path,
+    out: &std::path::Path,
+    flags: &[&str],
+) -> std::io::Result<bool> {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let sanitized = flags.iter().any(|f| f.starts_with("-fsanitize"));
+    let output = std::process::Command::new(&cxx)
+        .args(["-std=c++17", "-g", "-w"])
+        .arg(if sanitized { "-O1" } else { "-O2" })
+        .args(flags)
+        .arg(source)
+        .arg("-o")
+        .arg(out)
+        .output()?;
+    if !output.status.success() {
+        eprintln!(
+            "{cxx} {flags:?} {}:\n{}",
+            source.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output.status.success())
+}
+
+const SANITIZE: &[&str] = &[
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=undefined",
+];
+
 /// The kernel files executed on the CPU, where no GPU is needed:
 /// kernels/emulator runs each CUDA thread of a block as a fiber (barriers and
 /// warp shuffles as scheduling points) under AddressSanitizer and UBSan, and
@@ -230,33 +278,22 @@ fn kernels_pass_under_cpu_emulation() {
     use std::path::Path;
     use std::process::Command;
 
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    if emulation_skipped() {
+        return;
+    }
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emulator/run_kernels.cpp");
     let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("run_kernels");
-    let compile = |sanitize: bool| {
-        let mut cmd = Command::new(&cxx);
-        cmd.args(["-std=c++17", "-O1", "-g", "-w"]);
-        if sanitize {
-            cmd.args([
-                "-fsanitize=address,undefined",
-                "-fno-sanitize-recover=undefined",
-            ]);
-        }
-        cmd.arg(&source).arg("-o").arg(&exe).output()
-    };
-    let sanitized = match compile(true) {
+    let sanitized = match cxx_compile(&source, &exe, SANITIZE) {
         Err(e) => {
-            println!("skipped: no C++ compiler `{cxx}` for the kernel emulator: {e}");
+            println!("skipped: no C++ compiler for the kernel emulator: {e}");
             return;
         }
-        Ok(out) if out.status.success() => true,
-        Ok(_) => {
-            let out = compile(false).expect("the C++ compiler ran a moment ago");
+        Ok(true) => true,
+        Ok(false) => {
             assert!(
-                out.status.success(),
-                "compiling {}:\n{}",
-                source.display(),
-                String::from_utf8_lossy(&out.stderr)
+                cxx_compile(&source, &exe, &[]).unwrap_or(false),
+                "compiling {}",
+                source.display()
             );
             false
         }
@@ -280,5 +317,127 @@ fn kernels_pass_under_cpu_emulation() {
         stdout.lines().last().unwrap_or(""),
         stdout.lines().filter(|l| l.starts_with("ok")).count(),
         if sanitized { ", sanitized" } else { "" }
+    );
+}
+
+/// The tests above that need a device.
+const DEVICE_TESTS: &[&str] = &[
+    "linear_matches_reference",
+    "layer_norm_matches_reference",
+    "attention_matches_reference",
+    "long_attention_matches_reference",
+    "alignment_loss_matches_reference",
+    "gather_signal_tokens_matches_reference",
+    "projector_matches_reference",
+    "alignment_loss_is_deterministic",
+    "caller_memory_in_and_out",
+    "overlapping_output_is_an_error",
+    "bad_shapes_are_errors",
+];
+
+/// Where there is no GPU: the device tests above again, in a child process
+/// whose libcuda.so.1 is kernels/emulator/fake_libcuda.cpp (host memory as
+/// device memory, launches run by the CPU emulator), so the whole backend runs:
+/// planning, parameter structs, pool, copies, kernels, the projector. With
+/// `OUTPROJ_EMULATION_SANITIZE=1` the driver is built with AddressSanitizer
+/// (preloaded into the child; about twice as slow), so a kernel touching memory
+/// outside an allocation aborts. Needs NVRTC (the real one compiles the
+/// kernels) and a C++17 compiler; skipped in one line where a CUDA driver
+/// exists (the tests ran on it) or either is missing.
+#[test]
+fn backend_runs_on_emulated_driver() {
+    use std::path::Path;
+    use std::process::Command;
+
+    if std::env::var_os(EMULATED_DRIVER_ENV).is_some() || emulation_skipped() {
+        return;
+    }
+    if output_projector::cuda::driver_present() {
+        println!("skipped: a CUDA driver is present, so the device tests ran on it");
+        return;
+    }
+    if !output_projector::cuda::nvrtc_present() {
+        assert!(
+            std::env::var("REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "REQUIRE_NVRTC=1 but NVRTC is missing"
+        );
+        println!("skipped: nvrtc unavailable for the emulated driver");
+        return;
+    }
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emulator/fake_libcuda.cpp");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulated-driver");
+    std::fs::create_dir_all(&dir).expect("creating the emulated driver's folder");
+    let lib = dir.join("libcuda.so.1");
+    let shared = [
+        "-shared",
+        "-fPIC",
+        "-fvisibility=hidden",
+        "-fvisibility-inlines-hidden",
+        "-Wl,-Bsymbolic",
+    ];
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    // libasan to preload, when the compiler has one.
+    let asan = Command::new(&cxx)
+        .arg("-print-file-name=libasan.so")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|p| Path::new(p).is_absolute() && Path::new(p).exists())
+        .filter(|_| std::env::var("OUTPROJ_EMULATION_SANITIZE").is_ok_and(|v| v == "1"));
+    let mut sanitized = false;
+    if asan.is_some() {
+        let flags: Vec<&str> = shared
+            .iter()
+            .copied()
+            .chain(["-fsanitize=address"])
+            .collect();
+        match cxx_compile(&source, &lib, &flags) {
+            Err(e) => {
+                println!("skipped: no C++ compiler for the emulated driver: {e}");
+                return;
+            }
+            Ok(ok) => sanitized = ok,
+        }
+    }
+    if !sanitized {
+        match cxx_compile(&source, &lib, &shared) {
+            Err(e) => {
+                println!("skipped: no C++ compiler for the emulated driver: {e}");
+                return;
+            }
+            Ok(ok) => assert!(ok, "compiling {}", source.display()),
+        }
+    }
+    let library_path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
+        _ => dir.display().to_string(),
+    };
+    let mut child = Command::new(std::env::current_exe().expect("this test binary"));
+    child
+        .args(DEVICE_TESTS)
+        .args(["--exact", "--test-threads=2"])
+        .env("LD_LIBRARY_PATH", library_path)
+        .env(EMULATED_DRIVER_ENV, "1");
+    if sanitized {
+        if let Some(asan) = &asan {
+            child
+                .env("LD_PRELOAD", asan)
+                .env("ASAN_OPTIONS", "detect_leaks=0");
+        }
+    }
+    let out = child.output().expect("running the device tests");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "device tests on the emulated driver failed ({}):\n{stdout}\n{}",
+        out.status,
+        stderr.lines().rev().take(40).collect::<Vec<_>>().join("\n")
+    );
+    let passed = stdout.lines().filter(|l| l.ends_with("... ok")).count();
+    assert_eq!(passed, DEVICE_TESTS.len(), "{stdout}");
+    println!(
+        "{passed} device tests passed on the emulated driver{}",
+        if sanitized { " (AddressSanitizer)" } else { "" }
     );
 }

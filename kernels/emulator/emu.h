@@ -8,7 +8,9 @@
 // shuffle happens then). __shared__ arrays are function statics, shared by the
 // fibers of a block. The emulator aborts, naming the block, on a deadlock, a
 // shuffle missing lanes (exited or partial warps), a non-full shuffle mask, or a
-// warp mixing a shuffle with a block barrier. Built with
+// warp mixing a shuffle with a block barrier. All emulator state, __shared__
+// arrays included, is per OS thread, so launches from several threads run
+// side by side. Built with
 // -fsanitize=address,undefined, out-of-bounds and misaligned (float4) accesses
 // abort too. What it cannot show: performance, and races that happen to give
 // the right values in its fixed interleaving (run again with the order
@@ -50,11 +52,11 @@ inline float4 make_float4(float a, float b, float c, float d) { return float4{a,
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static thread_local
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__
 
-inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
@@ -124,15 +126,15 @@ struct Fiber {
     void* fake = nullptr;
 };
 constexpr size_t STACK = 256 * 1024;
-inline std::vector<Fiber> fibers;
-inline Context sched;
-inline int cur = 0;
-inline std::function<void()> body;
-inline const void* main_bottom = nullptr;
-inline size_t main_size = 0;
-inline void* sched_fake = nullptr;
-inline bool reverse_order = false;
-inline long switches = 0;
+inline thread_local std::vector<Fiber> fibers;
+inline thread_local Context sched;
+inline thread_local int cur = 0;
+inline thread_local std::function<void()> body;
+inline thread_local const void* main_bottom = nullptr;
+inline thread_local size_t main_size = 0;
+inline thread_local void* sched_fake = nullptr;
+inline thread_local bool reverse_order = false;
+inline thread_local long switches = 0;
 
 [[noreturn]] inline void fail(const char* what) {
     fprintf(stderr, "EMULATOR ERROR: %s (block %u,%u,%u)\n", what, blockIdx.x, blockIdx.y, blockIdx.z);

@@ -182,7 +182,9 @@ static void test_attention(int batch, int lq, int lk, int heads, int hd, bool ca
     std::vector<unsigned char> m(batch * lk, 0);
     if (mask) {
         std::uniform_real_distribution<double> u(0, 1);
-        for (int i = 0; i < batch * lk; ++i) m[i] = (i % lk != 0) && u(rng) < 0.4;
+        // Key 0 kept, except with causal masking in sequence 0: its query 0
+        // then sees no key at all (output: zeros), as in src/verify.rs.
+        for (int i = 0; i < batch * lk; ++i) m[i] = (causal && i == 0) || ((i % lk != 0) && u(rng) < 0.4);
     }
     AttentionParams p{};
     p.batch = batch; p.lq = lq; p.lk = lk; p.heads = heads; p.head_dim = hd;
@@ -376,6 +378,8 @@ int main(int argc, char** argv) {
         test_attention(1, 513, 77, 4, 64, true, true, false);
         test_attention(1, 5, 3, 3, 8, false, false, false);
         test_attention(2, 64, 64, 8, 64, false, true, true);
+        test_attention(1, 19, 23, 2, 6, true, true, false);   // head dim, strides not multiples of 4
+        test_attention(2, 9, 9, 3, 5, false, false, true);
         test_attention(1, 9, 40, 2, 6, true, true, false);    // odd head dim: scalar loads
         test_attention(1, 9, 40, 1, 100, false, true, false);  // head dim 100 in the 128 tile
         test_attention(2, 33, 33, 2, 100, true, false, true);

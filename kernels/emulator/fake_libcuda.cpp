@@ -1,0 +1,140 @@
+// A stand-in libcuda.so.1 for machines without a GPU: the CUDA driver calls
+// the crate makes (through cudarc), with "device" memory in host memory and
+// every kernel launch run at once by the CPU emulator (emu.h), so the CUDA
+// backend's own tests (tests/cuda_ops.rs) run end to end: host planning,
+// parameter structs, the memory pool, copies and the kernels.
+//
+//   c++ -std=c++17 -O1 -shared -fPIC -fvisibility=hidden -Wl,-Bsymbolic
+//       fake_libcuda.cpp -o <dir>/libcuda.so.1
+//   LD_LIBRARY_PATH=<dir>:$LD_LIBRARY_PATH <test binary>
+//
+// It reports one device, "Emulated GPU (CPU)", compute capability 9.0 with 132
+// SMs. Fresh allocations are filled with 0xff bytes (NaN as f32), so a kernel
+// that reads memory nothing wrote produces NaN. Built with -fsanitize=address
+// (and libasan preloaded into the process), out-of-bounds accesses of device
+// memory abort. Kernels load from CUBINs the real NVRTC compiled (checked to be
+// ELF images) and are looked up by name. Only what the crate calls exists;
+// NVRTC itself asks for the private cuGetExportTable, which fails here, as it
+// may on a real driver.
+#include "emu.h"
+#include "../linear.cu"
+#include "../layer_norm.cu"
+#include "../attention.cu"
+#include "../alignment_loss.cu"
+#include "../gather_signal_tokens.cu"
+#include <string>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef void* CUcontext;
+typedef void* CUstream;
+typedef void* CUevent;
+typedef void* CUmodule;
+typedef void* CUfunction;
+typedef unsigned long long CUdeviceptr;
+
+static int g_ctx_token = 1;
+static thread_local CUcontext g_current = nullptr;
+
+struct Entry {
+    const char* name;
+    void (*run)(void*);
+};
+#define K(fn, P) {#fn, [](void* p) { fn(*(const P*)p); }}
+static Entry ENTRIES[] = {
+    K(linear_naive, LinearParams),
+    K(linear_tiled_vec4, LinearParams),
+    K(linear_tiled_scalar, LinearParams),
+    K(linear_splitk_reduce, LinearParams),
+    K(layer_norm_naive, LayerNormParams),
+    K(layer_norm_warp_vec4, LayerNormParams),
+    K(layer_norm_warp_scalar, LayerNormParams),
+    K(attention_naive, AttentionParams),
+    K(attention_flash_d32, AttentionParams),
+    K(attention_flash_d64, AttentionParams),
+    K(attention_flash_d128, AttentionParams),
+    K(alignment_loss_naive_rows, LossParams),
+    K(alignment_loss_naive_finish, LossParams),
+    K(alignment_loss_rows, LossParams),
+    K(alignment_loss_finish, LossParams),
+    K(gather_signal_tokens_naive, GatherParams),
+    K(gather_signal_tokens_vec4, GatherParams),
+};
+
+extern "C" {
+#pragma GCC visibility push(default)
+CUresult cuInit(unsigned) { return 0; }
+CUresult cuDriverGetVersion(int* v) { *v = 13000; return 0; }
+CUresult cuDeviceGetCount(int* n) { *n = 1; return 0; }
+CUresult cuDeviceGet(CUdevice* d, int ordinal) { if (ordinal != 0) return 101; *d = 0; return 0; }
+CUresult cuDeviceGetName(char* name, int len, CUdevice) { snprintf(name, len, "Emulated GPU (CPU)"); return 0; }
+CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
+    switch (attr) {
+    case 75: *v = 9; break;    // compute capability major
+    case 76: *v = 0; break;    // minor
+    case 16: *v = 132; break;  // multiprocessors
+    case 115: *v = 1; break;   // memory pools supported
+    default: *v = 0; break;
+    }
+    return 0;
+}
+CUresult cuDeviceTotalMem_v2(size_t* b, CUdevice) { *b = 80ull << 30; return 0; }
+CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) { *c = &g_ctx_token; return 0; }
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return 0; }
+CUresult cuCtxGetCurrent(CUcontext* c) { *c = g_current; return 0; }
+CUresult cuCtxSetCurrent(CUcontext c) { g_current = c; return 0; }
+CUresult cuCtxSynchronize() { return 0; }
+CUresult cuStreamCreate(CUstream* s, unsigned) { *s = malloc(1); return 0; }
+CUresult cuStreamCreateWithPriority(CUstream* s, unsigned, int) { *s = malloc(1); return 0; }
+CUresult cuStreamDestroy_v2(CUstream s) { free(s); return 0; }
+CUresult cuStreamSynchronize(CUstream) { return 0; }
+CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return 0; }
+CUresult cuEventCreate(CUevent* e, unsigned) { *e = malloc(1); return 0; }
+CUresult cuEventRecord(CUevent, CUstream) { return 0; }
+CUresult cuEventSynchronize(CUevent) { return 0; }
+CUresult cuEventQuery(CUevent) { return 0; }
+CUresult cuEventDestroy_v2(CUevent e) { free(e); return 0; }
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) {
+    void* m = malloc(n ? n : 1);
+    if (!m) return 2;
+    memset(m, 0xff, n);  // NaN bytes: unwritten memory reads as NaN
+    *p = (CUdeviceptr)m;
+    return 0;
+}
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return cuMemAllocAsync(p, n, nullptr); }
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { free((void*)p); return 0; }
+CUresult cuMemFree_v2(CUdeviceptr p) { free((void*)p); return 0; }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) { memcpy((void*)d, s, n); return 0; }
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { memcpy((void*)d, s, n); return 0; }
+CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) { memcpy(d, (void*)s, n); return 0; }
+CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { memcpy(d, (void*)s, n); return 0; }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) { memmove((void*)d, (void*)s, n); return 0; }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream) { memset((void*)d, v, n); return 0; }
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { memset((void*)d, v, n); return 0; }
+CUresult cuModuleLoadData(CUmodule* m, const void* image) {
+    if (memcmp(image, "\x7f" "ELF", 4) != 0) return 200;  // not an ELF CUBIN
+    *m = malloc(1);
+    return 0;
+}
+CUresult cuModuleUnload(CUmodule m) { free(m); return 0; }
+CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+    for (auto& e : ENTRIES) {
+        if (strcmp(e.name, name) == 0) { *f = &e; return 0; }
+    }
+    return 500;  // not found
+}
+CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned smem, CUstream, void** params, void** extra) {
+    if (!f || !params || extra || smem) return 1;
+    if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535 || bx * by * bz > 1024) return 1;
+    Entry* e = (Entry*)f;
+    void* p = params[0];
+    emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), [&] { e->run(p); });
+    return 0;
+}
+CUresult cuGetErrorName(CUresult r, const char** s) { *s = r ? "CUDA_ERROR_FAKE" : "CUDA_SUCCESS"; return 0; }
+CUresult cuGetErrorString(CUresult r, const char** s) { *s = r ? "fake driver error" : "no error"; return 0; }
+CUresult cuCtxGetDevice(CUdevice* d) { *d = 0; return 0; }
+CUresult cuGetExportTable(const void** t, const void*) { *t = nullptr; return 801; }
+#pragma GCC visibility pop
+}
