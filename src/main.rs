@@ -510,56 +510,48 @@ struct Bench<'a> {
 impl BackendTask for Bench<'_> {
     type Output = Vec<BenchRow>;
 
+    /// Each measurement on the fast kernels is followed at once by the same one
+    /// on the naive v1 kernels (where the backend has them), so that both see the
+    /// same machine load.
     fn run<B: Backend>(self, be: B, kind: DeviceKind) -> Result<Vec<BenchRow>> {
-        let mut rows = Vec::new();
-        bench_on(&be, kind, "", &self, &mut rows)?;
+        let mut variants = vec![("", be.clone())];
         if let Some(naive) = be.naive()? {
-            bench_on(&naive, kind, " v1", &self, &mut rows)?;
+            variants.push((" v1", naive));
+        }
+        let config = ProjectorConfig::preset(self.modality, Variant::Legacy);
+        let w = ProjectorWeights::random(config.clone(), Some(self.modality), 0)?;
+        let n_in = config.n_in.unwrap_or(4);
+        // Bytes per element as the backend stores it (the reference holds f64).
+        let elem = if kind == DeviceKind::Cpu { 8 } else { 4 };
+        let mut rows = Vec::new();
+        for &batch in self.batches {
+            let flops: f64 = OpCase::projector_ops(&config, batch, n_in)
+                .iter()
+                .map(OpCase::flops)
+                .sum();
+            let weight_bytes = (config.parameter_count() * elem) as f64;
+            let shape = vec![batch, n_in, config.in_dim];
+            let hidden = HostTensor::randn(shape, 1, "--batch")?;
+            for (suffix, b) in &variants {
+                let proj = Projector::new(b.clone(), &w)?;
+                let h = b.upload(&hidden)?;
+                let t = bench::time(b, 3, self.budget, || proj.forward(&h, None).map(|_| ()))?;
+                let what = format!("projector{suffix}");
+                let shape = format!("{} batch {batch}", self.modality.name());
+                rows.push(row(kind, &what, shape, &t, flops, weight_bytes));
+            }
+            for case in OpCase::projector_ops(&config, batch, n_in) {
+                for (suffix, b) in &variants {
+                    let mut p = case.prepare(b, 2)?;
+                    let t = bench::time(b, 3, self.budget, || p.run(b))?;
+                    let what = format!("{}{suffix}", case.op());
+                    let (flops, bytes) = (case.flops(), case.bytes(elem));
+                    rows.push(row(kind, &what, case.shape(), &t, flops, bytes));
+                }
+            }
         }
         Ok(rows)
     }
-}
-
-fn bench_on<B: Backend>(
-    be: &B,
-    kind: DeviceKind,
-    suffix: &str,
-    b: &Bench<'_>,
-    rows: &mut Vec<BenchRow>,
-) -> Result<()> {
-    let config = ProjectorConfig::preset(b.modality, Variant::Legacy);
-    let w = ProjectorWeights::random(config.clone(), Some(b.modality), 0)?;
-    let proj = Projector::new(be.clone(), &w)?;
-    let n_in = config.n_in.unwrap_or(4);
-    // Bytes per element as the backend stores it (the reference holds f64).
-    let elem = if kind == DeviceKind::Cpu { 8 } else { 4 };
-    for &batch in b.batches {
-        let shape = vec![batch, n_in, config.in_dim];
-        let h = be.upload(&HostTensor::randn(shape, 1, "--batch")?)?;
-        let t = bench::time(be, 3, b.budget, || proj.forward(&h, None).map(|_| ()))?;
-        let flops: f64 = OpCase::projector_ops(&config, batch, n_in)
-            .iter()
-            .map(OpCase::flops)
-            .sum();
-        let weight_bytes = (config.parameter_count() * elem) as f64;
-        let what = format!("projector{suffix}");
-        let shape = format!("{} batch {batch}", b.modality.name());
-        rows.push(row(kind, &what, shape, &t, flops, weight_bytes));
-        for case in OpCase::projector_ops(&config, batch, n_in) {
-            let mut p = case.prepare(be, 2)?;
-            let t = bench::time(be, 3, b.budget, || p.run(be))?;
-            let what = format!("{}{suffix}", case.op());
-            rows.push(row(
-                kind,
-                &what,
-                case.shape(),
-                &t,
-                case.flops(),
-                case.bytes(elem),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn row(

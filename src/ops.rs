@@ -45,6 +45,16 @@ impl Activation {
     }
 }
 
+/// Which set of kernels a GPU backend runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KernelVersion {
+    /// The naive v1 kernels: the baseline in benchmarks, a second oracle in tests.
+    Naive,
+    /// The tuned kernels (the default).
+    #[default]
+    Fast,
+}
+
 /// The two alignment losses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LossKind {

@@ -32,22 +32,13 @@ use super::{
     backend_error, driver_error_text, no_panic, probe_devices, require_driver, require_nvrtc, CUDA,
 };
 use crate::error::{Error, Result};
+pub use crate::ops::KernelVersion;
 use crate::ops::{
     Activation, AttentionDims, AttentionSpec, Backend, Cols, GatherDims, KeyPaddingMask,
     LayerNormDims, LinearDims, LossDims, LossKind, Shaped,
 };
 use crate::signal::SignalPositions;
 use crate::tensor::{checked_numel, try_filled, HostData, HostTensor};
-
-/// Which set of kernels the backend runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum KernelVersion {
-    /// The naive v1 kernels: the baseline in benchmarks, a second oracle in tests.
-    Naive,
-    /// The tuned kernels (the default).
-    #[default]
-    Fast,
-}
 
 /// Options of [`Cuda::new`] and [`Cuda::on_stream`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -14,17 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use super::Gpu;
 use crate::error::{Error, Result};
+pub use crate::ops::KernelVersion;
 use crate::ops::{KeyPaddingMask, Shaped};
 use crate::tensor::{checked_numel, DType, HostData, HostTensor};
-
-/// Which set of kernels the backend runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum KernelVersion {
-    /// The naive v1 kernels: the baseline in benchmarks, a second oracle in tests.
-    Naive,
-    /// The tuned kernels (the default).
-    Fast,
-}
 
 /// The storage type of every tensor of a backend (arithmetic is f32 either way).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
