@@ -262,86 +262,24 @@ impl<B: Backend> Projector<B> {
     fn forward_summed(&self, x: &B::Tensor, batch: usize, n_in: usize) -> Result<B::Tensor> {
         let c = &self.config;
         let be = &self.backend;
-        let d = c.d_model;
+        let (d, n) = (c.d_model, c.n_out);
         let spec = AttentionSpec::new(c.heads, c.head_dim());
-        let relu = Activation::Relu;
 
-        let mut src = be.alloc(&[batch, n_in, d])?;
-        be.linear(
-            x,
-            &self.input.weight,
-            Some(&self.input.bias),
-            Activation::None,
-            None,
-            &mut src,
-        )?;
-
-        // Encoder: stream `s`, pending sub-block output `f` (added by the next norm).
-        let mut s = [src, be.alloc(&[batch, n_in, d])?];
-        let mut f = be.alloc(&[batch, n_in, d])?;
-        let mut h = be.alloc(&[batch, n_in, d])?;
-        let mut qkv = be.alloc(&[batch, n_in, 3 * d])?;
-        let mut a = be.alloc(&[batch, n_in, d])?;
-        let mut ffn = be.alloc(&[batch, n_in, c.ffn_dim])?;
-        let mut pending = false;
-        for layer in &self.encoder {
-            add_norm(be, &mut s, &f, pending, &layer.norm1, c.eps, &mut h)?;
-            be.linear(
-                &h,
-                &layer.qkv.weight,
-                Some(&layer.qkv.bias),
-                Activation::None,
-                None,
-                &mut qkv,
-            )?;
-            be.attention(
-                Cols::new(&qkv, 0),
-                Cols::new(&qkv, d),
-                Cols::new(&qkv, 2 * d),
-                &spec,
-                None,
-                &mut a,
-            )?;
-            be.linear(
-                &a,
-                &layer.attn_out.weight,
-                Some(&layer.attn_out.bias),
-                Activation::None,
-                None,
-                &mut f,
-            )?;
-            add_norm(be, &mut s, &f, true, &layer.norm2, c.eps, &mut h)?;
-            be.linear(
-                &h,
-                &layer.linear1.weight,
-                Some(&layer.linear1.bias),
-                relu,
-                None,
-                &mut ffn,
-            )?;
-            be.linear(
-                &ffn,
-                &layer.linear2.weight,
-                Some(&layer.linear2.bias),
-                Activation::None,
-                None,
-                &mut f,
-            )?;
-            pending = true;
+        // Encoder. The stream starts as fc(x); every sub-block leaves its output
+        // in `f`, which the next norm adds to the stream.
+        let mut e = Work::new(be, [batch, n_in], d, c.ffn_dim)?;
+        self.input.apply(be, x, Activation::None, &mut e.s[0])?;
+        for (l, layer) in self.encoder.iter().enumerate() {
+            e.add_norm(be, l > 0, &layer.norm1, c.eps)?;
+            e.self_attention(be, &layer.qkv, &layer.attn_out, &spec)?;
+            e.add_norm(be, true, &layer.norm2, c.eps)?;
+            e.feed_forward(be, &layer.linear1, &layer.linear2)?;
         }
         let mut memory = be.alloc(&[batch, n_in, d])?;
-        add_norm(
-            be,
-            &mut s,
-            &f,
-            pending,
-            &self.encoder_norm,
-            c.eps,
-            &mut memory,
-        )?;
+        e.norm_into(be, &self.encoder_norm, c.eps, &mut memory)?;
+        drop(e);
 
         // Decoder over the learned queries, repeated per batch row.
-        let n = c.n_out;
         let mut cache = self
             .queries
             .lock()
@@ -355,129 +293,163 @@ impl<B: Backend> Projector<B> {
         let queries = cache
             .get(&batch)
             .ok_or_else(|| Error::invalid("projector query cache lost an entry"))?;
-        let mut s = [be.alloc(&[batch, n, d])?, be.alloc(&[batch, n, d])?];
-        let mut f = be.alloc(&[batch, n, d])?;
-        let mut h = be.alloc(&[batch, n, d])?;
-        let mut qkv = be.alloc(&[batch, n, 3 * d])?;
+        let mut t = Work::new(be, [batch, n], d, c.ffn_dim)?;
         let mut q = be.alloc(&[batch, n, d])?;
         let mut kv = be.alloc(&[batch, n_in, 2 * d])?;
-        let mut a = be.alloc(&[batch, n, d])?;
-        let mut ffn = be.alloc(&[batch, n, c.ffn_dim])?;
         for (l, layer) in self.decoder.iter().enumerate() {
             if l == 0 {
                 // The stream starts as the queries: the first norm copies them in.
                 let (w, b) = (&layer.norm1.weight, &layer.norm1.bias);
-                be.layer_norm(queries, None, w, b, c.eps, &mut h, Some(&mut s[0]))?;
+                be.layer_norm(queries, None, w, b, c.eps, &mut t.h, Some(&mut t.s[0]))?;
             } else {
-                add_norm(be, &mut s, &f, true, &layer.norm1, c.eps, &mut h)?;
+                t.add_norm(be, true, &layer.norm1, c.eps)?;
             }
-            be.linear(
-                &h,
-                &layer.self_qkv.weight,
-                Some(&layer.self_qkv.bias),
-                Activation::None,
-                None,
-                &mut qkv,
-            )?;
-            be.attention(
-                Cols::new(&qkv, 0),
-                Cols::new(&qkv, d),
-                Cols::new(&qkv, 2 * d),
-                &spec,
-                None,
-                &mut a,
-            )?;
-            be.linear(
-                &a,
-                &layer.self_out.weight,
-                Some(&layer.self_out.bias),
-                Activation::None,
-                None,
-                &mut f,
-            )?;
-            add_norm(be, &mut s, &f, true, &layer.norm2, c.eps, &mut h)?;
-            be.linear(
-                &h,
-                &layer.cross_q.weight,
-                Some(&layer.cross_q.bias),
-                Activation::None,
-                None,
-                &mut q,
-            )?;
-            be.linear(
-                &memory,
-                &layer.cross_kv.weight,
-                Some(&layer.cross_kv.bias),
-                Activation::None,
-                None,
-                &mut kv,
-            )?;
-            be.attention(
-                Cols::new(&q, 0),
-                Cols::new(&kv, 0),
-                Cols::new(&kv, d),
-                &spec,
-                None,
-                &mut a,
-            )?;
-            be.linear(
-                &a,
-                &layer.cross_out.weight,
-                Some(&layer.cross_out.bias),
-                Activation::None,
-                None,
-                &mut f,
-            )?;
-            add_norm(be, &mut s, &f, true, &layer.norm3, c.eps, &mut h)?;
-            be.linear(
-                &h,
-                &layer.linear1.weight,
-                Some(&layer.linear1.bias),
-                relu,
-                None,
-                &mut ffn,
-            )?;
-            be.linear(
-                &ffn,
-                &layer.linear2.weight,
-                Some(&layer.linear2.bias),
-                Activation::None,
-                None,
-                &mut f,
-            )?;
+            t.self_attention(be, &layer.self_qkv, &layer.self_out, &spec)?;
+            t.add_norm(be, true, &layer.norm2, c.eps)?;
+            // Cross-attention: queries from the stream, keys and values from memory.
+            layer.cross_q.apply(be, &t.h, Activation::None, &mut q)?;
+            layer
+                .cross_kv
+                .apply(be, &memory, Activation::None, &mut kv)?;
+            let (k, v) = (Cols::new(&kv, 0), Cols::new(&kv, d));
+            be.attention(Cols::new(&q, 0), k, v, &spec, None, &mut t.a)?;
+            layer
+                .cross_out
+                .apply(be, &t.a, Activation::None, &mut t.f)?;
+            t.add_norm(be, true, &layer.norm3, c.eps)?;
+            t.feed_forward(be, &layer.linear1, &layer.linear2)?;
         }
-        // At least one decoder layer ran (the config says so): f is pending.
         let mut y = be.alloc(&[batch, n, d])?;
-        add_norm(be, &mut s, &f, true, &self.decoder_norm, c.eps, &mut y)?;
+        t.norm_into(be, &self.decoder_norm, c.eps, &mut y)?;
         let mut out = be.alloc(&[batch, n, c.out_dim])?;
-        be.linear(
-            &y,
-            &self.output.weight,
-            Some(&self.output.bias),
-            Activation::None,
-            None,
-            &mut out,
-        )?;
+        self.output.apply(be, &y, Activation::None, &mut out)?;
         Ok(out)
     }
 }
 
-/// `out = norm(f + s[0])` and `s[0] = f + s[0]` when a sub-block output `f` is
-/// pending; `out = norm(s[0])` otherwise. `s[1]` is the ping-pong buffer.
-fn add_norm<B: Backend>(
-    be: &B,
-    s: &mut [B::Tensor; 2],
-    f: &B::Tensor,
-    pending: bool,
-    norm: &Norm<B::Tensor>,
-    eps: f64,
-    out: &mut B::Tensor,
-) -> Result<()> {
-    if !pending {
-        return be.layer_norm(&s[0], None, &norm.weight, &norm.bias, eps, out, None);
+impl<T> Linear<T> {
+    fn apply<B: Backend<Tensor = T>>(
+        &self,
+        be: &B,
+        x: &T,
+        act: Activation,
+        out: &mut T,
+    ) -> Result<()> {
+        be.linear(x, &self.weight, Some(&self.bias), act, None, out)
     }
-    let [cur, next] = s;
-    be.layer_norm(f, Some(cur), &norm.weight, &norm.bias, eps, out, Some(next))?;
-    s.swap(0, 1);
-    Ok(())
+}
+
+/// The buffers of one pre-LN stack (encoder or decoder) at one batch size.
+struct Work<T> {
+    /// The residual stream, ping-ponged: `s[0]` is current.
+    s: [T; 2],
+    /// The output of the last sub-block, not yet added to the stream.
+    f: T,
+    /// The normalised stream, input of the next sub-block.
+    h: T,
+    qkv: T,
+    a: T,
+    ffn: T,
+}
+
+impl<T> Work<T> {
+    fn new<B: Backend<Tensor = T>>(
+        be: &B,
+        [batch, tokens]: [usize; 2],
+        d: usize,
+        ffn: usize,
+    ) -> Result<Self> {
+        Ok(Work {
+            s: [
+                be.alloc(&[batch, tokens, d])?,
+                be.alloc(&[batch, tokens, d])?,
+            ],
+            f: be.alloc(&[batch, tokens, d])?,
+            h: be.alloc(&[batch, tokens, d])?,
+            qkv: be.alloc(&[batch, tokens, 3 * d])?,
+            a: be.alloc(&[batch, tokens, d])?,
+            ffn: be.alloc(&[batch, tokens, ffn])?,
+        })
+    }
+
+    /// `h = norm(f + s)` and `s = f + s` when `f` is pending; `h = norm(s)` otherwise.
+    fn add_norm<B: Backend<Tensor = T>>(
+        &mut self,
+        be: &B,
+        pending: bool,
+        norm: &Norm<T>,
+        eps: f64,
+    ) -> Result<()> {
+        self.add_norm_to(be, pending, norm, eps, None)
+    }
+
+    /// `out = norm(f + s)`: the stack's final norm (at least one layer ran).
+    fn norm_into<B: Backend<Tensor = T>>(
+        &mut self,
+        be: &B,
+        norm: &Norm<T>,
+        eps: f64,
+        out: &mut T,
+    ) -> Result<()> {
+        self.add_norm_to(be, true, norm, eps, Some(out))
+    }
+
+    fn add_norm_to<B: Backend<Tensor = T>>(
+        &mut self,
+        be: &B,
+        pending: bool,
+        norm: &Norm<T>,
+        eps: f64,
+        out: Option<&mut T>,
+    ) -> Result<()> {
+        let out = match out {
+            Some(o) => o,
+            None => &mut self.h,
+        };
+        if !pending {
+            return be.layer_norm(&self.s[0], None, &norm.weight, &norm.bias, eps, out, None);
+        }
+        let [cur, next] = &mut self.s;
+        be.layer_norm(
+            &self.f,
+            Some(cur),
+            &norm.weight,
+            &norm.bias,
+            eps,
+            out,
+            Some(next),
+        )?;
+        self.s.swap(0, 1);
+        Ok(())
+    }
+
+    /// `f = out_proj(attention(qkv_proj(h)))`, Q, K and V read in place.
+    fn self_attention<B: Backend<Tensor = T>>(
+        &mut self,
+        be: &B,
+        qkv: &Linear<T>,
+        out: &Linear<T>,
+        spec: &AttentionSpec,
+    ) -> Result<()> {
+        let d = spec.heads * spec.head_dim;
+        qkv.apply(be, &self.h, Activation::None, &mut self.qkv)?;
+        let (q, k, v) = (
+            Cols::new(&self.qkv, 0),
+            Cols::new(&self.qkv, d),
+            Cols::new(&self.qkv, 2 * d),
+        );
+        be.attention(q, k, v, spec, None, &mut self.a)?;
+        out.apply(be, &self.a, Activation::None, &mut self.f)
+    }
+
+    /// `f = linear2(relu(linear1(h)))`.
+    fn feed_forward<B: Backend<Tensor = T>>(
+        &mut self,
+        be: &B,
+        l1: &Linear<T>,
+        l2: &Linear<T>,
+    ) -> Result<()> {
+        l1.apply(be, &self.h, Activation::Relu, &mut self.ffn)?;
+        l2.apply(be, &self.ffn, Activation::None, &mut self.f)
+    }
 }

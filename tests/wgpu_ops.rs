@@ -3,7 +3,7 @@
 #![cfg(feature = "wgpu")]
 
 use output_projector::tensor::DType;
-use output_projector::verify::{self, Case};
+use output_projector::verify;
 use output_projector::wgpu::{KernelVersion, Precision, Wgpu, WgpuOptions};
 
 fn backend(options: WgpuOptions) -> Option<Wgpu> {
