@@ -140,3 +140,28 @@ fn alignment_loss_is_deterministic() {
         );
     }
 }
+
+/// The whole projector: image preset at batch 1 and 3, audio preset (n_out = 1).
+#[test]
+fn projector_matches_reference() {
+    use output_projector::config::{Modality, ProjectorConfig, Variant};
+    let Some(be) = backend(WgpuOptions::default()) else {
+        return;
+    };
+    let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+    let audio = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
+    for (config, batch) in [(&image, 1), (&image, 3), (&audio, 2)] {
+        let r = verify::compare_projector(&be, config, batch, DType::F32, 11).unwrap();
+        assert!(r.rel <= 1e-4, "{}: rel {:.3e}", r.case, r.rel);
+    }
+    // f16 storage through all eight layers.
+    let Some(half) = backend(WgpuOptions {
+        precision: Precision::F16,
+        version: KernelVersion::Fast,
+    }) else {
+        return;
+    };
+    let r = verify::compare_projector(&half, &image, 1, DType::F16, 12).unwrap();
+    assert!(r.rel <= 1e-2, "f16 {}: rel {:.3e}", r.case, r.rel);
+    println!("f16 projector: rel {:.2e}", r.rel);
+}
