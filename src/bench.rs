@@ -328,8 +328,11 @@ impl<B: Backend> Prepared<B> {
 /// Timings of repeated runs.
 #[derive(Clone, Debug)]
 pub struct Timing {
+    /// Wall-clock time from issuing the work to its completion.
     pub median: Duration,
     pub min: Duration,
+    /// The device's own time (timestamp queries), where the backend measures it.
+    pub device_median: Option<Duration>,
     pub runs: usize,
 }
 
@@ -345,16 +348,20 @@ pub fn time<B: Backend>(
     be.synchronize()?;
     let start = Instant::now();
     let mut samples = Vec::new();
+    let mut device = Vec::new();
     while samples.len() < min_runs.max(1) || start.elapsed() < budget {
         let t = Instant::now();
-        f()?;
+        let on_device = be.device_time(&mut f)?;
         be.synchronize()?;
         samples.push(t.elapsed());
+        device.extend(on_device);
     }
     samples.sort();
+    device.sort();
     Ok(Timing {
         median: samples[samples.len() / 2],
         min: samples[0],
+        device_median: device.get(device.len() / 2).copied(),
         runs: samples.len(),
     })
 }

@@ -174,6 +174,16 @@ pub trait Backend: Clone {
         Ok(())
     }
 
+    /// Run `f` and return the device's own time for the work it issued, where the
+    /// backend can measure it (timestamp queries); `None` otherwise.
+    fn device_time(
+        &self,
+        f: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<std::time::Duration>> {
+        f()?;
+        Ok(None)
+    }
+
     /// The same device running the naive v1 kernels, for benchmarks and as a
     /// second oracle; `None` where there is no such variant (the reference).
     fn naive(&self) -> Result<Option<Self>> {

@@ -169,3 +169,25 @@ fn a_projector_forward_is_one_submit() {
         );
     }
 }
+
+#[test]
+fn device_time_comes_from_timestamps_where_offered() {
+    let Some(gpu) = gpu() else { return };
+    let offered = gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY);
+    let be = Wgpu::new(gpu, WgpuOptions::default()).unwrap();
+    let hidden = be
+        .upload(&HostTensor::randn(vec![4, 64, 1024], 1, "hidden").unwrap())
+        .unwrap();
+    let pos = SignalPositions::all(4, 64).unwrap();
+    let mut out = be.alloc(&[4, 64, 1024]).unwrap();
+    let ((), t) = be
+        .time_on_device(|| be.gather_signal_tokens(&hidden, None, &pos, &mut out))
+        .unwrap();
+    assert_eq!(t.is_some(), offered, "{t:?}");
+    if let Some(t) = t {
+        assert!(t.as_nanos() > 0 && t.as_secs() < 10, "{t:?}");
+    }
+    // Nothing dispatched: nothing to time.
+    let ((), none) = be.time_on_device(|| Ok(())).unwrap();
+    assert!(none.is_none());
+}

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use super::Gpu;
 use crate::error::{Error, Result};
@@ -118,6 +119,15 @@ struct Inner {
     retired: Mutex<Vec<::wgpu::Buffer>>,
     /// Command buffers submitted so far.
     submits: AtomicU64,
+    /// Timestamps of the dispatches recorded inside [`Wgpu::time_on_device`].
+    timing: Mutex<Option<Timing>>,
+}
+
+/// The first dispatch of a timed region writes timestamp 0 at its start; every
+/// dispatch writes timestamp 1 at its end, so the last one leaves the region's end.
+struct Timing {
+    queries: ::wgpu::QuerySet,
+    recorded: bool,
 }
 
 /// The wgpu backend: a cheap handle (clone it freely) to one device.
@@ -266,6 +276,7 @@ impl Wgpu {
                 free: Mutex::new(HashMap::new()),
                 retired: Mutex::new(Vec::new()),
                 submits: AtomicU64::new(0),
+                timing: Mutex::new(None),
             }),
         })
     }
@@ -652,6 +663,16 @@ impl Wgpu {
         }
         let gpu = &self.inner.gpu;
         let pending = &mut *pending;
+        let mut timing = lock(&self.inner.timing)?;
+        let timestamps = timing.as_mut().map(|t| {
+            let first = !t.recorded;
+            t.recorded = true;
+            ::wgpu::ComputePassTimestampWrites {
+                query_set: &t.queries,
+                beginning_of_pass_write_index: first.then_some(0),
+                end_of_pass_write_index: Some(1),
+            }
+        });
         let recorded = gpu.scoped(k.entry, |device, _| {
             let bind_group = device.create_bind_group(&::wgpu::BindGroupDescriptor {
                 label: None,
@@ -665,7 +686,7 @@ impl Wgpu {
             });
             let mut pass = encoder.begin_compute_pass(&::wgpu::ComputePassDescriptor {
                 label: Some(k.entry),
-                timestamp_writes: None,
+                timestamp_writes: timestamps,
             });
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
@@ -678,6 +699,68 @@ impl Wgpu {
             pending.params.clear();
         }
         recorded
+    }
+
+    /// Run `f` and measure the device time of the work it records, from the start
+    /// of its first dispatch to the end of its last, with timestamp queries.
+    /// `None` where the adapter offers no timestamps or `f` dispatched nothing.
+    /// Work pending before the call is submitted first.
+    pub fn time_on_device<T>(
+        &self,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, Option<Duration>)> {
+        let gpu = &self.inner.gpu;
+        if !gpu.features.contains(::wgpu::Features::TIMESTAMP_QUERY) {
+            return Ok((f()?, None));
+        }
+        self.sync()?;
+        let queries = gpu.scoped("creating timestamp queries", |device, _| {
+            device.create_query_set(&::wgpu::QuerySetDescriptor {
+                label: Some("device time"),
+                ty: ::wgpu::QueryType::Timestamp,
+                count: 2,
+            })
+        })?;
+        *lock(&self.inner.timing)? = Some(Timing {
+            queries,
+            recorded: false,
+        });
+        let value = f();
+        let timing = lock(&self.inner.timing)?.take();
+        let value = value?;
+        let Some(Timing {
+            queries,
+            recorded: true,
+        }) = timing
+        else {
+            return Ok((value, None));
+        };
+        let resolved = gpu.scoped("resolving timestamps", |device, _| {
+            device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some("timestamps"),
+                size: 16,
+                usage: ::wgpu::BufferUsages::QUERY_RESOLVE | ::wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        })?;
+        let mut encoder = self.take_encoder()?;
+        let enc = encoder.get_or_insert_with(|| {
+            gpu.device
+                .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
+                    label: Some("timestamps"),
+                })
+        });
+        enc.resolve_query_set(&queries, 0..2, &resolved, 0);
+        let raw = gpu.read_buffer_after(encoder, &resolved, 0, 16)?;
+        self.inner.submits.fetch_add(1, Ordering::Relaxed);
+        self.recycle()?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
+        let (start, end) = match ticks.as_slice() {
+            [s, e] if e >= s => (*s, *e),
+            _ => return Ok((value, None)),
+        };
+        let ns = (end - start) as f64 * f64::from(gpu.queue.get_timestamp_period());
+        Ok((value, Some(Duration::from_nanos(ns as u64))))
     }
 
     /// Workgroups for `n` groups of work: as many as fit in x, the rest in y.

@@ -232,7 +232,10 @@ pub fn open() -> Result<Gpu> {
         let adapter = select_adapter()?;
         let info = info_of(&adapter);
         let offered = adapter.features();
-        let features = offered & (::wgpu::Features::SHADER_F16 | ::wgpu::Features::SUBGROUP);
+        let features = offered
+            & (::wgpu::Features::SHADER_F16
+                | ::wgpu::Features::SUBGROUP
+                | ::wgpu::Features::TIMESTAMP_QUERY);
         let limits = adapter.limits();
         let desc = ::wgpu::DeviceDescriptor {
             label: Some("output-projector"),
@@ -773,6 +776,13 @@ impl crate::ops::Backend for Wgpu {
 
     fn synchronize(&self) -> Result<()> {
         self.sync()
+    }
+
+    fn device_time(
+        &self,
+        f: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<std::time::Duration>> {
+        self.time_on_device(f).map(|((), t)| t)
     }
 
     fn naive(&self) -> Result<Option<Self>> {
