@@ -46,35 +46,41 @@ pub enum OpCase {
 impl OpCase {
     /// The distinct op calls of one projector forward at `batch`, largest first
     /// within each op.
-    pub fn projector_ops(c: &ProjectorConfig, batch: usize, n_in: usize) -> Vec<OpCase> {
+    pub fn projector_ops(c: &ProjectorConfig, batch: usize, n_in: usize) -> Result<Vec<OpCase>> {
         let (d, n) = (c.d_model, c.n_out);
-        vec![
+        let rows = |tokens: usize| {
+            batch.checked_mul(tokens).ok_or_else(|| {
+                crate::error::Error::Overflow(format!("batch {batch} x {tokens} tokens"))
+            })
+        };
+        let (m_in, m) = (rows(n_in)?, rows(n)?);
+        Ok(vec![
             OpCase::Linear {
-                m: batch * n_in,
+                m: m_in,
                 n: d,
                 k: c.in_dim,
                 act: Activation::None,
             },
             OpCase::Linear {
-                m: batch * n,
+                m: m,
                 n: 3 * d,
                 k: d,
                 act: Activation::None,
             },
             OpCase::Linear {
-                m: batch * n,
+                m: m,
                 n: c.ffn_dim,
                 k: d,
                 act: Activation::Relu,
             },
             OpCase::Linear {
-                m: batch * n,
+                m: m,
                 n: d,
                 k: c.ffn_dim,
                 act: Activation::None,
             },
             OpCase::Linear {
-                m: batch * n,
+                m: m,
                 n: c.out_dim,
                 k: d,
                 act: Activation::None,
@@ -108,7 +114,7 @@ impl OpCase {
                 n: n_in,
                 channels: c.in_dim,
             },
-        ]
+        ])
     }
 
     pub fn op(&self) -> &'static str {
@@ -148,19 +154,19 @@ impl OpCase {
     /// Floating-point operations (a multiply-add counts 2).
     pub fn flops(&self) -> f64 {
         match *self {
-            OpCase::Linear { m, n, k, .. } => 2.0 * (m * n * k) as f64,
-            OpCase::LayerNorm { rows, cols } => 8.0 * (rows * cols) as f64,
+            OpCase::Linear { m, n, k, .. } => 2.0 * product(&[m, n, k]),
+            OpCase::LayerNorm { rows, cols } => 8.0 * product(&[rows, cols]),
             OpCase::Attention {
                 batch,
                 lq,
                 lk,
                 heads,
                 head_dim,
-            } => 4.0 * (batch * heads * lq * lk * head_dim) as f64,
-            OpCase::AlignmentLoss { batch, tokens, dim } => 4.0 * (batch * tokens * dim) as f64,
+            } => 4.0 * product(&[batch, heads, lq, lk, head_dim]),
+            OpCase::AlignmentLoss { batch, tokens, dim } => 4.0 * product(&[batch, tokens, dim]),
             OpCase::Gather {
                 batch, n, channels, ..
-            } => (batch * n * channels) as f64,
+            } => product(&[batch, n, channels]),
         }
     }
 
@@ -168,19 +174,25 @@ impl OpCase {
     pub fn bytes(&self, elem: usize) -> f64 {
         let e = elem as f64;
         e * match *self {
-            OpCase::Linear { m, n, k, .. } => (m * k + n * k + n + m * n) as f64,
-            OpCase::LayerNorm { rows, cols } => (2 * rows * cols + 2 * cols) as f64,
+            OpCase::Linear { m, n, k, .. } => {
+                product(&[m, k]) + product(&[n, k]) + product(&[n]) + product(&[m, n])
+            }
+            OpCase::LayerNorm { rows, cols } => {
+                2.0 * product(&[rows, cols]) + 2.0 * product(&[cols])
+            }
             OpCase::Attention {
                 batch,
                 lq,
                 lk,
                 heads,
                 head_dim,
-            } => (batch * heads * head_dim * (2 * lq + 2 * lk)) as f64,
-            OpCase::AlignmentLoss { batch, tokens, dim } => (3 * batch * tokens * dim + 1) as f64,
+            } => 2.0 * product(&[batch, heads, head_dim]) * (product(&[lq]) + product(&[lk])),
+            OpCase::AlignmentLoss { batch, tokens, dim } => {
+                3.0 * product(&[batch, tokens, dim]) + 1.0
+            }
             OpCase::Gather {
                 batch, n, channels, ..
-            } => (3 * batch * n * channels) as f64,
+            } => 3.0 * product(&[batch, n, channels]),
         }
     }
 
@@ -246,6 +258,11 @@ impl OpCase {
         };
         Ok(p)
     }
+}
+
+/// The product of sizes in f64: counts for rates, never an overflow.
+fn product(dims: &[usize]) -> f64 {
+    dims.iter().map(|&d| d as f64).product()
 }
 
 /// An op's inputs and outputs, ready to run again and again.

@@ -528,13 +528,11 @@ impl BackendTask for Bench<'_> {
         let elem = if kind == DeviceKind::Cpu { 8 } else { 4 };
         let mut rows = Vec::new();
         for &batch in self.batches {
-            let flops: f64 = OpCase::projector_ops(&config, batch, n_in)
-                .iter()
-                .map(OpCase::flops)
-                .sum();
-            let weight_bytes = (config.parameter_count() * elem) as f64;
             let shape = vec![batch, n_in, config.in_dim];
             let hidden = HostTensor::randn(shape, 1, "--batch")?;
+            let ops = OpCase::projector_ops(&config, batch, n_in)?;
+            let flops: f64 = ops.iter().map(OpCase::flops).sum();
+            let weight_bytes = (config.parameter_count() * elem) as f64;
             for (suffix, b) in &variants {
                 let proj = Projector::new(b.clone(), &w)?;
                 let h = b.upload(&hidden)?;
@@ -543,7 +541,7 @@ impl BackendTask for Bench<'_> {
                 let shape = format!("{} batch {batch}", self.modality.name());
                 rows.push(row(kind, &what, shape, &t, flops, weight_bytes));
             }
-            for case in OpCase::projector_ops(&config, batch, n_in) {
+            for case in ops {
                 for (suffix, b) in &variants {
                     let mut p = case.prepare(b, 2)?;
                     let t = bench::time(b, 3, self.budget, || p.run(b))?;
