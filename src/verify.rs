@@ -316,29 +316,42 @@ pub fn poisoned<B: Backend>(be: &B, shape: &[usize]) -> Result<B::Tensor> {
     be.upload(&HostTensor::from_f32(shape.to_vec(), vec![f32::NAN; n])?)
 }
 
-/// Run `case` on `be` and on the reference with the same random inputs (rounded to
-/// `dtype`, the backend's storage type) and compare every output.
-pub fn compare_case<B: Backend>(
-    be: &B,
-    case: &Case,
-    dtype: DType,
-    seed: u64,
-) -> Result<Comparison> {
-    let mut inp = Inputs {
-        rng: Rng::new(seed),
-        dtype,
-    };
-    let mut worst = (0.0f64, 0.0f64);
-    let mut record = |got: HostTensor, want: HostTensor| {
-        let (rel, max_abs) = if got.shape() == want.shape() {
-            compare(&got.to_f64_vec(), &want.to_f64_vec())
-        } else {
-            (f64::INFINITY, f64::INFINITY)
-        };
-        worst = (worst.0.max(rel), worst.1.max(max_abs));
-    };
-    let r = &Reference;
-    match *case {
+/// A case's inputs on the host, shared by the backend under test and the reference.
+enum CaseInputs {
+    Linear {
+        x: HostTensor,
+        w: HostTensor,
+        b: Option<HostTensor>,
+        residual: Option<HostTensor>,
+        act: Activation,
+    },
+    LayerNorm {
+        x: HostTensor,
+        residual: Option<HostTensor>,
+        w: HostTensor,
+        b: HostTensor,
+    },
+    Attention {
+        q: HostTensor,
+        /// K and V packed side by side; `None`: Q, K, V all in `q`.
+        kv: Option<HostTensor>,
+        spec: AttentionSpec,
+        mask: Option<KeyPaddingMask>,
+    },
+    Loss {
+        pred: HostTensor,
+        target: HostTensor,
+        kind: LossKind,
+    },
+    Gather {
+        hidden: HostTensor,
+        embeds: Option<HostTensor>,
+        positions: SignalPositions,
+    },
+}
+
+fn case_inputs(case: &Case, inp: &mut Inputs) -> Result<CaseInputs> {
+    Ok(match *case {
         Case::Linear {
             m,
             n,
@@ -346,103 +359,28 @@ pub fn compare_case<B: Backend>(
             act,
             bias,
             residual,
-        } => {
-            let x = inp.tensor(&[m, k], 1.0, 0.0)?;
-            let w = inp.tensor(&[n, k], 1.0 / (k as f64).sqrt(), 0.0)?;
-            let b = if bias {
-                Some(inp.tensor(&[n], 0.5, 0.0)?)
-            } else {
-                None
-            };
-            let res = if residual {
-                Some(inp.tensor(&[m, n], 1.0, 0.0)?)
-            } else {
-                None
-            };
-            let run = |be: &B| -> Result<HostTensor> {
-                let mut out = poisoned(be, &[m, n])?;
-                let bt = b.as_ref().map(|t| be.upload(t)).transpose()?;
-                let rt = res.as_ref().map(|t| be.upload(t)).transpose()?;
-                be.linear(
-                    &be.upload(&x)?,
-                    &be.upload(&w)?,
-                    bt.as_ref(),
-                    act,
-                    rt.as_ref(),
-                    &mut out,
-                )?;
-                be.download(&out)
-            };
-            let mut out = r.alloc(&[m, n])?;
-            let bt = b.as_ref().map(|t| r.upload(t)).transpose()?;
-            let rt = res.as_ref().map(|t| r.upload(t)).transpose()?;
-            r.linear(
-                &r.upload(&x)?,
-                &r.upload(&w)?,
-                bt.as_ref(),
-                act,
-                rt.as_ref(),
-                &mut out,
-            )?;
-            record(run(be)?, r.download(&out)?);
-        }
+        } => CaseInputs::Linear {
+            x: inp.tensor(&[m, k], 1.0, 0.0)?,
+            w: inp.tensor(&[n, k], 1.0 / (k as f64).sqrt(), 0.0)?,
+            b: bias.then(|| inp.tensor(&[n], 0.5, 0.0)).transpose()?,
+            residual: residual
+                .then(|| inp.tensor(&[m, n], 1.0, 0.0))
+                .transpose()?,
+            act,
+        },
         Case::LayerNorm {
             rows,
             cols,
             residual,
             offset,
-        } => {
-            let x = inp.tensor(&[rows, cols], 1.0, offset)?;
-            let res = if residual {
-                Some(inp.tensor(&[rows, cols], 1.0, 0.0)?)
-            } else {
-                None
-            };
-            let w = inp.tensor(&[cols], 0.2, 1.0)?;
-            let b = inp.tensor(&[cols], 0.1, 0.0)?;
-            let eps = 1e-5;
-            // Compared: the normalised output, and the sum where a residual is added.
-            let mut outs = Vec::new();
-            {
-                let mut y = poisoned(be, &[rows, cols])?;
-                let mut s = poisoned(be, &[rows, cols])?;
-                let rt = res.as_ref().map(|t| be.upload(t)).transpose()?;
-                let sum = if residual { Some(&mut s) } else { None };
-                be.layer_norm(
-                    &be.upload(&x)?,
-                    rt.as_ref(),
-                    &be.upload(&w)?,
-                    &be.upload(&b)?,
-                    eps,
-                    &mut y,
-                    sum,
-                )?;
-                outs.push(be.download(&y)?);
-                if residual {
-                    outs.push(be.download(&s)?);
-                }
-            }
-            let mut y = r.alloc(&[rows, cols])?;
-            let mut s = r.alloc(&[rows, cols])?;
-            let rt = res.as_ref().map(|t| r.upload(t)).transpose()?;
-            let sum = if residual { Some(&mut s) } else { None };
-            r.layer_norm(
-                &r.upload(&x)?,
-                rt.as_ref(),
-                &r.upload(&w)?,
-                &r.upload(&b)?,
-                eps,
-                &mut y,
-                sum,
-            )?;
-            let mut want = vec![r.download(&y)?];
-            if residual {
-                want.push(r.download(&s)?);
-            }
-            for (g, w) in outs.into_iter().zip(want) {
-                record(g, w);
-            }
-        }
+        } => CaseInputs::LayerNorm {
+            x: inp.tensor(&[rows, cols], 1.0, offset)?,
+            residual: residual
+                .then(|| inp.tensor(&[rows, cols], 1.0, 0.0))
+                .transpose()?,
+            w: inp.tensor(&[cols], 0.2, 1.0)?,
+            b: inp.tensor(&[cols], 0.1, 0.0)?,
+        },
         Case::Attention {
             batch,
             lq,
@@ -454,15 +392,13 @@ pub fn compare_case<B: Backend>(
             packed,
         } => {
             let c = heads * head_dim;
-            let (qsrc, kvsrc) = if packed {
+            let (q, kv) = if packed {
                 (inp.tensor(&[batch, lq, 3 * c], 1.0, 0.0)?, None)
             } else {
-                (
-                    inp.tensor(&[batch, lq, c], 1.0, 0.0)?,
-                    Some(inp.tensor(&[batch, lk, 2 * c], 1.0, 0.0)?),
-                )
+                let q = inp.tensor(&[batch, lq, c], 1.0, 0.0)?;
+                (q, Some(inp.tensor(&[batch, lk, 2 * c], 1.0, 0.0)?))
             };
-            let m = if mask {
+            let mask = if mask {
                 // Random keys ignored, key 0 kept, so no row is fully masked; but
                 // with `causal`, key 0 of sequence 0 is ignored too, which leaves
                 // its query 0 with no visible key at all (output: zeros).
@@ -475,59 +411,18 @@ pub fn compare_case<B: Backend>(
             };
             let mut spec = AttentionSpec::new(heads, head_dim);
             spec.causal = causal;
-            fn run<B: Backend>(
-                be: &B,
-                qsrc: &HostTensor,
-                kvsrc: Option<&HostTensor>,
-                spec: &AttentionSpec,
-                m: Option<&KeyPaddingMask>,
-                out: &mut B::Tensor,
-            ) -> Result<()> {
-                let c = spec.heads * spec.head_dim;
-                let q = be.upload(qsrc)?;
-                let kv = kvsrc.map(|t| be.upload(t)).transpose()?;
-                let mask = m.map(|m| be.upload_mask(m)).transpose()?;
-                let (k, v) = match &kv {
-                    Some(kv) => (Cols::new(kv, 0), Cols::new(kv, c)),
-                    None => (Cols::new(&q, c), Cols::new(&q, 2 * c)),
-                };
-                be.attention(Cols::new(&q, 0), k, v, spec, mask.as_ref(), out)
-            }
-            let mut out = poisoned(be, &[batch, lq, c])?;
-            run(be, &qsrc, kvsrc.as_ref(), &spec, m.as_ref(), &mut out)?;
-            let mut want = r.alloc(&[batch, lq, c])?;
-            run(r, &qsrc, kvsrc.as_ref(), &spec, m.as_ref(), &mut want)?;
-            record(be.download(&out)?, r.download(&want)?);
+            CaseInputs::Attention { q, kv, spec, mask }
         }
         Case::AlignmentLoss {
             batch,
             tokens,
             dim,
             kind,
-        } => {
-            let pred = inp.tensor(&[batch, tokens, dim], 1.0, 0.0)?;
-            let target = inp.tensor(&[batch, tokens, dim], 1.0, 0.0)?;
-            let shape = [batch, tokens, dim];
-            let mut loss = poisoned(be, &[1])?;
-            let mut grad = poisoned(be, &shape)?;
-            be.alignment_loss(
-                kind,
-                &be.upload(&pred)?,
-                &be.upload(&target)?,
-                &mut loss,
-                &mut grad,
-            )?;
-            let (mut rl, mut rg) = (r.alloc(&[1])?, r.alloc(&shape)?);
-            r.alignment_loss(
-                kind,
-                &r.upload(&pred)?,
-                &r.upload(&target)?,
-                &mut rl,
-                &mut rg,
-            )?;
-            record(be.download(&loss)?, r.download(&rl)?);
-            record(be.download(&grad)?, r.download(&rg)?);
-        }
+        } => CaseInputs::Loss {
+            pred: inp.tensor(&[batch, tokens, dim], 1.0, 0.0)?,
+            target: inp.tensor(&[batch, tokens, dim], 1.0, 0.0)?,
+            kind,
+        },
         Case::Gather {
             batch,
             seq,
@@ -536,11 +431,9 @@ pub fn compare_case<B: Backend>(
             embeds,
         } => {
             let hidden = inp.tensor(&[batch, seq, channels], 1.0, 0.0)?;
-            let emb = if embeds {
-                Some(inp.tensor(&[batch, seq, channels], 1.0, 0.0)?)
-            } else {
-                None
-            };
+            let embeds = embeds
+                .then(|| inp.tensor(&[batch, seq, channels], 1.0, 0.0))
+                .transpose()?;
             // Signal ids 1000.. at a different start in every sequence.
             let signal: Vec<i64> = (0..n as i64).map(|i| 1000 + i).collect();
             let mut ids = vec![7i64; batch * seq];
@@ -550,15 +443,106 @@ pub fn compare_case<B: Backend>(
                     ids[b * seq + start + i] = id;
                 }
             }
-            let pos = SignalPositions::find(&ids, batch, seq, &signal)?;
-            let mut out = poisoned(be, &[batch, n, channels])?;
-            let et = emb.as_ref().map(|t| be.upload(t)).transpose()?;
-            be.gather_signal_tokens(&be.upload(&hidden)?, et.as_ref(), &pos, &mut out)?;
-            let mut want = r.alloc(&[batch, n, channels])?;
-            let rt = emb.as_ref().map(|t| r.upload(t)).transpose()?;
-            r.gather_signal_tokens(&r.upload(&hidden)?, rt.as_ref(), &pos, &mut want)?;
-            record(be.download(&out)?, r.download(&want)?);
+            let positions = SignalPositions::find(&ids, batch, seq, &signal)?;
+            CaseInputs::Gather {
+                hidden,
+                embeds,
+                positions,
+            }
         }
+    })
+}
+
+/// Run a case on `be`, every output poisoned first; the outputs on the host.
+fn run_case<B: Backend>(be: &B, inputs: &CaseInputs) -> Result<Vec<HostTensor>> {
+    let up = |t: &HostTensor| be.upload(t);
+    let opt = |t: &Option<HostTensor>| t.as_ref().map(|t| be.upload(t)).transpose();
+    match inputs {
+        CaseInputs::Linear {
+            x,
+            w,
+            b,
+            residual,
+            act,
+        } => {
+            let mut out = poisoned(be, &[x.shape()[0], w.shape()[0]])?;
+            let (b, r) = (opt(b)?, opt(residual)?);
+            be.linear(&up(x)?, &up(w)?, b.as_ref(), *act, r.as_ref(), &mut out)?;
+            Ok(vec![be.download(&out)?])
+        }
+        CaseInputs::LayerNorm { x, residual, w, b } => {
+            let mut y = poisoned(be, x.shape())?;
+            let mut sum = poisoned(be, x.shape())?;
+            let r = opt(residual)?;
+            let sum_out = if residual.is_some() {
+                Some(&mut sum)
+            } else {
+                None
+            };
+            be.layer_norm(&up(x)?, r.as_ref(), &up(w)?, &up(b)?, 1e-5, &mut y, sum_out)?;
+            // Compared: the normalised output, and the sum where a residual is added.
+            let mut outs = vec![be.download(&y)?];
+            if residual.is_some() {
+                outs.push(be.download(&sum)?);
+            }
+            Ok(outs)
+        }
+        CaseInputs::Attention { q, kv, spec, mask } => {
+            let c = spec.heads * spec.head_dim;
+            let qt = up(q)?;
+            let kvt = opt(kv)?;
+            let mask = mask.as_ref().map(|m| be.upload_mask(m)).transpose()?;
+            let (k, v) = match &kvt {
+                Some(kv) => (Cols::new(kv, 0), Cols::new(kv, c)),
+                None => (Cols::new(&qt, c), Cols::new(&qt, 2 * c)),
+            };
+            let mut out = poisoned(be, &[q.shape()[0], q.shape()[1], c])?;
+            be.attention(Cols::new(&qt, 0), k, v, spec, mask.as_ref(), &mut out)?;
+            Ok(vec![be.download(&out)?])
+        }
+        CaseInputs::Loss { pred, target, kind } => {
+            let mut loss = poisoned(be, &[1])?;
+            let mut grad = poisoned(be, pred.shape())?;
+            be.alignment_loss(*kind, &up(pred)?, &up(target)?, &mut loss, &mut grad)?;
+            Ok(vec![be.download(&loss)?, be.download(&grad)?])
+        }
+        CaseInputs::Gather {
+            hidden,
+            embeds,
+            positions,
+        } => {
+            let (batch, channels) = (hidden.shape()[0], hidden.shape()[2]);
+            let mut out = poisoned(be, &[batch, positions.count(), channels])?;
+            let e = opt(embeds)?;
+            be.gather_signal_tokens(&up(hidden)?, e.as_ref(), positions, &mut out)?;
+            Ok(vec![be.download(&out)?])
+        }
+    }
+}
+
+/// Run `case` on `be` and on the reference with the same random inputs (rounded to
+/// `dtype`, the backend's storage type) and compare every output.
+pub fn compare_case<B: Backend>(
+    be: &B,
+    case: &Case,
+    dtype: DType,
+    seed: u64,
+) -> Result<Comparison> {
+    let mut inp = Inputs {
+        rng: Rng::new(seed),
+        dtype,
+    };
+    let inputs = case_inputs(case, &mut inp)?;
+    let got = run_case(be, &inputs)?;
+    let want = run_case(&Reference, &inputs)?;
+    let mut worst = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(&want) {
+        let (rel, max_abs) = if g.shape() == w.shape() {
+            compare(&g.to_f64_vec(), &w.to_f64_vec())
+        } else {
+            (f64::INFINITY, f64::INFINITY)
+        };
+        worst = (worst.0.max(rel), worst.1.max(max_abs));
     }
     Ok(Comparison {
         op: case.op(),
