@@ -21,11 +21,11 @@
 #define LOSS_MSE 1
 
 struct LossParams {
-    const float* pred;    // [T, D]
-    const float* target;  // [T, D]
-    float* grad;          // [T, D]
-    float* partial;       // [T]
-    float* loss;          // [1]
+    const elem* pred;    // [T, D]
+    const elem* target;  // [T, D]
+    elem* grad;          // [T, D]
+    float* partial;      // [T], f32 scratch whatever the storage
+    elem* loss;          // [1]
     int tokens;           // T = B N
     int dim;              // D
     int kind;             // LOSS_*
@@ -40,27 +40,27 @@ __device__ __forceinline__ float loss_grad(const LossParams& p, float diff, floa
 }
 
 // v1 pass 1: block 128 threads, one thread per token; grid ceil(T / 128).
-extern "C" __global__ void alignment_loss_naive_rows(const LossParams p) {
+extern "C" __global__ void OP_KERNEL_NAME(alignment_loss_naive_rows)(const LossParams p) {
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= p.tokens) {
         return;
     }
-    const float* u = p.pred + t * p.dim;
-    const float* v = p.target + t * p.dim;
+    const elem* u = p.pred + t * p.dim;
+    const elem* v = p.target + t * p.dim;
     float ss = 0.0f;
     for (int d = 0; d < p.dim; ++d) {
-        const float diff = u[d] - v[d];
+        const float diff = to_f32(u[d]) - to_f32(v[d]);
         ss = fmaf(diff, diff, ss);
     }
     const float dist = sqrtf(ss);
     for (int d = 0; d < p.dim; ++d) {
-        p.grad[t * p.dim + d] = loss_grad(p, u[d] - v[d], dist);
+        p.grad[t * p.dim + d] = from_f32(loss_grad(p, to_f32(u[d]) - to_f32(v[d]), dist));
     }
     p.partial[t] = p.kind == LOSS_MSE ? ss : dist;
 }
 
 // v1 pass 2: one block of 1 thread.
-extern "C" __global__ void alignment_loss_naive_finish(const LossParams p) {
+extern "C" __global__ void OP_KERNEL_NAME(alignment_loss_naive_finish)(const LossParams p) {
     if (blockIdx.x != 0 || threadIdx.x != 0) {
         return;
     }
@@ -69,26 +69,26 @@ extern "C" __global__ void alignment_loss_naive_finish(const LossParams p) {
         total += (double)p.partial[t];
     }
     const double count = p.kind == LOSS_MSE ? (double)p.tokens * (double)p.dim : (double)p.tokens;
-    p.loss[0] = (float)(total / count);
+    p.loss[0] = from_f32((float)(total / count));
 }
 
 #define LOSS_THREADS 256
 
 // v2 pass 1: block 256 threads, one block per token; grid T.
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS) alignment_loss_rows(const LossParams p) {
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) OP_KERNEL_NAME(alignment_loss_rows)(const LossParams p) {
     __shared__ float scratch[32];
     const int t = blockIdx.x;
-    const float* u = p.pred + t * p.dim;
-    const float* v = p.target + t * p.dim;
+    const elem* u = p.pred + t * p.dim;
+    const elem* v = p.target + t * p.dim;
     float ss = 0.0f;
     for (int d = threadIdx.x; d < p.dim; d += blockDim.x) {
-        const float diff = u[d] - v[d];
+        const float diff = to_f32(u[d]) - to_f32(v[d]);
         ss = fmaf(diff, diff, ss);
     }
     ss = block_sum(ss, scratch);
     const float dist = sqrtf(ss);
     for (int d = threadIdx.x; d < p.dim; d += blockDim.x) {
-        p.grad[t * p.dim + d] = loss_grad(p, u[d] - v[d], dist);
+        p.grad[t * p.dim + d] = from_f32(loss_grad(p, to_f32(u[d]) - to_f32(v[d]), dist));
     }
     if (threadIdx.x == 0) {
         p.partial[t] = p.kind == LOSS_MSE ? ss : dist;
@@ -96,7 +96,7 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) alignment_loss_rows(c
 }
 
 // v2 pass 2: one block of 256 threads.
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS) alignment_loss_finish(const LossParams p) {
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) OP_KERNEL_NAME(alignment_loss_finish)(const LossParams p) {
     __shared__ double sums[LOSS_THREADS];
     double acc = 0.0;
     for (int t = threadIdx.x; t < p.tokens; t += LOSS_THREADS) {
@@ -113,6 +113,6 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) alignment_loss_finish
     if (threadIdx.x == 0) {
         const double count =
             p.kind == LOSS_MSE ? (double)p.tokens * (double)p.dim : (double)p.tokens;
-        p.loss[0] = (float)(sums[0] / count);
+        p.loss[0] = from_f32((float)(sums[0] / count));
     }
 }

@@ -26,11 +26,11 @@
 #include "common.cuh"
 
 struct AttentionParams {
-    const float* q;
-    const float* k;
-    const float* v;
+    const elem* q;
+    const elem* k;
+    const elem* v;
     const unsigned char* mask;  // [B, Lk], 1 = ignore; or null
-    float* out;                 // [B, Lq, heads * head_dim]
+    elem* out;                  // [B, Lq, heads * head_dim]
     int batch;
     int lq;
     int lk;
@@ -55,7 +55,7 @@ __device__ __forceinline__ bool attention_visible(const AttentionParams& p, int 
 }
 
 // v1: block 128 threads; grid ceil(B Lq heads head_dim / 128).
-extern "C" __global__ void attention_naive(const AttentionParams p) {
+extern "C" __global__ void OP_KERNEL_NAME(attention_naive)(const AttentionParams p) {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     const int hd = p.head_dim;
     const int total = p.batch * p.lq * p.heads * hd;
@@ -69,16 +69,16 @@ extern "C" __global__ void attention_naive(const AttentionParams p) {
     const int i = rest % p.lq;
     const int b = rest / p.lq;
 
-    const float* qr = p.q + (b * p.lq + i) * p.q_stride + p.q_col + h * hd;
+    const elem* qr = p.q + (b * p.lq + i) * p.q_stride + p.q_col + h * hd;
     float mx = OP_NEG_INF;
     for (int j = 0; j < p.lk; ++j) {
         if (!attention_visible(p, b, i, j)) {
             continue;
         }
-        const float* kr = p.k + (b * p.lk + j) * p.k_stride + p.k_col + h * hd;
+        const elem* kr = p.k + (b * p.lk + j) * p.k_stride + p.k_col + h * hd;
         float dot = 0.0f;
         for (int d = 0; d < hd; ++d) {
-            dot = fmaf(qr[d], kr[d], dot);
+            dot = fmaf(to_f32(qr[d]), to_f32(kr[d]), dot);
         }
         mx = fmaxf(mx, dot * p.scale);
     }
@@ -89,18 +89,18 @@ extern "C" __global__ void attention_naive(const AttentionParams p) {
             if (!attention_visible(p, b, i, j)) {
                 continue;
             }
-            const float* kr = p.k + (b * p.lk + j) * p.k_stride + p.k_col + h * hd;
+            const elem* kr = p.k + (b * p.lk + j) * p.k_stride + p.k_col + h * hd;
             float dot = 0.0f;
             for (int d = 0; d < hd; ++d) {
-                dot = fmaf(qr[d], kr[d], dot);
+                dot = fmaf(to_f32(qr[d]), to_f32(kr[d]), dot);
             }
             const float e = expf(dot * p.scale - mx);
             denom += e;
-            acc = fmaf(e, p.v[(b * p.lk + j) * p.v_stride + p.v_col + h * hd + t], acc);
+            acc = fmaf(e, to_f32(p.v[(b * p.lk + j) * p.v_stride + p.v_col + h * hd + t]), acc);
         }
         result = acc / denom;
     }
-    p.out[((b * p.lq + i) * p.heads + h) * hd + t] = result;
+    p.out[((b * p.lq + i) * p.heads + h) * hd + t] = from_f32(result);
 }
 
 #define ATT_WARPS 4
@@ -112,7 +112,7 @@ extern "C" __global__ void attention_naive(const AttentionParams p) {
 // `width` columns (leading dimension ld): columns past head_dim and rows past
 // `limit` are zero.
 template <int WIDTH, int LD>
-__device__ __forceinline__ void attention_stage(float (*tile)[LD], int rows, const float* src,
+__device__ __forceinline__ void attention_stage(float (*tile)[LD], int rows, const elem* src,
                                                 int seq_base, int row0, int limit, int stride,
                                                 int col, int hd, bool vec4) {
     constexpr int CHUNKS = WIDTH / 4;
@@ -122,14 +122,14 @@ __device__ __forceinline__ void attention_stage(float (*tile)[LD], int rows, con
         float4 val = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         const int row = row0 + r;
         if (row < limit && c < hd) {
-            const float* s = src + (seq_base + row) * stride + col + c;
+            const elem* s = src + (seq_base + row) * stride + col + c;
             if (vec4) {
-                val = load_float4(s);  // hd % 4 == 0: all 4 columns are in range
+                val = load4(s);  // hd % 4 == 0: all 4 columns are in range
             } else {
-                val.x = s[0];
-                if (c + 1 < hd) val.y = s[1];
-                if (c + 2 < hd) val.z = s[2];
-                if (c + 3 < hd) val.w = s[3];
+                val.x = to_f32(s[0]);
+                if (c + 1 < hd) val.y = to_f32(s[1]);
+                if (c + 2 < hd) val.z = to_f32(s[2]);
+                if (c + 3 < hd) val.w = to_f32(s[3]);
             }
         }
         store_float4(&tile[r][c], val);
@@ -246,28 +246,28 @@ __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
             continue;
         }
         const float inv = l_run[qi] > 0.0f ? 1.0f / l_run[qi] : 0.0f;
-        float* orow = p.out + (b * p.lq + i) * out_stride + h * hd;
+        elem* orow = p.out + (b * p.lq + i) * out_stride + h * hd;
 #pragma unroll
         for (int c = 0; c < DPL; ++c) {
             const int d = lane + 32 * c;
             if (d < hd) {
-                orow[d] = o[qi][c] * inv;
+                orow[d] = from_f32(o[qi][c] * inv);
             }
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_flash_d32(const AttentionParams p) {
+OP_KERNEL_NAME(attention_flash_d32)(const AttentionParams p) {
     attention_flash<32>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_flash_d64(const AttentionParams p) {
+OP_KERNEL_NAME(attention_flash_d64)(const AttentionParams p) {
     attention_flash<64>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_flash_d128(const AttentionParams p) {
+OP_KERNEL_NAME(attention_flash_d128)(const AttentionParams p) {
     attention_flash<128>(p);
 }

@@ -1,4 +1,8 @@
-// Shared by every kernel file of output-projector (f32 storage and arithmetic).
+// Shared by every kernel file of output-projector: f32 arithmetic everywhere,
+// storage in `elem`, chosen per compile with OP_ELEM (0 float, 1 __half,
+// 2 __nv_bfloat16; the host compiles every file once per storage type). Entry
+// points are named OP_KERNEL_NAME(base): `base` for f32, `base_f16` and
+// `base_bf16` for the others, so one CUBIN's kernels say what they store.
 //
 // Conventions of all kernels:
 // - Every kernel takes ONE parameter: a struct of device pointers (8 bytes each,
@@ -12,7 +16,8 @@
 //   (pointer, row stride and column offset); every kernel has a scalar path.
 // - Reductions are deterministic: fixed-order loops and xor-butterfly warp sums
 //   (every lane ends with bitwise the same value), never float atomics.
-#pragma once
+#ifndef OP_COMMON_CUH
+#define OP_COMMON_CUH
 
 #define OP_FULL_MASK 0xffffffffu
 
@@ -94,3 +99,63 @@ __device__ __forceinline__ float4 load_float4(const float* p) {
 __device__ __forceinline__ void store_float4(float* p, float4 v) {
     *reinterpret_cast<float4*>(p) = v;
 }
+
+// ---------------------------------------------------------------- storage
+#ifndef OP_ELEM
+#define OP_ELEM 0
+#endif
+#undef OP_KERNEL_NAME
+#if OP_ELEM == 1
+#ifndef OP_EMULATOR
+#include <cuda_fp16.h>
+#endif
+typedef __half elem;
+#define OP_KERNEL_NAME(base) base##_f16
+__device__ __forceinline__ float to_f32(elem v) { return __half2float(v); }
+__device__ __forceinline__ elem from_f32(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ float bits_to_f32(unsigned short b) { return __half2float(__ushort_as_half(b)); }
+__device__ __forceinline__ unsigned short f32_to_bits(float v) { return __half_as_ushort(__float2half_rn(v)); }
+#elif OP_ELEM == 2
+#ifndef OP_EMULATOR
+#include <cuda_bf16.h>
+#endif
+typedef __nv_bfloat16 elem;
+#define OP_KERNEL_NAME(base) base##_bf16
+__device__ __forceinline__ float to_f32(elem v) { return __bfloat162float(v); }
+__device__ __forceinline__ elem from_f32(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ float bits_to_f32(unsigned short b) { return __uint_as_float(((unsigned)b) << 16); }
+__device__ __forceinline__ unsigned short f32_to_bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+#else
+typedef float elem;
+#define OP_KERNEL_NAME(base) base
+__device__ __forceinline__ float to_f32(elem v) { return v; }
+__device__ __forceinline__ elem from_f32(float v) { return v; }
+#endif
+
+// Four consecutive elements as a float4, and back. f32: one 16-byte access;
+// 16-bit storage: one 8-byte access. The host checks 16-byte alignment (of the
+// pointer, and 4-element multiples of strides and offsets) for both.
+__device__ __forceinline__ float4 load4(const elem* p) {
+#if OP_ELEM == 0
+    return load_float4(p);
+#else
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    return make_float4(bits_to_f32((unsigned short)(raw.x & 0xffffu)),
+                       bits_to_f32((unsigned short)(raw.x >> 16)),
+                       bits_to_f32((unsigned short)(raw.y & 0xffffu)),
+                       bits_to_f32((unsigned short)(raw.y >> 16)));
+#endif
+}
+
+__device__ __forceinline__ void store4(elem* p, float4 v) {
+#if OP_ELEM == 0
+    store_float4(p, v);
+#else
+    uint2 raw;
+    raw.x = (unsigned)f32_to_bits(v.x) | ((unsigned)f32_to_bits(v.y) << 16);
+    raw.y = (unsigned)f32_to_bits(v.z) | ((unsigned)f32_to_bits(v.w) << 16);
+    *reinterpret_cast<uint2*>(p) = raw;
+#endif
+}
+
+#endif  // OP_COMMON_CUH

@@ -11,10 +11,10 @@
 #include "common.cuh"
 
 struct GatherParams {
-    const float* hidden;   // [B, T, C]
-    const float* embeds;   // [B, T, C] or null
+    const elem* hidden;    // [B, T, C]
+    const elem* embeds;    // [B, T, C] or null
     const int* positions;  // [B, n] or null (identity)
-    float* out;            // [B, n, C]
+    elem* out;             // [B, n, C]
     int batch;
     int seq_len;
     int n;
@@ -30,7 +30,7 @@ __device__ __forceinline__ int gather_source_row(const GatherParams& p, int row)
 }
 
 // v1: block 256 threads, one thread per output element; grid ceil(B n C / 256).
-extern "C" __global__ void gather_signal_tokens_naive(const GatherParams p) {
+extern "C" __global__ void OP_KERNEL_NAME(gather_signal_tokens_naive)(const GatherParams p) {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     const int total = p.batch * p.n * p.channels;
     if (idx >= total) {
@@ -39,15 +39,15 @@ extern "C" __global__ void gather_signal_tokens_naive(const GatherParams p) {
     const int row = idx / p.channels;
     const int c = idx - row * p.channels;
     const int src = gather_source_row(p, row) * p.channels + c;
-    float y = p.hidden[src];
+    float y = to_f32(p.hidden[src]);
     if (p.embeds != nullptr) {
-        y += p.embeds[src];
+        y += to_f32(p.embeds[src]);
     }
-    p.out[idx] = y;
+    p.out[idx] = from_f32(y);
 }
 
 // v2: block 256 threads, one thread per 4 elements; grid ceil(B n C / 4 / 256).
-extern "C" __global__ void gather_signal_tokens_vec4(const GatherParams p) {
+extern "C" __global__ void OP_KERNEL_NAME(gather_signal_tokens_vec4)(const GatherParams p) {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // float4 index
     const int c4 = p.channels >> 2;
     const int total = p.batch * p.n * c4;
@@ -57,13 +57,13 @@ extern "C" __global__ void gather_signal_tokens_vec4(const GatherParams p) {
     const int row = idx / c4;
     const int c = (idx - row * c4) * 4;
     const int src = gather_source_row(p, row) * p.channels + c;
-    float4 y = load_float4(p.hidden + src);
+    float4 y = load4(p.hidden + src);
     if (p.embeds != nullptr) {
-        const float4 e = load_float4(p.embeds + src);
+        const float4 e = load4(p.embeds + src);
         y.x += e.x;
         y.y += e.y;
         y.z += e.z;
         y.w += e.w;
     }
-    store_float4(p.out + row * p.channels + c, y);
+    store4(p.out + row * p.channels + c, y);
 }

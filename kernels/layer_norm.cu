@@ -21,12 +21,12 @@
 #include "common.cuh"
 
 struct LayerNormParams {
-    const float* x;         // [rows, cols]
-    const float* residual;  // [rows, cols] or null
-    const float* weight;    // [cols]
-    const float* bias;      // [cols]
-    float* out;             // [rows, cols]
-    float* sum_out;         // [rows, cols] or null: receives x + residual
+    const elem* x;         // [rows, cols]
+    const elem* residual;  // [rows, cols] or null
+    const elem* weight;    // [cols]
+    const elem* bias;      // [cols]
+    elem* out;             // [rows, cols]
+    elem* sum_out;         // [rows, cols] or null: receives x + residual
     int rows;
     int cols;
     float eps;
@@ -34,23 +34,23 @@ struct LayerNormParams {
 };
 
 // v1: block 128 threads, one thread per row; grid ceil(rows / 128).
-extern "C" __global__ void layer_norm_naive(const LayerNormParams p) {
+extern "C" __global__ void OP_KERNEL_NAME(layer_norm_naive)(const LayerNormParams p) {
     const int row = blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= p.rows) {
         return;
     }
     const int base = row * p.cols;
-    const float* x = p.x + base;
-    const float* r = p.residual != nullptr ? p.residual + base : nullptr;
+    const elem* x = p.x + base;
+    const elem* r = p.residual != nullptr ? p.residual + base : nullptr;
     const float inv_cols = 1.0f / (float)p.cols;
 
     float sx = 0.0f, sr = 0.0f;
     for (int j = 0; j < p.cols; ++j) {
-        sx += x[j];
+        sx += to_f32(x[j]);
         if (r != nullptr) {
-            sr += r[j];
+            sr += to_f32(r[j]);
             if (p.sum_out != nullptr) {
-                p.sum_out[base + j] = x[j] + r[j];
+                p.sum_out[base + j] = from_f32(to_f32(x[j]) + to_f32(r[j]));
             }
         } else if (p.sum_out != nullptr) {
             p.sum_out[base + j] = x[j];
@@ -61,7 +61,7 @@ extern "C" __global__ void layer_norm_naive(const LayerNormParams p) {
 
     float sd = 0.0f, sdd = 0.0f;
     for (int j = 0; j < p.cols; ++j) {
-        const float d = (x[j] - mx) + (r != nullptr ? r[j] - mr : 0.0f);
+        const float d = (to_f32(x[j]) - mx) + (r != nullptr ? to_f32(r[j]) - mr : 0.0f);
         sd += d;
         sdd = fmaf(d, d, sdd);
     }
@@ -70,8 +70,8 @@ extern "C" __global__ void layer_norm_naive(const LayerNormParams p) {
     const float rstd = 1.0f / sqrtf(var + p.eps);
 
     for (int j = 0; j < p.cols; ++j) {
-        const float d = (x[j] - mx) + (r != nullptr ? r[j] - mr : 0.0f);
-        p.out[base + j] = fmaf((d - c) * rstd, p.weight[j], p.bias[j]);
+        const float d = (to_f32(x[j]) - mx) + (r != nullptr ? to_f32(r[j]) - mr : 0.0f);
+        p.out[base + j] = from_f32(fmaf((d - c) * rstd, to_f32(p.weight[j]), to_f32(p.bias[j])));
     }
 }
 
@@ -88,10 +88,10 @@ __device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
         return;
     }
     const int base = row * p.cols;
-    const float* x = p.x + base;
-    const float* r = p.residual != nullptr ? p.residual + base : nullptr;
-    float* so = p.sum_out != nullptr ? p.sum_out + base : nullptr;
-    float* out = p.out + base;
+    const elem* x = p.x + base;
+    const elem* r = p.residual != nullptr ? p.residual + base : nullptr;
+    elem* so = p.sum_out != nullptr ? p.sum_out + base : nullptr;
+    elem* out = p.out + base;
     const float inv_cols = 1.0f / (float)p.cols;
 
     // Pass 1: the means of x and r; s = x + r to sum_out.
@@ -99,30 +99,30 @@ __device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
     if (VEC) {
         const int c4 = p.cols >> 2;
         for (int i = lane; i < c4; i += 32) {
-            const float4 a = load_float4(x + 4 * i);
+            const float4 a = load4(x + 4 * i);
             sx += (a.x + a.y) + (a.z + a.w);
             float4 s = a;
             if (r != nullptr) {
-                const float4 b = load_float4(r + 4 * i);
+                const float4 b = load4(r + 4 * i);
                 sr += (b.x + b.y) + (b.z + b.w);
                 s = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
             }
             if (so != nullptr) {
-                store_float4(so + 4 * i, s);
+                store4(so + 4 * i, s);
             }
         }
     } else {
         for (int j = lane; j < p.cols; j += 32) {
-            const float a = x[j];
+            const float a = to_f32(x[j]);
             sx += a;
             float s = a;
             if (r != nullptr) {
-                const float b = r[j];
+                const float b = to_f32(r[j]);
                 sr += b;
                 s = a + b;
             }
             if (so != nullptr) {
-                so[j] = s;
+                so[j] = from_f32(s);
             }
         }
     }
@@ -134,10 +134,10 @@ __device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
     if (VEC) {
         const int c4 = p.cols >> 2;
         for (int i = lane; i < c4; i += 32) {
-            const float4 a = load_float4(x + 4 * i);
+            const float4 a = load4(x + 4 * i);
             float4 d = make_float4(a.x - mx, a.y - mx, a.z - mx, a.w - mx);
             if (r != nullptr) {
-                const float4 b = load_float4(r + 4 * i);
+                const float4 b = load4(r + 4 * i);
                 d.x += b.x - mr;
                 d.y += b.y - mr;
                 d.z += b.z - mr;
@@ -151,7 +151,7 @@ __device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
         }
     } else {
         for (int j = lane; j < p.cols; j += 32) {
-            const float d = (x[j] - mx) + (r != nullptr ? r[j] - mr : 0.0f);
+            const float d = (to_f32(x[j]) - mx) + (r != nullptr ? to_f32(r[j]) - mr : 0.0f);
             sd += d;
             sdd = fmaf(d, d, sdd);
         }
@@ -164,38 +164,38 @@ __device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
     if (VEC) {
         const int c4 = p.cols >> 2;
         for (int i = lane; i < c4; i += 32) {
-            const float4 a = load_float4(x + 4 * i);
+            const float4 a = load4(x + 4 * i);
             float4 d = make_float4(a.x - mx, a.y - mx, a.z - mx, a.w - mx);
             if (r != nullptr) {
-                const float4 b = load_float4(r + 4 * i);
+                const float4 b = load4(r + 4 * i);
                 d.x += b.x - mr;
                 d.y += b.y - mr;
                 d.z += b.z - mr;
                 d.w += b.w - mr;
             }
-            const float4 g = load_float4(p.weight + 4 * i);
-            const float4 h = load_float4(p.bias + 4 * i);
+            const float4 g = load4(p.weight + 4 * i);
+            const float4 h = load4(p.bias + 4 * i);
             float4 y;
             y.x = fmaf((d.x - c) * rstd, g.x, h.x);
             y.y = fmaf((d.y - c) * rstd, g.y, h.y);
             y.z = fmaf((d.z - c) * rstd, g.z, h.z);
             y.w = fmaf((d.w - c) * rstd, g.w, h.w);
-            store_float4(out + 4 * i, y);
+            store4(out + 4 * i, y);
         }
     } else {
         for (int j = lane; j < p.cols; j += 32) {
-            const float d = (x[j] - mx) + (r != nullptr ? r[j] - mr : 0.0f);
-            out[j] = fmaf((d - c) * rstd, p.weight[j], p.bias[j]);
+            const float d = (to_f32(x[j]) - mx) + (r != nullptr ? to_f32(r[j]) - mr : 0.0f);
+            out[j] = from_f32(fmaf((d - c) * rstd, to_f32(p.weight[j]), to_f32(p.bias[j])));
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
-layer_norm_warp_vec4(const LayerNormParams p) {
+OP_KERNEL_NAME(layer_norm_warp_vec4)(const LayerNormParams p) {
     layer_norm_warp<true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
-layer_norm_warp_scalar(const LayerNormParams p) {
+OP_KERNEL_NAME(layer_norm_warp_scalar)(const LayerNormParams p) {
     layer_norm_warp<false>(p);
 }

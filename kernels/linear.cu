@@ -14,17 +14,27 @@
 //   partial[z, M, N]; linear_splitk_reduce then adds the slices in fixed order
 //   and applies the epilogue (deterministic split-K, for grids that would leave
 //   SMs idle).
+// - linear_tc_vec8 / linear_tc_scalar (v3, 16-bit storage only): tensor cores.
+//   The same 64x64 output tiles, K steps of 16 and split-K as v2, but a block
+//   of 128 threads (4 warps, each a 32x32 quarter as 2x2 WMMA 16x16x16
+//   fragments with f32 accumulators). Both operand tiles are staged in shared
+//   memory as elem, zero-padded past M, N and K, so any sizes work; `vec8`
+//   stages 16 bytes per thread (needs K % 8 == 0 and 16-byte aligned x, w).
+//   The accumulators go through shared memory to the epilogue (bias,
+//   activation, residual, rounding to elem), or to the split-K partial sums.
+//   Needs sm_80 (bf16 WMMA).
 //
-// Bytes and flops: 4 (MK + NK + MN (+MN residual)) bytes, 2 MNK flops.
+// Storage is `elem` (common.cuh); every sum is f32.
+// Bytes and flops: sizeof(elem) (MK + NK + MN (+MN residual)) bytes, 2 MNK flops.
 #include "common.cuh"
 
 struct LinearParams {
-    const float* x;         // [M, K]
-    const float* w;         // [N, K]
-    const float* bias;      // [N] or null
-    const float* residual;  // [M, N] or null
-    float* out;             // [M, N]
-    float* partial;         // [splits, M, N] or null (no split)
+    const elem* x;          // [M, K]
+    const elem* w;          // [N, K]
+    const elem* bias;       // [N] or null
+    const elem* residual;   // [M, N] or null
+    elem* out;              // [M, N]
+    float* partial;         // [splits, M, N] f32, or null (no split)
     int m;
     int n;
     int k;
@@ -35,29 +45,29 @@ struct LinearParams {
 
 __device__ __forceinline__ float linear_epilogue(const LinearParams& p, int m, int n, float acc) {
     if (p.bias != nullptr) {
-        acc += p.bias[n];
+        acc += to_f32(p.bias[n]);
     }
     float y = activate(p.act, acc);
     if (p.residual != nullptr) {
-        y += p.residual[m * p.n + n];
+        y += to_f32(p.residual[m * p.n + n]);
     }
     return y;
 }
 
 // v1: block (16, 16); grid (ceil(N / 16), ceil(M / 16)).
-extern "C" __global__ void linear_naive(const LinearParams p) {
+extern "C" __global__ void OP_KERNEL_NAME(linear_naive)(const LinearParams p) {
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     const int m = blockIdx.y * blockDim.y + threadIdx.y;
     if (m >= p.m || n >= p.n) {
         return;
     }
-    const float* xr = p.x + m * p.k;
-    const float* wr = p.w + n * p.k;
+    const elem* xr = p.x + m * p.k;
+    const elem* wr = p.w + n * p.k;
     float acc = 0.0f;
     for (int kk = 0; kk < p.k; ++kk) {
-        acc = fmaf(xr[kk], wr[kk], acc);
+        acc = fmaf(to_f32(xr[kk]), to_f32(wr[kk]), acc);
     }
-    p.out[m * p.n + n] = linear_epilogue(p, m, n, acc);
+    p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, acc));
 }
 
 #define LINEAR_BM 64
@@ -71,24 +81,24 @@ extern "C" __global__ void linear_naive(const LinearParams p) {
 // Elements [col, col + 4) of row `row` of a [rows, K] matrix, zero where the row
 // is out of range or a column is at or past `k_end`.
 template <bool VEC>
-__device__ __forceinline__ float4 linear_load4(const float* a, int row, int rows, int col,
+__device__ __forceinline__ float4 linear_load4(const elem* a, int row, int rows, int col,
                                                int k_end, int k) {
     float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (row >= rows) {
         return v;
     }
-    const float* r = a + row * k;
+    const elem* r = a + row * k;
     if (VEC) {
         // K % 4 == 0, col % 4 == 0 and k_end % 4 == 0 (k_end is K or a multiple
         // of LINEAR_BK), so the 4 columns are all in range or all out.
         if (col < k_end) {
-            v = load_float4(r + col);
+            v = load4(r + col);
         }
     } else {
-        if (col + 0 < k_end) v.x = r[col + 0];
-        if (col + 1 < k_end) v.y = r[col + 1];
-        if (col + 2 < k_end) v.z = r[col + 2];
-        if (col + 3 < k_end) v.w = r[col + 3];
+        if (col + 0 < k_end) v.x = to_f32(r[col + 0]);
+        if (col + 1 < k_end) v.y = to_f32(r[col + 1]);
+        if (col + 2 < k_end) v.z = to_f32(r[col + 2]);
+        if (col + 3 < k_end) v.w = to_f32(r[col + 3]);
     }
     return v;
 }
@@ -172,26 +182,26 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             if (p.partial != nullptr) {
                 p.partial[(blockIdx.z * p.m + m) * p.n + n] = acc[i][j];
             } else {
-                p.out[m * p.n + n] = linear_epilogue(p, m, n, acc[i][j]);
+                p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, acc[i][j]));
             }
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
-linear_tiled_vec4(const LinearParams p) {
+OP_KERNEL_NAME(linear_tiled_vec4)(const LinearParams p) {
     linear_tiled<true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
-linear_tiled_scalar(const LinearParams p) {
+OP_KERNEL_NAME(linear_tiled_scalar)(const LinearParams p) {
     linear_tiled<false>(p);
 }
 
 // Split-K finish: block 256 threads, one thread per output; grid ceil(M N / 256).
 // Slices are added in order 0, 1, .., splits - 1, so the result does not depend
 // on scheduling.
-extern "C" __global__ void linear_splitk_reduce(const LinearParams p) {
+extern "C" __global__ void OP_KERNEL_NAME(linear_splitk_reduce)(const LinearParams p) {
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     const int total = p.m * p.n;
     if (idx >= total) {
@@ -203,5 +213,129 @@ extern "C" __global__ void linear_splitk_reduce(const LinearParams p) {
     }
     const int m = idx / p.n;
     const int n = idx - m * p.n;
-    p.out[idx] = linear_epilogue(p, m, n, acc);
+    p.out[idx] = from_f32(linear_epilogue(p, m, n, acc));
 }
+
+#if OP_ELEM != 0
+#ifndef OP_EMULATOR
+#include <mma.h>
+#endif
+
+#define LINEAR_TC_THREADS 128
+// Operand tiles: 16 K columns + 8 of padding; WMMA wants a leading dimension
+// that is a multiple of 8 elements, and 48-byte rows spread the 16-byte
+// stores of a warp over the banks.
+#define LINEAR_TC_LDK 24
+#define LINEAR_TC_LDC (LINEAR_BN + 4)
+
+// Rows [row0, row0 + 64) x columns [k0, k0 + 16) of a [rows, K] matrix into
+// `tile`, zero past `rows` and past `k_end`: thread t takes row t / 2, columns
+// (t % 2) * 8 .. + 8.
+template <bool VEC>
+__device__ __forceinline__ void linear_tc_stage(elem (*tile)[LINEAR_TC_LDK], const elem* a,
+                                                int row0, int rows, int k0, int k_end, int k) {
+    const int r = threadIdx.x >> 1;
+    const int c = (threadIdx.x & 1) * 8;
+    const int row = row0 + r;
+    const int col = k0 + c;
+    if (VEC) {
+        // K % 8 == 0 and k_end is K or a multiple of 16: the 8 columns are all
+        // in range or all out.
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (row < rows && col < k_end) {
+            v = *reinterpret_cast<const uint4*>(a + row * k + col);
+        }
+        *reinterpret_cast<uint4*>(&tile[r][c]) = v;
+    } else {
+        const elem zero = from_f32(0.0f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            tile[r][c + j] = (row < rows && col + j < k_end) ? a[row * k + col + j] : zero;
+        }
+    }
+}
+
+// v3: block 128 threads; grid (ceil(N / 64), ceil(M / 64), splits).
+template <bool VEC>
+__device__ __forceinline__ void linear_tc(const LinearParams& p) {
+    using namespace nvcuda;
+    __shared__ __align__(32) elem xs[LINEAR_BM][LINEAR_TC_LDK];
+    __shared__ __align__(32) elem ws[LINEAR_BN][LINEAR_TC_LDK];
+    __shared__ __align__(32) float cs[LINEAR_BM][LINEAR_TC_LDC];
+
+    const int warp = threadIdx.x >> 5;
+    const int wm = (warp >> 1) * 32;  // this warp's rows of the tile
+    const int wn = (warp & 1) * 32;   // and columns
+    const int m0 = blockIdx.y * LINEAR_BM;
+    const int n0 = blockIdx.x * LINEAR_BN;
+    const int k_begin = blockIdx.z * p.k_per_split;
+    const int k_end = min(p.k, k_begin + p.k_per_split);
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            wmma::fill_fragment(acc[i][j], 0.0f);
+        }
+    }
+
+    for (int k0 = k_begin; k0 < k_end; k0 += LINEAR_BK) {
+        __syncthreads();  // every warp is done reading the previous tiles
+        linear_tc_stage<VEC>(xs, p.x, m0, p.m, k0, k_end, p.k);
+        linear_tc_stage<VEC>(ws, p.w, n0, p.n, k0, k_end, p.k);
+        __syncthreads();
+        // x tile rows are A's rows (row-major); w tile rows are B's columns
+        // (B = W^T, col-major with the same leading dimension).
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, elem, wmma::row_major> a[2];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, elem, wmma::col_major> b[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            wmma::load_matrix_sync(a[i], &xs[wm + 16 * i][0], LINEAR_TC_LDK);
+            wmma::load_matrix_sync(b[i], &ws[wn + 16 * i][0], LINEAR_TC_LDK);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            wmma::store_matrix_sync(&cs[wm + 16 * i][wn + 16 * j], acc[i][j], LINEAR_TC_LDC,
+                                    wmma::mem_row_major);
+        }
+    }
+    __syncthreads();
+    // Consecutive threads write consecutive columns.
+    for (int idx = threadIdx.x; idx < LINEAR_BM * LINEAR_BN; idx += LINEAR_TC_THREADS) {
+        const int r = idx / LINEAR_BN;
+        const int c = idx - r * LINEAR_BN;
+        const int m = m0 + r;
+        const int n = n0 + c;
+        if (m >= p.m || n >= p.n) {
+            continue;
+        }
+        if (p.partial != nullptr) {
+            p.partial[(blockIdx.z * p.m + m) * p.n + n] = cs[r][c];
+        } else {
+            p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, cs[r][c]));
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
+OP_KERNEL_NAME(linear_tc_vec8)(const LinearParams p) {
+    linear_tc<true>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
+OP_KERNEL_NAME(linear_tc_scalar)(const LinearParams p) {
+    linear_tc<false>(p);
+}
+#endif  // OP_ELEM != 0

@@ -24,6 +24,8 @@ OUTPROJ_ROOT="${OUTPROJ_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 OUTPROJ_CUDA_VENV="${OUTPROJ_CUDA_VENV:-$OUTPROJ_ROOT/.venv-cuda}"
 OUTPROJ_NVRTC_WHEEL="${OUTPROJ_NVRTC_WHEEL:-nvidia-cuda-nvrtc==13.0.88}"
 OUTPROJ_CUDART_WHEEL="${OUTPROJ_CUDART_WHEEL:-nvidia-cuda-runtime==13.0.96}"
+# crt/mma.h, which mma.h (WMMA, the f16/bf16 tensor-core GEMM) includes.
+OUTPROJ_CRT_WHEEL="${OUTPROJ_CRT_WHEEL:-nvidia-cuda-crt==13.0.88}"
 
 outproj_log() { printf '[env] %s\n' "$*" >&2; }
 
@@ -45,7 +47,7 @@ outproj_cuda_include_dir() {
     local f
     for f in "$OUTPROJ_CUDA_VENV"/lib/python3*/site-packages/nvidia/cu13/include/cuda_fp16.h \
              "$OUTPROJ_CUDA_VENV"/pkgs/nvidia/cu13/include/cuda_fp16.h; do
-        if [[ -e "$f" ]]; then
+        if [[ -e "$f" && -e "$(dirname "$f")/crt/mma.h" ]]; then
             dirname "$f"
             return 0
         fi
@@ -114,16 +116,16 @@ outproj_ensure_nvrtc() {
             return 1
         fi
     fi
-    outproj_log "nvrtc: installing $OUTPROJ_NVRTC_WHEEL $OUTPROJ_CUDART_WHEEL into $OUTPROJ_CUDA_VENV"
+    outproj_log "nvrtc: installing $OUTPROJ_NVRTC_WHEEL $OUTPROJ_CUDART_WHEEL $OUTPROJ_CRT_WHEEL into $OUTPROJ_CUDA_VENV"
     if [[ ! -x $OUTPROJ_CUDA_VENV/bin/python ]] && ! "$py" -m venv "$OUTPROJ_CUDA_VENV" 2>/dev/null; then
         # No ensurepip (Debian without python3-venv): plain folder install instead.
         rm -rf "$OUTPROJ_CUDA_VENV"
         outproj_log "nvrtc: python3 -m venv unavailable; installing with pip --target"
         "$py" -m pip install --disable-pip-version-check --no-input --target "$OUTPROJ_CUDA_VENV/pkgs" \
-            "$OUTPROJ_NVRTC_WHEEL" "$OUTPROJ_CUDART_WHEEL"
+            "$OUTPROJ_NVRTC_WHEEL" "$OUTPROJ_CUDART_WHEEL" "$OUTPROJ_CRT_WHEEL"
     else
         "$OUTPROJ_CUDA_VENV/bin/python" -m pip install --disable-pip-version-check --no-input \
-            "$OUTPROJ_NVRTC_WHEEL" "$OUTPROJ_CUDART_WHEEL"
+            "$OUTPROJ_NVRTC_WHEEL" "$OUTPROJ_CUDART_WHEEL" "$OUTPROJ_CRT_WHEEL"
     fi
     outproj_nvrtc_lib_dir >/dev/null && outproj_cuda_include_dir >/dev/null
 }

@@ -651,8 +651,8 @@ fn kernels(arch: &str) -> Result<ExitCode> {
 fn kernel_table(arch: &str) -> Result<ExitCode> {
     let reports = output_projector::cuda::program_reports(arch)?;
     println!(
-        "{:<24} {:<30} {:>9} {:>9} {:>8} {:>14}",
-        "file", "kernel", "registers", "smem B", "stack B", "spill st/ld B"
+        "{:<24} {:<7} {:<30} {:>9} {:>9} {:>8} {:>14}",
+        "file", "storage", "kernel", "registers", "smem B", "stack B", "spill st/ld B"
     );
     let (mut count, mut spilling) = (0, 0);
     for p in &reports {
@@ -660,8 +660,9 @@ fn kernel_table(arch: &str) -> Result<ExitCode> {
             count += 1;
             spilling += usize::from(k.spill_stores + k.spill_loads > 0);
             println!(
-                "{:<24} {:<30} {:>9} {:>9} {:>8} {:>14}",
+                "{:<24} {:<7} {:<30} {:>9} {:>9} {:>8} {:>14}",
                 p.file,
+                p.storage.name(),
                 k.name,
                 k.registers,
                 k.shared_bytes,
@@ -671,7 +672,7 @@ fn kernel_table(arch: &str) -> Result<ExitCode> {
         }
     }
     println!(
-        "{count} kernels in {} files for {arch}; {}",
+        "{count} kernels in {} compiles (files x f32/f16/bf16 storage) for {arch}; {}",
         reports.len(),
         if spilling == 0 {
             "none spills".to_string()

@@ -4,9 +4,10 @@ use crate::error::{Error, Result};
 use half::{bf16, f16};
 
 /// Element types accepted in files and on the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum DType {
     F64,
+    #[default]
     F32,
     F16,
     BF16,

@@ -20,9 +20,15 @@ const EMULATED_DRIVER_ENV: &str = "OUTPROJ_TEST_EMULATED_DRIVER";
 /// The backend with `version`, or None (after saying so once per test run)
 /// where no CUDA device exists.
 fn backend(version: KernelVersion) -> Option<Cuda> {
+    backend_storing(version, DType::F32)
+}
+
+/// [`backend`] with `storage` (f32, f16 or bf16) in device memory.
+fn backend_storing(version: KernelVersion, storage: DType) -> Option<Cuda> {
     static SKIP_NOTE: Once = Once::new();
     let options = CudaOptions {
         version,
+        storage,
         ..CudaOptions::default()
     };
     match Cuda::new(0, options) {
@@ -106,6 +112,141 @@ fn projector_matches_reference() {
             );
             assert!(r.rel <= 1e-4, "{version:?} {}: rel {:.3e}", r.case, r.rel);
         }
+    }
+}
+
+/// The cases the f16/bf16 tests run: one activation per linear shape (the
+/// shapes cover K % 8 != 0, M, N < 16, split-K, several tiles), every layer
+/// norm, loss and gather case, and the attention cases but the two largest
+/// (their sizes are covered in f32), so the emulated runs stay short.
+fn half_cases() -> Vec<Case> {
+    let mut linear_shape = 0;
+    verify::standard_cases()
+        .into_iter()
+        .filter(|c| match c {
+            Case::Linear { .. } => {
+                linear_shape += 1;
+                (linear_shape - 1) % 4 == ((linear_shape - 1) / 4) % 4
+            }
+            Case::Attention { lq, lk, .. } => lq * lk < 20_000,
+            _ => true,
+        })
+        .collect()
+}
+
+// Tolerances for 16-bit storage: inputs and every output are rounded to
+// f16/bf16 (relative steps 2^-11 and 2^-8), sums stay f32. The reference gets
+// the same rounded inputs, so what remains is the rounding of the outputs
+// (and of intermediate tensors in the projector): 1e-2 per op, 2e-2 for the
+// projector; the tests print the worst errors they measure.
+
+/// Every op with f16 and bf16 storage against the reference: the fast kernels
+/// (linear on tensor cores) in both, the v1 CUDA-core kernels in f16 (their
+/// bf16 build differs only in the conversions, which the fast kernels share).
+#[test]
+fn half_storage_ops_match_reference() {
+    let cases = half_cases();
+    for (storage, version) in [
+        (DType::F16, KernelVersion::Naive),
+        (DType::F16, KernelVersion::Fast),
+        (DType::BF16, KernelVersion::Fast),
+    ] {
+        {
+            let Some(be) = backend_storing(version, storage) else {
+                return;
+            };
+            let mut worst: Vec<(&str, f64, f64)> = Vec::new();
+            for (i, case) in cases.iter().enumerate() {
+                let r =
+                    verify::compare_case(&be, case, storage, 300 + i as u64).unwrap_or_else(|e| {
+                        panic!("{} {version:?} {}: {e}", storage.name(), case.describe())
+                    });
+                assert!(
+                    r.rel <= 1e-2,
+                    "{} {version:?} {} {}: rel {:.3e} max_abs {:.3e}",
+                    storage.name(),
+                    r.op,
+                    r.case,
+                    r.rel,
+                    r.max_abs
+                );
+                match worst.iter_mut().find(|w| w.0 == case.op()) {
+                    Some(w) => {
+                        w.1 = w.1.max(r.rel);
+                        w.2 = w.2.max(r.max_abs);
+                    }
+                    None => worst.push((case.op(), r.rel, r.max_abs)),
+                }
+            }
+            for (op, rel, max_abs) in worst {
+                println!(
+                    "{} {version:?} {op:<22} worst rel {rel:.3e} max_abs {max_abs:.3e}",
+                    storage.name()
+                );
+            }
+        }
+    }
+}
+
+/// The whole projector (fast kernels, linear on tensor cores) with 16-bit
+/// storage: image at batch 1 in bf16 (the coarser type), audio in f16; the
+/// emulated runs are what keeps it to two.
+#[test]
+fn half_storage_projector_matches_reference() {
+    let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+    let audio = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
+    for (storage, config, batch) in [(DType::BF16, &image, 1), (DType::F16, &audio, 1)] {
+        let Some(be) = backend_storing(KernelVersion::Fast, storage) else {
+            return;
+        };
+        {
+            let r = verify::compare_projector(&be, config, batch, storage, 7)
+                .unwrap_or_else(|e| panic!("{} {}: {e}", storage.name(), config.variant.name()));
+            println!(
+                "{} {}: rel {:.3e} max_abs {:.3e}",
+                storage.name(),
+                r.case,
+                r.rel,
+                r.max_abs
+            );
+            assert!(
+                r.rel <= 2e-2,
+                "{} {}: rel {:.3e}",
+                storage.name(),
+                r.case,
+                r.rel
+            );
+        }
+    }
+}
+
+/// f16/bf16 host tensors go up and come back bit for bit; f32 ones are rounded
+/// to nearest even on the way up; a tensor of another storage type is refused.
+#[test]
+fn half_storage_upload_download() {
+    for storage in [DType::F16, DType::BF16] {
+        let Some(be) = backend_storing(KernelVersion::Fast, storage) else {
+            return;
+        };
+        let host = HostTensor::randn(vec![3, 37], 11, "x").unwrap();
+        let rounded = host.to_dtype(storage);
+        let t = be.upload(&rounded).unwrap();
+        assert_eq!(t.dtype(), storage);
+        let back = be.download(&t).unwrap();
+        assert_eq!(back.dtype(), storage);
+        assert_eq!(back.as_bytes(), rounded.as_bytes());
+        let from_f32 = be.download(&be.upload(&host).unwrap()).unwrap();
+        assert_eq!(from_f32.as_bytes(), rounded.as_bytes());
+
+        let f32_be = backend(KernelVersion::Fast).unwrap();
+        let w = f32_be
+            .upload(&HostTensor::randn(vec![4, 37], 12, "w").unwrap())
+            .unwrap();
+        let mut out = be.alloc(&[3, 4]).unwrap();
+        assert!(matches!(
+            be.linear(&t, &w, None, Activation::None, None, &mut out),
+            Err(Error::Invalid(_))
+        ));
     }
 }
 
@@ -333,6 +474,9 @@ const DEVICE_TESTS: &[&str] = &[
     "caller_memory_in_and_out",
     "overlapping_output_is_an_error",
     "bad_shapes_are_errors",
+    "half_storage_ops_match_reference",
+    "half_storage_projector_matches_reference",
+    "half_storage_upload_download",
 ];
 
 /// Where there is no GPU: the device tests above again, in a child process

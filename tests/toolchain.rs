@@ -166,17 +166,32 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         }
         for arch in ["sm_80", "sm_90"] {
             let reports = program_reports(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+            // Every file, once per storage type (f32, f16, bf16).
+            let files: Vec<&str> = kernel_files().into_iter().flat_map(|f| [f, f, f]).collect();
+            assert_eq!(reports.iter().map(|p| p.file).collect::<Vec<_>>(), files);
+            let mut tc: Vec<String> = reports
+                .iter()
+                .flat_map(|p| p.kernels.iter().map(|k| k.name.clone()))
+                .filter(|n| n.starts_with("linear_tc_"))
+                .collect();
+            tc.sort();
             assert_eq!(
-                reports.iter().map(|p| p.file).collect::<Vec<_>>(),
-                kernel_files()
+                tc,
+                [
+                    "linear_tc_scalar_bf16",
+                    "linear_tc_scalar_f16",
+                    "linear_tc_vec8_bf16",
+                    "linear_tc_vec8_f16"
+                ],
+                "{arch}: the tensor-core kernels"
             );
             for p in &reports {
                 assert!(p.cubin_bytes > 64, "{arch} {}: empty CUBIN", p.file);
                 assert!(!p.kernels.is_empty(), "{arch} {}: no kernels", p.file);
                 for k in &p.kernels {
                     println!(
-                        "{arch} {:<24} {:<30} {:>3} registers {:>6} B smem {:>4} B stack, spill {} B stores / {} B loads",
-                        p.file, k.name, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
+                        "{arch} {:<24} {:<4} {:<30} {:>3} registers {:>6} B smem {:>4} B stack, spill {} B stores / {} B loads",
+                        p.file, p.storage.name(), k.name, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
                     );
                     assert!(
                         (2..=255).contains(&k.registers),

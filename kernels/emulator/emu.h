@@ -16,9 +16,19 @@
 // the right values in its fixed interleaving (run again with the order
 // reversed, emu::reverse_order, for a second interleaving).
 //
+// 16-bit storage: __half and __nv_bfloat16 are their bits, converted with
+// round-to-nearest-even like cuda_fp16.h / cuda_bf16.h. nvcuda::wmma (16x16x16,
+// f32 accumulators) is emulated by its semantics, not the hardware's register
+// layout: lane l of a warp holds elements 8l .. 8l + 7 (row-major) of a
+// fragment's 16x16 tile; load, store and mma are warp-collective (every lane
+// must call them, as on the GPU), and mma_sync reads the other lanes' A and B
+// elements. Misaligned WMMA pointers (not 32 bytes) or leading dimensions
+// (not 16 bytes) abort, as they are undefined on the GPU.
+//
 // Fiber switches are a few instructions on x86-64 (callee-saved registers and
 // the stack pointer); elsewhere ucontext's swapcontext is used.
 #pragma once
+#define OP_EMULATOR 1
 #include <ucontext.h>
 #include <cmath>
 #include <cstdint>
@@ -29,6 +39,7 @@
 #include <functional>
 #include <algorithm>
 #include <random>
+#include <type_traits>
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
@@ -46,6 +57,13 @@ struct alignas(16) float4 {
     float x, y, z, w;
 };
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
 
 #define __global__
 #define __device__
@@ -61,6 +79,71 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+inline float __uint_as_float(unsigned i) { float f; memcpy(&f, &i, 4); return f; }
+inline unsigned emu_float_bits(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+
+// ---------------------------------------------------------------- 16-bit floats
+struct __half {
+    unsigned short x;
+};
+struct __nv_bfloat16 {
+    unsigned short x;
+};
+inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat16{b}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
+
+inline float __half2float(__half h) {
+    const unsigned sign = (unsigned)(h.x & 0x8000u) << 16;
+    const unsigned exp = (h.x >> 10) & 0x1fu;
+    const unsigned mant = h.x & 0x3ffu;
+    if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in f32
+        const float v = (float)mant * 5.9604644775390625e-8f;
+        return sign ? -v : v;
+    }
+    if (exp == 31) {
+        return __uint_as_float(sign | 0x7f800000u | (mant << 13));
+    }
+    return __uint_as_float(sign | ((exp - 15 + 127) << 23) | (mant << 13));
+}
+
+inline __half __float2half_rn(float f) {
+    const unsigned x = emu_float_bits(f);
+    const unsigned short sign = (unsigned short)((x >> 16) & 0x8000u);
+    const unsigned ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) {  // inf, nan
+        return __half{(unsigned short)(sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u))};
+    }
+    if (ax >= 0x477ff000u) {  // >= 65520 rounds to infinity
+        return __half{(unsigned short)(sign | 0x7c00u)};
+    }
+    if (ax < 0x38800000u) {  // below 2^-14: subnormal, round(|f| 2^24), ties to even
+        const float scaled = __uint_as_float(ax) * 16777216.0f;  // exact
+        return __half{(unsigned short)(sign | (unsigned short)std::nearbyint(scaled))};
+    }
+    const unsigned mant = ax & 0x7fffffu;
+    unsigned h = ((((ax >> 23) - 127 + 15)) << 10) | (mant >> 13);
+    const unsigned rem = mant & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) {
+        ++h;  // a carry into the exponent is the right rounding too
+    }
+    return __half{(unsigned short)(sign | h)};
+}
+
+inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float((unsigned)h.x << 16); }
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    const unsigned x = emu_float_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        return __nv_bfloat16{(unsigned short)(((x >> 16) & 0x8000u) | 0x7fc0u)};
+    }
+    return __nv_bfloat16{(unsigned short)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16)};
+}
+
+inline float emu_to_float(float v) { return v; }
+inline float emu_to_float(__half v) { return __half2float(v); }
+inline float emu_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 namespace emu {
 enum State { RUN, BARRIER, WARP, DONE };
@@ -124,6 +207,8 @@ struct Fiber {
     int xsrc = 0;
     int xkind = 0;  // 0 plain warp barrier, 1 exchange
     void* fake = nullptr;
+    const float* wmma_a = nullptr;  // this lane's A and B fragment elements in mma_sync
+    const float* wmma_b = nullptr;
 };
 constexpr size_t STACK = 256 * 1024;
 inline thread_local std::vector<Fiber> fibers;
@@ -280,3 +365,87 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
     int lane = (threadIdx.x + threadIdx.y * blockDim.x + threadIdx.z * blockDim.x * blockDim.y) & 31;
     return emu_exchange(mask, v, lane ^ lane_mask);
 }
+
+// ---------------------------------------------------------------- WMMA
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+// Lane l holds elements 8l .. 8l + 7 of the row-major 16x16 tile: A(m, k),
+// B(k, n) or C(m, n).
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+    static_assert(M == 16 && N == 16 && K == 16, "the emulator has 16x16x16 WMMA only");
+    static constexpr int num_elements = 8;
+    float x[8];
+};
+
+inline int emu_lane() { return emu::cur & 31; }
+
+inline void emu_check_wmma(const void* p, unsigned ldm, size_t elem_bytes) {
+    if ((uintptr_t)p % 32 != 0) emu::fail("WMMA pointer not 32-byte aligned");
+    if ((ldm * elem_bytes) % 16 != 0) emu::fail("WMMA leading dimension not a multiple of 16 bytes");
+}
+
+template <class Use, class T, class L>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+    static_assert(std::is_same<L, row_major>::value || std::is_same<L, col_major>::value,
+                  "matrix_a / matrix_b fragments have a layout");
+    emu_check_wmma(p, ldm, sizeof(T));
+    __syncwarp();
+    const int lane = emu_lane();
+    for (int i = 0; i < 8; ++i) {
+        const int e = lane * 8 + i, r = e / 16, c = e % 16;
+        f.x[i] = emu_to_float(std::is_same<L, col_major>::value ? p[c * ldm + r] : p[r * ldm + c]);
+    }
+}
+
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+    for (int i = 0; i < 8; ++i) f.x[i] = v;
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ldm, layout_t layout) {
+    emu_check_wmma(p, ldm, sizeof(float));
+    __syncwarp();
+    const int lane = emu_lane();
+    for (int i = 0; i < 8; ++i) {
+        const int e = lane * 8 + i, r = e / 16, c = e % 16;
+        p[layout == mem_col_major ? c * ldm + r : r * ldm + c] = f.x[i];
+    }
+}
+
+// d = a b + c, f32 sums in k order. d may be c.
+template <class T, class LA, class LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+                     const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+    const int self = emu::cur;
+    const int base = self & ~31;
+    emu::fibers[self].wmma_a = a.x;
+    emu::fibers[self].wmma_b = b.x;
+    __syncwarp();  // every lane has published its A and B elements
+    const int lane = self & 31;
+    float out[8];
+    for (int i = 0; i < 8; ++i) {
+        const int e = lane * 8 + i, r = e / 16, col = e % 16;
+        float acc = c.x[i];
+        for (int k = 0; k < 16; ++k) {
+            const int ea = r * 16 + k, eb = k * 16 + col;
+            const float av = emu::fibers[base + ea / 8].wmma_a[ea % 8];
+            const float bv = emu::fibers[base + eb / 8].wmma_b[eb % 8];
+            acc = std::fma(av, bv, acc);
+        }
+        out[i] = acc;
+    }
+    __syncwarp();  // every lane is done reading the others' fragments
+    for (int i = 0; i < 8; ++i) d.x[i] = out[i];
+}
+}  // namespace wmma
+}  // namespace nvcuda

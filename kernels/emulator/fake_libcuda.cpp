@@ -13,16 +13,43 @@
 // that reads memory nothing wrote produces NaN. Built with -fsanitize=address
 // (and libasan preloaded into the process), out-of-bounds accesses of device
 // memory abort. Kernels load from CUBINs the real NVRTC compiled (checked to be
-// ELF images) and are looked up by name. Only what the crate calls exists;
+// ELF images) and are looked up by name. Every kernel file is compiled here
+// three times, once per storage type (OP_ELEM 0, 1, 2 as the host compiles
+// them), each in a namespace of its own; the entry points' suffixes (_f16,
+// _bf16) tell them apart. Only what the crate calls exists;
 // NVRTC itself asks for the private cuGetExportTable, which fails here, as it
 // may on a real driver.
 #include "emu.h"
+#include <string>
+
+#define OP_ELEM 0
+namespace k_f32 {
 #include "../linear.cu"
 #include "../layer_norm.cu"
 #include "../attention.cu"
 #include "../alignment_loss.cu"
 #include "../gather_signal_tokens.cu"
-#include <string>
+}  // namespace k_f32
+#undef OP_COMMON_CUH
+#undef OP_ELEM
+#define OP_ELEM 1
+namespace k_f16 {
+#include "../linear.cu"
+#include "../layer_norm.cu"
+#include "../attention.cu"
+#include "../alignment_loss.cu"
+#include "../gather_signal_tokens.cu"
+}  // namespace k_f16
+#undef OP_COMMON_CUH
+#undef OP_ELEM
+#define OP_ELEM 2
+namespace k_bf16 {
+#include "../linear.cu"
+#include "../layer_norm.cu"
+#include "../attention.cu"
+#include "../alignment_loss.cu"
+#include "../gather_signal_tokens.cu"
+}  // namespace k_bf16
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -40,25 +67,35 @@ struct Entry {
     const char* name;
     void (*run)(void*);
 };
-#define K(fn, P) {#fn, [](void* p) { fn(*(const P*)p); }}
+#define EMU_STR2(x) #x
+#define EMU_STR(x) EMU_STR2(x)
+#define K(ns, fn, sfx, P) {EMU_STR(fn##sfx), [](void* p) { ns::fn##sfx(*(const ns::P*)p); }}
+#define KERNELS(ns, sfx)                                    \
+    K(ns, linear_naive, sfx, LinearParams),                 \
+    K(ns, linear_tiled_vec4, sfx, LinearParams),            \
+    K(ns, linear_tiled_scalar, sfx, LinearParams),          \
+    K(ns, linear_splitk_reduce, sfx, LinearParams),         \
+    K(ns, layer_norm_naive, sfx, LayerNormParams),          \
+    K(ns, layer_norm_warp_vec4, sfx, LayerNormParams),      \
+    K(ns, layer_norm_warp_scalar, sfx, LayerNormParams),    \
+    K(ns, attention_naive, sfx, AttentionParams),           \
+    K(ns, attention_flash_d32, sfx, AttentionParams),       \
+    K(ns, attention_flash_d64, sfx, AttentionParams),       \
+    K(ns, attention_flash_d128, sfx, AttentionParams),      \
+    K(ns, alignment_loss_naive_rows, sfx, LossParams),      \
+    K(ns, alignment_loss_naive_finish, sfx, LossParams),    \
+    K(ns, alignment_loss_rows, sfx, LossParams),            \
+    K(ns, alignment_loss_finish, sfx, LossParams),          \
+    K(ns, gather_signal_tokens_naive, sfx, GatherParams),   \
+    K(ns, gather_signal_tokens_vec4, sfx, GatherParams)
 static Entry ENTRIES[] = {
-    K(linear_naive, LinearParams),
-    K(linear_tiled_vec4, LinearParams),
-    K(linear_tiled_scalar, LinearParams),
-    K(linear_splitk_reduce, LinearParams),
-    K(layer_norm_naive, LayerNormParams),
-    K(layer_norm_warp_vec4, LayerNormParams),
-    K(layer_norm_warp_scalar, LayerNormParams),
-    K(attention_naive, AttentionParams),
-    K(attention_flash_d32, AttentionParams),
-    K(attention_flash_d64, AttentionParams),
-    K(attention_flash_d128, AttentionParams),
-    K(alignment_loss_naive_rows, LossParams),
-    K(alignment_loss_naive_finish, LossParams),
-    K(alignment_loss_rows, LossParams),
-    K(alignment_loss_finish, LossParams),
-    K(gather_signal_tokens_naive, GatherParams),
-    K(gather_signal_tokens_vec4, GatherParams),
+    KERNELS(k_f32, ),
+    KERNELS(k_f16, _f16),
+    KERNELS(k_bf16, _bf16),
+    K(k_f16, linear_tc_vec8, _f16, LinearParams),
+    K(k_f16, linear_tc_scalar, _f16, LinearParams),
+    K(k_bf16, linear_tc_vec8, _bf16, LinearParams),
+    K(k_bf16, linear_tc_scalar, _bf16, LinearParams),
 };
 
 extern "C" {

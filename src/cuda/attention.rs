@@ -72,6 +72,7 @@ pub(crate) static PROGRAM: Program = Program {
         "attention_flash_d64",
         "attention_flash_d128",
     ],
+    half_kernels: &[],
     layouts,
 };
 

@@ -1,4 +1,5 @@
-//! The CUDA implementation of [`Backend`]: f32 tensors in device memory, kernels
+//! The CUDA implementation of [`Backend`]: f32, f16 or bf16 tensors in device
+//! memory ([`CudaOptions::storage`]; every sum is f32 whatever the storage), kernels
 //! compiled by NVRTC for the device's own architecture on first use (once per
 //! process, optionally cached on disk), and every op launched on ONE stream
 //! without a host synchronisation, so a projector forward is a sequence of
@@ -38,7 +39,8 @@ use crate::ops::{
     LayerNormDims, LinearDims, LossDims, LossKind, Shaped,
 };
 use crate::signal::SignalPositions;
-use crate::tensor::{checked_numel, try_filled, HostData, HostTensor};
+use crate::tensor::{checked_numel, try_filled, DType, HostData, HostTensor};
+use half::{bf16, f16};
 
 /// Options of [`Cuda::new`] and [`Cuda::on_stream`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -47,6 +49,12 @@ pub struct CudaOptions {
     /// Where compiled kernels are kept between runs (default: as
     /// `$OUTPROJ_KERNEL_CACHE` says, off when unset).
     pub kernel_cache: KernelCache,
+    /// What the backend's tensors hold: `F32` (default), `F16` (`__half`) or
+    /// `BF16` (`__nv_bfloat16`). Uploads convert to it, downloads return it;
+    /// every kernel accumulates in f32, and `linear` runs on tensor cores
+    /// (WMMA) for F16 and BF16 with the fast kernels. F16 and BF16 need sm_80
+    /// or newer.
+    pub storage: DType,
 }
 
 /// Allocation granule: every block is a multiple of 256 bytes (and the driver
@@ -195,13 +203,15 @@ enum Memory {
     Raw,
 }
 
-/// An f32 tensor in device memory: the backend's own, or memory you own (see
-/// [`Cuda::tensor_from_slice`] and [`Cuda::tensor_from_raw`]).
+/// A tensor in device memory, of its backend's storage type: the backend's own,
+/// or memory you own (see [`Cuda::tensor_from_slice`] and [`Cuda::tensor_from_raw`]).
 pub struct CudaTensor {
     memory: Memory,
     ptr: u64,
     shape: Vec<usize>,
     numel: usize,
+    /// Element type (the storage of the backend that made it).
+    dtype: DType,
     /// The CUDA context the memory belongs to (as an address, for checks).
     ctx: usize,
 }
@@ -216,6 +226,7 @@ impl std::fmt::Debug for CudaTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaTensor")
             .field("shape", &self.shape)
+            .field("dtype", &self.dtype)
             .field("ptr", &format_args!("{:#x}", self.ptr))
             .finish()
     }
@@ -225,6 +236,11 @@ impl CudaTensor {
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.numel
+    }
+
+    /// Element type in device memory.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The device address of element 0, e.g. to hand the tensor to another
@@ -246,7 +262,7 @@ impl CudaTensor {
     }
 
     fn bytes(&self) -> u64 {
-        self.numel as u64 * 4
+        self.numel as u64 * self.dtype.size() as u64
     }
 }
 
@@ -278,9 +294,12 @@ struct Shared {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
+    /// Compute capability major version.
+    cc_major: i32,
     device_name: String,
     sm_count: u32,
-    modules: Mutex<HashMap<&'static str, Arc<Loaded>>>,
+    /// Loaded modules by (file, storage type).
+    modules: Mutex<HashMap<(&'static str, DType), Arc<Loaded>>>,
     pool: Arc<Pool>,
 }
 
@@ -370,6 +389,7 @@ impl Cuda {
     }
 
     fn build(stream: Arc<CudaStream>, options: CudaOptions) -> Result<Self> {
+        super::program::elem_code(options.storage)?;
         let ctx = Arc::clone(stream.context());
         ctx.bind_to_thread()
             .map_err(driver("binding the context"))?;
@@ -388,6 +408,7 @@ impl Cuda {
         });
         let shared = Arc::new(Shared {
             arch: format!("sm_{major}{minor}"),
+            cc_major: major,
             device_name,
             sm_count: u32::try_from(sm_count.max(1)).unwrap_or(1),
             modules: Mutex::new(HashMap::new()),
@@ -395,7 +416,20 @@ impl Cuda {
             stream,
             ctx,
         });
+        Self::check_storage(&shared.arch, major, &options)?;
         Ok(Self::with_shared(shared, options))
+    }
+
+    /// F16 and BF16 storage need sm_80 (bf16 WMMA, and one rule for both).
+    fn check_storage(arch: &str, major: i32, options: &CudaOptions) -> Result<()> {
+        super::program::elem_code(options.storage)?;
+        if options.storage != DType::F32 && major < 8 {
+            return Err(Error::invalid(format!(
+                "{} storage needs sm_80 or newer; this device is {arch}",
+                options.storage.name()
+            )));
+        }
+        Ok(())
     }
 
     fn with_shared(shared: Arc<Shared>, options: CudaOptions) -> Self {
@@ -411,6 +445,8 @@ impl Cuda {
     /// This backend with other options (e.g. the naive kernels) on the same
     /// stream, sharing its memory pool and loaded kernels.
     pub fn with_options(&self, options: CudaOptions) -> Result<Self> {
+        let shared = &self.inner.shared;
+        Self::check_storage(&shared.arch, shared.cc_major, &options)?;
         Ok(Self::with_shared(Arc::clone(&self.inner.shared), options))
     }
 
@@ -420,6 +456,11 @@ impl Cuda {
 
     pub fn version(&self) -> KernelVersion {
         self.inner.options.version
+    }
+
+    /// The storage type of this backend's tensors.
+    pub fn storage(&self) -> DType {
+        self.inner.options.storage
     }
 
     /// The stream every op is launched on.
@@ -459,7 +500,7 @@ impl Cuda {
     /// on first use, e.g. before timing.
     pub fn warm_up(&self) -> Result<()> {
         for p in program::PROGRAMS {
-            for k in p.kernels {
+            for k in p.kernels_for(self.storage()) {
                 self.function(p, k)?;
             }
         }
@@ -472,8 +513,15 @@ impl Cuda {
 
     /// A tensor of `shape` over a cudarc slice you allocated on this backend's
     /// stream ([`Cuda::stream`]); the tensor owns the slice until
-    /// [`CudaTensor::into_slice`] gives it back.
+    /// [`CudaTensor::into_slice`] gives it back. F32 storage only (use
+    /// [`Cuda::tensor_from_raw`] for f16/bf16 memory).
     pub fn tensor_from_slice(&self, slice: CudaSlice<f32>, shape: &[usize]) -> Result<CudaTensor> {
+        if self.storage() != DType::F32 {
+            return Err(Error::invalid(format!(
+                "an f32 CUDA slice cannot be a tensor of a backend with {} storage",
+                self.storage().name()
+            )));
+        }
         if **slice.stream() != *self.inner.shared.stream {
             return Err(Error::invalid(
                 "a CUDA slice must be allocated on the backend's stream (Cuda::stream) to be \
@@ -496,17 +544,18 @@ impl Cuda {
             ptr,
             shape: shape.to_vec(),
             numel,
+            dtype: DType::F32,
             ctx: self.ctx_id(),
         })
     }
 
     /// A tensor of `shape` over device memory you own, starting at `ptr`
-    /// (`len` f32 elements available from there).
+    /// (`len` elements of the backend's storage type available from there).
     ///
     /// # Safety
-    /// - `ptr` must point to at least `len` f32 elements of device memory of
-    ///   this backend's context, 4-byte aligned (16-byte alignment enables the
-    ///   vector paths);
+    /// - `ptr` must point to at least `len` elements of the storage type of
+    ///   device memory of this backend's context, aligned to the element size
+    ///   (16-byte alignment enables the vector paths);
     /// - the memory must stay allocated, and must not be written by anything
     ///   else, while the tensor lives and while work queued with it on the
     ///   backend's stream has not finished;
@@ -518,9 +567,10 @@ impl Cuda {
         len: usize,
         shape: &[usize],
     ) -> Result<CudaTensor> {
-        if ptr == 0 || ptr % 4 != 0 {
+        let size = self.storage().size() as u64;
+        if ptr == 0 || ptr % size != 0 {
             return Err(Error::invalid(format!(
-                "device pointer {ptr:#x} is null or not 4-byte aligned"
+                "device pointer {ptr:#x} is null or not {size}-byte aligned"
             )));
         }
         let numel = checked_numel(shape, "cuda tensor")?;
@@ -530,7 +580,7 @@ impl Cuda {
             )));
         }
         let end = (numel as u64)
-            .checked_mul(4)
+            .checked_mul(size)
             .and_then(|b| b.checked_add(ptr));
         if end.is_none() {
             return Err(Error::Overflow(format!("device range at {ptr:#x}")));
@@ -540,6 +590,7 @@ impl Cuda {
             ptr,
             shape: shape.to_vec(),
             numel,
+            dtype: self.storage(),
             ctx: self.ctx_id(),
         })
     }
@@ -574,7 +625,7 @@ impl Cuda {
     fn alloc_tensor(&self, shape: &[usize]) -> Result<CudaTensor> {
         let numel = checked_numel(shape, "cuda tensor")?;
         let bytes = numel
-            .checked_mul(4)
+            .checked_mul(self.storage().size())
             .ok_or_else(|| Error::Overflow(format!("cuda tensor of shape {shape:?}")))?;
         let block = self.scratch(bytes)?;
         Ok(CudaTensor {
@@ -582,49 +633,83 @@ impl Cuda {
             memory: Memory::Pooled(block),
             shape: shape.to_vec(),
             numel,
+            dtype: self.storage(),
             ctx: self.ctx_id(),
         })
     }
 
+    /// Uploads `t` in the backend's storage type: as it is when the types
+    /// match, else converted on the host (f32/f64 to f16 or bf16 rounds to
+    /// nearest even).
     fn upload_tensor(&self, t: &HostTensor) -> Result<CudaTensor> {
+        let storage = self.storage();
         let converted;
-        let data: &[f32] = match t.data() {
-            HostData::F32(v) => v,
-            _ => {
-                converted = t.to_f32_vec();
-                &converted
+        let host = if t.dtype() == storage {
+            t
+        } else {
+            converted = t.to_dtype(storage);
+            &converted
+        };
+        let block = match host.data() {
+            HostData::F32(v) => self.upload_bytes(v)?,
+            HostData::F16(v) => self.upload_bytes(v)?,
+            HostData::BF16(v) => self.upload_bytes(v)?,
+            HostData::F64(_) => {
+                return Err(Error::invalid(
+                    "the CUDA backend stores f32, f16 or bf16, not f64",
+                ))
             }
         };
-        let block = self.upload_bytes(data)?;
         Ok(CudaTensor {
             ptr: block.ptr,
             memory: Memory::Pooled(block),
             shape: t.shape().to_vec(),
-            numel: data.len(),
+            numel: host.numel(),
+            dtype: storage,
             ctx: self.ctx_id(),
         })
     }
 
-    fn download_tensor(&self, t: &CudaTensor) -> Result<HostTensor> {
-        self.check_tensor("download", t)?;
-        let mut host = try_filled(t.numel, 0.0f32, "cuda download")?;
+    /// Copies the tensor's elements into `host` (exactly `numel` of them).
+    fn copy_to_host<T: DeviceRepr>(&self, t: &CudaTensor, host: &mut [T]) -> Result<()> {
         if !host.is_empty() {
             self.inner
                 .shared
                 .ctx
                 .bind_to_thread()
                 .map_err(driver("binding the context"))?;
-            // SAFETY: `host` holds exactly the tensor's `numel` f32 elements and
-            // the device range was checked when the tensor was made; the copy is
-            // ordered after every op queued on the stream, and the stream is
-            // synchronised before `host` is read.
-            unsafe {
-                drv::memcpy_dtoh_async(&mut host, t.ptr, self.inner.shared.stream.cu_stream())
-            }
-            .map_err(driver("copying to the host"))?;
+            // SAFETY: `host` holds exactly the tensor's `numel` elements of its
+            // type (the caller picks T from `t.dtype`) and the device range was
+            // checked when the tensor was made; the copy is ordered after every
+            // op queued on the stream, and the stream is synchronised before
+            // `host` is read.
+            unsafe { drv::memcpy_dtoh_async(host, t.ptr, self.inner.shared.stream.cu_stream()) }
+                .map_err(driver("copying to the host"))?;
         }
-        self.sync()?;
-        HostTensor::from_f32(t.shape.clone(), host)
+        self.sync()
+    }
+
+    /// Downloads `t` as a host tensor of its storage type.
+    fn download_tensor(&self, t: &CudaTensor) -> Result<HostTensor> {
+        self.check_tensor("download", t)?;
+        let data = match t.dtype {
+            DType::F16 => {
+                let mut host = try_filled(t.numel, 0u16, "cuda download")?;
+                self.copy_to_host(t, &mut host)?;
+                HostData::F16(host.into_iter().map(f16::from_bits).collect())
+            }
+            DType::BF16 => {
+                let mut host = try_filled(t.numel, 0u16, "cuda download")?;
+                self.copy_to_host(t, &mut host)?;
+                HostData::BF16(host.into_iter().map(bf16::from_bits).collect())
+            }
+            _ => {
+                let mut host = try_filled(t.numel, 0.0f32, "cuda download")?;
+                self.copy_to_host(t, &mut host)?;
+                HostData::F32(host)
+            }
+        };
+        HostTensor::new(t.shape.clone(), data)
     }
 
     fn upload_mask_bytes(&self, m: &KeyPaddingMask) -> Result<CudaMask> {
@@ -653,6 +738,13 @@ impl Cuda {
         if t.ctx != self.ctx_id() {
             return Err(Error::invalid(format!(
                 "{what}: the tensor belongs to another CUDA context"
+            )));
+        }
+        if t.dtype != self.storage() {
+            return Err(Error::invalid(format!(
+                "{what}: a {} tensor given to a backend with {} storage",
+                t.dtype.name(),
+                self.storage().name()
             )));
         }
         i32_of(what, t.numel)?;
@@ -694,12 +786,14 @@ impl Cuda {
 
     /// The kernel `name` of `program`, compiled and loaded on first use.
     fn function(&self, program: &'static Program, name: &'static str) -> Result<CudaFunction> {
+        let storage = self.storage();
         let mut modules = lock(&self.inner.shared.modules)?;
-        let loaded = match modules.get(program.file) {
+        let loaded = match modules.get(&(program.file, storage)) {
             Some(l) => Arc::clone(l),
             None => {
                 let cubin = program::cubin(
                     program,
+                    storage,
                     &self.inner.shared.arch,
                     self.inner.cache_dir.as_deref(),
                 )?;
@@ -710,9 +804,10 @@ impl Cuda {
                     .load_module(Ptx::from_binary(cubin.as_ref().clone()))
                     .map_err(driver(&format!("loading kernels/{}", program.file)))?;
                 let mut functions = HashMap::new();
-                for &k in program.kernels {
-                    let f = module.load_function(k).map_err(driver(&format!(
-                        "finding kernel `{k}` in kernels/{}",
+                for k in program.kernels_for(storage) {
+                    let full = format!("{k}{}", program::kernel_suffix(storage));
+                    let f = module.load_function(&full).map_err(driver(&format!(
+                        "finding kernel `{full}` in kernels/{}",
                         program.file
                     )))?;
                     functions.insert(k, f);
@@ -721,14 +816,18 @@ impl Cuda {
                     _module: module,
                     functions,
                 });
-                modules.insert(program.file, Arc::clone(&loaded));
+                modules.insert((program.file, storage), Arc::clone(&loaded));
                 loaded
             }
         };
         loaded.functions.get(name).cloned().ok_or_else(|| {
             backend_error(
                 CUDA,
-                format!("kernel `{name}` is not listed for kernels/{}", program.file),
+                format!(
+                    "kernel `{name}` is not listed for kernels/{} with {} storage",
+                    program.file,
+                    storage.name()
+                ),
             )
         })
     }

@@ -52,6 +52,7 @@ pub(crate) static PROGRAM: Program = Program {
         "layer_norm_warp_vec4",
         "layer_norm_warp_scalar",
     ],
+    half_kernels: &[],
     layouts,
 };
 

@@ -1,5 +1,6 @@
-//! `kernels/linear.cu`: naive v1, and a 64x64-tiled v2 with 16-byte loads and a
-//! deterministic split-K for grids too small to fill the device.
+//! `kernels/linear.cu`: naive v1, a 64x64-tiled v2 with 16-byte loads and a
+//! deterministic split-K for grids too small to fill the device, and for f16 /
+//! bf16 storage v3 on tensor cores (WMMA), with the same tiles and split-K.
 
 use cudarc::driver::DeviceRepr;
 
@@ -7,6 +8,7 @@ use super::backend::{blocks_for, i32_of, Cuda, CudaTensor, KernelVersion};
 use super::program::{param_layout, Program};
 use crate::error::Result;
 use crate::ops::{Activation, LinearDims};
+use crate::tensor::DType;
 
 /// Mirror of `LinearParams` in kernels/linear.cu.
 #[repr(C)]
@@ -56,6 +58,7 @@ pub(crate) static PROGRAM: Program = Program {
         "linear_tiled_scalar",
         "linear_splitk_reduce",
     ],
+    half_kernels: &["linear_tc_vec8", "linear_tc_scalar"],
     layouts,
 };
 
@@ -203,19 +206,24 @@ pub(super) fn linear(
         } => {
             params.k_per_split = i32_of("linear split", k_per_split)?;
             params.splits = i32_of("linear splits", splits)?;
-            let kernel = if vec4 {
-                "linear_tiled_vec4"
-            } else {
-                "linear_tiled_scalar"
+            // 16-bit storage: tensor cores (v3), 8-element (16-byte) staging
+            // where K and the operands allow it.
+            let tensor_cores = be.storage() != DType::F32;
+            let vec8 = d.k % 8 == 0 && xp % 16 == 0 && wp % 16 == 0;
+            let (kernel, threads) = match (tensor_cores, vec4, vec8) {
+                (true, _, true) => ("linear_tc_vec8", 128),
+                (true, _, false) => ("linear_tc_scalar", 128),
+                (false, true, _) => ("linear_tiled_vec4", 256),
+                (false, false, _) => ("linear_tiled_scalar", 256),
             };
             if splits == 1 {
-                return be.launch(&PROGRAM, kernel, grid, (256, 1, 1), &params);
+                return be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params);
             }
             // [splits, M, N] partial sums; back to the pool when this returns,
             // reusable only by work queued after the reduce.
             let workspace = be.scratch(splits * d.m * d.n * 4)?;
             params.partial = workspace.ptr();
-            be.launch(&PROGRAM, kernel, grid, (256, 1, 1), &params)?;
+            be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params)?;
             be.launch(
                 &PROGRAM,
                 "linear_splitk_reduce",

@@ -6,7 +6,8 @@
 //! either. The dynamic loader finds them through the usual search path
 //! (`LD_LIBRARY_PATH`, read once at process start, then the system cache):
 //! with NVRTC from PyPI (`pip install nvidia-cuda-nvrtc==13.0.88
-//! nvidia-cuda-runtime==13.0.96`), put `site-packages/nvidia/cu13/lib` on
+//! nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88`; the last gives `crt/mma.h`
+//! for the f16/bf16 tensor-core kernels), put `site-packages/nvidia/cu13/lib` on
 //! `LD_LIBRARY_PATH`, which also lets NVRTC open its `libnvrtc-builtins.so.13.0`.
 //! `scripts/env.sh` does this.
 //!
@@ -191,7 +192,7 @@ fn require_nvrtc() -> Result<()> {
         Err(unavailable(
             NVRTC,
             "libnvrtc.so.13 was not found: install it with `pip install \
-             nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96` and put \
+             nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88` and put \
              site-packages/nvidia/cu13/lib on LD_LIBRARY_PATH (scripts/env.sh does both), \
              or install the CUDA 13.0 toolkit",
         ))

@@ -2,6 +2,10 @@
 //! a device, and the caches of the results: in memory for the process, and
 //! optionally on disk (see [`KernelCache`]).
 //!
+//! Every file is compiled once per storage type (f32, f16, bf16: `OP_ELEM` 0, 1,
+//! 2, see `kernels/common.cuh`); the entry points of the f16 and bf16 compiles
+//! carry the suffix `_f16` / `_bf16`.
+//!
 //! Every program is compiled with `kernels/common.cuh` as an in-memory header and
 //! with `static_assert`s appended that pin the size and field offsets of each
 //! kernel parameter struct to its `#[repr(C)]` mirror on the host: a layout that
@@ -13,6 +17,31 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{compile_options, compile_with_headers, probe_nvrtc, Compiled, KernelReport};
 use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// The storage types the kernels are compiled for, in report order.
+pub const STORAGE_TYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// `OP_ELEM` of kernels/common.cuh for `storage`.
+pub(crate) fn elem_code(storage: DType) -> Result<u32> {
+    match storage {
+        DType::F32 => Ok(0),
+        DType::F16 => Ok(1),
+        DType::BF16 => Ok(2),
+        DType::F64 => Err(Error::invalid(
+            "the CUDA kernels store f32, f16 or bf16, not f64",
+        )),
+    }
+}
+
+/// What the entry points of a `storage` compile append to their base name.
+pub(crate) fn kernel_suffix(storage: DType) -> &'static str {
+    match storage {
+        DType::F16 => "_f16",
+        DType::BF16 => "_bf16",
+        _ => "",
+    }
+}
 
 /// The shared header, as the kernel files include it.
 pub(crate) const COMMON: (&str, &str) = ("common.cuh", include_str!("../../kernels/common.cuh"));
@@ -23,15 +52,36 @@ pub(crate) struct Program {
     /// File name under `kernels/`.
     pub file: &'static str,
     pub source: &'static str,
-    /// Every entry point of the file.
+    /// Every entry point of the file (base names, in every storage type).
     pub kernels: &'static [&'static str],
+    /// Entry points only the f16 and bf16 compiles have (tensor-core kernels).
+    pub half_kernels: &'static [&'static str],
     /// `static_assert`s of the parameter structs' layouts (see [`param_layout`]).
     pub layouts: fn() -> String,
 }
 
 impl Program {
-    /// The source as compiled: the file plus the layout checks.
-    pub fn full_source(&self) -> String {
+    /// The base names of the entry points a `storage` compile has.
+    pub fn kernels_for(&self, storage: DType) -> impl Iterator<Item = &'static str> {
+        let half: &'static [&'static str] = if storage == DType::F32 {
+            &[]
+        } else {
+            self.half_kernels
+        };
+        self.kernels.iter().chain(half.iter()).copied()
+    }
+
+    /// The source as compiled for `storage`: the storage define, the file and
+    /// the layout checks.
+    pub fn full_source(&self, storage: DType) -> Result<String> {
+        Ok(format!(
+            "#define OP_ELEM {}\n{}",
+            elem_code(storage)?,
+            self.base_source()
+        ))
+    }
+
+    fn base_source(&self) -> String {
         // NVRTC has no offsetof (no <cstddef> without a toolkit, no
         // __builtin_offsetof); its EDG front end folds __INTADDR__ of a member
         // address to a constant, which is what offsetof expands to there.
@@ -143,6 +193,7 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 /// checks), the architecture, the NVRTC version and the compile options.
 pub(crate) fn cache_file_name(
     program: &Program,
+    storage: DType,
     source: &str,
     arch: &str,
     version: (i32, i32),
@@ -158,20 +209,32 @@ pub(crate) fn cache_file_name(
         options.as_bytes(),
     ]);
     let stem = program.file.trim_end_matches(".cu");
+    let stem = if storage == DType::F32 {
+        stem.to_string()
+    } else {
+        format!("{stem}-{}", storage.name())
+    };
     format!("{stem}-{arch}-nvrtc{nvrtc}-{hash:016x}.cubin")
 }
 
-/// Compiles `program` for `arch` and checks that every kernel the host launches
-/// is in it.
-pub(crate) fn compile_program(program: &Program, arch: &str) -> Result<Compiled> {
-    let compiled = compile_with_headers(&program.full_source(), program.file, arch, &[COMMON])?;
-    for name in program.kernels {
-        if compiled.kernel(name).is_none() {
+/// Compiles `program` for `arch` with `storage` and checks that every kernel
+/// the host launches is in it.
+pub(crate) fn compile_program(program: &Program, storage: DType, arch: &str) -> Result<Compiled> {
+    let compiled = compile_with_headers(
+        &program.full_source(storage)?,
+        program.file,
+        arch,
+        &[COMMON],
+    )?;
+    for base in program.kernels_for(storage) {
+        let name = format!("{base}{}", kernel_suffix(storage));
+        if compiled.kernel(&name).is_none() {
             return Err(Error::Backend {
                 backend: "nvrtc".into(),
                 message: format!(
-                    "kernels/{} compiled for {arch} has no entry point `{name}`; it has {:?}",
+                    "kernels/{} compiled for {arch} ({}) has no entry point `{name}`; it has {:?}",
                     program.file,
+                    storage.name(),
                     compiled.kernels.iter().map(|k| &k.name).collect::<Vec<_>>()
                 ),
             });
@@ -180,22 +243,23 @@ pub(crate) fn compile_program(program: &Program, arch: &str) -> Result<Compiled>
     Ok(compiled)
 }
 
-type MemoryCache = Mutex<HashMap<(&'static str, String), Arc<Vec<u8>>>>;
+type MemoryCache = Mutex<HashMap<(&'static str, DType, String), Arc<Vec<u8>>>>;
 
 /// The CUBIN of `program` for `arch`: from this process's cache, else as
 /// [`cubin_from_disk_or_compile`] finds or makes it (then kept in memory).
 pub(crate) fn cubin(
     program: &'static Program,
+    storage: DType,
     arch: &str,
     disk: Option<&Path>,
 ) -> Result<Arc<Vec<u8>>> {
     static MEMORY: OnceLock<MemoryCache> = OnceLock::new();
     let memory = MEMORY.get_or_init(Default::default);
-    let key = (program.file, arch.to_string());
+    let key = (program.file, storage, arch.to_string());
     if let Some(hit) = memory.lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Ok(hit);
     }
-    let bytes = Arc::new(cubin_from_disk_or_compile(program, arch, disk)?);
+    let bytes = Arc::new(cubin_from_disk_or_compile(program, storage, arch, disk)?);
     if let Ok(mut m) = memory.lock() {
         m.insert(key, Arc::clone(&bytes));
     }
@@ -207,6 +271,7 @@ pub(crate) fn cubin(
 /// A disk cache that cannot be read or written is skipped, not an error.
 pub(crate) fn cubin_from_disk_or_compile(
     program: &Program,
+    storage: DType,
     arch: &str,
     disk: Option<&Path>,
 ) -> Result<Vec<u8>> {
@@ -215,7 +280,8 @@ pub(crate) fn cubin_from_disk_or_compile(
             let version = probe_nvrtc()?.version;
             Some(dir.join(cache_file_name(
                 program,
-                &program.full_source(),
+                storage,
+                &program.full_source(storage)?,
                 arch,
                 version,
             )))
@@ -229,7 +295,7 @@ pub(crate) fn cubin_from_disk_or_compile(
     if let Some(bytes) = from_disk {
         return Ok(bytes);
     }
-    let compiled = compile_program(program, arch)?;
+    let compiled = compile_program(program, storage, arch)?;
     if let Some(p) = &path {
         let _ = write_atomically(p, &compiled.cubin);
     }
@@ -254,6 +320,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub struct ProgramReport {
     /// File name under `kernels/`.
     pub file: &'static str,
+    /// The storage type it was compiled for (f32, f16 or bf16).
+    pub storage: DType,
     pub arch: String,
     /// Size of the CUBIN.
     pub cubin_bytes: usize,
@@ -261,16 +329,18 @@ pub struct ProgramReport {
     pub kernels: Vec<KernelReport>,
 }
 
-/// Compiles every kernel file for `arch` (e.g. `sm_90`) and returns ptxas's
-/// report of each: registers, shared memory, stack and spills per kernel. Needs
-/// NVRTC, not a GPU.
+/// Compiles every kernel file for `arch` (e.g. `sm_90`), once per storage type
+/// (file by file, f32 then f16 then bf16), and returns ptxas's report of each:
+/// registers, shared memory, stack and spills per kernel. Needs NVRTC, not a GPU.
 pub fn program_reports(arch: &str) -> Result<Vec<ProgramReport>> {
     PROGRAMS
         .iter()
-        .map(|program| {
-            let compiled = compile_program(program, arch)?;
+        .flat_map(|program| STORAGE_TYPES.iter().map(move |&storage| (program, storage)))
+        .map(|(program, storage)| {
+            let compiled = compile_program(program, storage, arch)?;
             Ok(ProgramReport {
                 file: program.file,
+                storage,
                 arch: arch.to_string(),
                 cubin_bytes: compiled.cubin.len(),
                 kernels: compiled.kernels,
@@ -308,15 +378,22 @@ mod tests {
     #[test]
     fn cache_names_differ_by_arch_version_and_source() {
         let p = &super::super::linear::PROGRAM;
-        let src = p.full_source();
-        let a = cache_file_name(p, &src, "sm_90", (13, 0));
+        let src = p.full_source(DType::F32).unwrap();
+        let a = cache_file_name(p, DType::F32, &src, "sm_90", (13, 0));
         assert!(
             a.starts_with("linear-sm_90-nvrtc13.0-") && a.ends_with(".cubin"),
             "{a}"
         );
-        assert_ne!(a, cache_file_name(p, &src, "sm_80", (13, 0)));
-        assert_ne!(a, cache_file_name(p, &src, "sm_90", (13, 1)));
-        assert_ne!(a, cache_file_name(p, &format!("{src} "), "sm_90", (13, 0)));
+        assert_ne!(a, cache_file_name(p, DType::F32, &src, "sm_80", (13, 0)));
+        assert_ne!(a, cache_file_name(p, DType::F32, &src, "sm_90", (13, 1)));
+        assert_ne!(
+            a,
+            cache_file_name(p, DType::F32, &format!("{src} "), "sm_90", (13, 0))
+        );
+        let half = p.full_source(DType::BF16).unwrap();
+        let b = cache_file_name(p, DType::BF16, &half, "sm_90", (13, 0));
+        assert!(b.starts_with("linear-bf16-sm_90-nvrtc13.0-"), "{b}");
+        assert_ne!(b, cache_file_name(p, DType::F16, &half, "sm_90", (13, 0)));
     }
 
     #[test]
@@ -343,7 +420,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("outproj-cubin-cache-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let p = &super::super::gather_signal_tokens::PROGRAM;
-        let first = cubin_from_disk_or_compile(p, "sm_80", Some(&dir)).unwrap();
+        let first = cubin_from_disk_or_compile(p, DType::F32, "sm_80", Some(&dir)).unwrap();
         assert!(first.starts_with(b"\x7fELF"));
         let files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .unwrap()
@@ -356,13 +433,13 @@ mod tests {
         planted.resize(100, 7);
         std::fs::write(&files[0], &planted).unwrap();
         assert_eq!(
-            cubin_from_disk_or_compile(p, "sm_80", Some(&dir)).unwrap(),
+            cubin_from_disk_or_compile(p, DType::F32, "sm_80", Some(&dir)).unwrap(),
             planted
         );
         // ...unless it is not an ELF image: then it is compiled and rewritten.
         std::fs::write(&files[0], b"garbage").unwrap();
         assert_eq!(
-            cubin_from_disk_or_compile(p, "sm_80", Some(&dir)).unwrap(),
+            cubin_from_disk_or_compile(p, DType::F32, "sm_80", Some(&dir)).unwrap(),
             first
         );
         assert_eq!(std::fs::read(&files[0]).unwrap(), first);
@@ -385,9 +462,12 @@ mod tests {
             file: "gather_signal_tokens.cu",
             source: include_str!("../../kernels/gather_signal_tokens.cu"),
             kernels: &["gather_signal_tokens_naive"],
+            half_kernels: &[],
             layouts: wrong,
         };
-        let err = compile_program(&WRONG, "sm_80").unwrap_err().to_string();
+        let err = compile_program(&WRONG, DType::F32, "sm_80")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("GatherParams.out: offset differs"), "{err}");
     }
 
@@ -398,9 +478,9 @@ mod tests {
             assert!(p.source.contains("#include \"common.cuh\""), "{}", p.file);
             let layouts = (p.layouts)();
             assert!(layouts.contains("static_assert(sizeof("), "{}", p.file);
-            for k in p.kernels {
+            for k in p.kernels.iter().chain(p.half_kernels) {
                 assert!(
-                    p.source.contains(&format!("{k}(const ")),
+                    p.source.contains(&format!("OP_KERNEL_NAME({k})(const ")),
                     "{}: no kernel `{k}`",
                     p.file
                 );
