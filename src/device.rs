@@ -194,7 +194,13 @@ pub trait BackendTask {
 
 /// Open the backend `kind` resolves to and run `task` on it.
 pub fn run_on<T: BackendTask>(kind: DeviceKind, task: T) -> Result<T::Output> {
-    match resolve(kind)? {
+    // Only `Auto` needs a survey; a named backend's own `open` reports why it
+    // cannot start, so it is not probed a second time here.
+    let kind = match kind {
+        DeviceKind::Auto => resolve(kind)?,
+        named => named,
+    };
+    match kind {
         DeviceKind::Cpu | DeviceKind::Auto => {
             task.run(crate::reference::Reference, DeviceKind::Cpu)
         }
