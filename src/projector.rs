@@ -10,9 +10,24 @@
 //! Residual adds are fused into the LayerNorm that follows them: a sub-block
 //! writes its output `f`, and the next `layer_norm(f + stream)` also writes the
 //! new stream. So every residual add is one pass over the data, not two.
+//!
+//! Two rewrites cut a forward's launches and weight traffic without changing
+//! what it computes:
+//! - The decoder starts from the learned queries, which do not depend on the
+//!   input: its first layer's self-attention block, the norm after it and the
+//!   cross-attention's query projection are the same for every input. They
+//!   are computed once per batch size ([`DecoderPrefix`]) and reused.
+//! - Every decoder layer's cross-attention projects the same memory to keys and
+//!   values: the K/V rows of the layers' `in_proj` are stacked into one
+//!   `[layers * 2d, d]` weight, so one GEMM serves all of them.
+//!
+//! A [`Plan`] holds every buffer of a forward at one shape: with
+//! [`Projector::forward_with`] a forward allocates nothing and copies nothing,
+//! which is what graph capture needs.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::config::ProjectorConfig;
 use crate::error::{Error, Result};
@@ -43,10 +58,9 @@ struct EncoderLayer<T> {
 struct DecoderLayer<T> {
     self_qkv: Linear<T>,
     self_out: Linear<T>,
-    /// Cross-attention: q from the decoder stream, k and v from the memory
-    /// (the packed `in_proj` split by rows: `[0, d)` and `[d, 3d)`).
+    /// Cross-attention's query projection (rows `[0, d)` of the packed
+    /// `in_proj`); its key/value rows live in [`Projector::cross_kv`].
     cross_q: Linear<T>,
-    cross_kv: Linear<T>,
     cross_out: Linear<T>,
     linear1: Linear<T>,
     linear2: Linear<T>,
@@ -55,23 +69,80 @@ struct DecoderLayer<T> {
     norm3: Norm<T>,
 }
 
+/// What the decoder's first layer computes before it reads the memory, for
+/// the learned queries repeated `batch` times: the same for every input.
+pub struct DecoderPrefix<T> {
+    batch: usize,
+    /// The stream after the first self-attention block: `q + SA(norm1(q))`.
+    stream: T,
+    /// The first cross-attention's queries: `cross_q(norm2(stream))`.
+    cross_q: T,
+}
+
+/// Every buffer of one forward at one `(batch, n_in)`, made by
+/// [`Projector::plan`] for one projector. [`Projector::forward_with`] writes
+/// into it and allocates nothing.
+pub struct Plan<T> {
+    projector: u64,
+    batch: usize,
+    n_in: usize,
+    /// `hidden + embeds`, made on the first forward given embeds.
+    summed: Option<T>,
+    encoder: Work<T>,
+    memory: T,
+    /// Keys and values of every decoder layer: `[B, n_in, layers * 2d]`.
+    cross_kv: T,
+    decoder: Work<T>,
+    /// Cross-attention queries.
+    q: T,
+    y: T,
+    out: T,
+    prefix: Arc<DecoderPrefix<T>>,
+}
+
+impl<T> Plan<T> {
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn n_in(&self) -> usize {
+        self.n_in
+    }
+
+    /// The last forward's conditioning, `[B, n_out, out_dim]`.
+    pub fn output(&self) -> &T {
+        &self.out
+    }
+
+    /// The output, taking the plan apart.
+    pub fn into_output(self) -> T {
+        self.out
+    }
+}
+
 /// A projector whose weights live on backend `B`.
 pub struct Projector<B: Backend> {
     backend: B,
     config: ProjectorConfig,
+    /// Tells this projector's plans from other projectors'.
+    id: u64,
     input: Linear<B::Tensor>,
     query_embs: HostTensor,
     encoder: Vec<EncoderLayer<B::Tensor>>,
     encoder_norm: Norm<B::Tensor>,
     decoder: Vec<DecoderLayer<B::Tensor>>,
+    /// The K/V projections of every decoder layer's cross-attention, stacked.
+    cross_kv: Linear<B::Tensor>,
     decoder_norm: Norm<B::Tensor>,
     output: Linear<B::Tensor>,
-    /// The learned queries repeated per batch row, uploaded once per batch size.
-    queries: Mutex<HashMap<usize, B::Tensor>>,
+    /// Decoder prefixes by batch size.
+    prefixes: Mutex<HashMap<usize, Arc<DecoderPrefix<B::Tensor>>>>,
 }
 
-/// Batch sizes whose repeated queries are kept on the device.
-const QUERY_CACHE_SIZES: usize = 8;
+/// Batch sizes whose decoder prefix is kept on the device.
+const PREFIX_CACHE_SIZES: usize = 8;
+
+static NEXT_PROJECTOR_ID: AtomicU64 = AtomicU64::new(1);
 
 impl<B: Backend> Projector<B> {
     /// Upload `weights` to `backend`.
@@ -92,15 +163,14 @@ impl<B: Backend> Projector<B> {
                 bias: up(&format!("{p}.bias"))?,
             })
         };
-        let packed = |p: &str, rows: std::ops::Range<usize>| -> Result<Linear<B::Tensor>> {
-            Ok(Linear {
-                weight: backend.upload(
-                    &weights
-                        .get(&format!("{p}.in_proj_weight"))?
-                        .rows(rows.clone())?,
-                )?,
-                bias: backend.upload(&weights.get(&format!("{p}.in_proj_bias"))?.rows(rows)?)?,
-            })
+        // Rows `rows` of a packed `in_proj` (weight and bias), on the host.
+        let packed = |p: &str, rows: std::ops::Range<usize>| -> Result<[HostTensor; 2]> {
+            Ok([
+                weights
+                    .get(&format!("{p}.in_proj_weight"))?
+                    .rows(rows.clone())?,
+                weights.get(&format!("{p}.in_proj_bias"))?.rows(rows)?,
+            ])
         };
         // (packed q/k/v projection, output projection) of one attention block
         type AttnPair<T> = (Linear<T>, Linear<T>);
@@ -127,15 +197,22 @@ impl<B: Backend> Projector<B> {
             });
         }
         let mut decoder = Vec::with_capacity(config.decoder_layers);
+        let (mut kv_weights, mut kv_biases) = (Vec::new(), Vec::new());
         for l in 0..config.decoder_layers {
             let p = format!("tfm.decoder.layers.{l}");
             let (self_qkv, self_out) = attn(&format!("{p}.self_attn"))?;
             let ca = format!("{p}.multihead_attn");
+            let [qw, qb] = packed(&ca, 0..d)?;
+            let [kvw, kvb] = packed(&ca, d..3 * d)?;
+            kv_weights.push(kvw);
+            kv_biases.push(kvb);
             decoder.push(DecoderLayer {
                 self_qkv,
                 self_out,
-                cross_q: packed(&ca, 0..d)?,
-                cross_kv: packed(&ca, d..3 * d)?,
+                cross_q: Linear {
+                    weight: backend.upload(&qw)?,
+                    bias: backend.upload(&qb)?,
+                },
                 cross_out: linear(&format!("{ca}.out_proj"))?,
                 linear1: linear(&format!("{p}.linear1"))?,
                 linear2: linear(&format!("{p}.linear2"))?,
@@ -144,18 +221,122 @@ impl<B: Backend> Projector<B> {
                 norm3: norm(&format!("{p}.norm3"))?,
             });
         }
+        let cross_kv = Linear {
+            weight: backend.upload(&HostTensor::concat_rows(&kv_weights)?)?,
+            bias: backend.upload(&HostTensor::concat_rows(&kv_biases)?)?,
+        };
         Ok(Projector {
+            id: NEXT_PROJECTOR_ID.fetch_add(1, Ordering::Relaxed),
             input: linear(config.variant.input_linear())?,
             query_embs: weights.get("query_embs")?.clone(),
             encoder,
             encoder_norm: norm("tfm.encoder.norm")?,
             decoder,
+            cross_kv,
             decoder_norm: norm("tfm.decoder.norm")?,
             output: linear(config.variant.output_linear())?,
-            queries: Mutex::new(HashMap::new()),
+            prefixes: Mutex::new(HashMap::new()),
             config,
             backend,
         })
+    }
+
+    pub fn config(&self) -> &ProjectorConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The buffers of a forward of `batch` rows of `n_in` signal tokens, with
+    /// the decoder prefix for `batch` computed (on first use of that batch
+    /// size) and kept. Reuse a plan for every forward of its shape.
+    pub fn plan(&self, batch: usize, n_in: usize) -> Result<Plan<B::Tensor>> {
+        self.check_input_shape(&[batch, n_in, self.config.in_dim])?;
+        let c = &self.config;
+        let be = &self.backend;
+        let (d, n) = (c.d_model, c.n_out);
+        let kv_cols = c
+            .decoder_layers
+            .checked_mul(2 * d)
+            .ok_or_else(|| Error::Overflow("decoder keys and values".into()))?;
+        let mut decoder = Work::new(be, [batch, n], d, c.ffn_dim)?;
+        let prefix = self.prefix(batch, &mut decoder)?;
+        Ok(Plan {
+            projector: self.id,
+            batch,
+            n_in,
+            summed: None,
+            encoder: Work::new(be, [batch, n_in], d, c.ffn_dim)?,
+            memory: be.alloc(&[batch, n_in, d])?,
+            cross_kv: be.alloc(&[batch, n_in, kv_cols])?,
+            decoder,
+            q: be.alloc(&[batch, n, d])?,
+            y: be.alloc(&[batch, n, d])?,
+            out: be.alloc(&[batch, n, c.out_dim])?,
+            prefix,
+        })
+    }
+
+    /// The decoder prefix for `batch`, from the cache or computed with `t`'s
+    /// buffers as scratch.
+    fn prefix(
+        &self,
+        batch: usize,
+        t: &mut Work<B::Tensor>,
+    ) -> Result<Arc<DecoderPrefix<B::Tensor>>> {
+        let mut cache = self
+            .prefixes
+            .lock()
+            .map_err(|_| Error::invalid("projector prefix cache poisoned by an earlier panic"))?;
+        if let Some(p) = cache.get(&batch) {
+            return Ok(Arc::clone(p));
+        }
+        let c = &self.config;
+        let be = &self.backend;
+        let (d, n) = (c.d_model, c.n_out);
+        let spec = AttentionSpec::new(c.heads, c.head_dim());
+        let first = self
+            .decoder
+            .first()
+            .ok_or_else(|| Error::invalid("config: decoder_layers must be at least 1"))?;
+        let queries = self.repeated_queries(batch)?;
+        let mut stream = be.alloc(&[batch, n, d])?;
+        let mut cross_q = be.alloc(&[batch, n, d])?;
+        be.layer_norm(
+            &queries,
+            None,
+            &first.norm1.weight,
+            &first.norm1.bias,
+            c.eps,
+            &mut t.h,
+            None,
+        )?;
+        t.self_attention(be, &first.self_qkv, &first.self_out, &spec)?;
+        let (w, b) = (&first.norm2.weight, &first.norm2.bias);
+        be.layer_norm(
+            &t.f,
+            Some(&queries),
+            w,
+            b,
+            c.eps,
+            &mut t.h,
+            Some(&mut stream),
+        )?;
+        first
+            .cross_q
+            .apply(be, &t.h, Activation::None, &mut cross_q)?;
+        let prefix = Arc::new(DecoderPrefix {
+            batch,
+            stream,
+            cross_q,
+        });
+        if cache.len() >= PREFIX_CACHE_SIZES {
+            cache.clear();
+        }
+        cache.insert(batch, Arc::clone(&prefix));
+        Ok(prefix)
     }
 
     /// `query_embs` repeated `batch` times, on the device.
@@ -170,19 +351,8 @@ impl<B: Backend> Projector<B> {
         self.backend.upload(&all.to_dtype(self.query_embs.dtype()))
     }
 
-    pub fn config(&self) -> &ProjectorConfig {
-        &self.config
-    }
-
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
-
-    /// The conditioning `[B, n_out, out_dim]` for signal-token states
-    /// `hidden` (`[B, n_in, in_dim]`) plus, when given, their input embeddings
-    /// `embeds` (same shape), as NExT-GPT adds them.
-    pub fn forward(&self, hidden: &B::Tensor, embeds: Option<&B::Tensor>) -> Result<B::Tensor> {
-        let shape = hidden.shape();
+    /// An error unless `shape` is a valid `[batch, n_in, in_dim]` input.
+    fn check_input_shape(&self, shape: &[usize]) -> Result<()> {
         let c = &self.config;
         if shape.len() != 3 {
             return Err(Error::invalid(format!(
@@ -212,6 +382,45 @@ impl<B: Backend> Projector<B> {
                 found: shape.to_vec(),
             });
         }
+        Ok(())
+    }
+
+    /// The conditioning `[B, n_out, out_dim]` for signal-token states
+    /// `hidden` (`[B, n_in, in_dim]`) plus, when given, their input embeddings
+    /// `embeds` (same shape), as NExT-GPT adds them.
+    pub fn forward(&self, hidden: &B::Tensor, embeds: Option<&B::Tensor>) -> Result<B::Tensor> {
+        self.check_input_shape(hidden.shape())?;
+        let shape = hidden.shape();
+        let mut plan = self.plan(shape[0], shape[1])?;
+        self.forward_with(&mut plan, hidden, embeds)?;
+        Ok(plan.into_output())
+    }
+
+    /// [`forward`](Self::forward) into the buffers of `plan` (made by this
+    /// projector's [`plan`](Self::plan) for `hidden`'s shape); returns the
+    /// output, which stays in the plan. Without `embeds`, or once the plan has
+    /// seen them, it allocates nothing and copies nothing: a sequence of
+    /// kernel launches only.
+    pub fn forward_with<'p>(
+        &self,
+        plan: &'p mut Plan<B::Tensor>,
+        hidden: &B::Tensor,
+        embeds: Option<&B::Tensor>,
+    ) -> Result<&'p B::Tensor> {
+        let shape = hidden.shape();
+        self.check_input_shape(shape)?;
+        if plan.projector != self.id {
+            return Err(Error::invalid(
+                "forward_with: the plan was made by another projector",
+            ));
+        }
+        if (shape[0], shape[1]) != (plan.batch, plan.n_in) {
+            return Err(Error::Shape {
+                key: "hidden".into(),
+                expected: vec![plan.batch, plan.n_in, self.config.in_dim],
+                found: shape.to_vec(),
+            });
+        }
         if let Some(e) = embeds {
             if e.shape() != shape {
                 return Err(Error::Shape {
@@ -220,18 +429,34 @@ impl<B: Backend> Projector<B> {
                     found: e.shape().to_vec(),
                 });
             }
+            let be = &self.backend;
+            let summed = match &mut plan.summed {
+                Some(x) => x,
+                none => none.insert(be.alloc(shape)?),
+            };
+            let all = SignalPositions::all(plan.batch, plan.n_in)?;
+            be.gather_signal_tokens(hidden, Some(e), &all, summed)?;
         }
-        let x = match embeds {
-            Some(e) => {
-                let mut x = self.backend.alloc(shape)?;
-                let all = SignalPositions::all(batch, n_in)?;
-                self.backend
-                    .gather_signal_tokens(hidden, Some(e), &all, &mut x)?;
-                Some(x)
-            }
-            None => None,
+        let Plan {
+            summed,
+            encoder,
+            memory,
+            cross_kv,
+            decoder,
+            q,
+            y,
+            out,
+            prefix,
+            ..
+        } = plan;
+        let x = match (embeds, summed.as_ref()) {
+            (Some(_), Some(x)) => x,
+            _ => hidden,
         };
-        self.forward_summed(x.as_ref().unwrap_or(hidden), batch, n_in)
+        self.encode(x, encoder, memory)?;
+        self.decode(memory, cross_kv, decoder, q, prefix, y)?;
+        self.output.apply(&self.backend, y, Activation::None, out)?;
+        Ok(out)
     }
 
     /// From full LLM outputs: gather the signal tokens `signal_ids` from `hidden`
@@ -259,15 +484,12 @@ impl<B: Backend> Projector<B> {
         self.forward(&x, None)
     }
 
-    fn forward_summed(&self, x: &B::Tensor, batch: usize, n_in: usize) -> Result<B::Tensor> {
+    /// `memory = Encoder(fc(x))`. The stream starts as fc(x); every sub-block
+    /// leaves its output in `f`, which the next norm adds to the stream.
+    fn encode(&self, x: &B::Tensor, e: &mut Work<B::Tensor>, memory: &mut B::Tensor) -> Result<()> {
         let c = &self.config;
         let be = &self.backend;
-        let (d, n) = (c.d_model, c.n_out);
         let spec = AttentionSpec::new(c.heads, c.head_dim());
-
-        // Encoder. The stream starts as fc(x); every sub-block leaves its output
-        // in `f`, which the next norm adds to the stream.
-        let mut e = Work::new(be, [batch, n_in], d, c.ffn_dim)?;
         self.input.apply(be, x, Activation::None, &mut e.s[0])?;
         for (l, layer) in self.encoder.iter().enumerate() {
             e.add_norm(be, l > 0, &layer.norm1, c.eps)?;
@@ -275,55 +497,51 @@ impl<B: Backend> Projector<B> {
             e.add_norm(be, true, &layer.norm2, c.eps)?;
             e.feed_forward(be, &layer.linear1, &layer.linear2)?;
         }
-        let mut memory = be.alloc(&[batch, n_in, d])?;
-        e.norm_into(be, &self.encoder_norm, c.eps, &mut memory)?;
-        drop(e);
+        e.norm_into(be, &self.encoder_norm, c.eps, memory)
+    }
 
-        // Decoder over the learned queries, repeated per batch row.
-        let mut cache = self
-            .queries
-            .lock()
-            .map_err(|_| Error::invalid("projector query cache poisoned by an earlier panic"))?;
-        if !cache.contains_key(&batch) {
-            if cache.len() >= QUERY_CACHE_SIZES {
-                cache.clear();
-            }
-            cache.insert(batch, self.repeated_queries(batch)?);
+    /// `y = Decoder(queries, memory)`, the first layer resumed from `prefix`.
+    fn decode(
+        &self,
+        memory: &B::Tensor,
+        kv: &mut B::Tensor,
+        t: &mut Work<B::Tensor>,
+        q: &mut B::Tensor,
+        prefix: &DecoderPrefix<B::Tensor>,
+        y: &mut B::Tensor,
+    ) -> Result<()> {
+        let c = &self.config;
+        let be = &self.backend;
+        let d = c.d_model;
+        let spec = AttentionSpec::new(c.heads, c.head_dim());
+        if prefix.batch != memory.shape()[0] {
+            return Err(Error::invalid("decoder prefix of another batch size"));
         }
-        let queries = cache
-            .get(&batch)
-            .ok_or_else(|| Error::invalid("projector query cache lost an entry"))?;
-        let mut t = Work::new(be, [batch, n], d, c.ffn_dim)?;
-        let mut q = be.alloc(&[batch, n, d])?;
-        let mut kv = be.alloc(&[batch, n_in, 2 * d])?;
+        self.cross_kv.apply(be, memory, Activation::None, kv)?;
         for (l, layer) in self.decoder.iter().enumerate() {
+            let (k, v) = (Cols::new(kv, 2 * d * l), Cols::new(kv, 2 * d * l + d));
             if l == 0 {
-                // The stream starts as the queries: the first norm copies them in.
-                let (w, b) = (&layer.norm1.weight, &layer.norm1.bias);
-                be.layer_norm(queries, None, w, b, c.eps, &mut t.h, Some(&mut t.s[0]))?;
+                be.attention(Cols::new(&prefix.cross_q, 0), k, v, &spec, None, &mut t.a)?;
             } else {
                 t.add_norm(be, true, &layer.norm1, c.eps)?;
+                t.self_attention(be, &layer.self_qkv, &layer.self_out, &spec)?;
+                t.add_norm(be, true, &layer.norm2, c.eps)?;
+                layer.cross_q.apply(be, &t.h, Activation::None, q)?;
+                be.attention(Cols::new(q, 0), k, v, &spec, None, &mut t.a)?;
             }
-            t.self_attention(be, &layer.self_qkv, &layer.self_out, &spec)?;
-            t.add_norm(be, true, &layer.norm2, c.eps)?;
-            // Cross-attention: queries from the stream, keys and values from memory.
-            layer.cross_q.apply(be, &t.h, Activation::None, &mut q)?;
-            layer
-                .cross_kv
-                .apply(be, &memory, Activation::None, &mut kv)?;
-            let (k, v) = (Cols::new(&kv, 0), Cols::new(&kv, d));
-            be.attention(Cols::new(&q, 0), k, v, &spec, None, &mut t.a)?;
             layer
                 .cross_out
                 .apply(be, &t.a, Activation::None, &mut t.f)?;
-            t.add_norm(be, true, &layer.norm3, c.eps)?;
+            // h = norm3(f + stream); the new stream goes to the free buffer.
+            // The first layer's stream is the prefix's.
+            let [cur, next] = &mut t.s;
+            let stream = if l == 0 { &prefix.stream } else { &*cur };
+            let (w, b) = (&layer.norm3.weight, &layer.norm3.bias);
+            be.layer_norm(&t.f, Some(stream), w, b, c.eps, &mut t.h, Some(next))?;
+            t.s.swap(0, 1);
             t.feed_forward(be, &layer.linear1, &layer.linear2)?;
         }
-        let mut y = be.alloc(&[batch, n, d])?;
-        t.norm_into(be, &self.decoder_norm, c.eps, &mut y)?;
-        let mut out = be.alloc(&[batch, n, c.out_dim])?;
-        self.output.apply(be, &y, Activation::None, &mut out)?;
-        Ok(out)
+        t.norm_into(be, &self.decoder_norm, c.eps, y)
     }
 }
 

@@ -188,6 +188,58 @@ impl HostTensor {
         Self::new(shape, data)
     }
 
+    /// `parts` stacked along the first dimension (same dtype, same other
+    /// dimensions), e.g. several layers' weights as one.
+    pub fn concat_rows(parts: &[HostTensor]) -> Result<Self> {
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::invalid("concat_rows: no tensors"))?;
+        let rest = first.shape.get(1..).unwrap_or(&[]);
+        let mut rows = 0usize;
+        for p in parts {
+            if p.dtype() != first.dtype() || p.shape.is_empty() || &p.shape[1..] != rest {
+                return Err(Error::invalid(format!(
+                    "concat_rows: a {} tensor of shape {:?} does not stack onto a {} tensor of \
+                     shape {:?}",
+                    p.dtype().name(),
+                    p.shape,
+                    first.dtype().name(),
+                    first.shape
+                )));
+            }
+            rows = rows
+                .checked_add(p.shape[0])
+                .ok_or_else(|| Error::Overflow("concat_rows: rows".into()))?;
+        }
+        fn stack<T: Clone>(parts: &[HostTensor], get: impl Fn(&HostData) -> &[T]) -> Vec<T> {
+            parts
+                .iter()
+                .flat_map(|p| get(&p.data).iter().cloned())
+                .collect()
+        }
+        let data = match &first.data {
+            HostData::F64(_) => HostData::F64(stack(parts, |d| match d {
+                HostData::F64(v) => v,
+                _ => &[],
+            })),
+            HostData::F32(_) => HostData::F32(stack(parts, |d| match d {
+                HostData::F32(v) => v,
+                _ => &[],
+            })),
+            HostData::F16(_) => HostData::F16(stack(parts, |d| match d {
+                HostData::F16(v) => v,
+                _ => &[],
+            })),
+            HostData::BF16(_) => HostData::BF16(stack(parts, |d| match d {
+                HostData::BF16(v) => v,
+                _ => &[],
+            })),
+        };
+        let mut shape = first.shape.clone();
+        shape[0] = rows;
+        Self::new(shape, data)
+    }
+
     /// Every element widened (exactly) to f64.
     pub fn to_f64_vec(&self) -> Vec<f64> {
         match &self.data {

@@ -358,3 +358,43 @@ fn legacy_state_dict_has_pytorchs_129_names() {
         .iter()
         .any(|(k, s)| k == "model.weight" && s == &vec![768, 512]));
 }
+
+#[test]
+fn a_plan_is_reused_and_belongs_to_its_projector_and_shape() {
+    let w = ProjectorWeights::random(tiny_config(Variant::Legacy), None, 5).unwrap();
+    let proj = Projector::new(Reference, &w).unwrap();
+    let (b, n_in, c) = (2, 3, 12);
+    let hidden = rand(&[b, n_in, c], 30);
+    let embeds = rand(&[b, n_in, c], 31);
+    let want = proj.forward(&hidden, Some(&embeds)).unwrap();
+    let other = rand(&[b, n_in, c], 32);
+    let want_other = proj.forward(&other, None).unwrap();
+
+    let mut plan = proj.plan(b, n_in).unwrap();
+    assert_eq!((plan.batch(), plan.n_in()), (b, n_in));
+    for _ in 0..2 {
+        let y = proj
+            .forward_with(&mut plan, &hidden, Some(&embeds))
+            .unwrap();
+        assert_eq!(y.data(), want.data());
+        // The same plan without embeds: the summed buffer is not read.
+        let y = proj.forward_with(&mut plan, &other, None).unwrap();
+        assert_eq!(y.data(), want_other.data());
+    }
+
+    // A plan of another shape or another projector is an error, not a wrong answer.
+    let e = proj
+        .forward_with(&mut plan, &rand(&[b + 1, n_in, c], 33), None)
+        .unwrap_err();
+    assert!(matches!(e, Error::Shape { .. }), "{e}");
+    let twin = Projector::new(Reference, &w).unwrap();
+    let e = twin.forward_with(&mut plan, &hidden, None).unwrap_err();
+    assert!(e.to_string().contains("another projector"), "{e}");
+    let e = proj
+        .forward_with(&mut plan, &hidden, Some(&rand(&[b, n_in, c + 1], 34)))
+        .unwrap_err();
+    assert!(matches!(e, Error::Shape { .. }), "{e}");
+    assert!(proj.plan(0, n_in).is_err());
+    assert!(proj.plan(b, 0).is_err());
+    assert!(proj.plan(usize::MAX, n_in).is_err());
+}
