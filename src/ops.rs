@@ -184,6 +184,12 @@ pub trait Backend: Clone {
         Ok(None)
     }
 
+    /// Kernels launched (dispatched) by this backend so far, where it counts
+    /// them: the difference across a forward is its launch count.
+    fn kernel_launches(&self) -> Option<u64> {
+        None
+    }
+
     /// The same device running the naive v1 kernels, for benchmarks and as a
     /// second oracle; `None` where there is no such variant (the reference).
     fn naive(&self) -> Result<Option<Self>> {

@@ -9,8 +9,10 @@ use std::sync::Once;
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::cuda::{Cuda, CudaOptions, KernelVersion};
 use output_projector::ops::{Activation, Backend, Cols, Shaped};
+use output_projector::projector::Projector;
 use output_projector::tensor::{DType, HostTensor};
 use output_projector::verify::{self, Case};
+use output_projector::weights::ProjectorWeights;
 use output_projector::Error;
 
 /// Set in the child process of `backend_runs_on_emulated_driver`, where a
@@ -367,6 +369,96 @@ fn bad_shapes_are_errors() {
     be.synchronize().unwrap();
 }
 
+/// A captured forward replays exactly what the eager forward computes, for
+/// each new input, without launching or allocating anything per kernel; the
+/// blocks it uses stay pinned while it lives.
+#[test]
+fn graph_replay_matches_eager_forward() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    // Small widths (emulation is slow), an input GEMM deep enough to split K
+    // (its workspace is scratch taken inside the capture), 77 queries, two
+    // decoder layers: the precomputed first one and a full one.
+    let config = ProjectorConfig {
+        in_dim: 1024,
+        d_model: 128,
+        heads: 2,
+        ffn_dim: 256,
+        encoder_layers: 1,
+        decoder_layers: 2,
+        out_dim: 96,
+        ..ProjectorConfig::preset(Modality::Image, Variant::Legacy)
+    };
+    let w = ProjectorWeights::random(config.clone(), None, 11).unwrap();
+    let proj = Projector::new(be.clone(), &w).unwrap();
+    let (batch, n_in) = (1, 4);
+    let inputs: Vec<HostTensor> = (0..2)
+        .map(|i| HostTensor::randn(vec![batch, n_in, config.in_dim], 40 + i, "hidden").unwrap())
+        .collect();
+    let eager: Vec<HostTensor> = inputs
+        .iter()
+        .map(|h| {
+            be.download(&proj.forward(&be.upload(h).unwrap(), None).unwrap())
+                .unwrap()
+        })
+        .collect();
+    // The eager forward's launches, on a plan made beforehand.
+    let mut plan = proj.plan(batch, n_in).unwrap();
+    let h0 = be.upload(&inputs[0]).unwrap();
+    let before = be.kernel_launches().unwrap();
+    proj.forward_with(&mut plan, &h0, None).unwrap();
+    let eager_launches = be.kernel_launches().unwrap() - before;
+    drop(plan);
+
+    let mut graph = proj.capture(batch, n_in).unwrap();
+    assert_eq!(graph.kernels(), eager_launches);
+    println!("{eager_launches} kernels per forward, replayed as one graph launch");
+    let before = be.kernel_launches().unwrap();
+    for round in 0..2 {
+        for (h, want) in inputs.iter().zip(&eager) {
+            let got = be
+                .download(graph.forward(&be.upload(h).unwrap()).unwrap())
+                .unwrap();
+            assert_eq!(got.to_f64_vec(), want.to_f64_vec(), "round {round}");
+        }
+    }
+    assert_eq!(
+        be.kernel_launches().unwrap(),
+        before,
+        "a replay launches no kernel itself"
+    );
+    let reference = output_projector::reference::Reference;
+    let ref_proj = Projector::new(reference, &w).unwrap();
+    let want = ref_proj
+        .forward(&reference.upload(&inputs[1]).unwrap(), None)
+        .unwrap();
+    let got = be.download(graph.output()).unwrap();
+    let (rel, _) = output_projector::tensor::compare(&got.to_f64_vec(), want.data());
+    assert!(rel <= 1e-4, "graph vs reference: rel {rel:.3e}");
+
+    // A wrong input shape is an error; the graph still works afterwards.
+    let wrong = be.alloc(&[batch, n_in + 1, config.in_dim]).unwrap();
+    assert!(matches!(graph.forward(&wrong), Err(Error::Shape { .. })));
+    graph.replay().unwrap();
+    be.synchronize().unwrap();
+
+    // Blocks the graph's kernels use outlive a release of the pool's cache.
+    be.release_cached();
+    assert!(be.cached_bytes() > 0, "the split-K workspace stays pinned");
+    drop(graph);
+    be.release_cached();
+    assert_eq!(be.cached_bytes(), 0);
+
+    // The default stream cannot be captured: an error, not a driver failure.
+    let default = Cuda::on_stream(be.context().default_stream(), CudaOptions::default()).unwrap();
+    let on_default = Projector::new(default, &w).unwrap();
+    assert!(matches!(
+        on_default.capture(batch, n_in),
+        Err(Error::Invalid(_))
+    ));
+}
+
 /// `OUTPROJ_SKIP_EMULATION=1` skips the two CPU-emulation tests below.
 fn emulation_skipped() -> bool {
     if std::env::var("OUTPROJ_SKIP_EMULATION").is_ok_and(|v| v == "1") {
@@ -477,6 +569,7 @@ const DEVICE_TESTS: &[&str] = &[
     "half_storage_ops_match_reference",
     "half_storage_projector_matches_reference",
     "half_storage_upload_download",
+    "graph_replay_matches_eager_forward",
 ];
 
 /// Where there is no GPU: the device tests above again, in a child process

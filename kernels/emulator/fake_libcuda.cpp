@@ -19,8 +19,17 @@
 // _bf16) tell them apart. Only what the crate calls exists;
 // NVRTC itself asks for the private cuGetExportTable, which fails here, as it
 // may on a real driver.
+//
+// Stream capture records launches (with a copy of their parameters) instead of
+// running them; a graph replay runs them in order. Allocations, copies,
+// memsets and synchronisation on a capturing stream fail and invalidate the
+// capture, as the crate promises never to do them there (the real driver
+// would turn some into graph nodes; the emulator is stricter).
 #include "emu.h"
+#include <map>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #define OP_ELEM 0
 namespace k_f32 {
@@ -66,10 +75,12 @@ static thread_local CUcontext g_current = nullptr;
 struct Entry {
     const char* name;
     void (*run)(void*);
+    size_t params_size;
 };
 #define EMU_STR2(x) #x
 #define EMU_STR(x) EMU_STR2(x)
-#define K(ns, fn, sfx, P) {EMU_STR(fn##sfx), [](void* p) { ns::fn##sfx(*(const ns::P*)p); }}
+#define K(ns, fn, sfx, P) \
+    {EMU_STR(fn##sfx), [](void* p) { ns::fn##sfx(*(const ns::P*)p); }, sizeof(ns::P)}
 #define KERNELS(ns, sfx)                                    \
     K(ns, linear_naive, sfx, LinearParams),                 \
     K(ns, linear_tiled_vec4, sfx, LinearParams),            \
@@ -98,6 +109,51 @@ static Entry ENTRIES[] = {
     K(k_bf16, linear_tc_scalar, _bf16, LinearParams),
 };
 
+// One recorded launch.
+struct Node {
+    Entry* entry;
+    dim3 grid, block;
+    std::vector<unsigned char> params;
+};
+struct Capture {
+    std::vector<Node> nodes;
+    bool invalidated = false;
+    std::thread::id owner;  // the capturing thread (thread-local capture mode)
+};
+static std::mutex g_capture_mu;
+static std::map<CUstream, Capture> g_captures;  // streams being captured
+
+// The capture on `s`, if any (caller holds g_capture_mu).
+static Capture* capture_of(CUstream s) {
+    auto it = g_captures.find(s);
+    return it == g_captures.end() ? nullptr : &it->second;
+}
+// CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED when `s` is capturing (and the capture
+// is invalidated), else 0. Synchronous calls pass nullptr: they are refused
+// while this thread captures (thread-local capture mode).
+static CUresult refuse_in_capture(CUstream s) {
+    std::lock_guard<std::mutex> g(g_capture_mu);
+    if (s) {
+        if (Capture* c = capture_of(s)) { c->invalidated = true; return 900; }
+        return 0;
+    }
+    CUresult r = 0;
+    for (auto& kv : g_captures) {
+        if (kv.second.owner == std::this_thread::get_id()) {
+            kv.second.invalidated = true;
+            r = 900;
+        }
+    }
+    return r;
+}
+static bool launch_shape_ok(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz) {
+    return !(gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535 || bx * by * bz > 1024);
+}
+static void run_node(const Node& n) {
+    void* p = (void*)n.params.data();
+    emu::launch(n.grid, n.block, [&] { n.entry->run(p); });
+}
+
 extern "C" {
 #pragma GCC visibility push(default)
 CUresult cuInit(unsigned) { return 0; }
@@ -120,33 +176,57 @@ CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) { *c = &g_ctx_token; r
 CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return 0; }
 CUresult cuCtxGetCurrent(CUcontext* c) { *c = g_current; return 0; }
 CUresult cuCtxSetCurrent(CUcontext c) { g_current = c; return 0; }
-CUresult cuCtxSynchronize() { return 0; }
+CUresult cuCtxSynchronize() { return refuse_in_capture(nullptr); }
 CUresult cuStreamCreate(CUstream* s, unsigned) { *s = malloc(1); return 0; }
 CUresult cuStreamCreateWithPriority(CUstream* s, unsigned, int) { *s = malloc(1); return 0; }
 CUresult cuStreamDestroy_v2(CUstream s) { free(s); return 0; }
-CUresult cuStreamSynchronize(CUstream) { return 0; }
+CUresult cuStreamSynchronize(CUstream s) { return refuse_in_capture(s); }
 CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return 0; }
 CUresult cuEventCreate(CUevent* e, unsigned) { *e = malloc(1); return 0; }
 CUresult cuEventRecord(CUevent, CUstream) { return 0; }
 CUresult cuEventSynchronize(CUevent) { return 0; }
 CUresult cuEventQuery(CUevent) { return 0; }
 CUresult cuEventDestroy_v2(CUevent e) { free(e); return 0; }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) {
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream s) {
+    if (CUresult r = refuse_in_capture(s)) return r;
     void* m = malloc(n ? n : 1);
     if (!m) return 2;
     memset(m, 0xff, n);  // NaN bytes: unwritten memory reads as NaN
     *p = (CUdeviceptr)m;
     return 0;
 }
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return cuMemAllocAsync(p, n, nullptr); }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { free((void*)p); return 0; }
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    if (CUresult r = refuse_in_capture(nullptr)) return r;
+    return cuMemAllocAsync(p, n, nullptr);
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    if (CUresult r = refuse_in_capture(s)) return r;
+    free((void*)p);
+    return 0;
+}
 CUresult cuMemFree_v2(CUdeviceptr p) { free((void*)p); return 0; }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream) { memcpy((void*)d, s, n); return 0; }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, CUstream st) {
+    if (CUresult r = refuse_in_capture(st)) return r;
+    memcpy((void*)d, s, n);
+    return 0;
+}
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { memcpy((void*)d, s, n); return 0; }
-CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream) { memcpy(d, (void*)s, n); return 0; }
+CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, CUstream st) {
+    if (CUresult r = refuse_in_capture(st)) return r;
+    memcpy(d, (void*)s, n);
+    return 0;
+}
 CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { memcpy(d, (void*)s, n); return 0; }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream) { memmove((void*)d, (void*)s, n); return 0; }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream) { memset((void*)d, v, n); return 0; }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUstream st) {
+    if (CUresult r = refuse_in_capture(st)) return r;
+    memmove((void*)d, (void*)s, n);
+    return 0;
+}
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream st) {
+    if (CUresult r = refuse_in_capture(st)) return r;
+    memset((void*)d, v, n);
+    return 0;
+}
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { memset((void*)d, v, n); return 0; }
 CUresult cuModuleLoadData(CUmodule* m, const void* image) {
     if (memcmp(image, "\x7f" "ELF", 4) != 0) return 200;  // not an ELF CUBIN
@@ -161,14 +241,65 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
     return 500;  // not found
 }
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                        unsigned bz, unsigned smem, CUstream, void** params, void** extra) {
+                        unsigned bz, unsigned smem, CUstream s, void** params, void** extra) {
     if (!f || !params || extra || smem) return 1;
-    if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535 || bx * by * bz > 1024) return 1;
+    if (!launch_shape_ok(gx, gy, gz, bx, by, bz)) return 1;
     Entry* e = (Entry*)f;
-    void* p = params[0];
-    emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), [&] { e->run(p); });
+    Node n{e, dim3(gx, gy, gz), dim3(bx, by, bz), {}};
+    const unsigned char* p = (const unsigned char*)params[0];
+    n.params.assign(p, p + e->params_size);
+    {
+        std::lock_guard<std::mutex> g(g_capture_mu);
+        if (Capture* c = capture_of(s)) {
+            c->nodes.push_back(std::move(n));
+            return 0;
+        }
+    }
+    run_node(n);
     return 0;
 }
+typedef struct Graph { std::vector<Node> nodes; } *CUgraph;
+typedef struct GraphExec { std::vector<Node> nodes; } *CUgraphExec;
+CUresult cuStreamBeginCapture_v2(CUstream s, int) {
+    if (!s) return 1;  // the legacy default stream cannot be captured
+    std::lock_guard<std::mutex> g(g_capture_mu);
+    if (capture_of(s)) return 900;
+    Capture c;
+    c.owner = std::this_thread::get_id();
+    g_captures[s] = std::move(c);
+    return 0;
+}
+CUresult cuStreamEndCapture(CUstream s, CUgraph* graph) {
+    std::lock_guard<std::mutex> g(g_capture_mu);
+    Capture* c = capture_of(s);
+    if (!c) return 400;  // CUDA_ERROR_ILLEGAL_STATE
+    Capture done = std::move(*c);
+    g_captures.erase(s);
+    *graph = nullptr;
+    if (done.invalidated) return 901;  // CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+    *graph = new Graph{std::move(done.nodes)};
+    return 0;
+}
+CUresult cuStreamIsCapturing(CUstream s, int* status) {
+    std::lock_guard<std::mutex> g(g_capture_mu);
+    Capture* c = capture_of(s);
+    *status = !c ? 0 : c->invalidated ? 2 : 1;
+    return 0;
+}
+CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long) {
+    if (!graph) return 1;
+    *exec = new GraphExec{graph->nodes};
+    return 0;
+}
+CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) {
+    if (!exec) return 1;
+    if (CUresult r = refuse_in_capture(s)) return r;
+    for (const Node& n : exec->nodes) run_node(n);
+    return 0;
+}
+CUresult cuGraphUpload(CUgraphExec exec, CUstream) { return exec ? 0 : 1; }
+CUresult cuGraphExecDestroy(CUgraphExec exec) { delete exec; return 0; }
+CUresult cuGraphDestroy(CUgraph graph) { delete graph; return 0; }
 CUresult cuGetErrorName(CUresult r, const char** s) { *s = r ? "CUDA_ERROR_FAKE" : "CUDA_SUCCESS"; return 0; }
 CUresult cuGetErrorString(CUresult r, const char** s) { *s = r ? "fake driver error" : "no error"; return 0; }
 CUresult cuCtxGetDevice(CUdevice* d) { *d = 0; return 0; }

@@ -18,12 +18,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::result as drv;
 use cudarc::driver::sys as drv_sys;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
     LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
@@ -67,7 +68,19 @@ pub(crate) struct Pool {
     stream: Arc<CudaStream>,
     /// Stream-ordered allocation (`cuMemAllocAsync`) is available.
     stream_ordered: bool,
-    free: Mutex<HashMap<usize, Vec<drv_sys::CUdeviceptr>>>,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// Freed blocks by size.
+    free: HashMap<usize, Vec<drv_sys::CUdeviceptr>>,
+    /// While a CUDA graph is being captured on the stream: the blocks it took.
+    capture: Option<Vec<drv_sys::CUdeviceptr>>,
+    /// Blocks that live graphs' kernels use, with the number of such graphs.
+    /// They are reused like any freed block (every user is on the one stream,
+    /// so uses stay ordered) but never returned to the driver.
+    pinned: HashMap<drv_sys::CUdeviceptr, usize>,
 }
 
 impl Pool {
@@ -107,13 +120,23 @@ impl Pool {
             .max(1)
             .checked_next_multiple_of(GRANULE)
             .ok_or_else(|| Error::Overflow(format!("a device allocation of {bytes} bytes")))?;
-        if let Ok(mut free) = self.free.lock() {
-            if let Some(ptr) = free.get_mut(&size).and_then(Vec::pop) {
+        if let Ok(mut state) = self.state.lock() {
+            if let Some(ptr) = state.free.get_mut(&size).and_then(Vec::pop) {
+                if let Some(taken) = &mut state.capture {
+                    taken.push(ptr);
+                }
                 return Ok(Block {
                     ptr,
                     size,
                     pool: Arc::clone(self),
                 });
+            }
+            if state.capture.is_some() {
+                // A driver allocation would become part of the graph.
+                return Err(Error::invalid(format!(
+                    "a CUDA graph capture needed {size} bytes the memory pool did not hold \
+                     (the forward before the capture should have left them there)"
+                )));
             }
         }
         let ptr = match self.raw_alloc(size) {
@@ -142,10 +165,65 @@ impl Pool {
         })
     }
 
-    /// Returns every cached block to the driver.
+    /// From now until [`Pool::end_capture`], blocks come only from the cache
+    /// and are recorded.
+    fn begin_capture(&self) -> Result<()> {
+        let mut state = lock(&self.state)?;
+        if state.capture.is_some() {
+            return Err(Error::invalid(
+                "a CUDA graph is already being captured on this stream",
+            ));
+        }
+        state.capture = Some(Vec::new());
+        Ok(())
+    }
+
+    /// Ends the recording; pins and returns the blocks taken during it.
+    fn end_capture(&self) -> Vec<drv_sys::CUdeviceptr> {
+        let Ok(mut state) = self.state.lock() else {
+            return Vec::new();
+        };
+        let taken = state.capture.take().unwrap_or_default();
+        for &ptr in &taken {
+            *state.pinned.entry(ptr).or_default() += 1;
+        }
+        taken
+    }
+
+    fn unpin(&self, blocks: &[drv_sys::CUdeviceptr]) {
+        if let Ok(mut state) = self.state.lock() {
+            for ptr in blocks {
+                if let Some(n) = state.pinned.get_mut(ptr) {
+                    *n -= 1;
+                    if *n == 0 {
+                        state.pinned.remove(ptr);
+                    }
+                }
+            }
+        }
+    }
+
+    fn capturing(&self) -> bool {
+        self.state.lock().is_ok_and(|s| s.capture.is_some())
+    }
+
+    /// Returns every cached block no live graph uses to the driver.
     fn release_cached(&self) {
-        let blocks: Vec<drv_sys::CUdeviceptr> = match self.free.lock() {
-            Ok(mut free) => free.drain().flat_map(|(_, v)| v).collect(),
+        let blocks: Vec<drv_sys::CUdeviceptr> = match self.state.lock() {
+            Ok(mut state) => {
+                let PoolState { free, pinned, .. } = &mut *state;
+                let mut released = Vec::new();
+                for v in free.values_mut() {
+                    v.retain(|ptr| {
+                        pinned.contains_key(ptr) || {
+                            released.push(*ptr);
+                            false
+                        }
+                    });
+                }
+                free.retain(|_, v| !v.is_empty());
+                released
+            }
             Err(_) => return,
         };
         for ptr in blocks {
@@ -155,15 +233,19 @@ impl Pool {
     }
 
     fn cached_bytes(&self) -> usize {
-        self.free
+        self.state
             .lock()
-            .map(|f| f.iter().map(|(size, v)| size * v.len()).sum())
+            .map(|s| s.free.iter().map(|(size, v)| size * v.len()).sum())
             .unwrap_or(0)
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
+        // No graph outlives the backends that hold the pool: nothing is pinned.
+        if let Ok(state) = self.state.get_mut() {
+            state.pinned.clear();
+        }
         self.release_cached();
     }
 }
@@ -183,13 +265,39 @@ impl Block {
 
 impl Drop for Block {
     fn drop(&mut self) {
-        match self.pool.free.lock() {
-            Ok(mut free) => free.entry(self.size).or_default().push(self.ptr),
+        match self.pool.state.lock() {
+            Ok(mut state) => state.free.entry(self.size).or_default().push(self.ptr),
             Err(_) => {
                 let result = self.pool.raw_free(self.ptr);
                 self.pool.ctx.record_err(result);
             }
         }
+    }
+}
+
+/// A captured CUDA graph (see [`Cuda::capture`]) and the pool blocks its
+/// kernels use, pinned until it is dropped.
+pub(crate) struct Graph {
+    exec: CudaGraph,
+    /// Kernels in the graph.
+    kernels: u64,
+    _pins: Pins,
+}
+
+impl Graph {
+    pub(crate) fn kernels(&self) -> u64 {
+        self.kernels
+    }
+}
+
+struct Pins {
+    pool: Arc<Pool>,
+    blocks: Vec<drv_sys::CUdeviceptr>,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        self.pool.unpin(&self.blocks);
     }
 }
 
@@ -301,6 +409,8 @@ struct Shared {
     /// Loaded modules by (file, storage type).
     modules: Mutex<HashMap<(&'static str, DType), Arc<Loaded>>>,
     pool: Arc<Pool>,
+    /// Kernels launched on the stream so far (captured ones included).
+    launches: AtomicU64,
 }
 
 struct Inner {
@@ -404,7 +514,7 @@ impl Cuda {
             ctx: Arc::clone(&ctx),
             stream: Arc::clone(&stream),
             stream_ordered: ctx.has_async_alloc(),
-            free: Mutex::new(HashMap::new()),
+            state: Mutex::new(PoolState::default()),
         });
         let shared = Arc::new(Shared {
             arch: format!("sm_{major}{minor}"),
@@ -413,6 +523,7 @@ impl Cuda {
             sm_count: u32::try_from(sm_count.max(1)).unwrap_or(1),
             modules: Mutex::new(HashMap::new()),
             pool,
+            launches: AtomicU64::new(0),
             stream,
             ctx,
         });
@@ -603,6 +714,7 @@ impl Cuda {
     /// Copies `data` into a fresh pool block. The host buffer may be dropped
     /// on return (pageable memory is staged by the driver before it returns).
     pub(crate) fn upload_bytes<T: Copy>(&self, data: &[T]) -> Result<Block> {
+        self.not_capturing("a copy to the device")?;
         let bytes = std::mem::size_of_val(data);
         let block = self.scratch(bytes)?;
         if bytes > 0 {
@@ -672,6 +784,7 @@ impl Cuda {
 
     /// Copies the tensor's elements into `host` (exactly `numel` of them).
     fn copy_to_host<T: DeviceRepr>(&self, t: &CudaTensor, host: &mut [T]) -> Result<()> {
+        self.not_capturing("a copy to the host")?;
         if !host.is_empty() {
             self.inner
                 .shared
@@ -722,6 +835,7 @@ impl Cuda {
     }
 
     fn sync(&self) -> Result<()> {
+        self.not_capturing("waiting for the stream")?;
         self.inner.shared.stream.synchronize().map_err(driver(
             "waiting for the stream (an earlier kernel may have failed)",
         ))?;
@@ -832,6 +946,122 @@ impl Cuda {
         })
     }
 
+    /// Records every kernel `record` launches into a CUDA graph instead of
+    /// running them. The pool hands out only blocks it already holds (a
+    /// driver allocation inside the capture is an error), and no copy or
+    /// synchronisation may happen inside it (they are errors too); blocks
+    /// taken during the capture stay pinned while the graph lives. The memory
+    /// of every tensor `record` used must outlive the graph: the caller keeps
+    /// it.
+    pub(crate) fn capture<T>(&self, record: impl FnOnce() -> Result<T>) -> Result<(T, Graph)> {
+        let shared = &self.inner.shared;
+        if shared.stream.cu_stream().is_null() {
+            return Err(Error::invalid(
+                "CUDA graphs cannot be captured on the default stream: give the backend a \
+                 stream of its own (Cuda::new does)",
+            ));
+        }
+        shared.pool.begin_capture()?;
+        let first_launch = shared.launches.load(Ordering::Relaxed);
+        let mode = drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        if let Err(e) = shared.stream.begin_capture(mode) {
+            let taken = shared.pool.end_capture();
+            shared.pool.unpin(&taken);
+            return Err(driver("beginning a CUDA graph capture")(e));
+        }
+        let recorded = record();
+        // The capture ends whatever happened inside it.
+        let ended = shared
+            .stream
+            .end_capture(drv_sys::CUgraphInstantiate_flags(0));
+        let blocks = shared.pool.end_capture();
+        let pins = Pins {
+            pool: Arc::clone(&shared.pool),
+            blocks,
+        };
+        let value = recorded?;
+        let exec = ended
+            .map_err(driver("ending the CUDA graph capture"))?
+            .ok_or_else(|| backend_error(CUDA, "the CUDA graph capture produced no graph"))?;
+        let kernels = shared.launches.load(Ordering::Relaxed) - first_launch;
+        Ok((
+            value,
+            Graph {
+                exec,
+                kernels,
+                _pins: pins,
+            },
+        ))
+    }
+
+    /// Queues a replay of `graph` (captured on this backend's stream).
+    pub(crate) fn replay(&self, graph: &Graph) -> Result<()> {
+        if !Arc::ptr_eq(&graph._pins.pool, &self.inner.shared.pool) {
+            return Err(Error::invalid(
+                "a CUDA graph replayed on a backend other than the one it was captured on",
+            ));
+        }
+        graph
+            .exec
+            .launch()
+            .map_err(driver("launching a CUDA graph"))
+    }
+
+    /// An error naming `what` while a graph is being captured on the stream.
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.inner.shared.pool.capturing() {
+            return Err(Error::invalid(format!(
+                "{what} inside a CUDA graph capture (only kernel launches can be captured)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queues `dst = src` (same shape and storage, this backend's memory).
+    pub(crate) fn copy_device(&self, src: &CudaTensor, dst: &mut CudaTensor) -> Result<()> {
+        self.check_tensor("copy", src)?;
+        self.check_tensor("copy", dst)?;
+        if src.shape != dst.shape {
+            return Err(Error::Shape {
+                key: "copy".into(),
+                expected: dst.shape.clone(),
+                found: src.shape.clone(),
+            });
+        }
+        self.check_disjoint("copy", &[dst], &[src])?;
+        self.not_capturing("a device copy")?;
+        let bytes = src.numel * src.dtype.size();
+        if bytes > 0 {
+            // SAFETY: both ranges were checked to hold `numel` elements of this
+            // storage in this context and not to overlap; the copy is queued on
+            // the stream every use of either is ordered on.
+            unsafe {
+                drv::memcpy_dtod_async(
+                    dst.ptr,
+                    src.ptr,
+                    bytes,
+                    self.inner.shared.stream.cu_stream(),
+                )
+            }
+            .map_err(driver("copying on the device"))?;
+        }
+        Ok(())
+    }
+
+    /// Queues zero bytes over `t`.
+    pub(crate) fn zero(&self, t: &mut CudaTensor) -> Result<()> {
+        self.check_tensor("zero", t)?;
+        self.not_capturing("a memset")?;
+        let bytes = t.numel * t.dtype.size();
+        if bytes > 0 {
+            // SAFETY: the range holds the tensor's elements (checked above) and
+            // the memset is ordered on the stream like every other use.
+            unsafe { drv::memset_d8_async(t.ptr, 0, bytes, self.inner.shared.stream.cu_stream()) }
+                .map_err(driver("clearing device memory"))?;
+        }
+        Ok(())
+    }
+
     /// Queues kernel `name` of `program` on the stream with one by-value
     /// parameter struct.
     pub(crate) fn launch<P: DeviceRepr>(
@@ -867,6 +1097,7 @@ impl Cuda {
         unsafe { args.launch(cfg) }.map_err(driver(&format!(
             "launching {name} with grid {grid:?}, block {block:?}"
         )))?;
+        self.inner.shared.launches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -897,6 +1128,10 @@ impl Backend for Cuda {
 
     fn synchronize(&self) -> Result<()> {
         self.sync()
+    }
+
+    fn kernel_launches(&self) -> Option<u64> {
+        Some(self.inner.shared.launches.load(Ordering::Relaxed))
     }
 
     fn naive(&self) -> Result<Option<Self>> {

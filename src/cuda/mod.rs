@@ -25,6 +25,7 @@ mod alignment_loss;
 mod attention;
 mod backend;
 mod gather_signal_tokens;
+mod graph;
 mod layer_norm;
 mod linear;
 mod program;
@@ -33,6 +34,7 @@ pub use backend::{Cuda, CudaMask, CudaOptions, CudaTensor, KernelVersion};
 /// The cudarc this crate is built with, for [`Cuda::on_stream`] and
 /// [`Cuda::tensor_from_slice`] (streams and slices must come from the same version).
 pub use cudarc;
+pub use graph::ProjectorGraph;
 pub use program::{
     kernel_files, kernel_report, program_reports, KernelCache, ProgramReport, KERNEL_CACHE_ENV,
 };

@@ -119,6 +119,8 @@ struct Inner {
     retired: Mutex<Vec<::wgpu::Buffer>>,
     /// Command buffers submitted so far.
     submits: AtomicU64,
+    /// Compute dispatches recorded so far.
+    dispatches: AtomicU64,
     /// Timestamps of the dispatches recorded inside [`Wgpu::time_on_device`].
     timing: Mutex<Option<Timing>>,
 }
@@ -276,6 +278,7 @@ impl Wgpu {
                 free: Mutex::new(HashMap::new()),
                 retired: Mutex::new(Vec::new()),
                 submits: AtomicU64::new(0),
+                dispatches: AtomicU64::new(0),
                 timing: Mutex::new(None),
             }),
         })
@@ -291,6 +294,11 @@ impl Wgpu {
     /// and the download of its result take one).
     pub fn submits(&self) -> u64 {
         self.inner.submits.load(Ordering::Relaxed)
+    }
+
+    /// Compute dispatches this backend has recorded so far.
+    pub fn dispatches(&self) -> u64 {
+        self.inner.dispatches.load(Ordering::Relaxed)
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -692,7 +700,9 @@ impl Wgpu {
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         });
-        if recorded.is_err() {
+        if recorded.is_ok() {
+            self.inner.dispatches.fetch_add(1, Ordering::Relaxed);
+        } else {
             // An encoder that saw an error is invalid: drop the work recorded in
             // it, so the next op starts clean.
             pending.encoder = None;

@@ -785,6 +785,10 @@ impl crate::ops::Backend for Wgpu {
         self.time_on_device(f).map(|((), t)| t)
     }
 
+    fn kernel_launches(&self) -> Option<u64> {
+        Some(self.dispatches())
+    }
+
     fn naive(&self) -> Result<Option<Self>> {
         let options = WgpuOptions {
             version: KernelVersion::Naive,
