@@ -11,7 +11,15 @@
 #                    on LD_LIBRARY_PATH for the steps below
 #   info             outproj info
 #   check-cuda       outproj check --device cuda
-#   bench-cuda       outproj bench --device cuda --batch $BATCHES --json
+#   bench-cuda       outproj bench --device cuda --batch $BATCHES --json; when the
+#                    binary has --precision, once per precision in $PRECISIONS
+#                    (steps bench-cuda-<precision>); JSON in bench-cuda[-<p>].json
+#   torch-baseline   scripts/torch_baseline.py with $TORCH_PYTHON: PyTorch eager and
+#                    torch.compile, its ops, the copy-bandwidth floor, and a cross-check
+#                    of `outproj run --device cuda` on the same weights; writes
+#                    torch-baseline.json and .md (skipped without torch or its CUDA)
+#   compare          scripts/compare_bench.py: ours vs PyTorch per precision and batch,
+#                    with the performance targets, into comparison.md (and printed)
 #   memcheck,        compute-sanitizer --tool <tool> outproj check --device cuda,
 #   racecheck        for each tool in $SANITIZER_TOOLS (skipped without
 #                    compute-sanitizer)
@@ -24,6 +32,12 @@
 #   OUTPROJ            the binary (default: target/release/outproj next to this script)
 #   OUT                output folder (default: ./gpu-check-<date>)
 #   BATCHES            bench batch sizes (default: 1,8,64)
+#   PRECISIONS         outproj bench precisions, where it has --precision
+#                      (default: "f32 tf32 f16 bf16")
+#   TORCH_PYTHON       the python with torch (default: python3)
+#   TORCH_PRECISIONS   PyTorch precisions (default: f32,bf16,f16)
+#   TORCH_TIMEOUT      seconds for the PyTorch step (default: 3600; torch.compile
+#                      compiles once per precision, batch and mode)
 #   SANITIZER_TOOLS    compute-sanitizer tools (default: "memcheck racecheck";
 #                      synccheck and initcheck also work)
 #   STEP_TIMEOUT       seconds per plain step (default: 1800)
@@ -36,6 +50,10 @@ root=$(cd "$script_dir/.." && pwd)
 OUTPROJ=${OUTPROJ:-$root/target/release/outproj}
 OUT=${OUT:-$PWD/gpu-check-$(date +%Y%m%d-%H%M%S)}
 BATCHES=${BATCHES:-1,8,64}
+PRECISIONS=${PRECISIONS:-f32 tf32 f16 bf16}
+TORCH_PYTHON=${TORCH_PYTHON:-python3}
+TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16,f16}
+TORCH_TIMEOUT=${TORCH_TIMEOUT:-3600}
 SANITIZER_TOOLS=${SANITIZER_TOOLS:-memcheck racecheck}
 STEP_TIMEOUT=${STEP_TIMEOUT:-1800}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-5400}
@@ -56,16 +74,16 @@ record() { # step status figure
     if [[ $2 == FAIL ]]; then
         failures=$((failures + 1))
     fi
-    printf '[gpu-check] %-14s %-5s %s\n' "$1" "$2" "$fig" >&2
+    printf '[gpu-check] %-16s %-5s %s\n' "$1" "$2" "$fig" >&2
 }
 
 summary() {
     local i table
     table=$(
-        printf '%-14s %-6s %s\n' step status "key figure"
-        printf '%-14s %-6s %s\n' -------------- ------ ----------
+        printf '%-16s %-6s %s\n' step status "key figure"
+        printf '%-16s %-6s %s\n' ---------------- ------ ----------
         for i in "${!steps[@]}"; do
-            printf '%-14s %-6s %s\n' "${steps[$i]}" "${statuses[$i]}" "${figures[$i]}"
+            printf '%-16s %-6s %s\n' "${steps[$i]}" "${statuses[$i]}" "${figures[$i]}"
         done
     )
     echo
@@ -245,12 +263,71 @@ else
     record check-cuda FAIL "exit $rc: $(check_figure check-cuda) $(last_error check-cuda)"
 fi
 
-run_step bench-cuda "$STEP_TIMEOUT" "$OUTPROJ" bench --device cuda --batch "$BATCHES" --json
-rc=$?
-if [[ $rc == 0 ]]; then
-    record bench-cuda ok "$(bench_figure bench-cuda)"
+# bench_step NAME ARGS...: one `outproj bench --json`; its JSON also in NAME.json.
+bench_step() {
+    local name=$1 rc
+    shift
+    run_step "$name" "$STEP_TIMEOUT" "$OUTPROJ" bench "$@" --batch "$BATCHES" --json
+    rc=$?
+    if [[ $rc == 0 ]]; then
+        cp "$OUT/$name.out" "$OUT/$name.json"
+        record "$name" ok "$(bench_figure "$name")"
+    else
+        record "$name" FAIL "exit $rc: $(last_error "$name")"
+    fi
+}
+
+if "$OUTPROJ" bench --help 2>/dev/null | grep -q -- --precision; then
+    for p in $PRECISIONS; do
+        bench_step "bench-cuda-$p" --device cuda --precision "$p"
+    done
 else
-    record bench-cuda FAIL "exit $rc: $(last_error bench-cuda)"
+    bench_step bench-cuda --device cuda
+fi
+
+# PyTorch on the same GPU: the anchor our times are compared with.
+torch_json=""
+if ! "$TORCH_PYTHON" -c "import torch" >/dev/null 2>&1; then
+    record torch-baseline skip "$TORCH_PYTHON cannot import torch (set TORCH_PYTHON)"
+elif ! "$TORCH_PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
+    record torch-baseline skip "torch $("$TORCH_PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null) sees no CUDA device"
+else
+    run_step torch-baseline "$TORCH_TIMEOUT" "$TORCH_PYTHON" "$script_dir/torch_baseline.py" \
+        --device cuda --batches "$BATCHES" --precisions "$TORCH_PRECISIONS" \
+        --outproj "$OUTPROJ" --json "$OUT/torch-baseline.json" --markdown "$OUT/torch-baseline.md"
+    rc=$?
+    [[ -s $OUT/torch-baseline.json ]] && torch_json=$OUT/torch-baseline.json
+    fig=$(grep -v '^[[:space:]]*$' "$OUT/torch-baseline.out" 2>/dev/null | tail -n 1)
+    case $rc in
+        0) record torch-baseline ok "$fig" ;;
+        124) record torch-baseline FAIL "timed out after ${TORCH_TIMEOUT}s" ;;
+        *) record torch-baseline FAIL "exit $rc: ${fig:-$(last_error torch-baseline)}" ;;
+    esac
+fi
+
+ours_json=()
+for f in "$OUT"/bench-cuda*.json; do
+    [[ -e $f ]] && ours_json+=(--ours "$f")
+done
+if ((${#ours_json[@]} == 0)) && [[ -z $torch_json ]]; then
+    record compare skip "no bench-cuda or torch-baseline JSON to compare"
+elif ! command -v python3 >/dev/null 2>&1; then
+    record compare skip "python3 not found"
+else
+    run_step compare "$STEP_TIMEOUT" python3 "$script_dir/compare_bench.py" \
+        ${ours_json[@]+"${ours_json[@]}"} ${torch_json:+--torch "$torch_json"} \
+        --out "$OUT/comparison.md"
+    rc=$?
+    if [[ $rc == 0 ]]; then
+        cat "$OUT/comparison.md"
+        fig=$(awk -F'|' '/^\| .* \| .* \| .* \| (met|\*\*not met\*\*|not measured) \|$/ {
+                s = $5; gsub(/^ +| +$|\*/, "", s); n[s]++ }
+            END { printf "targets: %d met, %d not met, %d not measured",
+                  n["met"], n["not met"], n["not measured"] }' "$OUT/comparison.md")
+        record compare ok "$fig (comparison.md)"
+    else
+        record compare FAIL "exit $rc: $(last_error compare)"
+    fi
 fi
 
 if command -v compute-sanitizer >/dev/null 2>&1; then

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_golden import Projector, gen, randomize_  # noqa: E402
+from nextgpt_model import full_size, gen, randomize_  # noqa: E402
 
 TOLERANCE = {"cpu": 1e-9, "wgpu": 1e-4, "cuda": 1e-4}
 # name, variant, modality flag, prefix, heads, n_in, n_out, out_dim, batch, stored dtype, extra flags
@@ -47,7 +47,7 @@ def main():
     worst, failed = 0.0, False
     for i, (name, variant, modality, prefix, heads, n_in, n_out, out_dim, batch, dtype, extra) in enumerate(CASES):
         g = gen(1000 + i)
-        model = Projector(variant, 4096, out_dim, n_out, 512, heads, 2048, 4, 4).double().eval()
+        model = full_size(variant, out_dim, n_out, heads).double().eval()
         randomize_(model, g)
         sd = {prefix + k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
         # what the file holds is the model: compute from the stored (rounded) values

@@ -17,28 +17,18 @@ import os
 import warnings
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from nextgpt_model import F64, NAMES, Projector, gen, randn, randomize_
+
 OUT_DIR = os.path.dirname(os.path.abspath(__file__))
-F64 = torch.float64
 TOL = 1e-12
 
 # One thread: float64 reductions then run in a fixed order, so reruns give identical bytes.
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*enable_nested_tensor.*")
-
-
-def gen(seed):
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
-def randn(g, *shape):
-    return torch.randn(*shape, generator=g, dtype=F64)
 
 
 def max_dev(a, b):
@@ -76,48 +66,6 @@ def canonicalize_header(path):
 # ---------------------------------------------------------------------------------------
 # The projector
 # ---------------------------------------------------------------------------------------
-
-NAMES = {"legacy": ("fc", "model"), "v1.5": ("in_fc", "out_fc")}
-
-
-class Projector(nn.Module):
-    """NExT-GPT's output projector: TextFcLayer 'gill_mapper' (legacy names fc/tfm/model/
-    query_embs) or the v1.5 TransformersProjector (in_fc/tfm/out_fc/query_embs)."""
-
-    def __init__(self, variant, in_dim, out_dim, n_out, d_model, nhead, ffn, n_enc, n_dec):
-        super().__init__()
-        self.fc_name, self.out_name = NAMES[variant]
-        # Registration order fixes the state_dict order: fc, tfm, model, query_embs.
-        setattr(self, self.fc_name, nn.Linear(in_dim, d_model))
-        self.tfm = nn.Transformer(
-            d_model=d_model, nhead=nhead, num_encoder_layers=n_enc, num_decoder_layers=n_dec,
-            dim_feedforward=ffn, dropout=0.0, batch_first=True, norm_first=True)
-        setattr(self, self.out_name, nn.Linear(d_model, out_dim))
-        self.query_embs = nn.Parameter(torch.randn(1, n_out, d_model))
-
-    def forward(self, x, input_embs):
-        x = x + input_embs
-        x = getattr(self, self.fc_name)(x)
-        x = self.tfm(x, self.query_embs.repeat(x.shape[0], 1, 1))
-        return getattr(self, self.out_name)(x)
-
-
-def randomize_(model, g):
-    """Overwrite every parameter with non-trivial seeded values (activations stay O(1))."""
-    layer_norms = {n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            owner, _, leaf = name.rpartition(".")
-            if owner in layer_norms:
-                v = 1 + 0.2 * randn(g, *p.shape) if leaf == "weight" else 0.1 * randn(g, *p.shape)
-            elif name == "query_embs":
-                v = randn(g, *p.shape)
-            elif p.dim() == 1:  # every bias, in_proj_bias and out_proj.bias included
-                v = 0.1 * randn(g, *p.shape)
-            else:  # weight matrix [out, in]
-                v = randn(g, *p.shape) / math.sqrt(p.shape[1])
-            p.copy_(v)
-
 
 # --- explicit float64 re-implementation (pre-LN), used only as a cross-check ----------
 
