@@ -61,6 +61,13 @@ impl OpCase {
                 k: c.in_dim,
                 act: Activation::None,
             },
+            // Every decoder layer's cross-attention keys and values at once.
+            OpCase::Linear {
+                m: m_in,
+                n: 2 * d * c.decoder_layers,
+                k: d,
+                act: Activation::None,
+            },
             OpCase::Linear {
                 m,
                 n: 3 * d,
@@ -115,6 +122,45 @@ impl OpCase {
                 channels: c.in_dim,
             },
         ])
+    }
+
+    /// Floating-point operations of one whole forward (every GEMM and
+    /// attention it runs; the decoder's first self-attention block is
+    /// precomputed, see [`crate::projector`]).
+    pub fn forward_flops(c: &ProjectorConfig, batch: usize, n_in: usize) -> f64 {
+        let (d, n, heads, hd) = (c.d_model, c.n_out, c.heads, c.head_dim());
+        let (m_in, m) = (batch * n_in, batch * n);
+        let gemm = |m: usize, n: usize, k: usize| {
+            OpCase::Linear {
+                m,
+                n,
+                k,
+                act: Activation::None,
+            }
+            .flops()
+        };
+        let attention = |lq: usize, lk: usize| {
+            OpCase::Attention {
+                batch,
+                lq,
+                lk,
+                heads,
+                head_dim: hd,
+            }
+            .flops()
+        };
+        let ffn = |m: usize| gemm(m, c.ffn_dim, d) + gemm(m, d, c.ffn_dim);
+        let self_block = |m: usize, l: usize| gemm(m, 3 * d, d) + attention(l, l) + gemm(m, d, d);
+        let encoder = c.encoder_layers as f64 * (self_block(m_in, n_in) + ffn(m_in));
+        let cross = attention(n, n_in) + gemm(m, d, d) + ffn(m);
+        let later =
+            c.decoder_layers.saturating_sub(1) as f64 * (self_block(m, n) + gemm(m, d, d) + cross);
+        gemm(m_in, d, c.in_dim)
+            + encoder
+            + gemm(m_in, 2 * d * c.decoder_layers, d)
+            + cross
+            + later
+            + gemm(m, c.out_dim, d)
     }
 
     pub fn op(&self) -> &'static str {

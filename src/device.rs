@@ -185,29 +185,134 @@ fn cuda_status() -> BackendStatus {
     }
 }
 
-/// Work to run on whichever backend a [`DeviceKind`] resolves to: the generic
-/// method is instantiated once per backend compiled in.
-pub trait BackendTask {
-    type Output;
-    fn run<B: crate::ops::Backend>(self, backend: B, kind: DeviceKind) -> Result<Self::Output>;
+/// The number format a GPU backend computes in. Sums are f32 in every case;
+/// the CPU reference computes in f64 and takes only `F32` (the default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// f32 storage, GEMMs on tensor cores with TF32 inputs (CUDA, sm_80+).
+    Tf32,
+    /// f16 storage (CUDA sm_80+, or wgpu with shader-f16).
+    F16,
+    /// bf16 storage (CUDA sm_80+).
+    Bf16,
 }
 
-/// Open the backend `kind` resolves to and run `task` on it.
+impl Precision {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "tf32" => Ok(Precision::Tf32),
+            "f16" => Ok(Precision::F16),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::invalid(format!(
+                "unknown precision `{s}` (expected f32, tf32, f16 or bf16)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// The element type tensors are stored in.
+    pub fn storage(self) -> crate::tensor::DType {
+        use crate::tensor::DType;
+        match self {
+            Precision::F32 | Precision::Tf32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+
+    /// Relative-error limits against the float64 reference: (single op,
+    /// whole projector). f32: rounding of f32 sums; TF32, f16 and bf16: the
+    /// 10- or 7-bit mantissa of the stored or multiplied values, measured in
+    /// the tests at a third or less of these.
+    pub fn tolerances(self) -> (f64, f64) {
+        match self {
+            Precision::F32 => (1e-5, 1e-4),
+            Precision::Tf32 | Precision::F16 | Precision::Bf16 => (1e-2, 2e-2),
+        }
+    }
+}
+
+/// Work to run on whichever backend a [`DeviceKind`] resolves to: the generic
+/// method is instantiated once per backend compiled in.
+pub trait BackendTask: Sized {
+    type Output;
+    fn run<B: crate::ops::Backend>(self, backend: B, kind: DeviceKind) -> Result<Self::Output>;
+
+    /// On CUDA: what only CUDA can do besides (graph replay), or [`run`](Self::run).
+    #[cfg(feature = "cuda")]
+    fn run_cuda(self, backend: crate::cuda::Cuda) -> Result<Self::Output> {
+        self.run(backend, DeviceKind::Cuda)
+    }
+}
+
+/// Open the backend `kind` resolves to and run `task` on it, in f32.
 pub fn run_on<T: BackendTask>(kind: DeviceKind, task: T) -> Result<T::Output> {
+    run_on_with(kind, Precision::F32, task)
+}
+
+/// Open the backend `kind` resolves to, set to `precision`, and run `task` on it.
+pub fn run_on_with<T: BackendTask>(
+    kind: DeviceKind,
+    precision: Precision,
+    task: T,
+) -> Result<T::Output> {
     // Only `Auto` needs a survey; a named backend's own `open` reports why it
     // cannot start, so it is not probed a second time here.
     let kind = match kind {
         DeviceKind::Auto => resolve(kind)?,
         named => named,
     };
+    let unsupported = |what: &str| {
+        Err(Error::invalid(format!(
+            "--precision {}: {what}",
+            precision.name()
+        )))
+    };
     match kind {
         DeviceKind::Cpu | DeviceKind::Auto => {
+            if precision != Precision::F32 {
+                return unsupported("the CPU reference computes in float64; use a GPU device");
+            }
             task.run(crate::reference::Reference, DeviceKind::Cpu)
         }
         #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => task.run(crate::wgpu::Wgpu::open()?, DeviceKind::Wgpu),
+        DeviceKind::Wgpu => {
+            use crate::wgpu::{Precision as WgpuPrecision, Wgpu, WgpuOptions};
+            let precision = match precision {
+                Precision::F32 => WgpuPrecision::F32,
+                Precision::F16 => WgpuPrecision::F16,
+                _ => return unsupported("wgpu computes in f32 or f16"),
+            };
+            let be = Wgpu::open()?;
+            let options = WgpuOptions {
+                precision,
+                ..be.options()
+            };
+            task.run(be.with_options(options)?, DeviceKind::Wgpu)
+        }
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => task.run(crate::cuda::Cuda::open()?, DeviceKind::Cuda),
+        DeviceKind::Cuda => {
+            use crate::cuda::{Cuda, CudaOptions};
+            if precision == Precision::Tf32 {
+                return unsupported("not available on CUDA yet");
+            }
+            let options = CudaOptions {
+                storage: precision.storage(),
+                ..CudaOptions::default()
+            };
+            task.run_cuda(Cuda::new(0, options)?)
+        }
         #[allow(unreachable_patterns)] // with every backend compiled in
         other => Err(Error::Unavailable {
             backend: other.name().into(),

@@ -8,10 +8,14 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use output_projector::bench::{self, OpCase};
 use output_projector::config::{Modality, ProjectorConfig, Variant};
-use output_projector::device::{self, BackendTask, DeviceKind};
+#[cfg(feature = "cuda")]
+use output_projector::cuda::Cuda;
+use output_projector::device::{self, BackendTask, DeviceKind, Precision};
 use output_projector::golden;
-use output_projector::ops::Backend;
+use output_projector::ops::{Backend, Shaped};
 use output_projector::projector::Projector;
+#[cfg(feature = "cuda")]
+use output_projector::signal::SignalPositions;
 use output_projector::tensor::{DType, HostTensor};
 use output_projector::verify;
 use output_projector::weights::{self, ProjectorWeights, Selection, TensorFile};
@@ -49,6 +53,9 @@ struct ModelArgs {
     /// Attention heads (the shapes cannot tell; default 4).
     #[arg(long, allow_negative_numbers = true)]
     heads: Option<usize>,
+    /// GPU number format: f32, tf32 (CUDA), f16 or bf16 (CUDA); sums are f32.
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 #[derive(Subcommand)]
@@ -81,6 +88,9 @@ enum Command {
         /// Check only this backend (auto, cpu, wgpu, cuda); default: all available.
         #[arg(long)]
         device: Option<String>,
+        /// GPU number format: f32, tf32 (CUDA), f16 or bf16 (CUDA).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Time the projector and each op at the projector's shapes.
     Bench {
@@ -99,6 +109,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// GPU number format: f32, tf32 (CUDA), f16 or bf16 (CUDA).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Registers, shared memory and spill bytes of each CUDA kernel.
     Kernels {
@@ -178,14 +191,22 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             batch,
             seed,
         } => run(&model, input, output, out_dtype, batch, seed),
-        Command::Check { device } => check(device),
+        Command::Check { device, precision } => check(device, Precision::parse(&precision)?),
         Command::Bench {
             device,
             modality,
             batch,
             seconds,
             json,
-        } => bench(device, &modality, &batch, seconds, json),
+            precision,
+        } => bench(
+            device,
+            &modality,
+            &batch,
+            seconds,
+            json,
+            Precision::parse(&precision)?,
+        ),
         Command::Kernels { arch } => kernels(&arch),
     }
 }
@@ -300,6 +321,7 @@ fn run(
     seed: u64,
 ) -> Result<ExitCode> {
     let kind = device::resolve(DeviceKind::parse(&m.device)?)?;
+    let precision = Precision::parse(&m.precision)?;
     let out_dtype = match out_dtype {
         Some(s) => DType::parse(&s)?,
         None if kind == DeviceKind::Cpu => DType::F64,
@@ -331,7 +353,7 @@ fn run(
         hidden: &hidden,
         embeds: embeds.as_ref(),
     };
-    let (y, fwd_time) = device::run_on(kind, task)?;
+    let (y, fwd_time) = device::run_on_with(kind, precision, task)?;
     y.check_finite("conditioning")?;
 
     let name = w
@@ -361,9 +383,14 @@ fn run(
     let mean = v.iter().sum::<f64>() / v.len() as f64;
     let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / v.len() as f64).sqrt();
     println!(
-        "conditioning: {:?} on {}: mean {mean:.6}, std {std:.6}, first {:?}",
+        "conditioning: {:?} on {} ({}): mean {mean:.6}, std {std:.6}, first {:?}",
         y.shape(),
         kind.name(),
+        if kind == DeviceKind::Cpu {
+            "f64"
+        } else {
+            precision.name()
+        },
         v.iter()
             .take(4)
             .map(|x| (x * 1e6).round() / 1e6)
@@ -400,8 +427,10 @@ struct CheckRow {
 
 /// Every check of one backend: PyTorch's golden outputs, then (for a GPU
 /// backend, fast and naive kernels) the reference on random awkward shapes, and
-/// whole projectors.
-struct Check;
+/// whole projectors (on CUDA, also replayed from a CUDA graph).
+struct Check {
+    precision: Precision,
+}
 
 impl BackendTask for Check {
     type Output = Vec<CheckRow>;
@@ -412,8 +441,9 @@ impl BackendTask for Check {
         let (op_tol, model_tol) = if kind == DeviceKind::Cpu {
             (1e-10, 1e-10)
         } else {
-            (1e-5, 1e-4)
+            self.precision.tolerances()
         };
+        let storage = self.precision.storage();
         let row = |against, c: verify::Comparison, tol| CheckRow {
             against,
             op: c.op,
@@ -426,11 +456,21 @@ impl BackendTask for Check {
         // alone moves an ill-conditioned case (layer_norm of rows with mean 1000)
         // by ~2e-5. Kernel accuracy proper is the 1e-5 check below against the
         // reference on identically rounded inputs.
-        let golden_tol = if kind == DeviceKind::Cpu { 1e-10 } else { 1e-4 };
-        let mut rows: Vec<CheckRow> = golden::run_all(&be)?
-            .into_iter()
-            .map(|c| row("pytorch", c, golden_tol))
-            .collect();
+        // 16-bit storage cannot hold those rows at all (f16 steps are 0.5 at
+        // 1000): the fixtures are checked in f32 and TF32 only.
+        let golden_tol = if kind == DeviceKind::Cpu {
+            1e-10
+        } else {
+            model_tol.max(1e-4)
+        };
+        let mut rows: Vec<CheckRow> = Vec::new();
+        if storage == DType::F32 {
+            rows.extend(
+                golden::run_all(&be)?
+                    .into_iter()
+                    .map(|c| row("pytorch", c, golden_tol)),
+            );
+        }
         if kind == DeviceKind::Cpu {
             return Ok(rows);
         }
@@ -443,7 +483,7 @@ impl BackendTask for Check {
                 .into_iter()
                 .chain(verify::long_attention_cases());
             for (i, case) in cases.enumerate() {
-                let mut c = verify::compare_case(b, &case, DType::F32, 1000 + i as u64)?;
+                let mut c = verify::compare_case(b, &case, storage, 1000 + i as u64)?;
                 c.case.push_str(suffix);
                 rows.push(row("cpu", c, op_tol));
             }
@@ -451,21 +491,61 @@ impl BackendTask for Check {
         let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
         let audio = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
         for (config, batch) in [(&image, 1), (&image, 3), (&audio, 2)] {
-            let c = verify::compare_projector(&be, config, batch, DType::F32, 7)?;
+            let c = verify::compare_projector(&be, config, batch, storage, 7)?;
             rows.push(row("cpu", c, model_tol));
+        }
+        Ok(rows)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_cuda(self, be: Cuda) -> Result<Vec<CheckRow>> {
+        let precision = self.precision;
+        let mut rows = self.run(be.clone(), DeviceKind::Cuda)?;
+        let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+        for batch in [1, 3] {
+            let c = verify::compare_projector_by(
+                &be,
+                &image,
+                batch,
+                precision.storage(),
+                7,
+                "projector graph",
+                |p, h, e| {
+                    let mut x = be.alloc(h.shape())?;
+                    let all = SignalPositions::all(h.shape()[0], h.shape()[1])?;
+                    be.gather_signal_tokens(h, Some(e), &all, &mut x)?;
+                    let mut graph = p.capture(h.shape()[0], h.shape()[1])?;
+                    graph.forward(&x)?;
+                    // Two replays: the second must not depend on the first.
+                    let first = be.download(graph.output())?;
+                    let again = be.download(graph.forward(&x)?)?;
+                    if first.to_f64_vec() != again.to_f64_vec() {
+                        return Err(Error::invalid("two replays of one graph differ"));
+                    }
+                    Ok(again)
+                },
+            )?;
+            rows.push(CheckRow {
+                against: "cpu",
+                op: c.op,
+                case: c.case,
+                rel: c.rel,
+                max_abs: c.max_abs,
+                tol: precision.tolerances().1,
+            });
         }
         Ok(rows)
     }
 }
 
-fn check(device: Option<String>) -> Result<ExitCode> {
+fn check(device: Option<String>, precision: Precision) -> Result<ExitCode> {
     let mut failures = 0;
     println!(
         "{:<6} {:<8} {:<22} {:<42} {:>10} {:>10} {:>7}  result",
         "device", "against", "op", "case", "rel err", "max abs", "tol"
     );
     for kind in backends(device)? {
-        for r in device::run_on(kind, Check)? {
+        for r in device::run_on_with(kind, precision, Check { precision })? {
             let ok = r.rel <= r.tol;
             failures += usize::from(!ok);
             println!(
@@ -492,6 +572,7 @@ fn check(device: Option<String>) -> Result<ExitCode> {
 #[derive(serde::Serialize)]
 struct BenchRow {
     device: String,
+    precision: String,
     what: String,
     shape: String,
     median_us: f64,
@@ -502,12 +583,59 @@ struct BenchRow {
     /// Rates over the device time where measured, else over the wall time.
     gflops: f64,
     gbytes_per_s: f64,
+    /// Kernels one run launches (a graph replay: the kernels in the graph).
+    launches: Option<u64>,
 }
 
+#[derive(Clone, Copy)]
 struct Bench<'a> {
     modality: Modality,
     batches: &'a [usize],
     budget: Duration,
+    precision: Precision,
+}
+
+impl Bench<'_> {
+    fn config(&self) -> ProjectorConfig {
+        ProjectorConfig::preset(self.modality, Variant::Legacy)
+    }
+
+    fn weights(&self) -> Result<ProjectorWeights> {
+        ProjectorWeights::random(self.config(), Some(self.modality), 0)
+    }
+
+    fn hidden(&self, batch: usize) -> Result<HostTensor> {
+        let c = self.config();
+        let shape = vec![batch, c.n_in.unwrap_or(4), c.in_dim];
+        HostTensor::randn(shape, 1, "--batch")
+    }
+
+    /// Bytes per element as the backend stores it (the reference holds f64).
+    fn elem(&self, kind: DeviceKind) -> usize {
+        if kind == DeviceKind::Cpu {
+            8
+        } else {
+            self.precision.storage().size()
+        }
+    }
+
+    /// A projector row: `what` at `batch`, timed as `t`.
+    fn projector_row(
+        &self,
+        kind: DeviceKind,
+        what: &str,
+        batch: usize,
+        t: &bench::Timing,
+        launches: Option<u64>,
+    ) -> BenchRow {
+        let c = self.config();
+        let flops = OpCase::forward_flops(&c, batch, c.n_in.unwrap_or(4));
+        let weight_bytes = (c.parameter_count() * self.elem(kind)) as f64;
+        let shape = format!("{} batch {batch}", self.modality.name());
+        let mut r = row(kind, self.precision, what, shape, t, flops, weight_bytes);
+        r.launches = launches;
+        r
+    }
 }
 
 impl BackendTask for Bench<'_> {
@@ -521,35 +649,53 @@ impl BackendTask for Bench<'_> {
         if let Some(naive) = be.naive()? {
             variants.push((" v1", naive));
         }
-        let config = ProjectorConfig::preset(self.modality, Variant::Legacy);
-        let w = ProjectorWeights::random(config.clone(), Some(self.modality), 0)?;
+        let config = self.config();
+        let w = self.weights()?;
         let n_in = config.n_in.unwrap_or(4);
-        // Bytes per element as the backend stores it (the reference holds f64).
-        let elem = if kind == DeviceKind::Cpu { 8 } else { 4 };
+        let elem = self.elem(kind);
         let mut rows = Vec::new();
         for &batch in self.batches {
-            let shape = vec![batch, n_in, config.in_dim];
-            let hidden = HostTensor::randn(shape, 1, "--batch")?;
-            let ops = OpCase::projector_ops(&config, batch, n_in)?;
-            let flops: f64 = ops.iter().map(OpCase::flops).sum();
-            let weight_bytes = (config.parameter_count() * elem) as f64;
+            let hidden = self.hidden(batch)?;
             for (suffix, b) in &variants {
                 let proj = Projector::new(b.clone(), &w)?;
                 let h = b.upload(&hidden)?;
-                let t = bench::time(b, 3, self.budget, || proj.forward(&h, None).map(|_| ()))?;
+                let mut plan = proj.plan(batch, n_in)?;
+                let before = b.kernel_launches();
+                proj.forward_with(&mut plan, &h, None)?;
+                let launches = b.kernel_launches().zip(before).map(|(a, z)| a - z);
+                let t = bench::time(b, 3, self.budget, || {
+                    proj.forward_with(&mut plan, &h, None).map(|_| ())
+                })?;
                 let what = format!("projector{suffix}");
-                let shape = format!("{} batch {batch}", self.modality.name());
-                rows.push(row(kind, &what, shape, &t, flops, weight_bytes));
+                rows.push(self.projector_row(kind, &what, batch, &t, launches));
             }
-            for case in ops {
+            for case in OpCase::projector_ops(&config, batch, n_in)? {
                 for (suffix, b) in &variants {
                     let mut p = case.prepare(b, 2)?;
                     let t = bench::time(b, 3, self.budget, || p.run(b))?;
                     let what = format!("{}{suffix}", case.op());
                     let (flops, bytes) = (case.flops(), case.bytes(elem));
-                    rows.push(row(kind, &what, case.shape(), &t, flops, bytes));
+                    let shape = case.shape();
+                    rows.push(row(kind, self.precision, &what, shape, &t, flops, bytes));
                 }
             }
+        }
+        Ok(rows)
+    }
+
+    /// The rows of every backend, then the forward replayed from a CUDA graph.
+    #[cfg(feature = "cuda")]
+    fn run_cuda(self, be: Cuda) -> Result<Vec<BenchRow>> {
+        let mut rows = self.run(be.clone(), DeviceKind::Cuda)?;
+        let proj = Projector::new(be.clone(), &self.weights()?)?;
+        for &batch in self.batches {
+            let hidden = be.upload(&self.hidden(batch)?)?;
+            let mut graph = proj.capture(batch, hidden.shape()[1])?;
+            graph.forward(&hidden)?;
+            let t = bench::time(&be, 3, self.budget, || graph.replay())?;
+            let launches = Some(graph.kernels());
+            let what = "projector graph";
+            rows.push(self.projector_row(DeviceKind::Cuda, what, batch, &t, launches));
         }
         Ok(rows)
     }
@@ -557,6 +703,7 @@ impl BackendTask for Bench<'_> {
 
 fn row(
     kind: DeviceKind,
+    precision: Precision,
     what: &str,
     shape: String,
     t: &bench::Timing,
@@ -567,6 +714,12 @@ fn row(
     let s = device.unwrap_or(t.median.as_secs_f64());
     BenchRow {
         device: kind.name().into(),
+        precision: if kind == DeviceKind::Cpu {
+            "f64"
+        } else {
+            precision.name()
+        }
+        .into(),
         what: what.into(),
         shape,
         median_us: t.median.as_secs_f64() * 1e6,
@@ -575,6 +728,7 @@ fn row(
         runs: t.runs,
         gflops: flops / s / 1e9,
         gbytes_per_s: bytes / s / 1e9,
+        launches: None,
     }
 }
 
@@ -584,6 +738,7 @@ fn bench(
     batch: &str,
     seconds: f64,
     json: bool,
+    precision: Precision,
 ) -> Result<ExitCode> {
     let modality = Modality::parse(modality)?;
     let batches = batch
@@ -605,8 +760,9 @@ fn bench(
             modality,
             batches: &batches,
             budget,
+            precision,
         };
-        rows.extend(device::run_on(kind, task)?);
+        rows.extend(device::run_on_with(kind, precision, task)?);
     }
     if json {
         let text =
@@ -615,14 +771,26 @@ fn bench(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<6} {:<24} {:<34} {:>12} {:>12} {:>12} {:>6} {:>9} {:>9}",
-        "device", "what", "shape", "median us", "min us", "device us", "runs", "GFLOP/s", "GB/s"
+        "{:<6} {:<5} {:<24} {:<34} {:>12} {:>12} {:>12} {:>6} {:>9} {:>9} {:>8}",
+        "device",
+        "prec",
+        "what",
+        "shape",
+        "median us",
+        "min us",
+        "device us",
+        "runs",
+        "GFLOP/s",
+        "GB/s",
+        "kernels"
     );
     for r in rows {
         let device_us = r.device_us.map_or("-".to_string(), |d| format!("{d:.1}"));
+        let launches = r.launches.map_or("-".to_string(), |n| n.to_string());
         println!(
-            "{:<6} {:<24} {:<34} {:>12.1} {:>12.1} {:>12} {:>6} {:>9.2} {:>9.2}",
+            "{:<6} {:<5} {:<24} {:<34} {:>12.1} {:>12.1} {:>12} {:>6} {:>9.2} {:>9.2} {:>8}",
             r.device,
+            r.precision,
             r.what,
             r.shape,
             r.median_us,
@@ -630,10 +798,14 @@ fn bench(
             device_us,
             r.runs,
             r.gflops,
-            r.gbytes_per_s
+            r.gbytes_per_s,
+            launches
         );
     }
-    println!("(device us: timestamp queries where offered; rates use it when present)");
+    println!(
+        "(device us: timestamp queries or CUDA events where offered; rates use it when present; \
+         kernels: launches per forward)"
+    );
     Ok(ExitCode::SUCCESS)
 }
 

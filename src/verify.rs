@@ -4,7 +4,7 @@
 
 use crate::config::ProjectorConfig;
 use crate::error::Result;
-use crate::ops::{Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind};
+use crate::ops::{Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind, Shaped};
 use crate::projector::Projector;
 use crate::reference::Reference;
 use crate::rng::Rng;
@@ -561,6 +561,23 @@ pub fn compare_projector<B: Backend>(
     dtype: DType,
     seed: u64,
 ) -> Result<Comparison> {
+    compare_projector_by(be, config, batch, dtype, seed, "projector", |p, h, e| {
+        be.download(&p.forward(h, Some(e))?)
+    })
+}
+
+/// [`compare_projector`] with `be`'s forward done by `forward` (projector,
+/// hidden, embeds; returns the downloaded output), e.g. through a captured
+/// graph; reported as `op`.
+pub fn compare_projector_by<B: Backend>(
+    be: &B,
+    config: &ProjectorConfig,
+    batch: usize,
+    dtype: DType,
+    seed: u64,
+    op: &'static str,
+    forward: impl FnOnce(&Projector<B>, &B::Tensor, &B::Tensor) -> Result<HostTensor>,
+) -> Result<Comparison> {
     let w = ProjectorWeights::random(config.clone(), None, seed)?;
     let rounded = w
         .tensors()
@@ -575,20 +592,19 @@ pub fn compare_projector<B: Backend>(
     };
     let hidden = inp.tensor(&[batch, n_in, config.in_dim], 1.0, 0.0)?;
     let embeds = inp.tensor(&[batch, n_in, config.in_dim], 1.0, 0.0)?;
-    fn run<B: Backend>(
-        be: &B,
-        w: &ProjectorWeights,
-        h: &HostTensor,
-        e: &HostTensor,
-    ) -> Result<HostTensor> {
-        let p = Projector::new(be.clone(), w)?;
-        let y = p.forward(&be.upload(h)?, Some(&be.upload(e)?))?;
-        be.download(&y)
-    }
-    let got = run(be, &w, &hidden, &embeds)?;
-    let want = run(&Reference, &w, &hidden, &embeds)?;
+    let got = {
+        let p = Projector::new(be.clone(), &w)?;
+        forward(&p, &be.upload(&hidden)?, &be.upload(&embeds)?)?
+    };
+    let want = {
+        let p = Projector::new(Reference, &w)?;
+        p.forward(
+            &Reference.upload(&hidden)?,
+            Some(&Reference.upload(&embeds)?),
+        )?
+    };
     let (rel, max_abs) = if got.shape() == want.shape() {
-        compare(&got.to_f64_vec(), &want.to_f64_vec())
+        compare(&got.to_f64_vec(), want.data())
     } else {
         (f64::INFINITY, f64::INFINITY)
     };
@@ -601,7 +617,7 @@ pub fn compare_projector<B: Backend>(
         config.out_dim
     );
     Ok(Comparison {
-        op: "projector",
+        op,
         case: name,
         rel,
         max_abs,

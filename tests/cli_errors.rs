@@ -991,6 +991,39 @@ fn unknown_device() {
     expect_error(&outproj(["bench", "--device", "tpu"]), &["tpu"]);
 }
 
+#[test]
+fn unknown_or_unsupported_precision() {
+    let s = Scratch::new("precision");
+    let w = write_small(&s, "w.safetensors", "");
+    let input = small_input(&s);
+    for p in ["f8", "", "F32", "fp16"] {
+        expect_error(&run_cpu(&w, &input, &["--precision", p]), &["precision", p]);
+        expect_error(&outproj(["check", "--precision", p]), &["precision", p]);
+        expect_error(&outproj(["bench", "--precision", p]), &["precision", p]);
+    }
+    // The CPU reference computes in float64 only.
+    for p in ["tf32", "f16", "bf16"] {
+        expect_error(
+            &run_cpu(&w, &input, &["--precision", p]),
+            &["--precision", p, "float64"],
+        );
+    }
+    expect_success(&run_cpu(&w, &input, &["--precision", "f32"]));
+    // wgpu has no bf16 or TF32: an error, or the backend's own reason it is absent.
+    for p in ["bf16", "tf32"] {
+        let out = outproj([
+            "bench",
+            "--device",
+            "wgpu",
+            "--precision",
+            p,
+            "--seconds",
+            "0.01",
+        ]);
+        expect_error(&out, &[]);
+    }
+}
+
 /// On a machine without the GPU (or without the cargo feature) these are clean
 /// errors; where the backend works they succeed.
 #[test]

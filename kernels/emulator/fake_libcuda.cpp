@@ -26,6 +26,7 @@
 // capture, as the crate promises never to do them there (the real driver
 // would turn some into graph nodes; the emulator is stricter).
 #include "emu.h"
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <string>
@@ -182,11 +183,22 @@ CUresult cuStreamCreateWithPriority(CUstream* s, unsigned, int) { *s = malloc(1)
 CUresult cuStreamDestroy_v2(CUstream s) { free(s); return 0; }
 CUresult cuStreamSynchronize(CUstream s) { return refuse_in_capture(s); }
 CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned) { return 0; }
-CUresult cuEventCreate(CUevent* e, unsigned) { *e = malloc(1); return 0; }
-CUresult cuEventRecord(CUevent, CUstream) { return 0; }
+// An event holds the host time of its last record: launches run at once, so
+// the time between two records is the work's time.
+CUresult cuEventCreate(CUevent* e, unsigned) { *e = new double(0); return 0; }
+CUresult cuEventRecord(CUevent e, CUstream s) {
+    if (CUresult r = refuse_in_capture(s)) return r;
+    *(double*)e = std::chrono::duration<double, std::milli>(
+                      std::chrono::steady_clock::now().time_since_epoch()).count();
+    return 0;
+}
+CUresult cuEventElapsedTime_v2(float* ms, CUevent start, CUevent end) {
+    *ms = (float)(*(double*)end - *(double*)start);
+    return 0;
+}
 CUresult cuEventSynchronize(CUevent) { return 0; }
 CUresult cuEventQuery(CUevent) { return 0; }
-CUresult cuEventDestroy_v2(CUevent e) { free(e); return 0; }
+CUresult cuEventDestroy_v2(CUevent e) { delete (double*)e; return 0; }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream s) {
     if (CUresult r = refuse_in_capture(s)) return r;
     void* m = malloc(n ? n : 1);

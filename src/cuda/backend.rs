@@ -1134,6 +1134,34 @@ impl Backend for Cuda {
         Some(self.inner.shared.launches.load(Ordering::Relaxed))
     }
 
+    /// Timed with CUDA events recorded around the work `f` queues.
+    fn device_time(
+        &self,
+        f: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<std::time::Duration>> {
+        let shared = &self.inner.shared;
+        let timing = Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let event = || {
+            shared
+                .ctx
+                .new_event(timing)
+                .map_err(driver("creating an event"))
+        };
+        let (start, end) = (event()?, event()?);
+        start
+            .record(&shared.stream)
+            .map_err(driver("recording an event"))?;
+        f()?;
+        end.record(&shared.stream)
+            .map_err(driver("recording an event"))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(driver("reading the events' elapsed time"))?;
+        Ok(Some(std::time::Duration::from_secs_f64(
+            f64::from(ms.max(0.0)) / 1e3,
+        )))
+    }
+
     fn naive(&self) -> Result<Option<Self>> {
         let options = CudaOptions {
             version: KernelVersion::Naive,
