@@ -97,6 +97,21 @@ outproj_ensure_vulkan() {
         mesa-vulkan-drivers libvulkan1
 }
 
+# Installs libclang (for the `nvtx` feature's bindings) with apt-get when missing.
+outproj_ensure_libclang() {
+    if compgen -G '/usr/lib/*/libclang*.so*' >/dev/null || compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null; then
+        outproj_log "libclang: present"
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        outproj_log "libclang: not found and no apt-get; install libclang to build the nvtx feature"
+        return 1
+    fi
+    outproj_log "libclang: not found; installing libclang-dev with apt-get"
+    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libclang-dev
+}
+
 # Installs NVRTC 13.0 and the CUDA runtime headers into $OUTPROJ_CUDA_VENV when missing.
 outproj_ensure_nvrtc() {
     if outproj_nvrtc_lib_dir >/dev/null && outproj_cuda_include_dir >/dev/null; then

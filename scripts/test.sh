@@ -3,7 +3,8 @@
 # the GPU-backend tests need when it is missing:
 #   - Mesa lavapipe (Vulkan on the CPU) for wgpu, with apt-get, when no Vulkan
 #     driver is installed;
-#   - NVRTC 13.0 and the CUDA headers from PyPI into .venv-cuda.
+#   - NVRTC 13.0 and the CUDA headers from PyPI into .venv-cuda;
+#   - libclang (apt-get), which the `nvtx` feature's bindings are generated with.
 # Missing toolchains fail the tests (REQUIRE_WGPU=1, REQUIRE_NVRTC=1); set either
 # to 0 beforehand to let those tests skip instead. OUTPROJ_SKIP_INSTALL=1 installs
 # nothing. Extra arguments go to every `cargo test`.
@@ -24,6 +25,7 @@ source scripts/env.sh
 if [[ ${OUTPROJ_SKIP_INSTALL:-0} != 1 ]]; then
     outproj_ensure_vulkan || outproj_log "warning: could not install a Vulkan driver; wgpu tests will report it"
     outproj_ensure_nvrtc || outproj_log "warning: could not install NVRTC; nvrtc tests will report it"
+    outproj_ensure_libclang || outproj_log "warning: could not install libclang; the nvtx build will fail"
     outproj_export_env
 fi
 export REQUIRE_WGPU="${REQUIRE_WGPU:-1}"
@@ -48,4 +50,6 @@ cargo test "${cargo_flags[@]}" "$@"
 # --no-run` builds them with the test profile and so reuses the build above
 # (`cargo build --benches` would build every dependency again, in dev).
 cargo test "${cargo_flags[@]}" --benches --no-run "$@"
+# The `nvtx` feature builds (its bindings need libclang) and its ranges run.
+cargo test "${cargo_flags[@]}" --features nvtx --lib profile "$@"
 outproj_log "all tests passed"

@@ -19,6 +19,7 @@ pub mod device;
 pub mod error;
 pub mod golden;
 pub mod ops;
+pub mod profile;
 pub mod projector;
 pub mod reference;
 pub mod rng;

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::ProjectorConfig;
 use crate::error::{Error, Result};
 use crate::ops::{Activation, AttentionSpec, Backend, Cols, Shaped};
+use crate::profile;
 use crate::signal::SignalPositions;
 use crate::tensor::{checked_numel, try_filled, HostTensor};
 use crate::weights::ProjectorWeights;
@@ -293,6 +294,7 @@ impl<B: Backend> Projector<B> {
         if let Some(p) = cache.get(&batch) {
             return Ok(Arc::clone(p));
         }
+        let _range = profile::range("decoder.prefix");
         let c = &self.config;
         let be = &self.backend;
         let (d, n) = (c.d_model, c.n_out);
@@ -407,6 +409,7 @@ impl<B: Backend> Projector<B> {
         hidden: &B::Tensor,
         embeds: Option<&B::Tensor>,
     ) -> Result<&'p B::Tensor> {
+        let _range = profile::range("projector.forward");
         let shape = hidden.shape();
         self.check_input_shape(shape)?;
         if plan.projector != self.id {
@@ -455,6 +458,7 @@ impl<B: Backend> Projector<B> {
         };
         self.encode(x, encoder, memory)?;
         self.decode(memory, cross_kv, decoder, q, prefix, y)?;
+        let _output = profile::range("output");
         self.output.apply(&self.backend, y, Activation::None, out)?;
         Ok(out)
     }
@@ -490,8 +494,11 @@ impl<B: Backend> Projector<B> {
         let c = &self.config;
         let be = &self.backend;
         let spec = AttentionSpec::new(c.heads, c.head_dim());
+        let input = profile::range("input");
         self.input.apply(be, x, Activation::None, &mut e.s[0])?;
+        drop(input);
         for (l, layer) in self.encoder.iter().enumerate() {
+            let _layer = profile::range_with(|| format!("encoder.layer{l}"));
             e.add_norm(be, l > 0, &layer.norm1, c.eps)?;
             e.self_attention(be, &layer.qkv, &layer.attn_out, &spec)?;
             e.add_norm(be, true, &layer.norm2, c.eps)?;
@@ -517,8 +524,11 @@ impl<B: Backend> Projector<B> {
         if prefix.batch != memory.shape()[0] {
             return Err(Error::invalid("decoder prefix of another batch size"));
         }
+        let cross_kv = profile::range("decoder.cross_kv");
         self.cross_kv.apply(be, memory, Activation::None, kv)?;
+        drop(cross_kv);
         for (l, layer) in self.decoder.iter().enumerate() {
+            let _layer = profile::range_with(|| format!("decoder.layer{l}"));
             let (k, v) = (Cols::new(kv, 2 * d * l), Cols::new(kv, 2 * d * l + d));
             if l == 0 {
                 be.attention(Cols::new(&prefix.cross_q, 0), k, v, &spec, None, &mut t.a)?;

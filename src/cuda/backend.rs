@@ -1179,6 +1179,7 @@ impl Backend for Cuda {
         residual: Option<&CudaTensor>,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        let _range = crate::profile::range("linear");
         let d = LinearDims::check(
             x.shape(),
             w.shape(),
@@ -1199,6 +1200,7 @@ impl Backend for Cuda {
         out: &mut CudaTensor,
         sum_out: Option<&mut CudaTensor>,
     ) -> Result<()> {
+        let _range = crate::profile::range("layer_norm");
         let d = LayerNormDims::check(
             x.shape(),
             residual.map(|t| t.shape()),
@@ -1220,6 +1222,7 @@ impl Backend for Cuda {
         mask: Option<&CudaMask>,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        let _range = crate::profile::range("attention");
         let d = AttentionDims::check(
             (q.tensor.shape(), q.start),
             (k.tensor.shape(), k.start),
@@ -1239,6 +1242,7 @@ impl Backend for Cuda {
         loss: &mut CudaTensor,
         grad: &mut CudaTensor,
     ) -> Result<()> {
+        let _range = crate::profile::range("alignment_loss");
         let d = LossDims::check(pred.shape(), target.shape(), loss.shape(), grad.shape())?;
         super::alignment_loss::alignment_loss(self, d, kind, pred, target, loss, grad)
     }
@@ -1250,6 +1254,7 @@ impl Backend for Cuda {
         positions: &SignalPositions,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        let _range = crate::profile::range("gather_signal_tokens");
         let d = GatherDims::check(
             hidden.shape(),
             embeds.map(|t| t.shape()),

@@ -806,6 +806,7 @@ impl crate::ops::Backend for Wgpu {
         residual: Option<&WgpuTensor>,
         out: &mut WgpuTensor,
     ) -> Result<()> {
+        let _range = crate::profile::range("linear");
         use crate::ops::Shaped;
         let d = crate::ops::LinearDims::check(
             x.shape(),
@@ -827,6 +828,7 @@ impl crate::ops::Backend for Wgpu {
         out: &mut WgpuTensor,
         sum_out: Option<&mut WgpuTensor>,
     ) -> Result<()> {
+        let _range = crate::profile::range("layer_norm");
         use crate::ops::Shaped;
         let d = crate::ops::LayerNormDims::check(
             x.shape(),
@@ -849,6 +851,7 @@ impl crate::ops::Backend for Wgpu {
         mask: Option<&WgpuMask>,
         out: &mut WgpuTensor,
     ) -> Result<()> {
+        let _range = crate::profile::range("attention");
         use crate::ops::Shaped;
         let d = crate::ops::AttentionDims::check(
             (q.tensor.shape(), q.start),
@@ -869,6 +872,7 @@ impl crate::ops::Backend for Wgpu {
         loss: &mut WgpuTensor,
         grad: &mut WgpuTensor,
     ) -> Result<()> {
+        let _range = crate::profile::range("alignment_loss");
         use crate::ops::Shaped;
         let d =
             crate::ops::LossDims::check(pred.shape(), target.shape(), loss.shape(), grad.shape())?;
@@ -882,6 +886,7 @@ impl crate::ops::Backend for Wgpu {
         positions: &crate::signal::SignalPositions,
         out: &mut WgpuTensor,
     ) -> Result<()> {
+        let _range = crate::profile::range("gather_signal_tokens");
         use crate::ops::Shaped;
         let d = crate::ops::GatherDims::check(
             hidden.shape(),
