@@ -226,15 +226,22 @@ fn half_storage_projector_matches_reference() {
 }
 
 /// The fast f32 backend with `linear` on TF32 tensor cores, or None where no
-/// CUDA device exists. A device below sm_80 is reported as a skip too.
+/// CUDA device exists. A device below sm_80, or NVRTC without `mma.h`, is
+/// reported as a skip too (not on the emulated driver, which has neither
+/// excuse).
 fn tf32_backend() -> Option<Cuda> {
     let options = CudaOptions {
         tf32: true,
         ..CudaOptions::default()
     };
+    let emulated = std::env::var_os(EMULATED_DRIVER_ENV).is_some();
     match Cuda::new(0, options.clone()) {
-        Err(Error::Invalid(e)) if e.contains("sm_80") => {
+        Err(Error::Invalid(e)) if e.contains("sm_80") && !emulated => {
             println!("skipped: {e}");
+            None
+        }
+        Err(Error::Unavailable { reason, .. }) if reason.contains("mma.h") && !emulated => {
+            println!("skipped: {reason}");
             None
         }
         _ => backend_with(options),

@@ -101,9 +101,10 @@ impl Program {
     }
 
     /// The source as compiled for `storage`: the storage define (and for f32
-    /// `OP_TF32` where `mma.h` is found), the file and the layout checks.
+    /// `OP_TF32` where the file has TF32 kernels and `mma.h` is found), the
+    /// file and the layout checks.
     pub fn full_source(&self, storage: DType) -> Result<String> {
-        let tf32 = if storage == DType::F32 && mma_header_found() {
+        let tf32 = if storage == DType::F32 && !self.tf32_kernels.is_empty() && mma_header_found() {
             "#define OP_TF32 1\n"
         } else {
             ""
