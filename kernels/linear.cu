@@ -23,6 +23,14 @@
 //   The accumulators go through shared memory to the epilogue (bias,
 //   activation, residual, rounding to elem), or to the split-K partial sums.
 //   Needs sm_80 (bf16 WMMA).
+// - linear_tc_tf32_vec4 / linear_tc_tf32_scalar (v3 for f32 storage, opt-in):
+//   the v3 structure on TF32 tensor cores (WMMA 16x16x8, f32 accumulators):
+//   f32 tiles staged in shared memory already rounded to TF32 (10-bit
+//   mantissa, round to nearest, ties away, as cvt.rna does), so every element
+//   is converted once rather than once per warp that loads it; two k8 steps
+//   per K step of 16. `vec4` stages 16 bytes at a time (needs K % 4 == 0 and
+//   16-byte aligned x, w). Compiled for sm_80 and newer where the host found
+//   the CUDA headers' mma.h (it then defines OP_TF32).
 //
 // Storage is `elem` (common.cuh); every sum is f32.
 // Bytes and flops: sizeof(elem) (MK + NK + MN (+MN residual)) bytes, 2 MNK flops.
@@ -216,17 +224,57 @@ extern "C" __global__ void OP_KERNEL_NAME(linear_splitk_reduce)(const LinearPara
     p.out[idx] = from_f32(linear_epilogue(p, m, n, acc));
 }
 
-#if OP_ELEM != 0
+// Tensor cores: f16/bf16 storage always; f32 storage as TF32 where the host
+// found mma.h (OP_TF32) and the target has TF32 (sm_80), and in the emulator.
+#if OP_ELEM != 0 || (defined(OP_TF32) && __CUDA_ARCH__ >= 800) || defined(OP_EMULATOR)
+#define LINEAR_TC_ANY 1
 #ifndef OP_EMULATOR
 #include <mma.h>
 #endif
 
 #define LINEAR_TC_THREADS 128
+#define LINEAR_TC_LDC (LINEAR_BN + 4)
+
+// The 2x2 accumulators of each warp through shared memory `cs` (64 x LDC) to
+// the epilogue (bias, activation, residual, rounding to elem), or to the
+// split-K partial sums.
+template <class Acc>
+__device__ __forceinline__ void linear_tc_finish(const LinearParams& p, const Acc (&acc)[2][2],
+                                                 float (*cs)[LINEAR_TC_LDC], int wm, int wn,
+                                                 int m0, int n0) {
+    using namespace nvcuda;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            wmma::store_matrix_sync(&cs[wm + 16 * i][wn + 16 * j], acc[i][j], LINEAR_TC_LDC,
+                                    wmma::mem_row_major);
+        }
+    }
+    __syncthreads();
+    // Consecutive threads write consecutive columns.
+    for (int idx = threadIdx.x; idx < LINEAR_BM * LINEAR_BN; idx += LINEAR_TC_THREADS) {
+        const int r = idx / LINEAR_BN;
+        const int c = idx - r * LINEAR_BN;
+        const int m = m0 + r;
+        const int n = n0 + c;
+        if (m >= p.m || n >= p.n) {
+            continue;
+        }
+        if (p.partial != nullptr) {
+            p.partial[(blockIdx.z * p.m + m) * p.n + n] = cs[r][c];
+        } else {
+            p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, cs[r][c]));
+        }
+    }
+}
+#endif
+
+#if OP_ELEM != 0
 // Operand tiles: 16 K columns + 8 of padding; WMMA wants a leading dimension
 // that is a multiple of 8 elements, and 48-byte rows spread the 16-byte
 // stores of a warp over the banks.
 #define LINEAR_TC_LDK 24
-#define LINEAR_TC_LDC (LINEAR_BN + 4)
 
 // Rows [row0, row0 + 64) x columns [k0, k0 + 16) of a [rows, K] matrix into
 // `tile`, zero past `rows` and past `k_end`: thread t takes row t / 2, columns
@@ -302,31 +350,7 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
             }
         }
     }
-
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            wmma::store_matrix_sync(&cs[wm + 16 * i][wn + 16 * j], acc[i][j], LINEAR_TC_LDC,
-                                    wmma::mem_row_major);
-        }
-    }
-    __syncthreads();
-    // Consecutive threads write consecutive columns.
-    for (int idx = threadIdx.x; idx < LINEAR_BM * LINEAR_BN; idx += LINEAR_TC_THREADS) {
-        const int r = idx / LINEAR_BN;
-        const int c = idx - r * LINEAR_BN;
-        const int m = m0 + r;
-        const int n = n0 + c;
-        if (m >= p.m || n >= p.n) {
-            continue;
-        }
-        if (p.partial != nullptr) {
-            p.partial[(blockIdx.z * p.m + m) * p.n + n] = cs[r][c];
-        } else {
-            p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, cs[r][c]));
-        }
-    }
+    linear_tc_finish(p, acc, cs, wm, wn, m0, n0);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
@@ -338,4 +362,107 @@ extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
 OP_KERNEL_NAME(linear_tc_scalar)(const LinearParams p) {
     linear_tc<false>(p);
 }
-#endif  // OP_ELEM != 0
+#elif defined(LINEAR_TC_ANY)
+// TF32 operand tiles: 16 K columns + 4 of padding. A leading dimension of 20
+// floats (80 bytes, a multiple of 16 as WMMA wants) puts the 8 rows a fragment
+// load touches at once on distinct banks.
+#define LINEAR_TF32_LDK 20
+
+// Rows [row0, row0 + 64) x columns [k0, k0 + 16) of a [rows, K] f32 matrix
+// into `tile` rounded to TF32, zero past `rows` and past `k_end`: thread t
+// takes row t / 2, columns (t % 2) * 8 .. + 8.
+template <bool VEC>
+__device__ __forceinline__ void linear_tc_tf32_stage(float (*tile)[LINEAR_TF32_LDK],
+                                                     const float* a, int row0, int rows, int k0,
+                                                     int k_end, int k) {
+    using namespace nvcuda;
+    const int r = threadIdx.x >> 1;
+    const int c = (threadIdx.x & 1) * 8;
+    const int row = row0 + r;
+    const int col = k0 + c;
+    if (VEC) {
+        // K % 4 == 0 and k_end is K or a multiple of 16: each group of 4
+        // columns is all in range or all out.
+#pragma unroll
+        for (int h = 0; h < 8; h += 4) {
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (row < rows && col + h < k_end) {
+                v = load_float4(a + row * k + col + h);
+            }
+            v.x = wmma::__float_to_tf32(v.x);
+            v.y = wmma::__float_to_tf32(v.y);
+            v.z = wmma::__float_to_tf32(v.z);
+            v.w = wmma::__float_to_tf32(v.w);
+            store_float4(&tile[r][c + h], v);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float v = (row < rows && col + j < k_end) ? a[row * k + col + j] : 0.0f;
+            tile[r][c + j] = wmma::__float_to_tf32(v);
+        }
+    }
+}
+
+// v3 for f32 storage: block 128 threads; grid (ceil(N / 64), ceil(M / 64), splits).
+template <bool VEC>
+__device__ __forceinline__ void linear_tc_tf32(const LinearParams& p) {
+    using namespace nvcuda;
+    __shared__ __align__(32) float xs[LINEAR_BM][LINEAR_TF32_LDK];
+    __shared__ __align__(32) float ws[LINEAR_BN][LINEAR_TF32_LDK];
+    __shared__ __align__(32) float cs[LINEAR_BM][LINEAR_TC_LDC];
+
+    const int warp = threadIdx.x >> 5;
+    const int wm = (warp >> 1) * 32;  // this warp's rows of the tile
+    const int wn = (warp & 1) * 32;   // and columns
+    const int m0 = blockIdx.y * LINEAR_BM;
+    const int n0 = blockIdx.x * LINEAR_BN;
+    const int k_begin = blockIdx.z * p.k_per_split;
+    const int k_end = min(p.k, k_begin + p.k_per_split);
+
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            wmma::fill_fragment(acc[i][j], 0.0f);
+        }
+    }
+
+    for (int k0 = k_begin; k0 < k_end; k0 += LINEAR_BK) {
+        __syncthreads();  // every warp is done reading the previous tiles
+        linear_tc_tf32_stage<VEC>(xs, p.x, m0, p.m, k0, k_end, p.k);
+        linear_tc_tf32_stage<VEC>(ws, p.w, n0, p.n, k0, k_end, p.k);
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < LINEAR_BK; kk += 8) {
+            // As in v3: x rows are A's rows, w rows are B's columns.
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                wmma::load_matrix_sync(a[i], &xs[wm + 16 * i][kk], LINEAR_TF32_LDK);
+                wmma::load_matrix_sync(b[i], &ws[wn + 16 * i][kk], LINEAR_TF32_LDK);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                }
+            }
+        }
+    }
+    linear_tc_finish(p, acc, cs, wm, wn, m0, n0);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
+OP_KERNEL_NAME(linear_tc_tf32_vec4)(const LinearParams p) {
+    linear_tc_tf32<true>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
+OP_KERNEL_NAME(linear_tc_tf32_scalar)(const LinearParams p) {
+    linear_tc_tf32<false>(p);
+}
+#endif  // OP_ELEM

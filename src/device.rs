@@ -304,11 +304,9 @@ pub fn run_on_with<T: BackendTask>(
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => {
             use crate::cuda::{Cuda, CudaOptions};
-            if precision == Precision::Tf32 {
-                return unsupported("not available on CUDA yet");
-            }
             let options = CudaOptions {
                 storage: precision.storage(),
+                tf32: precision == Precision::Tf32,
                 ..CudaOptions::default()
             };
             task.run_cuda(Cuda::new(0, options)?)

@@ -27,12 +27,17 @@ fn backend(version: KernelVersion) -> Option<Cuda> {
 
 /// [`backend`] with `storage` (f32, f16 or bf16) in device memory.
 fn backend_storing(version: KernelVersion, storage: DType) -> Option<Cuda> {
-    static SKIP_NOTE: Once = Once::new();
-    let options = CudaOptions {
+    backend_with(CudaOptions {
         version,
         storage,
         ..CudaOptions::default()
-    };
+    })
+}
+
+/// The backend with `options`, or None (after saying so once per test run)
+/// where no CUDA device exists.
+fn backend_with(options: CudaOptions) -> Option<Cuda> {
+    static SKIP_NOTE: Once = Once::new();
     match Cuda::new(0, options) {
         Ok(be) => Some(be),
         Err(e) if std::env::var_os(EMULATED_DRIVER_ENV).is_some() => {
@@ -219,6 +224,141 @@ fn half_storage_projector_matches_reference() {
                 r.rel
             );
         }
+    }
+}
+
+/// The fast f32 backend with `linear` on TF32 tensor cores, or None where no
+/// CUDA device exists. A device below sm_80, or NVRTC without `mma.h`, is
+/// reported as a skip too (not on the emulated driver, which has neither
+/// excuse).
+fn tf32_backend() -> Option<Cuda> {
+    let options = CudaOptions {
+        tf32: true,
+        ..CudaOptions::default()
+    };
+    let emulated = std::env::var_os(EMULATED_DRIVER_ENV).is_some();
+    match Cuda::new(0, options.clone()) {
+        Err(Error::Invalid(e)) if e.contains("sm_80") && !emulated => {
+            println!("skipped: {e}");
+            None
+        }
+        Err(Error::Unavailable { reason, .. }) if reason.contains("mma.h") && !emulated => {
+            println!("skipped: {reason}");
+            None
+        }
+        _ => backend_with(options),
+    }
+}
+
+// Tolerances for TF32: x and w are rounded to 10 mantissa bits (relative step
+// 2^-10, so up to 2^-11 per operand) before the f32 products and sums. On the
+// standard cases that leaves 1.6e-4 .. 2.9e-4 relative (measured in the CPU
+// emulator, which sums like f32 FMAs); the limit is 2.4x the worst. The
+// projector keeps f32 tensors between ops (measured 6e-4): 2e-2, as for
+// 16-bit storage, leaves room for the hardware's own summation order.
+const TF32_LINEAR_TOL: f64 = 7e-4;
+
+/// Every standard linear case with `tf32` on against the reference: within
+/// TF32_LINEAR_TOL, and on one case per shape beside plain f32 on the same
+/// inputs, clearly worse (so the TF32 path really ran).
+#[test]
+fn tf32_linear_matches_reference() {
+    let Some(tf32) = tf32_backend() else { return };
+    let f32_be = backend(KernelVersion::Fast).expect("f32 backend beside the tf32 one");
+    let mut worst = (0.0f64, 0.0f64, String::new());
+    let mut clearly_coarser = 0;
+    let cases: Vec<Case> = verify::standard_cases()
+        .into_iter()
+        .filter(|c| c.op() == "linear")
+        .collect();
+    for (i, case) in cases.iter().enumerate() {
+        let seed = 500 + i as u64;
+        let t = verify::compare_case(&tf32, case, DType::F32, seed)
+            .unwrap_or_else(|e| panic!("tf32 {}: {e}", case.describe()));
+        println!(
+            "tf32 {:<40} rel {:.3e} max_abs {:.3e}",
+            t.case, t.rel, t.max_abs
+        );
+        assert!(
+            t.rel <= TF32_LINEAR_TOL,
+            "tf32 {}: rel {:.3e} max_abs {:.3e}",
+            t.case,
+            t.rel,
+            t.max_abs
+        );
+        // Plain f32 on every 4th case (one per shape): emulation time.
+        if i % 4 == 0 {
+            let f = verify::compare_case(&f32_be, case, DType::F32, seed)
+                .unwrap_or_else(|e| panic!("f32 {}: {e}", case.describe()));
+            println!("  f32 {:<40} rel {:.3e}", f.case, f.rel);
+            if t.rel > 10.0 * f.rel {
+                clearly_coarser += 1;
+            }
+        }
+        if t.rel > worst.0 {
+            worst = (t.rel, t.max_abs, t.case.clone());
+        }
+    }
+    println!(
+        "tf32 linear worst rel {:.3e} max_abs {:.3e} ({}); {clearly_coarser} of {} cases \
+         over 10x the f32 error",
+        worst.0,
+        worst.1,
+        worst.2,
+        cases.len().div_ceil(4)
+    );
+    assert!(
+        clearly_coarser > 0,
+        "tf32 was never clearly coarser than f32: did the TF32 kernels run?"
+    );
+}
+
+/// The whole projector with linear on TF32 tensor cores.
+#[test]
+fn tf32_projector_matches_reference() {
+    let Some(be) = tf32_backend() else { return };
+    let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+    let audio = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
+    for (config, batch) in [(&image, 1), (&audio, 2)] {
+        let r = verify::compare_projector(&be, config, batch, DType::F32, 7)
+            .unwrap_or_else(|e| panic!("tf32 {}: {e}", config.variant.name()));
+        println!(
+            "tf32 {}: rel {:.3e} max_abs {:.3e}",
+            r.case, r.rel, r.max_abs
+        );
+        assert!(r.rel <= 2e-2, "tf32 {}: rel {:.3e}", r.case, r.rel);
+    }
+}
+
+/// tf32 is for f32 storage: with f16 or bf16 it is an error (not ignored, not
+/// a panic), whether set at creation or through `with_options`.
+#[test]
+fn tf32_with_half_storage_is_an_error() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    for storage in [DType::F16, DType::BF16] {
+        let options = CudaOptions {
+            tf32: true,
+            storage,
+            ..CudaOptions::default()
+        };
+        match Cuda::new(0, options.clone()) {
+            Err(Error::Invalid(e)) => assert!(e.contains("f32 storage only"), "{e}"),
+            other => panic!("{}: expected Invalid, got {other:?}", storage.name()),
+        }
+        assert!(matches!(be.with_options(options), Err(Error::Invalid(_))));
+    }
+    // The naive kernels ignore it: a tf32 backend's naive twin is plain v1.
+    if let Some(tf32) = tf32_backend() {
+        let naive = tf32.naive().unwrap().expect("a naive twin");
+        assert_eq!(naive.version(), KernelVersion::Naive);
+        let case = verify::standard_cases()
+            .into_iter()
+            .find(|c| c.op() == "linear" && c.describe().contains("77x129x513"))
+            .expect("a 77x129x513 linear case");
+        let r = verify::compare_case(&naive, &case, DType::F32, 9).unwrap();
+        assert!(r.rel <= 1e-5, "naive with tf32 set: rel {:.3e}", r.rel);
     }
 }
 
@@ -570,6 +710,9 @@ const DEVICE_TESTS: &[&str] = &[
     "half_storage_projector_matches_reference",
     "half_storage_upload_download",
     "graph_replay_matches_eager_forward",
+    "tf32_linear_matches_reference",
+    "tf32_projector_matches_reference",
+    "tf32_with_half_storage_is_an_error",
 ];
 
 /// Where there is no GPU: the device tests above again, in a child process

@@ -180,10 +180,12 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
                 [
                     "linear_tc_scalar_bf16",
                     "linear_tc_scalar_f16",
+                    "linear_tc_tf32_scalar",
+                    "linear_tc_tf32_vec4",
                     "linear_tc_vec8_bf16",
                     "linear_tc_vec8_f16"
                 ],
-                "{arch}: the tensor-core kernels"
+                "{arch}: the tensor-core kernels (TF32 in the f32 compile)"
             );
             for p in &reports {
                 assert!(p.cubin_bytes > 64, "{arch} {}: empty CUBIN", p.file);

@@ -17,13 +17,15 @@
 // reversed, emu::reverse_order, for a second interleaving).
 //
 // 16-bit storage: __half and __nv_bfloat16 are their bits, converted with
-// round-to-nearest-even like cuda_fp16.h / cuda_bf16.h. nvcuda::wmma (16x16x16,
-// f32 accumulators) is emulated by its semantics, not the hardware's register
-// layout: lane l of a warp holds elements 8l .. 8l + 7 (row-major) of a
-// fragment's 16x16 tile; load, store and mma are warp-collective (every lane
-// must call them, as on the GPU), and mma_sync reads the other lanes' A and B
-// elements. Misaligned WMMA pointers (not 32 bytes) or leading dimensions
-// (not 16 bytes) abort, as they are undefined on the GPU.
+// round-to-nearest-even like cuda_fp16.h / cuda_bf16.h. nvcuda::wmma (16x16x16
+// for f16/bf16, 16x16x8 for TF32, f32 accumulators) is emulated by its
+// semantics, not the hardware's register layout: lane l of a warp holds
+// elements 8l .. 8l + 7 (row-major) of a fragment's 16x16 tile (4l .. 4l + 3
+// of a 16x8 or 8x16 TF32 tile); load, store and mma are warp-collective (every
+// lane must call them, as on the GPU), and mma_sync reads the other lanes' A
+// and B elements. Misaligned WMMA pointers (not 32 bytes) or leading
+// dimensions (not 16 bytes) abort, as they are undefined on the GPU, and so
+// does a TF32 operand not rounded by __float_to_tf32 (cvt.rna.tf32.f32).
 //
 // Fiber switches are a few instructions on x86-64 (callee-saved registers and
 // the stack pointer); elsewhere ucontext's swapcontext is used.
@@ -375,14 +377,48 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}
 
-// Lane l holds elements 8l .. 8l + 7 of the row-major 16x16 tile: A(m, k),
-// B(k, n) or C(m, n).
+// f32 to TF32 as cvt.rna.tf32.f32 does it: round to nearest, ties away from
+// zero, to 10 mantissa bits; the result is an f32 with the low 13 bits zero.
+// Infinities stay; a NaN stays a (quiet) NaN. Rounding the magnitude's bits up
+// by half a TF32 step is exactly that, subnormals included; a carry into the
+// exponent, up to infinity, is the right rounding too.
+inline float __float_to_tf32(float in) {
+    const unsigned x = emu_float_bits(in);
+    if ((x & 0x7f800000u) == 0x7f800000u) {
+        return (x & 0x7fffffu) ? __uint_as_float((x | 0x400000u) & 0xffffe000u) : in;
+    }
+    return __uint_as_float((x + 0x1000u) & 0xffffe000u);
+}
+
+// Shapes 16x16x16 (f16/bf16 A and B) and 16x16x8 (TF32 A and B); matrix_a is
+// M x K, matrix_b K x N, an accumulator M x N. Lane l holds elements
+// n l .. n l + n - 1 of the row-major tile, n = tile elements / 32: 8 of an
+// accumulator or a 16x16 A/B tile, 4 of a 16x8 (8x16) TF32 A (B) tile.
 template <class Use, int M, int N, int K, class T, class Layout = void>
 struct fragment {
-    static_assert(M == 16 && N == 16 && K == 16, "the emulator has 16x16x16 WMMA only");
-    static constexpr int num_elements = 8;
-    float x[8];
+    static_assert(M == 16 && N == 16 && (K == 16 || K == 8),
+                  "the emulator has 16x16x16 and 16x16x8 WMMA only");
+    static_assert(std::is_same<Use, accumulator>::value ||
+                      (K == 8) == std::is_same<T, precision::tf32>::value,
+                  "16x16x8 is the TF32 shape, TF32 has no other");
+    static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
+    static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : N;
+    static constexpr int num_elements = rows * cols / 32;
+    float x[num_elements];
+};
+
+// What a fragment of element type T is loaded from: T, or float for TF32.
+template <class T>
+struct emu_memory {
+    typedef T type;
+};
+template <>
+struct emu_memory<precision::tf32> {
+    typedef float type;
 };
 
 inline int emu_lane() { return emu::cur & 31; }
@@ -392,24 +428,30 @@ inline void emu_check_wmma(const void* p, unsigned ldm, size_t elem_bytes) {
     if ((ldm * elem_bytes) % 16 != 0) emu::fail("WMMA leading dimension not a multiple of 16 bytes");
 }
 
-template <class Use, class T, class L>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+// TF32 elements are loaded as the f32 values they are (as on the GPU): the
+// kernel must round them (__float_to_tf32) before mma_sync, which checks it.
+template <class Use, int K, class T, class L>
+inline void load_matrix_sync(fragment<Use, 16, 16, K, T, L>& f,
+                             const typename emu_memory<T>::type* p, unsigned ldm) {
     static_assert(std::is_same<L, row_major>::value || std::is_same<L, col_major>::value,
                   "matrix_a / matrix_b fragments have a layout");
-    emu_check_wmma(p, ldm, sizeof(T));
+    typedef fragment<Use, 16, 16, K, T, L> F;
+    emu_check_wmma(p, ldm, sizeof(*p));
     __syncwarp();
     const int lane = emu_lane();
-    for (int i = 0; i < 8; ++i) {
-        const int e = lane * 8 + i, r = e / 16, c = e % 16;
+    for (int i = 0; i < F::num_elements; ++i) {
+        const int e = lane * F::num_elements + i, r = e / F::cols, c = e % F::cols;
         f.x[i] = emu_to_float(std::is_same<L, col_major>::value ? p[c * ldm + r] : p[r * ldm + c]);
     }
 }
 
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+template <int K>
+inline void fill_fragment(fragment<accumulator, 16, 16, K, float>& f, float v) {
     for (int i = 0; i < 8; ++i) f.x[i] = v;
 }
 
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+template <int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f,
                               unsigned ldm, layout_t layout) {
     emu_check_wmma(p, ldm, sizeof(float));
     __syncwarp();
@@ -420,12 +462,21 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
     }
 }
 
-// d = a b + c, f32 sums in k order. d may be c.
-template <class T, class LA, class LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-                     const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
+// d = a b + c, f32 sums in k order. d may be c. TF32 A and B elements must be
+// TF32 values (low 13 bits zero): anything else is undefined on the GPU.
+template <int K, class T, class LA, class LB>
+inline void mma_sync(fragment<accumulator, 16, 16, K, float>& d,
+                     const fragment<matrix_a, 16, 16, K, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, K, T, LB>& b,
+                     const fragment<accumulator, 16, 16, K, float>& c) {
+    constexpr int n = K / 2;  // A and B elements per lane
+    if (std::is_same<T, precision::tf32>::value) {
+        for (int i = 0; i < n; ++i) {
+            if ((emu_float_bits(a.x[i]) | emu_float_bits(b.x[i])) & 0x1fffu) {
+                emu::fail("TF32 WMMA operand not rounded with __float_to_tf32");
+            }
+        }
+    }
     const int self = emu::cur;
     const int base = self & ~31;
     emu::fibers[self].wmma_a = a.x;
@@ -436,10 +487,10 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
     for (int i = 0; i < 8; ++i) {
         const int e = lane * 8 + i, r = e / 16, col = e % 16;
         float acc = c.x[i];
-        for (int k = 0; k < 16; ++k) {
-            const int ea = r * 16 + k, eb = k * 16 + col;
-            const float av = emu::fibers[base + ea / 8].wmma_a[ea % 8];
-            const float bv = emu::fibers[base + eb / 8].wmma_b[eb % 8];
+        for (int k = 0; k < K; ++k) {
+            const int ea = r * K + k, eb = k * 16 + col;
+            const float av = emu::fibers[base + ea / n].wmma_a[ea % n];
+            const float bv = emu::fibers[base + eb / n].wmma_b[eb % n];
             acc = std::fma(av, bv, acc);
         }
         out[i] = acc;

@@ -16,7 +16,8 @@
 // ELF images) and are looked up by name. Every kernel file is compiled here
 // three times, once per storage type (OP_ELEM 0, 1, 2 as the host compiles
 // them), each in a namespace of its own; the entry points' suffixes (_f16,
-// _bf16) tell them apart. Only what the crate calls exists;
+// _bf16) tell them apart; the f32 compile has the TF32 tensor-core kernels
+// (the host compiles them where it finds mma.h). Only what the crate calls exists;
 // NVRTC itself asks for the private cuGetExportTable, which fails here, as it
 // may on a real driver.
 //
@@ -108,6 +109,8 @@ static Entry ENTRIES[] = {
     K(k_f16, linear_tc_scalar, _f16, LinearParams),
     K(k_bf16, linear_tc_vec8, _bf16, LinearParams),
     K(k_bf16, linear_tc_scalar, _bf16, LinearParams),
+    K(k_f32, linear_tc_tf32_vec4, , LinearParams),
+    K(k_f32, linear_tc_tf32_scalar, , LinearParams),
 };
 
 // One recorded launch.

@@ -17,6 +17,7 @@
 #include "../attention.cu"
 #include "../alignment_loss.cu"
 #include "../gather_signal_tokens.cu"
+#include <cfloat>
 #include <set>
 #include <string>
 
@@ -99,7 +100,10 @@ static void test_linear(int m, int n, int k, int act, bool bias, bool res, int x
     char name[128];
     snprintf(name, sizeof name, "linear %dx%dx%d act%d%s%s%s", m, n, k, act, bias ? " +b" : "",
              res ? " +res" : "", xoff ? " misaligned" : "");
-    for (int variant = 0; variant < 4; ++variant) {
+    // TF32 tensor cores (variants 4, 5: no split, forced split) with the
+    // ReLU/bias/residual epilogue only, to keep emulation time down.
+    const int variants = act == 1 ? 6 : 4;
+    for (int variant = 0; variant < variants; ++variant) {
         Buf out(m * n);
         LinearParams p{};
         p.x = x; p.w = w.p; p.bias = bias ? b.p : nullptr; p.residual = res ? r.p : nullptr;
@@ -108,6 +112,26 @@ static void test_linear(int m, int n, int k, int act, bool bias, bool res, int x
         if (variant == 0) {
             v = "naive";
             emu::launch(dim3(cdiv(n, 16), cdiv(m, 16)), dim3(16, 16), [&] { linear_naive(p); });
+        } else if (variant >= 4) {
+            int splits = variant == 4 ? 1 : std::max(1, std::min(3, k / 16));
+            int kps = cdiv(cdiv(k, splits), 16) * 16;
+            splits = cdiv(k, kps);
+            p.k_per_split = kps;
+            p.splits = splits;
+            bool vec = k % 4 == 0 && aligned16(p.x) && aligned16(p.w);
+            Buf part(splits > 1 ? (size_t)splits * m * n : 0);
+            p.partial = splits > 1 ? part.p : nullptr;
+            v = std::string(vec ? "tc_tf32_vec4" : "tc_tf32_scalar") + " splits " + std::to_string(splits);
+            emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), splits), dim3(128), [&] {
+                if (vec) linear_tc_tf32_vec4(p); else linear_tc_tf32_scalar(p);
+            });
+            if (splits > 1) {
+                emu::launch(dim3(cdiv((long)m * n, 256)), dim3(256), [&] { linear_splitk_reduce(p); });
+            }
+            // Inputs rounded to 10 mantissa bits (2^-11 relative at most):
+            // measured <= 1.8e-4 here, 2.9e-4 in tests/cuda_ops.rs.
+            report(std::string(name) + " " + v, out.p, want, 7e-4);
+            continue;
         } else {
             int splits = variant == 1 ? 1 : variant == 2 ? splits_for(m, n, k, 132) : std::max(1, std::min(3, k / 16));
             int kps = cdiv(cdiv(k, splits), 16) * 16;
@@ -127,6 +151,42 @@ static void test_linear(int m, int n, int k, int act, bool bias, bool res, int x
         }
         report(std::string(name) + " " + v, out.p, want, 1e-5);
     }
+}
+
+// __float_to_tf32 against cvt.rna.tf32.f32: nearest, ties away from zero.
+static void test_tf32_rounding() {
+    using nvcuda::wmma::__float_to_tf32;
+    const float step = std::ldexp(1.0f, -10);  // TF32 spacing in [1, 2)
+    const float min_sub = std::ldexp(1.0f, -149);
+    struct { float in, want; const char* what; } cases[] = {
+        {1.0f, 1.0f, "exact"},
+        {1.0f + step / 2, 1.0f + step, "tie away from zero (even would be 1)"},
+        {-(1.0f + step / 2), -(1.0f + step), "negative tie"},
+        {1.0f + step * 1.5f, 1.0f + 2 * step, "tie, odd below"},
+        {std::nextafter(1.0f + step / 2, 0.0f), 1.0f, "just below a tie"},
+        {std::nextafter(2.0f, 0.0f), 2.0f, "carry into the exponent"},
+        {FLT_MAX, INFINITY, "overflow to infinity"},
+        {INFINITY, INFINITY, "infinity"},
+        {-INFINITY, -INFINITY, "-infinity"},
+        {min_sub * 4096, min_sub * 8192, "subnormal tie"},
+        {min_sub * 4095, 0.0f, "subnormal below half a step"},
+        {0.0f, 0.0f, "zero"},
+    };
+    int bad = 0;
+    for (auto& c : cases) {
+        const float got = __float_to_tf32(c.in);
+        if (emu_float_bits(got) != emu_float_bits(c.want)) {
+            printf("FAIL tf32 %s: %a -> %a, want %a\n", c.what, c.in, got, c.want);
+            ++bad;
+        }
+    }
+    const float nan = __float_to_tf32(__uint_as_float(0x7f800001u));
+    if (!std::isnan(nan) || (emu_float_bits(nan) & 0x1fffu)) {
+        printf("FAIL tf32 NaN: %a\n", nan);
+        ++bad;
+    }
+    failures += bad;
+    if (!bad) printf("ok   tf32 rounding (%zu cases and NaN)\n", sizeof cases / sizeof cases[0]);
 }
 
 // ---------------------------------------------------------------- layer norm
@@ -386,6 +446,7 @@ int main(int argc, char** argv) {
         test_attention(1, 33, 70, 2, 64, false, true, false, false);
     }
     if (want("linear")) {
+        test_tf32_rounding();
         int dims[][3] = {{1, 1, 1}, {3, 5, 7}, {77, 129, 513}, {129, 77, 3}, {4, 512, 4096},
                          {77, 1536, 512}, {154, 512, 2048}, {513, 33, 64}};
         int acts[][3] = {{0, 1, 0}, {1, 1, 1}, {2, 0, 1}, {3, 1, 0}};

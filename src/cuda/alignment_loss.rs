@@ -52,6 +52,7 @@ pub(crate) static PROGRAM: Program = Program {
         "alignment_loss_finish",
     ],
     half_kernels: &[],
+    tf32_kernels: &[],
     layouts,
 };
 

@@ -73,6 +73,7 @@ pub(crate) static PROGRAM: Program = Program {
         "attention_flash_d128",
     ],
     half_kernels: &[],
+    tf32_kernels: &[],
     layouts,
 };
 

@@ -56,6 +56,16 @@ pub struct CudaOptions {
     /// (WMMA) for F16 and BF16 with the fast kernels. F16 and BF16 need sm_80
     /// or newer.
     pub storage: DType,
+    /// Run f32 `linear` on TF32 tensor cores (default off): with `F32`
+    /// storage and the fast kernels, the GEMM rounds x and w to TF32 (10-bit
+    /// mantissa, as `cvt.rna.tf32.f32`) and sums the products in f32, like
+    /// PyTorch's `allow_tf32`; bias, activation, residual and every other op
+    /// stay f32. Relative error of a GEMM 1.6e-4 .. 2.9e-4 instead of
+    /// ~2e-7, of the projector ~6e-4 (against the f64 reference), for several
+    /// times the f32 rate on sm_80+ GPUs. Needs sm_80 or newer and f32 storage (either is
+    /// [`Error::Invalid`] otherwise), and the CUDA headers' `mma.h` for NVRTC
+    /// ([`Error::Unavailable`] without it). The naive kernels ignore it.
+    pub tf32: bool,
 }
 
 /// Allocation granule: every block is a multiple of 256 bytes (and the driver
@@ -531,7 +541,8 @@ impl Cuda {
         Ok(Self::with_shared(shared, options))
     }
 
-    /// F16 and BF16 storage need sm_80 (bf16 WMMA, and one rule for both).
+    /// F16 and BF16 storage need sm_80 (bf16 WMMA, and one rule for both);
+    /// so does TF32, which applies to f32 storage only and needs `mma.h`.
     fn check_storage(arch: &str, major: i32, options: &CudaOptions) -> Result<()> {
         super::program::elem_code(options.storage)?;
         if options.storage != DType::F32 && major < 8 {
@@ -539,6 +550,28 @@ impl Cuda {
                 "{} storage needs sm_80 or newer; this device is {arch}",
                 options.storage.name()
             )));
+        }
+        if options.tf32 {
+            if options.storage != DType::F32 {
+                return Err(Error::invalid(format!(
+                    "tf32 applies to f32 storage only; with {} storage linear already runs on \
+                     {} tensor cores",
+                    options.storage.name(),
+                    options.storage.name()
+                )));
+            }
+            if major < 8 {
+                return Err(Error::invalid(format!(
+                    "tf32 needs sm_80 or newer (TF32 tensor cores); this device is {arch}"
+                )));
+            }
+            if !program::mma_header_found() {
+                return Err(super::unavailable(
+                    CUDA,
+                    "tf32 needs mma.h from the CUDA headers for NVRTC; set \
+                     OUTPROJ_CUDA_INCLUDE to the folder holding it",
+                ));
+            }
         }
         Ok(())
     }
@@ -611,7 +644,7 @@ impl Cuda {
     /// on first use, e.g. before timing.
     pub fn warm_up(&self) -> Result<()> {
         for p in program::PROGRAMS {
-            for k in p.kernels_for(self.storage()) {
+            for k in p.kernels_for(self.storage(), self.arch()) {
                 self.function(p, k)?;
             }
         }
@@ -918,7 +951,7 @@ impl Cuda {
                     .load_module(Ptx::from_binary(cubin.as_ref().clone()))
                     .map_err(driver(&format!("loading kernels/{}", program.file)))?;
                 let mut functions = HashMap::new();
-                for k in program.kernels_for(storage) {
+                for k in program.kernels_for(storage, &self.inner.shared.arch) {
                     let full = format!("{k}{}", program::kernel_suffix(storage));
                     let f = module.load_function(&full).map_err(driver(&format!(
                         "finding kernel `{full}` in kernels/{}",
@@ -1276,6 +1309,28 @@ mod tests {
         assert_eq!(blocks_for("x", 0, 128).ok(), Some(1));
         assert_eq!(blocks_for("x", 257, 128).ok(), Some(3));
         assert!(blocks_for("x", usize::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn tf32_needs_f32_storage_and_sm_80() {
+        let tf32 = |storage| CudaOptions {
+            tf32: true,
+            storage,
+            ..CudaOptions::default()
+        };
+        let invalid = |r: Result<()>| matches!(r, Err(Error::Invalid(_)));
+        assert!(invalid(Cuda::check_storage("sm_75", 7, &tf32(DType::F32))));
+        assert!(invalid(Cuda::check_storage("sm_90", 9, &tf32(DType::F16))));
+        assert!(invalid(Cuda::check_storage("sm_90", 9, &tf32(DType::BF16))));
+        let off = CudaOptions::default();
+        assert!(!off.tf32);
+        assert!(Cuda::check_storage("sm_75", 7, &off).is_ok());
+        // sm_80 f32 is accepted where NVRTC's headers have mma.h.
+        match Cuda::check_storage("sm_80", 8, &tf32(DType::F32)) {
+            Ok(()) => assert!(program::mma_header_found()),
+            Err(Error::Unavailable { reason, .. }) => assert!(reason.contains("mma.h")),
+            Err(e) => panic!("{e}"),
+        }
     }
 
     #[test]

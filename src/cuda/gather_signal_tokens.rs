@@ -47,6 +47,7 @@ pub(crate) static PROGRAM: Program = Program {
     source: include_str!("../../kernels/gather_signal_tokens.cu"),
     kernels: &["gather_signal_tokens_naive", "gather_signal_tokens_vec4"],
     half_kernels: &[],
+    tf32_kernels: &[],
     layouts,
 };
 

@@ -53,6 +53,7 @@ pub(crate) static PROGRAM: Program = Program {
         "layer_norm_warp_scalar",
     ],
     half_kernels: &[],
+    tf32_kernels: &[],
     layouts,
 };
 

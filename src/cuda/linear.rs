@@ -1,6 +1,8 @@
 //! `kernels/linear.cu`: naive v1, a 64x64-tiled v2 with 16-byte loads and a
 //! deterministic split-K for grids too small to fill the device, and for f16 /
-//! bf16 storage v3 on tensor cores (WMMA), with the same tiles and split-K.
+//! bf16 storage v3 on tensor cores (WMMA), with the same tiles and split-K; for
+//! f32 storage with [`CudaOptions::tf32`](super::CudaOptions::tf32) the same v3
+//! on TF32 tensor cores.
 
 use cudarc::driver::DeviceRepr;
 
@@ -59,6 +61,7 @@ pub(crate) static PROGRAM: Program = Program {
         "linear_splitk_reduce",
     ],
     half_kernels: &["linear_tc_vec8", "linear_tc_scalar"],
+    tf32_kernels: &["linear_tc_tf32_vec4", "linear_tc_tf32_scalar"],
     layouts,
 };
 
@@ -146,6 +149,15 @@ pub(crate) fn plan(
     }
 }
 
+/// Which fast GEMM runs: v2 on CUDA cores (f32), v3 on tensor cores for
+/// 16-bit storage, or v3 on TF32 tensor cores (f32 with `tf32`).
+#[derive(Clone, Copy)]
+enum Gemm {
+    Tiled,
+    Half,
+    Tf32,
+}
+
 pub(crate) fn act_code(act: Activation) -> i32 {
     match act {
         Activation::None => 0,
@@ -207,14 +219,21 @@ pub(super) fn linear(
             params.k_per_split = i32_of("linear split", k_per_split)?;
             params.splits = i32_of("linear splits", splits)?;
             // 16-bit storage: tensor cores (v3), 8-element (16-byte) staging
-            // where K and the operands allow it.
-            let tensor_cores = be.storage() != DType::F32;
+            // where K and the operands allow it. f32 with tf32 (the backend
+            // checked sm_80 and f32 storage): TF32 tensor cores, 16-byte staging.
+            let kernel = match (be.storage(), be.options().tf32) {
+                (DType::F32, false) => Gemm::Tiled,
+                (DType::F32, true) => Gemm::Tf32,
+                _ => Gemm::Half,
+            };
             let vec8 = d.k % 8 == 0 && xp % 16 == 0 && wp % 16 == 0;
-            let (kernel, threads) = match (tensor_cores, vec4, vec8) {
-                (true, _, true) => ("linear_tc_vec8", 128),
-                (true, _, false) => ("linear_tc_scalar", 128),
-                (false, true, _) => ("linear_tiled_vec4", 256),
-                (false, false, _) => ("linear_tiled_scalar", 256),
+            let (kernel, threads) = match (kernel, vec4, vec8) {
+                (Gemm::Half, _, true) => ("linear_tc_vec8", 128),
+                (Gemm::Half, _, false) => ("linear_tc_scalar", 128),
+                (Gemm::Tf32, true, _) => ("linear_tc_tf32_vec4", 128),
+                (Gemm::Tf32, false, _) => ("linear_tc_tf32_scalar", 128),
+                (Gemm::Tiled, true, _) => ("linear_tiled_vec4", 256),
+                (Gemm::Tiled, false, _) => ("linear_tiled_scalar", 256),
             };
             if splits == 1 {
                 return be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params);

@@ -4,7 +4,9 @@
 //!
 //! Every file is compiled once per storage type (f32, f16, bf16: `OP_ELEM` 0, 1,
 //! 2, see `kernels/common.cuh`); the entry points of the f16 and bf16 compiles
-//! carry the suffix `_f16` / `_bf16`.
+//! carry the suffix `_f16` / `_bf16`. The f32 compile also has the TF32
+//! tensor-core kernels for sm_80 and newer where the CUDA headers' `mma.h` is
+//! found (see [`tf32_compiled`]); without it f32 needs no headers at all.
 //!
 //! Every program is compiled with `kernels/common.cuh` as an in-memory header and
 //! with `static_assert`s appended that pin the size and field offsets of each
@@ -43,6 +45,28 @@ pub(crate) fn kernel_suffix(storage: DType) -> &'static str {
     }
 }
 
+/// Whether the CUDA headers NVRTC is given hold `mma.h` (WMMA): the f32
+/// compiles then define `OP_TF32` and have the TF32 kernels.
+pub(crate) fn mma_header_found() -> bool {
+    super::cuda_include_dir().is_some_and(|d| d.join("mma.h").is_file())
+}
+
+/// The compute capability of an `sm_XY` architecture name as `XY`, if it is one.
+fn arch_number(arch: &str) -> Option<u32> {
+    let digits: String = arch
+        .strip_prefix("sm_")?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// Whether a `storage` compile for `arch` has the TF32 kernels: f32 storage,
+/// sm_80 or newer (TF32 tensor cores) and `mma.h` found.
+pub(crate) fn tf32_compiled(storage: DType, arch: &str) -> bool {
+    storage == DType::F32 && arch_number(arch).is_some_and(|n| n >= 80) && mma_header_found()
+}
+
 /// The shared header, as the kernel files include it.
 pub(crate) const COMMON: (&str, &str) = ("common.cuh", include_str!("../../kernels/common.cuh"));
 
@@ -56,26 +80,37 @@ pub(crate) struct Program {
     pub kernels: &'static [&'static str],
     /// Entry points only the f16 and bf16 compiles have (tensor-core kernels).
     pub half_kernels: &'static [&'static str],
+    /// Entry points only the f32 compile has, where [`tf32_compiled`] says so
+    /// (TF32 tensor-core kernels).
+    pub tf32_kernels: &'static [&'static str],
     /// `static_assert`s of the parameter structs' layouts (see [`param_layout`]).
     pub layouts: fn() -> String,
 }
 
 impl Program {
-    /// The base names of the entry points a `storage` compile has.
-    pub fn kernels_for(&self, storage: DType) -> impl Iterator<Item = &'static str> {
-        let half: &'static [&'static str] = if storage == DType::F32 {
-            &[]
-        } else {
+    /// The base names of the entry points a `storage` compile for `arch` has.
+    pub fn kernels_for(&self, storage: DType, arch: &str) -> impl Iterator<Item = &'static str> {
+        let extra: &'static [&'static str] = if storage != DType::F32 {
             self.half_kernels
+        } else if tf32_compiled(storage, arch) {
+            self.tf32_kernels
+        } else {
+            &[]
         };
-        self.kernels.iter().chain(half.iter()).copied()
+        self.kernels.iter().chain(extra.iter()).copied()
     }
 
-    /// The source as compiled for `storage`: the storage define, the file and
-    /// the layout checks.
+    /// The source as compiled for `storage`: the storage define (and for f32
+    /// `OP_TF32` where the file has TF32 kernels and `mma.h` is found), the
+    /// file and the layout checks.
     pub fn full_source(&self, storage: DType) -> Result<String> {
+        let tf32 = if storage == DType::F32 && !self.tf32_kernels.is_empty() && mma_header_found() {
+            "#define OP_TF32 1\n"
+        } else {
+            ""
+        };
         Ok(format!(
-            "#define OP_ELEM {}\n{}",
+            "#define OP_ELEM {}\n{tf32}{}",
             elem_code(storage)?,
             self.base_source()
         ))
@@ -226,7 +261,7 @@ pub(crate) fn compile_program(program: &Program, storage: DType, arch: &str) -> 
         arch,
         &[COMMON],
     )?;
-    for base in program.kernels_for(storage) {
+    for base in program.kernels_for(storage, arch) {
         let name = format!("{base}{}", kernel_suffix(storage));
         if compiled.kernel(&name).is_none() {
             return Err(Error::Backend {
@@ -397,6 +432,18 @@ mod tests {
     }
 
     #[test]
+    fn arch_numbers() {
+        assert_eq!(arch_number("sm_80"), Some(80));
+        assert_eq!(arch_number("sm_90a"), Some(90));
+        assert_eq!(arch_number("sm_120"), Some(120));
+        assert_eq!(arch_number("compute_90"), None);
+        assert_eq!(arch_number("sm_"), None);
+        // Never TF32 below sm_80 or for 16-bit storage, headers or not.
+        assert!(!tf32_compiled(DType::F32, "sm_75"));
+        assert!(!tf32_compiled(DType::BF16, "sm_90"));
+    }
+
+    #[test]
     fn kernel_cache_setting() {
         assert_eq!(KernelCache::Off.folder(), None);
         assert_eq!(
@@ -463,6 +510,7 @@ mod tests {
             source: include_str!("../../kernels/gather_signal_tokens.cu"),
             kernels: &["gather_signal_tokens_naive"],
             half_kernels: &[],
+            tf32_kernels: &[],
             layouts: wrong,
         };
         let err = compile_program(&WRONG, DType::F32, "sm_80")
@@ -478,7 +526,7 @@ mod tests {
             assert!(p.source.contains("#include \"common.cuh\""), "{}", p.file);
             let layouts = (p.layouts)();
             assert!(layouts.contains("static_assert(sizeof("), "{}", p.file);
-            for k in p.kernels.iter().chain(p.half_kernels) {
+            for k in p.kernels.iter().chain(p.half_kernels).chain(p.tf32_kernels) {
                 assert!(
                     p.source.contains(&format!("OP_KERNEL_NAME({k})(const ")),
                     "{}: no kernel `{k}`",
