@@ -1,5 +1,6 @@
 //! Criterion benchmarks: each op at the image projector's shapes, and the whole
-//! projector, on every backend compiled in and available here.
+//! projector, on every backend compiled in and available here (on CUDA also
+//! replayed from a CUDA graph, f32 and bf16).
 //!
 //! `cargo bench --bench ops`; add `-- projector` or `-- linear` to filter.
 
@@ -80,6 +81,57 @@ fn benches(c: &mut Criterion) {
             ops_on(c, label, &be, 4);
             projector_on(c, label, &be, &[1, 8, 64]);
         }
+    }
+    #[cfg(feature = "cuda")]
+    cuda(c);
+}
+
+/// CUDA: each kernel beside its v1, the projector eager and replayed from a
+/// CUDA graph, in f32 and bf16.
+#[cfg(feature = "cuda")]
+fn cuda(c: &mut Criterion) {
+    use output_projector::cuda::{Cuda, CudaOptions};
+    use output_projector::tensor::DType;
+    let Ok(cuda) = Cuda::open() else { return };
+    for (label, be) in [
+        ("cuda", Some(cuda.clone())),
+        ("cuda-v1", cuda.naive().ok().flatten()),
+    ] {
+        let Some(be) = be else { continue };
+        ops_on(c, label, &be, 4);
+        projector_on(c, label, &be, &[1, 8, 64]);
+    }
+    let bf16 = CudaOptions {
+        storage: DType::BF16,
+        ..CudaOptions::default()
+    };
+    for (label, be) in [
+        ("cuda", Some(cuda.clone())),
+        ("cuda-bf16", cuda.with_options(bf16).ok()),
+    ] {
+        let Some(be) = be else { continue };
+        let config = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+        let n_in = config.n_in.unwrap_or(4);
+        let Ok(w) = ProjectorWeights::random(config.clone(), Some(Modality::Image), 0) else {
+            return;
+        };
+        let Ok(proj) = Projector::new(be.clone(), &w) else {
+            continue;
+        };
+        let mut g = c.benchmark_group(format!("{label}/projector-graph"));
+        g.sample_size(20);
+        for batch in [1, 8, 64] {
+            let Ok(graph) = proj.capture(batch, n_in) else {
+                continue;
+            };
+            g.bench_function(BenchmarkId::new("image", format!("batch {batch}")), |b| {
+                b.iter(|| {
+                    graph.replay().ok();
+                    be.synchronize().ok();
+                })
+            });
+        }
+        g.finish();
     }
 }
 

@@ -11,9 +11,9 @@
 //   multiplied. `vec4` loads 16 bytes at a time (needs K % 4 == 0 and 16-byte
 //   aligned x and w); `scalar` takes any M, N, K. With `partial` set the block
 //   computes only its K slice (blockIdx.z) and writes raw sums to
-//   partial[z, M, N]; linear_splitk_reduce then adds the slices in fixed order
-//   and applies the epilogue (deterministic split-K, for grids that would leave
-//   SMs idle).
+//   partial[z, M, N]; the last of a tile's blocks to finish (counted in
+//   tile_counters) adds the slices in fixed order and applies the epilogue:
+//   deterministic split-K in one launch, for grids that would leave SMs idle.
 // - linear_tc_vec8 / linear_tc_scalar (v3, 16-bit storage only): tensor cores.
 //   The same 64x64 output tiles, K steps of 16 and split-K as v2, but a block
 //   of 128 threads (4 warps, each a 32x32 quarter as 2x2 WMMA 16x16x16
@@ -43,6 +43,9 @@ struct LinearParams {
     const elem* residual;   // [M, N] or null
     elem* out;              // [M, N]
     float* partial;         // [splits, M, N] f32, or null (no split)
+    // One per output tile (blockIdx.y * gridDim.x + blockIdx.x) with `partial`:
+    // zero before the launch, left zero after it.
+    unsigned int* tile_counters;
     int m;
     int n;
     int k;
@@ -80,6 +83,43 @@ extern "C" __global__ void OP_KERNEL_NAME(linear_naive)(const LinearParams p) {
 
 #define LINEAR_BM 64
 #define LINEAR_BN 64
+
+// Split-K, after this block wrote its slice of the tile at (m0, n0) to
+// `partial`: the last of the tile's `splits` blocks to get here adds the slices
+// in order 0, 1, .., splits - 1 (so the sum does not depend on which block was
+// last), applies the epilogue and resets the tile's counter for the next
+// launch. The fences publish this block's slice before it is counted, and make
+// the other slices visible to the last block (loads bypass L1, which is not
+// coherent across SMs).
+__device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int m0, int n0) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int* counter = p.tile_counters + blockIdx.y * gridDim.x + blockIdx.x;
+        last = atomicAdd(counter, 1u) == (unsigned int)(p.splits - 1);
+        if (last) {
+            *counter = 0u;
+        }
+    }
+    __syncthreads();
+    if (!last) {
+        return;
+    }
+    __threadfence();
+    for (int idx = threadIdx.x; idx < LINEAR_BM * LINEAR_BN; idx += blockDim.x) {
+        const int m = m0 + idx / LINEAR_BN;
+        const int n = n0 + idx % LINEAR_BN;
+        if (m >= p.m || n >= p.n) {
+            continue;
+        }
+        float acc = 0.0f;
+        for (int s = 0; s < p.splits; ++s) {
+            acc += __ldcg(p.partial + (s * p.m + m) * p.n + n);
+        }
+        p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, acc));
+    }
+}
 #define LINEAR_BK 16
 #define LINEAR_THREADS 256
 // Shared tiles are stored K-major with 4 floats of padding per row: a row is
@@ -194,6 +234,9 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             }
         }
     }
+    if (p.partial != nullptr) {
+        linear_splitk_finish(p, m0, n0);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
@@ -204,24 +247,6 @@ OP_KERNEL_NAME(linear_tiled_vec4)(const LinearParams p) {
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
 OP_KERNEL_NAME(linear_tiled_scalar)(const LinearParams p) {
     linear_tiled<false>(p);
-}
-
-// Split-K finish: block 256 threads, one thread per output; grid ceil(M N / 256).
-// Slices are added in order 0, 1, .., splits - 1, so the result does not depend
-// on scheduling.
-extern "C" __global__ void OP_KERNEL_NAME(linear_splitk_reduce)(const LinearParams p) {
-    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    const int total = p.m * p.n;
-    if (idx >= total) {
-        return;
-    }
-    float acc = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-        acc += p.partial[s * total + idx];
-    }
-    const int m = idx / p.n;
-    const int n = idx - m * p.n;
-    p.out[idx] = from_f32(linear_epilogue(p, m, n, acc));
 }
 
 // Tensor cores: f16/bf16 storage always; f32 storage as TF32 where the host
@@ -267,13 +292,19 @@ __device__ __forceinline__ void linear_tc_finish(const LinearParams& p, const Ac
             p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, cs[r][c]));
         }
     }
+    if (p.partial != nullptr) {
+        linear_splitk_finish(p, m0, n0);
+    }
 }
-#endif
 
 #if OP_ELEM != 0
-// Operand tiles: 16 K columns + 8 of padding; WMMA wants a leading dimension
-// that is a multiple of 8 elements, and 48-byte rows spread the 16-byte
-// stores of a warp over the banks.
+// 16-bit storage: elem tiles in shared memory, 16x16x16 fragments. Tiles are
+// 16 K columns + 8 of padding; WMMA wants a leading dimension that is a
+// multiple of 8 elements, and 48-byte rows spread the 16-byte stores of a
+// warp over the banks.
+typedef elem linear_tc_smem;
+typedef elem linear_tc_frag;
+#define LINEAR_TC_FRAG_K 16
 #define LINEAR_TC_LDK 24
 
 // Rows [row0, row0 + 64) x columns [k0, k0 + 16) of a [rows, K] matrix into
@@ -303,78 +334,23 @@ __device__ __forceinline__ void linear_tc_stage(elem (*tile)[LINEAR_TC_LDK], con
     }
 }
 
-// v3: block 128 threads; grid (ceil(N / 64), ceil(M / 64), splits).
-template <bool VEC>
-__device__ __forceinline__ void linear_tc(const LinearParams& p) {
-    using namespace nvcuda;
-    __shared__ __align__(32) elem xs[LINEAR_BM][LINEAR_TC_LDK];
-    __shared__ __align__(32) elem ws[LINEAR_BN][LINEAR_TC_LDK];
-    __shared__ __align__(32) float cs[LINEAR_BM][LINEAR_TC_LDC];
-
-    const int warp = threadIdx.x >> 5;
-    const int wm = (warp >> 1) * 32;  // this warp's rows of the tile
-    const int wn = (warp & 1) * 32;   // and columns
-    const int m0 = blockIdx.y * LINEAR_BM;
-    const int n0 = blockIdx.x * LINEAR_BN;
-    const int k_begin = blockIdx.z * p.k_per_split;
-    const int k_end = min(p.k, k_begin + p.k_per_split);
-
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            wmma::fill_fragment(acc[i][j], 0.0f);
-        }
-    }
-
-    for (int k0 = k_begin; k0 < k_end; k0 += LINEAR_BK) {
-        __syncthreads();  // every warp is done reading the previous tiles
-        linear_tc_stage<VEC>(xs, p.x, m0, p.m, k0, k_end, p.k);
-        linear_tc_stage<VEC>(ws, p.w, n0, p.n, k0, k_end, p.k);
-        __syncthreads();
-        // x tile rows are A's rows (row-major); w tile rows are B's columns
-        // (B = W^T, col-major with the same leading dimension).
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, elem, wmma::row_major> a[2];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, elem, wmma::col_major> b[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            wmma::load_matrix_sync(a[i], &xs[wm + 16 * i][0], LINEAR_TC_LDK);
-            wmma::load_matrix_sync(b[i], &ws[wn + 16 * i][0], LINEAR_TC_LDK);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-            }
-        }
-    }
-    linear_tc_finish(p, acc, cs, wm, wn, m0, n0);
-}
-
-extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
-OP_KERNEL_NAME(linear_tc_vec8)(const LinearParams p) {
-    linear_tc<true>(p);
-}
-
-extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
-OP_KERNEL_NAME(linear_tc_scalar)(const LinearParams p) {
-    linear_tc<false>(p);
-}
-#elif defined(LINEAR_TC_ANY)
-// TF32 operand tiles: 16 K columns + 4 of padding. A leading dimension of 20
-// floats (80 bytes, a multiple of 16 as WMMA wants) puts the 8 rows a fragment
-// load touches at once on distinct banks.
-#define LINEAR_TF32_LDK 20
+#else
+// f32 storage: f32 tiles rounded to TF32 as they are staged (once per element,
+// not once per warp that reads it), 16x16x8 fragments. Tiles are 16 K columns
+// + 4 of padding: a leading dimension of 20 floats (80 bytes, a multiple of 16
+// as WMMA wants) puts the 8 rows a fragment load touches at once on distinct
+// banks.
+typedef float linear_tc_smem;
+typedef nvcuda::wmma::precision::tf32 linear_tc_frag;
+#define LINEAR_TC_FRAG_K 8
+#define LINEAR_TC_LDK 20
 
 // Rows [row0, row0 + 64) x columns [k0, k0 + 16) of a [rows, K] f32 matrix
 // into `tile` rounded to TF32, zero past `rows` and past `k_end`: thread t
 // takes row t / 2, columns (t % 2) * 8 .. + 8.
 template <bool VEC>
-__device__ __forceinline__ void linear_tc_tf32_stage(float (*tile)[LINEAR_TF32_LDK],
-                                                     const float* a, int row0, int rows, int k0,
-                                                     int k_end, int k) {
+__device__ __forceinline__ void linear_tc_stage(float (*tile)[LINEAR_TC_LDK], const float* a,
+                                                int row0, int rows, int k0, int k_end, int k) {
     using namespace nvcuda;
     const int r = threadIdx.x >> 1;
     const int c = (threadIdx.x & 1) * 8;
@@ -404,13 +380,16 @@ __device__ __forceinline__ void linear_tc_tf32_stage(float (*tile)[LINEAR_TF32_L
     }
 }
 
-// v3 for f32 storage: block 128 threads; grid (ceil(N / 64), ceil(M / 64), splits).
+#endif  // OP_ELEM
+
+// v3: block 128 threads; grid (ceil(N / 64), ceil(M / 64), splits).
 template <bool VEC>
-__device__ __forceinline__ void linear_tc_tf32(const LinearParams& p) {
+__device__ __forceinline__ void linear_tc(const LinearParams& p) {
     using namespace nvcuda;
-    __shared__ __align__(32) float xs[LINEAR_BM][LINEAR_TF32_LDK];
-    __shared__ __align__(32) float ws[LINEAR_BN][LINEAR_TF32_LDK];
+    __shared__ __align__(32) linear_tc_smem xs[LINEAR_BM][LINEAR_TC_LDK];
+    __shared__ __align__(32) linear_tc_smem ws[LINEAR_BN][LINEAR_TC_LDK];
     __shared__ __align__(32) float cs[LINEAR_BM][LINEAR_TC_LDC];
+    constexpr int FK = LINEAR_TC_FRAG_K;
 
     const int warp = threadIdx.x >> 5;
     const int wm = (warp >> 1) * 32;  // this warp's rows of the tile
@@ -420,7 +399,7 @@ __device__ __forceinline__ void linear_tc_tf32(const LinearParams& p) {
     const int k_begin = blockIdx.z * p.k_per_split;
     const int k_end = min(p.k, k_begin + p.k_per_split);
 
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
+    wmma::fragment<wmma::accumulator, 16, 16, FK, float> acc[2][2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -431,18 +410,19 @@ __device__ __forceinline__ void linear_tc_tf32(const LinearParams& p) {
 
     for (int k0 = k_begin; k0 < k_end; k0 += LINEAR_BK) {
         __syncthreads();  // every warp is done reading the previous tiles
-        linear_tc_tf32_stage<VEC>(xs, p.x, m0, p.m, k0, k_end, p.k);
-        linear_tc_tf32_stage<VEC>(ws, p.w, n0, p.n, k0, k_end, p.k);
+        linear_tc_stage<VEC>(xs, p.x, m0, p.m, k0, k_end, p.k);
+        linear_tc_stage<VEC>(ws, p.w, n0, p.n, k0, k_end, p.k);
         __syncthreads();
 #pragma unroll
-        for (int kk = 0; kk < LINEAR_BK; kk += 8) {
-            // As in v3: x rows are A's rows, w rows are B's columns.
-            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> b[2];
+        for (int kk = 0; kk < LINEAR_BK; kk += FK) {
+            // x tile rows are A's rows (row-major); w tile rows are B's
+            // columns (B = W^T, col-major with the same leading dimension).
+            wmma::fragment<wmma::matrix_a, 16, 16, FK, linear_tc_frag, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, FK, linear_tc_frag, wmma::col_major> b[2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                wmma::load_matrix_sync(a[i], &xs[wm + 16 * i][kk], LINEAR_TF32_LDK);
-                wmma::load_matrix_sync(b[i], &ws[wn + 16 * i][kk], LINEAR_TF32_LDK);
+                wmma::load_matrix_sync(a[i], &xs[wm + 16 * i][kk], LINEAR_TC_LDK);
+                wmma::load_matrix_sync(b[i], &ws[wn + 16 * i][kk], LINEAR_TC_LDK);
             }
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
@@ -456,13 +436,25 @@ __device__ __forceinline__ void linear_tc_tf32(const LinearParams& p) {
     linear_tc_finish(p, acc, cs, wm, wn, m0, n0);
 }
 
+#if OP_ELEM != 0
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
+OP_KERNEL_NAME(linear_tc_vec8)(const LinearParams p) {
+    linear_tc<true>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
+OP_KERNEL_NAME(linear_tc_scalar)(const LinearParams p) {
+    linear_tc<false>(p);
+}
+#else
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
 OP_KERNEL_NAME(linear_tc_tf32_vec4)(const LinearParams p) {
-    linear_tc_tf32<true>(p);
+    linear_tc<true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
 OP_KERNEL_NAME(linear_tc_tf32_scalar)(const LinearParams p) {
-    linear_tc_tf32<false>(p);
+    linear_tc<false>(p);
 }
-#endif  // OP_ELEM
+#endif
+#endif  // LINEAR_TC_ANY

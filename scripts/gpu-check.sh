@@ -10,7 +10,8 @@
 #                    nvidia-cuda-nvrtc wheel PyTorch installs) and puts its folder
 #                    on LD_LIBRARY_PATH for the steps below
 #   info             outproj info
-#   check-cuda       outproj check --device cuda
+#   check-cuda       outproj check --device cuda (f32), then check-cuda-<p> for each
+#                    precision in $CHECK_PRECISIONS, where the binary has --precision
 #   bench-cuda       outproj bench --device cuda --batch $BATCHES --json; when the
 #                    binary has --precision, once per precision in $PRECISIONS
 #                    (steps bench-cuda-<precision>); JSON in bench-cuda[-<p>].json
@@ -20,20 +21,26 @@
 #                    torch-baseline.json and .md (skipped without torch or its CUDA)
 #   compare          scripts/compare_bench.py: ours vs PyTorch per precision and batch,
 #                    with the performance targets, into comparison.md (and printed)
-#   memcheck,        compute-sanitizer --tool <tool> outproj check --device cuda,
-#   racecheck        for each tool in $SANITIZER_TOOLS (skipped without
-#                    compute-sanitizer)
+#   memcheck,        compute-sanitizer --tool <tool> on $SANITIZER_RUN (default: a
+#   racecheck        check; with QUICK=1 one f32 and one bf16 forward plus their
+#                    CUDA-graph replays), for each tool in $SANITIZER_TOOLS (skipped
+#                    without compute-sanitizer)
 #   check-wgpu,      the same check and bench on wgpu, when `outproj info` reports
 #   bench-wgpu       a wgpu adapter that is a real GPU (the NVIDIA Vulkan driver)
 # then prints one table: step, status, key figure. Exits non-zero when any step
 # failed. A failed step does not stop the ones after it.
 #
 # Environment:
+#   QUICK              1: a run that fits ~8 minutes on an H100/H200 (batches 1,64;
+#                      f32 and bf16; 0.2 s per measurement; torch.compile in
+#                      reduce-overhead mode only; sanitizers on forwards, not a check)
 #   OUTPROJ            the binary (default: target/release/outproj next to this script)
 #   OUT                output folder (default: ./gpu-check-<date>)
 #   BATCHES            bench batch sizes (default: 1,8,64)
 #   PRECISIONS         outproj bench precisions, where it has --precision
 #                      (default: "f32 tf32 f16 bf16")
+#   CHECK_PRECISIONS   outproj check precisions besides f32 (default: "tf32 f16 bf16")
+#   BENCH_SECONDS      outproj bench --seconds (default: 1)
 #   TORCH_PYTHON       the python with torch (default: python3)
 #   TORCH_PRECISIONS   PyTorch precisions (default: f32,bf16,f16)
 #   TORCH_TIMEOUT      seconds for the PyTorch step (default: 3600; torch.compile
@@ -49,8 +56,22 @@ script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$script_dir/.." && pwd)
 OUTPROJ=${OUTPROJ:-$root/target/release/outproj}
 OUT=${OUT:-$PWD/gpu-check-$(date +%Y%m%d-%H%M%S)}
+QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+    BATCHES=${BATCHES:-1,64}
+    PRECISIONS=${PRECISIONS:-f32 bf16}
+    CHECK_PRECISIONS=${CHECK_PRECISIONS:-tf32 bf16}
+    BENCH_SECONDS=${BENCH_SECONDS:-0.2}
+    TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16}
+    TORCH_ARGS=${TORCH_ARGS:---seconds 0.2 --compile-modes reduce-overhead}
+    SANITIZER_RUN=${SANITIZER_RUN:-forwards}
+fi
 BATCHES=${BATCHES:-1,8,64}
 PRECISIONS=${PRECISIONS:-f32 tf32 f16 bf16}
+CHECK_PRECISIONS=${CHECK_PRECISIONS:-tf32 f16 bf16}
+BENCH_SECONDS=${BENCH_SECONDS:-1}
+TORCH_ARGS=${TORCH_ARGS:-}
+SANITIZER_RUN=${SANITIZER_RUN:-check}
 TORCH_PYTHON=${TORCH_PYTHON:-python3}
 TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16,f16}
 TORCH_TIMEOUT=${TORCH_TIMEOUT:-3600}
@@ -163,16 +184,24 @@ check_figure() {
     ' "$OUT/$1.out"
 }
 
-# "batch 1: X us, ..." (the projector's median) from `outproj bench --json`.
+# "batch 1: X us (graph Y us, N kernels), ..." (the projector's median device
+# time, else wall time) from `outproj bench --json`.
 bench_figure() {
     local json=$OUT/$1.out
     if command -v python3 >/dev/null 2>&1; then
         python3 - "$json" <<'EOF' 2>/dev/null || echo "unparsable JSON: see $1.out"
 import json, sys
 rows = json.load(open(sys.argv[1]))
-proj = [r for r in rows if r.get("what") == "projector"]
-print(", ".join("batch %s: %.0f us" % (r["shape"].split()[-1], r["median_us"]) for r in proj)
-      or "no projector rows")
+def us(r):
+    return r["device_us"] if r.get("device_us") is not None else r["median_us"]
+graph = {r["shape"]: r for r in rows if r.get("what") == "projector graph"}
+parts = []
+for r in rows:
+    if r.get("what") == "projector":
+        g = graph.get(r["shape"])
+        extra = " (graph %.0f us, %s kernels)" % (us(g), g.get("launches")) if g else ""
+        parts.append("batch %s: %.0f us%s" % (r["shape"].split()[-1], us(r), extra))
+print(", ".join(parts) or "no projector rows")
 EOF
     else
         echo "$(grep -c '"projector"' "$json") projector rows (python3 missing: see $1.out)"
@@ -255,19 +284,37 @@ rc=$?
 cuda_line=$(grep -E '^cuda ' "$OUT/info.out" | head -n 1 | tr -s ' ')
 record info "$(status_of "$rc")" "${cuda_line:-$(last_error info)}"
 
-run_step check-cuda "$STEP_TIMEOUT" "$OUTPROJ" check --device cuda
-rc=$?
-if [[ $rc == 0 ]]; then
-    record check-cuda ok "$(check_figure check-cuda)"
-else
-    record check-cuda FAIL "exit $rc: $(check_figure check-cuda) $(last_error check-cuda)"
+# check_step NAME ARGS...: one `outproj check`.
+check_step() {
+    local name=$1 rc
+    shift
+    run_step "$name" "$STEP_TIMEOUT" "$OUTPROJ" check "$@"
+    rc=$?
+    if [[ $rc == 0 ]]; then
+        record "$name" ok "$(check_figure "$name")"
+    else
+        record "$name" FAIL "exit $rc: $(check_figure "$name") $(last_error "$name")"
+    fi
+}
+
+has_precision=0
+if "$OUTPROJ" bench --help 2>/dev/null | grep -q -- --precision; then
+    has_precision=1
+fi
+
+check_step check-cuda --device cuda
+if ((has_precision)); then
+    for p in $CHECK_PRECISIONS; do
+        check_step "check-cuda-$p" --device cuda --precision "$p"
+    done
 fi
 
 # bench_step NAME ARGS...: one `outproj bench --json`; its JSON also in NAME.json.
 bench_step() {
     local name=$1 rc
     shift
-    run_step "$name" "$STEP_TIMEOUT" "$OUTPROJ" bench "$@" --batch "$BATCHES" --json
+    run_step "$name" "$STEP_TIMEOUT" "$OUTPROJ" bench "$@" --batch "$BATCHES" \
+        --seconds "$BENCH_SECONDS" --json
     rc=$?
     if [[ $rc == 0 ]]; then
         cp "$OUT/$name.out" "$OUT/$name.json"
@@ -277,7 +324,7 @@ bench_step() {
     fi
 }
 
-if "$OUTPROJ" bench --help 2>/dev/null | grep -q -- --precision; then
+if ((has_precision)); then
     for p in $PRECISIONS; do
         bench_step "bench-cuda-$p" --device cuda --precision "$p"
     done
@@ -292,9 +339,11 @@ if ! "$TORCH_PYTHON" -c "import torch" >/dev/null 2>&1; then
 elif ! "$TORCH_PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
     record torch-baseline skip "torch $("$TORCH_PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null) sees no CUDA device"
 else
+    read -r -a torch_args <<<"$TORCH_ARGS"
     run_step torch-baseline "$TORCH_TIMEOUT" "$TORCH_PYTHON" "$script_dir/torch_baseline.py" \
         --device cuda --batches "$BATCHES" --precisions "$TORCH_PRECISIONS" \
-        --outproj "$OUTPROJ" --json "$OUT/torch-baseline.json" --markdown "$OUT/torch-baseline.md"
+        --outproj "$OUTPROJ" --json "$OUT/torch-baseline.json" --markdown "$OUT/torch-baseline.md" \
+        ${torch_args[@]+"${torch_args[@]}"}
     rc=$?
     [[ -s $OUT/torch-baseline.json ]] && torch_json=$OUT/torch-baseline.json
     fig=$(grep -v '^[[:space:]]*$' "$OUT/torch-baseline.out" 2>/dev/null | tail -n 1)
@@ -332,8 +381,18 @@ fi
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
     for tool in $SANITIZER_TOOLS; do
-        run_step "$tool" "$SANITIZER_TIMEOUT" compute-sanitizer --tool "$tool" \
-            --error-exitcode 86 --print-limit 100 "$OUTPROJ" check --device cuda
+        if [[ $SANITIZER_RUN == forwards ]]; then
+            # Every fast kernel a forward uses, eager and graph-replayed, f32 and bf16.
+            # shellcheck disable=SC2016 # expanded by the inner bash
+            run_step "$tool" "$SANITIZER_TIMEOUT" bash -c '
+                for p in f32 bf16; do
+                    compute-sanitizer --tool "$1" --error-exitcode 86 --print-limit 100 \
+                        "$2" bench --device cuda --precision "$p" --batch 3 --seconds 0.001 || exit
+                done' sanitized "$tool" "$OUTPROJ"
+        else
+            run_step "$tool" "$SANITIZER_TIMEOUT" compute-sanitizer --tool "$tool" \
+                --error-exitcode 86 --print-limit 100 "$OUTPROJ" check --device cuda
+        fi
         rc=$?
         fig=$(grep -hE '(ERROR|RACECHECK) SUMMARY' "$OUT/$tool.out" "$OUT/$tool.err" 2>/dev/null |
             sed 's/^=* *//' | tr '\n' ' ')

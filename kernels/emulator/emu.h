@@ -334,6 +334,17 @@ inline void __syncthreads() {
     emu::to_sched(false);
 }
 
+// Blocks run one after another and the fibers of a block take turns at
+// scheduling points only, so memory is always coherent: fences are no-ops,
+// atomics plain read-modify-writes, and L1-bypassing loads plain loads.
+inline void __threadfence() {}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    const unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+inline float __ldcg(const float* p) { return *p; }
+
 inline void __syncwarp(unsigned = 0xffffffffu) {
     auto& f = emu::fibers[emu::cur];
     f.st = emu::WARP;

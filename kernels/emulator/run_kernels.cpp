@@ -59,6 +59,17 @@ static void report(const std::string& what, const float* got, const std::vector<
     fflush(stdout);
 }
 
+// Split-K leaves every tile counter as it found it (zero) for the next launch.
+static void check_counters_reset(const std::string& what, const std::vector<unsigned>& counters) {
+    for (unsigned c : counters) {
+        if (c != 0) {
+            ++failures;
+            printf("FAIL %-60s split-K tile counter left at %u\n", what.c_str(), c);
+            return;
+        }
+    }
+}
+
 static bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
 static unsigned cdiv(long a, long b) { return (unsigned)((a + b - 1) / b); }
 
@@ -120,14 +131,14 @@ static void test_linear(int m, int n, int k, int act, bool bias, bool res, int x
             p.splits = splits;
             bool vec = k % 4 == 0 && aligned16(p.x) && aligned16(p.w);
             Buf part(splits > 1 ? (size_t)splits * m * n : 0);
+            std::vector<unsigned> counters((size_t)cdiv(n, 64) * cdiv(m, 64), 0u);
             p.partial = splits > 1 ? part.p : nullptr;
+            p.tile_counters = counters.data();
             v = std::string(vec ? "tc_tf32_vec4" : "tc_tf32_scalar") + " splits " + std::to_string(splits);
             emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), splits), dim3(128), [&] {
                 if (vec) linear_tc_tf32_vec4(p); else linear_tc_tf32_scalar(p);
             });
-            if (splits > 1) {
-                emu::launch(dim3(cdiv((long)m * n, 256)), dim3(256), [&] { linear_splitk_reduce(p); });
-            }
+            check_counters_reset(std::string(name) + " " + v, counters);
             // Inputs rounded to 10 mantissa bits (2^-11 relative at most):
             // measured <= 1.8e-4 here, 2.9e-4 in tests/cuda_ops.rs.
             report(std::string(name) + " " + v, out.p, want, 7e-4);
@@ -140,14 +151,14 @@ static void test_linear(int m, int n, int k, int act, bool bias, bool res, int x
             p.splits = splits;
             bool vec = k % 4 == 0 && aligned16(p.x) && aligned16(p.w);
             Buf part(splits > 1 ? (size_t)splits * m * n : 0);
+            std::vector<unsigned> counters((size_t)cdiv(n, 64) * cdiv(m, 64), 0u);
             p.partial = splits > 1 ? part.p : nullptr;
+            p.tile_counters = counters.data();
             v = std::string(vec ? "tiled_vec4" : "tiled_scalar") + " splits " + std::to_string(splits);
             emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), splits), dim3(256), [&] {
                 if (vec) linear_tiled_vec4(p); else linear_tiled_scalar(p);
             });
-            if (splits > 1) {
-                emu::launch(dim3(cdiv((long)m * n, 256)), dim3(256), [&] { linear_splitk_reduce(p); });
-            }
+            check_counters_reset(std::string(name) + " " + v, counters);
         }
         report(std::string(name) + " " + v, out.p, want, 1e-5);
     }

@@ -421,6 +421,9 @@ struct Shared {
     pool: Arc<Pool>,
     /// Kernels launched on the stream so far (captured ones included).
     launches: AtomicU64,
+    /// Split-K tile counters (u32, one per SM: a split GEMM has fewer tiles
+    /// than SMs), zero between launches; see kernels/linear.cu.
+    tile_counters: Block,
 }
 
 struct Inner {
@@ -526,12 +529,20 @@ impl Cuda {
             stream_ordered: ctx.has_async_alloc(),
             state: Mutex::new(PoolState::default()),
         });
+        let sm_count = u32::try_from(sm_count.max(1)).unwrap_or(1);
+        let counter_bytes = sm_count as usize * 4;
+        let tile_counters = pool.take(counter_bytes)?;
+        // SAFETY: the block holds `counter_bytes` bytes; the memset is queued on
+        // the stream every kernel that uses the counters is ordered after.
+        unsafe { drv::memset_d8_async(tile_counters.ptr, 0, counter_bytes, stream.cu_stream()) }
+            .map_err(driver("clearing the split-K counters"))?;
         let shared = Arc::new(Shared {
             arch: format!("sm_{major}{minor}"),
             cc_major: major,
             device_name,
-            sm_count: u32::try_from(sm_count.max(1)).unwrap_or(1),
+            sm_count,
             modules: Mutex::new(HashMap::new()),
+            tile_counters,
             pool,
             launches: AtomicU64::new(0),
             stream,
@@ -737,6 +748,17 @@ impl Cuda {
             dtype: self.storage(),
             ctx: self.ctx_id(),
         })
+    }
+
+    /// The split-K tile counters, for a grid of `tiles` output tiles.
+    pub(crate) fn tile_counters(&self, tiles: usize) -> Result<u64> {
+        if tiles > self.inner.shared.sm_count as usize {
+            return Err(backend_error(
+                CUDA,
+                format!("a split GEMM of {tiles} tiles exceeds the split-K counters"),
+            ));
+        }
+        Ok(self.inner.shared.tile_counters.ptr)
     }
 
     /// A block of scratch memory from the pool (returned to it on drop).

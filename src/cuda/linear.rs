@@ -22,6 +22,7 @@ pub(crate) struct LinearParams {
     residual: u64,
     out: u64,
     partial: u64,
+    tile_counters: u64,
     m: i32,
     n: i32,
     k: i32,
@@ -42,6 +43,7 @@ fn layouts() -> String {
         residual,
         out,
         partial,
+        tile_counters,
         m,
         n,
         k,
@@ -54,12 +56,7 @@ fn layouts() -> String {
 pub(crate) static PROGRAM: Program = Program {
     file: "linear.cu",
     source: include_str!("../../kernels/linear.cu"),
-    kernels: &[
-        "linear_naive",
-        "linear_tiled_vec4",
-        "linear_tiled_scalar",
-        "linear_splitk_reduce",
-    ],
+    kernels: &["linear_naive", "linear_tiled_vec4", "linear_tiled_scalar"],
     half_kernels: &["linear_tc_vec8", "linear_tc_scalar"],
     tf32_kernels: &["linear_tc_tf32_vec4", "linear_tc_tf32_scalar"],
     layouts,
@@ -77,15 +74,15 @@ const MAX_SPLITS: usize = 32;
 pub(crate) enum LinearPlan {
     /// `linear_naive`, block (16, 16).
     Naive { grid: (u32, u32, u32) },
-    /// `linear_tiled_*`, block 256; with `splits > 1` the partial sums go to a
-    /// `[splits, M, N]` workspace and `linear_splitk_reduce` (block 256,
-    /// `reduce_blocks` blocks) finishes.
+    /// `linear_tiled_*` (or a tensor-core twin); with `splits > 1` the partial
+    /// sums go to a `[splits, M, N]` workspace and the last block of each of
+    /// the `grid.0 * grid.1` tiles finishes it, counted in the backend's tile
+    /// counters.
     Tiled {
         vec4: bool,
         grid: (u32, u32, u32),
         splits: usize,
         k_per_split: usize,
-        reduce_blocks: u32,
     },
 }
 
@@ -129,7 +126,6 @@ pub(crate) fn plan(
         }),
         KernelVersion::Fast => {
             let (splits, k_per_split) = split_k(d.m, d.n, d.k, sm_count as usize);
-            let total = d.m.saturating_mul(d.n);
             Ok(LinearPlan::Tiled {
                 vec4,
                 grid: (
@@ -139,11 +135,6 @@ pub(crate) fn plan(
                 ),
                 splits,
                 k_per_split,
-                reduce_blocks: if splits > 1 {
-                    blocks_for("linear", total, 256)?
-                } else {
-                    0
-                },
             })
         }
     }
@@ -198,6 +189,7 @@ pub(super) fn linear(
         residual: rp.unwrap_or(0),
         out: op,
         partial: 0,
+        tile_counters: 0,
         m: i32_of("linear rows", d.m)?,
         n: i32_of("linear out_features", d.n)?,
         k: i32_of("linear in_features", d.k)?,
@@ -214,7 +206,6 @@ pub(super) fn linear(
             grid,
             splits,
             k_per_split,
-            reduce_blocks,
         } => {
             params.k_per_split = i32_of("linear split", k_per_split)?;
             params.splits = i32_of("linear splits", splits)?;
@@ -239,17 +230,11 @@ pub(super) fn linear(
                 return be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params);
             }
             // [splits, M, N] partial sums; back to the pool when this returns,
-            // reusable only by work queued after the reduce.
+            // reusable only by work queued after this launch.
             let workspace = be.scratch(splits * d.m * d.n * 4)?;
             params.partial = workspace.ptr();
-            be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params)?;
-            be.launch(
-                &PROGRAM,
-                "linear_splitk_reduce",
-                (reduce_blocks, 1, 1),
-                (256, 1, 1),
-                &params,
-            )
+            params.tile_counters = be.tile_counters(grid.0 as usize * grid.1 as usize)?;
+            be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params)
         }
     }
 }
@@ -264,7 +249,7 @@ mod tests {
 
     #[test]
     fn layout_has_no_padding() {
-        assert_eq!(std::mem::size_of::<LinearParams>(), 6 * 8 + 6 * 4);
+        assert_eq!(std::mem::size_of::<LinearParams>(), 7 * 8 + 6 * 4);
     }
 
     #[test]
@@ -326,14 +311,14 @@ mod tests {
                     grid,
                     splits,
                     k_per_split,
-                    reduce_blocks,
                 } => {
                     assert!(!vec4);
                     assert!(grid.0 as usize * TILE >= n && grid.1 as usize * TILE >= m);
                     assert_eq!(grid.2 as usize, splits);
                     assert!(splits * k_per_split >= k);
+                    // A split grid's tiles fit the backend's counters (one per SM).
                     if splits > 1 {
-                        assert!(reduce_blocks as usize * 256 >= m * n);
+                        assert!((grid.0 * grid.1) < 132);
                     }
                 }
                 p => panic!("{p:?}"),
