@@ -23,6 +23,31 @@
 //   padding columns are zero in shared memory, so any head_dim <= 128 works.
 //   `vec4` = 16-byte loads (pointers, strides, column offsets and head_dim
 //   multiples of 4 floats, checked by the host).
+// - attention_tc_d64 / _d128 (v3, f16/bf16 storage, head_dim exactly 64 or
+//   128): FlashAttention-2 on tensor cores (WMMA 16x16x16, f32 accumulators).
+//   A block of 4 warps takes 64 queries of one (batch, head), 16 per warp. Q
+//   is staged once in shared memory as elem; K and V go through shared memory
+//   32 keys at a time (rows past Lk zero; `vec4`: 8-byte loads of 4 elements).
+//   Each warp computes its 16 x 32 scores S = Q K^T into shared memory (f32);
+//   lanes 2r and 2r + 1 own row r: they mask it (keys past Lk, masked or,
+//   causal, after the query: -inf), update the running max and sum (online
+//   softmax, f32), rescale their part of O by exp(m_old - m_new) and write P,
+//   rounded to elem, to shared memory (the row sum adds the rounded values, so
+//   the weights P V uses are exactly the ones it is divided by). O += P V runs
+//   16 output columns at a time into a fresh accumulator that goes through the
+//   warp's consumed score rows to the two lanes that keep those O values in
+//   registers (the accumulator's register layout is never assumed), so each
+//   lane holds 8 of every 16 output columns of its row: head_dim / 2 floats.
+//   Rows that see no key give zeros. Warps whose queries are all past Lq, or
+//   (causal) all before a tile's first key, only stage the tile.
+//   Queries per block: batch 1 at the projector's shape (Lq 77, 4 heads) gets
+//   2 x 4 = 8 blocks, a few of 132 SMs. Smaller blocks (16 or 32 queries)
+//   would give 20 or 12 blocks but not a shorter critical path: a block's time
+//   is its warps' walk over the same ceil(Lk / 32) tiles, and its 4 warps run
+//   side by side on the SM's 4 schedulers; at batch 1 the op is a few
+//   microseconds of launch latency and dependent steps either way. At batch
+//   64 (512 blocks) the 64-query block shares each staged K/V tile among 4
+//   warps, a quarter of the staging traffic of 16-query blocks.
 #include "common.cuh"
 
 struct AttentionParams {
@@ -271,3 +296,275 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_flash_d128)(const AttentionParams p) {
     attention_flash<128>(p);
 }
+
+// ---------------------------------------------------------------- v3
+// Tensor cores for 16-bit storage: WMMA 16x16x16 on f16/bf16, f32 accumulators.
+#if OP_ELEM != 0
+#ifndef OP_EMULATOR
+#include <mma.h>
+#endif
+
+#define ATT_TC_WARPS 4
+#define ATT_TC_BQ (ATT_TC_WARPS * 16)  // queries per block: 16 per warp
+#define ATT_TC_BK 32                   // keys per tile
+// Registers: each lane keeps head_dim / 2 output floats; at d128 ptxas takes
+// up to 168 a thread (3 blocks of 4 warps per SM, as 3 blocks of 48 KiB shared
+// memory on sm_80). Capping it at 128 (__launch_bounds__ minimum of 4 blocks)
+// spills on sm_80.
+// Leading dimensions: WMMA wants multiples of 8 elements (16 bytes); 8 (4)
+// elements of padding shift consecutive rows by 4 banks, so the 8 rows of 16
+// bytes a fragment load reads at once fall on distinct banks.
+#define ATT_TC_LDS (ATT_TC_BK + 4)  // f32 scores
+#define ATT_TC_LDP (ATT_TC_BK + 8)  // elem probabilities
+
+// Rows [row0, row0 + rows) of one head's column block into an elem tile of
+// HD columns (leading dimension LD): rows past `limit` and columns past hd are
+// zero. `vec4`: 4 elements (8 bytes) at a time.
+template <int HD, int LD>
+__device__ __forceinline__ void attention_tc_stage(elem (*tile)[LD], int rows, const elem* src,
+                                                   int seq_base, int row0, int limit, int stride,
+                                                   int col, int hd, bool vec4) {
+    constexpr int CHUNKS = HD / 4;
+    const elem zero = from_f32(0.0f);
+    for (int idx = threadIdx.x; idx < rows * CHUNKS; idx += ATT_TC_WARPS * 32) {
+        const int r = idx / CHUNKS;
+        const int c = (idx - r * CHUNKS) * 4;
+        const int row = row0 + r;
+        elem* t = &tile[r][c];
+        if (row < limit && c < hd) {
+            const elem* s = src + (seq_base + row) * stride + col + c;
+            if (vec4) {
+                // hd % 4 == 0: all 4 columns are in range.
+                *reinterpret_cast<uint2*>(t) = *reinterpret_cast<const uint2*>(s);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    t[j] = c + j < hd ? s[j] : zero;
+                }
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                t[j] = zero;
+            }
+        }
+    }
+}
+
+// Eight consecutive f32 values as elem, one 16-byte store; `p` 16-byte aligned.
+__device__ __forceinline__ void attention_tc_store8(elem* p, const float* v) {
+    uint4 raw;
+    raw.x = (unsigned)f32_to_bits(v[0]) | ((unsigned)f32_to_bits(v[1]) << 16);
+    raw.y = (unsigned)f32_to_bits(v[2]) | ((unsigned)f32_to_bits(v[3]) << 16);
+    raw.z = (unsigned)f32_to_bits(v[4]) | ((unsigned)f32_to_bits(v[5]) << 16);
+    raw.w = (unsigned)f32_to_bits(v[6]) | ((unsigned)f32_to_bits(v[7]) << 16);
+    *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// v3: block 128 threads; grid (ceil(Lq / 64), heads, batch). Shared memory:
+// 2 (64 + 2 * 32) (HD + 8) + 64 * 36 * 4 + 64 * 40 * 2 bytes = 48 KiB at
+// HD = 128, 32 KiB at HD = 64.
+template <int HD>
+__device__ __forceinline__ void attention_tc(const AttentionParams& p) {
+    using namespace nvcuda;
+    constexpr int LD = HD + 8;
+    constexpr int KT = ATT_TC_BK / 16;  // 16-key blocks per tile
+    __shared__ __align__(32) elem qs[ATT_TC_BQ][LD];
+    __shared__ __align__(32) elem ks[ATT_TC_BK][LD];
+    __shared__ __align__(32) elem vs[ATT_TC_BK][LD];
+    __shared__ __align__(32) float ss[ATT_TC_BQ][ATT_TC_LDS];  // scores; P V scratch
+    __shared__ __align__(32) elem ps[ATT_TC_BQ][ATT_TC_LDP];
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int b = blockIdx.z;
+    const int h = blockIdx.y;
+    const int q0 = blockIdx.x * ATT_TC_BQ;
+    const int hd = p.head_dim;
+    const bool vec4 = p.vec4 != 0;
+    const int wr = warp * 16;    // the warp's first row of the tiles
+    const int r = lane >> 1;     // the row whose softmax state and output this lane keeps
+    const int half = lane & 1;   // with lane ^ 1: columns half * 16 .. of S, half * 8 .. of
+                                 // every 16-column block of O
+    const int i = q0 + wr + r;   // its query
+
+    attention_tc_stage<HD, LD>(qs, ATT_TC_BQ, p.q, b * p.lq, q0, p.lq, p.q_stride,
+                               p.q_col + h * hd, hd, vec4);
+
+    float o[HD / 16][8];
+#pragma unroll
+    for (int n = 0; n < HD / 16; ++n) {
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            o[n][t] = 0.0f;
+        }
+    }
+    float m_run = OP_NEG_INF;
+    float l_run = 0.0f;
+
+    // With causal masking no query of this block sees a key past its last query.
+    const int k_stop = p.causal ? min(p.lk, q0 + ATT_TC_BQ) : p.lk;
+    // A warp whose rows are all past Lq, or (causal) before a tile's first key,
+    // only helps to stage the tile.
+    const bool warp_rows = q0 + wr < p.lq;
+    const int warp_last = q0 + wr + 15;
+    for (int k0 = 0; k0 < k_stop; k0 += ATT_TC_BK) {
+        __syncthreads();  // the previous K/V tile is consumed (and Q is staged)
+        attention_tc_stage<HD, LD>(ks, ATT_TC_BK, p.k, b * p.lk, k0, p.lk, p.k_stride,
+                                   p.k_col + h * hd, hd, vec4);
+        attention_tc_stage<HD, LD>(vs, ATT_TC_BK, p.v, b * p.lk, k0, p.lk, p.v_stride,
+                                   p.v_col + h * hd, hd, vec4);
+        __syncthreads();
+        if (!warp_rows || (p.causal && k0 > warp_last)) {
+            continue;  // warp-uniform
+        }
+
+        // S = Q K^T for the warp's 16 rows: K tile rows are B's columns
+        // (col-major with the tile's leading dimension).
+        {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sacc[KT];
+#pragma unroll
+            for (int j = 0; j < KT; ++j) {
+                wmma::fill_fragment(sacc[j], 0.0f);
+            }
+#pragma unroll 2
+            for (int d = 0; d < HD; d += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, elem, wmma::row_major> qa;
+                wmma::load_matrix_sync(qa, &qs[wr][d], LD);
+#pragma unroll
+                for (int j = 0; j < KT; ++j) {
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, elem, wmma::col_major> kb;
+                    wmma::load_matrix_sync(kb, &ks[16 * j][d], LD);
+                    wmma::mma_sync(sacc[j], qa, kb, sacc[j]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < KT; ++j) {
+                wmma::store_matrix_sync(&ss[wr][16 * j], sacc[j], ATT_TC_LDS,
+                                        wmma::mem_row_major);
+            }
+        }
+        __syncwarp();
+
+        // Online softmax of row r: this lane takes 16 of its 32 scores, lane ^ 1
+        // the others. Invisible keys (past Lk, masked, causal) score -inf.
+        {
+            float sv[16];
+            const float* srow = &ss[wr + r][half * 16];
+#pragma unroll
+            for (int c = 0; c < 16; c += 4) {
+                const float4 s4 = *reinterpret_cast<const float4*>(srow + c);
+                sv[c] = s4.x;
+                sv[c + 1] = s4.y;
+                sv[c + 2] = s4.z;
+                sv[c + 3] = s4.w;
+            }
+            float mt = OP_NEG_INF;
+#pragma unroll
+            for (int c = 0; c < 16; ++c) {
+                const int j = k0 + half * 16 + c;
+                const bool ok = j < p.lk && !(p.causal && j > i) &&
+                                (p.mask == nullptr || p.mask[b * p.lk + j] == 0);
+                sv[c] = ok ? sv[c] * p.scale : OP_NEG_INF;
+                mt = fmaxf(mt, sv[c]);
+            }
+            mt = fmaxf(mt, __shfl_xor_sync(OP_FULL_MASK, mt, 1));
+            const float m_new = fmaxf(m_run, mt);
+            // Nothing visible yet: keep the (zero) state as it is.
+            const float corr = m_new == OP_NEG_INF ? 1.0f : expf(m_run - m_new);
+            // The probabilities rounded to elem, as P V sees them; the row sum
+            // adds the same rounded values.
+            float sum = 0.0f;
+#pragma unroll
+            for (int c = 0; c < 16; ++c) {
+                const float e = sv[c] == OP_NEG_INF ? 0.0f : expf(sv[c] - m_new);
+                sv[c] = to_f32(from_f32(e));
+                sum += sv[c];
+            }
+            sum += __shfl_xor_sync(OP_FULL_MASK, sum, 1);
+            l_run = fmaf(l_run, corr, sum);
+            m_run = m_new;
+            attention_tc_store8(&ps[wr + r][half * 16], sv);
+            attention_tc_store8(&ps[wr + r][half * 16 + 8], sv + 8);
+#pragma unroll
+            for (int n = 0; n < HD / 16; ++n) {
+#pragma unroll
+                for (int t = 0; t < 8; ++t) {
+                    o[n][t] *= corr;
+                }
+            }
+        }
+        __syncwarp();
+
+        // O += P V, 16 output columns at a time: the block's product goes
+        // through the warp's (consumed) score rows to the lanes that keep them.
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, elem, wmma::row_major> pa[KT];
+#pragma unroll
+        for (int j = 0; j < KT; ++j) {
+            wmma::load_matrix_sync(pa[j], &ps[wr][16 * j], ATT_TC_LDP);
+        }
+#pragma unroll
+        for (int n = 0; n < HD / 16; ++n) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> oacc;
+            wmma::fill_fragment(oacc, 0.0f);
+#pragma unroll
+            for (int j = 0; j < KT; ++j) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, elem, wmma::row_major> vb;
+                wmma::load_matrix_sync(vb, &vs[16 * j][16 * n], LD);
+                wmma::mma_sync(oacc, pa[j], vb, oacc);
+            }
+            wmma::store_matrix_sync(&ss[wr][0], oacc, ATT_TC_LDS, wmma::mem_row_major);
+            __syncwarp();
+            const float* prow = &ss[wr + r][half * 8];
+#pragma unroll
+            for (int t = 0; t < 8; t += 4) {
+                const float4 v4 = *reinterpret_cast<const float4*>(prow + t);
+                o[n][t] += v4.x;
+                o[n][t + 1] += v4.y;
+                o[n][t + 2] += v4.z;
+                o[n][t + 3] += v4.w;
+            }
+            __syncwarp();  // read before the next block overwrites it
+        }
+    }
+
+    if (i >= p.lq) {
+        return;
+    }
+    const int out_stride = p.heads * hd;
+    const float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
+    elem* orow = p.out + (b * p.lq + i) * out_stride + h * hd;
+    // hd == HD (the host's choice), so 8-element groups of a 16-byte aligned
+    // row are 16-byte aligned.
+    const bool vec8 = hd == HD && (reinterpret_cast<unsigned long long>(orow) & 15) == 0;
+#pragma unroll
+    for (int n = 0; n < HD / 16; ++n) {
+        const int d0 = 16 * n + 8 * half;
+        float v[8];
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            v[t] = o[n][t] * inv;
+        }
+        if (vec8) {
+            attention_tc_store8(orow + d0, v);
+        } else {
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+                if (d0 + t < hd) {
+                    orow[d0 + t] = from_f32(v[t]);
+                }
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_TC_WARPS * 32)
+OP_KERNEL_NAME(attention_tc_d64)(const AttentionParams p) {
+    attention_tc<64>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_TC_WARPS * 32)
+OP_KERNEL_NAME(attention_tc_d128)(const AttentionParams p) {
+    attention_tc<128>(p);
+}
+#endif  // OP_ELEM != 0

@@ -125,10 +125,13 @@ fn projector_matches_reference() {
 /// The cases the f16/bf16 tests run: one activation per linear shape (the
 /// shapes cover K % 8 != 0, M, N < 16, split-K, several tiles), every layer
 /// norm, loss and gather case, and the attention cases but the two largest
-/// (their sizes are covered in f32), so the emulated runs stay short.
+/// (their sizes are covered in f32), so the emulated runs stay short; plus
+/// attention cases for the tensor-core kernel (head dims 64 and 128): Lq and
+/// Lk of 1, 3, 77 and 129 (a last query block or key tile holding one row),
+/// masks with causal (query 0 of sequence 0 sees no key), cross-attention.
 fn half_cases() -> Vec<Case> {
     let mut linear_shape = 0;
-    verify::standard_cases()
+    let mut cases: Vec<Case> = verify::standard_cases()
         .into_iter()
         .filter(|c| match c {
             Case::Linear { .. } => {
@@ -138,7 +141,25 @@ fn half_cases() -> Vec<Case> {
             Case::Attention { lq, lk, .. } => lq * lk < 20_000,
             _ => true,
         })
-        .collect()
+        .collect();
+    let attn = |batch, lq, lk, heads, head_dim, causal, mask, packed| Case::Attention {
+        batch,
+        lq,
+        lk,
+        heads,
+        head_dim,
+        causal,
+        mask,
+        packed,
+    };
+    cases.extend([
+        attn(2, 77, 77, 4, 128, true, true, true),
+        attn(1, 129, 3, 2, 128, false, true, false),
+        attn(2, 1, 77, 2, 64, false, true, false),
+        attn(1, 3, 3, 2, 64, true, true, true),
+        attn(1, 129, 129, 1, 128, true, false, true),
+    ]);
+    cases
 }
 
 // Tolerances for 16-bit storage: inputs and every output are rounded to

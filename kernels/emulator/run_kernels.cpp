@@ -12,11 +12,28 @@
 // a block in the opposite order between barriers (another interleaving);
 // --long adds the long attention cases (Lk = 4096, Lq = 4096).
 #include "emu.h"
+namespace k_f32 {
 #include "../linear.cu"
 #include "../layer_norm.cu"
 #include "../attention.cu"
 #include "../alignment_loss.cu"
 #include "../gather_signal_tokens.cu"
+}  // namespace k_f32
+// attention.cu again for 16-bit storage (its tensor-core kernels exist only
+// there), each storage type in a namespace of its own.
+#undef OP_COMMON_CUH
+#undef OP_ELEM
+#define OP_ELEM 1
+namespace k_f16 {
+#include "../attention.cu"
+}  // namespace k_f16
+#undef OP_COMMON_CUH
+#undef OP_ELEM
+#define OP_ELEM 2
+namespace k_bf16 {
+#include "../attention.cu"
+}  // namespace k_bf16
+using namespace k_f32;
 #include <cfloat>
 #include <set>
 #include <string>
@@ -234,6 +251,46 @@ static void test_layer_norm(int rows, int cols, bool res, double offset, bool wi
 }
 
 // ---------------------------------------------------------------- attention
+// The float64 reference of params `p` (any storage's struct) on the inputs q,
+// k, v (float or 16-bit elements) and the key mask m.
+template <class P, class E>
+static std::vector<double> attention_ref(const P& p, const E* q, const E* k, const E* v,
+                                         const std::vector<unsigned char>& m) {
+    const int batch = p.batch, lq = p.lq, lk = p.lk, heads = p.heads, hd = p.head_dim;
+    const int c = heads * hd;
+    std::vector<double> want((size_t)batch * lq * c);
+    double scale = 1.0 / std::sqrt((double)hd);
+    for (int b = 0; b < batch; ++b)
+        for (int h = 0; h < heads; ++h)
+            for (int i = 0; i < lq; ++i) {
+                std::vector<double> s(lk);
+                double mx = -INFINITY;
+                auto vis = [&](int j) { return !((p.causal && j > i) || (p.mask && m[b * lk + j])); };
+                for (int j = 0; j < lk; ++j) {
+                    if (!vis(j)) continue;
+                    double dot = 0;
+                    for (int t = 0; t < hd; ++t)
+                        dot += (double)emu_to_float(q[(b * lq + i) * p.q_stride + p.q_col + h * hd + t]) *
+                               emu_to_float(k[(b * lk + j) * p.k_stride + p.k_col + h * hd + t]);
+                    s[j] = dot * scale;
+                    mx = std::max(mx, s[j]);
+                }
+                double* o = &want[(b * lq + i) * c + h * hd];
+                for (int t = 0; t < hd; ++t) o[t] = 0;
+                if (mx == -INFINITY) continue;
+                double den = 0;
+                for (int j = 0; j < lk; ++j) {
+                    if (!vis(j)) continue;
+                    double e = std::exp(s[j] - mx);
+                    den += e;
+                    for (int t = 0; t < hd; ++t)
+                        o[t] += e * emu_to_float(v[(b * lk + j) * p.v_stride + p.v_col + h * hd + t]);
+                }
+                for (int t = 0; t < hd; ++t) o[t] /= den;
+            }
+    return want;
+}
+
 static void test_attention(int batch, int lq, int lk, int heads, int hd, bool causal, bool mask,
                            bool packed, bool naive_too = true) {
     int c = heads * hd;
@@ -262,35 +319,7 @@ static void test_attention(int batch, int lq, int lk, int heads, int hd, bool ca
         p.q_stride = c; p.k_stride = p.v_stride = 2 * c;
         p.q_col = 0; p.k_col = 0; p.v_col = c;
     }
-    std::vector<double> want((size_t)batch * lq * c);
-    double scale = 1.0 / std::sqrt((double)hd);
-    for (int b = 0; b < batch; ++b)
-        for (int h = 0; h < heads; ++h)
-            for (int i = 0; i < lq; ++i) {
-                std::vector<double> s(lk);
-                double mx = -INFINITY;
-                auto vis = [&](int j) { return !((causal && j > i) || m[b * lk + j]); };
-                for (int j = 0; j < lk; ++j) {
-                    if (!vis(j)) continue;
-                    double dot = 0;
-                    for (int t = 0; t < hd; ++t)
-                        dot += (double)p.q[(b * lq + i) * p.q_stride + p.q_col + h * hd + t] *
-                               p.k[(b * lk + j) * p.k_stride + p.k_col + h * hd + t];
-                    s[j] = dot * scale;
-                    mx = std::max(mx, s[j]);
-                }
-                double* o = &want[(b * lq + i) * c + h * hd];
-                for (int t = 0; t < hd; ++t) o[t] = 0;
-                if (mx == -INFINITY) continue;
-                double den = 0;
-                for (int j = 0; j < lk; ++j) {
-                    if (!vis(j)) continue;
-                    double e = std::exp(s[j] - mx);
-                    den += e;
-                    for (int t = 0; t < hd; ++t) o[t] += e * p.v[(b * lk + j) * p.v_stride + p.v_col + h * hd + t];
-                }
-                for (int t = 0; t < hd; ++t) o[t] /= den;
-            }
+    std::vector<double> want = attention_ref(p, p.q, p.k, p.v, m);
     char name[128];
     snprintf(name, sizeof name, "attention B%d Lq%d Lk%d H%d d%d%s%s%s", batch, lq, lk, heads, hd,
              causal ? " causal" : "", mask ? " mask" : "", packed ? " packed" : "");
@@ -317,6 +346,96 @@ static void test_attention(int batch, int lq, int lk, int heads, int hd, bool ca
             });
         }
         report(std::string(name) + " " + v, out.p, want, 1e-5);
+    }
+}
+
+// 16-bit storage (f16 in K_f16, bf16 in k_bf16): the v2 kernel and the
+// tensor-core v3 on the same rounded inputs, against the float64 reference of
+// those inputs. v3 runs with 8-byte loads where allowed, then with scalar
+// loads and an output 8 bytes off 16-byte alignment (its scalar stores).
+struct HalfF16 {
+    typedef __half E;
+    typedef k_f16::AttentionParams P;
+    static const char* name() { return "f16"; }
+    static E from(float f) { return __float2half_rn(f); }
+    static void flash(const P& p) { p.head_dim <= 64 ? k_f16::attention_flash_d64_f16(p) : k_f16::attention_flash_d128_f16(p); }
+    static void tc(const P& p) { p.head_dim == 64 ? k_f16::attention_tc_d64_f16(p) : k_f16::attention_tc_d128_f16(p); }
+};
+struct HalfBF16 {
+    typedef __nv_bfloat16 E;
+    typedef k_bf16::AttentionParams P;
+    static const char* name() { return "bf16"; }
+    static E from(float f) { return __float2bfloat16_rn(f); }
+    static void flash(const P& p) { p.head_dim <= 64 ? k_bf16::attention_flash_d64_bf16(p) : k_bf16::attention_flash_d128_bf16(p); }
+    static void tc(const P& p) { p.head_dim == 64 ? k_bf16::attention_tc_d64_bf16(p) : k_bf16::attention_tc_d128_bf16(p); }
+};
+
+template <class S>
+static void test_attention_half(int batch, int lq, int lk, int heads, int hd, bool causal, bool mask,
+                                bool packed) {
+    typedef typename S::E E;
+    int c = heads * hd;
+    Buf qf(packed ? (size_t)batch * lq * 3 * c : (size_t)batch * lq * c);
+    Buf kvf(packed ? 0 : (size_t)batch * lk * 2 * c);
+    qf.randn(1.0);
+    kvf.randn(1.0);
+    std::vector<E> qsrc(qf.n), kvsrc(kvf.n);
+    for (size_t i = 0; i < qf.n; ++i) qsrc[i] = S::from(qf.p[i]);
+    for (size_t i = 0; i < kvf.n; ++i) kvsrc[i] = S::from(kvf.p[i]);
+    std::vector<unsigned char> m(batch * lk, 0);
+    if (mask) {
+        std::uniform_real_distribution<double> u(0, 1);
+        for (int i = 0; i < batch * lk; ++i) m[i] = (causal && i == 0) || ((i % lk != 0) && u(rng) < 0.4);
+    }
+    typename S::P p{};
+    p.batch = batch; p.lq = lq; p.lk = lk; p.heads = heads; p.head_dim = hd;
+    p.scale = (float)(1.0 / std::sqrt((double)hd));
+    p.causal = causal;
+    p.mask = mask ? m.data() : nullptr;
+    if (packed) {
+        p.q = p.k = p.v = qsrc.data();
+        p.q_stride = p.k_stride = p.v_stride = 3 * c;
+        p.q_col = 0; p.k_col = c; p.v_col = 2 * c;
+    } else {
+        p.q = qsrc.data(); p.k = kvsrc.data(); p.v = kvsrc.data();
+        p.q_stride = c; p.k_stride = p.v_stride = 2 * c;
+        p.q_col = 0; p.k_col = 0; p.v_col = c;
+    }
+    std::vector<double> want = attention_ref(p, p.q, p.k, p.v, m);
+    char name[128];
+    snprintf(name, sizeof name, "attention %s B%d Lq%d Lk%d H%d d%d%s%s%s", S::name(), batch, lq, lk,
+             heads, hd, causal ? " causal" : "", mask ? " mask" : "", packed ? " packed" : "");
+    const size_t total = (size_t)batch * lq * c;
+    for (int variant = 0; variant < 3; ++variant) {
+        const int off = variant == 2 ? 4 : 0;
+        std::vector<E> out(total + off, S::from(NAN));
+        p.out = out.data() + off;
+        p.vec4 = variant < 2 && aligned16(qsrc.data()) && (packed || aligned16(kvsrc.data()));
+        std::string v;
+        if (variant == 0) {
+            v = "flash_d" + std::to_string(hd <= 64 ? 64 : 128);
+            emu::launch(dim3(cdiv(lq, 8), heads, batch), dim3(128), [&] { S::flash(p); });
+        } else {
+            v = std::string("tc_d") + std::to_string(hd) + (p.vec4 ? " vec4" : " scalar, out +8 bytes");
+            emu::launch(dim3(cdiv(lq, 64), heads, batch), dim3(128), [&] { S::tc(p); });
+        }
+        std::vector<float> got(total);
+        for (size_t i = 0; i < total; ++i) got[i] = emu_to_float(p.out[i]);
+        // Outputs rounded to elem (2^-9 relative for bf16), P to elem in v3.
+        report(std::string(name) + " " + v, got.data(), want, 1e-2);
+    }
+}
+
+static void test_attention_half_cases() {
+    const int cases[][8] = {
+        {1, 77, 77, 4, 128, 0, 0, 1}, {2, 77, 4, 4, 128, 0, 0, 0}, {3, 1, 1, 4, 128, 0, 0, 1},
+        {1, 3, 129, 2, 64, 0, 1, 0},  {2, 129, 129, 2, 64, 1, 0, 1}, {2, 64, 64, 8, 64, 0, 1, 1},
+        {2, 77, 77, 4, 128, 1, 1, 1}, {1, 129, 3, 2, 128, 0, 1, 0}, {2, 1, 77, 2, 64, 0, 1, 0},
+        {1, 3, 3, 2, 64, 1, 1, 1},    {1, 129, 129, 1, 128, 1, 0, 1},
+    };
+    for (auto& k : cases) {
+        test_attention_half<HalfF16>(k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]);
+        test_attention_half<HalfBF16>(k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]);
     }
 }
 
@@ -446,6 +565,7 @@ int main(int argc, char** argv) {
         test_attention(1, 9, 40, 1, 100, false, true, false);  // head dim 100 in the 128 tile
         test_attention(2, 33, 33, 2, 100, true, false, true);
         test_attention(1, 33, 70, 2, 64, false, true, false, false);
+        test_attention_half_cases();
     }
     if (want("linear")) {
         test_tf32_rounding();

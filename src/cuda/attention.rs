@@ -1,6 +1,8 @@
-//! `kernels/attention.cu`: naive v1 (a thread per output element) and a
+//! `kernels/attention.cu`: naive v1 (a thread per output element), a
 //! FlashAttention-style v2 (online softmax over shared-memory K/V tiles, 8
-//! queries of one (batch, head) per block) for head dims up to 128.
+//! queries of one (batch, head) per block) for head dims up to 128, and for
+//! f16/bf16 storage with head dim 64 or 128 a v3 on tensor cores (WMMA for
+//! Q K^T and P V, 64 queries per block).
 
 use cudarc::driver::DeviceRepr;
 
@@ -8,6 +10,7 @@ use super::backend::{blocks_for, i32_of, Cuda, CudaMask, CudaTensor, KernelVersi
 use super::program::{param_layout, Program};
 use crate::error::Result;
 use crate::ops::{AttentionDims, AttentionSpec};
+use crate::tensor::DType;
 
 /// Mirror of `AttentionParams` in kernels/attention.cu.
 #[repr(C)]
@@ -72,21 +75,26 @@ pub(crate) static PROGRAM: Program = Program {
         "attention_flash_d64",
         "attention_flash_d128",
     ],
-    half_kernels: &[],
+    half_kernels: &["attention_tc_d64", "attention_tc_d128"],
     tf32_kernels: &[],
     layouts,
 };
 
 /// Queries per block of the v2 kernel.
 const QUERIES_PER_BLOCK: usize = 8;
+/// Queries per block of the v3 (tensor-core) kernel: 16 per warp.
+const TC_QUERIES_PER_BLOCK: usize = 64;
 /// Largest head dim the v2 kernel takes (its shared tiles are 128 wide).
 pub(crate) const FLASH_MAX_HEAD_DIM: usize = 128;
 
-/// `(kernel, grid, block)` of one call. Head dims above 128, or more heads or
-/// sequences than a grid dimension holds (65535), take the naive kernel.
+/// `(kernel, grid, block)` of one call with `storage` in device memory. The
+/// fast version runs v3 (tensor cores) for f16/bf16 with head dim 64 or 128,
+/// else v2; head dims above 128, or more heads or sequences than a grid
+/// dimension holds (65535), take the naive kernel.
 pub(crate) fn plan(
     d: &AttentionDims,
     version: KernelVersion,
+    storage: DType,
 ) -> Result<(&'static str, (u32, u32, u32), u32)> {
     let flash = version == KernelVersion::Fast
         && d.head_dim <= FLASH_MAX_HEAD_DIM
@@ -97,6 +105,23 @@ pub(crate) fn plan(
         return Ok((
             "attention_naive",
             (blocks_for("attention", total, 128)?, 1, 1),
+            128,
+        ));
+    }
+    let half = matches!(storage, DType::F16 | DType::BF16);
+    if half && (d.head_dim == 64 || d.head_dim == 128) {
+        let kernel = if d.head_dim == 64 {
+            "attention_tc_d64"
+        } else {
+            "attention_tc_d128"
+        };
+        return Ok((
+            kernel,
+            (
+                blocks_for("attention", d.lq, TC_QUERIES_PER_BLOCK)?,
+                d.heads as u32,
+                d.batch as u32,
+            ),
             128,
         ));
     }
@@ -170,7 +195,7 @@ pub(super) fn attention(
         causal: i32::from(spec.causal),
         vec4: i32::from(vec4_ok(&d, [qp, kp, vp])),
     };
-    let (kernel, grid, block) = plan(&d, be.version())?;
+    let (kernel, grid, block) = plan(&d, be.version(), be.storage())?;
     be.launch(&PROGRAM, kernel, grid, (block, 1, 1), &params)
 }
 
@@ -198,7 +223,7 @@ mod tests {
     #[test]
     fn head_dims_pick_their_tile() {
         let f = |hd| {
-            plan(&dims(1, 77, 77, 4, hd), KernelVersion::Fast)
+            plan(&dims(1, 77, 77, 4, hd), KernelVersion::Fast, DType::F32)
                 .unwrap()
                 .0
         };
@@ -209,7 +234,7 @@ mod tests {
         assert_eq!(f(128), "attention_flash_d128");
         assert_eq!(f(256), "attention_naive");
         assert_eq!(
-            plan(&dims(1, 77, 77, 4, 128), KernelVersion::Naive)
+            plan(&dims(1, 77, 77, 4, 128), KernelVersion::Naive, DType::F32)
                 .unwrap()
                 .0,
             "attention_naive"
@@ -217,10 +242,31 @@ mod tests {
     }
 
     #[test]
+    fn half_storage_takes_tensor_cores_at_head_dims_64_and_128() {
+        let f = |hd, storage, version| plan(&dims(2, 77, 77, 4, hd), version, storage).unwrap();
+        for storage in [DType::F16, DType::BF16] {
+            assert_eq!(f(64, storage, KernelVersion::Fast).0, "attention_tc_d64");
+            let (kernel, grid, block) = f(128, storage, KernelVersion::Fast);
+            assert_eq!((kernel, grid, block), ("attention_tc_d128", (2, 4, 2), 128));
+            assert_eq!(f(32, storage, KernelVersion::Fast).0, "attention_flash_d32");
+            assert_eq!(
+                f(100, storage, KernelVersion::Fast).0,
+                "attention_flash_d128"
+            );
+            assert_eq!(f(128, storage, KernelVersion::Naive).0, "attention_naive");
+        }
+        assert_eq!(
+            f(128, DType::F32, KernelVersion::Fast).0,
+            "attention_flash_d128"
+        );
+    }
+
+    #[test]
     fn batch_one_spreads_over_query_tiles() {
-        let (_, grid, _) = plan(&dims(1, 77, 77, 4, 128), KernelVersion::Fast).unwrap();
+        let (_, grid, _) = plan(&dims(1, 77, 77, 4, 128), KernelVersion::Fast, DType::F32).unwrap();
         assert_eq!(grid, (10, 4, 1));
-        let (_, grid, block) = plan(&dims(2, 513, 77, 3, 64), KernelVersion::Naive).unwrap();
+        let (_, grid, block) =
+            plan(&dims(2, 513, 77, 3, 64), KernelVersion::Naive, DType::F32).unwrap();
         assert!((grid.0 * block) as usize >= 2 * 513 * 3 * 64);
     }
 
