@@ -231,6 +231,16 @@ impl Precision {
         }
     }
 
+    /// Whether backend `kind` computes in this precision (CUDA: all of them;
+    /// wgpu: f32 and f16; the CPU reference: f32, in float64).
+    pub fn runs_on(self, kind: DeviceKind) -> bool {
+        match kind {
+            DeviceKind::Cuda => true,
+            DeviceKind::Wgpu => matches!(self, Precision::F32 | Precision::F16),
+            DeviceKind::Cpu | DeviceKind::Auto => self == Precision::F32,
+        }
+    }
+
     /// Relative-error limits against the float64 reference: (single op,
     /// whole projector). f32: rounding of f32 sums; TF32, f16 and bf16: the
     /// 10- or 7-bit mantissa of the stored or multiplied values, measured in

@@ -225,15 +225,25 @@ fn info() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Backends to use for `check`/`bench`: the one asked for, or every usable one.
-fn backends(asked: Option<String>) -> Result<Vec<DeviceKind>> {
+/// Backends to use for `check`/`bench`: the one asked for, or every usable one
+/// that computes in `precision`.
+fn backends(asked: Option<String>, precision: Precision) -> Result<Vec<DeviceKind>> {
     match asked {
         Some(d) => Ok(vec![device::resolve(DeviceKind::parse(&d)?)?]),
-        None => Ok(device::survey()
-            .into_iter()
-            .filter(|s| s.usable.is_ok())
-            .map(|s| s.kind)
-            .collect()),
+        None => {
+            let kinds: Vec<DeviceKind> = device::survey()
+                .into_iter()
+                .filter(|s| s.usable.is_ok() && precision.runs_on(s.kind))
+                .map(|s| s.kind)
+                .collect();
+            if kinds.is_empty() {
+                return Err(Error::invalid(format!(
+                    "--precision {}: no backend here computes in it",
+                    precision.name()
+                )));
+            }
+            Ok(kinds)
+        }
     }
 }
 
@@ -540,11 +550,12 @@ impl BackendTask for Check {
 
 fn check(device: Option<String>, precision: Precision) -> Result<ExitCode> {
     let mut failures = 0;
+    let kinds = backends(device, precision)?;
     println!(
         "{:<6} {:<8} {:<22} {:<42} {:>10} {:>10} {:>7}  result",
         "device", "against", "op", "case", "rel err", "max abs", "tol"
     );
-    for kind in backends(device)? {
+    for kind in kinds {
         for r in device::run_on_with(kind, precision, Check { precision })? {
             let ok = r.rel <= r.tol;
             failures += usize::from(!ok);
@@ -755,7 +766,7 @@ fn bench(
     }
     let budget = Duration::from_secs_f64(seconds.min(600.0));
     let mut rows = Vec::new();
-    for kind in backends(device)? {
+    for kind in backends(device, precision)? {
         let task = Bench {
             modality,
             batches: &batches,

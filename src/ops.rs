@@ -185,7 +185,8 @@ pub trait Backend: Clone {
     }
 
     /// Kernels launched (dispatched) by this backend so far, where it counts
-    /// them: the difference across a forward is its launch count.
+    /// them, from every thread using it: the difference across a forward on
+    /// one thread is that forward's launch count.
     fn kernel_launches(&self) -> Option<u64> {
         None
     }

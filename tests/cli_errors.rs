@@ -1009,6 +1009,18 @@ fn unknown_or_unsupported_precision() {
         );
     }
     expect_success(&run_cpu(&w, &input, &["--precision", "f32"]));
+    // Without --device, only backends computing in that precision run (CUDA
+    // for bf16): where there is none, one line saying so.
+    let out = outproj([
+        "bench",
+        "--precision",
+        "bf16",
+        "--batch",
+        "1",
+        "--seconds",
+        "0.01",
+    ]);
+    expect_success_or_error(&out, &["--precision bf16"]);
     // wgpu has no bf16 or TF32: an error, or the backend's own reason it is absent.
     for p in ["bf16", "tf32"] {
         let out = outproj([

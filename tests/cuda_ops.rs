@@ -575,6 +575,11 @@ fn graph_replay_matches_eager_forward() {
     let mut graph = proj.capture(batch, n_in).unwrap();
     assert_eq!(graph.kernels(), eager_launches);
     println!("{eager_launches} kernels per forward, replayed as one graph launch");
+    // The input GEMM's split-K workspace ([4 splits, 4, 128] f32, 8 KiB) is the
+    // graph's alone: a tensor of that size made now gets other memory, which
+    // replays leave alone.
+    let bystander_host = HostTensor::randn(vec![2048], 9, "bystander").unwrap();
+    let bystander = be.upload(&bystander_host).unwrap();
     let before = be.kernel_launches().unwrap();
     for round in 0..2 {
         for (h, want) in inputs.iter().zip(&eager) {
@@ -589,6 +594,11 @@ fn graph_replay_matches_eager_forward() {
         before,
         "a replay launches no kernel itself"
     );
+    assert!(
+        be.download(&bystander).unwrap().to_f64_vec() == bystander_host.to_f64_vec(),
+        "a replay wrote into memory it does not own"
+    );
+    drop(bystander);
     let reference = output_projector::reference::Reference;
     let ref_proj = Projector::new(reference, &w).unwrap();
     let want = ref_proj
@@ -604,10 +614,15 @@ fn graph_replay_matches_eager_forward() {
     graph.replay().unwrap();
     be.synchronize().unwrap();
 
-    // Blocks the graph's kernels use outlive a release of the pool's cache.
+    // The graph's blocks are not in the pool's cache (nothing else may get
+    // them, nor may they go back to the driver) until the graph is dropped.
     be.release_cached();
-    assert!(be.cached_bytes() > 0, "the split-K workspace stays pinned");
+    assert_eq!(be.cached_bytes(), 0);
     drop(graph);
+    assert!(
+        be.cached_bytes() > 0,
+        "the graph's blocks come back to the pool"
+    );
     be.release_cached();
     assert_eq!(be.cached_bytes(), 0);
 
@@ -618,6 +633,60 @@ fn graph_replay_matches_eager_forward() {
         on_default.capture(batch, n_in),
         Err(Error::Invalid(_))
     ));
+}
+
+/// Work another thread queues on the backend's stream while a graph is being
+/// captured waits for the capture to end; it is neither recorded into the
+/// graph nor lost.
+#[test]
+fn graph_capture_waits_for_other_threads() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    let config = ProjectorConfig {
+        in_dim: 64,
+        d_model: 64,
+        heads: 1,
+        ffn_dim: 64,
+        encoder_layers: 1,
+        decoder_layers: 1,
+        n_out: 5,
+        out_dim: 32,
+        n_in: None,
+        ..ProjectorConfig::preset(Modality::Image, Variant::Legacy)
+    };
+    let w = ProjectorWeights::random(config, None, 12).unwrap();
+    let proj = Projector::new(be.clone(), &w).unwrap();
+    // Small ops, many of them, so that some fall inside the captures.
+    let x = HostTensor::randn(vec![2, 4], 13, "x").unwrap();
+    let wt = HostTensor::randn(vec![3, 4], 14, "w").unwrap();
+    let linear = || {
+        let (xd, wd) = (be.upload(&x).unwrap(), be.upload(&wt).unwrap());
+        let mut out = be.alloc(&[2, 3]).unwrap();
+        be.linear(&xd, &wd, None, Activation::None, None, &mut out)
+            .unwrap();
+        be.download(&out).unwrap().to_f64_vec()
+    };
+    let want = linear();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| {
+            let mut rounds = 0;
+            while rounds == 0 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(linear(), want, "round {rounds}");
+                rounds += 1;
+            }
+            rounds
+        });
+        for _ in 0..10 {
+            let graph = proj.capture(2, 3).unwrap();
+            graph.replay().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds = other.join().unwrap();
+        println!("{rounds} linear ops on another thread around 10 captures");
+    });
+    be.synchronize().unwrap();
 }
 
 /// `OUTPROJ_SKIP_EMULATION=1` skips the two CPU-emulation tests below.
@@ -731,6 +800,7 @@ const DEVICE_TESTS: &[&str] = &[
     "half_storage_projector_matches_reference",
     "half_storage_upload_download",
     "graph_replay_matches_eager_forward",
+    "graph_capture_waits_for_other_threads",
     "tf32_linear_matches_reference",
     "tf32_projector_matches_reference",
     "tf32_with_half_storage_is_an_error",

@@ -17,9 +17,11 @@
 //! device memory you own, for inputs and outputs alike.
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+use std::thread::ThreadId;
 
 use cudarc::driver::result as drv;
 use cudarc::driver::sys as drv_sys;
@@ -79,18 +81,34 @@ pub(crate) struct Pool {
     /// Stream-ordered allocation (`cuMemAllocAsync`) is available.
     stream_ordered: bool,
     state: Mutex<PoolState>,
+    /// Keeps other threads off the stream while one captures a CUDA graph on
+    /// it (their work would be recorded into the graph): every stream
+    /// operation holds a read guard, except on the capturing thread; a capture
+    /// holds the write guard. It guards no data, so poisoning is ignored.
+    stream_use: RwLock<()>,
 }
 
 #[derive(Default)]
 struct PoolState {
     /// Freed blocks by size.
     free: HashMap<usize, Vec<drv_sys::CUdeviceptr>>,
-    /// While a CUDA graph is being captured on the stream: the blocks it took.
-    capture: Option<Vec<drv_sys::CUdeviceptr>>,
-    /// Blocks that live graphs' kernels use, with the number of such graphs.
-    /// They are reused like any freed block (every user is on the one stream,
-    /// so uses stay ordered) but never returned to the driver.
-    pinned: HashMap<drv_sys::CUdeviceptr, usize>,
+    /// While a CUDA graph is being captured on the stream: the capturing
+    /// thread and the blocks taken so far, with their sizes.
+    capture: Option<(ThreadId, Vec<(drv_sys::CUdeviceptr, usize)>)>,
+    /// Blocks taken during the capture of a live graph: its kernels use them
+    /// on every replay, so nothing else may, until the graph is dropped.
+    graph_owned: HashSet<drv_sys::CUdeviceptr>,
+    /// The graph-owned blocks no tensor holds (by size); back to `free` when
+    /// their graph is dropped.
+    parked: HashMap<drv_sys::CUdeviceptr, usize>,
+}
+
+impl PoolState {
+    fn capturing_here(&self) -> bool {
+        self.capture
+            .as_ref()
+            .is_some_and(|(thread, _)| *thread == std::thread::current().id())
+    }
 }
 
 impl Pool {
@@ -125,15 +143,37 @@ impl Pool {
         }
     }
 
+    /// Held around a stream operation: waits while another thread captures a
+    /// graph; `None` on the capturing thread itself, whose launches are the
+    /// capture. `inside_capture` names an operation the capturing thread may
+    /// not do (a copy, a wait): an error there.
+    fn use_stream(&self, inside_capture: Option<&str>) -> Result<Option<RwLockReadGuard<'_, ()>>> {
+        if lock(&self.state)?.capturing_here() {
+            return match inside_capture {
+                Some(what) => Err(Error::invalid(format!(
+                    "{what} inside a CUDA graph capture (only kernel launches can be captured)"
+                ))),
+                None => Ok(None),
+            };
+        }
+        Ok(Some(
+            self.stream_use
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        ))
+    }
+
     fn take(self: &Arc<Self>, bytes: usize) -> Result<Block> {
         let size = bytes
             .max(1)
             .checked_next_multiple_of(GRANULE)
             .ok_or_else(|| Error::Overflow(format!("a device allocation of {bytes} bytes")))?;
-        if let Ok(mut state) = self.state.lock() {
+        let _stream = self.use_stream(None)?;
+        {
+            let mut state = lock(&self.state)?;
             if let Some(ptr) = state.free.get_mut(&size).and_then(Vec::pop) {
-                if let Some(taken) = &mut state.capture {
-                    taken.push(ptr);
+                if let Some((_, taken)) = &mut state.capture {
+                    taken.push((ptr, size));
                 }
                 return Ok(Block {
                     ptr,
@@ -153,7 +193,7 @@ impl Pool {
             Ok(ptr) => ptr,
             Err(e) if e.0 == drv_sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
                 // Give the cached blocks back to the driver and try once more.
-                self.release_cached();
+                self.release_cached_locked();
                 self.raw_alloc(size).map_err(|e| {
                     Error::OutOfMemory(format!(
                         "CUDA allocation of {size} bytes: {}",
@@ -176,7 +216,8 @@ impl Pool {
     }
 
     /// From now until [`Pool::end_capture`], blocks come only from the cache
-    /// and are recorded.
+    /// and are recorded, and only this thread uses the stream (the caller
+    /// holds `stream_use` for writing).
     fn begin_capture(&self) -> Result<()> {
         let mut state = lock(&self.state)?;
         if state.capture.is_some() {
@@ -184,56 +225,61 @@ impl Pool {
                 "a CUDA graph is already being captured on this stream",
             ));
         }
-        state.capture = Some(Vec::new());
+        state.capture = Some((std::thread::current().id(), Vec::new()));
         Ok(())
     }
 
-    /// Ends the recording; pins and returns the blocks taken during it.
-    fn end_capture(&self) -> Vec<drv_sys::CUdeviceptr> {
-        let Ok(mut state) = self.state.lock() else {
+    /// Ends the recording: the blocks taken during it become the graph's
+    /// (parked if no tensor holds them any more); returns them.
+    fn end_capture(&self) -> Vec<(drv_sys::CUdeviceptr, usize)> {
+        let mut state = match self.state.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let Some((_, mut taken)) = state.capture.take() else {
             return Vec::new();
         };
-        let taken = state.capture.take().unwrap_or_default();
-        for &ptr in &taken {
-            *state.pinned.entry(ptr).or_default() += 1;
+        taken.sort_unstable();
+        taken.dedup();
+        for &(ptr, size) in &taken {
+            state.graph_owned.insert(ptr);
+            if let Some(list) = state.free.get_mut(&size) {
+                if let Some(i) = list.iter().position(|&p| p == ptr) {
+                    list.swap_remove(i);
+                    state.parked.insert(ptr, size);
+                }
+            }
         }
         taken
     }
 
-    fn unpin(&self, blocks: &[drv_sys::CUdeviceptr]) {
-        if let Ok(mut state) = self.state.lock() {
-            for ptr in blocks {
-                if let Some(n) = state.pinned.get_mut(ptr) {
-                    *n -= 1;
-                    if *n == 0 {
-                        state.pinned.remove(ptr);
-                    }
-                }
+    /// A graph's blocks, free for anyone again.
+    fn release_graph(&self, blocks: &[(drv_sys::CUdeviceptr, usize)]) {
+        let mut state = match self.state.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for &(ptr, size) in blocks {
+            state.graph_owned.remove(&ptr);
+            // A block still held by a tensor comes back when that is dropped.
+            if state.parked.remove(&ptr).is_some() {
+                state.free.entry(size).or_default().push(ptr);
             }
         }
     }
 
-    fn capturing(&self) -> bool {
-        self.state.lock().is_ok_and(|s| s.capture.is_some())
+    /// Returns every cached block to the driver (graphs' blocks excepted: they
+    /// are never in the cache).
+    fn release_cached(&self) {
+        if let Ok(_stream) = self.use_stream(Some("releasing cached memory")) {
+            self.release_cached_locked();
+        }
     }
 
-    /// Returns every cached block no live graph uses to the driver.
-    fn release_cached(&self) {
+    /// [`release_cached`](Self::release_cached) for a caller holding the stream.
+    fn release_cached_locked(&self) {
         let blocks: Vec<drv_sys::CUdeviceptr> = match self.state.lock() {
-            Ok(mut state) => {
-                let PoolState { free, pinned, .. } = &mut *state;
-                let mut released = Vec::new();
-                for v in free.values_mut() {
-                    v.retain(|ptr| {
-                        pinned.contains_key(ptr) || {
-                            released.push(*ptr);
-                            false
-                        }
-                    });
-                }
-                free.retain(|_, v| !v.is_empty());
-                released
-            }
+            Ok(mut state) => state.free.drain().flat_map(|(_, v)| v).collect(),
             Err(_) => return,
         };
         for ptr in blocks {
@@ -252,11 +298,14 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        // No graph outlives the backends that hold the pool: nothing is pinned.
+        // No graph outlives the backends that hold the pool: its parked blocks
+        // are the last of its memory.
         if let Ok(state) = self.state.get_mut() {
-            state.pinned.clear();
+            for (ptr, size) in std::mem::take(&mut state.parked) {
+                state.free.entry(size).or_default().push(ptr);
+            }
         }
-        self.release_cached();
+        self.release_cached_locked();
     }
 }
 
@@ -276,7 +325,13 @@ impl Block {
 impl Drop for Block {
     fn drop(&mut self) {
         match self.pool.state.lock() {
-            Ok(mut state) => state.free.entry(self.size).or_default().push(self.ptr),
+            Ok(mut state) => {
+                if state.graph_owned.contains(&self.ptr) {
+                    state.parked.insert(self.ptr, self.size);
+                } else {
+                    state.free.entry(self.size).or_default().push(self.ptr);
+                }
+            }
             Err(_) => {
                 let result = self.pool.raw_free(self.ptr);
                 self.pool.ctx.record_err(result);
@@ -286,12 +341,12 @@ impl Drop for Block {
 }
 
 /// A captured CUDA graph (see [`Cuda::capture`]) and the pool blocks its
-/// kernels use, pinned until it is dropped.
+/// kernels use, which nothing else gets until it is dropped.
 pub(crate) struct Graph {
     exec: CudaGraph,
     /// Kernels in the graph.
     kernels: u64,
-    _pins: Pins,
+    _blocks: GraphBlocks,
 }
 
 impl Graph {
@@ -300,14 +355,14 @@ impl Graph {
     }
 }
 
-struct Pins {
+struct GraphBlocks {
     pool: Arc<Pool>,
-    blocks: Vec<drv_sys::CUdeviceptr>,
+    blocks: Vec<(drv_sys::CUdeviceptr, usize)>,
 }
 
-impl Drop for Pins {
+impl Drop for GraphBlocks {
     fn drop(&mut self) {
-        self.pool.unpin(&self.blocks);
+        self.pool.release_graph(&self.blocks);
     }
 }
 
@@ -528,6 +583,7 @@ impl Cuda {
             stream: Arc::clone(&stream),
             stream_ordered: ctx.has_async_alloc(),
             state: Mutex::new(PoolState::default()),
+            stream_use: RwLock::new(()),
         });
         let sm_count = u32::try_from(sm_count.max(1)).unwrap_or(1);
         let counter_bytes = sm_count as usize * 4;
@@ -769,9 +825,9 @@ impl Cuda {
     /// Copies `data` into a fresh pool block. The host buffer may be dropped
     /// on return (pageable memory is staged by the driver before it returns).
     pub(crate) fn upload_bytes<T: Copy>(&self, data: &[T]) -> Result<Block> {
-        self.not_capturing("a copy to the device")?;
         let bytes = std::mem::size_of_val(data);
         let block = self.scratch(bytes)?;
+        let _stream = self.use_stream(Some("a copy to the device"))?;
         if bytes > 0 {
             self.inner
                 .shared
@@ -839,8 +895,8 @@ impl Cuda {
 
     /// Copies the tensor's elements into `host` (exactly `numel` of them).
     fn copy_to_host<T: DeviceRepr>(&self, t: &CudaTensor, host: &mut [T]) -> Result<()> {
-        self.not_capturing("a copy to the host")?;
         if !host.is_empty() {
+            let _stream = self.use_stream(Some("a copy to the host"))?;
             self.inner
                 .shared
                 .ctx
@@ -890,7 +946,7 @@ impl Cuda {
     }
 
     fn sync(&self) -> Result<()> {
-        self.not_capturing("waiting for the stream")?;
+        let _stream = self.use_stream(Some("waiting for the stream"))?;
         self.inner.shared.stream.synchronize().map_err(driver(
             "waiting for the stream (an earlier kernel may have failed)",
         ))?;
@@ -1002,37 +1058,44 @@ impl Cuda {
     }
 
     /// Records every kernel `record` launches into a CUDA graph instead of
-    /// running them. The pool hands out only blocks it already holds (a
-    /// driver allocation inside the capture is an error), and no copy or
-    /// synchronisation may happen inside it (they are errors too); blocks
-    /// taken during the capture stay pinned while the graph lives. The memory
-    /// of every tensor `record` used must outlive the graph: the caller keeps
-    /// it.
+    /// running them. While it records, other threads' work on this stream
+    /// waits; the pool hands out only blocks it already holds (a driver
+    /// allocation inside the capture is an error), and no copy or
+    /// synchronisation may happen inside it (errors too). Blocks taken during
+    /// the capture belong to the graph until it is dropped. The memory of
+    /// every other tensor `record` used must outlive the graph: the caller
+    /// keeps it.
     pub(crate) fn capture<T>(&self, record: impl FnOnce() -> Result<T>) -> Result<(T, Graph)> {
         let shared = &self.inner.shared;
+        let pool = &shared.pool;
         if shared.stream.cu_stream().is_null() {
             return Err(Error::invalid(
                 "CUDA graphs cannot be captured on the default stream: give the backend a \
                  stream of its own (Cuda::new does)",
             ));
         }
-        shared.pool.begin_capture()?;
+        let _exclusive = pool
+            .stream_use
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        pool.begin_capture()?;
         let first_launch = shared.launches.load(Ordering::Relaxed);
         let mode = drv_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
-        if let Err(e) = shared.stream.begin_capture(mode) {
-            let taken = shared.pool.end_capture();
-            shared.pool.unpin(&taken);
-            return Err(driver("beginning a CUDA graph capture")(e));
-        }
-        let recorded = record();
-        // The capture ends whatever happened inside it.
-        let ended = shared
-            .stream
-            .end_capture(drv_sys::CUgraphInstantiate_flags(0));
-        let blocks = shared.pool.end_capture();
-        let pins = Pins {
-            pool: Arc::clone(&shared.pool),
-            blocks,
+        let begun = shared.stream.begin_capture(mode);
+        // The capture ends whatever happens inside it, a panic included.
+        let recorded = match begun {
+            Ok(()) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(record))
+                .unwrap_or_else(|_| Err(backend_error(CUDA, "a panic inside a graph capture"))),
+            Err(e) => Err(driver("beginning a CUDA graph capture")(e)),
+        };
+        let ended = begun.and_then(|()| {
+            shared
+                .stream
+                .end_capture(drv_sys::CUgraphInstantiate_flags(0))
+        });
+        let blocks = GraphBlocks {
+            pool: Arc::clone(pool),
+            blocks: pool.end_capture(),
         };
         let value = recorded?;
         let exec = ended
@@ -1044,32 +1107,28 @@ impl Cuda {
             Graph {
                 exec,
                 kernels,
-                _pins: pins,
+                _blocks: blocks,
             },
         ))
     }
 
     /// Queues a replay of `graph` (captured on this backend's stream).
     pub(crate) fn replay(&self, graph: &Graph) -> Result<()> {
-        if !Arc::ptr_eq(&graph._pins.pool, &self.inner.shared.pool) {
+        if !Arc::ptr_eq(&graph._blocks.pool, &self.inner.shared.pool) {
             return Err(Error::invalid(
                 "a CUDA graph replayed on a backend other than the one it was captured on",
             ));
         }
+        let _stream = self.use_stream(Some("replaying a CUDA graph"))?;
         graph
             .exec
             .launch()
             .map_err(driver("launching a CUDA graph"))
     }
 
-    /// An error naming `what` while a graph is being captured on the stream.
-    fn not_capturing(&self, what: &str) -> Result<()> {
-        if self.inner.shared.pool.capturing() {
-            return Err(Error::invalid(format!(
-                "{what} inside a CUDA graph capture (only kernel launches can be captured)"
-            )));
-        }
-        Ok(())
+    /// Held around each stream operation; see [`Pool::use_stream`].
+    fn use_stream(&self, inside_capture: Option<&str>) -> Result<Option<RwLockReadGuard<'_, ()>>> {
+        self.inner.shared.pool.use_stream(inside_capture)
     }
 
     /// Queues `dst = src` (same shape and storage, this backend's memory).
@@ -1084,7 +1143,7 @@ impl Cuda {
             });
         }
         self.check_disjoint("copy", &[dst], &[src])?;
-        self.not_capturing("a device copy")?;
+        let _stream = self.use_stream(Some("a device copy"))?;
         let bytes = src.numel * src.dtype.size();
         if bytes > 0 {
             // SAFETY: both ranges were checked to hold `numel` elements of this
@@ -1106,7 +1165,7 @@ impl Cuda {
     /// Queues zero bytes over `t`.
     pub(crate) fn zero(&self, t: &mut CudaTensor) -> Result<()> {
         self.check_tensor("zero", t)?;
-        self.not_capturing("a memset")?;
+        let _stream = self.use_stream(Some("a memset"))?;
         let bytes = t.numel * t.dtype.size();
         if bytes > 0 {
             // SAFETY: the range holds the tensor's elements (checked above) and
@@ -1139,6 +1198,7 @@ impl Cuda {
             block_dim: block,
             shared_mem_bytes: 0,
         };
+        let _stream = self.use_stream(None)?;
         let mut args = self.inner.shared.stream.launch_builder(&f);
         args.arg(params);
         // SAFETY: `params` is the `#[repr(C)]` mirror of the kernel's only
@@ -1203,12 +1263,14 @@ impl Backend for Cuda {
                 .map_err(driver("creating an event"))
         };
         let (start, end) = (event()?, event()?);
-        start
-            .record(&shared.stream)
-            .map_err(driver("recording an event"))?;
+        let record = |e: &cudarc::driver::CudaEvent| {
+            let _stream = self.use_stream(Some("recording an event"))?;
+            e.record(&shared.stream)
+                .map_err(driver("recording an event"))
+        };
+        record(&start)?;
         f()?;
-        end.record(&shared.stream)
-            .map_err(driver("recording an event"))?;
+        record(&end)?;
         let ms = start
             .elapsed_ms(&end)
             .map_err(driver("reading the events' elapsed time"))?;

@@ -42,7 +42,9 @@ impl Projector<Cuda> {
     /// separate input embeddings: add them to `hidden` first). One eager
     /// forward runs first, on zeros: it compiles and loads every kernel and
     /// leaves in the memory pool every scratch block the forward takes, so the
-    /// capture itself allocates nothing and copies nothing.
+    /// capture itself allocates nothing and copies nothing. Those scratch
+    /// blocks then belong to the graph until it is dropped. Other threads'
+    /// work on the backend's stream waits while the capture records.
     pub fn capture(&self, batch: usize, n_in: usize) -> Result<ProjectorGraph<'_>> {
         let be = self.backend();
         let mut plan = self.plan(batch, n_in)?;
