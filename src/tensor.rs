@@ -211,29 +211,26 @@ impl HostTensor {
                 .checked_add(p.shape[0])
                 .ok_or_else(|| Error::Overflow("concat_rows: rows".into()))?;
         }
-        fn stack<T: Clone>(parts: &[HostTensor], get: impl Fn(&HostData) -> &[T]) -> Vec<T> {
-            parts
-                .iter()
-                .flat_map(|p| get(&p.data).iter().cloned())
-                .collect()
+        // Every part has `first`'s variant (checked above).
+        macro_rules! stack {
+            ($variant:ident) => {
+                HostData::$variant(
+                    parts
+                        .iter()
+                        .flat_map(|p| match &p.data {
+                            HostData::$variant(v) => v.as_slice(),
+                            _ => &[],
+                        })
+                        .copied()
+                        .collect(),
+                )
+            };
         }
         let data = match &first.data {
-            HostData::F64(_) => HostData::F64(stack(parts, |d| match d {
-                HostData::F64(v) => v,
-                _ => &[],
-            })),
-            HostData::F32(_) => HostData::F32(stack(parts, |d| match d {
-                HostData::F32(v) => v,
-                _ => &[],
-            })),
-            HostData::F16(_) => HostData::F16(stack(parts, |d| match d {
-                HostData::F16(v) => v,
-                _ => &[],
-            })),
-            HostData::BF16(_) => HostData::BF16(stack(parts, |d| match d {
-                HostData::BF16(v) => v,
-                _ => &[],
-            })),
+            HostData::F64(_) => stack!(F64),
+            HostData::F32(_) => stack!(F32),
+            HostData::F16(_) => stack!(F16),
+            HostData::BF16(_) => stack!(BF16),
         };
         let mut shape = first.shape.clone();
         shape[0] = rows;

@@ -68,6 +68,30 @@ pub struct Comparison {
 }
 
 impl Case {
+    /// An attention case, its flags in field order (`causal`, `mask`, `packed`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        batch: usize,
+        lq: usize,
+        lk: usize,
+        heads: usize,
+        head_dim: usize,
+        causal: bool,
+        mask: bool,
+        packed: bool,
+    ) -> Self {
+        Case::Attention {
+            batch,
+            lq,
+            lk,
+            heads,
+            head_dim,
+            causal,
+            mask,
+            packed,
+        }
+    }
+
     pub fn op(&self) -> &'static str {
         match self {
             Case::Linear { .. } => "linear",
@@ -205,16 +229,7 @@ pub fn standard_cases() -> Vec<Case> {
         residual: true,
         offset: 1000.0,
     });
-    let attn = |batch, lq, lk, heads, head_dim, causal, mask, packed| Case::Attention {
-        batch,
-        lq,
-        lk,
-        heads,
-        head_dim,
-        causal,
-        mask,
-        packed,
-    };
+    let attn = Case::attention;
     cases.extend([
         attn(1, 77, 77, 4, 128, false, false, true),
         attn(2, 77, 4, 4, 128, false, false, false),

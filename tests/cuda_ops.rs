@@ -142,16 +142,7 @@ fn half_cases() -> Vec<Case> {
             _ => true,
         })
         .collect();
-    let attn = |batch, lq, lk, heads, head_dim, causal, mask, packed| Case::Attention {
-        batch,
-        lq,
-        lk,
-        heads,
-        head_dim,
-        causal,
-        mask,
-        packed,
-    };
+    let attn = Case::attention;
     cases.extend([
         attn(2, 77, 77, 4, 128, true, true, true),
         attn(1, 129, 3, 2, 128, false, true, false),

@@ -13,11 +13,9 @@
 // that reads memory nothing wrote produces NaN. Built with -fsanitize=address
 // (and libasan preloaded into the process), out-of-bounds accesses of device
 // memory abort. Kernels load from CUBINs the real NVRTC compiled (checked to be
-// ELF images) and are looked up by name. Every kernel file is compiled here
-// three times, once per storage type (OP_ELEM 0, 1, 2 as the host compiles
-// them), each in a namespace of its own; the entry points' suffixes (_f16,
-// _bf16) tell them apart; the f32 compile has the TF32 tensor-core kernels
-// (the host compiles them where it finds mma.h). Only what the crate calls exists;
+// ELF images) and are looked up by name among the kernels of every storage
+// type (kernels.h; the f32 compile has the TF32 tensor-core kernels, which the
+// host compiles where it finds mma.h). Only what the crate calls exists;
 // NVRTC itself asks for the private cuGetExportTable, which fails here, as it
 // may on a real driver.
 //
@@ -26,41 +24,13 @@
 // memsets and synchronisation on a capturing stream fail and invalidate the
 // capture, as the crate promises never to do them there (the real driver
 // would turn some into graph nodes; the emulator is stricter).
-#include "emu.h"
+#include "kernels.h"
 #include <chrono>
 #include <map>
 #include <mutex>
 #include <string>
 #include <thread>
 
-#define OP_ELEM 0
-namespace k_f32 {
-#include "../linear.cu"
-#include "../layer_norm.cu"
-#include "../attention.cu"
-#include "../alignment_loss.cu"
-#include "../gather_signal_tokens.cu"
-}  // namespace k_f32
-#undef OP_COMMON_CUH
-#undef OP_ELEM
-#define OP_ELEM 1
-namespace k_f16 {
-#include "../linear.cu"
-#include "../layer_norm.cu"
-#include "../attention.cu"
-#include "../alignment_loss.cu"
-#include "../gather_signal_tokens.cu"
-}  // namespace k_f16
-#undef OP_COMMON_CUH
-#undef OP_ELEM
-#define OP_ELEM 2
-namespace k_bf16 {
-#include "../linear.cu"
-#include "../layer_norm.cu"
-#include "../attention.cu"
-#include "../alignment_loss.cu"
-#include "../gather_signal_tokens.cu"
-}  // namespace k_bf16
 
 typedef int CUresult;
 typedef int CUdevice;

@@ -11,28 +11,7 @@
 // ops: gather loss ln attn linear (default: all). --reverse runs the threads of
 // a block in the opposite order between barriers (another interleaving);
 // --long adds the long attention cases (Lk = 4096, Lq = 4096).
-#include "emu.h"
-namespace k_f32 {
-#include "../linear.cu"
-#include "../layer_norm.cu"
-#include "../attention.cu"
-#include "../alignment_loss.cu"
-#include "../gather_signal_tokens.cu"
-}  // namespace k_f32
-// attention.cu again for 16-bit storage (its tensor-core kernels exist only
-// there), each storage type in a namespace of its own.
-#undef OP_COMMON_CUH
-#undef OP_ELEM
-#define OP_ELEM 1
-namespace k_f16 {
-#include "../attention.cu"
-}  // namespace k_f16
-#undef OP_COMMON_CUH
-#undef OP_ELEM
-#define OP_ELEM 2
-namespace k_bf16 {
-#include "../attention.cu"
-}  // namespace k_bf16
+#include "kernels.h"
 using namespace k_f32;
 #include <cfloat>
 #include <set>
