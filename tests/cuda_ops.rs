@@ -526,9 +526,16 @@ fn bad_shapes_are_errors() {
 /// blocks it uses stay pinned while it lives.
 #[test]
 fn graph_replay_matches_eager_forward() {
-    let Some(be) = backend(KernelVersion::Fast) else {
-        return;
-    };
+    for (storage, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
+        let Some(be) = backend_storing(KernelVersion::Fast, storage) else {
+            return;
+        };
+        check_graph_replay(&be, storage, tol);
+    }
+}
+
+/// The body of [`graph_replay_matches_eager_forward`] for one storage type.
+fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
     // Small widths (emulation is slow), an input GEMM deep enough to split K
     // (its workspace is scratch taken inside the capture), 77 queries, two
     // decoder layers: the precomputed first one and a full one.
@@ -542,11 +549,23 @@ fn graph_replay_matches_eager_forward() {
         out_dim: 96,
         ..ProjectorConfig::preset(Modality::Image, Variant::Legacy)
     };
+    // Weights and inputs in the storage type, so that the reference sees
+    // exactly what the device does.
     let w = ProjectorWeights::random(config.clone(), None, 11).unwrap();
+    let rounded = w
+        .tensors()
+        .iter()
+        .map(|(k, t)| (k.clone(), t.to_dtype(storage)))
+        .collect();
+    let w = ProjectorWeights::from_tensors(config.clone(), None, rounded).unwrap();
     let proj = Projector::new(be.clone(), &w).unwrap();
     let (batch, n_in) = (1, 4);
     let inputs: Vec<HostTensor> = (0..2)
-        .map(|i| HostTensor::randn(vec![batch, n_in, config.in_dim], 40 + i, "hidden").unwrap())
+        .map(|i| {
+            HostTensor::randn(vec![batch, n_in, config.in_dim], 40 + i, "hidden")
+                .unwrap()
+                .to_dtype(storage)
+        })
         .collect();
     let eager: Vec<HostTensor> = inputs
         .iter()
@@ -565,11 +584,16 @@ fn graph_replay_matches_eager_forward() {
 
     let mut graph = proj.capture(batch, n_in).unwrap();
     assert_eq!(graph.kernels(), eager_launches);
-    println!("{eager_launches} kernels per forward, replayed as one graph launch");
+    println!(
+        "{}: {eager_launches} kernels per forward, replayed as one graph launch",
+        storage.name()
+    );
     // The input GEMM's split-K workspace ([4 splits, 4, 128] f32, 8 KiB) is the
     // graph's alone: a tensor of that size made now gets other memory, which
     // replays leave alone.
-    let bystander_host = HostTensor::randn(vec![2048], 9, "bystander").unwrap();
+    let bystander_host = HostTensor::randn(vec![8192 / storage.size()], 9, "bystander")
+        .unwrap()
+        .to_dtype(storage);
     let bystander = be.upload(&bystander_host).unwrap();
     let before = be.kernel_launches().unwrap();
     for round in 0..2 {
@@ -597,7 +621,8 @@ fn graph_replay_matches_eager_forward() {
         .unwrap();
     let got = be.download(graph.output()).unwrap();
     let (rel, _) = output_projector::tensor::compare(&got.to_f64_vec(), want.data());
-    assert!(rel <= 1e-4, "graph vs reference: rel {rel:.3e}");
+    println!("{}: graph vs reference rel {rel:.3e}", storage.name());
+    assert!(rel <= tol, "graph vs reference: rel {rel:.3e}");
 
     // A wrong input shape is an error; the graph still works afterwards.
     let wrong = be.alloc(&[batch, n_in + 1, config.in_dim]).unwrap();
@@ -618,7 +643,8 @@ fn graph_replay_matches_eager_forward() {
     assert_eq!(be.cached_bytes(), 0);
 
     // The default stream cannot be captured: an error, not a driver failure.
-    let default = Cuda::on_stream(be.context().default_stream(), CudaOptions::default()).unwrap();
+    let options = be.options().clone();
+    let default = Cuda::on_stream(be.context().default_stream(), options).unwrap();
     let on_default = Projector::new(default, &w).unwrap();
     assert!(matches!(
         on_default.capture(batch, n_in),
