@@ -22,9 +22,9 @@
 #   compare          scripts/compare_bench.py: ours vs PyTorch per precision and batch,
 #                    with the performance targets, into comparison.md (and printed)
 #   memcheck,        compute-sanitizer --tool <tool> on $SANITIZER_RUN (default: a
-#   racecheck        check; with QUICK=1 one f32 and one bf16 forward plus their
-#                    CUDA-graph replays), for each tool in $SANITIZER_TOOLS (skipped
-#                    without compute-sanitizer)
+#   racecheck        check; with QUICK=1 one forward each in f32, tf32 and bf16),
+#                    for each tool in $SANITIZER_TOOLS (skipped without
+#                    compute-sanitizer)
 #   check-wgpu,      the same check and bench on wgpu, when `outproj info` reports
 #   bench-wgpu       a wgpu adapter that is a real GPU (the NVIDIA Vulkan driver)
 # then prints one table: step, status, key figure. Exits non-zero when any step
@@ -41,6 +41,8 @@
 #                      (default: "f32 tf32 f16 bf16")
 #   CHECK_PRECISIONS   outproj check precisions besides f32 (default: "tf32 f16 bf16")
 #   BENCH_SECONDS      outproj bench --seconds (default: 1)
+#   STEPS              step groups (default: "check bench torch compare sanitizer
+#                      wgpu"); info and the setup steps always run
 #   TORCH_PYTHON       the python with torch (default: python3)
 #   TORCH_PRECISIONS   PyTorch precisions (default: f32,bf16,f16)
 #   TORCH_TIMEOUT      seconds for the PyTorch step (default: 3600; torch.compile
@@ -72,12 +74,17 @@ CHECK_PRECISIONS=${CHECK_PRECISIONS:-tf32 f16 bf16}
 BENCH_SECONDS=${BENCH_SECONDS:-1}
 TORCH_ARGS=${TORCH_ARGS:-}
 SANITIZER_RUN=${SANITIZER_RUN:-check}
+# Step groups to run; the others are recorded as skipped (split a long check
+# over several calls with the same binary).
+STEPS=${STEPS:-check bench torch compare sanitizer wgpu}
 TORCH_PYTHON=${TORCH_PYTHON:-python3}
 TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16,f16}
 TORCH_TIMEOUT=${TORCH_TIMEOUT:-3600}
 SANITIZER_TOOLS=${SANITIZER_TOOLS:-memcheck racecheck}
 STEP_TIMEOUT=${STEP_TIMEOUT:-1800}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-5400}
+
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 steps=()
 statuses=()
@@ -302,11 +309,15 @@ if "$OUTPROJ" bench --help 2>/dev/null | grep -q -- --precision; then
     has_precision=1
 fi
 
-check_step check-cuda --device cuda
-if ((has_precision)); then
-    for p in $CHECK_PRECISIONS; do
-        check_step "check-cuda-$p" --device cuda --precision "$p"
-    done
+if want check; then
+    check_step check-cuda --device cuda
+    if ((has_precision)); then
+        for p in $CHECK_PRECISIONS; do
+            check_step "check-cuda-$p" --device cuda --precision "$p"
+        done
+    fi
+else
+    record check skip "not in STEPS"
 fi
 
 # bench_step NAME ARGS...: one `outproj bench --json`; its JSON also in NAME.json.
@@ -324,109 +335,130 @@ bench_step() {
     fi
 }
 
-if ((has_precision)); then
-    for p in $PRECISIONS; do
-        bench_step "bench-cuda-$p" --device cuda --precision "$p"
-    done
+if want bench; then
+    if ((has_precision)); then
+        for p in $PRECISIONS; do
+            bench_step "bench-cuda-$p" --device cuda --precision "$p"
+        done
+    else
+        bench_step bench-cuda --device cuda
+    fi
 else
-    bench_step bench-cuda --device cuda
+    record bench skip "not in STEPS"
 fi
 
 # PyTorch on the same GPU: the anchor our times are compared with.
 torch_json=""
-if ! "$TORCH_PYTHON" -c "import torch" >/dev/null 2>&1; then
-    record torch-baseline skip "$TORCH_PYTHON cannot import torch (set TORCH_PYTHON)"
-elif ! "$TORCH_PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
-    record torch-baseline skip "torch $("$TORCH_PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null) sees no CUDA device"
-else
-    read -r -a torch_args <<<"$TORCH_ARGS"
-    run_step torch-baseline "$TORCH_TIMEOUT" "$TORCH_PYTHON" "$script_dir/torch_baseline.py" \
-        --device cuda --batches "$BATCHES" --precisions "$TORCH_PRECISIONS" \
-        --outproj "$OUTPROJ" --json "$OUT/torch-baseline.json" --markdown "$OUT/torch-baseline.md" \
-        ${torch_args[@]+"${torch_args[@]}"}
-    rc=$?
-    [[ -s $OUT/torch-baseline.json ]] && torch_json=$OUT/torch-baseline.json
-    fig=$(grep -v '^[[:space:]]*$' "$OUT/torch-baseline.out" 2>/dev/null | tail -n 1)
-    case $rc in
-        0) record torch-baseline ok "$fig" ;;
-        124) record torch-baseline FAIL "timed out after ${TORCH_TIMEOUT}s" ;;
-        *) record torch-baseline FAIL "exit $rc: ${fig:-$(last_error torch-baseline)}" ;;
-    esac
-fi
-
-ours_json=()
-for f in "$OUT"/bench-cuda*.json; do
-    [[ -e $f ]] && ours_json+=(--ours "$f")
-done
-if ((${#ours_json[@]} == 0)) && [[ -z $torch_json ]]; then
-    record compare skip "no bench-cuda or torch-baseline JSON to compare"
-elif ! command -v python3 >/dev/null 2>&1; then
-    record compare skip "python3 not found"
-else
-    run_step compare "$STEP_TIMEOUT" python3 "$script_dir/compare_bench.py" \
-        ${ours_json[@]+"${ours_json[@]}"} ${torch_json:+--torch "$torch_json"} \
-        --out "$OUT/comparison.md"
-    rc=$?
-    if [[ $rc == 0 ]]; then
-        cat "$OUT/comparison.md"
-        fig=$(awk -F'|' '/^\| .* \| .* \| .* \| (met|\*\*not met\*\*|not measured) \|$/ {
-                s = $5; gsub(/^ +| +$|\*/, "", s); n[s]++ }
-            END { printf "targets: %d met, %d not met, %d not measured",
-                  n["met"], n["not met"], n["not measured"] }' "$OUT/comparison.md")
-        record compare ok "$fig (comparison.md)"
+if want torch; then
+    if ! "$TORCH_PYTHON" -c "import torch" >/dev/null 2>&1; then
+        record torch-baseline skip "$TORCH_PYTHON cannot import torch (set TORCH_PYTHON)"
+    elif ! "$TORCH_PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
+        record torch-baseline skip "torch $("$TORCH_PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null) sees no CUDA device"
     else
-        record compare FAIL "exit $rc: $(last_error compare)"
+        read -r -a torch_args <<<"$TORCH_ARGS"
+        run_step torch-baseline "$TORCH_TIMEOUT" "$TORCH_PYTHON" "$script_dir/torch_baseline.py" \
+            --device cuda --batches "$BATCHES" --precisions "$TORCH_PRECISIONS" \
+            --outproj "$OUTPROJ" --json "$OUT/torch-baseline.json" --markdown "$OUT/torch-baseline.md" \
+            ${torch_args[@]+"${torch_args[@]}"}
+        rc=$?
+        [[ -s $OUT/torch-baseline.json ]] && torch_json=$OUT/torch-baseline.json
+        fig=$(grep -v '^[[:space:]]*$' "$OUT/torch-baseline.out" 2>/dev/null | tail -n 1)
+        case $rc in
+            0) record torch-baseline ok "$fig" ;;
+            124) record torch-baseline FAIL "timed out after ${TORCH_TIMEOUT}s" ;;
+            *) record torch-baseline FAIL "exit $rc: ${fig:-$(last_error torch-baseline)}" ;;
+        esac
     fi
+else
+    record torch skip "not in STEPS"
 fi
 
-if command -v compute-sanitizer >/dev/null 2>&1; then
-    for tool in $SANITIZER_TOOLS; do
-        if [[ $SANITIZER_RUN == forwards ]]; then
-            # Every fast kernel a forward uses, eager and graph-replayed, f32 and bf16.
-            # shellcheck disable=SC2016 # expanded by the inner bash
-            run_step "$tool" "$SANITIZER_TIMEOUT" bash -c '
-                for p in f32 bf16; do
-                    compute-sanitizer --tool "$1" --error-exitcode 86 --print-limit 100 \
-                        "$2" bench --device cuda --precision "$p" --batch 3 --seconds 0.001 || exit
-                done' sanitized "$tool" "$OUTPROJ"
-        else
-            run_step "$tool" "$SANITIZER_TIMEOUT" compute-sanitizer --tool "$tool" \
-                --error-exitcode 86 --print-limit 100 "$OUTPROJ" check --device cuda
-        fi
-        rc=$?
-        fig=$(grep -hE '(ERROR|RACECHECK) SUMMARY' "$OUT/$tool.out" "$OUT/$tool.err" 2>/dev/null |
-            sed 's/^=* *//' | tr '\n' ' ')
-        case $rc in
-            0) record "$tool" ok "${fig:-no errors reported}" ;;
-            86) record "$tool" FAIL "${fig:-errors found}: see $tool.log" ;;
-            124) record "$tool" FAIL "timed out after ${SANITIZER_TIMEOUT}s" ;;
-            *) record "$tool" FAIL "exit $rc: ${fig:-$(last_error "$tool")}" ;;
-        esac
+if want compare; then
+    ours_json=()
+    for f in "$OUT"/bench-cuda*.json; do
+        [[ -e $f ]] && ours_json+=(--ours "$f")
     done
+    if ((${#ours_json[@]} == 0)) && [[ -z $torch_json ]]; then
+        record compare skip "no bench-cuda or torch-baseline JSON to compare"
+    elif ! command -v python3 >/dev/null 2>&1; then
+        record compare skip "python3 not found"
+    else
+        run_step compare "$STEP_TIMEOUT" python3 "$script_dir/compare_bench.py" \
+            ${ours_json[@]+"${ours_json[@]}"} ${torch_json:+--torch "$torch_json"} \
+            --out "$OUT/comparison.md"
+        rc=$?
+        if [[ $rc == 0 ]]; then
+            cat "$OUT/comparison.md"
+            fig=$(awk -F'|' '/^\| .* \| .* \| .* \| (met|\*\*not met\*\*|not measured) \|$/ {
+                    s = $5; gsub(/^ +| +$|\*/, "", s); n[s]++ }
+                END { printf "targets: %d met, %d not met, %d not measured",
+                      n["met"], n["not met"], n["not measured"] }' "$OUT/comparison.md")
+            record compare ok "$fig (comparison.md)"
+        else
+            record compare FAIL "exit $rc: $(last_error compare)"
+        fi
+    fi
 else
-    record sanitizer skip "compute-sanitizer not found"
+    record compare skip "not in STEPS"
+fi
+
+if want sanitizer; then
+    if command -v compute-sanitizer >/dev/null 2>&1; then
+        for tool in $SANITIZER_TOOLS; do
+            if [[ $SANITIZER_RUN == forwards ]]; then
+                # Every fast kernel a forward uses (CUDA cores, TF32 and 16-bit tensor
+                # cores), one forward each: a whole check under a sanitizer takes long.
+                # shellcheck disable=SC2016 # expanded by the inner bash
+                run_step "$tool" "$SANITIZER_TIMEOUT" bash -c '
+                    for p in f32 tf32 bf16; do
+                        compute-sanitizer --tool "$1" --error-exitcode 86 --print-limit 100 \
+                            "$2" run --device cuda --precision "$p" --batch 2 || exit
+                    done' sanitized "$tool" "$OUTPROJ"
+            else
+                run_step "$tool" "$SANITIZER_TIMEOUT" compute-sanitizer --tool "$tool" \
+                    --error-exitcode 86 --print-limit 100 "$OUTPROJ" check --device cuda
+            fi
+            rc=$?
+            fig=$(grep -hE '(ERROR|RACECHECK) SUMMARY' "$OUT/$tool.out" "$OUT/$tool.err" 2>/dev/null |
+                sed 's/^=* *//' | tr '\n' ' ')
+            case $rc in
+                0) record "$tool" ok "${fig:-no errors reported}" ;;
+                86) record "$tool" FAIL "${fig:-errors found}: see $tool.log" ;;
+                124) record "$tool" FAIL "timed out after ${SANITIZER_TIMEOUT}s" ;;
+                *) record "$tool" FAIL "exit $rc: ${fig:-$(last_error "$tool")}" ;;
+            esac
+        done
+    else
+        record sanitizer skip "compute-sanitizer not found"
+    fi
+else
+    record sanitizer skip "not in STEPS"
 fi
 
 # wgpu on the same GPU, when its adapter is a real GPU (not llvmpipe).
-wgpu_block=$(awk '/^[^ ]/ { on = ($1 == "wgpu") } on' "$OUT/info.out" 2>/dev/null)
-if ! grep -qE '^wgpu +available' <<<"$wgpu_block"; then
-    record wgpu skip "no usable wgpu adapter: $(head -n 1 <<<"$wgpu_block" | tr -s ' ' | cut -c1-80)"
-elif grep -qiE 'llvmpipe|lavapipe|swiftshader|, Cpu,' <<<"$wgpu_block" ||
-    ! grep -qE 'DiscreteGpu|IntegratedGpu|VirtualGpu|NVIDIA' <<<"$wgpu_block"; then
-    record wgpu skip "the wgpu adapter is not a GPU"
+if want wgpu; then
+    wgpu_block=$(awk '/^[^ ]/ { on = ($1 == "wgpu") } on' "$OUT/info.out" 2>/dev/null)
+    if ! grep -qE '^wgpu +available' <<<"$wgpu_block"; then
+        record wgpu skip "no usable wgpu adapter: $(head -n 1 <<<"$wgpu_block" | tr -s ' ' | cut -c1-80)"
+    elif grep -qiE 'llvmpipe|lavapipe|swiftshader|, Cpu,' <<<"$wgpu_block" ||
+        ! grep -qE 'DiscreteGpu|IntegratedGpu|VirtualGpu|NVIDIA' <<<"$wgpu_block"; then
+        record wgpu skip "the wgpu adapter is not a GPU"
+    else
+        run_step check-wgpu "$STEP_TIMEOUT" "$OUTPROJ" check --device wgpu
+        rc=$?
+        if [[ $rc == 0 ]]; then
+            record check-wgpu ok "$(check_figure check-wgpu)"
+        else
+            record check-wgpu FAIL "exit $rc: $(check_figure check-wgpu) $(last_error check-wgpu)"
+        fi
+        run_step bench-wgpu "$STEP_TIMEOUT" "$OUTPROJ" bench --device wgpu --batch "$BATCHES" --json
+        rc=$?
+        if [[ $rc == 0 ]]; then
+            record bench-wgpu ok "$(bench_figure bench-wgpu)"
+        else
+            record bench-wgpu FAIL "exit $rc: $(last_error bench-wgpu)"
+        fi
+    fi
 else
-    run_step check-wgpu "$STEP_TIMEOUT" "$OUTPROJ" check --device wgpu
-    rc=$?
-    if [[ $rc == 0 ]]; then
-        record check-wgpu ok "$(check_figure check-wgpu)"
-    else
-        record check-wgpu FAIL "exit $rc: $(check_figure check-wgpu) $(last_error check-wgpu)"
-    fi
-    run_step bench-wgpu "$STEP_TIMEOUT" "$OUTPROJ" bench --device wgpu --batch "$BATCHES" --json
-    rc=$?
-    if [[ $rc == 0 ]]; then
-        record bench-wgpu ok "$(bench_figure bench-wgpu)"
-    else
-        record bench-wgpu FAIL "exit $rc: $(last_error bench-wgpu)"
-    fi
+    record wgpu skip "not in STEPS"
 fi
