@@ -358,21 +358,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn concat_rows_stacks_in_order_and_refuses_what_does_not_stack() {
-        let a = HostTensor::from_f32(vec![1, 2], vec![1.0, 2.0]).unwrap();
-        let b = HostTensor::from_f32(vec![2, 2], vec![3.0, 4.0, 5.0, 6.0]).unwrap();
-        let ab = HostTensor::concat_rows(&[a.clone(), b.clone()]).unwrap();
+    fn concat_rows_stacks_in_order_and_refuses_what_does_not_stack() -> Result<()> {
+        let a = HostTensor::from_f32(vec![1, 2], vec![1.0, 2.0])?;
+        let b = HostTensor::from_f32(vec![2, 2], vec![3.0, 4.0, 5.0, 6.0])?;
+        let ab = HostTensor::concat_rows(&[a.clone(), b.clone()])?;
         assert_eq!(ab.shape(), &[3, 2]);
         assert_eq!(ab.to_f32_vec(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        let half =
-            HostTensor::concat_rows(&[a.to_dtype(DType::BF16), b.to_dtype(DType::BF16)]).unwrap();
+        let half = HostTensor::concat_rows(&[a.to_dtype(DType::BF16), b.to_dtype(DType::BF16)])?;
         assert_eq!(half.dtype(), DType::BF16);
         assert_eq!(half.to_f32_vec(), ab.to_f32_vec());
         assert!(HostTensor::concat_rows(&[]).is_err());
         assert!(HostTensor::concat_rows(&[a.clone(), b.to_dtype(DType::F16)]).is_err());
-        let c = HostTensor::from_f32(vec![1, 3], vec![0.0; 3]).unwrap();
+        let c = HostTensor::from_f32(vec![1, 3], vec![0.0; 3])?;
         assert!(HostTensor::concat_rows(&[a, c]).is_err());
-        let scalar = HostTensor::from_f32(vec![], vec![1.0]).unwrap();
+        let scalar = HostTensor::from_f32(vec![], vec![1.0])?;
         assert!(HostTensor::concat_rows(&[scalar]).is_err());
+        Ok(())
     }
 }
