@@ -100,6 +100,42 @@ __device__ __forceinline__ void store_float4(float* p, float4 v) {
     *reinterpret_cast<float4*>(p) = v;
 }
 
+// cp.async (sm_80): 16 bytes from global to shared memory without a trip
+// through registers, zero-filled where `valid` is false (`src` is then not
+// read). A thread's copies are complete once it has waited for their group
+// (cp_async_wait); other threads see them after a __syncthreads that follows
+// that wait. Older targets and the emulator copy synchronously, which
+// satisfies the same contract.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(OP_EMULATOR)
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+#else
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (valid) {
+        v = *reinterpret_cast<const uint4*>(src);
+    }
+    *reinterpret_cast<uint4*>(dst) = v;
+#endif
+}
+
+// Closes the group of this thread's cp_async16 calls issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(OP_EMULATOR)
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most PENDING of this thread's committed groups are in flight.
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(OP_EMULATOR)
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+#endif
+}
+
 // ---------------------------------------------------------------- storage
 #ifndef OP_ELEM
 #define OP_ELEM 0

@@ -6,7 +6,7 @@
 // - linear_naive (v1): one thread per output, a plain dot product. The baseline
 //   and a second oracle.
 // - linear_tiled_vec4 / linear_tiled_scalar (v2): 64x64 output tiles per block of
-//   256 threads, K in steps of 16 through shared memory, a 4x4 register tile per
+//   256 threads, K in steps of 64 through shared memory, a 4x4 register tile per
 //   thread, the next K step prefetched into registers while the current one is
 //   multiplied. `vec4` loads 16 bytes at a time (needs K % 4 == 0 and 16-byte
 //   aligned x and w); `scalar` takes any M, N, K. With `partial` set the block
@@ -14,23 +14,29 @@
 //   partial[z, M, N]; the last of a tile's blocks to finish (counted in
 //   tile_counters) adds the slices in fixed order and applies the epilogue:
 //   deterministic split-K in one launch, for grids that would leave SMs idle.
+//   Why K steps of 64: at the projector's batch 1 (M = 4 or 77) a GEMM is a
+//   few tiles split many ways, each block one or a few K steps long; all of a
+//   step's loads are issued together, so a block waits on memory about once
+//   per step, not once per 16 columns.
 // - linear_tc_vec8 / linear_tc_scalar (v3, 16-bit storage only): tensor cores.
-//   The same 64x64 output tiles, K steps of 16 and split-K as v2, but a block
-//   of 128 threads (4 warps, each a 32x32 quarter as 2x2 WMMA 16x16x16
-//   fragments with f32 accumulators). Both operand tiles are staged in shared
-//   memory as elem, zero-padded past M, N and K, so any sizes work; `vec8`
-//   stages 16 bytes per thread (needs K % 8 == 0 and 16-byte aligned x, w).
-//   The accumulators go through shared memory to the epilogue (bias,
-//   activation, residual, rounding to elem), or to the split-K partial sums.
-//   Needs sm_80 (bf16 WMMA).
+//   The same 64x64 output tiles and split-K as v2, but a block of 128 threads
+//   (4 warps, each a 32x32 quarter as 2x2 WMMA 16x16x16 fragments with f32
+//   accumulators), K in steps of 128 bytes per row (64 elements) through two
+//   shared-memory stages: cp.async copies the next step while the current one
+//   is multiplied. Operand tiles are zero-padded past M, N and K, so any sizes
+//   work; `vec8` copies 16 bytes at a time (needs K % 8 == 0 and 16-byte
+//   aligned x, w), `scalar` copies elements synchronously. The accumulators go
+//   through shared memory to the epilogue (bias, activation, residual,
+//   rounding to elem), or to the split-K partial sums. Needs sm_80 (bf16 WMMA,
+//   cp.async).
 // - linear_tc_tf32_vec4 / linear_tc_tf32_scalar (v3 for f32 storage, opt-in):
-//   the v3 structure on TF32 tensor cores (WMMA 16x16x8, f32 accumulators):
-//   f32 tiles staged in shared memory already rounded to TF32 (10-bit
-//   mantissa, round to nearest, ties away, as cvt.rna does), so every element
-//   is converted once rather than once per warp that loads it; two k8 steps
-//   per K step of 16. `vec4` stages 16 bytes at a time (needs K % 4 == 0 and
-//   16-byte aligned x, w). Compiled for sm_80 and newer where the host found
-//   the CUDA headers' mma.h (it then defines OP_TF32).
+//   the v3 structure on TF32 tensor cores (WMMA 16x16x8, f32 accumulators),
+//   K steps of 32 floats (128 bytes per row). The fragments are rounded to
+//   TF32 (10-bit mantissa, round to nearest, ties away: cvt.rna) once loaded
+//   from shared memory, which cp.async fills with the f32 bytes as they are
+//   (rounding them there instead spilled on sm_90). `vec4` copies 16 bytes at a time
+//   (needs K % 4 == 0 and 16-byte aligned x, w). Compiled for sm_80 and newer
+//   where the host found the CUDA headers' mma.h (it then defines OP_TF32).
 //
 // Storage is `elem` (common.cuh); every sum is f32.
 // Bytes and flops: sizeof(elem) (MK + NK + MN (+MN residual)) bytes, 2 MNK flops.
@@ -90,7 +96,8 @@ extern "C" __global__ void OP_KERNEL_NAME(linear_naive)(const LinearParams p) {
 // last), applies the epilogue and resets the tile's counter for the next
 // launch. The fences publish this block's slice before it is counted, and make
 // the other slices visible to the last block (loads bypass L1, which is not
-// coherent across SMs).
+// coherent across SMs). The slices' loads are independent of each other
+// (unrolled), so one block streams them rather than waiting on each in turn.
 __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int m0, int n0) {
     __shared__ bool last;
     __threadfence();
@@ -107,24 +114,32 @@ __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int 
         return;
     }
     __threadfence();
+    const int slice = p.m * p.n;
     for (int idx = threadIdx.x; idx < LINEAR_BM * LINEAR_BN; idx += blockDim.x) {
         const int m = m0 + idx / LINEAR_BN;
         const int n = n0 + idx % LINEAR_BN;
         if (m >= p.m || n >= p.n) {
             continue;
         }
+        const float* src = p.partial + m * p.n + n;
         float acc = 0.0f;
+#pragma unroll 8
         for (int s = 0; s < p.splits; ++s) {
-            acc += __ldcg(p.partial + (s * p.m + m) * p.n + n);
+            acc += __ldcg(src + s * slice);
         }
         p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, acc));
     }
 }
-#define LINEAR_BK 16
+// K columns per step of the v2 kernel: 256 bytes of each f32 row, so that a
+// split of 64 columns is one round trip to memory (all of a step's loads are
+// in flight together) rather than a chain of dependent ones.
+#define LINEAR_BK 64
 #define LINEAR_THREADS 256
 // Shared tiles are stored K-major with 4 floats of padding per row: a row is
 // 272 bytes, so float4 reads of a row stay 16-byte aligned.
 #define LINEAR_LD (LINEAR_BM + 4)
+// float4s per thread per operand and K step: 64 rows x 64 columns / 4 / 256.
+#define LINEAR_LOADS (LINEAR_BK / 16)
 
 // Elements [col, col + 4) of row `row` of a [rows, K] matrix, zero where the row
 // is out of range or a column is at or past `k_end`.
@@ -165,7 +180,8 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     const int k_begin = blockIdx.z * p.k_per_split;
     const int k_end = min(p.k, k_begin + p.k_per_split);
 
-    // Loader: each thread fetches 4 consecutive K columns of one row of each tile.
+    // Loader: each thread fetches 4 consecutive K columns of one row of each
+    // tile, at columns lk + 16 j.
     const int lr = tid >> 2;        // tile row 0..63
     const int lk = (tid & 3) * 4;   // tile column 0, 4, 8, 12
 
@@ -178,28 +194,37 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
         }
     }
 
-    float4 xa = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    float4 wa = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (k_begin < k_end) {
-        xa = linear_load4<VEC>(p.x, m0 + lr, p.m, k_begin + lk, k_end, p.k);
-        wa = linear_load4<VEC>(p.w, n0 + lr, p.n, k_begin + lk, k_end, p.k);
+    float4 xa[LINEAR_LOADS];
+    float4 wa[LINEAR_LOADS];
+#pragma unroll
+    for (int j = 0; j < LINEAR_LOADS; ++j) {
+        xa[j] = linear_load4<VEC>(p.x, m0 + lr, p.m, k_begin + lk + 16 * j, k_end, p.k);
+        wa[j] = linear_load4<VEC>(p.w, n0 + lr, p.n, k_begin + lk + 16 * j, k_end, p.k);
     }
     for (int k0 = k_begin; k0 < k_end; k0 += LINEAR_BK) {
         __syncthreads();  // every thread is done reading the previous tile
-        xs[lk + 0][lr] = xa.x;
-        xs[lk + 1][lr] = xa.y;
-        xs[lk + 2][lr] = xa.z;
-        xs[lk + 3][lr] = xa.w;
-        ws[lk + 0][lr] = wa.x;
-        ws[lk + 1][lr] = wa.y;
-        ws[lk + 2][lr] = wa.z;
-        ws[lk + 3][lr] = wa.w;
+#pragma unroll
+        for (int j = 0; j < LINEAR_LOADS; ++j) {
+            const int c = lk + 16 * j;
+            xs[c + 0][lr] = xa[j].x;
+            xs[c + 1][lr] = xa[j].y;
+            xs[c + 2][lr] = xa[j].z;
+            xs[c + 3][lr] = xa[j].w;
+            ws[c + 0][lr] = wa[j].x;
+            ws[c + 1][lr] = wa[j].y;
+            ws[c + 2][lr] = wa[j].z;
+            ws[c + 3][lr] = wa[j].w;
+        }
         __syncthreads();
         if (k0 + LINEAR_BK < k_end) {
-            xa = linear_load4<VEC>(p.x, m0 + lr, p.m, k0 + LINEAR_BK + lk, k_end, p.k);
-            wa = linear_load4<VEC>(p.w, n0 + lr, p.n, k0 + LINEAR_BK + lk, k_end, p.k);
-        }
 #pragma unroll
+            for (int j = 0; j < LINEAR_LOADS; ++j) {
+                const int c = k0 + LINEAR_BK + lk + 16 * j;
+                xa[j] = linear_load4<VEC>(p.x, m0 + lr, p.m, c, k_end, p.k);
+                wa[j] = linear_load4<VEC>(p.w, n0 + lr, p.n, c, k_end, p.k);
+            }
+        }
+#pragma unroll 16
         for (int kk = 0; kk < LINEAR_BK; ++kk) {
             const float4 a = *reinterpret_cast<const float4*>(&xs[kk][ty * 4]);
             const float4 b = *reinterpret_cast<const float4*>(&ws[kk][tx * 4]);
@@ -260,135 +285,87 @@ OP_KERNEL_NAME(linear_tiled_scalar)(const LinearParams p) {
 #define LINEAR_TC_THREADS 128
 #define LINEAR_TC_LDC (LINEAR_BN + 4)
 
-// The 2x2 accumulators of each warp through shared memory `cs` (64 x LDC) to
-// the epilogue (bias, activation, residual, rounding to elem), or to the
-// split-K partial sums.
-template <class Acc>
-__device__ __forceinline__ void linear_tc_finish(const LinearParams& p, const Acc (&acc)[2][2],
-                                                 float (*cs)[LINEAR_TC_LDC], int wm, int wn,
-                                                 int m0, int n0) {
-    using namespace nvcuda;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            wmma::store_matrix_sync(&cs[wm + 16 * i][wn + 16 * j], acc[i][j], LINEAR_TC_LDC,
-                                    wmma::mem_row_major);
-        }
-    }
-    __syncthreads();
-    // Consecutive threads write consecutive columns.
-    for (int idx = threadIdx.x; idx < LINEAR_BM * LINEAR_BN; idx += LINEAR_TC_THREADS) {
-        const int r = idx / LINEAR_BN;
-        const int c = idx - r * LINEAR_BN;
-        const int m = m0 + r;
-        const int n = n0 + c;
-        if (m >= p.m || n >= p.n) {
-            continue;
-        }
-        if (p.partial != nullptr) {
-            p.partial[(blockIdx.z * p.m + m) * p.n + n] = cs[r][c];
-        } else {
-            p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, cs[r][c]));
-        }
-    }
-    if (p.partial != nullptr) {
-        linear_splitk_finish(p, m0, n0);
-    }
-}
-
 #if OP_ELEM != 0
-// 16-bit storage: elem tiles in shared memory, 16x16x16 fragments. Tiles are
-// 16 K columns + 8 of padding; WMMA wants a leading dimension that is a
-// multiple of 8 elements, and 48-byte rows spread the 16-byte stores of a
-// warp over the banks.
-typedef elem linear_tc_smem;
+// 16-bit storage: elem tiles in shared memory, 16x16x16 fragments.
 typedef elem linear_tc_frag;
 #define LINEAR_TC_FRAG_K 16
-#define LINEAR_TC_LDK 24
-
-// Rows [row0, row0 + 64) x columns [k0, k0 + 16) of a [rows, K] matrix into
-// `tile`, zero past `rows` and past `k_end`: thread t takes row t / 2, columns
-// (t % 2) * 8 .. + 8.
-template <bool VEC>
-__device__ __forceinline__ void linear_tc_stage(elem (*tile)[LINEAR_TC_LDK], const elem* a,
-                                                int row0, int rows, int k0, int k_end, int k) {
-    const int r = threadIdx.x >> 1;
-    const int c = (threadIdx.x & 1) * 8;
-    const int row = row0 + r;
-    const int col = k0 + c;
-    if (VEC) {
-        // K % 8 == 0 and k_end is K or a multiple of 16: the 8 columns are all
-        // in range or all out.
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (row < rows && col < k_end) {
-            v = *reinterpret_cast<const uint4*>(a + row * k + col);
-        }
-        *reinterpret_cast<uint4*>(&tile[r][c]) = v;
-    } else {
-        const elem zero = from_f32(0.0f);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            tile[r][c + j] = (row < rows && col + j < k_end) ? a[row * k + col + j] : zero;
-        }
-    }
-}
-
+#define LINEAR_TC_BK 64
 #else
-// f32 storage: f32 tiles rounded to TF32 as they are staged (once per element,
-// not once per warp that reads it), 16x16x8 fragments. Tiles are 16 K columns
-// + 4 of padding: a leading dimension of 20 floats (80 bytes, a multiple of 16
-// as WMMA wants) puts the 8 rows a fragment load touches at once on distinct
-// banks.
-typedef float linear_tc_smem;
+// f32 storage: f32 tiles (cp.async copies bytes: no rounding on the way),
+// rounded to TF32 in the fragments, 16x16x8 fragments.
 typedef nvcuda::wmma::precision::tf32 linear_tc_frag;
 #define LINEAR_TC_FRAG_K 8
-#define LINEAR_TC_LDK 20
+#define LINEAR_TC_BK 32
+#endif
+// A K step is 128 bytes of every row (64 16-bit elements or 32 floats) plus 16
+// bytes of padding: the 144-byte rows put the 8 rows that a fragment load
+// reads at once on distinct banks, and keep every row 16-byte aligned (and its
+// length a multiple of 16 bytes, as WMMA wants).
+#define LINEAR_TC_CHUNK (16 / (int)sizeof(elem))  // elements per 16 bytes
+#define LINEAR_TC_LDK (LINEAR_TC_BK + LINEAR_TC_CHUNK)
+// 16-byte chunks per operand tile and step: 64 rows x 8; 4 per thread.
+#define LINEAR_TC_CHUNKS (LINEAR_BM * 8 / LINEAR_TC_THREADS)
 
-// Rows [row0, row0 + 64) x columns [k0, k0 + 16) of a [rows, K] f32 matrix
-// into `tile` rounded to TF32, zero past `rows` and past `k_end`: thread t
-// takes row t / 2, columns (t % 2) * 8 .. + 8.
+// Shared memory of the v3 kernel: two stages of both operand tiles, and the
+// accumulators on their way to the epilogue (after the last step, over the
+// stages).
+union LinearTcSmem {
+    struct {
+        elem x[LINEAR_BM][LINEAR_TC_LDK];
+        elem w[LINEAR_BN][LINEAR_TC_LDK];
+    } stage[2];
+    float c[LINEAR_BM][LINEAR_TC_LDC];
+};
+
+// Rows [row0, row0 + 64) x columns [k0, k0 + BK) of a [rows, K] matrix into
+// `tile`, zero past `rows` and past `k_end`: thread t takes the 16-byte chunks
+// t + 128 j (row chunk / 8, columns (chunk % 8) * CHUNK .. + CHUNK). `VEC`
+// (K a multiple of CHUNK, 16-byte aligned operand): cp.async, in flight until
+// the caller waits for it; else synchronous element copies.
 template <bool VEC>
-__device__ __forceinline__ void linear_tc_stage(float (*tile)[LINEAR_TC_LDK], const float* a,
-                                                int row0, int rows, int k0, int k_end, int k) {
-    using namespace nvcuda;
-    const int r = threadIdx.x >> 1;
-    const int c = (threadIdx.x & 1) * 8;
-    const int row = row0 + r;
-    const int col = k0 + c;
-    if (VEC) {
-        // K % 4 == 0 and k_end is K or a multiple of 16: each group of 4
-        // columns is all in range or all out.
+__device__ __forceinline__ void linear_tc_stage(elem (*tile)[LINEAR_TC_LDK],
+                                                const elem* a, int row0, int rows,
+                                                int k0, int k_end, int k) {
 #pragma unroll
-        for (int h = 0; h < 8; h += 4) {
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (row < rows && col + h < k_end) {
-                v = load_float4(a + row * k + col + h);
+    for (int j = 0; j < LINEAR_TC_CHUNKS; ++j) {
+        const int chunk = threadIdx.x + LINEAR_TC_THREADS * j;
+        const int r = chunk >> 3;
+        const int c = (chunk & 7) * LINEAR_TC_CHUNK;
+        const int row = row0 + r;
+        const int col = k0 + c;
+        if (VEC) {
+            // k_end is K or a multiple of BK: the chunk is all in range or all out.
+            const bool valid = row < rows && col < k_end;
+            cp_async16(&tile[r][c], valid ? a + row * k + col : a, valid);
+        } else {
+#pragma unroll
+            for (int e = 0; e < LINEAR_TC_CHUNK; ++e) {
+                tile[r][c + e] = (row < rows && col + e < k_end) ? a[row * k + col + e]
+                                                                 : from_f32(0.0f);
             }
-            v.x = wmma::__float_to_tf32(v.x);
-            v.y = wmma::__float_to_tf32(v.y);
-            v.z = wmma::__float_to_tf32(v.z);
-            v.w = wmma::__float_to_tf32(v.w);
-            store_float4(&tile[r][c + h], v);
-        }
-    } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const float v = (row < rows && col + j < k_end) ? a[row * k + col + j] : 0.0f;
-            tile[r][c + j] = wmma::__float_to_tf32(v);
         }
     }
 }
 
-#endif  // OP_ELEM
+// TF32: a fragment's elements rounded (cvt.rna) as WMMA wants them; a no-op
+// for 16-bit storage.
+template <class Frag>
+__device__ __forceinline__ void linear_tc_round(Frag& f) {
+#if OP_ELEM == 0
+#pragma unroll
+    for (int t = 0; t < f.num_elements; ++t) {
+        f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
+    }
+#endif
+}
 
-// v3: block 128 threads; grid (ceil(N / 64), ceil(M / 64), splits).
+// v3: block 128 threads; grid (ceil(N / 64), ceil(M / 64), splits). Two
+// stages: the next K step's copies are in flight while the current one is
+// multiplied.
 template <bool VEC>
 __device__ __forceinline__ void linear_tc(const LinearParams& p) {
     using namespace nvcuda;
-    __shared__ __align__(32) linear_tc_smem xs[LINEAR_BM][LINEAR_TC_LDK];
-    __shared__ __align__(32) linear_tc_smem ws[LINEAR_BN][LINEAR_TC_LDK];
-    __shared__ __align__(32) float cs[LINEAR_BM][LINEAR_TC_LDC];
+    __shared__ __align__(128) LinearTcSmem sm;
     constexpr int FK = LINEAR_TC_FRAG_K;
 
     const int warp = threadIdx.x >> 5;
@@ -408,21 +385,32 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
         }
     }
 
-    for (int k0 = k_begin; k0 < k_end; k0 += LINEAR_BK) {
-        __syncthreads();  // every warp is done reading the previous tiles
-        linear_tc_stage<VEC>(xs, p.x, m0, p.m, k0, k_end, p.k);
-        linear_tc_stage<VEC>(ws, p.w, n0, p.n, k0, k_end, p.k);
+    if (k_begin < k_end) {
+        linear_tc_stage<VEC>(sm.stage[0].x, p.x, m0, p.m, k_begin, k_end, p.k);
+        linear_tc_stage<VEC>(sm.stage[0].w, p.w, n0, p.n, k_begin, k_end, p.k);
+    }
+    cp_async_commit();
+    int buf = 0;
+    for (int k0 = k_begin; k0 < k_end; k0 += LINEAR_TC_BK, buf ^= 1) {
+        if (k0 + LINEAR_TC_BK < k_end) {
+            linear_tc_stage<VEC>(sm.stage[buf ^ 1].x, p.x, m0, p.m, k0 + LINEAR_TC_BK, k_end, p.k);
+            linear_tc_stage<VEC>(sm.stage[buf ^ 1].w, p.w, n0, p.n, k0 + LINEAR_TC_BK, k_end, p.k);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();  // this step's group is complete, the next may fly
         __syncthreads();
 #pragma unroll
-        for (int kk = 0; kk < LINEAR_BK; kk += FK) {
+        for (int kk = 0; kk < LINEAR_TC_BK; kk += FK) {
             // x tile rows are A's rows (row-major); w tile rows are B's
             // columns (B = W^T, col-major with the same leading dimension).
             wmma::fragment<wmma::matrix_a, 16, 16, FK, linear_tc_frag, wmma::row_major> a[2];
             wmma::fragment<wmma::matrix_b, 16, 16, FK, linear_tc_frag, wmma::col_major> b[2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                wmma::load_matrix_sync(a[i], &xs[wm + 16 * i][kk], LINEAR_TC_LDK);
-                wmma::load_matrix_sync(b[i], &ws[wn + 16 * i][kk], LINEAR_TC_LDK);
+                wmma::load_matrix_sync(a[i], &sm.stage[buf].x[wm + 16 * i][kk], LINEAR_TC_LDK);
+                wmma::load_matrix_sync(b[i], &sm.stage[buf].w[wn + 16 * i][kk], LINEAR_TC_LDK);
+                linear_tc_round(a[i]);
+                linear_tc_round(b[i]);
             }
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
@@ -432,8 +420,39 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
                 }
             }
         }
+        __syncthreads();  // every warp is done with `buf` before it is restaged
     }
-    linear_tc_finish(p, acc, cs, wm, wn, m0, n0);
+    cp_async_wait<0>();
+
+    // The accumulators through shared memory (over the stages, free now) to
+    // the epilogue (bias, activation, residual, rounding to elem), or to the
+    // split-K partial sums; consecutive threads write consecutive columns.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            wmma::store_matrix_sync(&sm.c[wm + 16 * i][wn + 16 * j], acc[i][j], LINEAR_TC_LDC,
+                                    wmma::mem_row_major);
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < LINEAR_BM * LINEAR_BN; idx += LINEAR_TC_THREADS) {
+        const int r = idx / LINEAR_BN;
+        const int c = idx - r * LINEAR_BN;
+        const int m = m0 + r;
+        const int n = n0 + c;
+        if (m >= p.m || n >= p.n) {
+            continue;
+        }
+        if (p.partial != nullptr) {
+            p.partial[(blockIdx.z * p.m + m) * p.n + n] = sm.c[r][c];
+        } else {
+            p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, sm.c[r][c]));
+        }
+    }
+    if (p.partial != nullptr) {
+        linear_splitk_finish(p, m0, n0);
+    }
 }
 
 #if OP_ELEM != 0

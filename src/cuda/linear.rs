@@ -62,12 +62,14 @@ pub(crate) static PROGRAM: Program = Program {
     layouts,
 };
 
-/// Output tile of the v2 kernel (rows and columns), and its K step.
+/// Output tile of the v2 and v3 kernels (rows and columns).
 const TILE: usize = 64;
-const TILE_K: usize = 16;
-/// K columns a split must at least cover to be worth its partial sums.
-const MIN_SPLIT_K: usize = 256;
+/// Most splits of one GEMM.
 const MAX_SPLITS: usize = 32;
+/// Partial sums the last block of a split tile may add up: it reads
+/// `splits x rows x TILE` f32 values alone (128 KiB, about a microsecond for
+/// one SM), so deep splits are left to tiles with few rows.
+const MAX_FINISH_SUMS: usize = 8 * TILE * TILE;
 
 /// How one `linear` call is launched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,23 +81,27 @@ pub(crate) enum LinearPlan {
     /// the `grid.0 * grid.1` tiles finishes it, counted in the backend's tile
     /// counters.
     Tiled {
-        vec4: bool,
+        kernel: &'static str,
+        threads: u32,
         grid: (u32, u32, u32),
         splits: usize,
         k_per_split: usize,
     },
 }
 
-/// The K split for an `m x n` output over `k` on `sm_count` SMs: enough blocks
-/// for two waves when the tiles alone are too few, each split at least
-/// `MIN_SPLIT_K` deep. Returns `(splits, k_per_split)` with
-/// `k_per_split` a multiple of `TILE_K` and every split non-empty.
-fn split_k(m: usize, n: usize, k: usize, sm_count: usize) -> (usize, usize) {
+/// The K split for an `m x n` output over `k` on `sm_count` SMs, for a kernel
+/// that walks K in steps of `k_step`: when the tiles alone are too few to
+/// fill the device, enough splits for two blocks per SM, each at least one
+/// step deep and no more than the finishing block can add up quickly. Returns
+/// `(splits, k_per_split)` with `k_per_split` a multiple of `k_step` and every
+/// split non-empty.
+fn split_k(m: usize, n: usize, k: usize, sm_count: usize, k_step: usize) -> (usize, usize) {
     let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
     let mut splits = 1;
-    if tiles < sm_count && k >= 2 * MIN_SPLIT_K {
+    if tiles < sm_count && k >= 2 * k_step {
         let want = (2 * sm_count).div_ceil(tiles);
-        splits = want.min(k / MIN_SPLIT_K).clamp(1, MAX_SPLITS);
+        let finish = MAX_FINISH_SUMS / (m.clamp(1, TILE) * TILE);
+        splits = want.min(k / k_step).min(finish).clamp(1, MAX_SPLITS);
         // The workspace [splits, m, n] must fit the kernels' 32-bit indices.
         while splits > 1
             && splits
@@ -106,15 +112,59 @@ fn split_k(m: usize, n: usize, k: usize, sm_count: usize) -> (usize, usize) {
             splits -= 1;
         }
     }
-    let k_per_split = k.div_ceil(splits).div_ceil(TILE_K) * TILE_K;
+    let k_per_split = k.div_ceil(splits).div_ceil(k_step) * k_step;
     (k.div_ceil(k_per_split), k_per_split)
 }
 
+/// Which fast GEMM runs: v2 on CUDA cores (f32), v3 on tensor cores for
+/// 16-bit storage, or v3 on TF32 tensor cores (f32 with `tf32`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Gemm {
+    Tiled,
+    Half,
+    Tf32,
+}
+
+impl Gemm {
+    pub(crate) fn for_storage(storage: DType, tf32: bool) -> Gemm {
+        match (storage, tf32) {
+            (DType::F32, false) => Gemm::Tiled,
+            (DType::F32, true) => Gemm::Tf32,
+            _ => Gemm::Half,
+        }
+    }
+
+    /// K columns per step of the kernel (its `LINEAR_BK` / `LINEAR_TC_BK`).
+    fn k_step(self) -> usize {
+        match self {
+            Gemm::Tiled | Gemm::Half => 64,
+            Gemm::Tf32 => 32,
+        }
+    }
+
+    /// The kernel and its block size; `wide` = 16-byte copies are possible
+    /// (K a multiple of 16 bytes' worth of elements, operands 16-byte aligned).
+    fn kernel(self, wide: bool) -> (&'static str, u32) {
+        match (self, wide) {
+            (Gemm::Half, true) => ("linear_tc_vec8", 128),
+            (Gemm::Half, false) => ("linear_tc_scalar", 128),
+            (Gemm::Tf32, true) => ("linear_tc_tf32_vec4", 128),
+            (Gemm::Tf32, false) => ("linear_tc_tf32_scalar", 128),
+            (Gemm::Tiled, true) => ("linear_tiled_vec4", 256),
+            (Gemm::Tiled, false) => ("linear_tiled_scalar", 256),
+        }
+    }
+}
+
+/// `wide`: K is a multiple of 16 bytes' worth of elements and x and w are
+/// 16-byte aligned (for f32 v2 4 elements, 8-byte loads of 4 16-bit elements
+/// need the same 4).
 pub(crate) fn plan(
     d: LinearDims,
     version: KernelVersion,
     sm_count: u32,
-    vec4: bool,
+    gemm: Gemm,
+    wide: bool,
 ) -> Result<LinearPlan> {
     match version {
         KernelVersion::Naive => Ok(LinearPlan::Naive {
@@ -125,9 +175,11 @@ pub(crate) fn plan(
             ),
         }),
         KernelVersion::Fast => {
-            let (splits, k_per_split) = split_k(d.m, d.n, d.k, sm_count as usize);
+            let (splits, k_per_split) = split_k(d.m, d.n, d.k, sm_count as usize, gemm.k_step());
+            let (kernel, threads) = gemm.kernel(wide);
             Ok(LinearPlan::Tiled {
-                vec4,
+                kernel,
+                threads,
                 grid: (
                     blocks_for("linear", d.n, TILE)?,
                     blocks_for("linear", d.m, TILE)?,
@@ -138,15 +190,6 @@ pub(crate) fn plan(
             })
         }
     }
-}
-
-/// Which fast GEMM runs: v2 on CUDA cores (f32), v3 on tensor cores for
-/// 16-bit storage, or v3 on TF32 tensor cores (f32 with `tf32`).
-#[derive(Clone, Copy)]
-enum Gemm {
-    Tiled,
-    Half,
-    Tf32,
 }
 
 pub(crate) fn act_code(act: Activation) -> i32 {
@@ -181,7 +224,9 @@ pub(super) fn linear(
     inputs.extend(residual);
     be.check_disjoint("linear", &[out], &inputs)?;
 
-    let vec4 = d.k % 4 == 0 && xp % 16 == 0 && wp % 16 == 0;
+    let gemm = Gemm::for_storage(be.storage(), be.options().tf32);
+    let chunk = 16 / be.storage().size();
+    let wide = d.k % chunk == 0 && xp % 16 == 0 && wp % 16 == 0;
     let mut params = LinearParams {
         x: xp,
         w: wp,
@@ -197,35 +242,19 @@ pub(super) fn linear(
         k_per_split: 0,
         splits: 1,
     };
-    match plan(d, be.version(), be.sm_count(), vec4)? {
+    match plan(d, be.version(), be.sm_count(), gemm, wide)? {
         LinearPlan::Naive { grid } => {
             be.launch(&PROGRAM, "linear_naive", grid, (16, 16, 1), &params)
         }
         LinearPlan::Tiled {
-            vec4,
+            kernel,
+            threads,
             grid,
             splits,
             k_per_split,
         } => {
             params.k_per_split = i32_of("linear split", k_per_split)?;
             params.splits = i32_of("linear splits", splits)?;
-            // 16-bit storage: tensor cores (v3), 8-element (16-byte) staging
-            // where K and the operands allow it. f32 with tf32 (the backend
-            // checked sm_80 and f32 storage): TF32 tensor cores, 16-byte staging.
-            let kernel = match (be.storage(), be.options().tf32) {
-                (DType::F32, false) => Gemm::Tiled,
-                (DType::F32, true) => Gemm::Tf32,
-                _ => Gemm::Half,
-            };
-            let vec8 = d.k % 8 == 0 && xp % 16 == 0 && wp % 16 == 0;
-            let (kernel, threads) = match (kernel, vec4, vec8) {
-                (Gemm::Half, _, true) => ("linear_tc_vec8", 128),
-                (Gemm::Half, _, false) => ("linear_tc_scalar", 128),
-                (Gemm::Tf32, true, _) => ("linear_tc_tf32_vec4", 128),
-                (Gemm::Tf32, false, _) => ("linear_tc_tf32_scalar", 128),
-                (Gemm::Tiled, true, _) => ("linear_tiled_vec4", 256),
-                (Gemm::Tiled, false, _) => ("linear_tiled_scalar", 256),
-            };
             if splits == 1 {
                 return be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params);
             }
@@ -264,16 +293,19 @@ mod tests {
             (616, 512, 2048),
         ] {
             for sms in [1, 8, 132] {
-                let (s, kps) = split_k(m, n, k, sms);
-                assert!((1..=MAX_SPLITS).contains(&s), "{m}x{n}x{k}: {s} splits");
-                assert_eq!(kps % TILE_K, 0);
-                // Every split starts inside K, the last one reaches it.
-                assert!(
-                    (s - 1) * kps < k && s * kps >= k,
-                    "{m}x{n}x{k}: {s} x {kps}"
-                );
-                if s > 1 {
-                    assert!(kps >= MIN_SPLIT_K - TILE_K);
+                for step in [32, 64] {
+                    let (s, kps) = split_k(m, n, k, sms, step);
+                    assert!((1..=MAX_SPLITS).contains(&s), "{m}x{n}x{k}: {s} splits");
+                    assert_eq!(kps % step, 0);
+                    // Every split starts inside K, the last one reaches it.
+                    assert!(
+                        (s - 1) * kps < k && s * kps >= k,
+                        "{m}x{n}x{k}: {s} x {kps}"
+                    );
+                    // The finishing block's share stays bounded.
+                    if s > 1 {
+                        assert!(s * m.min(TILE) * TILE <= MAX_FINISH_SUMS);
+                    }
                 }
             }
         }
@@ -281,13 +313,18 @@ mod tests {
 
     #[test]
     fn small_grids_are_split_large_are_not() {
-        // The projector's fc at batch 1: 8 tiles on 132 SMs.
-        let (s, kps) = split_k(4, 512, 4096, 132);
-        assert_eq!((s, kps), (16, 256));
+        // The projector's fc at batch 1: 8 tiles of 4 rows on 132 SMs.
+        assert_eq!(split_k(4, 512, 4096, 132, 64), (32, 128));
+        // Decoder out projection at batch 1: 16 tiles, 8 one-step splits
+        // (the finishing block's bound).
+        assert_eq!(split_k(77, 512, 512, 132, 64), (8, 64));
+        assert_eq!(split_k(77, 512, 512, 132, 32), (8, 64));
+        // Decoder FFN up at batch 1: 64 tiles, two blocks per SM.
+        assert_eq!(split_k(77, 2048, 512, 132, 64), (4, 128));
         // Batch 64 decoder FFN: 77 x 8 tiles, enough on their own.
-        assert_eq!(split_k(64 * 77, 512, 2048, 132).0, 1);
-        // Short K is never split.
-        assert_eq!(split_k(4, 512, 300, 132).0, 1);
+        assert_eq!(split_k(64 * 77, 512, 2048, 132, 64).0, 1);
+        // K shorter than two steps is never split.
+        assert_eq!(split_k(4, 512, 100, 132, 64).0, 1);
     }
 
     #[test]
@@ -299,31 +336,45 @@ mod tests {
             (4, 512, 4096),
             (513, 33, 64),
         ] {
-            match plan(dims(m, n, k), KernelVersion::Naive, 132, true).unwrap() {
+            match plan(dims(m, n, k), KernelVersion::Naive, 132, Gemm::Tiled, true).unwrap() {
                 LinearPlan::Naive { grid } => {
                     assert!(grid.0 as usize * 16 >= n && grid.1 as usize * 16 >= m);
                 }
                 p => panic!("{p:?}"),
             }
-            match plan(dims(m, n, k), KernelVersion::Fast, 132, false).unwrap() {
-                LinearPlan::Tiled {
-                    vec4,
-                    grid,
-                    splits,
-                    k_per_split,
-                } => {
-                    assert!(!vec4);
-                    assert!(grid.0 as usize * TILE >= n && grid.1 as usize * TILE >= m);
-                    assert_eq!(grid.2 as usize, splits);
-                    assert!(splits * k_per_split >= k);
-                    // A split grid's tiles fit the backend's counters (one per SM).
-                    if splits > 1 {
-                        assert!((grid.0 * grid.1) < 132);
+            for gemm in [Gemm::Tiled, Gemm::Half, Gemm::Tf32] {
+                match plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, false).unwrap() {
+                    LinearPlan::Tiled {
+                        kernel,
+                        grid,
+                        splits,
+                        k_per_split,
+                        ..
+                    } => {
+                        assert!(kernel.ends_with("scalar"), "{kernel}");
+                        assert!(grid.0 as usize * TILE >= n && grid.1 as usize * TILE >= m);
+                        assert_eq!(grid.2 as usize, splits);
+                        assert!(splits * k_per_split >= k);
+                        assert_eq!(k_per_split % gemm.k_step(), 0);
+                        // A split grid's tiles fit the backend's counters (one per SM).
+                        if splits > 1 {
+                            assert!((grid.0 * grid.1) < 132);
+                        }
                     }
+                    p => panic!("{p:?}"),
                 }
-                p => panic!("{p:?}"),
             }
         }
+    }
+
+    #[test]
+    fn kernel_steps_match_the_kernels() {
+        let src = PROGRAM.source;
+        assert!(src.contains(&format!("#define LINEAR_BK {}", Gemm::Tiled.k_step())));
+        assert!(src.contains(&format!("#define LINEAR_TC_BK {}", Gemm::Half.k_step())));
+        assert!(src.contains(&format!("#define LINEAR_TC_BK {}", Gemm::Tf32.k_step())));
+        assert!(src.contains(&format!("#define LINEAR_BM {TILE}")));
+        assert!(src.contains(&format!("#define LINEAR_BN {TILE}")));
     }
 
     #[test]
