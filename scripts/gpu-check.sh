@@ -21,6 +21,11 @@
 #                    torch-baseline.json and .md (skipped without torch or its CUDA)
 #   compare          scripts/compare_bench.py: ours vs PyTorch per precision and batch,
 #                    with the performance targets, into comparison.md (and printed)
+#   profile-<p>-b<n> ncu (gpu__time_duration only, caches and clocks left alone)
+#                    over one `outproj run --precision <p> --batch <n>` for each
+#                    precision in $PROFILE_PRECISIONS and batch in $PROFILE_BATCHES:
+#                    every kernel's device time, summarised by
+#                    scripts/profile_summary.py into profile-<p>-b<n>.md
 #   memcheck,        compute-sanitizer --tool <tool> on $SANITIZER_RUN (default: a
 #   racecheck        check; with QUICK=1 one forward each in f32, tf32 and bf16),
 #                    for each tool in $SANITIZER_TOOLS (skipped without
@@ -41,8 +46,10 @@
 #                      (default: "f32 tf32 f16 bf16")
 #   CHECK_PRECISIONS   outproj check precisions besides f32 (default: "tf32 f16 bf16")
 #   BENCH_SECONDS      outproj bench --seconds (default: 1)
-#   STEPS              step groups (default: "check bench torch compare sanitizer
-#                      wgpu"); info and the setup steps always run
+#   STEPS              step groups (default: "check bench torch compare profile
+#                      sanitizer wgpu"); info and the setup steps always run
+#   PROFILE_PRECISIONS precisions profiled with ncu (default: "f32 bf16")
+#   PROFILE_BATCHES    batch sizes profiled with ncu (default: "1 64")
 #   TORCH_PYTHON       the python with torch (default: python3)
 #   TORCH_PRECISIONS   PyTorch precisions (default: f32,bf16,f16)
 #   TORCH_TIMEOUT      seconds for the PyTorch step (default: 3600; torch.compile
@@ -76,7 +83,9 @@ TORCH_ARGS=${TORCH_ARGS:-}
 SANITIZER_RUN=${SANITIZER_RUN:-check}
 # Step groups to run; the others are recorded as skipped (split a long check
 # over several calls with the same binary).
-STEPS=${STEPS:-check bench torch compare sanitizer wgpu}
+STEPS=${STEPS:-check bench torch compare profile sanitizer wgpu}
+PROFILE_PRECISIONS=${PROFILE_PRECISIONS:-f32 bf16}
+PROFILE_BATCHES=${PROFILE_BATCHES:-1 64}
 TORCH_PYTHON=${TORCH_PYTHON:-python3}
 TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16,f16}
 TORCH_TIMEOUT=${TORCH_TIMEOUT:-3600}
@@ -400,6 +409,32 @@ if want compare; then
     fi
 else
     record compare skip "not in STEPS"
+fi
+
+# Device time of every kernel of one forward (and the once-per-batch-size prefix).
+if want profile; then
+    if command -v ncu >/dev/null 2>&1; then
+        for p in $PROFILE_PRECISIONS; do
+            for b in $PROFILE_BATCHES; do
+                name=profile-$p-b$b
+                run_step "$name" "$STEP_TIMEOUT" ncu --csv --metrics gpu__time_duration.sum \
+                    --cache-control none --clock-control none \
+                    "$OUTPROJ" run --device cuda --precision "$p" --batch "$b"
+                rc=$?
+                if [[ $rc == 0 ]] &&
+                    python3 "$script_dir/profile_summary.py" "$OUT/$name.out" \
+                        --title "$p, batch $b" >"$OUT/$name.md" 2>>"$OUT/$name.err"; then
+                    record "$name" ok "$(head -n 1 "$OUT/$name.md" | sed 's/^### //')"
+                else
+                    record "$name" FAIL "exit $rc: $(last_error "$name")"
+                fi
+            done
+        done
+    else
+        record profile skip "ncu not found"
+    fi
+else
+    record profile skip "not in STEPS"
 fi
 
 if want sanitizer; then

@@ -399,6 +399,29 @@ pub struct Timing {
     pub runs: usize,
 }
 
+/// Device time per run when `runs` runs are queued back to back with no host
+/// wait between them (launch gaps, but no round trip to the host): the median
+/// over `bursts` bursts; `None` where the backend has no device timer.
+pub fn time_burst<B: Backend>(
+    be: &B,
+    runs: usize,
+    bursts: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Option<Duration>> {
+    let runs = runs.max(1);
+    let mut per_run = Vec::new();
+    for _ in 0..bursts.max(1) {
+        let on_device = be.device_time(&mut || (0..runs).try_for_each(|_| f()))?;
+        be.synchronize()?;
+        match on_device {
+            Some(d) => per_run.push(d.div_f64(runs as f64)),
+            None => return Ok(None),
+        }
+    }
+    per_run.sort();
+    Ok(per_run.get(per_run.len() / 2).copied())
+}
+
 /// Run `f` once to warm up, then until `budget` is spent (at least `min_runs`
 /// times), synchronising after each run; the median and the minimum.
 pub fn time<B: Backend>(

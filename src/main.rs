@@ -590,6 +590,9 @@ struct BenchRow {
     min_us: f64,
     /// Median device time from timestamp queries, where the backend has them.
     device_us: Option<f64>,
+    /// Device time per run of a burst of runs queued back to back (no host
+    /// round trip between them), where the backend has timestamp queries.
+    burst_us: Option<f64>,
     runs: usize,
     /// Rates over the device time where measured, else over the wall time.
     gflops: f64,
@@ -597,6 +600,10 @@ struct BenchRow {
     /// Kernels one run launches (a graph replay: the kernels in the graph).
     launches: Option<u64>,
 }
+
+/// Runs per burst, and bursts, of `bench`'s back-to-back device timing.
+const BURST_RUNS: usize = 20;
+const BURSTS: usize = 5;
 
 #[derive(Clone, Copy)]
 struct Bench<'a> {
@@ -674,20 +681,25 @@ impl BackendTask for Bench<'_> {
                 let before = b.kernel_launches();
                 proj.forward_with(&mut plan, &h, None)?;
                 let launches = b.kernel_launches().zip(before).map(|(a, z)| a - z);
-                let t = bench::time(b, 3, self.budget, || {
-                    proj.forward_with(&mut plan, &h, None).map(|_| ())
-                })?;
+                let mut forward = || proj.forward_with(&mut plan, &h, None).map(|_| ());
+                let t = bench::time(b, 3, self.budget, &mut forward)?;
+                let burst = bench::time_burst(b, BURST_RUNS, BURSTS, &mut forward)?;
                 let what = format!("projector{suffix}");
-                rows.push(self.projector_row(kind, &what, batch, &t, launches));
+                let mut r = self.projector_row(kind, &what, batch, &t, launches);
+                r.burst_us = burst.map(|d| d.as_secs_f64() * 1e6);
+                rows.push(r);
             }
             for case in OpCase::projector_ops(&config, batch, n_in)? {
                 for (suffix, b) in &variants {
                     let mut p = case.prepare(b, 2)?;
                     let t = bench::time(b, 3, self.budget, || p.run(b))?;
+                    let burst = bench::time_burst(b, BURST_RUNS, BURSTS, || p.run(b))?;
                     let what = format!("{}{suffix}", case.op());
                     let (flops, bytes) = (case.flops(), case.bytes(elem));
                     let shape = case.shape();
-                    rows.push(row(kind, self.precision, &what, shape, &t, flops, bytes));
+                    let mut r = row(kind, self.precision, &what, shape, &t, flops, bytes);
+                    r.burst_us = burst.map(|d| d.as_secs_f64() * 1e6);
+                    rows.push(r);
                 }
             }
         }
@@ -736,6 +748,7 @@ fn row(
         median_us: t.median.as_secs_f64() * 1e6,
         min_us: t.min.as_secs_f64() * 1e6,
         device_us: device.map(|d| d * 1e6),
+        burst_us: None,
         runs: t.runs,
         gflops: flops / s / 1e9,
         gbytes_per_s: bytes / s / 1e9,
@@ -782,7 +795,7 @@ fn bench(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<6} {:<5} {:<24} {:<34} {:>12} {:>12} {:>12} {:>6} {:>9} {:>9} {:>8}",
+        "{:<6} {:<5} {:<24} {:<34} {:>12} {:>12} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
         "device",
         "prec",
         "what",
@@ -790,6 +803,7 @@ fn bench(
         "median us",
         "min us",
         "device us",
+        "burst us",
         "runs",
         "GFLOP/s",
         "GB/s",
@@ -797,9 +811,10 @@ fn bench(
     );
     for r in rows {
         let device_us = r.device_us.map_or("-".to_string(), |d| format!("{d:.1}"));
+        let burst_us = r.burst_us.map_or("-".to_string(), |d| format!("{d:.1}"));
         let launches = r.launches.map_or("-".to_string(), |n| n.to_string());
         println!(
-            "{:<6} {:<5} {:<24} {:<34} {:>12.1} {:>12.1} {:>12} {:>6} {:>9.2} {:>9.2} {:>8}",
+            "{:<6} {:<5} {:<24} {:<34} {:>12.1} {:>12.1} {:>12} {:>10} {:>6} {:>9.2} {:>9.2} {:>8}",
             r.device,
             r.precision,
             r.what,
@@ -807,6 +822,7 @@ fn bench(
             r.median_us,
             r.min_us,
             device_us,
+            burst_us,
             r.runs,
             r.gflops,
             r.gbytes_per_s,
@@ -814,8 +830,9 @@ fn bench(
         );
     }
     println!(
-        "(device us: timestamp queries or CUDA events where offered; rates use it when present; \
-         kernels: launches per forward)"
+        "(device us: timestamp queries or CUDA events where offered, around one run; burst us: \
+         the same per run of {BURST_RUNS} queued back to back; rates use device us when \
+         present; kernels: launches per forward)"
     );
     Ok(ExitCode::SUCCESS)
 }
