@@ -98,6 +98,7 @@ extern "C" __global__ void OP_KERNEL_NAME(linear_naive)(const LinearParams p) {
 // the other slices visible to the last block (loads bypass L1, which is not
 // coherent across SMs). The slices' loads are independent of each other
 // (unrolled), so one block streams them rather than waiting on each in turn.
+template <int BM, int BN>
 __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int m0, int n0) {
     __shared__ bool last;
     __threadfence();
@@ -115,9 +116,9 @@ __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int 
     }
     __threadfence();
     const int slice = p.m * p.n;
-    for (int idx = threadIdx.x; idx < LINEAR_BM * LINEAR_BN; idx += blockDim.x) {
-        const int m = m0 + idx / LINEAR_BN;
-        const int n = n0 + idx % LINEAR_BN;
+    for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
+        const int m = m0 + idx / BN;
+        const int n = n0 + idx % BN;
         if (m >= p.m || n >= p.n) {
             continue;
         }
@@ -260,7 +261,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
         }
     }
     if (p.partial != nullptr) {
-        linear_splitk_finish(p, m0, n0);
+        linear_splitk_finish<LINEAR_BM, LINEAR_BN>(p, m0, n0);
     }
 }
 
@@ -282,66 +283,84 @@ OP_KERNEL_NAME(linear_tiled_scalar)(const LinearParams p) {
 #include <mma.h>
 #endif
 
-#define LINEAR_TC_THREADS 128
-#define LINEAR_TC_LDC (LINEAR_BN + 4)
-
 #if OP_ELEM != 0
 // 16-bit storage: elem tiles in shared memory, 16x16x16 fragments.
 typedef elem linear_tc_frag;
 #define LINEAR_TC_FRAG_K 16
-#define LINEAR_TC_BK 64
 #else
 // f32 storage: f32 tiles (cp.async copies bytes: no rounding on the way),
 // rounded to TF32 in the fragments, 16x16x8 fragments.
 typedef nvcuda::wmma::precision::tf32 linear_tc_frag;
 #define LINEAR_TC_FRAG_K 8
-#define LINEAR_TC_BK 32
 #endif
-// A K step is 128 bytes of every row (64 16-bit elements or 32 floats) plus 16
-// bytes of padding: the 144-byte rows put the 8 rows that a fragment load
-// reads at once on distinct banks, and keep every row 16-byte aligned (and its
-// length a multiple of 16 bytes, as WMMA wants).
 #define LINEAR_TC_CHUNK (16 / (int)sizeof(elem))  // elements per 16 bytes
-#define LINEAR_TC_LDK (LINEAR_TC_BK + LINEAR_TC_CHUNK)
-// 16-byte chunks per operand tile and step: 64 rows x 8; 4 per thread.
-#define LINEAR_TC_CHUNKS (LINEAR_BM * 8 / LINEAR_TC_THREADS)
 
-// Shared memory of the v3 kernel: two stages of both operand tiles, and the
-// accumulators on their way to the epilogue (after the last step, over the
-// stages).
-union LinearTcSmem {
-    struct {
-        elem x[LINEAR_BM][LINEAR_TC_LDK];
-        elem w[LINEAR_BN][LINEAR_TC_LDK];
-    } stage[2];
-    float c[LINEAR_BM][LINEAR_TC_LDC];
+// The two tile shapes of v3. Both pad each staged row by 16 bytes: rows of 144
+// (small) or 80 (large) bytes put the 8 rows a fragment load reads at once on
+// distinct banks, and keep rows 16-byte aligned with a length that is a
+// multiple of 16 bytes, as WMMA wants.
+// - small: 64 x 64 outputs, 2 x 2 warps of 32 x 32, 128 bytes of each row per
+//   K step: the split-K grids of small M, where a block is one or a few steps.
+// - large: 128 x 128 outputs, 2 x 4 warps of 64 x 32, 64 bytes of each row per
+//   step: grids with a tile for every SM, where each warp's 4 + 2 fragment
+//   loads per 8 MMAs (small: 2 + 2 per 4) and each block's staged bytes per
+//   output (half of small's) decide the speed.
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STEP_BYTES>
+struct LinearTcTile {
+    static constexpr int BM = BM_;
+    static constexpr int BN = BN_;
+    static constexpr int WARPS_M = WARPS_M_;
+    static constexpr int WARPS_N = WARPS_N_;
+    static constexpr int THREADS = WARPS_M * WARPS_N * 32;
+    static constexpr int FM = BM / WARPS_M / 16;  // fragments per warp along M
+    static constexpr int FN = BN / WARPS_N / 16;  // and along N
+    static constexpr int BK = STEP_BYTES / (int)sizeof(elem);
+    static constexpr int LDK = BK + LINEAR_TC_CHUNK;
+    static constexpr int ROW_CHUNKS = BK / LINEAR_TC_CHUNK;  // 16-byte chunks per row
+    // Two stages of both operand tiles; after the last step, over them, one
+    // 16 x 16 f32 scratch per warp for the epilogue.
+    union Smem {
+        struct {
+            elem x[BM][LDK];
+            elem w[BN][LDK];
+        } stage[2];
+        float c[WARPS_M * WARPS_N][16][20];
+    };
 };
+typedef LinearTcTile<64, 64, 2, 2, 128> LinearTcSmall;
+typedef LinearTcTile<128, 128, 2, 4, 64> LinearTcLarge;
+#define LINEAR_TC_SMALL_THREADS 128
+#define LINEAR_TC_LARGE_THREADS 256
 
-// Rows [row0, row0 + 64) x columns [k0, k0 + BK) of a [rows, K] matrix into
+// Rows [row0, row0 + ROWS) x columns [k0, k0 + BK) of a [rows, K] matrix into
 // `tile`, zero past `rows` and past `k_end`: thread t takes the 16-byte chunks
-// t + 128 j (row chunk / 8, columns (chunk % 8) * CHUNK .. + CHUNK). `VEC`
-// (K a multiple of CHUNK, 16-byte aligned operand): cp.async, in flight until
-// the caller waits for it; else synchronous element copies.
-template <bool VEC>
-__device__ __forceinline__ void linear_tc_stage(elem (*tile)[LINEAR_TC_LDK],
-                                                const elem* a, int row0, int rows,
-                                                int k0, int k_end, int k) {
+// t + THREADS j. `VEC` (K a multiple of CHUNK, 16-byte aligned operand):
+// cp.async, in flight until the caller waits for it; else synchronous element
+// copies.
+template <class T, int ROWS, bool VEC>
+__device__ __forceinline__ void linear_tc_stage(elem (*tile)[T::LDK], const elem* a, int row0,
+                                                int rows, int k0, int k_end, int k) {
+    constexpr int PER_THREAD = ROWS * T::ROW_CHUNKS / T::THREADS;
+    static_assert(PER_THREAD * T::THREADS == ROWS * T::ROW_CHUNKS, "chunks split evenly");
 #pragma unroll
-    for (int j = 0; j < LINEAR_TC_CHUNKS; ++j) {
-        const int chunk = threadIdx.x + LINEAR_TC_THREADS * j;
-        const int r = chunk >> 3;
-        const int c = (chunk & 7) * LINEAR_TC_CHUNK;
+    for (int j = 0; j < PER_THREAD; ++j) {
+        const int chunk = threadIdx.x + T::THREADS * j;
+        const int r = chunk / T::ROW_CHUNKS;
+        const int c = (chunk % T::ROW_CHUNKS) * LINEAR_TC_CHUNK;
         const int row = row0 + r;
         const int col = k0 + c;
         if (VEC) {
-            // k_end is K or a multiple of BK: the chunk is all in range or all out.
+            // k_end is K or a multiple of 16 elements: the chunk is all in
+            // range or all out.
             const bool valid = row < rows && col < k_end;
             cp_async16(&tile[r][c], valid ? a + row * k + col : a, valid);
         } else {
-#pragma unroll
+            // One element at a time, not unrolled: a chunk's loads in flight
+            // at once would hold more registers than the fragments leave.
+#pragma unroll 1
             for (int e = 0; e < LINEAR_TC_CHUNK; ++e) {
-                tile[r][c + e] = (row < rows && col + e < k_end) ? a[row * k + col + e]
-                                                                 : from_f32(0.0f);
+                tile[r][c + e] =
+                    (row < rows && col + e < k_end) ? a[row * k + col + e] : from_f32(0.0f);
             }
         }
     }
@@ -359,63 +378,70 @@ __device__ __forceinline__ void linear_tc_round(Frag& f) {
 #endif
 }
 
-// v3: block 128 threads; grid (ceil(N / 64), ceil(M / 64), splits). Two
+// v3: block T::THREADS threads; grid (ceil(N / BN), ceil(M / BM), splits). Two
 // stages: the next K step's copies are in flight while the current one is
 // multiplied.
-template <bool VEC>
+template <class T, bool VEC>
 __device__ __forceinline__ void linear_tc(const LinearParams& p) {
     using namespace nvcuda;
-    __shared__ __align__(128) LinearTcSmem sm;
+    __shared__ __align__(128) typename T::Smem sm;
     constexpr int FK = LINEAR_TC_FRAG_K;
+    constexpr int FM = T::FM;
+    constexpr int FN = T::FN;
 
     const int warp = threadIdx.x >> 5;
-    const int wm = (warp >> 1) * 32;  // this warp's rows of the tile
-    const int wn = (warp & 1) * 32;   // and columns
-    const int m0 = blockIdx.y * LINEAR_BM;
-    const int n0 = blockIdx.x * LINEAR_BN;
+    const int lane = threadIdx.x & 31;
+    const int wm = (warp / T::WARPS_N) * (16 * FM);  // this warp's rows of the tile
+    const int wn = (warp % T::WARPS_N) * (16 * FN);  // and columns
+    const int m0 = blockIdx.y * T::BM;
+    const int n0 = blockIdx.x * T::BN;
     const int k_begin = blockIdx.z * p.k_per_split;
     const int k_end = min(p.k, k_begin + p.k_per_split);
 
-    wmma::fragment<wmma::accumulator, 16, 16, FK, float> acc[2][2];
+    wmma::fragment<wmma::accumulator, 16, 16, FK, float> acc[FM][FN];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < FM; ++i) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
+        for (int j = 0; j < FN; ++j) {
             wmma::fill_fragment(acc[i][j], 0.0f);
         }
     }
 
     if (k_begin < k_end) {
-        linear_tc_stage<VEC>(sm.stage[0].x, p.x, m0, p.m, k_begin, k_end, p.k);
-        linear_tc_stage<VEC>(sm.stage[0].w, p.w, n0, p.n, k_begin, k_end, p.k);
+        linear_tc_stage<T, T::BM, VEC>(sm.stage[0].x, p.x, m0, p.m, k_begin, k_end, p.k);
+        linear_tc_stage<T, T::BN, VEC>(sm.stage[0].w, p.w, n0, p.n, k_begin, k_end, p.k);
     }
     cp_async_commit();
     int buf = 0;
-    for (int k0 = k_begin; k0 < k_end; k0 += LINEAR_TC_BK, buf ^= 1) {
-        if (k0 + LINEAR_TC_BK < k_end) {
-            linear_tc_stage<VEC>(sm.stage[buf ^ 1].x, p.x, m0, p.m, k0 + LINEAR_TC_BK, k_end, p.k);
-            linear_tc_stage<VEC>(sm.stage[buf ^ 1].w, p.w, n0, p.n, k0 + LINEAR_TC_BK, k_end, p.k);
+    for (int k0 = k_begin; k0 < k_end; k0 += T::BK, buf ^= 1) {
+        const int next = k0 + T::BK;
+        if (next < k_end) {
+            linear_tc_stage<T, T::BM, VEC>(sm.stage[buf ^ 1].x, p.x, m0, p.m, next, k_end, p.k);
+            linear_tc_stage<T, T::BN, VEC>(sm.stage[buf ^ 1].w, p.w, n0, p.n, next, k_end, p.k);
         }
         cp_async_commit();
         cp_async_wait<1>();  // this step's group is complete, the next may fly
         __syncthreads();
 #pragma unroll
-        for (int kk = 0; kk < LINEAR_TC_BK; kk += FK) {
+        for (int kk = 0; kk < T::BK; kk += FK) {
             // x tile rows are A's rows (row-major); w tile rows are B's
             // columns (B = W^T, col-major with the same leading dimension).
-            wmma::fragment<wmma::matrix_a, 16, 16, FK, linear_tc_frag, wmma::row_major> a[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, FK, linear_tc_frag, wmma::col_major> b[2];
+            wmma::fragment<wmma::matrix_a, 16, 16, FK, linear_tc_frag, wmma::row_major> a[FM];
+            wmma::fragment<wmma::matrix_b, 16, 16, FK, linear_tc_frag, wmma::col_major> b[FN];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                wmma::load_matrix_sync(a[i], &sm.stage[buf].x[wm + 16 * i][kk], LINEAR_TC_LDK);
-                wmma::load_matrix_sync(b[i], &sm.stage[buf].w[wn + 16 * i][kk], LINEAR_TC_LDK);
+            for (int i = 0; i < FM; ++i) {
+                wmma::load_matrix_sync(a[i], &sm.stage[buf].x[wm + 16 * i][kk], T::LDK);
                 linear_tc_round(a[i]);
-                linear_tc_round(b[i]);
             }
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
+            for (int j = 0; j < FN; ++j) {
+                wmma::load_matrix_sync(b[j], &sm.stage[buf].w[wn + 16 * j][kk], T::LDK);
+                linear_tc_round(b[j]);
+            }
 #pragma unroll
-                for (int j = 0; j < 2; ++j) {
+            for (int i = 0; i < FM; ++i) {
+#pragma unroll
+                for (int j = 0; j < FN; ++j) {
                     wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
                 }
             }
@@ -423,57 +449,76 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
         __syncthreads();  // every warp is done with `buf` before it is restaged
     }
     cp_async_wait<0>();
+    __syncthreads();  // the stages are free for the epilogue's scratch
 
-    // The accumulators through shared memory (over the stages, free now) to
-    // the epilogue (bias, activation, residual, rounding to elem), or to the
-    // split-K partial sums; consecutive threads write consecutive columns.
+    // Each accumulator through the warp's scratch (the accumulators' register
+    // layout is not assumed) to the epilogue (bias, activation, residual,
+    // rounding to elem) or the split-K partial sums: lane l takes row l / 2,
+    // columns (l % 2) * 8 .. + 8 of the fragment.
+    float (*scratch)[20] = sm.c[warp];
+    const int r = lane >> 1;
+    const int c0 = (lane & 1) * 8;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < FM; ++i) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            wmma::store_matrix_sync(&sm.c[wm + 16 * i][wn + 16 * j], acc[i][j], LINEAR_TC_LDC,
-                                    wmma::mem_row_major);
-        }
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < LINEAR_BM * LINEAR_BN; idx += LINEAR_TC_THREADS) {
-        const int r = idx / LINEAR_BN;
-        const int c = idx - r * LINEAR_BN;
-        const int m = m0 + r;
-        const int n = n0 + c;
-        if (m >= p.m || n >= p.n) {
-            continue;
-        }
-        if (p.partial != nullptr) {
-            p.partial[(blockIdx.z * p.m + m) * p.n + n] = sm.c[r][c];
-        } else {
-            p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, sm.c[r][c]));
+        for (int j = 0; j < FN; ++j) {
+            wmma::store_matrix_sync(&scratch[0][0], acc[i][j], 20, wmma::mem_row_major);
+            __syncwarp();
+            const int m = m0 + wm + 16 * i + r;
+            if (m < p.m) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const int n = n0 + wn + 16 * j + c0 + e;
+                    if (n < p.n) {
+                        const float v = scratch[r][c0 + e];
+                        if (p.partial != nullptr) {
+                            p.partial[(blockIdx.z * p.m + m) * p.n + n] = v;
+                        } else {
+                            p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, v));
+                        }
+                    }
+                }
+            }
+            __syncwarp();  // every lane has read the scratch before it is reused
         }
     }
     if (p.partial != nullptr) {
-        linear_splitk_finish(p, m0, n0);
+        linear_splitk_finish<T::BM, T::BN>(p, m0, n0);
     }
 }
 
+static_assert(LinearTcSmall::THREADS == LINEAR_TC_SMALL_THREADS, "small tile block size");
+static_assert(LinearTcLarge::THREADS == LINEAR_TC_LARGE_THREADS, "large tile block size");
+
 #if OP_ELEM != 0
-extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
 OP_KERNEL_NAME(linear_tc_vec8)(const LinearParams p) {
-    linear_tc<true>(p);
+    linear_tc<LinearTcSmall, true>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
 OP_KERNEL_NAME(linear_tc_scalar)(const LinearParams p) {
-    linear_tc<false>(p);
+    linear_tc<LinearTcSmall, false>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_LARGE_THREADS)
+OP_KERNEL_NAME(linear_tc_large_vec8)(const LinearParams p) {
+    linear_tc<LinearTcLarge, true>(p);
 }
 #else
-extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
 OP_KERNEL_NAME(linear_tc_tf32_vec4)(const LinearParams p) {
-    linear_tc<true>(p);
+    linear_tc<LinearTcSmall, true>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(LINEAR_TC_THREADS)
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
 OP_KERNEL_NAME(linear_tc_tf32_scalar)(const LinearParams p) {
-    linear_tc<false>(p);
+    linear_tc<LinearTcSmall, false>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_LARGE_THREADS)
+OP_KERNEL_NAME(linear_tc_tf32_large_vec4)(const LinearParams p) {
+    linear_tc<LinearTcLarge, true>(p);
 }
 #endif
 #endif  // LINEAR_TC_ANY

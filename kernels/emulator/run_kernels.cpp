@@ -79,11 +79,13 @@ static double act_ref(int act, double x) {
     }
 }
 
+// src/cuda/linear.rs split_k for K steps of 64.
 static int splits_for(int m, int n, int k, int sms) {
-    long blocks = (long)cdiv(n, 64) * cdiv(m, 64);
-    if (blocks >= sms || k < 512) return 1;
-    long want = (2L * sms + blocks - 1) / blocks;
-    long s = std::min<long>({want, k / 256, 32});
+    long tiles = (long)cdiv(n, 64) * cdiv(m, 64);
+    if (tiles >= sms || k < 128) return 1;
+    long want = (2L * sms + tiles - 1) / tiles;
+    long finish = 8L * 64 * 64 / ((long)std::min(m, 64) * 64);
+    long s = std::min<long>({want, k / 64, finish, 32});
     return (int)std::max<long>(s, 1);
 }
 
@@ -107,9 +109,11 @@ static void test_linear(int m, int n, int k, int act, bool bias, bool res, int x
     char name[128];
     snprintf(name, sizeof name, "linear %dx%dx%d act%d%s%s%s", m, n, k, act, bias ? " +b" : "",
              res ? " +res" : "", xoff ? " misaligned" : "");
-    // TF32 tensor cores (variants 4, 5: no split, forced split) with the
-    // ReLU/bias/residual epilogue only, to keep emulation time down.
-    const int variants = act == 1 ? 6 : 4;
+    // TF32 tensor cores (variants 4, 5: no split, forced split; 6: 128x128
+    // tiles, 16-byte copies only) with the ReLU/bias/residual epilogue only,
+    // to keep emulation time down.
+    const bool vec = k % 4 == 0 && aligned16(x) && aligned16(w.p);
+    const int variants = act == 1 ? (vec ? 7 : 6) : 4;
     for (int variant = 0; variant < variants; ++variant) {
         Buf out(m * n);
         LinearParams p{};
@@ -120,16 +124,25 @@ static void test_linear(int m, int n, int k, int act, bool bias, bool res, int x
             report(std::string(name) + " naive", out.p, want, 1e-5);
             continue;
         }
+        if (variant == 6) {
+            p.k_per_split = cdiv(k, 16) * 16;
+            p.splits = 1;
+            emu::launch(dim3(cdiv(n, 128), cdiv(m, 128), 1), dim3(256),
+                        [&] { linear_tc_tf32_large_vec4(p); });
+            report(std::string(name) + " tc_tf32_large_vec4", out.p, want, 7e-4);
+            continue;
+        }
         // A tiled kernel (64x64 tiles, `threads` per block) over `splits` K slices.
         const bool tf32 = variant >= 4;
         int splits = variant == 1 || variant == 4 ? 1
                      : variant == 2             ? splits_for(m, n, k, 132)
                                                 : std::max(1, std::min(3, k / 16));
-        const int kps = cdiv(cdiv(k, splits), 16) * 16;
+        // Steps of 64 as the host plans them; the forced split's slices end
+        // off a step (k_end a multiple of 16 only).
+        const int kps = cdiv(cdiv(k, splits), variant == 2 ? 64 : 16) * (variant == 2 ? 64 : 16);
         splits = cdiv(k, kps);
         p.k_per_split = kps;
         p.splits = splits;
-        const bool vec = k % 4 == 0 && aligned16(p.x) && aligned16(p.w);
         Buf part(splits > 1 ? (size_t)splits * m * n : 0);
         std::vector<unsigned> counters((size_t)cdiv(n, 64) * cdiv(m, 64), 0u);
         p.partial = splits > 1 ? part.p : nullptr;
@@ -339,6 +352,10 @@ struct HalfF16 {
     static E from(float f) { return __float2half_rn(f); }
     static void flash(const P& p) { p.head_dim <= 64 ? k_f16::attention_flash_d64_f16(p) : k_f16::attention_flash_d128_f16(p); }
     static void tc(const P& p) { p.head_dim == 64 ? k_f16::attention_tc_d64_f16(p) : k_f16::attention_tc_d128_f16(p); }
+    typedef k_f16::LinearParams LP;
+    static void linear_small(const LP& p) { k_f16::linear_tc_vec8_f16(p); }
+    static void linear_scalar(const LP& p) { k_f16::linear_tc_scalar_f16(p); }
+    static void linear_large(const LP& p) { k_f16::linear_tc_large_vec8_f16(p); }
 };
 struct HalfBF16 {
     typedef __nv_bfloat16 E;
@@ -347,6 +364,10 @@ struct HalfBF16 {
     static E from(float f) { return __float2bfloat16_rn(f); }
     static void flash(const P& p) { p.head_dim <= 64 ? k_bf16::attention_flash_d64_bf16(p) : k_bf16::attention_flash_d128_bf16(p); }
     static void tc(const P& p) { p.head_dim == 64 ? k_bf16::attention_tc_d64_bf16(p) : k_bf16::attention_tc_d128_bf16(p); }
+    typedef k_bf16::LinearParams LP;
+    static void linear_small(const LP& p) { k_bf16::linear_tc_vec8_bf16(p); }
+    static void linear_scalar(const LP& p) { k_bf16::linear_tc_scalar_bf16(p); }
+    static void linear_large(const LP& p) { k_bf16::linear_tc_large_vec8_bf16(p); }
 };
 
 template <class S>
@@ -415,6 +436,65 @@ static void test_attention_half_cases() {
     for (auto& k : cases) {
         test_attention_half<HalfF16>(k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]);
         test_attention_half<HalfBF16>(k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]);
+    }
+}
+
+// 16-bit linear on tensor cores: 64x64 tiles (16-byte copies, split in 3;
+// element copies) and 128x128 tiles, on rounded inputs against the float64
+// reference of those inputs, with bias, ReLU and residual.
+template <class S>
+static void test_linear_half(int m, int n, int k) {
+    typedef typename S::E E;
+    Buf xf(m * k), wf(n * k), bf(n), rf(m * n);
+    xf.randn(1.0);
+    wf.randn(1.0 / std::sqrt((double)k));
+    bf.randn(0.5);
+    rf.randn(1.0);
+    std::vector<E> x(m * k), w(n * k), b(n), r(m * n);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = S::from(xf.p[i]);
+    for (size_t i = 0; i < w.size(); ++i) w[i] = S::from(wf.p[i]);
+    for (size_t i = 0; i < b.size(); ++i) b[i] = S::from(bf.p[i]);
+    for (size_t i = 0; i < r.size(); ++i) r[i] = S::from(rf.p[i]);
+    std::vector<double> want((size_t)m * n);
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+            double acc = emu_to_float(b[j]);
+            for (int kk = 0; kk < k; ++kk)
+                acc += (double)emu_to_float(x[i * k + kk]) * emu_to_float(w[j * k + kk]);
+            want[(size_t)i * n + j] = std::max(acc, 0.0) + emu_to_float(r[(size_t)i * n + j]);
+        }
+    char name[96];
+    snprintf(name, sizeof name, "linear %s %dx%dx%d relu +b +res", S::name(), m, n, k);
+    for (int variant = 0; variant < 3; ++variant) {
+        typename S::LP p{};
+        p.x = x.data(); p.w = w.data(); p.bias = b.data(); p.residual = r.data();
+        p.m = m; p.n = n; p.k = k; p.act = 1;
+        std::vector<E> out((size_t)m * n, S::from(NAN));
+        p.out = out.data();
+        const int splits = variant == 1 ? std::max(1, std::min(3, k / 16)) : 1;
+        p.k_per_split = cdiv(cdiv(k, splits), 16) * 16;
+        p.splits = cdiv(k, p.k_per_split);
+        Buf part(p.splits > 1 ? (size_t)p.splits * m * n : 0);
+        std::vector<unsigned> counters((size_t)cdiv(n, 64) * cdiv(m, 64), 0u);
+        p.partial = p.splits > 1 ? part.p : nullptr;
+        p.tile_counters = counters.data();
+        const bool vec = k % 8 == 0;
+        std::string v;
+        if (variant == 2) {
+            if (!vec) continue;
+            v = "tc_large_vec8";
+            emu::launch(dim3(cdiv(n, 128), cdiv(m, 128), 1), dim3(256), [&] { S::linear_large(p); });
+        } else {
+            v = std::string(vec ? "tc_vec8" : "tc_scalar") + " splits " + std::to_string(p.splits);
+            emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), p.splits), dim3(128), [&] {
+                if (vec) S::linear_small(p); else S::linear_scalar(p);
+            });
+            check_counters_reset(std::string(name) + " " + v, counters);
+        }
+        std::vector<float> got(out.size());
+        for (size_t i = 0; i < out.size(); ++i) got[i] = emu_to_float(out[i]);
+        // The output rounded to elem: 2^-9 (bf16) relative at most.
+        report(std::string(name) + " " + v, got.data(), want, 1e-2);
     }
 }
 
@@ -557,6 +637,12 @@ int main(int argc, char** argv) {
                 test_linear(d[0], d[1], d[2], a[0], a[1], a[2]);
             }
         test_linear(9, 70, 36, 1, true, true, 1);  // misaligned x: scalar path
+        test_linear(130, 200, 72, 1, true, false);  // 128x128 tiles' edges, K tail
+        const int half_dims[][3] = {{130, 200, 72}, {77, 129, 40}, {3, 5, 7}, {64, 128, 256}};
+        for (auto& d : half_dims) {
+            test_linear_half<HalfF16>(d[0], d[1], d[2]);
+            test_linear_half<HalfBF16>(d[0], d[1], d[2]);
+        }
     }
     printf("emulated kernels: %d comparisons failed (%ld fiber switches)\n", failures, emu::switches);
     return failures ? 1 : 0;

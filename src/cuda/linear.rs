@@ -57,13 +57,19 @@ pub(crate) static PROGRAM: Program = Program {
     file: "linear.cu",
     source: include_str!("../../kernels/linear.cu"),
     kernels: &["linear_naive", "linear_tiled_vec4", "linear_tiled_scalar"],
-    half_kernels: &["linear_tc_vec8", "linear_tc_scalar"],
-    tf32_kernels: &["linear_tc_tf32_vec4", "linear_tc_tf32_scalar"],
+    half_kernels: &["linear_tc_vec8", "linear_tc_scalar", "linear_tc_large_vec8"],
+    tf32_kernels: &[
+        "linear_tc_tf32_vec4",
+        "linear_tc_tf32_scalar",
+        "linear_tc_tf32_large_vec4",
+    ],
     layouts,
 };
 
-/// Output tile of the v2 and v3 kernels (rows and columns).
+/// Output tile of the v2 kernel and of v3's small tiles (rows and columns).
 const TILE: usize = 64;
+/// Output tile of v3's large tiles, used where they alone give every SM one.
+const LARGE_TILE: usize = 128;
 /// Most splits of one GEMM.
 const MAX_SPLITS: usize = 32;
 /// Partial sums the last block of a split tile may add up: it reads
@@ -134,7 +140,8 @@ impl Gemm {
         }
     }
 
-    /// K columns per step of the kernel (its `LINEAR_BK` / `LINEAR_TC_BK`).
+    /// K columns per step of the 64x64-tile kernel (`LINEAR_BK`, and
+    /// `LinearTcSmall`'s 128 bytes per row).
     fn k_step(self) -> usize {
         match self {
             Gemm::Tiled | Gemm::Half => 64,
@@ -142,8 +149,9 @@ impl Gemm {
         }
     }
 
-    /// The kernel and its block size; `wide` = 16-byte copies are possible
-    /// (K a multiple of 16 bytes' worth of elements, operands 16-byte aligned).
+    /// The 64x64-tile kernel and its block size; `wide` = 16-byte copies are
+    /// possible (K a multiple of 16 bytes' worth of elements, operands 16-byte
+    /// aligned).
     fn kernel(self, wide: bool) -> (&'static str, u32) {
         match (self, wide) {
             (Gemm::Half, true) => ("linear_tc_vec8", 128),
@@ -152,6 +160,16 @@ impl Gemm {
             (Gemm::Tf32, false) => ("linear_tc_tf32_scalar", 128),
             (Gemm::Tiled, true) => ("linear_tiled_vec4", 256),
             (Gemm::Tiled, false) => ("linear_tiled_scalar", 256),
+        }
+    }
+
+    /// The tensor-core kernel with 128x128 tiles (`LinearTcLarge`: 64 bytes
+    /// of each row per K step), its block size and K step; 16-byte copies only.
+    fn large_kernel(self) -> Option<(&'static str, u32, usize)> {
+        match self {
+            Gemm::Half => Some(("linear_tc_large_vec8", 256, 32)),
+            Gemm::Tf32 => Some(("linear_tc_tf32_large_vec4", 256, 16)),
+            Gemm::Tiled => None,
         }
     }
 }
@@ -175,6 +193,22 @@ pub(crate) fn plan(
             ),
         }),
         KernelVersion::Fast => {
+            let large_tiles = d.m.div_ceil(LARGE_TILE) * d.n.div_ceil(LARGE_TILE);
+            if let Some((kernel, threads, k_step)) = gemm.large_kernel() {
+                if wide && large_tiles >= sm_count as usize {
+                    return Ok(LinearPlan::Tiled {
+                        kernel,
+                        threads,
+                        grid: (
+                            blocks_for("linear", d.n, LARGE_TILE)?,
+                            blocks_for("linear", d.m, LARGE_TILE)?,
+                            1,
+                        ),
+                        splits: 1,
+                        k_per_split: d.k.div_ceil(k_step).max(1) * k_step,
+                    });
+                }
+            }
             let (splits, k_per_split) = split_k(d.m, d.n, d.k, sm_count as usize, gemm.k_step());
             let (kernel, threads) = gemm.kernel(wide);
             Ok(LinearPlan::Tiled {
@@ -371,10 +405,67 @@ mod tests {
     fn kernel_steps_match_the_kernels() {
         let src = PROGRAM.source;
         assert!(src.contains(&format!("#define LINEAR_BK {}", Gemm::Tiled.k_step())));
-        assert!(src.contains(&format!("#define LINEAR_TC_BK {}", Gemm::Half.k_step())));
-        assert!(src.contains(&format!("#define LINEAR_TC_BK {}", Gemm::Tf32.k_step())));
         assert!(src.contains(&format!("#define LINEAR_BM {TILE}")));
         assert!(src.contains(&format!("#define LINEAR_BN {TILE}")));
+        // v3's tiles: K steps of 128 (small) and 64 (large) bytes per row.
+        assert_eq!(Gemm::Half.k_step() * 2, 128);
+        assert_eq!(Gemm::Tf32.k_step() * 4, 128);
+        assert!(src.contains(&format!(
+            "typedef LinearTcTile<{TILE}, {TILE}, 2, 2, 128> LinearTcSmall;"
+        )));
+        assert!(src.contains(&format!(
+            "typedef LinearTcTile<{LARGE_TILE}, {LARGE_TILE}, 2, 4, 64> LinearTcLarge;"
+        )));
+        for (gemm, elem) in [(Gemm::Half, 2), (Gemm::Tf32, 4)] {
+            let (_, threads, step) = gemm.large_kernel().unwrap();
+            assert_eq!((threads, step * elem), (256, 64));
+        }
+        assert!(src.contains("#define LINEAR_TC_SMALL_THREADS 128"));
+        assert!(src.contains("#define LINEAR_TC_LARGE_THREADS 256"));
+    }
+
+    #[test]
+    fn large_tiles_where_they_fill_the_device() {
+        // Batch 64's decoder GEMMs: 39 x 4 large tiles and more.
+        for (m, n, k) in [(4928, 512, 2048), (4928, 2048, 512), (4928, 1536, 512)] {
+            for gemm in [Gemm::Half, Gemm::Tf32] {
+                let p = plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, true).unwrap();
+                let LinearPlan::Tiled {
+                    kernel,
+                    threads,
+                    grid,
+                    splits,
+                    k_per_split,
+                } = p
+                else {
+                    panic!("{p:?}")
+                };
+                assert!(kernel.contains("large"), "{kernel}");
+                assert_eq!((threads, splits, grid.2), (256, 1, 1));
+                assert!(grid.0 as usize * LARGE_TILE >= n && grid.1 as usize * LARGE_TILE >= m);
+                assert!(k_per_split >= k);
+            }
+            // Not on CUDA cores, and not without 16-byte copies.
+            for (gemm, wide) in [(Gemm::Tiled, true), (Gemm::Half, false)] {
+                match plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, wide).unwrap() {
+                    LinearPlan::Tiled { kernel, .. } => assert!(!kernel.contains("large")),
+                    p => panic!("{p:?}"),
+                }
+            }
+        }
+        // Batch 8 (616 rows): 5 x 4 large tiles would leave SMs idle.
+        match plan(
+            dims(616, 512, 512),
+            KernelVersion::Fast,
+            132,
+            Gemm::Half,
+            true,
+        )
+        .unwrap()
+        {
+            LinearPlan::Tiled { kernel, .. } => assert_eq!(kernel, "linear_tc_vec8"),
+            p => panic!("{p:?}"),
+        }
     }
 
     #[test]
