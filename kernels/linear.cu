@@ -185,6 +185,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     // tile, at columns lk + 16 j.
     const int lr = tid >> 2;        // tile row 0..63
     const int lk = (tid & 3) * 4;   // tile column 0, 4, 8, 12
+    const bool rows_live = m0 + ty * 4 < p.m;
 
     float acc[4][4];
 #pragma unroll
@@ -225,17 +226,21 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
                 wa[j] = linear_load4<VEC>(p.w, n0 + lr, p.n, c, k_end, p.k);
             }
         }
+        // Threads whose 4 rows are all past M (a 77-row GEMM's second tile,
+        // batch 1's 4-row ones) only stage: the SM's FMAs go to the others.
+        if (rows_live) {
 #pragma unroll 16
-        for (int kk = 0; kk < LINEAR_BK; ++kk) {
-            const float4 a = *reinterpret_cast<const float4*>(&xs[kk][ty * 4]);
-            const float4 b = *reinterpret_cast<const float4*>(&ws[kk][tx * 4]);
-            const float av[4] = {a.x, a.y, a.z, a.w};
-            const float bv[4] = {b.x, b.y, b.z, b.w};
+            for (int kk = 0; kk < LINEAR_BK; ++kk) {
+                const float4 a = *reinterpret_cast<const float4*>(&xs[kk][ty * 4]);
+                const float4 b = *reinterpret_cast<const float4*>(&ws[kk][tx * 4]);
+                const float av[4] = {a.x, a.y, a.z, a.w};
+                const float bv[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+                for (int i = 0; i < 4; ++i) {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                    for (int j = 0; j < 4; ++j) {
+                        acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                    }
                 }
             }
         }
@@ -397,6 +402,7 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
     const int n0 = blockIdx.x * T::BN;
     const int k_begin = blockIdx.z * p.k_per_split;
     const int k_end = min(p.k, k_begin + p.k_per_split);
+    const bool rows_live = m0 + wm < p.m;
 
     wmma::fragment<wmma::accumulator, 16, 16, FK, float> acc[FM][FN];
 #pragma unroll
@@ -422,27 +428,30 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
         cp_async_commit();
         cp_async_wait<1>();  // this step's group is complete, the next may fly
         __syncthreads();
+        // A warp whose rows are all past M only stages.
+        if (rows_live) {
 #pragma unroll
-        for (int kk = 0; kk < T::BK; kk += FK) {
-            // x tile rows are A's rows (row-major); w tile rows are B's
-            // columns (B = W^T, col-major with the same leading dimension).
-            wmma::fragment<wmma::matrix_a, 16, 16, FK, linear_tc_frag, wmma::row_major> a[FM];
-            wmma::fragment<wmma::matrix_b, 16, 16, FK, linear_tc_frag, wmma::col_major> b[FN];
+            for (int kk = 0; kk < T::BK; kk += FK) {
+                // x tile rows are A's rows (row-major); w tile rows are B's
+                // columns (B = W^T, col-major with the same leading dimension).
+                wmma::fragment<wmma::matrix_a, 16, 16, FK, linear_tc_frag, wmma::row_major> a[FM];
+                wmma::fragment<wmma::matrix_b, 16, 16, FK, linear_tc_frag, wmma::col_major> b[FN];
 #pragma unroll
-            for (int i = 0; i < FM; ++i) {
-                wmma::load_matrix_sync(a[i], &sm.stage[buf].x[wm + 16 * i][kk], T::LDK);
-                linear_tc_round(a[i]);
-            }
-#pragma unroll
-            for (int j = 0; j < FN; ++j) {
-                wmma::load_matrix_sync(b[j], &sm.stage[buf].w[wn + 16 * j][kk], T::LDK);
-                linear_tc_round(b[j]);
-            }
-#pragma unroll
-            for (int i = 0; i < FM; ++i) {
+                for (int i = 0; i < FM; ++i) {
+                    wmma::load_matrix_sync(a[i], &sm.stage[buf].x[wm + 16 * i][kk], T::LDK);
+                    linear_tc_round(a[i]);
+                }
 #pragma unroll
                 for (int j = 0; j < FN; ++j) {
-                    wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                    wmma::load_matrix_sync(b[j], &sm.stage[buf].w[wn + 16 * j][kk], T::LDK);
+                    linear_tc_round(b[j]);
+                }
+#pragma unroll
+                for (int i = 0; i < FM; ++i) {
+#pragma unroll
+                    for (int j = 0; j < FN; ++j) {
+                        wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                    }
                 }
             }
         }
