@@ -18,11 +18,27 @@
 //   and V go through shared memory 32 keys at a time; lane j scores key j
 //   against the warp's queries, the running max / sum (online softmax) are
 //   warp-uniform, and the probabilities are broadcast with shuffles while each
-//   lane accumulates head_dim / 32 output columns in registers. Scores never
-//   touch memory. The tile width (32, 64, 128) is the head dim rounded up; the
-//   padding columns are zero in shared memory, so any head_dim <= 128 works.
-//   `vec4` = 16-byte loads (pointers, strides, column offsets and head_dim
-//   multiples of 4 floats, checked by the host).
+//   lane accumulates head_dim / 32 output columns per query in registers.
+//   Scores never touch memory. Warps whose queries are all past Lq, or
+//   (causal) all before a tile's first key, only stage that tile; keys a
+//   warp cannot see (past Lk, causal) skip P V. The tile width (32, 64, 128)
+//   is the head dim rounded up; the padding columns are zero in shared
+//   memory, so any head_dim <= 128 works. `vec4` = 16-byte loads (pointers,
+//   strides, column offsets and head_dim multiples of 4 floats, checked by
+//   the host).
+// - attention_flash_d32_q16 / _d64_q16 / _d128_q16 (v2, 16 queries per block,
+//   4 per warp): the same kernel for large grids. Every block stages all of
+//   its head's K and V, so the L2 -> shared memory traffic is the number of
+//   query blocks times K and V: at the projector's batch 64 (B64 Lq77 Lk77 H4
+//   d128, 10 MB of Q, K, V and out) 8-query blocks stage 2560 x 79 KB = 202
+//   MB, 16-query blocks 1280 x 79 KB = 101 MB; each K value read from shared
+//   memory, each V value and each probability shuffle also feeds 4 queries
+//   instead of 2. The host takes them once 8-query blocks would need more
+//   than one wave; below that (batch 1) the shorter 8-query blocks finish
+//   sooner. H200, d128: batch 64 81 us (8-query blocks 113), batch 16 32 us
+//   (31). 32-query blocks (8 per warp) were slower than 16 at every batch
+//   there (86 us at 64): 140 registers and 48 KiB hold 3 blocks (12 warps)
+//   per SM, against 5 (20 warps) of 16-query blocks.
 // - attention_tc_d64 / _d128 (v3, f16/bf16 storage, head_dim exactly 64 or
 //   128): FlashAttention-2 on tensor cores (WMMA 16x16x16, f32 accumulators).
 //   A block of 4 warps takes 64 queries of one (batch, head), 16 per warp. Q
@@ -129,15 +145,32 @@ extern "C" __global__ void OP_KERNEL_NAME(attention_naive)(const AttentionParams
 }
 
 #define ATT_WARPS 4
-#define ATT_QW 2                     // queries per warp
-#define ATT_BQ (ATT_WARPS * ATT_QW)  // queries per block
-#define ATT_BK 32                    // keys per tile: one per lane
+#define ATT_BK 32  // keys per tile: one per lane
+// Keys per iteration of v2's P V loop at WIDTH 64 and 4 queries per warp
+// (elsewhere 4): ptxas for sm_80 spills that kernel when the loop is unrolled
+// (by 2, 4 or 8), ptxas for sm_90 does not.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define ATT_PV_UNROLL_D64_Q4 4
+#else
+#define ATT_PV_UNROLL_D64_Q4 1
+#endif
+
+// Where column `col` (a multiple of 4) of row `row` of a K tile is kept: the
+// 16-byte chunks of a row are permuted by XOR with row % 8, so the score
+// loop's float4 reads (lane l reads row l, every lane the same column) fall
+// on 8 distinct chunk positions, all 32 banks, per 8 lanes, without padding
+// the rows (padding of 4 floats a row would add 1.1 KiB at WIDTH 128, and an
+// H100 or H200 SM would hold 5 8-query blocks instead of 6). The chunks stay
+// within their 32-column group.
+__device__ __forceinline__ int attention_swizzle(int row, int col) {
+    return col ^ ((row & 7) << 2);
+}
 
 // Rows [row0, row0 + rows) of one head's column block into a shared tile of
-// `width` columns (leading dimension ld): columns past head_dim and rows past
-// `limit` are zero.
-template <int WIDTH, int LD>
-__device__ __forceinline__ void attention_stage(float (*tile)[LD], int rows, const elem* src,
+// WIDTH columns: columns past head_dim and rows past `limit` are zero. With
+// SWIZZLE, column c of row r goes to attention_swizzle(r, c).
+template <int WIDTH, bool SWIZZLE>
+__device__ __forceinline__ void attention_stage(float (*tile)[WIDTH], int rows, const elem* src,
                                                 int seq_base, int row0, int limit, int stride,
                                                 int col, int hd, bool vec4) {
     constexpr int CHUNKS = WIDTH / 4;
@@ -157,37 +190,41 @@ __device__ __forceinline__ void attention_stage(float (*tile)[LD], int rows, con
                 if (c + 3 < hd) val.w = to_f32(s[3]);
             }
         }
-        store_float4(&tile[r][c], val);
+        store_float4(&tile[r][SWIZZLE ? attention_swizzle(r, c) : c], val);
     }
 }
 
-// v2: block 128 threads; grid (ceil(Lq / 8), heads, batch).
-template <int WIDTH>
+// v2: block 128 threads, QW queries per warp; grid (ceil(Lq / (4 QW)), heads,
+// batch). Shared memory (4 QW + 64) WIDTH 4 bytes: 36 KiB at WIDTH 128 and
+// QW 2, 40 KiB at QW 4 (48 KiB, the static limit, at QW 8).
+template <int WIDTH, int QW>
 __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
-    constexpr int LD = WIDTH + 4;    // rows stay 16-byte aligned; lane-strided
-                                     // float4 reads of K rows avoid bank conflicts
-    constexpr int DPL = WIDTH / 32;  // output columns per lane: lane + 32 c
-    __shared__ __align__(16) float qs[ATT_BQ][LD];
-    __shared__ __align__(16) float ks[ATT_BK][LD];
-    __shared__ __align__(16) float vs[ATT_BK][LD];
+    constexpr int BQ = ATT_WARPS * QW;  // queries per block
+    constexpr int DPL = WIDTH / 32;     // output columns per lane: lane + 32 c
+    // Q and V are read along rows (Q: one address for the whole warp; V: 32
+    // consecutive floats), free of bank conflicts as they are; K is swizzled.
+    __shared__ __align__(16) float qs[BQ][WIDTH];
+    __shared__ __align__(16) float ks[ATT_BK][WIDTH];
+    __shared__ __align__(16) float vs[ATT_BK][WIDTH];
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int b = blockIdx.z;
     const int h = blockIdx.y;
-    const int q0 = blockIdx.x * ATT_BQ;
+    const int q0 = blockIdx.x * BQ;
     const int hd = p.head_dim;
     const bool vec4 = p.vec4 != 0;
-    const int qa = q0 + warp * ATT_QW;  // this warp's first query
+    const int qa = q0 + warp * QW;  // this warp's first query
+    const int qlast = qa + QW - 1;  // and its last
 
-    attention_stage<WIDTH, LD>(qs, ATT_BQ, p.q, b * p.lq, q0, p.lq, p.q_stride,
-                               p.q_col + h * hd, hd, vec4);
+    attention_stage<WIDTH, false>(qs, BQ, p.q, b * p.lq, q0, p.lq, p.q_stride, p.q_col + h * hd,
+                                  hd, vec4);
 
-    float o[ATT_QW][DPL];
-    float m_run[ATT_QW];
-    float l_run[ATT_QW];
+    float o[QW][DPL];
+    float m_run[QW];
+    float l_run[QW];
 #pragma unroll
-    for (int qi = 0; qi < ATT_QW; ++qi) {
+    for (int qi = 0; qi < QW; ++qi) {
         m_run[qi] = OP_NEG_INF;
         l_run[qi] = 0.0f;
 #pragma unroll
@@ -197,40 +234,53 @@ __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
     }
 
     // With causal masking no query of this block sees a key past its last query.
-    const int k_stop = p.causal ? min(p.lk, q0 + ATT_BQ) : p.lk;
+    const int k_stop = p.causal ? min(p.lk, q0 + BQ) : p.lk;
+    // Keys this warp's queries may see: none past Lk, nor (causal) past its
+    // last query. A warp whose queries are all past Lq, or (causal) all before
+    // a tile's first key, only helps to stage the tile (its state would not
+    // change: every score -inf).
+    const int k_warp = p.causal ? min(p.lk, qlast + 1) : p.lk;
+    const bool warp_rows = qa < p.lq;
     for (int k0 = 0; k0 < k_stop; k0 += ATT_BK) {
         __syncthreads();  // the previous K/V tile is consumed (and Q is staged)
-        attention_stage<WIDTH, LD>(ks, ATT_BK, p.k, b * p.lk, k0, p.lk, p.k_stride,
-                                   p.k_col + h * hd, hd, vec4);
-        attention_stage<WIDTH, LD>(vs, ATT_BK, p.v, b * p.lk, k0, p.lk, p.v_stride,
-                                   p.v_col + h * hd, hd, vec4);
+        attention_stage<WIDTH, true>(ks, ATT_BK, p.k, b * p.lk, k0, p.lk, p.k_stride,
+                                     p.k_col + h * hd, hd, vec4);
+        attention_stage<WIDTH, false>(vs, ATT_BK, p.v, b * p.lk, k0, p.lk, p.v_stride,
+                                      p.v_col + h * hd, hd, vec4);
         __syncthreads();
+        if (!warp_rows || k0 >= k_warp) {
+            continue;  // warp-uniform
+        }
 
         // Lane `lane` scores key j against each of the warp's queries.
         const int j = k0 + lane;
         const bool key_ok = j < p.lk && (p.mask == nullptr || p.mask[b * p.lk + j] == 0);
-        float s[ATT_QW];
+        float s[QW];
 #pragma unroll
-        for (int qi = 0; qi < ATT_QW; ++qi) {
+        for (int qi = 0; qi < QW; ++qi) {
             s[qi] = 0.0f;
         }
-#pragma unroll 8
-        for (int d = 0; d < WIDTH; d += 4) {
-            const float4 kv = *reinterpret_cast<const float4*>(&ks[lane][d]);
 #pragma unroll
-            for (int qi = 0; qi < ATT_QW; ++qi) {
-                const float4 qv = *reinterpret_cast<const float4*>(&qs[warp * ATT_QW + qi][d]);
-                s[qi] = fmaf(qv.x, kv.x, s[qi]);
-                s[qi] = fmaf(qv.y, kv.y, s[qi]);
-                s[qi] = fmaf(qv.z, kv.z, s[qi]);
-                s[qi] = fmaf(qv.w, kv.w, s[qi]);
+        for (int d0 = 0; d0 < WIDTH; d0 += 32) {
+#pragma unroll
+            for (int d = d0; d < d0 + 32; d += 4) {
+                const float4 kv =
+                    *reinterpret_cast<const float4*>(&ks[lane][attention_swizzle(lane, d)]);
+#pragma unroll
+                for (int qi = 0; qi < QW; ++qi) {
+                    const float4 qv = *reinterpret_cast<const float4*>(&qs[warp * QW + qi][d]);
+                    s[qi] = fmaf(qv.x, kv.x, s[qi]);
+                    s[qi] = fmaf(qv.y, kv.y, s[qi]);
+                    s[qi] = fmaf(qv.z, kv.z, s[qi]);
+                    s[qi] = fmaf(qv.w, kv.w, s[qi]);
+                }
             }
         }
 
         // Online softmax; every value below except `pj` is warp-uniform.
-        float pj[ATT_QW];
+        float pj[QW];
 #pragma unroll
-        for (int qi = 0; qi < ATT_QW; ++qi) {
+        for (int qi = 0; qi < QW; ++qi) {
             const bool ok = key_ok && !(p.causal && j > qa + qi);
             const float sc = ok ? s[qi] * p.scale : OP_NEG_INF;
             const float m_new = fmaxf(m_run[qi], warp_max(sc));
@@ -244,16 +294,19 @@ __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
                 o[qi][c] *= corr;
             }
         }
-        // o += P V: key jj's probability comes from lane jj.
-#pragma unroll 4
-        for (int jj = 0; jj < ATT_BK; ++jj) {
+        // o += P V: key jj's probability comes from lane jj. Keys from k_warp
+        // on have probability 0 for every query of the warp: skipped.
+        const int jn = min(ATT_BK, k_warp - k0);
+        constexpr int PV_UNROLL = WIDTH == 64 && QW == 4 ? ATT_PV_UNROLL_D64_Q4 : 4;
+#pragma unroll PV_UNROLL
+        for (int jj = 0; jj < jn; ++jj) {
             float vv[DPL];
 #pragma unroll
             for (int c = 0; c < DPL; ++c) {
                 vv[c] = vs[jj][lane + 32 * c];
             }
 #pragma unroll
-            for (int qi = 0; qi < ATT_QW; ++qi) {
+            for (int qi = 0; qi < QW; ++qi) {
                 const float pb = __shfl_sync(OP_FULL_MASK, pj[qi], jj);
 #pragma unroll
                 for (int c = 0; c < DPL; ++c) {
@@ -265,7 +318,7 @@ __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
 
     const int out_stride = p.heads * hd;
 #pragma unroll
-    for (int qi = 0; qi < ATT_QW; ++qi) {
+    for (int qi = 0; qi < QW; ++qi) {
         const int i = qa + qi;
         if (i >= p.lq) {
             continue;
@@ -282,19 +335,36 @@ __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
     }
 }
 
+// 8 queries per block (2 per warp): latency, few blocks.
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_flash_d32)(const AttentionParams p) {
-    attention_flash<32>(p);
+    attention_flash<32, 2>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_flash_d64)(const AttentionParams p) {
-    attention_flash<64>(p);
+    attention_flash<64, 2>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_flash_d128)(const AttentionParams p) {
-    attention_flash<128>(p);
+    attention_flash<128, 2>(p);
+}
+
+// 16 queries per block (4 per warp): throughput, many blocks.
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+OP_KERNEL_NAME(attention_flash_d32_q16)(const AttentionParams p) {
+    attention_flash<32, 4>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+OP_KERNEL_NAME(attention_flash_d64_q16)(const AttentionParams p) {
+    attention_flash<64, 4>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+OP_KERNEL_NAME(attention_flash_d128_q16)(const AttentionParams p) {
+    attention_flash<128, 4>(p);
 }
 
 // ---------------------------------------------------------------- v3

@@ -93,6 +93,55 @@ fn long_attention_matches_reference() {
     check_cases(&verify::long_attention_cases(), "attention", 1e-5);
 }
 
+/// Attention grids large enough for the v2 kernel's 16-query blocks
+/// (`attention_flash_d32_q16` / `_d64_q16` / `_d128_q16`): `plan` takes them
+/// once 8-query blocks would be 6 or more per SM (its unit tests pin the
+/// rule), so each case's batch grows with the device's SM count until they
+/// are. Every tile width, Lq and Lk not multiples of 32, masks, causal (query
+/// 0 of sequence 0 then sees no key), cross-attention and scalar loads (head
+/// dims 6 and 5), in f32 and in bf16 storage (head dims v3 does not take).
+#[test]
+fn wide_attention_matches_reference() {
+    // (lq, lk, heads, head_dim, causal, mask, packed)
+    let shapes: [(usize, usize, usize, usize, bool, bool, bool); 6] = [
+        (77, 77, 4, 128, false, false, true), // the projector's self-attention
+        (100, 45, 6, 72, true, true, false),
+        (45, 45, 8, 40, false, true, true),
+        (33, 70, 6, 64, false, false, false),
+        (19, 23, 10, 6, true, true, false),
+        (9, 9, 12, 5, false, false, true),
+    ];
+    for (storage, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+        let Some(be) = backend_storing(KernelVersion::Fast, storage) else {
+            return;
+        };
+        let sms = be.sm_count() as usize;
+        let mut worst = 0.0f64;
+        for (i, &(lq, lk, heads, hd, causal, mask, packed)) in shapes.iter().enumerate() {
+            if storage != DType::F32 && (hd == 64 || hd == 128) {
+                continue; // v3 (tensor cores)
+            }
+            let batch = (6 * sms).div_ceil(lq.div_ceil(8) * heads);
+            let case = Case::attention(batch, lq, lk, heads, hd, causal, mask, packed);
+            let r = verify::compare_case(&be, &case, storage, 500 + i as u64)
+                .unwrap_or_else(|e| panic!("{} {}: {e}", storage.name(), case.describe()));
+            assert!(
+                r.rel <= tol,
+                "{} {}: rel {:.3e} max_abs {:.3e}",
+                storage.name(),
+                r.case,
+                r.rel,
+                r.max_abs
+            );
+            worst = worst.max(r.rel);
+        }
+        println!(
+            "{} 16-query attention worst rel {worst:.3e}",
+            storage.name()
+        );
+    }
+}
+
 #[test]
 fn alignment_loss_matches_reference() {
     check_cases(&verify::standard_cases(), "alignment_loss", 1e-5);
@@ -806,6 +855,7 @@ const DEVICE_TESTS: &[&str] = &[
     "layer_norm_matches_reference",
     "attention_matches_reference",
     "long_attention_matches_reference",
+    "wide_attention_matches_reference",
     "alignment_loss_matches_reference",
     "gather_signal_tokens_matches_reference",
     "projector_matches_reference",

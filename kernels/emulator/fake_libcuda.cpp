@@ -64,6 +64,9 @@ struct Entry {
     K(ns, attention_flash_d32, sfx, AttentionParams),       \
     K(ns, attention_flash_d64, sfx, AttentionParams),       \
     K(ns, attention_flash_d128, sfx, AttentionParams),      \
+    K(ns, attention_flash_d32_q16, sfx, AttentionParams),   \
+    K(ns, attention_flash_d64_q16, sfx, AttentionParams),   \
+    K(ns, attention_flash_d128_q16, sfx, AttentionParams),  \
     K(ns, alignment_loss_naive_rows, sfx, LossParams),      \
     K(ns, alignment_loss_naive_finish, sfx, LossParams),    \
     K(ns, alignment_loss_rows, sfx, LossParams),            \

@@ -315,7 +315,10 @@ static void test_attention(int batch, int lq, int lk, int heads, int hd, bool ca
     char name[128];
     snprintf(name, sizeof name, "attention B%d Lq%d Lk%d H%d d%d%s%s%s", batch, lq, lk, heads, hd,
              causal ? " causal" : "", mask ? " mask" : "", packed ? " packed" : "");
-    for (int variant = naive_too ? 0 : 1; variant < 3; ++variant) {
+    // variant 0: naive; 1, 2: v2 with 8-query blocks, 3, 4: with 16-query
+    // blocks (the _q16 entry points), each with vec4 loads where allowed, then
+    // with scalar loads forced.
+    for (int variant = naive_too ? 0 : 1; variant < 5; ++variant) {
         Buf out((size_t)batch * lq * c);
         p.out = out.p;
         std::string v;
@@ -325,24 +328,30 @@ static void test_attention(int batch, int lq, int lk, int heads, int hd, bool ca
             emu::launch(dim3(cdiv(total, 128)), dim3(128), [&] { attention_naive(p); });
         } else {
             if (hd > 128) continue;
-            // variant 1: vec4 when allowed; variant 2: scalar forced
-            bool vec = variant == 1 && hd % 4 == 0 && p.q_stride % 4 == 0 && p.k_stride % 4 == 0 &&
+            const bool wide = variant >= 3;
+            bool vec = variant % 2 == 1 && hd % 4 == 0 && p.q_stride % 4 == 0 && p.k_stride % 4 == 0 &&
                        p.v_stride % 4 == 0 && p.q_col % 4 == 0 && p.k_col % 4 == 0 && p.v_col % 4 == 0;
             p.vec4 = vec;
             int width = hd <= 32 ? 32 : hd <= 64 ? 64 : 128;
-            v = "flash_d" + std::to_string(width) + (vec ? " vec4" : " scalar");
-            emu::launch(dim3(cdiv(lq, 8), heads, batch), dim3(128), [&] {
-                if (width == 32) attention_flash_d32(p);
-                else if (width == 64) attention_flash_d64(p);
-                else attention_flash_d128(p);
+            v = "flash_d" + std::to_string(width) + (wide ? "_q16" : "") + (vec ? " vec4" : " scalar");
+            emu::launch(dim3(cdiv(lq, wide ? 16 : 8), heads, batch), dim3(128), [&] {
+                if (wide) {
+                    if (width == 32) attention_flash_d32_q16(p);
+                    else if (width == 64) attention_flash_d64_q16(p);
+                    else attention_flash_d128_q16(p);
+                } else {
+                    if (width == 32) attention_flash_d32(p);
+                    else if (width == 64) attention_flash_d64(p);
+                    else attention_flash_d128(p);
+                }
             });
         }
         report(std::string(name) + " " + v, out.p, want, 1e-5);
     }
 }
 
-// 16-bit storage (f16 in K_f16, bf16 in k_bf16): the v2 kernel and the
-// tensor-core v3 on the same rounded inputs, against the float64 reference of
+// 16-bit storage (f16 in K_f16, bf16 in k_bf16): the v2 kernel (8- and
+// 16-query blocks) and the tensor-core v3 on the same rounded inputs, against the float64 reference of
 // those inputs. v3 runs with 8-byte loads where allowed, then with scalar
 // loads and an output 8 bytes off 16-byte alignment (its scalar stores).
 struct HalfF16 {
@@ -351,6 +360,7 @@ struct HalfF16 {
     static const char* name() { return "f16"; }
     static E from(float f) { return __float2half_rn(f); }
     static void flash(const P& p) { p.head_dim <= 64 ? k_f16::attention_flash_d64_f16(p) : k_f16::attention_flash_d128_f16(p); }
+    static void flash_q16(const P& p) { p.head_dim <= 64 ? k_f16::attention_flash_d64_q16_f16(p) : k_f16::attention_flash_d128_q16_f16(p); }
     static void tc(const P& p) { p.head_dim == 64 ? k_f16::attention_tc_d64_f16(p) : k_f16::attention_tc_d128_f16(p); }
     typedef k_f16::LinearParams LP;
     static void linear_small(const LP& p) { k_f16::linear_tc_vec8_f16(p); }
@@ -363,6 +373,7 @@ struct HalfBF16 {
     static const char* name() { return "bf16"; }
     static E from(float f) { return __float2bfloat16_rn(f); }
     static void flash(const P& p) { p.head_dim <= 64 ? k_bf16::attention_flash_d64_bf16(p) : k_bf16::attention_flash_d128_bf16(p); }
+    static void flash_q16(const P& p) { p.head_dim <= 64 ? k_bf16::attention_flash_d64_q16_bf16(p) : k_bf16::attention_flash_d128_q16_bf16(p); }
     static void tc(const P& p) { p.head_dim == 64 ? k_bf16::attention_tc_d64_bf16(p) : k_bf16::attention_tc_d128_bf16(p); }
     typedef k_bf16::LinearParams LP;
     static void linear_small(const LP& p) { k_bf16::linear_tc_vec8_bf16(p); }
@@ -406,15 +417,19 @@ static void test_attention_half(int batch, int lq, int lk, int heads, int hd, bo
     snprintf(name, sizeof name, "attention %s B%d Lq%d Lk%d H%d d%d%s%s%s", S::name(), batch, lq, lk,
              heads, hd, causal ? " causal" : "", mask ? " mask" : "", packed ? " packed" : "");
     const size_t total = (size_t)batch * lq * c;
-    for (int variant = 0; variant < 3; ++variant) {
-        const int off = variant == 2 ? 4 : 0;
+    // variant 0, 1: v2 with 8- and 16-query blocks; 2, 3: v3.
+    for (int variant = 0; variant < 4; ++variant) {
+        const int off = variant == 3 ? 4 : 0;
         std::vector<E> out(total + off, S::from(NAN));
         p.out = out.data() + off;
-        p.vec4 = variant < 2 && aligned16(qsrc.data()) && (packed || aligned16(kvsrc.data()));
+        p.vec4 = variant < 3 && aligned16(qsrc.data()) && (packed || aligned16(kvsrc.data()));
         std::string v;
         if (variant == 0) {
             v = "flash_d" + std::to_string(hd <= 64 ? 64 : 128);
             emu::launch(dim3(cdiv(lq, 8), heads, batch), dim3(128), [&] { S::flash(p); });
+        } else if (variant == 1) {
+            v = "flash_d" + std::to_string(hd <= 64 ? 64 : 128) + "_q16";
+            emu::launch(dim3(cdiv(lq, 16), heads, batch), dim3(128), [&] { S::flash_q16(p); });
         } else {
             v = std::string("tc_d") + std::to_string(hd) + (p.vec4 ? " vec4" : " scalar, out +8 bytes");
             emu::launch(dim3(cdiv(lq, 64), heads, batch), dim3(128), [&] { S::tc(p); });
@@ -624,6 +639,8 @@ int main(int argc, char** argv) {
         test_attention(1, 9, 40, 1, 100, false, true, false);  // head dim 100 in the 128 tile
         test_attention(2, 33, 33, 2, 100, true, false, true);
         test_attention(1, 33, 70, 2, 64, false, true, false, false);
+        test_attention(2, 45, 37, 3, 40, true, true, false);   // head dim 40 in the 64 tile
+        test_attention(1, 70, 70, 2, 72, true, false, true);   // head dim 72 in the 128 tile
         test_attention_half_cases();
     }
     if (want("linear")) {

@@ -1,8 +1,8 @@
 //! `kernels/attention.cu`: naive v1 (a thread per output element), a
 //! FlashAttention-style v2 (online softmax over shared-memory K/V tiles, 8
-//! queries of one (batch, head) per block) for head dims up to 128, and for
-//! f16/bf16 storage with head dim 64 or 128 a v3 on tensor cores (WMMA for
-//! Q K^T and P V, 64 queries per block).
+//! queries of one (batch, head) per block, or 16 where the grid is large) for
+//! head dims up to 128, and for f16/bf16 storage with head dim 64 or 128 a v3
+//! on tensor cores (WMMA for Q K^T and P V, 64 queries per block).
 
 use cudarc::driver::DeviceRepr;
 
@@ -74,27 +74,43 @@ pub(crate) static PROGRAM: Program = Program {
         "attention_flash_d32",
         "attention_flash_d64",
         "attention_flash_d128",
+        "attention_flash_d32_q16",
+        "attention_flash_d64_q16",
+        "attention_flash_d128_q16",
     ],
     half_kernels: &["attention_tc_d64", "attention_tc_d128"],
     tf32_kernels: &[],
     layouts,
 };
 
-/// Queries per block of the v2 kernel.
+/// Queries per block of the v2 kernel: 2 per warp.
 const QUERIES_PER_BLOCK: usize = 8;
+/// Queries per block of the v2 kernel's `_q16` entry points: 4 per warp.
+const WIDE_QUERIES_PER_BLOCK: usize = 16;
+/// v2 takes 16-query blocks once 8-query blocks would be at least this many
+/// per SM: as many as an H100 or H200 SM holds at head dim 128 (36 KiB of
+/// shared memory, 78 registers a thread), so past one wave. Each block stages all of its
+/// head's K and V, so fewer, longer blocks halve that traffic; within one
+/// wave the shorter blocks finish sooner. H200, B Lq77 Lk77 H4 d128, 8- vs
+/// 16-query blocks: batch 16 (4.8 per SM) 31 vs 32 us, 24 (7.3) 49 vs 36,
+/// 64 113 vs 81.
+const WIDE_MIN_BLOCKS_PER_SM: usize = 6;
 /// Queries per block of the v3 (tensor-core) kernel: 16 per warp.
 const TC_QUERIES_PER_BLOCK: usize = 64;
 /// Largest head dim the v2 kernel takes (its shared tiles are 128 wide).
 pub(crate) const FLASH_MAX_HEAD_DIM: usize = 128;
 
-/// `(kernel, grid, block)` of one call with `storage` in device memory. The
-/// fast version runs v3 (tensor cores) for f16/bf16 with head dim 64 or 128,
-/// else v2; head dims above 128, or more heads or sequences than a grid
-/// dimension holds (65535), take the naive kernel.
+/// `(kernel, grid, block)` of one call with `storage` in device memory on a
+/// GPU of `sm_count` SMs. The fast version runs v3 (tensor cores) for f16/bf16
+/// with head dim 64 or 128, else v2 (16-query blocks where 8-query blocks
+/// would be [`WIDE_MIN_BLOCKS_PER_SM`] or more per SM); head dims above 128,
+/// or more heads or sequences than a grid dimension holds (65535), take the
+/// naive kernel.
 pub(crate) fn plan(
     d: &AttentionDims,
     version: KernelVersion,
     storage: DType,
+    sm_count: u32,
 ) -> Result<(&'static str, (u32, u32, u32), u32)> {
     let flash = version == KernelVersion::Fast
         && d.head_dim <= FLASH_MAX_HEAD_DIM
@@ -125,15 +141,27 @@ pub(crate) fn plan(
             128,
         ));
     }
-    let kernel = match d.head_dim {
-        0..=32 => "attention_flash_d32",
-        33..=64 => "attention_flash_d64",
-        _ => "attention_flash_d128",
+    // Blocks of 8 queries over the whole grid (saturating: only compared).
+    // Up to 8 queries a sequence, 16-query blocks would be as many, with at
+    // most two busy warps each.
+    let blocks =
+        d.lq.div_ceil(QUERIES_PER_BLOCK)
+            .saturating_mul(d.heads)
+            .saturating_mul(d.batch);
+    let wide = d.lq > QUERIES_PER_BLOCK
+        && blocks >= WIDE_MIN_BLOCKS_PER_SM.saturating_mul(sm_count.max(1) as usize);
+    let (kernel, queries) = match (d.head_dim, wide) {
+        (0..=32, false) => ("attention_flash_d32", QUERIES_PER_BLOCK),
+        (33..=64, false) => ("attention_flash_d64", QUERIES_PER_BLOCK),
+        (_, false) => ("attention_flash_d128", QUERIES_PER_BLOCK),
+        (0..=32, true) => ("attention_flash_d32_q16", WIDE_QUERIES_PER_BLOCK),
+        (33..=64, true) => ("attention_flash_d64_q16", WIDE_QUERIES_PER_BLOCK),
+        (_, true) => ("attention_flash_d128_q16", WIDE_QUERIES_PER_BLOCK),
     };
     Ok((
         kernel,
         (
-            blocks_for("attention", d.lq, QUERIES_PER_BLOCK)?,
+            blocks_for("attention", d.lq, queries)?,
             d.heads as u32,
             d.batch as u32,
         ),
@@ -195,7 +223,7 @@ pub(super) fn attention(
         causal: i32::from(spec.causal),
         vec4: i32::from(vec4_ok(&d, [qp, kp, vp])),
     };
-    let (kernel, grid, block) = plan(&d, be.version(), be.storage())?;
+    let (kernel, grid, block) = plan(&d, be.version(), be.storage(), be.sm_count())?;
     be.launch(&PROGRAM, kernel, grid, (block, 1, 1), &params)
 }
 
@@ -220,12 +248,20 @@ mod tests {
         }
     }
 
+    /// The H200's SM count.
+    const SMS: u32 = 132;
+
     #[test]
     fn head_dims_pick_their_tile() {
         let f = |hd| {
-            plan(&dims(1, 77, 77, 4, hd), KernelVersion::Fast, DType::F32)
-                .unwrap()
-                .0
+            plan(
+                &dims(1, 77, 77, 4, hd),
+                KernelVersion::Fast,
+                DType::F32,
+                SMS,
+            )
+            .unwrap()
+            .0
         };
         assert_eq!(f(8), "attention_flash_d32");
         assert_eq!(f(32), "attention_flash_d32");
@@ -234,16 +270,22 @@ mod tests {
         assert_eq!(f(128), "attention_flash_d128");
         assert_eq!(f(256), "attention_naive");
         assert_eq!(
-            plan(&dims(1, 77, 77, 4, 128), KernelVersion::Naive, DType::F32)
-                .unwrap()
-                .0,
+            plan(
+                &dims(1, 77, 77, 4, 128),
+                KernelVersion::Naive,
+                DType::F32,
+                SMS
+            )
+            .unwrap()
+            .0,
             "attention_naive"
         );
     }
 
     #[test]
     fn half_storage_takes_tensor_cores_at_head_dims_64_and_128() {
-        let f = |hd, storage, version| plan(&dims(2, 77, 77, 4, hd), version, storage).unwrap();
+        let f =
+            |hd, storage, version| plan(&dims(2, 77, 77, 4, hd), version, storage, SMS).unwrap();
         for storage in [DType::F16, DType::BF16] {
             assert_eq!(f(64, storage, KernelVersion::Fast).0, "attention_tc_d64");
             let (kernel, grid, block) = f(128, storage, KernelVersion::Fast);
@@ -263,11 +305,124 @@ mod tests {
 
     #[test]
     fn batch_one_spreads_over_query_tiles() {
-        let (_, grid, _) = plan(&dims(1, 77, 77, 4, 128), KernelVersion::Fast, DType::F32).unwrap();
+        let (_, grid, _) = plan(
+            &dims(1, 77, 77, 4, 128),
+            KernelVersion::Fast,
+            DType::F32,
+            SMS,
+        )
+        .unwrap();
         assert_eq!(grid, (10, 4, 1));
-        let (_, grid, block) =
-            plan(&dims(2, 513, 77, 3, 64), KernelVersion::Naive, DType::F32).unwrap();
+        let (_, grid, block) = plan(
+            &dims(2, 513, 77, 3, 64),
+            KernelVersion::Naive,
+            DType::F32,
+            SMS,
+        )
+        .unwrap();
         assert!((grid.0 * block) as usize >= 2 * 513 * 3 * 64);
+    }
+
+    #[test]
+    fn large_grids_take_16_query_blocks() {
+        let f = |d: AttentionDims, sms| plan(&d, KernelVersion::Fast, DType::F32, sms).unwrap();
+        // The projector's decoder self-attention: batch 1 keeps 8-query blocks
+        // (40 of them), batch 64 would launch 2560 and takes 1280 of 16 queries.
+        assert_eq!(
+            f(dims(1, 77, 77, 4, 128), SMS),
+            ("attention_flash_d128", (10, 4, 1), 128)
+        );
+        assert_eq!(
+            f(dims(64, 77, 77, 4, 128), SMS),
+            ("attention_flash_d128_q16", (5, 4, 64), 128)
+        );
+        // The switch: 8-query blocks at 6 per SM (792 on 132 SMs; 19 x 10 x 4
+        // = 760 stay, 20 x 10 x 4 = 800 switch), and on a smaller GPU sooner.
+        assert_eq!(f(dims(19, 77, 77, 4, 128), SMS).0, "attention_flash_d128");
+        assert_eq!(
+            f(dims(20, 77, 77, 4, 128), SMS).0,
+            "attention_flash_d128_q16"
+        );
+        assert_eq!(
+            f(dims(19, 77, 77, 4, 128), 108).0,
+            "attention_flash_d128_q16"
+        );
+        // Every tile width, Lq not a multiple of 16 (ceil), cross-attention.
+        assert_eq!(
+            f(dims(3, 33, 45, 60, 72), SMS),
+            ("attention_flash_d128_q16", (3, 60, 3), 128)
+        );
+        assert_eq!(
+            f(dims(3, 129, 9, 40, 64), SMS),
+            ("attention_flash_d64_q16", (9, 40, 3), 128)
+        );
+        assert_eq!(
+            f(dims(6, 19, 23, 50, 6), SMS),
+            ("attention_flash_d32_q16", (2, 50, 6), 128)
+        );
+        // Up to 8 queries a sequence 16-query blocks would be as many: never.
+        assert_eq!(
+            f(dims(1000, 8, 77, 4, 128), SMS),
+            ("attention_flash_d128", (1, 4, 1000), 128)
+        );
+        assert_eq!(
+            f(dims(1000, 9, 77, 4, 128), SMS).0,
+            "attention_flash_d128_q16"
+        );
+        // No SM count (0) counts as one SM.
+        assert_eq!(f(dims(1, 77, 77, 4, 128), 0).0, "attention_flash_d128_q16");
+        // v3 and v1 are unchanged by the grid's size.
+        for storage in [DType::F16, DType::BF16] {
+            let big = dims(64, 77, 77, 4, 128);
+            assert_eq!(
+                plan(&big, KernelVersion::Fast, storage, SMS).unwrap(),
+                ("attention_tc_d128", (2, 4, 64), 128)
+            );
+            assert_eq!(
+                plan(&dims(64, 77, 77, 4, 100), KernelVersion::Fast, storage, SMS)
+                    .unwrap()
+                    .0,
+                "attention_flash_d128_q16"
+            );
+        }
+        assert_eq!(
+            plan(
+                &dims(64, 77, 77, 4, 128),
+                KernelVersion::Naive,
+                DType::F32,
+                SMS
+            )
+            .unwrap()
+            .0,
+            "attention_naive"
+        );
+    }
+
+    #[test]
+    fn every_planned_kernel_is_in_the_program() {
+        let mut seen = std::collections::BTreeSet::new();
+        for storage in [DType::F32, DType::F16, DType::BF16] {
+            for version in [KernelVersion::Naive, KernelVersion::Fast] {
+                for (batch, lq, heads) in [(1, 77, 4), (64, 77, 4), (1, 3, 2)] {
+                    for hd in [6, 32, 40, 64, 72, 128, 200] {
+                        let d = dims(batch, lq, lq, heads, hd);
+                        let (kernel, _, _) = plan(&d, version, storage, SMS).unwrap();
+                        let listed = if storage == DType::F32 {
+                            PROGRAM.kernels.contains(&kernel)
+                        } else {
+                            PROGRAM.kernels.contains(&kernel)
+                                || PROGRAM.half_kernels.contains(&kernel)
+                        };
+                        assert!(listed, "{kernel} ({storage:?}) is not in PROGRAM");
+                        seen.insert(kernel);
+                    }
+                }
+            }
+        }
+        // Every kernel of the program is planned somewhere.
+        for k in PROGRAM.kernels.iter().chain(PROGRAM.half_kernels) {
+            assert!(seen.contains(k), "{k} is never planned");
+        }
     }
 
     #[test]
