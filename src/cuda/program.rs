@@ -261,6 +261,23 @@ pub(crate) fn compile_program(program: &Program, storage: DType, arch: &str) -> 
         arch,
         &[COMMON],
     )?;
+    check_entry_points(program, storage, arch, &compiled)?;
+    Ok(compiled)
+}
+
+/// Every kernel the host launches is in ptxas's report of `compiled`. An
+/// empty report passes: a compilation served from the driver's compute cache
+/// (`CUDA_CACHE_*`) prints none, and loading the module then names any
+/// missing kernel.
+fn check_entry_points(
+    program: &Program,
+    storage: DType,
+    arch: &str,
+    compiled: &Compiled,
+) -> Result<()> {
+    if compiled.kernels.is_empty() {
+        return Ok(());
+    }
     for base in program.kernels_for(storage, arch) {
         let name = format!("{base}{}", kernel_suffix(storage));
         if compiled.kernel(&name).is_none() {
@@ -275,7 +292,7 @@ pub(crate) fn compile_program(program: &Program, storage: DType, arch: &str) -> 
             });
         }
     }
-    Ok(compiled)
+    Ok(())
 }
 
 type MemoryCache = Mutex<HashMap<(&'static str, DType, String), Arc<Vec<u8>>>>;
@@ -373,6 +390,17 @@ pub fn program_reports(arch: &str) -> Result<Vec<ProgramReport>> {
         .flat_map(|program| STORAGE_TYPES.iter().map(move |&storage| (program, storage)))
         .map(|(program, storage)| {
             let compiled = compile_program(program, storage, arch)?;
+            if compiled.kernels.is_empty() {
+                return Err(Error::Backend {
+                    backend: "nvrtc".into(),
+                    message: format!(
+                        "no ptxas report for kernels/{} ({}, {arch}): the compilation came \
+                         from the driver's compute cache; set CUDA_CACHE_DISABLE=1",
+                        program.file,
+                        storage.name()
+                    ),
+                });
+            }
             Ok(ProgramReport {
                 file: program.file,
                 storage,
@@ -429,6 +457,28 @@ mod tests {
         let b = cache_file_name(p, DType::BF16, &half, "sm_90", (13, 0));
         assert!(b.starts_with("linear-bf16-sm_90-nvrtc13.0-"), "{b}");
         assert_ne!(b, cache_file_name(p, DType::F16, &half, "sm_90", (13, 0)));
+    }
+
+    #[test]
+    fn entry_points_are_checked_against_a_report_when_there_is_one() {
+        let p = &super::super::linear::PROGRAM;
+        let report = |names: &[&str]| Compiled {
+            cubin: Vec::new(),
+            kernels: names
+                .iter()
+                .map(|n| KernelReport {
+                    name: n.to_string(),
+                    ..KernelReport::default()
+                })
+                .collect(),
+            log: String::new(),
+        };
+        // A cached compilation prints no report: the module load checks.
+        assert!(check_entry_points(p, DType::F32, "sm_90", &report(&[])).is_ok());
+        let all: Vec<_> = p.kernels_for(DType::F32, "sm_90").collect();
+        assert!(check_entry_points(p, DType::F32, "sm_90", &report(&all)).is_ok());
+        let err = check_entry_points(p, DType::F32, "sm_90", &report(&all[1..])).unwrap_err();
+        assert!(err.to_string().contains(all[0]), "{err}");
     }
 
     #[test]
