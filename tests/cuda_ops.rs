@@ -374,6 +374,45 @@ fn tf32_linear_matches_reference() {
     );
 }
 
+/// Linear on tensor cores with 128x128 tiles: an output with a large tile for
+/// every SM (the rule `linear` picks them by), ragged at the edges and with a
+/// K tail, in bf16 and TF32.
+#[test]
+fn large_tile_linear_matches_reference() {
+    let backends = [
+        (
+            backend_storing(KernelVersion::Fast, DType::BF16),
+            DType::BF16,
+            1e-2,
+        ),
+        (tf32_backend(), DType::F32, TF32_LINEAR_TOL),
+    ];
+    for (be, storage, tol) in backends {
+        let Some(be) = be else { return };
+        let sms = be.sm_count() as usize;
+        let n: usize = 128 * 12;
+        let m = 128 * (sms.div_ceil(12) - 1) + 5;
+        assert!(m.div_ceil(128) * n.div_ceil(128) >= sms);
+        let case = Case::Linear {
+            m,
+            n,
+            k: 40,
+            act: Activation::Relu,
+            bias: true,
+            residual: true,
+        };
+        let r = verify::compare_case(&be, &case, storage, 77)
+            .unwrap_or_else(|e| panic!("{} {}: {e}", storage.name(), case.describe()));
+        println!(
+            "{} large tiles {:<30} rel {:.3e}",
+            storage.name(),
+            r.case,
+            r.rel
+        );
+        assert!(r.rel <= tol, "{}: rel {:.3e}", r.case, r.rel);
+    }
+}
+
 /// The whole projector with linear on TF32 tensor cores.
 #[test]
 fn tf32_projector_matches_reference() {
@@ -869,6 +908,7 @@ const DEVICE_TESTS: &[&str] = &[
     "graph_replay_matches_eager_forward",
     "graph_capture_waits_for_other_threads",
     "tf32_linear_matches_reference",
+    "large_tile_linear_matches_reference",
     "tf32_projector_matches_reference",
     "tf32_with_half_storage_is_an_error",
 ];

@@ -178,8 +178,11 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
             assert_eq!(
                 tc,
                 [
+                    "linear_tc_large_vec8_bf16",
+                    "linear_tc_large_vec8_f16",
                     "linear_tc_scalar_bf16",
                     "linear_tc_scalar_f16",
+                    "linear_tc_tf32_large_vec4",
                     "linear_tc_tf32_scalar",
                     "linear_tc_tf32_vec4",
                     "linear_tc_vec8_bf16",
