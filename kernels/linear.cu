@@ -96,9 +96,11 @@ extern "C" __global__ void OP_KERNEL_NAME(linear_naive)(const LinearParams p) {
 // last), applies the epilogue and resets the tile's counter for the next
 // launch. The fences publish this block's slice before it is counted, and make
 // the other slices visible to the last block (loads bypass L1, which is not
-// coherent across SMs). The slices' loads are independent of each other
-// (unrolled), so one block streams them rather than waiting on each in turn.
-template <int BM, int BN>
+// coherent across SMs).
+// The last block reads splits x BM x BN floats alone, so it keeps many loads
+// in flight: each thread owns PER groups of 4 columns (16-byte loads where N
+// allows) and issues one slice's loads for all of them before adding them.
+template <int BM, int BN, int THREADS>
 __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int m0, int n0) {
     __shared__ bool last;
     __threadfence();
@@ -115,20 +117,62 @@ __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int 
         return;
     }
     __threadfence();
+    constexpr int GROUPS = BM * BN / 4;  // 4 consecutive columns each
+    constexpr int PER = GROUPS / THREADS;
+    static_assert(PER * THREADS == GROUPS, "groups split evenly");
     const int slice = p.m * p.n;
-    for (int idx = threadIdx.x; idx < BM * BN; idx += blockDim.x) {
-        const int m = m0 + idx / BN;
-        const int n = n0 + idx % BN;
-        if (m >= p.m || n >= p.n) {
+    const bool vec = (p.n & 3) == 0;  // 16-byte aligned groups (the pool aligns blocks)
+    float4 acc[PER];
+    int base[PER];  // offset of the group's first column in a slice, or -1
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int g = threadIdx.x + THREADS * i;
+        const int m = m0 + g / (BN / 4);
+        const int n = n0 + (g % (BN / 4)) * 4;
+        base[i] = (m < p.m && n < p.n) ? m * p.n + n : -1;
+        acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    for (int s = 0; s < p.splits; ++s) {
+        const float* src = p.partial + s * slice;
+        float4 v[PER];
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            v[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (base[i] < 0) {
+                continue;
+            }
+            const int n = base[i] % p.n;
+            if (vec) {
+                v[i] = __ldcg(reinterpret_cast<const float4*>(src + base[i]));
+            } else {
+                v[i].x = __ldcg(src + base[i]);
+                if (n + 1 < p.n) v[i].y = __ldcg(src + base[i] + 1);
+                if (n + 2 < p.n) v[i].z = __ldcg(src + base[i] + 2);
+                if (n + 3 < p.n) v[i].w = __ldcg(src + base[i] + 3);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+            acc[i].x += v[i].x;
+            acc[i].y += v[i].y;
+            acc[i].z += v[i].z;
+            acc[i].w += v[i].w;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        if (base[i] < 0) {
             continue;
         }
-        const float* src = p.partial + m * p.n + n;
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int s = 0; s < p.splits; ++s) {
-            acc += __ldcg(src + s * slice);
+        const int m = base[i] / p.n;
+        const int n = base[i] % p.n;
+        const float sums[4] = {acc[i].x, acc[i].y, acc[i].z, acc[i].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (n + j < p.n) {
+                p.out[m * p.n + n + j] = from_f32(linear_epilogue(p, m, n + j, sums[j]));
+            }
         }
-        p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, acc));
     }
 }
 // K columns per step of the v2 kernel: 256 bytes of each f32 row, so that a
@@ -266,7 +310,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
         }
     }
     if (p.partial != nullptr) {
-        linear_splitk_finish<LINEAR_BM, LINEAR_BN>(p, m0, n0);
+        linear_splitk_finish<LINEAR_BM, LINEAR_BN, LINEAR_THREADS>(p, m0, n0);
     }
 }
 
@@ -321,6 +365,9 @@ struct LinearTcTile {
     static constexpr int FN = BN / WARPS_N / 16;  // and along N
     static constexpr int BK = STEP_BYTES / (int)sizeof(elem);
     static constexpr int LDK = BK + LINEAR_TC_CHUNK;
+    // Large tiles are planned only where they fill the device unsplit: their
+    // kernels carry no split-K code (its registers would be wasted).
+    static constexpr bool SPLIT_K = BM == 64;
     static constexpr int ROW_CHUNKS = BK / LINEAR_TC_CHUNK;  // 16-byte chunks per row
     // Two stages of both operand tiles; after the last step, over them, one
     // 16 x 16 f32 scratch per warp for the epilogue.
@@ -464,6 +511,7 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
     // layout is not assumed) to the epilogue (bias, activation, residual,
     // rounding to elem) or the split-K partial sums: lane l takes row l / 2,
     // columns (l % 2) * 8 .. + 8 of the fragment.
+    const bool split = T::SPLIT_K && p.partial != nullptr;
     float (*scratch)[20] = sm.c[warp];
     const int r = lane >> 1;
     const int c0 = (lane & 1) * 8;
@@ -480,7 +528,7 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
                     const int n = n0 + wn + 16 * j + c0 + e;
                     if (n < p.n) {
                         const float v = scratch[r][c0 + e];
-                        if (p.partial != nullptr) {
+                        if (split) {
                             p.partial[(blockIdx.z * p.m + m) * p.n + n] = v;
                         } else {
                             p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, v));
@@ -491,8 +539,10 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
             __syncwarp();  // every lane has read the scratch before it is reused
         }
     }
-    if (p.partial != nullptr) {
-        linear_splitk_finish<T::BM, T::BN>(p, m0, n0);
+    if constexpr (T::SPLIT_K) {
+        if (split) {
+            linear_splitk_finish<T::BM, T::BN, T::THREADS>(p, m0, n0);
+        }
     }
 }
 

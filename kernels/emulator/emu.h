@@ -344,6 +344,7 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
     return old;
 }
 inline float __ldcg(const float* p) { return *p; }
+inline float4 __ldcg(const float4* p) { return *p; }
 
 inline void __syncwarp(unsigned = 0xffffffffu) {
     auto& f = emu::fibers[emu::cur];
