@@ -11,7 +11,8 @@ F.scaled_dot_product_attention by shape. A row's precision is its `precision` fi
 the file name's `-<precision>.json` suffix (bench-cuda-bf16.json), else f32. `outproj
 bench` lists each batch's op rows after that batch's projector rows, which gives their
 batch. Both sides are compared on `median_us`: the median wall time of one run from
-issue to completion, synchronised after each run. Missing rows read "not measured".
+issue to completion, synchronised after each run (an op row's note adds ours back to back,
+`burst_us`, where present). Missing rows read "not measured".
 Standard library only.
 """
 
@@ -229,8 +230,10 @@ def render(d, env, ours_device, inputs):
             lines.append(f"| floor: bytes / copy bandwidth | {shape} | {fmt_us(best)} | "
                          f"{fmt_us(floor)} | | {note} |")
             for op, s, o, r in d.op_pairs(precision, batch):
+                burst = (d.ours.get((precision, batch, op, s)) or {}).get("burst_us")
+                note = why(r) or (f"ours {burst:.1f} µs per run back to back" if burst else "")
                 lines.append(f"| {op} vs {OPS[op]} | {s} | {fmt_us(o)} | {fmt_us(us(r))} | "
-                             f"{ratio(us(r), o)} | {why(r)} |")
+                             f"{ratio(us(r), o)} | {note} |")
     return "\n".join(lines) + "\n"
 
 
