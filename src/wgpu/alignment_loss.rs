@@ -55,16 +55,17 @@ const V1_WORKGROUP: usize = 64;
 /// held in registers between the passes.
 const UNITS_PER_INVOCATION: usize = 8;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    tokens: u32,
-    dim: u32,
-    units: u32,
-    team: u32,
-    token_l2: u32,
-    grad_scale: f32,
-    loss_scale: f32,
+wgsl_params! {
+    shader: "alignment_loss.wgsl",
+    struct Params {
+        tokens: u32,
+        dim: u32,
+        units: u32,
+        team: u32,
+        token_l2: u32,
+        grad_scale: f32,
+        loss_scale: f32,
+    }
 }
 
 /// Invocations per token: a power of two up to the workgroup, so a workgroup

@@ -67,26 +67,27 @@ const SG_KEYS: u32 = 8;
 const FLASH_MAX_HD: usize = 128;
 const FLASH_D64_MAX_HD: usize = 64;
 
-/// Must match `Params` in the shader.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    batch: u32,
-    lq: u32,
-    lk: u32,
-    heads: u32,
-    head_dim: u32,
-    q_stride: u32,
-    k_stride: u32,
-    v_stride: u32,
-    q_start: u32,
-    k_start: u32,
-    v_start: u32,
-    causal: u32,
-    has_mask: u32,
-    scale_log2: f32,
-    row_stride: u32,
-    q_tiles: u32,
+wgsl_params! {
+    shader: "attention.wgsl",
+    /// Must match `Params` in the shader.
+    struct Params {
+        batch: u32,
+        lq: u32,
+        lk: u32,
+        heads: u32,
+        head_dim: u32,
+        q_stride: u32,
+        k_stride: u32,
+        v_stride: u32,
+        q_start: u32,
+        k_start: u32,
+        v_start: u32,
+        causal: u32,
+        has_mask: u32,
+        scale_log2: f32,
+        row_stride: u32,
+        q_tiles: u32,
+    }
 }
 
 fn overflow(what: &str) -> Error {

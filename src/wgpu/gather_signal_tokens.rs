@@ -13,15 +13,16 @@ const KERNEL: Kernel = Kernel {
 
 const WORKGROUP: usize = 256;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    batch: u32,
-    seq_len: u32,
-    n: u32,
-    channels: u32,
-    has_embeds: u32,
-    row_stride: u32,
+wgsl_params! {
+    shader: "gather_signal_tokens.wgsl",
+    struct Params {
+        batch: u32,
+        seq_len: u32,
+        n: u32,
+        channels: u32,
+        has_embeds: u32,
+        row_stride: u32,
+    }
 }
 
 pub(super) fn gather_signal_tokens(

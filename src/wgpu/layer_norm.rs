@@ -62,15 +62,16 @@ const V1_WORKGROUP: usize = 64;
 /// held in registers between the passes.
 const UNITS_PER_INVOCATION: usize = 8;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    rows: u32,
-    cols: u32,
-    units: u32,
-    team: u32,
-    has_residual: u32,
-    eps: f32,
+wgsl_params! {
+    shader: "layer_norm.wgsl",
+    struct Params {
+        rows: u32,
+        cols: u32,
+        units: u32,
+        team: u32,
+        has_residual: u32,
+        eps: f32,
+    }
 }
 
 /// Invocations per row: a power of two up to the workgroup, so a workgroup holds

@@ -39,18 +39,19 @@ const ROWS_N: usize = 32;
 /// from M = 24.
 const MAX_ROWS_FOR_SPLIT: usize = 16;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    act: u32,
-    has_bias: u32,
-    has_residual: u32,
-    groups_x: u32,
-    blocks_n: u32,
-    blocks: u32,
+wgsl_params! {
+    shader: "linear.wgsl",
+    struct Params {
+        m: u32,
+        n: u32,
+        k: u32,
+        act: u32,
+        has_bias: u32,
+        has_residual: u32,
+        groups_x: u32,
+        blocks_n: u32,
+        blocks: u32,
+    }
 }
 
 fn act_code(act: Activation) -> u32 {

@@ -15,6 +15,66 @@
 //! Backends default to Vulkan, Metal and DX12; `WGPU_BACKEND` (e.g. `gl`)
 //! overrides that, and `WGPU_ADAPTER_NAME` picks an adapter by a part of its name.
 
+/// A shader's uniform `Params`: 4-byte scalars only (u32 / f32), so the WGSL
+/// uniform layout is the Rust field order with no padding. Checked at compile
+/// time (no padding) and by a generated test against the declaration in
+/// `shaders/<shader>` (names, types, order).
+macro_rules! wgsl_params {
+    (
+        shader: $shader:literal,
+        $(#[$meta:meta])*
+        struct $name:ident { $($field:ident: $ty:ident),+ $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+        struct $name {
+            $($field: $ty),+
+        }
+
+        const _: () = assert!(
+            std::mem::size_of::<$name>() == 4 * [$(stringify!($field)),+].len(),
+            "uniform params are 4-byte scalars"
+        );
+
+        #[cfg(test)]
+        #[test]
+        fn params_match_the_shader() {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $shader);
+            let source = std::fs::read_to_string(path).expect(path);
+            let want: Vec<(String, String)> = [$((stringify!($field), stringify!($ty))),+]
+                .iter()
+                .map(|(f, t)| (f.to_string(), t.to_string()))
+                .collect();
+            assert_eq!(
+                $crate::wgpu::wgsl_struct_fields(&source, stringify!($name)),
+                want,
+                "{}: {} differs from the host's",
+                $shader,
+                stringify!($name)
+            );
+        }
+    };
+}
+
+/// The fields (name, type) of `struct {name}` in WGSL `source`, in order.
+#[cfg(test)]
+pub(crate) fn wgsl_struct_fields(source: &str, name: &str) -> Vec<(String, String)> {
+    let Some(start) = source.find(&format!("struct {name} {{")) else {
+        return Vec::new();
+    };
+    let body = &source[start..];
+    let body = &body[body.find('{').map_or(0, |i| i + 1)..body.find('}').unwrap_or(body.len())];
+    body.lines()
+        .map(|line| line.split("//").next().unwrap_or(""))
+        .flat_map(|line| line.split(','))
+        .filter_map(|field| {
+            let (n, t) = field.split_once(':')?;
+            Some((n.trim().to_string(), t.trim().to_string()))
+        })
+        .collect()
+}
+
 mod alignment_loss;
 mod attention;
 mod backend;
