@@ -716,9 +716,12 @@ impl BackendTask for Bench<'_> {
             let mut graph = proj.capture(batch, hidden.shape()[1])?;
             graph.forward(&hidden)?;
             let t = bench::time(&be, 3, self.budget, || graph.replay())?;
+            let burst = bench::time_burst(&be, BURST_RUNS, BURSTS, || graph.replay())?;
             let launches = Some(graph.kernels());
             let what = "projector graph";
-            rows.push(self.projector_row(DeviceKind::Cuda, what, batch, &t, launches));
+            let mut r = self.projector_row(DeviceKind::Cuda, what, batch, &t, launches);
+            r.burst_us = burst.map(|d| d.as_secs_f64() * 1e6);
+            rows.push(r);
         }
         Ok(rows)
     }
