@@ -399,18 +399,28 @@ pub struct Timing {
     pub runs: usize,
 }
 
-/// Device time per run when `runs` runs are queued back to back with no host
-/// wait between them (launch gaps, but no round trip to the host): the median
-/// over `bursts` bursts; `None` where the backend has no device timer.
+/// Device time per run when up to `max_runs` runs are queued back to back
+/// with no host wait between them (launch gaps, but no round trip to the
+/// host): the median over `bursts` bursts, each sized from `single` (a
+/// [`time`] of the same work) to take about `budget / bursts`. `None` where
+/// the backend has no device timer, or a burst would be under two runs.
 pub fn time_burst<B: Backend>(
     be: &B,
-    runs: usize,
+    single: &Timing,
+    budget: Duration,
+    max_runs: usize,
     bursts: usize,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<Option<Duration>> {
-    let runs = runs.max(1);
+    let bursts = bursts.max(1);
+    let per_burst = budget.as_secs_f64() / bursts as f64;
+    let fit = per_burst / single.median.as_secs_f64().max(1e-9);
+    let runs = (fit.floor() as usize).min(max_runs);
+    if runs < 2 {
+        return Ok(None);
+    }
     let mut per_run = Vec::new();
-    for _ in 0..bursts.max(1) {
+    for _ in 0..bursts {
         let on_device = be.device_time(&mut || (0..runs).try_for_each(|_| f()))?;
         be.synchronize()?;
         match on_device {
@@ -450,4 +460,46 @@ pub fn time<B: Backend>(
         device_median: device.get(device.len() / 2).copied(),
         runs: samples.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::Reference;
+
+    fn single(median_us: u64) -> Timing {
+        let d = Duration::from_micros(median_us);
+        Timing {
+            median: d,
+            min: d,
+            device_median: None,
+            runs: 3,
+        }
+    }
+
+    #[test]
+    fn bursts_need_a_device_timer_and_room_for_two_runs() {
+        let budget = Duration::from_millis(100);
+        let mut calls = 0;
+        // The reference has no device timer: one burst tried, then none.
+        let t = time_burst(&Reference, &single(10), budget, 20, 5, || {
+            calls += 1;
+            Ok(())
+        });
+        assert_eq!(t.ok(), Some(None));
+        assert_eq!(calls, 20);
+        // A run longer than half a burst's share of the budget: no burst at all.
+        calls = 0;
+        let t = time_burst(&Reference, &single(15_000), budget, 20, 5, || {
+            calls += 1;
+            Ok(())
+        });
+        assert_eq!(t.ok(), Some(None));
+        assert_eq!(calls, 0);
+        // Errors of the work come back.
+        let t = time_burst(&Reference, &single(10), budget, 20, 5, || {
+            Err(crate::error::Error::invalid("boom"))
+        });
+        assert!(t.is_err());
+    }
 }

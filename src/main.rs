@@ -601,7 +601,8 @@ struct BenchRow {
     launches: Option<u64>,
 }
 
-/// Runs per burst, and bursts, of `bench`'s back-to-back device timing.
+/// Most runs per burst, and bursts, of `bench`'s back-to-back device timing
+/// (at most about as long again as the single-run timing).
 const BURST_RUNS: usize = 20;
 const BURSTS: usize = 5;
 
@@ -683,7 +684,8 @@ impl BackendTask for Bench<'_> {
                 let launches = b.kernel_launches().zip(before).map(|(a, z)| a - z);
                 let mut forward = || proj.forward_with(&mut plan, &h, None).map(|_| ());
                 let t = bench::time(b, 3, self.budget, &mut forward)?;
-                let burst = bench::time_burst(b, BURST_RUNS, BURSTS, &mut forward)?;
+                let burst =
+                    bench::time_burst(b, &t, self.budget, BURST_RUNS, BURSTS, &mut forward)?;
                 let what = format!("projector{suffix}");
                 let mut r = self.projector_row(kind, &what, batch, &t, launches);
                 r.burst_us = burst.map(|d| d.as_secs_f64() * 1e6);
@@ -693,7 +695,8 @@ impl BackendTask for Bench<'_> {
                 for (suffix, b) in &variants {
                     let mut p = case.prepare(b, 2)?;
                     let t = bench::time(b, 3, self.budget, || p.run(b))?;
-                    let burst = bench::time_burst(b, BURST_RUNS, BURSTS, || p.run(b))?;
+                    let burst =
+                        bench::time_burst(b, &t, self.budget, BURST_RUNS, BURSTS, || p.run(b))?;
                     let what = format!("{}{suffix}", case.op());
                     let (flops, bytes) = (case.flops(), case.bytes(elem));
                     let shape = case.shape();
@@ -716,7 +719,8 @@ impl BackendTask for Bench<'_> {
             let mut graph = proj.capture(batch, hidden.shape()[1])?;
             graph.forward(&hidden)?;
             let t = bench::time(&be, 3, self.budget, || graph.replay())?;
-            let burst = bench::time_burst(&be, BURST_RUNS, BURSTS, || graph.replay())?;
+            let burst =
+                bench::time_burst(&be, &t, self.budget, BURST_RUNS, BURSTS, || graph.replay())?;
             let launches = Some(graph.kernels());
             let what = "projector graph";
             let mut r = self.projector_row(DeviceKind::Cuda, what, batch, &t, launches);
