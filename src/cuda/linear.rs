@@ -174,9 +174,9 @@ impl Gemm {
     }
 }
 
-/// `wide`: K is a multiple of 16 bytes' worth of elements and x and w are
-/// 16-byte aligned (for f32 v2 4 elements, 8-byte loads of 4 16-bit elements
-/// need the same 4).
+/// How `linear` runs for `d`. `wide`: K is a multiple of 16 bytes' worth of
+/// elements (4 f32, 8 f16 / bf16) and x and w are 16-byte aligned, so rows
+/// can be copied 16 bytes at a time (v2's float4 loads, v3's cp.async).
 pub(crate) fn plan(
     d: LinearDims,
     version: KernelVersion,
