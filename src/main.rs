@@ -838,8 +838,8 @@ fn bench(
     }
     println!(
         "(device us: timestamp queries or CUDA events where offered, around one run; burst us: \
-         the same per run of {BURST_RUNS} queued back to back; rates use device us when \
-         present; kernels: launches per forward)"
+         the same per run of up to {BURST_RUNS} runs queued back to back (- where two do not \
+         fit the time budget); rates use device us when present; kernels: launches per forward)"
     );
     Ok(ExitCode::SUCCESS)
 }
