@@ -1,0 +1,162 @@
+//! The scripts that run on the GPU machine (scripts/gpu-check.sh and the Python it
+//! calls) are checked here on fixtures, so that a broken script is found before it
+//! costs a GPU run. Needs python3 and bash, which scripts/test.sh needs anyway.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh folder under the target dir's test scratch space.
+fn scratch(name: &str) -> Result<PathBuf, String> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Runs `program args`; its stdout when it succeeds, else an error with both streams.
+fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("running {program}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {args:?}: {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(stdout)
+}
+
+fn write(path: &Path, text: &str) -> Result<String, String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path.display().to_string())
+}
+
+/// ncu's CSV (with its own log lines first) for three launches.
+const NCU_CSV: &str = r#"==PROF== Connected to process 1234
+==PROF== Profiling "linear_tiled_vec4": 0%....50%....100% - 1 pass
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","1234","outproj","127.0.0.1","linear_tiled_vec4","1","13","(256, 1, 1)","(8, 1, 32)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","3,456"
+"1","1234","outproj","127.0.0.1","layer_norm_warp_vec4","1","13","(128, 1, 1)","(20, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","2.10"
+"2","1234","outproj","127.0.0.1","linear_tiled_vec4","1","13","(256, 1, 1)","(8, 2, 8)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","4000"
+"#;
+
+#[test]
+fn profile_summary_reads_ncu_csv() -> Result<(), String> {
+    let dir = scratch("profile_summary")?;
+    let csv = write(&dir.join("k.csv"), NCU_CSV)?;
+    let md = run(
+        "python3",
+        &[
+            "scripts/profile_summary.py",
+            &csv,
+            "--title",
+            "f32, batch 1",
+        ],
+    )?;
+    let want = [
+        "### f32, batch 1: 3 kernels, 9.6 µs of device time",
+        "| `linear_tiled_vec4` | 2 | 7.5 | 3.73 | 78 % |",
+        "| `layer_norm_warp_vec4` | 1 | 2.1 | 2.10 | 22 % |",
+        "| 2 | `linear_tiled_vec4` | (8, 2, 8) | (256, 1, 1) | 4.00 |",
+    ];
+    for line in want {
+        assert!(md.contains(line), "missing {line:?} in\n{md}");
+    }
+    // No kernel rows: an error, not an empty table.
+    let empty = write(&dir.join("empty.csv"), "==PROF== nothing\n")?;
+    assert!(run("python3", &["scripts/profile_summary.py", &empty]).is_err());
+    Ok(())
+}
+
+#[test]
+fn compare_bench_marks_targets_and_notes_bursts() -> Result<(), String> {
+    let dir = scratch("compare_bench")?;
+    let ours = write(
+        &dir.join("bench-cuda-bf16.json"),
+        r#"[
+ {"device":"cuda","precision":"bf16","what":"projector","shape":"image batch 1","median_us":500,
+  "min_us":490,"device_us":480,"burst_us":400,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":71},
+ {"device":"cuda","precision":"bf16","what":"projector graph","shape":"image batch 1","median_us":70,
+  "min_us":69,"device_us":68,"burst_us":66,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":71},
+ {"device":"cuda","precision":"bf16","what":"linear","shape":"77x1536x512","median_us":20,
+  "min_us":19,"device_us":12,"burst_us":6.5,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":null}
+]"#,
+    )?;
+    let torch = write(
+        &dir.join("torch-baseline.json"),
+        r#"{"environment":{"torch":"2.x","device_name":"H200","device":"cuda","copy_gbytes_per_s":4177},
+ "rows":[
+  {"precision":"bf16","batch":1,"what":"eager","shape":"image batch 1","median_us":2857,"status":"ok"},
+  {"precision":"bf16","batch":1,"what":"compile reduce-overhead","shape":"image batch 1","median_us":540,"status":"ok"},
+  {"precision":"bf16","batch":1,"what":"linear","shape":"77x1536x512","median_us":37.2,"status":"ok"}]}"#,
+    )?;
+    let md = run(
+        "python3",
+        &[
+            "scripts/compare_bench.py",
+            "--ours",
+            &ours,
+            "--torch",
+            &torch,
+        ],
+    )?;
+    let want = [
+        "| batch 1 bf16 ≤ 80 µs with graph replay | 70.0 µs | 80 µs | met |",
+        "| batch 1 bf16 ≥ 10x faster than PyTorch eager | 70.0 µs | eager 2857 µs (40.8x) | met |",
+        "| batch 1 bf16 faster than torch.compile | 70.0 µs | best compile 540 µs | met |",
+        "| batch 64 bf16 ≤ 1 ms | not measured | 1000 µs | not measured |",
+        "| linear vs F.linear (cuBLAS) | 77x1536x512 | 20.0 | 37.2 | 1.86x | ours 6.5 µs per run back to back |",
+    ];
+    for line in want {
+        assert!(md.contains(line), "missing {line:?} in\n{md}");
+    }
+    Ok(())
+}
+
+#[test]
+fn gpu_check_parses_and_skips_what_is_not_asked() -> Result<(), String> {
+    run("bash", &["-n", "scripts/gpu-check.sh"])?;
+    // No step group asked for: only the setup steps and `info` run, each other
+    // group is recorded as skipped, and the script succeeds.
+    let dir = scratch("gpu_check")?;
+    let outproj = env!("CARGO_BIN_EXE_outproj");
+    let out = Command::new("bash")
+        .arg("scripts/gpu-check.sh")
+        .current_dir(root())
+        .env("OUTPROJ", outproj)
+        .env("OUT", &dir)
+        .env("STEPS", "none")
+        .output()
+        .map_err(|e| format!("running gpu-check.sh: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", out.status);
+    for group in [
+        "check",
+        "bench",
+        "torch",
+        "compare",
+        "profile",
+        "sanitizer",
+        "wgpu",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(group) && l.contains("skip") && l.contains("not in STEPS")),
+            "{group} not recorded as skipped:\n{stdout}"
+        );
+    }
+    let summary = std::fs::read_to_string(dir.join("summary.txt"))
+        .map_err(|e| format!("summary.txt: {e}"))?;
+    assert!(summary.contains("info"), "{summary}");
+    Ok(())
+}
