@@ -39,9 +39,9 @@ macro_rules! wgsl_params {
 
         #[cfg(test)]
         #[test]
-        fn params_match_the_shader() {
+        fn params_match_the_shader() -> std::result::Result<(), String> {
             let path = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $shader);
-            let source = std::fs::read_to_string(path).expect(path);
+            let source = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
             let want: Vec<(String, String)> = [$((stringify!($field), stringify!($ty))),+]
                 .iter()
                 .map(|(f, t)| (f.to_string(), t.to_string()))
@@ -53,6 +53,7 @@ macro_rules! wgsl_params {
                 $shader,
                 stringify!($name)
             );
+            Ok(())
         }
     };
 }
