@@ -29,6 +29,9 @@
 //   through shared memory to the epilogue (bias, activation, residual,
 //   rounding to elem), or to the split-K partial sums. Needs sm_80 (bf16 WMMA,
 //   cp.async).
+// - linear_tc_large_vec8 / linear_tc_tf32_large_vec4 (v3, large tiles): the
+//   same kernel with 128x128 tiles (8 warps of 64x32, 64 bytes of each row per
+//   K step, no split-K), for grids that fill the device without splitting.
 // - linear_tc_tf32_vec4 / linear_tc_tf32_scalar (v3 for f32 storage, opt-in):
 //   the v3 structure on TF32 tensor cores (WMMA 16x16x8, f32 accumulators),
 //   K steps of 32 floats (128 bytes per row). The fragments are rounded to
@@ -123,13 +126,15 @@ __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int 
     const int slice = p.m * p.n;
     const bool vec = (p.n & 3) == 0;  // 16-byte aligned groups (the pool aligns blocks)
     float4 acc[PER];
-    int base[PER];  // offset of the group's first column in a slice, or -1
+    int base[PER];   // offset of the group's first column in a slice
+    int width[PER];  // the group's columns inside the output (0: none)
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
         const int g = threadIdx.x + THREADS * i;
         const int m = m0 + g / (BN / 4);
         const int n = n0 + (g % (BN / 4)) * 4;
-        base[i] = (m < p.m && n < p.n) ? m * p.n + n : -1;
+        width[i] = m < p.m ? max(0, min(4, p.n - n)) : 0;
+        base[i] = width[i] > 0 ? m * p.n + n : 0;  // in range only where used
         acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
     for (int s = 0; s < p.splits; ++s) {
@@ -138,17 +143,16 @@ __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int 
 #pragma unroll
         for (int i = 0; i < PER; ++i) {
             v[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (base[i] < 0) {
+            if (width[i] == 0) {
                 continue;
             }
-            const int n = base[i] % p.n;
             if (vec) {
                 v[i] = __ldcg(reinterpret_cast<const float4*>(src + base[i]));
             } else {
                 v[i].x = __ldcg(src + base[i]);
-                if (n + 1 < p.n) v[i].y = __ldcg(src + base[i] + 1);
-                if (n + 2 < p.n) v[i].z = __ldcg(src + base[i] + 2);
-                if (n + 3 < p.n) v[i].w = __ldcg(src + base[i] + 3);
+                if (width[i] > 1) v[i].y = __ldcg(src + base[i] + 1);
+                if (width[i] > 2) v[i].z = __ldcg(src + base[i] + 2);
+                if (width[i] > 3) v[i].w = __ldcg(src + base[i] + 3);
             }
         }
 #pragma unroll
@@ -161,16 +165,13 @@ __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int 
     }
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
-        if (base[i] < 0) {
-            continue;
-        }
         const int m = base[i] / p.n;
-        const int n = base[i] % p.n;
+        const int n = base[i] - m * p.n;
         const float sums[4] = {acc[i].x, acc[i].y, acc[i].z, acc[i].w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            if (n + j < p.n) {
-                p.out[m * p.n + n + j] = from_f32(linear_epilogue(p, m, n + j, sums[j]));
+            if (j < width[i]) {
+                p.out[base[i] + j] = from_f32(linear_epilogue(p, m, n + j, sums[j]));
             }
         }
     }
