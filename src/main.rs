@@ -638,6 +638,17 @@ impl Bench<'_> {
         }
     }
 
+    /// `f` timed run by run, then in bursts (µs per run, where measured).
+    fn measure<B: Backend>(
+        &self,
+        be: &B,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<(bench::Timing, Option<f64>)> {
+        let t = bench::time(be, 3, self.budget, &mut f)?;
+        let burst = bench::time_burst(be, &t, self.budget, BURST_RUNS, BURSTS, f)?;
+        Ok((t, burst.map(|d| d.as_secs_f64() * 1e6)))
+    }
+
     /// A projector row: `what` at `batch`, timed as `t`.
     fn projector_row(
         &self,
@@ -682,26 +693,22 @@ impl BackendTask for Bench<'_> {
                 let before = b.kernel_launches();
                 proj.forward_with(&mut plan, &h, None)?;
                 let launches = b.kernel_launches().zip(before).map(|(a, z)| a - z);
-                let mut forward = || proj.forward_with(&mut plan, &h, None).map(|_| ());
-                let t = bench::time(b, 3, self.budget, &mut forward)?;
-                let burst =
-                    bench::time_burst(b, &t, self.budget, BURST_RUNS, BURSTS, &mut forward)?;
+                let (t, burst) =
+                    self.measure(b, || proj.forward_with(&mut plan, &h, None).map(|_| ()))?;
                 let what = format!("projector{suffix}");
                 let mut r = self.projector_row(kind, &what, batch, &t, launches);
-                r.burst_us = burst.map(|d| d.as_secs_f64() * 1e6);
+                r.burst_us = burst;
                 rows.push(r);
             }
             for case in OpCase::projector_ops(&config, batch, n_in)? {
                 for (suffix, b) in &variants {
                     let mut p = case.prepare(b, 2)?;
-                    let t = bench::time(b, 3, self.budget, || p.run(b))?;
-                    let burst =
-                        bench::time_burst(b, &t, self.budget, BURST_RUNS, BURSTS, || p.run(b))?;
+                    let (t, burst) = self.measure(b, || p.run(b))?;
                     let what = format!("{}{suffix}", case.op());
                     let (flops, bytes) = (case.flops(), case.bytes(elem));
                     let shape = case.shape();
                     let mut r = row(kind, self.precision, &what, shape, &t, flops, bytes);
-                    r.burst_us = burst.map(|d| d.as_secs_f64() * 1e6);
+                    r.burst_us = burst;
                     rows.push(r);
                 }
             }
@@ -718,13 +725,11 @@ impl BackendTask for Bench<'_> {
             let hidden = be.upload(&self.hidden(batch)?)?;
             let mut graph = proj.capture(batch, hidden.shape()[1])?;
             graph.forward(&hidden)?;
-            let t = bench::time(&be, 3, self.budget, || graph.replay())?;
-            let burst =
-                bench::time_burst(&be, &t, self.budget, BURST_RUNS, BURSTS, || graph.replay())?;
+            let (t, burst) = self.measure(&be, || graph.replay())?;
             let launches = Some(graph.kernels());
             let what = "projector graph";
             let mut r = self.projector_row(DeviceKind::Cuda, what, batch, &t, launches);
-            r.burst_us = burst.map(|d| d.as_secs_f64() * 1e6);
+            r.burst_us = burst;
             rows.push(r);
         }
         Ok(rows)
