@@ -18,6 +18,12 @@
 //   few tiles split many ways, each block one or a few K steps long; all of a
 //   step's loads are issued together, so a block waits on memory about once
 //   per step, not once per 16 columns.
+// - linear_rows_vec4 / linear_rows_scalar (v4, few rows): 8 rows x 4 columns
+//   per block over all of K, K split across the block's threads, no split-K.
+//   For M up to a few row groups (batch 1's 4-row encoder GEMMs), where the
+//   tiled kernels' split-K chain of memory round trips is most of the time.
+//   Any storage; f32 sums on CUDA cores (such a GEMM is bound by latency and
+//   bandwidth, not by multiplies).
 // - linear_tc_vec8 / linear_tc_scalar (v3, 16-bit storage only): tensor cores.
 //   The same 64x64 output tiles and split-K as v2, but a block of 128 threads
 //   (4 warps, each a 32x32 quarter as 2x2 WMMA 16x16x16 fragments with f32
@@ -323,6 +329,100 @@ OP_KERNEL_NAME(linear_tiled_vec4)(const LinearParams p) {
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
 OP_KERNEL_NAME(linear_tiled_scalar)(const LinearParams p) {
     linear_tiled<false>(p);
+}
+
+// Few rows (M up to a few row groups of LINEAR_ROWS_M, the encoder side of a
+// small batch): a block computes LINEAR_ROWS_M rows x LINEAR_ROWS_N columns
+// over the whole of K, its threads splitting K in chunks of 4. No split-K and
+// no workspace: the host sizes blocks for one chunk per thread up to K = 1024,
+// and beyond that a thread's loads for two chunks are in flight together; then
+// the sums meet inside the block. The chain a split GEMM pays (partial sums
+// out, fence, count, read back) is gone; what is left is one kernel's worth
+// of memory latency.
+#define LINEAR_ROWS_M 8
+#define LINEAR_ROWS_N 4
+#define LINEAR_ROWS_MAX_THREADS 256
+// Each lane's LINEAR_ROWS_M x LINEAR_ROWS_N sums: one per lane after the
+// warp's transposing reduction below.
+static_assert(LINEAR_ROWS_M * LINEAR_ROWS_N == 32, "one sum per lane");
+
+// v4: block 32 to 256 threads (the host picks enough for K / 4 chunks); grid
+// (ceil(N / LINEAR_ROWS_N), ceil(M / LINEAR_ROWS_M)).
+template <bool VEC>
+__device__ __forceinline__ void linear_rows(const LinearParams& p) {
+    __shared__ float sums[LINEAR_ROWS_MAX_THREADS / 32][32];
+    constexpr int RM = LINEAR_ROWS_M;
+    constexpr int RN = LINEAR_ROWS_N;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int m0 = blockIdx.y * RM;
+    const int n0 = blockIdx.x * RN;
+
+    float acc[RM * RN];
+#pragma unroll
+    for (int i = 0; i < RM * RN; ++i) {
+        acc[i] = 0.0f;
+    }
+    // Rows past M load nothing (linear_load4 returns zeros) and add zeros.
+#pragma unroll(VEC ? 2 : 1)
+    for (int col = threadIdx.x * 4; col < p.k; col += blockDim.x * 4) {
+        float4 w[RN];
+#pragma unroll
+        for (int j = 0; j < RN; ++j) {
+            w[j] = linear_load4<VEC>(p.w, n0 + j, p.n, col, p.k, p.k);
+        }
+#pragma unroll
+        for (int i = 0; i < RM; ++i) {
+            const float4 a = linear_load4<VEC>(p.x, m0 + i, p.m, col, p.k, p.k);
+#pragma unroll
+            for (int j = 0; j < RN; ++j) {
+                float s = acc[i * RN + j];
+                s = fmaf(a.x, w[j].x, s);
+                s = fmaf(a.y, w[j].y, s);
+                s = fmaf(a.z, w[j].z, s);
+                s = fmaf(a.w, w[j].w, s);
+                acc[i * RN + j] = s;
+            }
+        }
+    }
+    // Transposing warp reduction: at each width, a lane keeps the half of its
+    // sums its lane bit selects and adds its partner's copy of that half; after
+    // 16 + 8 + 4 + 2 + 1 shuffles lane l holds the warp's sum l (32 sums for
+    // the 160 shuffles of one warp_sum each). a + b == b + a exactly, so both
+    // partners' sums agree bit for bit and the result is deterministic.
+#pragma unroll
+    for (int width = 16; width >= 1; width >>= 1) {
+        const bool upper = (lane & width) != 0;
+#pragma unroll
+        for (int i = 0; i < width; ++i) {
+            const float send = upper ? acc[i] : acc[i + width];
+            const float keep = upper ? acc[i + width] : acc[i];
+            acc[i] = keep + __shfl_xor_sync(OP_FULL_MASK, send, width);
+        }
+    }
+    sums[warp][lane] = acc[0];
+    __syncthreads();
+    if (warp == 0) {
+        float s = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
+            s += sums[w][lane];
+        }
+        const int m = m0 + lane / RN;
+        const int n = n0 + lane % RN;
+        if (m < p.m && n < p.n) {
+            p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, s));
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
+OP_KERNEL_NAME(linear_rows_vec4)(const LinearParams p) {
+    linear_rows<true>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
+OP_KERNEL_NAME(linear_rows_scalar)(const LinearParams p) {
+    linear_rows<false>(p);
 }
 
 // Tensor cores: f16/bf16 storage always; f32 storage as TF32 where the host

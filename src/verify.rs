@@ -182,6 +182,7 @@ pub fn standard_cases() -> Vec<Case> {
         (77, 1536, 512),
         (154, 512, 2048),
         (513, 33, 64),
+        (13, 70, 258),
     ] {
         for (act, bias, residual) in [
             (None, true, false),

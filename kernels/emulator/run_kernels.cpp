@@ -162,6 +162,22 @@ static void test_linear(int m, int n, int k, int act, bool bias, bool res, int x
         // measured <= 1.8e-4 here, 2.9e-4 in tests/cuda_ops.rs.
         report(std::string(name) + " " + v, out.p, want, tf32 ? 7e-4 : 1e-5);
     }
+    // v4 (few rows, any M here): 16-byte loads with the host's block size, and
+    // scalar loads with one warp (many chunks per thread, odd counts for the
+    // two-chunk unroll).
+    for (int rows_vec = vec ? 1 : 0; rows_vec >= 0; --rows_vec) {
+        Buf out(m * n);
+        LinearParams p{};
+        p.x = x; p.w = w.p; p.bias = bias ? b.p : nullptr; p.residual = res ? r.p : nullptr;
+        p.out = out.p; p.m = m; p.n = n; p.k = k; p.act = act;
+        const unsigned threads = rows_vec ? std::min(256u, std::max(32u, cdiv(k, 4 * 32) * 32)) : 32u;
+        emu::launch(dim3(cdiv(n, 4), cdiv(m, 8)), dim3(threads), [&] {
+            if (rows_vec) linear_rows_vec4(p); else linear_rows_scalar(p);
+        });
+        report(std::string(name) + (rows_vec ? " rows_vec4 " : " rows_scalar ") +
+                   std::to_string(threads) + " threads",
+               out.p, want, 1e-5);
+    }
 }
 
 // __float_to_tf32 against cvt.rna.tf32.f32: nearest, ties away from zero.
@@ -366,6 +382,9 @@ struct HalfF16 {
     static void linear_small(const LP& p) { k_f16::linear_tc_vec8_f16(p); }
     static void linear_scalar(const LP& p) { k_f16::linear_tc_scalar_f16(p); }
     static void linear_large(const LP& p) { k_f16::linear_tc_large_vec8_f16(p); }
+    static void linear_rows(const LP& p, bool vec) {
+        if (vec) k_f16::linear_rows_vec4_f16(p); else k_f16::linear_rows_scalar_f16(p);
+    }
 };
 struct HalfBF16 {
     typedef __nv_bfloat16 E;
@@ -379,6 +398,9 @@ struct HalfBF16 {
     static void linear_small(const LP& p) { k_bf16::linear_tc_vec8_bf16(p); }
     static void linear_scalar(const LP& p) { k_bf16::linear_tc_scalar_bf16(p); }
     static void linear_large(const LP& p) { k_bf16::linear_tc_large_vec8_bf16(p); }
+    static void linear_rows(const LP& p, bool vec) {
+        if (vec) k_bf16::linear_rows_vec4_bf16(p); else k_bf16::linear_rows_scalar_bf16(p);
+    }
 };
 
 template <class S>
@@ -480,7 +502,7 @@ static void test_linear_half(int m, int n, int k) {
         }
     char name[96];
     snprintf(name, sizeof name, "linear %s %dx%dx%d relu +b +res", S::name(), m, n, k);
-    for (int variant = 0; variant < 3; ++variant) {
+    for (int variant = 0; variant < 5; ++variant) {
         typename S::LP p{};
         p.x = x.data(); p.w = w.data(); p.bias = b.data(); p.residual = r.data();
         p.m = m; p.n = n; p.k = k; p.act = 1;
@@ -495,7 +517,14 @@ static void test_linear_half(int m, int n, int k) {
         p.tile_counters = counters.data();
         const bool vec = k % 8 == 0;
         std::string v;
-        if (variant == 2) {
+        if (variant >= 3) {
+            // v4 (few rows): 8-byte loads, then scalar loads with one warp.
+            const bool rows_vec = variant == 3;
+            if (rows_vec && k % 4 != 0) continue;
+            const unsigned threads = rows_vec ? std::min(256u, std::max(32u, cdiv(k, 128) * 32)) : 32u;
+            v = std::string(rows_vec ? "rows_vec4 " : "rows_scalar ") + std::to_string(threads) + " threads";
+            emu::launch(dim3(cdiv(n, 4), cdiv(m, 8)), dim3(threads), [&] { S::linear_rows(p, rows_vec); });
+        } else if (variant == 2) {
             if (!vec) continue;
             v = "tc_large_vec8";
             emu::launch(dim3(cdiv(n, 128), cdiv(m, 128), 1), dim3(256), [&] { S::linear_large(p); });
@@ -655,7 +684,10 @@ int main(int argc, char** argv) {
             }
         test_linear(9, 70, 36, 1, true, true, 1);  // misaligned x: scalar path
         test_linear(130, 200, 72, 1, true, false);  // 128x128 tiles' edges, K tail
-        const int half_dims[][3] = {{130, 200, 72}, {77, 129, 40}, {3, 5, 7}, {64, 128, 256}};
+        test_linear(13, 70, 258, 1, true, true);    // v4: two row groups, K tail, N % 4
+        test_linear(16, 36, 2048, 3, true, false);  // v4: two chunks per thread
+        const int half_dims[][3] = {{130, 200, 72}, {77, 129, 40}, {3, 5, 7}, {64, 128, 256},
+                                    {13, 70, 1030}, {4, 64, 2048}};
         for (auto& d : half_dims) {
             test_linear_half<HalfF16>(d[0], d[1], d[2]);
             test_linear_half<HalfBF16>(d[0], d[1], d[2]);

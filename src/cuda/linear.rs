@@ -2,7 +2,8 @@
 //! deterministic split-K for grids too small to fill the device, and for f16 /
 //! bf16 storage v3 on tensor cores (WMMA), with the same tiles and split-K; for
 //! f32 storage with [`CudaOptions::tf32`](super::CudaOptions::tf32) the same v3
-//! on TF32 tensor cores.
+//! on TF32 tensor cores. GEMMs of few rows take v4 (`linear_rows_*`) in every
+//! storage: 8x4 outputs per block over all of K, no split-K.
 
 use cudarc::driver::DeviceRepr;
 
@@ -56,7 +57,13 @@ fn layouts() -> String {
 pub(crate) static PROGRAM: Program = Program {
     file: "linear.cu",
     source: include_str!("../../kernels/linear.cu"),
-    kernels: &["linear_naive", "linear_tiled_vec4", "linear_tiled_scalar"],
+    kernels: &[
+        "linear_naive",
+        "linear_tiled_vec4",
+        "linear_tiled_scalar",
+        "linear_rows_vec4",
+        "linear_rows_scalar",
+    ],
     half_kernels: &["linear_tc_vec8", "linear_tc_scalar", "linear_tc_large_vec8"],
     tf32_kernels: &[
         "linear_tc_tf32_vec4",
@@ -68,6 +75,15 @@ pub(crate) static PROGRAM: Program = Program {
 
 /// Output tile of the v2 kernel and of v3's small tiles (rows and columns).
 const TILE: usize = 64;
+/// Rows and columns per block of v4 (`LINEAR_ROWS_M`, `LINEAR_ROWS_N`).
+const ROWS_M: usize = 8;
+const ROWS_N: usize = 4;
+/// v4 takes GEMMs of up to this many rows: each of its blocks reads its rows
+/// of x whole, so x is read `N / ROWS_N` times over (from L2); at two row
+/// groups that is still no more than the weights' bytes twice over.
+const ROWS_MAX_M: usize = 2 * ROWS_M;
+/// Most threads of a v4 block (`LINEAR_ROWS_MAX_THREADS`).
+const ROWS_MAX_THREADS: usize = 256;
 /// Output tile of v3's large tiles, used where they alone give every SM one.
 const LARGE_TILE: usize = 128;
 /// Most splits of one GEMM.
@@ -82,6 +98,12 @@ const MAX_FINISH_SUMS: usize = 8 * TILE * TILE;
 pub(crate) enum LinearPlan {
     /// `linear_naive`, block (16, 16).
     Naive { grid: (u32, u32, u32) },
+    /// `linear_rows_*` (v4), one block of `threads` per 8x4 outputs.
+    Rows {
+        kernel: &'static str,
+        threads: u32,
+        grid: (u32, u32, u32),
+    },
     /// `linear_tiled_*` (or a tensor-core twin); with `splits > 1` the partial
     /// sums go to a `[splits, M, N]` workspace and the last block of each of
     /// the `grid.0 * grid.1` tiles finishes it, counted in the backend's tile
@@ -192,6 +214,26 @@ pub(crate) fn plan(
                 1,
             ),
         }),
+        KernelVersion::Fast if d.m <= ROWS_MAX_M => {
+            // One chunk of 4 K columns per thread up to the block's size.
+            let threads =
+                d.k.div_ceil(4)
+                    .next_multiple_of(32)
+                    .clamp(32, ROWS_MAX_THREADS);
+            Ok(LinearPlan::Rows {
+                kernel: if wide {
+                    "linear_rows_vec4"
+                } else {
+                    "linear_rows_scalar"
+                },
+                threads: threads as u32,
+                grid: (
+                    blocks_for("linear", d.n, ROWS_N)?,
+                    blocks_for("linear", d.m, ROWS_M)?,
+                    1,
+                ),
+            })
+        }
         KernelVersion::Fast => {
             let large_tiles = d.m.div_ceil(LARGE_TILE) * d.n.div_ceil(LARGE_TILE);
             if let Some((kernel, threads, k_step)) = gemm.large_kernel() {
@@ -280,6 +322,11 @@ pub(super) fn linear(
         LinearPlan::Naive { grid } => {
             be.launch(&PROGRAM, "linear_naive", grid, (16, 16, 1), &params)
         }
+        LinearPlan::Rows {
+            kernel,
+            threads,
+            grid,
+        } => be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params),
         LinearPlan::Tiled {
             kernel,
             threads,
@@ -347,7 +394,7 @@ mod tests {
 
     #[test]
     fn small_grids_are_split_large_are_not() {
-        // The projector's fc at batch 1: 8 tiles of 4 rows on 132 SMs.
+        // 8 tiles of 4 rows on 132 SMs (the fc at batch 1, were it not v4's).
         assert_eq!(split_k(4, 512, 4096, 132, 64), (32, 128));
         // Decoder out projection at batch 1: 16 tiles, 8 one-step splits
         // (the finishing block's bound).
@@ -378,6 +425,17 @@ mod tests {
             }
             for gemm in [Gemm::Tiled, Gemm::Half, Gemm::Tf32] {
                 match plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, false).unwrap() {
+                    LinearPlan::Rows {
+                        kernel,
+                        threads,
+                        grid,
+                    } => {
+                        assert!(m <= ROWS_MAX_M, "{m} rows");
+                        assert_eq!(kernel, "linear_rows_scalar");
+                        assert!(grid.0 as usize * ROWS_N >= n && grid.1 as usize * ROWS_M >= m);
+                        assert_eq!(grid.2, 1);
+                        assert!(threads % 32 == 0 && (32..=256).contains(&threads));
+                    }
                     LinearPlan::Tiled {
                         kernel,
                         grid,
@@ -422,6 +480,46 @@ mod tests {
         }
         assert!(src.contains("#define LINEAR_TC_SMALL_THREADS 128"));
         assert!(src.contains("#define LINEAR_TC_LARGE_THREADS 256"));
+    }
+
+    #[test]
+    fn few_rows_take_v4_in_every_storage() {
+        // Batch 1's encoder GEMMs (4 rows), the audio preset's (8), 16 rows;
+        // 17 rows and the decoder's 77 stay tiled.
+        for (m, n, k, threads) in [
+            (4, 512, 4096, 256),
+            (4, 1536, 512, 128),
+            (8, 2048, 512, 128),
+            (16, 512, 2048, 256),
+            (3, 5, 7, 32),
+            (1, 1, 1, 32),
+        ] {
+            for gemm in [Gemm::Tiled, Gemm::Half, Gemm::Tf32] {
+                let p = plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, true).unwrap();
+                let want = LinearPlan::Rows {
+                    kernel: "linear_rows_vec4",
+                    threads,
+                    grid: (n.div_ceil(ROWS_N) as u32, m.div_ceil(ROWS_M) as u32, 1),
+                };
+                assert_eq!(p, want, "{m}x{n}x{k}");
+            }
+        }
+        for m in [ROWS_MAX_M + 1, 77] {
+            let p = plan(
+                dims(m, 512, 512),
+                KernelVersion::Fast,
+                132,
+                Gemm::Tiled,
+                true,
+            );
+            assert!(matches!(p, Ok(LinearPlan::Tiled { .. })), "{m}: {p:?}");
+        }
+        let src = PROGRAM.source;
+        assert!(src.contains(&format!("#define LINEAR_ROWS_M {ROWS_M}")));
+        assert!(src.contains(&format!("#define LINEAR_ROWS_N {ROWS_N}")));
+        assert!(src.contains(&format!(
+            "#define LINEAR_ROWS_MAX_THREADS {ROWS_MAX_THREADS}"
+        )));
     }
 
     #[test]
