@@ -41,6 +41,7 @@ __device__ __forceinline__ float loss_grad(const LossParams& p, float diff, floa
 
 // v1 pass 1: block 128 threads, one thread per token; grid ceil(T / 128).
 extern "C" __global__ void OP_KERNEL_NAME(alignment_loss_naive_rows)(const LossParams p) {
+    dependent_launch_prologue();
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= p.tokens) {
         return;
@@ -61,6 +62,7 @@ extern "C" __global__ void OP_KERNEL_NAME(alignment_loss_naive_rows)(const LossP
 
 // v1 pass 2: one block of 1 thread.
 extern "C" __global__ void OP_KERNEL_NAME(alignment_loss_naive_finish)(const LossParams p) {
+    dependent_launch_prologue();
     if (blockIdx.x != 0 || threadIdx.x != 0) {
         return;
     }
@@ -76,6 +78,7 @@ extern "C" __global__ void OP_KERNEL_NAME(alignment_loss_naive_finish)(const Los
 
 // v2 pass 1: block 256 threads, one block per token; grid T.
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) OP_KERNEL_NAME(alignment_loss_rows)(const LossParams p) {
+    dependent_launch_prologue();
     __shared__ float scratch[32];
     const int t = blockIdx.x;
     const elem* u = p.pred + t * p.dim;
@@ -97,6 +100,7 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) OP_KERNEL_NAME(alignm
 
 // v2 pass 2: one block of 256 threads.
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) OP_KERNEL_NAME(alignment_loss_finish)(const LossParams p) {
+    dependent_launch_prologue();
     __shared__ double sums[LOSS_THREADS];
     double acc = 0.0;
     for (int t = threadIdx.x; t < p.tokens; t += LOSS_THREADS) {

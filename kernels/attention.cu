@@ -97,6 +97,7 @@ __device__ __forceinline__ bool attention_visible(const AttentionParams& p, int 
 
 // v1: block 128 threads; grid ceil(B Lq heads head_dim / 128).
 extern "C" __global__ void OP_KERNEL_NAME(attention_naive)(const AttentionParams p) {
+    dependent_launch_prologue();
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     const int hd = p.head_dim;
     const int total = p.batch * p.lq * p.heads * hd;
@@ -338,32 +339,38 @@ __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
 // 8 queries per block (2 per warp): latency, few blocks.
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_flash_d32)(const AttentionParams p) {
+    dependent_launch_prologue();
     attention_flash<32, 2>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_flash_d64)(const AttentionParams p) {
+    dependent_launch_prologue();
     attention_flash<64, 2>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_flash_d128)(const AttentionParams p) {
+    dependent_launch_prologue();
     attention_flash<128, 2>(p);
 }
 
 // 16 queries per block (4 per warp): throughput, many blocks.
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_flash_d32_q16)(const AttentionParams p) {
+    dependent_launch_prologue();
     attention_flash<32, 4>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_flash_d64_q16)(const AttentionParams p) {
+    dependent_launch_prologue();
     attention_flash<64, 4>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_flash_d128_q16)(const AttentionParams p) {
+    dependent_launch_prologue();
     attention_flash<128, 4>(p);
 }
 
@@ -630,11 +637,13 @@ __device__ __forceinline__ void attention_tc(const AttentionParams& p) {
 
 extern "C" __global__ void __launch_bounds__(ATT_TC_WARPS * 32)
 OP_KERNEL_NAME(attention_tc_d64)(const AttentionParams p) {
+    dependent_launch_prologue();
     attention_tc<64>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_TC_WARPS * 32)
 OP_KERNEL_NAME(attention_tc_d128)(const AttentionParams p) {
+    dependent_launch_prologue();
     attention_tc<128>(p);
 }
 #endif  // OP_ELEM != 0

@@ -136,6 +136,25 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Programmatic dependent launch (sm_90 and newer). The host queues kernels so
+// that one may start while the kernel before it on the stream is still
+// running: its blocks are resident and waiting when that one ends, instead of
+// being launched after it (a gap of a microsecond or more between dependent
+// kernels). So every kernel begins with this, before it touches memory:
+// - launch_dependents: the next kernel may be scheduled once every block of
+//   this grid has started (the last wave is running);
+// - wait: returns once the grid before this one has finished and its writes
+//   are visible, and that grid had waited for its own predecessor, so all
+//   earlier work on the stream is done.
+// Without the launch attribute (older GPUs, or the host's serial launches)
+// the kernel starts after its predecessor anyway and both are no-ops.
+__device__ __forceinline__ void dependent_launch_prologue() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // ---------------------------------------------------------------- storage
 #ifndef OP_ELEM
 #define OP_ELEM 0

@@ -31,6 +31,7 @@ __device__ __forceinline__ int gather_source_row(const GatherParams& p, int row)
 
 // v1: block 256 threads, one thread per output element; grid ceil(B n C / 256).
 extern "C" __global__ void OP_KERNEL_NAME(gather_signal_tokens_naive)(const GatherParams p) {
+    dependent_launch_prologue();
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;
     const int total = p.batch * p.n * p.channels;
     if (idx >= total) {
@@ -48,6 +49,7 @@ extern "C" __global__ void OP_KERNEL_NAME(gather_signal_tokens_naive)(const Gath
 
 // v2: block 256 threads, one thread per 4 elements; grid ceil(B n C / 4 / 256).
 extern "C" __global__ void OP_KERNEL_NAME(gather_signal_tokens_vec4)(const GatherParams p) {
+    dependent_launch_prologue();
     const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // float4 index
     const int c4 = p.channels >> 2;
     const int total = p.batch * p.n * c4;

@@ -35,6 +35,7 @@ struct LayerNormParams {
 
 // v1: block 128 threads, one thread per row; grid ceil(rows / 128).
 extern "C" __global__ void OP_KERNEL_NAME(layer_norm_naive)(const LayerNormParams p) {
+    dependent_launch_prologue();
     const int row = blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= p.rows) {
         return;
@@ -192,10 +193,12 @@ __device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
 
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
 OP_KERNEL_NAME(layer_norm_warp_vec4)(const LayerNormParams p) {
+    dependent_launch_prologue();
     layer_norm_warp<true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
 OP_KERNEL_NAME(layer_norm_warp_scalar)(const LayerNormParams p) {
+    dependent_launch_prologue();
     layer_norm_warp<false>(p);
 }

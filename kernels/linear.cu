@@ -82,6 +82,7 @@ __device__ __forceinline__ float linear_epilogue(const LinearParams& p, int m, i
 
 // v1: block (16, 16); grid (ceil(N / 16), ceil(M / 16)).
 extern "C" __global__ void OP_KERNEL_NAME(linear_naive)(const LinearParams p) {
+    dependent_launch_prologue();
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     const int m = blockIdx.y * blockDim.y + threadIdx.y;
     if (m >= p.m || n >= p.n) {
@@ -323,11 +324,13 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
 
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
 OP_KERNEL_NAME(linear_tiled_vec4)(const LinearParams p) {
+    dependent_launch_prologue();
     linear_tiled<true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
 OP_KERNEL_NAME(linear_tiled_scalar)(const LinearParams p) {
+    dependent_launch_prologue();
     linear_tiled<false>(p);
 }
 
@@ -417,11 +420,13 @@ __device__ __forceinline__ void linear_rows(const LinearParams& p) {
 
 extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
 OP_KERNEL_NAME(linear_rows_vec4)(const LinearParams p) {
+    dependent_launch_prologue();
     linear_rows<true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
 OP_KERNEL_NAME(linear_rows_scalar)(const LinearParams p) {
+    dependent_launch_prologue();
     linear_rows<false>(p);
 }
 
@@ -653,31 +658,37 @@ static_assert(LinearTcLarge::THREADS == LINEAR_TC_LARGE_THREADS, "large tile blo
 #if OP_ELEM != 0
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
 OP_KERNEL_NAME(linear_tc_vec8)(const LinearParams p) {
+    dependent_launch_prologue();
     linear_tc<LinearTcSmall, true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
 OP_KERNEL_NAME(linear_tc_scalar)(const LinearParams p) {
+    dependent_launch_prologue();
     linear_tc<LinearTcSmall, false>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_LARGE_THREADS)
 OP_KERNEL_NAME(linear_tc_large_vec8)(const LinearParams p) {
+    dependent_launch_prologue();
     linear_tc<LinearTcLarge, true>(p);
 }
 #else
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
 OP_KERNEL_NAME(linear_tc_tf32_vec4)(const LinearParams p) {
+    dependent_launch_prologue();
     linear_tc<LinearTcSmall, true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
 OP_KERNEL_NAME(linear_tc_tf32_scalar)(const LinearParams p) {
+    dependent_launch_prologue();
     linear_tc<LinearTcSmall, false>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_LARGE_THREADS)
 OP_KERNEL_NAME(linear_tc_tf32_large_vec4)(const LinearParams p) {
+    dependent_launch_prologue();
     linear_tc<LinearTcLarge, true>(p);
 }
 #endif

@@ -544,8 +544,78 @@ impl BackendTask for Check {
                 tol: precision.tolerances().1,
             });
         }
+        if be.dependent_launch() {
+            rows.push(dependent_against_serial(&be, &image, precision)?);
+        }
         Ok(rows)
     }
+}
+
+/// Programmatic dependent launch must not change a bit: the forward replayed
+/// from a graph of dependent launches against the eager forward with every
+/// kernel started after its predecessor (the kernels are deterministic, so a
+/// kernel reading before its predecessor finished shows as a difference).
+#[cfg(feature = "cuda")]
+fn dependent_against_serial(
+    be: &Cuda,
+    config: &ProjectorConfig,
+    precision: Precision,
+) -> Result<CheckRow> {
+    use output_projector::cuda::CudaOptions;
+    let batch = 2;
+    let mut dependent = None;
+    let c =
+        verify::compare_projector_by(be, config, batch, precision.storage(), 11, "", |p, h, e| {
+            let mut x = be.alloc(h.shape())?;
+            let all = SignalPositions::all(h.shape()[0], h.shape()[1])?;
+            be.gather_signal_tokens(h, Some(e), &all, &mut x)?;
+            let mut graph = p.capture(h.shape()[0], h.shape()[1])?;
+            let out = be.download(graph.forward(&x)?)?;
+            dependent = Some(out.clone());
+            Ok(out)
+        })?;
+    let serial_be = be.with_options(CudaOptions {
+        serial_launches: true,
+        ..be.options().clone()
+    })?;
+    let mut serial = None;
+    verify::compare_projector_by(
+        &serial_be,
+        config,
+        batch,
+        precision.storage(),
+        11,
+        "",
+        |p, h, e| {
+            let out = serial_be.download(&p.forward(h, Some(e))?)?;
+            serial = Some(out.clone());
+            Ok(out)
+        },
+    )?;
+    let (Some(dependent), Some(serial)) = (dependent, serial) else {
+        return Err(Error::invalid(
+            "a forward of the launch comparison did not run",
+        ));
+    };
+    let (a, b) = (dependent.to_f64_vec(), serial.to_f64_vec());
+    let (rel, max_abs) = output_projector::tensor::compare(&a, &b);
+    let differing = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    Ok(CheckRow {
+        against: "serial",
+        op: "dependent launch",
+        case: format!("{} ({differing} elements differ)", c.case),
+        rel: if differing == 0 && a.len() == b.len() {
+            0.0
+        } else {
+            rel.max(f64::MIN_POSITIVE)
+        },
+        max_abs,
+        tol: 0.0,
+    })
 }
 
 fn check(device: Option<String>, precision: Precision) -> Result<ExitCode> {
@@ -716,21 +786,34 @@ impl BackendTask for Bench<'_> {
         Ok(rows)
     }
 
-    /// The rows of every backend, then the forward replayed from a CUDA graph.
+    /// The rows of every backend, then the forward replayed from a CUDA graph;
+    /// where kernels are queued with programmatic dependent launch, the graph
+    /// again with serial launches, so the table shows what it gains.
     #[cfg(feature = "cuda")]
     fn run_cuda(self, be: Cuda) -> Result<Vec<BenchRow>> {
+        use output_projector::cuda::CudaOptions;
         let mut rows = self.run(be.clone(), DeviceKind::Cuda)?;
-        let proj = Projector::new(be.clone(), &self.weights()?)?;
-        for &batch in self.batches {
-            let hidden = be.upload(&self.hidden(batch)?)?;
-            let mut graph = proj.capture(batch, hidden.shape()[1])?;
-            graph.forward(&hidden)?;
-            let (t, burst) = self.measure(&be, || graph.replay())?;
-            let launches = Some(graph.kernels());
-            let what = "projector graph";
-            let mut r = self.projector_row(DeviceKind::Cuda, what, batch, &t, launches);
-            r.burst_us = burst;
-            rows.push(r);
+        let weights = self.weights()?;
+        let mut backends = vec![("projector graph", be.clone())];
+        if be.dependent_launch() {
+            let serial = be.with_options(CudaOptions {
+                serial_launches: true,
+                ..be.options().clone()
+            })?;
+            backends.push(("projector graph serial", serial));
+        }
+        for (what, be) in backends {
+            let proj = Projector::new(be.clone(), &weights)?;
+            for &batch in self.batches {
+                let hidden = be.upload(&self.hidden(batch)?)?;
+                let mut graph = proj.capture(batch, hidden.shape()[1])?;
+                graph.forward(&hidden)?;
+                let (t, burst) = self.measure(&be, || graph.replay())?;
+                let launches = Some(graph.kernels());
+                let mut r = self.projector_row(DeviceKind::Cuda, what, batch, &t, launches);
+                r.burst_us = burst;
+                rows.push(r);
+            }
         }
         Ok(rows)
     }

@@ -622,6 +622,55 @@ fn graph_replay_matches_eager_forward() {
     }
 }
 
+/// On sm_90 and newer kernels are queued with programmatic dependent launch
+/// (the emulated device is sm_90, and its driver accepts only the attribute
+/// the backend sets), unless `serial_launches` is set; either way a forward
+/// and its graph replay give bitwise the same output.
+#[test]
+fn dependent_launch_matches_serial() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    let serial = be
+        .with_options(CudaOptions {
+            serial_launches: true,
+            ..be.options().clone()
+        })
+        .unwrap();
+    let sm90 = be.arch() >= "sm_90";
+    assert_eq!(be.dependent_launch(), sm90, "{}", be.arch());
+    assert!(!serial.dependent_launch());
+    let config = ProjectorConfig {
+        in_dim: 256,
+        d_model: 128,
+        heads: 2,
+        ffn_dim: 256,
+        encoder_layers: 1,
+        decoder_layers: 2,
+        out_dim: 96,
+        ..ProjectorConfig::preset(Modality::Image, Variant::Legacy)
+    };
+    let w = ProjectorWeights::random(config.clone(), None, 5).unwrap();
+    let h = HostTensor::randn(vec![2, 4, config.in_dim], 6, "hidden").unwrap();
+    let mut outs = Vec::new();
+    for b in [&be, &serial] {
+        let proj = Projector::new(b.clone(), &w).unwrap();
+        let x = b.upload(&h).unwrap();
+        outs.push(b.download(&proj.forward(&x, None).unwrap()).unwrap());
+        let mut graph = proj.capture(2, 4).unwrap();
+        outs.push(b.download(graph.forward(&x).unwrap()).unwrap());
+    }
+    let bits =
+        |t: &HostTensor| -> Vec<u64> { t.to_f64_vec().iter().map(|v| v.to_bits()).collect() };
+    for (i, o) in outs.iter().enumerate().skip(1) {
+        assert_eq!(
+            bits(o),
+            bits(&outs[0]),
+            "output {i} differs from the dependent eager one"
+        );
+    }
+}
+
 /// The body of [`graph_replay_matches_eager_forward`] for one storage type.
 fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
     // Small widths (emulation is slow), an input GEMM deep enough to split K
@@ -907,6 +956,7 @@ const DEVICE_TESTS: &[&str] = &[
     "half_storage_upload_download",
     "graph_replay_matches_eager_forward",
     "graph_capture_waits_for_other_threads",
+    "dependent_launch_matches_serial",
     "tf32_linear_matches_reference",
     "large_tile_linear_matches_reference",
     "tf32_projector_matches_reference",

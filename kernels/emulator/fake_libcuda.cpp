@@ -237,6 +237,32 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
     return 500;  // not found
 }
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned smem, CUstream s, void** params, void** extra);
+// CUlaunchConfig and CUlaunchAttribute as cuda.h lays them out. The only
+// attribute taken is programmatic stream serialization (id 6) set to 1: kernels
+// run one after another here, which is one of the orders it allows, and each
+// kernel's griddepcontrol.wait is compiled out.
+struct LaunchAttr {
+    int id;
+    char pad[4];
+    union { char bytes[64]; int value; } v;
+};
+struct LaunchConfig {
+    unsigned gx, gy, gz, bx, by, bz, smem;
+    CUstream stream;
+    LaunchAttr* attrs;
+    unsigned num_attrs;
+};
+static_assert(sizeof(LaunchAttr) == 72, "CUlaunchAttribute");
+static_assert(offsetof(LaunchConfig, stream) == 32 && sizeof(LaunchConfig) == 56, "CUlaunchConfig");
+CUresult cuLaunchKernelEx(const LaunchConfig* c, CUfunction f, void** params, void** extra) {
+    if (!c || (c->num_attrs && !c->attrs)) return 1;
+    for (unsigned i = 0; i < c->num_attrs; ++i) {
+        if (c->attrs[i].id != 6 || c->attrs[i].v.value != 1) return 1;
+    }
+    return cuLaunchKernel(f, c->gx, c->gy, c->gz, c->bx, c->by, c->bz, c->smem, c->stream, params, extra);
+}
+CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned smem, CUstream s, void** params, void** extra) {
     if (!f || !params || extra || smem) return 1;
     if (!launch_shape_ok(gx, gy, gz, bx, by, bz)) return 1;

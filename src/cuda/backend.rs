@@ -68,6 +68,14 @@ pub struct CudaOptions {
     /// [`Error::Invalid`] otherwise), and the CUDA headers' `mma.h` for NVRTC
     /// ([`Error::Unavailable`] without it). The naive kernels ignore it.
     pub tf32: bool,
+    /// Start every kernel only once the one before it has finished (default
+    /// off). Off, on sm_90 and newer, kernels are queued with programmatic
+    /// dependent launch: a kernel's blocks become resident while its
+    /// predecessor drains and wait for it on the GPU (`griddepcontrol.wait`,
+    /// the first thing every kernel of this crate does), which hides the
+    /// launch gap between dependent kernels, in graphs too. Results are
+    /// bitwise the same either way; see [`Cuda::dependent_launch`].
+    pub serial_launches: bool,
 }
 
 /// Allocation granule: every block is a multiple of 256 bytes (and the driver
@@ -697,6 +705,12 @@ impl Cuda {
         self.inner.shared.sm_count
     }
 
+    /// Whether kernels are queued with programmatic dependent launch: sm_90
+    /// or newer, unless [`CudaOptions::serial_launches`] is set.
+    pub fn dependent_launch(&self) -> bool {
+        self.inner.shared.cc_major >= 9 && !self.inner.options.serial_launches
+    }
+
     /// Bytes held by the pool for reuse.
     pub fn cached_bytes(&self) -> usize {
         self.inner.shared.pool.cached_bytes()
@@ -1199,19 +1213,59 @@ impl Cuda {
             shared_mem_bytes: 0,
         };
         let _stream = self.use_stream(None)?;
-        let mut args = self.inner.shared.stream.launch_builder(&f);
-        args.arg(params);
-        // SAFETY: `params` is the `#[repr(C)]` mirror of the kernel's only
-        // parameter (its layout is checked by static_asserts compiled into the
-        // kernel). Every address in it was checked by the calling op: it belongs
-        // to this context, covers the elements the kernel indexes for the sizes
-        // in `params` (validated by the shared `*Dims::check`), and outputs do
-        // not overlap inputs. The memory outlives the queued work: pool blocks
-        // are only reused by later work on this same stream, and caller memory
-        // is under the contract of `tensor_from_raw`/`tensor_from_slice`.
-        unsafe { args.launch(cfg) }.map_err(driver(&format!(
-            "launching {name} with grid {grid:?}, block {block:?}"
-        )))?;
+        let what = || format!("launching {name} with grid {grid:?}, block {block:?}");
+        // SAFETY (both launches): `params` is the `#[repr(C)]` mirror of the
+        // kernel's only parameter (its layout is checked by static_asserts
+        // compiled into the kernel). Every address in it was checked by the
+        // calling op: it belongs to this context, covers the elements the
+        // kernel indexes for the sizes in `params` (validated by the shared
+        // `*Dims::check`), and outputs do not overlap inputs. The memory
+        // outlives the queued work: pool blocks are only reused by later work
+        // on this same stream, and caller memory is under the contract of
+        // `tensor_from_raw`/`tensor_from_slice`. A dependent launch keeps
+        // that order: every kernel waits for its predecessor before it
+        // touches memory (`dependent_launch_prologue`, asserted for every
+        // entry point by the program tests).
+        if self.dependent_launch() {
+            let stream = &self.inner.shared.stream;
+            stream.context().bind_to_thread().map_err(driver(&what()))?;
+            let mut attr = drv_sys::CUlaunchAttribute {
+                id: drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value: drv_sys::CUlaunchAttributeValue { pad: [0; 64] },
+            };
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let config = drv_sys::CUlaunchConfig {
+                gridDimX: gx,
+                gridDimY: gy,
+                gridDimZ: gz,
+                blockDimX: block.0,
+                blockDimY: block.1,
+                blockDimZ: block.2,
+                sharedMemBytes: 0,
+                hStream: stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            let mut args = [params as *const P as *mut std::ffi::c_void];
+            // SAFETY: see above; `config`, `attr` and `args` outlive the call,
+            // which copies the parameter struct before it returns.
+            unsafe {
+                drv_sys::cuLaunchKernelEx(
+                    &config,
+                    f.cu_function(),
+                    args.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .map_err(driver(&what()))?;
+        } else {
+            let mut args = self.inner.shared.stream.launch_builder(&f);
+            args.arg(params);
+            // SAFETY: see above.
+            unsafe { args.launch(cfg) }.map_err(driver(&what()))?;
+        }
         self.inner.shared.launches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

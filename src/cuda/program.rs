@@ -569,6 +569,33 @@ mod tests {
         assert!(err.contains("GatherParams.out: offset differs"), "{err}");
     }
 
+    /// Kernels may be queued with programmatic dependent launch, so each must
+    /// wait for its predecessor before it touches memory: the first statement
+    /// of every entry point is `dependent_launch_prologue()`.
+    #[test]
+    fn every_kernel_starts_by_waiting_for_its_predecessor() {
+        for p in PROGRAMS {
+            let mut entries = 0;
+            for (i, _) in p.source.match_indices("__global__") {
+                let body = &p.source[i..];
+                let open = body.find('{').map(|b| b + 1).unwrap_or(body.len());
+                let first = body[open..].trim_start();
+                assert!(
+                    first.starts_with("dependent_launch_prologue();"),
+                    "{}: an entry point starts with {:?}",
+                    p.file,
+                    first.lines().next().unwrap_or("")
+                );
+                entries += 1;
+            }
+            let listed = p.kernels.len() + p.half_kernels.len() + p.tf32_kernels.len();
+            assert!(entries >= listed, "{}: {entries} entry points", p.file);
+        }
+        let common = COMMON.1;
+        assert!(common.contains("griddepcontrol.wait;"));
+        assert!(common.contains("griddepcontrol.launch_dependents;"));
+    }
+
     #[test]
     fn every_program_lists_kernels_and_layouts() {
         for p in PROGRAMS {
