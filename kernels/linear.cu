@@ -109,7 +109,7 @@ extern "C" __global__ void OP_KERNEL_NAME(linear_naive)(const LinearParams p) {
 // coherent across SMs).
 // The last block reads splits x BM x BN floats alone, so it keeps many loads
 // in flight: each thread owns PER groups of 4 columns (16-byte loads where N
-// allows) and issues one slice's loads for all of them before adding them.
+// allows) and issues several slices' loads for all of them before adding them.
 template <int BM, int BN, int THREADS>
 __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int m0, int n0) {
     __shared__ bool last;
@@ -144,30 +144,46 @@ __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int 
         base[i] = width[i] > 0 ? m * p.n + n : 0;  // in range only where used
         acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    for (int s = 0; s < p.splits; ++s) {
-        const float* src = p.partial + s * slice;
-        float4 v[PER];
+    // FLIGHT slices' loads (8 float4 per thread, 32 KB per block of 256) are
+    // issued before any is added: the block waits on memory once per FLIGHT
+    // slices, not per slice. More would cost the kernel registers (and
+    // blocks per SM) on the grids that do not split. The adds keep the order
+    // 0, 1, .., splits - 1.
+    constexpr int FLIGHT = PER >= 8 ? 1 : 8 / PER;
+    for (int s0 = 0; s0 < p.splits; s0 += FLIGHT) {
+        float4 v[FLIGHT][PER];
 #pragma unroll
-        for (int i = 0; i < PER; ++i) {
-            v[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (width[i] == 0) {
-                continue;
-            }
-            if (vec) {
-                v[i] = __ldcg(reinterpret_cast<const float4*>(src + base[i]));
-            } else {
-                v[i].x = __ldcg(src + base[i]);
-                if (width[i] > 1) v[i].y = __ldcg(src + base[i] + 1);
-                if (width[i] > 2) v[i].z = __ldcg(src + base[i] + 2);
-                if (width[i] > 3) v[i].w = __ldcg(src + base[i] + 3);
+        for (int f = 0; f < FLIGHT; ++f) {
+            const float* src = p.partial + (s0 + f) * slice;
+            const bool live = s0 + f < p.splits;
+#pragma unroll
+            for (int i = 0; i < PER; ++i) {
+                v[f][i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (!live || width[i] == 0) {
+                    continue;
+                }
+                if (vec) {
+                    v[f][i] = __ldcg(reinterpret_cast<const float4*>(src + base[i]));
+                } else {
+                    v[f][i].x = __ldcg(src + base[i]);
+                    if (width[i] > 1) v[f][i].y = __ldcg(src + base[i] + 1);
+                    if (width[i] > 2) v[f][i].z = __ldcg(src + base[i] + 2);
+                    if (width[i] > 3) v[f][i].w = __ldcg(src + base[i] + 3);
+                }
             }
         }
 #pragma unroll
-        for (int i = 0; i < PER; ++i) {
-            acc[i].x += v[i].x;
-            acc[i].y += v[i].y;
-            acc[i].z += v[i].z;
-            acc[i].w += v[i].w;
+        for (int f = 0; f < FLIGHT; ++f) {
+            if (s0 + f >= p.splits) {
+                break;
+            }
+#pragma unroll
+            for (int i = 0; i < PER; ++i) {
+                acc[i].x += v[f][i].x;
+                acc[i].y += v[f][i].y;
+                acc[i].z += v[f][i].z;
+                acc[i].w += v[f][i].w;
+            }
         }
     }
 #pragma unroll
