@@ -80,6 +80,61 @@ __device__ __forceinline__ float linear_epilogue(const LinearParams& p, int m, i
     return y;
 }
 
+// Whether the epilogues may take 4 columns at a time (16-byte f32 / 8-byte
+// 16-bit accesses): N % 4 == 0 and out, bias and residual 16-byte aligned.
+// Checked here, once per thread, as callers' memory need not be aligned.
+__device__ __forceinline__ bool linear_vec_out(const LinearParams& p) {
+    const auto aligned = [](const void* q) { return ((size_t)q & 15) == 0; };
+    return (p.n & 3) == 0 && aligned(p.out) && (p.bias == nullptr || aligned(p.bias)) &&
+           (p.residual == nullptr || aligned(p.residual));
+}
+
+// Output columns [n, n + 4) of row m, `sums[0..4)` their sums: with
+// `partial` (p.partial, or null where a kernel never splits) raw to its
+// split-K slice `split` (four at a time where N % 4 == 0; the pool aligns
+// it); else through the epilogue to `out`, four at a time where `vec` and all
+// four are in range, with the same arithmetic as linear_epilogue.
+__device__ __forceinline__ void linear_store4(const LinearParams& p, float* partial, bool vec,
+                                              int split, int m, int n, const float* sums) {
+    if (partial != nullptr) {
+        float* dst = partial + (split * p.m + m) * p.n + n;
+        if ((p.n & 3) == 0 && n + 4 <= p.n) {
+            store_float4(dst, make_float4(sums[0], sums[1], sums[2], sums[3]));
+            return;
+        }
+        for (int e = 0; e < 4 && n + e < p.n; ++e) {
+            dst[e] = sums[e];
+        }
+        return;
+    }
+    if (!vec || n + 4 > p.n) {
+        for (int e = 0; e < 4 && n + e < p.n; ++e) {
+            p.out[m * p.n + n + e] = from_f32(linear_epilogue(p, m, n + e, sums[e]));
+        }
+        return;
+    }
+    float v[4] = {sums[0], sums[1], sums[2], sums[3]};
+    if (p.bias != nullptr) {
+        const float4 b = load4(p.bias + n);
+        v[0] += b.x;
+        v[1] += b.y;
+        v[2] += b.z;
+        v[3] += b.w;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        v[e] = activate(p.act, v[e]);
+    }
+    if (p.residual != nullptr) {
+        const float4 r = load4(p.residual + m * p.n + n);
+        v[0] += r.x;
+        v[1] += r.y;
+        v[2] += r.z;
+        v[3] += r.w;
+    }
+    store4(p.out + m * p.n + n, make_float4(v[0], v[1], v[2], v[3]));
+}
+
 // v1: block (16, 16); grid (ceil(N / 16), ceil(M / 16)).
 extern "C" __global__ void OP_KERNEL_NAME(linear_naive)(const LinearParams p) {
     dependent_launch_prologue();
@@ -314,23 +369,12 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
         }
     }
 
+    const bool vec_out = linear_vec_out(p);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int m = m0 + ty * 4 + i;
-        if (m >= p.m) {
-            continue;
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int n = n0 + tx * 4 + j;
-            if (n >= p.n) {
-                continue;
-            }
-            if (p.partial != nullptr) {
-                p.partial[(blockIdx.z * p.m + m) * p.n + n] = acc[i][j];
-            } else {
-                p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, acc[i][j]));
-            }
+        if (m < p.m && n0 + tx * 4 < p.n) {
+            linear_store4(p, p.partial, vec_out, blockIdx.z, m, n0 + tx * 4, acc[i]);
         }
     }
     if (p.partial != nullptr) {
@@ -633,7 +677,9 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
     // layout is not assumed) to the epilogue (bias, activation, residual,
     // rounding to elem) or the split-K partial sums: lane l takes row l / 2,
     // columns (l % 2) * 8 .. + 8 of the fragment.
-    const bool split = T::SPLIT_K && p.partial != nullptr;
+    // Large tiles never split (their plans say so): no split-K code in them.
+    float* partial = T::SPLIT_K ? p.partial : nullptr;
+    const bool vec_out = linear_vec_out(p);
     float (*scratch)[20] = sm.c[warp];
     const int r = lane >> 1;
     const int c0 = (lane & 1) * 8;
@@ -644,17 +690,13 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
             wmma::store_matrix_sync(&scratch[0][0], acc[i][j], 20, wmma::mem_row_major);
             __syncwarp();
             const int m = m0 + wm + 16 * i + r;
+            const int n = n0 + wn + 16 * j + c0;
             if (m < p.m) {
 #pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    const int n = n0 + wn + 16 * j + c0 + e;
-                    if (n < p.n) {
-                        const float v = scratch[r][c0 + e];
-                        if (split) {
-                            p.partial[(blockIdx.z * p.m + m) * p.n + n] = v;
-                        } else {
-                            p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, v));
-                        }
+                for (int h = 0; h < 8; h += 4) {
+                    if (n + h < p.n) {
+                        linear_store4(p, partial, vec_out, blockIdx.z, m, n + h,
+                                      &scratch[r][c0 + h]);
                     }
                 }
             }
@@ -662,7 +704,7 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
         }
     }
     if constexpr (T::SPLIT_K) {
-        if (split) {
+        if (partial != nullptr) {
             linear_splitk_finish<T::BM, T::BN, T::THREADS>(p, m0, n0);
         }
     }
