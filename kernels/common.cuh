@@ -148,10 +148,32 @@ __device__ __forceinline__ void cp_async_wait() {
 //   earlier work on the stream is done.
 // Without the launch attribute (older GPUs, or the host's serial launches)
 // the kernel starts after its predecessor anyway and both are no-ops.
-__device__ __forceinline__ void dependent_launch_prologue() {
+// `before_wait` runs between the two: work that touches no memory another
+// kernel writes, such as asking L2 for this block's weights (prefetch_l2).
+template <class F>
+__device__ __forceinline__ void dependent_launch_prologue(F before_wait) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+    before_wait();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void dependent_launch_prologue() {
+    dependent_launch_prologue([] {});
+}
+
+// Asks L2 for the 128-byte line holding `p`; nothing is loaded into
+// registers or L1. L2 is where every SM's view of device memory meets, so a
+// line fetched early and written afterwards by another kernel is seen
+// updated: this is safe even before dependent_launch_prologue's wait.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__) && !defined(OP_EMULATOR)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+#else
+    (void)p;
 #endif
 }
 

@@ -135,6 +135,32 @@ __device__ __forceinline__ void linear_store4(const LinearParams& p, float* part
     store4(p.out + m * p.n + n, make_float4(v[0], v[1], v[2], v[3]));
 }
 
+// This block's weights, rows [blockIdx.x * bn, + bn) over its K slice
+// (blockIdx.z of k_per_split columns, or all of K where k_per_split is 0),
+// asked of L2 one 128-byte line at a time, spread over the block's threads.
+// Called before the wait for the previous kernel: with dependent launch the
+// weights stream in from DRAM while that kernel drains.
+__device__ __forceinline__ void linear_prefetch_w(const LinearParams& p, int bn) {
+    const int n0 = blockIdx.x * bn;
+    const int rows = min(bn, p.n - n0);
+    const int k0 = p.k_per_split > 0 ? blockIdx.z * p.k_per_split : 0;
+    const int k1 = p.k_per_split > 0 ? min(p.k, k0 + p.k_per_split) : p.k;
+    // One address per line of a row's slice, 128 bytes apart from its first
+    // element, the last clamped to its last element: every line of a row
+    // that starts on a line (the projector's weights: K x elem is a multiple
+    // of 128 bytes and the pool aligns blocks to 256); elsewhere a row's last
+    // line may be left to the loads.
+    constexpr int LINE = 128 / (int)sizeof(elem);  // elements per line
+    const int lines = (k1 - 1 - k0) / LINE + 1;
+    const int count = rows > 0 && k1 > k0 ? rows * lines : 0;
+#pragma unroll 1
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {
+        const int r = i / lines;
+        const int col = min(k1 - 1, k0 + (i - r * lines) * LINE);
+        prefetch_l2(p.w + (n0 + r) * p.k + col);
+    }
+}
+
 // v1: block (16, 16); grid (ceil(N / 16), ceil(M / 16)).
 extern "C" __global__ void OP_KERNEL_NAME(linear_naive)(const LinearParams p) {
     dependent_launch_prologue();
@@ -384,13 +410,13 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
 
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
 OP_KERNEL_NAME(linear_tiled_vec4)(const LinearParams p) {
-    dependent_launch_prologue();
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_BN); });
     linear_tiled<true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
 OP_KERNEL_NAME(linear_tiled_scalar)(const LinearParams p) {
-    dependent_launch_prologue();
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_BN); });
     linear_tiled<false>(p);
 }
 
@@ -480,13 +506,13 @@ __device__ __forceinline__ void linear_rows(const LinearParams& p) {
 
 extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
 OP_KERNEL_NAME(linear_rows_vec4)(const LinearParams p) {
-    dependent_launch_prologue();
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_ROWS_N); });
     linear_rows<true>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
 OP_KERNEL_NAME(linear_rows_scalar)(const LinearParams p) {
-    dependent_launch_prologue();
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_ROWS_N); });
     linear_rows<false>(p);
 }
 
@@ -548,6 +574,9 @@ struct LinearTcTile {
 typedef LinearTcTile<64, 64, 2, 2, 128> LinearTcSmall;
 typedef LinearTcTile<128, 128, 2, 4, 64> LinearTcLarge;
 #define LINEAR_TC_SMALL_THREADS 128
+// Small-tile blocks per SM the kernels are built for (shared memory allows
+// 6): up to 128 registers each. Without it ptxas held them to 96 and spilled.
+#define LINEAR_TC_SMALL_BLOCKS 4
 #define LINEAR_TC_LARGE_THREADS 256
 
 // Rows [row0, row0 + ROWS) x columns [k0, k0 + BK) of a [rows, K] matrix into
@@ -714,39 +743,39 @@ static_assert(LinearTcSmall::THREADS == LINEAR_TC_SMALL_THREADS, "small tile blo
 static_assert(LinearTcLarge::THREADS == LINEAR_TC_LARGE_THREADS, "large tile block size");
 
 #if OP_ELEM != 0
-extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS, LINEAR_TC_SMALL_BLOCKS)
 OP_KERNEL_NAME(linear_tc_vec8)(const LinearParams p) {
-    dependent_launch_prologue();
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LinearTcSmall::BN); });
     linear_tc<LinearTcSmall, true>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS, LINEAR_TC_SMALL_BLOCKS)
 OP_KERNEL_NAME(linear_tc_scalar)(const LinearParams p) {
-    dependent_launch_prologue();
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LinearTcSmall::BN); });
     linear_tc<LinearTcSmall, false>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_LARGE_THREADS)
 OP_KERNEL_NAME(linear_tc_large_vec8)(const LinearParams p) {
-    dependent_launch_prologue();
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LinearTcLarge::BN); });
     linear_tc<LinearTcLarge, true>(p);
 }
 #else
-extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS, LINEAR_TC_SMALL_BLOCKS)
 OP_KERNEL_NAME(linear_tc_tf32_vec4)(const LinearParams p) {
-    dependent_launch_prologue();
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LinearTcSmall::BN); });
     linear_tc<LinearTcSmall, true>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS)
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS, LINEAR_TC_SMALL_BLOCKS)
 OP_KERNEL_NAME(linear_tc_tf32_scalar)(const LinearParams p) {
-    dependent_launch_prologue();
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LinearTcSmall::BN); });
     linear_tc<LinearTcSmall, false>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_LARGE_THREADS)
 OP_KERNEL_NAME(linear_tc_tf32_large_vec4)(const LinearParams p) {
-    dependent_launch_prologue();
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LinearTcLarge::BN); });
     linear_tc<LinearTcLarge, true>(p);
 }
 #endif

@@ -571,7 +571,9 @@ mod tests {
 
     /// Kernels may be queued with programmatic dependent launch, so each must
     /// wait for its predecessor before it touches memory: the first statement
-    /// of every entry point is `dependent_launch_prologue()`.
+    /// of every entry point is `dependent_launch_prologue()`, or, in the
+    /// GEMMs, `dependent_launch_prologue(..)` with the L2 prefetch of the
+    /// block's weights before the wait.
     #[test]
     fn every_kernel_starts_by_waiting_for_its_predecessor() {
         for p in PROGRAMS {
@@ -581,7 +583,9 @@ mod tests {
                 let open = body.find('{').map(|b| b + 1).unwrap_or(body.len());
                 let first = body[open..].trim_start();
                 assert!(
-                    first.starts_with("dependent_launch_prologue();"),
+                    first.starts_with("dependent_launch_prologue();")
+                        || first
+                            .starts_with("dependent_launch_prologue([&] { linear_prefetch_w(p, "),
                     "{}: an entry point starts with {:?}",
                     p.file,
                     first.lines().next().unwrap_or("")
