@@ -26,6 +26,12 @@
 #                    precision in $PROFILE_PRECISIONS and batch in $PROFILE_BATCHES:
 #                    every kernel's device time, summarised by
 #                    scripts/profile_summary.py into profile-<p>-b<n>.md
+#   deep-<p>-b<n>-<k> ncu --set full on a few launches of one kernel family in one
+#                    `outproj run --precision <p> --batch <n>`, for each target in
+#                    $DEEP_TARGETS: throughputs, L2 hit rate, occupancy and the
+#                    largest warp stall reasons, summarised by scripts/deep_summary.py
+#                    into deep-<p>-b<n>-<k>.md (ncu's default cache flush and locked
+#                    clocks: for where the time goes, not for the time itself)
 #   memcheck,        compute-sanitizer --tool <tool> on $SANITIZER_RUN (default: a
 #   racecheck        check; with QUICK=1 one forward each in f32, tf32 and bf16),
 #                    for each tool in $SANITIZER_TOOLS (skipped without
@@ -50,6 +56,11 @@
 #                      sanitizer wgpu"); info and the setup steps always run
 #   PROFILE_PRECISIONS precisions profiled with ncu (default: "f32 bf16")
 #   PROFILE_BATCHES    batch sizes profiled with ncu (default: "1 64")
+#   DEEP_TARGETS       what `deep` profiles, as precision:batch:kernel-regex:skip:count
+#                      (launches of kernels matching the regex, after skipping some);
+#                      default: the 77-row split GEMMs of the decoder (f32 and bf16),
+#                      the few-row GEMMs, the batch-64 large tiles, layer_norm and
+#                      the batch-64 f32 attention
 #   TORCH_PYTHON       the python with torch (default: python3)
 #   TORCH_PRECISIONS   PyTorch precisions (default: f32,bf16,f16)
 #   TORCH_TIMEOUT      seconds for the PyTorch step (default: 3600; torch.compile
@@ -83,9 +94,10 @@ TORCH_ARGS=${TORCH_ARGS:-}
 SANITIZER_RUN=${SANITIZER_RUN:-check}
 # Step groups to run; the others are recorded as skipped (split a long check
 # over several calls with the same binary).
-STEPS=${STEPS:-check bench torch compare profile sanitizer wgpu}
+STEPS=${STEPS:-check bench torch compare profile deep sanitizer wgpu}
 PROFILE_PRECISIONS=${PROFILE_PRECISIONS:-f32 bf16}
 PROFILE_BATCHES=${PROFILE_BATCHES:-1 64}
+DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:4 bf16:1:linear_tc_vec8:3:3 f32:1:linear_rows:0:3 bf16:64:linear_tc_large:0:2 f32:1:layer_norm:0:2 f32:64:attention_flash:0:1}
 TORCH_PYTHON=${TORCH_PYTHON:-python3}
 TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16,f16}
 TORCH_TIMEOUT=${TORCH_TIMEOUT:-3600}
@@ -435,6 +447,31 @@ if want profile; then
     fi
 else
     record profile skip "not in STEPS"
+fi
+
+# Where a few kernels' time goes: ncu's full set on selected launches.
+if want deep; then
+    if command -v ncu >/dev/null 2>&1; then
+        for target in $DEEP_TARGETS; do
+            IFS=: read -r p b kernel skip count <<<"$target"
+            name=deep-$p-b$b-${kernel//[^A-Za-z0-9_]/_}
+            run_step "$name" "$STEP_TIMEOUT" ncu --set full --page raw --csv \
+                -k "regex:$kernel" --launch-skip "${skip:-0}" --launch-count "${count:-1}" \
+                "$OUTPROJ" run --device cuda --precision "$p" --batch "$b"
+            rc=$?
+            if [[ $rc == 0 ]] &&
+                python3 "$script_dir/deep_summary.py" "$OUT/$name.out" \
+                    --title "$kernel, $p, batch $b" >"$OUT/$name.md" 2>>"$OUT/$name.err"; then
+                record "$name" ok "$(head -n 1 "$OUT/$name.md" | sed 's/^### //')"
+            else
+                record "$name" FAIL "exit $rc: $(last_error "$name")"
+            fi
+        done
+    else
+        record deep skip "ncu not found"
+    fi
+else
+    record deep skip "not in STEPS"
 fi
 
 if want sanitizer; then

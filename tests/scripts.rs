@@ -126,6 +126,27 @@ fn compare_bench_marks_targets_notes_bursts_and_serial_launches() -> Result<(), 
 }
 
 #[test]
+fn deep_summary_reads_ncu_raw_csv() -> Result<(), String> {
+    let dir = scratch("deep_summary")?;
+    let csv = write(
+        &dir.join("deep.csv"),
+        r#"==PROF== Connected to process 1234
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","gpu__time_duration.sum","sm__throughput.avg.pct_of_peak_sustained_elapsed","dram__throughput.avg.pct_of_peak_sustained_elapsed","launch__registers_per_thread","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","smsp__average_warps_issue_stalled_selected_per_issue_active.ratio","smsp__average_warps_issue_stalled_membar_per_issue_active.ratio","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"
+"","","","","","","","","","","","nsecond","%","%","register/thread","ratio","ratio","ratio","ratio","ratio"
+"0","1234","outproj","127.0.0.1","linear_tiled_vec4","1","13","(256, 1, 1)","(8, 2, 8)","0","9.0","13,520","12.3","4.5","80","21.7","3.2","1.0","9.9","0.5"
+"#,
+    )?;
+    let md = run("python3", &["scripts/deep_summary.py", &csv, "--title", "t"])?;
+    let want = "| `linear_tiled_vec4` | (8, 2, 8) | (256, 1, 1) | 13.52 | 12.3 | - | 4.5 | - | - \
+                | 80 | - | long_scoreboard 21.7, membar 9.9, barrier 3.2 |";
+    assert!(md.contains(want), "missing {want:?} in\n{md}");
+    assert!(md.starts_with("### t: 1 launches"), "{md}");
+    let empty = write(&dir.join("empty.csv"), "==PROF== No kernels were profiled.\n")?;
+    assert!(run("python3", &["scripts/deep_summary.py", &empty]).is_err());
+    Ok(())
+}
+
+#[test]
 fn gpu_check_parses_and_skips_what_is_not_asked() -> Result<(), String> {
     run("bash", &["-n", "scripts/gpu-check.sh"])?;
     // No step group asked for: only the setup steps and `info` run, each other
@@ -148,6 +169,7 @@ fn gpu_check_parses_and_skips_what_is_not_asked() -> Result<(), String> {
         "torch",
         "compare",
         "profile",
+        "deep",
         "sanitizer",
         "wgpu",
     ] {

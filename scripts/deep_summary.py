@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Summarise `ncu --set full --page raw --csv` output (a few kernel launches of one
+`outproj run`) as markdown: per launch its grid, device time, throughput against the
+hardware's peaks, L2 hit rate, occupancy, registers, and where its warps wait (the
+three largest stall reasons, in cycles per issued instruction).
+
+    python3 scripts/deep_summary.py deep-f32-b1-linear_tiled.csv [--title TEXT] > deep.md
+
+The raw page has one row per launch, one column per metric, and a row of units
+under the header. Metrics are found by name, so a metric an ncu version lacks reads
+"-". Standard library only.
+"""
+
+import argparse
+import csv
+import re
+import sys
+
+# (column title, metric name, unit shown)
+COLUMNS = [
+    ("µs", "gpu__time_duration.sum", "us"),
+    ("SM %", "sm__throughput.avg.pct_of_peak_sustained_elapsed", ""),
+    ("memory %", "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed", ""),
+    ("DRAM %", "dram__throughput.avg.pct_of_peak_sustained_elapsed", ""),
+    ("L2 hit %", "lts__t_sector_hit_rate.pct", ""),
+    ("occupancy %", "sm__warps_active.avg.pct_of_peak_sustained_active", ""),
+    ("registers", "launch__registers_per_thread", ""),
+    ("cycles / issue", "smsp__average_warp_latency_per_inst_issued.ratio", ""),
+]
+STALL = re.compile(r"^smsp__average_warps_issue_stalled_(.+)_per_issue_active\.ratio$")
+TIME_SCALE = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3,
+              "msecond": 1e3}
+
+
+def launches(path):
+    """[(row dict, units dict)] of the CSV's data rows (ncu's ==PROF== lines dropped)."""
+    with open(path, newline="") as f:
+        lines = [line for line in f if line.startswith('"')]
+    rows = list(csv.reader(lines))
+    if len(rows) < 3:
+        return []
+    header, units = rows[0], rows[1]
+    unit_of = dict(zip(header, units))
+    return [(dict(zip(header, r)), unit_of) for r in rows[2:] if len(r) == len(header)]
+
+
+def number(text):
+    try:
+        return float(text.replace(",", ""))
+    except (AttributeError, ValueError):
+        return None
+
+
+def cell(row, units, metric, unit):
+    v = number(row.get(metric))
+    if v is None:
+        return "-"
+    if unit == "us":
+        v *= TIME_SCALE.get(units.get(metric, "ns"), 1e-3)
+        return f"{v:.2f}"
+    return f"{v:.0f}" if metric.startswith("launch__") else f"{v:.1f}"
+
+
+def stalls(row, top=3):
+    found = []
+    for metric, text in row.items():
+        m = STALL.match(metric)
+        v = number(text)
+        if m and v is not None and m.group(1) not in ("selected", "not_selected"):
+            found.append((v, m.group(1)))
+    found.sort(reverse=True)
+    return ", ".join(f"{name} {v:.1f}" for v, name in found[:top]) or "-"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("csv")
+    ap.add_argument("--title", default="")
+    args = ap.parse_args()
+    rows = launches(args.csv)
+    if not rows:
+        print(f"deep_summary: no kernel launches in {args.csv}", file=sys.stderr)
+        return 1
+    print(f"### {args.title or args.csv}: {len(rows)} launches\n")
+    titles = ["kernel", "grid", "block"] + [t for t, _, _ in COLUMNS] + ["top stalls"]
+    print("| " + " | ".join(titles) + " |")
+    print("|" + "---|" * len(titles))
+    for row, units in rows:
+        cells = [f"`{row.get('Kernel Name', '?')}`", row.get("Grid Size", ""),
+                 row.get("Block Size", "")]
+        cells += [cell(row, units, metric, unit) for _, metric, unit in COLUMNS]
+        cells.append(stalls(row))
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
