@@ -118,6 +118,10 @@ enum Command {
         /// Target architecture, e.g. sm_80 or sm_90.
         #[arg(long, default_value = "sm_90")]
         arch: String,
+        /// Also write each compiled CUBIN here, as `<file>-<storage>-<arch>.cubin`
+        /// (for `cuobjdump -sass` or `nvdisasm`).
+        #[arg(long)]
+        cubin_dir: Option<PathBuf>,
     },
 }
 
@@ -207,7 +211,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             json,
             Precision::parse(&precision)?,
         ),
-        Command::Kernels { arch } => kernels(&arch),
+        Command::Kernels { arch, cubin_dir } => kernels(&arch, cubin_dir.as_deref()),
     }
 }
 
@@ -932,19 +936,29 @@ fn bench(
     Ok(ExitCode::SUCCESS)
 }
 
-fn kernels(arch: &str) -> Result<ExitCode> {
+fn kernels(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitCode> {
     if !arch.starts_with("sm_") || arch[3..].parse::<u32>().is_err() {
         return Err(Error::invalid(format!(
             "--arch `{arch}`: expected sm_XX, e.g. sm_90"
         )));
     }
-    kernel_table(arch)
+    kernel_table(arch, cubin_dir)
 }
 
 /// ptxas's report of every kernel compiled for `arch` (needs NVRTC, not a GPU).
 #[cfg(feature = "cuda")]
-fn kernel_table(arch: &str) -> Result<ExitCode> {
+fn kernel_table(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitCode> {
     let reports = output_projector::cuda::program_reports(arch)?;
+    if let Some(dir) = cubin_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::invalid(format!("--cubin-dir {}: {e}", dir.display())))?;
+        for p in &reports {
+            let stem = p.file.trim_end_matches(".cu");
+            let path = dir.join(format!("{stem}-{}-{arch}.cubin", p.storage.name()));
+            std::fs::write(&path, &p.cubin)
+                .map_err(|e| Error::invalid(format!("writing {}: {e}", path.display())))?;
+        }
+    }
     println!(
         "{:<24} {:<7} {:<30} {:>9} {:>9} {:>8} {:>14}",
         "file", "storage", "kernel", "registers", "smem B", "stack B", "spill st/ld B"
@@ -979,7 +993,7 @@ fn kernel_table(arch: &str) -> Result<ExitCode> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn kernel_table(_arch: &str) -> Result<ExitCode> {
+fn kernel_table(_arch: &str, _cubin_dir: Option<&std::path::Path>) -> Result<ExitCode> {
     Err(Error::Unavailable {
         backend: "cuda".into(),
         reason: "built without the `cuda` cargo feature".into(),

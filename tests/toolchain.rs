@@ -225,6 +225,51 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         }
     }
 
+    /// `outproj kernels --cubin-dir` writes one CUBIN (an ELF file) per kernel
+    /// file and storage type; a path that is a file is an error naming it.
+    #[test]
+    fn kernels_command_writes_cubins() {
+        use std::process::Command;
+        if nvrtc_or_skip().is_none() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("outproj-cubins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = Command::new(env!("CARGO_BIN_EXE_outproj"))
+            .args(["kernels", "--arch", "sm_80", "--cubin-dir"])
+            .arg(&dir)
+            .output()
+            .expect("running outproj");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let files = output_projector::cuda::kernel_files();
+        for file in &files {
+            for storage in ["f32", "f16", "bf16"] {
+                let stem = file.trim_end_matches(".cu");
+                let path = dir.join(format!("{stem}-{storage}-sm_80.cubin"));
+                let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+                assert!(bytes.starts_with(b"\x7fELF"), "{path:?} is not an ELF file");
+            }
+        }
+        let count = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(count, 3 * files.len());
+        let not_a_dir = dir.join("linear-f32-sm_80.cubin");
+        let out = Command::new(env!("CARGO_BIN_EXE_outproj"))
+            .args(["kernels", "--arch", "sm_80", "--cubin-dir"])
+            .arg(&not_a_dir)
+            .output()
+            .expect("running outproj");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("--cubin-dir"),
+            "{stderr}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn syntax_error_is_an_error_with_the_log() {
         if nvrtc_or_skip().is_none() {

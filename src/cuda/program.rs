@@ -377,6 +377,8 @@ pub struct ProgramReport {
     pub arch: String,
     /// Size of the CUBIN.
     pub cubin_bytes: usize,
+    /// The CUBIN itself (for `cuobjdump -sass`).
+    pub cubin: Vec<u8>,
     /// One entry per kernel, in the order ptxas compiled them.
     pub kernels: Vec<KernelReport>,
 }
@@ -406,6 +408,7 @@ pub fn program_reports(arch: &str) -> Result<Vec<ProgramReport>> {
                 storage,
                 arch: arch.to_string(),
                 cubin_bytes: compiled.cubin.len(),
+                cubin: compiled.cubin,
                 kernels: compiled.kernels,
             })
         })
