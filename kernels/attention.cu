@@ -167,31 +167,69 @@ __device__ __forceinline__ int attention_swizzle(int row, int col) {
     return col ^ ((row & 7) << 2);
 }
 
-// Rows [row0, row0 + rows) of one head's column block into a shared tile of
+// Rows [row0, row0 + ROWS) of one head's column block into a shared tile of
 // WIDTH columns: columns past head_dim and rows past `limit` are zero. With
-// SWIZZLE, column c of row r goes to attention_swizzle(r, c).
-template <int WIDTH, bool SWIZZLE>
-__device__ __forceinline__ void attention_stage(float (*tile)[WIDTH], int rows, const elem* src,
+// SWIZZLE, column c of row r goes to attention_swizzle(r, c). Every chunk of
+// the tile is in flight at once, not one chunk per thread at a time (that
+// was 16 dependent round trips to L2 per K/V tile at head dim 128, most of a
+// batch-1 attention's time): f32 rows with `vec4` go by cp.async, complete
+// once the caller has waited (cp_async_wait) and synchronised; the others
+// through registers, all of a thread's loads before its stores.
+template <int WIDTH, bool SWIZZLE, int ROWS>
+__device__ __forceinline__ void attention_stage(float (*tile)[WIDTH], const elem* src,
                                                 int seq_base, int row0, int limit, int stride,
                                                 int col, int hd, bool vec4) {
     constexpr int CHUNKS = WIDTH / 4;
-    for (int idx = threadIdx.x; idx < rows * CHUNKS; idx += blockDim.x) {
+    constexpr int THREADS = ATT_WARPS * 32;
+    constexpr int ITER = (ROWS * CHUNKS + THREADS - 1) / THREADS;
+    constexpr bool RAGGED = ROWS * CHUNKS % THREADS != 0;
+#if OP_ELEM == 0
+    if (vec4) {
+#pragma unroll
+        for (int it = 0; it < ITER; ++it) {
+            const int idx = threadIdx.x + THREADS * it;
+            if (RAGGED && idx >= ROWS * CHUNKS) {
+                break;
+            }
+            const int r = idx / CHUNKS;
+            const int c = (idx - r * CHUNKS) * 4;
+            const int row = row0 + r;
+            const bool valid = row < limit && c < hd;  // hd % 4 == 0
+            const elem* s = valid ? src + (seq_base + row) * stride + col + c : src;
+            cp_async16(&tile[r][SWIZZLE ? attention_swizzle(r, c) : c], s, valid);
+        }
+        return;
+    }
+#endif
+    float4 val[ITER];
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+        const int idx = threadIdx.x + THREADS * it;
         const int r = idx / CHUNKS;
         const int c = (idx - r * CHUNKS) * 4;
-        float4 val = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         const int row = row0 + r;
-        if (row < limit && c < hd) {
+        val[it] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if ((!RAGGED || idx < ROWS * CHUNKS) && row < limit && c < hd) {
             const elem* s = src + (seq_base + row) * stride + col + c;
             if (vec4) {
-                val = load4(s);  // hd % 4 == 0: all 4 columns are in range
+                val[it] = load4(s);  // hd % 4 == 0: all 4 columns are in range
             } else {
-                val.x = to_f32(s[0]);
-                if (c + 1 < hd) val.y = to_f32(s[1]);
-                if (c + 2 < hd) val.z = to_f32(s[2]);
-                if (c + 3 < hd) val.w = to_f32(s[3]);
+                val[it].x = to_f32(s[0]);
+                if (c + 1 < hd) val[it].y = to_f32(s[1]);
+                if (c + 2 < hd) val[it].z = to_f32(s[2]);
+                if (c + 3 < hd) val[it].w = to_f32(s[3]);
             }
         }
-        store_float4(&tile[r][SWIZZLE ? attention_swizzle(r, c) : c], val);
+    }
+#pragma unroll
+    for (int it = 0; it < ITER; ++it) {
+        const int idx = threadIdx.x + THREADS * it;
+        if (RAGGED && idx >= ROWS * CHUNKS) {
+            break;
+        }
+        const int r = idx / CHUNKS;
+        const int c = (idx - r * CHUNKS) * 4;
+        store_float4(&tile[r][SWIZZLE ? attention_swizzle(r, c) : c], val[it]);
     }
 }
 
@@ -218,8 +256,9 @@ __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
     const int qa = q0 + warp * QW;  // this warp's first query
     const int qlast = qa + QW - 1;  // and its last
 
-    attention_stage<WIDTH, false>(qs, BQ, p.q, b * p.lq, q0, p.lq, p.q_stride, p.q_col + h * hd,
-                                  hd, vec4);
+    attention_stage<WIDTH, false, BQ>(qs, p.q, b * p.lq, q0, p.lq, p.q_stride, p.q_col + h * hd,
+                                      hd, vec4);
+    cp_async_commit();  // waited for with the first K/V tile
 
     float o[QW][DPL];
     float m_run[QW];
@@ -244,10 +283,12 @@ __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
     const bool warp_rows = qa < p.lq;
     for (int k0 = 0; k0 < k_stop; k0 += ATT_BK) {
         __syncthreads();  // the previous K/V tile is consumed (and Q is staged)
-        attention_stage<WIDTH, true>(ks, ATT_BK, p.k, b * p.lk, k0, p.lk, p.k_stride,
-                                     p.k_col + h * hd, hd, vec4);
-        attention_stage<WIDTH, false>(vs, ATT_BK, p.v, b * p.lk, k0, p.lk, p.v_stride,
-                                      p.v_col + h * hd, hd, vec4);
+        attention_stage<WIDTH, true, ATT_BK>(ks, p.k, b * p.lk, k0, p.lk, p.k_stride,
+                                             p.k_col + h * hd, hd, vec4);
+        attention_stage<WIDTH, false, ATT_BK>(vs, p.v, b * p.lk, k0, p.lk, p.v_stride,
+                                              p.v_col + h * hd, hd, vec4);
+        cp_async_commit();
+        cp_async_wait<0>();
         __syncthreads();
         if (!warp_rows || k0 >= k_warp) {
             continue;  // warp-uniform
@@ -394,36 +435,44 @@ OP_KERNEL_NAME(attention_flash_d128_q16)(const AttentionParams p) {
 #define ATT_TC_LDS (ATT_TC_BK + 4)  // f32 scores
 #define ATT_TC_LDP (ATT_TC_BK + 8)  // elem probabilities
 
-// Rows [row0, row0 + rows) of one head's column block into an elem tile of
+// Rows [row0, row0 + ROWS) of one head's column block into an elem tile of
 // HD columns (leading dimension LD): rows past `limit` and columns past hd are
-// zero. `vec4`: 4 elements (8 bytes) at a time.
-template <int HD, int LD>
-__device__ __forceinline__ void attention_tc_stage(elem (*tile)[LD], int rows, const elem* src,
+// zero. Chunks of 4 elements (8 bytes). `vec4`: cp.async, every chunk of the
+// tile in flight at once (one round trip to memory per tile, not one per
+// chunk a thread copies; complete once the caller has waited and
+// synchronised). Otherwise element by element (unaligned operands only).
+template <int HD, int LD, int ROWS>
+__device__ __forceinline__ void attention_tc_stage(elem (*tile)[LD], const elem* src,
                                                    int seq_base, int row0, int limit, int stride,
                                                    int col, int hd, bool vec4) {
     constexpr int CHUNKS = HD / 4;
+    constexpr int THREADS = ATT_TC_WARPS * 32;
+    if (vec4) {
+        constexpr int ITER = (ROWS * CHUNKS + THREADS - 1) / THREADS;
+#pragma unroll
+        for (int it = 0; it < ITER; ++it) {
+            const int idx = threadIdx.x + THREADS * it;
+            if (ROWS * CHUNKS % THREADS != 0 && idx >= ROWS * CHUNKS) {
+                break;
+            }
+            const int r = idx / CHUNKS;
+            const int c = (idx - r * CHUNKS) * 4;
+            const int row = row0 + r;
+            const bool valid = row < limit && c < hd;  // hd % 4 == 0
+            const elem* s = valid ? src + (seq_base + row) * stride + col + c : src;
+            cp_async8(&tile[r][c], s, valid);
+        }
+        return;
+    }
     const elem zero = from_f32(0.0f);
-    for (int idx = threadIdx.x; idx < rows * CHUNKS; idx += ATT_TC_WARPS * 32) {
+    for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += THREADS) {
         const int r = idx / CHUNKS;
         const int c = (idx - r * CHUNKS) * 4;
         const int row = row0 + r;
-        elem* t = &tile[r][c];
-        if (row < limit && c < hd) {
-            const elem* s = src + (seq_base + row) * stride + col + c;
-            if (vec4) {
-                // hd % 4 == 0: all 4 columns are in range.
-                *reinterpret_cast<uint2*>(t) = *reinterpret_cast<const uint2*>(s);
-            } else {
+        const elem* s = row < limit ? src + (seq_base + row) * stride + col + c : src;
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    t[j] = c + j < hd ? s[j] : zero;
-                }
-            }
-        } else {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                t[j] = zero;
-            }
+        for (int j = 0; j < 4; ++j) {
+            tile[r][c + j] = row < limit && c + j < hd ? s[j] : zero;
         }
     }
 }
@@ -465,8 +514,9 @@ __device__ __forceinline__ void attention_tc(const AttentionParams& p) {
                                  // every 16-column block of O
     const int i = q0 + wr + r;   // its query
 
-    attention_tc_stage<HD, LD>(qs, ATT_TC_BQ, p.q, b * p.lq, q0, p.lq, p.q_stride,
-                               p.q_col + h * hd, hd, vec4);
+    attention_tc_stage<HD, LD, ATT_TC_BQ>(qs, p.q, b * p.lq, q0, p.lq, p.q_stride,
+                                          p.q_col + h * hd, hd, vec4);
+    cp_async_commit();  // waited for with the first K/V tile
 
     float o[HD / 16][8];
 #pragma unroll
@@ -487,10 +537,12 @@ __device__ __forceinline__ void attention_tc(const AttentionParams& p) {
     const int warp_last = q0 + wr + 15;
     for (int k0 = 0; k0 < k_stop; k0 += ATT_TC_BK) {
         __syncthreads();  // the previous K/V tile is consumed (and Q is staged)
-        attention_tc_stage<HD, LD>(ks, ATT_TC_BK, p.k, b * p.lk, k0, p.lk, p.k_stride,
-                                   p.k_col + h * hd, hd, vec4);
-        attention_tc_stage<HD, LD>(vs, ATT_TC_BK, p.v, b * p.lk, k0, p.lk, p.v_stride,
-                                   p.v_col + h * hd, hd, vec4);
+        attention_tc_stage<HD, LD, ATT_TC_BK>(ks, p.k, b * p.lk, k0, p.lk, p.k_stride,
+                                              p.k_col + h * hd, hd, vec4);
+        attention_tc_stage<HD, LD, ATT_TC_BK>(vs, p.v, b * p.lk, k0, p.lk, p.v_stride,
+                                              p.v_col + h * hd, hd, vec4);
+        cp_async_commit();
+        cp_async_wait<0>();
         __syncthreads();
         if (!warp_rows || (p.causal && k0 > warp_last)) {
             continue;  // warp-uniform

@@ -121,7 +121,24 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 #endif
 }
 
-// Closes the group of this thread's cp_async16 calls issued since the last commit.
+// cp_async16 for 8 bytes (both addresses 8-byte aligned), through L1
+// (cp.async.cg takes 16 bytes only).
+__device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(OP_EMULATOR)
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 8 : 0)
+                 : "memory");
+#else
+    uint2 v = make_uint2(0u, 0u);
+    if (valid) {
+        v = *reinterpret_cast<const uint2*>(src);
+    }
+    *reinterpret_cast<uint2*>(dst) = v;
+#endif
+}
+
+// Closes the group of this thread's cp_async16 / cp_async8 calls issued since the last commit.
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(OP_EMULATOR)
     asm volatile("cp.async.commit_group;\n" ::: "memory");

@@ -136,12 +136,18 @@ fn deep_summary_reads_ncu_raw_csv() -> Result<(), String> {
 "0","1234","outproj","127.0.0.1","linear_tiled_vec4","1","13","(256, 1, 1)","(8, 2, 8)","0","9.0","13,520","12.3","4.5","80","21.7","3.2","1.0","9.9","0.5"
 "#,
     )?;
-    let md = run("python3", &["scripts/deep_summary.py", &csv, "--title", "t"])?;
+    let md = run(
+        "python3",
+        &["scripts/deep_summary.py", &csv, "--title", "t"],
+    )?;
     let want = "| `linear_tiled_vec4` | (8, 2, 8) | (256, 1, 1) | 13.52 | 12.3 | - | 4.5 | - | - \
                 | 80 | - | long_scoreboard 21.7, membar 9.9, barrier 3.2 |";
     assert!(md.contains(want), "missing {want:?} in\n{md}");
     assert!(md.starts_with("### t: 1 launches"), "{md}");
-    let empty = write(&dir.join("empty.csv"), "==PROF== No kernels were profiled.\n")?;
+    let empty = write(
+        &dir.join("empty.csv"),
+        "==PROF== No kernels were profiled.\n",
+    )?;
     assert!(run("python3", &["scripts/deep_summary.py", &empty]).is_err());
     Ok(())
 }
