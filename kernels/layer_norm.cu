@@ -14,8 +14,9 @@
 // - layer_norm_naive (v1): one thread per row, three loops over the row.
 // - layer_norm_warp_vec4 / layer_norm_warp_scalar (v2): one warp per row (4 rows
 //   per block of 128 threads), lanes striding the row with 16-byte loads when
-//   cols % 4 == 0 and every pointer is 16-byte aligned; passes 2 and 3 re-read
-//   the row, which is then in L1. Warp sums are deterministic.
+//   cols % 4 == 0 and every pointer is 16-byte aligned; rows of up to 512
+//   columns (vec4) are held in registers, loaded at once; longer rows are
+//   re-read by passes 2 and 3, then from L1. Warp sums are deterministic.
 //
 // Bytes: 4 rows cols (2 or 3 reads + 1 or 2 writes); flops ~ 10 rows cols.
 #include "common.cuh"
@@ -78,6 +79,91 @@ extern "C" __global__ void OP_KERNEL_NAME(layer_norm_naive)(const LayerNormParam
 
 #define LN_WARPS 4
 
+// Rows of up to 32 x LN_HELD float4 (512 columns) with 16-byte loads: the
+// row, its residual, weight and bias are loaded into registers at once, all
+// in flight together, and the three passes run on the registers. The loops
+// below, bounded by the row's length, loaded one float4 at a time and waited
+// for each (a chain of round trips to memory in every pass).
+#define LN_HELD 4
+
+// v2 on a row held in registers (`vec4` rows of at most 32 LN_HELD float4):
+// the same sums in the same order as layer_norm_warp's loops.
+__device__ __forceinline__ void layer_norm_warp_held(const LayerNormParams& p, int lane,
+                                                     const elem* x, const elem* r, elem* so,
+                                                     elem* out) {
+    const int c4 = p.cols >> 2;
+    const float inv_cols = 1.0f / (float)p.cols;
+    float4 xa[LN_HELD], ra[LN_HELD], g[LN_HELD], h[LN_HELD];
+#pragma unroll
+    for (int k = 0; k < LN_HELD; ++k) {
+        const int i = lane + 32 * k;
+        const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        xa[k] = i < c4 ? load4(x + 4 * i) : zero;
+        ra[k] = i < c4 && r != nullptr ? load4(r + 4 * i) : zero;
+        g[k] = i < c4 ? load4(p.weight + 4 * i) : zero;
+        h[k] = i < c4 ? load4(p.bias + 4 * i) : zero;
+    }
+    float sx = 0.0f, sr = 0.0f;
+#pragma unroll
+    for (int k = 0; k < LN_HELD; ++k) {
+        const int i = lane + 32 * k;
+        if (i >= c4) {
+            break;
+        }
+        const float4 a = xa[k];
+        sx += (a.x + a.y) + (a.z + a.w);
+        float4 s = a;
+        if (r != nullptr) {
+            const float4 b = ra[k];
+            sr += (b.x + b.y) + (b.z + b.w);
+            s = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+        }
+        if (so != nullptr) {
+            store4(so + 4 * i, s);
+        }
+    }
+    const float mx = warp_sum(sx) * inv_cols;
+    const float mr = r != nullptr ? warp_sum(sr) * inv_cols : 0.0f;
+    float4 d[LN_HELD];
+    float sd = 0.0f, sdd = 0.0f;
+#pragma unroll
+    for (int k = 0; k < LN_HELD; ++k) {
+        const float4 a = xa[k];
+        d[k] = make_float4(a.x - mx, a.y - mx, a.z - mx, a.w - mx);
+        if (r != nullptr) {
+            const float4 b = ra[k];
+            d[k].x += b.x - mr;
+            d[k].y += b.y - mr;
+            d[k].z += b.z - mr;
+            d[k].w += b.w - mr;
+        }
+        if (lane + 32 * k >= c4) {
+            break;
+        }
+        sd += (d[k].x + d[k].y) + (d[k].z + d[k].w);
+        sdd = fmaf(d[k].x, d[k].x, sdd);
+        sdd = fmaf(d[k].y, d[k].y, sdd);
+        sdd = fmaf(d[k].z, d[k].z, sdd);
+        sdd = fmaf(d[k].w, d[k].w, sdd);
+    }
+    const float c = warp_sum(sd) * inv_cols;
+    const float var = fmaxf(warp_sum(sdd) * inv_cols - c * c, 0.0f);
+    const float rstd = 1.0f / sqrtf(var + p.eps);
+#pragma unroll
+    for (int k = 0; k < LN_HELD; ++k) {
+        const int i = lane + 32 * k;
+        if (i >= c4) {
+            break;
+        }
+        float4 y;
+        y.x = fmaf((d[k].x - c) * rstd, g[k].x, h[k].x);
+        y.y = fmaf((d[k].y - c) * rstd, g[k].y, h[k].y);
+        y.z = fmaf((d[k].z - c) * rstd, g[k].z, h[k].z);
+        y.w = fmaf((d[k].w - c) * rstd, g[k].w, h[k].w);
+        store4(out + 4 * i, y);
+    }
+}
+
 // v2: block 128 threads (4 warps), one warp per row; grid ceil(rows / 4).
 template <bool VEC>
 __device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
@@ -93,6 +179,10 @@ __device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
     const elem* r = p.residual != nullptr ? p.residual + base : nullptr;
     elem* so = p.sum_out != nullptr ? p.sum_out + base : nullptr;
     elem* out = p.out + base;
+    if (VEC && p.cols <= 4 * 32 * LN_HELD) {
+        layer_norm_warp_held(p, lane, x, r, so, out);
+        return;
+    }
     const float inv_cols = 1.0f / (float)p.cols;
 
     // Pass 1: the means of x and r; s = x + r to sum_out.

@@ -423,9 +423,9 @@ OP_KERNEL_NAME(linear_tiled_scalar)(const LinearParams p) {
 // Few rows (M up to a few row groups of LINEAR_ROWS_M, the encoder side of a
 // small batch): a block computes LINEAR_ROWS_M rows x LINEAR_ROWS_N columns
 // over the whole of K, its threads splitting K in chunks of 4. No split-K and
-// no workspace: the host sizes blocks for one chunk per thread up to K = 1024,
-// and beyond that a thread's loads for two chunks are in flight together; then
-// the sums meet inside the block. The chain a split GEMM pays (partial sums
+// no workspace: the host sizes blocks for one chunk per thread up to K = 1024
+// (beyond that a thread takes its chunks one after another); then the sums
+// meet inside the block. The chain a split GEMM pays (partial sums
 // out, fence, count, read back) is gone; what is left is one kernel's worth
 // of memory latency.
 #define LINEAR_ROWS_M 8
@@ -434,6 +434,20 @@ OP_KERNEL_NAME(linear_tiled_scalar)(const LinearParams p) {
 // Each lane's LINEAR_ROWS_M x LINEAR_ROWS_N sums: one per lane after the
 // warp's transposing reduction below.
 static_assert(LINEAR_ROWS_M * LINEAR_ROWS_N == 32, "one sum per lane");
+
+// One step of linear_rows' transposing reduction: sums [0, WIDTH) of a lane
+// become the pair sums of the half its bit WIDTH selects. A separate template
+// per width, so every index is a constant and the sums stay in registers.
+template <int WIDTH>
+__device__ __forceinline__ void linear_rows_fold(float* acc, int lane) {
+    const bool upper = (lane & WIDTH) != 0;
+#pragma unroll
+    for (int i = 0; i < WIDTH; ++i) {
+        const float send = upper ? acc[i] : acc[i + WIDTH];
+        const float keep = upper ? acc[i + WIDTH] : acc[i];
+        acc[i] = keep + __shfl_xor_sync(OP_FULL_MASK, send, WIDTH);
+    }
+}
 
 // v4: block 32 to 256 threads (the host picks enough for K / 4 chunks); grid
 // (ceil(N / LINEAR_ROWS_N), ceil(M / LINEAR_ROWS_M)).
@@ -453,23 +467,30 @@ __device__ __forceinline__ void linear_rows(const LinearParams& p) {
         acc[i] = 0.0f;
     }
     // Rows past M load nothing (linear_load4 returns zeros) and add zeros.
-#pragma unroll(VEC ? 2 : 1)
+    // All 12 loads of a chunk are issued before the first multiply: written
+    // as loads interleaved with their multiplies, ptxas issued half of them
+    // only after the first products, a round trip to memory each.
+#pragma unroll 1
     for (int col = threadIdx.x * 4; col < p.k; col += blockDim.x * 4) {
         float4 w[RN];
+        float4 a[RM];
 #pragma unroll
         for (int j = 0; j < RN; ++j) {
             w[j] = linear_load4<VEC>(p.w, n0 + j, p.n, col, p.k, p.k);
         }
 #pragma unroll
         for (int i = 0; i < RM; ++i) {
-            const float4 a = linear_load4<VEC>(p.x, m0 + i, p.m, col, p.k, p.k);
+            a[i] = linear_load4<VEC>(p.x, m0 + i, p.m, col, p.k, p.k);
+        }
+#pragma unroll
+        for (int i = 0; i < RM; ++i) {
 #pragma unroll
             for (int j = 0; j < RN; ++j) {
                 float s = acc[i * RN + j];
-                s = fmaf(a.x, w[j].x, s);
-                s = fmaf(a.y, w[j].y, s);
-                s = fmaf(a.z, w[j].z, s);
-                s = fmaf(a.w, w[j].w, s);
+                s = fmaf(a[i].x, w[j].x, s);
+                s = fmaf(a[i].y, w[j].y, s);
+                s = fmaf(a[i].z, w[j].z, s);
+                s = fmaf(a[i].w, w[j].w, s);
                 acc[i * RN + j] = s;
             }
         }
@@ -479,16 +500,11 @@ __device__ __forceinline__ void linear_rows(const LinearParams& p) {
     // 16 + 8 + 4 + 2 + 1 shuffles lane l holds the warp's sum l (32 sums for
     // the 160 shuffles of one warp_sum each). a + b == b + a exactly, so both
     // partners' sums agree bit for bit and the result is deterministic.
-#pragma unroll
-    for (int width = 16; width >= 1; width >>= 1) {
-        const bool upper = (lane & width) != 0;
-#pragma unroll
-        for (int i = 0; i < width; ++i) {
-            const float send = upper ? acc[i] : acc[i + width];
-            const float keep = upper ? acc[i + width] : acc[i];
-            acc[i] = keep + __shfl_xor_sync(OP_FULL_MASK, send, width);
-        }
-    }
+    linear_rows_fold<16>(acc, lane);
+    linear_rows_fold<8>(acc, lane);
+    linear_rows_fold<4>(acc, lane);
+    linear_rows_fold<2>(acc, lane);
+    linear_rows_fold<1>(acc, lane);
     sums[warp][lane] = acc[0];
     __syncthreads();
     if (warp == 0) {

@@ -654,6 +654,11 @@ int main(int argc, char** argv) {
         }
         test_layer_norm(7, 512, true, 1000.0, true);
         test_layer_norm(7, 512, false, 1000.0, true);
+        // Rows held in registers with some lanes idle (36 and 260 columns), and
+        // one float4 past what is held (516 columns: the re-read path).
+        test_layer_norm(5, 36, true, 0.0, true);
+        test_layer_norm(5, 260, false, 0.0, true);
+        test_layer_norm(3, 516, true, 0.0, true);
     }
     if (want("attn") && long_cases) {
         test_attention(1, 33, 4096, 2, 64, false, true, false);
