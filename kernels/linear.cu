@@ -185,20 +185,20 @@ extern "C" __global__ void OP_KERNEL_NAME(linear_naive)(const LinearParams p) {
 // `partial`: the last of the tile's `splits` blocks to get here adds the slices
 // in order 0, 1, .., splits - 1 (so the sum does not depend on which block was
 // last), applies the epilogue and resets the tile's counter for the next
-// launch. The fences publish this block's slice before it is counted, and make
-// the other slices visible to the last block (loads bypass L1, which is not
-// coherent across SMs).
+// launch. The barrier orders the block's stores before thread 0's count, whose
+// release publishes them at GPU scope; the last block's count acquires every
+// other block's slice, and its barrier passes them to its threads (whose loads
+// bypass L1, which is not coherent across SMs).
 // The last block reads splits x BM x BN floats alone, so it keeps many loads
 // in flight: each thread owns PER groups of 4 columns (16-byte loads where N
 // allows) and issues several slices' loads for all of them before adding them.
 template <int BM, int BN, int THREADS>
 __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int m0, int n0) {
     __shared__ bool last;
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
         unsigned int* counter = p.tile_counters + blockIdx.y * gridDim.x + blockIdx.x;
-        last = atomicAdd(counter, 1u) == (unsigned int)(p.splits - 1);
+        last = atomic_add_acq_rel(counter, 1u) == (unsigned int)(p.splits - 1);
         if (last) {
             *counter = 0u;
         }
@@ -207,7 +207,6 @@ __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int 
     if (!last) {
         return;
     }
-    __threadfence();
     constexpr int GROUPS = BM * BN / 4;  // 4 consecutive columns each
     constexpr int PER = GROUPS / THREADS;
     static_assert(PER * THREADS == GROUPS, "groups split evenly");
