@@ -266,16 +266,13 @@ __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int 
             }
         }
     }
+    const bool vec_out = linear_vec_out(p);
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
-        const int m = base[i] / p.n;
-        const int n = base[i] - m * p.n;
-        const float sums[4] = {acc[i].x, acc[i].y, acc[i].z, acc[i].w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            if (j < width[i]) {
-                p.out[base[i] + j] = from_f32(linear_epilogue(p, m, n + j, sums[j]));
-            }
+        if (width[i] > 0) {
+            const int m = base[i] / p.n;
+            const float sums[4] = {acc[i].x, acc[i].y, acc[i].z, acc[i].w};
+            linear_store4(p, nullptr, vec_out, 0, m, base[i] - m * p.n, sums);
         }
     }
 }
