@@ -73,8 +73,9 @@ pub struct CudaOptions {
     /// dependent launch: a kernel's blocks become resident while its
     /// predecessor drains and wait for it on the GPU (`griddepcontrol.wait`,
     /// the first thing every kernel of this crate does), which hides the
-    /// launch gap between dependent kernels, in graphs too. Results are
-    /// bitwise the same either way; see [`Cuda::dependent_launch`].
+    /// launch gap between dependent kernels, in graphs too (with a CUDA 12.3
+    /// or newer driver). Results are bitwise the same either way; see
+    /// [`Cuda::dependent_launch`].
     pub serial_launches: bool,
 }
 
@@ -477,6 +478,8 @@ struct Shared {
     arch: String,
     /// Compute capability major version.
     cc_major: i32,
+    /// The driver's CUDA version, e.g. 12030 for 12.3.
+    driver_version: i32,
     device_name: String,
     sm_count: u32,
     /// Loaded modules by (file, storage type).
@@ -586,6 +589,11 @@ impl Cuda {
             .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("reading the multiprocessor count"))?;
         let device_name = ctx.name().map_err(driver("reading the device name"))?;
+        let mut driver_version = 0;
+        // SAFETY: writes one int.
+        unsafe { drv_sys::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_err(driver("reading the driver version"))?;
         let pool = Arc::new(Pool {
             ctx: Arc::clone(&ctx),
             stream: Arc::clone(&stream),
@@ -603,6 +611,7 @@ impl Cuda {
         let shared = Arc::new(Shared {
             arch: format!("sm_{major}{minor}"),
             cc_major: major,
+            driver_version,
             device_name,
             sm_count,
             modules: Mutex::new(HashMap::new()),
@@ -706,9 +715,13 @@ impl Cuda {
     }
 
     /// Whether kernels are queued with programmatic dependent launch: sm_90
-    /// or newer, unless [`CudaOptions::serial_launches`] is set.
+    /// or newer with a CUDA 12.3 or newer driver (which captures such
+    /// launches into graphs), unless [`CudaOptions::serial_launches`] is set.
     pub fn dependent_launch(&self) -> bool {
-        self.inner.shared.cc_major >= 9 && !self.inner.options.serial_launches
+        let shared = &self.inner.shared;
+        shared.cc_major >= 9
+            && shared.driver_version >= 12030
+            && !self.inner.options.serial_launches
     }
 
     /// Bytes held by the pool for reuse.
