@@ -44,7 +44,8 @@
 # Environment:
 #   QUICK              1: a run that fits ~8 minutes on an H100/H200 (batches 1,64;
 #                      f32 and bf16; 0.2 s per measurement; torch.compile in
-#                      reduce-overhead mode only; sanitizers on forwards, not a check)
+#                      reduce-overhead mode only; sanitizers on forwards, not a check;
+#                      three deep targets: the split GEMMs and the batch-64 tiles)
 #   OUTPROJ            the binary (default: target/release/outproj next to this script)
 #   OUT                output folder (default: ./gpu-check-<date>)
 #   BATCHES            bench batch sizes (default: 1,8,64)
@@ -85,6 +86,7 @@ if [[ $QUICK == 1 ]]; then
     TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16}
     TORCH_ARGS=${TORCH_ARGS:---seconds 0.2 --compile-modes reduce-overhead}
     SANITIZER_RUN=${SANITIZER_RUN:-forwards}
+    DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:3 bf16:1:linear_tc_vec8:3:2 bf16:64:linear_tc_large:0:1}
 fi
 BATCHES=${BATCHES:-1,8,64}
 PRECISIONS=${PRECISIONS:-f32 tf32 f16 bf16}
