@@ -88,10 +88,6 @@ const ROWS_MAX_THREADS: usize = 256;
 const LARGE_TILE: usize = 128;
 /// Most splits of one GEMM.
 const MAX_SPLITS: usize = 32;
-/// Partial sums the last block of a split tile may add up: it reads
-/// `splits x rows x TILE` f32 values alone (128 KiB, about a microsecond for
-/// one SM), so deep splits are left to tiles with few rows.
-const MAX_FINISH_SUMS: usize = 8 * TILE * TILE;
 
 /// How one `linear` call is launched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,17 +114,26 @@ pub(crate) enum LinearPlan {
 }
 
 /// The K split for an `m x n` output over `k` on `sm_count` SMs, for a kernel
-/// that walks K in steps of `k_step`: when the tiles alone are too few to
-/// fill the device, enough splits for two blocks per SM, each at least one
-/// step deep and no more than the finishing block can add up quickly. Returns
+/// that walks K in steps of `k_step` and whose finishing block reads
+/// `finish_slices` full 64x64 slices quickly (see [`Gemm::finish_slices`]):
+/// when the tiles alone are too few to fill the device, enough splits for two
+/// blocks per SM, each at least one step deep and no more than the finishing
+/// block can add up quickly (more slices of tiles with fewer rows). Returns
 /// `(splits, k_per_split)` with `k_per_split` a multiple of `k_step` and every
 /// split non-empty.
-fn split_k(m: usize, n: usize, k: usize, sm_count: usize, k_step: usize) -> (usize, usize) {
+fn split_k(
+    m: usize,
+    n: usize,
+    k: usize,
+    sm_count: usize,
+    k_step: usize,
+    finish_slices: usize,
+) -> (usize, usize) {
     let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
     let mut splits = 1;
     if tiles < sm_count && k >= 2 * k_step {
         let want = (2 * sm_count).div_ceil(tiles);
-        let finish = MAX_FINISH_SUMS / (m.clamp(1, TILE) * TILE);
+        let finish = finish_slices * TILE / m.clamp(1, TILE);
         splits = want.min(k / k_step).min(finish).clamp(1, MAX_SPLITS);
         // The workspace [splits, m, n] must fit the kernels' 32-bit indices.
         while splits > 1
@@ -168,6 +173,17 @@ impl Gemm {
         match self {
             Gemm::Tiled | Gemm::Half => 64,
             Gemm::Tf32 => 32,
+        }
+    }
+
+    /// Split-K slices of a full 64x64 tile the finishing block adds up in
+    /// about as many round trips to memory as a split costs: v2's block
+    /// (256 threads) has two slices' loads in flight at a time, v3's (128
+    /// threads, held to 128 registers) one, and its K steps are quick.
+    fn finish_slices(self) -> usize {
+        match self {
+            Gemm::Tiled => 8,
+            Gemm::Half | Gemm::Tf32 => 4,
         }
     }
 
@@ -251,7 +267,14 @@ pub(crate) fn plan(
                     });
                 }
             }
-            let (splits, k_per_split) = split_k(d.m, d.n, d.k, sm_count as usize, gemm.k_step());
+            let (splits, k_per_split) = split_k(
+                d.m,
+                d.n,
+                d.k,
+                sm_count as usize,
+                gemm.k_step(),
+                gemm.finish_slices(),
+            );
             let (kernel, threads) = gemm.kernel(wide);
             Ok(LinearPlan::Tiled {
                 kernel,
@@ -374,8 +397,8 @@ mod tests {
             (616, 512, 2048),
         ] {
             for sms in [1, 8, 132] {
-                for step in [32, 64] {
-                    let (s, kps) = split_k(m, n, k, sms, step);
+                for (step, slices) in [(32, 4), (64, 4), (64, 8)] {
+                    let (s, kps) = split_k(m, n, k, sms, step, slices);
                     assert!((1..=MAX_SPLITS).contains(&s), "{m}x{n}x{k}: {s} splits");
                     assert_eq!(kps % step, 0);
                     // Every split starts inside K, the last one reaches it.
@@ -385,7 +408,7 @@ mod tests {
                     );
                     // The finishing block's share stays bounded.
                     if s > 1 {
-                        assert!(s * m.min(TILE) * TILE <= MAX_FINISH_SUMS);
+                        assert!(s * m.min(TILE) <= slices * TILE);
                     }
                 }
             }
@@ -395,17 +418,18 @@ mod tests {
     #[test]
     fn small_grids_are_split_large_are_not() {
         // 8 tiles of 4 rows on 132 SMs (the fc at batch 1, were it not v4's).
-        assert_eq!(split_k(4, 512, 4096, 132, 64), (32, 128));
-        // Decoder out projection at batch 1: 16 tiles, 8 one-step splits
-        // (the finishing block's bound).
-        assert_eq!(split_k(77, 512, 512, 132, 64), (8, 64));
-        assert_eq!(split_k(77, 512, 512, 132, 32), (8, 64));
+        assert_eq!(split_k(4, 512, 4096, 132, 64, 8), (32, 128));
+        // Decoder out projection at batch 1: 16 tiles, split as far as the
+        // finishing block allows: 8 one-step splits on v2, 4 on v3.
+        assert_eq!(split_k(77, 512, 512, 132, 64, 8), (8, 64));
+        assert_eq!(split_k(77, 512, 512, 132, 64, 4), (4, 128));
+        assert_eq!(split_k(77, 512, 512, 132, 32, 4), (4, 128));
         // Decoder FFN up at batch 1: 64 tiles, two blocks per SM.
-        assert_eq!(split_k(77, 2048, 512, 132, 64), (4, 128));
+        assert_eq!(split_k(77, 2048, 512, 132, 64, 8), (4, 128));
         // Batch 64 decoder FFN: 77 x 8 tiles, enough on their own.
-        assert_eq!(split_k(64 * 77, 512, 2048, 132, 64).0, 1);
+        assert_eq!(split_k(64 * 77, 512, 2048, 132, 64, 8).0, 1);
         // K shorter than two steps is never split.
-        assert_eq!(split_k(4, 512, 100, 132, 64).0, 1);
+        assert_eq!(split_k(4, 512, 100, 132, 64, 8).0, 1);
     }
 
     #[test]
