@@ -17,9 +17,9 @@
 //   launches ceil(Lq / 8) * heads blocks. Q is staged once in shared memory; K
 //   and V go through shared memory 32 keys at a time; lane j scores key j
 //   against the warp's queries, the running max / sum (online softmax) are
-//   warp-uniform, and the probabilities are broadcast with shuffles while each
-//   lane accumulates head_dim / 32 output columns per query in registers.
-//   Scores never touch memory. Warps whose queries are all past Lq, or
+//   warp-uniform, and the probabilities go through shared memory (four keys
+//   per broadcast 16-byte load) while each lane accumulates head_dim / 32
+//   output columns per query in registers. Scores never touch global memory. Warps whose queries are all past Lq, or
 //   (causal) all before a tile's first key, only stage that tile; keys a
 //   warp cannot see (past Lk, causal) skip P V. The tile width (32, 64, 128)
 //   is the head dim rounded up; the padding columns are zero in shared
@@ -147,14 +147,6 @@ extern "C" __global__ void OP_KERNEL_NAME(attention_naive)(const AttentionParams
 
 #define ATT_WARPS 4
 #define ATT_BK 32  // keys per tile: one per lane
-// Keys per iteration of v2's P V loop at WIDTH 64 and 4 queries per warp
-// (elsewhere 4): ptxas for sm_80 spills that kernel when the loop is unrolled
-// (by 2, 4 or 8), ptxas for sm_90 does not.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define ATT_PV_UNROLL_D64_Q4 4
-#else
-#define ATT_PV_UNROLL_D64_Q4 1
-#endif
 
 // Where column `col` (a multiple of 4) of row `row` of a K tile is kept: the
 // 16-byte chunks of a row are permuted by XOR with row % 8, so the score
@@ -234,8 +226,9 @@ __device__ __forceinline__ void attention_stage(float (*tile)[WIDTH], const elem
 }
 
 // v2: block 128 threads, QW queries per warp; grid (ceil(Lq / (4 QW)), heads,
-// batch). Shared memory (4 QW + 64) WIDTH 4 bytes: 36 KiB at WIDTH 128 and
-// QW 2, 40 KiB at QW 4 (48 KiB, the static limit, at QW 8).
+// batch). Shared memory (4 QW + 64) WIDTH 4 bytes plus 512 QW bytes of
+// probabilities: 37 KiB at WIDTH 128 and QW 2, 42 KiB at QW 4 (over 48 KiB,
+// the static limit, at QW 8).
 template <int WIDTH, int QW>
 __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
     constexpr int BQ = ATT_WARPS * QW;  // queries per block
@@ -245,6 +238,8 @@ __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
     __shared__ __align__(16) float qs[BQ][WIDTH];
     __shared__ __align__(16) float ks[ATT_BK][WIDTH];
     __shared__ __align__(16) float vs[ATT_BK][WIDTH];
+    // Each warp's probabilities of the current tile, [query][key].
+    __shared__ __align__(16) float ps[ATT_WARPS][QW][ATT_BK];
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -336,12 +331,45 @@ __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
                 o[qi][c] *= corr;
             }
         }
-        // o += P V: key jj's probability comes from lane jj. Keys from k_warp
-        // on have probability 0 for every query of the warp: skipped.
+        // o += P V, key by key. Lane j holds key j's probabilities; they go
+        // through shared memory once and come back as broadcasts, four keys
+        // per 16-byte load, instead of one shuffle per key and query (at 4
+        // queries per warp and head dim 128: 20 shared-memory operations per
+        // 4 keys instead of 32, against 64 FMAs). Keys from k_warp on have
+        // probability 0 for every query of the warp: skipped.
+#pragma unroll
+        for (int qi = 0; qi < QW; ++qi) {
+            ps[warp][qi][lane] = pj[qi];
+        }
+        __syncwarp();
         const int jn = min(ATT_BK, k_warp - k0);
-        constexpr int PV_UNROLL = WIDTH == 64 && QW == 4 ? ATT_PV_UNROLL_D64_Q4 : 4;
-#pragma unroll PV_UNROLL
-        for (int jj = 0; jj < jn; ++jj) {
+        int jj = 0;
+#pragma unroll 1
+        for (; jj + 4 <= jn; jj += 4) {
+            float4 pb[QW];
+#pragma unroll
+            for (int qi = 0; qi < QW; ++qi) {
+                pb[qi] = *reinterpret_cast<const float4*>(&ps[warp][qi][jj]);
+            }
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                float vv[DPL];
+#pragma unroll
+                for (int c = 0; c < DPL; ++c) {
+                    vv[c] = vs[jj + t][lane + 32 * c];
+                }
+#pragma unroll
+                for (int qi = 0; qi < QW; ++qi) {
+                    const float pt = t == 0 ? pb[qi].x : t == 1 ? pb[qi].y : t == 2 ? pb[qi].z : pb[qi].w;
+#pragma unroll
+                    for (int c = 0; c < DPL; ++c) {
+                        o[qi][c] = fmaf(pt, vv[c], o[qi][c]);
+                    }
+                }
+            }
+        }
+#pragma unroll 1
+        for (; jj < jn; ++jj) {
             float vv[DPL];
 #pragma unroll
             for (int c = 0; c < DPL; ++c) {
@@ -349,10 +377,10 @@ __device__ __forceinline__ void attention_flash(const AttentionParams& p) {
             }
 #pragma unroll
             for (int qi = 0; qi < QW; ++qi) {
-                const float pb = __shfl_sync(OP_FULL_MASK, pj[qi], jj);
+                const float pt = ps[warp][qi][jj];
 #pragma unroll
                 for (int c = 0; c < DPL; ++c) {
-                    o[qi][c] = fmaf(pb, vv[c], o[qi][c]);
+                    o[qi][c] = fmaf(pt, vv[c], o[qi][c]);
                 }
             }
         }
