@@ -645,16 +645,7 @@ fn dependent_launch_matches_serial() {
         assert!(be.dependent_launch());
     }
     assert!(!serial.dependent_launch());
-    let config = ProjectorConfig {
-        in_dim: 256,
-        d_model: 128,
-        heads: 2,
-        ffn_dim: 256,
-        encoder_layers: 1,
-        decoder_layers: 2,
-        out_dim: 96,
-        ..ProjectorConfig::preset(Modality::Image, Variant::Legacy)
-    };
+    let config = small_projector(256);
     let w = ProjectorWeights::random(config.clone(), None, 5).unwrap();
     let h = HostTensor::randn(vec![2, 4, config.in_dim], 6, "hidden").unwrap();
     let mut outs = Vec::new();
@@ -676,13 +667,11 @@ fn dependent_launch_matches_serial() {
     }
 }
 
-/// The body of [`graph_replay_matches_eager_forward`] for one storage type.
-fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
-    // Small widths (emulation is slow), an input GEMM deep enough to split K
-    // (its workspace is scratch taken inside the capture), 77 queries, two
-    // decoder layers: the precomputed first one and a full one.
-    let config = ProjectorConfig {
-        in_dim: 1024,
+/// The image preset at small widths (emulation is slow), 77 queries and two
+/// decoder layers: the precomputed first one and a full one.
+fn small_projector(in_dim: usize) -> ProjectorConfig {
+    ProjectorConfig {
+        in_dim,
         d_model: 128,
         heads: 2,
         ffn_dim: 256,
@@ -690,7 +679,15 @@ fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
         decoder_layers: 2,
         out_dim: 96,
         ..ProjectorConfig::preset(Modality::Image, Variant::Legacy)
-    };
+    }
+}
+
+/// The body of [`graph_replay_matches_eager_forward`] for one storage type.
+fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
+    // The decoder's 77-row GEMMs (2 x 2 tiles of 64) split K, so their
+    // workspaces are scratch taken inside the capture; the 4-row input GEMM
+    // (K 1024) takes the whole-K kernel.
+    let config = small_projector(1024);
     // Weights and inputs in the storage type, so that the reference sees
     // exactly what the device does.
     let w = ProjectorWeights::random(config.clone(), None, 11).unwrap();
