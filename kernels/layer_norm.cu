@@ -79,6 +79,49 @@ extern "C" __global__ void OP_KERNEL_NAME(layer_norm_naive)(const LayerNormParam
 
 #define LN_WARPS 4
 
+// One float4 of a row in each of v2's passes (16-byte paths); the held and
+// the re-read rows both go through these, so their arithmetic is one.
+// Pass 1: adds a's (and, with a residual, b's) elements to sx (sr) and returns
+// s = a + b (or a).
+__device__ __forceinline__ float4 layer_norm_sum4(float4 a, float4 b, bool residual, float& sx,
+                                                  float& sr) {
+    sx += (a.x + a.y) + (a.z + a.w);
+    if (!residual) {
+        return a;
+    }
+    sr += (b.x + b.y) + (b.z + b.w);
+    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+
+// Passes 2 and 3: the deviations d = (a - mx) + (b - mr) (with a residual).
+__device__ __forceinline__ float4 layer_norm_dev4(float4 a, float4 b, bool residual, float mx,
+                                                  float mr) {
+    float4 d = make_float4(a.x - mx, a.y - mx, a.z - mx, a.w - mx);
+    if (residual) {
+        d.x += b.x - mr;
+        d.y += b.y - mr;
+        d.z += b.z - mr;
+        d.w += b.w - mr;
+    }
+    return d;
+}
+
+// Pass 2: d added to sd and, squared, to sdd.
+__device__ __forceinline__ void layer_norm_moments4(float4 d, float& sd, float& sdd) {
+    sd += (d.x + d.y) + (d.z + d.w);
+    sdd = fmaf(d.x, d.x, sdd);
+    sdd = fmaf(d.y, d.y, sdd);
+    sdd = fmaf(d.z, d.z, sdd);
+    sdd = fmaf(d.w, d.w, sdd);
+}
+
+// Pass 3: (d - c) * rstd * g + h.
+__device__ __forceinline__ float4 layer_norm_out4(float4 d, float c, float rstd, float4 g,
+                                                  float4 h) {
+    return make_float4(fmaf((d.x - c) * rstd, g.x, h.x), fmaf((d.y - c) * rstd, g.y, h.y),
+                       fmaf((d.z - c) * rstd, g.z, h.z), fmaf((d.w - c) * rstd, g.w, h.w));
+}
+
 // Rows of up to 32 x LN_HELD float4 (512 columns) with 16-byte loads: the
 // row, its residual, weight and bias are loaded into registers at once, all
 // in flight together, and the three passes run on the registers. The loops
@@ -110,14 +153,7 @@ __device__ __forceinline__ void layer_norm_warp_held(const LayerNormParams& p, i
         if (i >= c4) {
             break;
         }
-        const float4 a = xa[k];
-        sx += (a.x + a.y) + (a.z + a.w);
-        float4 s = a;
-        if (r != nullptr) {
-            const float4 b = ra[k];
-            sr += (b.x + b.y) + (b.z + b.w);
-            s = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-        }
+        const float4 s = layer_norm_sum4(xa[k], ra[k], r != nullptr, sx, sr);
         if (so != nullptr) {
             store4(so + 4 * i, s);
         }
@@ -128,23 +164,11 @@ __device__ __forceinline__ void layer_norm_warp_held(const LayerNormParams& p, i
     float sd = 0.0f, sdd = 0.0f;
 #pragma unroll
     for (int k = 0; k < LN_HELD; ++k) {
-        const float4 a = xa[k];
-        d[k] = make_float4(a.x - mx, a.y - mx, a.z - mx, a.w - mx);
-        if (r != nullptr) {
-            const float4 b = ra[k];
-            d[k].x += b.x - mr;
-            d[k].y += b.y - mr;
-            d[k].z += b.z - mr;
-            d[k].w += b.w - mr;
-        }
         if (lane + 32 * k >= c4) {
             break;
         }
-        sd += (d[k].x + d[k].y) + (d[k].z + d[k].w);
-        sdd = fmaf(d[k].x, d[k].x, sdd);
-        sdd = fmaf(d[k].y, d[k].y, sdd);
-        sdd = fmaf(d[k].z, d[k].z, sdd);
-        sdd = fmaf(d[k].w, d[k].w, sdd);
+        d[k] = layer_norm_dev4(xa[k], ra[k], r != nullptr, mx, mr);
+        layer_norm_moments4(d[k], sd, sdd);
     }
     const float c = warp_sum(sd) * inv_cols;
     const float var = fmaxf(warp_sum(sdd) * inv_cols - c * c, 0.0f);
@@ -155,12 +179,7 @@ __device__ __forceinline__ void layer_norm_warp_held(const LayerNormParams& p, i
         if (i >= c4) {
             break;
         }
-        float4 y;
-        y.x = fmaf((d[k].x - c) * rstd, g[k].x, h[k].x);
-        y.y = fmaf((d[k].y - c) * rstd, g[k].y, h[k].y);
-        y.z = fmaf((d[k].z - c) * rstd, g[k].z, h[k].z);
-        y.w = fmaf((d[k].w - c) * rstd, g[k].w, h[k].w);
-        store4(out + 4 * i, y);
+        store4(out + 4 * i, layer_norm_out4(d[k], c, rstd, g[k], h[k]));
     }
 }
 
@@ -190,14 +209,8 @@ __device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
     if (VEC) {
         const int c4 = p.cols >> 2;
         for (int i = lane; i < c4; i += 32) {
-            const float4 a = load4(x + 4 * i);
-            sx += (a.x + a.y) + (a.z + a.w);
-            float4 s = a;
-            if (r != nullptr) {
-                const float4 b = load4(r + 4 * i);
-                sr += (b.x + b.y) + (b.z + b.w);
-                s = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-            }
+            const float4 b = r != nullptr ? load4(r + 4 * i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            const float4 s = layer_norm_sum4(load4(x + 4 * i), b, r != nullptr, sx, sr);
             if (so != nullptr) {
                 store4(so + 4 * i, s);
             }
@@ -225,20 +238,9 @@ __device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
     if (VEC) {
         const int c4 = p.cols >> 2;
         for (int i = lane; i < c4; i += 32) {
-            const float4 a = load4(x + 4 * i);
-            float4 d = make_float4(a.x - mx, a.y - mx, a.z - mx, a.w - mx);
-            if (r != nullptr) {
-                const float4 b = load4(r + 4 * i);
-                d.x += b.x - mr;
-                d.y += b.y - mr;
-                d.z += b.z - mr;
-                d.w += b.w - mr;
-            }
-            sd += (d.x + d.y) + (d.z + d.w);
-            sdd = fmaf(d.x, d.x, sdd);
-            sdd = fmaf(d.y, d.y, sdd);
-            sdd = fmaf(d.z, d.z, sdd);
-            sdd = fmaf(d.w, d.w, sdd);
+            const float4 b = r != nullptr ? load4(r + 4 * i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            layer_norm_moments4(layer_norm_dev4(load4(x + 4 * i), b, r != nullptr, mx, mr),
+                                sd, sdd);
         }
     } else {
         for (int j = lane; j < p.cols; j += 32) {
@@ -255,22 +257,10 @@ __device__ __forceinline__ void layer_norm_warp(const LayerNormParams& p) {
     if (VEC) {
         const int c4 = p.cols >> 2;
         for (int i = lane; i < c4; i += 32) {
-            const float4 a = load4(x + 4 * i);
-            float4 d = make_float4(a.x - mx, a.y - mx, a.z - mx, a.w - mx);
-            if (r != nullptr) {
-                const float4 b = load4(r + 4 * i);
-                d.x += b.x - mr;
-                d.y += b.y - mr;
-                d.z += b.z - mr;
-                d.w += b.w - mr;
-            }
-            const float4 g = load4(p.weight + 4 * i);
-            const float4 h = load4(p.bias + 4 * i);
-            float4 y;
-            y.x = fmaf((d.x - c) * rstd, g.x, h.x);
-            y.y = fmaf((d.y - c) * rstd, g.y, h.y);
-            y.z = fmaf((d.z - c) * rstd, g.z, h.z);
-            y.w = fmaf((d.w - c) * rstd, g.w, h.w);
+            const float4 b = r != nullptr ? load4(r + 4 * i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            const float4 d = layer_norm_dev4(load4(x + 4 * i), b, r != nullptr, mx, mr);
+            const float4 y =
+                layer_norm_out4(d, c, rstd, load4(p.weight + 4 * i), load4(p.bias + 4 * i));
             store4(out + 4 * i, y);
         }
     } else {
