@@ -8,13 +8,15 @@ three largest stall reasons, in cycles per issued instruction).
 
 The raw page has one row per launch, one column per metric, and a row of units
 under the header. Metrics are found by name, so a metric an ncu version lacks reads
-"-". Standard library only.
+"-". Standard library only (and scripts/profile_summary.py beside it).
 """
 
 import argparse
 import csv
 import re
 import sys
+
+from profile_summary import csv_lines, to_us
 
 # (column title, metric name, unit shown)
 COLUMNS = [
@@ -28,15 +30,11 @@ COLUMNS = [
     ("cycles / issue", "smsp__average_warp_latency_per_inst_issued.ratio", ""),
 ]
 STALL = re.compile(r"^smsp__average_warps_issue_stalled_(.+)_per_issue_active\.ratio$")
-TIME_SCALE = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3,
-              "msecond": 1e3}
 
 
 def launches(path):
     """[(row dict, units dict)] of the CSV's data rows (ncu's ==PROF== lines dropped)."""
-    with open(path, newline="") as f:
-        lines = [line for line in f if line.startswith('"')]
-    rows = list(csv.reader(lines))
+    rows = list(csv.reader(csv_lines(path)))
     if len(rows) < 3:
         return []
     header, units = rows[0], rows[1]
@@ -56,8 +54,7 @@ def cell(row, units, metric, unit):
     if v is None:
         return "-"
     if unit == "us":
-        v *= TIME_SCALE.get(units.get(metric, "ns"), 1e-3)
-        return f"{v:.2f}"
+        return f"{to_us(v, units.get(metric, 'ns')):.2f}"
     return f"{v:.0f}" if metric.startswith("launch__") else f"{v:.1f}"
 
 

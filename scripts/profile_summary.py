@@ -15,20 +15,26 @@ import sys
 from collections import OrderedDict
 
 
-def rows_of(path):
+def csv_lines(path):
+    """The CSV lines of an ncu output file: ncu prints its own log lines (==PROF==) too."""
     with open(path, newline="") as f:
-        # ncu prints its own log lines (==PROF==) before the CSV header.
-        lines = [line for line in f if line.startswith('"')]
+        return [line for line in f if line.startswith('"')]
+
+
+def to_us(value, unit):
+    """A time ncu reports in `unit` (ns when unknown), in µs."""
+    return value * {"ns": 1e-3, "nsecond": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3,
+                    "ms": 1e3}.get(unit, 1e-3)
+
+
+def rows_of(path):
     out = []
-    for r in csv.DictReader(lines):
+    for r in csv.DictReader(csv_lines(path)):
         if r.get("Metric Name") != "gpu__time_duration.sum":
             continue
         value = float(r["Metric Value"].replace(",", ""))
-        unit = r.get("Metric Unit", "ns")
-        scale = {"ns": 1e-3, "nsecond": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3,
-                 "ms": 1e3}.get(unit, 1e-3)
         out.append((r["Kernel Name"], r.get("Grid Size", ""), r.get("Block Size", ""),
-                    value * scale))
+                    to_us(value, r.get("Metric Unit", "ns"))))
     return out
 
 
