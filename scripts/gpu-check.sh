@@ -425,6 +425,19 @@ else
     record compare skip "not in STEPS"
 fi
 
+# summarise NAME RC SCRIPT TITLE: after an ncu step NAME that exited with RC,
+# scripts/SCRIPT turns NAME.out into NAME.md; records the step with its title line.
+summarise() {
+    local name=$1 rc=$2 script=$3 title=$4
+    if [[ $rc == 0 ]] &&
+        python3 "$script_dir/$script" "$OUT/$name.out" --title "$title" \
+            >"$OUT/$name.md" 2>>"$OUT/$name.err"; then
+        record "$name" ok "$(head -n 1 "$OUT/$name.md" | sed 's/^### //')"
+    else
+        record "$name" FAIL "exit $rc: $(last_error "$name")"
+    fi
+}
+
 # Device time of every kernel of one forward (and the once-per-batch-size prefix).
 if want profile; then
     if command -v ncu >/dev/null 2>&1; then
@@ -434,14 +447,7 @@ if want profile; then
                 run_step "$name" "$STEP_TIMEOUT" ncu --csv --metrics gpu__time_duration.sum \
                     --cache-control none --clock-control none \
                     "$OUTPROJ" run --device cuda --precision "$p" --batch "$b"
-                rc=$?
-                if [[ $rc == 0 ]] &&
-                    python3 "$script_dir/profile_summary.py" "$OUT/$name.out" \
-                        --title "$p, batch $b" >"$OUT/$name.md" 2>>"$OUT/$name.err"; then
-                    record "$name" ok "$(head -n 1 "$OUT/$name.md" | sed 's/^### //')"
-                else
-                    record "$name" FAIL "exit $rc: $(last_error "$name")"
-                fi
+                summarise "$name" $? profile_summary.py "$p, batch $b"
             done
         done
     else
@@ -460,14 +466,7 @@ if want deep; then
             run_step "$name" "$STEP_TIMEOUT" ncu --set full --page raw --csv \
                 -k "regex:$kernel" --launch-skip "${skip:-0}" --launch-count "${count:-1}" \
                 "$OUTPROJ" run --device cuda --precision "$p" --batch "$b"
-            rc=$?
-            if [[ $rc == 0 ]] &&
-                python3 "$script_dir/deep_summary.py" "$OUT/$name.out" \
-                    --title "$kernel, $p, batch $b" >"$OUT/$name.md" 2>>"$OUT/$name.err"; then
-                record "$name" ok "$(head -n 1 "$OUT/$name.md" | sed 's/^### //')"
-            else
-                record "$name" FAIL "exit $rc: $(last_error "$name")"
-            fi
+            summarise "$name" $? deep_summary.py "$kernel, $p, batch $b"
         done
     else
         record deep skip "ncu not found"
