@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use output_projector::bench::{self, OpCase};
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 #[cfg(feature = "cuda")]
-use output_projector::cuda::Cuda;
+use output_projector::cuda::{Cuda, CudaOptions, CudaTensor, ProjectorGraph};
 use output_projector::device::{self, BackendTask, DeviceKind, Precision};
 use output_projector::golden;
 use output_projector::ops::{Backend, Shaped};
@@ -525,10 +525,7 @@ impl BackendTask for Check {
                 7,
                 "projector graph",
                 |p, h, e| {
-                    let mut x = be.alloc(h.shape())?;
-                    let all = SignalPositions::all(h.shape()[0], h.shape()[1])?;
-                    be.gather_signal_tokens(h, Some(e), &all, &mut x)?;
-                    let mut graph = p.capture(h.shape()[0], h.shape()[1])?;
+                    let (mut graph, x) = capture_for(&be, p, h, e)?;
                     graph.forward(&x)?;
                     // Two replays: the second must not depend on the first.
                     let first = be.download(graph.output())?;
@@ -555,6 +552,22 @@ impl BackendTask for Check {
     }
 }
 
+/// `p`'s forward captured into a graph for the shape of `hidden`, and its
+/// input: `hidden + embeds`, every token gathered.
+#[cfg(feature = "cuda")]
+fn capture_for<'p>(
+    be: &Cuda,
+    p: &'p Projector<Cuda>,
+    hidden: &CudaTensor,
+    embeds: &CudaTensor,
+) -> Result<(ProjectorGraph<'p>, CudaTensor)> {
+    let [batch, n_in] = [hidden.shape()[0], hidden.shape()[1]];
+    let mut x = be.alloc(hidden.shape())?;
+    let all = SignalPositions::all(batch, n_in)?;
+    be.gather_signal_tokens(hidden, Some(embeds), &all, &mut x)?;
+    Ok((p.capture(batch, n_in)?, x))
+}
+
 /// Programmatic dependent launch must not change a bit: the forward replayed
 /// from a graph of dependent launches against the eager forward with every
 /// kernel started after its predecessor (the kernels are deterministic, so a
@@ -565,42 +578,18 @@ fn dependent_against_serial(
     config: &ProjectorConfig,
     precision: Precision,
 ) -> Result<CheckRow> {
-    use output_projector::cuda::CudaOptions;
-    let batch = 2;
-    let mut dependent = None;
-    let c =
-        verify::compare_projector_by(be, config, batch, precision.storage(), 11, "", |p, h, e| {
-            let mut x = be.alloc(h.shape())?;
-            let all = SignalPositions::all(h.shape()[0], h.shape()[1])?;
-            be.gather_signal_tokens(h, Some(e), &all, &mut x)?;
-            let mut graph = p.capture(h.shape()[0], h.shape()[1])?;
-            let out = be.download(graph.forward(&x)?)?;
-            dependent = Some(out.clone());
-            Ok(out)
-        })?;
+    let case = verify::ProjectorCase::new(config, 2, precision.storage(), 11)?;
+    let dependent = case.run(be, |p, h, e| {
+        let (mut graph, x) = capture_for(be, p, h, e)?;
+        be.download(graph.forward(&x)?)
+    })?;
     let serial_be = be.with_options(CudaOptions {
         serial_launches: true,
         ..be.options().clone()
     })?;
-    let mut serial = None;
-    verify::compare_projector_by(
-        &serial_be,
-        config,
-        batch,
-        precision.storage(),
-        11,
-        "",
-        |p, h, e| {
-            let out = serial_be.download(&p.forward(h, Some(e))?)?;
-            serial = Some(out.clone());
-            Ok(out)
-        },
-    )?;
-    let (Some(dependent), Some(serial)) = (dependent, serial) else {
-        return Err(Error::invalid(
-            "a forward of the launch comparison did not run",
-        ));
-    };
+    let serial = case.run(&serial_be, |p, h, e| {
+        serial_be.download(&p.forward(h, Some(e))?)
+    })?;
     let (a, b) = (dependent.to_f64_vec(), serial.to_f64_vec());
     let (rel, max_abs) = output_projector::tensor::compare(&a, &b);
     let differing = a
@@ -611,7 +600,7 @@ fn dependent_against_serial(
     Ok(CheckRow {
         against: "serial",
         op: "dependent launch",
-        case: format!("{} ({differing} elements differ)", c.case),
+        case: format!("{} ({differing} elements differ)", case.name),
         rel: if differing == 0 && a.len() == b.len() {
             0.0
         } else {
@@ -795,7 +784,6 @@ impl BackendTask for Bench<'_> {
     /// again with serial launches, so the table shows what it gains.
     #[cfg(feature = "cuda")]
     fn run_cuda(self, be: Cuda) -> Result<Vec<BenchRow>> {
-        use output_projector::cuda::CudaOptions;
         let mut rows = self.run(be.clone(), DeviceKind::Cuda)?;
         let weights = self.weights()?;
         let mut backends = vec![("projector graph", be.clone())];

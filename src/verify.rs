@@ -582,6 +582,61 @@ pub fn compare_projector<B: Backend>(
     })
 }
 
+/// The random weights and inputs of a projector comparison, rounded to a
+/// storage type, and the case's name.
+pub struct ProjectorCase {
+    pub weights: ProjectorWeights,
+    pub hidden: HostTensor,
+    pub embeds: HostTensor,
+    pub name: String,
+}
+
+impl ProjectorCase {
+    /// `batch` sequences of `config`'s input tokens, weights and inputs drawn
+    /// from `seed` and rounded to `dtype`.
+    pub fn new(config: &ProjectorConfig, batch: usize, dtype: DType, seed: u64) -> Result<Self> {
+        let w = ProjectorWeights::random(config.clone(), None, seed)?;
+        let rounded = w
+            .tensors()
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_dtype(dtype)))
+            .collect();
+        let weights = ProjectorWeights::from_tensors(config.clone(), None, rounded)?;
+        let n_in = config.n_in.unwrap_or(4);
+        let mut inp = Inputs {
+            rng: Rng::new(seed ^ 0x5eed),
+            dtype,
+        };
+        let hidden = inp.tensor(&[batch, n_in, config.in_dim], 1.0, 0.0)?;
+        let embeds = inp.tensor(&[batch, n_in, config.in_dim], 1.0, 0.0)?;
+        let name = format!(
+            "{} {}x{}->{}x{} batch {batch}",
+            config.variant.name(),
+            n_in,
+            config.in_dim,
+            config.n_out,
+            config.out_dim
+        );
+        Ok(ProjectorCase {
+            weights,
+            hidden,
+            embeds,
+            name,
+        })
+    }
+
+    /// The case on `be`: `forward` gets the projector and the uploaded
+    /// hidden states and embeddings, and returns its output.
+    pub fn run<B: Backend, T>(
+        &self,
+        be: &B,
+        forward: impl FnOnce(&Projector<B>, &B::Tensor, &B::Tensor) -> Result<T>,
+    ) -> Result<T> {
+        let p = Projector::new(be.clone(), &self.weights)?;
+        forward(&p, &be.upload(&self.hidden)?, &be.upload(&self.embeds)?)
+    }
+}
+
 /// [`compare_projector`] with `be`'s forward done by `forward` (projector,
 /// hidden, embeds; returns the downloaded output), e.g. through a captured
 /// graph; reported as `op`.
@@ -594,47 +649,17 @@ pub fn compare_projector_by<B: Backend>(
     op: &'static str,
     forward: impl FnOnce(&Projector<B>, &B::Tensor, &B::Tensor) -> Result<HostTensor>,
 ) -> Result<Comparison> {
-    let w = ProjectorWeights::random(config.clone(), None, seed)?;
-    let rounded = w
-        .tensors()
-        .iter()
-        .map(|(k, t)| (k.clone(), t.to_dtype(dtype)))
-        .collect();
-    let w = ProjectorWeights::from_tensors(config.clone(), None, rounded)?;
-    let n_in = config.n_in.unwrap_or(4);
-    let mut inp = Inputs {
-        rng: Rng::new(seed ^ 0x5eed),
-        dtype,
-    };
-    let hidden = inp.tensor(&[batch, n_in, config.in_dim], 1.0, 0.0)?;
-    let embeds = inp.tensor(&[batch, n_in, config.in_dim], 1.0, 0.0)?;
-    let got = {
-        let p = Projector::new(be.clone(), &w)?;
-        forward(&p, &be.upload(&hidden)?, &be.upload(&embeds)?)?
-    };
-    let want = {
-        let p = Projector::new(Reference, &w)?;
-        p.forward(
-            &Reference.upload(&hidden)?,
-            Some(&Reference.upload(&embeds)?),
-        )?
-    };
+    let case = ProjectorCase::new(config, batch, dtype, seed)?;
+    let got = case.run(be, forward)?;
+    let want = case.run(&Reference, |p, h, e| p.forward(h, Some(e)))?;
     let (rel, max_abs) = if got.shape() == want.shape() {
         compare(&got.to_f64_vec(), want.data())
     } else {
         (f64::INFINITY, f64::INFINITY)
     };
-    let name = format!(
-        "{} {}x{}->{}x{} batch {batch}",
-        config.variant.name(),
-        n_in,
-        config.in_dim,
-        config.n_out,
-        config.out_dim
-    );
     Ok(Comparison {
         op,
-        case: name,
+        case: case.name,
         rel,
         max_abs,
     })
