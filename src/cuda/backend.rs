@@ -1220,11 +1220,6 @@ impl Cuda {
             )));
         }
         let f = self.function(program, name)?;
-        let cfg = LaunchConfig {
-            grid_dim: grid,
-            block_dim: block,
-            shared_mem_bytes: 0,
-        };
         let _stream = self.use_stream(None)?;
         let what = || format!("launching {name} with grid {grid:?}, block {block:?}");
         // SAFETY (both launches): `params` is the `#[repr(C)]` mirror of the
@@ -1276,6 +1271,11 @@ impl Cuda {
         } else {
             let mut args = self.inner.shared.stream.launch_builder(&f);
             args.arg(params);
+            let cfg = LaunchConfig {
+                grid_dim: grid,
+                block_dim: block,
+                shared_mem_bytes: 0,
+            };
             // SAFETY: see above.
             unsafe { args.launch(cfg) }.map_err(driver(&what()))?;
         }
