@@ -217,6 +217,84 @@ __device__ __forceinline__ unsigned atomic_add_acq_rel(unsigned* p, unsigned v) 
 #endif
 }
 
+// Thread-block clusters (sm_90): the host may launch a grid in clusters of
+// blocks that run at the same time on one GPC and read each other's shared
+// memory. Without a cluster (older GPUs, plain launches) a block is a cluster
+// of one, and these are cheap stand-ins that are never given another rank.
+
+// Blocks in this block's cluster (1 without one).
+__device__ __forceinline__ unsigned cluster_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
+    unsigned n;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+    return n;
+#elif defined(OP_EMULATOR)
+    return emu_cluster_blocks();
+#else
+    return 1;
+#endif
+}
+
+// This block's rank in its cluster, 0 .. cluster_blocks() - 1.
+__device__ __forceinline__ unsigned cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+#elif defined(OP_EMULATOR)
+    return emu_cluster_rank();
+#else
+    return 0;
+#endif
+}
+
+// A barrier for every thread of every block of the cluster: shared-memory
+// writes before it (release) are seen by the cluster's reads after it
+// (acquire). Every thread of the cluster must reach it, none may have exited.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+#elif defined(OP_EMULATOR)
+    emu_cluster_sync();
+#else
+    __syncthreads();
+#endif
+}
+
+// cluster_sync without the memory ordering (its arrive is relaxed: no wait
+// for this thread's global stores to be acknowledged, which the release
+// compiles to): for a block that must not exit while others still read its
+// shared memory, where every thread consumed its own reads before arriving.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
+    asm volatile("barrier.cluster.arrive.relaxed;\nbarrier.cluster.wait;\n" ::: "memory");
+#else
+    cluster_sync();
+#endif
+}
+
+// The 16 bytes at `p` (16-byte aligned, in this block's shared memory) in the
+// shared memory of the cluster's block of rank `rank` (distributed shared
+// memory: the same variable, in that block).
+__device__ __forceinline__ float4 cluster_load_float4(const float* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
+    const unsigned local = (unsigned)__cvta_generic_to_shared(p);
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(remote)
+                 : "memory");
+    return v;
+#elif defined(OP_EMULATOR)
+    return *reinterpret_cast<const float4*>(emu_cluster_map(p, rank));
+#else
+    (void)rank;
+    return load_float4(p);
+#endif
+}
+
 // ---------------------------------------------------------------- storage
 #ifndef OP_ELEM
 #define OP_ELEM 0

@@ -14,6 +14,9 @@
 //   partial[z, M, N]; the last of a tile's blocks to finish (counted in
 //   tile_counters) adds the slices in fixed order and applies the epilogue:
 //   deterministic split-K in one launch, for grids that would leave SMs idle.
+//   On sm_90 the host launches each tile's split blocks as one thread-block
+//   cluster instead, with no `partial`: they add their slices through
+//   distributed shared memory (linear_cluster_finish), in the same order.
 //   Why K steps of 64: at the projector's batch 1 (M = 4 or 77) a GEMM is a
 //   few tiles split many ways, each block one or a few K steps long; all of a
 //   step's loads are issued together, so a block waits on memory about once
@@ -276,6 +279,57 @@ __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int 
         }
     }
 }
+// Most blocks of one cluster the host launches (the portable limit on sm_90).
+#define LINEAR_MAX_CLUSTER 8
+
+// Split-K through a thread-block cluster (sm_90): the host launches the
+// `splits` blocks of each tile (blockIdx.z 0 .. splits - 1) as one cluster,
+// with no workspace. Each block has left its raw sums in its own shared
+// memory, `tile`; after the cluster's barrier, block r takes the r-th share
+// of the tile's live 4-column groups, reads every block's sums for them
+// through distributed shared memory (all of a group's loads in flight at
+// once), adds them in order of rank 0, 1, .., splits - 1 (the same sums in
+// the same order as linear_splitk_finish: bitwise the same output) and
+// applies the epilogue. A second barrier keeps each block's shared memory
+// until the others have read it (relaxed: it need not wait for the stores). What it saves against the workspace: the
+// partial sums' trip through L2, the count, and one block reading every
+// slice alone.
+template <int BM, int BN, int THREADS>
+__device__ __forceinline__ void linear_cluster_finish(const LinearParams& p, int m0, int n0,
+                                                      const float (*tile)[BN + 4]) {
+    cluster_sync();
+    const int splits = (int)cluster_blocks();
+    const int rank = (int)cluster_rank();
+    const int per_row = (min(BN, p.n - n0) + 3) / 4;
+    const int groups = min(BM, p.m - m0) * per_row;
+    const int g1 = (rank + 1) * groups / splits;
+    const bool vec_out = linear_vec_out(p);
+#pragma unroll 1
+    for (int g = rank * groups / splits + threadIdx.x; g < g1; g += THREADS) {
+        const int r = g / per_row;
+        const int c = (g - r * per_row) * 4;
+        float4 v[LINEAR_MAX_CLUSTER];
+#pragma unroll
+        for (int s = 0; s < LINEAR_MAX_CLUSTER; ++s) {
+            if (s < splits) {
+                v[s] = cluster_load_float4(&tile[r][c], (unsigned)s);
+            }
+        }
+        float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int s = 0; s < LINEAR_MAX_CLUSTER; ++s) {
+            if (s < splits) {
+                sums[0] += v[s].x;
+                sums[1] += v[s].y;
+                sums[2] += v[s].z;
+                sums[3] += v[s].w;
+            }
+        }
+        linear_store4(p, nullptr, vec_out, 0, m0 + r, n0 + c, sums);
+    }
+    cluster_sync_relaxed();  // the sums were consumed by the stores
+}
+
 // K columns per step of the v2 kernel: 256 bytes of each f32 row, so that a
 // split of 64 columns is one round trip to memory (all of a step's loads are
 // in flight together) rather than a chain of dependent ones.
@@ -391,6 +445,18 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
         }
     }
 
+    if (cluster_blocks() > 1) {
+        // The tile's sums to shared memory, over the x stage (64 x 68 floats).
+        static_assert(LINEAR_BK == LINEAR_BM && LINEAR_LD == LINEAR_BN + 4, "x stage holds a tile");
+        __syncthreads();  // every thread is done reading the last stage
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            store_float4(&xs[ty * 4 + i][tx * 4],
+                         make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+        }
+        linear_cluster_finish<LINEAR_BM, LINEAR_BN, LINEAR_THREADS>(p, m0, n0, xs);
+        return;
+    }
     const bool vec_out = linear_vec_out(p);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -581,6 +647,8 @@ struct LinearTcTile {
             elem w[BN][LDK];
         } stage[2];
         float c[WARPS_M * WARPS_N][16][20];
+        // Split-K through a cluster: the tile's raw sums (small tiles only).
+        float tile[SPLIT_K ? BM : 1][BN + 4];
     };
 };
 typedef LinearTcTile<64, 64, 2, 2, 128> LinearTcSmall;
@@ -713,6 +781,21 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
     }
     cp_async_wait<0>();
     __syncthreads();  // the stages are free for the epilogue's scratch
+
+    if constexpr (T::SPLIT_K) {
+        if (cluster_blocks() > 1) {
+#pragma unroll
+            for (int i = 0; i < FM; ++i) {
+#pragma unroll
+                for (int j = 0; j < FN; ++j) {
+                    wmma::store_matrix_sync(&sm.tile[wm + 16 * i][wn + 16 * j], acc[i][j],
+                                            T::BN + 4, wmma::mem_row_major);
+                }
+            }
+            linear_cluster_finish<T::BM, T::BN, T::THREADS>(p, m0, n0, sm.tile);
+            return;
+        }
+    }
 
     // Each accumulator through the warp's scratch (the accumulators' register
     // layout is not assumed) to the epilogue (bias, activation, residual,

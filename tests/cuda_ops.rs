@@ -55,18 +55,24 @@ fn backend_with(options: CudaOptions) -> Option<Cuda> {
 fn check_cases(cases: &[Case], op: &str, tol: f64) {
     for version in [KernelVersion::Naive, KernelVersion::Fast] {
         let Some(be) = backend(version) else { return };
-        for (i, case) in cases.iter().filter(|c| c.op() == op).enumerate() {
-            let r = verify::compare_case(&be, case, DType::F32, 100 + i as u64)
-                .unwrap_or_else(|e| panic!("{version:?} {}: {e}", case.describe()));
-            assert!(
-                r.rel <= tol,
-                "{version:?} {} {}: rel {:.3e} max_abs {:.3e}",
-                r.op,
-                r.case,
-                r.rel,
-                r.max_abs
-            );
-        }
+        check_cases_on(&be, cases, op, tol);
+    }
+}
+
+/// Every standard case of `op` within `tol` on `be`.
+fn check_cases_on(be: &Cuda, cases: &[Case], op: &str, tol: f64) {
+    let options = be.options();
+    for (i, case) in cases.iter().filter(|c| c.op() == op).enumerate() {
+        let r = verify::compare_case(be, case, DType::F32, 100 + i as u64)
+            .unwrap_or_else(|e| panic!("{options:?} {}: {e}", case.describe()));
+        assert!(
+            r.rel <= tol,
+            "{options:?} {} {}: rel {:.3e} max_abs {:.3e}",
+            r.op,
+            r.case,
+            r.rel,
+            r.max_abs
+        );
     }
 }
 
@@ -76,6 +82,15 @@ fn check_cases(cases: &[Case], op: &str, tol: f64) {
 #[test]
 fn linear_matches_reference() {
     check_cases(&verify::standard_cases(), "linear", 1e-5);
+    // Split GEMMs add their slices in a cluster where the device has them,
+    // so the workspace's path is checked too.
+    let Some(memory) = backend_with(CudaOptions {
+        split_k_through_memory: true,
+        ..CudaOptions::default()
+    }) else {
+        return;
+    };
+    check_cases_on(&memory, &verify::standard_cases(), "linear", 1e-5);
 }
 
 #[test]
@@ -614,8 +629,16 @@ fn bad_shapes_are_errors() {
 /// blocks it uses stay pinned while it lives.
 #[test]
 fn graph_replay_matches_eager_forward() {
-    for (storage, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2)] {
-        let Some(be) = backend_storing(KernelVersion::Fast, storage) else {
+    for (storage, tol, split_k_through_memory) in [
+        (DType::F32, 1e-4, false),
+        (DType::F32, 1e-4, true),
+        (DType::BF16, 2e-2, false),
+    ] {
+        let Some(be) = backend_with(CudaOptions {
+            storage,
+            split_k_through_memory,
+            ..CudaOptions::default()
+        }) else {
             return;
         };
         check_graph_replay(&be, storage, tol);
@@ -645,11 +668,43 @@ fn dependent_launch_matches_serial() {
         assert!(be.dependent_launch());
     }
     assert!(!serial.dependent_launch());
+    assert_forwards_bitwise_equal(&be, &serial);
+}
+
+/// On devices that launch thread-block clusters (sm_90 and newer; the
+/// emulated device is one) a split GEMM's blocks of one tile add their slices
+/// in a cluster, unless `split_k_through_memory` is set; either way a forward
+/// and its graph replay give bitwise the same output.
+#[test]
+fn cluster_split_k_matches_split_k_through_memory() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    let memory = be
+        .with_options(CudaOptions {
+            split_k_through_memory: true,
+            ..be.options().clone()
+        })
+        .unwrap();
+    if be.arch() < "sm_90" {
+        assert!(!be.cluster_split_k(), "{}", be.arch());
+    }
+    if std::env::var_os(EMULATED_DRIVER_ENV).is_some() {
+        assert!(be.cluster_split_k());
+    }
+    assert!(!memory.cluster_split_k());
+    assert_forwards_bitwise_equal(&be, &memory);
+}
+
+/// The small projector's forward, eager and replayed from a graph, on `be`
+/// and on `other`: all four bitwise the same. Its decoder's 77-row GEMMs
+/// split K.
+fn assert_forwards_bitwise_equal(be: &Cuda, other: &Cuda) {
     let config = small_projector(256);
     let w = ProjectorWeights::random(config.clone(), None, 5).unwrap();
     let h = HostTensor::randn(vec![2, 4, config.in_dim], 6, "hidden").unwrap();
     let mut outs = Vec::new();
-    for b in [&be, &serial] {
+    for b in [be, other] {
         let proj = Projector::new(b.clone(), &w).unwrap();
         let x = b.upload(&h).unwrap();
         outs.push(b.download(&proj.forward(&x, None).unwrap()).unwrap());
@@ -662,7 +717,7 @@ fn dependent_launch_matches_serial() {
         assert_eq!(
             bits(o),
             bits(&outs[0]),
-            "output {i} differs from the dependent eager one"
+            "output {i} differs from the first backend's eager one"
         );
     }
 }
@@ -684,9 +739,9 @@ fn small_projector(in_dim: usize) -> ProjectorConfig {
 
 /// The body of [`graph_replay_matches_eager_forward`] for one storage type.
 fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
-    // The decoder's 77-row GEMMs (2 x 2 tiles of 64) split K, so their
-    // workspaces are scratch taken inside the capture; the 4-row input GEMM
-    // (K 1024) takes the whole-K kernel.
+    // The decoder's 77-row GEMMs (2 x 2 tiles of 64) split K: through memory
+    // their workspaces are scratch taken inside the capture, in a cluster
+    // they need none. The 4-row input GEMM (K 1024) takes the whole-K kernel.
     let config = small_projector(1024);
     // Weights and inputs in the storage type, so that the reference sees
     // exactly what the device does.
@@ -727,9 +782,8 @@ fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
         "{}: {eager_launches} kernels per forward, replayed as one graph launch",
         storage.name()
     );
-    // The input GEMM's split-K workspace ([4 splits, 4, 128] f32, 8 KiB) is the
-    // graph's alone: a tensor of that size made now gets other memory, which
-    // replays leave alone.
+    // Blocks taken inside the capture are the graph's alone: a tensor made
+    // now gets other memory, which replays leave alone.
     let bystander_host = HostTensor::randn(vec![8192 / storage.size()], 9, "bystander")
         .unwrap()
         .to_dtype(storage);
@@ -864,7 +918,7 @@ fn cxx_compile(
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let sanitized = flags.iter().any(|f| f.starts_with("-fsanitize"));
     let output = std::process::Command::new(&cxx)
-        .args(["-std=c++17", "-g", "-w"])
+        .args(["-std=c++17", "-g", "-w", "-pthread"])
         .arg(if sanitized { "-O1" } else { "-O2" })
         .args(flags)
         .arg(source)
@@ -959,6 +1013,7 @@ const DEVICE_TESTS: &[&str] = &[
     "graph_replay_matches_eager_forward",
     "graph_capture_waits_for_other_threads",
     "dependent_launch_matches_serial",
+    "cluster_split_k_matches_split_k_through_memory",
     "tf32_linear_matches_reference",
     "large_tile_linear_matches_reference",
     "tf32_projector_matches_reference",

@@ -27,6 +27,15 @@
 // dimensions (not 16 bytes) abort, as they are undefined on the GPU, and so
 // does a TF32 operand not rounded by __float_to_tf32 (cvt.rna.tf32.f32).
 //
+// Thread-block clusters: a launch with cluster dimensions runs each cluster's
+// blocks at once, one OS thread per block (each with its own fibers and
+// __shared__ arrays), joined before the next cluster. cluster_sync is a
+// scheduling point that releases when every thread of every block of the
+// cluster reached it (the emulator aborts if one of the cluster's blocks has
+// exited, or a block mixes it with __syncthreads); distributed shared memory
+// maps an address of one block's __shared__ array to the same array of
+// another block's OS thread.
+//
 // Fiber switches are a few instructions on x86-64 (callee-saved registers and
 // the stack pointer); elsewhere ucontext's swapcontext is used.
 #pragma once
@@ -42,6 +51,9 @@
 #include <algorithm>
 #include <random>
 #include <type_traits>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
@@ -149,7 +161,7 @@ inline float emu_to_float(__half v) { return __half2float(v); }
 inline float emu_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 namespace emu {
-enum State { RUN, BARRIER, WARP, DONE };
+enum State { RUN, BARRIER, WARP, CLUSTER, DONE };
 #if defined(__x86_64__)
 // Callee-saved registers and the stack pointer: a switch is a few instructions,
 // no system call (swapcontext saves the signal mask with one).
@@ -224,6 +236,24 @@ inline thread_local void* sched_fake = nullptr;
 inline thread_local bool reverse_order = false;
 inline thread_local long switches = 0;
 
+// The blocks of one cluster, each on its own OS thread.
+struct Cluster {
+    unsigned size = 1;
+    std::mutex mu;
+    std::condition_variable cv;
+    unsigned arrived = 0;        // blocks at the current barrier
+    unsigned exited = 0;         // blocks that have finished
+    unsigned long generation = 0;  // barriers released so far
+    std::vector<char*> anchors;  // per rank: its OS thread's smem_anchor
+};
+inline thread_local Cluster* cluster = nullptr;
+inline thread_local unsigned cluster_rank = 0;
+// Every __shared__ array is a thread_local of the same module as this one, at
+// the same offset from it in every OS thread (a module's thread-local block
+// is one copy of one image): the anchors' difference maps one block's
+// shared address to another's.
+inline thread_local char smem_anchor = 0;
+
 [[noreturn]] inline void fail(const char* what) {
     fprintf(stderr, "EMULATOR ERROR: %s (block %u,%u,%u)\n", what, blockIdx.x, blockIdx.y, blockIdx.z);
     abort();
@@ -252,6 +282,22 @@ inline void set_tid(int i) {
     threadIdx.x = i % blockDim.x;
     threadIdx.y = (i / blockDim.x) % blockDim.y;
     threadIdx.z = i / (blockDim.x * blockDim.y);
+}
+
+// Every thread of this block is at cluster_sync: waits for the cluster's
+// other blocks to get there.
+inline void cluster_arrive_and_wait() {
+    Cluster& c = *cluster;
+    std::unique_lock<std::mutex> lock(c.mu);
+    const unsigned long gen = c.generation;
+    if (c.exited == 0 && ++c.arrived == c.size) {
+        c.arrived = 0;
+        ++c.generation;
+        c.cv.notify_all();
+        return;
+    }
+    c.cv.wait(lock, [&] { return c.generation != gen || c.exited > 0; });
+    if (c.generation == gen) fail("cluster barrier not reached by a block of the cluster that exited");
 }
 
 inline void run_block() {
@@ -288,10 +334,10 @@ inline void run_block() {
             for (int i = lo; i < hi; ++i) {
                 nwarp += fibers[i].st == WARP;
                 ndone += fibers[i].st == DONE;
-                nbar += fibers[i].st == BARRIER;
+                nbar += fibers[i].st == BARRIER || fibers[i].st == CLUSTER;
             }
             if (nwarp == 0) continue;
-            if (nbar) fail("warp shuffle and __syncthreads mixed in one warp");
+            if (nbar) fail("warp shuffle and a block or cluster barrier mixed in one warp");
             if (ndone) fail("warp shuffle with exited lanes");
             if (hi - lo != 32) fail("warp shuffle in a partial warp");
             int kind = fibers[lo].xkind;
@@ -307,6 +353,14 @@ inline void run_block() {
             progressed = true;
         }
         if (progressed) continue;
+        int ncluster = 0;
+        for (int i = 0; i < n; ++i) ncluster += fibers[i].st == CLUSTER;
+        if (ncluster > 0) {
+            if (ncluster != n) fail("cluster barrier not reached by every thread of the block");
+            cluster_arrive_and_wait();
+            for (int i = 0; i < n; ++i) fibers[i].st = RUN;
+            continue;
+        }
         for (int i = 0; i < n; ++i) {
             if (fibers[i].st != BARRIER && fibers[i].st != DONE) fail("deadlock");
         }
@@ -316,16 +370,62 @@ inline void run_block() {
     }
 }
 
+// Runs `kernel` over `grid`; with `clusters` (each dimension dividing the
+// grid's) the blocks of each cluster at once, one OS thread each.
 template <class F>
-void launch(dim3 grid, dim3 block, F kernel) {
-    gridDim = grid;
-    blockDim = block;
-    body = kernel;
-    for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
-                blockIdx = dim3(x, y, z);
-                run_block();
+void launch(dim3 grid, dim3 block, F kernel, dim3 clusters = dim3(1, 1, 1)) {
+    const unsigned size = clusters.x * clusters.y * clusters.z;
+    if (size == 1) {
+        gridDim = grid;
+        blockDim = block;
+        body = kernel;
+        cluster = nullptr;
+        for (unsigned z = 0; z < grid.z; ++z)
+            for (unsigned y = 0; y < grid.y; ++y)
+                for (unsigned x = 0; x < grid.x; ++x) {
+                    blockIdx = dim3(x, y, z);
+                    run_block();
+                }
+        return;
+    }
+    if (grid.x % clusters.x || grid.y % clusters.y || grid.z % clusters.z) {
+        fail("cluster dimensions do not divide the grid");
+    }
+    const bool reverse = reverse_order;
+    for (unsigned z0 = 0; z0 < grid.z; z0 += clusters.z)
+        for (unsigned y0 = 0; y0 < grid.y; y0 += clusters.y)
+            for (unsigned x0 = 0; x0 < grid.x; x0 += clusters.x) {
+                Cluster c;
+                c.size = size;
+                c.anchors.assign(size, nullptr);
+                std::vector<std::thread> blocks;
+                for (unsigned rank = 0; rank < size; ++rank) {
+                    blocks.emplace_back([&, rank, x0, y0, z0] {
+                        gridDim = grid;
+                        blockDim = block;
+                        body = kernel;
+                        reverse_order = reverse;
+                        cluster = &c;
+                        cluster_rank = rank;
+                        const unsigned cx = rank % clusters.x;
+                        const unsigned cy = rank / clusters.x % clusters.y;
+                        const unsigned cz = rank / (clusters.x * clusters.y);
+                        blockIdx = dim3(x0 + cx, y0 + cy, z0 + cz);
+                        {
+                            std::lock_guard<std::mutex> lock(c.mu);
+                            c.anchors[rank] = &smem_anchor;
+                        }
+                        run_block();
+                        {
+                            std::lock_guard<std::mutex> lock(c.mu);
+                            ++c.exited;
+                        }
+                        c.cv.notify_all();
+                        for (Fiber& f : fibers) free(f.stack);
+                        fibers.clear();
+                    });
+                }
+                for (std::thread& t : blocks) t.join();
             }
 }
 }  // namespace emu
@@ -333,6 +433,30 @@ void launch(dim3 grid, dim3 block, F kernel) {
 inline void __syncthreads() {
     emu::fibers[emu::cur].st = emu::BARRIER;
     emu::to_sched(false);
+}
+
+inline unsigned emu_cluster_blocks() { return emu::cluster ? emu::cluster->size : 1; }
+inline unsigned emu_cluster_rank() { return emu::cluster_rank; }
+inline void emu_cluster_sync() {
+    if (!emu::cluster) {
+        __syncthreads();
+        return;
+    }
+    emu::fibers[emu::cur].st = emu::CLUSTER;
+    emu::to_sched(false);
+}
+// `p`, an address of this block's __shared__ arrays, in the cluster's block
+// of rank `rank` (read after a cluster_sync, which ordered that block's
+// writes: the barrier's mutex).
+inline const void* emu_cluster_map(const void* p, unsigned rank) {
+    if (rank >= emu_cluster_blocks()) emu::fail("cluster rank out of range");
+    if (!emu::cluster) return p;
+    char* other;
+    {
+        std::lock_guard<std::mutex> lock(emu::cluster->mu);
+        other = emu::cluster->anchors[rank];
+    }
+    return other + ((const char*)p - &emu::smem_anchor);
 }
 
 // Blocks run one after another and the fibers of a block take turns at

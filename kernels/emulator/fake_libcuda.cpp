@@ -4,12 +4,13 @@
 // backend's own tests (tests/cuda_ops.rs) run end to end: host planning,
 // parameter structs, the memory pool, copies and the kernels.
 //
-//   c++ -std=c++17 -O1 -shared -fPIC -fvisibility=hidden -Wl,-Bsymbolic
+//   c++ -std=c++17 -O1 -pthread -shared -fPIC -fvisibility=hidden -Wl,-Bsymbolic
 //       fake_libcuda.cpp -o <dir>/libcuda.so.1
 //   LD_LIBRARY_PATH=<dir>:$LD_LIBRARY_PATH <test binary>
 //
 // It reports one device, "Emulated GPU (CPU)", compute capability 9.0 with 132
-// SMs. Fresh allocations are filled with 0xff bytes (NaN as f32), so a kernel
+// SMs, that launches thread-block clusters (emu.h runs a cluster's blocks at
+// once, one OS thread each). Fresh allocations are filled with 0xff bytes (NaN as f32), so a kernel
 // that reads memory nothing wrote produces NaN. Built with -fsanitize=address
 // (and libasan preloaded into the process), out-of-bounds accesses of device
 // memory abort. Kernels load from CUBINs the real NVRTC compiled (checked to be
@@ -99,6 +100,7 @@ struct Node {
     Entry* entry;
     dim3 grid, block;
     std::vector<unsigned char> params;
+    dim3 cluster;  // blocks per thread-block cluster (1 x 1 x 1: none)
 };
 struct Capture {
     std::vector<Node> nodes;
@@ -136,7 +138,7 @@ static bool launch_shape_ok(unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
 }
 static void run_node(const Node& n) {
     void* p = (void*)n.params.data();
-    emu::launch(n.grid, n.block, [&] { n.entry->run(p); });
+    emu::launch(n.grid, n.block, [&] { n.entry->run(p); }, n.cluster);
 }
 
 extern "C" {
@@ -152,6 +154,7 @@ CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
     case 76: *v = 0; break;    // minor
     case 16: *v = 132; break;  // multiprocessors
     case 115: *v = 1; break;   // memory pools supported
+    case 120: *v = 1; break;   // cluster launch
     default: *v = 0; break;
     }
     return 0;
@@ -238,14 +241,15 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
 }
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned smem, CUstream s, void** params, void** extra);
-// CUlaunchConfig and CUlaunchAttribute as cuda.h lays them out. The only
-// attribute taken is programmatic stream serialization (id 6) set to 1: kernels
+// CUlaunchConfig and CUlaunchAttribute as cuda.h lays them out. The
+// attributes taken: programmatic stream serialization (id 6) set to 1 (kernels
 // run one after another here, which is one of the orders it allows, and each
-// kernel's griddepcontrol.wait is compiled out.
+// kernel's griddepcontrol.wait is compiled out), and cluster dimensions (id 4)
+// of at most 8 blocks that divide the grid.
 struct LaunchAttr {
     int id;
     char pad[4];
-    union { char bytes[64]; int value; } v;
+    union { char bytes[64]; int value; unsigned dims[3]; } v;
 };
 struct LaunchConfig {
     unsigned gx, gy, gz, bx, by, bz, smem;
@@ -255,19 +259,37 @@ struct LaunchConfig {
 };
 static_assert(sizeof(LaunchAttr) == 72, "CUlaunchAttribute");
 static_assert(offsetof(LaunchConfig, stream) == 32 && sizeof(LaunchConfig) == 56, "CUlaunchConfig");
+static CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                       unsigned bz, unsigned smem, CUstream s, void** params, void** extra, dim3 cluster);
 CUresult cuLaunchKernelEx(const LaunchConfig* c, CUfunction f, void** params, void** extra) {
     if (!c || (c->num_attrs && !c->attrs)) return 1;
+    dim3 cluster(1, 1, 1);
     for (unsigned i = 0; i < c->num_attrs; ++i) {
-        if (c->attrs[i].id != 6 || c->attrs[i].v.value != 1) return 1;
+        const LaunchAttr& a = c->attrs[i];
+        if (a.id == 6 && a.v.value == 1) continue;
+        if (a.id != 4) return 1;
+        const unsigned* d = a.v.dims;
+        if (!d[0] || !d[1] || !d[2] || d[0] * d[1] * d[2] > 8 || c->gx % d[0] || c->gy % d[1] ||
+            c->gz % d[2]) {
+            return 1;  // CUDA_ERROR_INVALID_VALUE
+        }
+        cluster = dim3(d[0], d[1], d[2]);
     }
-    return cuLaunchKernel(f, c->gx, c->gy, c->gz, c->bx, c->by, c->bz, c->smem, c->stream, params, extra);
+    return launch(f, c->gx, c->gy, c->gz, c->bx, c->by, c->bz, c->smem, c->stream, params, extra,
+                  cluster);
 }
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned smem, CUstream s, void** params, void** extra) {
+    return launch(f, gx, gy, gz, bx, by, bz, smem, s, params, extra, dim3(1, 1, 1));
+}
+#pragma GCC visibility pop
+}
+static CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                       unsigned bz, unsigned smem, CUstream s, void** params, void** extra, dim3 cluster) {
     if (!f || !params || extra || smem) return 1;
     if (!launch_shape_ok(gx, gy, gz, bx, by, bz)) return 1;
     Entry* e = (Entry*)f;
-    Node n{e, dim3(gx, gy, gz), dim3(bx, by, bz), {}};
+    Node n{e, dim3(gx, gy, gz), dim3(bx, by, bz), {}, cluster};
     const unsigned char* p = (const unsigned char*)params[0];
     n.params.assign(p, p + e->params_size);
     {
@@ -280,6 +302,8 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     run_node(n);
     return 0;
 }
+extern "C" {
+#pragma GCC visibility push(default)
 typedef struct Graph { std::vector<Node> nodes; } *CUgraph;
 typedef struct GraphExec { std::vector<Node> nodes; } *CUgraphExec;
 CUresult cuStreamBeginCapture_v2(CUstream s, int) {

@@ -5,7 +5,7 @@
 // aborts on a deadlock or a shuffle with missing lanes, and a sanitized build
 // (-fsanitize=address,undefined) aborts on out-of-bounds or misaligned access.
 //
-//   c++ -std=c++17 -O1 -fsanitize=address,undefined run_kernels.cpp -o run_kernels
+//   c++ -std=c++17 -O1 -pthread -fsanitize=address,undefined run_kernels.cpp -o run_kernels
 //   ASAN_OPTIONS=detect_leaks=0 ./run_kernels [--reverse] [--long] [op ...]
 //
 // ops: gather loss ln attn linear (default: all). --reverse runs the threads of
@@ -64,6 +64,19 @@ static void check_counters_reset(const std::string& what, const std::vector<unsi
             return;
         }
     }
+}
+
+// Split-K through a thread-block cluster must give bitwise what the workspace
+// gave: the same sums in the same order.
+template <class E>
+static void check_same(const std::string& what, const E* got, const E* want, size_t n) {
+    if (memcmp(got, want, n * sizeof(E)) != 0) {
+        ++failures;
+        printf("FAIL %-60s differs from the workspace's split-K\n", what.c_str());
+    } else {
+        printf("ok   %-60s bitwise the workspace's split-K\n", what.c_str());
+    }
+    fflush(stdout);
 }
 
 static bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
@@ -154,17 +167,29 @@ static void test_linear(int m, int n, int k, int act, bool bias, bool res, int x
         const std::string v = std::string(tf32 ? (vec ? "tc_tf32_vec4" : "tc_tf32_scalar")
                                                : (vec ? "tiled_vec4" : "tiled_scalar")) +
                               " splits " + std::to_string(splits) + (ooff ? " out +4 bytes" : "");
-        emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), splits), dim3(tf32 ? 128 : 256), [&] {
-            if (tf32) {
-                if (vec) linear_tc_tf32_vec4(p); else linear_tc_tf32_scalar(p);
-            } else {
-                if (vec) linear_tiled_vec4(p); else linear_tiled_scalar(p);
-            }
-        });
+        const auto run = [&](dim3 cluster) {
+            emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), splits), dim3(tf32 ? 128 : 256), [&] {
+                if (tf32) {
+                    if (vec) linear_tc_tf32_vec4(p); else linear_tc_tf32_scalar(p);
+                } else {
+                    if (vec) linear_tiled_vec4(p); else linear_tiled_scalar(p);
+                }
+            }, cluster);
+        };
+        run(dim3(1, 1, 1));
         check_counters_reset(std::string(name) + " " + v, counters);
         // TF32 rounds the inputs to 10 mantissa bits (2^-11 relative at most):
         // measured <= 1.8e-4 here, 2.9e-4 in tests/cuda_ops.rs.
         report(std::string(name) + " " + v, outp, want, tf32 ? 7e-4 : 1e-5);
+        if (splits > 1 && splits <= 8) {
+            // The same split as one cluster per tile, no workspace.
+            Buf clb(m * n + ooff);
+            p.out = clb.p + ooff;
+            p.partial = nullptr;
+            p.tile_counters = nullptr;
+            run(dim3(1, 1, splits));
+            check_same(std::string(name) + " " + v + " cluster", p.out, outp, (size_t)m * n);
+        }
     }
     // v4 (few rows, any M here): 16-byte loads with the host's block size, and
     // scalar loads with one warp (many chunks per thread, odd counts for the
@@ -537,10 +562,22 @@ static void test_linear_half(int m, int n, int k) {
             emu::launch(dim3(cdiv(n, 128), cdiv(m, 128), 1), dim3(256), [&] { S::linear_large(p); });
         } else {
             v = std::string(vec ? "tc_vec8" : "tc_scalar") + " splits " + std::to_string(p.splits);
-            emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), p.splits), dim3(128), [&] {
-                if (vec) S::linear_small(p); else S::linear_scalar(p);
-            });
+            const auto run = [&](dim3 cluster) {
+                emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), p.splits), dim3(128), [&] {
+                    if (vec) S::linear_small(p); else S::linear_scalar(p);
+                }, cluster);
+            };
+            run(dim3(1, 1, 1));
             check_counters_reset(std::string(name) + " " + v, counters);
+            if (p.splits > 1) {
+                // The same split as one cluster per tile, no workspace.
+                std::vector<E> cl((size_t)m * n + ooff, S::from(NAN));
+                p.out = cl.data() + ooff;
+                p.partial = nullptr;
+                p.tile_counters = nullptr;
+                run(dim3(1, 1, p.splits));
+                check_same(std::string(name) + " " + v + " cluster", p.out, out_p, (size_t)m * n);
+            }
         }
         std::vector<float> got((size_t)m * n);
         for (size_t i = 0; i < got.size(); ++i) got[i] = emu_to_float(out_p[i]);

@@ -77,7 +77,18 @@ pub struct CudaOptions {
     /// or newer driver). Results are bitwise the same either way; see
     /// [`Cuda::dependent_launch`].
     pub serial_launches: bool,
+    /// Add split-K slices through a workspace in device memory everywhere
+    /// (default off). Off, on GPUs with thread-block clusters (sm_90 and
+    /// newer), a split GEMM's blocks of one output tile run as one cluster
+    /// and add their slices through each other's shared memory: no
+    /// workspace, and no round trips through L2 to finish a tile. Results
+    /// are bitwise the same either way; see [`Cuda::cluster_split_k`].
+    pub split_k_through_memory: bool,
 }
+
+/// Most blocks of one thread-block cluster: the portable limit (sm_90), and
+/// `LINEAR_MAX_CLUSTER` in kernels/linear.cu.
+pub(crate) const MAX_CLUSTER: usize = 8;
 
 /// Allocation granule: every block is a multiple of 256 bytes (and the driver
 /// aligns blocks to at least 256 bytes, so 16-byte vector loads always qualify).
@@ -480,6 +491,8 @@ struct Shared {
     cc_major: i32,
     /// The driver's CUDA version, e.g. 12030 for 12.3.
     driver_version: i32,
+    /// The device launches thread-block clusters.
+    clusters: bool,
     device_name: String,
     sm_count: u32,
     /// Loaded modules by (file, storage type).
@@ -588,6 +601,10 @@ impl Cuda {
         let sm_count = ctx
             .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("reading the multiprocessor count"))?;
+        let clusters = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH)
+            .map_err(driver("asking whether the device launches clusters"))?
+            != 0;
         let device_name = ctx.name().map_err(driver("reading the device name"))?;
         let mut driver_version = 0;
         // SAFETY: writes one int.
@@ -612,6 +629,7 @@ impl Cuda {
             arch: format!("sm_{major}{minor}"),
             cc_major: major,
             driver_version,
+            clusters,
             device_name,
             sm_count,
             modules: Mutex::new(HashMap::new()),
@@ -722,6 +740,14 @@ impl Cuda {
         shared.cc_major >= 9
             && shared.driver_version >= 12030
             && !self.inner.options.serial_launches
+    }
+
+    /// Whether a split GEMM's blocks of one tile run as a thread-block
+    /// cluster and add their K slices through distributed shared memory:
+    /// devices that launch clusters (sm_90 and newer), unless
+    /// [`CudaOptions::split_k_through_memory`] is set.
+    pub fn cluster_split_k(&self) -> bool {
+        self.inner.shared.clusters && !self.inner.options.split_k_through_memory
     }
 
     /// Bytes held by the pool for reuse.
@@ -1213,11 +1239,42 @@ impl Cuda {
         block: (u32, u32, u32),
         params: &P,
     ) -> Result<()> {
+        self.launch_in_clusters(program, name, grid, block, None, params)
+    }
+
+    /// [`Cuda::launch`], with the grid in thread-block clusters of
+    /// `cluster` blocks (each dimension dividing the grid's, at most
+    /// [`MAX_CLUSTER`] blocks) where it is given; only where
+    /// [`Cuda::cluster_split_k`] says the device launches them.
+    pub(crate) fn launch_in_clusters<P: DeviceRepr>(
+        &self,
+        program: &'static Program,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        cluster: Option<(u32, u32, u32)>,
+        params: &P,
+    ) -> Result<()> {
         let (gx, gy, gz) = grid;
         if gx == 0 || gy == 0 || gz == 0 || gx > i32::MAX as u32 || gy > 65_535 || gz > 65_535 {
             return Err(Error::invalid(format!(
                 "{name}: grid {grid:?} is outside CUDA's limits"
             )));
+        }
+        if let Some((cx, cy, cz)) = cluster {
+            let size = u64::from(cx) * u64::from(cy) * u64::from(cz);
+            if !self.inner.shared.clusters
+                || size == 0
+                || size > MAX_CLUSTER as u64
+                || gx % cx.max(1) != 0
+                || gy % cy.max(1) != 0
+                || gz % cz.max(1) != 0
+            {
+                return Err(backend_error(
+                    CUDA,
+                    format!("{name}: clusters of {cluster:?} blocks over grid {grid:?}"),
+                ));
+            }
         }
         let f = self.function(program, name)?;
         let _stream = self.use_stream(None)?;
@@ -1234,15 +1291,29 @@ impl Cuda {
         // that order: every kernel waits for its predecessor before it
         // touches memory (`dependent_launch_prologue`, asserted for every
         // entry point by the program tests).
-        if self.dependent_launch() {
+        if self.dependent_launch() || cluster.is_some() {
             let stream = &self.inner.shared.stream;
             stream.context().bind_to_thread().map_err(driver(&what()))?;
-            let mut attr = drv_sys::CUlaunchAttribute {
-                id: drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            let blank = drv_sys::CUlaunchAttribute {
+                id: drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_IGNORE,
                 pad: [0; 4],
                 value: drv_sys::CUlaunchAttributeValue { pad: [0; 64] },
             };
-            attr.value.programmaticStreamSerializationAllowed = 1;
+            let mut attrs = [blank; 2];
+            let mut count = 0;
+            if self.dependent_launch() {
+                attrs[count].id =
+                    drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+                attrs[count].value.programmaticStreamSerializationAllowed = 1;
+                count += 1;
+            }
+            if let Some((x, y, z)) = cluster {
+                attrs[count].id =
+                    drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+                attrs[count].value.clusterDim =
+                    drv_sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x, y, z };
+                count += 1;
+            }
             let config = drv_sys::CUlaunchConfig {
                 gridDimX: gx,
                 gridDimY: gy,
@@ -1252,11 +1323,11 @@ impl Cuda {
                 blockDimZ: block.2,
                 sharedMemBytes: 0,
                 hStream: stream.cu_stream(),
-                attrs: &mut attr,
-                numAttrs: 1,
+                attrs: attrs.as_mut_ptr(),
+                numAttrs: count as u32,
             };
             let mut args = [params as *const P as *mut std::ffi::c_void];
-            // SAFETY: see above; `config`, `attr` and `args` outlive the call,
+            // SAFETY: see above; `config`, `attrs` and `args` outlive the call,
             // which copies the parameter struct before it returns.
             unsafe {
                 drv_sys::cuLaunchKernelEx(

@@ -3,11 +3,14 @@
 //! bf16 storage v3 on tensor cores (WMMA), with the same tiles and split-K; for
 //! f32 storage with [`CudaOptions::tf32`](super::CudaOptions::tf32) the same v3
 //! on TF32 tensor cores. GEMMs of few rows take v4 (`linear_rows_*`) in every
-//! storage: 8x4 outputs per block over all of K, no split-K.
+//! storage: 8x4 outputs per block over all of K, no split-K. Where the device
+//! launches thread-block clusters, a split GEMM's blocks of one tile are one
+//! cluster and add their slices through distributed shared memory instead of
+//! a workspace ([`Cuda::cluster_split_k`]).
 
 use cudarc::driver::DeviceRepr;
 
-use super::backend::{blocks_for, i32_of, Cuda, CudaTensor, KernelVersion};
+use super::backend::{blocks_for, i32_of, Cuda, CudaTensor, KernelVersion, MAX_CLUSTER};
 use super::program::{param_layout, Program};
 use crate::error::Result;
 use crate::ops::{Activation, LinearDims};
@@ -100,41 +103,41 @@ pub(crate) enum LinearPlan {
         threads: u32,
         grid: (u32, u32, u32),
     },
-    /// `linear_tiled_*` (or a tensor-core twin); with `splits > 1` the partial
-    /// sums go to a `[splits, M, N]` workspace and the last block of each of
-    /// the `grid.0 * grid.1` tiles finishes it, counted in the backend's tile
-    /// counters.
+    /// `linear_tiled_*` (or a tensor-core twin); with `splits > 1` and
+    /// `cluster` each tile's split blocks are one thread-block cluster and add
+    /// their slices in shared memory; with `splits > 1` and no `cluster` the
+    /// partial sums go to a `[splits, M, N]` workspace and the last block of
+    /// each of the `grid.0 * grid.1` tiles finishes it, counted in the
+    /// backend's tile counters.
     Tiled {
         kernel: &'static str,
         threads: u32,
         grid: (u32, u32, u32),
         splits: usize,
         k_per_split: usize,
+        cluster: bool,
     },
 }
 
 /// The K split for an `m x n` output over `k` on `sm_count` SMs, for a kernel
-/// that walks K in steps of `k_step` and whose finishing block reads
-/// `finish_slices` full 64x64 slices quickly (see [`Gemm::finish_slices`]):
-/// when the tiles alone are too few to fill the device, enough splits for two
-/// blocks per SM, each at least one step deep and no more than the finishing
-/// block can add up quickly (more slices of tiles with fewer rows). Returns
-/// `(splits, k_per_split)` with `k_per_split` a multiple of `k_step` and every
-/// split non-empty.
+/// that walks K in steps of `k_step`, in at most `max_splits` slices (see
+/// [`Gemm::max_splits`]): when the tiles alone are too few to fill the
+/// device, enough splits for two blocks per SM, each at least one step deep.
+/// Returns `(splits, k_per_split)` with `k_per_split` a multiple of `k_step`
+/// and every split non-empty.
 fn split_k(
     m: usize,
     n: usize,
     k: usize,
     sm_count: usize,
     k_step: usize,
-    finish_slices: usize,
+    max_splits: usize,
 ) -> (usize, usize) {
     let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
     let mut splits = 1;
     if tiles < sm_count && k >= 2 * k_step {
         let want = (2 * sm_count).div_ceil(tiles);
-        let finish = finish_slices * TILE / m.clamp(1, TILE);
-        splits = want.min(k / k_step).min(finish).clamp(1, MAX_SPLITS);
+        splits = want.min(k / k_step).min(max_splits).clamp(1, MAX_SPLITS);
         // The workspace [splits, m, n] must fit the kernels' 32-bit indices.
         while splits > 1
             && splits
@@ -187,6 +190,18 @@ impl Gemm {
         }
     }
 
+    /// Most K slices of a GEMM of `m` rows: one cluster's blocks where the
+    /// slices are added in a cluster (all read at once, each block a share
+    /// of the tile); else what the finishing block reads quickly, more
+    /// slices for tiles of fewer rows.
+    fn max_splits(self, m: usize, cluster: bool) -> usize {
+        if cluster {
+            MAX_CLUSTER
+        } else {
+            self.finish_slices() * TILE / m.clamp(1, TILE)
+        }
+    }
+
     /// The 64x64-tile kernel and its block size; `wide` = 16-byte copies are
     /// possible (K a multiple of 16 bytes' worth of elements, operands 16-byte
     /// aligned).
@@ -215,12 +230,14 @@ impl Gemm {
 /// How `linear` runs for `d`. `wide`: K is a multiple of 16 bytes' worth of
 /// elements (4 f32, 8 f16 / bf16) and x and w are 16-byte aligned, so rows
 /// can be copied 16 bytes at a time (v2's float4 loads, v3's cp.async).
+/// `clusters`: split GEMMs may add their slices in a thread-block cluster.
 pub(crate) fn plan(
     d: LinearDims,
     version: KernelVersion,
     sm_count: u32,
     gemm: Gemm,
     wide: bool,
+    clusters: bool,
 ) -> Result<LinearPlan> {
     match version {
         KernelVersion::Naive => Ok(LinearPlan::Naive {
@@ -264,6 +281,7 @@ pub(crate) fn plan(
                         ),
                         splits: 1,
                         k_per_split: d.k.div_ceil(k_step).max(1) * k_step,
+                        cluster: false,
                     });
                 }
             }
@@ -273,7 +291,7 @@ pub(crate) fn plan(
                 d.k,
                 sm_count as usize,
                 gemm.k_step(),
-                gemm.finish_slices(),
+                gemm.max_splits(d.m, clusters),
             );
             let (kernel, threads) = gemm.kernel(wide);
             Ok(LinearPlan::Tiled {
@@ -286,6 +304,7 @@ pub(crate) fn plan(
                 ),
                 splits,
                 k_per_split,
+                cluster: clusters && splits > 1,
             })
         }
     }
@@ -341,7 +360,14 @@ pub(super) fn linear(
         k_per_split: 0,
         splits: 1,
     };
-    match plan(d, be.version(), be.sm_count(), gemm, wide)? {
+    match plan(
+        d,
+        be.version(),
+        be.sm_count(),
+        gemm,
+        wide,
+        be.cluster_split_k(),
+    )? {
         LinearPlan::Naive { grid } => {
             be.launch(&PROGRAM, "linear_naive", grid, (16, 16, 1), &params)
         }
@@ -356,11 +382,18 @@ pub(super) fn linear(
             grid,
             splits,
             k_per_split,
+            cluster,
         } => {
             params.k_per_split = i32_of("linear split", k_per_split)?;
             params.splits = i32_of("linear splits", splits)?;
             if splits == 1 {
                 return be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params);
+            }
+            if cluster {
+                // One cluster per tile: its blocks are the tile's K slices.
+                let blocks = (1, 1, grid.2);
+                let block = (threads, 1, 1);
+                return be.launch_in_clusters(&PROGRAM, kernel, grid, block, Some(blocks), &params);
             }
             // [splits, M, N] partial sums; back to the pool when this returns,
             // reusable only by work queued after this launch.
@@ -397,8 +430,15 @@ mod tests {
             (616, 512, 2048),
         ] {
             for sms in [1, 8, 132] {
-                for (step, slices) in [(32, 4), (64, 4), (64, 8)] {
-                    let (s, kps) = split_k(m, n, k, sms, step, slices);
+                for (gemm, cluster) in [
+                    (Gemm::Tf32, false),
+                    (Gemm::Half, false),
+                    (Gemm::Tiled, false),
+                    (Gemm::Tf32, true),
+                    (Gemm::Tiled, true),
+                ] {
+                    let (step, most) = (gemm.k_step(), gemm.max_splits(m, cluster));
+                    let (s, kps) = split_k(m, n, k, sms, step, most);
                     assert!((1..=MAX_SPLITS).contains(&s), "{m}x{n}x{k}: {s} splits");
                     assert_eq!(kps % step, 0);
                     // Every split starts inside K, the last one reaches it.
@@ -406,9 +446,11 @@ mod tests {
                         (s - 1) * kps < k && s * kps >= k,
                         "{m}x{n}x{k}: {s} x {kps}"
                     );
-                    // The finishing block's share stays bounded.
-                    if s > 1 {
-                        assert!(s * m.min(TILE) <= slices * TILE);
+                    // The finishing block's share stays bounded; a cluster
+                    // has at most MAX_CLUSTER blocks.
+                    assert!(s <= most, "{m}x{n}x{k}: {s} > {most}");
+                    if !cluster {
+                        assert!(s * m.min(TILE) <= gemm.finish_slices() * TILE);
                     }
                 }
             }
@@ -417,19 +459,27 @@ mod tests {
 
     #[test]
     fn small_grids_are_split_large_are_not() {
+        let split = |m, n, k, gemm: Gemm, cluster| {
+            split_k(m, n, k, 132, gemm.k_step(), gemm.max_splits(m, cluster))
+        };
         // 8 tiles of 4 rows on 132 SMs (the fc at batch 1, were it not v4's).
-        assert_eq!(split_k(4, 512, 4096, 132, 64, 8), (32, 128));
+        assert_eq!(split(4, 512, 4096, Gemm::Tiled, false), (32, 128));
+        assert_eq!(split(4, 512, 4096, Gemm::Tiled, true), (8, 512));
         // Decoder out projection at batch 1: 16 tiles, split as far as the
-        // finishing block allows: 8 one-step splits on v2, 4 on v3.
-        assert_eq!(split_k(77, 512, 512, 132, 64, 8), (8, 64));
-        assert_eq!(split_k(77, 512, 512, 132, 64, 4), (4, 128));
-        assert_eq!(split_k(77, 512, 512, 132, 32, 4), (4, 128));
+        // finishing block allows: 8 one-step splits on v2, 4 on v3; in a
+        // cluster, 8 on both.
+        assert_eq!(split(77, 512, 512, Gemm::Tiled, false), (8, 64));
+        assert_eq!(split(77, 512, 512, Gemm::Half, false), (4, 128));
+        assert_eq!(split(77, 512, 512, Gemm::Tf32, false), (4, 128));
+        assert_eq!(split(77, 512, 512, Gemm::Half, true), (8, 64));
+        assert_eq!(split(77, 512, 512, Gemm::Tf32, true), (8, 64));
         // Decoder FFN up at batch 1: 64 tiles, two blocks per SM.
-        assert_eq!(split_k(77, 2048, 512, 132, 64, 8), (4, 128));
+        assert_eq!(split(77, 2048, 512, Gemm::Tiled, false), (4, 128));
+        assert_eq!(split(77, 2048, 512, Gemm::Half, true), (4, 128));
         // Batch 64 decoder FFN: 77 x 8 tiles, enough on their own.
-        assert_eq!(split_k(64 * 77, 512, 2048, 132, 64, 8).0, 1);
+        assert_eq!(split(64 * 77, 512, 2048, Gemm::Tiled, false).0, 1);
         // K shorter than two steps is never split.
-        assert_eq!(split_k(4, 512, 100, 132, 64, 8).0, 1);
+        assert_eq!(split(4, 512, 100, Gemm::Tiled, false).0, 1);
     }
 
     #[test]
@@ -441,14 +491,38 @@ mod tests {
             (4, 512, 4096),
             (513, 33, 64),
         ] {
-            match plan(dims(m, n, k), KernelVersion::Naive, 132, Gemm::Tiled, true).unwrap() {
+            match plan(
+                dims(m, n, k),
+                KernelVersion::Naive,
+                132,
+                Gemm::Tiled,
+                true,
+                true,
+            )
+            .unwrap()
+            {
                 LinearPlan::Naive { grid } => {
                     assert!(grid.0 as usize * 16 >= n && grid.1 as usize * 16 >= m);
                 }
                 p => panic!("{p:?}"),
             }
-            for gemm in [Gemm::Tiled, Gemm::Half, Gemm::Tf32] {
-                match plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, false).unwrap() {
+            for (gemm, clusters) in [
+                (Gemm::Tiled, false),
+                (Gemm::Half, false),
+                (Gemm::Tf32, false),
+                (Gemm::Tiled, true),
+                (Gemm::Half, true),
+            ] {
+                match plan(
+                    dims(m, n, k),
+                    KernelVersion::Fast,
+                    132,
+                    gemm,
+                    false,
+                    clusters,
+                )
+                .unwrap()
+                {
                     LinearPlan::Rows {
                         kernel,
                         threads,
@@ -465,6 +539,7 @@ mod tests {
                         grid,
                         splits,
                         k_per_split,
+                        cluster,
                         ..
                     } => {
                         assert!(kernel.ends_with("scalar"), "{kernel}");
@@ -472,8 +547,12 @@ mod tests {
                         assert_eq!(grid.2 as usize, splits);
                         assert!(splits * k_per_split >= k);
                         assert_eq!(k_per_split % gemm.k_step(), 0);
-                        // A split grid's tiles fit the backend's counters (one per SM).
-                        if splits > 1 {
+                        // A split grid's tiles fit the backend's counters (one
+                        // per SM), or its tiles are clusters of its splits.
+                        assert_eq!(cluster, clusters && splits > 1);
+                        if cluster {
+                            assert!(splits <= MAX_CLUSTER);
+                        } else if splits > 1 {
                             assert!((grid.0 * grid.1) < 132);
                         }
                     }
@@ -502,6 +581,7 @@ mod tests {
             let (_, threads, step) = gemm.large_kernel().unwrap();
             assert_eq!((threads, step * elem), (256, 64));
         }
+        assert!(src.contains(&format!("#define LINEAR_MAX_CLUSTER {MAX_CLUSTER}")));
         assert!(src.contains("#define LINEAR_TC_SMALL_THREADS 128"));
         assert!(src.contains("#define LINEAR_TC_LARGE_THREADS 256"));
     }
@@ -519,7 +599,7 @@ mod tests {
             (1, 1, 1, 32),
         ] {
             for gemm in [Gemm::Tiled, Gemm::Half, Gemm::Tf32] {
-                let p = plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, true).unwrap();
+                let p = plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, true, true).unwrap();
                 let want = LinearPlan::Rows {
                     kernel: "linear_rows_vec4",
                     threads,
@@ -535,6 +615,7 @@ mod tests {
                 132,
                 Gemm::Tiled,
                 true,
+                false,
             );
             assert!(matches!(p, Ok(LinearPlan::Tiled { .. })), "{m}: {p:?}");
         }
@@ -551,25 +632,26 @@ mod tests {
         // Batch 64's decoder GEMMs: 39 x 4 large tiles and more.
         for (m, n, k) in [(4928, 512, 2048), (4928, 2048, 512), (4928, 1536, 512)] {
             for gemm in [Gemm::Half, Gemm::Tf32] {
-                let p = plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, true).unwrap();
+                let p = plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, true, true).unwrap();
                 let LinearPlan::Tiled {
                     kernel,
                     threads,
                     grid,
                     splits,
                     k_per_split,
+                    cluster,
                 } = p
                 else {
                     panic!("{p:?}")
                 };
                 assert!(kernel.contains("large"), "{kernel}");
-                assert_eq!((threads, splits, grid.2), (256, 1, 1));
+                assert_eq!((threads, splits, grid.2, cluster), (256, 1, 1, false));
                 assert!(grid.0 as usize * LARGE_TILE >= n && grid.1 as usize * LARGE_TILE >= m);
                 assert!(k_per_split >= k);
             }
             // Not on CUDA cores, and not without 16-byte copies.
             for (gemm, wide) in [(Gemm::Tiled, true), (Gemm::Half, false)] {
-                match plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, wide).unwrap() {
+                match plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, wide, false).unwrap() {
                     LinearPlan::Tiled { kernel, .. } => assert!(!kernel.contains("large")),
                     p => panic!("{p:?}"),
                 }
@@ -582,6 +664,7 @@ mod tests {
             132,
             Gemm::Half,
             true,
+            false,
         )
         .unwrap()
         {
