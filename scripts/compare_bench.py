@@ -24,9 +24,13 @@ import sys
 
 PRECISIONS = ["f32", "tf32", "bf16", "f16"]
 FORWARD_OURS = ["projector graph", "projector"]  # best first
-# The graph again with every kernel started after its predecessor (present where the
-# forward uses programmatic dependent launch), to show what that gains.
-SERIAL_GRAPH = "projector graph serial"
+# The graph again with one of the forward's features off (present where the forward
+# uses it), to show what it gains: (bench row, label, feature).
+GRAPH_WITHOUT = [
+    ("projector graph serial", "projector graph serial launches", "dependent launch"),
+    ("projector graph split-K in memory", "projector graph split-K in memory",
+     "cluster split-K"),
+]
 TORCH_FORWARD = [("eager", "PyTorch eager"), ("compile default", "torch.compile (default)"),
                  ("compile reduce-overhead", "torch.compile (reduce-overhead, CUDA graphs)")]
 OPS = {"attention": "F.scaled_dot_product_attention", "layer_norm": "F.layer_norm",
@@ -222,12 +226,13 @@ def render(d, env, ours_device, inputs):
             for what in reversed(FORWARD_OURS):
                 t = d.ours_forward(precision, batch, what)
                 lines.append(f"| ours: {what} | {shape} | {fmt_us(t)} | | | |")
-            serial = d.ours_forward(precision, batch, SERIAL_GRAPH)
-            if serial is not None:
-                graph = d.ours_forward(precision, batch, "projector graph")
-                note = f"dependent launch {serial / graph:.2f}x faster" if graph else ""
-                lines.append(f"| ours: {SERIAL_GRAPH} launches | {shape} | {fmt_us(serial)} | | | "
-                             f"{note} |")
+            graph = d.ours_forward(precision, batch, "projector graph")
+            for what, label, feature in GRAPH_WITHOUT:
+                without = d.ours_forward(precision, batch, what)
+                if without is None:
+                    continue
+                note = f"{feature} {without / graph:.2f}x faster" if graph else ""
+                lines.append(f"| ours: {label} | {shape} | {fmt_us(without)} | | | {note} |")
             best_name, best = d.best_forward(precision, batch)
             for what, label in TORCH_FORWARD:
                 r = d.torch_row(precision, batch, what)

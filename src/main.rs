@@ -546,7 +546,30 @@ impl BackendTask for Check {
             });
         }
         if be.dependent_launch() {
-            rows.push(dependent_against_serial(&be, &image, precision)?);
+            let serial = CudaOptions {
+                serial_launches: true,
+                ..be.options().clone()
+            };
+            rows.push(against_plain(
+                &be,
+                &image,
+                precision,
+                ("dependent launch", "serial"),
+                serial,
+            )?);
+        }
+        if be.cluster_split_k() {
+            let memory = CudaOptions {
+                split_k_through_memory: true,
+                ..be.options().clone()
+            };
+            rows.push(against_plain(
+                &be,
+                &image,
+                precision,
+                ("cluster split-K", "memory"),
+                memory,
+            )?);
         }
         Ok(rows)
     }
@@ -568,29 +591,30 @@ fn capture_for<'p>(
     Ok((p.capture(batch, n_in)?, x))
 }
 
-/// Programmatic dependent launch must not change a bit: the forward replayed
-/// from a graph of dependent launches against the eager forward with every
-/// kernel started after its predecessor (the kernels are deterministic, so a
-/// kernel reading before its predecessor finished shows as a difference).
+/// A launch feature must not change a bit: the forward replayed from a graph
+/// on `be` against the eager forward on a backend with `plain` options, the
+/// feature off. `(op, against)` name the row. The kernels are deterministic,
+/// so, for programmatic dependent launch, a kernel reading before its
+/// predecessor finished shows as a difference; for split-K in a cluster, a
+/// slice added out of order or missed.
 #[cfg(feature = "cuda")]
-fn dependent_against_serial(
+fn against_plain(
     be: &Cuda,
     config: &ProjectorConfig,
     precision: Precision,
+    (op, against): (&'static str, &'static str),
+    plain: CudaOptions,
 ) -> Result<CheckRow> {
     let case = verify::ProjectorCase::new(config, 2, precision.storage(), 11)?;
-    let dependent = case.run(be, |p, h, e| {
+    let featured = case.run(be, |p, h, e| {
         let (mut graph, x) = capture_for(be, p, h, e)?;
         be.download(graph.forward(&x)?)
     })?;
-    let serial_be = be.with_options(CudaOptions {
-        serial_launches: true,
-        ..be.options().clone()
+    let plain_be = be.with_options(plain)?;
+    let plain = case.run(&plain_be, |p, h, e| {
+        plain_be.download(&p.forward(h, Some(e))?)
     })?;
-    let serial = case.run(&serial_be, |p, h, e| {
-        serial_be.download(&p.forward(h, Some(e))?)
-    })?;
-    let (a, b) = (dependent.to_f64_vec(), serial.to_f64_vec());
+    let (a, b) = (featured.to_f64_vec(), plain.to_f64_vec());
     let (rel, max_abs) = output_projector::tensor::compare(&a, &b);
     let differing = a
         .iter()
@@ -598,8 +622,8 @@ fn dependent_against_serial(
         .filter(|(x, y)| x.to_bits() != y.to_bits())
         .count();
     Ok(CheckRow {
-        against: "serial",
-        op: "dependent launch",
+        against,
+        op,
         case: format!("{} ({differing} elements differ)", case.name),
         rel: if differing == 0 && a.len() == b.len() {
             0.0
@@ -781,7 +805,8 @@ impl BackendTask for Bench<'_> {
 
     /// The rows of every backend, then the forward replayed from a CUDA graph;
     /// where kernels are queued with programmatic dependent launch, the graph
-    /// again with serial launches, so the table shows what it gains.
+    /// again with serial launches, and where split GEMMs add their slices in
+    /// a cluster, again through memory, so the table shows what each gains.
     #[cfg(feature = "cuda")]
     fn run_cuda(self, be: Cuda) -> Result<Vec<BenchRow>> {
         let mut rows = self.run(be.clone(), DeviceKind::Cuda)?;
@@ -793,6 +818,13 @@ impl BackendTask for Bench<'_> {
                 ..be.options().clone()
             })?;
             backends.push(("projector graph serial", serial));
+        }
+        if be.cluster_split_k() {
+            let memory = be.with_options(CudaOptions {
+                split_k_through_memory: true,
+                ..be.options().clone()
+            })?;
+            backends.push(("projector graph split-K in memory", memory));
         }
         for (what, be) in backends {
             let proj = Projector::new(be.clone(), &weights)?;
