@@ -72,15 +72,25 @@ struct LinearParams {
     int splits;       // gridDim.z of the tiled kernel
 };
 
-__device__ __forceinline__ float linear_epilogue(const LinearParams& p, int m, int n, float acc) {
+// The epilogue's arithmetic on one sum, its bias and residual loaded
+// beforehand: each added only where the kernel has one (a missing one adds
+// nothing, not +0, which would turn -0 into +0).
+__device__ __forceinline__ float linear_apply(const LinearParams& p, float acc, float bias,
+                                             float residual) {
     if (p.bias != nullptr) {
-        acc += to_f32(p.bias[n]);
+        acc += bias;
     }
     float y = activate(p.act, acc);
     if (p.residual != nullptr) {
-        y += to_f32(p.residual[m * p.n + n]);
+        y += residual;
     }
     return y;
+}
+
+__device__ __forceinline__ float linear_epilogue(const LinearParams& p, int m, int n, float acc) {
+    const float bias = p.bias != nullptr ? to_f32(p.bias[n]) : 0.0f;
+    const float residual = p.residual != nullptr ? to_f32(p.residual[m * p.n + n]) : 0.0f;
+    return linear_apply(p, acc, bias, residual);
 }
 
 // Whether the epilogues may take 4 columns at a time (16-byte f32 / 8-byte
@@ -92,11 +102,65 @@ __device__ __forceinline__ bool linear_vec_out(const LinearParams& p) {
            (p.residual == nullptr || aligned(p.residual));
 }
 
+// What the epilogue adds to output columns [n, n + 4) of row m: the bias and
+// the residual (zero where absent or past N), four at a time where `vec`
+// and all four are in range. Loaded apart from linear_out4 so that a kernel
+// can have them in flight while it waits for something else.
+struct LinearAddends {
+    float4 bias;
+    float4 residual;
+};
+
+__device__ __forceinline__ LinearAddends linear_addends(const LinearParams& p, bool vec, int m,
+                                                        int n) {
+    LinearAddends a = {make_float4(0.0f, 0.0f, 0.0f, 0.0f), make_float4(0.0f, 0.0f, 0.0f, 0.0f)};
+    if (vec && n + 4 <= p.n) {
+        if (p.bias != nullptr) a.bias = load4(p.bias + n);
+        if (p.residual != nullptr) a.residual = load4(p.residual + m * p.n + n);
+        return a;
+    }
+    float b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float r[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        if (n + e < p.n) {
+            if (p.bias != nullptr) b[e] = to_f32(p.bias[n + e]);
+            if (p.residual != nullptr) r[e] = to_f32(p.residual[m * p.n + n + e]);
+        }
+    }
+    a.bias = make_float4(b[0], b[1], b[2], b[3]);
+    a.residual = make_float4(r[0], r[1], r[2], r[3]);
+    return a;
+}
+
+// Output columns [n, n + 4) of row m through the epilogue to `out`, given
+// their sums and addends: four at a time where `vec` and all four are in
+// range, else the ones in range one by one.
+__device__ __forceinline__ void linear_out4(const LinearParams& p, bool vec, int m, int n,
+                                            const float* sums, const LinearAddends& a) {
+    const float bias[4] = {a.bias.x, a.bias.y, a.bias.z, a.bias.w};
+    const float residual[4] = {a.residual.x, a.residual.y, a.residual.z, a.residual.w};
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        v[e] = linear_apply(p, sums[e], bias[e], residual[e]);
+    }
+    if (vec && n + 4 <= p.n) {
+        store4(p.out + m * p.n + n, make_float4(v[0], v[1], v[2], v[3]));
+        return;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        if (n + e < p.n) {
+            p.out[m * p.n + n + e] = from_f32(v[e]);
+        }
+    }
+}
+
 // Output columns [n, n + 4) of row m, `sums[0..4)` their sums: with
 // `partial` (p.partial, or null where a kernel never splits) raw to its
 // split-K slice `split` (four at a time where N % 4 == 0; the pool aligns
-// it); else through the epilogue to `out`, four at a time where `vec` and all
-// four are in range, with the same arithmetic as linear_epilogue.
+// it); else through the epilogue to `out` (linear_out4).
 __device__ __forceinline__ void linear_store4(const LinearParams& p, float* partial, bool vec,
                                               int split, int m, int n, const float* sums) {
     if (partial != nullptr) {
@@ -110,32 +174,15 @@ __device__ __forceinline__ void linear_store4(const LinearParams& p, float* part
         }
         return;
     }
+    // Loads interleaved with the arithmetic where not 4 at a time: their
+    // addends all loaded first cost v2 a spill on sm_90.
     if (!vec || n + 4 > p.n) {
         for (int e = 0; e < 4 && n + e < p.n; ++e) {
             p.out[m * p.n + n + e] = from_f32(linear_epilogue(p, m, n + e, sums[e]));
         }
         return;
     }
-    float v[4] = {sums[0], sums[1], sums[2], sums[3]};
-    if (p.bias != nullptr) {
-        const float4 b = load4(p.bias + n);
-        v[0] += b.x;
-        v[1] += b.y;
-        v[2] += b.z;
-        v[3] += b.w;
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        v[e] = activate(p.act, v[e]);
-    }
-    if (p.residual != nullptr) {
-        const float4 r = load4(p.residual + m * p.n + n);
-        v[0] += r.x;
-        v[1] += r.y;
-        v[2] += r.z;
-        v[3] += r.w;
-    }
-    store4(p.out + m * p.n + n, make_float4(v[0], v[1], v[2], v[3]));
+    linear_out4(p, true, m, n, sums, linear_addends(p, true, m, n));
 }
 
 // This block's weights, rows [blockIdx.x * bn, + bn) over its K slice
@@ -290,22 +337,40 @@ __device__ __forceinline__ void linear_splitk_finish(const LinearParams& p, int 
 // through distributed shared memory (all of a group's loads in flight at
 // once), adds them in order of rank 0, 1, .., splits - 1 (the same sums in
 // the same order as linear_splitk_finish: bitwise the same output) and
-// applies the epilogue. A second barrier keeps each block's shared memory
-// until the others have read it (relaxed: it need not wait for the stores). What it saves against the workspace: the
-// partial sums' trip through L2, the count, and one block reading every
-// slice alone.
+// applies the epilogue, whose bias and residual it loaded before the first
+// barrier. A second barrier keeps each block's shared memory until the others
+// have read it (relaxed: it need not wait for the stores). What it saves
+// against the workspace: the partial sums' trip through L2, the count, one
+// block reading every slice alone, and the epilogue's loads after them.
 template <int BM, int BN, int THREADS>
 __device__ __forceinline__ void linear_cluster_finish(const LinearParams& p, int m0, int n0,
                                                       const float (*tile)[BN + 4]) {
-    cluster_sync();
+    // A thread's groups: at most PER with two or more blocks to share them.
+    constexpr int PER = BM * BN / 4 / THREADS / 2;
+    static_assert(PER >= 1 && PER * THREADS * 2 == BM * BN / 4, "groups split evenly");
     const int splits = (int)cluster_blocks();
     const int rank = (int)cluster_rank();
     const int per_row = (min(BN, p.n - n0) + 3) / 4;
     const int groups = min(BM, p.m - m0) * per_row;
+    const int g0 = rank * groups / splits;
     const int g1 = (rank + 1) * groups / splits;
     const bool vec_out = linear_vec_out(p);
-#pragma unroll 1
-    for (int g = rank * groups / splits + threadIdx.x; g < g1; g += THREADS) {
+    LinearAddends addends[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int g = g0 + threadIdx.x + THREADS * i;
+        if (g < g1) {
+            const int r = g / per_row;
+            addends[i] = linear_addends(p, vec_out, m0 + r, n0 + (g - r * per_row) * 4);
+        }
+    }
+    cluster_sync();
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int g = g0 + threadIdx.x + THREADS * i;
+        if (g >= g1) {
+            break;
+        }
         const int r = g / per_row;
         const int c = (g - r * per_row) * 4;
         float4 v[LINEAR_MAX_CLUSTER];
@@ -325,7 +390,7 @@ __device__ __forceinline__ void linear_cluster_finish(const LinearParams& p, int
                 sums[3] += v[s].w;
             }
         }
-        linear_store4(p, nullptr, vec_out, 0, m0 + r, n0 + c, sums);
+        linear_out4(p, vec_out, m0 + r, n0 + c, sums, addends[i]);
     }
     cluster_sync_relaxed();  // the sums were consumed by the stores
 }
@@ -523,6 +588,20 @@ __device__ __forceinline__ void linear_rows(const LinearParams& p) {
     const int m0 = blockIdx.y * RM;
     const int n0 = blockIdx.x * RN;
 
+    // Lane l of warp 0 finishes output l of the block: its bias and residual
+    // are loaded now, in flight during the sums.
+    const int m_out = m0 + lane / RN;
+    const int n_out = n0 + lane % RN;
+    const bool finishes = warp == 0 && m_out < p.m && n_out < p.n;
+    float bias = 0.0f;
+    float residual = 0.0f;
+    if (finishes && p.bias != nullptr) {
+        bias = to_f32(p.bias[n_out]);
+    }
+    if (finishes && p.residual != nullptr) {
+        residual = to_f32(p.residual[m_out * p.n + n_out]);
+    }
+
     float acc[RM * RN];
 #pragma unroll
     for (int i = 0; i < RM * RN; ++i) {
@@ -574,10 +653,8 @@ __device__ __forceinline__ void linear_rows(const LinearParams& p) {
         for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
             s += sums[w][lane];
         }
-        const int m = m0 + lane / RN;
-        const int n = n0 + lane % RN;
-        if (m < p.m && n < p.n) {
-            p.out[m * p.n + n] = from_f32(linear_epilogue(p, m, n, s));
+        if (finishes) {
+            p.out[m_out * p.n + n_out] = from_f32(linear_apply(p, s, bias, residual));
         }
     }
 }
