@@ -57,21 +57,39 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over a block whose size is a multiple of 32 (at most 1024 threads). Every
-// thread must call it and every thread gets the same result. `scratch` is a
-// __shared__ float[32]; the leading barrier lets calls follow each other.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// block_sum of N values at once: every thread gets the N block sums. Every
+// thread must call it; `scratch` is a __shared__ float[32][N]; the leading
+// barrier lets calls follow each other.
+template <int N>
+__device__ __forceinline__ void block_sums(float (&v)[N], float (*scratch)[N]) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int warps = blockDim.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) {
-        scratch[warp] = v;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        v[i] = warp_sum(v[i]);
     }
     __syncthreads();
-    float t = lane < warps ? scratch[lane] : 0.0f;
-    return warp_sum(t);
+    if (lane == 0) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            scratch[warp][i] = v[i];
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        v[i] = warp_sum(lane < warps ? scratch[lane][i] : 0.0f);
+    }
+}
+
+// Sum over a block whose size is a multiple of 32 (at most 1024 threads). Every
+// thread must call it and every thread gets the same result. `scratch` is a
+// __shared__ float[32].
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    float one[1] = {v};
+    block_sums<1>(one, reinterpret_cast<float (*)[1]>(scratch));
+    return one[0];
 }
 
 // PyTorch's activations. GELU (erf) is `0.5 x (1 + erf(x / sqrt 2))`; GELU (tanh)
@@ -215,6 +233,50 @@ __device__ __forceinline__ unsigned atomic_add_acq_rel(unsigned* p, unsigned v) 
     __threadfence();
     return old;
 #endif
+}
+
+// layer_norm's arithmetic on one float4 of a row in each of its passes
+// (layer_norm.cu's v2 on held and re-read rows, and the norm linear_rows
+// applies before its sums in linear.cu): written once.
+// Pass 1: adds a's (and, with a residual, b's) elements to sx (sr) and returns
+// s = a + b (or a).
+__device__ __forceinline__ float4 layer_norm_sum4(float4 a, float4 b, bool residual, float& sx,
+                                                  float& sr) {
+    sx += (a.x + a.y) + (a.z + a.w);
+    if (!residual) {
+        return a;
+    }
+    sr += (b.x + b.y) + (b.z + b.w);
+    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+
+// Passes 2 and 3: the deviations d = (a - mx) + (b - mr) (with a residual).
+__device__ __forceinline__ float4 layer_norm_dev4(float4 a, float4 b, bool residual, float mx,
+                                                  float mr) {
+    float4 d = make_float4(a.x - mx, a.y - mx, a.z - mx, a.w - mx);
+    if (residual) {
+        d.x += b.x - mr;
+        d.y += b.y - mr;
+        d.z += b.z - mr;
+        d.w += b.w - mr;
+    }
+    return d;
+}
+
+// Pass 2: d added to sd and, squared, to sdd.
+__device__ __forceinline__ void layer_norm_moments4(float4 d, float& sd, float& sdd) {
+    sd += (d.x + d.y) + (d.z + d.w);
+    sdd = fmaf(d.x, d.x, sdd);
+    sdd = fmaf(d.y, d.y, sdd);
+    sdd = fmaf(d.z, d.z, sdd);
+    sdd = fmaf(d.w, d.w, sdd);
+}
+
+// Pass 3: (d - c) * rstd * g + h.
+__device__ __forceinline__ float4 layer_norm_out4(float4 d, float c, float rstd, float4 g,
+                                                  float4 h) {
+    return make_float4(fmaf((d.x - c) * rstd, g.x, h.x), fmaf((d.y - c) * rstd, g.y, h.y),
+                       fmaf((d.z - c) * rstd, g.z, h.z), fmaf((d.w - c) * rstd, g.w, h.w));
 }
 
 // Thread-block clusters (sm_90): the host may launch a grid in clusters of

@@ -79,49 +79,6 @@ extern "C" __global__ void OP_KERNEL_NAME(layer_norm_naive)(const LayerNormParam
 
 #define LN_WARPS 4
 
-// One float4 of a row in each of v2's passes (16-byte paths); the held and
-// the re-read rows both go through these, so their arithmetic is one.
-// Pass 1: adds a's (and, with a residual, b's) elements to sx (sr) and returns
-// s = a + b (or a).
-__device__ __forceinline__ float4 layer_norm_sum4(float4 a, float4 b, bool residual, float& sx,
-                                                  float& sr) {
-    sx += (a.x + a.y) + (a.z + a.w);
-    if (!residual) {
-        return a;
-    }
-    sr += (b.x + b.y) + (b.z + b.w);
-    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-}
-
-// Passes 2 and 3: the deviations d = (a - mx) + (b - mr) (with a residual).
-__device__ __forceinline__ float4 layer_norm_dev4(float4 a, float4 b, bool residual, float mx,
-                                                  float mr) {
-    float4 d = make_float4(a.x - mx, a.y - mx, a.z - mx, a.w - mx);
-    if (residual) {
-        d.x += b.x - mr;
-        d.y += b.y - mr;
-        d.z += b.z - mr;
-        d.w += b.w - mr;
-    }
-    return d;
-}
-
-// Pass 2: d added to sd and, squared, to sdd.
-__device__ __forceinline__ void layer_norm_moments4(float4 d, float& sd, float& sdd) {
-    sd += (d.x + d.y) + (d.z + d.w);
-    sdd = fmaf(d.x, d.x, sdd);
-    sdd = fmaf(d.y, d.y, sdd);
-    sdd = fmaf(d.z, d.z, sdd);
-    sdd = fmaf(d.w, d.w, sdd);
-}
-
-// Pass 3: (d - c) * rstd * g + h.
-__device__ __forceinline__ float4 layer_norm_out4(float4 d, float c, float rstd, float4 g,
-                                                  float4 h) {
-    return make_float4(fmaf((d.x - c) * rstd, g.x, h.x), fmaf((d.y - c) * rstd, g.y, h.y),
-                       fmaf((d.z - c) * rstd, g.z, h.z), fmaf((d.w - c) * rstd, g.w, h.w));
-}
-
 // Rows of up to 32 x LN_HELD float4 (512 columns) with 16-byte loads: the
 // row, its residual, weight and bias are loaded into registers at once, all
 // in flight together, and the three passes run on the registers. The loops

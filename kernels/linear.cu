@@ -27,6 +27,10 @@
 //   tiled kernels' split-K chain of memory round trips is most of the time.
 //   Any storage; f32 sums on CUDA cores (such a GEMM is bound by latency and
 //   bandwidth, not by multiplies).
+// - layer_norm_linear_rows (v4 after a layer_norm): v4 whose blocks first
+//   normalise their rows of x (x + a residual) themselves, for K up to 4 x
+//   LINEAR_ROWS_MAX_THREADS with 16-byte loads: layer_norm and the linear
+//   that reads its output in one kernel.
 // - linear_tc_vec8 / linear_tc_scalar (v3, 16-bit storage only): tensor cores.
 //   The same 64x64 output tiles and split-K as v2, but a block of 128 threads
 //   (4 warps, each a 32x32 quarter as 2x2 WMMA 16x16x16 fragments with f32
@@ -576,31 +580,84 @@ __device__ __forceinline__ void linear_rows_fold(float* acc, int lane) {
     }
 }
 
+// v4's output: lane l of warp 0 finishes output l of the block (row
+// l / LINEAR_ROWS_N, column l % LINEAR_ROWS_N); its bias and residual are
+// loaded at the start, in flight during the sums.
+struct LinearRowsOut {
+    int m;
+    int n;
+    bool finishes;
+    float bias;
+    float residual;
+};
+
+__device__ __forceinline__ LinearRowsOut linear_rows_out(const LinearParams& p) {
+    const int lane = threadIdx.x & 31;
+    LinearRowsOut o;
+    o.m = blockIdx.y * LINEAR_ROWS_M + lane / LINEAR_ROWS_N;
+    o.n = blockIdx.x * LINEAR_ROWS_N + lane % LINEAR_ROWS_N;
+    o.finishes = (threadIdx.x >> 5) == 0 && o.m < p.m && o.n < p.n;
+    o.bias = o.finishes && p.bias != nullptr ? to_f32(p.bias[o.n]) : 0.0f;
+    o.residual = o.finishes && p.residual != nullptr ? to_f32(p.residual[o.m * p.n + o.n]) : 0.0f;
+    return o;
+}
+
+// v4's products of one chunk (4 columns of K): rows a[0 .. RM) of x by rows
+// w[0 .. RN) of w into acc[i * RN + j].
+__device__ __forceinline__ void linear_rows_fma(float* acc, const float4* a, const float4* w) {
+#pragma unroll
+    for (int i = 0; i < LINEAR_ROWS_M; ++i) {
+#pragma unroll
+        for (int j = 0; j < LINEAR_ROWS_N; ++j) {
+            float s = acc[i * LINEAR_ROWS_N + j];
+            s = fmaf(a[i].x, w[j].x, s);
+            s = fmaf(a[i].y, w[j].y, s);
+            s = fmaf(a[i].z, w[j].z, s);
+            s = fmaf(a[i].w, w[j].w, s);
+            acc[i * LINEAR_ROWS_N + j] = s;
+        }
+    }
+}
+
+// v4's end: each thread's 32 partial sums to the block's 32 outputs.
+// Transposing warp reduction: at each width, a lane keeps the half of its
+// sums its lane bit selects and adds its partner's copy of that half; after
+// 16 + 8 + 4 + 2 + 1 shuffles lane l holds the warp's sum l (32 sums for
+// the 160 shuffles of one warp_sum each). a + b == b + a exactly, so both
+// partners' sums agree bit for bit and the result is deterministic. Then
+// warp 0 adds the warps' sums in fixed order and applies the epilogue.
+__device__ __forceinline__ void linear_rows_finish(const LinearParams& p, float* acc,
+                                                   const LinearRowsOut& o) {
+    __shared__ float sums[LINEAR_ROWS_MAX_THREADS / 32][32];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    linear_rows_fold<16>(acc, lane);
+    linear_rows_fold<8>(acc, lane);
+    linear_rows_fold<4>(acc, lane);
+    linear_rows_fold<2>(acc, lane);
+    linear_rows_fold<1>(acc, lane);
+    sums[warp][lane] = acc[0];
+    __syncthreads();
+    if (warp == 0) {
+        float s = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
+            s += sums[w][lane];
+        }
+        if (o.finishes) {
+            p.out[o.m * p.n + o.n] = from_f32(linear_apply(p, s, o.bias, o.residual));
+        }
+    }
+}
+
 // v4: block 32 to 256 threads (the host picks enough for K / 4 chunks); grid
 // (ceil(N / LINEAR_ROWS_N), ceil(M / LINEAR_ROWS_M)).
 template <bool VEC>
 __device__ __forceinline__ void linear_rows(const LinearParams& p) {
-    __shared__ float sums[LINEAR_ROWS_MAX_THREADS / 32][32];
     constexpr int RM = LINEAR_ROWS_M;
     constexpr int RN = LINEAR_ROWS_N;
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
     const int m0 = blockIdx.y * RM;
     const int n0 = blockIdx.x * RN;
-
-    // Lane l of warp 0 finishes output l of the block: its bias and residual
-    // are loaded now, in flight during the sums.
-    const int m_out = m0 + lane / RN;
-    const int n_out = n0 + lane % RN;
-    const bool finishes = warp == 0 && m_out < p.m && n_out < p.n;
-    float bias = 0.0f;
-    float residual = 0.0f;
-    if (finishes && p.bias != nullptr) {
-        bias = to_f32(p.bias[n_out]);
-    }
-    if (finishes && p.residual != nullptr) {
-        residual = to_f32(p.residual[m_out * p.n + n_out]);
-    }
+    const LinearRowsOut o = linear_rows_out(p);
 
     float acc[RM * RN];
 #pragma unroll
@@ -623,40 +680,9 @@ __device__ __forceinline__ void linear_rows(const LinearParams& p) {
         for (int i = 0; i < RM; ++i) {
             a[i] = linear_load4<VEC>(p.x, m0 + i, p.m, col, p.k, p.k);
         }
-#pragma unroll
-        for (int i = 0; i < RM; ++i) {
-#pragma unroll
-            for (int j = 0; j < RN; ++j) {
-                float s = acc[i * RN + j];
-                s = fmaf(a[i].x, w[j].x, s);
-                s = fmaf(a[i].y, w[j].y, s);
-                s = fmaf(a[i].z, w[j].z, s);
-                s = fmaf(a[i].w, w[j].w, s);
-                acc[i * RN + j] = s;
-            }
-        }
+        linear_rows_fma(acc, a, w);
     }
-    // Transposing warp reduction: at each width, a lane keeps the half of its
-    // sums its lane bit selects and adds its partner's copy of that half; after
-    // 16 + 8 + 4 + 2 + 1 shuffles lane l holds the warp's sum l (32 sums for
-    // the 160 shuffles of one warp_sum each). a + b == b + a exactly, so both
-    // partners' sums agree bit for bit and the result is deterministic.
-    linear_rows_fold<16>(acc, lane);
-    linear_rows_fold<8>(acc, lane);
-    linear_rows_fold<4>(acc, lane);
-    linear_rows_fold<2>(acc, lane);
-    linear_rows_fold<1>(acc, lane);
-    sums[warp][lane] = acc[0];
-    __syncthreads();
-    if (warp == 0) {
-        float s = 0.0f;
-        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) {
-            s += sums[w][lane];
-        }
-        if (finishes) {
-            p.out[m_out * p.n + n_out] = from_f32(linear_apply(p, s, bias, residual));
-        }
-    }
+    linear_rows_finish(p, acc, o);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
@@ -669,6 +695,108 @@ extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
 OP_KERNEL_NAME(linear_rows_scalar)(const LinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_ROWS_N); });
     linear_rows<false>(p);
+}
+
+// layer_norm, then linear on its output: the host's layer_norm_linear. The
+// norm's input x + norm_residual, as `x`, and its weight and bias; `sum_out`
+// receives x + norm_residual, as layer_norm's does. The linear takes no
+// residual of its own.
+struct LayerNormLinearParams {
+    LinearParams linear;        // x: the norm's input [M, K]; residual: null
+    const elem* norm_residual;  // [M, K] or null
+    const elem* norm_weight;    // [K]
+    const elem* norm_bias;      // [K]
+    elem* sum_out;              // [M, K] or null
+    float eps;
+    int pad0;
+};
+
+// v4 with the norm before its sums (few rows, K <= 4 x blockDim: one chunk of
+// 4 columns per thread; 16-byte loads). A v4 block reads its rows of x whole
+// anyway, so it normalises them itself: layer_norm's three passes
+// (common.cuh), their sums over the block instead of a warp, the result
+// rounded to elem as layer_norm's output would be, then v4's products. The
+// blocks of column block 0 write sum_out. The norm's output is never stored:
+// one kernel, and one round trip to memory, instead of two. Block and grid as
+// v4's.
+extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
+OP_KERNEL_NAME(layer_norm_linear_rows)(const LayerNormLinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LINEAR_ROWS_N); });
+    __shared__ float scratch[32][2 * LINEAR_ROWS_M];
+    constexpr int RM = LINEAR_ROWS_M;
+    constexpr int RN = LINEAR_ROWS_N;
+    const LinearParams& lp = p.linear;
+    const int m0 = blockIdx.y * RM;
+    const int n0 = blockIdx.x * RN;
+    const LinearRowsOut o = linear_rows_out(lp);
+    const int col = threadIdx.x * 4;
+    const bool live = col < lp.k;
+    const bool residual = p.norm_residual != nullptr;
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+    float4 w[RN];
+    float4 x[RM];
+    float4 r[RM];
+#pragma unroll
+    for (int j = 0; j < RN; ++j) {
+        w[j] = linear_load4<true>(lp.w, n0 + j, lp.n, col, lp.k, lp.k);
+    }
+#pragma unroll
+    for (int i = 0; i < RM; ++i) {
+        x[i] = linear_load4<true>(lp.x, m0 + i, lp.m, col, lp.k, lp.k);
+        r[i] = residual ? linear_load4<true>(p.norm_residual, m0 + i, lp.m, col, lp.k, lp.k) : zero;
+    }
+    const float4 g = live ? load4(p.norm_weight + col) : zero;
+    const float4 h = live ? load4(p.norm_bias + col) : zero;
+    const float inv_k = 1.0f / (float)lp.k;
+
+    // Pass 1: each row's sums of x and of the residual (zeros past M and K);
+    // x + residual to sum_out.
+    float sums[2 * RM];
+#pragma unroll
+    for (int i = 0; i < RM; ++i) {
+        sums[i] = 0.0f;
+        sums[RM + i] = 0.0f;
+        const float4 s = layer_norm_sum4(x[i], r[i], residual, sums[i], sums[RM + i]);
+        if (p.sum_out != nullptr && blockIdx.x == 0 && live && m0 + i < lp.m) {
+            store4(p.sum_out + (m0 + i) * lp.k + col, s);
+        }
+    }
+    block_sums<2 * RM>(sums, scratch);
+    // Pass 2: the deviations from the means, their sum and sum of squares.
+    float4 d[RM];
+    float moments[2 * RM];
+#pragma unroll
+    for (int i = 0; i < RM; ++i) {
+        const float mr = residual ? sums[RM + i] * inv_k : 0.0f;
+        d[i] = layer_norm_dev4(x[i], r[i], residual, sums[i] * inv_k, mr);
+        moments[i] = 0.0f;
+        moments[RM + i] = 0.0f;
+        if (live) {
+            layer_norm_moments4(d[i], moments[i], moments[RM + i]);
+        }
+    }
+    block_sums<2 * RM>(moments, scratch);
+    // Pass 3: the normalised rows, rounded to elem, are the products' x.
+    float4 a[RM];
+#pragma unroll
+    for (int i = 0; i < RM; ++i) {
+        const float c = moments[i] * inv_k;
+        const float var = fmaxf(moments[RM + i] * inv_k - c * c, 0.0f);
+        const float rstd = 1.0f / sqrtf(var + p.eps);
+        const float4 y = layer_norm_out4(d[i], c, rstd, g, h);
+        a[i] = live && m0 + i < lp.m ? make_float4(to_f32(from_f32(y.x)), to_f32(from_f32(y.y)),
+                                                  to_f32(from_f32(y.z)), to_f32(from_f32(y.w)))
+                                    : zero;
+    }
+
+    float acc[RM * RN];
+#pragma unroll
+    for (int i = 0; i < RM * RN; ++i) {
+        acc[i] = 0.0f;
+    }
+    linear_rows_fma(acc, a, w);
+    linear_rows_finish(lp, acc, o);
 }
 
 // Tensor cores: f16/bf16 storage always; f32 storage as TF32 where the host

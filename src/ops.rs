@@ -81,6 +81,25 @@ impl<'a, T> Cols<'a, T> {
     }
 }
 
+/// What a LayerNorm normalises, for [`Backend::layer_norm_linear`]: `x +
+/// residual` (or `x`) over the last dimension, scaled by `weight` and
+/// shifted by `bias`, with `eps` added to the variance.
+pub struct NormInput<'a, T> {
+    pub x: &'a T,
+    pub residual: Option<&'a T>,
+    pub weight: &'a T,
+    pub bias: &'a T,
+    pub eps: f64,
+}
+
+// Copy without `T: Copy` (it holds references only).
+impl<T> Clone for NormInput<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for NormInput<'_, T> {}
+
 /// Multi-head attention settings. Heads are consecutive column blocks of width
 /// `head_dim` inside each of Q, K, V and the output.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -223,6 +242,26 @@ pub trait Backend: Clone {
         sum_out: Option<&mut Self::Tensor>,
     ) -> Result<()>;
 
+    /// `out = act(layer_norm(x + residual) · wᵀ + b)` and `sum_out = x +
+    /// residual`: a LayerNorm and the linear that reads its output, as
+    /// [`layer_norm`](Self::layer_norm) into `h` then [`linear`](Self::linear)
+    /// (the default, [`layer_norm_then_linear`]). A backend may run the two as
+    /// one kernel and leave `h` unwritten: `h` is scratch of the norm's shape
+    /// here, not an output.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_linear(
+        &self,
+        norm: NormInput<'_, Self::Tensor>,
+        sum_out: Option<&mut Self::Tensor>,
+        h: &mut Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        act: Activation,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        layer_norm_then_linear(self, norm, sum_out, h, w, b, act, out)
+    }
+
     /// Scaled-dot-product attention per head: `out = softmax(Q Kᵀ · scale) V`.
     /// Q: `[B, Lq, *]`, K, V: `[B, Lk, *]` column blocks; `out: [B, Lq, heads·head_dim]`.
     fn attention(
@@ -255,6 +294,30 @@ pub trait Backend: Clone {
         positions: &SignalPositions,
         out: &mut Self::Tensor,
     ) -> Result<()>;
+}
+
+/// [`Backend::layer_norm_linear`] as two ops: the norm into `h`, then the
+/// linear reading it.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_then_linear<B: Backend>(
+    be: &B,
+    norm: NormInput<'_, B::Tensor>,
+    sum_out: Option<&mut B::Tensor>,
+    h: &mut B::Tensor,
+    w: &B::Tensor,
+    b: Option<&B::Tensor>,
+    act: Activation,
+    out: &mut B::Tensor,
+) -> Result<()> {
+    let NormInput {
+        x,
+        residual,
+        weight,
+        bias,
+        eps,
+    } = norm;
+    be.layer_norm(x, residual, weight, bias, eps, h, sum_out)?;
+    be.linear(h, w, b, act, None, out)
 }
 
 fn shape_err(key: &str, expected: Vec<usize>, found: &[usize]) -> Error {

@@ -8,7 +8,7 @@ use std::sync::Once;
 
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::cuda::{Cuda, CudaOptions, KernelVersion};
-use output_projector::ops::{Activation, Backend, Cols, Shaped};
+use output_projector::ops::{Activation, Backend, Cols, NormInput, Shaped};
 use output_projector::projector::Projector;
 use output_projector::tensor::{DType, HostTensor};
 use output_projector::verify::{self, Case};
@@ -532,6 +532,108 @@ fn alignment_loss_is_deterministic() {
     }
 }
 
+/// A LayerNorm and the linear reading it: one kernel where few rows of at
+/// most 1024 columns (a multiple of 4) allow it, two elsewhere and on the
+/// naive backend; either way within 1e-5 of the reference's two ops, and
+/// `x + residual` to `sum_out` as the reference has it.
+#[test]
+fn layer_norm_linear_matches_reference() {
+    let reference = output_projector::reference::Reference;
+    // (rows, out features, in features, with residual, one kernel on Fast)
+    let cases = [
+        (4, 96, 512, true, true),
+        (13, 70, 36, false, true),
+        (16, 8, 1024, true, true),
+        (77, 64, 128, true, false),
+        (4, 8, 1028, true, false),
+        (3, 5, 6, true, false),
+    ];
+    for version in [KernelVersion::Naive, KernelVersion::Fast] {
+        let Some(be) = backend(version) else {
+            return;
+        };
+        for (i, &(m, n, k, with_residual, fused)) in cases.iter().enumerate() {
+            let seed = 70 + 10 * i as u64;
+            let host = [
+                HostTensor::randn(vec![1, m, k], seed, "x").unwrap(),
+                HostTensor::randn(vec![1, m, k], seed + 1, "residual").unwrap(),
+                HostTensor::randn(vec![k], seed + 2, "norm weight").unwrap(),
+                HostTensor::randn(vec![k], seed + 3, "norm bias").unwrap(),
+                HostTensor::randn(vec![n, k], seed + 4, "weight").unwrap(),
+                HostTensor::randn(vec![n], seed + 5, "bias").unwrap(),
+            ];
+            let mut results = Vec::new();
+            // The reference's two ops, then the device's call.
+            {
+                let t: Vec<_> = host.iter().map(|h| reference.upload(h).unwrap()).collect();
+                let mut h = reference.alloc(&[1, m, k]).unwrap();
+                let mut sum = reference.alloc(&[1, m, k]).unwrap();
+                let mut out = reference.alloc(&[1, m, n]).unwrap();
+                let norm = NormInput {
+                    x: &t[0],
+                    residual: with_residual.then_some(&t[1]),
+                    weight: &t[2],
+                    bias: &t[3],
+                    eps: 1e-5,
+                };
+                reference
+                    .layer_norm_linear(
+                        norm,
+                        Some(&mut sum),
+                        &mut h,
+                        &t[4],
+                        Some(&t[5]),
+                        Activation::Relu,
+                        &mut out,
+                    )
+                    .unwrap();
+                results.push((
+                    reference.download(&out).unwrap(),
+                    reference.download(&sum).unwrap(),
+                ));
+            }
+            let t: Vec<_> = host.iter().map(|h| be.upload(h).unwrap()).collect();
+            let mut h = be.alloc(&[1, m, k]).unwrap();
+            let mut sum = be.alloc(&[1, m, k]).unwrap();
+            let mut out = be.alloc(&[1, m, n]).unwrap();
+            let norm = NormInput {
+                x: &t[0],
+                residual: with_residual.then_some(&t[1]),
+                weight: &t[2],
+                bias: &t[3],
+                eps: 1e-5,
+            };
+            let before = be.kernel_launches().unwrap();
+            be.layer_norm_linear(
+                norm,
+                Some(&mut sum),
+                &mut h,
+                &t[4],
+                Some(&t[5]),
+                Activation::Relu,
+                &mut out,
+            )
+            .unwrap();
+            let launches = be.kernel_launches().unwrap() - before;
+            let one_kernel = fused && version == KernelVersion::Fast;
+            assert_eq!(
+                launches,
+                if one_kernel { 1 } else { 2 },
+                "{m}x{n}x{k} {version:?}"
+            );
+            let (want_out, want_sum) = &results[0];
+            let got_out = be.download(&out).unwrap().to_f64_vec();
+            let got_sum = be.download(&sum).unwrap().to_f64_vec();
+            let (rel, _) = output_projector::tensor::compare(&got_out, &want_out.to_f64_vec());
+            assert!(rel <= 1e-5, "{m}x{n}x{k} {version:?}: out rel {rel:.3e}");
+            // The sum is one f32 add of two f32 values: within an f32
+            // rounding of the reference's f64 one.
+            let (rel, _) = output_projector::tensor::compare(&got_sum, &want_sum.to_f64_vec());
+            assert!(rel <= 1e-7, "{m}x{n}x{k} {version:?}: sum rel {rel:.3e}");
+        }
+    }
+}
+
 /// Caller-owned memory as input and output, on the backend's stream.
 #[test]
 fn caller_memory_in_and_out() {
@@ -996,6 +1098,7 @@ fn kernels_pass_under_cpu_emulation() {
 /// The tests above that need a device.
 const DEVICE_TESTS: &[&str] = &[
     "linear_matches_reference",
+    "layer_norm_linear_matches_reference",
     "layer_norm_matches_reference",
     "attention_matches_reference",
     "long_attention_matches_reference",

@@ -60,6 +60,7 @@ struct Entry {
     K(ns, linear_tiled_scalar, sfx, LinearParams),          \
     K(ns, linear_rows_vec4, sfx, LinearParams),             \
     K(ns, linear_rows_scalar, sfx, LinearParams),           \
+    K(ns, layer_norm_linear_rows, sfx, LayerNormLinearParams), \
     K(ns, layer_norm_naive, sfx, LayerNormParams),          \
     K(ns, layer_norm_warp_vec4, sfx, LayerNormParams),      \
     K(ns, layer_norm_warp_scalar, sfx, LayerNormParams),    \

@@ -209,6 +209,56 @@ static void test_linear(int m, int n, int k, int act, bool bias, bool res, int x
     }
 }
 
+// layer_norm then linear in one kernel (v4 with the norm first): against the
+// float64 norm of x + residual (offset by `mean`, as layer_norm's tests do),
+// then the float64 GEMM of it; sum_out against x + residual in f32.
+static void test_layer_norm_linear(int m, int n, int k, bool res, double mean, int act) {
+    Buf x(m * k), r(m * k), g(k), h(k), w(n * k), b(n), sum(m * k), out(m * n);
+    x.randn(1.0, mean);
+    r.randn(1.0, mean);
+    g.randn(0.5, 1.0);
+    h.randn(0.5);
+    w.randn(1.0 / std::sqrt((double)k));
+    b.randn(0.5);
+    const double eps = 1e-5;
+    std::vector<double> want((size_t)m * n), want_sum((size_t)m * k), hn(k);
+    for (int i = 0; i < m; ++i) {
+        double mu = 0, var = 0;
+        for (int j = 0; j < k; ++j) {
+            const double s = (double)x.p[i * k + j] + (res ? (double)r.p[i * k + j] : 0.0);
+            want_sum[(size_t)i * k + j] = res ? (float)(x.p[i * k + j] + r.p[i * k + j]) : x.p[i * k + j];
+            mu += s;
+        }
+        mu /= k;
+        for (int j = 0; j < k; ++j) {
+            const double s = (double)x.p[i * k + j] + (res ? (double)r.p[i * k + j] : 0.0);
+            var += (s - mu) * (s - mu);
+        }
+        var /= k;
+        for (int j = 0; j < k; ++j) {
+            const double s = (double)x.p[i * k + j] + (res ? (double)r.p[i * k + j] : 0.0);
+            hn[j] = (s - mu) / std::sqrt(var + eps) * g.p[j] + h.p[j];
+        }
+        for (int c = 0; c < n; ++c) {
+            double acc = b.p[c];
+            for (int j = 0; j < k; ++j) acc += hn[j] * w.p[(size_t)c * k + j];
+            want[(size_t)i * n + c] = act_ref(act, acc);
+        }
+    }
+    LayerNormLinearParams p{};
+    p.linear.x = x.p; p.linear.w = w.p; p.linear.bias = b.p; p.linear.out = out.p;
+    p.linear.m = m; p.linear.n = n; p.linear.k = k; p.linear.act = act;
+    p.norm_residual = res ? r.p : nullptr;
+    p.norm_weight = g.p; p.norm_bias = h.p; p.sum_out = sum.p; p.eps = (float)eps;
+    const unsigned threads = std::min(256u, std::max(32u, cdiv(k, 4 * 32) * 32));
+    emu::launch(dim3(cdiv(n, 4), cdiv(m, 8)), dim3(threads), [&] { layer_norm_linear_rows(p); });
+    char name[128];
+    snprintf(name, sizeof name, "layer_norm_linear %dx%dx%d%s mean %g act%d, %u threads", m, n, k,
+             res ? " +res" : "", mean, act, threads);
+    report(name, out.p, want, 1e-5);
+    report(std::string(name) + " sum_out", sum.p, want_sum, 0.0);
+}
+
 // __float_to_tf32 against cvt.rna.tf32.f32: nearest, ties away from zero.
 static void test_tf32_rounding() {
     using nvcuda::wmma::__float_to_tf32;
@@ -735,6 +785,11 @@ int main(int argc, char** argv) {
         test_linear(130, 200, 72, 1, true, false);  // 128x128 tiles' edges, K tail
         test_linear(13, 70, 258, 1, true, true);    // v4: two row groups, K tail, N % 4
         test_linear(16, 36, 2048, 3, true, false);  // v4: two chunks per thread
+        test_layer_norm_linear(4, 512, 512, true, 0.0, 0);    // batch 1's encoder QKV
+        test_layer_norm_linear(4, 64, 512, false, 1000.0, 1); // no residual, large mean
+        test_layer_norm_linear(13, 70, 36, true, 1000.0, 1);  // two row groups, N % 4, K < 32 x 4
+        test_layer_norm_linear(16, 36, 1024, true, 3.0, 2);   // 256 threads
+        test_layer_norm_linear(1, 5, 4, true, 0.0, 0);        // one live thread
         const int half_dims[][3] = {{130, 200, 72}, {77, 129, 40}, {3, 5, 7}, {64, 128, 256},
                                     {13, 70, 1030}, {4, 64, 2048}};
         for (auto& d : half_dims) {

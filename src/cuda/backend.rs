@@ -38,8 +38,8 @@ use super::{
 use crate::error::{Error, Result};
 pub use crate::ops::KernelVersion;
 use crate::ops::{
-    Activation, AttentionDims, AttentionSpec, Backend, Cols, GatherDims, KeyPaddingMask,
-    LayerNormDims, LinearDims, LossDims, LossKind, Shaped,
+    layer_norm_then_linear, Activation, AttentionDims, AttentionSpec, Backend, Cols, GatherDims,
+    KeyPaddingMask, LayerNormDims, LinearDims, LossDims, LossKind, NormInput, Shaped,
 };
 use crate::signal::SignalPositions;
 use crate::tensor::{checked_numel, try_filled, DType, HostData, HostTensor};
@@ -1466,6 +1466,49 @@ impl Backend for Cuda {
             sum_out.as_ref().map(|t| t.shape()),
         )?;
         super::layer_norm::layer_norm(self, d, x, residual, weight, bias, eps, out, sum_out)
+    }
+
+    fn layer_norm_linear(
+        &self,
+        norm: NormInput<'_, CudaTensor>,
+        mut sum_out: Option<&mut CudaTensor>,
+        h: &mut CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        act: Activation,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let _range = crate::profile::range("layer_norm_linear");
+        LayerNormDims::check(
+            norm.x.shape(),
+            norm.residual.map(|t| t.shape()),
+            norm.weight.shape(),
+            norm.bias.shape(),
+            norm.eps,
+            h.shape(),
+            sum_out.as_ref().map(|t| t.shape()),
+        )?;
+        let d = LinearDims::check(
+            h.shape(),
+            w.shape(),
+            b.map(|t| t.shape()),
+            None,
+            out.shape(),
+        )?;
+        let fused = super::linear::layer_norm_linear(
+            self,
+            d,
+            norm,
+            sum_out.as_deref_mut(),
+            w,
+            b,
+            act,
+            out,
+        )?;
+        if fused {
+            return Ok(());
+        }
+        layer_norm_then_linear(self, norm, sum_out, h, w, b, act, out)
     }
 
     fn attention(

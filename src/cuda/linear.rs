@@ -13,7 +13,7 @@ use cudarc::driver::DeviceRepr;
 use super::backend::{blocks_for, i32_of, Cuda, CudaTensor, KernelVersion, MAX_CLUSTER};
 use super::program::{param_layout, Program};
 use crate::error::Result;
-use crate::ops::{Activation, LinearDims};
+use crate::ops::{Activation, LinearDims, NormInput};
 use crate::tensor::DType;
 
 /// Mirror of `LinearParams` in kernels/linear.cu.
@@ -39,8 +39,34 @@ pub(crate) struct LinearParams {
 // kernels' LinearParams: the static_asserts compiled into linear.cu check it.
 unsafe impl DeviceRepr for LinearParams {}
 
+/// Mirror of `LayerNormLinearParams` in kernels/linear.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct LayerNormLinearParams {
+    linear: LinearParams,
+    norm_residual: u64,
+    norm_weight: u64,
+    norm_bias: u64,
+    sum_out: u64,
+    eps: f32,
+    pad0: i32,
+}
+
+// SAFETY: plain data (a LinearParams, u64, f32 and i32 fields, no padding),
+// laid out exactly as the kernels' LayerNormLinearParams: the static_asserts
+// compiled into linear.cu check it.
+unsafe impl DeviceRepr for LayerNormLinearParams {}
+
 fn layouts() -> String {
-    param_layout!(LinearParams {
+    param_layout!(LayerNormLinearParams {
+        linear,
+        norm_residual,
+        norm_weight,
+        norm_bias,
+        sum_out,
+        eps,
+        pad0
+    }) + &param_layout!(LinearParams {
         x,
         w,
         bias,
@@ -66,6 +92,7 @@ pub(crate) static PROGRAM: Program = Program {
         "linear_tiled_scalar",
         "linear_rows_vec4",
         "linear_rows_scalar",
+        "layer_norm_linear_rows",
     ],
     half_kernels: &["linear_tc_vec8", "linear_tc_scalar", "linear_tc_large_vec8"],
     tf32_kernels: &[
@@ -310,6 +337,98 @@ pub(crate) fn plan(
     }
 }
 
+/// The block size of `layer_norm_linear_rows` for a LayerNorm feeding a
+/// GEMM of `d`, where that kernel takes them: the fast kernels, v4's rows,
+/// and K (the norm's width) a multiple of 4 with one chunk of 4 per thread of
+/// a block (16-byte loads; the caller checks the alignment).
+fn layer_norm_linear_threads(d: LinearDims, version: KernelVersion) -> Option<u32> {
+    let fits = version == KernelVersion::Fast
+        && d.m <= ROWS_MAX_M
+        && d.k % 4 == 0
+        && d.k <= 4 * ROWS_MAX_THREADS;
+    fits.then(|| d.k.div_ceil(4).next_multiple_of(32).max(32) as u32)
+}
+
+/// [`Backend::layer_norm_linear`](crate::ops::Backend::layer_norm_linear)
+/// as one kernel, where `layer_norm_linear_rows` takes it: `Ok(false)`, with
+/// nothing launched, where it does not (the caller runs the two ops). `d`
+/// is the linear's dims, the norm's validated to match them.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn layer_norm_linear(
+    be: &Cuda,
+    d: LinearDims,
+    norm: NormInput<'_, CudaTensor>,
+    sum_out: Option<&mut CudaTensor>,
+    w: &CudaTensor,
+    b: Option<&CudaTensor>,
+    act: Activation,
+    out: &mut CudaTensor,
+) -> Result<bool> {
+    let Some(threads) = layer_norm_linear_threads(d, be.version()) else {
+        return Ok(false);
+    };
+    let xp = be.check_tensor("layer_norm_linear x", norm.x)?;
+    let rp = norm
+        .residual
+        .map(|t| be.check_tensor("layer_norm_linear residual", t))
+        .transpose()?;
+    let gp = be.check_tensor("layer_norm_linear norm weight", norm.weight)?;
+    let hp = be.check_tensor("layer_norm_linear norm bias", norm.bias)?;
+    let wp = be.check_tensor("layer_norm_linear weight", w)?;
+    let bp = b
+        .map(|t| be.check_tensor("layer_norm_linear bias", t))
+        .transpose()?;
+    let op = be.check_tensor("layer_norm_linear out", out)?;
+    let sp = sum_out
+        .as_deref()
+        .map(|t| be.check_tensor("layer_norm_linear sum_out", t))
+        .transpose()?;
+    if ![Some(xp), rp, Some(gp), Some(hp), Some(wp), sp]
+        .into_iter()
+        .flatten()
+        .all(|p| p % 16 == 0)
+    {
+        return Ok(false);
+    }
+    let mut inputs = vec![norm.x, norm.weight, norm.bias, w];
+    inputs.extend(norm.residual);
+    inputs.extend(b);
+    let mut outputs: Vec<&CudaTensor> = vec![out];
+    outputs.extend(sum_out.as_deref());
+    be.check_disjoint("layer_norm_linear", &outputs, &inputs)?;
+    let params = LayerNormLinearParams {
+        linear: LinearParams {
+            x: xp,
+            w: wp,
+            bias: bp.unwrap_or(0),
+            residual: 0,
+            out: op,
+            partial: 0,
+            tile_counters: 0,
+            m: i32_of("layer_norm_linear rows", d.m)?,
+            n: i32_of("layer_norm_linear out_features", d.n)?,
+            k: i32_of("layer_norm_linear in_features", d.k)?,
+            act: act_code(act),
+            k_per_split: 0,
+            splits: 1,
+        },
+        norm_residual: rp.unwrap_or(0),
+        norm_weight: gp,
+        norm_bias: hp,
+        sum_out: sp.unwrap_or(0),
+        eps: norm.eps as f32,
+        pad0: 0,
+    };
+    let grid = (
+        blocks_for("layer_norm_linear", d.n, ROWS_N)?,
+        blocks_for("layer_norm_linear", d.m, ROWS_M)?,
+        1,
+    );
+    let kernel = "layer_norm_linear_rows";
+    be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params)?;
+    Ok(true)
+}
+
 pub(crate) fn act_code(act: Activation) -> i32 {
     match act {
         Activation::None => 0,
@@ -416,6 +535,35 @@ mod tests {
     #[test]
     fn layout_has_no_padding() {
         assert_eq!(std::mem::size_of::<LinearParams>(), 7 * 8 + 6 * 4);
+        assert_eq!(
+            std::mem::size_of::<LayerNormLinearParams>(),
+            std::mem::size_of::<LinearParams>() + 4 * 8 + 2 * 4
+        );
+    }
+
+    #[test]
+    fn layer_norm_linear_takes_what_one_block_holds() {
+        let fast = KernelVersion::Fast;
+        // Batch 1's encoder: 4 rows of 512, one chunk for each of 128 threads.
+        assert_eq!(
+            layer_norm_linear_threads(dims(4, 1536, 512), fast),
+            Some(128)
+        );
+        assert_eq!(
+            layer_norm_linear_threads(dims(16, 8, 1024), fast),
+            Some(256)
+        );
+        assert_eq!(layer_norm_linear_threads(dims(1, 5, 4), fast), Some(32));
+        // More rows than v4 takes, K past one chunk per thread or not a
+        // multiple of 4, and the naive kernels: two ops.
+        for (d, version) in [
+            (dims(77, 512, 512), fast),
+            (dims(4, 512, 1028), fast),
+            (dims(4, 512, 510), fast),
+            (dims(4, 512, 512), KernelVersion::Naive),
+        ] {
+            assert_eq!(layer_norm_linear_threads(d, version), None, "{d:?}");
+        }
     }
 
     #[test]
