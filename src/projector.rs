@@ -9,7 +9,11 @@
 //! ```
 //! Residual adds are fused into the LayerNorm that follows them: a sub-block
 //! writes its output `f`, and the next `layer_norm(f + stream)` also writes the
-//! new stream. So every residual add is one pass over the data, not two.
+//! new stream. So every residual add is one pass over the data, not two. Every
+//! LayerNorm feeds one linear (QKV, FFN up, the cross-attention queries, the
+//! stacked cross-attention keys and values, the output), and they go to the
+//! backend as one op ([`Backend::layer_norm_linear`]), which it may run as one
+//! kernel.
 //!
 //! Two rewrites cut a forward's launches and weight traffic without changing
 //! what it computes:
@@ -31,7 +35,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::ProjectorConfig;
 use crate::error::{Error, Result};
-use crate::ops::{Activation, AttentionSpec, Backend, Cols, Shaped};
+use crate::ops::{Activation, AttentionSpec, Backend, Cols, NormInput, Shaped};
 use crate::profile;
 use crate::signal::SignalPositions;
 use crate::tensor::{checked_numel, try_filled, HostTensor};
@@ -90,13 +94,12 @@ pub struct Plan<T> {
     /// `hidden + embeds`, made on the first forward given embeds.
     summed: Option<T>,
     encoder: Work<T>,
-    memory: T,
-    /// Keys and values of every decoder layer: `[B, n_in, layers * 2d]`.
+    /// Keys and values of every decoder layer, from the encoder's output:
+    /// `[B, n_in, layers * 2d]`.
     cross_kv: T,
     decoder: Work<T>,
     /// Cross-attention queries.
     q: T,
-    y: T,
     out: T,
     prefix: Arc<DecoderPrefix<T>>,
 }
@@ -270,11 +273,9 @@ impl<B: Backend> Projector<B> {
             n_in,
             summed: None,
             encoder: Work::new(be, [batch, n_in], d, c.ffn_dim)?,
-            memory: be.alloc(&[batch, n_in, d])?,
             cross_kv: be.alloc(&[batch, n_in, kv_cols])?,
             decoder,
             q: be.alloc(&[batch, n, d])?,
-            y: be.alloc(&[batch, n, d])?,
             out: be.alloc(&[batch, n, c.out_dim])?,
             prefix,
         })
@@ -306,29 +307,17 @@ impl<B: Backend> Projector<B> {
         let queries = self.repeated_queries(batch)?;
         let mut stream = be.alloc(&[batch, n, d])?;
         let mut cross_q = be.alloc(&[batch, n, d])?;
-        be.layer_norm(
-            &queries,
-            None,
-            &first.norm1.weight,
-            &first.norm1.bias,
-            c.eps,
-            &mut t.h,
-            None,
-        )?;
-        t.self_attention(be, &first.self_qkv, &first.self_out, &spec)?;
-        let (w, b) = (&first.norm2.weight, &first.norm2.bias);
-        be.layer_norm(
-            &t.f,
-            Some(&queries),
-            w,
-            b,
-            c.eps,
-            &mut t.h,
-            Some(&mut stream),
-        )?;
+        let none = Activation::None;
+        let norm1 = first.norm1.of(&queries, None, c.eps);
+        first
+            .self_qkv
+            .apply_normed(be, norm1, None, &mut t.h, none, &mut t.qkv)?;
+        t.attend(be, &first.self_out, &spec)?;
+        let norm2 = first.norm2.of(&t.f, Some(&queries), c.eps);
+        let sum = Some(&mut stream);
         first
             .cross_q
-            .apply(be, &t.h, Activation::None, &mut cross_q)?;
+            .apply_normed(be, norm2, sum, &mut t.h, none, &mut cross_q)?;
         let prefix = Arc::new(DecoderPrefix {
             batch,
             stream,
@@ -443,11 +432,9 @@ impl<B: Backend> Projector<B> {
         let Plan {
             summed,
             encoder,
-            memory,
             cross_kv,
             decoder,
             q,
-            y,
             out,
             prefix,
             ..
@@ -456,10 +443,8 @@ impl<B: Backend> Projector<B> {
             (Some(_), Some(x)) => x,
             _ => hidden,
         };
-        self.encode(x, encoder, memory)?;
-        self.decode(memory, cross_kv, decoder, q, prefix, y)?;
-        let _output = profile::range("output");
-        self.output.apply(&self.backend, y, Activation::None, out)?;
+        self.encode(x, encoder, cross_kv)?;
+        self.decode(cross_kv, decoder, q, prefix, out)?;
         Ok(out)
     }
 
@@ -488,9 +473,11 @@ impl<B: Backend> Projector<B> {
         self.forward(&x, None)
     }
 
-    /// `memory = Encoder(fc(x))`. The stream starts as fc(x); every sub-block
-    /// leaves its output in `f`, which the next norm adds to the stream.
-    fn encode(&self, x: &B::Tensor, e: &mut Work<B::Tensor>, memory: &mut B::Tensor) -> Result<()> {
+    /// `memory = Encoder(fc(x))`, projected at once to every decoder layer's
+    /// keys and values: `kv = cross_kv(memory)`. The stream starts as fc(x);
+    /// every sub-block leaves its output in `f`, which the next norm adds to
+    /// the stream.
+    fn encode(&self, x: &B::Tensor, e: &mut Work<B::Tensor>, kv: &mut B::Tensor) -> Result<()> {
         let c = &self.config;
         let be = &self.backend;
         let spec = AttentionSpec::new(c.heads, c.head_dim());
@@ -499,59 +486,114 @@ impl<B: Backend> Projector<B> {
         drop(input);
         for (l, layer) in self.encoder.iter().enumerate() {
             let _layer = profile::range_with(|| format!("encoder.layer{l}"));
-            e.add_norm(be, l > 0, &layer.norm1, c.eps)?;
-            e.self_attention(be, &layer.qkv, &layer.attn_out, &spec)?;
-            e.add_norm(be, true, &layer.norm2, c.eps)?;
-            e.feed_forward(be, &layer.linear1, &layer.linear2)?;
+            let of = if l > 0 {
+                NormOf::Pending
+            } else {
+                NormOf::Stream
+            };
+            e.norm_linear(
+                be,
+                of,
+                &layer.norm1,
+                c.eps,
+                &layer.qkv,
+                Activation::None,
+                Dest::Qkv,
+            )?;
+            e.attend(be, &layer.attn_out, &spec)?;
+            let (norm2, linear1) = (&layer.norm2, &layer.linear1);
+            e.norm_linear(
+                be,
+                NormOf::Pending,
+                norm2,
+                c.eps,
+                linear1,
+                Activation::Relu,
+                Dest::Ffn,
+            )?;
+            e.ffn_out(be, &layer.linear2)?;
         }
-        e.norm_into(be, &self.encoder_norm, c.eps, memory)
+        let _kv = profile::range("decoder.cross_kv");
+        let (norm, eps, none) = (&self.encoder_norm, c.eps, Activation::None);
+        e.norm_linear(
+            be,
+            NormOf::Pending,
+            norm,
+            eps,
+            &self.cross_kv,
+            none,
+            Dest::Other(kv),
+        )
     }
 
-    /// `y = Decoder(queries, memory)`, the first layer resumed from `prefix`.
+    /// `out = output(Decoder(queries, memory))` from the memory's keys and
+    /// values `kv`, the first layer resumed from `prefix`.
     fn decode(
         &self,
-        memory: &B::Tensor,
-        kv: &mut B::Tensor,
+        kv: &B::Tensor,
         t: &mut Work<B::Tensor>,
         q: &mut B::Tensor,
         prefix: &DecoderPrefix<B::Tensor>,
-        y: &mut B::Tensor,
+        out: &mut B::Tensor,
     ) -> Result<()> {
         let c = &self.config;
         let be = &self.backend;
         let d = c.d_model;
         let spec = AttentionSpec::new(c.heads, c.head_dim());
-        if prefix.batch != memory.shape()[0] {
+        let none = Activation::None;
+        if prefix.batch != kv.shape()[0] {
             return Err(Error::invalid("decoder prefix of another batch size"));
         }
-        let cross_kv = profile::range("decoder.cross_kv");
-        self.cross_kv.apply(be, memory, Activation::None, kv)?;
-        drop(cross_kv);
         for (l, layer) in self.decoder.iter().enumerate() {
             let _layer = profile::range_with(|| format!("decoder.layer{l}"));
             let (k, v) = (Cols::new(kv, 2 * d * l), Cols::new(kv, 2 * d * l + d));
             if l == 0 {
                 be.attention(Cols::new(&prefix.cross_q, 0), k, v, &spec, None, &mut t.a)?;
             } else {
-                t.add_norm(be, true, &layer.norm1, c.eps)?;
-                t.self_attention(be, &layer.self_qkv, &layer.self_out, &spec)?;
-                t.add_norm(be, true, &layer.norm2, c.eps)?;
-                layer.cross_q.apply(be, &t.h, Activation::None, q)?;
+                t.norm_linear(
+                    be,
+                    NormOf::Pending,
+                    &layer.norm1,
+                    c.eps,
+                    &layer.self_qkv,
+                    none,
+                    Dest::Qkv,
+                )?;
+                t.attend(be, &layer.self_out, &spec)?;
+                let (norm2, cross_q) = (&layer.norm2, &layer.cross_q);
+                t.norm_linear(
+                    be,
+                    NormOf::Pending,
+                    norm2,
+                    c.eps,
+                    cross_q,
+                    none,
+                    Dest::Other(q),
+                )?;
                 be.attention(Cols::new(q, 0), k, v, &spec, None, &mut t.a)?;
             }
-            layer
-                .cross_out
-                .apply(be, &t.a, Activation::None, &mut t.f)?;
-            // h = norm3(f + stream); the new stream goes to the free buffer.
+            layer.cross_out.apply(be, &t.a, none, &mut t.f)?;
             // The first layer's stream is the prefix's.
-            let [cur, next] = &mut t.s;
-            let stream = if l == 0 { &prefix.stream } else { &*cur };
-            let (w, b) = (&layer.norm3.weight, &layer.norm3.bias);
-            be.layer_norm(&t.f, Some(stream), w, b, c.eps, &mut t.h, Some(next))?;
-            t.s.swap(0, 1);
-            t.feed_forward(be, &layer.linear1, &layer.linear2)?;
+            let of = if l == 0 {
+                NormOf::PendingOn(&prefix.stream)
+            } else {
+                NormOf::Pending
+            };
+            let relu = Activation::Relu;
+            t.norm_linear(be, of, &layer.norm3, c.eps, &layer.linear1, relu, Dest::Ffn)?;
+            t.ffn_out(be, &layer.linear2)?;
         }
-        t.norm_into(be, &self.decoder_norm, c.eps, y)
+        let _output = profile::range("output");
+        let norm = &self.decoder_norm;
+        t.norm_linear(
+            be,
+            NormOf::Pending,
+            norm,
+            c.eps,
+            &self.output,
+            none,
+            Dest::Other(out),
+        )
     }
 }
 
@@ -565,6 +607,53 @@ impl<T> Linear<T> {
     ) -> Result<()> {
         be.linear(x, &self.weight, Some(&self.bias), act, None, out)
     }
+
+    /// `out = act(self(norm))`, `sum_out` receiving the norm's `x +
+    /// residual`; `h` is the norm's scratch ([`Backend::layer_norm_linear`]).
+    fn apply_normed<B: Backend<Tensor = T>>(
+        &self,
+        be: &B,
+        norm: NormInput<'_, T>,
+        sum_out: Option<&mut T>,
+        h: &mut T,
+        act: Activation,
+        out: &mut T,
+    ) -> Result<()> {
+        let (w, b) = (&self.weight, Some(&self.bias));
+        be.layer_norm_linear(norm, sum_out, h, w, b, act, out)
+    }
+}
+
+impl<T> Norm<T> {
+    /// This norm of `x + residual` (or `x`).
+    fn of<'a>(&'a self, x: &'a T, residual: Option<&'a T>, eps: f64) -> NormInput<'a, T> {
+        NormInput {
+            x,
+            residual,
+            weight: &self.weight,
+            bias: &self.bias,
+            eps,
+        }
+    }
+}
+
+/// What a stack's norm reads ([`Work::norm_linear`]).
+enum NormOf<'a, T> {
+    /// The stream alone: no sub-block output is pending.
+    Stream,
+    /// The last sub-block's output added to the stream, which the sum
+    /// replaces.
+    Pending,
+    /// The last sub-block's output added to another stream (the decoder
+    /// prefix's); the sum becomes this stack's stream.
+    PendingOn(&'a T),
+}
+
+/// Where [`Work::norm_linear`] writes: one of the stack's buffers, or another.
+enum Dest<'a, T> {
+    Qkv,
+    Ffn,
+    Other(&'a mut T),
 }
 
 /// The buffers of one pre-LN stack (encoder or decoder) at one batch size.
@@ -600,67 +689,49 @@ impl<T> Work<T> {
         })
     }
 
-    /// `h = norm(f + s)` and `s = f + s` when `f` is pending; `h = norm(s)` otherwise.
-    fn add_norm<B: Backend<Tensor = T>>(
+    /// `dest = act(lin(norm(..)))` of what `of` says, the norm's input sum
+    /// becoming the stream where `f` was pending; `h` is the norm's scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_linear<B: Backend<Tensor = T>>(
         &mut self,
         be: &B,
-        pending: bool,
+        of: NormOf<'_, T>,
         norm: &Norm<T>,
         eps: f64,
+        lin: &Linear<T>,
+        act: Activation,
+        dest: Dest<'_, T>,
     ) -> Result<()> {
-        self.add_norm_to(be, pending, norm, eps, None)
-    }
-
-    /// `out = norm(f + s)`: the stack's final norm (at least one layer ran).
-    fn norm_into<B: Backend<Tensor = T>>(
-        &mut self,
-        be: &B,
-        norm: &Norm<T>,
-        eps: f64,
-        out: &mut T,
-    ) -> Result<()> {
-        self.add_norm_to(be, true, norm, eps, Some(out))
-    }
-
-    fn add_norm_to<B: Backend<Tensor = T>>(
-        &mut self,
-        be: &B,
-        pending: bool,
-        norm: &Norm<T>,
-        eps: f64,
-        out: Option<&mut T>,
-    ) -> Result<()> {
-        let out = match out {
-            Some(o) => o,
-            None => &mut self.h,
+        let Work {
+            s, f, h, qkv, ffn, ..
+        } = self;
+        let out = match dest {
+            Dest::Qkv => qkv,
+            Dest::Ffn => ffn,
+            Dest::Other(t) => t,
         };
-        if !pending {
-            return be.layer_norm(&self.s[0], None, &norm.weight, &norm.bias, eps, out, None);
+        let [cur, next] = s;
+        let (input, sum_out) = match of {
+            NormOf::Stream => (norm.of(cur, None, eps), None),
+            NormOf::Pending => (norm.of(f, Some(cur), eps), Some(next)),
+            NormOf::PendingOn(stream) => (norm.of(f, Some(stream), eps), Some(next)),
+        };
+        let pending = sum_out.is_some();
+        lin.apply_normed(be, input, sum_out, h, act, out)?;
+        if pending {
+            self.s.swap(0, 1);
         }
-        let [cur, next] = &mut self.s;
-        be.layer_norm(
-            &self.f,
-            Some(cur),
-            &norm.weight,
-            &norm.bias,
-            eps,
-            out,
-            Some(next),
-        )?;
-        self.s.swap(0, 1);
         Ok(())
     }
 
-    /// `f = out_proj(attention(qkv_proj(h)))`, Q, K and V read in place.
-    fn self_attention<B: Backend<Tensor = T>>(
+    /// `f = out_proj(attention(qkv))`, Q, K and V read in place.
+    fn attend<B: Backend<Tensor = T>>(
         &mut self,
         be: &B,
-        qkv: &Linear<T>,
         out: &Linear<T>,
         spec: &AttentionSpec,
     ) -> Result<()> {
         let d = spec.heads * spec.head_dim;
-        qkv.apply(be, &self.h, Activation::None, &mut self.qkv)?;
         let (q, k, v) = (
             Cols::new(&self.qkv, 0),
             Cols::new(&self.qkv, d),
@@ -670,14 +741,8 @@ impl<T> Work<T> {
         out.apply(be, &self.a, Activation::None, &mut self.f)
     }
 
-    /// `f = linear2(relu(linear1(h)))`.
-    fn feed_forward<B: Backend<Tensor = T>>(
-        &mut self,
-        be: &B,
-        l1: &Linear<T>,
-        l2: &Linear<T>,
-    ) -> Result<()> {
-        l1.apply(be, &self.h, Activation::Relu, &mut self.ffn)?;
+    /// `f = linear2(ffn)`, the feed-forward's second half.
+    fn ffn_out<B: Backend<Tensor = T>>(&mut self, be: &B, l2: &Linear<T>) -> Result<()> {
         l2.apply(be, &self.ffn, Activation::None, &mut self.f)
     }
 }
