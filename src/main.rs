@@ -12,7 +12,9 @@ use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::cuda::{Cuda, CudaOptions, CudaTensor, ProjectorGraph};
 use output_projector::device::{self, BackendTask, DeviceKind, Precision};
 use output_projector::golden;
-use output_projector::ops::{Backend, Shaped};
+use output_projector::ops::Backend;
+#[cfg(feature = "cuda")]
+use output_projector::ops::Shaped;
 use output_projector::projector::Projector;
 #[cfg(feature = "cuda")]
 use output_projector::signal::SignalPositions;
