@@ -4,7 +4,9 @@
 
 use crate::config::ProjectorConfig;
 use crate::error::Result;
-use crate::ops::{Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind, Shaped};
+use crate::ops::{
+    Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind, NormInput, Shaped,
+};
 use crate::projector::Projector;
 use crate::reference::Reference;
 use crate::rng::Rng;
@@ -28,6 +30,17 @@ pub enum Case {
         cols: usize,
         residual: bool,
         /// Added to every input: a large mean tests the variance computation.
+        offset: f64,
+    },
+    /// A LayerNorm of `[m, k]` (plus a residual) feeding a linear to `n`
+    /// columns; the sum `x + residual` compared too.
+    LayerNormLinear {
+        m: usize,
+        n: usize,
+        k: usize,
+        act: Activation,
+        residual: bool,
+        /// Added to every input, as in `LayerNorm`.
         offset: f64,
     },
     Attention {
@@ -96,6 +109,7 @@ impl Case {
         match self {
             Case::Linear { .. } => "linear",
             Case::LayerNorm { .. } => "layer_norm",
+            Case::LayerNormLinear { .. } => "layer_norm_linear",
             Case::Attention { .. } => "attention",
             Case::AlignmentLoss { .. } => "alignment_loss",
             Case::Gather { .. } => "gather_signal_tokens",
@@ -124,6 +138,23 @@ impl Case {
                 offset,
             } => format!(
                 "{rows}x{cols}{}{}",
+                if residual { " +res" } else { "" },
+                if offset != 0.0 {
+                    format!(" mean {offset}")
+                } else {
+                    String::new()
+                }
+            ),
+            Case::LayerNormLinear {
+                m,
+                n,
+                k,
+                act,
+                residual,
+                offset,
+            } => format!(
+                "{m}x{n}x{k} {}{}{}",
+                act.name(),
                 if residual { " +res" } else { "" },
                 if offset != 0.0 {
                     format!(" mean {offset}")
@@ -230,6 +261,27 @@ pub fn standard_cases() -> Vec<Case> {
         residual: true,
         offset: 1000.0,
     });
+    // One kernel on CUDA up to 16 rows of up to 1024 columns (a multiple of
+    // 4): batch 1's encoder QKV, FFN up and cross-attention K/V; two ops past
+    // either limit.
+    for (m, n, k, act, residual, offset) in [
+        (4, 1536, 512, None, true, 0.0),
+        (4, 2048, 512, Relu, true, 0.0),
+        (4, 4096, 512, None, true, 0.0),
+        (13, 70, 36, Relu, false, 1000.0),
+        (16, 36, 1024, GeluErf, true, 3.0),
+        (77, 512, 512, None, true, 0.0),
+        (3, 5, 6, None, true, 0.0),
+    ] {
+        cases.push(Case::LayerNormLinear {
+            m,
+            n,
+            k,
+            act,
+            residual,
+            offset,
+        });
+    }
     let attn = Case::attention;
     cases.extend([
         attn(1, 77, 77, 4, 128, false, false, true),
@@ -341,11 +393,12 @@ enum CaseInputs {
         residual: Option<HostTensor>,
         act: Activation,
     },
-    LayerNorm {
-        x: HostTensor,
-        residual: Option<HostTensor>,
+    LayerNorm(NormInputs),
+    LayerNormLinear {
+        norm: NormInputs,
         w: HostTensor,
         b: HostTensor,
+        act: Activation,
     },
     Attention {
         q: HostTensor,
@@ -364,6 +417,35 @@ enum CaseInputs {
         embeds: Option<HostTensor>,
         positions: SignalPositions,
     },
+}
+
+/// A LayerNorm's inputs: `x + residual` normalised with `w` and `b`.
+struct NormInputs {
+    x: HostTensor,
+    residual: Option<HostTensor>,
+    w: HostTensor,
+    b: HostTensor,
+}
+
+impl NormInputs {
+    /// `rows x cols` of `x` around `offset`, a residual if asked, a weight
+    /// near 1 and a small bias.
+    fn new(
+        inp: &mut Inputs,
+        rows: usize,
+        cols: usize,
+        residual: bool,
+        offset: f64,
+    ) -> Result<Self> {
+        Ok(NormInputs {
+            x: inp.tensor(&[rows, cols], 1.0, offset)?,
+            residual: residual
+                .then(|| inp.tensor(&[rows, cols], 1.0, 0.0))
+                .transpose()?,
+            w: inp.tensor(&[cols], 0.2, 1.0)?,
+            b: inp.tensor(&[cols], 0.1, 0.0)?,
+        })
+    }
 }
 
 fn case_inputs(case: &Case, inp: &mut Inputs) -> Result<CaseInputs> {
@@ -389,13 +471,19 @@ fn case_inputs(case: &Case, inp: &mut Inputs) -> Result<CaseInputs> {
             cols,
             residual,
             offset,
-        } => CaseInputs::LayerNorm {
-            x: inp.tensor(&[rows, cols], 1.0, offset)?,
-            residual: residual
-                .then(|| inp.tensor(&[rows, cols], 1.0, 0.0))
-                .transpose()?,
-            w: inp.tensor(&[cols], 0.2, 1.0)?,
-            b: inp.tensor(&[cols], 0.1, 0.0)?,
+        } => CaseInputs::LayerNorm(NormInputs::new(inp, rows, cols, residual, offset)?),
+        Case::LayerNormLinear {
+            m,
+            n,
+            k,
+            act,
+            residual,
+            offset,
+        } => CaseInputs::LayerNormLinear {
+            norm: NormInputs::new(inp, m, k, residual, offset)?,
+            w: inp.tensor(&[n, k], 1.0 / (k as f64).sqrt(), 0.0)?,
+            b: inp.tensor(&[n], 0.5, 0.0)?,
+            act,
         },
         Case::Attention {
             batch,
@@ -486,7 +574,7 @@ fn run_case<B: Backend>(be: &B, inputs: &CaseInputs) -> Result<Vec<HostTensor>> 
             be.linear(&up(x)?, &up(w)?, b.as_ref(), *act, r.as_ref(), &mut out)?;
             Ok(vec![be.download(&out)?])
         }
-        CaseInputs::LayerNorm { x, residual, w, b } => {
+        CaseInputs::LayerNorm(NormInputs { x, residual, w, b }) => {
             let mut y = poisoned(be, x.shape())?;
             let mut sum = poisoned(be, x.shape())?;
             let r = opt(residual)?;
@@ -502,6 +590,38 @@ fn run_case<B: Backend>(be: &B, inputs: &CaseInputs) -> Result<Vec<HostTensor>> 
                 outs.push(be.download(&sum)?);
             }
             Ok(outs)
+        }
+        CaseInputs::LayerNormLinear { norm, w, b, act } => {
+            let NormInputs {
+                x,
+                residual,
+                w: gamma,
+                b: beta,
+            } = norm;
+            let (m, n) = (x.shape()[0], w.shape()[0]);
+            let mut out = poisoned(be, &[m, n])?;
+            let mut sum = poisoned(be, x.shape())?;
+            let mut h = poisoned(be, x.shape())?;
+            let (xt, r, gt, bt) = (up(x)?, opt(residual)?, up(gamma)?, up(beta)?);
+            let input = NormInput {
+                x: &xt,
+                residual: r.as_ref(),
+                weight: &gt,
+                bias: &bt,
+                eps: 1e-5,
+            };
+            let (wt, lb) = (up(w)?, up(b)?);
+            be.layer_norm_linear(
+                input,
+                Some(&mut sum),
+                &mut h,
+                &wt,
+                Some(&lb),
+                *act,
+                &mut out,
+            )?;
+            // Compared: the output and the sum (`h` is scratch).
+            Ok(vec![be.download(&out)?, be.download(&sum)?])
         }
         CaseInputs::Attention { q, kv, spec, mask } => {
             let c = spec.heads * spec.head_dim;

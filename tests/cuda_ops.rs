@@ -538,6 +538,7 @@ fn alignment_loss_is_deterministic() {
 /// `x + residual` to `sum_out` as the reference has it.
 #[test]
 fn layer_norm_linear_matches_reference() {
+    check_cases(&verify::standard_cases(), "layer_norm_linear", 1e-5);
     let reference = output_projector::reference::Reference;
     // (rows, out features, in features, with residual, one kernel on Fast)
     let cases = [
