@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::ProjectorConfig;
 use crate::error::Result;
-use crate::ops::{Activation, AttentionSpec, Backend, Cols, LossKind};
+use crate::ops::{Activation, AttentionSpec, Backend, Cols, LossKind, NormInput};
 use crate::rng::Rng;
 use crate::signal::SignalPositions;
 use crate::tensor::HostTensor;
@@ -22,6 +22,13 @@ pub enum OpCase {
     LayerNorm {
         rows: usize,
         cols: usize,
+    },
+    /// A LayerNorm (with a residual) of `[m, k]` and the linear to `n`
+    /// columns that reads it.
+    LayerNormLinear {
+        m: usize,
+        n: usize,
+        k: usize,
     },
     Attention {
         batch: usize,
@@ -96,6 +103,13 @@ impl OpCase {
                 rows: batch * n,
                 cols: d,
             },
+            // An encoder layer's norm1 and QKV (one kernel on CUDA for up to
+            // 16 rows), against the LayerNorm and linear rows above.
+            OpCase::LayerNormLinear {
+                m: m_in,
+                n: 3 * d,
+                k: d,
+            },
             OpCase::Attention {
                 batch,
                 lq: n,
@@ -167,6 +181,7 @@ impl OpCase {
         match self {
             OpCase::Linear { .. } => "linear",
             OpCase::LayerNorm { .. } => "layer_norm",
+            OpCase::LayerNormLinear { .. } => "layer_norm_linear",
             OpCase::Attention { .. } => "attention",
             OpCase::AlignmentLoss { .. } => "alignment_loss",
             OpCase::Gather { .. } => "gather_signal_tokens",
@@ -178,6 +193,7 @@ impl OpCase {
         match *self {
             OpCase::Linear { m, n, k, act } => format!("{m}x{n}x{k} {}", act.name()),
             OpCase::LayerNorm { rows, cols } => format!("{rows}x{cols}"),
+            OpCase::LayerNormLinear { m, n, k } => format!("{m}x{n}x{k}"),
             OpCase::Attention {
                 batch,
                 lq,
@@ -202,6 +218,9 @@ impl OpCase {
         match *self {
             OpCase::Linear { m, n, k, .. } => 2.0 * product(&[m, n, k]),
             OpCase::LayerNorm { rows, cols } => 8.0 * product(&[rows, cols]),
+            OpCase::LayerNormLinear { m, n, k } => {
+                OpCase::LayerNorm { rows: m, cols: k }.flops() + 2.0 * product(&[m, n, k])
+            }
             OpCase::Attention {
                 batch,
                 lq,
@@ -225,6 +244,15 @@ impl OpCase {
             }
             OpCase::LayerNorm { rows, cols } => {
                 2.0 * product(&[rows, cols]) + 2.0 * product(&[cols])
+            }
+            // The norm's inputs, the stream it writes, the linear's weights
+            // and output; its normalised rows need not touch memory.
+            OpCase::LayerNormLinear { m, n, k } => {
+                3.0 * product(&[m, k])
+                    + 2.0 * product(&[k])
+                    + product(&[n, k])
+                    + product(&[n])
+                    + product(&[m, n])
             }
             OpCase::Attention {
                 batch,
@@ -264,6 +292,17 @@ impl OpCase {
                 b: up(vec![cols])?,
                 out: be.alloc(&[rows, cols])?,
                 sum: be.alloc(&[rows, cols])?,
+            },
+            OpCase::LayerNormLinear { m, n, k } => Prepared::LayerNormLinear {
+                x: up(vec![m, k])?,
+                residual: up(vec![m, k])?,
+                gamma: up(vec![k])?,
+                beta: up(vec![k])?,
+                w: up(vec![n, k])?,
+                b: up(vec![n])?,
+                sum: be.alloc(&[m, k])?,
+                h: be.alloc(&[m, k])?,
+                out: be.alloc(&[m, n])?,
             },
             OpCase::Attention {
                 batch,
@@ -328,6 +367,17 @@ pub enum Prepared<B: Backend> {
         out: B::Tensor,
         sum: B::Tensor,
     },
+    LayerNormLinear {
+        x: B::Tensor,
+        residual: B::Tensor,
+        gamma: B::Tensor,
+        beta: B::Tensor,
+        w: B::Tensor,
+        b: B::Tensor,
+        sum: B::Tensor,
+        h: B::Tensor,
+        out: B::Tensor,
+    },
     Attention {
         q: B::Tensor,
         kv: B::Tensor,
@@ -361,6 +411,26 @@ impl<B: Backend> Prepared<B> {
                 out,
                 sum,
             } => be.layer_norm(x, Some(residual), w, b, 1e-5, out, Some(sum)),
+            Prepared::LayerNormLinear {
+                x,
+                residual,
+                gamma,
+                beta,
+                w,
+                b,
+                sum,
+                h,
+                out,
+            } => {
+                let norm = NormInput {
+                    x,
+                    residual: Some(residual),
+                    weight: gamma,
+                    bias: beta,
+                    eps: 1e-5,
+                };
+                be.layer_norm_linear(norm, Some(sum), h, w, Some(b), Activation::None, out)
+            }
             Prepared::Attention { q, kv, spec, out } => {
                 let d = spec.heads * spec.head_dim;
                 be.attention(
