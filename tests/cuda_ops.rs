@@ -879,6 +879,11 @@ fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
     let eager_launches = be.kernel_launches().unwrap() - before;
     drop(plan);
 
+    // fc; the encoder layer's 5 (norm1 + QKV and norm2 + FFN up one kernel
+    // each at 4 rows); its last norm + the stacked K/V, one kernel; the first
+    // decoder layer's 5 and the second's 11 (77 rows: norms on their own);
+    // the decoder's last norm and the output projection.
+    assert_eq!(eager_launches, 1 + 5 + 1 + 5 + 11 + 2);
     let mut graph = proj.capture(batch, n_in).unwrap();
     assert_eq!(graph.kernels(), eager_launches);
     println!(
