@@ -236,6 +236,33 @@ inline thread_local void* sched_fake = nullptr;
 inline thread_local bool reverse_order = false;
 inline thread_local long switches = 0;
 
+// Fiber stacks of finished cluster threads, for the next cluster's: a block's
+// threads are up to 1024 stacks of 256 KiB, and mapping fresh ones for every
+// block of every cluster would take most of an emulated run.
+inline std::mutex stack_pool_mu;
+inline std::vector<char*> stack_pool;
+
+inline char* take_stack() {
+    {
+        std::lock_guard<std::mutex> lock(stack_pool_mu);
+        if (!stack_pool.empty()) {
+            char* s = stack_pool.back();
+            stack_pool.pop_back();
+            return s;
+        }
+    }
+    return (char*)malloc(STACK);
+}
+
+// This OS thread's fibers are done: their stacks go back to the pool.
+inline void give_back_stacks() {
+    std::lock_guard<std::mutex> lock(stack_pool_mu);
+    for (Fiber& f : fibers) {
+        if (f.stack) stack_pool.push_back(f.stack);
+    }
+    fibers.clear();
+}
+
 // The blocks of one cluster, each on its own OS thread.
 struct Cluster {
     unsigned size = 1;
@@ -305,7 +332,7 @@ inline void run_block() {
     if ((int)fibers.size() < n) fibers.resize(n);
     for (int i = 0; i < n; ++i) {
         Fiber& f = fibers[i];
-        if (!f.stack) f.stack = (char*)malloc(STACK);
+        if (!f.stack) f.stack = take_stack();
         ctx_make(f.ctx, f.stack, STACK, trampoline);
         f.st = RUN;
     }
@@ -421,8 +448,7 @@ void launch(dim3 grid, dim3 block, F kernel, dim3 clusters = dim3(1, 1, 1)) {
                             ++c.exited;
                         }
                         c.cv.notify_all();
-                        for (Fiber& f : fibers) free(f.stack);
-                        fibers.clear();
+                        give_back_stacks();
                     });
                 }
                 for (std::thread& t : blocks) t.join();
