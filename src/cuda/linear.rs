@@ -39,6 +39,41 @@ pub(crate) struct LinearParams {
 // kernels' LinearParams: the static_asserts compiled into linear.cu check it.
 unsafe impl DeviceRepr for LinearParams {}
 
+impl LinearParams {
+    /// An unsplit GEMM of `d` on checked device addresses (0: absent);
+    /// `op` names it in size errors.
+    #[allow(clippy::too_many_arguments)]
+    fn unsplit(
+        op: &str,
+        d: LinearDims,
+        x: u64,
+        w: u64,
+        bias: u64,
+        residual: u64,
+        out: u64,
+        act: Activation,
+    ) -> Result<Self> {
+        // The message is formatted only for a size that does not fit.
+        let dim =
+            |what: &str, n: usize| i32::try_from(n).or_else(|_| i32_of(&format!("{op} {what}"), n));
+        Ok(LinearParams {
+            x,
+            w,
+            bias,
+            residual,
+            out,
+            partial: 0,
+            tile_counters: 0,
+            m: dim("rows", d.m)?,
+            n: dim("out_features", d.n)?,
+            k: dim("in_features", d.k)?,
+            act: act_code(act),
+            k_per_split: 0,
+            splits: 1,
+        })
+    }
+}
+
 /// Mirror of `LayerNormLinearParams` in kernels/linear.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -397,21 +432,7 @@ pub(super) fn layer_norm_linear(
     outputs.extend(sum_out.as_deref());
     be.check_disjoint("layer_norm_linear", &outputs, &inputs)?;
     let params = LayerNormLinearParams {
-        linear: LinearParams {
-            x: xp,
-            w: wp,
-            bias: bp.unwrap_or(0),
-            residual: 0,
-            out: op,
-            partial: 0,
-            tile_counters: 0,
-            m: i32_of("layer_norm_linear rows", d.m)?,
-            n: i32_of("layer_norm_linear out_features", d.n)?,
-            k: i32_of("layer_norm_linear in_features", d.k)?,
-            act: act_code(act),
-            k_per_split: 0,
-            splits: 1,
-        },
+        linear: LinearParams::unsplit("layer_norm_linear", d, xp, wp, bp.unwrap_or(0), 0, op, act)?,
         norm_residual: rp.unwrap_or(0),
         norm_weight: gp,
         norm_bias: hp,
@@ -464,21 +485,8 @@ pub(super) fn linear(
     let gemm = Gemm::for_storage(be.storage(), be.options().tf32);
     let chunk = 16 / be.storage().size();
     let wide = d.k % chunk == 0 && xp % 16 == 0 && wp % 16 == 0;
-    let mut params = LinearParams {
-        x: xp,
-        w: wp,
-        bias: bp.unwrap_or(0),
-        residual: rp.unwrap_or(0),
-        out: op,
-        partial: 0,
-        tile_counters: 0,
-        m: i32_of("linear rows", d.m)?,
-        n: i32_of("linear out_features", d.n)?,
-        k: i32_of("linear in_features", d.k)?,
-        act: act_code(act),
-        k_per_split: 0,
-        splits: 1,
-    };
+    let (bias, residual) = (bp.unwrap_or(0), rp.unwrap_or(0));
+    let mut params = LinearParams::unsplit("linear", d, xp, wp, bias, residual, op, act)?;
     match plan(
         d,
         be.version(),
