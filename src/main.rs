@@ -547,31 +547,8 @@ impl BackendTask for Check {
                 tol: precision.tolerances().1,
             });
         }
-        if be.dependent_launch() {
-            let serial = CudaOptions {
-                serial_launches: true,
-                ..be.options().clone()
-            };
-            rows.push(against_plain(
-                &be,
-                &image,
-                precision,
-                ("dependent launch", "serial"),
-                serial,
-            )?);
-        }
-        if be.cluster_split_k() {
-            let memory = CudaOptions {
-                split_k_through_memory: true,
-                ..be.options().clone()
-            };
-            rows.push(against_plain(
-                &be,
-                &image,
-                precision,
-                ("cluster split-K", "memory"),
-                memory,
-            )?);
+        for f in launch_features(&be) {
+            rows.push(against_plain(&be, &image, precision, &f)?);
         }
         Ok(rows)
     }
@@ -593,9 +570,52 @@ fn capture_for<'p>(
     Ok((p.capture(batch, n_in)?, x))
 }
 
+/// A way of launching the forward that `be` uses and that options can turn
+/// off, for `check` and `bench` to set against the plain launches.
+#[cfg(feature = "cuda")]
+struct LaunchFeature {
+    /// Its `check` row's op, and what that row compares against.
+    op: &'static str,
+    against: &'static str,
+    /// `bench`'s graph row with the feature off.
+    graph_row: &'static str,
+    /// `be`'s options with the feature off.
+    off: CudaOptions,
+}
+
+/// The launch features `be` uses: programmatic dependent launch, split-K in
+/// a thread-block cluster.
+#[cfg(feature = "cuda")]
+fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
+    let mut features = Vec::new();
+    if be.dependent_launch() {
+        features.push(LaunchFeature {
+            op: "dependent launch",
+            against: "serial",
+            graph_row: "projector graph serial",
+            off: CudaOptions {
+                serial_launches: true,
+                ..be.options().clone()
+            },
+        });
+    }
+    if be.cluster_split_k() {
+        features.push(LaunchFeature {
+            op: "cluster split-K",
+            against: "memory",
+            graph_row: "projector graph split-K in memory",
+            off: CudaOptions {
+                split_k_through_memory: true,
+                ..be.options().clone()
+            },
+        });
+    }
+    features
+}
+
 /// A launch feature must not change a bit: the forward replayed from a graph
-/// on `be` against the eager forward on a backend with `plain` options, the
-/// feature off. `(op, against)` name the row. The kernels are deterministic,
+/// on `be` against the eager forward on a backend with the feature off. The
+/// kernels are deterministic,
 /// so, for programmatic dependent launch, a kernel reading before its
 /// predecessor finished shows as a difference; for split-K in a cluster, a
 /// slice added out of order or missed.
@@ -604,15 +624,14 @@ fn against_plain(
     be: &Cuda,
     config: &ProjectorConfig,
     precision: Precision,
-    (op, against): (&'static str, &'static str),
-    plain: CudaOptions,
+    feature: &LaunchFeature,
 ) -> Result<CheckRow> {
     let case = verify::ProjectorCase::new(config, 2, precision.storage(), 11)?;
     let featured = case.run(be, |p, h, e| {
         let (mut graph, x) = capture_for(be, p, h, e)?;
         be.download(graph.forward(&x)?)
     })?;
-    let plain_be = be.with_options(plain)?;
+    let plain_be = be.with_options(feature.off.clone())?;
     let plain = case.run(&plain_be, |p, h, e| {
         plain_be.download(&p.forward(h, Some(e))?)
     })?;
@@ -624,8 +643,8 @@ fn against_plain(
         .filter(|(x, y)| x.to_bits() != y.to_bits())
         .count();
     Ok(CheckRow {
-        against,
-        op,
+        against: feature.against,
+        op: feature.op,
         case: format!("{} ({differing} elements differ)", case.name),
         rel: if differing == 0 && a.len() == b.len() {
             0.0
@@ -814,19 +833,8 @@ impl BackendTask for Bench<'_> {
         let mut rows = self.run(be.clone(), DeviceKind::Cuda)?;
         let weights = self.weights()?;
         let mut backends = vec![("projector graph", be.clone())];
-        if be.dependent_launch() {
-            let serial = be.with_options(CudaOptions {
-                serial_launches: true,
-                ..be.options().clone()
-            })?;
-            backends.push(("projector graph serial", serial));
-        }
-        if be.cluster_split_k() {
-            let memory = be.with_options(CudaOptions {
-                split_k_through_memory: true,
-                ..be.options().clone()
-            })?;
-            backends.push(("projector graph split-K in memory", memory));
+        for f in launch_features(&be) {
+            backends.push((f.graph_row, be.with_options(f.off)?));
         }
         for (what, be) in backends {
             let proj = Projector::new(be.clone(), &weights)?;
