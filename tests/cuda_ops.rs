@@ -754,24 +754,7 @@ fn graph_replay_matches_eager_forward() {
 /// set; either way a forward and its graph replay give bitwise the same output.
 #[test]
 fn dependent_launch_matches_serial() {
-    let Some(be) = backend(KernelVersion::Fast) else {
-        return;
-    };
-    let serial = be
-        .with_options(CudaOptions {
-            serial_launches: true,
-            ..be.options().clone()
-        })
-        .unwrap();
-    // Below sm_90 never; on the emulated sm_90 device (a CUDA 13.0 driver) always.
-    if be.arch() < "sm_90" {
-        assert!(!be.dependent_launch(), "{}", be.arch());
-    }
-    if std::env::var_os(EMULATED_DRIVER_ENV).is_some() {
-        assert!(be.dependent_launch());
-    }
-    assert!(!serial.dependent_launch());
-    assert_forwards_bitwise_equal(&be, &serial);
+    check_sm90_feature(Cuda::dependent_launch, |o| o.serial_launches = true);
 }
 
 /// On devices that launch thread-block clusters (sm_90 and newer; the
@@ -780,23 +763,27 @@ fn dependent_launch_matches_serial() {
 /// and its graph replay give bitwise the same output.
 #[test]
 fn cluster_split_k_matches_split_k_through_memory() {
+    check_sm90_feature(Cuda::cluster_split_k, |o| o.split_k_through_memory = true);
+}
+
+/// A launch feature that `on` reports: never below sm_90, always on the
+/// emulated sm_90 device (a CUDA 13.0 driver), off once `turn_off` has set
+/// its option; and the forwards with and without it bitwise the same.
+fn check_sm90_feature(on: fn(&Cuda) -> bool, turn_off: fn(&mut CudaOptions)) {
     let Some(be) = backend(KernelVersion::Fast) else {
         return;
     };
-    let memory = be
-        .with_options(CudaOptions {
-            split_k_through_memory: true,
-            ..be.options().clone()
-        })
-        .unwrap();
+    let mut options = be.options().clone();
+    turn_off(&mut options);
+    let off = be.with_options(options).unwrap();
     if be.arch() < "sm_90" {
-        assert!(!be.cluster_split_k(), "{}", be.arch());
+        assert!(!on(&be), "{}", be.arch());
     }
     if std::env::var_os(EMULATED_DRIVER_ENV).is_some() {
-        assert!(be.cluster_split_k());
+        assert!(on(&be));
     }
-    assert!(!memory.cluster_split_k());
-    assert_forwards_bitwise_equal(&be, &memory);
+    assert!(!on(&off));
+    assert_forwards_bitwise_equal(&be, &off);
 }
 
 /// The small projector's forward, eager and replayed from a graph, on `be`
