@@ -415,4 +415,83 @@ __device__ __forceinline__ void store4(elem* p, float4 v) {
 #endif
 }
 
+// ---------------------------------------------------------------- mma.sync
+#if OP_ELEM != 0
+// Tensor-core fragments in the registers' own layout (PTX ISA, "Matrix
+// Fragments for mma.m16n8k16"), for kernels that load them with ldmatrix
+// instead of going through WMMA. Registers hold two 16-bit elements, the
+// lower column (or row, for B) in the low half. With g = lane / 4 and
+// t = lane % 4:
+// - A, 16 x 16 row-major (M x K): a[0] (g, 2t), a[1] (g + 8, 2t),
+//   a[2] (g, 2t + 8), a[3] (g + 8, 2t + 8), each with the next column;
+// - B, 16 x 8 (K x N): b[0] (2t, g), b[1] (2t + 8, g), each with the next row;
+// - C and D, 16 x 8 f32: d[0], d[1] (g, 2t), (g, 2t + 1); d[2], d[3] the
+//   same columns of row g + 8.
+// Needs sm_80; the emulator computes each output as f32 fmas in k order.
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: four 8 x 8 matrices of 16-bit
+// elements, lane l giving the shared-memory address of row l % 8 of matrix
+// l / 8 (16 bytes, 16-byte aligned); r[i] receives matrix i's row g,
+// elements 2t and 2t + 1. Rows of an A tile (K contiguous) land as a[] when
+// lanes 0-15 give rows 0-15 at column 0 and lanes 16-31 rows 0-15 at column
+// 8; rows of W ([N, K], K contiguous) land as B fragments likewise.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) {
+#ifndef OP_EMULATOR
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+    if ((uintptr_t)row % 16 != 0) emu::fail("ldmatrix row address not 16-byte aligned");
+    emu_warp_publish(row);
+    const int lane = emu_lane();
+    for (int i = 0; i < 4; ++i) {
+        memcpy(&r[i], static_cast<const char*>(emu_warp_peer(8 * i + lane / 4)) + 4 * (lane % 4), 4);
+    }
+    emu_warp_done();
+#endif
+}
+
+// d += a b (16 x 8 x 16, f32 sums): mma.sync.aligned.m16n8k16.row.col with
+// elem operands.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
+                                          const unsigned (&b)[2]) {
+#ifndef OP_EMULATOR
+#if OP_ELEM == 1
+#define OP_MMA_16816 "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#else
+#define OP_MMA_16816 "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#endif
+    asm(OP_MMA_16816 " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#undef OP_MMA_16816
+#else
+    const unsigned mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    emu_warp_publish(mine);
+    // Element (row, col) of a fragment whose lane and register are found from
+    // its position as the layout above says.
+    const auto at = [](int lane, int reg, int half) {
+        const unsigned v = static_cast<const unsigned*>(emu_warp_peer(lane))[reg];
+        return bits_to_f32((unsigned short)(v >> (16 * half)));
+    };
+    const int g = emu_lane() / 4, t = emu_lane() % 4;
+    float out[4];
+    for (int h = 0; h < 4; ++h) {
+        const int row = g + 8 * (h / 2), col = 2 * t + h % 2;
+        float acc = d[h];
+        for (int k = 0; k < 16; ++k) {
+            const int pair = (k % 8) / 2;
+            const float av = at(4 * (row % 8) + pair, row / 8 + 2 * (k / 8), k % 2);
+            const float bv = at(4 * col + pair, 4 + k / 8, k % 2);
+            acc = fmaf(av, bv, acc);
+        }
+        out[h] = acc;
+    }
+    emu_warp_done();
+    for (int h = 0; h < 4; ++h) d[h] = out[h];
+#endif
+}
+#endif  // OP_ELEM != 0
+
 #endif  // OP_COMMON_CUH

@@ -45,6 +45,11 @@
 // - linear_tc_large_vec8 / linear_tc_tf32_large_vec4 (v3, large tiles): the
 //   same kernel with 128x128 tiles (8 warps of 64x32, 64 bytes of each row per
 //   K step, no split-K), for grids that fill the device without splitting.
+// - linear_mma_vec8 (v5, 16-bit storage, large grids): the large tiles with
+//   explicit fragments: mma.sync m16n8k16 fed by ldmatrix from swizzled,
+//   unpadded stages, 4 warps of 64x64, three cp.async stages of 32 K
+//   columns. Planned instead of linear_tc_large_vec8 (which stays, for
+//   comparison) where the 128x128 tiles alone fill the device.
 // - linear_tc_tf32_vec4 / linear_tc_tf32_scalar (v3 for f32 storage, opt-in):
 //   the v3 structure on TF32 tensor cores (WMMA 16x16x8, f32 accumulators),
 //   K steps of 32 floats (128 bytes per row). The fragments are rounded to
@@ -1077,6 +1082,183 @@ extern "C" __global__ void __launch_bounds__(LINEAR_TC_LARGE_THREADS)
 OP_KERNEL_NAME(linear_tc_tf32_large_vec4)(const LinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p, LinearTcLarge::BN); });
     linear_tc<LinearTcLarge, true>(p);
+}
+#endif
+#if OP_ELEM != 0
+// v5: 128x128 output tiles per block of 4 warps, each warp 64x64 as 4 x 8
+// mma.sync m16n8k16 per 16 K columns, its fragments loaded with ldmatrix.x4
+// (common.cuh): 8 fragment loads per 32 MMAs, against v3's large tiles' 6
+// WMMA loads per 16 (the loads, not the MMAs, were what a block of v3 had
+// most of). K in steps of 32 (64 bytes of each row) through three cp.async
+// stages, 48 KiB in all: two steps are in flight while one is multiplied,
+// and one barrier per step. No padding: chunk c (16 bytes) of a staged row r
+// is stored at r * 4 + (c ^ ((r / 2) % 4)), so the 8 rows one ldmatrix phase
+// reads at the same chunk fall on 8 distinct 16-byte bank groups.
+#define LINEAR_MMA_BM 128
+#define LINEAR_MMA_BN 128
+#define LINEAR_MMA_BK 32
+#define LINEAR_MMA_STAGES 3
+#define LINEAR_MMA_THREADS 128
+// Epilogue scratch: a warp's 16 x 64 sums per pass, rows of 72 floats (the
+// 8-byte stores of a half warp, rows g and columns 2t, on distinct banks).
+#define LINEAR_MMA_LDC 72
+
+struct LinearMmaSmem {
+    union {
+        struct {
+            uint4 x[LINEAR_MMA_BM * 4];
+            uint4 w[LINEAR_MMA_BN * 4];
+        } stage[LINEAR_MMA_STAGES];
+        float c[LINEAR_MMA_THREADS / 32][16][LINEAR_MMA_LDC];
+    };
+};
+static_assert(sizeof(LinearMmaSmem) <= 48 * 1024, "static shared memory");
+
+// Where chunk c of staged row r is.
+__device__ __forceinline__ int linear_mma_chunk(int r, int c) { return r * 4 + (c ^ ((r >> 1) & 3)); }
+
+// Rows [row0, row0 + 128) x columns [k0, k0 + 32) of a [rows, k] operand into
+// `tile` by cp.async, zero past `rows` and k (a multiple of 8: a chunk is
+// all in range or all out).
+__device__ __forceinline__ void linear_mma_stage(uint4* tile, const elem* a, int row0, int rows,
+                                                 int k0, int k) {
+#pragma unroll
+    for (int j = 0; j < LINEAR_MMA_BM * 4 / LINEAR_MMA_THREADS; ++j) {
+        const int chunk = threadIdx.x + LINEAR_MMA_THREADS * j;
+        const int r = chunk >> 2;
+        const int c = chunk & 3;
+        const int row = row0 + r;
+        const int col = k0 + c * 8;
+        const bool valid = row < rows && col < k;
+        cp_async16(&tile[linear_mma_chunk(r, c)], valid ? a + row * k + col : a, valid);
+    }
+}
+
+// block LINEAR_MMA_THREADS; grid (ceil(N / 128), ceil(M / 128)). Needs
+// K % 8 == 0 and 16-byte aligned x and w; no split-K (planned where the tiles
+// alone fill the device).
+extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, 2)
+OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_BN); });
+    __shared__ __align__(128) LinearMmaSmem sm;
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int wm = (warp >> 1) * 64;  // this warp's rows of the tile
+    const int wn = (warp & 1) * 64;   // and columns
+    const int m0 = blockIdx.y * LINEAR_MMA_BM;
+    const int n0 = blockIdx.x * LINEAR_MMA_BN;
+    const bool rows_live = m0 + wm < p.m;
+    const int steps = (p.k + LINEAR_MMA_BK - 1) / LINEAR_MMA_BK;
+
+    float acc[4][8][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[i][j][e] = 0.0f;
+            }
+        }
+    }
+
+#pragma unroll
+    for (int s = 0; s < LINEAR_MMA_STAGES - 1; ++s) {
+        if (s < steps) {
+            linear_mma_stage(sm.stage[s].x, p.x, m0, p.m, s * LINEAR_MMA_BK, p.k);
+            linear_mma_stage(sm.stage[s].w, p.w, n0, p.n, s * LINEAR_MMA_BK, p.k);
+        }
+        cp_async_commit();
+    }
+    // The lane's ldmatrix rows: A's rows 0-15 at chunk 0, then at chunk 1;
+    // W's rows 0-7 at chunks 0 and 1, then rows 8-15 (two n8 fragments).
+    const int a_row = wm + (lane & 15);
+    const int a_chunk = lane >> 4;
+    const int b_row = wn + (lane & 7) + ((lane >> 4) << 3);
+    const int b_chunk = (lane >> 3) & 1;
+    int read = 0;
+    int write = LINEAR_MMA_STAGES - 1;
+    for (int step = 0; step < steps; ++step) {
+        cp_async_wait<LINEAR_MMA_STAGES - 2>();  // this step's group is complete
+        // Every thread's copies are visible, and every warp is done with the
+        // stage the next copies overwrite (multiplied last step).
+        __syncthreads();
+        const int next = step + LINEAR_MMA_STAGES - 1;
+        if (next < steps) {
+            linear_mma_stage(sm.stage[write].x, p.x, m0, p.m, next * LINEAR_MMA_BK, p.k);
+            linear_mma_stage(sm.stage[write].w, p.w, n0, p.n, next * LINEAR_MMA_BK, p.k);
+        }
+        cp_async_commit();
+        // A warp whose rows are all past M only stages.
+        if (rows_live) {
+            const uint4* xs = sm.stage[read].x;
+            const uint4* ws = sm.stage[read].w;
+#pragma unroll
+            for (int kk = 0; kk < LINEAR_MMA_BK / 8; kk += 2) {
+                unsigned a[4][4];
+                unsigned b[8][2];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    ldmatrix_x4(a[i], &xs[linear_mma_chunk(a_row + 16 * i, kk + a_chunk)]);
+                }
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    unsigned q[4];
+                    ldmatrix_x4(q, &ws[linear_mma_chunk(b_row + 16 * j, kk + b_chunk)]);
+                    b[2 * j][0] = q[0];
+                    b[2 * j][1] = q[1];
+                    b[2 * j + 1][0] = q[2];
+                    b[2 * j + 1][1] = q[3];
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        mma_16816(acc[i][j], a[i], b[j]);
+                    }
+                }
+            }
+        }
+        read = read == LINEAR_MMA_STAGES - 1 ? 0 : read + 1;
+        write = write == LINEAR_MMA_STAGES - 1 ? 0 : write + 1;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the stages are free for the epilogue's scratch
+    if (!rows_live) {
+        return;
+    }
+
+    // 16 rows at a time through the warp's scratch, so that a lane's stores
+    // are 4 consecutive columns of one row (a warp: 2 rows of 64), through the
+    // epilogue (bias, activation, residual, rounding to elem).
+    const bool vec_out = linear_vec_out(p);
+    float (*scratch)[LINEAR_MMA_LDC] = sm.c[warp];
+    const int g = lane >> 2;
+    const int t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            *reinterpret_cast<float2*>(&scratch[g][8 * j + 2 * t]) =
+                make_float2(acc[i][j][0], acc[i][j][1]);
+            *reinterpret_cast<float2*>(&scratch[g + 8][8 * j + 2 * t]) =
+                make_float2(acc[i][j][2], acc[i][j][3]);
+        }
+        __syncwarp();
+        // Not unrolled: one copy of the epilogue's code per pass is enough
+        // (unrolled, the kernel was 46 K instructions).
+#pragma unroll 1
+        for (int q = 0; q < 8; ++q) {
+            const int r = (lane >> 4) + 2 * q;
+            const int c = (lane & 15) * 4;
+            const int m = m0 + wm + 16 * i + r;
+            const int n = n0 + wn + c;
+            if (m < p.m && n < p.n) {
+                linear_store4(p, nullptr, vec_out, 0, m, n, &scratch[r][c]);
+            }
+        }
+        __syncwarp();  // every lane has read the scratch before it is reused
+    }
 }
 #endif
 #endif  // LINEAR_TC_ANY

@@ -391,23 +391,41 @@ fn tf32_linear_matches_reference() {
 
 /// Linear on tensor cores with 128x128 tiles: an output with a large tile for
 /// every SM (the rule `linear` picks them by), ragged at the edges and with a
-/// K tail, in bf16 and TF32.
+/// K tail, in bf16 (mma.sync, and WMMA where asked for) and TF32.
 #[test]
 fn large_tile_linear_matches_reference() {
+    let wmma = CudaOptions {
+        storage: DType::BF16,
+        wmma_large_tiles: true,
+        ..CudaOptions::default()
+    };
     let backends = [
         (
             backend_storing(KernelVersion::Fast, DType::BF16),
             DType::BF16,
             1e-2,
+            "linear_mma_vec8",
         ),
-        (tf32_backend(), DType::F32, TF32_LINEAR_TOL),
+        (
+            backend_with(wmma),
+            DType::BF16,
+            1e-2,
+            "linear_tc_large_vec8",
+        ),
+        (
+            tf32_backend(),
+            DType::F32,
+            TF32_LINEAR_TOL,
+            "linear_tc_tf32_large_vec4",
+        ),
     ];
-    for (be, storage, tol) in backends {
+    for (be, storage, tol, kernel) in backends {
         let Some(be) = be else { return };
         let sms = be.sm_count() as usize;
         let n: usize = 128 * 12;
         let m = 128 * (sms.div_ceil(12) - 1) + 5;
         assert!(m.div_ceil(128) * n.div_ceil(128) >= sms);
+        assert_eq!(be.linear_kernel(m, n, 40).unwrap(), kernel);
         let case = Case::Linear {
             m,
             n,
@@ -419,7 +437,7 @@ fn large_tile_linear_matches_reference() {
         let r = verify::compare_case(&be, &case, storage, 77)
             .unwrap_or_else(|e| panic!("{} {}: {e}", storage.name(), case.describe()));
         println!(
-            "{} large tiles {:<30} rel {:.3e}",
+            "{} {kernel} {:<30} rel {:.3e}",
             storage.name(),
             r.case,
             r.rel

@@ -172,12 +172,14 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
             let mut tc: Vec<String> = reports
                 .iter()
                 .flat_map(|p| p.kernels.iter().map(|k| k.name.clone()))
-                .filter(|n| n.starts_with("linear_tc_"))
+                .filter(|n| n.starts_with("linear_tc_") || n.starts_with("linear_mma_"))
                 .collect();
             tc.sort();
             assert_eq!(
                 tc,
                 [
+                    "linear_mma_vec8_bf16",
+                    "linear_mma_vec8_f16",
                     "linear_tc_large_vec8_bf16",
                     "linear_tc_large_vec8_f16",
                     "linear_tc_scalar_bf16",

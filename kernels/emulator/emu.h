@@ -23,7 +23,8 @@
 // elements 8l .. 8l + 7 (row-major) of a fragment's 16x16 tile (4l .. 4l + 3
 // of a 16x8 or 8x16 TF32 tile); load, store and mma are warp-collective (every
 // lane must call them, as on the GPU), and mma_sync reads the other lanes' A
-// and B elements. Misaligned WMMA pointers (not 32 bytes) or leading
+// and B elements. mma.sync and ldmatrix (common.cuh) are emulated in the
+// hardware's register layout, as the PTX ISA defines it. Misaligned WMMA pointers (not 32 bytes) or leading
 // dimensions (not 16 bytes) abort, as they are undefined on the GPU, and so
 // does a TF32 operand not rounded by __float_to_tf32 (cvt.rna.tf32.f32).
 //
@@ -71,6 +72,10 @@ struct alignas(16) float4 {
     float x, y, z, w;
 };
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+struct alignas(8) float2 {
+    float x, y;
+};
+inline float2 make_float2(float a, float b) { return float2{a, b}; }
 struct alignas(8) uint2 {
     unsigned x, y;
 };
@@ -222,8 +227,7 @@ struct Fiber {
     int xsrc = 0;
     int xkind = 0;  // 0 plain warp barrier, 1 exchange
     void* fake = nullptr;
-    const float* wmma_a = nullptr;  // this lane's A and B fragment elements in mma_sync
-    const float* wmma_b = nullptr;
+    const void* published = nullptr;  // this lane's share of a warp collective (emu_warp_publish)
 };
 constexpr size_t STACK = 256 * 1024;
 inline thread_local std::vector<Fiber> fibers;
@@ -521,6 +525,18 @@ inline T emu_exchange(unsigned mask, T v, int src) {
     return r;
 }
 
+// Warp collectives that read other lanes' registers or addresses (WMMA,
+// mma.sync, ldmatrix): every lane publishes a pointer to its share, reads
+// the others' with emu_warp_peer once all 32 have, and calls emu_warp_done
+// before its share goes out of scope or is published again.
+inline int emu_lane() { return emu::cur & 31; }
+inline void emu_warp_publish(const void* mine) {
+    emu::fibers[emu::cur].published = mine;
+    __syncwarp();
+}
+inline const void* emu_warp_peer(int lane) { return emu::fibers[(emu::cur & ~31) + lane].published; }
+inline void emu_warp_done() { __syncwarp(); }
+
 template <class T>
 inline T __shfl_sync(unsigned mask, T v, int src) {
     return emu_exchange(mask, v, src & 31);
@@ -584,8 +600,6 @@ struct emu_memory<precision::tf32> {
     typedef float type;
 };
 
-inline int emu_lane() { return emu::cur & 31; }
-
 inline void emu_check_wmma(const void* p, unsigned ldm, size_t elem_bytes) {
     if ((uintptr_t)p % 32 != 0) emu::fail("WMMA pointer not 32-byte aligned");
     if ((ldm * elem_bytes) % 16 != 0) emu::fail("WMMA leading dimension not a multiple of 16 bytes");
@@ -640,25 +654,21 @@ inline void mma_sync(fragment<accumulator, 16, 16, K, float>& d,
             }
         }
     }
-    const int self = emu::cur;
-    const int base = self & ~31;
-    emu::fibers[self].wmma_a = a.x;
-    emu::fibers[self].wmma_b = b.x;
-    __syncwarp();  // every lane has published its A and B elements
-    const int lane = self & 31;
+    const float* const mine[2] = {a.x, b.x};
+    emu_warp_publish(mine);
+    const auto peer = [](int l) { return static_cast<const float* const*>(emu_warp_peer(l)); };
+    const int lane = emu_lane();
     float out[8];
     for (int i = 0; i < 8; ++i) {
         const int e = lane * 8 + i, r = e / 16, col = e % 16;
         float acc = c.x[i];
         for (int k = 0; k < K; ++k) {
             const int ea = r * K + k, eb = k * 16 + col;
-            const float av = emu::fibers[base + ea / n].wmma_a[ea % n];
-            const float bv = emu::fibers[base + eb / n].wmma_b[eb % n];
-            acc = std::fma(av, bv, acc);
+            acc = std::fma(peer(ea / n)[0][ea % n], peer(eb / n)[1][eb % n], acc);
         }
         out[i] = acc;
     }
-    __syncwarp();  // every lane is done reading the others' fragments
+    emu_warp_done();
     for (int i = 0; i < 8; ++i) d.x[i] = out[i];
 }
 }  // namespace wmma

@@ -87,6 +87,8 @@ static Entry ENTRIES[] = {
     K(k_bf16, linear_tc_scalar, _bf16, LinearParams),
     K(k_f16, linear_tc_large_vec8, _f16, LinearParams),
     K(k_bf16, linear_tc_large_vec8, _bf16, LinearParams),
+    K(k_f16, linear_mma_vec8, _f16, LinearParams),
+    K(k_bf16, linear_mma_vec8, _bf16, LinearParams),
     K(k_f16, attention_tc_d64, _f16, AttentionParams),
     K(k_f16, attention_tc_d128, _f16, AttentionParams),
     K(k_bf16, attention_tc_d64, _bf16, AttentionParams),

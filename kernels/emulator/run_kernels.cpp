@@ -66,15 +66,17 @@ static void check_counters_reset(const std::string& what, const std::vector<unsi
     }
 }
 
-// Split-K through a thread-block cluster must give bitwise what the workspace
-// gave: the same sums in the same order.
+// Two ways of the same sums in the same order must agree bitwise: split-K
+// through a thread-block cluster and through the workspace; mma.sync and
+// WMMA on the same tiles.
 template <class E>
-static void check_same(const std::string& what, const E* got, const E* want, size_t n) {
+static void check_same(const std::string& what, const E* got, const E* want, size_t n,
+                       const char* other = "the workspace's split-K") {
     if (memcmp(got, want, n * sizeof(E)) != 0) {
         ++failures;
-        printf("FAIL %-60s differs from the workspace's split-K\n", what.c_str());
+        printf("FAIL %-60s differs from %s\n", what.c_str(), other);
     } else {
-        printf("ok   %-60s bitwise the workspace's split-K\n", what.c_str());
+        printf("ok   %-60s bitwise %s\n", what.c_str(), other);
     }
     fflush(stdout);
 }
@@ -461,6 +463,7 @@ struct HalfF16 {
     static void linear_small(const LP& p) { k_f16::linear_tc_vec8_f16(p); }
     static void linear_scalar(const LP& p) { k_f16::linear_tc_scalar_f16(p); }
     static void linear_large(const LP& p) { k_f16::linear_tc_large_vec8_f16(p); }
+    static void linear_mma(const LP& p) { k_f16::linear_mma_vec8_f16(p); }
     static void linear_rows(const LP& p, bool vec) {
         if (vec) k_f16::linear_rows_vec4_f16(p); else k_f16::linear_rows_scalar_f16(p);
     }
@@ -477,6 +480,7 @@ struct HalfBF16 {
     static void linear_small(const LP& p) { k_bf16::linear_tc_vec8_bf16(p); }
     static void linear_scalar(const LP& p) { k_bf16::linear_tc_scalar_bf16(p); }
     static void linear_large(const LP& p) { k_bf16::linear_tc_large_vec8_bf16(p); }
+    static void linear_mma(const LP& p) { k_bf16::linear_mma_vec8_bf16(p); }
     static void linear_rows(const LP& p, bool vec) {
         if (vec) k_bf16::linear_rows_vec4_bf16(p); else k_bf16::linear_rows_scalar_bf16(p);
     }
@@ -581,7 +585,7 @@ static void test_linear_half(int m, int n, int k) {
         }
     char name[96];
     snprintf(name, sizeof name, "linear %s %dx%dx%d relu +b +res", S::name(), m, n, k);
-    for (int variant = 0; variant < 5; ++variant) {
+    for (int variant = 0; variant < 6; ++variant) {
         typename S::LP p{};
         p.x = x.data(); p.w = w.data(); p.bias = b.data(); p.residual = r.data();
         p.m = m; p.n = n; p.k = k; p.act = 1;
@@ -599,7 +603,18 @@ static void test_linear_half(int m, int n, int k) {
         p.tile_counters = counters.data();
         const bool vec = k % 8 == 0;
         std::string v;
-        if (variant >= 3) {
+        if (variant == 5) {
+            // v5: against the reference, and bitwise against v3's large tiles
+            // (in the emulator both sum each 16 K columns as fmas in order).
+            if (!vec) continue;
+            v = "mma_vec8";
+            const dim3 grid(cdiv(n, 128), cdiv(m, 128), 1);
+            emu::launch(grid, dim3(128), [&] { S::linear_mma(p); });
+            std::vector<E> large((size_t)m * n + ooff, S::from(NAN));
+            p.out = large.data() + ooff;
+            emu::launch(grid, dim3(256), [&] { S::linear_large(p); });
+            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n, "v3's large tiles");
+        } else if (variant >= 3) {
             // v4 (few rows): 8-byte loads, then scalar loads with one warp.
             const bool rows_vec = variant == 3;
             if (rows_vec && k % 4 != 0) continue;
@@ -791,7 +806,8 @@ int main(int argc, char** argv) {
         test_layer_norm_linear(16, 36, 1024, true, 3.0, 2);   // 256 threads
         test_layer_norm_linear(1, 5, 4, true, 0.0, 0);        // one live thread
         const int half_dims[][3] = {{130, 200, 72}, {77, 129, 40}, {3, 5, 7}, {64, 128, 256},
-                                    {13, 70, 1030}, {4, 64, 2048}};
+                                    {13, 70, 1030}, {4, 64, 2048},
+                                    {200, 136, 296}};
         for (auto& d : half_dims) {
             test_linear_half<HalfF16>(d[0], d[1], d[2]);
             test_linear_half<HalfBF16>(d[0], d[1], d[2]);

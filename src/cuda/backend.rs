@@ -84,6 +84,13 @@ pub struct CudaOptions {
     /// workspace, and no round trips through L2 to finish a tile. Results
     /// are bitwise the same either way; see [`Cuda::cluster_split_k`].
     pub split_k_through_memory: bool,
+    /// Run the f16 / bf16 GEMMs whose 128x128 output tiles alone fill the
+    /// device (batch 64's decoder) on the WMMA kernel with those tiles
+    /// (`linear_tc_large_vec8`) instead of the mma.sync one
+    /// (`linear_mma_vec8`; default off): the baseline that kernel is measured
+    /// against. Both add each 16 K columns' products in K order into f32;
+    /// [`Cuda::linear_kernel`] says which kernel a GEMM takes.
+    pub wmma_large_tiles: bool,
 }
 
 /// Most blocks of one thread-block cluster: the portable limit (sm_90), and
@@ -748,6 +755,16 @@ impl Cuda {
     /// [`CudaOptions::split_k_through_memory`] is set.
     pub fn cluster_split_k(&self) -> bool {
         self.inner.shared.clusters && !self.inner.options.split_k_through_memory
+    }
+
+    /// The kernel `linear` launches for an `m x k` input and `n` outputs
+    /// (16-byte aligned operands, as this backend allocates them), without
+    /// its storage suffix: e.g. `linear_rows_vec4` for few rows,
+    /// `linear_tc_vec8` for a split 16-bit GEMM, `linear_mma_vec8` for a
+    /// 16-bit GEMM of many tiles. What nsys and ncu show it as, with
+    /// `_f16` / `_bf16` appended for 16-bit storage.
+    pub fn linear_kernel(&self, m: usize, n: usize, k: usize) -> Result<&'static str> {
+        super::linear::kernel_for(self, LinearDims { m, n, k })
     }
 
     /// Bytes held by the pool for reuse.

@@ -3,7 +3,11 @@
 //! bf16 storage v3 on tensor cores (WMMA), with the same tiles and split-K; for
 //! f32 storage with [`CudaOptions::tf32`](super::CudaOptions::tf32) the same v3
 //! on TF32 tensor cores. GEMMs of few rows take v4 (`linear_rows_*`) in every
-//! storage: 8x4 outputs per block over all of K, no split-K. Where the device
+//! storage: 8x4 outputs per block over all of K, no split-K. 16-bit GEMMs
+//! whose 128x128 tiles alone fill the device take v5 (`linear_mma_vec8`:
+//! mma.sync on fragments loaded with ldmatrix, three cp.async stages), or
+//! v3's WMMA with those tiles under
+//! [`CudaOptions::wmma_large_tiles`](super::CudaOptions::wmma_large_tiles). Where the device
 //! launches thread-block clusters, a split GEMM's blocks of one tile are one
 //! cluster and add their slices through distributed shared memory instead of
 //! a workspace ([`Cuda::cluster_split_k`]).
@@ -129,7 +133,12 @@ pub(crate) static PROGRAM: Program = Program {
         "linear_rows_scalar",
         "layer_norm_linear_rows",
     ],
-    half_kernels: &["linear_tc_vec8", "linear_tc_scalar", "linear_tc_large_vec8"],
+    half_kernels: &[
+        "linear_tc_vec8",
+        "linear_tc_scalar",
+        "linear_tc_large_vec8",
+        "linear_mma_vec8",
+    ],
     tf32_kernels: &[
         "linear_tc_tf32_vec4",
         "linear_tc_tf32_scalar",
@@ -215,20 +224,23 @@ fn split_k(
 }
 
 /// Which fast GEMM runs: v2 on CUDA cores (f32), v3 on tensor cores for
-/// 16-bit storage, or v3 on TF32 tensor cores (f32 with `tf32`).
+/// 16-bit storage (v5 where large tiles fill the device; `HalfWmma`: v3's
+/// large tiles there), or v3 on TF32 tensor cores (f32 with `tf32`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Gemm {
     Tiled,
     Half,
+    HalfWmma,
     Tf32,
 }
 
 impl Gemm {
-    pub(crate) fn for_storage(storage: DType, tf32: bool) -> Gemm {
-        match (storage, tf32) {
-            (DType::F32, false) => Gemm::Tiled,
-            (DType::F32, true) => Gemm::Tf32,
-            _ => Gemm::Half,
+    pub(crate) fn for_storage(storage: DType, tf32: bool, wmma_large_tiles: bool) -> Gemm {
+        match (storage, tf32, wmma_large_tiles) {
+            (DType::F32, false, _) => Gemm::Tiled,
+            (DType::F32, true, _) => Gemm::Tf32,
+            (_, _, false) => Gemm::Half,
+            (_, _, true) => Gemm::HalfWmma,
         }
     }
 
@@ -236,7 +248,7 @@ impl Gemm {
     /// `LinearTcSmall`'s 128 bytes per row).
     fn k_step(self) -> usize {
         match self {
-            Gemm::Tiled | Gemm::Half => 64,
+            Gemm::Tiled | Gemm::Half | Gemm::HalfWmma => 64,
             Gemm::Tf32 => 32,
         }
     }
@@ -248,7 +260,7 @@ impl Gemm {
     fn finish_slices(self) -> usize {
         match self {
             Gemm::Tiled => 8,
-            Gemm::Half | Gemm::Tf32 => 4,
+            Gemm::Half | Gemm::HalfWmma | Gemm::Tf32 => 4,
         }
     }
 
@@ -269,8 +281,8 @@ impl Gemm {
     /// aligned).
     fn kernel(self, wide: bool) -> (&'static str, u32) {
         match (self, wide) {
-            (Gemm::Half, true) => ("linear_tc_vec8", 128),
-            (Gemm::Half, false) => ("linear_tc_scalar", 128),
+            (Gemm::Half | Gemm::HalfWmma, true) => ("linear_tc_vec8", 128),
+            (Gemm::Half | Gemm::HalfWmma, false) => ("linear_tc_scalar", 128),
             (Gemm::Tf32, true) => ("linear_tc_tf32_vec4", 128),
             (Gemm::Tf32, false) => ("linear_tc_tf32_scalar", 128),
             (Gemm::Tiled, true) => ("linear_tiled_vec4", 256),
@@ -278,11 +290,13 @@ impl Gemm {
         }
     }
 
-    /// The tensor-core kernel with 128x128 tiles (`LinearTcLarge`: 64 bytes
-    /// of each row per K step), its block size and K step; 16-byte copies only.
+    /// The tensor-core kernel with 128x128 tiles (64 bytes of each row per K
+    /// step: v5's `LINEAR_MMA_*`, v3's `LinearTcLarge`), its block size and
+    /// K step; 16-byte copies only.
     fn large_kernel(self) -> Option<(&'static str, u32, usize)> {
         match self {
-            Gemm::Half => Some(("linear_tc_large_vec8", 256, 32)),
+            Gemm::Half => Some(("linear_mma_vec8", 128, 32)),
+            Gemm::HalfWmma => Some(("linear_tc_large_vec8", 256, 32)),
             Gemm::Tf32 => Some(("linear_tc_tf32_large_vec4", 256, 16)),
             Gemm::Tiled => None,
         }
@@ -459,6 +473,31 @@ pub(crate) fn act_code(act: Activation) -> i32 {
     }
 }
 
+/// How `linear` runs for `d` on `be`, `aligned` saying whether x and w are
+/// 16-byte aligned.
+fn plan_on(be: &Cuda, d: LinearDims, aligned: bool) -> Result<LinearPlan> {
+    let options = be.options();
+    let gemm = Gemm::for_storage(be.storage(), options.tf32, options.wmma_large_tiles);
+    let wide = aligned && d.k % (16 / be.storage().size()) == 0;
+    plan(
+        d,
+        be.version(),
+        be.sm_count(),
+        gemm,
+        wide,
+        be.cluster_split_k(),
+    )
+}
+
+/// The kernel (its name without the storage suffix) that `linear` launches
+/// for `d` on `be` with 16-byte aligned operands ([`Cuda::linear_kernel`]).
+pub(super) fn kernel_for(be: &Cuda, d: LinearDims) -> Result<&'static str> {
+    Ok(match plan_on(be, d, true)? {
+        LinearPlan::Naive { .. } => "linear_naive",
+        LinearPlan::Rows { kernel, .. } | LinearPlan::Tiled { kernel, .. } => kernel,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear(
     be: &Cuda,
@@ -482,19 +521,9 @@ pub(super) fn linear(
     inputs.extend(residual);
     be.check_disjoint("linear", &[out], &inputs)?;
 
-    let gemm = Gemm::for_storage(be.storage(), be.options().tf32);
-    let chunk = 16 / be.storage().size();
-    let wide = d.k % chunk == 0 && xp % 16 == 0 && wp % 16 == 0;
     let (bias, residual) = (bp.unwrap_or(0), rp.unwrap_or(0));
     let mut params = LinearParams::unsplit("linear", d, xp, wp, bias, residual, op, act)?;
-    match plan(
-        d,
-        be.version(),
-        be.sm_count(),
-        gemm,
-        wide,
-        be.cluster_split_k(),
-    )? {
+    match plan_on(be, d, xp % 16 == 0 && wp % 16 == 0)? {
         LinearPlan::Naive { grid } => {
             be.launch(&PROGRAM, "linear_naive", grid, (16, 16, 1), &params)
         }
@@ -733,10 +762,16 @@ mod tests {
         assert!(src.contains(&format!(
             "typedef LinearTcTile<{LARGE_TILE}, {LARGE_TILE}, 2, 4, 64> LinearTcLarge;"
         )));
-        for (gemm, elem) in [(Gemm::Half, 2), (Gemm::Tf32, 4)] {
+        for (gemm, elem) in [(Gemm::HalfWmma, 2), (Gemm::Tf32, 4)] {
             let (_, threads, step) = gemm.large_kernel().unwrap();
             assert_eq!((threads, step * elem), (256, 64));
         }
+        // v5: 128x128 tiles of 4 warps, K steps of 32.
+        let (_, threads, step) = Gemm::Half.large_kernel().unwrap();
+        assert!(src.contains(&format!("#define LINEAR_MMA_BM {LARGE_TILE}")));
+        assert!(src.contains(&format!("#define LINEAR_MMA_BN {LARGE_TILE}")));
+        assert!(src.contains(&format!("#define LINEAR_MMA_BK {step}")));
+        assert!(src.contains(&format!("#define LINEAR_MMA_THREADS {threads}")));
         assert!(src.contains(&format!("#define LINEAR_MAX_CLUSTER {MAX_CLUSTER}")));
         assert!(src.contains("#define LINEAR_TC_SMALL_THREADS 128"));
         assert!(src.contains("#define LINEAR_TC_LARGE_THREADS 256"));
@@ -787,7 +822,11 @@ mod tests {
     fn large_tiles_where_they_fill_the_device() {
         // Batch 64's decoder GEMMs: 39 x 4 large tiles and more.
         for (m, n, k) in [(4928, 512, 2048), (4928, 2048, 512), (4928, 1536, 512)] {
-            for gemm in [Gemm::Half, Gemm::Tf32] {
+            for (gemm, want_kernel, want_threads) in [
+                (Gemm::Half, "linear_mma_vec8", 128),
+                (Gemm::HalfWmma, "linear_tc_large_vec8", 256),
+                (Gemm::Tf32, "linear_tc_tf32_large_vec4", 256),
+            ] {
                 let p = plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, true, true).unwrap();
                 let LinearPlan::Tiled {
                     kernel,
@@ -800,15 +839,18 @@ mod tests {
                 else {
                     panic!("{p:?}")
                 };
-                assert!(kernel.contains("large"), "{kernel}");
-                assert_eq!((threads, splits, grid.2, cluster), (256, 1, 1, false));
+                assert_eq!((kernel, threads), (want_kernel, want_threads));
+                assert_eq!((splits, grid.2, cluster), (1, 1, false));
                 assert!(grid.0 as usize * LARGE_TILE >= n && grid.1 as usize * LARGE_TILE >= m);
                 assert!(k_per_split >= k);
             }
             // Not on CUDA cores, and not without 16-byte copies.
-            for (gemm, wide) in [(Gemm::Tiled, true), (Gemm::Half, false)] {
+            for (gemm, wide, small) in [
+                (Gemm::Tiled, true, "linear_tiled_vec4"),
+                (Gemm::Half, false, "linear_tc_scalar"),
+            ] {
                 match plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, wide, false).unwrap() {
-                    LinearPlan::Tiled { kernel, .. } => assert!(!kernel.contains("large")),
+                    LinearPlan::Tiled { kernel, .. } => assert_eq!(kernel, small),
                     p => panic!("{p:?}"),
                 }
             }
