@@ -35,6 +35,9 @@ TORCH_FORWARD = [("eager", "PyTorch eager"), ("compile default", "torch.compile 
                  ("compile reduce-overhead", "torch.compile (reduce-overhead, CUDA graphs)")]
 OPS = {"attention": "F.scaled_dot_product_attention", "layer_norm": "F.layer_norm",
        "linear": "F.linear (cuBLAS)"}
+# Our op again on another kernel (present where the op takes a different one there):
+# (op, our row, label).
+OP_BASELINES = [("linear", "linear wmma", "v3 WMMA")]
 
 
 def load_ours(paths, device):
@@ -246,6 +249,10 @@ def render(d, env, ours_device, inputs):
             for op, s, o, r in d.op_pairs(precision, batch):
                 burst = (d.ours.get((precision, batch, op, s)) or {}).get("burst_us")
                 note = why(r) or (f"ours {burst:.1f} µs per run back to back" if burst else "")
+                for base_op, what, label in OP_BASELINES:
+                    base = us(d.ours.get((precision, batch, what, s)))
+                    if base_op == op and base is not None and o:
+                        note += f"{'; ' if note else ''}{label} {base:.1f} µs ({base / o:.2f}x ours)"
                 lines.append(f"| {op} vs {OPS[op]} | {s} | {fmt_us(o)} | {fmt_us(us(r))} | "
                              f"{ratio(us(r), o)} | {note} |")
     return "\n".join(lines) + "\n"

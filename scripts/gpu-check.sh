@@ -87,7 +87,7 @@ if [[ $QUICK == 1 ]]; then
     TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16}
     TORCH_ARGS=${TORCH_ARGS:---seconds 0.2 --compile-modes reduce-overhead}
     SANITIZER_RUN=${SANITIZER_RUN:-forwards}
-    DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:3 bf16:1:linear_tc_vec8:3:2 bf16:64:linear_tc_large:0:1}
+    DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:3 bf16:1:linear_tc_vec8:3:2 bf16:64:linear_mma:0:1}
 fi
 BATCHES=${BATCHES:-1,8,64}
 PRECISIONS=${PRECISIONS:-f32 tf32 f16 bf16}
@@ -100,7 +100,7 @@ SANITIZER_RUN=${SANITIZER_RUN:-check}
 STEPS=${STEPS:-check bench torch compare profile deep sanitizer wgpu}
 PROFILE_PRECISIONS=${PROFILE_PRECISIONS:-f32 bf16}
 PROFILE_BATCHES=${PROFILE_BATCHES:-1 64}
-DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:4 bf16:1:linear_tc_vec8:3:3 f32:1:linear_rows:0:3 bf16:64:linear_tc_large:0:2 f32:1:layer_norm_warp:0:2 f32:64:attention_flash:0:1}
+DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:4 bf16:1:linear_tc_vec8:3:3 f32:1:linear_rows:0:3 bf16:64:linear_mma:0:2 f32:1:layer_norm_warp:0:2 f32:64:attention_flash:0:1}
 TORCH_PYTHON=${TORCH_PYTHON:-python3}
 TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16,f16}
 TORCH_TIMEOUT=${TORCH_TIMEOUT:-3600}

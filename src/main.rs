@@ -776,6 +776,45 @@ impl Bench<'_> {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl Bench<'_> {
+    /// `batch`'s GEMMs that take v5 (mma.sync) on `be` again on v3's WMMA
+    /// large tiles, as `linear wmma` rows after that batch's op rows.
+    fn wmma_rows(&self, be: &Cuda, batch: usize) -> Result<Vec<BenchRow>> {
+        let wmma = be.with_options(CudaOptions {
+            wmma_large_tiles: true,
+            ..be.options().clone()
+        })?;
+        let config = self.config();
+        let elem = self.elem(DeviceKind::Cuda);
+        let mut rows = Vec::new();
+        for case in OpCase::projector_ops(&config, batch, config.n_in.unwrap_or(4))? {
+            let OpCase::Linear { m, n, k, .. } = case else {
+                continue;
+            };
+            if be.linear_kernel(m, n, k)? == wmma.linear_kernel(m, n, k)? {
+                continue;
+            }
+            let mut p = case.prepare(&wmma, 2)?;
+            let (t, burst) = self.measure(&wmma, || p.run(&wmma))?;
+            let what = format!("{} wmma", case.op());
+            let (flops, bytes) = (case.flops(), case.bytes(elem));
+            let mut r = row(
+                DeviceKind::Cuda,
+                self.precision,
+                &what,
+                case.shape(),
+                &t,
+                flops,
+                bytes,
+            );
+            r.burst_us = burst;
+            rows.push(r);
+        }
+        Ok(rows)
+    }
+}
+
 impl BackendTask for Bench<'_> {
     type Output = Vec<BenchRow>;
 
@@ -824,13 +863,23 @@ impl BackendTask for Bench<'_> {
         Ok(rows)
     }
 
-    /// The rows of every backend, then the forward replayed from a CUDA graph;
+    /// The rows of every backend batch by batch, each batch's followed by
+    /// its `linear wmma` rows (16-bit GEMMs that take v5 timed on v3's
+    /// large tiles), then the forward replayed from a CUDA graph;
     /// where kernels are queued with programmatic dependent launch, the graph
     /// again with serial launches, and where split GEMMs add their slices in
     /// a cluster, again through memory, so the table shows what each gains.
     #[cfg(feature = "cuda")]
     fn run_cuda(self, be: Cuda) -> Result<Vec<BenchRow>> {
-        let mut rows = self.run(be.clone(), DeviceKind::Cuda)?;
+        let mut rows = Vec::new();
+        for batch in self.batches {
+            let one = Bench {
+                batches: std::slice::from_ref(batch),
+                ..self
+            };
+            rows.extend(one.run(be.clone(), DeviceKind::Cuda)?);
+            rows.extend(self.wmma_rows(&be, *batch)?);
+        }
         let weights = self.weights()?;
         let mut backends = vec![("projector graph", be.clone())];
         for f in launch_features(&be) {
