@@ -357,6 +357,45 @@ __device__ __forceinline__ float4 cluster_load_float4(const float* p, unsigned r
 #endif
 }
 
+// Sums of (v.x, v.y) over a row whose elements are spread over TPR adjacent
+// lanes of a warp (a power of two) and over the blocks of this block's
+// cluster, each holding a slice of the row (at most MAX_BLOCKS blocks): the
+// lanes' shares added by a butterfly, the blocks' in rank order, so every
+// thread of the row in every block gets bitwise the same totals. `slot` is
+// this block's shared-memory slot for the row, written once here and read by
+// the cluster after the cluster_sync here: another sum needs other slots, and
+// the block must not exit before a later cluster_sync. Every thread of every
+// block of the cluster must call it.
+template <int TPR, int MAX_BLOCKS>
+__device__ __forceinline__ float2 cluster_row_sums(float2 v, float4* slot) {
+#pragma unroll
+    for (int o = 1; o < TPR; o <<= 1) {
+        v.x += __shfl_xor_sync(OP_FULL_MASK, v.x, o);
+        v.y += __shfl_xor_sync(OP_FULL_MASK, v.y, o);
+    }
+    if ((threadIdx.x & (TPR - 1)) == 0) {
+        *slot = make_float4(v.x, v.y, 0.0f, 0.0f);
+    }
+    cluster_sync();
+    const unsigned blocks = cluster_blocks();
+    float4 u[MAX_BLOCKS];
+#pragma unroll
+    for (int r = 0; r < MAX_BLOCKS; ++r) {
+        if (r < (int)blocks) {
+            u[r] = cluster_load_float4(reinterpret_cast<const float*>(slot), (unsigned)r);
+        }
+    }
+    float2 t = make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int r = 0; r < MAX_BLOCKS; ++r) {
+        if (r < (int)blocks) {
+            t.x += u[r].x;
+            t.y += u[r].y;
+        }
+    }
+    return t;
+}
+
 // ---------------------------------------------------------------- storage
 #ifndef OP_ELEM
 #define OP_ELEM 0

@@ -441,8 +441,10 @@ __device__ __forceinline__ float4 linear_load4(const elem* a, int row, int rows,
 }
 
 // v2: block 256 threads; grid (ceil(N / 64), ceil(M / 64), splits).
-template <bool VEC>
-__device__ __forceinline__ void linear_tiled(const LinearParams& p) {
+// `first(xa, row, col, k_end)` may rewrite the first K step's x as loaded
+// (this thread's row `row`, columns col + 16 j) before it is staged.
+template <bool VEC, class First>
+__device__ __forceinline__ void linear_tiled(const LinearParams& p, First first) {
     __shared__ __align__(16) float xs[LINEAR_BK][LINEAR_LD];
     __shared__ __align__(16) float ws[LINEAR_BK][LINEAR_LD];
 
@@ -476,6 +478,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
         xa[j] = linear_load4<VEC>(p.x, m0 + lr, p.m, k_begin + lk + 16 * j, k_end, p.k);
         wa[j] = linear_load4<VEC>(p.w, n0 + lr, p.n, k_begin + lk + 16 * j, k_end, p.k);
     }
+    first(xa, m0 + lr, k_begin + lk, k_end);
     for (int k0 = k_begin; k0 < k_end; k0 += LINEAR_BK) {
         __syncthreads();  // every thread is done reading the previous tile
 #pragma unroll
@@ -542,6 +545,11 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     if (p.partial != nullptr) {
         linear_splitk_finish<LINEAR_BM, LINEAR_BN, LINEAR_THREADS>(p, m0, n0);
     }
+}
+
+template <bool VEC>
+__device__ __forceinline__ void linear_tiled(const LinearParams& p) {
+    linear_tiled<VEC>(p, [](float4 (&)[LINEAR_LOADS], int, int, int) {});
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
@@ -804,6 +812,81 @@ OP_KERNEL_NAME(layer_norm_linear_rows)(const LayerNormLinearParams p) {
     linear_rows_finish(lp, acc, o);
 }
 
+// layer_norm_linear on the split tiled kernels (v2, v3; sm_90 clusters): the
+// norm's rows are spread over a tile's split blocks, each holding its K slice
+// of them (the host plans one K step per block, the whole of K per cluster),
+// so the row statistics are summed over the cluster (cluster_row_sums), in
+// layer_norm's three passes. A thread holds CHUNKS groups of 4 columns of row
+// `row`, starting at `col` STRIDE apart, TPR threads per row; `x` comes in as
+// the norm's x and leaves as the normalised row, rounded to elem, zero past M
+// and k_end, as the products' x. The blocks of column block 0 write sum_out.
+// `slots` is 2 x BM __shared__ slots, `r0` this row's index among them.
+template <int TPR, int CHUNKS, int STRIDE, int BM>
+__device__ __forceinline__ void layer_norm_slice(const LayerNormLinearParams& q, int row, int col,
+                                                 int k_end, float4 (&x)[CHUNKS],
+                                                 float4 (*slots)[BM], int r0) {
+    const LinearParams& p = q.linear;
+    const bool residual = q.norm_residual != nullptr;
+    const bool row_live = row < p.m;
+    const float inv_k = 1.0f / (float)p.k;
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float4 r[CHUNKS];
+    float sx = 0.0f;
+    float sr = 0.0f;
+#pragma unroll
+    for (int j = 0; j < CHUNKS; ++j) {
+        const int c = col + STRIDE * j;
+        r[j] = residual ? linear_load4<true>(q.norm_residual, row, p.m, c, k_end, p.k) : zero;
+        const float4 s = layer_norm_sum4(x[j], r[j], residual, sx, sr);
+        if (q.sum_out != nullptr && blockIdx.x == 0 && row_live && c < k_end) {
+            store4(q.sum_out + row * p.k + c, s);
+        }
+    }
+    const float2 sums = cluster_row_sums<TPR, LINEAR_MAX_CLUSTER>(make_float2(sx, sr), &slots[0][r0]);
+    const float mx = sums.x * inv_k;
+    const float mr = residual ? sums.y * inv_k : 0.0f;
+    float sd = 0.0f;
+    float sdd = 0.0f;
+#pragma unroll
+    for (int j = 0; j < CHUNKS; ++j) {
+        if (col + STRIDE * j < k_end) {
+            x[j] = layer_norm_dev4(x[j], r[j], residual, mx, mr);
+            layer_norm_moments4(x[j], sd, sdd);
+        }
+    }
+    const float2 moments =
+        cluster_row_sums<TPR, LINEAR_MAX_CLUSTER>(make_float2(sd, sdd), &slots[1][r0]);
+    const float c = moments.x * inv_k;
+    const float var = fmaxf(moments.y * inv_k - c * c, 0.0f);
+    const float rstd = 1.0f / sqrtf(var + q.eps);
+#pragma unroll
+    for (int j = 0; j < CHUNKS; ++j) {
+        const int k = col + STRIDE * j;
+        if (row_live && k < k_end) {
+            const float4 y = layer_norm_out4(x[j], c, rstd, load4(q.norm_weight + k),
+                                             load4(q.norm_bias + k));
+            x[j] = make_float4(to_f32(from_f32(y.x)), to_f32(from_f32(y.y)),
+                               to_f32(from_f32(y.z)), to_f32(from_f32(y.w)));
+        } else {
+            x[j] = zero;
+        }
+    }
+}
+
+// v2 after a layer_norm (one K step per block, K % 4 == 0, 16-byte aligned
+// operands); block and grid as v2's, the grid's split blocks of a tile one
+// cluster.
+extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
+OP_KERNEL_NAME(layer_norm_linear_tiled_vec4)(const LayerNormLinearParams q) {
+    dependent_launch_prologue([&] { linear_prefetch_w(q.linear, LINEAR_BN); });
+    __shared__ float4 slots[2][LINEAR_BM];
+    linear_tiled<true>(q.linear, [&](float4 (&xa)[LINEAR_LOADS], int row, int col, int k_end) {
+        // Four threads per row, 4 x 4 columns each, 16 apart.
+        layer_norm_slice<4, LINEAR_LOADS, 16>(q, row, col, k_end, xa, slots,
+                                              row - blockIdx.y * LINEAR_BM);
+    });
+}
+
 // Tensor cores: f16/bf16 storage always; f32 storage as TF32 where the host
 // found mma.h (OP_TF32) and the target has TF32 (sm_80), and in the emulator.
 #if OP_ELEM != 0 || (defined(OP_TF32) && __CUDA_ARCH__ >= 800) || defined(OP_EMULATOR)
@@ -915,11 +998,22 @@ __device__ __forceinline__ void linear_tc_round(Frag& f) {
 #endif
 }
 
+// The first K step's x tile staged as every step's is (linear_tc_stage).
+template <class T, bool VEC>
+struct LinearTcCopyX {
+    const LinearParams& p;
+    __device__ __forceinline__ void operator()(elem (*tile)[T::LDK], int m0, int k_begin,
+                                               int k_end) const {
+        linear_tc_stage<T, T::BM, VEC>(tile, p.x, m0, p.m, k_begin, k_end, p.k);
+    }
+};
+
 // v3: block T::THREADS threads; grid (ceil(N / BN), ceil(M / BM), splits). Two
 // stages: the next K step's copies are in flight while the current one is
-// multiplied.
-template <class T, bool VEC>
-__device__ __forceinline__ void linear_tc(const LinearParams& p) {
+// multiplied. `first_x(tile, m0, k_begin, k_end)` stages the first step's x
+// tile (after the w tile's copies are issued).
+template <class T, bool VEC, class FirstX>
+__device__ __forceinline__ void linear_tc(const LinearParams& p, FirstX first_x) {
     using namespace nvcuda;
     __shared__ __align__(128) typename T::Smem sm;
     constexpr int FK = LINEAR_TC_FRAG_K;
@@ -946,8 +1040,8 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
     }
 
     if (k_begin < k_end) {
-        linear_tc_stage<T, T::BM, VEC>(sm.stage[0].x, p.x, m0, p.m, k_begin, k_end, p.k);
         linear_tc_stage<T, T::BN, VEC>(sm.stage[0].w, p.w, n0, p.n, k_begin, k_end, p.k);
+        first_x(sm.stage[0].x, m0, k_begin, k_end);
     }
     cp_async_commit();
     int buf = 0;
@@ -1044,6 +1138,11 @@ __device__ __forceinline__ void linear_tc(const LinearParams& p) {
     }
 }
 
+template <class T, bool VEC>
+__device__ __forceinline__ void linear_tc(const LinearParams& p) {
+    linear_tc<T, VEC>(p, LinearTcCopyX<T, VEC>{p});
+}
+
 static_assert(LinearTcSmall::THREADS == LINEAR_TC_SMALL_THREADS, "small tile block size");
 static_assert(LinearTcLarge::THREADS == LINEAR_TC_LARGE_THREADS, "large tile block size");
 
@@ -1064,6 +1163,33 @@ extern "C" __global__ void __launch_bounds__(LINEAR_TC_LARGE_THREADS)
 OP_KERNEL_NAME(linear_tc_large_vec8)(const LinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p, LinearTcLarge::BN); });
     linear_tc<LinearTcLarge, true>(p);
+}
+
+// v3 after a layer_norm (one K step per block, K % 8 == 0, 16-byte aligned
+// operands): the first step's x tile is the norm's output, staged through
+// registers (two threads per row, 32 columns each) instead of copied. Block
+// and grid as v3's small tiles, the grid's split blocks of a tile one cluster.
+extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS, LINEAR_TC_SMALL_BLOCKS)
+OP_KERNEL_NAME(layer_norm_linear_tc_vec8)(const LayerNormLinearParams q) {
+    dependent_launch_prologue([&] { linear_prefetch_w(q.linear, LinearTcSmall::BN); });
+    typedef LinearTcSmall T;
+    static_assert(T::THREADS == 2 * T::BM && T::BK == 64, "two threads per row of a step");
+    __shared__ float4 slots[2][T::BM];
+    const LinearParams& p = q.linear;
+    linear_tc<T, true>(p, [&](elem (*tile)[T::LDK], int m0, int k_begin, int k_end) {
+        const int r = threadIdx.x >> 1;
+        const int c = (threadIdx.x & 1) * 32;
+        float4 x[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            x[j] = linear_load4<true>(p.x, m0 + r, p.m, k_begin + c + 4 * j, k_end, p.k);
+        }
+        layer_norm_slice<2, 8, 4>(q, m0 + r, k_begin + c, k_end, x, slots, r);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            store4(&tile[r][c + 4 * j], x[j]);
+        }
+    });
 }
 #else
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS, LINEAR_TC_SMALL_BLOCKS)

@@ -558,14 +558,19 @@ fn alignment_loss_is_deterministic() {
 fn layer_norm_linear_matches_reference() {
     check_cases(&verify::standard_cases(), "layer_norm_linear", 1e-5);
     let reference = output_projector::reference::Reference;
-    // (rows, out features, in features, with residual, one kernel on Fast)
+    // (rows, out features, in features, with residual, one kernel on Fast:
+    // always for few rows, in a cluster for a split GEMM's where the device
+    // has clusters)
+    let (always, cluster, never) = (Some(false), Some(true), None);
     let cases = [
-        (4, 96, 512, true, true),
-        (13, 70, 36, false, true),
-        (16, 8, 1024, true, true),
-        (77, 64, 128, true, false),
-        (4, 8, 1028, true, false),
-        (3, 5, 6, true, false),
+        (4, 96, 512, true, always),
+        (13, 70, 36, false, always),
+        (16, 8, 1024, true, always),
+        (77, 64, 128, true, cluster),
+        (77, 130, 200, true, cluster),
+        (77, 64, 1024, true, never),
+        (4, 8, 1028, true, never),
+        (3, 5, 6, true, never),
     ];
     for version in [KernelVersion::Naive, KernelVersion::Fast] {
         let Some(be) = backend(version) else {
@@ -634,7 +639,8 @@ fn layer_norm_linear_matches_reference() {
             )
             .unwrap();
             let launches = be.kernel_launches().unwrap() - before;
-            let one_kernel = fused && version == KernelVersion::Fast;
+            let one_kernel = version == KernelVersion::Fast
+                && fused.is_some_and(|in_cluster| !in_cluster || be.cluster_split_k());
             assert_eq!(
                 launches,
                 if one_kernel { 1 } else { 2 },
@@ -650,6 +656,89 @@ fn layer_norm_linear_matches_reference() {
             let (rel, _) = output_projector::tensor::compare(&got_sum, &want_sum.to_f64_vec());
             assert!(rel <= 1e-7, "{m}x{n}x{k} {version:?}: sum rel {rel:.3e}");
         }
+    }
+}
+
+/// A LayerNorm folded into a split GEMM whose blocks are a cluster (batch 1's
+/// decoder: 77 rows of 512) against the same two ops without clusters, in
+/// f32 and bf16: one launch instead of two, the same output but for the
+/// order of the norm's sums (and, in bf16, a normalised element now and then
+/// rounded the other way).
+#[test]
+fn layer_norm_linear_in_clusters_matches_two_ops() {
+    for (storage, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-3)] {
+        let options = CudaOptions {
+            storage,
+            ..CudaOptions::default()
+        };
+        let Some(be) = backend_with(options.clone()) else {
+            return;
+        };
+        if !be.cluster_split_k() {
+            println!("skipped: no thread-block clusters");
+            return;
+        }
+        let two_ops = backend_with(CudaOptions {
+            split_k_through_memory: true,
+            ..options
+        })
+        .expect("a second backend on the same device");
+        let (m, n, k) = (77, 1536, 512);
+        let host = [
+            HostTensor::randn(vec![1, m, k], 5, "x").unwrap(),
+            HostTensor::randn(vec![1, m, k], 6, "residual").unwrap(),
+            HostTensor::randn(vec![k], 7, "norm weight").unwrap(),
+            HostTensor::randn(vec![k], 8, "norm bias").unwrap(),
+            HostTensor::randn(vec![n, k], 9, "weight").unwrap(),
+            HostTensor::randn(vec![n], 10, "bias").unwrap(),
+        ];
+        let mut got = Vec::new();
+        for b in [&be, &two_ops] {
+            let t: Vec<_> = host.iter().map(|h| b.upload(h).unwrap()).collect();
+            let mut h = b.alloc(&[1, m, k]).unwrap();
+            let mut sum = b.alloc(&[1, m, k]).unwrap();
+            let mut out = b.alloc(&[1, m, n]).unwrap();
+            let norm = NormInput {
+                x: &t[0],
+                residual: Some(&t[1]),
+                weight: &t[2],
+                bias: &t[3],
+                eps: 1e-5,
+            };
+            let before = b.kernel_launches().unwrap();
+            let relu = Activation::Relu;
+            b.layer_norm_linear(
+                norm,
+                Some(&mut sum),
+                &mut h,
+                &t[4],
+                Some(&t[5]),
+                relu,
+                &mut out,
+            )
+            .unwrap();
+            let launches = b.kernel_launches().unwrap() - before;
+            got.push((
+                launches,
+                b.download(&out).unwrap(),
+                b.download(&sum).unwrap(),
+            ));
+        }
+        let (fused, plain) = (&got[0], &got[1]);
+        assert_eq!((fused.0, plain.0), (1, 2), "{}", storage.name());
+        let (rel, _) =
+            output_projector::tensor::compare(&fused.1.to_f64_vec(), &plain.1.to_f64_vec());
+        println!(
+            "{} {m}x{n}x{k}: fused vs two ops rel {rel:.3e}",
+            storage.name()
+        );
+        assert!(rel <= tol, "{}: out rel {rel:.3e}", storage.name());
+        assert_eq!(
+            fused.2.to_f64_vec(),
+            plain.2.to_f64_vec(),
+            "{}: sum",
+            storage.name()
+        );
     }
 }
 
@@ -886,9 +975,16 @@ fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
 
     // fc; the encoder layer's 5 (norm1 + QKV and norm2 + FFN up one kernel
     // each at 4 rows); its last norm + the stacked K/V, one kernel; the first
-    // decoder layer's 5 and the second's 11 (77 rows: norms on their own);
-    // the decoder's last norm and the output projection.
-    assert_eq!(eager_launches, 1 + 5 + 1 + 5 + 11 + 2);
+    // decoder layer's 4 and the second's 8, and the decoder's last norm with
+    // the output projection, 1: at 77 rows a norm folds into the split GEMM
+    // after it where its blocks are a cluster, else it is a kernel of its own
+    // (one more in the first layer, three in the second, one at the output).
+    let decoder = if be.cluster_split_k() {
+        4 + 8 + 1
+    } else {
+        5 + 11 + 2
+    };
+    assert_eq!(eager_launches, 1 + 5 + 1 + decoder);
     let mut graph = proj.capture(batch, n_in).unwrap();
     assert_eq!(graph.kernels(), eager_launches);
     println!(
@@ -1110,6 +1206,7 @@ fn kernels_pass_under_cpu_emulation() {
 const DEVICE_TESTS: &[&str] = &[
     "linear_matches_reference",
     "layer_norm_linear_matches_reference",
+    "layer_norm_linear_in_clusters_matches_two_ops",
     "layer_norm_matches_reference",
     "attention_matches_reference",
     "long_attention_matches_reference",

@@ -61,6 +61,7 @@ struct Entry {
     K(ns, linear_rows_vec4, sfx, LinearParams),             \
     K(ns, linear_rows_scalar, sfx, LinearParams),           \
     K(ns, layer_norm_linear_rows, sfx, LayerNormLinearParams), \
+    K(ns, layer_norm_linear_tiled_vec4, sfx, LayerNormLinearParams), \
     K(ns, layer_norm_naive, sfx, LayerNormParams),          \
     K(ns, layer_norm_warp_vec4, sfx, LayerNormParams),      \
     K(ns, layer_norm_warp_scalar, sfx, LayerNormParams),    \
@@ -89,6 +90,8 @@ static Entry ENTRIES[] = {
     K(k_bf16, linear_tc_large_vec8, _bf16, LinearParams),
     K(k_f16, linear_mma_vec8, _f16, LinearParams),
     K(k_bf16, linear_mma_vec8, _bf16, LinearParams),
+    K(k_f16, layer_norm_linear_tc_vec8, _f16, LayerNormLinearParams),
+    K(k_bf16, layer_norm_linear_tc_vec8, _bf16, LayerNormLinearParams),
     K(k_f16, attention_tc_d64, _f16, AttentionParams),
     K(k_f16, attention_tc_d128, _f16, AttentionParams),
     K(k_bf16, attention_tc_d64, _bf16, AttentionParams),

@@ -259,6 +259,21 @@ static void test_layer_norm_linear(int m, int n, int k, bool res, double mean, i
              res ? " +res" : "", mean, act, threads);
     report(name, out.p, want, 1e-5);
     report(std::string(name) + " sum_out", sum.p, want_sum, 0.0);
+    if (k % 4 != 0 || k > 64 * 8) return;
+    // v2 after the norm: one K step of 64 per block, a tile's split blocks one
+    // cluster (none with a single step).
+    Buf out2(m * n), sum2(m * k);
+    p.linear.out = out2.p;
+    p.sum_out = sum2.p;
+    p.linear.k_per_split = 64;
+    p.linear.splits = (int)cdiv(k, 64);
+    const unsigned splits = (unsigned)p.linear.splits;
+    emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), splits), dim3(256),
+                [&] { layer_norm_linear_tiled_vec4(p); }, dim3(1, 1, splits));
+    snprintf(name, sizeof name, "layer_norm_linear %dx%dx%d%s mean %g act%d, tiled %u splits", m,
+             n, k, res ? " +res" : "", mean, act, splits);
+    report(name, out2.p, want, 1e-5);
+    report(std::string(name) + " sum_out", sum2.p, want_sum, 0.0);
 }
 
 // __float_to_tf32 against cvt.rna.tf32.f32: nearest, ties away from zero.
@@ -464,6 +479,8 @@ struct HalfF16 {
     static void linear_scalar(const LP& p) { k_f16::linear_tc_scalar_f16(p); }
     static void linear_large(const LP& p) { k_f16::linear_tc_large_vec8_f16(p); }
     static void linear_mma(const LP& p) { k_f16::linear_mma_vec8_f16(p); }
+    typedef k_f16::LayerNormLinearParams LNP;
+    static void layer_norm_linear_tc(const LNP& p) { k_f16::layer_norm_linear_tc_vec8_f16(p); }
     static void linear_rows(const LP& p, bool vec) {
         if (vec) k_f16::linear_rows_vec4_f16(p); else k_f16::linear_rows_scalar_f16(p);
     }
@@ -481,6 +498,8 @@ struct HalfBF16 {
     static void linear_scalar(const LP& p) { k_bf16::linear_tc_scalar_bf16(p); }
     static void linear_large(const LP& p) { k_bf16::linear_tc_large_vec8_bf16(p); }
     static void linear_mma(const LP& p) { k_bf16::linear_mma_vec8_bf16(p); }
+    typedef k_bf16::LayerNormLinearParams LNP;
+    static void layer_norm_linear_tc(const LNP& p) { k_bf16::layer_norm_linear_tc_vec8_bf16(p); }
     static void linear_rows(const LP& p, bool vec) {
         if (vec) k_bf16::linear_rows_vec4_bf16(p); else k_bf16::linear_rows_scalar_bf16(p);
     }
@@ -651,6 +670,71 @@ static void test_linear_half(int m, int n, int k) {
     }
 }
 
+// v3 after a layer_norm (16-bit): the norm's output rounded to E as it is
+// staged, so the reference rounds it too; one K step of 64 per block, a
+// tile's split blocks one cluster.
+template <class S>
+static void test_layer_norm_linear_half(int m, int n, int k, bool res, double mean) {
+    typedef typename S::E E;
+    Buf xf(m * k), rf(m * k), gf(k), hf(k), wf(n * k), bf(n);
+    xf.randn(1.0, mean);
+    rf.randn(1.0, mean);
+    gf.randn(0.5, 1.0);
+    hf.randn(0.5);
+    wf.randn(1.0 / std::sqrt((double)k));
+    bf.randn(0.5);
+    const auto round = [](const Buf& b) {
+        std::vector<E> v(b.n);
+        for (size_t i = 0; i < b.n; ++i) v[i] = S::from(b.p[i]);
+        return v;
+    };
+    std::vector<E> x = round(xf), r = round(rf), g = round(gf), h = round(hf), w = round(wf),
+                   b = round(bf);
+    const double eps = 1e-5;
+    std::vector<double> want((size_t)m * n), want_sum((size_t)m * k), hn(k), sv(k);
+    for (int i = 0; i < m; ++i) {
+        double mu = 0, var = 0;
+        for (int j = 0; j < k; ++j) {
+            const float s = emu_to_float(x[(size_t)i * k + j]) + (res ? emu_to_float(r[(size_t)i * k + j]) : 0.0f);
+            want_sum[(size_t)i * k + j] = emu_to_float(S::from(s));
+            sv[j] = (double)emu_to_float(x[(size_t)i * k + j]) + (res ? (double)emu_to_float(r[(size_t)i * k + j]) : 0.0);
+            mu += sv[j];
+        }
+        mu /= k;
+        for (int j = 0; j < k; ++j) var += (sv[j] - mu) * (sv[j] - mu);
+        var /= k;
+        for (int j = 0; j < k; ++j) {
+            hn[j] = emu_to_float(S::from((float)((sv[j] - mu) / std::sqrt(var + eps) * emu_to_float(g[j]) + emu_to_float(h[j]))));
+        }
+        for (int c = 0; c < n; ++c) {
+            double acc = emu_to_float(b[c]);
+            for (int j = 0; j < k; ++j) acc += hn[j] * emu_to_float(w[(size_t)c * k + j]);
+            want[(size_t)i * n + c] = acc;
+        }
+    }
+    std::vector<E> out((size_t)m * n, S::from(NAN)), sum((size_t)m * k, S::from(NAN));
+    typename S::LNP p{};
+    p.linear.x = x.data(); p.linear.w = w.data(); p.linear.bias = b.data(); p.linear.out = out.data();
+    p.linear.m = m; p.linear.n = n; p.linear.k = k;
+    p.linear.k_per_split = 64;
+    p.linear.splits = (int)cdiv(k, 64);
+    p.norm_residual = res ? r.data() : nullptr;
+    p.norm_weight = g.data(); p.norm_bias = h.data(); p.sum_out = sum.data(); p.eps = (float)eps;
+    const unsigned splits = (unsigned)p.linear.splits;
+    emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), splits), dim3(128),
+                [&] { S::layer_norm_linear_tc(p); }, dim3(1, 1, splits));
+    char name[128];
+    snprintf(name, sizeof name, "layer_norm_linear %s %dx%dx%d%s mean %g, tc %u splits", S::name(),
+             m, n, k, res ? " +res" : "", mean, splits);
+    std::vector<float> got(out.size()), got_sum(sum.size());
+    for (size_t i = 0; i < got.size(); ++i) got[i] = emu_to_float(out[i]);
+    for (size_t i = 0; i < got_sum.size(); ++i) got_sum[i] = emu_to_float(sum[i]);
+    // The output rounded to E (2^-9 relative for bf16), and a normalised
+    // element rounded on the other side of a tie now and then.
+    report(name, got.data(), want, 1e-2);
+    report(std::string(name) + " sum_out", got_sum.data(), want_sum, 0.0);
+}
+
 // ---------------------------------------------------------------- loss
 static void test_loss(int batch, int tokens, int dim, int kind, bool zero_token = false) {
     int t = batch * tokens;
@@ -805,6 +889,12 @@ int main(int argc, char** argv) {
         test_layer_norm_linear(13, 70, 36, true, 1000.0, 1);  // two row groups, N % 4, K < 32 x 4
         test_layer_norm_linear(16, 36, 1024, true, 3.0, 2);   // 256 threads
         test_layer_norm_linear(1, 5, 4, true, 0.0, 0);        // one live thread
+        test_layer_norm_linear(77, 130, 200, true, 3.0, 1);   // tiled: 2 row tiles, 4 splits, K tail
+        test_layer_norm_linear(70, 64, 512, true, 1000.0, 0); // tiled: 8 splits, large mean
+        test_layer_norm_linear_half<HalfF16>(77, 130, 200, true, 3.0);
+        test_layer_norm_linear_half<HalfBF16>(77, 130, 200, true, 3.0);
+        test_layer_norm_linear_half<HalfBF16>(70, 64, 512, false, 100.0);
+        test_layer_norm_linear_half<HalfF16>(5, 8, 40, true, 0.0);  // one step, no cluster
         const int half_dims[][3] = {{130, 200, 72}, {77, 129, 40}, {3, 5, 7}, {64, 128, 256},
                                     {13, 70, 1030}, {4, 64, 2048},
                                     {200, 136, 296}};

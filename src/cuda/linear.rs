@@ -132,12 +132,14 @@ pub(crate) static PROGRAM: Program = Program {
         "linear_rows_vec4",
         "linear_rows_scalar",
         "layer_norm_linear_rows",
+        "layer_norm_linear_tiled_vec4",
     ],
     half_kernels: &[
         "linear_tc_vec8",
         "linear_tc_scalar",
         "linear_tc_large_vec8",
         "linear_mma_vec8",
+        "layer_norm_linear_tc_vec8",
     ],
     tf32_kernels: &[
         "linear_tc_tf32_vec4",
@@ -398,10 +400,68 @@ fn layer_norm_linear_threads(d: LinearDims, version: KernelVersion) -> Option<u3
     fits.then(|| d.k.div_ceil(4).next_multiple_of(32).max(32) as u32)
 }
 
+/// How a LayerNorm and the linear reading it run as one kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NormLinearPlan {
+    /// `layer_norm_linear_rows` (v4 after the norm), blocks of `threads`.
+    Rows { threads: u32 },
+    /// v2 or v3 after the norm (`layer_norm_linear_tiled_vec4`,
+    /// `layer_norm_linear_tc_vec8`): one K step per block, `splits` of them
+    /// per output tile, one thread-block cluster where more than one.
+    Tiled {
+        kernel: &'static str,
+        threads: u32,
+        splits: usize,
+    },
+}
+
+/// Where the norm feeding a GEMM of `d` folds into it ([`NormLinearPlan`]):
+/// few rows in v4 (the fast kernels, K a multiple of 4 with one chunk of 4
+/// per thread of a block); more rows where `linear` would split the GEMM
+/// (grids too small for the device: the latency-bound ones) on the
+/// small-tile kernel, if K is at most one K step per block of a cluster,
+/// with 16-byte copies (`wide`; the caller checks the alignment), and not on
+/// TF32 (its K steps are half as long).
+fn layer_norm_linear_plan(
+    d: LinearDims,
+    version: KernelVersion,
+    sm_count: u32,
+    gemm: Gemm,
+    wide: bool,
+    clusters: bool,
+) -> Result<Option<NormLinearPlan>> {
+    if version != KernelVersion::Fast {
+        return Ok(None);
+    }
+    if let Some(threads) = layer_norm_linear_threads(d, version) {
+        return Ok(Some(NormLinearPlan::Rows { threads }));
+    }
+    let step = gemm.k_step();
+    let splits = d.k.div_ceil(step);
+    if gemm == Gemm::Tf32 || !wide || !clusters || splits > MAX_CLUSTER {
+        return Ok(None);
+    }
+    let (small, threads) = gemm.kernel(true);
+    let kernel = match plan(d, version, sm_count, gemm, wide, clusters)? {
+        LinearPlan::Tiled {
+            kernel, splits: s, ..
+        } if kernel == small && s > 1 => match gemm {
+            Gemm::Tiled => "layer_norm_linear_tiled_vec4",
+            _ => "layer_norm_linear_tc_vec8",
+        },
+        _ => return Ok(None),
+    };
+    Ok(Some(NormLinearPlan::Tiled {
+        kernel,
+        threads,
+        splits,
+    }))
+}
+
 /// [`Backend::layer_norm_linear`](crate::ops::Backend::layer_norm_linear)
-/// as one kernel, where `layer_norm_linear_rows` takes it: `Ok(false)`, with
-/// nothing launched, where it does not (the caller runs the two ops). `d`
-/// is the linear's dims, the norm's validated to match them.
+/// as one kernel, where [`layer_norm_linear_plan`] finds one: `Ok(false)`,
+/// with nothing launched, where it does not (the caller runs the two ops).
+/// `d` is the linear's dims, the norm's validated to match them.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layer_norm_linear(
     be: &Cuda,
@@ -413,7 +473,12 @@ pub(super) fn layer_norm_linear(
     act: Activation,
     out: &mut CudaTensor,
 ) -> Result<bool> {
-    let Some(threads) = layer_norm_linear_threads(d, be.version()) else {
+    let options = be.options();
+    let gemm = Gemm::for_storage(be.storage(), options.tf32, options.wmma_large_tiles);
+    let wide = d.k % (16 / be.storage().size()) == 0;
+    let clusters = be.cluster_split_k();
+    let Some(fused) = layer_norm_linear_plan(d, be.version(), be.sm_count(), gemm, wide, clusters)?
+    else {
         return Ok(false);
     };
     let xp = be.check_tensor("layer_norm_linear x", norm.x)?;
@@ -445,7 +510,7 @@ pub(super) fn layer_norm_linear(
     let mut outputs: Vec<&CudaTensor> = vec![out];
     outputs.extend(sum_out.as_deref());
     be.check_disjoint("layer_norm_linear", &outputs, &inputs)?;
-    let params = LayerNormLinearParams {
+    let mut params = LayerNormLinearParams {
         linear: LinearParams::unsplit("layer_norm_linear", d, xp, wp, bp.unwrap_or(0), 0, op, act)?,
         norm_residual: rp.unwrap_or(0),
         norm_weight: gp,
@@ -454,13 +519,33 @@ pub(super) fn layer_norm_linear(
         eps: norm.eps as f32,
         pad0: 0,
     };
-    let grid = (
-        blocks_for("layer_norm_linear", d.n, ROWS_N)?,
-        blocks_for("layer_norm_linear", d.m, ROWS_M)?,
-        1,
-    );
-    let kernel = "layer_norm_linear_rows";
-    be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params)?;
+    match fused {
+        NormLinearPlan::Rows { threads } => {
+            let grid = (
+                blocks_for("layer_norm_linear", d.n, ROWS_N)?,
+                blocks_for("layer_norm_linear", d.m, ROWS_M)?,
+                1,
+            );
+            let kernel = "layer_norm_linear_rows";
+            be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params)?;
+        }
+        NormLinearPlan::Tiled {
+            kernel,
+            threads,
+            splits,
+        } => {
+            params.linear.k_per_split = i32_of("layer_norm_linear split", gemm.k_step())?;
+            params.linear.splits = i32_of("layer_norm_linear splits", splits)?;
+            let grid = (
+                blocks_for("layer_norm_linear", d.n, TILE)?,
+                blocks_for("layer_norm_linear", d.m, TILE)?,
+                splits as u32,
+            );
+            let cluster = (splits > 1).then_some((1, 1, splits as u32));
+            let block = (threads, 1, 1);
+            be.launch_in_clusters(&PROGRAM, kernel, grid, block, cluster, &params)?;
+        }
+    }
     Ok(true)
 }
 
@@ -869,6 +954,65 @@ mod tests {
             LinearPlan::Tiled { kernel, .. } => assert_eq!(kernel, "linear_tc_vec8"),
             p => panic!("{p:?}"),
         }
+    }
+
+    #[test]
+    fn norms_fold_into_split_gemms_of_one_cluster() {
+        let at = |m, n, k, gemm, wide, clusters| {
+            layer_norm_linear_plan(
+                dims(m, n, k),
+                KernelVersion::Fast,
+                132,
+                gemm,
+                wide,
+                clusters,
+            )
+            .unwrap()
+        };
+        let tiled = |kernel, threads, splits| {
+            Some(NormLinearPlan::Tiled {
+                kernel,
+                threads,
+                splits,
+            })
+        };
+        // Batch 1's decoder: 77 rows of 512, one K step of 64 per block.
+        let v2 = "layer_norm_linear_tiled_vec4";
+        let v3 = "layer_norm_linear_tc_vec8";
+        for n in [512, 1536, 2048] {
+            assert_eq!(at(77, n, 512, Gemm::Tiled, true, true), tiled(v2, 256, 8));
+            assert_eq!(at(77, n, 512, Gemm::Half, true, true), tiled(v3, 128, 8));
+            assert_eq!(
+                at(77, n, 512, Gemm::HalfWmma, true, true),
+                tiled(v3, 128, 8)
+            );
+        }
+        // Batch 8's (616 rows) still split; a ragged K of 200 in 4 steps.
+        assert_eq!(at(616, 512, 512, Gemm::Half, true, true), tiled(v3, 128, 8));
+        assert_eq!(at(77, 130, 200, Gemm::Tiled, true, true), tiled(v2, 256, 4));
+        // Few rows: v4.
+        assert_eq!(
+            at(4, 1536, 512, Gemm::Half, true, true),
+            Some(NormLinearPlan::Rows { threads: 128 })
+        );
+        // Two ops: no clusters, TF32, K past one cluster's steps, no 16-byte
+        // copies, grids that fill the device unsplit (batch 64).
+        assert_eq!(at(77, 512, 512, Gemm::Tiled, true, false), None);
+        assert_eq!(at(77, 512, 512, Gemm::Tf32, true, true), None);
+        assert_eq!(at(77, 512, 1024, Gemm::Tiled, true, true), None);
+        assert_eq!(at(77, 512, 512, Gemm::Half, false, true), None);
+        assert_eq!(at(4928, 512, 512, Gemm::Tiled, true, true), None);
+        assert_eq!(at(4928, 512, 512, Gemm::Half, true, true), None);
+        // The naive kernels never fuse.
+        let naive = layer_norm_linear_plan(
+            dims(4, 512, 512),
+            KernelVersion::Naive,
+            132,
+            Gemm::Tiled,
+            true,
+            true,
+        );
+        assert_eq!(naive.unwrap(), None);
     }
 
     #[test]
