@@ -877,12 +877,12 @@ __device__ __forceinline__ void layer_norm_slice(const LayerNormLinearParams& q,
 // operands); block and grid as v2's, the grid's split blocks of a tile one
 // cluster.
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
-OP_KERNEL_NAME(layer_norm_linear_tiled_vec4)(const LayerNormLinearParams q) {
-    dependent_launch_prologue([&] { linear_prefetch_w(q.linear, LINEAR_BN); });
+OP_KERNEL_NAME(layer_norm_linear_tiled_vec4)(const LayerNormLinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LINEAR_BN); });
     __shared__ float4 slots[2][LINEAR_BM];
-    linear_tiled<true>(q.linear, [&](float4 (&xa)[LINEAR_LOADS], int row, int col, int k_end) {
+    linear_tiled<true>(p.linear, [&](float4 (&xa)[LINEAR_LOADS], int row, int col, int k_end) {
         // Four threads per row, 4 x 4 columns each, 16 apart.
-        layer_norm_slice<4, LINEAR_LOADS, 16>(q, row, col, k_end, xa, slots,
+        layer_norm_slice<4, LINEAR_LOADS, 16>(p, row, col, k_end, xa, slots,
                                               row - blockIdx.y * LINEAR_BM);
     });
 }
@@ -1170,21 +1170,21 @@ OP_KERNEL_NAME(linear_tc_large_vec8)(const LinearParams p) {
 // registers (two threads per row, 32 columns each) instead of copied. Block
 // and grid as v3's small tiles, the grid's split blocks of a tile one cluster.
 extern "C" __global__ void __launch_bounds__(LINEAR_TC_SMALL_THREADS, LINEAR_TC_SMALL_BLOCKS)
-OP_KERNEL_NAME(layer_norm_linear_tc_vec8)(const LayerNormLinearParams q) {
-    dependent_launch_prologue([&] { linear_prefetch_w(q.linear, LinearTcSmall::BN); });
+OP_KERNEL_NAME(layer_norm_linear_tc_vec8)(const LayerNormLinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LinearTcSmall::BN); });
     typedef LinearTcSmall T;
     static_assert(T::THREADS == 2 * T::BM && T::BK == 64, "two threads per row of a step");
     __shared__ float4 slots[2][T::BM];
-    const LinearParams& p = q.linear;
-    linear_tc<T, true>(p, [&](elem (*tile)[T::LDK], int m0, int k_begin, int k_end) {
+    const LinearParams& lp = p.linear;
+    linear_tc<T, true>(lp, [&](elem (*tile)[T::LDK], int m0, int k_begin, int k_end) {
         const int r = threadIdx.x >> 1;
         const int c = (threadIdx.x & 1) * 32;
         float4 x[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            x[j] = linear_load4<true>(p.x, m0 + r, p.m, k_begin + c + 4 * j, k_end, p.k);
+            x[j] = linear_load4<true>(lp.x, m0 + r, lp.m, k_begin + c + 4 * j, k_end, lp.k);
         }
-        layer_norm_slice<2, 8, 4>(q, m0 + r, k_begin + c, k_end, x, slots, r);
+        layer_norm_slice<2, 8, 4>(p, m0 + r, k_begin + c, k_end, x, slots, r);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             store4(&tile[r][c + 4 * j], x[j]);
