@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Summarise `ncu --set full --page raw --csv` output (a few kernel launches of one
 `outproj run`) as markdown: per launch its grid, device time, throughput against the
-hardware's peaks, L2 hit rate, occupancy, registers, and where its warps wait (the
-three largest stall reasons, in cycles per issued instruction).
+hardware's peaks, L2 hit rate, occupancy, registers, the tensor pipe's busy share,
+shared-memory bank conflicts, and where its warps wait (the three largest stall
+reasons, in cycles per issued instruction).
 
     python3 scripts/deep_summary.py deep-f32-b1-linear_tiled.csv [--title TEXT] > deep.md
 
@@ -18,7 +19,7 @@ import sys
 
 from profile_summary import csv_lines, to_us
 
-# (column title, metric name, unit shown)
+# (column title, metric name or names (the first one present), unit shown)
 COLUMNS = [
     ("µs", "gpu__time_duration.sum", "us"),
     ("SM %", "sm__throughput.avg.pct_of_peak_sustained_elapsed", ""),
@@ -28,6 +29,12 @@ COLUMNS = [
     ("occupancy %", "sm__warps_active.avg.pct_of_peak_sustained_active", ""),
     ("registers", "launch__registers_per_thread", ""),
     ("cycles / issue", "smsp__average_warp_latency_per_inst_issued.ratio", ""),
+    # The tensor pipe's busy share (the HMMA kernels' ceiling), and shared-memory
+    # bank conflicts of loads and stores (wavefronts beyond one per request).
+    ("tensor %", ("sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+                  "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active"), ""),
+    ("smem ld conflicts", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum", "count"),
+    ("smem st conflicts", "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum", "count"),
 ]
 STALL = re.compile(r"^smsp__average_warps_issue_stalled_(.+)_per_issue_active\.ratio$")
 
@@ -49,13 +56,15 @@ def number(text):
         return None
 
 
-def cell(row, units, metric, unit):
-    v = number(row.get(metric))
-    if v is None:
+def cell(row, units, metrics, unit):
+    names = (metrics,) if isinstance(metrics, str) else metrics
+    metric = next((m for m in names if number(row.get(m)) is not None), None)
+    if metric is None:
         return "-"
+    v = number(row[metric])
     if unit == "us":
         return f"{to_us(v, units.get(metric, 'ns')):.2f}"
-    return f"{v:.0f}" if metric.startswith("launch__") else f"{v:.1f}"
+    return f"{v:.0f}" if metric.startswith("launch__") or unit == "count" else f"{v:.1f}"
 
 
 def stalls(row, top=3):

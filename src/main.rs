@@ -550,8 +550,49 @@ impl BackendTask for Check {
         for f in launch_features(&be) {
             rows.push(against_plain(&be, &image, precision, &f)?);
         }
+        rows.extend(large_tile_rows(&be, precision)?);
         Ok(rows)
     }
+}
+
+/// A GEMM with a 128x128 tile for every SM of `be`'s device (ragged in M and
+/// K), on the kernel that takes such grids, and for 16-bit storage also on
+/// the WMMA kernel `wmma_large_tiles` keeps: the standard cases are too small
+/// for them, and batch 64's forward is only timed.
+#[cfg(feature = "cuda")]
+fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
+    let sms = be.sm_count() as usize;
+    let (n, k) = (128 * 12, 200);
+    let m = 128 * (sms.div_ceil(12).max(2) - 1) + 5;
+    let case = verify::Case::Linear {
+        m,
+        n,
+        k,
+        act: output_projector::ops::Activation::Relu,
+        bias: true,
+        residual: true,
+    };
+    let mut backends = vec![be.clone()];
+    if precision.storage().size() == 2 {
+        backends.push(be.with_options(CudaOptions {
+            wmma_large_tiles: true,
+            ..be.options().clone()
+        })?);
+    }
+    let mut rows = Vec::new();
+    for b in backends {
+        let mut c = verify::compare_case(&b, &case, precision.storage(), 77)?;
+        c.case = format!("{} {}", c.case, b.linear_kernel(m, n, k)?);
+        rows.push(CheckRow {
+            against: "cpu",
+            op: c.op,
+            case: c.case,
+            rel: c.rel,
+            max_abs: c.max_abs,
+            tol: precision.tolerances().0,
+        });
+    }
+    Ok(rows)
 }
 
 /// `p`'s forward captured into a graph for the shape of `hidden`, and its

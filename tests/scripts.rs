@@ -137,9 +137,9 @@ fn deep_summary_reads_ncu_raw_csv() -> Result<(), String> {
     let csv = write(
         &dir.join("deep.csv"),
         r#"==PROF== Connected to process 1234
-"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","gpu__time_duration.sum","sm__throughput.avg.pct_of_peak_sustained_elapsed","dram__throughput.avg.pct_of_peak_sustained_elapsed","launch__registers_per_thread","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","smsp__average_warps_issue_stalled_selected_per_issue_active.ratio","smsp__average_warps_issue_stalled_membar_per_issue_active.ratio","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"
-"","","","","","","","","","","","nsecond","%","%","register/thread","ratio","ratio","ratio","ratio","ratio"
-"0","1234","outproj","127.0.0.1","linear_tiled_vec4","1","13","(256, 1, 1)","(8, 2, 8)","0","9.0","13,520","12.3","4.5","80","21.7","3.2","1.0","9.9","0.5"
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","gpu__time_duration.sum","sm__throughput.avg.pct_of_peak_sustained_elapsed","dram__throughput.avg.pct_of_peak_sustained_elapsed","launch__registers_per_thread","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","smsp__average_warps_issue_stalled_selected_per_issue_active.ratio","smsp__average_warps_issue_stalled_membar_per_issue_active.ratio","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio","sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active","l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum"
+"","","","","","","","","","","","nsecond","%","%","register/thread","ratio","ratio","ratio","ratio","ratio","%",""
+"0","1234","outproj","127.0.0.1","linear_tiled_vec4","1","13","(256, 1, 1)","(8, 2, 8)","0","9.0","13,520","12.3","4.5","80","21.7","3.2","1.0","9.9","0.5","41.25","1,024"
 "#,
     )?;
     let md = run(
@@ -147,7 +147,7 @@ fn deep_summary_reads_ncu_raw_csv() -> Result<(), String> {
         &["scripts/deep_summary.py", &csv, "--title", "t"],
     )?;
     let want = "| `linear_tiled_vec4` | (8, 2, 8) | (256, 1, 1) | 13.52 | 12.3 | - | 4.5 | - | - \
-                | 80 | - | long_scoreboard 21.7, membar 9.9, barrier 3.2 |";
+                | 80 | - | 41.2 | 1024 | - | long_scoreboard 21.7, membar 9.9, barrier 3.2 |";
     assert!(md.contains(want), "missing {want:?} in\n{md}");
     assert!(md.starts_with("### t: 1 launches"), "{md}");
     let empty = write(
