@@ -28,8 +28,11 @@ FORWARD_OURS = ["projector graph", "projector"]  # best first
 # uses it), to show what it gains: (bench row, label, feature).
 GRAPH_WITHOUT = [
     ("projector graph serial", "projector graph serial launches", "dependent launch"),
+    # Through memory, the decoder's norms no longer fold into their split GEMMs either.
     ("projector graph split-K in memory", "projector graph split-K in memory",
-     "cluster split-K"),
+     "cluster split-K (and the decoder's folded norms)"),
+    ("projector graph layer_norms apart", "projector graph layer_norms apart",
+     "folded layer_norms"),
 ]
 TORCH_FORWARD = [("eager", "PyTorch eager"), ("compile default", "torch.compile (default)"),
                  ("compile reduce-overhead", "torch.compile (reduce-overhead, CUDA graphs)")]

@@ -611,8 +611,8 @@ fn capture_for<'p>(
     Ok((p.capture(batch, n_in)?, x))
 }
 
-/// A way of launching the forward that `be` uses and that options can turn
-/// off, for `check` and `bench` to set against the plain launches.
+/// A way of running the forward that `be` uses and that options can turn
+/// off, for `check` and `bench` to set against the plain forward.
 #[cfg(feature = "cuda")]
 struct LaunchFeature {
     /// Its `check` row's op, and what that row compares against.
@@ -620,46 +620,70 @@ struct LaunchFeature {
     against: &'static str,
     /// `bench`'s graph row with the feature off.
     graph_row: &'static str,
-    /// `be`'s options with the feature off.
+    /// `be`'s options with the feature off (that graph row's).
     off: CudaOptions,
+    /// `check`'s two sides: the feature on and off, all else alike.
+    check: [CudaOptions; 2],
+    /// Whether the two must agree bitwise (else within the forward's
+    /// tolerance against the reference).
+    exact: bool,
 }
 
-/// The launch features `be` uses: programmatic dependent launch, split-K in
-/// a thread-block cluster.
+/// The features `be` uses: programmatic dependent launch, split-K in a
+/// thread-block cluster, LayerNorms folded into the linears after them.
 #[cfg(feature = "cuda")]
 fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
+    let base = be.options().clone();
+    let with = |set: fn(&mut CudaOptions)| {
+        let mut o = base.clone();
+        set(&mut o);
+        o
+    };
     let mut features = Vec::new();
     if be.dependent_launch() {
+        let off = with(|o| o.serial_launches = true);
         features.push(LaunchFeature {
             op: "dependent launch",
             against: "serial",
             graph_row: "projector graph serial",
-            off: CudaOptions {
-                serial_launches: true,
-                ..be.options().clone()
-            },
+            check: [base.clone(), off.clone()],
+            off,
+            exact: true,
         });
     }
     if be.cluster_split_k() {
+        // Through memory the decoder's norms cannot fold into their split
+        // GEMMs: the check compares both ways with every norm apart.
+        let apart = with(|o| o.separate_layer_norms = true);
+        let mut memory_apart = apart.clone();
+        memory_apart.split_k_through_memory = true;
         features.push(LaunchFeature {
             op: "cluster split-K",
             against: "memory",
             graph_row: "projector graph split-K in memory",
-            off: CudaOptions {
-                split_k_through_memory: true,
-                ..be.options().clone()
-            },
+            off: with(|o| o.split_k_through_memory = true),
+            check: [apart, memory_apart],
+            exact: true,
         });
     }
+    let apart = with(|o| o.separate_layer_norms = true);
+    features.push(LaunchFeature {
+        op: "folded layer_norm",
+        against: "apart",
+        graph_row: "projector graph layer_norms apart",
+        check: [base.clone(), apart.clone()],
+        off: apart,
+        exact: false,
+    });
     features
 }
 
-/// A launch feature must not change a bit: the forward replayed from a graph
-/// on `be` against the eager forward on a backend with the feature off. The
-/// kernels are deterministic,
-/// so, for programmatic dependent launch, a kernel reading before its
-/// predecessor finished shows as a difference; for split-K in a cluster, a
-/// slice added out of order or missed.
+/// The forward replayed from a graph with a feature on against the eager
+/// forward with it off. The kernels are deterministic, so, for programmatic
+/// dependent launch, a kernel reading before its predecessor finished shows
+/// as a difference; for split-K in a cluster, a slice added out of order or
+/// missed. Folded LayerNorms sum their statistics in another order: within
+/// the forward's tolerance.
 #[cfg(feature = "cuda")]
 fn against_plain(
     be: &Cuda,
@@ -668,11 +692,12 @@ fn against_plain(
     feature: &LaunchFeature,
 ) -> Result<CheckRow> {
     let case = verify::ProjectorCase::new(config, 2, precision.storage(), 11)?;
-    let featured = case.run(be, |p, h, e| {
-        let (mut graph, x) = capture_for(be, p, h, e)?;
-        be.download(graph.forward(&x)?)
+    let on_be = be.with_options(feature.check[0].clone())?;
+    let featured = case.run(&on_be, |p, h, e| {
+        let (mut graph, x) = capture_for(&on_be, p, h, e)?;
+        on_be.download(graph.forward(&x)?)
     })?;
-    let plain_be = be.with_options(feature.off.clone())?;
+    let plain_be = be.with_options(feature.check[1].clone())?;
     let plain = case.run(&plain_be, |p, h, e| {
         plain_be.download(&p.forward(h, Some(e))?)
     })?;
@@ -693,7 +718,11 @@ fn against_plain(
             rel.max(f64::MIN_POSITIVE)
         },
         max_abs,
-        tol: 0.0,
+        tol: if feature.exact {
+            0.0
+        } else {
+            precision.tolerances().1
+        },
     })
 }
 

@@ -742,6 +742,48 @@ fn layer_norm_linear_in_clusters_matches_two_ops() {
     }
 }
 
+/// LayerNorms folded into the linears after them (the small projector at
+/// batch 1: the encoder's in v4, the decoder's 77-row ones through the
+/// cluster where there is one) against every norm a kernel of its own: fewer
+/// launches, the same forward but for the order of the norms' sums.
+#[test]
+fn folded_layer_norms_match_separate_ones() {
+    for (storage, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let options = CudaOptions {
+            storage,
+            ..CudaOptions::default()
+        };
+        let Some(be) = backend_with(options.clone()) else {
+            return;
+        };
+        let apart = backend_with(CudaOptions {
+            separate_layer_norms: true,
+            ..options
+        })
+        .expect("a second backend on the same device");
+        let config = small_projector(256);
+        let w = ProjectorWeights::random(config.clone(), None, 5).unwrap();
+        let h = HostTensor::randn(vec![1, 4, config.in_dim], 6, "hidden").unwrap();
+        let mut got = Vec::new();
+        for b in [&be, &apart] {
+            let proj = Projector::new(b.clone(), &w).unwrap();
+            let x = b.upload(&h).unwrap();
+            let mut plan = proj.plan(1, 4).unwrap();
+            let before = b.kernel_launches().unwrap();
+            let out = proj.forward_with(&mut plan, &x, None).unwrap();
+            let launches = b.kernel_launches().unwrap() - before;
+            got.push((launches, b.download(out).unwrap().to_f64_vec()));
+        }
+        // The encoder's three norms fold in v4 everywhere; the decoder's five
+        // where its split GEMMs are clusters.
+        let folded = if be.cluster_split_k() { 3 + 5 } else { 3 };
+        assert_eq!(got[0].0 + folded, got[1].0, "{}", storage.name());
+        let (rel, _) = output_projector::tensor::compare(&got[0].1, &got[1].1);
+        println!("{}: folded vs apart rel {rel:.3e}", storage.name());
+        assert!(rel <= tol, "{}: rel {rel:.3e}", storage.name());
+    }
+}
+
 /// Caller-owned memory as input and output, on the backend's stream.
 #[test]
 fn caller_memory_in_and_out() {
@@ -861,7 +903,7 @@ fn graph_replay_matches_eager_forward() {
 /// set; either way a forward and its graph replay give bitwise the same output.
 #[test]
 fn dependent_launch_matches_serial() {
-    check_sm90_feature(Cuda::dependent_launch, |o| o.serial_launches = true);
+    check_sm90_feature(Cuda::dependent_launch, |_| {}, |o| o.serial_launches = true);
 }
 
 /// On devices that launch thread-block clusters (sm_90 and newer; the
@@ -870,14 +912,27 @@ fn dependent_launch_matches_serial() {
 /// and its graph replay give bitwise the same output.
 #[test]
 fn cluster_split_k_matches_split_k_through_memory() {
-    check_sm90_feature(Cuda::cluster_split_k, |o| o.split_k_through_memory = true);
+    // Through memory the decoder's norms cannot fold into their GEMMs (a
+    // different order of sums): both ways with every norm apart.
+    check_sm90_feature(
+        Cuda::cluster_split_k,
+        |o| o.separate_layer_norms = true,
+        |o| o.split_k_through_memory = true,
+    );
 }
 
 /// A launch feature that `on` reports: never below sm_90, always on the
 /// emulated sm_90 device (a CUDA 13.0 driver), off once `turn_off` has set
-/// its option; and the forwards with and without it bitwise the same.
-fn check_sm90_feature(on: fn(&Cuda) -> bool, turn_off: fn(&mut CudaOptions)) {
-    let Some(be) = backend(KernelVersion::Fast) else {
+/// its option; and the forwards with and without it (options otherwise
+/// default but for `base`) bitwise the same.
+fn check_sm90_feature(
+    on: fn(&Cuda) -> bool,
+    base: fn(&mut CudaOptions),
+    turn_off: fn(&mut CudaOptions),
+) {
+    let mut options = CudaOptions::default();
+    base(&mut options);
+    let Some(be) = backend_with(options) else {
         return;
     };
     let mut options = be.options().clone();
@@ -1207,6 +1262,7 @@ const DEVICE_TESTS: &[&str] = &[
     "linear_matches_reference",
     "layer_norm_linear_matches_reference",
     "layer_norm_linear_in_clusters_matches_two_ops",
+    "folded_layer_norms_match_separate_ones",
     "layer_norm_matches_reference",
     "attention_matches_reference",
     "long_attention_matches_reference",

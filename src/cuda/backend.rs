@@ -91,6 +91,14 @@ pub struct CudaOptions {
     /// against. Both add each 16 K columns' products in K order into f32;
     /// [`Cuda::linear_kernel`] says which kernel a GEMM takes.
     pub wmma_large_tiles: bool,
+    /// Run every LayerNorm as a kernel of its own, before the linear that
+    /// reads it (default off). Off, a LayerNorm folds into that linear where
+    /// one kernel can do both: GEMMs of up to 16 rows, and, where split
+    /// GEMMs run as thread-block clusters ([`Cuda::cluster_split_k`]), split
+    /// GEMMs whose K fits one cluster's K steps (batch 1's decoder). Folded,
+    /// the norm's statistics are summed in another order: results agree to
+    /// rounding, not bitwise.
+    pub separate_layer_norms: bool,
 }
 
 /// Most blocks of one thread-block cluster: the portable limit (sm_90), and

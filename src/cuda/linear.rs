@@ -474,6 +474,9 @@ pub(super) fn layer_norm_linear(
     out: &mut CudaTensor,
 ) -> Result<bool> {
     let options = be.options();
+    if options.separate_layer_norms {
+        return Ok(false);
+    }
     let gemm = Gemm::for_storage(be.storage(), options.tf32, options.wmma_large_tiles);
     let wide = d.k % (16 / be.storage().size()) == 0;
     let clusters = be.cluster_split_k();
