@@ -33,7 +33,8 @@
 #                    into deep-<p>-b<n>-<k>.md (ncu's default cache flush and locked
 #                    clocks: for where the time goes, not for the time itself)
 #   memcheck,        compute-sanitizer --tool <tool> on $SANITIZER_RUN (default: a
-#   racecheck        check; with QUICK=1 one forward each in f32, tf32 and bf16),
+#   racecheck        check; with QUICK=1 one forward each in f32, tf32 and bf16 at
+#                    batch 2, and under memcheck bf16 at batch 64),
 #                    for each tool in $SANITIZER_TOOLS (skipped without
 #                    compute-sanitizer)
 #   check-wgpu,      the same check and bench on wgpu, when `outproj info` reports
@@ -482,11 +483,15 @@ if want sanitizer; then
             if [[ $SANITIZER_RUN == forwards ]]; then
                 # Every fast kernel a forward uses (CUDA cores, TF32 and 16-bit tensor
                 # cores), one forward each: a whole check under a sanitizer takes long.
+                # Batch 64 bf16 for the large-tile GEMM, under memcheck only (racecheck
+                # on its ~30 large GEMMs would take minutes).
                 # shellcheck disable=SC2016 # expanded by the inner bash
                 run_step "$tool" "$SANITIZER_TIMEOUT" bash -c '
-                    for p in f32 tf32 bf16; do
+                    for pb in f32:2 tf32:2 bf16:2 bf16:64; do
+                        p=${pb%:*} b=${pb#*:}
+                        [[ $b == 64 && $1 != memcheck ]] && continue
                         compute-sanitizer --tool "$1" --error-exitcode 86 --print-limit 100 \
-                            "$2" run --device cuda --precision "$p" --batch 2 || exit
+                            "$2" run --device cuda --precision "$p" --batch "$b" || exit
                     done' sanitized "$tool" "$OUTPROJ"
             else
                 run_step "$tool" "$SANITIZER_TIMEOUT" compute-sanitizer --tool "$tool" \
