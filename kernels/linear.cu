@@ -1240,25 +1240,53 @@ struct LinearMmaSmem {
 };
 static_assert(sizeof(LinearMmaSmem) <= 48 * 1024, "static shared memory");
 
-// Where chunk c of staged row r is.
-__device__ __forceinline__ int linear_mma_chunk(int r, int c) { return r * 4 + (c ^ ((r >> 1) & 3)); }
-
-// Rows [row0, row0 + 128) x columns [k0, k0 + 32) of a [rows, k] operand into
-// `tile` by cp.async, zero past `rows` and k (a multiple of 8: a chunk is
-// all in range or all out).
-__device__ __forceinline__ void linear_mma_stage(uint4* tile, const elem* a, int row0, int rows,
-                                                 int k0, int k) {
-#pragma unroll
-    for (int j = 0; j < LINEAR_MMA_BM * 4 / LINEAR_MMA_THREADS; ++j) {
-        const int chunk = threadIdx.x + LINEAR_MMA_THREADS * j;
-        const int r = chunk >> 2;
-        const int c = chunk & 3;
-        const int row = row0 + r;
-        const int col = k0 + c * 8;
-        const bool valid = row < rows && col < k;
-        cp_async16(&tile[linear_mma_chunk(r, c)], valid ? a + row * k + col : a, valid);
-    }
+// Byte offset of chunk c of staged row r. The XOR term repeats every 8 rows,
+// so rows 16 (or 32) apart differ by a fixed offset, which the loops below
+// fold into their loads' immediates.
+__device__ __forceinline__ int linear_mma_offset(int r, int c) {
+    return (r * 4 + (c ^ ((r >> 1) & 3))) * 16;
 }
+
+// One operand's copies into the stages, set up once: a thread copies chunk
+// `c` (16 bytes) of tile rows r, r + 32, r + 64 and r + 96 (r = thread / 4)
+// at every K step, to the same offsets of each stage; a step costs its four
+// cp.async and the address arithmetic of one column check.
+struct LinearMmaCopy {
+    const elem* src;    // row r's chunk at K step 0 (a row past the operand: its last row)
+    int stride;         // 32 rows, in elements
+    int col;            // the chunk's first column at K step 0
+    int dst;            // byte offset of row r's chunk in a tile
+    unsigned rows_ok;   // bit j: row r + 32 j is in the operand
+
+    __device__ __forceinline__ LinearMmaCopy(const elem* a, int row0, int rows, int k) {
+        const int r = threadIdx.x >> 2;
+        const int c = threadIdx.x & 3;
+        const int row = row0 + r;
+        src = a + min(row, rows - 1) * k + c * 8;
+        stride = 32 * k;
+        col = c * 8;
+        dst = linear_mma_offset(r, c);
+        rows_ok = 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            rows_ok |= (row + 32 * j < rows ? 1u : 0u) << j;
+        }
+    }
+
+    // K step [k0, k0 + 32) into `tile`, zero past the operand's rows and past
+    // k (a multiple of 8: a chunk is all in range or all out). Rows past
+    // `rows` point at its last row, whose address is valid (cp.async reads
+    // nothing where `valid` is false).
+    __device__ __forceinline__ void operator()(uint4* tile, int k0, int k) const {
+        const bool col_ok = col + k0 < k;
+        char* base = reinterpret_cast<char*>(tile) + dst;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int jj = (rows_ok >> j) & 1 ? j : 0;  // clamped rows stay in range
+            cp_async16(base + 2048 * j, src + jj * stride + k0, col_ok && ((rows_ok >> j) & 1));
+        }
+    }
+};
 
 // block LINEAR_MMA_THREADS; grid (ceil(N / 128), ceil(M / 128)). Needs
 // K % 8 == 0 and 16-byte aligned x and w; no split-K (planned where the tiles
@@ -1267,6 +1295,8 @@ extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, 2)
 OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_BN); });
     __shared__ __align__(128) LinearMmaSmem sm;
+    static_assert(LINEAR_MMA_THREADS == 128 && LINEAR_MMA_BM == 128 && LINEAR_MMA_BK == 32,
+                  "LinearMmaCopy: 4 chunks of 32 rows apart per thread, 4 chunks per row");
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
     const int wm = (warp >> 1) * 64;  // this warp's rows of the tile
@@ -1275,6 +1305,8 @@ OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
     const int n0 = blockIdx.x * LINEAR_MMA_BN;
     const bool rows_live = m0 + wm < p.m;
     const int steps = (p.k + LINEAR_MMA_BK - 1) / LINEAR_MMA_BK;
+    const LinearMmaCopy copy_x(p.x, m0, p.m, p.k);
+    const LinearMmaCopy copy_w(p.w, n0, p.n, p.k);
 
     float acc[4][8][4];
 #pragma unroll
@@ -1291,17 +1323,21 @@ OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
 #pragma unroll
     for (int s = 0; s < LINEAR_MMA_STAGES - 1; ++s) {
         if (s < steps) {
-            linear_mma_stage(sm.stage[s].x, p.x, m0, p.m, s * LINEAR_MMA_BK, p.k);
-            linear_mma_stage(sm.stage[s].w, p.w, n0, p.n, s * LINEAR_MMA_BK, p.k);
+            copy_x(sm.stage[s].x, s * LINEAR_MMA_BK, p.k);
+            copy_w(sm.stage[s].w, s * LINEAR_MMA_BK, p.k);
         }
         cp_async_commit();
     }
-    // The lane's ldmatrix rows: A's rows 0-15 at chunk 0, then at chunk 1;
-    // W's rows 0-7 at chunks 0 and 1, then rows 8-15 (two n8 fragments).
+    // The lane's ldmatrix rows, for the two 16-column halves of a step: A's
+    // rows 0-15 at chunk 0 (1), then at chunk 1 (3); W's rows 0-7 at chunks 0
+    // and 1 (2 and 3), then rows 8-15 (two n8 fragments). Fragment i (j) is
+    // 16 i (16 j) rows further: 1024 bytes each.
     const int a_row = wm + (lane & 15);
-    const int a_chunk = lane >> 4;
     const int b_row = wn + (lane & 7) + ((lane >> 4) << 3);
-    const int b_chunk = (lane >> 3) & 1;
+    const int a_off[2] = {linear_mma_offset(a_row, lane >> 4),
+                          linear_mma_offset(a_row, 2 + (lane >> 4))};
+    const int b_off[2] = {linear_mma_offset(b_row, (lane >> 3) & 1),
+                          linear_mma_offset(b_row, 2 + ((lane >> 3) & 1))};
     int read = 0;
     int write = LINEAR_MMA_STAGES - 1;
     for (int step = 0; step < steps; ++step) {
@@ -1311,26 +1347,26 @@ OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
         __syncthreads();
         const int next = step + LINEAR_MMA_STAGES - 1;
         if (next < steps) {
-            linear_mma_stage(sm.stage[write].x, p.x, m0, p.m, next * LINEAR_MMA_BK, p.k);
-            linear_mma_stage(sm.stage[write].w, p.w, n0, p.n, next * LINEAR_MMA_BK, p.k);
+            copy_x(sm.stage[write].x, next * LINEAR_MMA_BK, p.k);
+            copy_w(sm.stage[write].w, next * LINEAR_MMA_BK, p.k);
         }
         cp_async_commit();
         // A warp whose rows are all past M only stages.
         if (rows_live) {
-            const uint4* xs = sm.stage[read].x;
-            const uint4* ws = sm.stage[read].w;
+            const char* xs = reinterpret_cast<const char*>(sm.stage[read].x);
+            const char* ws = reinterpret_cast<const char*>(sm.stage[read].w);
 #pragma unroll
-            for (int kk = 0; kk < LINEAR_MMA_BK / 8; kk += 2) {
+            for (int h = 0; h < 2; ++h) {
                 unsigned a[4][4];
                 unsigned b[8][2];
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    ldmatrix_x4(a[i], &xs[linear_mma_chunk(a_row + 16 * i, kk + a_chunk)]);
+                    ldmatrix_x4(a[i], xs + a_off[h] + 1024 * i);
                 }
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     unsigned q[4];
-                    ldmatrix_x4(q, &ws[linear_mma_chunk(b_row + 16 * j, kk + b_chunk)]);
+                    ldmatrix_x4(q, ws + b_off[h] + 1024 * j);
                     b[2 * j][0] = q[0];
                     b[2 * j][1] = q[1];
                     b[2 * j + 1][0] = q[2];
