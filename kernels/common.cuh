@@ -357,6 +357,26 @@ __device__ __forceinline__ float4 cluster_load_float4(const float* p, unsigned r
 #endif
 }
 
+// cluster_load_float4 for 8 bytes (8-byte aligned).
+__device__ __forceinline__ float2 cluster_load_float2(const float* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
+    const unsigned local = (unsigned)__cvta_generic_to_shared(p);
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+    float2 v;
+    asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n"
+                 : "=f"(v.x), "=f"(v.y)
+                 : "r"(remote)
+                 : "memory");
+    return v;
+#elif defined(OP_EMULATOR)
+    return *reinterpret_cast<const float2*>(emu_cluster_map(p, rank));
+#else
+    (void)rank;
+    return *reinterpret_cast<const float2*>(p);
+#endif
+}
+
 // Sums of (v.x, v.y) over a row whose elements are spread over TPR adjacent
 // lanes of a warp (a power of two) and over the blocks of this block's
 // cluster, each holding a slice of the row (at most MAX_BLOCKS blocks): the
@@ -367,22 +387,22 @@ __device__ __forceinline__ float4 cluster_load_float4(const float* p, unsigned r
 // the block must not exit before a later cluster_sync. Every thread of every
 // block of the cluster must call it.
 template <int TPR, int MAX_BLOCKS>
-__device__ __forceinline__ float2 cluster_row_sums(float2 v, float4* slot) {
+__device__ __forceinline__ float2 cluster_row_sums(float2 v, float2* slot) {
 #pragma unroll
     for (int o = 1; o < TPR; o <<= 1) {
         v.x += __shfl_xor_sync(OP_FULL_MASK, v.x, o);
         v.y += __shfl_xor_sync(OP_FULL_MASK, v.y, o);
     }
     if ((threadIdx.x & (TPR - 1)) == 0) {
-        *slot = make_float4(v.x, v.y, 0.0f, 0.0f);
+        *slot = v;
     }
     cluster_sync();
     const unsigned blocks = cluster_blocks();
-    float4 u[MAX_BLOCKS];
+    float2 u[MAX_BLOCKS];
 #pragma unroll
     for (int r = 0; r < MAX_BLOCKS; ++r) {
         if (r < (int)blocks) {
-            u[r] = cluster_load_float4(reinterpret_cast<const float*>(slot), (unsigned)r);
+            u[r] = cluster_load_float2(reinterpret_cast<const float*>(slot), (unsigned)r);
         }
     }
     float2 t = make_float2(0.0f, 0.0f);

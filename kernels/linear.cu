@@ -824,7 +824,7 @@ OP_KERNEL_NAME(layer_norm_linear_rows)(const LayerNormLinearParams p) {
 template <int TPR, int CHUNKS, int STRIDE, int BM>
 __device__ __forceinline__ void layer_norm_slice(const LayerNormLinearParams& q, int row, int col,
                                                  int k_end, float4 (&x)[CHUNKS],
-                                                 float4 (*slots)[BM], int r0) {
+                                                 float2 (*slots)[BM], int r0) {
     const LinearParams& p = q.linear;
     const bool residual = q.norm_residual != nullptr;
     const bool row_live = row < p.m;
@@ -875,11 +875,14 @@ __device__ __forceinline__ void layer_norm_slice(const LayerNormLinearParams& q,
 
 // v2 after a layer_norm (one K step per block, K % 4 == 0, 16-byte aligned
 // operands); block and grid as v2's, the grid's split blocks of a tile one
-// cluster.
-extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
+// cluster. Built for LINEAR_NORM_TILED_BLOCKS blocks per SM (3 would cap it
+// at 80 registers, and it spilled): the host folds a norm only into grids
+// that one wave of them holds.
+#define LINEAR_NORM_TILED_BLOCKS 2
+extern "C" __global__ void __launch_bounds__(LINEAR_THREADS, LINEAR_NORM_TILED_BLOCKS)
 OP_KERNEL_NAME(layer_norm_linear_tiled_vec4)(const LayerNormLinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LINEAR_BN); });
-    __shared__ float4 slots[2][LINEAR_BM];
+    __shared__ float2 slots[2][LINEAR_BM];
     linear_tiled<true>(p.linear, [&](float4 (&xa)[LINEAR_LOADS], int row, int col, int k_end) {
         // Four threads per row, 4 x 4 columns each, 16 apart.
         layer_norm_slice<4, LINEAR_LOADS, 16>(p, row, col, k_end, xa, slots,
@@ -1174,7 +1177,7 @@ OP_KERNEL_NAME(layer_norm_linear_tc_vec8)(const LayerNormLinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LinearTcSmall::BN); });
     typedef LinearTcSmall T;
     static_assert(T::THREADS == 2 * T::BM && T::BK == 64, "two threads per row of a step");
-    __shared__ float4 slots[2][T::BM];
+    __shared__ float2 slots[2][T::BM];
     const LinearParams& lp = p.linear;
     linear_tc<T, true>(lp, [&](elem (*tile)[T::LDK], int m0, int k_begin, int k_end) {
         const int r = threadIdx.x >> 1;

@@ -162,6 +162,10 @@ const ROWS_MAX_M: usize = 2 * ROWS_M;
 const ROWS_MAX_THREADS: usize = 256;
 /// Output tile of v3's large tiles, used where they alone give every SM one.
 const LARGE_TILE: usize = 128;
+/// Blocks per SM that the tiled kernels after a norm are built for
+/// (`LINEAR_NORM_TILED_BLOCKS`, v3's `LINEAR_TC_SMALL_BLOCKS`).
+const NORM_TILED_BLOCKS: usize = 2;
+const TC_SMALL_BLOCKS: usize = 4;
 /// Most splits of one GEMM.
 const MAX_SPLITS: usize = 32;
 
@@ -420,8 +424,9 @@ enum NormLinearPlan {
 /// per thread of a block); more rows where `linear` would split the GEMM
 /// (grids too small for the device: the latency-bound ones) on the
 /// small-tile kernel, if K is at most one K step per block of a cluster,
-/// with 16-byte copies (`wide`; the caller checks the alignment), and not on
-/// TF32 (its K steps are half as long).
+/// with 16-byte copies (`wide`; the caller checks the alignment), not on
+/// TF32 (its K steps are half as long), and where one wave holds the grid
+/// of one-step blocks: the fold must not add a wave to the GEMM.
 fn layer_norm_linear_plan(
     d: LinearDims,
     version: KernelVersion,
@@ -442,15 +447,19 @@ fn layer_norm_linear_plan(
         return Ok(None);
     }
     let (small, threads) = gemm.kernel(true);
-    let kernel = match plan(d, version, sm_count, gemm, wide, clusters)? {
+    let (kernel, per_sm) = match plan(d, version, sm_count, gemm, wide, clusters)? {
         LinearPlan::Tiled {
             kernel, splits: s, ..
         } if kernel == small && s > 1 => match gemm {
-            Gemm::Tiled => "layer_norm_linear_tiled_vec4",
-            _ => "layer_norm_linear_tc_vec8",
+            Gemm::Tiled => ("layer_norm_linear_tiled_vec4", NORM_TILED_BLOCKS),
+            _ => ("layer_norm_linear_tc_vec8", TC_SMALL_BLOCKS),
         },
         _ => return Ok(None),
     };
+    let blocks = d.m.div_ceil(TILE) * d.n.div_ceil(TILE) * splits;
+    if blocks > per_sm * sm_count as usize {
+        return Ok(None);
+    }
     Ok(Some(NormLinearPlan::Tiled {
         kernel,
         threads,
@@ -854,6 +863,10 @@ mod tests {
             let (_, threads, step) = gemm.large_kernel().unwrap();
             assert_eq!((threads, step * elem), (256, 64));
         }
+        assert!(src.contains(&format!(
+            "#define LINEAR_NORM_TILED_BLOCKS {NORM_TILED_BLOCKS}"
+        )));
+        assert!(src.contains(&format!("#define LINEAR_TC_SMALL_BLOCKS {TC_SMALL_BLOCKS}")));
         // v5: 128x128 tiles of 4 warps, K steps of 32.
         let (_, threads, step) = Gemm::Half.large_kernel().unwrap();
         assert!(src.contains(&format!("#define LINEAR_MMA_BM {LARGE_TILE}")));
@@ -979,19 +992,27 @@ mod tests {
                 splits,
             })
         };
-        // Batch 1's decoder: 77 rows of 512, one K step of 64 per block.
+        // Batch 1's decoder: 77 rows of 512, one K step of 64 per block,
+        // where one wave holds the grid: 2 x 4 x 8 blocks (cross-attention
+        // Q), 2 x 12 x 8 (output), and in 16-bit (4 blocks per SM) also
+        // 2 x 24 x 8 (QKV) and 2 x 32 x 8 (FFN up).
         let v2 = "layer_norm_linear_tiled_vec4";
         let v3 = "layer_norm_linear_tc_vec8";
-        for n in [512, 1536, 2048] {
+        for n in [512, 768] {
             assert_eq!(at(77, n, 512, Gemm::Tiled, true, true), tiled(v2, 256, 8));
-            assert_eq!(at(77, n, 512, Gemm::Half, true, true), tiled(v3, 128, 8));
-            assert_eq!(
-                at(77, n, 512, Gemm::HalfWmma, true, true),
-                tiled(v3, 128, 8)
-            );
         }
-        // Batch 8's (616 rows) still split; a ragged K of 200 in 4 steps.
-        assert_eq!(at(616, 512, 512, Gemm::Half, true, true), tiled(v3, 128, 8));
+        for n in [1536, 2048] {
+            assert_eq!(at(77, n, 512, Gemm::Tiled, true, true), None);
+        }
+        for n in [512, 768, 1536, 2048] {
+            assert_eq!(at(77, n, 512, Gemm::Half, true, true), tiled(v3, 128, 8));
+            let wmma = at(77, n, 512, Gemm::HalfWmma, true, true);
+            assert_eq!(wmma, tiled(v3, 128, 8));
+        }
+        // Batch 8's (616 rows: 10 x 8 tiles x 8 splits, past one wave) not;
+        // a ragged K of 200 in 4 steps.
+        assert_eq!(at(616, 512, 512, Gemm::Half, true, true), None);
+        assert_eq!(at(616, 512, 512, Gemm::Tiled, true, true), None);
         assert_eq!(at(77, 130, 200, Gemm::Tiled, true, true), tiled(v2, 256, 4));
         // Few rows: v4.
         assert_eq!(
