@@ -653,7 +653,11 @@ fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
     }
     if be.cluster_split_k() {
         // Through memory the decoder's norms cannot fold into their split
-        // GEMMs: the check compares both ways with every norm apart.
+        // GEMMs: the check compares both ways with every norm apart. The
+        // same slices give the same sums: v2's (f32) splits are the same both
+        // ways, but the tensor-core kernels' finishing block takes at most 4
+        // slices where a cluster takes 8, so in 16-bit and TF32 the splits,
+        // and the sums' order, differ.
         let apart = with(|o| o.separate_layer_norms = true);
         let mut memory_apart = apart.clone();
         memory_apart.split_k_through_memory = true;
@@ -663,7 +667,7 @@ fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
             graph_row: "projector graph split-K in memory",
             off: with(|o| o.split_k_through_memory = true),
             check: [apart, memory_apart],
-            exact: true,
+            exact: be.storage() == DType::F32 && !base.tf32,
         });
     }
     let apart = with(|o| o.separate_layer_norms = true);
@@ -681,9 +685,9 @@ fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
 /// The forward replayed from a graph with a feature on against the eager
 /// forward with it off. The kernels are deterministic, so, for programmatic
 /// dependent launch, a kernel reading before its predecessor finished shows
-/// as a difference; for split-K in a cluster, a slice added out of order or
-/// missed. Folded LayerNorms sum their statistics in another order: within
-/// the forward's tolerance.
+/// as a difference; for split-K in a cluster (f32), a slice added out of
+/// order or missed. Where the sums' order differs (folded LayerNorms, split-K
+/// on tensor cores): within the forward's tolerance.
 #[cfg(feature = "cuda")]
 fn against_plain(
     be: &Cuda,

@@ -81,8 +81,14 @@ pub struct CudaOptions {
     /// (default off). Off, on GPUs with thread-block clusters (sm_90 and
     /// newer), a split GEMM's blocks of one output tile run as one cluster
     /// and add their slices through each other's shared memory: no
-    /// workspace, and no round trips through L2 to finish a tile. Results
-    /// are bitwise the same either way; see [`Cuda::cluster_split_k`].
+    /// workspace, and no round trips through L2 to finish a tile. A tile's
+    /// slices are added in the same order either way, so where the split is
+    /// the same (f32 on CUDA cores) results are bitwise the same; the
+    /// tensor-core kernels split up to 8 ways in a cluster and 4 through
+    /// memory, which changes the order of their sums. Through memory the
+    /// decoder's LayerNorms no longer fold into their GEMMs
+    /// ([`separate_layer_norms`](Self::separate_layer_norms)). See
+    /// [`Cuda::cluster_split_k`].
     pub split_k_through_memory: bool,
     /// Run the f16 / bf16 GEMMs whose 128x128 output tiles alone fill the
     /// device (batch 64's decoder) on the WMMA kernel with those tiles
