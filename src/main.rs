@@ -448,6 +448,18 @@ struct Check {
     precision: Precision,
 }
 
+/// A comparison as a `check` row against `against`, within `tol`.
+fn check_row(against: &'static str, c: verify::Comparison, tol: f64) -> CheckRow {
+    CheckRow {
+        against,
+        op: c.op,
+        case: c.case,
+        rel: c.rel,
+        max_abs: c.max_abs,
+        tol,
+    }
+}
+
 impl BackendTask for Check {
     type Output = Vec<CheckRow>;
 
@@ -460,14 +472,7 @@ impl BackendTask for Check {
             self.precision.tolerances()
         };
         let storage = self.precision.storage();
-        let row = |against, c: verify::Comparison, tol| CheckRow {
-            against,
-            op: c.op,
-            case: c.case,
-            rel: c.rel,
-            max_abs: c.max_abs,
-            tol,
-        };
+        let row = check_row;
         // PyTorch's fixtures are float64: an f32 backend first rounds them, which
         // alone moves an ill-conditioned case (layer_norm of rows with mean 1000)
         // by ~2e-5. Kernel accuracy proper is the 1e-5 check below against the
@@ -538,14 +543,7 @@ impl BackendTask for Check {
                     Ok(again)
                 },
             )?;
-            rows.push(CheckRow {
-                against: "cpu",
-                op: c.op,
-                case: c.case,
-                rel: c.rel,
-                max_abs: c.max_abs,
-                tol: precision.tolerances().1,
-            });
+            rows.push(check_row("cpu", c, precision.tolerances().1));
         }
         for f in launch_features(&be) {
             rows.push(against_plain(&be, &image, precision, &f)?);
@@ -583,14 +581,7 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
     for b in backends {
         let mut c = verify::compare_case(&b, &case, precision.storage(), 77)?;
         c.case = format!("{} {}", c.case, b.linear_kernel(m, n, k)?);
-        rows.push(CheckRow {
-            against: "cpu",
-            op: c.op,
-            case: c.case,
-            rel: c.rel,
-            max_abs: c.max_abs,
-            tol: precision.tolerances().0,
-        });
+        rows.push(check_row("cpu", c, precision.tolerances().0));
     }
     Ok(rows)
 }

@@ -482,13 +482,10 @@ pub(super) fn layer_norm_linear(
     act: Activation,
     out: &mut CudaTensor,
 ) -> Result<bool> {
-    let options = be.options();
-    if options.separate_layer_norms {
+    if be.options().separate_layer_norms {
         return Ok(false);
     }
-    let gemm = Gemm::for_storage(be.storage(), options.tf32, options.wmma_large_tiles);
-    let wide = d.k % (16 / be.storage().size()) == 0;
-    let clusters = be.cluster_split_k();
+    let (gemm, wide, clusters) = (gemm_of(be), k_wide(be, d.k), be.cluster_split_k());
     let Some(fused) = layer_norm_linear_plan(d, be.version(), be.sm_count(), gemm, wide, clusters)?
     else {
         return Ok(false);
@@ -570,12 +567,23 @@ pub(crate) fn act_code(act: Activation) -> i32 {
     }
 }
 
+/// `be`'s fast GEMM family, as its storage and options choose it.
+fn gemm_of(be: &Cuda) -> Gemm {
+    let options = be.options();
+    Gemm::for_storage(be.storage(), options.tf32, options.wmma_large_tiles)
+}
+
+/// Whether rows of K elements can be copied 16 bytes at a time on `be`
+/// (the operands' alignment aside).
+fn k_wide(be: &Cuda, k: usize) -> bool {
+    k % (16 / be.storage().size()) == 0
+}
+
 /// How `linear` runs for `d` on `be`, `aligned` saying whether x and w are
 /// 16-byte aligned.
 fn plan_on(be: &Cuda, d: LinearDims, aligned: bool) -> Result<LinearPlan> {
-    let options = be.options();
-    let gemm = Gemm::for_storage(be.storage(), options.tf32, options.wmma_large_tiles);
-    let wide = aligned && d.k % (16 / be.storage().size()) == 0;
+    let gemm = gemm_of(be);
+    let wide = aligned && k_wide(be, d.k);
     plan(
         d,
         be.version(),
