@@ -335,14 +335,23 @@ __device__ __forceinline__ void cluster_sync_relaxed() {
 #endif
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
+// The shared::cluster address of `p` (in this block's shared memory) in the
+// cluster's block of rank `rank`.
+__device__ __forceinline__ unsigned cluster_map(const void* p, unsigned rank) {
+    const unsigned local = (unsigned)__cvta_generic_to_shared(p);
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+    return remote;
+}
+#endif
+
 // The 16 bytes at `p` (16-byte aligned, in this block's shared memory) in the
 // shared memory of the cluster's block of rank `rank` (distributed shared
 // memory: the same variable, in that block).
 __device__ __forceinline__ float4 cluster_load_float4(const float* p, unsigned rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
-    const unsigned local = (unsigned)__cvta_generic_to_shared(p);
-    unsigned remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+    const unsigned remote = cluster_map(p, rank);
     float4 v;
     asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
                  : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
@@ -360,9 +369,7 @@ __device__ __forceinline__ float4 cluster_load_float4(const float* p, unsigned r
 // cluster_load_float4 for 8 bytes (8-byte aligned).
 __device__ __forceinline__ float2 cluster_load_float2(const float* p, unsigned rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
-    const unsigned local = (unsigned)__cvta_generic_to_shared(p);
-    unsigned remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+    const unsigned remote = cluster_map(p, rank);
     float2 v;
     asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n"
                  : "=f"(v.x), "=f"(v.y)
