@@ -136,15 +136,7 @@ impl Case {
                 cols,
                 residual,
                 offset,
-            } => format!(
-                "{rows}x{cols}{}{}",
-                if residual { " +res" } else { "" },
-                if offset != 0.0 {
-                    format!(" mean {offset}")
-                } else {
-                    String::new()
-                }
-            ),
+            } => format!("{rows}x{cols}{}", norm_suffix(residual, offset)),
             Case::LayerNormLinear {
                 m,
                 n,
@@ -153,14 +145,9 @@ impl Case {
                 residual,
                 offset,
             } => format!(
-                "{m}x{n}x{k} {}{}{}",
+                "{m}x{n}x{k} {}{}",
                 act.name(),
-                if residual { " +res" } else { "" },
-                if offset != 0.0 {
-                    format!(" mean {offset}")
-                } else {
-                    String::new()
-                }
+                norm_suffix(residual, offset)
             ),
             Case::Attention {
                 batch,
@@ -783,4 +770,14 @@ pub fn compare_projector_by<B: Backend>(
         rel,
         max_abs,
     })
+}
+
+/// A norm case's name suffix: the residual, and the rows' mean where it is offset.
+fn norm_suffix(residual: bool, offset: f64) -> String {
+    let res = if residual { " +res" } else { "" };
+    if offset != 0.0 {
+        format!("{res} mean {offset}")
+    } else {
+        res.to_string()
+    }
 }

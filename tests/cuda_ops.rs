@@ -52,6 +52,21 @@ fn backend_with(options: CudaOptions) -> Option<Cuda> {
 }
 
 /// Every standard case of `op` within `tol`, on each kernel version.
+/// Two backends storing `storage` on one device: default options, and those
+/// with `change` applied.
+fn backend_pair(storage: DType, change: fn(&mut CudaOptions)) -> Option<(Cuda, Cuda)> {
+    let be = backend_with(CudaOptions {
+        storage,
+        ..CudaOptions::default()
+    })?;
+    let mut options = be.options().clone();
+    change(&mut options);
+    let other = be
+        .with_options(options)
+        .expect("a second backend on the same device");
+    Some((be, other))
+}
+
 fn check_cases(cases: &[Case], op: &str, tol: f64) {
     for version in [KernelVersion::Naive, KernelVersion::Fast] {
         let Some(be) = backend(version) else { return };
@@ -668,22 +683,13 @@ fn layer_norm_linear_matches_reference() {
 #[test]
 fn layer_norm_linear_in_clusters_matches_two_ops() {
     for (storage, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-3)] {
-        let options = CudaOptions {
-            storage,
-            ..CudaOptions::default()
-        };
-        let Some(be) = backend_with(options.clone()) else {
+        let Some((be, two_ops)) = backend_pair(storage, |o| o.split_k_through_memory = true) else {
             return;
         };
         if !be.cluster_split_k() {
             println!("skipped: no thread-block clusters");
             return;
         }
-        let two_ops = backend_with(CudaOptions {
-            split_k_through_memory: true,
-            ..options
-        })
-        .expect("a second backend on the same device");
         let (m, n, k) = (77, 768, 512);
         let host = [
             HostTensor::randn(vec![1, m, k], 5, "x").unwrap(),
@@ -750,18 +756,9 @@ fn layer_norm_linear_in_clusters_matches_two_ops() {
 #[test]
 fn folded_layer_norms_match_separate_ones() {
     for (storage, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
-        let options = CudaOptions {
-            storage,
-            ..CudaOptions::default()
-        };
-        let Some(be) = backend_with(options.clone()) else {
+        let Some((be, apart)) = backend_pair(storage, |o| o.separate_layer_norms = true) else {
             return;
         };
-        let apart = backend_with(CudaOptions {
-            separate_layer_norms: true,
-            ..options
-        })
-        .expect("a second backend on the same device");
         let config = small_projector(256);
         let w = ProjectorWeights::random(config.clone(), None, 5).unwrap();
         let h = HostTensor::randn(vec![1, 4, config.in_dim], 6, "hidden").unwrap();
