@@ -64,29 +64,10 @@
 //   microseconds of launch latency and dependent steps either way. At batch
 //   64 (512 blocks) the 64-query block shares each staged K/V tile among 4
 //   warps, a quarter of the staging traffic of 16-query blocks.
+// - attention_few_keys (v4, any storage, head_dim <= 128; the host takes it
+//   for Lk <= 16): a warp per (query, head), below.
+// AttentionParams is in common.cuh (linear.cu's attention_linear_rows takes it too).
 #include "common.cuh"
-
-struct AttentionParams {
-    const elem* q;
-    const elem* k;
-    const elem* v;
-    const unsigned char* mask;  // [B, Lk], 1 = ignore; or null
-    elem* out;                  // [B, Lq, heads * head_dim]
-    int batch;
-    int lq;
-    int lk;
-    int heads;
-    int head_dim;
-    int q_stride;
-    int k_stride;
-    int v_stride;
-    int q_col;
-    int k_col;
-    int v_col;
-    float scale;
-    int causal;
-    int vec4;
-};
 
 __device__ __forceinline__ bool attention_visible(const AttentionParams& p, int b, int i, int j) {
     if (p.causal && j > i) {
@@ -441,6 +422,58 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_flash_d128_q16)(const AttentionParams p) {
     dependent_launch_prologue();
     attention_flash<128, 4>(p);
+}
+
+// ---------------------------------------------------------------- v4
+// Few keys (the projector's cross-attention and encoder self-attention see
+// its 4 to 8 signal tokens): a warp per (query, head), no shared memory and no
+// barrier; attention_few_keys_row (common.cuh) with the warp as the head's
+// group. Consecutive warps take consecutive queries of one (batch, head), so
+// a block's 4 warps read the same K and V rows (L1). At Lk 4 v2 scores a
+// 32-key tile for 4 keys and v3 a 64-query block: most of either is padding.
+// Block 128 threads; grid ceil(B heads Lq / 4) (the host checks that the
+// product fits an int).
+template <bool VEC>
+__device__ __forceinline__ void attention_few_keys_warp(const AttentionParams& p) {
+    const int lane = threadIdx.x & 31;
+    const int idx = blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
+    if (idx >= p.batch * p.heads * p.lq) {
+        return;  // warp-uniform
+    }
+    const int i = idx % p.lq;
+    const int bh = idx / p.lq;
+    const int h = bh % p.heads;
+    const int b = bh / p.heads;
+    const int hd = p.head_dim;
+    const int c0 = VEC ? 4 * lane : lane;
+    const float4 o = attention_few_keys_row<VEC>(p, b, i, h, c0, 32, true);
+    elem* orow = p.out + (b * p.lq + i) * p.heads * hd + h * hd;
+    // 4-element stores need out itself aligned, which a caller's memory need
+    // not be (rows and heads are then multiples of 4 elements apart).
+    if (VEC && ((size_t)p.out & 15) == 0) {
+        if (c0 < hd) {
+            store4(orow + c0, o);
+        }
+    } else {
+        const int step = VEC ? 1 : 32;
+        const float v[4] = {o.x, o.y, o.z, o.w};
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            if (c0 + step * c < hd) {
+                orow[c0 + step * c] = from_f32(v[c]);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+OP_KERNEL_NAME(attention_few_keys)(const AttentionParams p) {
+    dependent_launch_prologue();
+    if (p.vec4) {
+        attention_few_keys_warp<true>(p);
+    } else {
+        attention_few_keys_warp<false>(p);
+    }
 }
 
 // ---------------------------------------------------------------- v3

@@ -481,6 +481,144 @@ __device__ __forceinline__ void store4(elem* p, float4 v) {
 #endif
 }
 
+// ---------------------------------------------------------------- attention
+// Scaled-dot-product attention's operands (attention.cu; linear.cu's
+// attention_linear_rows). Q [B, Lq, *], K and V [B, Lk, *] are column blocks
+// of wider tensors, read in place with row strides: row (b, i) of head h of Q
+// starts at q + (b * Lq + i) * q_stride + q_col + h * head_dim (the same for
+// K and V). Key j of sequence b is ignored where mask[b * Lk + j] != 0; with
+// `causal`, query i sees keys j <= i. `vec4`: 16-byte loads (pointers,
+// strides, column offsets and head_dim multiples of 4 elements, checked by
+// the host).
+struct AttentionParams {
+    const elem* q;
+    const elem* k;
+    const elem* v;
+    const unsigned char* mask;  // [B, Lk], 1 = ignore; or null
+    elem* out;                  // [B, Lq, heads * head_dim]
+    int batch;
+    int lq;
+    int lk;
+    int heads;
+    int head_dim;
+    int q_stride;
+    int k_stride;
+    int v_stride;
+    int q_col;
+    int k_col;
+    int v_col;
+    float scale;
+    int causal;
+    int vec4;
+};
+
+// Keys per step of attention_few_keys_row, their K and V rows in flight at
+// once: 4, the image preset's signal tokens, so that no step of the
+// projector's scores padding; and at 8, beside attention_linear_rows' 8 rows
+// of x and 4 of w, ptxas spilled 52-72 bytes. One step size for both
+// kernels keeps the fold bitwise the two ops it replaces.
+#define ATT_FEW_STEP 4
+
+// Sum over a lane's group of `group` lanes (a power of two up to 32, groups
+// aligned in the warp); every lane of a group gets the same bits, and at 32
+// the same as warp_sum. All 32 lanes must call it.
+__device__ __forceinline__ float group_sum(float v, int group) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        if (offset < group) {
+            v += __shfl_xor_sync(OP_FULL_MASK, v, offset);
+        }
+    }
+    return v;
+}
+
+// A lane's 4 columns c0 + s t (t < 4; s = 1 with VEC, else 32) of a head's
+// row, zeros past hd.
+template <bool VEC>
+__device__ __forceinline__ float4 attention_lane4(const elem* row, int c0, int hd) {
+    float4 r = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (VEC) {
+        if (c0 < hd) {
+            r = load4(row + c0);  // hd % 4 == 0: all 4 in range
+        }
+    } else {
+        if (c0 < hd) r.x = to_f32(row[c0]);
+        if (c0 + 32 < hd) r.y = to_f32(row[c0 + 32]);
+        if (c0 + 64 < hd) r.z = to_f32(row[c0 + 64]);
+        if (c0 + 96 < hd) r.w = to_f32(row[c0 + 96]);
+    }
+    return r;
+}
+
+__device__ __forceinline__ float4 attention_fma4(float a, float4 x, float4 y) {
+    return make_float4(fmaf(a, x.x, y.x), fmaf(a, x.y, y.y), fmaf(a, x.z, y.z), fmaf(a, x.w, y.w));
+}
+
+// Query i of sequence b, head h, for few keys: the lane's 4 columns of the
+// output (as attention_lane4 lays them out from c0), which `group` lanes
+// hold together (head_dim <= 4 group; VEC: c0 = 4 (lane % group), else c0 =
+// lane and group 32). Keys go ATT_FEW_STEP at a time, all their K and V rows
+// loaded before the first product; each score is the group's sum of its
+// lanes' 4-column dot products, and the softmax runs online over the steps
+// as in attention's v2. A query that sees no key gets zeros. Lanes not
+// `live` load nothing and add zeros; every lane of the warp must call it.
+template <bool VEC>
+__device__ __forceinline__ float4 attention_few_keys_row(const AttentionParams& p, int b, int i,
+                                                         int h, int c0, int group, bool live) {
+    const int hd = p.head_dim;
+    const int c = live ? c0 : hd;  // past hd: no loads
+    const float4 q = attention_lane4<VEC>(p.q + (b * p.lq + i) * p.q_stride + p.q_col + h * hd, c,
+                                          hd);
+    const elem* kb = p.k + b * p.lk * p.k_stride + p.k_col + h * hd;
+    const elem* vb = p.v + b * p.lk * p.v_stride + p.v_col + h * hd;
+    const int k_stop = p.causal ? min(p.lk, i + 1) : p.lk;
+
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float m_run = OP_NEG_INF;
+    float l_run = 0.0f;
+#pragma unroll 1
+    for (int j0 = 0; j0 < k_stop; j0 += ATT_FEW_STEP) {
+        float4 kr[ATT_FEW_STEP];
+        float4 vr[ATT_FEW_STEP];
+#pragma unroll
+        for (int t = 0; t < ATT_FEW_STEP; ++t) {
+            const int j = min(j0 + t, k_stop - 1);  // past k_stop: a key never used
+            kr[t] = attention_lane4<VEC>(kb + j * p.k_stride, c, hd);
+            vr[t] = attention_lane4<VEC>(vb + j * p.v_stride, c, hd);
+        }
+        float s[ATT_FEW_STEP];
+        float m_step = OP_NEG_INF;
+#pragma unroll
+        for (int t = 0; t < ATT_FEW_STEP; ++t) {
+            float d = q.x * kr[t].x;
+            d = fmaf(q.y, kr[t].y, d);
+            d = fmaf(q.z, kr[t].z, d);
+            d = fmaf(q.w, kr[t].w, d);
+            d = group_sum(d, group);
+            const int j = j0 + t;
+            const bool ok = j < k_stop && (p.mask == nullptr || p.mask[b * p.lk + j] == 0);
+            s[t] = ok ? d * p.scale : OP_NEG_INF;
+            m_step = fmaxf(m_step, s[t]);
+        }
+        const float m_new = fmaxf(m_run, m_step);
+        if (m_new == OP_NEG_INF) {
+            continue;  // nothing visible yet: the (zero) state stays
+        }
+        const float corr = expf(m_run - m_new);  // 0 while m_run is -inf
+        l_run *= corr;
+        o = make_float4(o.x * corr, o.y * corr, o.z * corr, o.w * corr);
+#pragma unroll
+        for (int t = 0; t < ATT_FEW_STEP; ++t) {
+            const float e = expf(s[t] - m_new);  // 0 for the keys not seen
+            l_run += e;
+            o = attention_fma4(e, vr[t], o);
+        }
+        m_run = m_new;
+    }
+    const float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
+    return make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+}
+
 // ---------------------------------------------------------------- mma.sync
 #if OP_ELEM != 0
 // Tensor-core fragments in the registers' own layout (PTX ISA, "Matrix

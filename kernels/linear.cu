@@ -31,6 +31,9 @@
 //   normalise their rows of x (x + a residual) themselves, for K up to 4 x
 //   LINEAR_ROWS_MAX_THREADS with 16-byte loads: layer_norm and the linear
 //   that reads its output in one kernel.
+// - attention_linear_rows (v4 after a few-keys attention): v4 whose blocks
+//   compute their rows of x as attention's output over a few keys: the
+//   attention and the out-projection after it in one kernel.
 // - linear_tc_vec8 / linear_tc_scalar (v3, 16-bit storage only): tensor cores.
 //   The same 64x64 output tiles and split-K as v2, but a block of 128 threads
 //   (4 warps, each a 32x32 quarter as 2x2 WMMA 16x16x16 fragments with f32
@@ -662,6 +665,25 @@ __device__ __forceinline__ void linear_rows_finish(const LinearParams& p, float*
     }
 }
 
+// v4's products and end for a block whose x rows, one chunk each, a kernel
+// computed itself (layer_norm_linear_rows, attention_linear_rows): rounded to
+// elem first, as the tensor they stand for would hold them.
+__device__ __forceinline__ void linear_rows_of(const LinearParams& p, float4* a, const float4* w,
+                                               const LinearRowsOut& o) {
+    float acc[LINEAR_ROWS_M * LINEAR_ROWS_N];
+#pragma unroll
+    for (int i = 0; i < LINEAR_ROWS_M; ++i) {
+        a[i] = make_float4(to_f32(from_f32(a[i].x)), to_f32(from_f32(a[i].y)),
+                           to_f32(from_f32(a[i].z)), to_f32(from_f32(a[i].w)));
+    }
+#pragma unroll
+    for (int i = 0; i < LINEAR_ROWS_M * LINEAR_ROWS_N; ++i) {
+        acc[i] = 0.0f;
+    }
+    linear_rows_fma(acc, a, w);
+    linear_rows_finish(p, acc, o);
+}
+
 // v4: block 32 to 256 threads (the host picks enough for K / 4 chunks); grid
 // (ceil(N / LINEAR_ROWS_N), ceil(M / LINEAR_ROWS_M)).
 template <bool VEC>
@@ -798,18 +820,61 @@ OP_KERNEL_NAME(layer_norm_linear_rows)(const LayerNormLinearParams p) {
         const float var = fmaxf(moments[RM + i] * inv_k - c * c, 0.0f);
         const float rstd = 1.0f / sqrtf(var + p.eps);
         const float4 y = layer_norm_out4(d[i], c, rstd, g, h);
-        a[i] = live && m0 + i < lp.m ? make_float4(to_f32(from_f32(y.x)), to_f32(from_f32(y.y)),
-                                                  to_f32(from_f32(y.z)), to_f32(from_f32(y.w)))
-                                    : zero;
+        a[i] = live && m0 + i < lp.m ? y : zero;
     }
+    linear_rows_of(lp, a, w, o);
+}
 
-    float acc[RM * RN];
+// attention, then linear on its output: the host's attention_linear, for
+// few keys (the encoder's self-attention over the signal tokens).
+struct AttentionLinearParams {
+    LinearParams linear;        // x: unused (the attention's output, never stored)
+    AttentionParams attention;  // out: unused
+};
+
+// v4 with a few-keys attention before its sums (few rows, K = heads x
+// head_dim <= 4 x blockDim: one chunk of 4 columns per thread, 16-byte loads;
+// head_dim / 4 a power of two up to 32). Thread t's chunk 4t is 4 of head
+// (4t / head_dim)'s columns, so the threads of a head are head_dim / 4
+// consecutive lanes of one warp: each row's attention output is computed
+// where v4 would have loaded it, by attention_few_keys_row with that group,
+// then v4's products (linear_rows_of). Every
+// block recomputes its rows' attention (a few keys of a few rows: cheaper
+// than a launch and a round trip through memory). Block and grid as v4's.
+extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
+OP_KERNEL_NAME(attention_linear_rows)(const AttentionLinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LINEAR_ROWS_N); });
+    constexpr int RM = LINEAR_ROWS_M;
+    constexpr int RN = LINEAR_ROWS_N;
+    const LinearParams& lp = p.linear;
+    const AttentionParams& ap = p.attention;
+    const int m0 = blockIdx.y * RM;
+    const int n0 = blockIdx.x * RN;
+    const LinearRowsOut o = linear_rows_out(lp);
+    const int col = threadIdx.x * 4;
+    const bool live = col < lp.k;
+    const int hd = ap.head_dim;
+    const int group = hd / 4;
+    const int h = col / hd;
+    const int c0 = col - h * hd;
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+    float4 w[RN];
 #pragma unroll
-    for (int i = 0; i < RM * RN; ++i) {
-        acc[i] = 0.0f;
+    for (int j = 0; j < RN; ++j) {
+        w[j] = linear_load4<true>(lp.w, n0 + j, lp.n, col, lp.k, lp.k);
     }
-    linear_rows_fma(acc, a, w);
-    linear_rows_finish(lp, acc, o);
+    float4 a[RM];
+#pragma unroll
+    for (int i = 0; i < RM; ++i) {
+        const int m = m0 + i;
+        a[i] = zero;
+        if (m < lp.m) {  // block-uniform
+            const int b = m / ap.lq;
+            a[i] = attention_few_keys_row<true>(ap, b, m - b * ap.lq, h, c0, group, live);
+        }
+    }
+    linear_rows_of(lp, a, w, o);
 }
 
 // layer_norm_linear on the split tiled kernels (v2, v3; sm_90 clusters): the

@@ -33,6 +33,8 @@ GRAPH_WITHOUT = [
      "cluster split-K (and the decoder's folded norms)"),
     ("projector graph layer_norms apart", "projector graph layer_norms apart",
      "folded layer_norms"),
+    ("projector graph attention apart", "projector graph attention apart",
+     "folded attention"),
 ]
 TORCH_FORWARD = [("eager", "PyTorch eager"), ("compile default", "torch.compile (default)"),
                  ("compile reduce-overhead", "torch.compile (reduce-overhead, CUDA graphs)")]

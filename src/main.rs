@@ -621,7 +621,8 @@ struct LaunchFeature {
 }
 
 /// The features `be` uses: programmatic dependent launch, split-K in a
-/// thread-block cluster, LayerNorms folded into the linears after them.
+/// thread-block cluster, LayerNorms and attention folded into the linears
+/// after them.
 #[cfg(feature = "cuda")]
 fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
     let base = be.options().clone();
@@ -669,6 +670,17 @@ fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
         check: [base.clone(), apart.clone()],
         off: apart,
         exact: false,
+    });
+    // Folded or not, the attention over few keys runs the same code on the
+    // same lanes: bitwise the same.
+    let apart = with(|o| o.separate_attention = true);
+    features.push(LaunchFeature {
+        op: "folded attention",
+        against: "apart",
+        graph_row: "projector graph attention apart",
+        check: [base.clone(), apart.clone()],
+        off: apart,
+        exact: true,
     });
     features
 }

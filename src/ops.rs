@@ -81,6 +81,33 @@ impl<'a, T> Cols<'a, T> {
     }
 }
 
+// Copy without `T: Copy` (it holds a reference only).
+impl<T> Clone for Cols<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Cols<'_, T> {}
+
+/// What an attention reads, for [`Backend::attention_linear`]: Q, K and V
+/// (column blocks, as [`Backend::attention`] takes them), the heads, and the
+/// key padding mask.
+pub struct AttentionInput<'a, T, M> {
+    pub q: Cols<'a, T>,
+    pub k: Cols<'a, T>,
+    pub v: Cols<'a, T>,
+    pub spec: &'a AttentionSpec,
+    pub mask: Option<&'a M>,
+}
+
+// Copy without `T: Copy` or `M: Copy` (it holds references only).
+impl<T, M> Clone for AttentionInput<'_, T, M> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T, M> Copy for AttentionInput<'_, T, M> {}
+
 /// What a LayerNorm normalises, for [`Backend::layer_norm_linear`]: `x +
 /// residual` (or `x`) over the last dimension, scaled by `weight` and
 /// shifted by `bias`, with `eps` added to the variance.
@@ -274,6 +301,24 @@ pub trait Backend: Clone {
         out: &mut Self::Tensor,
     ) -> Result<()>;
 
+    /// `out = act(attention(..) · wᵀ + b)`: an attention and the linear that
+    /// reads its output (an out-projection), as
+    /// [`attention`](Self::attention) into `a` then [`linear`](Self::linear)
+    /// (the default, [`attention_then_linear`]). A backend may run the two as
+    /// one kernel and leave `a` unwritten: `a` is scratch of the attention's
+    /// output shape here, not an output.
+    fn attention_linear(
+        &self,
+        attn: AttentionInput<'_, Self::Tensor, Self::Mask>,
+        a: &mut Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        act: Activation,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        attention_then_linear(self, attn, a, w, b, act, out)
+    }
+
     /// The loss of `pred` against `target` (`[B, N, D]` each) into `loss` (`[1]`),
     /// and its gradient w.r.t. `pred` into `grad` (`[B, N, D]`).
     fn alignment_loss(
@@ -318,6 +363,28 @@ pub fn layer_norm_then_linear<B: Backend>(
     } = norm;
     be.layer_norm(x, residual, weight, bias, eps, h, sum_out)?;
     be.linear(h, w, b, act, None, out)
+}
+
+/// [`Backend::attention_linear`] as two ops: the attention into `a`, then
+/// the linear reading it.
+pub fn attention_then_linear<B: Backend>(
+    be: &B,
+    attn: AttentionInput<'_, B::Tensor, B::Mask>,
+    a: &mut B::Tensor,
+    w: &B::Tensor,
+    b: Option<&B::Tensor>,
+    act: Activation,
+    out: &mut B::Tensor,
+) -> Result<()> {
+    let AttentionInput {
+        q,
+        k,
+        v,
+        spec,
+        mask,
+    } = attn;
+    be.attention(q, k, v, spec, mask, a)?;
+    be.linear(a, w, b, act, None, out)
 }
 
 fn shape_err(key: &str, expected: Vec<usize>, found: &[usize]) -> Error {

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::ProjectorConfig;
 use crate::error::{Error, Result};
-use crate::ops::{Activation, AttentionSpec, Backend, Cols, NormInput, Shaped};
+use crate::ops::{Activation, AttentionInput, AttentionSpec, Backend, Cols, NormInput, Shaped};
 use crate::profile;
 use crate::signal::SignalPositions;
 use crate::tensor::{checked_numel, try_filled, HostTensor};
@@ -547,8 +547,18 @@ impl<B: Backend> Projector<B> {
         for (l, layer) in self.decoder.iter().enumerate() {
             let _layer = profile::range_with(|| format!("decoder.layer{l}"));
             let (k, v) = (Cols::new(kv, 2 * d * l), Cols::new(kv, 2 * d * l + d));
+            let cross = |q| AttentionInput {
+                q: Cols::new(q, 0),
+                k,
+                v,
+                spec: &spec,
+                mask: None,
+            };
             if l == 0 {
-                be.attention(Cols::new(&prefix.cross_q, 0), k, v, &spec, None, &mut t.a)?;
+                let attn = cross(&prefix.cross_q);
+                layer
+                    .cross_out
+                    .apply_attended(be, attn, &mut t.a, &mut t.f)?;
             } else {
                 t.norm_linear(
                     be,
@@ -570,9 +580,11 @@ impl<B: Backend> Projector<B> {
                     none,
                     Dest::Other(q),
                 )?;
-                be.attention(Cols::new(q, 0), k, v, &spec, None, &mut t.a)?;
+                let attn = cross(q);
+                layer
+                    .cross_out
+                    .apply_attended(be, attn, &mut t.a, &mut t.f)?;
             }
-            layer.cross_out.apply(be, &t.a, none, &mut t.f)?;
             // The first layer's stream is the prefix's.
             let of = if l == 0 {
                 NormOf::PendingOn(&prefix.stream)
@@ -598,6 +610,18 @@ impl<B: Backend> Projector<B> {
 }
 
 impl<T> Linear<T> {
+    /// `out = attention(..) · wᵀ + b`, `a` the attention's scratch.
+    fn apply_attended<B: Backend<Tensor = T>>(
+        &self,
+        be: &B,
+        attn: AttentionInput<'_, T, B::Mask>,
+        a: &mut T,
+        out: &mut T,
+    ) -> Result<()> {
+        let (w, b) = (&self.weight, Some(&self.bias));
+        be.attention_linear(attn, a, w, b, Activation::None, out)
+    }
+
     fn apply<B: Backend<Tensor = T>>(
         &self,
         be: &B,
@@ -737,8 +761,14 @@ impl<T> Work<T> {
             Cols::new(&self.qkv, d),
             Cols::new(&self.qkv, 2 * d),
         );
-        be.attention(q, k, v, spec, None, &mut self.a)?;
-        out.apply(be, &self.a, Activation::None, &mut self.f)
+        let attn = AttentionInput {
+            q,
+            k,
+            v,
+            spec,
+            mask: None,
+        };
+        out.apply_attended(be, attn, &mut self.a, &mut self.f)
     }
 
     /// `f = linear2(ffn)`, the feed-forward's second half.

@@ -280,6 +280,8 @@ pub fn standard_cases() -> Vec<Case> {
         attn(1, 513, 77, 4, 64, true, true, false),
         attn(1, 5, 3, 3, 8, false, false, false),
         attn(2, 64, 64, 8, 64, false, true, true),
+        // Few keys (CUDA's warp per query) with every option, at its bound.
+        attn(2, 16, 16, 2, 32, true, true, true),
         // Head dim and strides not multiples of 4: the kernels' scalar paths.
         attn(1, 19, 23, 2, 6, true, true, false),
         attn(2, 9, 9, 3, 5, false, false, true),

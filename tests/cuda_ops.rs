@@ -8,7 +8,9 @@ use std::sync::Once;
 
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::cuda::{Cuda, CudaOptions, KernelVersion};
-use output_projector::ops::{Activation, Backend, Cols, NormInput, Shaped};
+use output_projector::ops::{
+    Activation, AttentionInput, AttentionSpec, Backend, Cols, NormInput, Shaped,
+};
 use output_projector::projector::Projector;
 use output_projector::tensor::{DType, HostTensor};
 use output_projector::verify::{self, Case};
@@ -782,6 +784,61 @@ fn folded_layer_norms_match_separate_ones() {
     }
 }
 
+/// An attention over few keys and the out-projection after it, one kernel
+/// where the GEMM has up to 16 rows (batch 1's encoder), against the two ops
+/// (`separate_attention`): bitwise the same, as the fold runs the few-keys
+/// attention's code on the same lanes and v4's products; two kernels either
+/// way at 77 rows (the decoder's cross-attention). Head dim 64 (groups of 16
+/// lanes) as in the device tests' small projector, and 128 (a warp) as in
+/// the real one.
+#[test]
+fn attention_linear_matches_two_ops() {
+    for storage in [DType::F32, DType::BF16] {
+        let Some((be, apart)) = backend_pair(storage, |o| o.separate_attention = true) else {
+            return;
+        };
+        // (rows, keys, heads, head dim, launches folded)
+        let shapes = [
+            (4, 4, 2, 64, 1),
+            (4, 4, 4, 128, 1),
+            (3, 13, 4, 128, 1),
+            (77, 4, 2, 64, 2),
+        ];
+        for (lq, lk, heads, hd, fused) in shapes {
+            let c = heads * hd;
+            let host = [
+                HostTensor::randn(vec![1, lq, c], 5, "q").unwrap(),
+                HostTensor::randn(vec![1, lk, 2 * c], 6, "kv").unwrap(),
+                HostTensor::randn(vec![c, c], 7, "weight").unwrap(),
+                HostTensor::randn(vec![c], 8, "bias").unwrap(),
+            ];
+            let spec = AttentionSpec::new(heads, hd);
+            let mut got = Vec::new();
+            for b in [&be, &apart] {
+                let t: Vec<_> = host.iter().map(|h| b.upload(h).unwrap()).collect();
+                let mut a = b.alloc(&[1, lq, c]).unwrap();
+                let mut out = b.alloc(&[1, lq, c]).unwrap();
+                let attn = AttentionInput {
+                    q: Cols::new(&t[0], 0),
+                    k: Cols::new(&t[1], 0),
+                    v: Cols::new(&t[1], c),
+                    spec: &spec,
+                    mask: None,
+                };
+                let before = b.kernel_launches().unwrap();
+                let act = Activation::None;
+                b.attention_linear(attn, &mut a, &t[2], Some(&t[3]), act, &mut out)
+                    .unwrap();
+                let launches = b.kernel_launches().unwrap() - before;
+                got.push((launches, b.download(&out).unwrap().to_f64_vec()));
+            }
+            let what = format!("{} Lq{lq} Lk{lk} H{heads} d{hd}", storage.name());
+            assert_eq!((got[0].0, got[1].0), (fused, 2), "{what}");
+            assert_eq!(got[0].1, got[1].1, "{what}");
+        }
+    }
+}
+
 /// Caller-owned memory as input and output, on the backend's stream.
 #[test]
 fn caller_memory_in_and_out() {
@@ -1026,8 +1083,9 @@ fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
     let eager_launches = be.kernel_launches().unwrap() - before;
     drop(plan);
 
-    // fc; the encoder layer's 5 (norm1 + QKV and norm2 + FFN up one kernel
-    // each at 4 rows); its last norm + the stacked K/V, one kernel; the first
+    // fc; the encoder layer's 4 (norm1 + QKV, the attention over its 4 keys
+    // + the out-projection and norm2 + FFN up one kernel each at 4 rows, FFN
+    // down); its last norm + the stacked K/V, one kernel; the first
     // decoder layer's 4 and the second's 8, and the decoder's last norm with
     // the output projection, 1: at 77 rows a norm folds into the split GEMM
     // after it where its blocks are a cluster, else it is a kernel of its own
@@ -1037,7 +1095,7 @@ fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
     } else {
         5 + 11 + 2
     };
-    assert_eq!(eager_launches, 1 + 5 + 1 + decoder);
+    assert_eq!(eager_launches, 1 + 4 + 1 + decoder);
     let mut graph = proj.capture(batch, n_in).unwrap();
     assert_eq!(graph.kernels(), eager_launches);
     println!(

@@ -61,6 +61,7 @@ struct Entry {
     K(ns, linear_rows_vec4, sfx, LinearParams),             \
     K(ns, linear_rows_scalar, sfx, LinearParams),           \
     K(ns, layer_norm_linear_rows, sfx, LayerNormLinearParams), \
+    K(ns, attention_linear_rows, sfx, AttentionLinearParams), \
     K(ns, layer_norm_linear_tiled_vec4, sfx, LayerNormLinearParams), \
     K(ns, layer_norm_naive, sfx, LayerNormParams),          \
     K(ns, layer_norm_warp_vec4, sfx, LayerNormParams),      \
@@ -72,6 +73,7 @@ struct Entry {
     K(ns, attention_flash_d32_q16, sfx, AttentionParams),   \
     K(ns, attention_flash_d64_q16, sfx, AttentionParams),   \
     K(ns, attention_flash_d128_q16, sfx, AttentionParams),  \
+    K(ns, attention_few_keys, sfx, AttentionParams),        \
     K(ns, alignment_loss_naive_rows, sfx, LossParams),      \
     K(ns, alignment_loss_naive_finish, sfx, LossParams),    \
     K(ns, alignment_loss_rows, sfx, LossParams),            \

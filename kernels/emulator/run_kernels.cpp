@@ -395,54 +395,78 @@ static std::vector<double> attention_ref(const P& p, const E* q, const E* k, con
     return want;
 }
 
+// f32 attention operands: random Q, K, V (packed: one [B, L, 3C] tensor,
+// self-attention; else Q [B, Lq, C] and K|V [B, Lk, 2C]) and, with `mask`, a
+// random key mask, laid into `p` with the case's other fields.
+struct AttentionCase {
+    Buf q, kv;
+    std::vector<unsigned char> m;
+    AttentionCase(AttentionParams& p, int batch, int lq, int lk, int heads, int hd, bool causal,
+                  bool mask, bool packed)
+        : q(packed ? (size_t)batch * lq * 3 * heads * hd : (size_t)batch * lq * heads * hd),
+          kv(packed ? 0 : (size_t)batch * lk * 2 * heads * hd),
+          m(batch * lk, 0) {
+        const int c = heads * hd;
+        q.randn(1.0);
+        kv.randn(1.0);
+        if (mask) {
+            std::uniform_real_distribution<double> u(0, 1);
+            // Key 0 kept, except with causal masking in sequence 0: its query 0
+            // then sees no key at all (output: zeros), as in src/verify.rs.
+            for (int i = 0; i < batch * lk; ++i) m[i] = (causal && i == 0) || ((i % lk != 0) && u(rng) < 0.4);
+        }
+        p.batch = batch; p.lq = lq; p.lk = lk; p.heads = heads; p.head_dim = hd;
+        p.scale = (float)(1.0 / std::sqrt((double)hd));
+        p.causal = causal;
+        p.mask = mask ? m.data() : nullptr;
+        if (packed) {
+            p.q = q.p; p.k = q.p; p.v = q.p;
+            p.q_stride = p.k_stride = p.v_stride = 3 * c;
+            p.q_col = 0; p.k_col = c; p.v_col = 2 * c;
+        } else {
+            p.q = q.p; p.k = kv.p; p.v = kv.p;
+            p.q_stride = c; p.k_stride = p.v_stride = 2 * c;
+            p.q_col = 0; p.k_col = 0; p.v_col = c;
+        }
+    }
+};
+
 static void test_attention(int batch, int lq, int lk, int heads, int hd, bool causal, bool mask,
                            bool packed, bool naive_too = true) {
     int c = heads * hd;
-    Buf qsrc(packed ? (size_t)batch * lq * 3 * c : (size_t)batch * lq * c);
-    Buf kvsrc(packed ? 0 : (size_t)batch * lk * 2 * c);
-    qsrc.randn(1.0);
-    kvsrc.randn(1.0);
-    std::vector<unsigned char> m(batch * lk, 0);
-    if (mask) {
-        std::uniform_real_distribution<double> u(0, 1);
-        // Key 0 kept, except with causal masking in sequence 0: its query 0
-        // then sees no key at all (output: zeros), as in src/verify.rs.
-        for (int i = 0; i < batch * lk; ++i) m[i] = (causal && i == 0) || ((i % lk != 0) && u(rng) < 0.4);
-    }
     AttentionParams p{};
-    p.batch = batch; p.lq = lq; p.lk = lk; p.heads = heads; p.head_dim = hd;
-    p.scale = (float)(1.0 / std::sqrt((double)hd));
-    p.causal = causal;
-    p.mask = mask ? m.data() : nullptr;
-    if (packed) {
-        p.q = qsrc.p; p.k = qsrc.p; p.v = qsrc.p;
-        p.q_stride = p.k_stride = p.v_stride = 3 * c;
-        p.q_col = 0; p.k_col = c; p.v_col = 2 * c;
-    } else {
-        p.q = qsrc.p; p.k = kvsrc.p; p.v = kvsrc.p;
-        p.q_stride = c; p.k_stride = p.v_stride = 2 * c;
-        p.q_col = 0; p.k_col = 0; p.v_col = c;
-    }
-    std::vector<double> want = attention_ref(p, p.q, p.k, p.v, m);
+    AttentionCase in(p, batch, lq, lk, heads, hd, causal, mask, packed);
+    std::vector<double> want = attention_ref(p, p.q, p.k, p.v, in.m);
     char name[128];
     snprintf(name, sizeof name, "attention B%d Lq%d Lk%d H%d d%d%s%s%s", batch, lq, lk, heads, hd,
              causal ? " causal" : "", mask ? " mask" : "", packed ? " packed" : "");
     // variant 0: naive; 1, 2: v2 with 8-query blocks, 3, 4: with 16-query
-    // blocks (the _q16 entry points), each with vec4 loads where allowed, then
-    // with scalar loads forced.
-    for (int variant = naive_too ? 0 : 1; variant < 5; ++variant) {
-        Buf out((size_t)batch * lq * c);
-        p.out = out.p;
+    // blocks (the _q16 entry points), each with vec4 loads where allowed,
+    // then with scalar loads forced; 5, 6: v4 (few keys; any Lk here, so its
+    // steps of 8 keys are tested too) with vec4 loads where allowed, 6 with
+    // the output 4 bytes off 16-byte alignment (scalar stores).
+    const bool vec_ok = hd % 4 == 0 && p.q_stride % 4 == 0 && p.k_stride % 4 == 0 &&
+                        p.v_stride % 4 == 0 && p.q_col % 4 == 0 && p.k_col % 4 == 0 &&
+                        p.v_col % 4 == 0;
+    for (int variant = naive_too ? 0 : 1; variant < 7; ++variant) {
+        const int off = variant == 6 ? 1 : 0;
+        Buf out((size_t)batch * lq * c + off);
+        p.out = out.p + off;
         std::string v;
         if (variant == 0) {
             v = "naive";
             long total = (long)batch * lq * c;
             emu::launch(dim3(cdiv(total, 128)), dim3(128), [&] { attention_naive(p); });
+        } else if (variant >= 5) {
+            if (hd > 128) continue;
+            p.vec4 = vec_ok;
+            v = std::string("few_keys") + (p.vec4 ? " vec4" : " scalar") + (off ? ", out +4 bytes" : "");
+            emu::launch(dim3(cdiv((long)batch * heads * lq, 4)), dim3(128),
+                        [&] { attention_few_keys(p); });
         } else {
             if (hd > 128) continue;
             const bool wide = variant >= 3;
-            bool vec = variant % 2 == 1 && hd % 4 == 0 && p.q_stride % 4 == 0 && p.k_stride % 4 == 0 &&
-                       p.v_stride % 4 == 0 && p.q_col % 4 == 0 && p.k_col % 4 == 0 && p.v_col % 4 == 0;
+            bool vec = variant % 2 == 1 && vec_ok;
             p.vec4 = vec;
             int width = hd <= 32 ? 32 : hd <= 64 ? 64 : 128;
             v = "flash_d" + std::to_string(width) + (wide ? "_q16" : "") + (vec ? " vec4" : " scalar");
@@ -458,8 +482,39 @@ static void test_attention(int batch, int lq, int lk, int heads, int hd, bool ca
                 }
             });
         }
-        report(std::string(name) + " " + v, out.p, want, 1e-5);
+        report(std::string(name) + " " + v, p.out, want, 1e-5);
     }
+}
+
+// attention_linear_rows (f32): attention over few keys, then a linear of
+// its output, against the float64 attention reference then linear.
+static void test_attention_linear(int batch, int lq, int lk, int heads, int hd, int n, bool causal,
+                                  bool mask, bool packed, int act) {
+    const int c = heads * hd, m = batch * lq;
+    Buf w((size_t)n * c), b(n), out((size_t)m * n);
+    w.randn(1.0 / std::sqrt((double)c));
+    b.randn(0.5);
+    AttentionLinearParams p{};
+    AttentionParams& a = p.attention;
+    AttentionCase in(a, batch, lq, lk, heads, hd, causal, mask, packed);
+    a.vec4 = 1;
+    const std::vector<double> att = attention_ref(a, a.q, a.k, a.v, in.m);
+    std::vector<double> want((size_t)m * n);
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+            double acc = b.p[j];
+            for (int t = 0; t < c; ++t) acc += att[(size_t)i * c + t] * w.p[(size_t)j * c + t];
+            want[(size_t)i * n + j] = act_ref(act, acc);
+        }
+    p.linear.w = w.p; p.linear.bias = b.p; p.linear.out = out.p;
+    p.linear.m = m; p.linear.n = n; p.linear.k = c; p.linear.act = act;
+    const unsigned threads = std::min(256u, std::max(32u, cdiv(c, 4 * 32) * 32));
+    emu::launch(dim3(cdiv(n, 4), cdiv(m, 8)), dim3(threads), [&] { attention_linear_rows(p); });
+    char name[128];
+    snprintf(name, sizeof name, "attention_linear B%d Lq%d Lk%d H%d d%d N%d%s%s%s act%d", batch, lq,
+             lk, heads, hd, n, causal ? " causal" : "", mask ? " mask" : "", packed ? " packed" : "",
+             act);
+    report(name, out.p, want, 1e-5);
 }
 
 // 16-bit storage (f16 in K_f16, bf16 in k_bf16): the v2 kernel (8- and
@@ -474,6 +529,7 @@ struct HalfF16 {
     static void flash(const P& p) { p.head_dim <= 64 ? k_f16::attention_flash_d64_f16(p) : k_f16::attention_flash_d128_f16(p); }
     static void flash_q16(const P& p) { p.head_dim <= 64 ? k_f16::attention_flash_d64_q16_f16(p) : k_f16::attention_flash_d128_q16_f16(p); }
     static void tc(const P& p) { p.head_dim == 64 ? k_f16::attention_tc_d64_f16(p) : k_f16::attention_tc_d128_f16(p); }
+    static void few_keys(const P& p) { k_f16::attention_few_keys_f16(p); }
     typedef k_f16::LinearParams LP;
     static void linear_small(const LP& p) { k_f16::linear_tc_vec8_f16(p); }
     static void linear_scalar(const LP& p) { k_f16::linear_tc_scalar_f16(p); }
@@ -493,6 +549,7 @@ struct HalfBF16 {
     static void flash(const P& p) { p.head_dim <= 64 ? k_bf16::attention_flash_d64_bf16(p) : k_bf16::attention_flash_d128_bf16(p); }
     static void flash_q16(const P& p) { p.head_dim <= 64 ? k_bf16::attention_flash_d64_q16_bf16(p) : k_bf16::attention_flash_d128_q16_bf16(p); }
     static void tc(const P& p) { p.head_dim == 64 ? k_bf16::attention_tc_d64_bf16(p) : k_bf16::attention_tc_d128_bf16(p); }
+    static void few_keys(const P& p) { k_bf16::attention_few_keys_bf16(p); }
     typedef k_bf16::LinearParams LP;
     static void linear_small(const LP& p) { k_bf16::linear_tc_vec8_bf16(p); }
     static void linear_scalar(const LP& p) { k_bf16::linear_tc_scalar_bf16(p); }
@@ -541,14 +598,20 @@ static void test_attention_half(int batch, int lq, int lk, int heads, int hd, bo
     snprintf(name, sizeof name, "attention %s B%d Lq%d Lk%d H%d d%d%s%s%s", S::name(), batch, lq, lk,
              heads, hd, causal ? " causal" : "", mask ? " mask" : "", packed ? " packed" : "");
     const size_t total = (size_t)batch * lq * c;
-    // variant 0, 1: v2 with 8- and 16-query blocks; 2, 3: v3.
-    for (int variant = 0; variant < 4; ++variant) {
-        const int off = variant == 3 ? 4 : 0;
+    // variant 0, 1: v2 with 8- and 16-query blocks; 2, 3: v3; 4, 5: v4
+    // (few keys; any Lk here). 3 and 5 with scalar loads and the output 8
+    // bytes off 16-byte alignment (scalar stores).
+    for (int variant = 0; variant < 6; ++variant) {
+        const bool scalar = variant == 3 || variant == 5;
+        const int off = scalar ? 4 : 0;
         std::vector<E> out(total + off, S::from(NAN));
         p.out = out.data() + off;
-        p.vec4 = variant < 3 && aligned16(qsrc.data()) && (packed || aligned16(kvsrc.data()));
+        p.vec4 = !scalar && aligned16(qsrc.data()) && (packed || aligned16(kvsrc.data()));
         std::string v;
-        if (variant == 0) {
+        if (variant >= 4) {
+            v = std::string("few_keys") + (p.vec4 ? " vec4" : " scalar, out +8 bytes");
+            emu::launch(dim3(cdiv((long)batch * heads * lq, 4)), dim3(128), [&] { S::few_keys(p); });
+        } else if (variant == 0) {
             v = "flash_d" + std::to_string(hd <= 64 ? 64 : 128);
             emu::launch(dim3(cdiv(lq, 8), heads, batch), dim3(128), [&] { S::flash(p); });
         } else if (variant == 1) {
@@ -869,6 +932,16 @@ int main(int argc, char** argv) {
         test_attention(2, 45, 37, 3, 40, true, true, false);   // head dim 40 in the 64 tile
         test_attention(1, 70, 70, 2, 72, true, false, true);   // head dim 72 in the 128 tile
         test_attention_half_cases();
+        // (batch, lq, lk, heads, head_dim, N, causal, mask, packed, act): the
+        // encoder's self-attention and out-projection at batch 1 and 2 (two
+        // sequences in a block of 8 rows), 16 rows and 16 keys, heads of 16,
+        // 4 and 32 columns (groups of 4, 1 and 8 lanes).
+        test_attention_linear(1, 4, 4, 4, 128, 512, false, false, true, 0);
+        test_attention_linear(2, 4, 4, 4, 128, 36, false, false, true, 1);
+        test_attention_linear(1, 16, 16, 2, 64, 20, false, true, false, 0);
+        test_attention_linear(4, 4, 3, 8, 16, 8, false, true, false, 2);
+        test_attention_linear(1, 13, 13, 1, 4, 7, true, false, true, 0);
+        test_attention_linear(2, 8, 8, 2, 32, 64, true, true, true, 1);
     }
     if (want("linear")) {
         test_tf32_rounding();

@@ -1,18 +1,19 @@
 //! `kernels/attention.cu`: naive v1 (a thread per output element), a
 //! FlashAttention-style v2 (online softmax over shared-memory K/V tiles, 8
 //! queries of one (batch, head) per block, or 16 where the grid is large) for
-//! head dims up to 128, and for f16/bf16 storage with head dim 64 or 128 a v3
-//! on tensor cores (WMMA for Q K^T and P V, 64 queries per block).
+//! head dims up to 128, for f16/bf16 storage with head dim 64 or 128 a v3
+//! on tensor cores (WMMA for Q K^T and P V, 64 queries per block), and for
+//! few keys (up to [`FEW_KEYS_MAX`]) a v4 of one warp per query and head.
 
 use cudarc::driver::DeviceRepr;
 
 use super::backend::{blocks_for, i32_of, Cuda, CudaMask, CudaTensor, KernelVersion};
 use super::program::{param_layout, Program};
 use crate::error::Result;
-use crate::ops::{AttentionDims, AttentionSpec};
+use crate::ops::{AttentionDims, AttentionInput};
 use crate::tensor::DType;
 
-/// Mirror of `AttentionParams` in kernels/attention.cu.
+/// Mirror of `AttentionParams` in kernels/common.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct AttentionParams {
@@ -34,15 +35,15 @@ pub(crate) struct AttentionParams {
     v_col: i32,
     scale: f32,
     causal: i32,
-    vec4: i32,
+    pub(super) vec4: i32,
 }
 
 // SAFETY: plain data (u64, i32 and f32 fields, no padding), laid out exactly as
 // the kernels' AttentionParams: the static_asserts compiled into attention.cu
-// check it.
+// and linear.cu check it.
 unsafe impl DeviceRepr for AttentionParams {}
 
-fn layouts() -> String {
+pub(super) fn layouts() -> String {
     param_layout!(AttentionParams {
         q,
         k,
@@ -77,6 +78,7 @@ pub(crate) static PROGRAM: Program = Program {
         "attention_flash_d32_q16",
         "attention_flash_d64_q16",
         "attention_flash_d128_q16",
+        "attention_few_keys",
     ],
     half_kernels: &["attention_tc_d64", "attention_tc_d128"],
     tf32_kernels: &[],
@@ -99,19 +101,46 @@ const WIDE_MIN_BLOCKS_PER_SM: usize = 6;
 const TC_QUERIES_PER_BLOCK: usize = 64;
 /// Largest head dim the v2 kernel takes (its shared tiles are 128 wide).
 pub(crate) const FLASH_MAX_HEAD_DIM: usize = 128;
+/// Most keys v4 takes. v2 scores a tile of 32 keys and v3 a block of 64
+/// queries whatever Lk is, so at the projector's 4 to 8 signal tokens most of
+/// their work is padding; v4's warp per query costs ~20 instructions per key
+/// (5 of them shuffles) against v2's ~10 per key of a full tile, so from
+/// about 16 keys on, and for the video preset's 24, v2 keeps them.
+pub(crate) const FEW_KEYS_MAX: usize = 16;
+/// Warps (one query and head each) per block of v4.
+const FEW_KEYS_WARPS: usize = 4;
 
 /// `(kernel, grid, block)` of one call with `storage` in device memory on a
-/// GPU of `sm_count` SMs. The fast version runs v3 (tensor cores) for f16/bf16
-/// with head dim 64 or 128, else v2 (16-query blocks where 8-query blocks
-/// would be [`WIDE_MIN_BLOCKS_PER_SM`] or more per SM); head dims above 128,
-/// or more heads or sequences than a grid dimension holds (65535), take the
-/// naive kernel.
+/// GPU of `sm_count` SMs. The fast version runs v4 for up to
+/// [`FEW_KEYS_MAX`] keys, else v3 (tensor cores) for f16/bf16 with head dim
+/// 64 or 128, else v2 (16-query blocks where 8-query blocks would be
+/// [`WIDE_MIN_BLOCKS_PER_SM`] or more per SM); head dims above 128, or more
+/// heads or sequences than a grid dimension holds (65535), take the naive
+/// kernel.
 pub(crate) fn plan(
     d: &AttentionDims,
     version: KernelVersion,
     storage: DType,
     sm_count: u32,
 ) -> Result<(&'static str, (u32, u32, u32), u32)> {
+    // v4 indexes its warps (query, head, sequence) with an int.
+    let warps = d
+        .batch
+        .checked_mul(d.heads)
+        .and_then(|w| w.checked_mul(d.lq))
+        .filter(|&w| w <= i32::MAX as usize);
+    if let (KernelVersion::Fast, true, Some(warps)) = (
+        version,
+        d.head_dim <= FLASH_MAX_HEAD_DIM && d.lk <= FEW_KEYS_MAX,
+        warps,
+    ) {
+        let block = 32 * FEW_KEYS_WARPS;
+        return Ok((
+            "attention_few_keys",
+            (blocks_for("attention", warps, FEW_KEYS_WARPS)?, 1, 1),
+            block as u32,
+        ));
+    }
     let flash = version == KernelVersion::Fast
         && d.head_dim <= FLASH_MAX_HEAD_DIM
         && d.heads <= 65_535
@@ -181,33 +210,29 @@ pub(crate) fn vec4_ok(d: &AttentionDims, ptrs: [u64; 3]) -> bool {
         && ptrs.iter().all(|p| p % 16 == 0)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attention(
+/// The kernels' parameters of an attention of `d` (validated) on `attn`'s
+/// tensors, writing to `out` (a device address; 0 where the kernel writes
+/// none).
+pub(super) fn params(
     be: &Cuda,
-    d: AttentionDims,
-    q: &CudaTensor,
-    k: &CudaTensor,
-    v: &CudaTensor,
-    spec: &AttentionSpec,
-    mask: Option<&CudaMask>,
-    out: &mut CudaTensor,
-) -> Result<()> {
-    let qp = be.check_tensor("attention q", q)?;
-    let kp = be.check_tensor("attention k", k)?;
-    let vp = be.check_tensor("attention v", v)?;
-    let op = be.check_tensor("attention out", out)?;
-    let mask_ptr = mask.map(|m| be.check_mask(m)).transpose()?;
-    be.check_disjoint("attention", &[out], &[q, k, v])?;
+    d: &AttentionDims,
+    attn: AttentionInput<'_, CudaTensor, CudaMask>,
+    out: u64,
+) -> Result<AttentionParams> {
+    let qp = be.check_tensor("attention q", attn.q.tensor)?;
+    let kp = be.check_tensor("attention k", attn.k.tensor)?;
+    let vp = be.check_tensor("attention v", attn.v.tensor)?;
+    let mask_ptr = attn.mask.map(|m| be.check_mask(m)).transpose()?;
     // Rows of the mask are indexed b * Lk + j; its size was checked against
     // [batch, Lk] by AttentionDims::check.
     i32_of("attention mask", d.batch * d.lk)?;
-
-    let params = AttentionParams {
+    let spec = attn.spec;
+    Ok(AttentionParams {
         q: qp,
         k: kp,
         v: vp,
         mask: mask_ptr.unwrap_or(0),
-        out: op,
+        out,
         batch: i32_of("attention batch", d.batch)?,
         lq: i32_of("attention query length", d.lq)?,
         lk: i32_of("attention key length", d.lk)?,
@@ -221,32 +246,57 @@ pub(super) fn attention(
         v_col: i32_of("attention v column", d.v_start)?,
         scale: spec.scale() as f32,
         causal: i32::from(spec.causal),
-        vec4: i32::from(vec4_ok(&d, [qp, kp, vp])),
-    };
+        vec4: i32::from(vec4_ok(d, [qp, kp, vp])),
+    })
+}
+
+pub(super) fn attention(
+    be: &Cuda,
+    d: AttentionDims,
+    attn: AttentionInput<'_, CudaTensor, CudaMask>,
+    out: &mut CudaTensor,
+) -> Result<()> {
+    let op = be.check_tensor("attention out", out)?;
+    let params = params(be, &d, attn, op)?;
+    be.check_disjoint(
+        "attention",
+        &[out],
+        &[attn.q.tensor, attn.k.tensor, attn.v.tensor],
+    )?;
     let (kernel, grid, block) = plan(&d, be.version(), be.storage(), be.sm_count())?;
     be.launch(&PROGRAM, kernel, grid, (block, 1, 1), &params)
 }
 
+/// The dims of an attention reading Q, K and V from one packed `[B, L, 3C]`
+/// projection (Lq and Lk may differ: only the plans look at them).
+#[cfg(test)]
+pub(super) fn packed_dims(
+    batch: usize,
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    hd: usize,
+) -> AttentionDims {
+    let c = heads * hd;
+    AttentionDims {
+        batch,
+        lq,
+        lk,
+        heads,
+        head_dim: hd,
+        q_stride: 3 * c,
+        k_stride: 3 * c,
+        v_stride: 3 * c,
+        q_start: 0,
+        k_start: c,
+        v_start: 2 * c,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::packed_dims as dims;
     use super::*;
-
-    fn dims(batch: usize, lq: usize, lk: usize, heads: usize, hd: usize) -> AttentionDims {
-        let c = heads * hd;
-        AttentionDims {
-            batch,
-            lq,
-            lk,
-            heads,
-            head_dim: hd,
-            q_stride: 3 * c,
-            k_stride: 3 * c,
-            v_stride: 3 * c,
-            q_start: 0,
-            k_start: c,
-            v_start: 2 * c,
-        }
-    }
 
     /// The H200's SM count.
     const SMS: u32 = 132;
@@ -353,7 +403,7 @@ mod tests {
             ("attention_flash_d128_q16", (3, 60, 3), 128)
         );
         assert_eq!(
-            f(dims(3, 129, 9, 40, 64), SMS),
+            f(dims(3, 129, 17, 40, 64), SMS),
             ("attention_flash_d64_q16", (9, 40, 3), 128)
         );
         assert_eq!(
@@ -396,6 +446,38 @@ mod tests {
             .0,
             "attention_naive"
         );
+    }
+
+    #[test]
+    fn few_keys_take_a_warp_per_query() {
+        let f = |d: AttentionDims, storage| plan(&d, KernelVersion::Fast, storage, SMS).unwrap();
+        for storage in [DType::F32, DType::F16, DType::BF16] {
+            // The projector's cross-attention (image: 4 signal tokens) at
+            // batch 1 and 64: 77 x 4 and 77 x 4 x 64 warps, 4 a block.
+            assert_eq!(
+                f(dims(1, 77, 4, 4, 128), storage),
+                ("attention_few_keys", (77, 1, 1), 128)
+            );
+            assert_eq!(
+                f(dims(64, 77, 4, 4, 128), storage),
+                ("attention_few_keys", (4928, 1, 1), 128)
+            );
+            // The encoder's self-attention, any head dim up to 128, and the
+            // bound: 16 keys in, 17 out.
+            assert_eq!(f(dims(1, 4, 4, 4, 128), storage).1, (4, 1, 1));
+            assert_eq!(f(dims(3, 5, 16, 3, 6), storage).0, "attention_few_keys");
+            assert_ne!(f(dims(1, 77, 17, 4, 128), storage).0, "attention_few_keys");
+            assert_eq!(f(dims(1, 4, 4, 4, 200), storage).0, "attention_naive");
+            assert_eq!(
+                plan(&dims(1, 77, 4, 4, 128), KernelVersion::Naive, storage, SMS)
+                    .unwrap()
+                    .0,
+                "attention_naive"
+            );
+        }
+        // Warps past an int's range leave v4 to the others.
+        let huge = dims(65_535, 1024, 4, 64, 64);
+        assert_eq!(f(huge, DType::F32).0, "attention_flash_d64_q16");
     }
 
     #[test]

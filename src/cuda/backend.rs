@@ -38,8 +38,9 @@ use super::{
 use crate::error::{Error, Result};
 pub use crate::ops::KernelVersion;
 use crate::ops::{
-    layer_norm_then_linear, Activation, AttentionDims, AttentionSpec, Backend, Cols, GatherDims,
-    KeyPaddingMask, LayerNormDims, LinearDims, LossDims, LossKind, NormInput, Shaped,
+    attention_then_linear, layer_norm_then_linear, Activation, AttentionDims, AttentionInput,
+    AttentionSpec, Backend, Cols, GatherDims, KeyPaddingMask, LayerNormDims, LinearDims, LossDims,
+    LossKind, NormInput, Shaped,
 };
 use crate::signal::SignalPositions;
 use crate::tensor::{checked_numel, try_filled, DType, HostData, HostTensor};
@@ -105,6 +106,13 @@ pub struct CudaOptions {
     /// the norm's statistics are summed in another order: results agree to
     /// rounding, not bitwise.
     pub separate_layer_norms: bool,
+    /// Run every attention as a kernel of its own, before the out-projection
+    /// that reads it (default off). Off, an attention over few keys (up to
+    /// 16) folds into that linear where it has up to 16 rows (batch 1's
+    /// encoder): every block of the GEMM computes its rows' attention output
+    /// itself, with the code and lanes of the attention kernel it replaces
+    /// (`attention_few_keys`): results are bitwise the same either way.
+    pub separate_attention: bool,
 }
 
 /// Most blocks of one thread-block cluster: the portable limit (sm_90), and
@@ -1560,7 +1568,45 @@ impl Backend for Cuda {
             mask.map(|m| (m.batch(), m.keys())),
             out.shape(),
         )?;
-        super::attention::attention(self, d, q.tensor, k.tensor, v.tensor, spec, mask, out)
+        let attn = AttentionInput {
+            q,
+            k,
+            v,
+            spec,
+            mask,
+        };
+        super::attention::attention(self, d, attn, out)
+    }
+
+    fn attention_linear(
+        &self,
+        attn: AttentionInput<'_, CudaTensor, CudaMask>,
+        a: &mut CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        act: Activation,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let _range = crate::profile::range("attention_linear");
+        let d = AttentionDims::check(
+            (attn.q.tensor.shape(), attn.q.start),
+            (attn.k.tensor.shape(), attn.k.start),
+            (attn.v.tensor.shape(), attn.v.start),
+            attn.spec,
+            attn.mask.map(|m| (m.batch(), m.keys())),
+            a.shape(),
+        )?;
+        let l = LinearDims::check(
+            a.shape(),
+            w.shape(),
+            b.map(|t| t.shape()),
+            None,
+            out.shape(),
+        )?;
+        if super::linear::attention_linear(self, d, l, attn, w, b, act, out)? {
+            return Ok(());
+        }
+        attention_then_linear(self, attn, a, w, b, act, out)
     }
 
     fn alignment_loss(

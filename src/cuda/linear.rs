@@ -14,10 +14,11 @@
 
 use cudarc::driver::DeviceRepr;
 
-use super::backend::{blocks_for, i32_of, Cuda, CudaTensor, KernelVersion, MAX_CLUSTER};
+use super::attention::{AttentionParams, FEW_KEYS_MAX};
+use super::backend::{blocks_for, i32_of, Cuda, CudaMask, CudaTensor, KernelVersion, MAX_CLUSTER};
 use super::program::{param_layout, Program};
 use crate::error::Result;
-use crate::ops::{Activation, LinearDims, NormInput};
+use crate::ops::{Activation, AttentionDims, AttentionInput, LinearDims, NormInput};
 use crate::tensor::DType;
 
 /// Mirror of `LinearParams` in kernels/linear.cu.
@@ -96,6 +97,19 @@ pub(crate) struct LayerNormLinearParams {
 // compiled into linear.cu check it.
 unsafe impl DeviceRepr for LayerNormLinearParams {}
 
+/// Mirror of `AttentionLinearParams` in kernels/linear.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct AttentionLinearParams {
+    linear: LinearParams,
+    attention: AttentionParams,
+}
+
+// SAFETY: plain data (a LinearParams and an AttentionParams, no padding),
+// laid out exactly as the kernels' AttentionLinearParams: the static_asserts
+// compiled into linear.cu check it.
+unsafe impl DeviceRepr for AttentionLinearParams {}
+
 fn layouts() -> String {
     param_layout!(LayerNormLinearParams {
         linear,
@@ -119,7 +133,8 @@ fn layouts() -> String {
         act,
         k_per_split,
         splits
-    })
+    }) + &param_layout!(AttentionLinearParams { linear, attention })
+        + &super::attention::layouts()
 }
 
 pub(crate) static PROGRAM: Program = Program {
@@ -132,6 +147,7 @@ pub(crate) static PROGRAM: Program = Program {
         "linear_rows_vec4",
         "linear_rows_scalar",
         "layer_norm_linear_rows",
+        "attention_linear_rows",
         "layer_norm_linear_tiled_vec4",
     ],
     half_kernels: &[
@@ -392,11 +408,12 @@ pub(crate) fn plan(
     }
 }
 
-/// The block size of `layer_norm_linear_rows` for a LayerNorm feeding a
-/// GEMM of `d`, where that kernel takes them: the fast kernels, v4's rows,
-/// and K (the norm's width) a multiple of 4 with one chunk of 4 per thread of
-/// a block (16-byte loads; the caller checks the alignment).
-fn layer_norm_linear_threads(d: LinearDims, version: KernelVersion) -> Option<u32> {
+/// The block size of v4 with its x computed in the block
+/// (`layer_norm_linear_rows`, `attention_linear_rows`) for a GEMM of `d`,
+/// where those kernels take it: the fast kernels, v4's rows, and K a
+/// multiple of 4 with one chunk of 4 per thread of a block (16-byte loads;
+/// the caller checks the alignment).
+fn rows_prologue_threads(d: LinearDims, version: KernelVersion) -> Option<u32> {
     let fits = version == KernelVersion::Fast
         && d.m <= ROWS_MAX_M
         && d.k % 4 == 0
@@ -438,7 +455,7 @@ fn layer_norm_linear_plan(
     if version != KernelVersion::Fast {
         return Ok(None);
     }
-    if let Some(threads) = layer_norm_linear_threads(d, version) {
+    if let Some(threads) = rows_prologue_threads(d, version) {
         return Ok(Some(NormLinearPlan::Rows { threads }));
     }
     let step = gemm.k_step();
@@ -555,6 +572,70 @@ pub(super) fn layer_norm_linear(
             be.launch_in_clusters(&PROGRAM, kernel, grid, block, cluster, &params)?;
         }
     }
+    Ok(true)
+}
+
+/// The block size of `attention_linear_rows` for an attention of `a` feeding
+/// a GEMM of `d`, where that kernel takes them: v4's rows with one chunk per
+/// thread ([`rows_prologue_threads`]), keys few enough for the few-keys
+/// attention ([`FEW_KEYS_MAX`]), and a head's columns (head_dim / 4 lanes,
+/// 16-byte loads) a power-of-two group of lanes within one warp.
+fn attention_linear_threads(
+    a: &AttentionDims,
+    d: LinearDims,
+    version: KernelVersion,
+) -> Option<u32> {
+    let group = a.head_dim / 4;
+    let fits =
+        a.lk <= FEW_KEYS_MAX && a.head_dim % 4 == 0 && group.is_power_of_two() && group <= 32;
+    fits.then(|| rows_prologue_threads(d, version)).flatten()
+}
+
+/// [`Backend::attention_linear`](crate::ops::Backend::attention_linear) as
+/// one kernel, where [`attention_linear_threads`] finds one and the
+/// attention's loads can be 16 bytes wide: `Ok(false)`, with nothing
+/// launched, elsewhere (the caller runs the two ops). `a` and `d` are the
+/// attention's and the linear's dims, validated to match.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_linear(
+    be: &Cuda,
+    a: AttentionDims,
+    d: LinearDims,
+    attn: AttentionInput<'_, CudaTensor, CudaMask>,
+    w: &CudaTensor,
+    b: Option<&CudaTensor>,
+    act: Activation,
+    out: &mut CudaTensor,
+) -> Result<bool> {
+    if be.options().separate_attention {
+        return Ok(false);
+    }
+    let Some(threads) = attention_linear_threads(&a, d, be.version()) else {
+        return Ok(false);
+    };
+    let attention = super::attention::params(be, &a, attn, 0)?;
+    let wp = be.check_tensor("attention_linear weight", w)?;
+    let bp = b
+        .map(|t| be.check_tensor("attention_linear bias", t))
+        .transpose()?;
+    let op = be.check_tensor("attention_linear out", out)?;
+    if attention.vec4 == 0 || wp % 16 != 0 {
+        return Ok(false);
+    }
+    let mut inputs = vec![attn.q.tensor, attn.k.tensor, attn.v.tensor, w];
+    inputs.extend(b);
+    be.check_disjoint("attention_linear", &[out], &inputs)?;
+    let params = AttentionLinearParams {
+        linear: LinearParams::unsplit("attention_linear", d, 0, wp, bp.unwrap_or(0), 0, op, act)?,
+        attention,
+    };
+    let grid = (
+        blocks_for("attention_linear", d.n, ROWS_N)?,
+        blocks_for("attention_linear", d.m, ROWS_M)?,
+        1,
+    );
+    let kernel = "attention_linear_rows";
+    be.launch(&PROGRAM, kernel, grid, (threads, 1, 1), &params)?;
     Ok(true)
 }
 
@@ -684,18 +765,40 @@ mod tests {
     }
 
     #[test]
+    fn attention_folds_where_its_heads_are_lane_groups() {
+        let fast = KernelVersion::Fast;
+        let attn = super::super::attention::packed_dims;
+        // Batch 1's encoder: 4 rows of 4 heads of 128, a warp per head.
+        let t = |a: AttentionDims, version| {
+            let d = dims(a.batch * a.lq, 512, a.heads * a.head_dim);
+            attention_linear_threads(&a, d, version)
+        };
+        assert_eq!(t(attn(1, 4, 4, 4, 128), fast), Some(128));
+        // Heads of 4 to 128 columns (groups of 1 to 32 lanes), 16 keys.
+        assert_eq!(t(attn(2, 8, 16, 8, 16), fast), Some(32));
+        assert_eq!(t(attn(4, 4, 4, 64, 4), fast), Some(64));
+        // More keys than the few-keys attention takes, a head that is no
+        // power-of-two group of lanes or more than a warp, more rows than
+        // v4 takes, the naive kernels: two ops.
+        for (a, version) in [
+            (attn(1, 4, 17, 4, 128), fast),
+            (attn(1, 4, 4, 4, 72), fast),
+            (attn(1, 4, 4, 2, 256), fast),
+            (attn(1, 4, 4, 4, 6), fast),
+            (attn(1, 77, 4, 4, 128), fast),
+            (attn(1, 4, 4, 4, 128), KernelVersion::Naive),
+        ] {
+            assert_eq!(t(a, version), None, "{a:?}");
+        }
+    }
+
+    #[test]
     fn layer_norm_linear_takes_what_one_block_holds() {
         let fast = KernelVersion::Fast;
         // Batch 1's encoder: 4 rows of 512, one chunk for each of 128 threads.
-        assert_eq!(
-            layer_norm_linear_threads(dims(4, 1536, 512), fast),
-            Some(128)
-        );
-        assert_eq!(
-            layer_norm_linear_threads(dims(16, 8, 1024), fast),
-            Some(256)
-        );
-        assert_eq!(layer_norm_linear_threads(dims(1, 5, 4), fast), Some(32));
+        assert_eq!(rows_prologue_threads(dims(4, 1536, 512), fast), Some(128));
+        assert_eq!(rows_prologue_threads(dims(16, 8, 1024), fast), Some(256));
+        assert_eq!(rows_prologue_threads(dims(1, 5, 4), fast), Some(32));
         // More rows than v4 takes, K past one chunk per thread or not a
         // multiple of 4, and the naive kernels: two ops.
         for (d, version) in [
@@ -704,7 +807,7 @@ mod tests {
             (dims(4, 512, 510), fast),
             (dims(4, 512, 512), KernelVersion::Naive),
         ] {
-            assert_eq!(layer_norm_linear_threads(d, version), None, "{d:?}");
+            assert_eq!(rows_prologue_threads(d, version), None, "{d:?}");
         }
     }
 
