@@ -107,7 +107,8 @@ pub(crate) const FLASH_MAX_HEAD_DIM: usize = 128;
 /// (5 of them shuffles) against v2's ~10 per key of a full tile, so from
 /// about 16 keys on, and for the video preset's 24, v2 keeps them.
 pub(crate) const FEW_KEYS_MAX: usize = 16;
-/// Warps (one query and head each) per block of v4.
+/// Warps (one query and head each) per block of v4: `ATT_WARPS` in
+/// kernels/attention.cu, which indexes its warps by it.
 const FEW_KEYS_WARPS: usize = 4;
 
 /// `(kernel, grid, block)` of one call with `storage` in device memory on a
@@ -478,6 +479,12 @@ mod tests {
         // Warps past an int's range leave v4 to the others.
         let huge = dims(65_535, 1024, 4, 64, 64);
         assert_eq!(f(huge, DType::F32).0, "attention_flash_d64_q16");
+    }
+
+    #[test]
+    fn few_keys_blocks_are_the_kernels_warps() {
+        let define = format!("#define ATT_WARPS {FEW_KEYS_WARPS}\n");
+        assert!(PROGRAM.source.contains(&define));
     }
 
     #[test]
