@@ -20,6 +20,9 @@
 // NVRTC itself asks for the private cuGetExportTable, which fails here, as it
 // may on a real driver.
 //
+// With OUTPROJ_EMULATOR_TRACE set, every kernel run is printed to stderr with
+// its grid, block and cluster size: a forward's launch list, in order.
+//
 // Stream capture records launches (with a copy of their parameters) instead of
 // running them; a graph replay runs them in order. Allocations, copies,
 // memsets and synchronisation on a capturing stream fail and invalidate the
@@ -27,6 +30,8 @@
 // would turn some into graph nodes; the emulator is stricter).
 #include "kernels.h"
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -145,6 +150,12 @@ static bool launch_shape_ok(unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
     return !(gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535 || bx * by * bz > 1024);
 }
 static void run_node(const Node& n) {
+    static const bool trace = getenv("OUTPROJ_EMULATOR_TRACE") != nullptr;
+    if (trace) {
+        fprintf(stderr, "launch %s grid %u,%u,%u block %u,%u,%u cluster %u\n", n.entry->name,
+                n.grid.x, n.grid.y, n.grid.z, n.block.x, n.block.y, n.block.z,
+                n.cluster.x * n.cluster.y * n.cluster.z);
+    }
     void* p = (void*)n.params.data();
     emu::launch(n.grid, n.block, [&] { n.entry->run(p); }, n.cluster);
 }
