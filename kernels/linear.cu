@@ -443,11 +443,46 @@ __device__ __forceinline__ float4 linear_load4(const elem* a, int row, int rows,
     return v;
 }
 
+// A thread's share of one v2 operand tile for a K step: row `row` of a
+// [rows, K] matrix, columns col + 16 j.
+template <bool VEC>
+__device__ __forceinline__ void linear_tiled_load(float4 (&a)[LINEAR_LOADS], const elem* m,
+                                                  int row, int rows, int col, int k_end, int k) {
+#pragma unroll
+    for (int j = 0; j < LINEAR_LOADS; ++j) {
+        a[j] = linear_load4<VEC>(m, row, rows, col + 16 * j, k_end, k);
+    }
+}
+
+// v2's first K step as loaded: this thread's rows `xrow` of x and `wrow` of
+// w, columns col + 16 j.
+template <bool VEC>
+struct LinearTiledFirst {
+    const LinearParams& p;
+    __device__ __forceinline__ void operator()(float4 (&xa)[LINEAR_LOADS],
+                                               float4 (&wa)[LINEAR_LOADS], int xrow, int wrow,
+                                               int col, int k_end) const {
+        linear_tiled_load<VEC>(xa, p.x, xrow, p.m, col, k_end, p.k);
+        linear_tiled_load<VEC>(wa, p.w, wrow, p.n, col, k_end, p.k);
+    }
+};
+
+// v2's x for the K steps after the first, loaded from p.x.
+template <bool VEC>
+struct LinearTiledNextX {
+    const LinearParams& p;
+    __device__ __forceinline__ void operator()(float4 (&xa)[LINEAR_LOADS], int row, int col,
+                                               int k_end) const {
+        linear_tiled_load<VEC>(xa, p.x, row, p.m, col, k_end, p.k);
+    }
+};
+
 // v2: block 256 threads; grid (ceil(N / 64), ceil(M / 64), splits).
-// `first(xa, row, col, k_end)` may rewrite the first K step's x as loaded
-// (this thread's row `row`, columns col + 16 j) before it is staged.
-template <bool VEC, class First>
-__device__ __forceinline__ void linear_tiled(const LinearParams& p, First first) {
+// `first(xa, wa, xrow, wrow, col, k_end)` gives the first K step's x and w
+// tiles, this thread's share (LinearTiledFirst); `next(xa, row, col,
+// k_end)` each later step's x (LinearTiledNextX).
+template <bool VEC, class First, class Next>
+__device__ __forceinline__ void linear_tiled(const LinearParams& p, First first, Next next) {
     __shared__ __align__(16) float xs[LINEAR_BK][LINEAR_LD];
     __shared__ __align__(16) float ws[LINEAR_BK][LINEAR_LD];
 
@@ -476,12 +511,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p, First first)
 
     float4 xa[LINEAR_LOADS];
     float4 wa[LINEAR_LOADS];
-#pragma unroll
-    for (int j = 0; j < LINEAR_LOADS; ++j) {
-        xa[j] = linear_load4<VEC>(p.x, m0 + lr, p.m, k_begin + lk + 16 * j, k_end, p.k);
-        wa[j] = linear_load4<VEC>(p.w, n0 + lr, p.n, k_begin + lk + 16 * j, k_end, p.k);
-    }
-    first(xa, m0 + lr, k_begin + lk, k_end);
+    first(xa, wa, m0 + lr, n0 + lr, k_begin + lk, k_end);
     for (int k0 = k_begin; k0 < k_end; k0 += LINEAR_BK) {
         __syncthreads();  // every thread is done reading the previous tile
 #pragma unroll
@@ -498,12 +528,9 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p, First first)
         }
         __syncthreads();
         if (k0 + LINEAR_BK < k_end) {
-#pragma unroll
-            for (int j = 0; j < LINEAR_LOADS; ++j) {
-                const int c = k0 + LINEAR_BK + lk + 16 * j;
-                xa[j] = linear_load4<VEC>(p.x, m0 + lr, p.m, c, k_end, p.k);
-                wa[j] = linear_load4<VEC>(p.w, n0 + lr, p.n, c, k_end, p.k);
-            }
+            const int c = k0 + LINEAR_BK + lk;
+            linear_tiled_load<VEC>(wa, p.w, n0 + lr, p.n, c, k_end, p.k);
+            next(xa, m0 + lr, c, k_end);
         }
         // Threads whose 4 rows are all past M (a 77-row GEMM's second tile,
         // batch 1's 4-row ones) only stage: the SM's FMAs go to the others.
@@ -552,7 +579,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p, First first)
 
 template <bool VEC>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
-    linear_tiled<VEC>(p, [](float4 (&)[LINEAR_LOADS], int, int, int) {});
+    linear_tiled<VEC>(p, LinearTiledFirst<VEC>{p}, LinearTiledNextX<VEC>{p});
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
@@ -886,10 +913,13 @@ OP_KERNEL_NAME(attention_linear_rows)(const AttentionLinearParams p) {
 // the norm's x and leaves as the normalised row, rounded to elem, zero past M
 // and k_end, as the products' x. The blocks of column block 0 write sum_out.
 // `slots` is 2 x BM __shared__ slots, `r0` this row's index among them.
-template <int TPR, int CHUNKS, int STRIDE, int BM>
+// `before_out()` runs as the last pass begins (its loads beside the norm's
+// weight and bias).
+template <int TPR, int CHUNKS, int STRIDE, int BM, class BeforeOut>
 __device__ __forceinline__ void layer_norm_slice(const LayerNormLinearParams& q, int row, int col,
                                                  int k_end, float4 (&x)[CHUNKS],
-                                                 float2 (*slots)[BM], int r0) {
+                                                 float2 (*slots)[BM], int r0,
+                                                 BeforeOut before_out) {
     const LinearParams& p = q.linear;
     const bool residual = q.norm_residual != nullptr;
     const bool row_live = row < p.m;
@@ -924,6 +954,7 @@ __device__ __forceinline__ void layer_norm_slice(const LayerNormLinearParams& q,
     const float c = moments.x * inv_k;
     const float var = fmaxf(moments.y * inv_k - c * c, 0.0f);
     const float rstd = 1.0f / sqrtf(var + q.eps);
+    before_out();
 #pragma unroll
     for (int j = 0; j < CHUNKS; ++j) {
         const int k = col + STRIDE * j;
@@ -938,21 +969,50 @@ __device__ __forceinline__ void layer_norm_slice(const LayerNormLinearParams& q,
     }
 }
 
-// v2 after a layer_norm (one K step per block, K % 4 == 0, 16-byte aligned
-// operands); block and grid as v2's, the grid's split blocks of a tile one
-// cluster. Built for LINEAR_NORM_TILED_BLOCKS blocks per SM (3 would cap it
-// at 80 registers, and it spilled): the host folds a norm only into grids
-// that one wave of them holds.
+// v2 after a layer_norm (one or two K steps per block, K % 4 == 0, 16-byte
+// aligned operands); block and grid as v2's, the grid's split blocks of a
+// tile one cluster. The norm's slice of a row is both steps' columns: the
+// second step's x is loaded, normalised and held in registers with the
+// first's, and staged from there. The first step's w is loaded beside the
+// norm's weight and bias, in its last pass, where the residual no longer
+// holds registers. Built for LINEAR_NORM_TILED_BLOCKS blocks per SM (3
+// would cap it at 80 registers, and it spilled): the host folds a norm only
+// into grids that one wave of them holds.
 #define LINEAR_NORM_TILED_BLOCKS 2
+#define LINEAR_NORM_TILED_STEPS 2
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS, LINEAR_NORM_TILED_BLOCKS)
 OP_KERNEL_NAME(layer_norm_linear_tiled_vec4)(const LayerNormLinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LINEAR_BN); });
     __shared__ float2 slots[2][LINEAR_BM];
-    linear_tiled<true>(p.linear, [&](float4 (&xa)[LINEAR_LOADS], int row, int col, int k_end) {
-        // Four threads per row, 4 x 4 columns each, 16 apart.
-        layer_norm_slice<4, LINEAR_LOADS, 16>(p, row, col, k_end, xa, slots,
-                                              row - blockIdx.y * LINEAR_BM);
-    });
+    const LinearParams& lp = p.linear;
+    float4 second[LINEAR_LOADS];  // the second step's normalised x
+    linear_tiled<true>(
+        lp,
+        [&](float4 (&xa)[LINEAR_LOADS], float4 (&wa)[LINEAR_LOADS], int row, int wrow, int col,
+            int k_end) {
+            // Four threads per row, 4 x 8 columns each, 16 apart: the
+            // second step's start 64 columns on (zeros past k_end).
+            static_assert(LINEAR_BK == LINEAR_LOADS * 16, "a step is its chunks 16 apart");
+            float4 x[LINEAR_NORM_TILED_STEPS * LINEAR_LOADS];
+#pragma unroll
+            for (int j = 0; j < LINEAR_NORM_TILED_STEPS * LINEAR_LOADS; ++j) {
+                x[j] = linear_load4<true>(lp.x, row, lp.m, col + 16 * j, k_end, lp.k);
+            }
+            layer_norm_slice<4, LINEAR_NORM_TILED_STEPS * LINEAR_LOADS, 16>(
+                p, row, col, k_end, x, slots, row - blockIdx.y * LINEAR_BM,
+                [&] { linear_tiled_load<true>(wa, lp.w, wrow, lp.n, col, k_end, lp.k); });
+#pragma unroll
+            for (int j = 0; j < LINEAR_LOADS; ++j) {
+                xa[j] = x[j];
+                second[j] = x[LINEAR_LOADS + j];
+            }
+        },
+        [&](float4 (&xa)[LINEAR_LOADS], int, int, int) {
+#pragma unroll
+            for (int j = 0; j < LINEAR_LOADS; ++j) {
+                xa[j] = second[j];
+            }
+        });
 }
 
 // Tensor cores: f16/bf16 storage always; f32 storage as TF32 where the host
@@ -1252,7 +1312,7 @@ OP_KERNEL_NAME(layer_norm_linear_tc_vec8)(const LayerNormLinearParams p) {
         for (int j = 0; j < 8; ++j) {
             x[j] = linear_load4<true>(lp.x, m0 + r, lp.m, k_begin + c + 4 * j, k_end, lp.k);
         }
-        layer_norm_slice<2, 8, 4>(p, m0 + r, k_begin + c, k_end, x, slots, r);
+        layer_norm_slice<2, 8, 4>(p, m0 + r, k_begin + c, k_end, x, slots, r, [] {});
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             store4(&tile[r][c + 4 * j], x[j]);

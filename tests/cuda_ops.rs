@@ -577,7 +577,7 @@ fn layer_norm_linear_matches_reference() {
     let reference = output_projector::reference::Reference;
     // (rows, out features, in features, with residual, one kernel on Fast:
     // always for few rows, in a cluster for a split GEMM's where the device
-    // has clusters)
+    // has clusters, with K up to 8 blocks of two K steps)
     let (always, cluster, never) = (Some(false), Some(true), None);
     let cases = [
         (4, 96, 512, true, always),
@@ -585,7 +585,8 @@ fn layer_norm_linear_matches_reference() {
         (16, 8, 1024, true, always),
         (77, 64, 128, true, cluster),
         (77, 130, 200, true, cluster),
-        (77, 64, 1024, true, never),
+        (77, 64, 1024, true, cluster),
+        (77, 64, 2048, true, never),
         (4, 8, 1028, true, never),
         (3, 5, 6, true, never),
     ];
@@ -678,13 +679,17 @@ fn layer_norm_linear_matches_reference() {
 
 /// A LayerNorm folded into a split GEMM whose blocks are a cluster (batch 1's
 /// decoder: 77 rows of 512 into the output projection, 2 x 12 x 8 blocks, one
-/// wave in either kernel) against the same two ops without clusters, in
-/// f32 and bf16: one launch instead of two, the same output but for the
-/// order of the norm's sums (and, in bf16, a normalised element now and then
-/// rounded the other way).
+/// wave in either kernel; into its QKV, 2 x 24 x 8 blocks in bf16, and in
+/// f32 2 x 24 x 4 blocks of two K steps) against the same two ops without
+/// clusters, in f32 and bf16: one launch instead of two, the same output but
+/// for the order of the norm's sums (and, in bf16, a normalised element now
+/// and then rounded the other way).
 #[test]
 fn layer_norm_linear_in_clusters_matches_two_ops() {
-    for (storage, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-3)] {
+    for ((storage, tol), n) in [(DType::F32, 1e-6), (DType::BF16, 1e-3)]
+        .into_iter()
+        .flat_map(|s| [(s, 768), (s, 1536)])
+    {
         let Some((be, two_ops)) = backend_pair(storage, |o| o.split_k_through_memory = true) else {
             return;
         };
@@ -692,7 +697,7 @@ fn layer_norm_linear_in_clusters_matches_two_ops() {
             println!("skipped: no thread-block clusters");
             return;
         }
-        let (m, n, k) = (77, 768, 512);
+        let (m, k) = (77, 512);
         let host = [
             HostTensor::randn(vec![1, m, k], 5, "x").unwrap(),
             HostTensor::randn(vec![1, m, k], 6, "residual").unwrap(),

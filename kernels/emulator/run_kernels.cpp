@@ -259,21 +259,26 @@ static void test_layer_norm_linear(int m, int n, int k, bool res, double mean, i
              res ? " +res" : "", mean, act, threads);
     report(name, out.p, want, 1e-5);
     report(std::string(name) + " sum_out", sum.p, want_sum, 0.0);
-    if (k % 4 != 0 || k > 64 * 8) return;
-    // v2 after the norm: one K step of 64 per block, a tile's split blocks one
-    // cluster (none with a single step).
-    Buf out2(m * n), sum2(m * k);
-    p.linear.out = out2.p;
-    p.sum_out = sum2.p;
-    p.linear.k_per_split = 64;
-    p.linear.splits = (int)cdiv(k, 64);
-    const unsigned splits = (unsigned)p.linear.splits;
-    emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), splits), dim3(256),
-                [&] { layer_norm_linear_tiled_vec4(p); }, dim3(1, 1, splits));
-    snprintf(name, sizeof name, "layer_norm_linear %dx%dx%d%s mean %g act%d, tiled %u splits", m,
-             n, k, res ? " +res" : "", mean, act, splits);
-    report(name, out2.p, want, 1e-5);
-    report(std::string(name) + " sum_out", sum2.p, want_sum, 0.0);
+    if (k % 4 != 0) return;
+    // v2 after the norm: one or two K steps of 64 per block, a tile's split
+    // blocks one cluster (none with a single split), at most 8 of them.
+    for (int steps = 1; steps <= 2; ++steps) {
+        const int k_per_split = 64 * steps;
+        const unsigned splits = cdiv(k, k_per_split);
+        if (splits > 8 || (steps == 2 && k <= 64)) continue;
+        Buf out2(m * n), sum2(m * k);
+        p.linear.out = out2.p;
+        p.sum_out = sum2.p;
+        p.linear.k_per_split = k_per_split;
+        p.linear.splits = (int)splits;
+        emu::launch(dim3(cdiv(n, 64), cdiv(m, 64), splits), dim3(256),
+                    [&] { layer_norm_linear_tiled_vec4(p); }, dim3(1, 1, splits));
+        snprintf(name, sizeof name,
+                 "layer_norm_linear %dx%dx%d%s mean %g act%d, tiled %u splits of %d steps", m, n,
+                 k, res ? " +res" : "", mean, act, splits, steps);
+        report(name, out2.p, want, 1e-5);
+        report(std::string(name) + " sum_out", sum2.p, want_sum, 0.0);
+    }
 }
 
 // __float_to_tf32 against cvt.rna.tf32.f32: nearest, ties away from zero.
@@ -964,6 +969,8 @@ int main(int argc, char** argv) {
         test_layer_norm_linear(1, 5, 4, true, 0.0, 0);        // one live thread
         test_layer_norm_linear(77, 130, 200, true, 3.0, 1);   // tiled: 2 row tiles, 4 splits, K tail
         test_layer_norm_linear(70, 64, 512, true, 1000.0, 0); // tiled: 8 splits, large mean
+        test_layer_norm_linear(77, 200, 1000, true, 3.0, 1);  // tiled: 8 splits of 2 steps, K tail
+        test_layer_norm_linear(77, 1536, 512, true, 0.0, 0);  // batch 1's decoder QKV (f32)
         test_layer_norm_linear_half<HalfF16>(77, 130, 200, true, 3.0);
         test_layer_norm_linear_half<HalfBF16>(77, 130, 200, true, 3.0);
         test_layer_norm_linear_half<HalfBF16>(70, 64, 512, false, 100.0);

@@ -181,6 +181,8 @@ const LARGE_TILE: usize = 128;
 /// Blocks per SM that the tiled kernels after a norm are built for
 /// (`LINEAR_NORM_TILED_BLOCKS`, v3's `LINEAR_TC_SMALL_BLOCKS`).
 const NORM_TILED_BLOCKS: usize = 2;
+/// Most K steps per block of v2 after a norm (`LINEAR_NORM_TILED_STEPS`).
+const NORM_TILED_STEPS: usize = 2;
 const TC_SMALL_BLOCKS: usize = 4;
 /// Most splits of one GEMM.
 const MAX_SPLITS: usize = 32;
@@ -427,12 +429,14 @@ enum NormLinearPlan {
     /// `layer_norm_linear_rows` (v4 after the norm), blocks of `threads`.
     Rows { threads: u32 },
     /// v2 or v3 after the norm (`layer_norm_linear_tiled_vec4`,
-    /// `layer_norm_linear_tc_vec8`): one K step per block, `splits` of them
-    /// per output tile, one thread-block cluster where more than one.
+    /// `layer_norm_linear_tc_vec8`): `k_per_split` columns of K per block
+    /// (one K step; two in v2), `splits` blocks per output tile, one
+    /// thread-block cluster where more than one.
     Tiled {
         kernel: &'static str,
         threads: u32,
         splits: usize,
+        k_per_split: usize,
     },
 }
 
@@ -440,10 +444,11 @@ enum NormLinearPlan {
 /// few rows in v4 (the fast kernels, K a multiple of 4 with one chunk of 4
 /// per thread of a block); more rows where `linear` would split the GEMM
 /// (grids too small for the device: the latency-bound ones) on the
-/// small-tile kernel, if K is at most one K step per block of a cluster,
-/// with 16-byte copies (`wide`; the caller checks the alignment), not on
-/// TF32 (its K steps are half as long), and where one wave holds the grid
-/// of one-step blocks: the fold must not add a wave to the GEMM.
+/// small-tile kernel, if K is at most one K step per block of a cluster
+/// (v2: two), with 16-byte copies (`wide`; the caller checks the
+/// alignment), not on TF32 (its K steps are half as long), and where one
+/// wave holds the grid: the fold must not add a wave to the GEMM. Blocks
+/// take the fewest steps that allow it.
 fn layer_norm_linear_plan(
     d: LinearDims,
     version: KernelVersion,
@@ -458,29 +463,34 @@ fn layer_norm_linear_plan(
     if let Some(threads) = rows_prologue_threads(d, version) {
         return Ok(Some(NormLinearPlan::Rows { threads }));
     }
-    let step = gemm.k_step();
-    let splits = d.k.div_ceil(step);
-    if gemm == Gemm::Tf32 || !wide || !clusters || splits > MAX_CLUSTER {
+    if gemm == Gemm::Tf32 || !wide || !clusters {
         return Ok(None);
     }
     let (small, threads) = gemm.kernel(true);
-    let (kernel, per_sm) = match plan(d, version, sm_count, gemm, wide, clusters)? {
+    let (kernel, per_sm, max_steps) = match plan(d, version, sm_count, gemm, wide, clusters)? {
         LinearPlan::Tiled {
             kernel, splits: s, ..
         } if kernel == small && s > 1 => match gemm {
-            Gemm::Tiled => ("layer_norm_linear_tiled_vec4", NORM_TILED_BLOCKS),
-            _ => ("layer_norm_linear_tc_vec8", TC_SMALL_BLOCKS),
+            Gemm::Tiled => (
+                "layer_norm_linear_tiled_vec4",
+                NORM_TILED_BLOCKS,
+                NORM_TILED_STEPS,
+            ),
+            _ => ("layer_norm_linear_tc_vec8", TC_SMALL_BLOCKS, 1),
         },
         _ => return Ok(None),
     };
-    let blocks = d.m.div_ceil(TILE) * d.n.div_ceil(TILE) * splits;
-    if blocks > per_sm * sm_count as usize {
-        return Ok(None);
-    }
-    Ok(Some(NormLinearPlan::Tiled {
-        kernel,
-        threads,
-        splits,
+    let tiles = d.m.div_ceil(TILE) * d.n.div_ceil(TILE);
+    let wave = per_sm * sm_count as usize;
+    Ok((1..=max_steps).find_map(|steps| {
+        let k_per_split = steps * gemm.k_step();
+        let splits = d.k.div_ceil(k_per_split);
+        (splits <= MAX_CLUSTER && tiles * splits <= wave).then_some(NormLinearPlan::Tiled {
+            kernel,
+            threads,
+            splits,
+            k_per_split,
+        })
     }))
 }
 
@@ -559,8 +569,9 @@ pub(super) fn layer_norm_linear(
             kernel,
             threads,
             splits,
+            k_per_split,
         } => {
-            params.linear.k_per_split = i32_of("layer_norm_linear split", gemm.k_step())?;
+            params.linear.k_per_split = i32_of("layer_norm_linear split", k_per_split)?;
             params.linear.splits = i32_of("layer_norm_linear splits", splits)?;
             let grid = (
                 blocks_for("layer_norm_linear", d.n, TILE)?,
@@ -977,6 +988,9 @@ mod tests {
         assert!(src.contains(&format!(
             "#define LINEAR_NORM_TILED_BLOCKS {NORM_TILED_BLOCKS}"
         )));
+        assert!(src.contains(&format!(
+            "#define LINEAR_NORM_TILED_STEPS {NORM_TILED_STEPS}"
+        )));
         assert!(src.contains(&format!("#define LINEAR_TC_SMALL_BLOCKS {TC_SMALL_BLOCKS}")));
         // v5: 128x128 tiles of 4 warps, K steps of 32.
         let (_, threads, step) = Gemm::Half.large_kernel().unwrap();
@@ -1096,35 +1110,48 @@ mod tests {
             )
             .unwrap()
         };
-        let tiled = |kernel, threads, splits| {
+        let tiled = |kernel, threads, splits, k_per_split| {
             Some(NormLinearPlan::Tiled {
                 kernel,
                 threads,
                 splits,
+                k_per_split,
             })
         };
         // Batch 1's decoder: 77 rows of 512, one K step of 64 per block,
         // where one wave holds the grid: 2 x 4 x 8 blocks (cross-attention
         // Q), 2 x 12 x 8 (output), and in 16-bit (4 blocks per SM) also
-        // 2 x 24 x 8 (QKV) and 2 x 32 x 8 (FFN up).
+        // 2 x 24 x 8 (QKV) and 2 x 32 x 8 (FFN up). In f32 (2 blocks per
+        // SM) those two take two steps per block: 2 x 24 x 4 and 2 x 32 x 4.
         let v2 = "layer_norm_linear_tiled_vec4";
         let v3 = "layer_norm_linear_tc_vec8";
         for n in [512, 768] {
-            assert_eq!(at(77, n, 512, Gemm::Tiled, true, true), tiled(v2, 256, 8));
+            assert_eq!(
+                at(77, n, 512, Gemm::Tiled, true, true),
+                tiled(v2, 256, 8, 64)
+            );
         }
         for n in [1536, 2048] {
-            assert_eq!(at(77, n, 512, Gemm::Tiled, true, true), None);
+            let two_steps = tiled(v2, 256, 4, 128);
+            assert_eq!(at(77, n, 512, Gemm::Tiled, true, true), two_steps);
         }
         for n in [512, 768, 1536, 2048] {
-            assert_eq!(at(77, n, 512, Gemm::Half, true, true), tiled(v3, 128, 8));
-            let wmma = at(77, n, 512, Gemm::HalfWmma, true, true);
-            assert_eq!(wmma, tiled(v3, 128, 8));
+            let one_step = tiled(v3, 128, 8, 64);
+            assert_eq!(at(77, n, 512, Gemm::Half, true, true), one_step);
+            assert_eq!(at(77, n, 512, Gemm::HalfWmma, true, true), one_step);
         }
-        // Batch 8's (616 rows: 10 x 8 tiles x 8 splits, past one wave) not;
-        // a ragged K of 200 in 4 steps.
+        // Batch 8's (616 rows: 10 x 8 tiles x 8 splits, past one wave; in
+        // f32 also at two steps, 10 x 8 x 4) not; a ragged K of 200 in 4
+        // steps; K of 1024 in 8 blocks of two steps (v2 only).
         assert_eq!(at(616, 512, 512, Gemm::Half, true, true), None);
         assert_eq!(at(616, 512, 512, Gemm::Tiled, true, true), None);
-        assert_eq!(at(77, 130, 200, Gemm::Tiled, true, true), tiled(v2, 256, 4));
+        assert_eq!(
+            at(77, 130, 200, Gemm::Tiled, true, true),
+            tiled(v2, 256, 4, 64)
+        );
+        let deep = tiled(v2, 256, 8, 128);
+        assert_eq!(at(77, 512, 1024, Gemm::Tiled, true, true), deep);
+        assert_eq!(at(77, 512, 1024, Gemm::Half, true, true), None);
         // Few rows: v4.
         assert_eq!(
             at(4, 1536, 512, Gemm::Half, true, true),
@@ -1134,7 +1161,7 @@ mod tests {
         // copies, grids that fill the device unsplit (batch 64).
         assert_eq!(at(77, 512, 512, Gemm::Tiled, true, false), None);
         assert_eq!(at(77, 512, 512, Gemm::Tf32, true, true), None);
-        assert_eq!(at(77, 512, 1024, Gemm::Tiled, true, true), None);
+        assert_eq!(at(77, 512, 2048, Gemm::Tiled, true, true), None);
         assert_eq!(at(77, 512, 512, Gemm::Half, false, true), None);
         assert_eq!(at(4928, 512, 512, Gemm::Tiled, true, true), None);
         assert_eq!(at(4928, 512, 512, Gemm::Half, true, true), None);
