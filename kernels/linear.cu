@@ -1348,25 +1348,31 @@ OP_KERNEL_NAME(linear_tc_tf32_large_vec4)(const LinearParams p) {
 // and one barrier per step. No padding: chunk c (16 bytes) of a staged row r
 // is stored at r * 4 + (c ^ ((r / 2) % 4)), so the 8 rows one ldmatrix phase
 // reads at the same chunk fall on 8 distinct 16-byte bank groups.
+// The narrow twin (BN = 64: warps of 64x32, 6 fragment loads per 16 MMAs,
+// 36 KiB, 4 blocks per SM) is for grids where 128x128 tiles would leave some
+// SMs two tiles and most one (N = 512 at batch 64: 156 tiles on 132 SMs).
 #define LINEAR_MMA_BM 128
 #define LINEAR_MMA_BN 128
+#define LINEAR_MMA_NARROW_BN 64
 #define LINEAR_MMA_BK 32
 #define LINEAR_MMA_STAGES 3
 #define LINEAR_MMA_THREADS 128
+#define LINEAR_MMA_NARROW_BLOCKS 4
 // Epilogue scratch: a warp's 16 x 64 sums per pass, rows of 72 floats (the
 // 8-byte stores of a half warp, rows g and columns 2t, on distinct banks).
 #define LINEAR_MMA_LDC 72
 
+template <int BN>
 struct LinearMmaSmem {
     union {
         struct {
             uint4 x[LINEAR_MMA_BM * 4];
-            uint4 w[LINEAR_MMA_BN * 4];
+            uint4 w[BN * 4];
         } stage[LINEAR_MMA_STAGES];
         float c[LINEAR_MMA_THREADS / 32][16][LINEAR_MMA_LDC];
     };
 };
-static_assert(sizeof(LinearMmaSmem) <= 48 * 1024, "static shared memory");
+static_assert(sizeof(LinearMmaSmem<LINEAR_MMA_BN>) <= 48 * 1024, "static shared memory");
 
 // Byte offset of chunk c of staged row r. The XOR term repeats every 8 rows,
 // so rows 16 (or 32) apart differ by a fixed offset, which the loops below
@@ -1376,10 +1382,12 @@ __device__ __forceinline__ int linear_mma_offset(int r, int c) {
 }
 
 // One operand's copies into the stages, set up once: a thread copies chunk
-// `c` (16 bytes) of tile rows r, r + 32, r + 64 and r + 96 (r = thread / 4)
-// at every K step, to the same offsets of each stage; a step costs its four
+// `c` (16 bytes) of tile rows r, r + 32, .. (r = thread / 4; ROWS / 32 of
+// them) at every K step, to the same offsets of each stage; a step costs its
 // cp.async and the address arithmetic of one column check.
+template <int ROWS>
 struct LinearMmaCopy {
+    static constexpr int PER = ROWS / 32;
     const elem* src;    // row r's chunk at K step 0 (a row past the operand: its last row)
     int stride;         // 32 rows, in elements
     int col;            // the chunk's first column at K step 0
@@ -1396,7 +1404,7 @@ struct LinearMmaCopy {
         dst = linear_mma_offset(r, c);
         rows_ok = 0;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < PER; ++j) {
             rows_ok |= (row + 32 * j < rows ? 1u : 0u) << j;
         }
     }
@@ -1409,38 +1417,40 @@ struct LinearMmaCopy {
         const bool col_ok = col + k0 < k;
         char* base = reinterpret_cast<char*>(tile) + dst;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < PER; ++j) {
             const int jj = (rows_ok >> j) & 1 ? j : 0;  // clamped rows stay in range
             cp_async16(base + 2048 * j, src + jj * stride + k0, col_ok && ((rows_ok >> j) & 1));
         }
     }
 };
 
-// block LINEAR_MMA_THREADS; grid (ceil(N / 128), ceil(M / 128)). Needs
+// block LINEAR_MMA_THREADS; grid (ceil(N / BN), ceil(M / 128)). Needs
 // K % 8 == 0 and 16-byte aligned x and w; no split-K (planned where the tiles
 // alone fill the device).
-extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, 2)
-OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
-    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_BN); });
-    __shared__ __align__(128) LinearMmaSmem sm;
+template <int BN>
+__device__ __forceinline__ void linear_mma(const LinearParams& p) {
+    __shared__ __align__(128) LinearMmaSmem<BN> sm;
     static_assert(LINEAR_MMA_THREADS == 128 && LINEAR_MMA_BM == 128 && LINEAR_MMA_BK == 32,
-                  "LinearMmaCopy: 4 chunks of 32 rows apart per thread, 4 chunks per row");
+                  "LinearMmaCopy: chunks 32 rows apart per thread, 4 chunks per row");
+    constexpr int WN = BN / 2;    // a warp's columns
+    constexpr int J = WN / 8;     // its n8 fragments
+    static_assert(J % 2 == 0, "ldmatrix.x4 loads two n8 fragments");
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
     const int wm = (warp >> 1) * 64;  // this warp's rows of the tile
-    const int wn = (warp & 1) * 64;   // and columns
+    const int wn = (warp & 1) * WN;   // and columns
     const int m0 = blockIdx.y * LINEAR_MMA_BM;
-    const int n0 = blockIdx.x * LINEAR_MMA_BN;
+    const int n0 = blockIdx.x * BN;
     const bool rows_live = m0 + wm < p.m;
     const int steps = (p.k + LINEAR_MMA_BK - 1) / LINEAR_MMA_BK;
-    const LinearMmaCopy copy_x(p.x, m0, p.m, p.k);
-    const LinearMmaCopy copy_w(p.w, n0, p.n, p.k);
+    const LinearMmaCopy<LINEAR_MMA_BM> copy_x(p.x, m0, p.m, p.k);
+    const LinearMmaCopy<BN> copy_w(p.w, n0, p.n, p.k);
 
-    float acc[4][8][4];
+    float acc[4][J][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < J; ++j) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 acc[i][j][e] = 0.0f;
@@ -1486,13 +1496,13 @@ OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 unsigned a[4][4];
-                unsigned b[8][2];
+                unsigned b[J][2];
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     ldmatrix_x4(a[i], xs + a_off[h] + 1024 * i);
                 }
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
+                for (int j = 0; j < J / 2; ++j) {
                     unsigned q[4];
                     ldmatrix_x4(q, ws + b_off[h] + 1024 * j);
                     b[2 * j][0] = q[0];
@@ -1503,7 +1513,7 @@ OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) {
+                    for (int j = 0; j < J; ++j) {
                         mma_16816(acc[i][j], a[i], b[j]);
                     }
                 }
@@ -1519,8 +1529,11 @@ OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
     }
 
     // 16 rows at a time through the warp's scratch, so that a lane's stores
-    // are 4 consecutive columns of one row (a warp: 2 rows of 64), through the
-    // epilogue (bias, activation, residual, rounding to elem).
+    // are 4 consecutive columns of one row (a warp: 32 / (WN / 4) rows of WN
+    // per pass), through the epilogue (bias, activation, residual, rounding
+    // to elem).
+    constexpr int LANES_PER_ROW = WN / 4;
+    constexpr int ROWS_PER_PASS = 32 / LANES_PER_ROW;
     const bool vec_out = linear_vec_out(p);
     float (*scratch)[LINEAR_MMA_LDC] = sm.c[warp];
     const int g = lane >> 2;
@@ -1528,7 +1541,7 @@ OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < J; ++j) {
             *reinterpret_cast<float2*>(&scratch[g][8 * j + 2 * t]) =
                 make_float2(acc[i][j][0], acc[i][j][1]);
             *reinterpret_cast<float2*>(&scratch[g + 8][8 * j + 2 * t]) =
@@ -1538,9 +1551,9 @@ OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
         // Not unrolled: one copy of the epilogue's code per pass is enough
         // (unrolled, the kernel was 46 K instructions).
 #pragma unroll 1
-        for (int q = 0; q < 8; ++q) {
-            const int r = (lane >> 4) + 2 * q;
-            const int c = (lane & 15) * 4;
+        for (int q = 0; q < 16 / ROWS_PER_PASS; ++q) {
+            const int r = lane / LANES_PER_ROW + ROWS_PER_PASS * q;
+            const int c = (lane % LANES_PER_ROW) * 4;
             const int m = m0 + wm + 16 * i + r;
             const int n = n0 + wn + c;
             if (m < p.m && n < p.n) {
@@ -1549,6 +1562,18 @@ OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
         }
         __syncwarp();  // every lane has read the scratch before it is reused
     }
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, 2)
+OP_KERNEL_NAME(linear_mma_vec8)(const LinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_BN); });
+    linear_mma<LINEAR_MMA_BN>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, LINEAR_MMA_NARROW_BLOCKS)
+OP_KERNEL_NAME(linear_mma_narrow_vec8)(const LinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_NARROW_BN); });
+    linear_mma<LINEAR_MMA_NARROW_BN>(p);
 }
 #endif
 #endif  // LINEAR_TC_ANY

@@ -408,7 +408,9 @@ fn tf32_linear_matches_reference() {
 
 /// Linear on tensor cores with 128x128 tiles: an output with a large tile for
 /// every SM (the rule `linear` picks them by), ragged at the edges and with a
-/// K tail, in bf16 (mma.sync, and WMMA where asked for) and TF32.
+/// K tail, in bf16 (mma.sync, and WMMA where asked for) and TF32; and 512
+/// columns whose square tiles would leave a few SMs two (mma.sync's 128x64
+/// tiles, bitwise the square ones).
 #[test]
 fn large_tile_linear_matches_reference() {
     let wmma = CudaOptions {
@@ -443,24 +445,63 @@ fn large_tile_linear_matches_reference() {
         let m = 128 * (sms.div_ceil(12) - 1) + 5;
         assert!(m.div_ceil(128) * n.div_ceil(128) >= sms);
         assert_eq!(be.linear_kernel(m, n, 40).unwrap(), kernel);
-        let case = Case::Linear {
-            m,
-            n,
-            k: 40,
-            act: Activation::Relu,
-            bias: true,
-            residual: true,
-        };
-        let r = verify::compare_case(&be, &case, storage, 77)
-            .unwrap_or_else(|e| panic!("{} {}: {e}", storage.name(), case.describe()));
-        println!(
-            "{} {kernel} {:<30} rel {:.3e}",
-            storage.name(),
-            r.case,
-            r.rel
-        );
+        let r = large_tile_case(&be, storage, m, n, kernel);
         assert!(r.rel <= tol, "{}: rel {:.3e}", r.case, r.rel);
     }
+    let Some(be) = backend_storing(KernelVersion::Fast, DType::BF16) else {
+        return;
+    };
+    let square = be
+        .with_options(CudaOptions {
+            square_mma_tiles: true,
+            ..be.options().clone()
+        })
+        .unwrap();
+    let (m, n) = (128 * (be.sm_count() as usize).div_ceil(4) + 5, 512);
+    assert_eq!(
+        be.linear_kernel(m, n, 40).unwrap(),
+        "linear_mma_narrow_vec8"
+    );
+    assert_eq!(square.linear_kernel(m, n, 40).unwrap(), "linear_mma_vec8");
+    let narrow = large_tile_case(&be, DType::BF16, m, n, "linear_mma_narrow_vec8");
+    assert!(
+        narrow.rel <= 1e-2,
+        "{}: rel {:.3e}",
+        narrow.case,
+        narrow.rel
+    );
+    // The same sums: the same distance from the reference, to the bit.
+    let wide = large_tile_case(&square, DType::BF16, m, n, "linear_mma_vec8");
+    let bits = |c: &verify::Comparison| (c.rel.to_bits(), c.max_abs.to_bits());
+    assert_eq!(bits(&narrow), bits(&wide), "narrow against square tiles");
+}
+
+/// [`large_tile_linear_matches_reference`]'s GEMM of `m x n x 40` on `be`
+/// against the reference.
+fn large_tile_case(
+    be: &Cuda,
+    storage: DType,
+    m: usize,
+    n: usize,
+    kernel: &str,
+) -> verify::Comparison {
+    let case = Case::Linear {
+        m,
+        n,
+        k: 40,
+        act: Activation::Relu,
+        bias: true,
+        residual: true,
+    };
+    let r = verify::compare_case(be, &case, storage, 77)
+        .unwrap_or_else(|e| panic!("{} {}: {e}", storage.name(), case.describe()));
+    println!(
+        "{} {kernel} {:<30} rel {:.3e}",
+        storage.name(),
+        r.case,
+        r.rel
+    );
+    r
 }
 
 /// The whole projector with linear on TF32 tensor cores.

@@ -178,6 +178,8 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
             assert_eq!(
                 tc,
                 [
+                    "linear_mma_narrow_vec8_bf16",
+                    "linear_mma_narrow_vec8_f16",
                     "linear_mma_vec8_bf16",
                     "linear_mma_vec8_f16",
                     "linear_tc_large_vec8_bf16",

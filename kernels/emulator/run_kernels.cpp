@@ -540,6 +540,7 @@ struct HalfF16 {
     static void linear_scalar(const LP& p) { k_f16::linear_tc_scalar_f16(p); }
     static void linear_large(const LP& p) { k_f16::linear_tc_large_vec8_f16(p); }
     static void linear_mma(const LP& p) { k_f16::linear_mma_vec8_f16(p); }
+    static void linear_mma_narrow(const LP& p) { k_f16::linear_mma_narrow_vec8_f16(p); }
     typedef k_f16::LayerNormLinearParams LNP;
     static void layer_norm_linear_tc(const LNP& p) { k_f16::layer_norm_linear_tc_vec8_f16(p); }
     static void linear_rows(const LP& p, bool vec) {
@@ -560,6 +561,7 @@ struct HalfBF16 {
     static void linear_scalar(const LP& p) { k_bf16::linear_tc_scalar_bf16(p); }
     static void linear_large(const LP& p) { k_bf16::linear_tc_large_vec8_bf16(p); }
     static void linear_mma(const LP& p) { k_bf16::linear_mma_vec8_bf16(p); }
+    static void linear_mma_narrow(const LP& p) { k_bf16::linear_mma_narrow_vec8_bf16(p); }
     typedef k_bf16::LayerNormLinearParams LNP;
     static void layer_norm_linear_tc(const LNP& p) { k_bf16::layer_norm_linear_tc_vec8_bf16(p); }
     static void linear_rows(const LP& p, bool vec) {
@@ -701,6 +703,13 @@ static void test_linear_half(int m, int n, int k) {
             p.out = large.data() + ooff;
             emu::launch(grid, dim3(256), [&] { S::linear_large(p); });
             check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n, "v3's large tiles");
+            // Its 128x64 tiles: the same sums, tile by tile.
+            std::vector<E> narrow((size_t)m * n + ooff, S::from(NAN));
+            p.out = narrow.data() + ooff;
+            emu::launch(dim3(cdiv(n, 64), cdiv(m, 128), 1), dim3(128),
+                        [&] { S::linear_mma_narrow(p); });
+            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n,
+                       "v5's narrow tiles");
         } else if (variant >= 3) {
             // v4 (few rows): 8-byte loads, then scalar loads with one warp.
             const bool rows_vec = variant == 3;

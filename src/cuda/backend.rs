@@ -98,6 +98,13 @@ pub struct CudaOptions {
     /// against. Both add each 16 K columns' products in K order into f32;
     /// [`Cuda::linear_kernel`] says which kernel a GEMM takes.
     pub wmma_large_tiles: bool,
+    /// Give those GEMMs the mma.sync kernel's 128x128 tiles always (default
+    /// off). Off, a GEMM whose 128x128 tiles would fall unevenly on the SMs
+    /// (batch 64's 4928x512 outputs: 156 tiles on 132 SMs) takes its 128x64
+    /// tiles (`linear_mma_narrow_vec8`) instead; this is the baseline those
+    /// are measured against. The same sums in the same order either way:
+    /// bitwise the same output.
+    pub square_mma_tiles: bool,
     /// Run every LayerNorm as a kernel of its own, before the linear that
     /// reads it (default off). Off, a LayerNorm folds into that linear where
     /// one kernel can do both: GEMMs of up to 16 rows, and, where split

@@ -5,7 +5,9 @@
 //! on TF32 tensor cores. GEMMs of few rows take v4 (`linear_rows_*`) in every
 //! storage: 8x4 outputs per block over all of K, no split-K. 16-bit GEMMs
 //! whose 128x128 tiles alone fill the device take v5 (`linear_mma_vec8`:
-//! mma.sync on fragments loaded with ldmatrix, three cp.async stages), or
+//! mma.sync on fragments loaded with ldmatrix, three cp.async stages; its
+//! 128x64 twin `linear_mma_narrow_vec8` where that spreads the tiles more
+//! evenly over the SMs), or
 //! v3's WMMA with those tiles under
 //! [`CudaOptions::wmma_large_tiles`](super::CudaOptions::wmma_large_tiles). Where the device
 //! launches thread-block clusters, a split GEMM's blocks of one tile are one
@@ -15,7 +17,9 @@
 use cudarc::driver::DeviceRepr;
 
 use super::attention::{AttentionParams, FEW_KEYS_MAX};
-use super::backend::{blocks_for, i32_of, Cuda, CudaMask, CudaTensor, KernelVersion, MAX_CLUSTER};
+use super::backend::{
+    blocks_for, i32_of, Cuda, CudaMask, CudaOptions, CudaTensor, KernelVersion, MAX_CLUSTER,
+};
 use super::program::{param_layout, Program};
 use crate::error::Result;
 use crate::ops::{Activation, AttentionDims, AttentionInput, LinearDims, NormInput};
@@ -155,6 +159,7 @@ pub(crate) static PROGRAM: Program = Program {
         "linear_tc_scalar",
         "linear_tc_large_vec8",
         "linear_mma_vec8",
+        "linear_mma_narrow_vec8",
         "layer_norm_linear_tc_vec8",
     ],
     tf32_kernels: &[
@@ -178,6 +183,8 @@ const ROWS_MAX_M: usize = 2 * ROWS_M;
 const ROWS_MAX_THREADS: usize = 256;
 /// Output tile of v3's large tiles, used where they alone give every SM one.
 const LARGE_TILE: usize = 128;
+/// Output columns of v5's narrow tiles (`LINEAR_MMA_NARROW_BN`; 128 rows).
+const NARROW_TILE: usize = 64;
 /// Blocks per SM that the tiled kernels after a norm are built for
 /// (`LINEAR_NORM_TILED_BLOCKS`, v3's `LINEAR_TC_SMALL_BLOCKS`).
 const NORM_TILED_BLOCKS: usize = 2;
@@ -248,23 +255,27 @@ fn split_k(
 }
 
 /// Which fast GEMM runs: v2 on CUDA cores (f32), v3 on tensor cores for
-/// 16-bit storage (v5 where large tiles fill the device; `HalfWmma`: v3's
-/// large tiles there), or v3 on TF32 tensor cores (f32 with `tf32`).
+/// 16-bit storage (v5 where large tiles fill the device, 128x128 or 128x64
+/// as [`narrow_tiles_spread_better`] says; `HalfSquare`: 128x128 only;
+/// `HalfWmma`: v3's large tiles there), or v3 on TF32 tensor cores (f32 with
+/// `tf32`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Gemm {
     Tiled,
     Half,
+    HalfSquare,
     HalfWmma,
     Tf32,
 }
 
 impl Gemm {
-    pub(crate) fn for_storage(storage: DType, tf32: bool, wmma_large_tiles: bool) -> Gemm {
-        match (storage, tf32, wmma_large_tiles) {
-            (DType::F32, false, _) => Gemm::Tiled,
-            (DType::F32, true, _) => Gemm::Tf32,
-            (_, _, false) => Gemm::Half,
-            (_, _, true) => Gemm::HalfWmma,
+    pub(crate) fn for_storage(storage: DType, options: &CudaOptions) -> Gemm {
+        match (storage, options.tf32) {
+            (DType::F32, false) => Gemm::Tiled,
+            (DType::F32, true) => Gemm::Tf32,
+            _ if options.wmma_large_tiles => Gemm::HalfWmma,
+            _ if options.square_mma_tiles => Gemm::HalfSquare,
+            _ => Gemm::Half,
         }
     }
 
@@ -272,7 +283,7 @@ impl Gemm {
     /// `LinearTcSmall`'s 128 bytes per row).
     fn k_step(self) -> usize {
         match self {
-            Gemm::Tiled | Gemm::Half | Gemm::HalfWmma => 64,
+            Gemm::Tiled | Gemm::Half | Gemm::HalfSquare | Gemm::HalfWmma => 64,
             Gemm::Tf32 => 32,
         }
     }
@@ -284,7 +295,7 @@ impl Gemm {
     fn finish_slices(self) -> usize {
         match self {
             Gemm::Tiled => 8,
-            Gemm::Half | Gemm::HalfWmma | Gemm::Tf32 => 4,
+            Gemm::Half | Gemm::HalfSquare | Gemm::HalfWmma | Gemm::Tf32 => 4,
         }
     }
 
@@ -305,8 +316,8 @@ impl Gemm {
     /// aligned).
     fn kernel(self, wide: bool) -> (&'static str, u32) {
         match (self, wide) {
-            (Gemm::Half | Gemm::HalfWmma, true) => ("linear_tc_vec8", 128),
-            (Gemm::Half | Gemm::HalfWmma, false) => ("linear_tc_scalar", 128),
+            (Gemm::Half | Gemm::HalfSquare | Gemm::HalfWmma, true) => ("linear_tc_vec8", 128),
+            (Gemm::Half | Gemm::HalfSquare | Gemm::HalfWmma, false) => ("linear_tc_scalar", 128),
             (Gemm::Tf32, true) => ("linear_tc_tf32_vec4", 128),
             (Gemm::Tf32, false) => ("linear_tc_tf32_scalar", 128),
             (Gemm::Tiled, true) => ("linear_tiled_vec4", 256),
@@ -319,7 +330,7 @@ impl Gemm {
     /// K step; 16-byte copies only.
     fn large_kernel(self) -> Option<(&'static str, u32, usize)> {
         match self {
-            Gemm::Half => Some(("linear_mma_vec8", 128, 32)),
+            Gemm::Half | Gemm::HalfSquare => Some(("linear_mma_vec8", 128, 32)),
             Gemm::HalfWmma => Some(("linear_tc_large_vec8", 256, 32)),
             Gemm::Tf32 => Some(("linear_tc_tf32_large_vec4", 256, 16)),
             Gemm::Tiled => None,
@@ -371,11 +382,17 @@ pub(crate) fn plan(
             let large_tiles = d.m.div_ceil(LARGE_TILE) * d.n.div_ceil(LARGE_TILE);
             if let Some((kernel, threads, k_step)) = gemm.large_kernel() {
                 if wide && large_tiles >= sm_count as usize {
+                    let narrow = gemm == Gemm::Half && narrow_tiles_spread_better(d, sm_count);
+                    let (kernel, columns) = if narrow {
+                        ("linear_mma_narrow_vec8", NARROW_TILE)
+                    } else {
+                        (kernel, LARGE_TILE)
+                    };
                     return Ok(LinearPlan::Tiled {
                         kernel,
                         threads,
                         grid: (
-                            blocks_for("linear", d.n, LARGE_TILE)?,
+                            blocks_for("linear", d.n, columns)?,
                             blocks_for("linear", d.m, LARGE_TILE)?,
                             1,
                         ),
@@ -408,6 +425,20 @@ pub(crate) fn plan(
             })
         }
     }
+}
+
+/// Whether v5's 128x64 tiles share a GEMM of `d` among `sm_count` SMs more
+/// evenly than its 128x128 ones: the busiest SM's columns of output (its
+/// `ceil(tiles / SMs)` tiles, as many as one wave of blocks gives it, times
+/// the tile's width) are fewer. Batch 64's 4928x512 outputs: 156 square
+/// tiles leave 24 SMs two (256 columns) and the rest one; 312 narrow ones
+/// leave at most three (192). Where the two come out even (N = 768, 1536,
+/// 2048 at batch 64), the square tiles' fewer fragment loads per MMA win.
+fn narrow_tiles_spread_better(d: LinearDims, sm_count: u32) -> bool {
+    let sms = (sm_count as usize).max(1);
+    let busiest =
+        |columns: usize| (d.m.div_ceil(LARGE_TILE) * d.n.div_ceil(columns)).div_ceil(sms) * columns;
+    busiest(NARROW_TILE) < busiest(LARGE_TILE)
 }
 
 /// The block size of v4 with its x computed in the block
@@ -661,8 +692,7 @@ pub(crate) fn act_code(act: Activation) -> i32 {
 
 /// `be`'s fast GEMM family, as its storage and options choose it.
 fn gemm_of(be: &Cuda) -> Gemm {
-    let options = be.options();
-    Gemm::for_storage(be.storage(), options.tf32, options.wmma_large_tiles)
+    Gemm::for_storage(be.storage(), be.options())
 }
 
 /// Whether rows of K elements can be copied 16 bytes at a time on `be`
@@ -996,6 +1026,7 @@ mod tests {
         let (_, threads, step) = Gemm::Half.large_kernel().unwrap();
         assert!(src.contains(&format!("#define LINEAR_MMA_BM {LARGE_TILE}")));
         assert!(src.contains(&format!("#define LINEAR_MMA_BN {LARGE_TILE}")));
+        assert!(src.contains(&format!("#define LINEAR_MMA_NARROW_BN {NARROW_TILE}")));
         assert!(src.contains(&format!("#define LINEAR_MMA_BK {step}")));
         assert!(src.contains(&format!("#define LINEAR_MMA_THREADS {threads}")));
         assert!(src.contains(&format!("#define LINEAR_MAX_CLUSTER {MAX_CLUSTER}")));
@@ -1045,13 +1076,37 @@ mod tests {
     }
 
     #[test]
+    fn narrow_tiles_where_square_ones_fall_unevenly() {
+        let narrow = |m, n| narrow_tiles_spread_better(dims(m, n, 512), 132);
+        // Batch 64 (4928 rows): only N = 512 (2 x 128 against 3 x 64
+        // columns on the busiest SM); 768, 1536 and 2048 come out even.
+        assert!(narrow(4928, 512));
+        for n in [768, 1536, 2048] {
+            assert!(!narrow(4928, n), "{n}");
+        }
+        // Exactly one square tile per SM: even already.
+        assert!(!narrow(128 * 11, 128 * 12));
+        // Four SMs with two square tiles (136): three narrow ones at most.
+        assert!(narrow(128 * 34, 512));
+        // No SMs (never reported): no division by zero.
+        assert!(!narrow_tiles_spread_better(dims(4928, 512, 512), 0));
+    }
+
+    #[test]
     fn large_tiles_where_they_fill_the_device() {
-        // Batch 64's decoder GEMMs: 39 x 4 large tiles and more.
+        // Batch 64's decoder GEMMs: 39 x 4 large tiles and more. v5 takes
+        // 128x64 tiles for N = 512 only (156 square tiles on 132 SMs).
         for (m, n, k) in [(4928, 512, 2048), (4928, 2048, 512), (4928, 1536, 512)] {
-            for (gemm, want_kernel, want_threads) in [
-                (Gemm::Half, "linear_mma_vec8", 128),
-                (Gemm::HalfWmma, "linear_tc_large_vec8", 256),
-                (Gemm::Tf32, "linear_tc_tf32_large_vec4", 256),
+            let v5 = if n == 512 {
+                ("linear_mma_narrow_vec8", NARROW_TILE)
+            } else {
+                ("linear_mma_vec8", LARGE_TILE)
+            };
+            for (gemm, want_kernel, want_threads, columns) in [
+                (Gemm::Half, v5.0, 128, v5.1),
+                (Gemm::HalfSquare, "linear_mma_vec8", 128, LARGE_TILE),
+                (Gemm::HalfWmma, "linear_tc_large_vec8", 256, LARGE_TILE),
+                (Gemm::Tf32, "linear_tc_tf32_large_vec4", 256, LARGE_TILE),
             ] {
                 let p = plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, true, true).unwrap();
                 let LinearPlan::Tiled {
@@ -1067,7 +1122,8 @@ mod tests {
                 };
                 assert_eq!((kernel, threads), (want_kernel, want_threads));
                 assert_eq!((splits, grid.2, cluster), (1, 1, false));
-                assert!(grid.0 as usize * LARGE_TILE >= n && grid.1 as usize * LARGE_TILE >= m);
+                assert_eq!(grid.0 as usize, n.div_ceil(columns));
+                assert_eq!(grid.1 as usize, m.div_ceil(LARGE_TILE));
                 assert!(k_per_split >= k);
             }
             // Not on CUDA cores, and not without 16-byte copies.
