@@ -42,7 +42,8 @@ OPS = {"attention": "F.scaled_dot_product_attention", "layer_norm": "F.layer_nor
        "linear": "F.linear (cuBLAS)"}
 # Our op again on another kernel (present where the op takes a different one there):
 # (op, our row, label).
-OP_BASELINES = [("linear", "linear wmma", "v3 WMMA")]
+OP_BASELINES = [("linear", "linear wmma", "v3 WMMA"),
+                ("linear", "linear square", "v5 128x128 tiles")]
 
 
 def load_ours(paths, device):

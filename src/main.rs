@@ -555,30 +555,46 @@ impl BackendTask for Check {
 
 /// A GEMM with a 128x128 tile for every SM of `be`'s device (ragged in M and
 /// K), on the kernel that takes such grids, and for 16-bit storage also on
-/// the WMMA kernel `wmma_large_tiles` keeps: the standard cases are too small
-/// for them, and batch 64's forward is only timed.
+/// the WMMA kernel `wmma_large_tiles` keeps; and for 16-bit storage a GEMM
+/// of 512 columns whose square tiles would leave a few SMs two, on v5's
+/// narrow tiles and on its square ones: the standard cases are too small for
+/// them, and batch 64's forward is only timed.
 #[cfg(feature = "cuda")]
 fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
     let sms = be.sm_count() as usize;
-    let (n, k) = (128 * 12, 200);
-    let m = 128 * (sms.div_ceil(12).max(2) - 1) + 5;
-    let case = verify::Case::Linear {
-        m,
-        n,
-        k,
-        act: output_projector::ops::Activation::Relu,
-        bias: true,
-        residual: true,
-    };
-    let mut backends = vec![be.clone()];
+    let k = 200;
+    let square = (128 * (sms.div_ceil(12).max(2) - 1) + 5, 128 * 12);
+    let mut runs = vec![(be.clone(), square)];
     if precision.storage().size() == 2 {
-        backends.push(be.with_options(CudaOptions {
-            wmma_large_tiles: true,
-            ..be.options().clone()
-        })?);
+        let narrow = (128 * sms.div_ceil(4) + 5, 512);
+        runs.extend([
+            (
+                be.with_options(CudaOptions {
+                    wmma_large_tiles: true,
+                    ..be.options().clone()
+                })?,
+                square,
+            ),
+            (be.clone(), narrow),
+            (
+                be.with_options(CudaOptions {
+                    square_mma_tiles: true,
+                    ..be.options().clone()
+                })?,
+                narrow,
+            ),
+        ]);
     }
     let mut rows = Vec::new();
-    for b in backends {
+    for (b, (m, n)) in runs {
+        let case = verify::Case::Linear {
+            m,
+            n,
+            k,
+            act: output_projector::ops::Activation::Relu,
+            bias: true,
+            residual: true,
+        };
         let mut c = verify::compare_case(&b, &case, precision.storage(), 77)?;
         c.case = format!("{} {}", c.case, b.linear_kernel(m, n, k)?);
         rows.push(check_row("cpu", c, precision.tolerances().0));
@@ -855,38 +871,55 @@ impl Bench<'_> {
 
 #[cfg(feature = "cuda")]
 impl Bench<'_> {
-    /// `batch`'s GEMMs that take v5 (mma.sync) on `be` again on v3's WMMA
-    /// large tiles, as `linear wmma` rows after that batch's op rows.
-    fn wmma_rows(&self, be: &Cuda, batch: usize) -> Result<Vec<BenchRow>> {
-        let wmma = be.with_options(CudaOptions {
-            wmma_large_tiles: true,
-            ..be.options().clone()
-        })?;
+    /// `batch`'s GEMMs again on the kernels they would take under other
+    /// options, where those differ, as rows after that batch's op rows: v5
+    /// (mma.sync) on v3's WMMA large tiles (`linear wmma`), and v5's 128x64
+    /// tiles on its 128x128 ones (`linear square`).
+    fn gemm_baseline_rows(&self, be: &Cuda, batch: usize) -> Result<Vec<BenchRow>> {
+        let baselines = [
+            (
+                "wmma",
+                CudaOptions {
+                    wmma_large_tiles: true,
+                    ..be.options().clone()
+                },
+            ),
+            (
+                "square",
+                CudaOptions {
+                    square_mma_tiles: true,
+                    ..be.options().clone()
+                },
+            ),
+        ];
         let config = self.config();
         let elem = self.elem(DeviceKind::Cuda);
         let mut rows = Vec::new();
-        for case in OpCase::projector_ops(&config, batch, config.n_in.unwrap_or(4))? {
-            let OpCase::Linear { m, n, k, .. } = case else {
-                continue;
-            };
-            if be.linear_kernel(m, n, k)? == wmma.linear_kernel(m, n, k)? {
-                continue;
+        for (label, options) in baselines {
+            let other = be.with_options(options)?;
+            for case in OpCase::projector_ops(&config, batch, config.n_in.unwrap_or(4))? {
+                let OpCase::Linear { m, n, k, .. } = case else {
+                    continue;
+                };
+                if be.linear_kernel(m, n, k)? == other.linear_kernel(m, n, k)? {
+                    continue;
+                }
+                let mut p = case.prepare(&other, 2)?;
+                let (t, burst) = self.measure(&other, || p.run(&other))?;
+                let what = format!("{} {label}", case.op());
+                let (flops, bytes) = (case.flops(), case.bytes(elem));
+                let mut r = row(
+                    DeviceKind::Cuda,
+                    self.precision,
+                    &what,
+                    case.shape(),
+                    &t,
+                    flops,
+                    bytes,
+                );
+                r.burst_us = burst;
+                rows.push(r);
             }
-            let mut p = case.prepare(&wmma, 2)?;
-            let (t, burst) = self.measure(&wmma, || p.run(&wmma))?;
-            let what = format!("{} wmma", case.op());
-            let (flops, bytes) = (case.flops(), case.bytes(elem));
-            let mut r = row(
-                DeviceKind::Cuda,
-                self.precision,
-                &what,
-                case.shape(),
-                &t,
-                flops,
-                bytes,
-            );
-            r.burst_us = burst;
-            rows.push(r);
         }
         Ok(rows)
     }
@@ -941,8 +974,9 @@ impl BackendTask for Bench<'_> {
     }
 
     /// The rows of every backend batch by batch, each batch's followed by
-    /// its `linear wmma` rows (16-bit GEMMs that take v5 timed on v3's
-    /// large tiles), then the forward replayed from a CUDA graph;
+    /// its `linear wmma` and `linear square` rows (16-bit GEMMs that take v5
+    /// timed on v3's large tiles, and those on v5's narrow tiles on its
+    /// square ones), then the forward replayed from a CUDA graph;
     /// where kernels are queued with programmatic dependent launch, the graph
     /// again with serial launches, and where split GEMMs add their slices in
     /// a cluster, again through memory, so the table shows what each gains.
@@ -955,7 +989,7 @@ impl BackendTask for Bench<'_> {
                 ..self
             };
             rows.extend(one.run(be.clone(), DeviceKind::Cuda)?);
-            rows.extend(self.wmma_rows(&be, *batch)?);
+            rows.extend(self.gemm_baseline_rows(&be, *batch)?);
         }
         let weights = self.weights()?;
         let mut backends = vec![("projector graph", be.clone())];

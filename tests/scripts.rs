@@ -99,7 +99,9 @@ fn compare_bench_marks_targets_notes_bursts_baselines_and_graphs_without_feature
  {"device":"cuda","precision":"bf16","what":"linear","shape":"77x1536x512","median_us":20,
   "min_us":19,"device_us":12,"burst_us":6.5,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":null},
  {"device":"cuda","precision":"bf16","what":"linear wmma","shape":"77x1536x512","median_us":30,
-  "min_us":29,"device_us":22,"burst_us":16.5,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":null}
+  "min_us":29,"device_us":22,"burst_us":16.5,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":null},
+ {"device":"cuda","precision":"bf16","what":"linear square","shape":"77x1536x512","median_us":25,
+  "min_us":24,"device_us":20,"burst_us":15,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":null}
 ]"#,
     )?;
     let torch = write(
@@ -129,7 +131,7 @@ fn compare_bench_marks_targets_notes_bursts_baselines_and_graphs_without_feature
         "| ours: projector graph split-K in memory | image batch 1 | 84.0 | | | cluster split-K (and the decoder's folded norms) 1.20x faster |",
         "| ours: projector graph layer_norms apart | image batch 1 | 77.0 | | | folded layer_norms 1.10x faster |",
         "| ours: projector graph attention apart | image batch 1 | 73.5 | | | folded attention 1.05x faster |",
-        "| linear vs F.linear (cuBLAS) | 77x1536x512 | 20.0 | 37.2 | 1.86x | ours 6.5 µs per run back to back; v3 WMMA 30.0 µs (1.50x ours) |",
+        "| linear vs F.linear (cuBLAS) | 77x1536x512 | 20.0 | 37.2 | 1.86x | ours 6.5 µs per run back to back; v3 WMMA 30.0 µs (1.50x ours); v5 128x128 tiles 25.0 µs (1.25x ours) |",
     ];
     for line in want {
         assert!(md.contains(line), "missing {line:?} in\n{md}");
