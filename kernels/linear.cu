@@ -712,8 +712,9 @@ __device__ __forceinline__ void linear_rows_of(const LinearParams& p, float4* a,
 }
 
 // v4: block 32 to 256 threads (the host picks enough for K / 4 chunks); grid
-// (ceil(N / LINEAR_ROWS_N), ceil(M / LINEAR_ROWS_M)).
-template <bool VEC>
+// (ceil(N / LINEAR_ROWS_N), ceil(M / LINEAR_ROWS_M)). A thread's chunks go
+// IN_FLIGHT at a time.
+template <bool VEC, int IN_FLIGHT>
 __device__ __forceinline__ void linear_rows(const LinearParams& p) {
     constexpr int RM = LINEAR_ROWS_M;
     constexpr int RN = LINEAR_ROWS_N;
@@ -727,22 +728,35 @@ __device__ __forceinline__ void linear_rows(const LinearParams& p) {
         acc[i] = 0.0f;
     }
     // Rows past M load nothing (linear_load4 returns zeros) and add zeros.
-    // All 12 loads of a chunk are issued before the first multiply: written
-    // as loads interleaved with their multiplies, ptxas issued half of them
-    // only after the first products, a round trip to memory each.
+    // All 12 loads of a chunk, and of the chunks in flight with it, are
+    // issued before the first multiply: written as loads interleaved with
+    // their multiplies, ptxas issued half of them only after the first
+    // products, a round trip to memory each. The products go in chunk order
+    // whatever IN_FLIGHT is.
+    const int stride = blockDim.x * 4;
 #pragma unroll 1
-    for (int col = threadIdx.x * 4; col < p.k; col += blockDim.x * 4) {
-        float4 w[RN];
-        float4 a[RM];
+    for (int col = threadIdx.x * 4; col < p.k; col += IN_FLIGHT * stride) {
+        float4 w[IN_FLIGHT][RN];
+        float4 a[IN_FLIGHT][RM];
 #pragma unroll
-        for (int j = 0; j < RN; ++j) {
-            w[j] = linear_load4<VEC>(p.w, n0 + j, p.n, col, p.k, p.k);
+        for (int c = 0; c < IN_FLIGHT; ++c) {
+            if (col + c * stride < p.k) {
+#pragma unroll
+                for (int j = 0; j < RN; ++j) {
+                    w[c][j] = linear_load4<VEC>(p.w, n0 + j, p.n, col + c * stride, p.k, p.k);
+                }
+#pragma unroll
+                for (int i = 0; i < RM; ++i) {
+                    a[c][i] = linear_load4<VEC>(p.x, m0 + i, p.m, col + c * stride, p.k, p.k);
+                }
+            }
         }
 #pragma unroll
-        for (int i = 0; i < RM; ++i) {
-            a[i] = linear_load4<VEC>(p.x, m0 + i, p.m, col, p.k, p.k);
+        for (int c = 0; c < IN_FLIGHT; ++c) {
+            if (col + c * stride < p.k) {
+                linear_rows_fma(acc, a[c], w[c]);
+            }
         }
-        linear_rows_fma(acc, a, w);
     }
     linear_rows_finish(p, acc, o);
 }
@@ -750,13 +764,24 @@ __device__ __forceinline__ void linear_rows(const LinearParams& p) {
 extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
 OP_KERNEL_NAME(linear_rows_vec4)(const LinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_ROWS_N); });
-    linear_rows<true>(p);
+    linear_rows<true, 1>(p);
 }
 
 extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
 OP_KERNEL_NAME(linear_rows_scalar)(const LinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_ROWS_N); });
-    linear_rows<false>(p);
+    linear_rows<false, 1>(p);
+}
+
+// v4 past one chunk per thread (K > 4 LINEAR_ROWS_MAX_THREADS: the fc's
+// 4096, FFN down's 2048): two chunks' 24 loads in flight at once, half the
+// round trips, the same sums. Its own kernel because holding them takes
+// ~180 registers, which would halve the blocks per SM of the one-chunk case.
+#define LINEAR_ROWS_DEEP_IN_FLIGHT 2
+extern "C" __global__ void __launch_bounds__(LINEAR_ROWS_MAX_THREADS)
+OP_KERNEL_NAME(linear_rows_deep_vec4)(const LinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_ROWS_N); });
+    linear_rows<true, LINEAR_ROWS_DEEP_IN_FLIGHT>(p);
 }
 
 // layer_norm, then linear on its output: the host's layer_norm_linear. The

@@ -64,6 +64,7 @@ struct Entry {
     K(ns, linear_tiled_vec4, sfx, LinearParams),            \
     K(ns, linear_tiled_scalar, sfx, LinearParams),          \
     K(ns, linear_rows_vec4, sfx, LinearParams),             \
+    K(ns, linear_rows_deep_vec4, sfx, LinearParams),        \
     K(ns, linear_rows_scalar, sfx, LinearParams),           \
     K(ns, layer_norm_linear_rows, sfx, LayerNormLinearParams), \
     K(ns, attention_linear_rows, sfx, AttentionLinearParams), \

@@ -208,6 +208,21 @@ static void test_linear(int m, int n, int k, int act, bool bias, bool res, int x
         report(std::string(name) + (rows_vec ? " rows_vec4 " : " rows_scalar ") +
                    std::to_string(threads) + " threads",
                out.p, want, 1e-5);
+        if (!rows_vec) continue;
+        // Two chunks in flight: the same sums, at the host's block size and
+        // with one warp (many chunks a thread, odd counts among them).
+        const std::vector<unsigned> sizes = threads == 32 ? std::vector<unsigned>{32u}
+                                                          : std::vector<unsigned>{threads, 32u};
+        for (unsigned t : sizes) {
+            Buf one(m * n), deep(m * n);
+            p.out = one.p;
+            emu::launch(dim3(cdiv(n, 4), cdiv(m, 8)), dim3(t), [&] { linear_rows_vec4(p); });
+            p.out = deep.p;
+            emu::launch(dim3(cdiv(n, 4), cdiv(m, 8)), dim3(t), [&] { linear_rows_deep_vec4(p); });
+            const std::string v = std::string(name) + " rows_deep_vec4 " + std::to_string(t) + " threads";
+            report(v, deep.p, want, 1e-5);
+            check_same(v, deep.p, one.p, (size_t)m * n, "one chunk at a time");
+        }
     }
 }
 
@@ -546,6 +561,7 @@ struct HalfF16 {
     static void linear_rows(const LP& p, bool vec) {
         if (vec) k_f16::linear_rows_vec4_f16(p); else k_f16::linear_rows_scalar_f16(p);
     }
+    static void linear_rows_deep(const LP& p) { k_f16::linear_rows_deep_vec4_f16(p); }
 };
 struct HalfBF16 {
     typedef __nv_bfloat16 E;
@@ -567,6 +583,7 @@ struct HalfBF16 {
     static void linear_rows(const LP& p, bool vec) {
         if (vec) k_bf16::linear_rows_vec4_bf16(p); else k_bf16::linear_rows_scalar_bf16(p);
     }
+    static void linear_rows_deep(const LP& p) { k_bf16::linear_rows_deep_vec4_bf16(p); }
 };
 
 template <class S>
@@ -674,7 +691,7 @@ static void test_linear_half(int m, int n, int k) {
         }
     char name[96];
     snprintf(name, sizeof name, "linear %s %dx%dx%d relu +b +res", S::name(), m, n, k);
-    for (int variant = 0; variant < 6; ++variant) {
+    for (int variant = 0; variant < 7; ++variant) {
         typename S::LP p{};
         p.x = x.data(); p.w = w.data(); p.bias = b.data(); p.residual = r.data();
         p.m = m; p.n = n; p.k = k; p.act = 1;
@@ -710,6 +727,12 @@ static void test_linear_half(int m, int n, int k) {
                         [&] { S::linear_mma_narrow(p); });
             check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n,
                        "v5's narrow tiles");
+        } else if (variant == 6) {
+            // v4 with two chunks a thread in flight, with one warp (many
+            // chunks a thread, odd counts among them).
+            if (k % 4 != 0) continue;
+            v = "rows_deep_vec4 32 threads";
+            emu::launch(dim3(cdiv(n, 4), cdiv(m, 8)), dim3(32), [&] { S::linear_rows_deep(p); });
         } else if (variant >= 3) {
             // v4 (few rows): 8-byte loads, then scalar loads with one warp.
             const bool rows_vec = variant == 3;

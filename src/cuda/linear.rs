@@ -149,6 +149,7 @@ pub(crate) static PROGRAM: Program = Program {
         "linear_tiled_vec4",
         "linear_tiled_scalar",
         "linear_rows_vec4",
+        "linear_rows_deep_vec4",
         "linear_rows_scalar",
         "layer_norm_linear_rows",
         "attention_linear_rows",
@@ -359,16 +360,17 @@ pub(crate) fn plan(
             ),
         }),
         KernelVersion::Fast if d.m <= ROWS_MAX_M => {
-            // One chunk of 4 K columns per thread up to the block's size.
+            // One chunk of 4 K columns per thread up to the block's size;
+            // past it, with 16-byte loads, two chunks a thread in flight.
             let threads =
                 d.k.div_ceil(4)
                     .next_multiple_of(32)
                     .clamp(32, ROWS_MAX_THREADS);
             Ok(LinearPlan::Rows {
-                kernel: if wide {
-                    "linear_rows_vec4"
-                } else {
-                    "linear_rows_scalar"
+                kernel: match (wide, d.k > 4 * ROWS_MAX_THREADS) {
+                    (true, false) => "linear_rows_vec4",
+                    (true, true) => "linear_rows_deep_vec4",
+                    (false, _) => "linear_rows_scalar",
                 },
                 threads: threads as u32,
                 grid: (
@@ -1038,18 +1040,22 @@ mod tests {
     fn few_rows_take_v4_in_every_storage() {
         // Batch 1's encoder GEMMs (4 rows), the audio preset's (8), 16 rows;
         // 17 rows and the decoder's 77 stay tiled.
-        for (m, n, k, threads) in [
-            (4, 512, 4096, 256),
-            (4, 1536, 512, 128),
-            (8, 2048, 512, 128),
-            (16, 512, 2048, 256),
-            (3, 5, 7, 32),
-            (1, 1, 1, 32),
+        // Past 1024 columns of K (the fc's 4096, FFN down's 2048), two
+        // chunks a thread in flight.
+        for (m, n, k, threads, kernel) in [
+            (4, 512, 4096, 256, "linear_rows_deep_vec4"),
+            (4, 1536, 512, 128, "linear_rows_vec4"),
+            (8, 2048, 512, 128, "linear_rows_vec4"),
+            (16, 512, 2048, 256, "linear_rows_deep_vec4"),
+            (4, 512, 1024, 256, "linear_rows_vec4"),
+            (4, 512, 1028, 256, "linear_rows_deep_vec4"),
+            (3, 5, 7, 32, "linear_rows_vec4"),
+            (1, 1, 1, 32, "linear_rows_vec4"),
         ] {
             for gemm in [Gemm::Tiled, Gemm::Half, Gemm::Tf32] {
                 let p = plan(dims(m, n, k), KernelVersion::Fast, 132, gemm, true, true).unwrap();
                 let want = LinearPlan::Rows {
-                    kernel: "linear_rows_vec4",
+                    kernel,
                     threads,
                     grid: (n.div_ceil(ROWS_N) as u32, m.div_ceil(ROWS_M) as u32, 1),
                 };
