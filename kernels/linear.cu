@@ -740,7 +740,7 @@ __device__ __forceinline__ void linear_rows(const LinearParams& p) {
         float4 a[IN_FLIGHT][RM];
 #pragma unroll
         for (int c = 0; c < IN_FLIGHT; ++c) {
-            if (col + c * stride < p.k) {
+            if (c == 0 || col + c * stride < p.k) {  // chunk 0: the loop's own test
 #pragma unroll
                 for (int j = 0; j < RN; ++j) {
                     w[c][j] = linear_load4<VEC>(p.w, n0 + j, p.n, col + c * stride, p.k, p.k);
@@ -753,7 +753,7 @@ __device__ __forceinline__ void linear_rows(const LinearParams& p) {
         }
 #pragma unroll
         for (int c = 0; c < IN_FLIGHT; ++c) {
-            if (col + c * stride < p.k) {
+            if (c == 0 || col + c * stride < p.k) {
                 linear_rows_fma(acc, a[c], w[c]);
             }
         }
