@@ -384,26 +384,24 @@ __device__ __forceinline__ float2 cluster_load_float2(const float* p, unsigned r
 #endif
 }
 
-// Sums of (v.x, v.y) over a row whose elements are spread over TPR adjacent
-// lanes of a warp (a power of two) and over the blocks of this block's
-// cluster, each holding a slice of the row (at most MAX_BLOCKS blocks): the
-// lanes' shares added by a butterfly, the blocks' in rank order, so every
-// thread of the row in every block gets bitwise the same totals. `slot` is
-// this block's shared-memory slot for the row, written once here and read by
-// the cluster after the cluster_sync here: another sum needs other slots, and
-// the block must not exit before a later cluster_sync. Every thread of every
-// block of the cluster must call it.
-template <int TPR, int MAX_BLOCKS>
-__device__ __forceinline__ float2 cluster_row_sums(float2 v, float2* slot) {
+// (v.x, v.y) summed over TPR adjacent lanes of a warp (a power of two) by a
+// butterfly: every lane of the group gets bitwise the same sums.
+template <int TPR>
+__device__ __forceinline__ float2 lanes_sum2(float2 v) {
 #pragma unroll
     for (int o = 1; o < TPR; o <<= 1) {
         v.x += __shfl_xor_sync(OP_FULL_MASK, v.x, o);
         v.y += __shfl_xor_sync(OP_FULL_MASK, v.y, o);
     }
-    if ((threadIdx.x & (TPR - 1)) == 0) {
-        *slot = v;
-    }
-    cluster_sync();
+    return v;
+}
+
+// The sum of `slot` (this block's shared memory) over the blocks of this
+// block's cluster (at most MAX_BLOCKS), read through distributed shared
+// memory and added in rank order, so that every block gets bitwise the same
+// sum. After a cluster_sync that follows every block's write of its slot.
+template <int MAX_BLOCKS>
+__device__ __forceinline__ float2 cluster_slot_sum(const float2* slot) {
     const unsigned blocks = cluster_blocks();
     float2 u[MAX_BLOCKS];
 #pragma unroll
@@ -421,6 +419,24 @@ __device__ __forceinline__ float2 cluster_row_sums(float2 v, float2* slot) {
         }
     }
     return t;
+}
+
+// Sums of (v.x, v.y) over a row whose elements are spread over TPR adjacent
+// lanes of a warp (lanes_sum2) and over the blocks of this block's cluster,
+// each holding a slice of the row (cluster_slot_sum), so every thread of the
+// row in every block gets bitwise the same totals. `slot` is this block's
+// shared-memory slot for the row, written once here and read by the cluster
+// after the cluster_sync here: another sum needs other slots, and the block
+// must not exit before a later cluster_sync. Every thread of every block of
+// the cluster must call it.
+template <int TPR, int MAX_BLOCKS>
+__device__ __forceinline__ float2 cluster_row_sums(float2 v, float2* slot) {
+    v = lanes_sum2<TPR>(v);
+    if ((threadIdx.x & (TPR - 1)) == 0) {
+        *slot = v;
+    }
+    cluster_sync();
+    return cluster_slot_sum<MAX_BLOCKS>(slot);
 }
 
 // ---------------------------------------------------------------- storage
@@ -458,15 +474,29 @@ __device__ __forceinline__ elem from_f32(float v) { return v; }
 // Four consecutive elements as a float4, and back. f32: one 16-byte access;
 // 16-bit storage: one 8-byte access. The host checks 16-byte alignment (of the
 // pointer, and 4-element multiples of strides and offsets) for both.
-__device__ __forceinline__ float4 load4(const elem* p) {
-#if OP_ELEM == 0
-    return load_float4(p);
-#else
-    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+#if OP_ELEM != 0
+// Four 16-bit elements packed in 8 bytes (lowest address in the low half),
+// as a float4, and back (rounded to nearest even).
+__device__ __forceinline__ float4 unpack4(uint2 raw) {
     return make_float4(bits_to_f32((unsigned short)(raw.x & 0xffffu)),
                        bits_to_f32((unsigned short)(raw.x >> 16)),
                        bits_to_f32((unsigned short)(raw.y & 0xffffu)),
                        bits_to_f32((unsigned short)(raw.y >> 16)));
+}
+
+__device__ __forceinline__ uint2 pack4(float4 v) {
+    uint2 raw;
+    raw.x = (unsigned)f32_to_bits(v.x) | ((unsigned)f32_to_bits(v.y) << 16);
+    raw.y = (unsigned)f32_to_bits(v.z) | ((unsigned)f32_to_bits(v.w) << 16);
+    return raw;
+}
+#endif
+
+__device__ __forceinline__ float4 load4(const elem* p) {
+#if OP_ELEM == 0
+    return load_float4(p);
+#else
+    return unpack4(*reinterpret_cast<const uint2*>(p));
 #endif
 }
 
@@ -474,10 +504,7 @@ __device__ __forceinline__ void store4(elem* p, float4 v) {
 #if OP_ELEM == 0
     store_float4(p, v);
 #else
-    uint2 raw;
-    raw.x = (unsigned)f32_to_bits(v.x) | ((unsigned)f32_to_bits(v.y) << 16);
-    raw.y = (unsigned)f32_to_bits(v.z) | ((unsigned)f32_to_bits(v.w) << 16);
-    *reinterpret_cast<uint2*>(p) = raw;
+    *reinterpret_cast<uint2*>(p) = pack4(v);
 #endif
 }
 

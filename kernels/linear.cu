@@ -798,6 +798,19 @@ struct LayerNormLinearParams {
     int pad0;
 };
 
+// linear_layer_norm_mma_vec8 (below): layer_norm(y + residual) of the
+// linear's output y, and y + residual.
+struct LinearLayerNormParams {
+    LinearParams linear;        // out unused: y is not stored
+    const elem* norm_residual;  // [M, N] or null
+    const elem* norm_weight;    // [N]
+    const elem* norm_bias;      // [N]
+    elem* sum_out;              // [M, N] or null: receives y + residual
+    elem* norm_out;             // [M, N]
+    float eps;
+    int pad0;
+};
+
 // v4 with the norm before its sums (few rows, K <= 4 x blockDim: one chunk of
 // 4 columns per thread; 16-byte loads). A v4 block reads its rows of x whole
 // anyway, so it normalises them itself: layer_norm's three passes
@@ -1395,6 +1408,10 @@ struct LinearMmaSmem {
             uint4 w[BN * 4];
         } stage[LINEAR_MMA_STAGES];
         float c[LINEAR_MMA_THREADS / 32][16][LINEAR_MMA_LDC];
+        // linear_layer_norm: the tile's outputs, rounded to elem; rows of
+        // BN + 8 (16-byte reads of 8 rows at the same column, and 2-byte
+        // writes of fragment rows g and columns 2t, on distinct banks).
+        elem y[LINEAR_MMA_BM][BN + 8];
     };
 };
 static_assert(sizeof(LinearMmaSmem<LINEAR_MMA_BN>) <= 48 * 1024, "static shared memory");
@@ -1449,29 +1466,46 @@ struct LinearMmaCopy {
     }
 };
 
-// block LINEAR_MMA_THREADS; grid (ceil(N / BN), ceil(M / 128)). Needs
-// K % 8 == 0 and 16-byte aligned x and w; no split-K (planned where the tiles
-// alone fill the device).
+// Where this thread's warp is in its block's tile, and the tile in the
+// output: a warp's 64 x WN sums are J n8 fragments wide.
 template <int BN>
-__device__ __forceinline__ void linear_mma(const LinearParams& p) {
-    __shared__ __align__(128) LinearMmaSmem<BN> sm;
+struct LinearMmaWarp {
+    static constexpr int WN = BN / 2;
+    static constexpr int J = WN / 8;
+    int warp = threadIdx.x >> 5;
+    int lane = threadIdx.x & 31;
+    int wm = (warp >> 1) * 64;
+    int wn = (warp & 1) * WN;
+    int m0 = blockIdx.y * LINEAR_MMA_BM;
+    int n0 = blockIdx.x * BN;
+};
+
+// The K loop of the tile at (blockIdx.y * 128, blockIdx.x * BN): this
+// warp's 64 x BN / 2 sums into `acc` (fragment layout: acc[i][j] is the m16n8
+// fragment at rows 16 i, columns 8 j of the warp's). Block
+// LINEAR_MMA_THREADS; grid (ceil(N / BN), ceil(M / 128)). Needs K % 8 == 0
+// and 16-byte aligned x and w; no split-K (planned where the tiles alone
+// fill the device). Every thread returns, after a barrier that frees the
+// stages for the epilogue.
+template <int BN>
+__device__ __forceinline__ void linear_mma_products(const LinearParams& p, LinearMmaSmem<BN>& sm,
+                                                    float (&acc)[4][BN / 16][4]) {
     static_assert(LINEAR_MMA_THREADS == 128 && LINEAR_MMA_BM == 128 && LINEAR_MMA_BK == 32,
                   "LinearMmaCopy: chunks 32 rows apart per thread, 4 chunks per row");
-    constexpr int WN = BN / 2;    // a warp's columns
-    constexpr int J = WN / 8;     // its n8 fragments
+    typedef LinearMmaWarp<BN> W;
+    constexpr int J = W::J;
     static_assert(J % 2 == 0, "ldmatrix.x4 loads two n8 fragments");
-    const int warp = threadIdx.x >> 5;
-    const int lane = threadIdx.x & 31;
-    const int wm = (warp >> 1) * 64;  // this warp's rows of the tile
-    const int wn = (warp & 1) * WN;   // and columns
-    const int m0 = blockIdx.y * LINEAR_MMA_BM;
-    const int n0 = blockIdx.x * BN;
+    const W at;
+    const int lane = at.lane;
+    const int wm = at.wm;
+    const int wn = at.wn;
+    const int m0 = at.m0;
+    const int n0 = at.n0;
     const bool rows_live = m0 + wm < p.m;
     const int steps = (p.k + LINEAR_MMA_BK - 1) / LINEAR_MMA_BK;
     const LinearMmaCopy<LINEAR_MMA_BM> copy_x(p.x, m0, p.m, p.k);
     const LinearMmaCopy<BN> copy_w(p.w, n0, p.n, p.k);
 
-    float acc[4][J][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
@@ -1549,14 +1583,30 @@ __device__ __forceinline__ void linear_mma(const LinearParams& p) {
     }
     cp_async_wait<0>();
     __syncthreads();  // the stages are free for the epilogue's scratch
-    if (!rows_live) {
+}
+
+// v5's GEMM: the products, then 16 rows at a time through the warp's
+// scratch, so that a lane's stores are 4 consecutive columns of one row (a
+// warp: 32 / (WN / 4) rows of WN per pass), through the epilogue (bias,
+// activation, residual, rounding to elem).
+template <int BN>
+__device__ __forceinline__ void linear_mma(const LinearParams& p) {
+    __shared__ __align__(128) LinearMmaSmem<BN> sm;
+    typedef LinearMmaWarp<BN> W;
+    constexpr int WN = W::WN;
+    constexpr int J = W::J;
+    float acc[4][J][4];
+    linear_mma_products<BN>(p, sm, acc);
+    const W at;
+    const int warp = at.warp;
+    const int lane = at.lane;
+    const int wm = at.wm;
+    const int wn = at.wn;
+    const int m0 = at.m0;
+    const int n0 = at.n0;
+    if (m0 + wm >= p.m) {
         return;
     }
-
-    // 16 rows at a time through the warp's scratch, so that a lane's stores
-    // are 4 consecutive columns of one row (a warp: 32 / (WN / 4) rows of WN
-    // per pass), through the epilogue (bias, activation, residual, rounding
-    // to elem).
     constexpr int LANES_PER_ROW = WN / 4;
     constexpr int ROWS_PER_PASS = 32 / LANES_PER_ROW;
     const bool vec_out = linear_vec_out(p);
@@ -1599,6 +1649,181 @@ extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, LINEAR_MMA_NARR
 OP_KERNEL_NAME(linear_mma_narrow_vec8)(const LinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_NARROW_BN); });
     linear_mma<LINEAR_MMA_NARROW_BN>(p);
+}
+
+// linear_layer_norm: out = layer_norm(act(x wᵀ + b) + residual), with
+// sum_out = act(x wᵀ + b) + residual, on v5's narrow tiles. The linear's
+// output y is never stored: its tile, rounded to elem as `linear` would
+// store it, stays in shared memory, and the blocks along N (ceil(N / 64) <=
+// LINEAR_MAX_CLUSTER) are one cluster that holds whole rows, so the row
+// statistics are summed over it, in layer_norm's three passes and formulas
+// (layer_norm.cu; y is the norm's x). For the passes a row's 64 columns are
+// LINEAR_LN_TPR threads' 8 each (a warp: 4 rows of 128 bytes), a thread's
+// rows 16 apart; a row's block sums go through the cluster one thread per
+// row (cluster_slot_sum), back to its threads through `totals`.
+#define LINEAR_LN_TPR 8
+#define LINEAR_LN_ROWS (LINEAR_MMA_BM * LINEAR_LN_TPR / LINEAR_MMA_THREADS)  // per thread
+
+// Eight elements from 16 bytes (16-byte aligned) as two float4, and back.
+__device__ __forceinline__ void load8(const elem* p, float4& lo, float4& hi) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    lo = unpack4(make_uint2(raw.x, raw.y));
+    hi = unpack4(make_uint2(raw.z, raw.w));
+}
+
+__device__ __forceinline__ void store8(elem* p, float4 lo, float4 hi) {
+    const uint2 a = pack4(lo);
+    const uint2 b = pack4(hi);
+    *reinterpret_cast<uint4*>(p) = make_uint4(a.x, a.y, b.x, b.y);
+}
+
+// The cluster's totals of this block's per-row sums `v` (one per row of the
+// thread, LINEAR_LN_TPR threads per row): the row's threads' butterfly, one
+// slot per row, and each row's slots added over the cluster in rank order by
+// one thread; every thread of every block must call it. `slots` is written
+// once (another sum needs other slots); `totals` is reused.
+__device__ __forceinline__ void linear_ln_totals(float2 (&v)[LINEAR_LN_ROWS], float2* slots,
+                                                 float2* totals, int r0) {
+#pragma unroll
+    for (int j = 0; j < LINEAR_LN_ROWS; ++j) {
+        v[j] = lanes_sum2<LINEAR_LN_TPR>(v[j]);
+        if ((threadIdx.x & (LINEAR_LN_TPR - 1)) == 0) {
+            slots[r0 + 16 * j] = v[j];
+        }
+    }
+    cluster_sync();
+    totals[threadIdx.x] = cluster_slot_sum<LINEAR_MAX_CLUSTER>(&slots[threadIdx.x]);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < LINEAR_LN_ROWS; ++j) {
+        v[j] = totals[r0 + 16 * j];
+    }
+}
+
+// block LINEAR_MMA_THREADS; grid (ceil(N / 64), ceil(M / 128)) in clusters
+// of (gridDim.x, 1, 1). Needs K % 8 == 0, N % 8 == 0 and 16-byte aligned
+// operands.
+extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, LINEAR_MMA_NARROW_BLOCKS)
+OP_KERNEL_NAME(linear_layer_norm_mma_vec8)(const LinearLayerNormParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LINEAR_MMA_NARROW_BN); });
+    constexpr int BN = LINEAR_MMA_NARROW_BN;
+    static_assert(LINEAR_MMA_THREADS == LINEAR_MMA_BM, "a thread per row for the cluster sums");
+    static_assert(BN == 8 * LINEAR_LN_TPR && LINEAR_MMA_THREADS / LINEAR_LN_TPR == 16,
+                  "8 columns per thread, a block's threads 16 rows at a time");
+    const LinearParams& lp = p.linear;
+    __shared__ __align__(128) LinearMmaSmem<BN> sm;
+    __shared__ float2 slots[2][LINEAR_MMA_BM];
+    __shared__ float2 totals[LINEAR_MMA_BM];
+    typedef LinearMmaWarp<BN> W;
+    float acc[4][W::J][4];
+    linear_mma_products<BN>(lp, sm, acc);
+
+    // y = act(sums + bias), rounded, into the tile (zero bias past N: those
+    // columns are never read).
+    const W at;
+    const int g = at.lane >> 2;
+    const int t = at.lane & 3;
+#pragma unroll
+    for (int j = 0; j < W::J; ++j) {
+        const int c = at.wn + 8 * j + 2 * t;
+        const int n = at.n0 + c;
+        const float b0 = lp.bias != nullptr && n < lp.n ? to_f32(lp.bias[n]) : 0.0f;
+        const float b1 = lp.bias != nullptr && n + 1 < lp.n ? to_f32(lp.bias[n + 1]) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = at.wm + 16 * i + g;
+            sm.y[r][c] = from_f32(linear_apply(lp, acc[i][j][0], b0, 0.0f));
+            sm.y[r][c + 1] = from_f32(linear_apply(lp, acc[i][j][1], b1, 0.0f));
+            sm.y[r + 8][c] = from_f32(linear_apply(lp, acc[i][j][2], b0, 0.0f));
+            sm.y[r + 8][c + 1] = from_f32(linear_apply(lp, acc[i][j][3], b1, 0.0f));
+        }
+    }
+    __syncthreads();
+
+    // This thread's 8 columns of rows r0, r0 + 16, ..; columns past N (a
+    // whole chunk: N % 8 == 0) and rows past M take no part.
+    const int r0 = threadIdx.x / LINEAR_LN_TPR;
+    const int c = (threadIdx.x % LINEAR_LN_TPR) * 8;
+    const int n = at.n0 + c;
+    const bool col_live = n < lp.n;
+    const bool residual = p.norm_residual != nullptr;
+    const float inv_n = 1.0f / (float)lp.n;
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    uint4 res[LINEAR_LN_ROWS];  // the residual, as stored
+#pragma unroll
+    for (int j = 0; j < LINEAR_LN_ROWS; ++j) {
+        const int m = at.m0 + r0 + 16 * j;
+        res[j] = residual && col_live && m < lp.m
+                     ? *reinterpret_cast<const uint4*>(p.norm_residual + m * lp.n + n)
+                     : make_uint4(0u, 0u, 0u, 0u);
+    }
+    // The row's y and residual, as float4 pairs.
+    const auto row_of = [&](int j, float4 (&y)[2], float4 (&b)[2]) {
+        load8(&sm.y[r0 + 16 * j][c], y[0], y[1]);
+        b[0] = unpack4(make_uint2(res[j].x, res[j].y));
+        b[1] = unpack4(make_uint2(res[j].z, res[j].w));
+    };
+
+    // Pass 1: the means of y and the residual; y + residual to sum_out.
+    float2 mean[LINEAR_LN_ROWS];
+#pragma unroll
+    for (int j = 0; j < LINEAR_LN_ROWS; ++j) {
+        float4 y[2], b[2];
+        row_of(j, y, b);
+        float sx = 0.0f, sr = 0.0f;
+        const float4 s0 = layer_norm_sum4(y[0], b[0], residual, sx, sr);
+        const float4 s1 = layer_norm_sum4(y[1], b[1], residual, sx, sr);
+        const int m = at.m0 + r0 + 16 * j;
+        if (p.sum_out != nullptr && col_live && m < lp.m) {
+            store8(p.sum_out + m * lp.n + n, s0, s1);
+        }
+        mean[j] = col_live ? make_float2(sx, sr) : make_float2(0.0f, 0.0f);
+    }
+    linear_ln_totals(mean, slots[0], totals, r0);
+
+    // Pass 2: the deviations' sum and sum of squares.
+    float2 moments[LINEAR_LN_ROWS];
+#pragma unroll
+    for (int j = 0; j < LINEAR_LN_ROWS; ++j) {
+        float4 y[2], b[2];
+        row_of(j, y, b);
+        const float mx = mean[j].x * inv_n;
+        const float mr = residual ? mean[j].y * inv_n : 0.0f;
+        float sd = 0.0f, sdd = 0.0f;
+        layer_norm_moments4(layer_norm_dev4(y[0], b[0], residual, mx, mr), sd, sdd);
+        layer_norm_moments4(layer_norm_dev4(y[1], b[1], residual, mx, mr), sd, sdd);
+        moments[j] = col_live ? make_float2(sd, sdd) : make_float2(0.0f, 0.0f);
+    }
+    linear_ln_totals(moments, slots[1], totals, r0);
+
+    // Pass 3: normalise, scale, shift.
+    float4 gamma[2] = {zero, zero};
+    float4 beta[2] = {zero, zero};
+    if (col_live) {
+        load8(p.norm_weight + n, gamma[0], gamma[1]);
+        load8(p.norm_bias + n, beta[0], beta[1]);
+    }
+#pragma unroll
+    for (int j = 0; j < LINEAR_LN_ROWS; ++j) {
+        const int m = at.m0 + r0 + 16 * j;
+        if (!col_live || m >= lp.m) {
+            continue;
+        }
+        float4 y[2], b[2];
+        row_of(j, y, b);
+        const float mx = mean[j].x * inv_n;
+        const float mr = residual ? mean[j].y * inv_n : 0.0f;
+        const float cc = moments[j].x * inv_n;
+        const float var = fmaxf(moments[j].y * inv_n - cc * cc, 0.0f);
+        const float rstd = 1.0f / sqrtf(var + p.eps);
+        const float4 o0 =
+            layer_norm_out4(layer_norm_dev4(y[0], b[0], residual, mx, mr), cc, rstd, gamma[0], beta[0]);
+        const float4 o1 =
+            layer_norm_out4(layer_norm_dev4(y[1], b[1], residual, mx, mr), cc, rstd, gamma[1], beta[1]);
+        store8(p.norm_out + m * lp.n + n, o0, o1);
+    }
+    // The cluster may still read this block's slots.
+    cluster_sync_relaxed();
 }
 #endif
 #endif  // LINEAR_TC_ANY

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::ProjectorConfig;
 use crate::error::Result;
-use crate::ops::{Activation, AttentionSpec, Backend, Cols, LossKind, NormInput};
+use crate::ops::{Activation, AttentionSpec, Backend, Cols, LossKind, NormAfter, NormInput};
 use crate::rng::Rng;
 use crate::signal::SignalPositions;
 use crate::tensor::HostTensor;
@@ -26,6 +26,13 @@ pub enum OpCase {
     /// A LayerNorm (with a residual) of `[m, k]` and the linear to `n`
     /// columns that reads it.
     LayerNormLinear {
+        m: usize,
+        n: usize,
+        k: usize,
+    },
+    /// A linear of `[m, k]` to `n` columns and the LayerNorm (with a
+    /// residual) that reads its output.
+    LinearLayerNorm {
         m: usize,
         n: usize,
         k: usize,
@@ -110,6 +117,14 @@ impl OpCase {
                 n: 3 * d,
                 k: d,
             },
+            // The decoder's FFN down and the norm after it (one kernel on
+            // CUDA where the GEMM takes v5: batch 64, 16-bit), against the
+            // linear and LayerNorm rows above.
+            OpCase::LinearLayerNorm {
+                m,
+                n: d,
+                k: c.ffn_dim,
+            },
             OpCase::Attention {
                 batch,
                 lq: n,
@@ -182,6 +197,7 @@ impl OpCase {
             OpCase::Linear { .. } => "linear",
             OpCase::LayerNorm { .. } => "layer_norm",
             OpCase::LayerNormLinear { .. } => "layer_norm_linear",
+            OpCase::LinearLayerNorm { .. } => "linear_layer_norm",
             OpCase::Attention { .. } => "attention",
             OpCase::AlignmentLoss { .. } => "alignment_loss",
             OpCase::Gather { .. } => "gather_signal_tokens",
@@ -193,7 +209,9 @@ impl OpCase {
         match *self {
             OpCase::Linear { m, n, k, act } => format!("{m}x{n}x{k} {}", act.name()),
             OpCase::LayerNorm { rows, cols } => format!("{rows}x{cols}"),
-            OpCase::LayerNormLinear { m, n, k } => format!("{m}x{n}x{k}"),
+            OpCase::LayerNormLinear { m, n, k } | OpCase::LinearLayerNorm { m, n, k } => {
+                format!("{m}x{n}x{k}")
+            }
             OpCase::Attention {
                 batch,
                 lq,
@@ -220,6 +238,9 @@ impl OpCase {
             OpCase::LayerNorm { rows, cols } => 8.0 * product(&[rows, cols]),
             OpCase::LayerNormLinear { m, n, k } => {
                 OpCase::LayerNorm { rows: m, cols: k }.flops() + 2.0 * product(&[m, n, k])
+            }
+            OpCase::LinearLayerNorm { m, n, k } => {
+                OpCase::LayerNorm { rows: m, cols: n }.flops() + 2.0 * product(&[m, n, k])
             }
             OpCase::Attention {
                 batch,
@@ -253,6 +274,11 @@ impl OpCase {
                     + product(&[n, k])
                     + product(&[n])
                     + product(&[m, n])
+            }
+            // The linear's inputs, the residual, the stream and the norm it
+            // writes; the linear's output need not touch memory.
+            OpCase::LinearLayerNorm { m, n, k } => {
+                product(&[m, k]) + product(&[n, k]) + 3.0 * product(&[n]) + 3.0 * product(&[m, n])
             }
             OpCase::Attention {
                 batch,
@@ -302,6 +328,17 @@ impl OpCase {
                 b: up(vec![n])?,
                 sum: be.alloc(&[m, k])?,
                 h: be.alloc(&[m, k])?,
+                out: be.alloc(&[m, n])?,
+            },
+            OpCase::LinearLayerNorm { m, n, k } => Prepared::LinearLayerNorm {
+                x: up(vec![m, k])?,
+                w: up(vec![n, k])?,
+                b: up(vec![n])?,
+                residual: up(vec![m, n])?,
+                gamma: up(vec![n])?,
+                beta: up(vec![n])?,
+                y: be.alloc(&[m, n])?,
+                sum: be.alloc(&[m, n])?,
                 out: be.alloc(&[m, n])?,
             },
             OpCase::Attention {
@@ -378,6 +415,17 @@ pub enum Prepared<B: Backend> {
         h: B::Tensor,
         out: B::Tensor,
     },
+    LinearLayerNorm {
+        x: B::Tensor,
+        w: B::Tensor,
+        b: B::Tensor,
+        residual: B::Tensor,
+        gamma: B::Tensor,
+        beta: B::Tensor,
+        y: B::Tensor,
+        sum: B::Tensor,
+        out: B::Tensor,
+    },
     Attention {
         q: B::Tensor,
         kv: B::Tensor,
@@ -430,6 +478,26 @@ impl<B: Backend> Prepared<B> {
                     eps: 1e-5,
                 };
                 be.layer_norm_linear(norm, Some(sum), h, w, Some(b), Activation::None, out)
+            }
+            Prepared::LinearLayerNorm {
+                x,
+                w,
+                b,
+                residual,
+                gamma,
+                beta,
+                y,
+                sum,
+                out,
+            } => {
+                let norm = NormAfter {
+                    residual: Some(residual),
+                    weight: gamma,
+                    bias: beta,
+                    eps: 1e-5,
+                };
+                let none = Activation::None;
+                be.linear_layer_norm(x, w, Some(b), none, y, norm, Some(sum), out)
             }
             Prepared::Attention { q, kv, spec, out } => {
                 let d = spec.heads * spec.head_dim;

@@ -557,8 +557,9 @@ impl BackendTask for Check {
 /// K), on the kernel that takes such grids, and for 16-bit storage also on
 /// the WMMA kernel `wmma_large_tiles` keeps; and for 16-bit storage a GEMM
 /// of 512 columns whose square tiles would leave a few SMs two, on v5's
-/// narrow tiles and on its square ones: the standard cases are too small for
-/// them, and batch 64's forward is only timed.
+/// narrow tiles and on its square ones, and with the LayerNorm after it: the
+/// standard cases are too small for them, and batch 64's forward is only
+/// timed.
 #[cfg(feature = "cuda")]
 fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
     let sms = be.sm_count() as usize;
@@ -599,6 +600,25 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
         c.case = format!("{} {}", c.case, b.linear_kernel(m, n, k)?);
         rows.push(check_row("cpu", c, precision.tolerances().0));
     }
+    // The narrow GEMM with the LayerNorm after it: one kernel in 16-bit
+    // where the device launches clusters (batch 64's decoder).
+    let (m, n) = (128 * sms.div_ceil(4) + 5, 512);
+    let case = verify::Case::LinearLayerNorm {
+        m,
+        n,
+        k,
+        act: output_projector::ops::Activation::None,
+        residual: true,
+        offset: 3.0,
+    };
+    let mut c = verify::compare_case(be, &case, precision.storage(), 78)?;
+    let how = if be.linear_layer_norm_folds(m, n, k) {
+        "linear_layer_norm_mma_vec8"
+    } else {
+        "two ops"
+    };
+    c.case = format!("{} {how}", c.case);
+    rows.push(check_row("cpu", c, precision.tolerances().0));
     Ok(rows)
 }
 

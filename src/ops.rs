@@ -127,6 +127,24 @@ impl<T> Clone for NormInput<'_, T> {
 }
 impl<T> Copy for NormInput<'_, T> {}
 
+/// The LayerNorm after a linear, for [`Backend::linear_layer_norm`]: of the
+/// linear's output plus `residual` (or alone), scaled by `weight` and shifted
+/// by `bias`, with `eps` added to the variance.
+pub struct NormAfter<'a, T> {
+    pub residual: Option<&'a T>,
+    pub weight: &'a T,
+    pub bias: &'a T,
+    pub eps: f64,
+}
+
+// Copy without `T: Copy` (it holds references only).
+impl<T> Clone for NormAfter<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for NormAfter<'_, T> {}
+
 /// Multi-head attention settings. Heads are consecutive column blocks of width
 /// `head_dim` inside each of Q, K, V and the output.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -289,6 +307,40 @@ pub trait Backend: Clone {
         layer_norm_then_linear(self, norm, sum_out, h, w, b, act, out)
     }
 
+    /// `sum_out = act(x · wᵀ + b) + residual` and `out = layer_norm(sum_out)`
+    /// (`norm`'s weight, bias and eps; the sum is not rounded before it is
+    /// centred, as in [`layer_norm`](Self::layer_norm)): a linear and the
+    /// LayerNorm that reads its output, as [`linear`](Self::linear) into `y`
+    /// then [`layer_norm`](Self::layer_norm) (the default,
+    /// [`linear_then_layer_norm`]). A backend may run the two as one kernel
+    /// and leave `y` unwritten: `y` is scratch of the linear's output shape
+    /// here, not an output.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_layer_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        act: Activation,
+        y: &mut Self::Tensor,
+        norm: NormAfter<'_, Self::Tensor>,
+        sum_out: Option<&mut Self::Tensor>,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        linear_then_layer_norm(self, x, w, b, act, y, norm, sum_out, out)
+    }
+
+    /// Whether [`linear_layer_norm`](Self::linear_layer_norm) runs as one
+    /// kernel for a linear of `m` rows, `n` outputs and `k` inputs (on
+    /// tensors this backend allocated): where it does, a caller with the
+    /// choice folds a LayerNorm into the linear before it rather than into
+    /// the one after it ([`layer_norm_linear`](Self::layer_norm_linear)).
+    /// `false` by default.
+    fn linear_layer_norm_folds(&self, m: usize, n: usize, k: usize) -> bool {
+        let _ = (m, n, k);
+        false
+    }
+
     /// Scaled-dot-product attention per head: `out = softmax(Q Kᵀ · scale) V`.
     /// Q: `[B, Lq, *]`, K, V: `[B, Lk, *]` column blocks; `out: [B, Lq, heads·head_dim]`.
     fn attention(
@@ -363,6 +415,30 @@ pub fn layer_norm_then_linear<B: Backend>(
     } = norm;
     be.layer_norm(x, residual, weight, bias, eps, h, sum_out)?;
     be.linear(h, w, b, act, None, out)
+}
+
+/// [`Backend::linear_layer_norm`] as two ops: the linear into `y`, then the
+/// norm reading it.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_then_layer_norm<B: Backend>(
+    be: &B,
+    x: &B::Tensor,
+    w: &B::Tensor,
+    b: Option<&B::Tensor>,
+    act: Activation,
+    y: &mut B::Tensor,
+    norm: NormAfter<'_, B::Tensor>,
+    sum_out: Option<&mut B::Tensor>,
+    out: &mut B::Tensor,
+) -> Result<()> {
+    be.linear(x, w, b, act, None, y)?;
+    let NormAfter {
+        residual,
+        weight,
+        bias,
+        eps,
+    } = norm;
+    be.layer_norm(y, residual, weight, bias, eps, out, sum_out)
 }
 
 /// [`Backend::attention_linear`] as two ops: the attention into `a`, then

@@ -35,7 +35,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::ProjectorConfig;
 use crate::error::{Error, Result};
-use crate::ops::{Activation, AttentionInput, AttentionSpec, Backend, Cols, NormInput, Shaped};
+use crate::ops::{
+    Activation, AttentionInput, AttentionSpec, Backend, Cols, NormAfter, NormInput, Shaped,
+};
 use crate::profile;
 use crate::signal::SignalPositions;
 use crate::tensor::{checked_numel, try_filled, HostTensor};
@@ -312,7 +314,7 @@ impl<B: Backend> Projector<B> {
         first
             .self_qkv
             .apply_normed(be, norm1, None, &mut t.h, none, &mut t.qkv)?;
-        t.attend(be, &first.self_out, &spec)?;
+        t.attend(be, &first.self_out, &spec, None)?;
         let norm2 = first.norm2.of(&t.f, Some(&queries), c.eps);
         let sum = Some(&mut stream);
         first
@@ -443,6 +445,8 @@ impl<B: Backend> Projector<B> {
             (Some(_), Some(x)) => x,
             _ => hidden,
         };
+        // A forward that failed part way may have left a norm pending.
+        (encoder.normed, decoder.normed) = (false, false);
         self.encode(x, encoder, cross_kv)?;
         self.decode(cross_kv, decoder, q, prefix, out)?;
         Ok(out)
@@ -491,39 +495,21 @@ impl<B: Backend> Projector<B> {
             } else {
                 NormOf::Stream
             };
-            e.norm_linear(
-                be,
-                of,
-                &layer.norm1,
-                c.eps,
-                &layer.qkv,
-                Activation::None,
-                Dest::Qkv,
-            )?;
-            e.attend(be, &layer.attn_out, &spec)?;
-            let (norm2, linear1) = (&layer.norm2, &layer.linear1);
-            e.norm_linear(
-                be,
-                NormOf::Pending,
-                norm2,
-                c.eps,
-                linear1,
-                Activation::Relu,
-                Dest::Ffn,
-            )?;
-            e.ffn_out(be, &layer.linear2)?;
+            let norm1 = NextNorm::new(of, &layer.norm1, c.eps);
+            e.norm_linear(be, &norm1, &layer.qkv, Activation::None, Dest::Qkv)?;
+            let norm2 = NextNorm::new(NormOf::Pending, &layer.norm2, c.eps);
+            e.attend(be, &layer.attn_out, &spec, Some(&norm2))?;
+            e.norm_linear(be, &norm2, &layer.linear1, Activation::Relu, Dest::Ffn)?;
+            let next = self
+                .encoder
+                .get(l + 1)
+                .map_or(&self.encoder_norm, |n| &n.norm1);
+            let next = NextNorm::new(NormOf::Pending, next, c.eps);
+            e.ffn_out(be, &layer.linear2, Some(&next))?;
         }
         let _kv = profile::range("decoder.cross_kv");
-        let (norm, eps, none) = (&self.encoder_norm, c.eps, Activation::None);
-        e.norm_linear(
-            be,
-            NormOf::Pending,
-            norm,
-            eps,
-            &self.cross_kv,
-            none,
-            Dest::Other(kv),
-        )
+        let norm = NextNorm::new(NormOf::Pending, &self.encoder_norm, c.eps);
+        e.norm_linear(be, &norm, &self.cross_kv, Activation::None, Dest::Other(kv))
     }
 
     /// `out = output(Decoder(queries, memory))` from the memory's keys and
@@ -554,58 +540,34 @@ impl<B: Backend> Projector<B> {
                 spec: &spec,
                 mask: None,
             };
-            if l == 0 {
-                let attn = cross(&prefix.cross_q);
-                layer
-                    .cross_out
-                    .apply_attended(be, attn, &mut t.a, &mut t.f)?;
-            } else {
-                t.norm_linear(
-                    be,
-                    NormOf::Pending,
-                    &layer.norm1,
-                    c.eps,
-                    &layer.self_qkv,
-                    none,
-                    Dest::Qkv,
-                )?;
-                t.attend(be, &layer.self_out, &spec)?;
-                let (norm2, cross_q) = (&layer.norm2, &layer.cross_q);
-                t.norm_linear(
-                    be,
-                    NormOf::Pending,
-                    norm2,
-                    c.eps,
-                    cross_q,
-                    none,
-                    Dest::Other(q),
-                )?;
-                let attn = cross(q);
-                layer
-                    .cross_out
-                    .apply_attended(be, attn, &mut t.a, &mut t.f)?;
-            }
             // The first layer's stream is the prefix's.
             let of = if l == 0 {
                 NormOf::PendingOn(&prefix.stream)
             } else {
                 NormOf::Pending
             };
-            let relu = Activation::Relu;
-            t.norm_linear(be, of, &layer.norm3, c.eps, &layer.linear1, relu, Dest::Ffn)?;
-            t.ffn_out(be, &layer.linear2)?;
+            let norm3 = NextNorm::new(of, &layer.norm3, c.eps);
+            if l == 0 {
+                t.attend_to(be, cross(&prefix.cross_q), &layer.cross_out, Some(&norm3))?;
+            } else {
+                let norm1 = NextNorm::new(NormOf::Pending, &layer.norm1, c.eps);
+                t.norm_linear(be, &norm1, &layer.self_qkv, none, Dest::Qkv)?;
+                let norm2 = NextNorm::new(NormOf::Pending, &layer.norm2, c.eps);
+                t.attend(be, &layer.self_out, &spec, Some(&norm2))?;
+                t.norm_linear(be, &norm2, &layer.cross_q, none, Dest::Other(q))?;
+                t.attend_to(be, cross(q), &layer.cross_out, Some(&norm3))?;
+            }
+            t.norm_linear(be, &norm3, &layer.linear1, Activation::Relu, Dest::Ffn)?;
+            let next = self
+                .decoder
+                .get(l + 1)
+                .map_or(&self.decoder_norm, |n| &n.norm1);
+            let next = NextNorm::new(NormOf::Pending, next, c.eps);
+            t.ffn_out(be, &layer.linear2, Some(&next))?;
         }
         let _output = profile::range("output");
-        let norm = &self.decoder_norm;
-        t.norm_linear(
-            be,
-            NormOf::Pending,
-            norm,
-            c.eps,
-            &self.output,
-            none,
-            Dest::Other(out),
-        )
+        let norm = NextNorm::new(NormOf::Pending, &self.decoder_norm, c.eps);
+        t.norm_linear(be, &norm, &self.output, none, Dest::Other(out))
     }
 }
 
@@ -620,6 +582,29 @@ impl<T> Linear<T> {
     ) -> Result<()> {
         let (w, b) = (&self.weight, Some(&self.bias));
         be.attention_linear(attn, a, w, b, Activation::None, out)
+    }
+
+    /// [`Linear::apply_attended`]; or, where `attention_only`, the
+    /// attention into `a` alone, for the caller to apply this linear to.
+    fn apply_attended_or<B: Backend<Tensor = T>>(
+        &self,
+        be: &B,
+        attn: AttentionInput<'_, T, B::Mask>,
+        attention_only: bool,
+        a: &mut T,
+        out: &mut T,
+    ) -> Result<()> {
+        if !attention_only {
+            return self.apply_attended(be, attn, a, out);
+        }
+        let AttentionInput {
+            q,
+            k,
+            v,
+            spec,
+            mask,
+        } = attn;
+        be.attention(q, k, v, spec, mask, a)
     }
 
     fn apply<B: Backend<Tensor = T>>(
@@ -661,7 +646,7 @@ impl<T> Norm<T> {
     }
 }
 
-/// What a stack's norm reads ([`Work::norm_linear`]).
+/// What a stack's norm reads besides its weights ([`NextNorm`]).
 enum NormOf<'a, T> {
     /// The stream alone: no sub-block output is pending.
     Stream,
@@ -673,11 +658,34 @@ enum NormOf<'a, T> {
     PendingOn(&'a T),
 }
 
+/// The LayerNorm between a sub-block and the linear after it. It runs in
+/// whichever of the two the backend folds it into: the sub-block's last
+/// linear ([`Backend::linear_layer_norm`], where the backend says it folds
+/// there) or the linear after it ([`Work::norm_linear`]).
+struct NextNorm<'a, T> {
+    of: NormOf<'a, T>,
+    norm: &'a Norm<T>,
+    eps: f64,
+}
+
+impl<'a, T> NextNorm<'a, T> {
+    fn new(of: NormOf<'a, T>, norm: &'a Norm<T>, eps: f64) -> Self {
+        NextNorm { of, norm, eps }
+    }
+}
+
 /// Where [`Work::norm_linear`] writes: one of the stack's buffers, or another.
 enum Dest<'a, T> {
     Qkv,
     Ffn,
     Other(&'a mut T),
+}
+
+/// Which of a stack's buffers a sub-block's last linear reads.
+#[derive(Clone, Copy)]
+enum SubBlockIn {
+    Attention,
+    Ffn,
 }
 
 /// The buffers of one pre-LN stack (encoder or decoder) at one batch size.
@@ -691,9 +699,12 @@ struct Work<T> {
     qkv: T,
     a: T,
     ffn: T,
+    /// The last sub-block's output is already added to the stream and
+    /// normalised into `h` (its norm folded into its last linear).
+    normed: bool,
 }
 
-impl<T> Work<T> {
+impl<T: Shaped> Work<T> {
     fn new<B: Backend<Tensor = T>>(
         be: &B,
         [batch, tokens]: [usize; 2],
@@ -710,18 +721,17 @@ impl<T> Work<T> {
             qkv: be.alloc(&[batch, tokens, 3 * d])?,
             a: be.alloc(&[batch, tokens, d])?,
             ffn: be.alloc(&[batch, tokens, ffn])?,
+            normed: false,
         })
     }
 
-    /// `dest = act(lin(norm(..)))` of what `of` says, the norm's input sum
-    /// becoming the stream where `f` was pending; `h` is the norm's scratch.
-    #[allow(clippy::too_many_arguments)]
+    /// `dest = act(lin(next's norm))`, the norm's input sum becoming the
+    /// stream where `f` was pending; `h` is the norm's scratch. Where the
+    /// sub-block before ran the norm, only the linear is left.
     fn norm_linear<B: Backend<Tensor = T>>(
         &mut self,
         be: &B,
-        of: NormOf<'_, T>,
-        norm: &Norm<T>,
-        eps: f64,
+        next: &NextNorm<'_, T>,
         lin: &Linear<T>,
         act: Activation,
         dest: Dest<'_, T>,
@@ -734,11 +744,15 @@ impl<T> Work<T> {
             Dest::Ffn => ffn,
             Dest::Other(t) => t,
         };
-        let [cur, next] = s;
-        let (input, sum_out) = match of {
+        if std::mem::take(&mut self.normed) {
+            return lin.apply(be, h, act, out);
+        }
+        let (norm, eps) = (next.norm, next.eps);
+        let [cur, sum] = s;
+        let (input, sum_out) = match next.of {
             NormOf::Stream => (norm.of(cur, None, eps), None),
-            NormOf::Pending => (norm.of(f, Some(cur), eps), Some(next)),
-            NormOf::PendingOn(stream) => (norm.of(f, Some(stream), eps), Some(next)),
+            NormOf::Pending => (norm.of(f, Some(cur), eps), Some(sum)),
+            NormOf::PendingOn(stream) => (norm.of(f, Some(stream), eps), Some(sum)),
         };
         let pending = sum_out.is_some();
         lin.apply_normed(be, input, sum_out, h, act, out)?;
@@ -748,31 +762,113 @@ impl<T> Work<T> {
         Ok(())
     }
 
-    /// `f = out_proj(attention(qkv))`, Q, K and V read in place.
+    /// Whether the backend folds `next`'s norm into `lin` reading `x`.
+    fn folds<B: Backend<Tensor = T>>(
+        be: &B,
+        x: &T,
+        lin: &Linear<T>,
+        next: Option<&NextNorm<'_, T>>,
+    ) -> bool {
+        let (shape, w) = (x.shape(), lin.weight.shape());
+        let pending = next.is_some_and(|n| !matches!(n.of, NormOf::Stream));
+        match (shape.split_last(), w) {
+            (Some((&k, rows)), &[n, _]) if pending => {
+                be.linear_layer_norm_folds(rows.iter().product(), n, k)
+            }
+            _ => false,
+        }
+    }
+
+    /// A sub-block's last linear `lin` of `input` into `f`; or, where the
+    /// backend folds `next`'s norm into it, the norm too: the new stream and
+    /// `h` written, `f` left pending no more.
+    fn sub_block_out<B: Backend<Tensor = T>>(
+        &mut self,
+        be: &B,
+        input: SubBlockIn,
+        lin: &Linear<T>,
+        next: Option<&NextNorm<'_, T>>,
+    ) -> Result<()> {
+        let Work {
+            s, f, h, a, ffn, ..
+        } = self;
+        let x = match input {
+            SubBlockIn::Attention => &*a,
+            SubBlockIn::Ffn => &*ffn,
+        };
+        let Some(next) = next.filter(|_| Self::folds(be, x, lin, next)) else {
+            return lin.apply(be, x, Activation::None, f);
+        };
+        let [cur, sum] = s;
+        let residual = match next.of {
+            NormOf::Stream => None,
+            NormOf::Pending => Some(&*cur),
+            NormOf::PendingOn(stream) => Some(stream),
+        };
+        let norm = NormAfter {
+            residual,
+            weight: &next.norm.weight,
+            bias: &next.norm.bias,
+            eps: next.eps,
+        };
+        let (w, b) = (&lin.weight, Some(&lin.bias));
+        be.linear_layer_norm(x, w, b, Activation::None, f, norm, Some(sum), h)?;
+        self.s.swap(0, 1);
+        self.normed = true;
+        Ok(())
+    }
+
+    /// `f = out(attention(attn))`, or with `next`'s norm folded into `out`
+    /// ([`Work::sub_block_out`]).
+    fn attend_to<B: Backend<Tensor = T>>(
+        &mut self,
+        be: &B,
+        attn: AttentionInput<'_, T, B::Mask>,
+        out: &Linear<T>,
+        next: Option<&NextNorm<'_, T>>,
+    ) -> Result<()> {
+        let fold = Self::folds(be, &self.a, out, next);
+        out.apply_attended_or(be, attn, fold, &mut self.a, &mut self.f)?;
+        if fold {
+            self.sub_block_out(be, SubBlockIn::Attention, out, next)?;
+        }
+        Ok(())
+    }
+
+    /// `f = out_proj(attention(qkv))`, Q, K and V read in place; `next` as
+    /// in [`Work::attend_to`].
     fn attend<B: Backend<Tensor = T>>(
         &mut self,
         be: &B,
         out: &Linear<T>,
         spec: &AttentionSpec,
+        next: Option<&NextNorm<'_, T>>,
     ) -> Result<()> {
         let d = spec.heads * spec.head_dim;
-        let (q, k, v) = (
-            Cols::new(&self.qkv, 0),
-            Cols::new(&self.qkv, d),
-            Cols::new(&self.qkv, 2 * d),
-        );
+        let qkv = &self.qkv;
         let attn = AttentionInput {
-            q,
-            k,
-            v,
+            q: Cols::new(qkv, 0),
+            k: Cols::new(qkv, d),
+            v: Cols::new(qkv, 2 * d),
             spec,
             mask: None,
         };
-        out.apply_attended(be, attn, &mut self.a, &mut self.f)
+        let fold = Self::folds(be, &self.a, out, next);
+        out.apply_attended_or(be, attn, fold, &mut self.a, &mut self.f)?;
+        if fold {
+            self.sub_block_out(be, SubBlockIn::Attention, out, next)?;
+        }
+        Ok(())
     }
 
-    /// `f = linear2(ffn)`, the feed-forward's second half.
-    fn ffn_out<B: Backend<Tensor = T>>(&mut self, be: &B, l2: &Linear<T>) -> Result<()> {
-        l2.apply(be, &self.ffn, Activation::None, &mut self.f)
+    /// `f = linear2(ffn)`, the feed-forward's second half; `next` as in
+    /// [`Work::sub_block_out`].
+    fn ffn_out<B: Backend<Tensor = T>>(
+        &mut self,
+        be: &B,
+        l2: &Linear<T>,
+        next: Option<&NextNorm<'_, T>>,
+    ) -> Result<()> {
+        self.sub_block_out(be, SubBlockIn::Ffn, l2, next)
     }
 }

@@ -5,7 +5,8 @@
 use crate::config::ProjectorConfig;
 use crate::error::Result;
 use crate::ops::{
-    Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind, NormInput, Shaped,
+    Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind, NormAfter, NormInput,
+    Shaped,
 };
 use crate::projector::Projector;
 use crate::reference::Reference;
@@ -41,6 +42,19 @@ pub enum Case {
         act: Activation,
         residual: bool,
         /// Added to every input, as in `LayerNorm`.
+        offset: f64,
+    },
+    /// A linear of `[m, k]` to `n` columns whose output (plus a residual)
+    /// a LayerNorm reads; the sum compared too.
+    LinearLayerNorm {
+        m: usize,
+        n: usize,
+        k: usize,
+        act: Activation,
+        residual: bool,
+        /// Added to the residual: a large mean of the norm's input (the
+        /// stream's, not the linear's output, whose rounding would set the
+        /// error).
         offset: f64,
     },
     Attention {
@@ -110,6 +124,7 @@ impl Case {
             Case::Linear { .. } => "linear",
             Case::LayerNorm { .. } => "layer_norm",
             Case::LayerNormLinear { .. } => "layer_norm_linear",
+            Case::LinearLayerNorm { .. } => "linear_layer_norm",
             Case::Attention { .. } => "attention",
             Case::AlignmentLoss { .. } => "alignment_loss",
             Case::Gather { .. } => "gather_signal_tokens",
@@ -138,6 +153,14 @@ impl Case {
                 offset,
             } => format!("{rows}x{cols}{}", norm_suffix(residual, offset)),
             Case::LayerNormLinear {
+                m,
+                n,
+                k,
+                act,
+                residual,
+                offset,
+            }
+            | Case::LinearLayerNorm {
                 m,
                 n,
                 k,
@@ -269,6 +292,25 @@ pub fn standard_cases() -> Vec<Case> {
             offset,
         });
     }
+    // One kernel on CUDA where the linear takes v5 (16-bit, a large tile
+    // for every SM: batch 64's decoder, `outproj check`'s large-tile rows);
+    // two ops at these sizes.
+    for (m, n, k, act, residual, offset) in [
+        (3, 5, 7, Relu, true, 0.0),
+        (77, 512, 512, None, true, 0.0),
+        (13, 70, 36, None, false, 0.0),
+        (13, 70, 36, None, true, 1000.0),
+        (129, 136, 72, GeluTanh, true, 3.0),
+    ] {
+        cases.push(Case::LinearLayerNorm {
+            m,
+            n,
+            k,
+            act,
+            residual,
+            offset,
+        });
+    }
     let attn = Case::attention;
     cases.extend([
         attn(1, 77, 77, 4, 128, false, false, true),
@@ -389,6 +431,15 @@ enum CaseInputs {
         b: HostTensor,
         act: Activation,
     },
+    LinearLayerNorm {
+        x: HostTensor,
+        w: HostTensor,
+        b: HostTensor,
+        act: Activation,
+        residual: Option<HostTensor>,
+        gamma: HostTensor,
+        beta: HostTensor,
+    },
     Attention {
         q: HostTensor,
         /// K and V packed side by side; `None`: Q, K, V all in `q`.
@@ -473,6 +524,24 @@ fn case_inputs(case: &Case, inp: &mut Inputs) -> Result<CaseInputs> {
             w: inp.tensor(&[n, k], 1.0 / (k as f64).sqrt(), 0.0)?,
             b: inp.tensor(&[n], 0.5, 0.0)?,
             act,
+        },
+        Case::LinearLayerNorm {
+            m,
+            n,
+            k,
+            act,
+            residual,
+            offset,
+        } => CaseInputs::LinearLayerNorm {
+            x: inp.tensor(&[m, k], 1.0, 0.0)?,
+            w: inp.tensor(&[n, k], 1.0 / (k as f64).sqrt(), 0.0)?,
+            b: inp.tensor(&[n], 0.5, 0.0)?,
+            act,
+            residual: residual
+                .then(|| inp.tensor(&[m, n], 1.0, offset))
+                .transpose()?,
+            gamma: inp.tensor(&[n], 0.2, 1.0)?,
+            beta: inp.tensor(&[n], 0.1, 0.0)?,
         },
         Case::Attention {
             batch,
@@ -610,6 +679,32 @@ fn run_case<B: Backend>(be: &B, inputs: &CaseInputs) -> Result<Vec<HostTensor>> 
                 &mut out,
             )?;
             // Compared: the output and the sum (`h` is scratch).
+            Ok(vec![be.download(&out)?, be.download(&sum)?])
+        }
+        CaseInputs::LinearLayerNorm {
+            x,
+            w,
+            b,
+            act,
+            residual,
+            gamma,
+            beta,
+        } => {
+            let shape = [x.shape()[0], w.shape()[0]];
+            let mut out = poisoned(be, &shape)?;
+            let mut sum = poisoned(be, &shape)?;
+            let mut y = poisoned(be, &shape)?;
+            let (r, gt, bt) = (opt(residual)?, up(gamma)?, up(beta)?);
+            let norm = NormAfter {
+                residual: r.as_ref(),
+                weight: &gt,
+                bias: &bt,
+                eps: 1e-5,
+            };
+            let (xt, wt, lb) = (up(x)?, up(w)?, up(b)?);
+            let sum_out = Some(&mut sum);
+            be.linear_layer_norm(&xt, &wt, Some(&lb), *act, &mut y, norm, sum_out, &mut out)?;
+            // Compared: the norm and the sum (`y` is scratch).
             Ok(vec![be.download(&out)?, be.download(&sum)?])
         }
         CaseInputs::Attention { q, kv, spec, mask } => {

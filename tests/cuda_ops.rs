@@ -9,7 +9,7 @@ use std::sync::Once;
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::cuda::{Cuda, CudaOptions, KernelVersion};
 use output_projector::ops::{
-    Activation, AttentionInput, AttentionSpec, Backend, Cols, NormInput, Shaped,
+    Activation, AttentionInput, AttentionSpec, Backend, Cols, NormAfter, NormInput, Shaped,
 };
 use output_projector::projector::Projector;
 use output_projector::tensor::{DType, HostTensor};
@@ -797,6 +797,78 @@ fn layer_norm_linear_in_clusters_matches_two_ops() {
     }
 }
 
+/// The standard cases: two ops on every kernel version at these sizes.
+#[test]
+fn linear_layer_norm_matches_reference() {
+    check_cases(&verify::standard_cases(), "linear_layer_norm", 1e-5);
+}
+
+/// A linear and the LayerNorm after it, one kernel where `linear` takes v5
+/// in 16-bit storage (a large tile for every SM, N = 512: batch 64's
+/// decoder), its blocks along N one cluster, against the two ops
+/// (`separate_layer_norms`): `sum_out` bitwise, the norm within its sums'
+/// order. f32 runs the two ops either way.
+#[test]
+fn linear_layer_norm_in_clusters_matches_two_ops() {
+    for (storage, tol) in [(DType::BF16, 1e-3), (DType::F16, 1e-3), (DType::F32, 0.0)] {
+        let Some((be, two_ops)) = backend_pair(storage, |o| o.separate_layer_norms = true) else {
+            return;
+        };
+        let (m, n, k) = (128 * (be.sm_count() as usize).div_ceil(4) + 5, 512, 40);
+        let folds = storage != DType::F32 && be.cluster_split_k();
+        assert_eq!(be.linear_layer_norm_folds(m, n, k), folds);
+        assert!(!two_ops.linear_layer_norm_folds(m, n, k));
+        let host = [
+            HostTensor::randn(vec![1, m, k], 5, "x").unwrap(),
+            HostTensor::randn(vec![n, k], 6, "weight").unwrap(),
+            HostTensor::randn(vec![n], 7, "bias").unwrap(),
+            HostTensor::randn(vec![1, m, n], 8, "residual").unwrap(),
+            HostTensor::randn(vec![n], 9, "norm weight").unwrap(),
+            HostTensor::randn(vec![n], 10, "norm bias").unwrap(),
+        ];
+        let mut got = Vec::new();
+        for b in [&be, &two_ops] {
+            let t: Vec<_> = host.iter().map(|h| b.upload(h).unwrap()).collect();
+            let mut y = b.alloc(&[1, m, n]).unwrap();
+            let mut sum = b.alloc(&[1, m, n]).unwrap();
+            let mut out = b.alloc(&[1, m, n]).unwrap();
+            let norm = NormAfter {
+                residual: Some(&t[3]),
+                weight: &t[4],
+                bias: &t[5],
+                eps: 1e-5,
+            };
+            let before = b.kernel_launches().unwrap();
+            let none = Activation::None;
+            b.linear_layer_norm(
+                &t[0],
+                &t[1],
+                Some(&t[2]),
+                none,
+                &mut y,
+                norm,
+                Some(&mut sum),
+                &mut out,
+            )
+            .unwrap();
+            let launches = b.kernel_launches().unwrap() - before;
+            got.push((
+                launches,
+                b.download(&out).unwrap().to_f64_vec(),
+                b.download(&sum).unwrap().to_f64_vec(),
+            ));
+        }
+        let (fused, plain) = (&got[0], &got[1]);
+        let name = storage.name();
+        assert_eq!((fused.0, plain.0), (if folds { 1 } else { 2 }, 2), "{name}");
+        let (rel, _) = output_projector::tensor::compare(&fused.1, &plain.1);
+        println!("{name} {m}x{n}x{k}: linear_layer_norm vs two ops rel {rel:.3e}");
+        assert!(rel <= tol, "{name}: out rel {rel:.3e}");
+        assert!(fused.1.iter().all(|v| v.is_finite()), "{name}");
+        assert_eq!(fused.2, plain.2, "{name}: sum");
+    }
+}
+
 /// LayerNorms folded into the linears after them (the small projector at
 /// batch 1: the encoder's in v4, the decoder's 77-row ones through the
 /// cluster where there is one) against every norm a kernel of its own: fewer
@@ -1364,6 +1436,8 @@ const DEVICE_TESTS: &[&str] = &[
     "linear_matches_reference",
     "layer_norm_linear_matches_reference",
     "layer_norm_linear_in_clusters_matches_two_ops",
+    "linear_layer_norm_matches_reference",
+    "linear_layer_norm_in_clusters_matches_two_ops",
     "folded_layer_norms_match_separate_ones",
     "layer_norm_matches_reference",
     "attention_matches_reference",

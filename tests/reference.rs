@@ -2,7 +2,10 @@
 //! edge cases, error paths, gradients against finite differences.
 
 use output_projector::config::{Modality, ProjectorConfig, Variant};
-use output_projector::ops::{Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind};
+use output_projector::ops::{
+    linear_then_layer_norm, Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind,
+    NormAfter,
+};
 use output_projector::projector::Projector;
 use output_projector::reference::{RefTensor, Reference};
 use output_projector::rng::Rng;
@@ -397,4 +400,136 @@ fn a_plan_is_reused_and_belongs_to_its_projector_and_shape() {
     assert!(proj.plan(0, n_in).is_err());
     assert!(proj.plan(b, 0).is_err());
     assert!(proj.plan(usize::MAX, n_in).is_err());
+}
+
+/// The reference, saying that every `linear_layer_norm` folds, so that the
+/// projector takes its producer-side norms; the default two ops run them, and
+/// the linear's output `y` is poisoned afterwards, as a fused kernel leaves
+/// it unwritten.
+#[derive(Clone, Default)]
+struct FoldsEveryNorm {
+    calls: std::rc::Rc<std::cell::Cell<usize>>,
+}
+
+impl Backend for FoldsEveryNorm {
+    type Tensor = RefTensor;
+    type Mask = KeyPaddingMask;
+
+    fn name(&self) -> &str {
+        "cpu, norms after their linears"
+    }
+    fn upload(
+        &self,
+        t: &output_projector::tensor::HostTensor,
+    ) -> output_projector::Result<RefTensor> {
+        Reference.upload(t)
+    }
+    fn download(
+        &self,
+        t: &RefTensor,
+    ) -> output_projector::Result<output_projector::tensor::HostTensor> {
+        Reference.download(t)
+    }
+    fn alloc(&self, shape: &[usize]) -> output_projector::Result<RefTensor> {
+        Reference.alloc(shape)
+    }
+    fn upload_mask(&self, mask: &KeyPaddingMask) -> output_projector::Result<KeyPaddingMask> {
+        Reference.upload_mask(mask)
+    }
+    fn linear(
+        &self,
+        x: &RefTensor,
+        w: &RefTensor,
+        b: Option<&RefTensor>,
+        act: Activation,
+        residual: Option<&RefTensor>,
+        out: &mut RefTensor,
+    ) -> output_projector::Result<()> {
+        Reference.linear(x, w, b, act, residual, out)
+    }
+    fn layer_norm(
+        &self,
+        x: &RefTensor,
+        residual: Option<&RefTensor>,
+        weight: &RefTensor,
+        bias: &RefTensor,
+        eps: f64,
+        out: &mut RefTensor,
+        sum_out: Option<&mut RefTensor>,
+    ) -> output_projector::Result<()> {
+        Reference.layer_norm(x, residual, weight, bias, eps, out, sum_out)
+    }
+    fn attention(
+        &self,
+        q: Cols<'_, RefTensor>,
+        k: Cols<'_, RefTensor>,
+        v: Cols<'_, RefTensor>,
+        spec: &AttentionSpec,
+        mask: Option<&KeyPaddingMask>,
+        out: &mut RefTensor,
+    ) -> output_projector::Result<()> {
+        Reference.attention(q, k, v, spec, mask, out)
+    }
+    fn alignment_loss(
+        &self,
+        kind: LossKind,
+        pred: &RefTensor,
+        target: &RefTensor,
+        loss: &mut RefTensor,
+        grad: &mut RefTensor,
+    ) -> output_projector::Result<()> {
+        Reference.alignment_loss(kind, pred, target, loss, grad)
+    }
+    fn gather_signal_tokens(
+        &self,
+        hidden: &RefTensor,
+        embeds: Option<&RefTensor>,
+        positions: &SignalPositions,
+        out: &mut RefTensor,
+    ) -> output_projector::Result<()> {
+        Reference.gather_signal_tokens(hidden, embeds, positions, out)
+    }
+    fn linear_layer_norm(
+        &self,
+        x: &RefTensor,
+        w: &RefTensor,
+        b: Option<&RefTensor>,
+        act: Activation,
+        y: &mut RefTensor,
+        norm: NormAfter<'_, RefTensor>,
+        sum_out: Option<&mut RefTensor>,
+        out: &mut RefTensor,
+    ) -> output_projector::Result<()> {
+        linear_then_layer_norm(self, x, w, b, act, y, norm, sum_out, out)?;
+        y.data_mut().fill(f64::NAN);
+        self.calls.set(self.calls.get() + 1);
+        Ok(())
+    }
+    fn linear_layer_norm_folds(&self, _m: usize, _n: usize, _k: usize) -> bool {
+        true
+    }
+}
+
+#[test]
+fn norms_folded_into_the_linears_before_them_change_nothing() {
+    let config = tiny_config(Variant::Legacy);
+    let w = ProjectorWeights::random(config.clone(), None, 5).unwrap();
+    let hidden = rand(&[2, 4, 12], 30);
+    let want = Projector::new(Reference, &w)
+        .unwrap()
+        .forward(&hidden, None)
+        .unwrap();
+    let be = FoldsEveryNorm::default();
+    let proj = Projector::new(be.clone(), &w).unwrap();
+    let mut plan = proj.plan(2, 4).unwrap();
+    for _ in 0..2 {
+        be.calls.set(0);
+        let got = proj.forward_with(&mut plan, &hidden, None).unwrap();
+        // Bitwise: the same ops in the same order, only issued elsewhere.
+        assert_eq!(got.data(), want.data());
+        // Each encoder layer's two sub-blocks; the decoder's first layer
+        // starts from its prefix (cross-attention and FFN), the others three.
+        let (e, d) = (config.encoder_layers, config.decoder_layers);
+        assert_eq!(be.calls.get(), 2 * e + 2 + 3 * (d - 1));
+    }
 }

@@ -66,6 +66,12 @@ fn layer_norm_linear_matches_reference() {
     check_op("layer_norm_linear", 1e-5);
 }
 
+/// The trait's default: the two ops.
+#[test]
+fn linear_layer_norm_matches_reference() {
+    check_op("linear_layer_norm", 1e-5);
+}
+
 #[test]
 fn attention_matches_reference() {
     check_op("attention", 1e-5);

@@ -102,6 +102,8 @@ static Entry ENTRIES[] = {
     K(k_bf16, linear_mma_narrow_vec8, _bf16, LinearParams),
     K(k_f16, layer_norm_linear_tc_vec8, _f16, LayerNormLinearParams),
     K(k_bf16, layer_norm_linear_tc_vec8, _bf16, LayerNormLinearParams),
+    K(k_f16, linear_layer_norm_mma_vec8, _f16, LinearLayerNormParams),
+    K(k_bf16, linear_layer_norm_mma_vec8, _bf16, LinearLayerNormParams),
     K(k_f16, attention_tc_d64, _f16, AttentionParams),
     K(k_f16, attention_tc_d128, _f16, AttentionParams),
     K(k_bf16, attention_tc_d64, _bf16, AttentionParams),

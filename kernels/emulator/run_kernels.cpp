@@ -558,6 +558,10 @@ struct HalfF16 {
     static void linear_mma_narrow(const LP& p) { k_f16::linear_mma_narrow_vec8_f16(p); }
     typedef k_f16::LayerNormLinearParams LNP;
     static void layer_norm_linear_tc(const LNP& p) { k_f16::layer_norm_linear_tc_vec8_f16(p); }
+    typedef k_f16::LinearLayerNormParams LLNP;
+    static void linear_layer_norm(const LLNP& p) { k_f16::linear_layer_norm_mma_vec8_f16(p); }
+    typedef k_f16::LayerNormParams NP;
+    static void layer_norm(const NP& p) { k_f16::layer_norm_warp_vec4_f16(p); }
     static void linear_rows(const LP& p, bool vec) {
         if (vec) k_f16::linear_rows_vec4_f16(p); else k_f16::linear_rows_scalar_f16(p);
     }
@@ -580,6 +584,10 @@ struct HalfBF16 {
     static void linear_mma_narrow(const LP& p) { k_bf16::linear_mma_narrow_vec8_bf16(p); }
     typedef k_bf16::LayerNormLinearParams LNP;
     static void layer_norm_linear_tc(const LNP& p) { k_bf16::layer_norm_linear_tc_vec8_bf16(p); }
+    typedef k_bf16::LinearLayerNormParams LLNP;
+    static void linear_layer_norm(const LLNP& p) { k_bf16::linear_layer_norm_mma_vec8_bf16(p); }
+    typedef k_bf16::LayerNormParams NP;
+    static void layer_norm(const NP& p) { k_bf16::layer_norm_warp_vec4_bf16(p); }
     static void linear_rows(const LP& p, bool vec) {
         if (vec) k_bf16::linear_rows_vec4_bf16(p); else k_bf16::linear_rows_scalar_bf16(p);
     }
@@ -835,6 +843,88 @@ static void test_layer_norm_linear_half(int m, int n, int k, bool res, double me
     report(std::string(name) + " sum_out", got_sum.data(), want_sum, 0.0);
 }
 
+
+// linear_layer_norm (16-bit, v5's narrow tiles, a cluster along N): against
+// the f64 reference of the linear's output rounded to E, the sum and the norm;
+// and against its two ops (v5's narrow tiles, then layer_norm_warp): sum_out
+// bitwise (the same products, roundings and adds), the norm within rounding
+// (its sums in another order).
+template <class S>
+static void test_linear_layer_norm_half(int m, int n, int k, bool res, double mean, int act) {
+    typedef typename S::E E;
+    Buf xf(m * k), wf(n * k), bf(n), rf(m * n), gf(n), hf(n);
+    xf.randn(1.0);
+    wf.randn(1.0 / std::sqrt((double)k));
+    bf.randn(0.5, mean);
+    rf.randn(1.0, mean);
+    gf.randn(0.5, 1.0);
+    hf.randn(0.5);
+    const auto round = [](const Buf& b) {
+        std::vector<E> v(b.n);
+        for (size_t i = 0; i < b.n; ++i) v[i] = S::from(b.p[i]);
+        return v;
+    };
+    std::vector<E> x = round(xf), w = round(wf), b = round(bf), r = round(rf), g = round(gf),
+                   h = round(hf);
+    const double eps = 1e-5;
+    std::vector<double> want((size_t)m * n), want_sum((size_t)m * n), sv(n);
+    for (int i = 0; i < m; ++i) {
+        double mu = 0, var = 0;
+        for (int j = 0; j < n; ++j) {
+            double acc = emu_to_float(b[j]);
+            for (int kk = 0; kk < k; ++kk)
+                acc += (double)emu_to_float(x[(size_t)i * k + kk]) * emu_to_float(w[(size_t)j * k + kk]);
+            const double y = emu_to_float(S::from((float)act_ref(act, acc)));
+            const double rv = res ? emu_to_float(r[(size_t)i * n + j]) : 0.0;
+            sv[j] = y + rv;
+            want_sum[(size_t)i * n + j] = emu_to_float(S::from((float)(y + rv)));
+            mu += sv[j];
+        }
+        mu /= n;
+        for (int j = 0; j < n; ++j) var += (sv[j] - mu) * (sv[j] - mu);
+        var /= n;
+        for (int j = 0; j < n; ++j)
+            want[(size_t)i * n + j] = (sv[j] - mu) / std::sqrt(var + eps) * emu_to_float(g[j]) + emu_to_float(h[j]);
+    }
+    std::vector<E> out((size_t)m * n, S::from(NAN)), sum((size_t)m * n, S::from(NAN));
+    typename S::LLNP p{};
+    p.linear.x = x.data(); p.linear.w = w.data(); p.linear.bias = b.data();
+    p.linear.m = m; p.linear.n = n; p.linear.k = k; p.linear.act = act; p.linear.splits = 1;
+    p.norm_residual = res ? r.data() : nullptr;
+    p.norm_weight = g.data(); p.norm_bias = h.data(); p.sum_out = sum.data(); p.norm_out = out.data();
+    p.eps = (float)eps;
+    const unsigned blocks = cdiv(n, 64);
+    emu::launch(dim3(blocks, cdiv(m, 128), 1), dim3(128), [&] { S::linear_layer_norm(p); },
+                dim3(blocks, 1, 1));
+    char name[128];
+    snprintf(name, sizeof name, "linear_layer_norm %s %dx%dx%d%s mean %g act %d, cluster %u",
+             S::name(), m, n, k, res ? " +res" : "", mean, act, blocks);
+    std::vector<float> got(out.size()), got_sum(sum.size());
+    for (size_t i = 0; i < got.size(); ++i) got[i] = emu_to_float(out[i]);
+    for (size_t i = 0; i < got_sum.size(); ++i) got_sum[i] = emu_to_float(sum[i]);
+    // The output rounded to E (2^-9 relative for bf16); y one E ulp off the
+    // reference's now and then (f32 sums against f64).
+    report(name, got.data(), want, 1e-2);
+    report(std::string(name) + " sum_out", got_sum.data(), want_sum, 1e-2);
+
+    // The two ops.
+    std::vector<E> y((size_t)m * n, S::from(NAN)), out2((size_t)m * n, S::from(NAN)),
+        sum2((size_t)m * n, S::from(NAN));
+    typename S::LP lp = p.linear;
+    lp.out = y.data();
+    emu::launch(dim3(blocks, cdiv(m, 128), 1), dim3(128), [&] { S::linear_mma_narrow(lp); });
+    typename S::NP np{};
+    np.x = y.data(); np.residual = res ? r.data() : nullptr; np.weight = g.data(); np.bias = h.data();
+    np.out = out2.data(); np.sum_out = sum2.data(); np.rows = m; np.cols = n; np.eps = (float)eps;
+    emu::launch(dim3(cdiv(m, 4)), dim3(128), [&] { S::layer_norm(np); });
+    check_same(std::string(name) + " sum_out", sum.data(), sum2.data(), sum.size(), "the two ops");
+    std::vector<double> two(out2.size());
+    for (size_t i = 0; i < two.size(); ++i) two[i] = emu_to_float(out2[i]);
+    // Statistics summed in another order: an output rounded the other way
+    // now and then.
+    report(std::string(name) + " vs the two ops", got.data(), two, 2e-3);
+}
+
 // ---------------------------------------------------------------- loss
 static void test_loss(int batch, int tokens, int dim, int kind, bool zero_token = false) {
     int t = batch * tokens;
@@ -1007,6 +1097,14 @@ int main(int argc, char** argv) {
         test_layer_norm_linear_half<HalfBF16>(77, 130, 200, true, 3.0);
         test_layer_norm_linear_half<HalfBF16>(70, 64, 512, false, 100.0);
         test_layer_norm_linear_half<HalfF16>(5, 8, 40, true, 0.0);  // one step, no cluster
+        // (m, n, k, residual, mean, act): batch 64's N = 512 (a cluster of
+        // 8), a ragged row tile; 3 blocks with 8 live columns in the last;
+        // one block; no residual; a large mean.
+        test_linear_layer_norm_half<HalfBF16>(133, 512, 40, true, 0.0, 0);
+        test_linear_layer_norm_half<HalfF16>(133, 512, 40, true, 0.0, 1);
+        test_linear_layer_norm_half<HalfBF16>(70, 136, 72, true, 3.0, 1);
+        test_linear_layer_norm_half<HalfF16>(5, 64, 16, false, 0.0, 0);
+        test_linear_layer_norm_half<HalfBF16>(129, 256, 32, true, 100.0, 0);
         const int half_dims[][3] = {{130, 200, 72}, {77, 129, 40}, {3, 5, 7}, {64, 128, 256},
                                     {13, 70, 1030}, {4, 64, 2048},
                                     {200, 136, 296}};

@@ -38,9 +38,9 @@ use super::{
 use crate::error::{Error, Result};
 pub use crate::ops::KernelVersion;
 use crate::ops::{
-    attention_then_linear, layer_norm_then_linear, Activation, AttentionDims, AttentionInput,
-    AttentionSpec, Backend, Cols, GatherDims, KeyPaddingMask, LayerNormDims, LinearDims, LossDims,
-    LossKind, NormInput, Shaped,
+    attention_then_linear, layer_norm_then_linear, linear_then_layer_norm, Activation,
+    AttentionDims, AttentionInput, AttentionSpec, Backend, Cols, GatherDims, KeyPaddingMask,
+    LayerNormDims, LinearDims, LossDims, LossKind, NormAfter, NormInput, Shaped,
 };
 use crate::signal::SignalPositions;
 use crate::tensor::{checked_numel, try_filled, DType, HostData, HostTensor};
@@ -784,6 +784,11 @@ impl Cuda {
     /// [`CudaOptions::split_k_through_memory`] is set.
     pub fn cluster_split_k(&self) -> bool {
         self.inner.shared.clusters && !self.inner.options.split_k_through_memory
+    }
+
+    /// Whether the device launches thread-block clusters (sm_90 and newer).
+    pub(crate) fn launches_clusters(&self) -> bool {
+        self.inner.shared.clusters
     }
 
     /// The kernel `linear` launches for an `m x k` input and `n` outputs
@@ -1614,6 +1619,39 @@ impl Backend for Cuda {
             return Ok(());
         }
         attention_then_linear(self, attn, a, w, b, act, out)
+    }
+
+    fn linear_layer_norm(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        act: Activation,
+        y: &mut CudaTensor,
+        norm: NormAfter<'_, CudaTensor>,
+        mut sum_out: Option<&mut CudaTensor>,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let _range = crate::profile::range("linear_layer_norm");
+        let d = LinearDims::check(x.shape(), w.shape(), b.map(|t| t.shape()), None, y.shape())?;
+        LayerNormDims::check(
+            y.shape(),
+            norm.residual.map(|t| t.shape()),
+            norm.weight.shape(),
+            norm.bias.shape(),
+            norm.eps,
+            out.shape(),
+            sum_out.as_ref().map(|t| t.shape()),
+        )?;
+        let sums = sum_out.as_deref_mut();
+        if super::linear::linear_layer_norm(self, d, x, w, b, act, norm, sums, out)? {
+            return Ok(());
+        }
+        linear_then_layer_norm(self, x, w, b, act, y, norm, sum_out, out)
+    }
+
+    fn linear_layer_norm_folds(&self, m: usize, n: usize, k: usize) -> bool {
+        super::linear::linear_layer_norm_folds(self, LinearDims { m, n, k })
     }
 
     fn alignment_loss(

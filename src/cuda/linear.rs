@@ -22,7 +22,7 @@ use super::backend::{
 };
 use super::program::{param_layout, Program};
 use crate::error::Result;
-use crate::ops::{Activation, AttentionDims, AttentionInput, LinearDims, NormInput};
+use crate::ops::{Activation, AttentionDims, AttentionInput, LinearDims, NormAfter, NormInput};
 use crate::tensor::DType;
 
 /// Mirror of `LinearParams` in kernels/linear.cu.
@@ -101,6 +101,25 @@ pub(crate) struct LayerNormLinearParams {
 // compiled into linear.cu check it.
 unsafe impl DeviceRepr for LayerNormLinearParams {}
 
+/// Mirror of `LinearLayerNormParams` in kernels/linear.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct LinearLayerNormParams {
+    linear: LinearParams,
+    norm_residual: u64,
+    norm_weight: u64,
+    norm_bias: u64,
+    sum_out: u64,
+    norm_out: u64,
+    eps: f32,
+    pad0: i32,
+}
+
+// SAFETY: plain data (a LinearParams, u64, f32 and i32 fields, no padding),
+// laid out exactly as the kernels' LinearLayerNormParams: the static_asserts
+// compiled into linear.cu check it.
+unsafe impl DeviceRepr for LinearLayerNormParams {}
+
 /// Mirror of `AttentionLinearParams` in kernels/linear.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -121,6 +140,15 @@ fn layouts() -> String {
         norm_weight,
         norm_bias,
         sum_out,
+        eps,
+        pad0
+    }) + &param_layout!(LinearLayerNormParams {
+        linear,
+        norm_residual,
+        norm_weight,
+        norm_bias,
+        sum_out,
+        norm_out,
         eps,
         pad0
     }) + &param_layout!(LinearParams {
@@ -162,6 +190,7 @@ pub(crate) static PROGRAM: Program = Program {
         "linear_mma_vec8",
         "linear_mma_narrow_vec8",
         "layer_norm_linear_tc_vec8",
+        "linear_layer_norm_mma_vec8",
     ],
     tf32_kernels: &[
         "linear_tc_tf32_vec4",
@@ -194,6 +223,9 @@ const NORM_TILED_STEPS: usize = 2;
 const TC_SMALL_BLOCKS: usize = 4;
 /// Most splits of one GEMM.
 const MAX_SPLITS: usize = 32;
+
+/// A launch's grid, in blocks along x, y and z.
+type Grid = (u32, u32, u32);
 
 /// How one `linear` call is launched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -616,6 +648,128 @@ pub(super) fn layer_norm_linear(
             be.launch_in_clusters(&PROGRAM, kernel, grid, block, cluster, &params)?;
         }
     }
+    Ok(true)
+}
+
+/// The grid and block size of `linear_layer_norm_mma_vec8`, where a linear of `d` and the
+/// LayerNorm reading its output run as one kernel: where `linear` takes v5
+/// (16-bit storage, 16-byte copies, a large tile for every SM: batch 64's
+/// decoder) and N, a multiple of 8, spans one cluster of narrow tiles, which
+/// then holds whole rows. Not under `square_mma_tiles` or `wmma_large_tiles`
+/// (the baselines keep their kernels), nor without clusters.
+fn linear_layer_norm_grid(
+    d: LinearDims,
+    version: KernelVersion,
+    sm_count: u32,
+    gemm: Gemm,
+    wide: bool,
+    clusters: bool,
+) -> Result<Option<(Grid, u32)>> {
+    if gemm != Gemm::Half || !clusters || d.n % 8 != 0 || d.n.div_ceil(NARROW_TILE) > MAX_CLUSTER {
+        return Ok(None);
+    }
+    Ok(match plan(d, version, sm_count, gemm, wide, clusters)? {
+        LinearPlan::Tiled {
+            kernel, threads, ..
+        } if kernel == "linear_mma_vec8" || kernel == "linear_mma_narrow_vec8" => {
+            let grid = (
+                blocks_for("linear_layer_norm", d.n, NARROW_TILE)?,
+                blocks_for("linear_layer_norm", d.m, LARGE_TILE)?,
+                1,
+            );
+            Some((grid, threads))
+        }
+        _ => None,
+    })
+}
+
+/// Whether [`linear_layer_norm`] runs a linear of `d` on `be` as one kernel
+/// (16-byte aligned operands, as `be` allocates them).
+pub(super) fn linear_layer_norm_folds(be: &Cuda, d: LinearDims) -> bool {
+    !be.options().separate_layer_norms
+        && matches!(
+            linear_layer_norm_grid(
+                d,
+                be.version(),
+                be.sm_count(),
+                gemm_of(be),
+                k_wide(be, d.k),
+                be.launches_clusters(),
+            ),
+            Ok(Some(_))
+        )
+}
+
+/// [`Backend::linear_layer_norm`](crate::ops::Backend::linear_layer_norm)
+/// as one kernel, where [`linear_layer_norm_grid`] finds one and every
+/// operand is 16-byte aligned: `Ok(false)`, with nothing launched, where it
+/// does not (the caller runs the two ops). `d` is the linear's dims, the
+/// norm's validated to match them.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn linear_layer_norm(
+    be: &Cuda,
+    d: LinearDims,
+    x: &CudaTensor,
+    w: &CudaTensor,
+    b: Option<&CudaTensor>,
+    act: Activation,
+    norm: NormAfter<'_, CudaTensor>,
+    sum_out: Option<&mut CudaTensor>,
+    out: &mut CudaTensor,
+) -> Result<bool> {
+    if be.options().separate_layer_norms {
+        return Ok(false);
+    }
+    let xp = be.check_tensor("linear_layer_norm x", x)?;
+    let wp = be.check_tensor("linear_layer_norm weight", w)?;
+    let bp = b
+        .map(|t| be.check_tensor("linear_layer_norm bias", t))
+        .transpose()?;
+    let rp = norm
+        .residual
+        .map(|t| be.check_tensor("linear_layer_norm residual", t))
+        .transpose()?;
+    let gp = be.check_tensor("linear_layer_norm norm weight", norm.weight)?;
+    let hp = be.check_tensor("linear_layer_norm norm bias", norm.bias)?;
+    let op = be.check_tensor("linear_layer_norm out", out)?;
+    let sp = sum_out
+        .as_deref()
+        .map(|t| be.check_tensor("linear_layer_norm sum_out", t))
+        .transpose()?;
+    let aligned = [Some(xp), Some(wp), bp, rp, Some(gp), Some(hp), Some(op), sp]
+        .into_iter()
+        .flatten()
+        .all(|p| p % 16 == 0);
+    let grid = linear_layer_norm_grid(
+        d,
+        be.version(),
+        be.sm_count(),
+        gemm_of(be),
+        aligned && k_wide(be, d.k),
+        be.launches_clusters(),
+    )?;
+    let Some((grid, threads)) = grid.filter(|_| aligned) else {
+        return Ok(false);
+    };
+    let mut inputs = vec![x, w, norm.weight, norm.bias];
+    inputs.extend(b);
+    inputs.extend(norm.residual);
+    let mut outputs: Vec<&CudaTensor> = vec![out];
+    outputs.extend(sum_out.as_deref());
+    be.check_disjoint("linear_layer_norm", &outputs, &inputs)?;
+    let params = LinearLayerNormParams {
+        linear: LinearParams::unsplit("linear_layer_norm", d, xp, wp, bp.unwrap_or(0), 0, 0, act)?,
+        norm_residual: rp.unwrap_or(0),
+        norm_weight: gp,
+        norm_bias: hp,
+        sum_out: sp.unwrap_or(0),
+        norm_out: op,
+        eps: norm.eps as f32,
+        pad0: 0,
+    };
+    let kernel = "linear_layer_norm_mma_vec8";
+    let cluster = Some((grid.0, 1, 1));
+    be.launch_in_clusters(&PROGRAM, kernel, grid, (threads, 1, 1), cluster, &params)?;
     Ok(true)
 }
 
