@@ -109,8 +109,11 @@ pub struct CudaOptions {
     /// reads it (default off). Off, a LayerNorm folds into that linear where
     /// one kernel can do both: GEMMs of up to 16 rows, and, where split
     /// GEMMs run as thread-block clusters ([`Cuda::cluster_split_k`]), split
-    /// GEMMs whose K fits one cluster's K steps (batch 1's decoder). Folded,
-    /// the norm's statistics are summed in another order: results agree to
+    /// GEMMs whose K fits one cluster's K steps (batch 1's decoder); or into
+    /// the linear before it, whose output it reads
+    /// ([`Backend::linear_layer_norm`]): 16-bit GEMMs on v5 of at most 512
+    /// columns, on devices with clusters (batch 64's decoder). Folded, the
+    /// norm's statistics are summed in another order: results agree to
     /// rounding, not bitwise.
     pub separate_layer_norms: bool,
     /// Run every attention as a kernel of its own, before the out-projection

@@ -1253,6 +1253,50 @@ mod tests {
     }
 
     #[test]
+    fn linear_layer_norm_where_a_cluster_holds_whole_rows() {
+        let fast = KernelVersion::Fast;
+        let grid = |d, gemm, wide, clusters| {
+            linear_layer_norm_grid(d, fast, 132, gemm, wide, clusters).unwrap()
+        };
+        // Batch 64's decoder: the out-projections and FFN down (N = 512),
+        // 8 narrow tiles along N, 39 row tiles.
+        for k in [512, 2048] {
+            let d = dims(4928, 512, k);
+            assert_eq!(grid(d, Gemm::Half, true, true), Some(((8, 39, 1), 128)));
+            // Not on the baselines, f32 or TF32, without 16-byte copies or
+            // clusters, nor with the naive kernels.
+            for gemm in [Gemm::HalfSquare, Gemm::HalfWmma, Gemm::Tiled, Gemm::Tf32] {
+                assert_eq!(grid(d, gemm, true, true), None, "{gemm:?}");
+            }
+            assert_eq!(grid(d, Gemm::Half, false, true), None);
+            assert_eq!(grid(d, Gemm::Half, true, false), None);
+            let naive =
+                linear_layer_norm_grid(d, KernelVersion::Naive, 132, Gemm::Half, true, true);
+            assert_eq!(naive.unwrap(), None);
+        }
+        // Where v5 takes the square tiles, a cluster of narrow ones still
+        // holds the rows; a row of more than 8 x 64 columns, or not a
+        // multiple of 8, does not fold; nor grids v5 does not take (few
+        // rows: split-K).
+        let square = dims(128 * 66, 512, 512);
+        assert_eq!(
+            plan(square, fast, 132, Gemm::Half, true, true).unwrap(),
+            plan(square, fast, 132, Gemm::HalfSquare, true, true).unwrap()
+        );
+        assert_eq!(
+            grid(square, Gemm::Half, true, true),
+            Some(((8, 66, 1), 128))
+        );
+        for (m, n) in [(4928, 768), (4928, 520), (4928, 500), (77, 512), (256, 512)] {
+            assert_eq!(
+                grid(dims(m, n, 512), Gemm::Half, true, true),
+                None,
+                "{m}x{n}"
+            );
+        }
+    }
+
+    #[test]
     fn large_tiles_where_they_fill_the_device() {
         // Batch 64's decoder GEMMs: 39 x 4 large tiles and more. v5 takes
         // 128x64 tiles for N = 512 only (156 square tiles on 132 SMs).
