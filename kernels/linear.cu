@@ -1764,19 +1764,16 @@ OP_KERNEL_NAME(linear_layer_norm_mma_vec8)(const LinearLayerNormParams p) {
         b[1] = unpack4(make_uint2(res[j].z, res[j].w));
     };
 
-    // Pass 1: the means of y and the residual; y + residual to sum_out.
+    // Pass 1: the means of y and the residual. Every global store waits for
+    // the last pass: a cluster barrier's release would wait for them.
     float2 mean[LINEAR_LN_ROWS];
 #pragma unroll
     for (int j = 0; j < LINEAR_LN_ROWS; ++j) {
         float4 y[2], b[2];
         row_of(j, y, b);
         float sx = 0.0f, sr = 0.0f;
-        const float4 s0 = layer_norm_sum4(y[0], b[0], residual, sx, sr);
-        const float4 s1 = layer_norm_sum4(y[1], b[1], residual, sx, sr);
-        const int m = at.m0 + r0 + 16 * j;
-        if (p.sum_out != nullptr && col_live && m < lp.m) {
-            store8(p.sum_out + m * lp.n + n, s0, s1);
-        }
+        layer_norm_sum4(y[0], b[0], residual, sx, sr);
+        layer_norm_sum4(y[1], b[1], residual, sx, sr);
         mean[j] = col_live ? make_float2(sx, sr) : make_float2(0.0f, 0.0f);
     }
     linear_ln_totals(mean, slots[0], totals, r0);
@@ -1796,7 +1793,7 @@ OP_KERNEL_NAME(linear_layer_norm_mma_vec8)(const LinearLayerNormParams p) {
     }
     linear_ln_totals(moments, slots[1], totals, r0);
 
-    // Pass 3: normalise, scale, shift.
+    // Pass 3: normalise, scale, shift; y + residual to sum_out.
     float4 gamma[2] = {zero, zero};
     float4 beta[2] = {zero, zero};
     if (col_live) {
@@ -1811,6 +1808,12 @@ OP_KERNEL_NAME(linear_layer_norm_mma_vec8)(const LinearLayerNormParams p) {
         }
         float4 y[2], b[2];
         row_of(j, y, b);
+        if (p.sum_out != nullptr) {
+            float sx = 0.0f, sr = 0.0f;
+            const float4 s0 = layer_norm_sum4(y[0], b[0], residual, sx, sr);
+            const float4 s1 = layer_norm_sum4(y[1], b[1], residual, sx, sr);
+            store8(p.sum_out + m * lp.n + n, s0, s1);
+        }
         const float mx = mean[j].x * inv_n;
         const float mr = residual ? mean[j].y * inv_n : 0.0f;
         const float cc = moments[j].x * inv_n;

@@ -1097,6 +1097,15 @@ int main(int argc, char** argv) {
         test_layer_norm_linear_half<HalfBF16>(77, 130, 200, true, 3.0);
         test_layer_norm_linear_half<HalfBF16>(70, 64, 512, false, 100.0);
         test_layer_norm_linear_half<HalfF16>(5, 8, 40, true, 0.0);  // one step, no cluster
+        const int half_dims[][3] = {{130, 200, 72}, {77, 129, 40}, {3, 5, 7}, {64, 128, 256},
+                                    {13, 70, 1030}, {4, 64, 2048},
+                                    {200, 136, 296}};
+        for (auto& d : half_dims) {
+            test_linear_half<HalfF16>(d[0], d[1], d[2]);
+            test_linear_half<HalfBF16>(d[0], d[1], d[2]);
+        }
+    }
+    if (want("linear") || want("linear_layer_norm")) {
         // (m, n, k, residual, mean, act): batch 64's N = 512 (a cluster of
         // 8), a ragged row tile; 3 blocks with 8 live columns in the last;
         // one block; no residual; a large mean.
@@ -1105,13 +1114,6 @@ int main(int argc, char** argv) {
         test_linear_layer_norm_half<HalfBF16>(70, 136, 72, true, 3.0, 1);
         test_linear_layer_norm_half<HalfF16>(5, 64, 16, false, 0.0, 0);
         test_linear_layer_norm_half<HalfBF16>(129, 256, 32, true, 100.0, 0);
-        const int half_dims[][3] = {{130, 200, 72}, {77, 129, 40}, {3, 5, 7}, {64, 128, 256},
-                                    {13, 70, 1030}, {4, 64, 2048},
-                                    {200, 136, 296}};
-        for (auto& d : half_dims) {
-            test_linear_half<HalfF16>(d[0], d[1], d[2]);
-            test_linear_half<HalfBF16>(d[0], d[1], d[2]);
-        }
     }
     printf("emulated kernels: %d comparisons failed (%ld fiber switches)\n", failures, emu::switches);
     return failures ? 1 : 0;
