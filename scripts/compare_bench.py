@@ -39,7 +39,8 @@ GRAPH_WITHOUT = [
 TORCH_FORWARD = [("eager", "PyTorch eager"), ("compile default", "torch.compile (default)"),
                  ("compile reduce-overhead", "torch.compile (reduce-overhead, CUDA graphs)")]
 OPS = {"attention": "F.scaled_dot_product_attention", "layer_norm": "F.layer_norm",
-       "linear": "F.linear (cuBLAS)"}
+       "linear": "F.linear (cuBLAS)",
+       "linear_layer_norm": "F.linear + residual + F.layer_norm"}
 # Our op again on another kernel (present where the op takes a different one there):
 # (op, our row, label).
 OP_BASELINES = [("linear", "linear wmma", "v3 WMMA"),

@@ -6,7 +6,8 @@ For each precision and batch it times
   * the forward: eager (model.eval(), torch.inference_mode()), and torch.compile in the
     default mode and in "reduce-overhead" (CUDA graphs);
   * each op of one forward at the projector's shapes (the shapes of
-    `OpCase::projector_ops` in src/bench.rs): F.linear (cuBLAS), F.layer_norm and
+    `OpCase::projector_ops` in src/bench.rs): F.linear (cuBLAS), F.layer_norm,
+    F.linear with the residual added and F.layer_norm after it, and
     F.scaled_dot_product_attention;
   * the floor: weight bytes plus activation bytes over the measured copy bandwidth.
 Every time is the median of many runs after a warm-up, each run synchronised (the
@@ -188,6 +189,8 @@ def projector_ops(batch):
            ("linear", (m, OUT_DIM, D_MODEL, "none"))]
     rows = [(op, f"{mm}x{n}x{k} {act}", (mm, n, k, act)) for op, (mm, n, k, act) in ops]
     rows.append(("layer_norm", f"{m}x{D_MODEL}", (m, D_MODEL)))
+    # The decoder's FFN down and the norm of its output plus the stream.
+    rows.append(("linear_layer_norm", f"{m}x{D_MODEL}x{FFN_DIM}", (m, D_MODEL, FFN_DIM)))
     for lk in (N_OUT, N_IN):
         rows.append(("attention", f"B{batch} Lq{N_OUT} Lk{lk} H{HEADS} d{HEAD_DIM}",
                      (batch, N_OUT, lk)))
@@ -218,6 +221,18 @@ def op_case(op, p, dtype, device, g, l2_bytes):
         def fn(x, w, b):
             return F.layer_norm(x, (cols,), w, b, 1e-5)
         set_bytes = (2 * rows * cols + 2 * cols) * elem
+    elif op == "linear_layer_norm":
+        m, n, k = p
+
+        def make():
+            return (randn((m, k), dtype, device, g), randn((n, k), dtype, device, g) / math.sqrt(k),
+                    randn((n,), dtype, device, g), randn((m, n), dtype, device, g),
+                    1 + 0.2 * randn((n,), dtype, device, g), 0.1 * randn((n,), dtype, device, g))
+
+        def fn(x, w, b, r, gamma, beta):
+            s = F.linear(x, w, b) + r
+            return s, F.layer_norm(s, (n,), gamma, beta, 1e-5)
+        set_bytes = (m * k + n * k + 3 * n + 3 * m * n) * elem
     else:
         batch, lq, lk = p
 
@@ -341,6 +356,7 @@ def op_rows(precision, batch, timer, device, g, l2_bytes):
     for op, shape, p in projector_ops(batch):
         row = {"what": op, "precision": precision, "batch": batch, "shape": shape,
                "impl": {"linear": "F.linear", "layer_norm": "F.layer_norm",
+                        "linear_layer_norm": "F.linear + residual + F.layer_norm",
                         "attention": "F.scaled_dot_product_attention"}[op]}
         try:
             fn, sets = op_case(op, p, DTYPES[precision], device, g, l2_bytes)
