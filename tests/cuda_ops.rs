@@ -1046,6 +1046,24 @@ fn bad_shapes_are_errors() {
     assert!(be
         .linear(&x, &w, None, Activation::None, None, &mut out)
         .is_err());
+    // linear_layer_norm: a norm of the linear's input width, a sum of
+    // another shape.
+    let w = be.alloc(&[4, 5]).unwrap();
+    let (g5, g4) = (be.alloc(&[5]).unwrap(), be.alloc(&[4]).unwrap());
+    let mut y = be.alloc(&[3, 4]).unwrap();
+    let mut bad_sum = be.alloc(&[4, 3]).unwrap();
+    for (weight, sum) in [(&g5, None), (&g4, Some(&mut bad_sum))] {
+        let norm = NormAfter {
+            residual: None,
+            weight,
+            bias: weight,
+            eps: 1e-5,
+        };
+        let e = be
+            .linear_layer_norm(&x, &w, None, Activation::None, &mut y, norm, sum, &mut out)
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }), "{e}");
+    }
     be.synchronize().unwrap();
 }
 

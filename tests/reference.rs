@@ -215,6 +215,31 @@ fn shape_mismatches_are_errors_not_panics() {
     assert!(Reference
         .layer_norm(&x, None, &rand(&[4], 1), &ln_b, 1e-5, &mut yy, None)
         .is_err());
+    // linear_layer_norm: a norm weight of the linear's input width, a sum of
+    // another shape
+    let w3 = rand(&[3, 5], 18);
+    let (n_w, n_b, res) = (rand(&[3], 19), rand(&[3], 20), rand(&[2, 3], 21));
+    let (mut ly, mut lout, mut lsum) = (alloc(&[2, 3]), alloc(&[2, 3]), alloc(&[2, 3]));
+    let norm = |weight| NormAfter {
+        residual: Some(&res),
+        weight,
+        bias: &n_b,
+        eps: 1e-5,
+    };
+    let none = Activation::None;
+    let e = Reference
+        .linear_layer_norm(&x, &w3, None, none, &mut ly, norm(&ln_w), None, &mut lout)
+        .unwrap_err();
+    assert!(matches!(e, Error::Shape { .. }), "{e}");
+    let mut bad_sum = alloc(&[3, 2]);
+    let sum = Some(&mut bad_sum);
+    assert!(Reference
+        .linear_layer_norm(&x, &w3, None, none, &mut ly, norm(&n_w), sum, &mut lout)
+        .is_err());
+    let sum = Some(&mut lsum);
+    Reference
+        .linear_layer_norm(&x, &w3, None, none, &mut ly, norm(&n_w), sum, &mut lout)
+        .unwrap();
     // loss: mismatched target
     let (mut l, mut g) = (alloc(&[1]), alloc(&[1, 2, 5]));
     assert!(Reference
