@@ -559,6 +559,47 @@ fn layer_norm_linear_plan(
     }))
 }
 
+/// The device address of `t` on `be` (0 where absent), checked; `what`
+/// names it in errors.
+fn address_of(be: &Cuda, what: &str, t: Option<&CudaTensor>) -> Result<u64> {
+    t.map_or(Ok(0), |t| be.check_tensor(what, t))
+}
+
+/// A LayerNorm's tensors beside a GEMM's, checked: their device addresses (0:
+/// absent).
+struct NormAddresses {
+    residual: u64,
+    weight: u64,
+    bias: u64,
+    sum_out: u64,
+}
+
+impl NormAddresses {
+    /// The norm of `op` (its name in errors).
+    fn check(
+        be: &Cuda,
+        op: &str,
+        residual: Option<&CudaTensor>,
+        weight: &CudaTensor,
+        bias: &CudaTensor,
+        sum_out: Option<&CudaTensor>,
+    ) -> Result<Self> {
+        Ok(NormAddresses {
+            residual: address_of(be, &format!("{op} residual"), residual)?,
+            weight: be.check_tensor(&format!("{op} norm weight"), weight)?,
+            bias: be.check_tensor(&format!("{op} norm bias"), bias)?,
+            sum_out: address_of(be, &format!("{op} sum_out"), sum_out)?,
+        })
+    }
+
+    /// Every address a multiple of 16 bytes (the kernels' 16-byte accesses).
+    fn aligned(&self) -> bool {
+        [self.residual, self.weight, self.bias, self.sum_out]
+            .iter()
+            .all(|p| p % 16 == 0)
+    }
+}
+
 /// [`Backend::layer_norm_linear`](crate::ops::Backend::layer_norm_linear)
 /// as one kernel, where [`layer_norm_linear_plan`] finds one: `Ok(false)`,
 /// with nothing launched, where it does not (the caller runs the two ops).
@@ -582,27 +623,14 @@ pub(super) fn layer_norm_linear(
     else {
         return Ok(false);
     };
+    let op_name = "layer_norm_linear";
     let xp = be.check_tensor("layer_norm_linear x", norm.x)?;
-    let rp = norm
-        .residual
-        .map(|t| be.check_tensor("layer_norm_linear residual", t))
-        .transpose()?;
-    let gp = be.check_tensor("layer_norm_linear norm weight", norm.weight)?;
-    let hp = be.check_tensor("layer_norm_linear norm bias", norm.bias)?;
+    let (r, g, h, s) = (norm.residual, norm.weight, norm.bias, sum_out.as_deref());
+    let na = NormAddresses::check(be, op_name, r, g, h, s)?;
     let wp = be.check_tensor("layer_norm_linear weight", w)?;
-    let bp = b
-        .map(|t| be.check_tensor("layer_norm_linear bias", t))
-        .transpose()?;
+    let bp = address_of(be, "layer_norm_linear bias", b)?;
     let op = be.check_tensor("layer_norm_linear out", out)?;
-    let sp = sum_out
-        .as_deref()
-        .map(|t| be.check_tensor("layer_norm_linear sum_out", t))
-        .transpose()?;
-    if ![Some(xp), rp, Some(gp), Some(hp), Some(wp), sp]
-        .into_iter()
-        .flatten()
-        .all(|p| p % 16 == 0)
-    {
+    if !(na.aligned() && xp % 16 == 0 && wp % 16 == 0) {
         return Ok(false);
     }
     let mut inputs = vec![norm.x, norm.weight, norm.bias, w];
@@ -612,11 +640,11 @@ pub(super) fn layer_norm_linear(
     outputs.extend(sum_out.as_deref());
     be.check_disjoint("layer_norm_linear", &outputs, &inputs)?;
     let mut params = LayerNormLinearParams {
-        linear: LinearParams::unsplit("layer_norm_linear", d, xp, wp, bp.unwrap_or(0), 0, op, act)?,
-        norm_residual: rp.unwrap_or(0),
-        norm_weight: gp,
-        norm_bias: hp,
-        sum_out: sp.unwrap_or(0),
+        linear: LinearParams::unsplit(op_name, d, xp, wp, bp, 0, op, act)?,
+        norm_residual: na.residual,
+        norm_weight: na.weight,
+        norm_bias: na.bias,
+        sum_out: na.sum_out,
         eps: norm.eps as f32,
         pad0: 0,
     };
@@ -720,26 +748,14 @@ pub(super) fn linear_layer_norm(
     if be.options().separate_layer_norms {
         return Ok(false);
     }
+    let op_name = "linear_layer_norm";
     let xp = be.check_tensor("linear_layer_norm x", x)?;
     let wp = be.check_tensor("linear_layer_norm weight", w)?;
-    let bp = b
-        .map(|t| be.check_tensor("linear_layer_norm bias", t))
-        .transpose()?;
-    let rp = norm
-        .residual
-        .map(|t| be.check_tensor("linear_layer_norm residual", t))
-        .transpose()?;
-    let gp = be.check_tensor("linear_layer_norm norm weight", norm.weight)?;
-    let hp = be.check_tensor("linear_layer_norm norm bias", norm.bias)?;
+    let bp = address_of(be, "linear_layer_norm bias", b)?;
+    let (r, g, h, s) = (norm.residual, norm.weight, norm.bias, sum_out.as_deref());
+    let na = NormAddresses::check(be, op_name, r, g, h, s)?;
     let op = be.check_tensor("linear_layer_norm out", out)?;
-    let sp = sum_out
-        .as_deref()
-        .map(|t| be.check_tensor("linear_layer_norm sum_out", t))
-        .transpose()?;
-    let aligned = [Some(xp), Some(wp), bp, rp, Some(gp), Some(hp), Some(op), sp]
-        .into_iter()
-        .flatten()
-        .all(|p| p % 16 == 0);
+    let aligned = na.aligned() && [xp, wp, bp, op].iter().all(|p| p % 16 == 0);
     let grid = linear_layer_norm_grid(
         d,
         be.version(),
@@ -758,11 +774,11 @@ pub(super) fn linear_layer_norm(
     outputs.extend(sum_out.as_deref());
     be.check_disjoint("linear_layer_norm", &outputs, &inputs)?;
     let params = LinearLayerNormParams {
-        linear: LinearParams::unsplit("linear_layer_norm", d, xp, wp, bp.unwrap_or(0), 0, 0, act)?,
-        norm_residual: rp.unwrap_or(0),
-        norm_weight: gp,
-        norm_bias: hp,
-        sum_out: sp.unwrap_or(0),
+        linear: LinearParams::unsplit(op_name, d, xp, wp, bp, 0, 0, act)?,
+        norm_residual: na.residual,
+        norm_weight: na.weight,
+        norm_bias: na.bias,
+        sum_out: na.sum_out,
         norm_out: op,
         eps: norm.eps as f32,
         pad0: 0,
