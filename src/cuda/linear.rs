@@ -679,12 +679,13 @@ pub(super) fn layer_norm_linear(
     Ok(true)
 }
 
-/// The grid and block size of `linear_layer_norm_mma_vec8`, where a linear of `d` and the
-/// LayerNorm reading its output run as one kernel: where `linear` takes v5
-/// (16-bit storage, 16-byte copies, a large tile for every SM: batch 64's
-/// decoder) and N, a multiple of 8, spans one cluster of narrow tiles, which
-/// then holds whole rows. Not under `square_mma_tiles` or `wmma_large_tiles`
-/// (the baselines keep their kernels), nor without clusters.
+/// The grid and block size of `linear_layer_norm_mma_vec8`, where a linear
+/// of `d` and the LayerNorm reading its output run as one kernel: where
+/// `linear` takes v5 (16-bit storage, 16-byte copies, a large tile for every
+/// SM: batch 64's decoder) and N, a multiple of 8, spans one cluster of
+/// narrow tiles, which then holds whole rows. Not under `square_mma_tiles`
+/// or `wmma_large_tiles` (the baselines keep their kernels), nor without
+/// clusters.
 fn linear_layer_norm_grid(
     d: LinearDims,
     version: KernelVersion,
