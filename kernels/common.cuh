@@ -476,7 +476,7 @@ __device__ __forceinline__ elem from_f32(float v) { return v; }
 // pointer, and 4-element multiples of strides and offsets) for both.
 #if OP_ELEM != 0
 // Four 16-bit elements packed in 8 bytes (lowest address in the low half),
-// as a float4, and back (rounded to nearest even).
+// as a float4, and back (rounded to nearest even; two at a time in 4 bytes).
 __device__ __forceinline__ float4 unpack4(uint2 raw) {
     return make_float4(bits_to_f32((unsigned short)(raw.x & 0xffffu)),
                        bits_to_f32((unsigned short)(raw.x >> 16)),
@@ -484,11 +484,12 @@ __device__ __forceinline__ float4 unpack4(uint2 raw) {
                        bits_to_f32((unsigned short)(raw.y >> 16)));
 }
 
+__device__ __forceinline__ unsigned pack2(float a, float b) {
+    return (unsigned)f32_to_bits(a) | ((unsigned)f32_to_bits(b) << 16);
+}
+
 __device__ __forceinline__ uint2 pack4(float4 v) {
-    uint2 raw;
-    raw.x = (unsigned)f32_to_bits(v.x) | ((unsigned)f32_to_bits(v.y) << 16);
-    raw.y = (unsigned)f32_to_bits(v.z) | ((unsigned)f32_to_bits(v.w) << 16);
-    return raw;
+    return make_uint2(pack2(v.x, v.y), pack2(v.z, v.w));
 }
 #endif
 

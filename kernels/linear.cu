@@ -1718,37 +1718,16 @@ OP_KERNEL_NAME(linear_layer_norm_mma_vec8)(const LinearLayerNormParams p) {
     float acc[4][W::J][4];
     linear_mma_products<BN>(lp, sm, acc);
 
-    // y = act(sums + bias), rounded, into the tile (zero bias past N: those
-    // columns are never read).
+    // This thread's 8 columns of rows r0, r0 + 16, .. in the norm's passes;
+    // columns past N (a whole chunk: N % 8 == 0) and rows past M take no
+    // part. Their residual is loaded first, to arrive while the tile is
+    // written.
     const W at;
-    const int g = at.lane >> 2;
-    const int t = at.lane & 3;
-#pragma unroll
-    for (int j = 0; j < W::J; ++j) {
-        const int c = at.wn + 8 * j + 2 * t;
-        const int n = at.n0 + c;
-        const float b0 = lp.bias != nullptr && n < lp.n ? to_f32(lp.bias[n]) : 0.0f;
-        const float b1 = lp.bias != nullptr && n + 1 < lp.n ? to_f32(lp.bias[n + 1]) : 0.0f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int r = at.wm + 16 * i + g;
-            sm.y[r][c] = from_f32(linear_apply(lp, acc[i][j][0], b0, 0.0f));
-            sm.y[r][c + 1] = from_f32(linear_apply(lp, acc[i][j][1], b1, 0.0f));
-            sm.y[r + 8][c] = from_f32(linear_apply(lp, acc[i][j][2], b0, 0.0f));
-            sm.y[r + 8][c + 1] = from_f32(linear_apply(lp, acc[i][j][3], b1, 0.0f));
-        }
-    }
-    __syncthreads();
-
-    // This thread's 8 columns of rows r0, r0 + 16, ..; columns past N (a
-    // whole chunk: N % 8 == 0) and rows past M take no part.
     const int r0 = threadIdx.x / LINEAR_LN_TPR;
     const int c = (threadIdx.x % LINEAR_LN_TPR) * 8;
     const int n = at.n0 + c;
     const bool col_live = n < lp.n;
     const bool residual = p.norm_residual != nullptr;
-    const float inv_n = 1.0f / (float)lp.n;
-    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     uint4 res[LINEAR_LN_ROWS];  // the residual, as stored
 #pragma unroll
     for (int j = 0; j < LINEAR_LN_ROWS; ++j) {
@@ -1757,6 +1736,31 @@ OP_KERNEL_NAME(linear_layer_norm_mma_vec8)(const LinearLayerNormParams p) {
                      ? *reinterpret_cast<const uint4*>(p.norm_residual + m * lp.n + n)
                      : make_uint4(0u, 0u, 0u, 0u);
     }
+
+    // y = act(sums + bias), rounded, into the tile, two columns at a time
+    // (zero bias past N: those columns are never read).
+    const int g = at.lane >> 2;
+    const int t = at.lane & 3;
+#pragma unroll
+    for (int j = 0; j < W::J; ++j) {
+        const int cj = at.wn + 8 * j + 2 * t;
+        const int nj = at.n0 + cj;
+        const float b0 = lp.bias != nullptr && nj < lp.n ? to_f32(lp.bias[nj]) : 0.0f;
+        const float b1 = lp.bias != nullptr && nj + 1 < lp.n ? to_f32(lp.bias[nj + 1]) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = at.wm + 16 * i + g;
+            const float(&a)[4] = acc[i][j];
+            *reinterpret_cast<unsigned*>(&sm.y[r][cj]) =
+                pack2(linear_apply(lp, a[0], b0, 0.0f), linear_apply(lp, a[1], b1, 0.0f));
+            *reinterpret_cast<unsigned*>(&sm.y[r + 8][cj]) =
+                pack2(linear_apply(lp, a[2], b0, 0.0f), linear_apply(lp, a[3], b1, 0.0f));
+        }
+    }
+    __syncthreads();
+
+    const float inv_n = 1.0f / (float)lp.n;
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     // The row's y and residual, as float4 pairs.
     const auto row_of = [&](int j, float4 (&y)[2], float4 (&b)[2]) {
         load8(&sm.y[r0 + 16 * j][c], y[0], y[1]);
