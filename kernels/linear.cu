@@ -52,7 +52,12 @@
 //   explicit fragments: mma.sync m16n8k16 fed by ldmatrix from swizzled,
 //   unpadded stages, 4 warps of 64x64, three cp.async stages of 32 K
 //   columns. Planned instead of linear_tc_large_vec8 (which stays, for
-//   comparison) where the 128x128 tiles alone fill the device.
+//   comparison) where the 128x128 tiles alone fill the device; its 128x64
+//   twin linear_mma_narrow_vec8 where those fall more evenly on the SMs.
+// - linear_layer_norm_mma_vec8 (v5 narrow before a layer_norm, sm_90): the
+//   narrow tiles with the LayerNorm of their output (plus a residual) as the
+//   epilogue, the blocks along N (N <= 512) one cluster holding whole rows:
+//   the linear's output never reaches memory.
 // - linear_tc_tf32_vec4 / linear_tc_tf32_scalar (v3 for f32 storage, opt-in):
 //   the v3 structure on TF32 tensor cores (WMMA 16x16x8, f32 accumulators),
 //   K steps of 32 floats (128 bytes per row). The fragments are rounded to
