@@ -323,6 +323,23 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
+// cluster_sync with `between()` run after this thread's arrive and before its
+// wait: work that needs nothing from the cluster, such as global stores,
+// which the arrive's release would otherwise wait for (it compiles to a
+// GPU-scope MEMBAR). The emulator runs it after the barrier, an order the
+// hardware allows.
+template <class Between>
+__device__ __forceinline__ void cluster_sync_around(Between between) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
+    asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");
+    between();
+    asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
+#else
+    cluster_sync();
+    between();
+#endif
+}
+
 // cluster_sync without the memory ordering (its arrive is relaxed: no wait
 // for this thread's global stores to be acknowledged, which the release
 // compiles to): for a block that must not exit while others still read its
@@ -428,14 +445,15 @@ __device__ __forceinline__ float2 cluster_slot_sum(const float2* slot) {
 // shared-memory slot for the row, written once here and read by the cluster
 // after the cluster_sync here: another sum needs other slots, and the block
 // must not exit before a later cluster_sync. Every thread of every block of
-// the cluster must call it.
-template <int TPR, int MAX_BLOCKS>
-__device__ __forceinline__ float2 cluster_row_sums(float2 v, float2* slot) {
+// the cluster must call it. `between()` runs while the cluster gathers
+// (cluster_sync_around).
+template <int TPR, int MAX_BLOCKS, class Between>
+__device__ __forceinline__ float2 cluster_row_sums(float2 v, float2* slot, Between between) {
     v = lanes_sum2<TPR>(v);
     if ((threadIdx.x & (TPR - 1)) == 0) {
         *slot = v;
     }
-    cluster_sync();
+    cluster_sync_around(between);
     return cluster_slot_sum<MAX_BLOCKS>(slot);
 }
 

@@ -975,12 +975,25 @@ __device__ __forceinline__ void layer_norm_slice(const LayerNormLinearParams& q,
     for (int j = 0; j < CHUNKS; ++j) {
         const int c = col + STRIDE * j;
         r[j] = residual ? linear_load4<true>(q.norm_residual, row, p.m, c, k_end, p.k) : zero;
-        const float4 s = layer_norm_sum4(x[j], r[j], residual, sx, sr);
-        if (q.sum_out != nullptr && blockIdx.x == 0 && row_live && c < k_end) {
-            store4(q.sum_out + row * p.k + c, s);
-        }
+        layer_norm_sum4(x[j], r[j], residual, sx, sr);
     }
-    const float2 sums = cluster_row_sums<TPR, LINEAR_MAX_CLUSTER>(make_float2(sx, sr), &slots[0][r0]);
+    // x + residual is stored while the cluster gathers the sums: before the
+    // barrier, its release would wait for the stores.
+    const float2 sums = cluster_row_sums<TPR, LINEAR_MAX_CLUSTER>(
+        make_float2(sx, sr), &slots[0][r0], [&] {
+            if (q.sum_out == nullptr || blockIdx.x != 0 || !row_live) {
+                return;
+            }
+            float unused = 0.0f;
+#pragma unroll
+            for (int j = 0; j < CHUNKS; ++j) {
+                const int c = col + STRIDE * j;
+                if (c < k_end) {
+                    store4(q.sum_out + row * p.k + c,
+                           layer_norm_sum4(x[j], r[j], residual, unused, unused));
+                }
+            }
+        });
     const float mx = sums.x * inv_k;
     const float mr = residual ? sums.y * inv_k : 0.0f;
     float sd = 0.0f;
@@ -993,7 +1006,7 @@ __device__ __forceinline__ void layer_norm_slice(const LayerNormLinearParams& q,
         }
     }
     const float2 moments =
-        cluster_row_sums<TPR, LINEAR_MAX_CLUSTER>(make_float2(sd, sdd), &slots[1][r0]);
+        cluster_row_sums<TPR, LINEAR_MAX_CLUSTER>(make_float2(sd, sdd), &slots[1][r0], [] {});
     const float c = moments.x * inv_k;
     const float var = fmaxf(moments.y * inv_k - c * c, 0.0f);
     const float rstd = 1.0f / sqrtf(var + q.eps);
