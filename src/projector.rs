@@ -767,10 +767,10 @@ impl<T: Shaped> Work<T> {
         be: &B,
         x: &T,
         lin: &Linear<T>,
-        next: Option<&NextNorm<'_, T>>,
+        next: &NextNorm<'_, T>,
     ) -> bool {
         let (shape, w) = (x.shape(), lin.weight.shape());
-        let pending = next.is_some_and(|n| !matches!(n.of, NormOf::Stream));
+        let pending = !matches!(next.of, NormOf::Stream);
         match (shape.split_last(), w) {
             (Some((&k, rows)), &[n, _]) if pending => {
                 be.linear_layer_norm_folds(rows.iter().product(), n, k)
@@ -779,15 +779,16 @@ impl<T: Shaped> Work<T> {
         }
     }
 
-    /// A sub-block's last linear `lin` of `input` into `f`; or, where the
-    /// backend folds `next`'s norm into it, the norm too: the new stream and
-    /// `h` written, `f` left pending no more.
-    fn sub_block_out<B: Backend<Tensor = T>>(
+    /// A sub-block's last linear `lin` of `input` with `next`'s norm folded
+    /// into it ([`Backend::linear_layer_norm`]): the new stream and `h`
+    /// written, no output left pending. Only where [`Work::folds`] says so,
+    /// which also rules out a norm of the stream alone.
+    fn fold_norm<B: Backend<Tensor = T>>(
         &mut self,
         be: &B,
         input: SubBlockIn,
         lin: &Linear<T>,
-        next: Option<&NextNorm<'_, T>>,
+        next: &NextNorm<'_, T>,
     ) -> Result<()> {
         let Work {
             s, f, h, a, ffn, ..
@@ -795,9 +796,6 @@ impl<T: Shaped> Work<T> {
         let x = match input {
             SubBlockIn::Attention => &*a,
             SubBlockIn::Ffn => &*ffn,
-        };
-        let Some(next) = next.filter(|_| Self::folds(be, x, lin, next)) else {
-            return lin.apply(be, x, Activation::None, f);
         };
         let [cur, sum] = s;
         let residual = match next.of {
@@ -819,7 +817,7 @@ impl<T: Shaped> Work<T> {
     }
 
     /// `f = out(attention(attn))`, or with `next`'s norm folded into `out`
-    /// ([`Work::sub_block_out`]).
+    /// ([`Work::fold_norm`]).
     fn attend_to<B: Backend<Tensor = T>>(
         &mut self,
         be: &B,
@@ -827,12 +825,12 @@ impl<T: Shaped> Work<T> {
         out: &Linear<T>,
         next: Option<&NextNorm<'_, T>>,
     ) -> Result<()> {
-        let fold = Self::folds(be, &self.a, out, next);
-        out.apply_attended_or(be, attn, fold, &mut self.a, &mut self.f)?;
-        if fold {
-            self.sub_block_out(be, SubBlockIn::Attention, out, next)?;
+        let fold = next.filter(|n| Self::folds(be, &self.a, out, n));
+        out.apply_attended_or(be, attn, fold.is_some(), &mut self.a, &mut self.f)?;
+        match fold {
+            Some(n) => self.fold_norm(be, SubBlockIn::Attention, out, n),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// `f = out_proj(attention(qkv))`, Q, K and V read in place; `next` as
@@ -853,22 +851,25 @@ impl<T: Shaped> Work<T> {
             spec,
             mask: None,
         };
-        let fold = Self::folds(be, &self.a, out, next);
-        out.apply_attended_or(be, attn, fold, &mut self.a, &mut self.f)?;
-        if fold {
-            self.sub_block_out(be, SubBlockIn::Attention, out, next)?;
+        let fold = next.filter(|n| Self::folds(be, &self.a, out, n));
+        out.apply_attended_or(be, attn, fold.is_some(), &mut self.a, &mut self.f)?;
+        match fold {
+            Some(n) => self.fold_norm(be, SubBlockIn::Attention, out, n),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// `f = linear2(ffn)`, the feed-forward's second half; `next` as in
-    /// [`Work::sub_block_out`].
+    /// [`Work::attend_to`].
     fn ffn_out<B: Backend<Tensor = T>>(
         &mut self,
         be: &B,
         l2: &Linear<T>,
         next: Option<&NextNorm<'_, T>>,
     ) -> Result<()> {
-        self.sub_block_out(be, SubBlockIn::Ffn, l2, next)
+        match next.filter(|n| Self::folds(be, &self.ffn, l2, n)) {
+            Some(n) => self.fold_norm(be, SubBlockIn::Ffn, l2, n),
+            None => l2.apply(be, &self.ffn, Activation::None, &mut self.f),
+        }
     }
 }
