@@ -594,6 +594,14 @@ struct HalfBF16 {
     static void linear_rows_deep(const LP& p) { k_bf16::linear_rows_deep_vec4_bf16(p); }
 };
 
+// `b` rounded to S's storage type.
+template <class S>
+static std::vector<typename S::E> rounded(const Buf& b) {
+    std::vector<typename S::E> v(b.n);
+    for (size_t i = 0; i < b.n; ++i) v[i] = S::from(b.p[i]);
+    return v;
+}
+
 template <class S>
 static void test_attention_half(int batch, int lq, int lk, int heads, int hd, bool causal, bool mask,
                                 bool packed) {
@@ -684,11 +692,8 @@ static void test_linear_half(int m, int n, int k) {
     wf.randn(1.0 / std::sqrt((double)k));
     bf.randn(0.5);
     rf.randn(1.0);
-    std::vector<E> x(m * k), w(n * k), b(n), r(m * n);
-    for (size_t i = 0; i < x.size(); ++i) x[i] = S::from(xf.p[i]);
-    for (size_t i = 0; i < w.size(); ++i) w[i] = S::from(wf.p[i]);
-    for (size_t i = 0; i < b.size(); ++i) b[i] = S::from(bf.p[i]);
-    for (size_t i = 0; i < r.size(); ++i) r[i] = S::from(rf.p[i]);
+    std::vector<E> x = rounded<S>(xf), w = rounded<S>(wf), b = rounded<S>(bf),
+                   r = rounded<S>(rf);
     std::vector<double> want((size_t)m * n);
     for (int i = 0; i < m; ++i)
         for (int j = 0; j < n; ++j) {
@@ -791,13 +796,8 @@ static void test_layer_norm_linear_half(int m, int n, int k, bool res, double me
     hf.randn(0.5);
     wf.randn(1.0 / std::sqrt((double)k));
     bf.randn(0.5);
-    const auto round = [](const Buf& b) {
-        std::vector<E> v(b.n);
-        for (size_t i = 0; i < b.n; ++i) v[i] = S::from(b.p[i]);
-        return v;
-    };
-    std::vector<E> x = round(xf), r = round(rf), g = round(gf), h = round(hf), w = round(wf),
-                   b = round(bf);
+    std::vector<E> x = rounded<S>(xf), r = rounded<S>(rf), g = rounded<S>(gf),
+                   h = rounded<S>(hf), w = rounded<S>(wf), b = rounded<S>(bf);
     const double eps = 1e-5;
     std::vector<double> want((size_t)m * n), want_sum((size_t)m * k), hn(k), sv(k);
     for (int i = 0; i < m; ++i) {
@@ -859,13 +859,8 @@ static void test_linear_layer_norm_half(int m, int n, int k, bool res, double me
     rf.randn(1.0, mean);
     gf.randn(0.5, 1.0);
     hf.randn(0.5);
-    const auto round = [](const Buf& b) {
-        std::vector<E> v(b.n);
-        for (size_t i = 0; i < b.n; ++i) v[i] = S::from(b.p[i]);
-        return v;
-    };
-    std::vector<E> x = round(xf), w = round(wf), b = round(bf), r = round(rf), g = round(gf),
-                   h = round(hf);
+    std::vector<E> x = rounded<S>(xf), w = rounded<S>(wf), b = rounded<S>(bf),
+                   r = rounded<S>(rf), g = rounded<S>(gf), h = rounded<S>(hf);
     const double eps = 1e-5;
     std::vector<double> want((size_t)m * n), want_sum((size_t)m * n), sv(n);
     for (int i = 0; i < m; ++i) {

@@ -712,21 +712,23 @@ fn linear_layer_norm_grid(
     })
 }
 
+/// [`linear_layer_norm_grid`] for `d` on `be`, `aligned` saying whether
+/// every operand is 16-byte aligned.
+fn linear_layer_norm_grid_on(
+    be: &Cuda,
+    d: LinearDims,
+    aligned: bool,
+) -> Result<Option<(Grid, u32)>> {
+    let (gemm, wide) = (gemm_of(be), aligned && k_wide(be, d.k));
+    let clusters = be.launches_clusters();
+    linear_layer_norm_grid(d, be.version(), be.sm_count(), gemm, wide, clusters)
+}
+
 /// Whether [`linear_layer_norm`] runs a linear of `d` on `be` as one kernel
 /// (16-byte aligned operands, as `be` allocates them).
 pub(super) fn linear_layer_norm_folds(be: &Cuda, d: LinearDims) -> bool {
     !be.options().separate_layer_norms
-        && matches!(
-            linear_layer_norm_grid(
-                d,
-                be.version(),
-                be.sm_count(),
-                gemm_of(be),
-                k_wide(be, d.k),
-                be.launches_clusters(),
-            ),
-            Ok(Some(_))
-        )
+        && matches!(linear_layer_norm_grid_on(be, d, true), Ok(Some(_)))
 }
 
 /// [`Backend::linear_layer_norm`](crate::ops::Backend::linear_layer_norm)
@@ -757,15 +759,8 @@ pub(super) fn linear_layer_norm(
     let na = NormAddresses::check(be, op_name, r, g, h, s)?;
     let op = be.check_tensor("linear_layer_norm out", out)?;
     let aligned = na.aligned() && [xp, wp, bp, op].iter().all(|p| p % 16 == 0);
-    let grid = linear_layer_norm_grid(
-        d,
-        be.version(),
-        be.sm_count(),
-        gemm_of(be),
-        aligned && k_wide(be, d.k),
-        be.launches_clusters(),
-    )?;
-    let Some((grid, threads)) = grid.filter(|_| aligned) else {
+    // Unaligned operands take no 16-byte copies, so no v5 and no grid.
+    let Some((grid, threads)) = linear_layer_norm_grid_on(be, d, aligned)? else {
         return Ok(false);
     };
     let mut inputs = vec![x, w, norm.weight, norm.bias];
