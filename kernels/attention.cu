@@ -66,6 +66,10 @@
 //   warps, a quarter of the staging traffic of 16-query blocks.
 // - attention_few_keys (v4, any storage, head_dim <= 128; the host takes it
 //   for Lk <= 16): a warp per (query, head), below.
+// - attention_split_keys (v5, any storage, head_dim <= 128; the host takes
+//   it past 16 keys where v2 / v3 would leave most SMs idle: batch 1-3 of
+//   the projector's decoder): v4's walk with each query's keys split among
+//   4 warps, below.
 // AttentionParams is in common.cuh (linear.cu's attention_linear_rows takes it too).
 #include "common.cuh"
 
@@ -433,20 +437,12 @@ OP_KERNEL_NAME(attention_flash_d128_q16)(const AttentionParams p) {
 // 32-key tile for 4 keys and v3 a 64-query block: most of either is padding.
 // Block 128 threads; grid ceil(B heads Lq / 4) (the host checks that the
 // product fits an int).
+// A lane's 4 columns of output row (b, i), head h, as attention_lane4 lays
+// them out from c0 (group 32).
 template <bool VEC>
-__device__ __forceinline__ void attention_few_keys_warp(const AttentionParams& p) {
-    const int lane = threadIdx.x & 31;
-    const int idx = blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
-    if (idx >= p.batch * p.heads * p.lq) {
-        return;  // warp-uniform
-    }
-    const int i = idx % p.lq;
-    const int bh = idx / p.lq;
-    const int h = bh % p.heads;
-    const int b = bh / p.heads;
+__device__ __forceinline__ void attention_store_lane4(const AttentionParams& p, int b, int i, int h,
+                                                      int c0, float4 o) {
     const int hd = p.head_dim;
-    const int c0 = VEC ? 4 * lane : lane;
-    const float4 o = attention_few_keys_row<VEC>(p, b, i, h, c0, 32, true);
     elem* orow = p.out + (b * p.lq + i) * p.heads * hd + h * hd;
     // 4-element stores need out itself aligned, which a caller's memory need
     // not be (rows and heads are then multiples of 4 elements apart).
@@ -466,6 +462,21 @@ __device__ __forceinline__ void attention_few_keys_warp(const AttentionParams& p
     }
 }
 
+template <bool VEC>
+__device__ __forceinline__ void attention_few_keys_warp(const AttentionParams& p) {
+    const int lane = threadIdx.x & 31;
+    const int idx = blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
+    if (idx >= p.batch * p.heads * p.lq) {
+        return;  // warp-uniform
+    }
+    const int i = idx % p.lq;
+    const int bh = idx / p.lq;
+    const int h = bh % p.heads;
+    const int b = bh / p.heads;
+    const int c0 = VEC ? 4 * lane : lane;
+    attention_store_lane4<VEC>(p, b, i, h, c0, attention_few_keys_row<VEC>(p, b, i, h, c0, 32, true));
+}
+
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 OP_KERNEL_NAME(attention_few_keys)(const AttentionParams p) {
     dependent_launch_prologue();
@@ -473,6 +484,88 @@ OP_KERNEL_NAME(attention_few_keys)(const AttentionParams p) {
         attention_few_keys_warp<true>(p);
     } else {
         attention_few_keys_warp<false>(p);
+    }
+}
+
+// ---------------------------------------------------------------- v5
+// Few queries, more keys (batch 1's decoder self-attention: 77 queries of 4
+// heads, 77 keys): v2 and v3 give a block a run of queries and walk every
+// key tile in it, on a few of the SMs (batch 1: 40 and 8 blocks), so one
+// block's chain of tiles is the op's time. Here each query's keys are split
+// among ATT_SPLIT_PARTS warps, v4's walk (attention_keys_run) taking every
+// PARTS-th step of ATT_FEW_STEP keys; the query's part-0 warp combines the
+// parts' states, passed through shared memory, in part order (so the result
+// does not depend on timing). A block takes ATT_SPLIT_QUERIES consecutive
+// queries of one (batch, head): the warps of one part read the same K and
+// V rows (L1). Warp w: query w % QUERIES, part w / QUERIES. Block
+// ATT_SPLIT_THREADS threads; grid B heads ceil(Lq / QUERIES) (the host
+// checks that the product fits an int).
+#define ATT_SPLIT_QUERIES 4
+#define ATT_SPLIT_PARTS 4
+#define ATT_SPLIT_THREADS (32 * ATT_SPLIT_QUERIES * ATT_SPLIT_PARTS)
+
+// Parts 1.. of each query's state, for its part-0 warp: o by lane, (m, l).
+struct AttentionSplitSmem {
+    float4 o[ATT_SPLIT_PARTS - 1][ATT_SPLIT_QUERIES][32];
+    float2 ml[ATT_SPLIT_PARTS - 1][ATT_SPLIT_QUERIES];
+};
+
+template <bool VEC>
+__device__ __forceinline__ void attention_split_keys_block(const AttentionParams& p,
+                                                           AttentionSplitSmem& sm) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int qw = warp % ATT_SPLIT_QUERIES;
+    const int part = warp / ATT_SPLIT_QUERIES;
+    const int groups = (p.lq + ATT_SPLIT_QUERIES - 1) / ATT_SPLIT_QUERIES;
+    const int bh = blockIdx.x / groups;
+    const int i = (blockIdx.x % groups) * ATT_SPLIT_QUERIES + qw;
+    const int h = bh % p.heads;
+    const int b = bh / p.heads;
+    const bool live = i < p.lq;  // warp-uniform
+    const int c0 = VEC ? 4 * lane : lane;
+    AttentionRun r = {make_float4(0.0f, 0.0f, 0.0f, 0.0f), OP_NEG_INF, 0.0f};
+    if (live) {
+        r = attention_keys_run<VEC>(p, b, i, h, c0, 32, true, part, ATT_SPLIT_PARTS);
+    }
+    if (part > 0) {
+        sm.o[part - 1][qw][lane] = r.o;
+        if (lane == 0) {
+            sm.ml[part - 1][qw] = make_float2(r.m, r.l);
+        }
+    }
+    __syncthreads();
+    if (part > 0 || !live) {
+        return;
+    }
+    float m = r.m;
+#pragma unroll
+    for (int s = 0; s < ATT_SPLIT_PARTS - 1; ++s) {
+        m = fmaxf(m, sm.ml[s][qw].x);
+    }
+    // A part that saw no key (m -inf) holds zeros and weighs 0; if none saw
+    // one, l stays 0 and the output is zeros.
+    const float w0 = r.m == OP_NEG_INF ? 0.0f : expf(r.m - m);
+    float4 o = make_float4(r.o.x * w0, r.o.y * w0, r.o.z * w0, r.o.w * w0);
+    float l = r.l * w0;
+#pragma unroll
+    for (int s = 0; s < ATT_SPLIT_PARTS - 1; ++s) {
+        const float2 ml = sm.ml[s][qw];
+        const float w = ml.x == OP_NEG_INF ? 0.0f : expf(ml.x - m);
+        l = fmaf(ml.y, w, l);
+        o = attention_fma4(w, sm.o[s][qw][lane], o);
+    }
+    attention_store_lane4<VEC>(p, b, i, h, c0, attention_divide(o, l));
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_SPLIT_THREADS)
+OP_KERNEL_NAME(attention_split_keys)(const AttentionParams p) {
+    dependent_launch_prologue();
+    __shared__ AttentionSplitSmem sm;
+    if (p.vec4) {
+        attention_split_keys_block<true>(p, sm);
+    } else {
+        attention_split_keys_block<false>(p, sm);
     }
 }
 

@@ -600,17 +600,27 @@ __device__ __forceinline__ float4 attention_fma4(float a, float4 x, float4 y) {
     return make_float4(fmaf(a, x.x, y.x), fmaf(a, x.y, y.y), fmaf(a, x.z, y.z), fmaf(a, x.w, y.w));
 }
 
-// Query i of sequence b, head h, for few keys: the lane's 4 columns of the
-// output (as attention_lane4 lays them out from c0), which `group` lanes
-// hold together (head_dim <= 4 group; VEC: c0 = 4 (lane % group), else c0 =
-// lane and group 32). Keys go ATT_FEW_STEP at a time, all their K and V rows
-// loaded before the first product; each score is the group's sum of its
-// lanes' 4-column dot products, and the softmax runs online over the steps
-// as in attention's v2. A query that sees no key gets zeros. Lanes not
-// `live` load nothing and add zeros; every lane of the warp must call it.
+// The online softmax's state over some of a query's keys: a lane's 4
+// output columns before the division by the sum, the running max and sum.
+struct AttentionRun {
+    float4 o;
+    float m;
+    float l;
+};
+
+// Query i of sequence b, head h, over the key steps first, first + stride,
+// .. of ATT_FEW_STEP keys: the lane's 4 columns of the output (as
+// attention_lane4 lays them out from c0), which `group` lanes hold together
+// (head_dim <= 4 group; VEC: c0 = 4 (lane % group), else c0 = lane and group
+// 32), undivided. A step's K and V rows are all loaded before its first
+// product; each score is the group's sum of its lanes' 4-column dot
+// products, and the softmax runs online over the steps as in attention's v2.
+// Where no key is visible the state stays zero, m -inf. Lanes not `live`
+// load nothing and add zeros; every lane of the warp must call it.
 template <bool VEC>
-__device__ __forceinline__ float4 attention_few_keys_row(const AttentionParams& p, int b, int i,
-                                                         int h, int c0, int group, bool live) {
+__device__ __forceinline__ AttentionRun attention_keys_run(const AttentionParams& p, int b, int i,
+                                                           int h, int c0, int group, bool live,
+                                                           int first, int stride) {
     const int hd = p.head_dim;
     const int c = live ? c0 : hd;  // past hd: no loads
     const float4 q = attention_lane4<VEC>(p.q + (b * p.lq + i) * p.q_stride + p.q_col + h * hd, c,
@@ -623,7 +633,7 @@ __device__ __forceinline__ float4 attention_few_keys_row(const AttentionParams& 
     float m_run = OP_NEG_INF;
     float l_run = 0.0f;
 #pragma unroll 1
-    for (int j0 = 0; j0 < k_stop; j0 += ATT_FEW_STEP) {
+    for (int j0 = first * ATT_FEW_STEP; j0 < k_stop; j0 += stride * ATT_FEW_STEP) {
         float4 kr[ATT_FEW_STEP];
         float4 vr[ATT_FEW_STEP];
 #pragma unroll
@@ -661,8 +671,22 @@ __device__ __forceinline__ float4 attention_few_keys_row(const AttentionParams& 
         }
         m_run = m_new;
     }
-    const float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
+    return AttentionRun{o, m_run, l_run};
+}
+
+// o / l, zeros where l is 0 (a query that sees no key).
+__device__ __forceinline__ float4 attention_divide(float4 o, float l) {
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     return make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+}
+
+// Query i of sequence b, head h, for few keys: attention_keys_run over every
+// step, divided.
+template <bool VEC>
+__device__ __forceinline__ float4 attention_few_keys_row(const AttentionParams& p, int b, int i,
+                                                         int h, int c0, int group, bool live) {
+    const AttentionRun r = attention_keys_run<VEC>(p, b, i, h, c0, group, live, 0, 1);
+    return attention_divide(r.o, r.l);
 }
 
 // ---------------------------------------------------------------- mma.sync

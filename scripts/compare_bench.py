@@ -35,6 +35,8 @@ GRAPH_WITHOUT = [
      "folded layer_norms"),
     ("projector graph attention apart", "projector graph attention apart",
      "folded attention"),
+    ("projector graph query-block attention", "projector graph query-block attention",
+     "split-keys attention"),
 ]
 TORCH_FORWARD = [("eager", "PyTorch eager"), ("compile default", "torch.compile (default)"),
                  ("compile reduce-overhead", "torch.compile (reduce-overhead, CUDA graphs)")]
@@ -44,7 +46,8 @@ OPS = {"attention": "F.scaled_dot_product_attention", "layer_norm": "F.layer_nor
 # Our op again on another kernel (present where the op takes a different one there):
 # (op, our row, label).
 OP_BASELINES = [("linear", "linear wmma", "v3 WMMA"),
-                ("linear", "linear square", "v5 128x128 tiles")]
+                ("linear", "linear square", "v5 128x128 tiles"),
+                ("attention", "attention q-blocks", "query blocks (v2/v3)")]
 
 
 def load_ours(paths, device):

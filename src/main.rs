@@ -658,7 +658,7 @@ struct LaunchFeature {
 
 /// The features `be` uses: programmatic dependent launch, split-K in a
 /// thread-block cluster, LayerNorms and attention folded into the linears
-/// after them.
+/// after them, attention over keys split among warps.
 #[cfg(feature = "cuda")]
 fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
     let base = be.options().clone();
@@ -717,6 +717,17 @@ fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
         check: [base.clone(), apart.clone()],
         off: apart,
         exact: true,
+    });
+    // Split keys combine their parts' softmax states: the same result to
+    // rounding.
+    let query_blocks = with(|o| o.query_block_attention = true);
+    features.push(LaunchFeature {
+        op: "split-keys attention",
+        against: "q-blocks",
+        graph_row: "projector graph query-block attention",
+        check: [base.clone(), query_blocks.clone()],
+        off: query_blocks,
+        exact: false,
     });
     features
 }
@@ -891,37 +902,44 @@ impl Bench<'_> {
 
 #[cfg(feature = "cuda")]
 impl Bench<'_> {
-    /// `batch`'s GEMMs again on the kernels they would take under other
-    /// options, where those differ, as rows after that batch's op rows: v5
-    /// (mma.sync) on v3's WMMA large tiles (`linear wmma`), and v5's 128x64
-    /// tiles on its 128x128 ones (`linear square`).
-    fn gemm_baseline_rows(&self, be: &Cuda, batch: usize) -> Result<Vec<BenchRow>> {
+    /// `batch`'s GEMMs and attentions again on the kernels they would take
+    /// under other options, where those differ, as rows after that batch's
+    /// op rows: v5 (mma.sync) on v3's WMMA large tiles (`linear wmma`), v5's
+    /// 128x64 tiles on its 128x128 ones (`linear square`), and v5's split
+    /// keys on the query-block kernels (`attention q-blocks`).
+    fn baseline_rows(&self, be: &Cuda, batch: usize) -> Result<Vec<BenchRow>> {
+        let with = |set: fn(&mut CudaOptions)| {
+            let mut o = be.options().clone();
+            set(&mut o);
+            o
+        };
         let baselines = [
-            (
-                "wmma",
-                CudaOptions {
-                    wmma_large_tiles: true,
-                    ..be.options().clone()
-                },
-            ),
-            (
-                "square",
-                CudaOptions {
-                    square_mma_tiles: true,
-                    ..be.options().clone()
-                },
-            ),
+            ("wmma", with(|o| o.wmma_large_tiles = true)),
+            ("square", with(|o| o.square_mma_tiles = true)),
+            ("q-blocks", with(|o| o.query_block_attention = true)),
         ];
+        // The kernel a case takes on a backend; None for other ops.
+        let kernel = |b: &Cuda, case: &OpCase| -> Result<Option<&'static str>> {
+            Ok(match *case {
+                OpCase::Linear { m, n, k, .. } => Some(b.linear_kernel(m, n, k)?),
+                OpCase::Attention {
+                    batch,
+                    lq,
+                    lk,
+                    heads,
+                    head_dim,
+                } => Some(b.attention_kernel(batch, lq, lk, heads, head_dim)?),
+                _ => None,
+            })
+        };
         let config = self.config();
         let elem = self.elem(DeviceKind::Cuda);
         let mut rows = Vec::new();
         for (label, options) in baselines {
             let other = be.with_options(options)?;
             for case in OpCase::projector_ops(&config, batch, config.n_in.unwrap_or(4))? {
-                let OpCase::Linear { m, n, k, .. } = case else {
-                    continue;
-                };
-                if be.linear_kernel(m, n, k)? == other.linear_kernel(m, n, k)? {
+                let theirs = kernel(&other, &case)?;
+                if theirs.is_none() || theirs == kernel(be, &case)? {
                     continue;
                 }
                 let mut p = case.prepare(&other, 2)?;
@@ -1009,7 +1027,7 @@ impl BackendTask for Bench<'_> {
                 ..self
             };
             rows.extend(one.run(be.clone(), DeviceKind::Cuda)?);
-            rows.extend(self.gemm_baseline_rows(&be, *batch)?);
+            rows.extend(self.baseline_rows(&be, *batch)?);
         }
         let weights = self.weights()?;
         let mut backends = vec![("projector graph", be.clone())];

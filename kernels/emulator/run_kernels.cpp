@@ -464,12 +464,13 @@ static void test_attention(int batch, int lq, int lk, int heads, int hd, bool ca
     // blocks (the _q16 entry points), each with vec4 loads where allowed,
     // then with scalar loads forced; 5, 6: v4 (few keys; any Lk here, so its
     // steps of 8 keys are tested too) with vec4 loads where allowed, 6 with
-    // the output 4 bytes off 16-byte alignment (scalar stores).
+    // the output 4 bytes off 16-byte alignment (scalar stores); 7, 8: v5
+    // (split keys; any Lk here) the same two ways.
     const bool vec_ok = hd % 4 == 0 && p.q_stride % 4 == 0 && p.k_stride % 4 == 0 &&
                         p.v_stride % 4 == 0 && p.q_col % 4 == 0 && p.k_col % 4 == 0 &&
                         p.v_col % 4 == 0;
-    for (int variant = naive_too ? 0 : 1; variant < 7; ++variant) {
-        const int off = variant == 6 ? 1 : 0;
+    for (int variant = naive_too ? 0 : 1; variant < 9; ++variant) {
+        const int off = variant == 6 || variant == 8 ? 1 : 0;
         Buf out((size_t)batch * lq * c + off);
         p.out = out.p + off;
         std::string v;
@@ -477,6 +478,12 @@ static void test_attention(int batch, int lq, int lk, int heads, int hd, bool ca
             v = "naive";
             long total = (long)batch * lq * c;
             emu::launch(dim3(cdiv(total, 128)), dim3(128), [&] { attention_naive(p); });
+        } else if (variant >= 7) {
+            if (hd > 128) continue;
+            p.vec4 = vec_ok;
+            v = std::string("split_keys") + (p.vec4 ? " vec4" : " scalar") + (off ? ", out +4 bytes" : "");
+            emu::launch(dim3((long)batch * heads * cdiv(lq, 4)), dim3(512),
+                        [&] { attention_split_keys(p); });
         } else if (variant >= 5) {
             if (hd > 128) continue;
             p.vec4 = vec_ok;
@@ -550,6 +557,7 @@ struct HalfF16 {
     static void flash_q16(const P& p) { p.head_dim <= 64 ? k_f16::attention_flash_d64_q16_f16(p) : k_f16::attention_flash_d128_q16_f16(p); }
     static void tc(const P& p) { p.head_dim == 64 ? k_f16::attention_tc_d64_f16(p) : k_f16::attention_tc_d128_f16(p); }
     static void few_keys(const P& p) { k_f16::attention_few_keys_f16(p); }
+    static void split_keys(const P& p) { k_f16::attention_split_keys_f16(p); }
     typedef k_f16::LinearParams LP;
     static void linear_small(const LP& p) { k_f16::linear_tc_vec8_f16(p); }
     static void linear_scalar(const LP& p) { k_f16::linear_tc_scalar_f16(p); }
@@ -576,6 +584,7 @@ struct HalfBF16 {
     static void flash_q16(const P& p) { p.head_dim <= 64 ? k_bf16::attention_flash_d64_q16_bf16(p) : k_bf16::attention_flash_d128_q16_bf16(p); }
     static void tc(const P& p) { p.head_dim == 64 ? k_bf16::attention_tc_d64_bf16(p) : k_bf16::attention_tc_d128_bf16(p); }
     static void few_keys(const P& p) { k_bf16::attention_few_keys_bf16(p); }
+    static void split_keys(const P& p) { k_bf16::attention_split_keys_bf16(p); }
     typedef k_bf16::LinearParams LP;
     static void linear_small(const LP& p) { k_bf16::linear_tc_vec8_bf16(p); }
     static void linear_scalar(const LP& p) { k_bf16::linear_tc_scalar_bf16(p); }
@@ -639,16 +648,20 @@ static void test_attention_half(int batch, int lq, int lk, int heads, int hd, bo
              heads, hd, causal ? " causal" : "", mask ? " mask" : "", packed ? " packed" : "");
     const size_t total = (size_t)batch * lq * c;
     // variant 0, 1: v2 with 8- and 16-query blocks; 2, 3: v3; 4, 5: v4
-    // (few keys; any Lk here). 3 and 5 with scalar loads and the output 8
-    // bytes off 16-byte alignment (scalar stores).
-    for (int variant = 0; variant < 6; ++variant) {
-        const bool scalar = variant == 3 || variant == 5;
+    // (few keys; any Lk here); 6, 7: v5 (split keys; any Lk here). 3, 5 and
+    // 7 with scalar loads and the output 8 bytes off 16-byte alignment
+    // (scalar stores).
+    for (int variant = 0; variant < 8; ++variant) {
+        const bool scalar = variant % 2 == 1 && variant >= 3;
         const int off = scalar ? 4 : 0;
         std::vector<E> out(total + off, S::from(NAN));
         p.out = out.data() + off;
         p.vec4 = !scalar && aligned16(qsrc.data()) && (packed || aligned16(kvsrc.data()));
         std::string v;
-        if (variant >= 4) {
+        if (variant >= 6) {
+            v = std::string("split_keys") + (p.vec4 ? " vec4" : " scalar, out +8 bytes");
+            emu::launch(dim3((long)batch * heads * cdiv(lq, 4)), dim3(512), [&] { S::split_keys(p); });
+        } else if (variant >= 4) {
             v = std::string("few_keys") + (p.vec4 ? " vec4" : " scalar, out +8 bytes");
             emu::launch(dim3(cdiv((long)batch * heads * lq, 4)), dim3(128), [&] { S::few_keys(p); });
         } else if (variant == 0) {

@@ -3,13 +3,15 @@
 //! queries of one (batch, head) per block, or 16 where the grid is large) for
 //! head dims up to 128, for f16/bf16 storage with head dim 64 or 128 a v3
 //! on tensor cores (WMMA for Q K^T and P V, 64 queries per block), and for
-//! few keys (up to [`FEW_KEYS_MAX`]) a v4 of one warp per query and head.
+//! few keys (up to [`FEW_KEYS_MAX`]) a v4 of one warp per query and head,
+//! and for grids too small for the others a v5 whose warps split each
+//! query's keys.
 
 use cudarc::driver::DeviceRepr;
 
 use super::backend::{blocks_for, i32_of, Cuda, CudaMask, CudaTensor, KernelVersion};
 use super::program::{param_layout, Program};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::{AttentionDims, AttentionInput};
 use crate::tensor::DType;
 
@@ -79,6 +81,7 @@ pub(crate) static PROGRAM: Program = Program {
         "attention_flash_d64_q16",
         "attention_flash_d128_q16",
         "attention_few_keys",
+        "attention_split_keys",
     ],
     half_kernels: &["attention_tc_d64", "attention_tc_d128"],
     tf32_kernels: &[],
@@ -110,19 +113,33 @@ pub(crate) const FEW_KEYS_MAX: usize = 16;
 /// Warps (one query and head each) per block of v4: `ATT_WARPS` in
 /// kernels/attention.cu, which indexes its warps by it.
 const FEW_KEYS_WARPS: usize = 4;
+/// Queries per block of v5, and warps (parts of its keys) per query:
+/// `ATT_SPLIT_QUERIES` and `ATT_SPLIT_PARTS` in kernels/attention.cu.
+const SPLIT_QUERIES: usize = 4;
+const SPLIT_PARTS: usize = 4;
+/// v5 takes the grids of up to this many of its blocks (16 warps) per SM:
+/// all resident at once (4 fit), each SM's issue shared by at most 32
+/// warps. Past that the query-block kernels' fewer instructions per key
+/// (v4's walk spends ~20 per key and query, 5 of them shuffles, v2 ~10)
+/// count more than their longer chains: the projector's decoder at batch 1
+/// (80 blocks on an H200) to 3 takes v5, batch 8 (640) v2 / v3.
+const SPLIT_MAX_BLOCKS_PER_SM: usize = 2;
 
 /// `(kernel, grid, block)` of one call with `storage` in device memory on a
 /// GPU of `sm_count` SMs. The fast version runs v4 for up to
-/// [`FEW_KEYS_MAX`] keys, else v3 (tensor cores) for f16/bf16 with head dim
-/// 64 or 128, else v2 (16-query blocks where 8-query blocks would be
-/// [`WIDE_MIN_BLOCKS_PER_SM`] or more per SM); head dims above 128, or more
-/// heads or sequences than a grid dimension holds (65535), take the naive
-/// kernel.
+/// [`FEW_KEYS_MAX`] keys, else, unless `query_blocks`
+/// ([`CudaOptions::query_block_attention`](super::CudaOptions::query_block_attention)),
+/// v5 where its grid is at most [`SPLIT_MAX_BLOCKS_PER_SM`] blocks per SM,
+/// else v3 (tensor cores) for f16/bf16 with head dim 64 or 128, else v2
+/// (16-query blocks where 8-query blocks would be [`WIDE_MIN_BLOCKS_PER_SM`]
+/// or more per SM); head dims above 128, or more heads or sequences than a
+/// grid dimension holds (65535), take the naive kernel.
 pub(crate) fn plan(
     d: &AttentionDims,
     version: KernelVersion,
     storage: DType,
     sm_count: u32,
+    query_blocks: bool,
 ) -> Result<(&'static str, (u32, u32, u32), u32)> {
     // v4 indexes its warps (query, head, sequence) with an int.
     let warps = d
@@ -140,6 +157,28 @@ pub(crate) fn plan(
             "attention_few_keys",
             (blocks_for("attention", warps, FEW_KEYS_WARPS)?, 1, 1),
             block as u32,
+        ));
+    }
+    // v5 indexes its blocks (query group, head, sequence) with an int.
+    let split_blocks = d
+        .lq
+        .div_ceil(SPLIT_QUERIES)
+        .checked_mul(d.heads)
+        .and_then(|b| b.checked_mul(d.batch))
+        .filter(|&b| {
+            b > 0
+                && b <= (i32::MAX as usize).min(SPLIT_MAX_BLOCKS_PER_SM * sm_count.max(1) as usize)
+        });
+    if let (KernelVersion::Fast, true, false, Some(blocks)) = (
+        version,
+        d.head_dim <= FLASH_MAX_HEAD_DIM,
+        query_blocks,
+        split_blocks,
+    ) {
+        return Ok((
+            "attention_split_keys",
+            (blocks as u32, 1, 1),
+            (32 * SPLIT_QUERIES * SPLIT_PARTS) as u32,
         ));
     }
     let flash = version == KernelVersion::Fast
@@ -197,6 +236,50 @@ pub(crate) fn plan(
         ),
         128,
     ))
+}
+
+/// [`plan`] on `be`'s device, with its kernel version, storage and options.
+pub(super) fn plan_on(
+    be: &Cuda,
+    d: &AttentionDims,
+) -> Result<(&'static str, (u32, u32, u32), u32)> {
+    plan(
+        d,
+        be.version(),
+        be.storage(),
+        be.sm_count(),
+        be.options().query_block_attention,
+    )
+}
+
+/// The kernel an attention of `batch` sequences of `lq` queries and `lk`
+/// keys, `heads` heads of `head_dim` columns, takes on `be` (Q, K and V in
+/// tensors of their own: the layout does not change the choice).
+pub(super) fn kernel_for(
+    be: &Cuda,
+    batch: usize,
+    lq: usize,
+    lk: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Result<&'static str> {
+    let width = heads
+        .checked_mul(head_dim)
+        .ok_or_else(|| Error::Overflow(format!("attention heads {heads} x head_dim {head_dim}")))?;
+    let d = AttentionDims {
+        batch,
+        lq,
+        lk,
+        heads,
+        head_dim,
+        q_stride: width,
+        k_stride: width,
+        v_stride: width,
+        q_start: 0,
+        k_start: 0,
+        v_start: 0,
+    };
+    Ok(plan_on(be, &d)?.0)
 }
 
 /// 16-byte loads of Q, K and V rows are possible: every head's block starts at
@@ -264,7 +347,7 @@ pub(super) fn attention(
         &[out],
         &[attn.q.tensor, attn.k.tensor, attn.v.tensor],
     )?;
-    let (kernel, grid, block) = plan(&d, be.version(), be.storage(), be.sm_count())?;
+    let (kernel, grid, block) = plan_on(be, &d)?;
     be.launch(&PROGRAM, kernel, grid, (block, 1, 1), &params)
 }
 
@@ -310,6 +393,7 @@ mod tests {
                 KernelVersion::Fast,
                 DType::F32,
                 SMS,
+                true,
             )
             .unwrap()
             .0
@@ -325,7 +409,8 @@ mod tests {
                 &dims(1, 77, 77, 4, 128),
                 KernelVersion::Naive,
                 DType::F32,
-                SMS
+                SMS,
+                true
             )
             .unwrap()
             .0,
@@ -335,8 +420,9 @@ mod tests {
 
     #[test]
     fn half_storage_takes_tensor_cores_at_head_dims_64_and_128() {
-        let f =
-            |hd, storage, version| plan(&dims(2, 77, 77, 4, hd), version, storage, SMS).unwrap();
+        let f = |hd, storage, version| {
+            plan(&dims(2, 77, 77, 4, hd), version, storage, SMS, true).unwrap()
+        };
         for storage in [DType::F16, DType::BF16] {
             assert_eq!(f(64, storage, KernelVersion::Fast).0, "attention_tc_d64");
             let (kernel, grid, block) = f(128, storage, KernelVersion::Fast);
@@ -361,6 +447,7 @@ mod tests {
             KernelVersion::Fast,
             DType::F32,
             SMS,
+            true,
         )
         .unwrap();
         assert_eq!(grid, (10, 4, 1));
@@ -369,6 +456,7 @@ mod tests {
             KernelVersion::Naive,
             DType::F32,
             SMS,
+            true,
         )
         .unwrap();
         assert!((grid.0 * block) as usize >= 2 * 513 * 3 * 64);
@@ -376,7 +464,8 @@ mod tests {
 
     #[test]
     fn large_grids_take_16_query_blocks() {
-        let f = |d: AttentionDims, sms| plan(&d, KernelVersion::Fast, DType::F32, sms).unwrap();
+        let f =
+            |d: AttentionDims, sms| plan(&d, KernelVersion::Fast, DType::F32, sms, true).unwrap();
         // The projector's decoder self-attention: batch 1 keeps 8-query blocks
         // (40 of them), batch 64 would launch 2560 and takes 1280 of 16 queries.
         assert_eq!(
@@ -426,13 +515,19 @@ mod tests {
         for storage in [DType::F16, DType::BF16] {
             let big = dims(64, 77, 77, 4, 128);
             assert_eq!(
-                plan(&big, KernelVersion::Fast, storage, SMS).unwrap(),
+                plan(&big, KernelVersion::Fast, storage, SMS, true).unwrap(),
                 ("attention_tc_d128", (2, 4, 64), 128)
             );
             assert_eq!(
-                plan(&dims(64, 77, 77, 4, 100), KernelVersion::Fast, storage, SMS)
-                    .unwrap()
-                    .0,
+                plan(
+                    &dims(64, 77, 77, 4, 100),
+                    KernelVersion::Fast,
+                    storage,
+                    SMS,
+                    true
+                )
+                .unwrap()
+                .0,
                 "attention_flash_d128_q16"
             );
         }
@@ -441,7 +536,8 @@ mod tests {
                 &dims(64, 77, 77, 4, 128),
                 KernelVersion::Naive,
                 DType::F32,
-                SMS
+                SMS,
+                true
             )
             .unwrap()
             .0,
@@ -451,7 +547,8 @@ mod tests {
 
     #[test]
     fn few_keys_take_a_warp_per_query() {
-        let f = |d: AttentionDims, storage| plan(&d, KernelVersion::Fast, storage, SMS).unwrap();
+        let f =
+            |d: AttentionDims, storage| plan(&d, KernelVersion::Fast, storage, SMS, true).unwrap();
         for storage in [DType::F32, DType::F16, DType::BF16] {
             // The projector's cross-attention (image: 4 signal tokens) at
             // batch 1 and 64: 77 x 4 and 77 x 4 x 64 warps, 4 a block.
@@ -470,9 +567,15 @@ mod tests {
             assert_ne!(f(dims(1, 77, 17, 4, 128), storage).0, "attention_few_keys");
             assert_eq!(f(dims(1, 4, 4, 4, 200), storage).0, "attention_naive");
             assert_eq!(
-                plan(&dims(1, 77, 4, 4, 128), KernelVersion::Naive, storage, SMS)
-                    .unwrap()
-                    .0,
+                plan(
+                    &dims(1, 77, 4, 4, 128),
+                    KernelVersion::Naive,
+                    storage,
+                    SMS,
+                    true
+                )
+                .unwrap()
+                .0,
                 "attention_naive"
             );
         }
@@ -485,6 +588,80 @@ mod tests {
     fn few_keys_blocks_are_the_kernels_warps() {
         let define = format!("#define ATT_WARPS {FEW_KEYS_WARPS}\n");
         assert!(PROGRAM.source.contains(&define));
+        for define in [
+            format!("#define ATT_SPLIT_QUERIES {SPLIT_QUERIES}\n"),
+            format!("#define ATT_SPLIT_PARTS {SPLIT_PARTS}\n"),
+        ] {
+            assert!(PROGRAM.source.contains(&define), "{define}");
+        }
+    }
+
+    #[test]
+    fn small_grids_split_the_keys() {
+        let f = |d: AttentionDims, storage, sms| {
+            plan(&d, KernelVersion::Fast, storage, sms, false).unwrap()
+        };
+        for storage in [DType::F32, DType::F16, DType::BF16] {
+            // The projector's decoder self-attention at batch 1: 20 groups of
+            // 4 queries x 4 heads, 16 warps each.
+            assert_eq!(
+                f(dims(1, 77, 77, 4, 128), storage, SMS),
+                ("attention_split_keys", (80, 1, 1), 512)
+            );
+            // Up to 2 blocks per SM (264): batch 3 (240) splits, 4 (320) not,
+            // and on a smaller GPU sooner.
+            assert_eq!(
+                f(dims(3, 77, 77, 4, 128), storage, SMS).0,
+                "attention_split_keys"
+            );
+            assert_ne!(
+                f(dims(4, 77, 77, 4, 128), storage, SMS).0,
+                "attention_split_keys"
+            );
+            assert_ne!(
+                f(dims(2, 77, 77, 4, 128), storage, 78).0,
+                "attention_split_keys"
+            );
+            // The video preset's cross-attention (24 keys), any head dim up
+            // to 128, a ragged last group.
+            assert_eq!(
+                f(dims(1, 77, 24, 4, 128), storage, SMS).0,
+                "attention_split_keys"
+            );
+            assert_eq!(
+                f(dims(2, 5, 33, 3, 6), storage, SMS),
+                ("attention_split_keys", (12, 1, 1), 512)
+            );
+            assert_eq!(
+                f(dims(1, 77, 77, 4, 200), storage, SMS).0,
+                "attention_naive"
+            );
+            // Few keys stay with v4; the option and v1 keep the others.
+            assert_eq!(
+                f(dims(1, 77, 4, 4, 128), storage, SMS).0,
+                "attention_few_keys"
+            );
+            let d = dims(1, 77, 77, 4, 128);
+            assert_ne!(
+                plan(&d, KernelVersion::Fast, storage, SMS, true).unwrap().0,
+                "attention_split_keys"
+            );
+            assert_eq!(
+                plan(&d, KernelVersion::Naive, storage, SMS, false)
+                    .unwrap()
+                    .0,
+                "attention_naive"
+            );
+        }
+        // No SM count (0) counts as one SM: 2 blocks.
+        assert_eq!(
+            f(dims(1, 8, 77, 1, 64), DType::F32, 0).0,
+            "attention_split_keys"
+        );
+        assert_ne!(
+            f(dims(1, 9, 77, 1, 64), DType::F32, 0).0,
+            "attention_split_keys"
+        );
     }
 
     #[test]
@@ -492,10 +669,15 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for storage in [DType::F32, DType::F16, DType::BF16] {
             for version in [KernelVersion::Naive, KernelVersion::Fast] {
-                for (batch, lq, heads) in [(1, 77, 4), (64, 77, 4), (1, 3, 2)] {
+                for (batch, lq, heads, query_blocks) in [
+                    (1, 77, 4, false),
+                    (1, 77, 4, true),
+                    (64, 77, 4, false),
+                    (1, 3, 2, false),
+                ] {
                     for hd in [6, 32, 40, 64, 72, 128, 200] {
                         let d = dims(batch, lq, lq, heads, hd);
-                        let (kernel, _, _) = plan(&d, version, storage, SMS).unwrap();
+                        let (kernel, _, _) = plan(&d, version, storage, SMS, query_blocks).unwrap();
                         let listed = if storage == DType::F32 {
                             PROGRAM.kernels.contains(&kernel)
                         } else {

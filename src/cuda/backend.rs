@@ -123,6 +123,15 @@ pub struct CudaOptions {
     /// itself, with the code and lanes of the attention kernel it replaces
     /// (`attention_few_keys`): results are bitwise the same either way.
     pub separate_attention: bool,
+    /// Run every attention over more than 16 keys on the kernels that give
+    /// a block a run of queries and walk all keys in it (v2, and v3 on
+    /// tensor cores; default off). Off, where those would leave most SMs
+    /// idle (the projector's decoder self-attention at batch 1 to 3: 40 and
+    /// 8 blocks at batch 1), `attention_split_keys` splits each query's keys
+    /// among 4 warps and combines their softmax states: a shorter chain per
+    /// block, the same result to rounding. The baseline it is measured
+    /// against.
+    pub query_block_attention: bool,
 }
 
 /// Most blocks of one thread-block cluster: the portable limit (sm_90), and
@@ -802,6 +811,22 @@ impl Cuda {
     /// `_f16` / `_bf16` appended for 16-bit storage.
     pub fn linear_kernel(&self, m: usize, n: usize, k: usize) -> Result<&'static str> {
         super::linear::kernel_for(self, LinearDims { m, n, k })
+    }
+
+    /// The kernel `attention` launches for `batch` sequences of `lq` queries
+    /// and `lk` keys in `heads` heads of `head_dim` columns, without its
+    /// storage suffix: e.g. `attention_split_keys` for batch 1's decoder
+    /// self-attention, `attention_tc_d128` (16-bit) or
+    /// `attention_flash_d128_q16` (f32) for batch 64's.
+    pub fn attention_kernel(
+        &self,
+        batch: usize,
+        lq: usize,
+        lk: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<&'static str> {
+        super::attention::kernel_for(self, batch, lq, lk, heads, head_dim)
     }
 
     /// Bytes held by the pool for reuse.
