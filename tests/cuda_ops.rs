@@ -118,6 +118,15 @@ fn layer_norm_matches_reference() {
 #[test]
 fn attention_matches_reference() {
     check_cases(&verify::standard_cases(), "attention", 1e-5);
+    // Most of those grids are small enough for v5 (split keys): the
+    // query-block kernels (v2, v3) on them too.
+    let Some(query_blocks) = backend_with(CudaOptions {
+        query_block_attention: true,
+        ..CudaOptions::default()
+    }) else {
+        return;
+    };
+    check_cases_on(&query_blocks, &verify::standard_cases(), "attention", 1e-5);
 }
 
 #[test]
@@ -246,24 +255,40 @@ fn half_cases() -> Vec<Case> {
 #[test]
 fn half_storage_ops_match_reference() {
     let cases = half_cases();
-    for (storage, version) in [
-        (DType::F16, KernelVersion::Naive),
-        (DType::F16, KernelVersion::Fast),
-        (DType::BF16, KernelVersion::Fast),
+    // Last, the attention cases again on the query-block kernels (v2, v3)
+    // where their grids are small enough for v5.
+    for (storage, version, query_blocks) in [
+        (DType::F16, KernelVersion::Naive, false),
+        (DType::F16, KernelVersion::Fast, false),
+        (DType::BF16, KernelVersion::Fast, false),
+        (DType::BF16, KernelVersion::Fast, true),
     ] {
         {
-            let Some(be) = backend_storing(version, storage) else {
+            let Some(be) = backend_with(CudaOptions {
+                version,
+                storage,
+                query_block_attention: query_blocks,
+                ..CudaOptions::default()
+            }) else {
                 return;
             };
+            let version = if query_blocks {
+                format!("{version:?} query blocks")
+            } else {
+                format!("{version:?}")
+            };
             let mut worst: Vec<(&str, f64, f64)> = Vec::new();
-            for (i, case) in cases.iter().enumerate() {
+            let ops = cases
+                .iter()
+                .filter(|c| !query_blocks || c.op() == "attention");
+            for (i, case) in ops.enumerate() {
                 let r =
                     verify::compare_case(&be, case, storage, 300 + i as u64).unwrap_or_else(|e| {
-                        panic!("{} {version:?} {}: {e}", storage.name(), case.describe())
+                        panic!("{} {version} {}: {e}", storage.name(), case.describe())
                     });
                 assert!(
                     r.rel <= 1e-2,
-                    "{} {version:?} {} {}: rel {:.3e} max_abs {:.3e}",
+                    "{} {version} {} {}: rel {:.3e} max_abs {:.3e}",
                     storage.name(),
                     r.op,
                     r.case,
@@ -280,7 +305,7 @@ fn half_storage_ops_match_reference() {
             }
             for (op, rel, max_abs) in worst {
                 println!(
-                    "{} {version:?} {op:<22} worst rel {rel:.3e} max_abs {max_abs:.3e}",
+                    "{} {version} {op:<22} worst rel {rel:.3e} max_abs {max_abs:.3e}",
                     storage.name()
                 );
             }
