@@ -428,15 +428,6 @@ OP_KERNEL_NAME(attention_flash_d128_q16)(const AttentionParams p) {
     attention_flash<128, 4>(p);
 }
 
-// ---------------------------------------------------------------- v4
-// Few keys (the projector's cross-attention and encoder self-attention see
-// its 4 to 8 signal tokens): a warp per (query, head), no shared memory and no
-// barrier; attention_few_keys_row (common.cuh) with the warp as the head's
-// group. Consecutive warps take consecutive queries of one (batch, head), so
-// a block's 4 warps read the same K and V rows (L1). At Lk 4 v2 scores a
-// 32-key tile for 4 keys and v3 a 64-query block: most of either is padding.
-// Block 128 threads; grid ceil(B heads Lq / 4) (the host checks that the
-// product fits an int).
 // A lane's 4 columns of output row (b, i), head h, as attention_lane4 lays
 // them out from c0 (group 32).
 template <bool VEC>
@@ -462,6 +453,15 @@ __device__ __forceinline__ void attention_store_lane4(const AttentionParams& p, 
     }
 }
 
+// ---------------------------------------------------------------- v4
+// Few keys (the projector's cross-attention and encoder self-attention see
+// its 4 to 8 signal tokens): a warp per (query, head), no shared memory and no
+// barrier; attention_few_keys_row (common.cuh) with the warp as the head's
+// group. Consecutive warps take consecutive queries of one (batch, head), so
+// a block's 4 warps read the same K and V rows (L1). At Lk 4 v2 scores a
+// 32-key tile for 4 keys and v3 a 64-query block: most of either is padding.
+// Block 128 threads; grid ceil(B heads Lq / 4) (the host checks that the
+// product fits an int).
 template <bool VEC>
 __device__ __forceinline__ void attention_few_keys_warp(const AttentionParams& p) {
     const int lane = threadIdx.x & 31;
@@ -474,7 +474,8 @@ __device__ __forceinline__ void attention_few_keys_warp(const AttentionParams& p
     const int h = bh % p.heads;
     const int b = bh / p.heads;
     const int c0 = VEC ? 4 * lane : lane;
-    attention_store_lane4<VEC>(p, b, i, h, c0, attention_few_keys_row<VEC>(p, b, i, h, c0, 32, true));
+    const float4 o = attention_few_keys_row<VEC>(p, b, i, h, c0, 32, true);
+    attention_store_lane4<VEC>(p, b, i, h, c0, o);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
