@@ -99,10 +99,16 @@ outproj_ensure_vulkan() {
 
 # Installs libclang (for the `nvtx` feature's bindings) with apt-get when missing.
 outproj_ensure_libclang() {
-    if compgen -G '/usr/lib/*/libclang*.so*' >/dev/null || compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null; then
-        outproj_log "libclang: present"
-        return 0
-    fi
+    # libclang itself: libclang-cpp (which other packages install) is a
+    # different library, and bindgen cannot load it.
+    local dir
+    for dir in "${LIBCLANG_PATH:-}" /usr/lib/* /usr/lib/llvm-*/lib; do
+        [[ -n $dir ]] || continue
+        if compgen -G "$dir/libclang.so*" >/dev/null || compgen -G "$dir/libclang-[0-9]*.so*" >/dev/null; then
+            outproj_log "libclang: present in $dir"
+            return 0
+        fi
+    done
     if ! command -v apt-get >/dev/null 2>&1; then
         outproj_log "libclang: not found and no apt-get; install libclang to build the nvtx feature"
         return 1

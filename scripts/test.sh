@@ -42,9 +42,10 @@ if [[ ${CI:-} == true && -f Cargo.lock ]]; then
 fi
 
 # The toolchains first, output shown: the adapter, NVRTC's version and the
-# register/spill report, or the one-line reason a check was skipped.
-cargo test "${cargo_flags[@]}" --test toolchain "$@" -- --nocapture --test-threads=1
-# Everything: unit tests, binaries, integration tests, doctests.
+# register/spill report, or the one-line reason a check was skipped. Only here:
+# Cargo.toml keeps this target out of a plain `cargo test`.
+cargo test "${cargo_flags[@]}" --test toolchain "$@" -- --nocapture
+# Everything else: unit tests, binaries, integration tests, doctests.
 cargo test "${cargo_flags[@]}" "$@"
 # Keep the benches compiling without running them. `cargo test --benches
 # --no-run` builds them with the test profile and so reuses the build above
