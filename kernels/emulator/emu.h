@@ -63,10 +63,12 @@
 #define EMU_ASAN 0
 #endif
 
+// constexpr constructors: threadIdx and the others are then constant-initialised
+// thread_locals, read directly rather than through an initialisation check.
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
-    dim3() {}
-    dim3(unsigned a, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+    constexpr dim3() {}
+    constexpr dim3(unsigned a, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
 struct alignas(16) float4 {
     float x, y, z, w;
@@ -230,7 +232,13 @@ struct Fiber {
     const void* published = nullptr;  // this lane's share of a warp collective (emu_warp_publish)
 };
 constexpr size_t STACK = 256 * 1024;
-inline thread_local std::vector<Fiber> fibers;
+// This OS thread's fibers, as many as its largest block so far. A pointer,
+// not a vector: a thread_local with a destructor is reached through an
+// initialisation check at each use, and this one is used at every scheduling
+// point. Cluster threads give theirs back (give_back_stacks); a thread that
+// launches kernels keeps its own until the process ends.
+inline thread_local Fiber* fibers = nullptr;
+inline thread_local int fiber_count = 0;
 inline thread_local Context sched;
 inline thread_local int cur = 0;
 inline thread_local std::function<void()> body;
@@ -261,10 +269,12 @@ inline char* take_stack() {
 // This OS thread's fibers are done: their stacks go back to the pool.
 inline void give_back_stacks() {
     std::lock_guard<std::mutex> lock(stack_pool_mu);
-    for (Fiber& f : fibers) {
-        if (f.stack) stack_pool.push_back(f.stack);
+    for (int i = 0; i < fiber_count; ++i) {
+        if (fibers[i].stack) stack_pool.push_back(fibers[i].stack);
     }
-    fibers.clear();
+    delete[] fibers;
+    fibers = nullptr;
+    fiber_count = 0;
 }
 
 // The blocks of one cluster, each on its own OS thread.
@@ -333,7 +343,16 @@ inline void cluster_arrive_and_wait() {
 
 inline void run_block() {
     const int n = blockDim.x * blockDim.y * blockDim.z;
-    if ((int)fibers.size() < n) fibers.resize(n);
+    if (fiber_count < n) {
+        Fiber* grown = new Fiber[n];
+        std::copy(fibers, fibers + fiber_count, grown);  // with their stacks
+        delete[] fibers;
+        fibers = grown;
+        fiber_count = n;
+    }
+    // Locals, not thread_locals, in the scheduling loop below.
+    Fiber* const fibers = emu::fibers;
+    const bool reverse_order = emu::reverse_order;
     for (int i = 0; i < n; ++i) {
         Fiber& f = fibers[i];
         if (!f.stack) f.stack = take_stack();

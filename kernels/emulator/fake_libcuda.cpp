@@ -157,13 +157,16 @@ static bool launch_shape_ok(unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
 }
 static void run_node(const Node& n) {
     static const bool trace = getenv("OUTPROJ_EMULATOR_TRACE") != nullptr;
-    if (trace) {
-        fprintf(stderr, "launch %s grid %u,%u,%u block %u,%u,%u cluster %u\n", n.entry->name,
-                n.grid.x, n.grid.y, n.grid.z, n.block.x, n.block.y, n.block.z,
-                n.cluster.x * n.cluster.y * n.cluster.z);
-    }
     void* p = (void*)n.params.data();
+    auto start = std::chrono::steady_clock::now();
     emu::launch(n.grid, n.block, [&] { n.entry->run(p); }, n.cluster);
+    if (trace) {
+        // The host time of each launch: where emulated tests spend theirs.
+        double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+        fprintf(stderr, "launch %s grid %u,%u,%u block %u,%u,%u cluster %u: %.1f ms\n", n.entry->name,
+                n.grid.x, n.grid.y, n.grid.z, n.block.x, n.block.y, n.block.z,
+                n.cluster.x * n.cluster.y * n.cluster.z, ms);
+    }
 }
 
 extern "C" {
