@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{compile_options, compile_with_headers, probe_nvrtc, Compiled, KernelReport};
@@ -383,36 +384,72 @@ pub struct ProgramReport {
     pub kernels: Vec<KernelReport>,
 }
 
-/// Compiles every kernel file for `arch` (e.g. `sm_90`), once per storage type
-/// (file by file, f32 then f16 then bf16), and returns ptxas's report of each:
-/// registers, shared memory, stack and spills per kernel. Needs NVRTC, not a GPU.
+/// Compiles every kernel file for `arch` (e.g. `sm_90`), once per storage type,
+/// and returns ptxas's report of each (file by file, f32 then f16 then bf16):
+/// registers, shared memory, stack and spills per kernel. Needs NVRTC, not a
+/// GPU. The compilations are independent and take a core each, so they are
+/// spread over the machine's cores.
 pub fn program_reports(arch: &str) -> Result<Vec<ProgramReport>> {
-    PROGRAMS
+    let jobs: Vec<(&'static Program, DType)> = PROGRAMS
         .iter()
-        .flat_map(|program| STORAGE_TYPES.iter().map(move |&storage| (program, storage)))
-        .map(|(program, storage)| {
-            let compiled = compile_program(program, storage, arch)?;
-            if compiled.kernels.is_empty() {
-                return Err(Error::Backend {
-                    backend: "nvrtc".into(),
-                    message: format!(
-                        "no ptxas report for kernels/{} ({}, {arch}): the compilation came \
-                         from the driver's compute cache; set CUDA_CACHE_DISABLE=1",
-                        program.file,
-                        storage.name()
-                    ),
-                });
-            }
-            Ok(ProgramReport {
-                file: program.file,
-                storage,
-                arch: arch.to_string(),
-                cubin_bytes: compiled.cubin.len(),
-                cubin: compiled.cubin,
-                kernels: compiled.kernels,
+        .flat_map(|&program| STORAGE_TYPES.iter().map(move |&storage| (program, storage)))
+        .collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len());
+    let next = AtomicUsize::new(0);
+    let mut done: Vec<(usize, Result<ProgramReport>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(program, storage)) = jobs.get(i) else {
+                            return mine;
+                        };
+                        mine.push((i, program_report(program, storage, arch)));
+                    }
+                })
             })
-        })
-        .collect()
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().map_err(|_| Error::Backend {
+                    backend: "nvrtc".into(),
+                    message: "a compilation thread panicked".into(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(|per_thread| per_thread.into_iter().flatten().collect())
+    })?;
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, report)| report).collect()
+}
+
+/// ptxas's report of `program` compiled for `arch` with `storage`.
+fn program_report(program: &Program, storage: DType, arch: &str) -> Result<ProgramReport> {
+    let compiled = compile_program(program, storage, arch)?;
+    if compiled.kernels.is_empty() {
+        return Err(Error::Backend {
+            backend: "nvrtc".into(),
+            message: format!(
+                "no ptxas report for kernels/{} ({}, {arch}): the compilation came \
+                 from the driver's compute cache; set CUDA_CACHE_DISABLE=1",
+                program.file,
+                storage.name()
+            ),
+        });
+    }
+    Ok(ProgramReport {
+        file: program.file,
+        storage,
+        arch: arch.to_string(),
+        cubin_bytes: compiled.cubin.len(),
+        cubin: compiled.cubin,
+        kernels: compiled.kernels,
+    })
 }
 
 /// Every kernel of every kernel file compiled for `arch`, as ptxas reports them
