@@ -21,7 +21,8 @@
 // may on a real driver.
 //
 // With OUTPROJ_EMULATOR_TRACE set, every kernel run is printed to stderr with
-// its grid, block and cluster size: a forward's launch list, in order.
+// its grid, block and cluster size and the host time it took: a forward's
+// launch list, in order, and where an emulated test spends its time.
 //
 // Stream capture records launches (with a copy of their parameters) instead of
 // running them; a graph replay runs them in order. Allocations, copies,
