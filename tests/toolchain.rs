@@ -164,8 +164,18 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         if nvrtc_or_skip().is_none() {
             return;
         }
-        for arch in ["sm_80", "sm_90"] {
-            let reports = program_reports(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        // Both architectures at once: each compiles file by file, and one
+        // file's three compilations alone would leave cores idle at the end.
+        let archs = ["sm_80", "sm_90"];
+        let all: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = archs
+                .iter()
+                .map(|&arch| scope.spawn(move || program_reports(arch)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (arch, reports) in archs.into_iter().zip(all) {
+            let reports = reports.unwrap_or_else(|e| panic!("{arch}: {e}"));
             // Every file, once per storage type (f32, f16, bf16).
             let files: Vec<&str> = kernel_files().into_iter().flat_map(|f| [f, f, f]).collect();
             assert_eq!(reports.iter().map(|p| p.file).collect::<Vec<_>>(), files);
