@@ -42,7 +42,7 @@ fn backend_with(options: CudaOptions) -> Option<Cuda> {
     static SKIP_NOTE: Once = Once::new();
     match Cuda::new(0, options) {
         Ok(be) => Some(be),
-        Err(e) if std::env::var_os(EMULATED_DRIVER_ENV).is_some() => {
+        Err(e) if emulated() => {
             panic!("the emulated driver should provide a device: {e}")
         }
         Err(Error::Unavailable { backend, reason }) if backend == "cuda" => {
@@ -194,6 +194,14 @@ fn gather_signal_tokens_matches_reference() {
     check_cases(&verify::standard_cases(), "gather_signal_tokens", 1e-7);
 }
 
+/// On the emulated driver every thread of a kernel is a CPU fiber and a
+/// full-size forward takes half a minute or more, so there the whole-projector
+/// tests run fewer cases (each kernel's versions, and each op at the shapes
+/// those cases would add, are tested on their own above).
+fn emulated() -> bool {
+    std::env::var_os(EMULATED_DRIVER_ENV).is_some()
+}
+
 #[test]
 fn projector_matches_reference() {
     for version in [KernelVersion::Naive, KernelVersion::Fast] {
@@ -201,6 +209,11 @@ fn projector_matches_reference() {
         let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
         let audio = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
         for (config, batch) in [(&image, 1), (&image, 3), (&audio, 2)] {
+            // Emulated: v1 at audio batch 2 and the fast kernels at batch 1
+            // and 2.
+            if emulated() && (batch == 3 || (version == KernelVersion::Naive && batch == 1)) {
+                continue;
+            }
             let r = verify::compare_projector(&be, config, batch, DType::F32, 7)
                 .unwrap_or_else(|e| panic!("{version:?} {}: {e}", config.variant.name()));
             println!(
@@ -354,13 +367,12 @@ fn tf32_backend() -> Option<Cuda> {
         tf32: true,
         ..CudaOptions::default()
     };
-    let emulated = std::env::var_os(EMULATED_DRIVER_ENV).is_some();
     match Cuda::new(0, options.clone()) {
-        Err(Error::Invalid(e)) if e.contains("sm_80") && !emulated => {
+        Err(Error::Invalid(e)) if e.contains("sm_80") && !emulated() => {
             println!("skipped: {e}");
             None
         }
-        Err(Error::Unavailable { reason, .. }) if reason.contains("mma.h") && !emulated => {
+        Err(Error::Unavailable { reason, .. }) if reason.contains("mma.h") && !emulated() => {
             println!("skipped: {reason}");
             None
         }
@@ -536,6 +548,9 @@ fn tf32_projector_matches_reference() {
     let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
     let audio = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
     for (config, batch) in [(&image, 1), (&audio, 2)] {
+        if emulated() && batch > 1 {
+            continue;
+        }
         let r = verify::compare_projector(&be, config, batch, DType::F32, 7)
             .unwrap_or_else(|e| panic!("tf32 {}: {e}", config.variant.name()));
         println!(
@@ -1161,7 +1176,7 @@ fn check_sm90_feature(
     if be.arch() < "sm_90" {
         assert!(!on(&be), "{}", be.arch());
     }
-    if std::env::var_os(EMULATED_DRIVER_ENV).is_some() {
+    if emulated() {
         assert!(on(&be));
     }
     assert!(!on(&off));
@@ -1524,7 +1539,7 @@ fn backend_runs_on_emulated_driver() {
     use std::path::Path;
     use std::process::Command;
 
-    if std::env::var_os(EMULATED_DRIVER_ENV).is_some() || emulation_skipped() {
+    if emulated() || emulation_skipped() {
         return;
     }
     if output_projector::cuda::driver_present() {
