@@ -1176,10 +1176,13 @@ fn kernels(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitCode> 
 /// ptxas's report of every kernel compiled for `arch` (needs NVRTC, not a GPU).
 #[cfg(feature = "cuda")]
 fn kernel_table(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitCode> {
-    let reports = output_projector::cuda::program_reports(arch)?;
+    // The folder first: a bad path is known before minutes of compiling.
     if let Some(dir) = cubin_dir {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::invalid(format!("--cubin-dir {}: {e}", dir.display())))?;
+    }
+    let reports = output_projector::cuda::program_reports(arch)?;
+    if let Some(dir) = cubin_dir {
         for p in &reports {
             let stem = p.file.trim_end_matches(".cu");
             let path = dir.join(format!("{stem}-{}-{arch}.cubin", p.storage.name()));

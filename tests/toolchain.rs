@@ -42,7 +42,7 @@ mod wgpu {
 #[cfg(feature = "cuda")]
 mod nvrtc {
     use super::required;
-    use output_projector::cuda::{compile, probe_nvrtc, NvrtcInfo};
+    use output_projector::cuda::{compile, probe_nvrtc, KernelReport, NvrtcInfo};
     use output_projector::Error;
 
     /// Two kernels using the fp16 and bf16 headers, one of them with shared memory.
@@ -155,92 +155,124 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         }
     }
 
-    /// Every file of kernels/ compiles for sm_80 and sm_90 (with the host's
-    /// parameter layouts asserted inside), lists the kernels the host launches,
-    /// and spills nothing.
+    /// The tensor-core kernels of every architecture's compiles (TF32 in the
+    /// f32 one), sorted.
+    const TENSOR_CORE_KERNELS: [&str; 13] = [
+        "linear_mma_narrow_vec8_bf16",
+        "linear_mma_narrow_vec8_f16",
+        "linear_mma_vec8_bf16",
+        "linear_mma_vec8_f16",
+        "linear_tc_large_vec8_bf16",
+        "linear_tc_large_vec8_f16",
+        "linear_tc_scalar_bf16",
+        "linear_tc_scalar_f16",
+        "linear_tc_tf32_large_vec4",
+        "linear_tc_tf32_scalar",
+        "linear_tc_tf32_vec4",
+        "linear_tc_vec8_bf16",
+        "linear_tc_vec8_f16",
+    ];
+
+    /// What every kernel compiled for `arch` must be, as (file, storage,
+    /// ptxas's report) rows: printed, no spills, plausible registers, static
+    /// shared memory within 48 KiB, and the tensor-core kernels all there.
+    fn check_kernels(arch: &str, kernels: &[(String, String, KernelReport)]) {
+        let mut tc: Vec<&str> = kernels
+            .iter()
+            .map(|(_, _, k)| k.name.as_str())
+            .filter(|n| n.starts_with("linear_tc_") || n.starts_with("linear_mma_"))
+            .collect();
+        tc.sort();
+        assert_eq!(tc, TENSOR_CORE_KERNELS, "{arch}: the tensor-core kernels");
+        for (file, storage, k) in kernels {
+            println!(
+                "{arch} {file:<24} {storage:<4} {:<30} {:>3} registers {:>6} B smem {:>4} B stack, spill {} B stores / {} B loads",
+                k.name, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
+            );
+            assert!(
+                (2..=255).contains(&k.registers),
+                "{arch} {}: implausible register count {}",
+                k.name,
+                k.registers
+            );
+            assert_eq!(
+                (k.spill_stores, k.spill_loads),
+                (0, 0),
+                "{arch} {}: spills",
+                k.name
+            );
+            // v4's 32 sums per thread stay in registers: its transposing
+            // reduction indexes them by constants only once unrolled (in the
+            // kernels that compute its x too).
+            if k.name.contains("linear_rows") {
+                assert_eq!(k.stack_bytes, 0, "{arch} {}: local memory", k.name);
+            }
+            assert!(
+                k.shared_bytes <= 48 * 1024,
+                "{arch} {}: static smem",
+                k.name
+            );
+        }
+    }
+
+    /// Every file of kernels/ compiles for sm_90 (with the host's parameter
+    /// layouts asserted inside), once per storage type, and its kernels pass
+    /// [`check_kernels`]. sm_80's are checked from `outproj kernels`' table
+    /// (below), so that each architecture is compiled once.
     #[test]
     fn project_kernels_compile_without_spills() {
         use output_projector::cuda::{kernel_files, program_reports};
         if nvrtc_or_skip().is_none() {
             return;
         }
-        // Both architectures at once: each compiles file by file, and one
-        // file's three compilations alone would leave cores idle at the end.
-        let archs = ["sm_80", "sm_90"];
-        let all: Vec<_> = std::thread::scope(|scope| {
-            let handles: Vec<_> = archs
-                .iter()
-                .map(|&arch| scope.spawn(move || program_reports(arch)))
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for (arch, reports) in archs.into_iter().zip(all) {
-            let reports = reports.unwrap_or_else(|e| panic!("{arch}: {e}"));
-            // Every file, once per storage type (f32, f16, bf16).
-            let files: Vec<&str> = kernel_files().into_iter().flat_map(|f| [f, f, f]).collect();
-            assert_eq!(reports.iter().map(|p| p.file).collect::<Vec<_>>(), files);
-            let mut tc: Vec<String> = reports
-                .iter()
-                .flat_map(|p| p.kernels.iter().map(|k| k.name.clone()))
-                .filter(|n| n.starts_with("linear_tc_") || n.starts_with("linear_mma_"))
-                .collect();
-            tc.sort();
-            assert_eq!(
-                tc,
-                [
-                    "linear_mma_narrow_vec8_bf16",
-                    "linear_mma_narrow_vec8_f16",
-                    "linear_mma_vec8_bf16",
-                    "linear_mma_vec8_f16",
-                    "linear_tc_large_vec8_bf16",
-                    "linear_tc_large_vec8_f16",
-                    "linear_tc_scalar_bf16",
-                    "linear_tc_scalar_f16",
-                    "linear_tc_tf32_large_vec4",
-                    "linear_tc_tf32_scalar",
-                    "linear_tc_tf32_vec4",
-                    "linear_tc_vec8_bf16",
-                    "linear_tc_vec8_f16"
-                ],
-                "{arch}: the tensor-core kernels (TF32 in the f32 compile)"
-            );
-            for p in &reports {
-                assert!(p.cubin_bytes > 64, "{arch} {}: empty CUBIN", p.file);
-                assert!(!p.kernels.is_empty(), "{arch} {}: no kernels", p.file);
-                for k in &p.kernels {
-                    println!(
-                        "{arch} {:<24} {:<4} {:<30} {:>3} registers {:>6} B smem {:>4} B stack, spill {} B stores / {} B loads",
-                        p.file, p.storage.name(), k.name, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
-                    );
-                    assert!(
-                        (2..=255).contains(&k.registers),
-                        "{arch} {}: implausible register count {}",
-                        k.name,
-                        k.registers
-                    );
-                    assert_eq!(
-                        (k.spill_stores, k.spill_loads),
-                        (0, 0),
-                        "{arch} {}: spills",
-                        k.name
-                    );
-                    // v4's 32 sums per thread stay in registers: its transposing
-                    // reduction indexes them by constants only once unrolled
-                    // (in the kernels that compute its x too).
-                    if k.name.contains("linear_rows") {
-                        assert_eq!(k.stack_bytes, 0, "{arch} {}: local memory", k.name);
-                    }
-                    assert!(
-                        k.shared_bytes <= 48 * 1024,
-                        "{arch} {}: static smem",
-                        k.name
-                    );
-                }
-            }
+        let arch = "sm_90";
+        let reports = program_reports(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        // Every file, once per storage type (f32, f16, bf16).
+        let files: Vec<&str> = kernel_files().into_iter().flat_map(|f| [f, f, f]).collect();
+        assert_eq!(reports.iter().map(|p| p.file).collect::<Vec<_>>(), files);
+        for p in &reports {
+            assert!(p.cubin_bytes > 64, "{arch} {}: empty CUBIN", p.file);
+            assert!(!p.kernels.is_empty(), "{arch} {}: no kernels", p.file);
         }
+        let kernels: Vec<_> = reports
+            .iter()
+            .flat_map(|p| {
+                p.kernels
+                    .iter()
+                    .map(|k| (p.file.to_string(), p.storage.name().to_string(), k.clone()))
+            })
+            .collect();
+        check_kernels(arch, &kernels);
     }
 
-    /// `outproj kernels --cubin-dir` writes one CUBIN (an ELF file) per kernel
+    /// `outproj kernels`' table as (file, storage, report) rows, and its last
+    /// line.
+    fn parse_kernel_table(stdout: &str) -> (Vec<(String, String, KernelReport)>, String) {
+        let lines: Vec<&str> = stdout.lines().collect();
+        let (last, rows) = lines.split_last().expect("a table");
+        let number = |s: &str| -> u32 { s.parse().unwrap_or_else(|e| panic!("{s:?}: {e}")) };
+        let rows = rows[1..]
+            .iter()
+            .map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                assert_eq!(f.len(), 7, "{line}");
+                let (st, ld) = f[6].split_once('/').expect("spill st/ld");
+                let report = KernelReport {
+                    name: f[2].to_string(),
+                    registers: number(f[3]),
+                    shared_bytes: number(f[4]),
+                    stack_bytes: number(f[5]),
+                    spill_stores: number(st),
+                    spill_loads: number(ld),
+                };
+                (f[0].to_string(), f[1].to_string(), report)
+            })
+            .collect();
+        (rows, last.to_string())
+    }
+
+    /// `outproj kernels --cubin-dir` for sm_80 prints a table whose kernels
+    /// pass [`check_kernels`] and writes one CUBIN (an ELF file) per kernel
     /// file and storage type; a path that is a file is an error naming it.
     #[test]
     fn kernels_command_writes_cubins() {
@@ -261,6 +293,14 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
             String::from_utf8_lossy(&out.stderr)
         );
         let files = output_projector::cuda::kernel_files();
+        let (kernels, last) = parse_kernel_table(&String::from_utf8_lossy(&out.stdout));
+        check_kernels("sm_80", &kernels);
+        let compiles = 3 * files.len();
+        assert!(
+            last.starts_with(&format!("{} kernels in {compiles} compiles", kernels.len()))
+                && last.ends_with("for sm_80; none spills"),
+            "{last}"
+        );
         for file in &files {
             for storage in ["f32", "f16", "bf16"] {
                 let stem = file.trim_end_matches(".cu");
