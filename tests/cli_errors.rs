@@ -1174,9 +1174,27 @@ fn kernels_and_bench_arguments() {
     for arch in ["foo", "sm_", "sm_abc", "sm_-1", "SM_90"] {
         expect_error(&outproj(["kernels", "--arch", arch]), &["arch"]);
     }
-    // A well-formed arch either reports or says why it cannot.
-    let out = outproj(["kernels", "--arch", "sm_90"]);
-    expect_success_or_error(&out, &["cuda"]);
+    // A well-formed arch gets to the other arguments: a --cubin-dir that is a
+    // file is refused before minutes of compiling (tests/toolchain.rs runs
+    // the compiles).
+    let s = Scratch::new("kernels");
+    let file = s.path("not-a-folder");
+    std::fs::write(&file, b"x").unwrap();
+    let out = outproj([
+        "kernels",
+        "--arch",
+        "sm_90",
+        "--cubin-dir",
+        file.to_str().unwrap(),
+    ]);
+    expect_error(
+        &out,
+        &[if cfg!(feature = "cuda") {
+            "--cubin-dir"
+        } else {
+            "cuda"
+        }],
+    );
 
     expect_error(
         &outproj(["bench", "--device", "cpu", "--batch", "0"]),
