@@ -133,18 +133,7 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
                     "{arch} {}: {} registers, {} B smem, {} B stack, spill {} B stores / {} B loads",
                     k.name, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
                 );
-                assert!(
-                    (2..=255).contains(&k.registers),
-                    "{arch} {}: implausible register count {}",
-                    k.name,
-                    k.registers
-                );
-                assert_eq!(
-                    (k.spill_stores, k.spill_loads),
-                    (0, 0),
-                    "{arch} {}: spills",
-                    k.name
-                );
+                assert_registers_without_spills(arch, k);
             }
             let sum = compiled.kernel("sum_bf16").expect("sum_bf16 reported");
             assert_eq!(sum.shared_bytes, 256 * 4, "{arch}: sum_bf16 shared memory");
@@ -153,6 +142,22 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
                 Some(0)
             );
         }
+    }
+
+    /// A plausible register count and no spills.
+    fn assert_registers_without_spills(arch: &str, k: &KernelReport) {
+        assert!(
+            (2..=255).contains(&k.registers),
+            "{arch} {}: implausible register count {}",
+            k.name,
+            k.registers
+        );
+        assert_eq!(
+            (k.spill_stores, k.spill_loads),
+            (0, 0),
+            "{arch} {}: spills",
+            k.name
+        );
     }
 
     /// The tensor-core kernels of every architecture's compiles (TF32 in the
@@ -189,18 +194,7 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
                 "{arch} {file:<24} {storage:<4} {:<30} {:>3} registers {:>6} B smem {:>4} B stack, spill {} B stores / {} B loads",
                 k.name, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
             );
-            assert!(
-                (2..=255).contains(&k.registers),
-                "{arch} {}: implausible register count {}",
-                k.name,
-                k.registers
-            );
-            assert_eq!(
-                (k.spill_stores, k.spill_loads),
-                (0, 0),
-                "{arch} {}: spills",
-                k.name
-            );
+            assert_registers_without_spills(arch, k);
             // v4's 32 sums per thread stay in registers: its transposing
             // reduction indexes them by constants only once unrolled (in the
             // kernels that compute its x too).
