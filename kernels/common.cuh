@@ -122,14 +122,17 @@ __device__ __forceinline__ void store_float4(float* p, float4 v) {
 // through registers, zero-filled where `valid` is false (`src` is then not
 // read). A thread's copies are complete once it has waited for their group
 // (cp_async_wait); other threads see them after a __syncthreads that follows
-// that wait. Older targets and the emulator copy synchronously, which
-// satisfies the same contract.
+// that wait. Older targets copy synchronously, which satisfies the same
+// contract; the emulator copies at the wait, the latest the contract allows,
+// so a read of the stage before its wait sees stale data.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(OP_EMULATOR)
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
                  "r"(valid ? 16 : 0)
                  : "memory");
+#elif defined(OP_EMULATOR)
+    emu_cp_async(dst, src, 16, valid);
 #else
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
     if (valid) {
@@ -147,6 +150,8 @@ __device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src),
                  "r"(valid ? 8 : 0)
                  : "memory");
+#elif defined(OP_EMULATOR)
+    emu_cp_async(dst, src, 8, valid);
 #else
     uint2 v = make_uint2(0u, 0u);
     if (valid) {
@@ -160,6 +165,8 @@ __device__ __forceinline__ void cp_async8(void* dst, const void* src, bool valid
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(OP_EMULATOR)
     asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(OP_EMULATOR)
+    emu_cp_async_commit();
 #endif
 }
 
@@ -168,6 +175,8 @@ template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(OP_EMULATOR)
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+#elif defined(OP_EMULATOR)
+    emu_cp_async_wait(PENDING);
 #endif
 }
 
@@ -327,13 +336,18 @@ __device__ __forceinline__ void cluster_sync() {
 // wait: work that needs nothing from the cluster, such as global stores,
 // which the arrive's release would otherwise wait for (it compiles to a
 // GPU-scope MEMBAR). The emulator runs it after the barrier, an order the
-// hardware allows.
+// hardware allows, with the wait's acquire after it (so its race check sees
+// `between`'s accesses unordered with the other blocks').
 template <class Between>
 __device__ __forceinline__ void cluster_sync_around(Between between) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
     asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");
     between();
     asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
+#elif defined(OP_EMULATOR)
+    emu_cluster_sync(true, false);
+    between();
+    emu_cluster_acquire();
 #else
     cluster_sync();
     between();
@@ -347,6 +361,8 @@ __device__ __forceinline__ void cluster_sync_around(Between between) {
 __device__ __forceinline__ void cluster_sync_relaxed() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(OP_EMULATOR)
     asm volatile("barrier.cluster.arrive.relaxed;\nbarrier.cluster.wait;\n" ::: "memory");
+#elif defined(OP_EMULATOR)
+    emu_cluster_sync(false, true);
 #else
     cluster_sync();
 #endif

@@ -1493,6 +1493,100 @@ fn kernels_pass_under_cpu_emulation() {
     );
 }
 
+/// The emulator as a race checker: built with ThreadSanitizer
+/// (kernels/emulator/emu.h, "ThreadSanitizer"), races between the threads of a
+/// block or a cluster are reported whatever values they happened to give.
+/// First `race_selftest`'s small kernels must each give their status: 0
+/// (ordered), 66 (TSan's, for the race each "(race)" case holds) or 1 (a
+/// cp.async stage read before its wait: stale data). Then run_kernels on the
+/// ops in `OUTPROJ_RACE_CHECK_OPS` (default `gather loss ln`, a minute; all of
+/// them, `gather loss ln attn linear`, take about an hour on one core) must
+/// pass with no race reported. Skips in one line without a C++ compiler or
+/// its ThreadSanitizer runtime.
+#[test]
+fn kernels_race_free_under_thread_sanitizer() {
+    use std::path::Path;
+    use std::process::Command;
+
+    if emulated() || emulation_skipped() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emulator");
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let tsan = ["-fsanitize=thread"];
+    let selftest = tmp.join("race_selftest");
+    match cxx_compile(&dir.join("race_selftest.cpp"), &selftest, &tsan) {
+        Err(e) => {
+            println!("skipped: no C++ compiler for the kernel emulator: {e}");
+            return;
+        }
+        Ok(false) => {
+            println!("skipped: the C++ compiler has no ThreadSanitizer");
+            return;
+        }
+        Ok(true) => {}
+    }
+    let run = |exe: &Path, args: &[&str]| {
+        Command::new(exe)
+            .args(args)
+            .env("TSAN_OPTIONS", "exitcode=66")
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()))
+    };
+    let list = run(&selftest, &["--list"]);
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    let mut cases = 0;
+    for line in list.lines() {
+        let (name, about) = line.split_once(' ').expect("a case and what it holds");
+        let want = if about.ends_with("(race)") {
+            66
+        } else if about.ends_with("(stale)") {
+            1
+        } else {
+            0
+        };
+        let out = run(&selftest, &[name]);
+        assert_eq!(
+            out.status.code(),
+            Some(want),
+            "race_selftest {name} ({}): the emulator's race check is broken\n{}",
+            about.trim(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cases += 1;
+    }
+    assert!(cases >= 10, "race_selftest listed {cases} cases");
+
+    let exe = tmp.join("run_kernels_tsan");
+    assert!(
+        cxx_compile(&dir.join("run_kernels.cpp"), &exe, &tsan).unwrap_or(false),
+        "compiling run_kernels.cpp with ThreadSanitizer"
+    );
+    let ops = std::env::var("OUTPROJ_RACE_CHECK_OPS").unwrap_or_else(|_| "gather loss ln".into());
+    let ops: Vec<&str> = ops.split_whitespace().collect();
+    let out = run(&exe, &ops);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    let race: Vec<&str> = stderr
+        .lines()
+        .skip_while(|l| !l.contains("WARNING: ThreadSanitizer"))
+        .take(40)
+        .collect();
+    assert!(
+        out.status.success(),
+        "run_kernels {ops:?} under ThreadSanitizer failed ({}):\n{}\n{}",
+        out.status,
+        failed.join("\n"),
+        race.join("\n")
+    );
+    println!(
+        "race_selftest: {cases} cases as expected; run_kernels {ops:?} under ThreadSanitizer: \
+         no race, {} comparisons",
+        stdout.lines().filter(|l| l.starts_with("ok")).count()
+    );
+}
+
 /// The tests above that need a device.
 const DEVICE_TESTS: &[&str] = &[
     "linear_matches_reference",

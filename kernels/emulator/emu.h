@@ -12,9 +12,12 @@
 // arrays included, is per OS thread, so launches from several threads run
 // side by side. Built with
 // -fsanitize=address,undefined, out-of-bounds and misaligned (float4) accesses
-// abort too. What it cannot show: performance, and races that happen to give
-// the right values in its fixed interleaving (run again with the order
-// reversed, emu::reverse_order, for a second interleaving).
+// abort too. Built with -fsanitize=thread, races within a block or a cluster
+// are reported whatever values they happened to give (see "ThreadSanitizer"
+// below); otherwise such races show only when their values go wrong in the
+// fixed interleaving (run again with the order reversed, emu::reverse_order,
+// for a second one). cp.async copies land at their thread's wait, so a stage
+// read before it is stale. What it cannot show: performance.
 //
 // 16-bit storage: __half and __nv_bfloat16 are their bits, converted with
 // round-to-nearest-even like cuda_fp16.h / cuda_bf16.h. nvcuda::wmma (16x16x16
@@ -61,6 +64,21 @@
 #define EMU_ASAN 1
 #else
 #define EMU_ASAN 0
+#endif
+
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+extern "C" {
+void AnnotateIgnoreReadsBegin(const char* file, int line);
+void AnnotateIgnoreReadsEnd(const char* file, int line);
+void AnnotateIgnoreWritesBegin(const char* file, int line);
+void AnnotateIgnoreWritesEnd(const char* file, int line);
+void AnnotateIgnoreSyncBegin(const char* file, int line);
+void AnnotateIgnoreSyncEnd(const char* file, int line);
+}
+#define EMU_TSAN 1
+#else
+#define EMU_TSAN 0
 #endif
 
 // constexpr constructors: threadIdx and the others are then constant-initialised
@@ -221,15 +239,35 @@ inline void ctx_make(Context& c, char* stack, size_t size, void (*entry)()) {
 }
 #endif
 
+// A cp.async copy in flight: done when its thread waits for its group.
+struct CpAsync {
+    void* dst;
+    const void* src;
+    unsigned bytes;
+    bool valid;     // false: zero-fill, src not read
+    unsigned group;  // the commit group it belongs to
+};
+
 struct Fiber {
     Context ctx;
     char* stack = nullptr;
+    void* tsan = nullptr;  // its ThreadSanitizer fiber (-fsanitize=thread)
     State st = RUN;
     uint64_t xval = 0, xres = 0;
     int xsrc = 0;
     int xkind = 0;  // 0 plain warp barrier, 1 exchange
     void* fake = nullptr;
     const void* published = nullptr;  // this lane's share of a warp collective (emu_warp_publish)
+    std::vector<CpAsync> copies;  // this thread's cp.async copies not yet waited for
+    unsigned committed = 0;       // its commit groups so far (the open one's number)
+    // Happens-before bookkeeping (see "ThreadSanitizer" below): barriers of
+    // each kind passed so far, the cluster barrier's sync object, and the
+    // fence / atomic pairing.
+    unsigned bars = 0, warp_bars = 0, cluster_bars = 0;
+    const void* cluster_obj = nullptr;
+    bool fenced = false;
+    const void* last_atomic = nullptr;
+    bool started = false;  // switched to in this block yet
 };
 constexpr size_t STACK = 256 * 1024;
 // This OS thread's fibers, as many as its largest block so far. A pointer,
@@ -271,6 +309,9 @@ inline void give_back_stacks() {
     std::lock_guard<std::mutex> lock(stack_pool_mu);
     for (int i = 0; i < fiber_count; ++i) {
         if (fibers[i].stack) stack_pool.push_back(fibers[i].stack);
+#if EMU_TSAN
+        __tsan_destroy_fiber(fibers[i].tsan);
+#endif
     }
     delete[] fibers;
     fibers = nullptr;
@@ -282,10 +323,12 @@ struct Cluster {
     unsigned size = 1;
     std::mutex mu;
     std::condition_variable cv;
+    unsigned started = 0;        // blocks whose shared memory is known (anchors)
     unsigned arrived = 0;        // blocks at the current barrier
     unsigned exited = 0;         // blocks that have finished
     unsigned long generation = 0;  // barriers released so far
     std::vector<char*> anchors;  // per rank: its OS thread's smem_anchor
+    char sync[2];                // cluster barriers' sync objects (TSan), used alternately
 };
 inline thread_local Cluster* cluster = nullptr;
 inline thread_local unsigned cluster_rank = 0;
@@ -300,7 +343,79 @@ inline thread_local char smem_anchor = 0;
     abort();
 }
 
+// ThreadSanitizer (a -fsanitize=thread build) as the GPU's race checker.
+// Every thread of a block is a TSan fiber, switched to and from without
+// synchronisation, so TSan sees no order between two threads of a block, or
+// of a cluster (its blocks run on OS threads of their own), except the edges
+// the CUDA memory model gives, added here by hand:
+// - __syncthreads and cluster barriers (arrive releases, wait acquires: the
+//   two halves of cluster_sync_around stay apart; the relaxed arrive releases
+//   nothing), __syncwarp (and the warp collectives built on it: WMMA,
+//   mma.sync, ldmatrix); shuffles give none;
+// - a __threadfence before an atomic makes it a release, one after it an
+//   acquire of what earlier releasing atomics at that address published;
+// - cp.async writes its stage at the issuing thread's wait (emu_cp_async).
+// So a missing barrier, a read of another lane's shared memory after only a
+// shuffle, a DSMEM read before the cluster barrier, or a global store between
+// its arrive and wait that another block of the cluster reads, are reported
+// as data races, whatever the order the emulator ran them in
+// (race_selftest.cpp checks each). What it cannot see: races between blocks
+// outside one cluster. Blocks (clusters) run one after another, each ordered
+// after the last: TSan's vector clocks have 256 slots, which the threads of a
+// finished block would hand on to the next one's anyway, ordering them. The
+// emulator's own bookkeeping (fiber states, shuffle values, DSMEM anchors) is
+// hidden from TSan.
+inline void hb_release(const void* p) {
+#if EMU_TSAN
+    __tsan_release(const_cast<void*>(p));
+#else
+    (void)p;
+#endif
+}
+inline void hb_acquire(const void* p) {
+#if EMU_TSAN
+    __tsan_acquire(const_cast<void*>(p));
+#else
+    (void)p;
+#endif
+}
+// For the current TSan thread or fiber: its accesses (and with `sync` its
+// mutexes) are not seen from construction to destruction.
+struct Hidden {
+    bool sync;
+    explicit Hidden(bool sync_too = false) : sync(sync_too) {
+#if EMU_TSAN
+        AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+        AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+        if (sync) AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+#endif
+    }
+    ~Hidden() {
+#if EMU_TSAN
+        if (sync) AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+        AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+        AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+#endif
+    }
+    Hidden(const Hidden&) = delete;
+};
+// Sync objects of the block this OS thread runs: its barrier (two, used
+// alternately: a thread past barrier k may reach k + 1 before a slower one
+// has acquired k's), each warp's __syncwarp, and the block's end, which the
+// scheduler acquires, and hands on to the next block's threads as their
+// first switch's.
+struct BlockSync {
+    char barrier[2];
+    char warp[32][2];
+    char done;
+};
+inline thread_local BlockSync block_sync;
+inline thread_local void* sched_tsan = nullptr;
+
 inline void to_sched(bool finishing) {
+#if EMU_TSAN
+    __tsan_switch_to_fiber(sched_tsan, __tsan_switch_to_fiber_no_sync);
+#endif
 #if EMU_ASAN
     __sanitizer_start_switch_fiber(finishing ? nullptr : &fibers[cur].fake, main_bottom, main_size);
 #endif
@@ -316,6 +431,7 @@ inline void trampoline() {
 #endif
     body();
     fibers[cur].st = DONE;
+    hb_release(&block_sync.done);
     to_sched(true);
 }
 
@@ -341,11 +457,16 @@ inline void cluster_arrive_and_wait() {
     if (c.generation == gen) fail("cluster barrier not reached by a block of the cluster that exited");
 }
 
-inline void run_block() {
+// The scheduling loop of run_block, until every thread of the block is done.
+inline void schedule_block() {
+    const Hidden hidden;  // the scheduler's own accesses
     const int n = blockDim.x * blockDim.y * blockDim.z;
     if (fiber_count < n) {
         Fiber* grown = new Fiber[n];
         std::copy(fibers, fibers + fiber_count, grown);  // with their stacks
+#if EMU_TSAN
+        for (int i = fiber_count; i < n; ++i) grown[i].tsan = __tsan_create_fiber(0);
+#endif
         delete[] fibers;
         fibers = grown;
         fiber_count = n;
@@ -353,11 +474,20 @@ inline void run_block() {
     // Locals, not thread_locals, in the scheduling loop below.
     Fiber* const fibers = emu::fibers;
     const bool reverse_order = emu::reverse_order;
+#if EMU_TSAN
+    sched_tsan = __tsan_get_current_fiber();
+#endif
     for (int i = 0; i < n; ++i) {
         Fiber& f = fibers[i];
         if (!f.stack) f.stack = take_stack();
         ctx_make(f.ctx, f.stack, STACK, trampoline);
         f.st = RUN;
+        f.copies.clear();  // a thread that exited without waiting: never completed
+        f.committed = 0;
+        f.bars = f.warp_bars = f.cluster_bars = 0;
+        f.fenced = false;
+        f.last_atomic = nullptr;
+        f.started = false;
     }
     for (;;) {
         for (int k = 0; k < n; ++k) {
@@ -366,6 +496,13 @@ inline void run_block() {
             cur = i;
             set_tid(i);
             ++switches;
+#if EMU_TSAN
+            // The first switch of a block orders the thread after everything
+            // this OS thread has seen (earlier blocks, the host's writes).
+            __tsan_switch_to_fiber(fibers[i].tsan,
+                                   fibers[i].started ? __tsan_switch_to_fiber_no_sync : 0);
+            fibers[i].started = true;
+#endif
 #if EMU_ASAN
             __sanitizer_start_switch_fiber(&sched_fake, fibers[i].stack, STACK);
 #endif
@@ -420,6 +557,12 @@ inline void run_block() {
     }
 }
 
+// Runs the current block (blockIdx) to its end, every thread a fiber.
+inline void run_block() {
+    schedule_block();
+    hb_acquire(&block_sync.done);  // the block's accesses are this OS thread's past
+}
+
 // Runs `kernel` over `grid`; with `clusters` (each dimension dividing the
 // grid's) the blocks of each cluster at once, one OS thread each.
 template <class F>
@@ -462,8 +605,12 @@ void launch(dim3 grid, dim3 block, F kernel, dim3 clusters = dim3(1, 1, 1)) {
                         const unsigned cz = rank / (clusters.x * clusters.y);
                         blockIdx = dim3(x0 + cx, y0 + cy, z0 + cz);
                         {
-                            std::lock_guard<std::mutex> lock(c.mu);
+                            // A cluster's blocks start together, as on the GPU:
+                            // none runs before every one's shared memory is known.
+                            std::unique_lock<std::mutex> lock(c.mu);
                             c.anchors[rank] = &smem_anchor;
+                            if (++c.started == c.size) c.cv.notify_all();
+                            c.cv.wait(lock, [&] { return c.started == c.size; });
                         }
                         run_block();
                         {
@@ -480,52 +627,105 @@ void launch(dim3 grid, dim3 block, F kernel, dim3 clusters = dim3(1, 1, 1)) {
 }  // namespace emu
 
 inline void __syncthreads() {
-    emu::fibers[emu::cur].st = emu::BARRIER;
+    emu::Fiber& f = emu::fibers[emu::cur];
+    const char* const sync = &emu::block_sync.barrier[f.bars++ & 1];
+    emu::hb_release(sync);
+    f.st = emu::BARRIER;
     emu::to_sched(false);
+    emu::hb_acquire(sync);
 }
 
 inline unsigned emu_cluster_blocks() { return emu::cluster ? emu::cluster->size : 1; }
 inline unsigned emu_cluster_rank() { return emu::cluster_rank; }
-inline void emu_cluster_sync() {
+// A cluster barrier; `release`: its arrive publishes this thread's writes,
+// `acquire`: its wait takes the other threads' (else emu_cluster_acquire
+// does, later).
+inline void emu_cluster_sync(bool release = true, bool acquire = true) {
     if (!emu::cluster) {
         __syncthreads();
         return;
     }
-    emu::fibers[emu::cur].st = emu::CLUSTER;
+    emu::Fiber& f = emu::fibers[emu::cur];
+    f.cluster_obj = &emu::cluster->sync[f.cluster_bars++ & 1];
+    if (release) emu::hb_release(f.cluster_obj);
+    f.st = emu::CLUSTER;
     emu::to_sched(false);
+    if (acquire) emu::hb_acquire(f.cluster_obj);
+}
+inline void emu_cluster_acquire() {
+    if (emu::cluster) emu::hb_acquire(emu::fibers[emu::cur].cluster_obj);
 }
 // `p`, an address of this block's __shared__ arrays, in the cluster's block
 // of rank `rank` (read after a cluster_sync, which ordered that block's
-// writes: the barrier's mutex).
+// writes).
 inline const void* emu_cluster_map(const void* p, unsigned rank) {
     if (rank >= emu_cluster_blocks()) emu::fail("cluster rank out of range");
     if (!emu::cluster) return p;
     char* other;
     {
+        const emu::Hidden hidden(true);  // no order from the emulator's mutex
         std::lock_guard<std::mutex> lock(emu::cluster->mu);
         other = emu::cluster->anchors[rank];
     }
     return other + ((const char*)p - &emu::smem_anchor);
 }
 
-// Blocks run one after another and the fibers of a block take turns at
-// scheduling points only, so memory is always coherent: fences are no-ops,
-// atomics plain read-modify-writes, and L1-bypassing loads plain loads.
-inline void __threadfence() {}
+// The fibers of a block take turns at scheduling points only, and a
+// cluster's blocks meet at its barriers, so memory is coherent whenever it is
+// read: fences order nothing here and L1-bypassing loads are plain loads.
+// Atomics are atomic (blocks of a cluster, and under TSan every block, run on
+// OS threads of their own). For TSan a fence before an atomic makes the
+// atomic a release, and one after an atomic acquires what was released there.
+inline void __threadfence() {
+    emu::Fiber& f = emu::fibers[emu::cur];
+    if (f.last_atomic) emu::hb_acquire(f.last_atomic);
+    f.fenced = true;
+}
 inline unsigned atomicAdd(unsigned* p, unsigned v) {
-    const unsigned old = *p;
-    *p = old + v;
-    return old;
+    emu::Fiber& f = emu::fibers[emu::cur];
+    if (f.fenced) emu::hb_release(p);
+    f.last_atomic = p;
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 }
 inline float __ldcg(const float* p) { return *p; }
 inline float4 __ldcg(const float4* p) { return *p; }
 
+// cp.async (common.cuh's cp_async16 / cp_async8): a copy is queued at issue
+// and done when its thread waits for its group, the latest the PTX contract
+// allows, so reading a stage before its wait (or without a barrier after it,
+// when another thread issued the copy) gives stale data here.
+inline void emu_cp_async(void* dst, const void* src, unsigned bytes, bool valid) {
+    emu::Fiber& f = emu::fibers[emu::cur];
+    f.copies.push_back(emu::CpAsync{dst, src, bytes, valid, f.committed});
+}
+inline void emu_cp_async_commit() { ++emu::fibers[emu::cur].committed; }
+// cp.async.wait_group: every committed group but the newest `pending` is done.
+inline void emu_cp_async_wait(unsigned pending) {
+    emu::Fiber& f = emu::fibers[emu::cur];
+    size_t kept = 0;
+    for (const emu::CpAsync& c : f.copies) {
+        if (c.group + pending < f.committed) {
+            if (c.valid) {
+                memcpy(c.dst, c.src, c.bytes);
+            } else {
+                memset(c.dst, 0, c.bytes);
+            }
+        } else {
+            f.copies[kept++] = c;
+        }
+    }
+    f.copies.resize(kept);
+}
+
 inline void __syncwarp(unsigned = 0xffffffffu) {
     auto& f = emu::fibers[emu::cur];
+    const char* const sync = &emu::block_sync.warp[emu::cur >> 5][f.warp_bars++ & 1];
+    emu::hb_release(sync);
     f.st = emu::WARP;
     f.xkind = 0;
     f.xsrc = 0;
     emu::to_sched(false);
+    emu::hb_acquire(sync);
 }
 
 template <class T>
