@@ -361,10 +361,10 @@ inline thread_local char smem_anchor = 0;
 // as data races, whatever the order the emulator ran them in
 // (race_selftest.cpp checks each). What it cannot see: races between blocks
 // outside one cluster. Blocks (clusters) run one after another, each ordered
-// after the last: TSan's vector clocks have 256 slots, which the threads of a
-// finished block would hand on to the next one's anyway, ordering them. The
-// emulator's own bookkeeping (fiber states, shuffle values, DSMEM anchors) is
-// hidden from TSan.
+// after the last: TSan hands a finished thread's identity, clock included, on
+// to a new thread, so a barrier in a later block would order it after the
+// earlier ones anyway. The emulator's own bookkeeping (fiber states, shuffle
+// values, DSMEM anchors) is hidden from TSan.
 inline void hb_release(const void* p) {
 #if EMU_TSAN
     __tsan_release(const_cast<void*>(p));
