@@ -80,6 +80,17 @@ void AnnotateIgnoreSyncEnd(const char* file, int line);
 #else
 #define EMU_TSAN 0
 #endif
+// Under TSan a fiber's last switch (from trampoline) never returns, so the
+// functions on that path must not record entries in its shadow call stack:
+// the fiber is used again by the next block, and the entries left by every
+// block would grow it past TSan's limit (65,536) in a long run.
+#if EMU_TSAN
+#define EMU_NO_TSAN_FRAME __attribute__((no_sanitize_thread, always_inline))
+#define EMU_NO_TSAN_ENTRY __attribute__((no_sanitize_thread))
+#else
+#define EMU_NO_TSAN_FRAME
+#define EMU_NO_TSAN_ENTRY
+#endif
 
 // constexpr constructors: threadIdx and the others are then constant-initialised
 // thread_locals, read directly rather than through an initialisation check.
@@ -216,7 +227,7 @@ emu_switch:
 struct Context {
     void* sp = nullptr;
 };
-inline void ctx_switch(Context& from, Context& to) { emu_switch(&from.sp, to.sp); }
+EMU_NO_TSAN_FRAME inline void ctx_switch(Context& from, Context& to) { emu_switch(&from.sp, to.sp); }
 inline void ctx_make(Context& c, char* stack, size_t size, void (*entry)()) {
     uintptr_t top = ((uintptr_t)(stack + size)) & ~(uintptr_t)15;
     void** sp = (void**)top;
@@ -229,7 +240,7 @@ inline void ctx_make(Context& c, char* stack, size_t size, void (*entry)()) {
 struct Context {
     ucontext_t uc;
 };
-inline void ctx_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+EMU_NO_TSAN_FRAME inline void ctx_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 inline void ctx_make(Context& c, char* stack, size_t size, void (*entry)()) {
     getcontext(&c.uc);
     c.uc.uc_stack.ss_sp = stack;
@@ -412,7 +423,7 @@ struct BlockSync {
 inline thread_local BlockSync block_sync;
 inline thread_local void* sched_tsan = nullptr;
 
-inline void to_sched(bool finishing) {
+EMU_NO_TSAN_FRAME inline void to_sched(bool finishing) {
 #if EMU_TSAN
     __tsan_switch_to_fiber(sched_tsan, __tsan_switch_to_fiber_no_sync);
 #endif
@@ -425,7 +436,7 @@ inline void to_sched(bool finishing) {
 #endif
 }
 
-inline void trampoline() {
+EMU_NO_TSAN_ENTRY inline void trampoline() {
 #if EMU_ASAN
     __sanitizer_finish_switch_fiber(nullptr, &main_bottom, &main_size);
 #endif

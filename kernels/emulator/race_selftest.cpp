@@ -145,6 +145,14 @@ void cp_async_stage(bool wait) {
     });
 }
 
+// More blocks than TSan's shadow call stack has entries (65,536): each fiber
+// runs one thread of every block, so a frame left per block would overflow it.
+void many_blocks() {
+    emu::launch(dim3(70000), dim3(32), [] {
+        if (blockIdx.x == 69999) g_out[threadIdx.x] = (float)threadIdx.x;
+    });
+}
+
 // Two launches: the second reads what the first wrote.
 void two_launches() {
     emu::launch(dim3(2), dim3(32), [] { g_out[blockIdx.x * 32 + threadIdx.x] = 1.0f; });
@@ -215,6 +223,10 @@ const std::map<std::string, Case> cases = {
     {"cp-async-no-wait", {"cp.async stage read without its wait (stale)", [] {
          cp_async_stage(false);
          return expect(g_out[64 + 1] == 0.0f && g_out[64 + 62] == 63.0f, "copied stage");
+     }}},
+    {"many-blocks", {"70,000 blocks, each thread's fiber reused by every one", [] {
+         many_blocks();
+         return expect(g_out[31] == 31.0f, "the last block's output");
      }}},
     {"launches", {"a launch reading the previous launch's output", [] {
          two_launches();
