@@ -684,9 +684,9 @@ inline const void* emu_cluster_map(const void* p, unsigned rank) {
 // The fibers of a block take turns at scheduling points only, and a
 // cluster's blocks meet at its barriers, so memory is coherent whenever it is
 // read: fences order nothing here and L1-bypassing loads are plain loads.
-// Atomics are atomic (blocks of a cluster, and under TSan every block, run on
-// OS threads of their own). For TSan a fence before an atomic makes the
-// atomic a release, and one after an atomic acquires what was released there.
+// Atomics are atomic (the blocks of a cluster run on OS threads of their
+// own). For TSan a fence before an atomic makes the atomic a release, and one
+// after an atomic acquires what was released there.
 inline void __threadfence() {
     emu::Fiber& f = emu::fibers[emu::cur];
     if (f.last_atomic) emu::hb_acquire(f.last_atomic);
