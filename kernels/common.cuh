@@ -782,6 +782,129 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
     for (int h = 0; h < 4; ++h) d[h] = out[h];
 #endif
 }
+// ---------------------------------------------------------------- wgmma
+// Warpgroup MMA (sm_90a; PTX ISA, "Asynchronous Warpgroup Level Matrix
+// Multiply-Accumulate"): the 4 warps of an aligned warpgroup (128 threads)
+// together multiply a 64 x 16 tile of A by a 16 x N tile of B, both read from
+// shared memory through matrix descriptors, into f32 accumulators, as an
+// asynchronous operation: issued (wgmma_m64k16), grouped (wgmma_commit) and
+// waited for (wgmma_wait) like cp.async. The accumulators of warp w, lane l
+// (g = l / 4, t = l % 4): d[4 j + e] is row 16 w + g + 8 (e / 2), column
+// 8 j + 2 t + e % 2, the m16n8 C layout of mma.sync repeated along N.
+// Shared memory a thread wrote (cp.async included) is seen by the MMAs only
+// after that thread's fence_proxy_async_shared and a barrier; the
+// accumulators only after wgmma_wait, and a wgmma_fence must come between
+// the thread's own accesses to them and the next MMA. The emulator performs
+// each MMA at its wait, reading shared memory then (so a stage overwritten
+// before the wait gives wrong sums), sums each output's 16 products in k
+// order as its mma_16816 does, and aborts on a missing fence of either kind.
+#if OP_ELEM != 0 && (defined(OP_EMULATOR) || defined(__CUDA_ARCH_FEAT_SM90_ALL))
+#define OP_WGMMA 1
+
+// The shared-memory address of `p`, as descriptors and ldmatrix take it.
+__device__ __forceinline__ unsigned smem_address(const void* p) {
+#ifndef OP_EMULATOR
+    return (unsigned)__cvta_generic_to_shared(p);
+#else
+    return emu_smem_address(p);
+#endif
+}
+
+// The descriptor of a K-major operand staged as linear_mma stages its tiles:
+// rows of 64 bytes (32 elements of K), chunk c (16 bytes) of row r at chunk
+// c ^ ((r / 2) % 4) of it, which is the 64-byte swizzle (mode 2; the XOR
+// reads address bits 7-8, so a tile starts 512-byte aligned), 8-row groups
+// 512 bytes apart (the stride byte offset; the leading one is unused by
+// swizzled K-major operands). `rows` is row 0 of the operand's 64 (A) or N
+// (B) rows at K column 0, or 32 bytes on for columns 16-31.
+__device__ __forceinline__ unsigned long long wgmma_desc_sw64(const void* rows) {
+    const unsigned a = smem_address(rows);
+    return (unsigned long long)((a & 0x3FFFFu) >> 4) | (1ull << 16) | ((512ull >> 4) << 32) |
+           (2ull << 62);
+}
+
+// Makes this thread's shared-memory writes (generic proxy: stores, cp.async)
+// visible to the MMAs' reads (async proxy) once a barrier has followed.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#ifndef OP_EMULATOR
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+    emu_fence_proxy_async();
+#endif
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#ifndef OP_EMULATOR
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+    emu_wgmma_fence();
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+#ifndef OP_EMULATOR
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+    emu_wgmma_commit();
+#endif
+}
+
+// Every committed group of this warp's MMAs but the newest PENDING is done.
+template <int PENDING>
+__device__ __forceinline__ void wgmma_wait() {
+#ifndef OP_EMULATOR
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
+#else
+    emu_wgmma_wait(PENDING);
+#endif
+}
+
+#if OP_ELEM == 1
+#define OP_WGMMA_TYPES "f32.f16.f16"
+#else
+#define OP_WGMMA_TYPES "f32.bf16.bf16"
+#endif
+#define OP_WGMMA_D8(b)                                                                        \
+    "+f"(d[b]), "+f"(d[b + 1]), "+f"(d[b + 2]), "+f"(d[b + 3]), "+f"(d[b + 4]), "+f"(d[b + 5]), \
+        "+f"(d[b + 6]), "+f"(d[b + 7])
+
+// d += a b for a 64 x 16 A and a 16 x N B (N = 64 or 128), both K-major
+// (A's rows and B's columns have K contiguous: x and w as linear stores
+// them), given by descriptors; elem operands, f32 sums.
+template <int N>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], unsigned long long a,
+                                             unsigned long long b) {
+    static_assert(N == 64 || N == 128, "wgmma_m64k16: N = 64 or 128");
+#ifndef OP_EMULATOR
+    if constexpr (N == 64) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16." OP_WGMMA_TYPES " {"
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+            "%32, %33, p, 1, 1, 0, 0;\n}\n"
+            : OP_WGMMA_D8(0), OP_WGMMA_D8(8), OP_WGMMA_D8(16), OP_WGMMA_D8(24)
+            : "l"(a), "l"(b), "n"(1));
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16." OP_WGMMA_TYPES " {"
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+            "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            : OP_WGMMA_D8(0), OP_WGMMA_D8(8), OP_WGMMA_D8(16), OP_WGMMA_D8(24),
+              OP_WGMMA_D8(32), OP_WGMMA_D8(40), OP_WGMMA_D8(48), OP_WGMMA_D8(56)
+            : "l"(a), "l"(b), "n"(1));
+    }
+#else
+    emu_wgmma(d, N / 2, a, b, bits_to_f32);
+#endif
+}
+#undef OP_WGMMA_D8
+#undef OP_WGMMA_TYPES
+#endif  // wgmma
 #endif  // OP_ELEM != 0
 
 #endif  // OP_COMMON_CUH

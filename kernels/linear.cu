@@ -1603,57 +1603,59 @@ __device__ __forceinline__ void linear_mma_products(const LinearParams& p, Linea
     __syncthreads();  // the stages are free for the epilogue's scratch
 }
 
+// 16 rows of a warp's sums, WN columns (WN / 8 fragments in the m16n8 C
+// layout: frag[4 j + e]), through the warp's scratch to the epilogue (bias,
+// activation, residual, rounding to elem), so that a lane stores 4
+// consecutive columns of one row (a warp: 32 / (WN / 4) rows of WN per
+// pass). `m` and `n` are the output row and column of the 16 x WN piece.
+template <int WN>
+__device__ __forceinline__ void linear_mma_store16(const LinearParams& p,
+                                                   float (*scratch)[LINEAR_MMA_LDC],
+                                                   const float* frag, int m, int n, bool vec_out) {
+    static_assert(WN <= 64 && LINEAR_MMA_LDC >= WN + 8, "a piece fits the scratch's rows");
+    constexpr int LANES_PER_ROW = WN / 4;
+    constexpr int ROWS_PER_PASS = 32 / LANES_PER_ROW;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+#pragma unroll
+    for (int j = 0; j < WN / 8; ++j) {
+        *reinterpret_cast<float2*>(&scratch[g][8 * j + 2 * t]) =
+            make_float2(frag[4 * j], frag[4 * j + 1]);
+        *reinterpret_cast<float2*>(&scratch[g + 8][8 * j + 2 * t]) =
+            make_float2(frag[4 * j + 2], frag[4 * j + 3]);
+    }
+    __syncwarp();
+    // Not unrolled: one copy of the epilogue's code per pass is enough
+    // (unrolled, v5 was 46 K instructions).
+#pragma unroll 1
+    for (int q = 0; q < 16 / ROWS_PER_PASS; ++q) {
+        const int r = lane / LANES_PER_ROW + ROWS_PER_PASS * q;
+        const int c = (lane % LANES_PER_ROW) * 4;
+        if (m + r < p.m && n + c < p.n) {
+            linear_store4(p, nullptr, vec_out, 0, m + r, n + c, &scratch[r][c]);
+        }
+    }
+    __syncwarp();  // every lane has read the scratch before it is reused
+}
+
 // v5's GEMM: the products, then 16 rows at a time through the warp's
-// scratch, so that a lane's stores are 4 consecutive columns of one row (a
-// warp: 32 / (WN / 4) rows of WN per pass), through the epilogue (bias,
-// activation, residual, rounding to elem).
+// scratch (linear_mma_store16).
 template <int BN>
 __device__ __forceinline__ void linear_mma(const LinearParams& p) {
     __shared__ __align__(128) LinearMmaSmem<BN> sm;
     typedef LinearMmaWarp<BN> W;
-    constexpr int WN = W::WN;
-    constexpr int J = W::J;
-    float acc[4][J][4];
+    float acc[4][W::J][4];
     linear_mma_products<BN>(p, sm, acc);
     const W at;
-    const int warp = at.warp;
-    const int lane = at.lane;
-    const int wm = at.wm;
-    const int wn = at.wn;
-    const int m0 = at.m0;
-    const int n0 = at.n0;
-    if (m0 + wm >= p.m) {
+    if (at.m0 + at.wm >= p.m) {
         return;
     }
-    constexpr int LANES_PER_ROW = WN / 4;
-    constexpr int ROWS_PER_PASS = 32 / LANES_PER_ROW;
     const bool vec_out = linear_vec_out(p);
-    float (*scratch)[LINEAR_MMA_LDC] = sm.c[warp];
-    const int g = lane >> 2;
-    const int t = lane & 3;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < J; ++j) {
-            *reinterpret_cast<float2*>(&scratch[g][8 * j + 2 * t]) =
-                make_float2(acc[i][j][0], acc[i][j][1]);
-            *reinterpret_cast<float2*>(&scratch[g + 8][8 * j + 2 * t]) =
-                make_float2(acc[i][j][2], acc[i][j][3]);
-        }
-        __syncwarp();
-        // Not unrolled: one copy of the epilogue's code per pass is enough
-        // (unrolled, the kernel was 46 K instructions).
-#pragma unroll 1
-        for (int q = 0; q < 16 / ROWS_PER_PASS; ++q) {
-            const int r = lane / LANES_PER_ROW + ROWS_PER_PASS * q;
-            const int c = (lane % LANES_PER_ROW) * 4;
-            const int m = m0 + wm + 16 * i + r;
-            const int n = n0 + wn + c;
-            if (m < p.m && n < p.n) {
-                linear_store4(p, nullptr, vec_out, 0, m, n, &scratch[r][c]);
-            }
-        }
-        __syncwarp();  // every lane has read the scratch before it is reused
+        linear_mma_store16<W::WN>(p, sm.c[at.warp], &acc[i][0][0], at.m0 + at.wm + 16 * i,
+                                  at.n0 + at.wn, vec_out);
     }
 }
 
@@ -1668,6 +1670,114 @@ OP_KERNEL_NAME(linear_mma_narrow_vec8)(const LinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_NARROW_BN); });
     linear_mma<LINEAR_MMA_NARROW_BN>(p);
 }
+
+#ifdef OP_WGMMA
+// v6 (sm_90a): v5's tiles, stages and copies, multiplied by warpgroup MMA.
+// v5's stage layout is the one wgmma reads from shared memory (the 64-byte
+// swizzle, wgmma_desc_sw64), so the block's 4 warps, one warpgroup, issue
+// per 16 K columns two wgmma_m64k16<BN> (the tile's rows 0-63 and 64-127)
+// on the stage in place: no fragment loads (v5: 16 ldmatrix per 64 MMAs of
+// a warp), and the next step's copies are issued while the MMAs run. A
+// step: its copies waited for and fenced to the MMAs' proxy, the last
+// step's MMAs waited for (they read the stage the copies after the barrier
+// overwrite), one barrier, the MMAs, the copies two steps on.
+// acc[i][4 j + e]: rows 64 i + 16 warp + g + 8 (e / 2), columns
+// 8 j + 2 t + e % 2 of the tile (g = lane / 4, t = lane % 4). Every thread
+// returns after a barrier that frees the stages for the epilogue's scratch.
+template <int BN>
+__device__ __forceinline__ void linear_wgmma_products(const LinearParams& p,
+                                                      LinearMmaSmem<BN>& sm,
+                                                      float (&acc)[2][BN / 2]) {
+    static_assert(LINEAR_MMA_THREADS == 128, "one warpgroup");
+    const int m0 = blockIdx.y * LINEAR_MMA_BM;
+    const int n0 = blockIdx.x * BN;
+    // Rows 64-127 of a ragged last tile may all be past M (zeros staged).
+    const bool upper_live = m0 + 64 < p.m;
+    const int steps = (p.k + LINEAR_MMA_BK - 1) / LINEAR_MMA_BK;
+    const LinearMmaCopy<LINEAR_MMA_BM> copy_x(p.x, m0, p.m, p.k);
+    const LinearMmaCopy<BN> copy_w(p.w, n0, p.n, p.k);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int r = 0; r < BN / 2; ++r) {
+            acc[i][r] = 0.0f;
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < LINEAR_MMA_STAGES - 1; ++s) {
+        if (s < steps) {
+            copy_x(sm.stage[s].x, s * LINEAR_MMA_BK, p.k);
+            copy_w(sm.stage[s].w, s * LINEAR_MMA_BK, p.k);
+        }
+        cp_async_commit();
+    }
+    int read = 0;
+    int write = LINEAR_MMA_STAGES - 1;
+    for (int step = 0; step < steps; ++step) {
+        cp_async_wait<LINEAR_MMA_STAGES - 2>();
+        fence_proxy_async_shared();
+        wgmma_wait<0>();
+        __syncthreads();
+        wgmma_fence();
+        const char* xs = reinterpret_cast<const char*>(sm.stage[read].x);
+        const char* ws = reinterpret_cast<const char*>(sm.stage[read].w);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // K columns 16 h .. 16 h + 15 of the step: 32 bytes
+            const unsigned long long b = wgmma_desc_sw64(ws + 32 * h);
+            wgmma_m64k16<BN>(acc[0], wgmma_desc_sw64(xs + 32 * h), b);
+            if (upper_live) {
+                wgmma_m64k16<BN>(acc[1], wgmma_desc_sw64(xs + 64 * 64 + 32 * h), b);
+            }
+        }
+        wgmma_commit();
+        const int next = step + LINEAR_MMA_STAGES - 1;
+        if (next < steps) {
+            copy_x(sm.stage[write].x, next * LINEAR_MMA_BK, p.k);
+            copy_w(sm.stage[write].w, next * LINEAR_MMA_BK, p.k);
+        }
+        cp_async_commit();
+        read = read == LINEAR_MMA_STAGES - 1 ? 0 : read + 1;
+        write = write == LINEAR_MMA_STAGES - 1 ? 0 : write + 1;
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+    __syncthreads();  // the stages are free for the epilogue's scratch
+}
+
+// v6's GEMM: the products, then each warp's 16-row pieces of 64 columns
+// through its scratch (linear_mma_store16), as v5 stores its own.
+template <int BN>
+__device__ __forceinline__ void linear_wgmma(const LinearParams& p) {
+    __shared__ __align__(1024) LinearMmaSmem<BN> sm;
+    float acc[2][BN / 2];
+    linear_wgmma_products<BN>(p, sm, acc);
+    const int warp = threadIdx.x >> 5;
+    const bool vec_out = linear_vec_out(p);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int m = blockIdx.y * LINEAR_MMA_BM + 64 * i + 16 * warp;
+        if (m < p.m) {
+#pragma unroll
+            for (int h = 0; h < BN / 64; ++h) {
+                linear_mma_store16<64>(p, sm.c[warp], &acc[i][32 * h], m,
+                                       blockIdx.x * BN + 64 * h, vec_out);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, 2)
+OP_KERNEL_NAME(linear_wgmma_vec8)(const LinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_BN); });
+    linear_wgmma<LINEAR_MMA_BN>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, LINEAR_MMA_NARROW_BLOCKS)
+OP_KERNEL_NAME(linear_wgmma_narrow_vec8)(const LinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_NARROW_BN); });
+    linear_wgmma<LINEAR_MMA_NARROW_BN>(p);
+}
+#endif  // OP_WGMMA
 
 // linear_layer_norm: out = layer_norm(act(x wᵀ + b) + residual), with
 // sum_out = act(x wᵀ + b) + residual, on v5's narrow tiles. The linear's
@@ -1718,62 +1828,84 @@ __device__ __forceinline__ void linear_ln_totals(float2 (&v)[LINEAR_LN_ROWS], fl
     }
 }
 
+// y = act(sums + bias) of one m16n8 fragment `a` (the C layout), rounded to
+// elem, into the tile, two columns at a time: rows r and r + 8, columns cj
+// and cj + 1 (zero bias past N: those columns are never read).
+template <int BN>
+__device__ __forceinline__ void linear_ln_tile2(const LinearParams& lp, LinearMmaSmem<BN>& sm,
+                                                const float (&a)[4], int r, int cj, int n0) {
+    const int nj = n0 + cj;
+    const float b0 = lp.bias != nullptr && nj < lp.n ? to_f32(lp.bias[nj]) : 0.0f;
+    const float b1 = lp.bias != nullptr && nj + 1 < lp.n ? to_f32(lp.bias[nj + 1]) : 0.0f;
+    *reinterpret_cast<unsigned*>(&sm.y[r][cj]) =
+        pack2(linear_apply(lp, a[0], b0, 0.0f), linear_apply(lp, a[1], b1, 0.0f));
+    *reinterpret_cast<unsigned*>(&sm.y[r + 8][cj]) =
+        pack2(linear_apply(lp, a[2], b0, 0.0f), linear_apply(lp, a[3], b1, 0.0f));
+}
+
 // block LINEAR_MMA_THREADS; grid (ceil(N / 64), ceil(M / 128)) in clusters
 // of (gridDim.x, 1, 1). Needs K % 8 == 0, N % 8 == 0 and 16-byte aligned
-// operands.
-extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, LINEAR_MMA_NARROW_BLOCKS)
-OP_KERNEL_NAME(linear_layer_norm_mma_vec8)(const LinearLayerNormParams p) {
-    dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LINEAR_MMA_NARROW_BN); });
+// operands. WGMMA: the products on v6 (sm_90a), else on v5.
+template <bool WGMMA>
+__device__ __forceinline__ void linear_layer_norm_mma(const LinearLayerNormParams& p) {
     constexpr int BN = LINEAR_MMA_NARROW_BN;
     static_assert(LINEAR_MMA_THREADS == LINEAR_MMA_BM, "a thread per row for the cluster sums");
     static_assert(BN == 8 * LINEAR_LN_TPR && LINEAR_MMA_THREADS / LINEAR_LN_TPR == 16,
                   "8 columns per thread, a block's threads 16 rows at a time");
     const LinearParams& lp = p.linear;
-    __shared__ __align__(128) LinearMmaSmem<BN> sm;
+    __shared__ __align__(1024) LinearMmaSmem<BN> sm;
     __shared__ float2 slots[2][LINEAR_MMA_BM];
     __shared__ float2 totals[LINEAR_MMA_BM];
-    typedef LinearMmaWarp<BN> W;
-    float acc[4][W::J][4];
-    linear_mma_products<BN>(lp, sm, acc);
+    const int m0 = blockIdx.y * LINEAR_MMA_BM;
+    const int n0 = blockIdx.x * BN;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    // y into the tile first (the products' registers are free after it).
+    if constexpr (WGMMA) {
+#ifdef OP_WGMMA
+        float acc[2][BN / 2];
+        linear_wgmma_products<BN>(lp, sm, acc);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const float(&a)[4] = *reinterpret_cast<const float(*)[4]>(&acc[i][4 * j]);
+                linear_ln_tile2(lp, sm, a, 64 * i + 16 * (threadIdx.x >> 5) + g, 8 * j + 2 * t,
+                                n0);
+            }
+        }
+#endif
+    } else {
+        typedef LinearMmaWarp<BN> W;
+        float acc[4][W::J][4];
+        linear_mma_products<BN>(lp, sm, acc);
+        const W at;
+#pragma unroll
+        for (int j = 0; j < W::J; ++j) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                linear_ln_tile2(lp, sm, acc[i][j], at.wm + 16 * i + g, at.wn + 8 * j + 2 * t, n0);
+            }
+        }
+    }
 
     // This thread's 8 columns of rows r0, r0 + 16, .. in the norm's passes;
     // columns past N (a whole chunk: N % 8 == 0) and rows past M take no
-    // part. Their residual is loaded first, to arrive while the tile is
-    // written.
-    const W at;
+    // part. Their residual is loaded first, to arrive while the barrier
+    // waits for the tile.
     const int r0 = threadIdx.x / LINEAR_LN_TPR;
     const int c = (threadIdx.x % LINEAR_LN_TPR) * 8;
-    const int n = at.n0 + c;
+    const int n = n0 + c;
     const bool col_live = n < lp.n;
     const bool residual = p.norm_residual != nullptr;
     uint4 res[LINEAR_LN_ROWS];  // the residual, as stored
 #pragma unroll
     for (int j = 0; j < LINEAR_LN_ROWS; ++j) {
-        const int m = at.m0 + r0 + 16 * j;
+        const int m = m0 + r0 + 16 * j;
         res[j] = residual && col_live && m < lp.m
                      ? *reinterpret_cast<const uint4*>(p.norm_residual + m * lp.n + n)
                      : make_uint4(0u, 0u, 0u, 0u);
-    }
-
-    // y = act(sums + bias), rounded, into the tile, two columns at a time
-    // (zero bias past N: those columns are never read).
-    const int g = at.lane >> 2;
-    const int t = at.lane & 3;
-#pragma unroll
-    for (int j = 0; j < W::J; ++j) {
-        const int cj = at.wn + 8 * j + 2 * t;
-        const int nj = at.n0 + cj;
-        const float b0 = lp.bias != nullptr && nj < lp.n ? to_f32(lp.bias[nj]) : 0.0f;
-        const float b1 = lp.bias != nullptr && nj + 1 < lp.n ? to_f32(lp.bias[nj + 1]) : 0.0f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int r = at.wm + 16 * i + g;
-            const float(&a)[4] = acc[i][j];
-            *reinterpret_cast<unsigned*>(&sm.y[r][cj]) =
-                pack2(linear_apply(lp, a[0], b0, 0.0f), linear_apply(lp, a[1], b1, 0.0f));
-            *reinterpret_cast<unsigned*>(&sm.y[r + 8][cj]) =
-                pack2(linear_apply(lp, a[2], b0, 0.0f), linear_apply(lp, a[3], b1, 0.0f));
-        }
     }
     __syncthreads();
 
@@ -1824,7 +1956,7 @@ OP_KERNEL_NAME(linear_layer_norm_mma_vec8)(const LinearLayerNormParams p) {
     }
 #pragma unroll
     for (int j = 0; j < LINEAR_LN_ROWS; ++j) {
-        const int m = at.m0 + r0 + 16 * j;
+        const int m = m0 + r0 + 16 * j;
         if (!col_live || m >= lp.m) {
             continue;
         }
@@ -1850,5 +1982,19 @@ OP_KERNEL_NAME(linear_layer_norm_mma_vec8)(const LinearLayerNormParams p) {
     // The cluster may still read this block's slots.
     cluster_sync_relaxed();
 }
+
+extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, LINEAR_MMA_NARROW_BLOCKS)
+OP_KERNEL_NAME(linear_layer_norm_mma_vec8)(const LinearLayerNormParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LINEAR_MMA_NARROW_BN); });
+    linear_layer_norm_mma<false>(p);
+}
+
+#ifdef OP_WGMMA
+extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, LINEAR_MMA_NARROW_BLOCKS)
+OP_KERNEL_NAME(linear_layer_norm_wgmma_vec8)(const LinearLayerNormParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LINEAR_MMA_NARROW_BN); });
+    linear_layer_norm_mma<true>(p);
+}
+#endif
 #endif
 #endif  // LINEAR_TC_ANY

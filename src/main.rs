@@ -117,8 +117,9 @@ enum Command {
     },
     /// Registers, shared memory and spill bytes of each CUDA kernel.
     Kernels {
-        /// Target architecture, e.g. sm_80 or sm_90.
-        #[arg(long, default_value = "sm_90")]
+        /// Target architecture, e.g. sm_80, or sm_90a (what an H100 or H200
+        /// is compiled for).
+        #[arg(long, default_value = "sm_90a")]
         arch: String,
         /// Also write each compiled CUBIN here, as `<file>-<storage>-<arch>.cubin`
         /// (for `cuobjdump -sass` or `nvdisasm`).
@@ -1165,9 +1166,10 @@ fn bench(
 }
 
 fn kernels(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitCode> {
-    if !arch.starts_with("sm_") || arch[3..].parse::<u32>().is_err() {
+    let number = arch.strip_prefix("sm_").map(|n| n.strip_suffix('a').unwrap_or(n));
+    if number.is_none_or(|n| n.parse::<u32>().is_err()) {
         return Err(Error::invalid(format!(
-            "--arch `{arch}`: expected sm_XX, e.g. sm_90"
+            "--arch `{arch}`: expected sm_XX or sm_XXa, e.g. sm_80 or sm_90a"
         )));
     }
     kernel_table(arch, cubin_dir)
@@ -1209,6 +1211,11 @@ fn kernel_table(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitC
                 k.stack_bytes,
                 format!("{}/{}", k.spill_stores, k.spill_loads)
             );
+        }
+    }
+    for p in &reports {
+        for w in &p.warnings {
+            println!("{} ({}): {w}", p.file, p.storage.name());
         }
     }
     println!(

@@ -259,6 +259,17 @@ struct CpAsync {
     unsigned group;  // the commit group it belongs to
 };
 
+// A warpgroup MMA (common.cuh's wgmma_m64k16) queued until its thread waits
+// for its group: d's `regs` accumulators, the operands' descriptors, and the
+// conversion of the storage type's bits.
+struct Wgmma {
+    float* d;
+    int regs;
+    uint64_t a, b;
+    float (*to_f32)(unsigned short);
+    unsigned group;
+};
+
 struct Fiber {
     Context ctx;
     char* stack = nullptr;
@@ -271,6 +282,13 @@ struct Fiber {
     const void* published = nullptr;  // this lane's share of a warp collective (emu_warp_publish)
     std::vector<CpAsync> copies;  // this thread's cp.async copies not yet waited for
     unsigned committed = 0;       // its commit groups so far (the open one's number)
+    std::vector<Wgmma> wgmmas;    // its warpgroup MMAs not yet waited for
+    unsigned wgmma_committed = 0;  // their commit groups so far
+    bool wgmma_fenced = false;     // a wgmma_fence since its last wgmma_wait
+    bool proxy_dirty = false;      // cp.async copies landed since its last fence.proxy.async
+    // Shared addresses given out for descriptors (emu_smem_address): the
+    // descriptor's 14-bit field, and the memory it stands for.
+    std::vector<std::pair<unsigned, const char*>> smem_addrs;
     // Happens-before bookkeeping (see "ThreadSanitizer" below): barriers of
     // each kind passed so far, the cluster barrier's sync object, and the
     // fence / atomic pairing.
@@ -436,11 +454,18 @@ EMU_NO_TSAN_FRAME inline void to_sched(bool finishing) {
 #endif
 }
 
+// Out of line: the trampoline's frame never returns, so it keeps no
+// sanitizer-instrumented locals of its own.
+[[gnu::noinline]] inline void check_thread_end() {
+    if (!fibers[cur].wgmmas.empty()) fail("a thread exited with warpgroup MMAs not waited for");
+}
+
 EMU_NO_TSAN_ENTRY inline void trampoline() {
 #if EMU_ASAN
     __sanitizer_finish_switch_fiber(nullptr, &main_bottom, &main_size);
 #endif
     body();
+    check_thread_end();
     fibers[cur].st = DONE;
     hb_release(&block_sync.done);
     to_sched(true);
@@ -495,6 +520,10 @@ inline void schedule_block() {
         f.st = RUN;
         f.copies.clear();  // a thread that exited without waiting: never completed
         f.committed = 0;
+        f.wgmmas.clear();
+        f.wgmma_committed = 0;
+        f.wgmma_fenced = f.proxy_dirty = false;
+        f.smem_addrs.clear();
         f.bars = f.warp_bars = f.cluster_bars = 0;
         f.fenced = false;
         f.last_atomic = nullptr;
@@ -716,6 +745,7 @@ inline void emu_cp_async_wait(unsigned pending) {
     size_t kept = 0;
     for (const emu::CpAsync& c : f.copies) {
         if (c.group + pending < f.committed) {
+            f.proxy_dirty = true;
             if (c.valid) {
                 memcpy(c.dst, c.src, c.bytes);
             } else {
@@ -726,6 +756,96 @@ inline void emu_cp_async_wait(unsigned pending) {
         }
     }
     f.copies.resize(kept);
+}
+
+// Warpgroup MMA (common.cuh's wgmma_*). A descriptor's start address is the
+// low 18 bits of the host address (whose alignment is the GPU's: the
+// swizzles XOR address bits), mapped back to the memory through the
+// thread's table. An MMA is queued at issue and performed when its thread
+// waits for its group, reading shared memory then; each thread computes its
+// own accumulators (warp w of the warpgroup: rows 16 w + lane / 4 (+ 8),
+// the m16n8 C layout along N), summing an output's 16 products in k order
+// (as mma_16816). It aborts on an MMA issued without a wgmma_fence since the
+// thread's last wait, or after cp.async copies landed without a
+// fence.proxy.async, and on descriptors it does not model.
+inline unsigned emu_smem_address(const void* p) {
+    auto& table = emu::fibers[emu::cur].smem_addrs;
+    const unsigned field = (unsigned)(((uintptr_t)p & 0x3FFFF) >> 4);
+    bool found = false;
+    for (auto& e : table) {
+        if (e.first == field) {
+            e.second = static_cast<const char*>(p);
+            found = true;
+        }
+    }
+    if (!found) table.emplace_back(field, static_cast<const char*>(p));
+    return (unsigned)(uintptr_t)p;
+}
+inline void emu_fence_proxy_async() { emu::fibers[emu::cur].proxy_dirty = false; }
+inline void emu_wgmma_fence() { emu::fibers[emu::cur].wgmma_fenced = true; }
+inline void emu_wgmma_commit() { ++emu::fibers[emu::cur].wgmma_committed; }
+inline void emu_wgmma(float* d, int regs, uint64_t a, uint64_t b, float (*to_f32)(unsigned short)) {
+    emu::Fiber& f = emu::fibers[emu::cur];
+    if (!f.wgmma_fenced) emu::fail("wgmma.mma_async without a wgmma.fence since the last wait");
+    if (f.proxy_dirty) emu::fail("wgmma.mma_async after cp.async copies landed, without fence.proxy.async");
+    f.wgmmas.push_back(emu::Wgmma{d, regs, a, b, to_f32, f.wgmma_committed});
+}
+// A K-major operand (16-bit elements) as its descriptor gives it.
+struct EmuWgmmaOperand {
+    const char* start;
+    uintptr_t width;  // bytes per swizzled row: 128, 64 or 32
+    uintptr_t sbo;    // bytes between 8-row groups
+    float (*to_f32)(unsigned short);
+
+    EmuWgmmaOperand(uint64_t desc, float (*conv)(unsigned short)) : start(nullptr), to_f32(conv) {
+        const unsigned swizzle = (unsigned)(desc >> 62);
+        if (swizzle == 0) emu::fail("wgmma: operands without a swizzle are not modelled");
+        if ((desc >> 49) & 7) emu::fail("wgmma: a matrix base offset is not modelled");
+        const unsigned field = (unsigned)(desc & 0x3FFF);
+        for (const auto& e : emu::fibers[emu::cur].smem_addrs) {
+            if (e.first == field) start = e.second;
+        }
+        if (!start) emu::fail("wgmma descriptor whose start address smem_address did not give");
+        width = 256u >> swizzle;
+        sbo = ((desc >> 32) & 0x3FFF) << 4;
+    }
+    // Element (row, k), k < 16: the row's byte, then the swizzle's XOR of
+    // address bits 4.. with bits 7...
+    float operator()(int row, int k) const {
+        uintptr_t at = (uintptr_t)start + (row / 8) * sbo + (row % 8) * width + 2 * k;
+        at ^= ((at >> 7) & (width / 16 - 1)) << 4;
+        unsigned short bits;
+        memcpy(&bits, reinterpret_cast<const void*>(at), 2);
+        return to_f32(bits);
+    }
+};
+inline void emu_wgmma_run(const emu::Wgmma& op) {
+    const EmuWgmmaOperand a(op.a, op.to_f32), b(op.b, op.to_f32);
+    const int warp = (emu::cur >> 5) & 3, g = (emu::cur & 31) / 4, t = emu::cur & 3;
+    for (int r = 0; r < op.regs; ++r) {
+        const int j = r / 4, e = r % 4;
+        const int row = 16 * warp + g + 8 * (e / 2), col = 8 * j + 2 * t + e % 2;
+        float acc = op.d[r];
+        for (int k = 0; k < 16; ++k) {
+            acc = fmaf(a(row, k), b(col, k), acc);
+        }
+        op.d[r] = acc;
+    }
+}
+// wgmma.wait_group: every committed group but the newest `pending` is done.
+inline void emu_wgmma_wait(unsigned pending) {
+    emu::Fiber& f = emu::fibers[emu::cur];
+    size_t kept = 0;
+    for (size_t i = 0; i < f.wgmmas.size(); ++i) {
+        const emu::Wgmma op = f.wgmmas[i];
+        if (op.group + pending < f.wgmma_committed) {
+            emu_wgmma_run(op);
+        } else {
+            f.wgmmas[kept++] = op;
+        }
+    }
+    f.wgmmas.resize(kept);
+    f.wgmma_fenced = false;
 }
 
 inline void __syncwarp(unsigned = 0xffffffffu) {

@@ -564,10 +564,13 @@ struct HalfF16 {
     static void linear_large(const LP& p) { k_f16::linear_tc_large_vec8_f16(p); }
     static void linear_mma(const LP& p) { k_f16::linear_mma_vec8_f16(p); }
     static void linear_mma_narrow(const LP& p) { k_f16::linear_mma_narrow_vec8_f16(p); }
+    static void linear_wgmma(const LP& p) { k_f16::linear_wgmma_vec8_f16(p); }
+    static void linear_wgmma_narrow(const LP& p) { k_f16::linear_wgmma_narrow_vec8_f16(p); }
     typedef k_f16::LayerNormLinearParams LNP;
     static void layer_norm_linear_tc(const LNP& p) { k_f16::layer_norm_linear_tc_vec8_f16(p); }
     typedef k_f16::LinearLayerNormParams LLNP;
     static void linear_layer_norm(const LLNP& p) { k_f16::linear_layer_norm_mma_vec8_f16(p); }
+    static void linear_layer_norm_wgmma(const LLNP& p) { k_f16::linear_layer_norm_wgmma_vec8_f16(p); }
     typedef k_f16::LayerNormParams NP;
     static void layer_norm(const NP& p) { k_f16::layer_norm_warp_vec4_f16(p); }
     static void linear_rows(const LP& p, bool vec) {
@@ -591,10 +594,13 @@ struct HalfBF16 {
     static void linear_large(const LP& p) { k_bf16::linear_tc_large_vec8_bf16(p); }
     static void linear_mma(const LP& p) { k_bf16::linear_mma_vec8_bf16(p); }
     static void linear_mma_narrow(const LP& p) { k_bf16::linear_mma_narrow_vec8_bf16(p); }
+    static void linear_wgmma(const LP& p) { k_bf16::linear_wgmma_vec8_bf16(p); }
+    static void linear_wgmma_narrow(const LP& p) { k_bf16::linear_wgmma_narrow_vec8_bf16(p); }
     typedef k_bf16::LayerNormLinearParams LNP;
     static void layer_norm_linear_tc(const LNP& p) { k_bf16::layer_norm_linear_tc_vec8_bf16(p); }
     typedef k_bf16::LinearLayerNormParams LLNP;
     static void linear_layer_norm(const LLNP& p) { k_bf16::linear_layer_norm_mma_vec8_bf16(p); }
+    static void linear_layer_norm_wgmma(const LLNP& p) { k_bf16::linear_layer_norm_wgmma_vec8_bf16(p); }
     typedef k_bf16::LayerNormParams NP;
     static void layer_norm(const NP& p) { k_bf16::layer_norm_warp_vec4_bf16(p); }
     static void linear_rows(const LP& p, bool vec) {
@@ -753,6 +759,19 @@ static void test_linear_half(int m, int n, int k) {
                         [&] { S::linear_mma_narrow(p); });
             check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n,
                        "v5's narrow tiles");
+            // v6 (warpgroup MMA on the same stages), square and narrow: the
+            // same sums in the same order as v5's, from the stages as the
+            // hardware's descriptors read them.
+            std::vector<E> wg((size_t)m * n + ooff, S::from(NAN));
+            p.out = wg.data() + ooff;
+            emu::launch(grid, dim3(128), [&] { S::linear_wgmma(p); });
+            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n, "v6's tiles");
+            std::vector<E> wg_narrow((size_t)m * n + ooff, S::from(NAN));
+            p.out = wg_narrow.data() + ooff;
+            emu::launch(dim3(cdiv(n, 64), cdiv(m, 128), 1), dim3(128),
+                        [&] { S::linear_wgmma_narrow(p); });
+            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n,
+                       "v6's narrow tiles");
         } else if (variant == 6) {
             // v4 with two chunks a thread in flight, with one warp (many
             // chunks a thread, odd counts among them).
@@ -859,6 +878,7 @@ static void test_layer_norm_linear_half(int m, int n, int k, bool res, double me
 
 // linear_layer_norm (16-bit, v5's narrow tiles, a cluster along N): against
 // the f64 reference of the linear's output rounded to E, the sum and the norm;
+// on v6's products (warpgroup MMA) bitwise the same;
 // and against its two ops (v5's narrow tiles, then layer_norm_warp): sum_out
 // bitwise (the same products, roundings and adds), the norm within rounding
 // (its sums in another order).
@@ -914,6 +934,17 @@ static void test_linear_layer_norm_half(int m, int n, int k, bool res, double me
     // reference's now and then (f32 sums against f64).
     report(name, got.data(), want, 1e-2);
     report(std::string(name) + " sum_out", got_sum.data(), want_sum, 1e-2);
+
+    // Its products on v6 (warpgroup MMA): the same sums, so the same bits.
+    std::vector<E> out_wg((size_t)m * n, S::from(NAN)), sum_wg((size_t)m * n, S::from(NAN));
+    typename S::LLNP pw = p;
+    pw.norm_out = out_wg.data();
+    pw.sum_out = sum_wg.data();
+    emu::launch(dim3(blocks, cdiv(m, 128), 1), dim3(128), [&] { S::linear_layer_norm_wgmma(pw); },
+                dim3(blocks, 1, 1));
+    check_same(std::string(name) + " wgmma", out_wg.data(), out.data(), out.size(), "v5's products");
+    check_same(std::string(name) + " wgmma sum_out", sum_wg.data(), sum.data(), sum.size(),
+               "v5's products");
 
     // The two ops.
     std::vector<E> y((size_t)m * n, S::from(NAN)), out2((size_t)m * n, S::from(NAN)),

@@ -85,6 +85,7 @@ pub(crate) static PROGRAM: Program = Program {
     ],
     half_kernels: &["attention_tc_d64", "attention_tc_d128"],
     tf32_kernels: &[],
+    wgmma_kernels: &[],
     layouts,
 };
 

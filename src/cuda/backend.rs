@@ -105,6 +105,15 @@ pub struct CudaOptions {
     /// are measured against. The same sums in the same order either way:
     /// bitwise the same output.
     pub square_mma_tiles: bool,
+    /// Keep those GEMMs (and the LayerNorms folded into them) on the
+    /// mma.sync kernels where the device has warpgroup MMA (default off).
+    /// Off, on sm_90 (compiled as sm_90a) they run on `linear_wgmma_vec8` /
+    /// `linear_wgmma_narrow_vec8`: the same tiles and stages, multiplied by
+    /// `wgmma.mma_async` straight from shared memory instead of `ldmatrix`
+    /// and `mma.sync`. This is the baseline those are measured against. The
+    /// hardware's tensor cores may add a 16-column step's products in another
+    /// order: results agree to rounding.
+    pub mma_sync_tiles: bool,
     /// Run every LayerNorm as a kernel of its own, before the linear that
     /// reads it (default off). Off, a LayerNorm folds into that linear where
     /// one kernel can do both: GEMMs of up to 16 rows, and, where split
@@ -674,7 +683,7 @@ impl Cuda {
         unsafe { drv::memset_d8_async(tile_counters.ptr, 0, counter_bytes, stream.cu_stream()) }
             .map_err(driver("clearing the split-K counters"))?;
         let shared = Arc::new(Shared {
-            arch: format!("sm_{major}{minor}"),
+            arch: super::device_arch(major, minor),
             cc_major: major,
             driver_version,
             clusters,

@@ -48,6 +48,7 @@ pub(crate) static PROGRAM: Program = Program {
     kernels: &["gather_signal_tokens_naive", "gather_signal_tokens_vec4"],
     half_kernels: &[],
     tf32_kernels: &[],
+    wgmma_kernels: &[],
     layouts,
 };
 

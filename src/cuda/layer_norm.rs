@@ -54,6 +54,7 @@ pub(crate) static PROGRAM: Program = Program {
     ],
     half_kernels: &[],
     tf32_kernels: &[],
+    wgmma_kernels: &[],
     layouts,
 };
 

@@ -20,7 +20,7 @@ use super::attention::{AttentionParams, FEW_KEYS_MAX};
 use super::backend::{
     blocks_for, i32_of, Cuda, CudaMask, CudaOptions, CudaTensor, KernelVersion, MAX_CLUSTER,
 };
-use super::program::{param_layout, Program};
+use super::program::{param_layout, wgmma_compiled, Program};
 use crate::error::Result;
 use crate::ops::{Activation, AttentionDims, AttentionInput, LinearDims, NormAfter, NormInput};
 use crate::tensor::DType;
@@ -197,6 +197,11 @@ pub(crate) static PROGRAM: Program = Program {
         "linear_tc_tf32_scalar",
         "linear_tc_tf32_large_vec4",
     ],
+    wgmma_kernels: &[
+        "linear_wgmma_vec8",
+        "linear_wgmma_narrow_vec8",
+        "linear_layer_norm_wgmma_vec8",
+    ],
     layouts,
 };
 
@@ -288,27 +293,49 @@ fn split_k(
 }
 
 /// Which fast GEMM runs: v2 on CUDA cores (f32), v3 on tensor cores for
-/// 16-bit storage (v5 where large tiles fill the device, 128x128 or 128x64
-/// as [`narrow_tiles_spread_better`] says; `HalfSquare`: 128x128 only;
-/// `HalfWmma`: v3's large tiles there), or v3 on TF32 tensor cores (f32 with
-/// `tf32`).
+/// 16-bit storage (where large tiles fill the device v5, or on sm_90a v6,
+/// 128x128 or 128x64 as [`narrow_tiles_spread_better`] says; `HalfSquare`
+/// and `WarpgroupSquare`: 128x128 only; `HalfWmma`: v3's large tiles there),
+/// or v3 on TF32 tensor cores (f32 with `tf32`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Gemm {
     Tiled,
     Half,
     HalfSquare,
     HalfWmma,
+    Warpgroup,
+    WarpgroupSquare,
     Tf32,
 }
 
 impl Gemm {
-    pub(crate) fn for_storage(storage: DType, options: &CudaOptions) -> Gemm {
+    /// The GEMMs of a backend with `storage` and `options` compiling for
+    /// `arch`.
+    pub(crate) fn for_storage(storage: DType, options: &CudaOptions, arch: &str) -> Gemm {
+        let warpgroup = wgmma_compiled(storage, arch) && !options.mma_sync_tiles;
         match (storage, options.tf32) {
             (DType::F32, false) => Gemm::Tiled,
             (DType::F32, true) => Gemm::Tf32,
             _ if options.wmma_large_tiles => Gemm::HalfWmma,
+            _ if warpgroup && options.square_mma_tiles => Gemm::WarpgroupSquare,
+            _ if warpgroup => Gemm::Warpgroup,
             _ if options.square_mma_tiles => Gemm::HalfSquare,
             _ => Gemm::Half,
+        }
+    }
+
+    /// 16-bit storage (tensor-core kernels).
+    fn is_half(self) -> bool {
+        !matches!(self, Gemm::Tiled | Gemm::Tf32)
+    }
+
+    /// Where the large tiles may be 128x64 ([`narrow_tiles_spread_better`]),
+    /// that kernel.
+    fn narrow_kernel(self) -> Option<&'static str> {
+        match self {
+            Gemm::Half => Some("linear_mma_narrow_vec8"),
+            Gemm::Warpgroup => Some("linear_wgmma_narrow_vec8"),
+            _ => None,
         }
     }
 
@@ -316,8 +343,8 @@ impl Gemm {
     /// `LinearTcSmall`'s 128 bytes per row).
     fn k_step(self) -> usize {
         match self {
-            Gemm::Tiled | Gemm::Half | Gemm::HalfSquare | Gemm::HalfWmma => 64,
             Gemm::Tf32 => 32,
+            _ => 64,
         }
     }
 
@@ -328,7 +355,7 @@ impl Gemm {
     fn finish_slices(self) -> usize {
         match self {
             Gemm::Tiled => 8,
-            Gemm::Half | Gemm::HalfSquare | Gemm::HalfWmma | Gemm::Tf32 => 4,
+            _ => 4,
         }
     }
 
@@ -349,12 +376,12 @@ impl Gemm {
     /// aligned).
     fn kernel(self, wide: bool) -> (&'static str, u32) {
         match (self, wide) {
-            (Gemm::Half | Gemm::HalfSquare | Gemm::HalfWmma, true) => ("linear_tc_vec8", 128),
-            (Gemm::Half | Gemm::HalfSquare | Gemm::HalfWmma, false) => ("linear_tc_scalar", 128),
             (Gemm::Tf32, true) => ("linear_tc_tf32_vec4", 128),
             (Gemm::Tf32, false) => ("linear_tc_tf32_scalar", 128),
             (Gemm::Tiled, true) => ("linear_tiled_vec4", 256),
             (Gemm::Tiled, false) => ("linear_tiled_scalar", 256),
+            (_, true) => ("linear_tc_vec8", 128),
+            (_, false) => ("linear_tc_scalar", 128),
         }
     }
 
@@ -364,6 +391,7 @@ impl Gemm {
     fn large_kernel(self) -> Option<(&'static str, u32, usize)> {
         match self {
             Gemm::Half | Gemm::HalfSquare => Some(("linear_mma_vec8", 128, 32)),
+            Gemm::Warpgroup | Gemm::WarpgroupSquare => Some(("linear_wgmma_vec8", 128, 32)),
             Gemm::HalfWmma => Some(("linear_tc_large_vec8", 256, 32)),
             Gemm::Tf32 => Some(("linear_tc_tf32_large_vec4", 256, 16)),
             Gemm::Tiled => None,
@@ -416,11 +444,12 @@ pub(crate) fn plan(
             let large_tiles = d.m.div_ceil(LARGE_TILE) * d.n.div_ceil(LARGE_TILE);
             if let Some((kernel, threads, k_step)) = gemm.large_kernel() {
                 if wide && large_tiles >= sm_count as usize {
-                    let narrow = gemm == Gemm::Half && narrow_tiles_spread_better(d, sm_count);
-                    let (kernel, columns) = if narrow {
-                        ("linear_mma_narrow_vec8", NARROW_TILE)
-                    } else {
-                        (kernel, LARGE_TILE)
+                    let narrow = gemm
+                        .narrow_kernel()
+                        .filter(|_| narrow_tiles_spread_better(d, sm_count));
+                    let (kernel, columns) = match narrow {
+                        Some(narrow) => (narrow, NARROW_TILE),
+                        None => (kernel, LARGE_TILE),
                     };
                     return Ok(LinearPlan::Tiled {
                         kernel,
@@ -860,7 +889,7 @@ pub(crate) fn act_code(act: Activation) -> i32 {
 
 /// `be`'s fast GEMM family, as its storage and options choose it.
 fn gemm_of(be: &Cuda) -> Gemm {
-    Gemm::for_storage(be.storage(), be.options())
+    Gemm::for_storage(be.storage(), be.options(), be.arch())
 }
 
 /// Whether rows of K elements can be copied 16 bytes at a time on `be`

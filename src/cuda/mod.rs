@@ -71,12 +71,22 @@ pub struct CudaDeviceInfo {
 }
 
 impl CudaDeviceInfo {
-    /// The NVRTC architecture for this device, e.g. `sm_90`.
+    /// The NVRTC architecture the backend compiles for on this device, e.g.
+    /// `sm_80`, or `sm_90a` on sm_90 ([`device_arch`]).
     pub fn arch(&self) -> String {
-        format!(
-            "sm_{}{}",
-            self.compute_capability.0, self.compute_capability.1
-        )
+        device_arch(self.compute_capability.0, self.compute_capability.1)
+    }
+}
+
+/// The architecture kernels are compiled for on a device of compute
+/// capability `major.minor`: `sm_XY`, and on 9.0 (H100, H200) `sm_90a`, whose
+/// own instructions (warpgroup MMA) its kernels use; an sm_90a CUBIN runs on
+/// 9.0 devices only, which is all it is loaded on.
+pub fn device_arch(major: i32, minor: i32) -> String {
+    if (major, minor) == (9, 0) {
+        "sm_90a".to_string()
+    } else {
+        format!("sm_{major}{minor}")
     }
 }
 

@@ -68,6 +68,13 @@ pub(crate) fn tf32_compiled(storage: DType, arch: &str) -> bool {
     storage == DType::F32 && arch_number(arch).is_some_and(|n| n >= 80) && mma_header_found()
 }
 
+/// Whether a `storage` compile for `arch` has the warpgroup-MMA kernels:
+/// 16-bit storage, for sm_90a (`wgmma` is that architecture's own, compiled
+/// only where `__CUDA_ARCH_FEAT_SM90_ALL` is defined).
+pub(crate) fn wgmma_compiled(storage: DType, arch: &str) -> bool {
+    storage != DType::F32 && arch == "sm_90a"
+}
+
 /// The shared header, as the kernel files include it.
 pub(crate) const COMMON: (&str, &str) = ("common.cuh", include_str!("../../kernels/common.cuh"));
 
@@ -84,6 +91,9 @@ pub(crate) struct Program {
     /// Entry points only the f32 compile has, where [`tf32_compiled`] says so
     /// (TF32 tensor-core kernels).
     pub tf32_kernels: &'static [&'static str],
+    /// Entry points only the f16 and bf16 compiles for sm_90a have, where
+    /// [`wgmma_compiled`] says so (warpgroup-MMA kernels).
+    pub wgmma_kernels: &'static [&'static str],
     /// `static_assert`s of the parameter structs' layouts (see [`param_layout`]).
     pub layouts: fn() -> String,
 }
@@ -98,7 +108,12 @@ impl Program {
         } else {
             &[]
         };
-        self.kernels.iter().chain(extra.iter()).copied()
+        let wgmma: &'static [&'static str] = if wgmma_compiled(storage, arch) {
+            self.wgmma_kernels
+        } else {
+            &[]
+        };
+        self.kernels.iter().chain(extra).chain(wgmma).copied()
     }
 
     /// The source as compiled for `storage`: the storage define (and for f32
@@ -382,6 +397,10 @@ pub struct ProgramReport {
     pub cubin: Vec<u8>,
     /// One entry per kernel, in the order ptxas compiled them.
     pub kernels: Vec<KernelReport>,
+    /// The compiler's warnings: log lines with `warning`, and ptxas's
+    /// "Potential Performance Loss" notes (e.g. "wgmma.mma_async
+    /// instructions are serialized").
+    pub warnings: Vec<String>,
 }
 
 /// Compiles every kernel file for `arch` (e.g. `sm_90`), once per storage type,
@@ -449,6 +468,14 @@ fn program_report(program: &Program, storage: DType, arch: &str) -> Result<Progr
         cubin_bytes: compiled.cubin.len(),
         cubin: compiled.cubin,
         kernels: compiled.kernels,
+        warnings: compiled
+            .log
+            .lines()
+            .filter(|l| {
+                l.to_ascii_lowercase().contains("warning") || l.contains("Performance Loss")
+            })
+            .map(str::to_string)
+            .collect(),
     })
 }
 
@@ -601,6 +628,7 @@ mod tests {
             kernels: &["gather_signal_tokens_naive"],
             half_kernels: &[],
             tf32_kernels: &[],
+            wgmma_kernels: &[],
             layouts: wrong,
         };
         let err = compile_program(&WRONG, DType::F32, "sm_80")
@@ -635,7 +663,10 @@ mod tests {
                 );
                 entries += 1;
             }
-            let listed = p.kernels.len() + p.half_kernels.len() + p.tf32_kernels.len();
+            let listed = p.kernels.len()
+                + p.half_kernels.len()
+                + p.tf32_kernels.len()
+                + p.wgmma_kernels.len();
             assert!(entries >= listed, "{}: {entries} entry points", p.file);
         }
         let common = COMMON.1;
@@ -650,7 +681,13 @@ mod tests {
             assert!(p.source.contains("#include \"common.cuh\""), "{}", p.file);
             let layouts = (p.layouts)();
             assert!(layouts.contains("static_assert(sizeof("), "{}", p.file);
-            for k in p.kernels.iter().chain(p.half_kernels).chain(p.tf32_kernels) {
+            for k in p
+                .kernels
+                .iter()
+                .chain(p.half_kernels)
+                .chain(p.tf32_kernels)
+                .chain(p.wgmma_kernels)
+            {
                 assert!(
                     p.source.contains(&format!("OP_KERNEL_NAME({k})(const ")),
                     "{}: no kernel `{k}`",
