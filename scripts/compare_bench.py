@@ -35,6 +35,7 @@ GRAPH_WITHOUT = [
      "folded layer_norms"),
     ("projector graph attention apart", "projector graph attention apart",
      "folded attention"),
+    ("projector graph mma.sync", "projector graph mma.sync", "warpgroup MMA (v6)"),
     ("projector graph query-block attention", "projector graph query-block attention",
      "split-keys attention"),
 ]
@@ -45,7 +46,8 @@ OPS = {"attention": "F.scaled_dot_product_attention", "layer_norm": "F.layer_nor
        "linear_layer_norm": "F.linear + residual + F.layer_norm"}
 # Our op again on another kernel (present where the op takes a different one there):
 # (op, our row, label).
-OP_BASELINES = [("linear", "linear wmma", "v3 WMMA"),
+OP_BASELINES = [("linear", "linear mma.sync", "v5 mma.sync"),
+                ("linear", "linear wmma", "v3 WMMA"),
                 ("linear", "linear square", "v5 128x128 tiles"),
                 ("attention", "attention q-blocks", "query blocks (v2/v3)")]
 

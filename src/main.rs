@@ -587,6 +587,15 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
             ),
         ]);
     }
+    // v6's GEMMs again on v5 (mma.sync), which they replace.
+    if be.warpgroup_mma() {
+        let mma_sync = be.with_options(CudaOptions {
+            mma_sync_tiles: true,
+            ..be.options().clone()
+        })?;
+        let narrow = (128 * sms.div_ceil(4) + 5, 512);
+        runs.extend([(mma_sync.clone(), square), (mma_sync, narrow)]);
+    }
     let mut rows = Vec::new();
     for (b, (m, n)) in runs {
         let case = verify::Case::Linear {
@@ -612,14 +621,19 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
         residual: true,
         offset: 3.0,
     };
-    let mut c = verify::compare_case(be, &case, precision.storage(), 78)?;
-    let how = if be.linear_layer_norm_folds(m, n, k) {
-        "linear_layer_norm_mma_vec8"
-    } else {
-        "two ops"
-    };
-    c.case = format!("{} {how}", c.case);
-    rows.push(check_row("cpu", c, precision.tolerances().0));
+    let mut folds = vec![be.clone()];
+    if be.warpgroup_mma() {
+        folds.push(be.with_options(CudaOptions {
+            mma_sync_tiles: true,
+            ..be.options().clone()
+        })?);
+    }
+    for b in folds {
+        let mut c = verify::compare_case(&b, &case, precision.storage(), 78)?;
+        let how = b.linear_layer_norm_kernel(m, n, k).unwrap_or("two ops");
+        c.case = format!("{} {how}", c.case);
+        rows.push(check_row("cpu", c, precision.tolerances().0));
+    }
     Ok(rows)
 }
 
@@ -659,7 +673,7 @@ struct LaunchFeature {
 
 /// The features `be` uses: programmatic dependent launch, split-K in a
 /// thread-block cluster, LayerNorms and attention folded into the linears
-/// after them, attention over keys split among warps.
+/// after them, warpgroup MMA, attention over keys split among warps.
 #[cfg(feature = "cuda")]
 fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
     let base = be.options().clone();
@@ -719,6 +733,19 @@ fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
         off: apart,
         exact: true,
     });
+    // The tensor cores may add a step's products in another order under
+    // wgmma than under mma.sync: the same result to rounding.
+    if be.warpgroup_mma() {
+        let mma_sync = with(|o| o.mma_sync_tiles = true);
+        features.push(LaunchFeature {
+            op: "warpgroup MMA",
+            against: "mma.sync",
+            graph_row: "projector graph mma.sync",
+            check: [base.clone(), mma_sync.clone()],
+            off: mma_sync,
+            exact: false,
+        });
+    }
     // Split keys combine their parts' softmax states: the same result to
     // rounding.
     let query_blocks = with(|o| o.query_block_attention = true);
@@ -905,9 +932,10 @@ impl Bench<'_> {
 impl Bench<'_> {
     /// `batch`'s GEMMs and attentions again on the kernels they would take
     /// under other options, where those differ, as rows after that batch's
-    /// op rows: v5 (mma.sync) on v3's WMMA large tiles (`linear wmma`), v5's
-    /// 128x64 tiles on its 128x128 ones (`linear square`), and v5's split
-    /// keys on the query-block kernels (`attention q-blocks`).
+    /// op rows: v6 (warpgroup MMA) on v5's mma.sync (`linear mma.sync`), the
+    /// large tiles on v3's WMMA ones (`linear wmma`), 128x64 tiles on
+    /// 128x128 ones (`linear square`), and v5's split keys on the
+    /// query-block kernels (`attention q-blocks`).
     fn baseline_rows(&self, be: &Cuda, batch: usize) -> Result<Vec<BenchRow>> {
         let with = |set: fn(&mut CudaOptions)| {
             let mut o = be.options().clone();
@@ -915,6 +943,7 @@ impl Bench<'_> {
             o
         };
         let baselines = [
+            ("mma.sync", with(|o| o.mma_sync_tiles = true)),
             ("wmma", with(|o| o.wmma_large_tiles = true)),
             ("square", with(|o| o.square_mma_tiles = true)),
             ("q-blocks", with(|o| o.query_block_attention = true)),
@@ -1166,7 +1195,9 @@ fn bench(
 }
 
 fn kernels(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitCode> {
-    let number = arch.strip_prefix("sm_").map(|n| n.strip_suffix('a').unwrap_or(n));
+    let number = arch
+        .strip_prefix("sm_")
+        .map(|n| n.strip_suffix('a').unwrap_or(n));
     if number.is_none_or(|n| n.parse::<u32>().is_err()) {
         return Err(Error::invalid(format!(
             "--arch `{arch}`: expected sm_XX or sm_XXa, e.g. sm_80 or sm_90a"

@@ -110,7 +110,7 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
             println!("skipped: nvrtc unavailable: {msg}");
             return;
         }
-        for arch in ["sm_80", "sm_90"] {
+        for arch in ["sm_80", "sm_90", "sm_90a"] {
             let compiled =
                 compile(KERNELS, "toolchain.cu", arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
             // An ELF image.
@@ -178,6 +178,16 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         "linear_tc_vec8_f16",
     ];
 
+    /// The warpgroup-MMA kernels, which sm_90a's 16-bit compiles add.
+    const WGMMA_KERNELS: [&str; 6] = [
+        "linear_layer_norm_wgmma_vec8_bf16",
+        "linear_layer_norm_wgmma_vec8_f16",
+        "linear_wgmma_narrow_vec8_bf16",
+        "linear_wgmma_narrow_vec8_f16",
+        "linear_wgmma_vec8_bf16",
+        "linear_wgmma_vec8_f16",
+    ];
+
     /// What every kernel compiled for `arch` must be, as (file, storage,
     /// ptxas's report) rows: printed, no spills, plausible registers, static
     /// shared memory within 48 KiB, and the tensor-core kernels all there.
@@ -185,10 +195,17 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         let mut tc: Vec<&str> = kernels
             .iter()
             .map(|(_, _, k)| k.name.as_str())
-            .filter(|n| n.starts_with("linear_tc_") || n.starts_with("linear_mma_"))
+            .filter(|n| {
+                n.starts_with("linear_tc_") || n.starts_with("linear_mma_") || n.contains("wgmma")
+            })
             .collect();
         tc.sort();
-        assert_eq!(tc, TENSOR_CORE_KERNELS, "{arch}: the tensor-core kernels");
+        let mut want = TENSOR_CORE_KERNELS.to_vec();
+        if arch == "sm_90a" {
+            want.extend(WGMMA_KERNELS);
+            want.sort();
+        }
+        assert_eq!(tc, want, "{arch}: the tensor-core kernels");
         for (file, storage, k) in kernels {
             println!(
                 "{arch} {file:<24} {storage:<4} {:<30} {:>3} registers {:>6} B smem {:>4} B stack, spill {} B stores / {} B loads",
@@ -209,17 +226,19 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         }
     }
 
-    /// Every file of kernels/ compiles for sm_90 (with the host's parameter
-    /// layouts asserted inside), once per storage type, and its kernels pass
-    /// [`check_kernels`]. sm_80's are checked from `outproj kernels`' table
-    /// (below), so that each architecture is compiled once.
+    /// Every file of kernels/ compiles for sm_90a (what sm_90 devices take;
+    /// with the host's parameter layouts asserted inside), once per storage
+    /// type, without warnings (ptxas's note that wgmma instructions were
+    /// serialized among them), and its kernels pass [`check_kernels`].
+    /// sm_80's are checked from `outproj kernels`' table (below), so that
+    /// each architecture is compiled once.
     #[test]
     fn project_kernels_compile_without_spills() {
         use output_projector::cuda::{kernel_files, program_reports};
         if nvrtc_or_skip().is_none() {
             return;
         }
-        let arch = "sm_90";
+        let arch = "sm_90a";
         let reports = program_reports(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         // Every file, once per storage type (f32, f16, bf16).
         let files: Vec<&str> = kernel_files().into_iter().flat_map(|f| [f, f, f]).collect();
@@ -227,6 +246,7 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         for p in &reports {
             assert!(p.cubin_bytes > 64, "{arch} {}: empty CUBIN", p.file);
             assert!(!p.kernels.is_empty(), "{arch} {}: no kernels", p.file);
+            assert!(p.warnings.is_empty(), "{arch} {}: {:?}", p.file, p.warnings);
         }
         let kernels: Vec<_> = reports
             .iter()

@@ -27,7 +27,10 @@
 // of a 16x8 or 8x16 TF32 tile); load, store and mma are warp-collective (every
 // lane must call them, as on the GPU), and mma_sync reads the other lanes' A
 // and B elements. mma.sync and ldmatrix (common.cuh) are emulated in the
-// hardware's register layout, as the PTX ISA defines it. Misaligned WMMA pointers (not 32 bytes) or leading
+// hardware's register layout, as the PTX ISA defines it, and so is warpgroup
+// MMA (wgmma, sm_90a): its operands read from shared memory as their
+// descriptors and the 64-byte swizzle say, each MMA performed at its wait
+// (see emu_wgmma). Misaligned WMMA pointers (not 32 bytes) or leading
 // dimensions (not 16 bytes) abort, as they are undefined on the GPU, and so
 // does a TF32 operand not rounded by __float_to_tf32 (cvt.rna.tf32.f32).
 //

@@ -9,7 +9,8 @@
 //   LD_LIBRARY_PATH=<dir>:$LD_LIBRARY_PATH <test binary>
 //
 // It reports one device, "Emulated GPU (CPU)", compute capability 9.0 with 132
-// SMs, that launches thread-block clusters (emu.h runs a cluster's blocks at
+// SMs (so the crate compiles for sm_90a and takes its warpgroup-MMA kernels),
+// that launches thread-block clusters (emu.h runs a cluster's blocks at
 // once, one OS thread each). Fresh allocations are filled with 0xff bytes (NaN as f32), so a kernel
 // that reads memory nothing wrote produces NaN. Built with -fsanitize=address
 // (and libasan preloaded into the process), out-of-bounds accesses of device
@@ -106,6 +107,12 @@ static Entry ENTRIES[] = {
     K(k_bf16, layer_norm_linear_tc_vec8, _bf16, LayerNormLinearParams),
     K(k_f16, linear_layer_norm_mma_vec8, _f16, LinearLayerNormParams),
     K(k_bf16, linear_layer_norm_mma_vec8, _bf16, LinearLayerNormParams),
+    K(k_f16, linear_wgmma_vec8, _f16, LinearParams),
+    K(k_bf16, linear_wgmma_vec8, _bf16, LinearParams),
+    K(k_f16, linear_wgmma_narrow_vec8, _f16, LinearParams),
+    K(k_bf16, linear_wgmma_narrow_vec8, _bf16, LinearParams),
+    K(k_f16, linear_layer_norm_wgmma_vec8, _f16, LinearLayerNormParams),
+    K(k_bf16, linear_layer_norm_wgmma_vec8, _bf16, LinearLayerNormParams),
     K(k_f16, attention_tc_d64, _f16, AttentionParams),
     K(k_f16, attention_tc_d128, _f16, AttentionParams),
     K(k_bf16, attention_tc_d64, _bf16, AttentionParams),

@@ -822,6 +822,25 @@ impl Cuda {
         super::linear::kernel_for(self, LinearDims { m, n, k })
     }
 
+    /// The kernel that runs an `m x k` by `n` linear and the LayerNorm of its
+    /// output as one ([`Backend::linear_layer_norm`]), without its storage
+    /// suffix: `linear_layer_norm_wgmma_vec8` or `linear_layer_norm_mma_vec8`;
+    /// `None` where they run as two ops.
+    pub fn linear_layer_norm_kernel(&self, m: usize, n: usize, k: usize) -> Option<&'static str> {
+        super::linear::linear_layer_norm_kernel(self, LinearDims { m, n, k })
+    }
+
+    /// Whether the 16-bit GEMMs of many tiles run on warpgroup MMA (v6,
+    /// `linear_wgmma_vec8`): 16-bit storage on sm_90 (compiled as sm_90a),
+    /// unless [`CudaOptions::mma_sync_tiles`] or
+    /// [`CudaOptions::wmma_large_tiles`] is set.
+    pub fn warpgroup_mma(&self) -> bool {
+        matches!(
+            super::linear::Gemm::for_storage(self.storage(), self.options(), self.arch()),
+            super::linear::Gemm::Warpgroup | super::linear::Gemm::WarpgroupSquare
+        )
+    }
+
     /// The kernel `attention` launches for `batch` sequences of `lq` queries
     /// and `lk` keys in `heads` heads of `head_dim` columns, without its
     /// storage suffix: e.g. `attention_split_keys` for batch 1's decoder
@@ -1688,7 +1707,7 @@ impl Backend for Cuda {
     }
 
     fn linear_layer_norm_folds(&self, m: usize, n: usize, k: usize) -> bool {
-        super::linear::linear_layer_norm_folds(self, LinearDims { m, n, k })
+        self.linear_layer_norm_kernel(m, n, k).is_some()
     }
 
     fn alignment_loss(

@@ -324,11 +324,6 @@ impl Gemm {
         }
     }
 
-    /// 16-bit storage (tensor-core kernels).
-    fn is_half(self) -> bool {
-        !matches!(self, Gemm::Tiled | Gemm::Tf32)
-    }
-
     /// Where the large tiles may be 128x64 ([`narrow_tiles_spread_better`]),
     /// that kernel.
     fn narrow_kernel(self) -> Option<&'static str> {
@@ -708,13 +703,14 @@ pub(super) fn layer_norm_linear(
     Ok(true)
 }
 
-/// The grid and block size of `linear_layer_norm_mma_vec8`, where a linear
-/// of `d` and the LayerNorm reading its output run as one kernel: where
-/// `linear` takes v5 (16-bit storage, 16-byte copies, a large tile for every
-/// SM: batch 64's decoder) and N, a multiple of 8, spans one cluster of
-/// narrow tiles, which then holds whole rows. Not under `square_mma_tiles`
-/// or `wmma_large_tiles` (the baselines keep their kernels), nor without
-/// clusters.
+/// The kernel, grid and block size where a linear of `d` and the LayerNorm
+/// reading its output run as one kernel: where `linear` takes v5 or v6
+/// (16-bit storage, 16-byte copies, a large tile for every SM: batch 64's
+/// decoder) and N, a multiple of 8, spans one cluster of narrow tiles, which
+/// then holds whole rows; `linear_layer_norm_wgmma_vec8` where `linear`
+/// takes v6, else `linear_layer_norm_mma_vec8`. Not under
+/// `square_mma_tiles` or `wmma_large_tiles` (the baselines keep their
+/// kernels), nor without clusters.
 fn linear_layer_norm_grid(
     d: LinearDims,
     version: KernelVersion,
@@ -722,20 +718,29 @@ fn linear_layer_norm_grid(
     gemm: Gemm,
     wide: bool,
     clusters: bool,
-) -> Result<Option<(Grid, u32)>> {
-    if gemm != Gemm::Half || !clusters || d.n % 8 != 0 || d.n.div_ceil(NARROW_TILE) > MAX_CLUSTER {
+) -> Result<Option<(&'static str, Grid, u32)>> {
+    let kernel = match gemm {
+        Gemm::Half => "linear_layer_norm_mma_vec8",
+        Gemm::Warpgroup => "linear_layer_norm_wgmma_vec8",
+        _ => return Ok(None),
+    };
+    if !clusters || d.n % 8 != 0 || d.n.div_ceil(NARROW_TILE) > MAX_CLUSTER {
         return Ok(None);
     }
     Ok(match plan(d, version, sm_count, gemm, wide, clusters)? {
         LinearPlan::Tiled {
-            kernel, threads, ..
-        } if kernel == "linear_mma_vec8" || kernel == "linear_mma_narrow_vec8" => {
+            kernel: large,
+            threads,
+            ..
+        } if gemm.large_kernel().is_some_and(|(k, ..)| k == large)
+            || gemm.narrow_kernel() == Some(large) =>
+        {
             let grid = (
                 blocks_for("linear_layer_norm", d.n, NARROW_TILE)?,
                 blocks_for("linear_layer_norm", d.m, LARGE_TILE)?,
                 1,
             );
-            Some((grid, threads))
+            Some((kernel, grid, threads))
         }
         _ => None,
     })
@@ -747,17 +752,22 @@ fn linear_layer_norm_grid_on(
     be: &Cuda,
     d: LinearDims,
     aligned: bool,
-) -> Result<Option<(Grid, u32)>> {
+) -> Result<Option<(&'static str, Grid, u32)>> {
     let (gemm, wide) = (gemm_of(be), aligned && k_wide(be, d.k));
     let clusters = be.launches_clusters();
     linear_layer_norm_grid(d, be.version(), be.sm_count(), gemm, wide, clusters)
 }
 
-/// Whether [`linear_layer_norm`] runs a linear of `d` on `be` as one kernel
-/// (16-byte aligned operands, as `be` allocates them).
-pub(super) fn linear_layer_norm_folds(be: &Cuda, d: LinearDims) -> bool {
-    !be.options().separate_layer_norms
-        && matches!(linear_layer_norm_grid_on(be, d, true), Ok(Some(_)))
+/// The kernel [`linear_layer_norm`] runs a linear of `d` on `be` as, where
+/// it runs one (16-byte aligned operands, as `be` allocates them).
+pub(super) fn linear_layer_norm_kernel(be: &Cuda, d: LinearDims) -> Option<&'static str> {
+    if be.options().separate_layer_norms {
+        return None;
+    }
+    linear_layer_norm_grid_on(be, d, true)
+        .ok()
+        .flatten()
+        .map(|(kernel, ..)| kernel)
 }
 
 /// [`Backend::linear_layer_norm`](crate::ops::Backend::linear_layer_norm)
@@ -788,8 +798,8 @@ pub(super) fn linear_layer_norm(
     let na = NormAddresses::check(be, op_name, r, g, h, s)?;
     let op = be.check_tensor("linear_layer_norm out", out)?;
     let aligned = na.aligned() && [xp, wp, bp, op].iter().all(|p| p % 16 == 0);
-    // Unaligned operands take no 16-byte copies, so no v5 and no grid.
-    let Some((grid, threads)) = linear_layer_norm_grid_on(be, d, aligned)? else {
+    // Unaligned operands take no 16-byte copies, so no v5 or v6 and no grid.
+    let Some((kernel, grid, threads)) = linear_layer_norm_grid_on(be, d, aligned)? else {
         return Ok(false);
     };
     let mut inputs = vec![x, w, norm.weight, norm.bias];
@@ -808,7 +818,6 @@ pub(super) fn linear_layer_norm(
         eps: norm.eps as f32,
         pad0: 0,
     };
-    let kernel = "linear_layer_norm_mma_vec8";
     let cluster = Some((grid.0, 1, 1));
     be.launch_in_clusters(&PROGRAM, kernel, grid, (threads, 1, 1), cluster, &params)?;
     Ok(true)
@@ -1303,10 +1312,20 @@ mod tests {
         // 8 narrow tiles along N, 39 row tiles.
         for k in [512, 2048] {
             let d = dims(4928, 512, k);
-            assert_eq!(grid(d, Gemm::Half, true, true), Some(((8, 39, 1), 128)));
+            let v5 = Some(("linear_layer_norm_mma_vec8", (8, 39, 1), 128));
+            assert_eq!(grid(d, Gemm::Half, true, true), v5);
+            // v6's products where `linear` takes v6.
+            let v6 = Some(("linear_layer_norm_wgmma_vec8", (8, 39, 1), 128));
+            assert_eq!(grid(d, Gemm::Warpgroup, true, true), v6);
             // Not on the baselines, f32 or TF32, without 16-byte copies or
             // clusters, nor with the naive kernels.
-            for gemm in [Gemm::HalfSquare, Gemm::HalfWmma, Gemm::Tiled, Gemm::Tf32] {
+            for gemm in [
+                Gemm::HalfSquare,
+                Gemm::WarpgroupSquare,
+                Gemm::HalfWmma,
+                Gemm::Tiled,
+                Gemm::Tf32,
+            ] {
                 assert_eq!(grid(d, gemm, true, true), None, "{gemm:?}");
             }
             assert_eq!(grid(d, Gemm::Half, false, true), None);
@@ -1326,7 +1345,11 @@ mod tests {
         );
         assert_eq!(
             grid(square, Gemm::Half, true, true),
-            Some(((8, 66, 1), 128))
+            Some(("linear_layer_norm_mma_vec8", (8, 66, 1), 128))
+        );
+        assert_eq!(
+            grid(square, Gemm::Warpgroup, true, true),
+            Some(("linear_layer_norm_wgmma_vec8", (8, 66, 1), 128))
         );
         for (m, n) in [(4928, 768), (4928, 520), (4928, 500), (77, 512), (256, 512)] {
             assert_eq!(
@@ -1338,18 +1361,57 @@ mod tests {
     }
 
     #[test]
+    fn warpgroup_mma_on_sm90a_unless_kept_off() {
+        let of = |storage, arch, set: fn(&mut CudaOptions)| {
+            let mut o = CudaOptions::default();
+            set(&mut o);
+            Gemm::for_storage(storage, &o, arch)
+        };
+        let none: fn(&mut CudaOptions) = |_| {};
+        for storage in [DType::F16, DType::BF16] {
+            assert_eq!(of(storage, "sm_90a", none), Gemm::Warpgroup);
+            assert_eq!(
+                of(storage, "sm_90a", |o| o.square_mma_tiles = true),
+                Gemm::WarpgroupSquare
+            );
+            assert_eq!(
+                of(storage, "sm_90a", |o| o.mma_sync_tiles = true),
+                Gemm::Half
+            );
+            assert_eq!(
+                of(storage, "sm_90a", |o| o.wmma_large_tiles = true),
+                Gemm::HalfWmma
+            );
+            // No wgmma below sm_90a, nor in a plain sm_90 compile.
+            for arch in ["sm_80", "sm_89", "sm_90", "sm_100"] {
+                assert_eq!(of(storage, arch, none), Gemm::Half, "{arch}");
+            }
+        }
+        assert_eq!(of(DType::F32, "sm_90a", none), Gemm::Tiled);
+        assert_eq!(of(DType::F32, "sm_90a", |o| o.tf32 = true), Gemm::Tf32);
+    }
+
+    #[test]
     fn large_tiles_where_they_fill_the_device() {
         // Batch 64's decoder GEMMs: 39 x 4 large tiles and more. v5 takes
         // 128x64 tiles for N = 512 only (156 square tiles on 132 SMs).
         for (m, n, k) in [(4928, 512, 2048), (4928, 2048, 512), (4928, 1536, 512)] {
-            let v5 = if n == 512 {
-                ("linear_mma_narrow_vec8", NARROW_TILE)
+            let (v5, v6) = if n == 512 {
+                (
+                    ("linear_mma_narrow_vec8", NARROW_TILE),
+                    ("linear_wgmma_narrow_vec8", NARROW_TILE),
+                )
             } else {
-                ("linear_mma_vec8", LARGE_TILE)
+                (
+                    ("linear_mma_vec8", LARGE_TILE),
+                    ("linear_wgmma_vec8", LARGE_TILE),
+                )
             };
             for (gemm, want_kernel, want_threads, columns) in [
                 (Gemm::Half, v5.0, 128, v5.1),
                 (Gemm::HalfSquare, "linear_mma_vec8", 128, LARGE_TILE),
+                (Gemm::Warpgroup, v6.0, 128, v6.1),
+                (Gemm::WarpgroupSquare, "linear_wgmma_vec8", 128, LARGE_TILE),
                 (Gemm::HalfWmma, "linear_tc_large_vec8", 256, LARGE_TILE),
                 (Gemm::Tf32, "linear_tc_tf32_large_vec4", 256, LARGE_TILE),
             ] {
