@@ -1691,8 +1691,6 @@ __device__ __forceinline__ void linear_wgmma_products(const LinearParams& p,
     static_assert(LINEAR_MMA_THREADS == 128, "one warpgroup");
     const int m0 = blockIdx.y * LINEAR_MMA_BM;
     const int n0 = blockIdx.x * BN;
-    // Rows 64-127 of a ragged last tile may all be past M (zeros staged).
-    const bool upper_live = m0 + 64 < p.m;
     const int steps = (p.k + LINEAR_MMA_BK - 1) / LINEAR_MMA_BK;
     const LinearMmaCopy<LINEAR_MMA_BM> copy_x(p.x, m0, p.m, p.k);
     const LinearMmaCopy<BN> copy_w(p.w, n0, p.n, p.k);
@@ -1723,11 +1721,11 @@ __device__ __forceinline__ void linear_wgmma_products(const LinearParams& p,
         const char* ws = reinterpret_cast<const char*>(sm.stage[read].w);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // K columns 16 h .. 16 h + 15 of the step: 32 bytes
+            // Both halves even where rows 64-127 are all past M (zeros
+            // staged): a branch between them would split the MMAs' group.
             const unsigned long long b = wgmma_desc_sw64(ws + 32 * h);
             wgmma_m64k16<BN>(acc[0], wgmma_desc_sw64(xs + 32 * h), b);
-            if (upper_live) {
-                wgmma_m64k16<BN>(acc[1], wgmma_desc_sw64(xs + 64 * 64 + 32 * h), b);
-            }
+            wgmma_m64k16<BN>(acc[1], wgmma_desc_sw64(xs + 64 * 64 + 32 * h), b);
         }
         wgmma_commit();
         const int next = step + LINEAR_MMA_STAGES - 1;

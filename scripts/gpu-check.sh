@@ -63,8 +63,10 @@
 #                      (launches of kernels matching the regex, after skipping some);
 #                      default: the 77-row split GEMMs of the decoder (f32 and bf16),
 #                      the few-row GEMMs (`linear_rows` also matches the encoder's
-#                      layer_norm_linear_rows), the batch-64 large tiles (and those
-#                      with the LayerNorm after them: linear_layer_norm_mma), the
+#                      layer_norm_linear_rows), the batch-64 large tiles on
+#                      warpgroup MMA (and those with the LayerNorm after them:
+#                      linear_layer_norm_wgmma; on a GPU without wgmma, use
+#                      linear_mma and linear_layer_norm_mma), the
 #                      decoder's own layer_norm kernels and the batch-64 f32 attention
 #                      (self: attention_flash; cross, over the 4 signal tokens:
 #                      attention_few_keys) and the batch-1 bf16 self-attention
@@ -93,7 +95,7 @@ if [[ $QUICK == 1 ]]; then
     TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16}
     TORCH_ARGS=${TORCH_ARGS:---seconds 0.2 --compile-modes reduce-overhead}
     SANITIZER_RUN=${SANITIZER_RUN:-forwards}
-    DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:3 bf16:1:linear_tc_vec8:3:2 bf16:64:linear_mma:0:1 bf16:64:linear_layer_norm_mma:0:1}
+    DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:3 bf16:1:linear_tc_vec8:3:2 bf16:64:linear_wgmma:0:1 bf16:64:linear_layer_norm_wgmma:0:1}
 fi
 BATCHES=${BATCHES:-1,8,64}
 PRECISIONS=${PRECISIONS:-f32 tf32 f16 bf16}
@@ -106,7 +108,7 @@ SANITIZER_RUN=${SANITIZER_RUN:-check}
 STEPS=${STEPS:-check bench torch compare profile deep sanitizer wgpu}
 PROFILE_PRECISIONS=${PROFILE_PRECISIONS:-f32 bf16}
 PROFILE_BATCHES=${PROFILE_BATCHES:-1 64}
-DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:4 bf16:1:linear_tc_vec8:3:3 f32:1:linear_rows:0:3 bf16:64:linear_mma:0:2 bf16:64:linear_layer_norm_mma:0:2 f32:1:layer_norm_warp:0:2 f32:64:attention_flash:0:1 f32:64:attention_few_keys:0:1 bf16:1:attention_split_keys:0:1}
+DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:4 bf16:1:linear_tc_vec8:3:3 f32:1:linear_rows:0:3 bf16:64:linear_wgmma:0:2 bf16:64:linear_layer_norm_wgmma:0:2 f32:1:layer_norm_warp:0:2 f32:64:attention_flash:0:1 f32:64:attention_few_keys:0:1 bf16:1:attention_split_keys:0:1}
 TORCH_PYTHON=${TORCH_PYTHON:-python3}
 TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16,f16}
 TORCH_TIMEOUT=${TORCH_TIMEOUT:-3600}
