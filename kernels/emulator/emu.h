@@ -733,12 +733,21 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
 inline float __ldcg(const float* p) { return *p; }
 inline float4 __ldcg(const float4* p) { return *p; }
 
-// cp.async (common.cuh's cp_async16 / cp_async8): a copy is queued at issue
-// and done when its thread waits for its group, the latest the PTX contract
-// allows, so reading a stage before its wait (or without a barrier after it,
-// when another thread issued the copy) gives stale data here.
+// cp.async (common.cuh's cp_async16 / cp_async8): the destination may change
+// from the moment the copy is issued until its thread waits for its group, so
+// here it is poisoned at issue (0xff bytes: NaN in every storage type; for
+// TSan a write then) and gets its data at the wait, the latest the PTX
+// contract allows. Reading a stage before its wait (or without a barrier after
+// it, when another thread issued the copy) gives NaN here, and so does a copy
+// issued into a stage some thread is still reading (an MMA not yet waited
+// for, a barrier missing); TSan reports the latter as a race whatever the
+// values.
 inline void emu_cp_async(void* dst, const void* src, unsigned bytes, bool valid) {
     emu::Fiber& f = emu::fibers[emu::cur];
+    // Through a pointer: a memset of known size is expanded into stores the
+    // race checker does not see.
+    static void* (*const volatile poison)(void*, int, size_t) = memset;
+    poison(dst, 0xff, bytes);
     f.copies.push_back(emu::CpAsync{dst, src, bytes, valid, f.committed});
 }
 inline void emu_cp_async_commit() { ++emu::fibers[emu::cur].committed; }

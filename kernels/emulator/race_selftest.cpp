@@ -145,6 +145,28 @@ void cp_async_stage(bool wait) {
     });
 }
 
+// A cp.async issued into a stage another thread may still read (no barrier
+// between the read and the copy): the stage may change from the issue on.
+void cp_async_overwrite() {
+    for (int i = 0; i < 64; ++i) g_out[i] = 100.0f + (float)i;
+    emu::launch(dim3(1), dim3(64), [] {
+        __shared__ __align__(16) float smem[64];
+        const int t = threadIdx.x;
+        smem[t] = (float)t;
+        __syncthreads();
+        float seen = 0.0f;
+        if (t & 1) {
+            seen = smem[t ^ 1];  // its even neighbour's, which that thread overwrites
+        } else {
+            cp_async8(&smem[t], &g_out[t], true);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        g_out[64 + t] = seen;
+    });
+}
+
 // More blocks than TSan's shadow call stack has entries (65,536): each fiber
 // runs one thread of every block, so a frame left per block would overflow it.
 void many_blocks() {
@@ -223,6 +245,10 @@ const std::map<std::string, Case> cases = {
     {"cp-async-no-wait", {"cp.async stage read without its wait (stale)", [] {
          cp_async_stage(false);
          return expect(g_out[64 + 1] == 0.0f && g_out[64 + 62] == 63.0f, "copied stage");
+     }}},
+    {"cp-async-overwrite", {"cp.async into a stage another thread still reads (race)", [] {
+         cp_async_overwrite();
+         return expect(g_out[64 + 1] == 0.0f && g_out[64 + 63] == 62.0f, "the stage as read");
      }}},
     {"many-blocks", {"70,000 blocks, each thread's fiber reused by every one", [] {
          many_blocks();

@@ -8,7 +8,9 @@
 //   c++ -std=c++17 -O1 -pthread -fsanitize=address,undefined run_kernels.cpp -o run_kernels
 //   ASAN_OPTIONS=detect_leaks=0 ./run_kernels [--reverse] [--long] [op ...]
 //
-// ops: gather loss ln attn linear (default: all). --reverse runs the threads of
+// ops: gather loss ln attn linear (default: all); or, of linear, only
+// linear_large (the 16-bit GEMMs' 128-row tiles: v3's large, v5, v6) or
+// linear_layer_norm (the GEMMs with the LayerNorm after them). --reverse runs the threads of
 // a block in the opposite order between barriers (another interleaving);
 // --long adds the long attention cases (Lk = 4096, Lq = 4096).
 #include "kernels.h"
@@ -702,9 +704,10 @@ static void test_attention_half_cases() {
 
 // 16-bit linear on tensor cores: 64x64 tiles (16-byte copies, split in 3;
 // element copies) and 128x128 tiles, on rounded inputs against the float64
-// reference of those inputs, with bias, ReLU and residual.
+// reference of those inputs, with bias, ReLU and residual. `large`: only
+// the kernels of 128-row tiles (v3's large, v5, v6).
 template <class S>
-static void test_linear_half(int m, int n, int k) {
+static void test_linear_half(int m, int n, int k, bool large = false) {
     typedef typename S::E E;
     Buf xf(m * k), wf(n * k), bf(n), rf(m * n);
     xf.randn(1.0);
@@ -724,6 +727,7 @@ static void test_linear_half(int m, int n, int k) {
     char name[96];
     snprintf(name, sizeof name, "linear %s %dx%dx%d relu +b +res", S::name(), m, n, k);
     for (int variant = 0; variant < 7; ++variant) {
+        if (large && variant != 2 && variant != 5) continue;
         typename S::LP p{};
         p.x = x.data(); p.w = w.data(); p.bias = b.data(); p.residual = r.data();
         p.m = m; p.n = n; p.k = k; p.act = 1;
@@ -1136,12 +1140,17 @@ int main(int argc, char** argv) {
         test_layer_norm_linear_half<HalfBF16>(77, 130, 200, true, 3.0);
         test_layer_norm_linear_half<HalfBF16>(70, 64, 512, false, 100.0);
         test_layer_norm_linear_half<HalfF16>(5, 8, 40, true, 0.0);  // one step, no cluster
+    }
+    // 16-bit GEMMs; `linear_large`: only their 128-row tiles (v3's large, v5
+    // and v6), the pipelines a race check needs most.
+    const bool large_only = !want("linear") && want("linear_large");
+    if (want("linear") || large_only) {
         const int half_dims[][3] = {{130, 200, 72}, {77, 129, 40}, {3, 5, 7}, {64, 128, 256},
                                     {13, 70, 1030}, {4, 64, 2048},
                                     {200, 136, 296}};
         for (auto& d : half_dims) {
-            test_linear_half<HalfF16>(d[0], d[1], d[2]);
-            test_linear_half<HalfBF16>(d[0], d[1], d[2]);
+            test_linear_half<HalfF16>(d[0], d[1], d[2], large_only);
+            test_linear_half<HalfBF16>(d[0], d[1], d[2], large_only);
         }
     }
     if (want("linear") || want("linear_layer_norm")) {
