@@ -161,8 +161,13 @@ fn cuda_status() -> BackendStatus {
     let usable = match (devices, nvrtc) {
         (Ok(ds), Ok(n)) => Ok(match ds.first() {
             Some(d) => format!(
-                "{} (sm_{}{}), kernels compiled at run time by NVRTC {}.{}",
-                d.name, d.compute_capability.0, d.compute_capability.1, n.version.0, n.version.1
+                "{} (sm_{}{}), kernels compiled for {} at run time by NVRTC {}.{}",
+                d.name,
+                d.compute_capability.0,
+                d.compute_capability.1,
+                d.arch(),
+                n.version.0,
+                n.version.1
             ),
             None => "a CUDA device".to_string(),
         }),
