@@ -8,7 +8,8 @@ markdown table per precision and batch, and mark the performance targets.
 Our rows: `projector` and `projector graph` (CUDA-graph replay) are our forward; `linear`,
 `layer_norm` and `attention` are matched to PyTorch's F.linear, F.layer_norm and
 F.scaled_dot_product_attention by shape. A row's precision is its `precision` field, else
-the file name's `-<precision>.json` suffix (bench-cuda-bf16.json), else f32. `outproj
+the file name's `-<precision>[-b<batch>].json` suffix (bench-cuda-bf16.json,
+bench-cuda-bf16-b64.json), else f32. `outproj
 bench` lists each batch's op rows after that batch's projector rows, which gives their
 batch. Both sides are compared on `median_us`: the median wall time of one run from
 issue to completion, synchronised after each run (an op row's note adds ours back to back,
@@ -62,7 +63,7 @@ def load_ours(paths, device):
         except (OSError, ValueError) as e:
             print(f"compare_bench: skipping {path}: {e}", file=sys.stderr)
             continue
-        m = re.search(r"-(%s)\.json$" % "|".join(PRECISIONS), os.path.basename(path))
+        m = re.search(r"-(%s)(?:-b\d+)?\.json$" % "|".join(PRECISIONS), os.path.basename(path))
         file_precision = m.group(1) if m else "f32"
         batch = None
         for r in data if isinstance(data, list) else []:

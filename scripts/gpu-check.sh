@@ -12,9 +12,10 @@
 #   info             outproj info
 #   check-cuda       outproj check --device cuda (f32), then check-cuda-<p> for each
 #                    precision in $CHECK_PRECISIONS, where the binary has --precision
-#   bench-cuda       outproj bench --device cuda --batch $BATCHES --json; when the
-#                    binary has --precision, once per precision in $PRECISIONS
-#                    (steps bench-cuda-<precision>); JSON in bench-cuda[-<p>].json
+#   bench-cuda       outproj bench --device cuda --json, once per batch in $BATCHES
+#                    (a fault at one batch leaves the others' rows) and, when the
+#                    binary has --precision, per precision in $PRECISIONS (steps
+#                    bench-cuda[-<precision>]-b<batch>); JSON in bench-cuda*.json
 #   torch-baseline   scripts/torch_baseline.py with $TORCH_PYTHON: PyTorch eager and
 #                    torch.compile, its ops, the copy-bandwidth floor, and a cross-check
 #                    of `outproj run --device cuda` on the same weights; writes
@@ -352,11 +353,12 @@ else
     record check skip "not in STEPS"
 fi
 
-# bench_step NAME ARGS...: one `outproj bench --json`; its JSON also in NAME.json.
+# bench_step NAME BATCH ARGS...: one `outproj bench --json` at BATCH; its JSON
+# also in NAME.json.
 bench_step() {
-    local name=$1 rc
-    shift
-    run_step "$name" "$STEP_TIMEOUT" "$OUTPROJ" bench "$@" --batch "$BATCHES" \
+    local name=$1 batch=$2 rc
+    shift 2
+    run_step "$name" "$STEP_TIMEOUT" "$OUTPROJ" bench "$@" --batch "$batch" \
         --seconds "$BENCH_SECONDS" --json
     rc=$?
     if [[ $rc == 0 ]]; then
@@ -368,13 +370,17 @@ bench_step() {
 }
 
 if want bench; then
-    if ((has_precision)); then
-        for p in $PRECISIONS; do
-            bench_step "bench-cuda-$p" --device cuda --precision "$p"
-        done
-    else
-        bench_step bench-cuda --device cuda
-    fi
+    # One process per precision and batch: a kernel's fault (a sticky CUDA
+    # error ends the process) costs only that batch's rows.
+    for b in ${BATCHES//,/ }; do
+        if ((has_precision)); then
+            for p in $PRECISIONS; do
+                bench_step "bench-cuda-$p-b$b" "$b" --device cuda --precision "$p"
+            done
+        else
+            bench_step "bench-cuda-b$b" "$b" --device cuda
+        fi
+    done
 else
     record bench skip "not in STEPS"
 fi
