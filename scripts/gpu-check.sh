@@ -135,16 +135,16 @@ record() { # step status figure
     if [[ $2 == FAIL ]]; then
         failures=$((failures + 1))
     fi
-    printf '[gpu-check] %-16s %-5s %s\n' "$1" "$2" "$fig" >&2
+    printf '[gpu-check] %-20s %-5s %s\n' "$1" "$2" "$fig" >&2
 }
 
 summary() {
     local i table
     table=$(
-        printf '%-16s %-6s %s\n' step status "key figure"
-        printf '%-16s %-6s %s\n' ---------------- ------ ----------
+        printf '%-20s %-6s %s\n' step status "key figure"
+        printf '%-20s %-6s %s\n' -------------------- ------ ----------
         for i in "${!steps[@]}"; do
-            printf '%-16s %-6s %s\n' "${steps[$i]}" "${statuses[$i]}" "${figures[$i]}"
+            printf '%-20s %-6s %s\n' "${steps[$i]}" "${statuses[$i]}" "${figures[$i]}"
         done
     )
     echo
