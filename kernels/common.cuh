@@ -782,6 +782,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
     for (int h = 0; h < 4; ++h) d[h] = out[h];
 #endif
 }
+
 // ---------------------------------------------------------------- wgmma
 // Warpgroup MMA (sm_90a; PTX ISA, "Asynchronous Warpgroup Level Matrix
 // Multiply-Accumulate"): the 4 warps of an aligned warpgroup (128 threads)
@@ -801,7 +802,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
 #if OP_ELEM != 0 && (defined(OP_EMULATOR) || defined(__CUDA_ARCH_FEAT_SM90_ALL))
 #define OP_WGMMA 1
 
-// The shared-memory address of `p`, as descriptors and ldmatrix take it.
+// The shared-memory address of `p`, as descriptors take it.
 __device__ __forceinline__ unsigned smem_address(const void* p) {
 #ifndef OP_EMULATOR
     return (unsigned)__cvta_generic_to_shared(p);
@@ -846,6 +847,19 @@ __device__ __forceinline__ void wgmma_commit() {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #else
     emu_wgmma_commit();
+#endif
+}
+
+// Pins accumulators after a wgmma_wait: an empty asm "writes" each one, so
+// that no read of them is scheduled above the wait (the compiler sees the
+// registers, not the MMAs' asynchronous writes to them).
+template <int N>
+__device__ __forceinline__ void wgmma_hold(float (&d)[N]) {
+#ifndef OP_EMULATOR
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        asm volatile("" : "+f"(d[i])::"memory");
+    }
 #endif
 }
 

@@ -1738,6 +1738,8 @@ __device__ __forceinline__ void linear_wgmma_products(const LinearParams& p,
         write = write == LINEAR_MMA_STAGES - 1 ? 0 : write + 1;
     }
     wgmma_wait<0>();
+    wgmma_hold(acc[0]);
+    wgmma_hold(acc[1]);
     cp_async_wait<0>();
     __syncthreads();  // the stages are free for the epilogue's scratch
 }
