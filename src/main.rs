@@ -566,9 +566,18 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
     let sms = be.sm_count() as usize;
     let k = 200;
     let square = (128 * (sms.div_ceil(12).max(2) - 1) + 5, 128 * 12);
+    let narrow = (128 * sms.div_ceil(4) + 5, 512);
+    // v6 on v5 (mma.sync), which it replaces, where `be` takes v6.
+    let mma_sync = if be.warpgroup_mma() {
+        Some(be.with_options(CudaOptions {
+            mma_sync_tiles: true,
+            ..be.options().clone()
+        })?)
+    } else {
+        None
+    };
     let mut runs = vec![(be.clone(), square)];
     if precision.storage().size() == 2 {
-        let narrow = (128 * sms.div_ceil(4) + 5, 512);
         runs.extend([
             (
                 be.with_options(CudaOptions {
@@ -587,14 +596,8 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
             ),
         ]);
     }
-    // v6's GEMMs again on v5 (mma.sync), which they replace.
-    if be.warpgroup_mma() {
-        let mma_sync = be.with_options(CudaOptions {
-            mma_sync_tiles: true,
-            ..be.options().clone()
-        })?;
-        let narrow = (128 * sms.div_ceil(4) + 5, 512);
-        runs.extend([(mma_sync.clone(), square), (mma_sync, narrow)]);
+    if let Some(v5) = &mma_sync {
+        runs.extend([(v5.clone(), square), (v5.clone(), narrow)]);
     }
     let mut rows = Vec::new();
     for (b, (m, n)) in runs {
@@ -612,7 +615,7 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
     }
     // The narrow GEMM with the LayerNorm after it: one kernel in 16-bit
     // where the device launches clusters (batch 64's decoder).
-    let (m, n) = (128 * sms.div_ceil(4) + 5, 512);
+    let (m, n) = narrow;
     let case = verify::Case::LinearLayerNorm {
         m,
         n,
@@ -621,15 +624,8 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
         residual: true,
         offset: 3.0,
     };
-    let mut folds = vec![be.clone()];
-    if be.warpgroup_mma() {
-        folds.push(be.with_options(CudaOptions {
-            mma_sync_tiles: true,
-            ..be.options().clone()
-        })?);
-    }
-    for b in folds {
-        let mut c = verify::compare_case(&b, &case, precision.storage(), 78)?;
+    for b in std::iter::once(be).chain(&mma_sync) {
+        let mut c = verify::compare_case(b, &case, precision.storage(), 78)?;
         let how = b.linear_layer_norm_kernel(m, n, k).unwrap_or("two ops");
         c.case = format!("{} {how}", c.case);
         rows.push(check_row("cpu", c, precision.tolerances().0));

@@ -836,7 +836,7 @@ impl Cuda {
     /// [`CudaOptions::wmma_large_tiles`] is set.
     pub fn warpgroup_mma(&self) -> bool {
         matches!(
-            super::linear::Gemm::for_storage(self.storage(), self.options(), self.arch()),
+            super::linear::gemm_of(self),
             super::linear::Gemm::Warpgroup | super::linear::Gemm::WarpgroupSquare
         )
     }

@@ -896,8 +896,8 @@ pub(crate) fn act_code(act: Activation) -> i32 {
     }
 }
 
-/// `be`'s fast GEMM family, as its storage and options choose it.
-fn gemm_of(be: &Cuda) -> Gemm {
+/// `be`'s fast GEMM family, as its storage, options and architecture choose it.
+pub(super) fn gemm_of(be: &Cuda) -> Gemm {
     Gemm::for_storage(be.storage(), be.options(), be.arch())
 }
 
