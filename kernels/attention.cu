@@ -854,3 +854,384 @@ OP_KERNEL_NAME(attention_tc_d128)(const AttentionParams p) {
     attention_tc<128>(p);
 }
 #endif  // OP_ELEM != 0
+
+// Attention over few keys with its query and output projections absorbed
+// into the keys and values, between the LayerNorms before and after it (the
+// projector's decoder cross-attention; why and how in src/projector.rs). Per
+// row (b, i) of C columns:
+//   s   = x + residual (or x);   h = layer_norm(s; norm_weight, norm_bias, eps)
+//   p_e = softmax_j((h . keys[b, j, e] + key_bias[b, j, e]) * scale)  per head e
+//   y   = s + sum_e sum_j p_e[j] values[b, j, e] + out_bias        -> stream_out
+//   out = layer_norm(y; after_weight, after_bias, after_eps)
+// keys[b, j, e] is the C-column block starting at
+//   keys + (b * Lk + j) * k_stride + k_col + e * C
+// (values alike), key_bias[b, j, e] the element at
+//   key_bias + (b * Lk + j) * b_stride + b_col + e.
+// The host checks heads <= 32 and heads * Lk <= ABS_MAX_SCORES.
+//
+// Numerics: as layer_norm's, y is never rounded before it is centred. With a
+// = y - s (the attention and out_bias), the second norm's deviations are
+// (x - mx) + (r - mr) + (a - ma), the first norm's plus a's: y rounded to f32
+// around a mean of 1000 would lose 3e-5 of every element.
+//
+// Versions:
+// - attention_absorbed_naive (v1): one thread per row; the norms' statistics
+//   as layer_norm_naive, every element of a recomputed in each pass.
+// - attention_absorbed_warp (v2, C % 4 == 0 and C <= 512): one warp per row,
+//   4 rows per block. The row and its residual are held in registers as
+//   float4s (`vec4`: 16-byte loads, else four scalar ones); the scores go 4
+//   at a time, their key rows' loads all in flight, then through the warp's
+//   shuffles; lane e turns head e's scores into probabilities in shared
+//   memory; y and the second norm stay in registers.
+// Bytes per row: x, residual, 2 x heads x Lk key and value rows (from L2 and
+// L1: the rows of a sequence share them), stream_out and out.
+#define ABS_WARPS 4
+#define ABS_HELD 4
+#define ABS_MAX_SCORES 128
+
+struct AbsorbedAttentionParams {
+    const elem* x;             // [rows, C]
+    const elem* residual;      // [rows, C] or null
+    const elem* norm_weight;   // [C]
+    const elem* norm_bias;     // [C]
+    const elem* keys;          // see above
+    const elem* values;
+    const elem* key_bias;
+    const elem* out_bias;      // [C]
+    const elem* after_weight;  // [C]
+    const elem* after_bias;    // [C]
+    elem* stream_out;          // [rows, C]
+    elem* out;                 // [rows, C]
+    int rows;
+    int lq;
+    int cols;
+    int lk;
+    int heads;
+    int k_stride;
+    int k_col;
+    int v_stride;
+    int v_col;
+    int b_stride;
+    int b_col;
+    float scale;
+    float eps;
+    float after_eps;
+    int vec4;
+    int pad0;
+};
+
+__device__ __forceinline__ const elem* absorbed_key(const AbsorbedAttentionParams& p, int b,
+                                                    int q) {
+    const int e = q / p.lk;
+    const int j = q - e * p.lk;
+    return p.keys + (b * p.lk + j) * p.k_stride + p.k_col + e * p.cols;
+}
+
+__device__ __forceinline__ const elem* absorbed_value(const AbsorbedAttentionParams& p, int b,
+                                                      int q) {
+    const int e = q / p.lk;
+    const int j = q - e * p.lk;
+    return p.values + (b * p.lk + j) * p.v_stride + p.v_col + e * p.cols;
+}
+
+// Head e's scores (indices e * Lk + j) turned into probabilities in place.
+__device__ __forceinline__ void absorbed_softmax(const AbsorbedAttentionParams& p, int b, int e,
+                                                 float* scores) {
+    float m = OP_NEG_INF;
+    for (int j = 0; j < p.lk; ++j) {
+        const float kb = to_f32(p.key_bias[(b * p.lk + j) * p.b_stride + p.b_col + e]);
+        const float s = (scores[e * p.lk + j] + kb) * p.scale;
+        scores[e * p.lk + j] = s;
+        m = fmaxf(m, s);
+    }
+    float l = 0.0f;
+    for (int j = 0; j < p.lk; ++j) {
+        const float w = expf(scores[e * p.lk + j] - m);
+        scores[e * p.lk + j] = w;
+        l += w;
+    }
+    const float inv = 1.0f / l;
+    for (int j = 0; j < p.lk; ++j) {
+        scores[e * p.lk + j] *= inv;
+    }
+}
+
+// v1: what the attention adds to column c of a row of sequence b (its
+// output bias included), from the probabilities.
+__device__ __forceinline__ float absorbed_naive_add(const AbsorbedAttentionParams& p, int b,
+                                                    int c, const float* probs) {
+    float a = to_f32(p.out_bias[c]);
+    for (int q = 0; q < p.heads * p.lk; ++q) {
+        a = fmaf(probs[q], to_f32(absorbed_value(p, b, q)[c]), a);
+    }
+    return a;
+}
+
+// v1: block 128 threads, one thread per row; grid ceil(rows / 128).
+extern "C" __global__ void OP_KERNEL_NAME(attention_absorbed_naive)(const AbsorbedAttentionParams p) {
+    dependent_launch_prologue();
+    const int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= p.rows) {
+        return;
+    }
+    const int b = row / p.lq;
+    const int base = row * p.cols;
+    const elem* x = p.x + base;
+    const elem* r = p.residual != nullptr ? p.residual + base : nullptr;
+    const float inv_cols = 1.0f / (float)p.cols;
+
+    // The first norm, as layer_norm_naive.
+    float sx = 0.0f, sr = 0.0f;
+    for (int c = 0; c < p.cols; ++c) {
+        sx += to_f32(x[c]);
+        sr += r != nullptr ? to_f32(r[c]) : 0.0f;
+    }
+    const float mx = sx * inv_cols, mr = sr * inv_cols;
+    const auto dev = [&](int c) {
+        return (to_f32(x[c]) - mx) + (r != nullptr ? to_f32(r[c]) - mr : 0.0f);
+    };
+    float sd = 0.0f, sdd = 0.0f;
+    for (int c = 0; c < p.cols; ++c) {
+        const float d = dev(c);
+        sd += d;
+        sdd = fmaf(d, d, sdd);
+    }
+    const float cm = sd * inv_cols;
+    const float rstd = 1.0f / sqrtf(fmaxf(sdd * inv_cols - cm * cm, 0.0f) + p.eps);
+
+    float probs[ABS_MAX_SCORES];
+    const int n = p.heads * p.lk;
+    for (int q = 0; q < n; ++q) {
+        const elem* k = absorbed_key(p, b, q);
+        float dot = 0.0f;
+        for (int c = 0; c < p.cols; ++c) {
+            const float h =
+                fmaf((dev(c) - cm) * rstd, to_f32(p.norm_weight[c]), to_f32(p.norm_bias[c]));
+            dot = fmaf(h, to_f32(k[c]), dot);
+        }
+        probs[q] = dot;
+    }
+    for (int e = 0; e < p.heads; ++e) {
+        absorbed_softmax(p, b, e, probs);
+    }
+
+    // y = s + a, and the second norm of it. Its deviations are taken as
+    // the first norm's plus a's, (x - mx) + (r - mr) + (a - ma): y itself,
+    // rounded to f32 around a large mean, would lose what the norm keeps.
+    float sa = 0.0f;
+    for (int c = 0; c < p.cols; ++c) {
+        const float a = absorbed_naive_add(p, b, c, probs);
+        const float s_c = to_f32(x[c]) + (r != nullptr ? to_f32(r[c]) : 0.0f);
+        p.stream_out[base + c] = from_f32(s_c + a);
+        sa += a;
+    }
+    const float ma = sa * inv_cols;
+    float se = 0.0f, see = 0.0f;
+    for (int c = 0; c < p.cols; ++c) {
+        const float d = dev(c) + (absorbed_naive_add(p, b, c, probs) - ma);
+        se += d;
+        see = fmaf(d, d, see);
+    }
+    const float ce = se * inv_cols;
+    const float rstd_y = 1.0f / sqrtf(fmaxf(see * inv_cols - ce * ce, 0.0f) + p.after_eps);
+    for (int c = 0; c < p.cols; ++c) {
+        const float d = dev(c) + (absorbed_naive_add(p, b, c, probs) - ma);
+        p.out[base + c] = from_f32(
+            fmaf((d - ce) * rstd_y, to_f32(p.after_weight[c]), to_f32(p.after_bias[c])));
+    }
+}
+
+template <bool VEC>
+__device__ __forceinline__ float4 absorbed_load4(const elem* p) {
+    if (VEC) {
+        return load4(p);
+    }
+    return make_float4(to_f32(p[0]), to_f32(p[1]), to_f32(p[2]), to_f32(p[3]));
+}
+
+template <bool VEC>
+__device__ __forceinline__ void absorbed_store4(elem* p, float4 v) {
+    if (VEC) {
+        store4(p, v);
+        return;
+    }
+    p[0] = from_f32(v.x);
+    p[1] = from_f32(v.y);
+    p[2] = from_f32(v.z);
+    p[3] = from_f32(v.w);
+}
+
+__device__ __forceinline__ float dot4_acc(float4 a, float4 b, float acc) {
+    acc = fmaf(a.x, b.x, acc);
+    acc = fmaf(a.y, b.y, acc);
+    acc = fmaf(a.z, b.z, acc);
+    return fmaf(a.w, b.w, acc);
+}
+
+// Scores per step of v2: their key rows' loads in flight together.
+#define ABS_STEP 4
+
+// v2 for one row; `scores` is the warp's [ABS_MAX_SCORES] in shared memory.
+template <bool VEC>
+__device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionParams& p, int row,
+                                                       int lane, float* scores) {
+    const int b = row / p.lq;
+    const int base = row * p.cols;
+    const elem* x = p.x + base;
+    const elem* r = p.residual != nullptr ? p.residual + base : nullptr;
+    const int c4 = p.cols >> 2;
+    const float inv_cols = 1.0f / (float)p.cols;
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+    // The first norm, as layer_norm_warp_held. Columns past C stay zero in
+    // h, so they add nothing to the scores.
+    float4 xa[ABS_HELD], ra[ABS_HELD], s[ABS_HELD], dev[ABS_HELD], h[ABS_HELD];
+#pragma unroll
+    for (int k = 0; k < ABS_HELD; ++k) {
+        const int i = lane + 32 * k;
+        xa[k] = i < c4 ? absorbed_load4<VEC>(x + 4 * i) : zero;
+        ra[k] = i < c4 && r != nullptr ? absorbed_load4<VEC>(r + 4 * i) : zero;
+    }
+    float sx = 0.0f, sr = 0.0f;
+#pragma unroll
+    for (int k = 0; k < ABS_HELD; ++k) {
+        s[k] = layer_norm_sum4(xa[k], ra[k], r != nullptr, sx, sr);
+    }
+    const float mx = warp_sum(sx) * inv_cols;
+    const float mr = r != nullptr ? warp_sum(sr) * inv_cols : 0.0f;
+    float sd = 0.0f, sdd = 0.0f;
+#pragma unroll
+    for (int k = 0; k < ABS_HELD; ++k) {
+        dev[k] = zero;
+        if (lane + 32 * k < c4) {
+            dev[k] = layer_norm_dev4(xa[k], ra[k], r != nullptr, mx, mr);
+            layer_norm_moments4(dev[k], sd, sdd);
+        }
+    }
+    const float cm = warp_sum(sd) * inv_cols;
+    const float rstd = 1.0f / sqrtf(fmaxf(warp_sum(sdd) * inv_cols - cm * cm, 0.0f) + p.eps);
+#pragma unroll
+    for (int k = 0; k < ABS_HELD; ++k) {
+        const int i = lane + 32 * k;
+        h[k] = zero;
+        if (i < c4) {
+            h[k] = layer_norm_out4(dev[k], cm, rstd, absorbed_load4<VEC>(p.norm_weight + 4 * i),
+                                   absorbed_load4<VEC>(p.norm_bias + 4 * i));
+        }
+    }
+
+    // Scores, ABS_STEP at a time.
+    const int n = p.heads * p.lk;
+    for (int q0 = 0; q0 < n; q0 += ABS_STEP) {
+        float part[ABS_STEP];
+#pragma unroll
+        for (int u = 0; u < ABS_STEP; ++u) {
+            part[u] = 0.0f;
+            if (q0 + u < n) {
+                const elem* k = absorbed_key(p, b, q0 + u);
+#pragma unroll
+                for (int t = 0; t < ABS_HELD; ++t) {
+                    const int i = lane + 32 * t;
+                    if (i < c4) {
+                        part[u] = dot4_acc(h[t], absorbed_load4<VEC>(k + 4 * i), part[u]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < ABS_STEP; ++u) {
+            part[u] = warp_sum(part[u]);
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int u = 0; u < ABS_STEP; ++u) {
+                if (q0 + u < n) {
+                    scores[q0 + u] = part[u];
+                }
+            }
+        }
+    }
+    __syncwarp();
+    if (lane < p.heads) {
+        absorbed_softmax(p, b, lane, scores);
+    }
+    __syncwarp();
+
+    // a = out_bias + the probabilities' sum of value rows; y = s + a.
+    float4 a[ABS_HELD];
+#pragma unroll
+    for (int k = 0; k < ABS_HELD; ++k) {
+        const int i = lane + 32 * k;
+        a[k] = i < c4 ? absorbed_load4<VEC>(p.out_bias + 4 * i) : zero;
+    }
+    for (int q = 0; q < n; ++q) {
+        const float w = scores[q];
+        const elem* v = absorbed_value(p, b, q);
+#pragma unroll
+        for (int k = 0; k < ABS_HELD; ++k) {
+            const int i = lane + 32 * k;
+            if (i < c4) {
+                const float4 u = absorbed_load4<VEC>(v + 4 * i);
+                a[k] = make_float4(fmaf(w, u.x, a[k].x), fmaf(w, u.y, a[k].y),
+                                   fmaf(w, u.z, a[k].z), fmaf(w, u.w, a[k].w));
+            }
+        }
+    }
+    // The scores are read: the warp's next row may write them.
+    __syncwarp();
+
+    // stream_out, and the second norm of y by its deviations (x - mx) +
+    // (r - mr) + (a - ma), as v1 takes them.
+    float sa = 0.0f;
+#pragma unroll
+    for (int k = 0; k < ABS_HELD; ++k) {
+        const int i = lane + 32 * k;
+        if (i < c4) {
+            sa += (a[k].x + a[k].y) + (a[k].z + a[k].w);
+            const float4 y =
+                make_float4(s[k].x + a[k].x, s[k].y + a[k].y, s[k].z + a[k].z, s[k].w + a[k].w);
+            absorbed_store4<VEC>(p.stream_out + base + 4 * i, y);
+        }
+    }
+    const float ma = warp_sum(sa) * inv_cols;
+    float se = 0.0f, see = 0.0f;
+#pragma unroll
+    for (int k = 0; k < ABS_HELD; ++k) {
+        if (lane + 32 * k < c4) {
+            const float4 d = layer_norm_dev4(a[k], dev[k], true, ma, 0.0f);
+            dev[k] = d;
+            layer_norm_moments4(d, se, see);
+        }
+    }
+    const float ce = warp_sum(se) * inv_cols;
+    const float rstd_y =
+        1.0f / sqrtf(fmaxf(warp_sum(see) * inv_cols - ce * ce, 0.0f) + p.after_eps);
+#pragma unroll
+    for (int k = 0; k < ABS_HELD; ++k) {
+        const int i = lane + 32 * k;
+        if (i < c4) {
+            absorbed_store4<VEC>(
+                p.out + base + 4 * i,
+                layer_norm_out4(dev[k], ce, rstd_y, absorbed_load4<VEC>(p.after_weight + 4 * i),
+                                absorbed_load4<VEC>(p.after_bias + 4 * i)));
+        }
+    }
+}
+
+// v2: block 128 threads (4 warps), one warp per row; grid ceil(rows / 4).
+extern "C" __global__ void __launch_bounds__(ABS_WARPS * 32)
+OP_KERNEL_NAME(attention_absorbed_warp)(const AbsorbedAttentionParams p) {
+    dependent_launch_prologue();
+    __shared__ float scores[ABS_WARPS][ABS_MAX_SCORES];
+    const int warp = threadIdx.x >> 5;
+    const int row = blockIdx.x * ABS_WARPS + warp;
+    // The whole warp leaves together (row is warp-uniform).
+    if (row >= p.rows) {
+        return;
+    }
+    if (p.vec4) {
+        attention_absorbed_row<true>(p, row, threadIdx.x & 31, scores[warp]);
+    } else {
+        attention_absorbed_row<false>(p, row, threadIdx.x & 31, scores[warp]);
+    }
+}

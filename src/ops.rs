@@ -145,6 +145,35 @@ impl<T> Clone for NormAfter<'_, T> {
 }
 impl<T> Copy for NormAfter<'_, T> {}
 
+/// What [`Backend::attention_absorbed`] attends to: an attention over few keys
+/// whose query and output projections are absorbed into its keys and values.
+/// Per key `j` of sequence `b` and head `e`, the `C`-column block `e` of
+/// `keys` holds `W_qᵉᵀ k_j` (the head's query projection applied to its key
+/// from the other side), that of `values` holds `W_oᵉ v_j` (the head's value
+/// through its share of the output projection), and column `e` of
+/// `key_bias` holds `b_qᵉ · k_j`. `C` is the width of the rows attending.
+pub struct AbsorbedAttentionInput<'a, T> {
+    /// `[B, Lk, *]`: `heads` blocks of `C` columns from `start`.
+    pub keys: Cols<'a, T>,
+    /// `[B, Lk, *]`: `heads` blocks of `C` columns from `start`.
+    pub values: Cols<'a, T>,
+    /// `[B, Lk, *]`: `heads` columns from `start`.
+    pub key_bias: Cols<'a, T>,
+    /// `[C]`: the output projection's bias.
+    pub out_bias: &'a T,
+    pub heads: usize,
+    /// The score scale (`1 / sqrt(head_dim)` of the attention absorbed).
+    pub scale: f64,
+}
+
+// Copy without `T: Copy` (it holds references only).
+impl<T> Clone for AbsorbedAttentionInput<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for AbsorbedAttentionInput<'_, T> {}
+
 /// Multi-head attention settings. Heads are consecutive column blocks of width
 /// `head_dim` inside each of Q, K, V and the output.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -369,6 +398,43 @@ pub trait Backend: Clone {
         out: &mut Self::Tensor,
     ) -> Result<()> {
         attention_then_linear(self, attn, a, w, b, act, out)
+    }
+
+    /// An attention over few keys with its projections absorbed
+    /// ([`AbsorbedAttentionInput`]), between the LayerNorms around it. Per
+    /// row of sequence `b`: `s = x + residual` (`norm`'s), `h =
+    /// layer_norm(s)` with `norm`'s weight, bias and eps; per head `e`,
+    /// `p_e = softmax_j((h · keys[b, j, e] + key_bias[b, j, e]) · scale)`;
+    /// `stream_out = s + Σ_e Σ_j p_e[j] values[b, j, e] + out_bias`; and `out
+    /// = layer_norm(stream_out)` with `after`'s weight, bias and eps
+    /// (`after.residual` must be `None`). x, residual, `stream_out` and `out`
+    /// are `[B, L, C]`.
+    ///
+    /// A backend without the kernel says so here and in
+    /// [`attention_absorbed_pays`](Self::attention_absorbed_pays).
+    fn attention_absorbed(
+        &self,
+        norm: NormInput<'_, Self::Tensor>,
+        attn: AbsorbedAttentionInput<'_, Self::Tensor>,
+        after: NormAfter<'_, Self::Tensor>,
+        stream_out: &mut Self::Tensor,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        let _ = (norm, attn, after, stream_out, out);
+        Err(Error::Backend {
+            backend: self.name().to_string(),
+            message: "attention_absorbed is not implemented on this backend".into(),
+        })
+    }
+
+    /// Whether a caller with the choice runs an attention of `keys` keys
+    /// and `heads` heads for rows of `cols` columns absorbed
+    /// ([`attention_absorbed`](Self::attention_absorbed)) rather than as its
+    /// query projection, attention and output projection. `false` by
+    /// default.
+    fn attention_absorbed_pays(&self, keys: usize, heads: usize, cols: usize) -> bool {
+        let _ = (keys, heads, cols);
+        false
     }
 
     /// The loss of `pred` against `target` (`[B, N, D]` each) into `loss` (`[1]`),
@@ -663,6 +729,160 @@ impl AttentionDims {
             q_start: q.1,
             k_start: k.1,
             v_start: v.1,
+        })
+    }
+}
+
+/// Most `heads x keys` scores of one row of [`Backend::attention_absorbed`],
+/// and most heads: what its kernels hold per row.
+pub const ABSORBED_MAX_SCORES: usize = 128;
+pub const ABSORBED_MAX_HEADS: usize = 32;
+
+/// Whether absorbing an attention of `keys` keys in `heads` heads over rows
+/// of `cols` columns pays ([`Backend::attention_absorbed_pays`], for a backend
+/// that runs it at all): per row it does `heads x keys` dot products of
+/// `cols` and as many scaled row sums, against the `2 x cols` dot products
+/// of the query and output projections it replaces (and their launches). So
+/// heads x keys up to a quarter of the width: the presets' 4 heads of 4, 8
+/// and 24 signal tokens at width 512.
+pub fn absorbing_pays(keys: usize, heads: usize, cols: usize) -> bool {
+    let scores = heads.saturating_mul(keys);
+    keys > 0
+        && heads > 0
+        && heads <= ABSORBED_MAX_HEADS
+        && scores <= ABSORBED_MAX_SCORES
+        && scores.saturating_mul(4) <= cols
+}
+
+/// The geometry of one `attention_absorbed` call, with every row stride
+/// resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AbsorbedAttentionDims {
+    pub batch: usize,
+    pub lq: usize,
+    /// Columns of a row (`C`).
+    pub cols: usize,
+    pub lk: usize,
+    pub heads: usize,
+    /// Row strides (widths) of the keys, values and key bias tensors.
+    pub k_stride: usize,
+    pub v_stride: usize,
+    pub b_stride: usize,
+    /// First column of their blocks.
+    pub k_start: usize,
+    pub v_start: usize,
+    pub b_start: usize,
+}
+
+impl AbsorbedAttentionDims {
+    pub fn check<T: Shaped>(
+        norm: &NormInput<'_, T>,
+        attn: &AbsorbedAttentionInput<'_, T>,
+        after: &NormAfter<'_, T>,
+        stream_out: &[usize],
+        out: &[usize],
+    ) -> Result<Self> {
+        let op = "attention_absorbed";
+        let x = norm.x.shape();
+        LayerNormDims::check(
+            x,
+            norm.residual.map(|t| t.shape()),
+            norm.weight.shape(),
+            norm.bias.shape(),
+            norm.eps,
+            stream_out,
+            None,
+        )?;
+        LayerNormDims::check(
+            x,
+            None,
+            after.weight.shape(),
+            after.bias.shape(),
+            after.eps,
+            out,
+            None,
+        )?;
+        if after.residual.is_some() {
+            return Err(Error::invalid(format!(
+                "{op}: the norm after it takes no residual (the stream is its input)"
+            )));
+        }
+        let &[batch, lq, cols] = x else {
+            return Err(Error::invalid(format!(
+                "{op}: x must be [batch, tokens, width], found shape {x:?}"
+            )));
+        };
+        check(
+            "attention_absorbed out_bias",
+            attn.out_bias.shape(),
+            &[cols],
+        )?;
+        let heads = attn.heads;
+        nonempty(op, &[("heads", heads)])?;
+        if heads > ABSORBED_MAX_HEADS {
+            return Err(Error::invalid(format!(
+                "{op}: {heads} heads, at most {ABSORBED_MAX_HEADS} are supported"
+            )));
+        }
+        if !attn.scale.is_finite() {
+            return Err(Error::invalid(format!(
+                "{op}: scale {} is not finite",
+                attn.scale
+            )));
+        }
+        let wide = heads
+            .checked_mul(cols)
+            .ok_or_else(|| Error::Overflow(format!("{op}: heads x width")))?;
+        let block = |name: &str, c: &Cols<'_, T>, width: usize| -> Result<(usize, usize)> {
+            let shape = c.tensor.shape();
+            let &[b, lk, w] = shape else {
+                return Err(Error::invalid(format!(
+                    "{op} {name}: expected a [batch, keys, width] tensor, found shape {shape:?}"
+                )));
+            };
+            let end = c
+                .start
+                .checked_add(width)
+                .ok_or_else(|| Error::Overflow(format!("{op} {name} columns")))?;
+            if end > w {
+                return Err(Error::invalid(format!(
+                    "{op} {name}: columns {}..{end} do not fit in width {w}",
+                    c.start
+                )));
+            }
+            if b != batch {
+                return Err(Error::invalid(format!(
+                    "{op} {name}: batch {b}, the rows attending have {batch}"
+                )));
+            }
+            Ok((lk, w))
+        };
+        let (lk, k_stride) = block("keys", &attn.keys, wide)?;
+        let (lv, v_stride) = block("values", &attn.values, wide)?;
+        let (lb, b_stride) = block("key_bias", &attn.key_bias, heads)?;
+        if lv != lk || lb != lk {
+            return Err(Error::invalid(format!(
+                "{op}: keys ({lk}), values ({lv}) and key_bias ({lb}) disagree on the key count"
+            )));
+        }
+        nonempty(op, &[("key count", lk)])?;
+        if heads.saturating_mul(lk) > ABSORBED_MAX_SCORES {
+            return Err(Error::invalid(format!(
+                "{op}: {heads} heads x {lk} keys, at most {ABSORBED_MAX_SCORES} scores a row are supported"
+            )));
+        }
+        Ok(AbsorbedAttentionDims {
+            batch,
+            lq,
+            cols,
+            lk,
+            heads,
+            k_stride,
+            v_stride,
+            b_stride,
+            k_start: attn.keys.start,
+            v_start: attn.values.start,
+            b_start: attn.key_bias.start,
         })
     }
 }

@@ -24,6 +24,19 @@
 //! - Every decoder layer's cross-attention projects the same memory to keys and
 //!   values: the K/V rows of the layers' `in_proj` are stacked into one
 //!   `[layers * 2d, d]` weight, so one GEMM serves all of them.
+//! - Where the memory is a few signal tokens and the backend says it pays
+//!   ([`Backend::attention_absorbed_pays`]), the cross-attention's query and
+//!   output projections are absorbed into its keys and values. Head `e`'s
+//!   score of key `k_j` is `(W_qᵉ h + b_qᵉ) · k_jᵉ = h · (W_qᵉᵀ k_jᵉ) + b_qᵉ ·
+//!   k_jᵉ`, and its share of the output `W_oᵉ Σ_j p_j v_jᵉ = Σ_j p_j (W_oᵉ
+//!   v_jᵉ)`. With `k_j = W_k m_j + b_k` (and `v_j` alike) those three are
+//!   linear in the memory row `m_j`: their weights (`W_qᵉᵀ W_kᵉ`, `W_oᵉ
+//!   W_vᵉ`, `b_qᵉᵀ W_kᵉ`, made once, in f64) are stacked in place of the
+//!   K/V rows, so the one GEMM over the memory gives them, and each layer's
+//!   cross-attention becomes per query row `heads x keys` dot products and
+//!   as many scaled row sums, with the LayerNorms before and after it, in
+//!   one op ([`Backend::attention_absorbed`]): no GEMM over the 77 query
+//!   rows at all.
 //!
 //! A [`Plan`] holds every buffer of a forward at one shape: with
 //! [`Projector::forward_with`] a forward allocates nothing and copies nothing,
@@ -36,7 +49,8 @@ use std::sync::{Arc, Mutex};
 use crate::config::ProjectorConfig;
 use crate::error::{Error, Result};
 use crate::ops::{
-    Activation, AttentionInput, AttentionSpec, Backend, Cols, NormAfter, NormInput, Shaped,
+    AbsorbedAttentionInput, Activation, AttentionInput, AttentionSpec, Backend, Cols, NormAfter,
+    NormInput, Shaped,
 };
 use crate::profile;
 use crate::signal::SignalPositions;
@@ -104,6 +118,9 @@ pub struct Plan<T> {
     q: T,
     out: T,
     prefix: Arc<DecoderPrefix<T>>,
+    /// The absorbed cross-attention's stacked weight, where this plan's
+    /// decoder runs it; `cross_kv` then holds its output.
+    absorbed: Option<Arc<Linear<T>>>,
 }
 
 impl<T> Plan<T> {
@@ -143,6 +160,9 @@ pub struct Projector<B: Backend> {
     output: Linear<B::Tensor>,
     /// Decoder prefixes by batch size.
     prefixes: Mutex<HashMap<usize, Arc<DecoderPrefix<B::Tensor>>>>,
+    /// The absorbed cross-attention's stacked weight ([`AbsorbedCross`]),
+    /// made by the first plan that runs it.
+    absorbed: Mutex<Option<Arc<Linear<B::Tensor>>>>,
 }
 
 /// Batch sizes whose decoder prefix is kept on the device.
@@ -242,6 +262,7 @@ impl<B: Backend> Projector<B> {
             decoder_norm: norm("tfm.decoder.norm")?,
             output: linear(config.variant.output_linear())?,
             prefixes: Mutex::new(HashMap::new()),
+            absorbed: Mutex::new(None),
             config,
             backend,
         })
@@ -263,10 +284,18 @@ impl<B: Backend> Projector<B> {
         let c = &self.config;
         let be = &self.backend;
         let (d, n) = (c.d_model, c.n_out);
-        let kv_cols = c
-            .decoder_layers
-            .checked_mul(2 * d)
-            .ok_or_else(|| Error::Overflow("decoder keys and values".into()))?;
+        let absorbed = if be.attention_absorbed_pays(n_in, c.heads, d) {
+            Some(self.absorbed_cross()?)
+        } else {
+            None
+        };
+        let kv_cols = match &absorbed {
+            Some(a) => a.weight.shape()[0],
+            None => c
+                .decoder_layers
+                .checked_mul(2 * d)
+                .ok_or_else(|| Error::Overflow("decoder keys and values".into()))?,
+        };
         let mut decoder = Work::new(be, [batch, n], d, c.ffn_dim)?;
         let prefix = self.prefix(batch, &mut decoder)?;
         Ok(Plan {
@@ -280,7 +309,49 @@ impl<B: Backend> Projector<B> {
             q: be.alloc(&[batch, n, d])?,
             out: be.alloc(&[batch, n, c.out_dim])?,
             prefix,
+            absorbed,
         })
+    }
+
+    /// The absorbed cross-attention's stacked weight, made from the
+    /// projections on the device on first use and kept.
+    fn absorbed_cross(&self) -> Result<Arc<Linear<B::Tensor>>> {
+        let mut kept = self.absorbed.lock().map_err(|_| {
+            Error::invalid("projector absorbed weights poisoned by an earlier panic")
+        })?;
+        if let Some(a) = kept.as_ref() {
+            return Ok(Arc::clone(a));
+        }
+        let _range = profile::range("decoder.absorb");
+        let be = &self.backend;
+        let c = &self.config;
+        let d = c.d_model;
+        let host = |t: &B::Tensor| be.download(t).map(|h| h.to_f64_vec());
+        let (kv_w, kv_b) = (host(&self.cross_kv.weight)?, host(&self.cross_kv.bias)?);
+        let shape = AbsorbedCross::new(c.decoder_layers, c.heads, d)?;
+        let mut layers = Vec::with_capacity(self.decoder.len());
+        for (l, layer) in self.decoder.iter().enumerate() {
+            let kv = 2 * d * l;
+            layers.push(AttentionWeights {
+                q: (host(&layer.cross_q.weight)?, host(&layer.cross_q.bias)?),
+                k: (
+                    kv_w[kv * d..(kv + d) * d].to_vec(),
+                    kv_b[kv..kv + d].to_vec(),
+                ),
+                v: (
+                    kv_w[(kv + d) * d..(kv + 2 * d) * d].to_vec(),
+                    kv_b[kv + d..kv + 2 * d].to_vec(),
+                ),
+                out: host(&layer.cross_out.weight)?,
+            });
+        }
+        let (w, b) = shape.weights(&layers)?;
+        let a = Arc::new(Linear {
+            weight: be.upload(&w)?,
+            bias: be.upload(&b)?,
+        });
+        *kept = Some(Arc::clone(&a));
+        Ok(a)
     }
 
     /// The decoder prefix for `batch`, from the cache or computed with `t`'s
@@ -439,6 +510,7 @@ impl<B: Backend> Projector<B> {
             q,
             out,
             prefix,
+            absorbed,
             ..
         } = plan;
         let x = match (embeds, summed.as_ref()) {
@@ -447,8 +519,9 @@ impl<B: Backend> Projector<B> {
         };
         // A forward that failed part way may have left a norm pending.
         (encoder.normed, decoder.normed) = (false, false);
-        self.encode(x, encoder, cross_kv)?;
-        self.decode(cross_kv, decoder, q, prefix, out)?;
+        let absorbed = absorbed.as_deref();
+        self.encode(x, encoder, absorbed.unwrap_or(&self.cross_kv), cross_kv)?;
+        self.decode(cross_kv, decoder, q, prefix, absorbed.is_some(), out)?;
         Ok(out)
     }
 
@@ -478,10 +551,16 @@ impl<B: Backend> Projector<B> {
     }
 
     /// `memory = Encoder(fc(x))`, projected at once to every decoder layer's
-    /// keys and values: `kv = cross_kv(memory)`. The stream starts as fc(x);
-    /// every sub-block leaves its output in `f`, which the next norm adds to
-    /// the stream.
-    fn encode(&self, x: &B::Tensor, e: &mut Work<B::Tensor>, kv: &mut B::Tensor) -> Result<()> {
+    /// keys and values: `kv = cross(memory)` (the stacked K/V projections,
+    /// or the absorbed ones). The stream starts as fc(x); every sub-block
+    /// leaves its output in `f`, which the next norm adds to the stream.
+    fn encode(
+        &self,
+        x: &B::Tensor,
+        e: &mut Work<B::Tensor>,
+        cross: &Linear<B::Tensor>,
+        kv: &mut B::Tensor,
+    ) -> Result<()> {
         let c = &self.config;
         let be = &self.backend;
         let spec = AttentionSpec::new(c.heads, c.head_dim());
@@ -509,17 +588,19 @@ impl<B: Backend> Projector<B> {
         }
         let _kv = profile::range("decoder.cross_kv");
         let norm = NextNorm::new(NormOf::Pending, &self.encoder_norm, c.eps);
-        e.norm_linear(be, &norm, &self.cross_kv, Activation::None, Dest::Other(kv))
+        e.norm_linear(be, &norm, cross, Activation::None, Dest::Other(kv))
     }
 
     /// `out = output(Decoder(queries, memory))` from the memory's keys and
-    /// values `kv`, the first layer resumed from `prefix`.
+    /// values `kv` (absorbed ones where `absorbed`), the first layer resumed
+    /// from `prefix`.
     fn decode(
         &self,
         kv: &B::Tensor,
         t: &mut Work<B::Tensor>,
         q: &mut B::Tensor,
         prefix: &DecoderPrefix<B::Tensor>,
+        absorbed: bool,
         out: &mut B::Tensor,
     ) -> Result<()> {
         let c = &self.config;
@@ -547,7 +628,19 @@ impl<B: Backend> Projector<B> {
                 NormOf::Pending
             };
             let norm3 = NextNorm::new(of, &layer.norm3, c.eps);
-            if l == 0 {
+            if absorbed {
+                let shape = AbsorbedCross::new(c.decoder_layers, c.heads, d)?;
+                let attn = shape.input(kv, l, &layer.cross_out.bias, spec.scale());
+                let on = if l == 0 {
+                    Some(&prefix.stream)
+                } else {
+                    let norm1 = NextNorm::new(NormOf::Pending, &layer.norm1, c.eps);
+                    t.norm_linear(be, &norm1, &layer.self_qkv, none, Dest::Qkv)?;
+                    t.attend(be, &layer.self_out, &spec, None)?;
+                    None
+                };
+                t.attend_absorbed(be, on, &layer.norm2, attn, &layer.norm3, c.eps)?;
+            } else if l == 0 {
                 t.attend_to(be, cross(&prefix.cross_q), &layer.cross_out, Some(&norm3))?;
             } else {
                 let norm1 = NextNorm::new(NormOf::Pending, &layer.norm1, c.eps);
@@ -859,6 +952,38 @@ impl<T: Shaped> Work<T> {
         }
     }
 
+    /// The cross-attention absorbed ([`Backend::attention_absorbed`]): of
+    /// `f` pending on the stream, or of stream `on` alone, normalised by
+    /// `norm`; the sum plus the attention becomes the stream, normalised by
+    /// `after` into `h`. Nothing is left pending.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_absorbed<B: Backend<Tensor = T>>(
+        &mut self,
+        be: &B,
+        on: Option<&T>,
+        norm: &Norm<T>,
+        attn: AbsorbedAttentionInput<'_, T>,
+        after: &Norm<T>,
+        eps: f64,
+    ) -> Result<()> {
+        let Work { s, f, h, .. } = self;
+        let [cur, sum] = s;
+        let input = match on {
+            Some(stream) => norm.of(stream, None, eps),
+            None => norm.of(f, Some(cur), eps),
+        };
+        let after = NormAfter {
+            residual: None,
+            weight: &after.weight,
+            bias: &after.bias,
+            eps,
+        };
+        be.attention_absorbed(input, attn, after, sum, h)?;
+        self.s.swap(0, 1);
+        self.normed = true;
+        Ok(())
+    }
+
     /// `f = linear2(ffn)`, the feed-forward's second half; `next` as in
     /// [`Work::attend_to`].
     fn ffn_out<B: Backend<Tensor = T>>(
@@ -870,6 +995,140 @@ impl<T: Shaped> Work<T> {
         match next.filter(|n| Self::folds(be, &self.ffn, l2, n)) {
             Some(n) => self.fold_norm(be, SubBlockIn::Ffn, l2, n),
             None => l2.apply(be, &self.ffn, Activation::None, &mut self.f),
+        }
+    }
+}
+
+/// One attention block's projections on the host, in f64: weight and bias of
+/// its query, key and value projections (`[d, d]` and `[d]`), and its output
+/// projection's weight.
+struct AttentionWeights {
+    q: (Vec<f64>, Vec<f64>),
+    k: (Vec<f64>, Vec<f64>),
+    v: (Vec<f64>, Vec<f64>),
+    out: Vec<f64>,
+}
+
+/// The layout of the absorbed cross-attention's stacked weight (see the
+/// module's notes): per decoder layer a block of rows, `heads` blocks of `d`
+/// key rows (`W_qᵉᵀ W_kᵉ`), `heads` blocks of `d` value rows (`W_oᵉ W_vᵉ`)
+/// and `heads` key-bias rows (`b_qᵉᵀ W_kᵉ`), padded to a multiple of 8 rows
+/// so that every block of the GEMM's output starts 16-byte aligned.
+#[derive(Clone, Copy, Debug)]
+struct AbsorbedCross {
+    layers: usize,
+    heads: usize,
+    d: usize,
+    /// Rows per layer.
+    width: usize,
+}
+
+impl AbsorbedCross {
+    fn new(layers: usize, heads: usize, d: usize) -> Result<Self> {
+        let overflow = || Error::Overflow("absorbed cross-attention weights".into());
+        let width = heads
+            .checked_mul(2 * d)
+            .and_then(|w| w.checked_add(heads.next_multiple_of(8)))
+            .ok_or_else(overflow)?;
+        layers
+            .checked_mul(width)
+            .and_then(|r| r.checked_mul(d))
+            .ok_or_else(overflow)?;
+        if heads == 0 || d % heads != 0 {
+            return Err(Error::invalid(format!(
+                "absorbed cross-attention: width {d} is not a multiple of {heads} heads"
+            )));
+        }
+        Ok(AbsorbedCross {
+            layers,
+            heads,
+            d,
+            width,
+        })
+    }
+
+    /// What layer `l`'s attention reads of the GEMM's output `kv`.
+    fn input<'a, T>(
+        &self,
+        kv: &'a T,
+        l: usize,
+        out_bias: &'a T,
+        scale: f64,
+    ) -> AbsorbedAttentionInput<'a, T> {
+        let (base, hd) = (l * self.width, self.heads * self.d);
+        AbsorbedAttentionInput {
+            keys: Cols::new(kv, base),
+            values: Cols::new(kv, base + hd),
+            key_bias: Cols::new(kv, base + 2 * hd),
+            out_bias,
+            heads: self.heads,
+            scale,
+        }
+    }
+
+    /// The stacked weight `[layers x width, d]` and bias of `layers`'
+    /// projections, one thread per layer.
+    fn weights(&self, layers: &[AttentionWeights]) -> Result<(HostTensor, HostTensor)> {
+        if layers.len() != self.layers {
+            return Err(Error::invalid(format!(
+                "absorbed cross-attention: {} layers given, {} expected",
+                layers.len(),
+                self.layers
+            )));
+        }
+        let (d, width) = (self.d, self.width);
+        let rows = self.layers * width;
+        let mut w = try_filled(rows * d, 0.0f64, "absorbed cross-attention weight")?;
+        let mut b = try_filled(rows, 0.0f64, "absorbed cross-attention bias")?;
+        std::thread::scope(|scope| -> Result<()> {
+            let mut jobs = Vec::with_capacity(layers.len());
+            let blocks = w.chunks_mut(width * d).zip(b.chunks_mut(width));
+            for (a, (w, b)) in layers.iter().zip(blocks) {
+                let job = std::thread::Builder::new()
+                    .name("absorb".into())
+                    .spawn_scoped(scope, move || self.absorb(a, w, b))
+                    .map_err(|e| Error::invalid(format!("absorbing the cross-attention: {e}")))?;
+                jobs.push(job);
+            }
+            for job in jobs {
+                job.join().map_err(|_| {
+                    Error::invalid("absorbing the cross-attention: a thread panicked")
+                })?;
+            }
+            Ok(())
+        })?;
+        Ok((
+            HostTensor::from_f64(vec![rows, d], w)?,
+            HostTensor::from_f64(vec![rows], b)?,
+        ))
+    }
+
+    /// One layer's block of rows (`w`, `b`, zeroed) from its projections.
+    fn absorb(&self, a: &AttentionWeights, w: &mut [f64], b: &mut [f64]) {
+        let (d, heads) = (self.d, self.heads);
+        let hd = d / heads;
+        let ((wq, bq), (wk, bk), (wv, bv), wo) = (&a.q, &a.k, &a.v, &a.out);
+        let axpy = |a: f64, x: &[f64], y: &mut [f64]| {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y += a * x;
+            }
+        };
+        for e in 0..heads {
+            for t in 0..hd {
+                let r = e * hd + t;
+                let (k, v) = (&wk[r * d..(r + 1) * d], &wv[r * d..(r + 1) * d]);
+                for i in 0..d {
+                    let key = e * d + i;
+                    axpy(wq[r * d + i], k, &mut w[key * d..(key + 1) * d]);
+                    b[key] += wq[r * d + i] * bk[r];
+                    let value = heads * d + e * d + i;
+                    axpy(wo[i * d + r], v, &mut w[value * d..(value + 1) * d]);
+                    b[value] += wo[i * d + r] * bv[r];
+                }
+                let bias = 2 * heads * d + e;
+                axpy(bq[r], k, &mut w[bias * d..(bias + 1) * d]);
+                b[bias] += bq[r] * bk[r];
+            }
         }
     }
 }

@@ -5,8 +5,8 @@
 use crate::config::ProjectorConfig;
 use crate::error::Result;
 use crate::ops::{
-    Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind, NormAfter, NormInput,
-    Shaped,
+    AbsorbedAttentionInput, Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind,
+    NormAfter, NormInput, Shaped,
 };
 use crate::projector::Projector;
 use crate::reference::Reference;
@@ -69,6 +69,21 @@ pub enum Case {
         /// (self-attention, needs `lq == lk`); else Q alone and K, V packed.
         packed: bool,
     },
+    /// `attention_absorbed` of `[batch, lq, cols]` rows over `lk` keys in
+    /// `heads` heads, both outputs compared.
+    AttentionAbsorbed {
+        batch: usize,
+        lq: usize,
+        lk: usize,
+        heads: usize,
+        cols: usize,
+        residual: bool,
+        /// Keys, values and key bias as column blocks of one tensor, from
+        /// an odd column (no 16-byte loads); else three tensors of their own.
+        packed: bool,
+        /// Added to every input row, as in `LayerNorm`.
+        offset: f64,
+    },
     AlignmentLoss {
         batch: usize,
         tokens: usize,
@@ -126,6 +141,7 @@ impl Case {
             Case::LayerNormLinear { .. } => "layer_norm_linear",
             Case::LinearLayerNorm { .. } => "linear_layer_norm",
             Case::Attention { .. } => "attention",
+            Case::AttentionAbsorbed { .. } => "attention_absorbed",
             Case::AlignmentLoss { .. } => "alignment_loss",
             Case::Gather { .. } => "gather_signal_tokens",
         }
@@ -185,6 +201,20 @@ impl Case {
                 "B{batch} Lq{lq} Lk{lk} H{heads} d{head_dim}{}{}{}",
                 if causal { " causal" } else { "" },
                 if mask { " mask" } else { "" },
+                if packed { " packed" } else { "" }
+            ),
+            Case::AttentionAbsorbed {
+                batch,
+                lq,
+                lk,
+                heads,
+                cols,
+                residual,
+                packed,
+                offset,
+            } => format!(
+                "B{batch} Lq{lq} Lk{lk} H{heads} C{cols}{}{}",
+                norm_suffix(residual, offset),
                 if packed { " packed" } else { "" }
             ),
             Case::AlignmentLoss {
@@ -328,6 +358,30 @@ pub fn standard_cases() -> Vec<Case> {
         attn(1, 19, 23, 2, 6, true, true, false),
         attn(2, 9, 9, 3, 5, false, false, true),
     ]);
+    // The projector's decoder cross-attention at batch 2 (image and video
+    // presets' signal tokens), tiny rows (CUDA: a warp mostly idle), rows
+    // of a width not a multiple of 4 or past 512 (CUDA: v1), heads x keys at
+    // the bound, unaligned blocks, a large mean.
+    for (batch, lq, lk, heads, cols, residual, packed, offset) in [
+        (2, 77, 4, 4, 512, true, false, 0.0),
+        (1, 77, 24, 4, 512, false, false, 0.0),
+        (2, 77, 4, 4, 512, true, true, 0.0),
+        (3, 5, 1, 1, 12, true, false, 0.0),
+        (2, 3, 3, 2, 10, true, true, 0.0),
+        (1, 9, 8, 16, 516, false, false, 0.0),
+        (2, 7, 5, 3, 100, true, true, 1000.0),
+    ] {
+        cases.push(Case::AttentionAbsorbed {
+            batch,
+            lq,
+            lk,
+            heads,
+            cols,
+            residual,
+            packed,
+            offset,
+        });
+    }
     for &(batch, tokens, dim) in &[
         (1, 1, 1),
         (1, 77, 768),
@@ -446,6 +500,17 @@ enum CaseInputs {
         kv: Option<HostTensor>,
         spec: AttentionSpec,
         mask: Option<KeyPaddingMask>,
+    },
+    AttentionAbsorbed {
+        norm: NormInputs,
+        /// Keys, values and key bias: one tensor holding all three (from
+        /// `starts`), or three.
+        kv: Vec<HostTensor>,
+        starts: [usize; 3],
+        out_bias: HostTensor,
+        heads: usize,
+        scale: f64,
+        after: [HostTensor; 2],
     },
     Loss {
         pred: HostTensor,
@@ -574,6 +639,51 @@ fn case_inputs(case: &Case, inp: &mut Inputs) -> Result<CaseInputs> {
             let mut spec = AttentionSpec::new(heads, head_dim);
             spec.causal = causal;
             CaseInputs::Attention { q, kv, spec, mask }
+        }
+        Case::AttentionAbsorbed {
+            batch,
+            lq,
+            lk,
+            heads,
+            cols,
+            residual,
+            packed,
+            offset,
+        } => {
+            let norm = NormInputs::new(inp, batch * lq, cols, residual, offset)?;
+            let shape = [batch, lq, cols];
+            let norm = NormInputs {
+                x: norm.x.reshape(shape.to_vec())?,
+                residual: norm
+                    .residual
+                    .map(|r| r.reshape(shape.to_vec()))
+                    .transpose()?,
+                ..norm
+            };
+            // Keys scaled so that the scores are O(1), values O(1).
+            let (wide, ks) = (heads * cols, 1.0 / (cols as f64).sqrt());
+            let (kv, starts) = if packed {
+                let width = 3 + 2 * wide + heads + 1;
+                let t = inp.tensor(&[batch, lk, width], ks, 0.0)?;
+                (vec![t], [3, 3 + wide, 3 + 2 * wide])
+            } else {
+                let keys = inp.tensor(&[batch, lk, wide], ks, 0.0)?;
+                let values = inp.tensor(&[batch, lk, wide], 1.0, 0.0)?;
+                let bias = inp.tensor(&[batch, lk, heads], 0.5, 0.0)?;
+                (vec![keys, values, bias], [0, 0, 0])
+            };
+            CaseInputs::AttentionAbsorbed {
+                norm,
+                kv,
+                starts,
+                out_bias: inp.tensor(&[cols], 0.5, 0.0)?,
+                heads,
+                scale: 0.8,
+                after: [
+                    inp.tensor(&[cols], 0.2, 1.0)?,
+                    inp.tensor(&[cols], 0.1, 0.0)?,
+                ],
+            }
         }
         Case::AlignmentLoss {
             batch,
@@ -719,6 +829,52 @@ fn run_case<B: Backend>(be: &B, inputs: &CaseInputs) -> Result<Vec<HostTensor>> 
             let mut out = poisoned(be, &[q.shape()[0], q.shape()[1], c])?;
             be.attention(Cols::new(&qt, 0), k, v, spec, mask.as_ref(), &mut out)?;
             Ok(vec![be.download(&out)?])
+        }
+        CaseInputs::AttentionAbsorbed {
+            norm,
+            kv,
+            starts,
+            out_bias,
+            heads,
+            scale,
+            after,
+        } => {
+            let NormInputs { x, residual, w, b } = norm;
+            let (xt, r, wt, bt) = (up(x)?, opt(residual)?, up(w)?, up(b)?);
+            let kv = kv.iter().map(up).collect::<Result<Vec<_>>>()?;
+            // One tensor serves all three blocks, or each has its own.
+            let block = |i: usize| -> Result<Cols<'_, B::Tensor>> {
+                let t = kv.get(i).or(kv.first()).ok_or_else(|| {
+                    crate::error::Error::invalid("attention_absorbed case without keys")
+                })?;
+                Ok(Cols::new(t, starts[i]))
+            };
+            let (ob, aw, ab) = (up(out_bias)?, up(&after[0])?, up(&after[1])?);
+            let input = NormInput {
+                x: &xt,
+                residual: r.as_ref(),
+                weight: &wt,
+                bias: &bt,
+                eps: 1e-5,
+            };
+            let attn = AbsorbedAttentionInput {
+                keys: block(0)?,
+                values: block(1)?,
+                key_bias: block(2)?,
+                out_bias: &ob,
+                heads: *heads,
+                scale: *scale,
+            };
+            let after = NormAfter {
+                residual: None,
+                weight: &aw,
+                bias: &ab,
+                eps: 1e-5,
+            };
+            let mut stream = poisoned(be, x.shape())?;
+            let mut out = poisoned(be, x.shape())?;
+            be.attention_absorbed(input, attn, after, &mut stream, &mut out)?;
+            Ok(vec![be.download(&out)?, be.download(&stream)?])
         }
         CaseInputs::Loss { pred, target, kind } => {
             let mut loss = poisoned(be, &[1])?;

@@ -183,6 +183,12 @@ fn wide_attention_matches_reference() {
     }
 }
 
+/// v1 and v2 (a warp per row, vec4 and scalar loads) on the standard cases.
+#[test]
+fn attention_absorbed_matches_reference() {
+    check_cases(&verify::standard_cases(), "attention_absorbed", 1e-5);
+}
+
 #[test]
 fn alignment_loss_matches_reference() {
     check_cases(&verify::standard_cases(), "alignment_loss", 1e-5);
@@ -973,13 +979,70 @@ fn folded_layer_norms_match_separate_ones() {
             let launches = b.kernel_launches().unwrap() - before;
             got.push((launches, b.download(out).unwrap().to_f64_vec()));
         }
-        // The encoder's three norms fold in v4 everywhere; the decoder's five
-        // where its split GEMMs are clusters.
-        let folded = if be.cluster_split_k() { 3 + 5 } else { 3 };
+        // The encoder's three norms fold in v4 everywhere; the decoder's two
+        // outside its absorbed cross-attention (which runs both of its own
+        // either way) where its split GEMMs are clusters.
+        let folded = if be.cluster_split_k() { 3 + 2 } else { 3 };
         assert_eq!(got[0].0 + folded, got[1].0, "{}", storage.name());
         let (rel, _) = output_projector::tensor::compare(&got[0].1, &got[1].1);
         println!("{}: folded vs apart rel {rel:.3e}", storage.name());
         assert!(rel <= tol, "{}: rel {rel:.3e}", storage.name());
+    }
+}
+
+/// The decoder's cross-attention absorbed (the default where its keys are
+/// few) against the literal query projection, attention and output
+/// projection (`literal_cross_attention`): the same forward to rounding,
+/// in fewer launches. The small projector at batch 1 and 2, the real one at
+/// batch 1.
+#[test]
+fn absorbed_cross_attention_matches_literal() {
+    for (storage, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+        let Some((be, literal)) = backend_pair(storage, |o| o.literal_cross_attention = true)
+        else {
+            return;
+        };
+        let small = small_projector(256);
+        let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+        let cases: &[(&ProjectorConfig, usize)] = if emulated() {
+            &[(&small, 1), (&small, 2)]
+        } else {
+            &[(&small, 1), (&small, 2), (&image, 1)]
+        };
+        for &(config, batch) in cases {
+            let w = ProjectorWeights::random(config.clone(), None, 5).unwrap();
+            let shape = vec![batch, 4, config.in_dim];
+            let h = HostTensor::randn(shape, 6, "hidden").unwrap();
+            let mut got = Vec::new();
+            for b in [&be, &literal] {
+                assert_eq!(
+                    b.attention_absorbed_pays(4, config.heads, config.d_model),
+                    std::ptr::eq(b, &be),
+                    "{}",
+                    storage.name()
+                );
+                let proj = Projector::new(b.clone(), &w).unwrap();
+                let x = b.upload(&h).unwrap();
+                let mut plan = proj.plan(batch, 4).unwrap();
+                let before = b.kernel_launches().unwrap();
+                let out = proj.forward_with(&mut plan, &x, None).unwrap();
+                let launches = b.kernel_launches().unwrap() - before;
+                got.push((launches, b.download(out).unwrap().to_f64_vec()));
+            }
+            let what = format!("{} d{} batch {batch}", storage.name(), config.d_model);
+            // Per decoder layer but the first, the query projection (its
+            // norm folded into it), the attention and the output projection
+            // become one launch; the first layer's attention and output
+            // projection (its query projection is in the cached prefix).
+            let layers = config.decoder_layers as u64;
+            assert_eq!(got[0].0 + 2 * (layers - 1) + 1, got[1].0, "{what}");
+            let (rel, _) = output_projector::tensor::compare(&got[0].1, &got[1].1);
+            println!(
+                "{what}: absorbed vs literal rel {rel:.3e}, {} vs {} launches",
+                got[0].0, got[1].0
+            );
+            assert!(rel <= tol, "{what}: rel {rel:.3e}");
+        }
     }
 }
 

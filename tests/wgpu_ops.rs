@@ -99,6 +99,13 @@ fn alignment_loss_matches_reference() {
 }
 
 #[test]
+fn attention_absorbed_matches_reference() {
+    // Two LayerNorms around dot products of up to 516 terms and sums of up
+    // to 128: f32 rounding, as the other ops.
+    check_op("attention_absorbed", 1e-5);
+}
+
+#[test]
 fn gather_signal_tokens_matches_reference() {
     // One f32 rounding of a sum of two f32 values.
     check_op("gather_signal_tokens", 1e-7);

@@ -12,7 +12,10 @@ use cudarc::driver::DeviceRepr;
 use super::backend::{blocks_for, i32_of, Cuda, CudaMask, CudaTensor, KernelVersion};
 use super::program::{param_layout, Program};
 use crate::error::{Error, Result};
-use crate::ops::{AttentionDims, AttentionInput};
+use crate::ops::{
+    AbsorbedAttentionDims, AbsorbedAttentionInput, AttentionDims, AttentionInput, NormAfter,
+    NormInput,
+};
 use crate::tensor::DType;
 
 /// Mirror of `AttentionParams` in kernels/common.cuh.
@@ -45,6 +48,81 @@ pub(crate) struct AttentionParams {
 // and linear.cu check it.
 unsafe impl DeviceRepr for AttentionParams {}
 
+/// Mirror of `AbsorbedAttentionParams` in kernels/attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct AbsorbedAttentionParams {
+    x: u64,
+    residual: u64,
+    norm_weight: u64,
+    norm_bias: u64,
+    keys: u64,
+    values: u64,
+    key_bias: u64,
+    out_bias: u64,
+    after_weight: u64,
+    after_bias: u64,
+    stream_out: u64,
+    out: u64,
+    rows: i32,
+    lq: i32,
+    cols: i32,
+    lk: i32,
+    heads: i32,
+    k_stride: i32,
+    k_col: i32,
+    v_stride: i32,
+    v_col: i32,
+    b_stride: i32,
+    b_col: i32,
+    scale: f32,
+    eps: f32,
+    after_eps: f32,
+    vec4: i32,
+    pad0: i32,
+}
+
+// SAFETY: plain data (u64, i32 and f32 fields, no padding), laid out exactly as
+// the kernels' AbsorbedAttentionParams: the static_asserts compiled into
+// attention.cu check it.
+unsafe impl DeviceRepr for AbsorbedAttentionParams {}
+
+/// The layouts attention.cu's kernels take.
+fn file_layouts() -> String {
+    layouts()
+        + &param_layout!(AbsorbedAttentionParams {
+            x,
+            residual,
+            norm_weight,
+            norm_bias,
+            keys,
+            values,
+            key_bias,
+            out_bias,
+            after_weight,
+            after_bias,
+            stream_out,
+            out,
+            rows,
+            lq,
+            cols,
+            lk,
+            heads,
+            k_stride,
+            k_col,
+            v_stride,
+            v_col,
+            b_stride,
+            b_col,
+            scale,
+            eps,
+            after_eps,
+            vec4,
+            pad0
+        })
+}
+
+/// `AttentionParams`' layout, which linear.cu's folded attention takes too.
 pub(super) fn layouts() -> String {
     param_layout!(AttentionParams {
         q,
@@ -82,11 +160,13 @@ pub(crate) static PROGRAM: Program = Program {
         "attention_flash_d128_q16",
         "attention_few_keys",
         "attention_split_keys",
+        "attention_absorbed_naive",
+        "attention_absorbed_warp",
     ],
     half_kernels: &["attention_tc_d64", "attention_tc_d128"],
     tf32_kernels: &[],
     wgmma_kernels: &[],
-    layouts,
+    layouts: file_layouts,
 };
 
 /// Queries per block of the v2 kernel: 2 per warp.
@@ -350,6 +430,120 @@ pub(super) fn attention(
     )?;
     let (kernel, grid, block) = plan_on(be, &d)?;
     be.launch(&PROGRAM, kernel, grid, (block, 1, 1), &params)
+}
+
+/// Rows per block of `attention_absorbed_warp` (`ABS_WARPS`), one a warp.
+const ABSORBED_WARPS: usize = 4;
+/// Widest row `attention_absorbed_warp` holds (`ABS_HELD` float4 a lane).
+const ABSORBED_MAX_COLS: usize = 512;
+
+/// [`absorbing_pays`](crate::ops::absorbing_pays), for rows v2 holds.
+pub(crate) fn absorbed_pays(keys: usize, heads: usize, cols: usize) -> bool {
+    crate::ops::absorbing_pays(keys, heads, cols) && cols % 4 == 0 && cols <= ABSORBED_MAX_COLS
+}
+
+/// `(kernel, grid, block)` of one `attention_absorbed` of `d`: v2 (a warp
+/// per row) where the rows are multiples of 4 columns it holds, else v1.
+pub(crate) fn absorbed_plan(
+    d: &AbsorbedAttentionDims,
+    version: KernelVersion,
+) -> Result<(&'static str, u32, u32)> {
+    let rows = d.batch * d.lq;
+    if version == KernelVersion::Fast && d.cols % 4 == 0 && d.cols <= ABSORBED_MAX_COLS {
+        let grid = blocks_for("attention_absorbed", rows, ABSORBED_WARPS)?;
+        return Ok((
+            "attention_absorbed_warp",
+            grid,
+            (32 * ABSORBED_WARPS) as u32,
+        ));
+    }
+    Ok((
+        "attention_absorbed_naive",
+        blocks_for("attention_absorbed", rows, 128)?,
+        128,
+    ))
+}
+
+pub(super) fn attention_absorbed(
+    be: &Cuda,
+    d: AbsorbedAttentionDims,
+    norm: NormInput<'_, CudaTensor>,
+    attn: AbsorbedAttentionInput<'_, CudaTensor>,
+    after: NormAfter<'_, CudaTensor>,
+    stream_out: &mut CudaTensor,
+    out: &mut CudaTensor,
+) -> Result<()> {
+    let what = "attention_absorbed";
+    let x = be.check_tensor("attention_absorbed x", norm.x)?;
+    let residual = norm
+        .residual
+        .map(|r| be.check_tensor("attention_absorbed residual", r))
+        .transpose()?;
+    let ptrs = [
+        x,
+        residual.unwrap_or(0),
+        be.check_tensor("attention_absorbed norm weight", norm.weight)?,
+        be.check_tensor("attention_absorbed norm bias", norm.bias)?,
+        be.check_tensor("attention_absorbed keys", attn.keys.tensor)?,
+        be.check_tensor("attention_absorbed values", attn.values.tensor)?,
+        be.check_tensor("attention_absorbed key_bias", attn.key_bias.tensor)?,
+        be.check_tensor("attention_absorbed out_bias", attn.out_bias)?,
+        be.check_tensor("attention_absorbed after weight", after.weight)?,
+        be.check_tensor("attention_absorbed after bias", after.bias)?,
+        be.check_tensor("attention_absorbed stream_out", stream_out)?,
+        be.check_tensor("attention_absorbed out", out)?,
+    ];
+    let mut inputs = vec![
+        norm.x,
+        norm.weight,
+        norm.bias,
+        attn.keys.tensor,
+        attn.values.tensor,
+        attn.key_bias.tensor,
+        attn.out_bias,
+        after.weight,
+        after.bias,
+    ];
+    inputs.extend(norm.residual);
+    be.check_disjoint(what, &[stream_out, out], &inputs)?;
+    // 16-byte loads: every row and block starts at a multiple of 4 elements
+    // of a 16-byte aligned tensor.
+    let vec4 = [d.cols, d.k_stride, d.k_start, d.v_stride, d.v_start]
+        .iter()
+        .all(|s| s % 4 == 0)
+        && ptrs.iter().all(|p| p % 16 == 0);
+    let params = AbsorbedAttentionParams {
+        x: ptrs[0],
+        residual: ptrs[1],
+        norm_weight: ptrs[2],
+        norm_bias: ptrs[3],
+        keys: ptrs[4],
+        values: ptrs[5],
+        key_bias: ptrs[6],
+        out_bias: ptrs[7],
+        after_weight: ptrs[8],
+        after_bias: ptrs[9],
+        stream_out: ptrs[10],
+        out: ptrs[11],
+        rows: i32_of("attention_absorbed rows", d.batch * d.lq)?,
+        lq: i32_of("attention_absorbed query length", d.lq)?,
+        cols: i32_of("attention_absorbed width", d.cols)?,
+        lk: i32_of("attention_absorbed key count", d.lk)?,
+        heads: i32_of("attention_absorbed heads", d.heads)?,
+        k_stride: i32_of("attention_absorbed keys stride", d.k_stride)?,
+        k_col: i32_of("attention_absorbed keys column", d.k_start)?,
+        v_stride: i32_of("attention_absorbed values stride", d.v_stride)?,
+        v_col: i32_of("attention_absorbed values column", d.v_start)?,
+        b_stride: i32_of("attention_absorbed key_bias stride", d.b_stride)?,
+        b_col: i32_of("attention_absorbed key_bias column", d.b_start)?,
+        scale: attn.scale as f32,
+        eps: norm.eps as f32,
+        after_eps: after.eps as f32,
+        vec4: i32::from(vec4),
+        pad0: 0,
+    };
+    let (kernel, grid, block) = absorbed_plan(&d, be.version())?;
+    be.launch(&PROGRAM, kernel, (grid, 1, 1), (block, 1, 1), &params)
 }
 
 /// The dims of an attention reading Q, K and V from one packed `[B, L, 3C]`
@@ -689,6 +883,31 @@ mod tests {
                         seen.insert(kernel);
                     }
                 }
+            }
+        }
+        for version in [KernelVersion::Naive, KernelVersion::Fast] {
+            for cols in [512, 12, 10, 516] {
+                let d = AbsorbedAttentionDims {
+                    batch: 2,
+                    lq: 77,
+                    cols,
+                    lk: 4,
+                    heads: 4,
+                    k_stride: 8 * cols + 8,
+                    v_stride: 8 * cols + 8,
+                    b_stride: 8 * cols + 8,
+                    k_start: 0,
+                    v_start: 4 * cols,
+                    b_start: 8 * cols,
+                };
+                let (kernel, _, _) = absorbed_plan(&d, version).unwrap();
+                let v2 = version == KernelVersion::Fast && cols % 4 == 0 && cols <= 512;
+                assert_eq!(
+                    kernel == "attention_absorbed_warp",
+                    v2,
+                    "{cols} {version:?}"
+                );
+                seen.insert(kernel);
             }
         }
         // Every kernel of the program is planned somewhere.

@@ -38,9 +38,10 @@ use super::{
 use crate::error::{Error, Result};
 pub use crate::ops::KernelVersion;
 use crate::ops::{
-    attention_then_linear, layer_norm_then_linear, linear_then_layer_norm, Activation,
-    AttentionDims, AttentionInput, AttentionSpec, Backend, Cols, GatherDims, KeyPaddingMask,
-    LayerNormDims, LinearDims, LossDims, LossKind, NormAfter, NormInput, Shaped,
+    attention_then_linear, layer_norm_then_linear, linear_then_layer_norm, AbsorbedAttentionDims,
+    AbsorbedAttentionInput, Activation, AttentionDims, AttentionInput, AttentionSpec, Backend,
+    Cols, GatherDims, KeyPaddingMask, LayerNormDims, LinearDims, LossDims, LossKind, NormAfter,
+    NormInput, Shaped,
 };
 use crate::signal::SignalPositions;
 use crate::tensor::{checked_numel, try_filled, DType, HostData, HostTensor};
@@ -141,6 +142,16 @@ pub struct CudaOptions {
     /// block, the same result to rounding. The baseline it is measured
     /// against.
     pub query_block_attention: bool,
+    /// Run the projector's decoder cross-attention as its query projection,
+    /// attention and output projection (default off). Off, where its keys
+    /// are few ([`Backend::attention_absorbed_pays`]: heads x keys at most
+    /// a quarter of the width, as the presets' 4 to 24 signal tokens give),
+    /// both projections are absorbed into the memory's keys and values
+    /// ([`Backend::attention_absorbed`], `attention_absorbed_warp`): one
+    /// kernel per layer with both LayerNorms around it, instead of two GEMMs,
+    /// an attention and a LayerNorm. The same function in another order of
+    /// sums: results agree to rounding. The baseline it is measured against.
+    pub literal_cross_attention: bool,
 }
 
 /// Most blocks of one thread-block cluster: the portable limit (sm_90), and
@@ -1708,6 +1719,25 @@ impl Backend for Cuda {
 
     fn linear_layer_norm_folds(&self, m: usize, n: usize, k: usize) -> bool {
         self.linear_layer_norm_kernel(m, n, k).is_some()
+    }
+
+    fn attention_absorbed(
+        &self,
+        norm: NormInput<'_, CudaTensor>,
+        attn: AbsorbedAttentionInput<'_, CudaTensor>,
+        after: NormAfter<'_, CudaTensor>,
+        stream_out: &mut CudaTensor,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let _range = crate::profile::range("attention_absorbed");
+        let d =
+            AbsorbedAttentionDims::check(&norm, &attn, &after, stream_out.shape(), out.shape())?;
+        super::attention::attention_absorbed(self, d, norm, attn, after, stream_out, out)
+    }
+
+    fn attention_absorbed_pays(&self, keys: usize, heads: usize, cols: usize) -> bool {
+        !self.inner.options.literal_cross_attention
+            && super::attention::absorbed_pays(keys, heads, cols)
     }
 
     fn alignment_loss(

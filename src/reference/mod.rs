@@ -10,8 +10,9 @@ mod linear;
 
 use crate::error::{Error, Result};
 use crate::ops::{
-    Activation, AttentionDims, AttentionSpec, Backend, Cols, GatherDims, KeyPaddingMask,
-    LayerNormDims, LinearDims, LossDims, LossKind, Shaped,
+    AbsorbedAttentionDims, AbsorbedAttentionInput, Activation, AttentionDims, AttentionSpec,
+    Backend, Cols, GatherDims, KeyPaddingMask, LayerNormDims, LinearDims, LossDims, LossKind,
+    NormAfter, NormInput, Shaped,
 };
 use crate::signal::SignalPositions;
 use crate::tensor::{checked_numel, try_filled, HostTensor};
@@ -172,6 +173,32 @@ impl Backend for Reference {
             mask.map(|m| m.ignore()),
             &mut out.data,
         );
+        Ok(())
+    }
+
+    fn attention_absorbed(
+        &self,
+        norm: NormInput<'_, RefTensor>,
+        attn: AbsorbedAttentionInput<'_, RefTensor>,
+        after: NormAfter<'_, RefTensor>,
+        stream_out: &mut RefTensor,
+        out: &mut RefTensor,
+    ) -> Result<()> {
+        let d = AbsorbedAttentionDims::check(&norm, &attn, &after, &stream_out.shape, &out.shape)?;
+        let t = attention::Absorbed {
+            x: &norm.x.data,
+            residual: norm.residual.map(|r| r.data()),
+            norm: [&norm.weight.data, &norm.bias.data],
+            eps: norm.eps,
+            keys: &attn.keys.tensor.data,
+            values: &attn.values.tensor.data,
+            key_bias: &attn.key_bias.tensor.data,
+            out_bias: &attn.out_bias.data,
+            scale: attn.scale,
+            after: [&after.weight.data, &after.bias.data],
+            after_eps: after.eps,
+        };
+        attention::attention_absorbed(d, t, &mut stream_out.data, &mut out.data);
         Ok(())
     }
 

@@ -90,12 +90,12 @@ wgsl_params! {
     }
 }
 
-fn overflow(what: &str) -> Error {
+pub(super) fn overflow(what: &str) -> Error {
     Error::Overflow(format!("wgpu attention: {what}"))
 }
 
 /// `a * b`, or an overflow error naming `what`.
-fn mul(a: usize, b: usize, what: &str) -> Result<usize> {
+pub(super) fn mul(a: usize, b: usize, what: &str) -> Result<usize> {
     a.checked_mul(b).ok_or_else(|| overflow(what))
 }
 

@@ -78,6 +78,7 @@ pub(crate) fn wgsl_struct_fields(source: &str, name: &str) -> Vec<(String, Strin
 
 mod alignment_loss;
 mod attention;
+mod attention_absorbed;
 mod backend;
 mod gather_signal_tokens;
 mod layer_norm;
@@ -923,6 +924,31 @@ impl crate::ops::Backend for Wgpu {
             out.shape(),
         )?;
         attention::attention(self, d, q.tensor, k.tensor, v.tensor, spec, mask, out)
+    }
+
+    fn attention_absorbed(
+        &self,
+        norm: crate::ops::NormInput<'_, WgpuTensor>,
+        attn: crate::ops::AbsorbedAttentionInput<'_, WgpuTensor>,
+        after: crate::ops::NormAfter<'_, WgpuTensor>,
+        stream_out: &mut WgpuTensor,
+        out: &mut WgpuTensor,
+    ) -> Result<()> {
+        let _range = crate::profile::range("attention_absorbed");
+        use crate::ops::Shaped;
+        let d = crate::ops::AbsorbedAttentionDims::check(
+            &norm,
+            &attn,
+            &after,
+            stream_out.shape(),
+            out.shape(),
+        )?;
+        attention_absorbed::attention_absorbed(self, d, norm, attn, after, stream_out, out)
+    }
+
+    fn attention_absorbed_pays(&self, keys: usize, heads: usize, cols: usize) -> bool {
+        let bindings = self.gpu().limits.max_storage_buffers_per_shader_stage;
+        bindings >= attention_absorbed::BINDINGS && crate::ops::absorbing_pays(keys, heads, cols)
     }
 
     fn alignment_loss(
