@@ -37,6 +37,8 @@ GRAPH_WITHOUT = [
     ("projector graph attention apart", "projector graph attention apart",
      "folded attention"),
     ("projector graph mma.sync", "projector graph mma.sync", "warpgroup MMA (v6)"),
+    ("projector graph literal cross-attention", "projector graph literal cross-attention",
+     "absorbed cross-attention"),
     ("projector graph query-block attention", "projector graph query-block attention",
      "split-keys attention"),
 ]

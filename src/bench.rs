@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use crate::config::ProjectorConfig;
 use crate::error::Result;
-use crate::ops::{Activation, AttentionSpec, Backend, Cols, LossKind, NormAfter, NormInput};
+use crate::ops::{
+    AbsorbedAttentionInput, Activation, AttentionSpec, Backend, Cols, LossKind, NormAfter,
+    NormInput, Shaped,
+};
 use crate::rng::Rng;
 use crate::signal::SignalPositions;
 use crate::tensor::HostTensor;
@@ -44,6 +47,15 @@ pub enum OpCase {
         heads: usize,
         head_dim: usize,
     },
+    /// The absorbed cross-attention of `[batch, lq, cols]` rows over `lk`
+    /// keys in `heads` heads, with the LayerNorms around it.
+    AttentionAbsorbed {
+        batch: usize,
+        lq: usize,
+        lk: usize,
+        heads: usize,
+        cols: usize,
+    },
     AlignmentLoss {
         batch: usize,
         tokens: usize,
@@ -75,10 +87,17 @@ impl OpCase {
                 k: c.in_dim,
                 act: Activation::None,
             },
-            // Every decoder layer's cross-attention keys and values at once.
+            // Every decoder layer's cross-attention keys and values at once,
+            // and their absorbed form (where the backend absorbs them).
             OpCase::Linear {
                 m: m_in,
                 n: 2 * d * c.decoder_layers,
+                k: d,
+                act: Activation::None,
+            },
+            OpCase::Linear {
+                m: m_in,
+                n: crate::projector::absorbed_cross_width(c)?,
                 k: d,
                 act: Activation::None,
             },
@@ -139,6 +158,15 @@ impl OpCase {
                 heads: c.heads,
                 head_dim: c.head_dim(),
             },
+            // A decoder layer's cross-attention absorbed, against its
+            // attention row above (and the LayerNorm and linears around it).
+            OpCase::AttentionAbsorbed {
+                batch,
+                lq: n,
+                lk: n_in,
+                heads: c.heads,
+                cols: d,
+            },
             OpCase::AlignmentLoss {
                 batch,
                 tokens: n,
@@ -154,8 +182,9 @@ impl OpCase {
     }
 
     /// Floating-point operations of one whole forward (every GEMM and
-    /// attention it runs; the decoder's first self-attention block is
-    /// precomputed, see [`crate::projector`]).
+    /// attention of the model; the decoder's first self-attention block is
+    /// precomputed, see [`crate::projector`]). The model's count: a forward
+    /// with its cross-attention absorbed does fewer.
     pub fn forward_flops(c: &ProjectorConfig, batch: usize, n_in: usize) -> f64 {
         let (d, n, heads, hd) = (c.d_model, c.n_out, c.heads, c.head_dim());
         let (m_in, m) = (batch * n_in, batch * n);
@@ -199,6 +228,7 @@ impl OpCase {
             OpCase::LayerNormLinear { .. } => "layer_norm_linear",
             OpCase::LinearLayerNorm { .. } => "linear_layer_norm",
             OpCase::Attention { .. } => "attention",
+            OpCase::AttentionAbsorbed { .. } => "attention_absorbed",
             OpCase::AlignmentLoss { .. } => "alignment_loss",
             OpCase::Gather { .. } => "gather_signal_tokens",
         }
@@ -221,6 +251,13 @@ impl OpCase {
             } => {
                 format!("B{batch} Lq{lq} Lk{lk} H{heads} d{head_dim}")
             }
+            OpCase::AttentionAbsorbed {
+                batch,
+                lq,
+                lk,
+                heads,
+                cols,
+            } => format!("B{batch} Lq{lq} Lk{lk} H{heads} C{cols}"),
             OpCase::AlignmentLoss { batch, tokens, dim } => format!("{batch}x{tokens}x{dim}"),
             OpCase::Gather {
                 batch,
@@ -249,6 +286,22 @@ impl OpCase {
                 heads,
                 head_dim,
             } => 4.0 * product(&[batch, heads, lq, lk, head_dim]),
+            // Scores and row sums over heads x keys, and the two norms.
+            OpCase::AttentionAbsorbed {
+                batch,
+                lq,
+                lk,
+                heads,
+                cols,
+            } => {
+                4.0 * product(&[batch, lq, heads, lk, cols])
+                    + 2.0
+                        * OpCase::LayerNorm {
+                            rows: batch * lq,
+                            cols,
+                        }
+                        .flops()
+            }
             OpCase::AlignmentLoss { batch, tokens, dim } => 4.0 * product(&[batch, tokens, dim]),
             OpCase::Gather {
                 batch, n, channels, ..
@@ -287,6 +340,19 @@ impl OpCase {
                 heads,
                 head_dim,
             } => 2.0 * product(&[batch, heads, head_dim]) * (product(&[lq]) + product(&[lk])),
+            // The rows and their residual in, the stream and the norm out;
+            // keys, values and key bias; the norms' and output's vectors.
+            OpCase::AttentionAbsorbed {
+                batch,
+                lq,
+                lk,
+                heads,
+                cols,
+            } => {
+                4.0 * product(&[batch, lq, cols])
+                    + product(&[batch, lk, heads]) * (2.0 * product(&[cols]) + 1.0)
+                    + 5.0 * product(&[cols])
+            }
             OpCase::AlignmentLoss { batch, tokens, dim } => {
                 3.0 * product(&[batch, tokens, dim]) + 1.0
             }
@@ -354,6 +420,30 @@ impl OpCase {
                     kv: up(vec![batch, lk, 2 * w])?,
                     spec: AttentionSpec::new(heads, head_dim),
                     out: be.alloc(&[batch, lq, w])?,
+                }
+            }
+            OpCase::AttentionAbsorbed {
+                batch,
+                lq,
+                lk,
+                heads,
+                cols,
+            } => {
+                let kv = up(vec![batch, lk, heads * (2 * cols + 1)])?;
+                Prepared::AttentionAbsorbed {
+                    x: up(vec![batch, lq, cols])?,
+                    residual: up(vec![batch, lq, cols])?,
+                    vectors: [
+                        up(vec![cols])?,
+                        up(vec![cols])?,
+                        up(vec![cols])?,
+                        up(vec![cols])?,
+                        up(vec![cols])?,
+                    ],
+                    kv,
+                    heads,
+                    stream: be.alloc(&[batch, lq, cols])?,
+                    out: be.alloc(&[batch, lq, cols])?,
                 }
             }
             OpCase::AlignmentLoss { batch, tokens, dim } => Prepared::Loss {
@@ -430,6 +520,18 @@ pub enum Prepared<B: Backend> {
         q: B::Tensor,
         kv: B::Tensor,
         spec: AttentionSpec,
+        out: B::Tensor,
+    },
+    AttentionAbsorbed {
+        x: B::Tensor,
+        residual: B::Tensor,
+        /// The first norm's weight and bias, the output bias, the second
+        /// norm's weight and bias.
+        vectors: [B::Tensor; 5],
+        /// Keys, values and key bias side by side.
+        kv: B::Tensor,
+        heads: usize,
+        stream: B::Tensor,
         out: B::Tensor,
     },
     Loss {
@@ -509,6 +611,41 @@ impl<B: Backend> Prepared<B> {
                     None,
                     out,
                 )
+            }
+            Prepared::AttentionAbsorbed {
+                x,
+                residual,
+                vectors: [w, b, ob, aw, ab],
+                kv,
+                heads,
+                stream,
+                out,
+            } => {
+                let cols = x.shape().last().copied().unwrap_or(1);
+                let wide = *heads * cols;
+                let norm = NormInput {
+                    x,
+                    residual: Some(residual),
+                    weight: w,
+                    bias: b,
+                    eps: 1e-5,
+                };
+                let attn = AbsorbedAttentionInput {
+                    keys: Cols::new(kv, 0),
+                    values: Cols::new(kv, wide),
+                    key_bias: Cols::new(kv, 2 * wide),
+                    out_bias: ob,
+                    heads: *heads,
+                    // Scores O(1) on the unit normal keys, as the weights make them.
+                    scale: 1.0 / (cols as f64).sqrt(),
+                };
+                let after = NormAfter {
+                    residual: None,
+                    weight: aw,
+                    bias: ab,
+                    eps: 1e-5,
+                };
+                be.attention_absorbed(norm, attn, after, stream, out)
             }
             Prepared::Loss {
                 pred,

@@ -669,7 +669,8 @@ struct LaunchFeature {
 
 /// The features `be` uses: programmatic dependent launch, split-K in a
 /// thread-block cluster, LayerNorms and attention folded into the linears
-/// after them, warpgroup MMA, attention over keys split among warps.
+/// after them, warpgroup MMA, the absorbed cross-attention, attention over
+/// keys split among warps.
 #[cfg(feature = "cuda")]
 fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
     let base = be.options().clone();
@@ -742,6 +743,17 @@ fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
             exact: false,
         });
     }
+    // The absorbed cross-attention adds its products in another order: the
+    // same result to rounding.
+    let literal = with(|o| o.literal_cross_attention = true);
+    features.push(LaunchFeature {
+        op: "absorbed cross-attention",
+        against: "literal",
+        graph_row: "projector graph literal cross-attention",
+        check: [base.clone(), literal.clone()],
+        off: literal,
+        exact: false,
+    });
     // Split keys combine their parts' softmax states: the same result to
     // rounding.
     let query_blocks = with(|o| o.query_block_attention = true);

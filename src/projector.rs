@@ -30,9 +30,10 @@
 //!   score of key `k_j` is `(W_qᵉ h + b_qᵉ) · k_jᵉ = h · (W_qᵉᵀ k_jᵉ) + b_qᵉ ·
 //!   k_jᵉ`, and its share of the output `W_oᵉ Σ_j p_j v_jᵉ = Σ_j p_j (W_oᵉ
 //!   v_jᵉ)`. With `k_j = W_k m_j + b_k` (and `v_j` alike) those three are
-//!   linear in the memory row `m_j`: their weights (`W_qᵉᵀ W_kᵉ`, `W_oᵉ
-//!   W_vᵉ`, `b_qᵉᵀ W_kᵉ`, made once, in f64) are stacked in place of the
-//!   K/V rows, so the one GEMM over the memory gives them, and each layer's
+//!   linear in the memory row `m_j` (`b_k`'s share of a score is the same
+//!   for every key, and the softmax cancels it): their weights (`W_qᵉᵀ
+//!   W_kᵉ`, `W_oᵉ W_vᵉ`, `b_qᵉᵀ W_kᵉ`, made once, in f64) are stacked in
+//!   place of the K/V rows, so the one GEMM over the memory gives them, and each layer's
 //!   cross-attention becomes per query row `heads x keys` dot products and
 //!   as many scaled row sums, with the LayerNorms before and after it, in
 //!   one op ([`Backend::attention_absorbed`]): no GEMM over the 77 query
@@ -1023,6 +1024,13 @@ struct AbsorbedCross {
     width: usize,
 }
 
+/// Columns of the memory's projection where the decoder's cross-attention is
+/// absorbed: every layer's keys, values and key bias (see [`AbsorbedCross`]).
+pub(crate) fn absorbed_cross_width(c: &ProjectorConfig) -> Result<usize> {
+    let a = AbsorbedCross::new(c.decoder_layers, c.heads, c.d_model)?;
+    Ok(a.layers * a.width)
+}
+
 impl AbsorbedCross {
     fn new(layers: usize, heads: usize, d: usize) -> Result<Self> {
         let overflow = || Error::Overflow("absorbed cross-attention weights".into());
@@ -1104,10 +1112,15 @@ impl AbsorbedCross {
     }
 
     /// One layer's block of rows (`w`, `b`, zeroed) from its projections.
+    /// The key projection's bias gives every key of a head the same share of
+    /// its score, `(W_qᵉ h + b_qᵉ) · b_kᵉ`, which the softmax cancels: the
+    /// key and key-bias rows have no bias. The value projection's bias comes
+    /// out of the softmax whole (the probabilities sum to 1), through the
+    /// value rows' bias.
     fn absorb(&self, a: &AttentionWeights, w: &mut [f64], b: &mut [f64]) {
         let (d, heads) = (self.d, self.heads);
         let hd = d / heads;
-        let ((wq, bq), (wk, bk), (wv, bv), wo) = (&a.q, &a.k, &a.v, &a.out);
+        let ((wq, bq), (wk, _), (wv, bv), wo) = (&a.q, &a.k, &a.v, &a.out);
         let axpy = |a: f64, x: &[f64], y: &mut [f64]| {
             for (y, x) in y.iter_mut().zip(x) {
                 *y += a * x;
@@ -1120,15 +1133,130 @@ impl AbsorbedCross {
                 for i in 0..d {
                     let key = e * d + i;
                     axpy(wq[r * d + i], k, &mut w[key * d..(key + 1) * d]);
-                    b[key] += wq[r * d + i] * bk[r];
                     let value = heads * d + e * d + i;
                     axpy(wo[i * d + r], v, &mut w[value * d..(value + 1) * d]);
                     b[value] += wo[i * d + r] * bv[r];
                 }
                 let bias = 2 * heads * d + e;
                 axpy(bq[r], k, &mut w[bias * d..(bias + 1) * d]);
-                b[bias] += bq[r] * bk[r];
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::{RefTensor, Reference};
+    use crate::rng::Rng;
+
+    /// The absorbed cross-attention (its weights, their layout in the GEMM's
+    /// output, and the op) against the literal one, both on the f64
+    /// reference: two layers, so the second layer's blocks are found at
+    /// their offsets, and 3 heads, so the key bias rows are padded.
+    #[test]
+    fn absorbed_cross_attention_is_the_literal_one() -> Result<()> {
+        let (batch, lq, lk, heads, d, layers) = (2, 5, 3, 3, 12, 2);
+        let mut rng = Rng::new(3);
+        let mut t = |shape: &[usize]| -> Result<HostTensor> {
+            let n = checked_numel(shape, "test")?;
+            HostTensor::from_f64(shape.to_vec(), rng.normal_vec(n))
+        };
+        let be = Reference;
+        let up = |h: &HostTensor| be.upload(h);
+        let (x, r, m) = (
+            t(&[batch, lq, d])?,
+            t(&[batch, lq, d])?,
+            t(&[batch, lk, d])?,
+        );
+        let mut host = Vec::new();
+        let mut literal = Vec::new();
+        for _ in 0..layers {
+            let w: Vec<HostTensor> = (0..4).map(|_| t(&[d, d])).collect::<Result<_>>()?;
+            let b: Vec<HostTensor> = (0..4).map(|_| t(&[d])).collect::<Result<_>>()?;
+            let norms: Vec<HostTensor> = (0..4).map(|_| t(&[d])).collect::<Result<_>>()?;
+            host.push(AttentionWeights {
+                q: (w[0].to_f64_vec(), b[0].to_f64_vec()),
+                k: (w[1].to_f64_vec(), b[1].to_f64_vec()),
+                v: (w[2].to_f64_vec(), b[2].to_f64_vec()),
+                out: w[3].to_f64_vec(),
+            });
+            literal.push((w, b, norms));
+        }
+        let shape = AbsorbedCross::new(layers, heads, d)?;
+        let (aw, ab) = shape.weights(&host)?;
+        let spec = AttentionSpec::new(heads, d / heads);
+        let (xt, rt, mt) = (up(&x)?, up(&r)?, up(&m)?);
+        let mut kv = be.alloc(&[batch, lk, aw.shape()[0]])?;
+        be.linear(
+            &mt,
+            &up(&aw)?,
+            Some(&up(&ab)?),
+            Activation::None,
+            None,
+            &mut kv,
+        )?;
+        for (l, (w, b, norms)) in literal.iter().enumerate() {
+            let [w, b, n] = [w, b, norms].map(|v| v.iter().map(up).collect::<Result<Vec<_>>>());
+            let (w, b, n) = (w?, b?, n?);
+            let norm = NormInput {
+                x: &xt,
+                residual: Some(&rt),
+                weight: &n[0],
+                bias: &n[1],
+                eps: 1e-5,
+            };
+            let after = NormAfter {
+                residual: None,
+                weight: &n[2],
+                bias: &n[3],
+                eps: 1e-5,
+            };
+            // Literal: the norm, the query projection, the keys and values,
+            // the attention, the output projection, the residual and norm.
+            let alloc = |cols: usize| be.alloc(&[batch, lq, cols]);
+            let (mut h, mut s, mut q, mut a, mut o) =
+                (alloc(d)?, alloc(d)?, alloc(d)?, alloc(d)?, alloc(d)?);
+            be.layer_norm(&xt, Some(&rt), &n[0], &n[1], 1e-5, &mut h, Some(&mut s))?;
+            be.linear(&h, &w[0], Some(&b[0]), Activation::None, None, &mut q)?;
+            let mut lit_kv = be.alloc(&[batch, lk, 2 * d])?;
+            let stack = |a: &RefTensor, b: &RefTensor| -> Result<RefTensor> {
+                up(&HostTensor::concat_rows(&[
+                    be.download(a)?,
+                    be.download(b)?,
+                ])?)
+            };
+            let (k_and_v, kv_bias) = (stack(&w[1], &w[2])?, stack(&b[1], &b[2])?);
+            be.linear(
+                &mt,
+                &k_and_v,
+                Some(&kv_bias),
+                Activation::None,
+                None,
+                &mut lit_kv,
+            )?;
+            let (k, v) = (Cols::new(&lit_kv, 0), Cols::new(&lit_kv, d));
+            be.attention(Cols::new(&q, 0), k, v, &spec, None, &mut a)?;
+            be.linear(&a, &w[3], Some(&b[3]), Activation::None, None, &mut o)?;
+            let (mut want_stream, mut want) = (alloc(d)?, alloc(d)?);
+            be.layer_norm(
+                &o,
+                Some(&s),
+                &n[2],
+                &n[3],
+                1e-5,
+                &mut want,
+                Some(&mut want_stream),
+            )?;
+            // Absorbed.
+            let attn = shape.input(&kv, l, &b[3], spec.scale());
+            let (mut stream, mut out) = (alloc(d)?, alloc(d)?);
+            be.attention_absorbed(norm, attn, after, &mut stream, &mut out)?;
+            for (got, want) in [(&out, &want), (&stream, &want_stream)] {
+                let (rel, _) = crate::tensor::compare(got.data(), want.data());
+                assert!(rel < 1e-12, "layer {l}: rel {rel:.3e}");
+            }
+        }
+        Ok(())
     }
 }
