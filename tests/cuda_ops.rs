@@ -1599,10 +1599,10 @@ fn kernels_pass_under_cpu_emulation() {
 /// First `race_selftest`'s small kernels must each give their status: 0
 /// (ordered), 66 (TSan's, for the race each "(race)" case holds) or 1 (a
 /// cp.async stage read before its wait: stale data). Then run_kernels on the
-/// ops in `OUTPROJ_RACE_CHECK_OPS` (default `gather loss ln linear_large
-/// linear_layer_norm`: the small ops and the 16-bit GEMMs' cp.async and
-/// wgmma pipelines, about three minutes; all of them, `gather loss ln attn
-/// linear`, take about an hour on one core) must
+/// ops in `OUTPROJ_RACE_CHECK_OPS` (default `gather loss ln absorbed
+/// linear_large linear_layer_norm`: the small ops and the 16-bit GEMMs'
+/// cp.async and wgmma pipelines, about three minutes; all of them, `gather
+/// loss ln absorbed attn linear`, take about an hour on one core) must
 /// pass with no race reported. Skips in one line without a C++ compiler or
 /// its ThreadSanitizer runtime.
 #[test]
@@ -1665,7 +1665,7 @@ fn kernels_race_free_under_thread_sanitizer() {
         "compiling run_kernels.cpp with ThreadSanitizer"
     );
     let ops = std::env::var("OUTPROJ_RACE_CHECK_OPS")
-        .unwrap_or_else(|_| "gather loss ln linear_large linear_layer_norm".into());
+        .unwrap_or_else(|_| "gather loss ln absorbed linear_large linear_layer_norm".into());
     let ops: Vec<&str> = ops.split_whitespace().collect();
     let out = run(&exe, &ops);
     let stdout = String::from_utf8_lossy(&out.stdout);

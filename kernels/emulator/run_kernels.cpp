@@ -8,7 +8,7 @@
 //   c++ -std=c++17 -O1 -pthread -fsanitize=address,undefined run_kernels.cpp -o run_kernels
 //   ASAN_OPTIONS=detect_leaks=0 ./run_kernels [--reverse] [--long] [op ...]
 //
-// ops: gather loss ln attn linear (default: all); or, of linear, only
+// ops: gather loss ln absorbed attn linear (default: all); or, of linear, only
 // linear_large (the 16-bit GEMMs' 128-row tiles: v3's large, v5, v6) or
 // linear_layer_norm (the GEMMs with the LayerNorm after them). --reverse runs the threads of
 // a block in the opposite order between barriers (another interleaving);
@@ -373,6 +373,86 @@ static void test_layer_norm(int rows, int cols, bool res, double offset, bool wi
         }
         report(std::string(name) + " " + v, out.p, want, 1e-5);
         if (with_sum) report(std::string(name) + " " + v + " sum", so.p, wsum, 1e-7);
+    }
+}
+
+// ---------------------------------------------------------------- attention_absorbed
+// Rows of `cols` over `lk` keys in `heads` heads; keys, values and key bias
+// side by side in one tensor from column `start` (an odd start: scalar loads).
+static void test_attention_absorbed(int batch, int lq, int lk, int heads, int cols, bool res,
+                                    double offset, int start) {
+    // A width of float4s where the start is one (16-byte loads), else odd.
+    const int rows = batch * lq, wide = heads * cols,
+              width = start + 2 * wide + (start % 4 == 0 ? (heads + 4) / 4 * 4 : heads + 1);
+    Buf x(rows * cols), r(rows * cols), kv((size_t)batch * lk * width), g(cols), bb(cols), ob(cols),
+        ag(cols), ab(cols);
+    x.randn(1.0, offset);
+    r.randn(1.0);
+    kv.randn(1.0 / std::sqrt((double)cols));
+    g.randn(0.2, 1.0);
+    bb.randn(0.1);
+    ob.randn(0.5);
+    ag.randn(0.2, 1.0);
+    ab.randn(0.1);
+    const double scale = 0.8;
+    auto norm = [&](const std::vector<double>& s, const float* w, const float* b) {
+        double mean = 0; for (double v : s) mean += v; mean /= cols;
+        double var = 0; for (double v : s) var += (v - mean) * (v - mean); var /= cols;
+        std::vector<double> out(cols);
+        for (int j = 0; j < cols; ++j) out[j] = (s[j] - mean) / std::sqrt(var + 1e-5) * w[j] + b[j];
+        return out;
+    };
+    std::vector<double> want(rows * cols), wstream(rows * cols);
+    for (int i = 0; i < rows; ++i) {
+        const int b = i / lq;
+        std::vector<double> s(cols);
+        for (int j = 0; j < cols; ++j) s[j] = (double)x.p[i * cols + j] + (res ? (double)r.p[i * cols + j] : 0.0);
+        std::vector<double> h = norm(s, g.p, bb.p), y = s;
+        for (int j = 0; j < cols; ++j) y[j] += ob.p[j];
+        for (int e = 0; e < heads; ++e) {
+            std::vector<double> sc(lk);
+            double mx = -INFINITY, sum = 0;
+            for (int t = 0; t < lk; ++t) {
+                const float* row = kv.p + (size_t)(b * lk + t) * width;
+                double dot = row[start + 2 * wide + e];
+                for (int j = 0; j < cols; ++j) dot += h[j] * row[start + e * cols + j];
+                sc[t] = dot * scale;
+                mx = std::max(mx, sc[t]);
+            }
+            for (double& v : sc) { v = std::exp(v - mx); sum += v; }
+            for (int t = 0; t < lk; ++t) {
+                const float* row = kv.p + (size_t)(b * lk + t) * width;
+                for (int j = 0; j < cols; ++j) y[j] += sc[t] / sum * row[start + wide + e * cols + j];
+            }
+        }
+        std::vector<double> o = norm(y, ag.p, ab.p);
+        for (int j = 0; j < cols; ++j) { want[i * cols + j] = o[j]; wstream[i * cols + j] = y[j]; }
+    }
+    char name[128];
+    snprintf(name, sizeof name, "attention_absorbed B%d Lq%d Lk%d H%d C%d%s mean %g start %d", batch,
+             lq, lk, heads, cols, res ? " +res" : "", offset, start);
+    for (int variant = 0; variant < 2; ++variant) {
+        if (variant == 1 && (cols % 4 != 0 || cols > 512)) continue;  // v1 only (as the host)
+        Buf out(rows * cols), so(rows * cols);
+        AbsorbedAttentionParams p{};
+        p.x = x.p; p.residual = res ? r.p : nullptr; p.norm_weight = g.p; p.norm_bias = bb.p;
+        p.keys = kv.p; p.values = kv.p; p.key_bias = kv.p; p.out_bias = ob.p;
+        p.after_weight = ag.p; p.after_bias = ab.p; p.stream_out = so.p; p.out = out.p;
+        p.rows = rows; p.lq = lq; p.cols = cols; p.lk = lk; p.heads = heads;
+        p.k_stride = p.v_stride = p.b_stride = width;
+        p.k_col = start; p.v_col = start + wide; p.b_col = start + 2 * wide;
+        p.scale = (float)scale; p.eps = 1e-5f; p.after_eps = 1e-5f;
+        p.vec4 = start % 4 == 0 && width % 4 == 0 && cols % 4 == 0;
+        std::string v;
+        if (variant == 0) {
+            v = "naive";
+            emu::launch(dim3(cdiv(rows, 128)), dim3(128), [&] { attention_absorbed_naive(p); });
+        } else {
+            v = p.vec4 ? "warp vec4" : "warp scalar";
+            emu::launch(dim3(cdiv(rows, 4)), dim3(128), [&] { attention_absorbed_warp(p); });
+        }
+        report(std::string(name) + " " + v, out.p, want, 1e-5);
+        report(std::string(name) + " " + v + " stream", so.p, wstream, 1e-6);
     }
 }
 
@@ -1078,6 +1158,17 @@ int main(int argc, char** argv) {
         test_layer_norm(5, 36, true, 0.0, true);
         test_layer_norm(5, 260, false, 0.0, true);
         test_layer_norm(3, 516, true, 0.0, true);
+    }
+    if (want("absorbed")) {
+        // The decoder's cross-attention (image, video), idle lanes (12 and
+        // 100 columns), a row wider than v2 holds and one not of float4s (v1
+        // alone), heads x keys at the bound, a large mean, scalar loads.
+        test_attention_absorbed(2, 77, 4, 4, 512, true, 0.0, 0);
+        test_attention_absorbed(1, 9, 24, 4, 512, false, 0.0, 0);
+        test_attention_absorbed(3, 5, 1, 1, 12, true, 0.0, 0);
+        test_attention_absorbed(2, 7, 5, 3, 100, true, 1000.0, 3);
+        test_attention_absorbed(1, 9, 8, 16, 516, false, 0.0, 0);
+        test_attention_absorbed(2, 3, 3, 2, 10, true, 0.0, 1);
     }
     if (want("attn") && long_cases) {
         test_attention(1, 33, 4096, 2, 64, false, true, false);
