@@ -877,15 +877,21 @@ OP_KERNEL_NAME(attention_tc_d128)(const AttentionParams p) {
 // Versions:
 // - attention_absorbed_naive (v1): one thread per row; the norms' statistics
 //   as layer_norm_naive, every element of a recomputed in each pass.
-// - attention_absorbed_warp (v2, C % 4 == 0 and C <= 512): one warp per row,
-//   4 rows per block. The row and its residual are held in registers as
-//   float4s (`vec4`: 16-byte loads, else four scalar ones); the scores go 4
-//   at a time, their key rows' loads all in flight, then through the warp's
-//   shuffles; lane e turns head e's scores into probabilities in shared
-//   memory; y and the second norm stay in registers.
+// - attention_absorbed_rows (v2, C % 4 == 0 and C <= 512): a block of 4
+//   warps per row, each holding the row and its residual as float4s (`vec4`:
+//   16-byte loads, else four scalar ones; from L1 after the first warp) and
+//   taking the first norm itself. The scores are split among the warps (q =
+//   warp, warp + 4, ..), ABS_STEP at a time with their key rows' loads all in
+//   flight, then summed by the warp's shuffles; thread e turns head e's scores
+//   into probabilities in shared memory; each warp sums its scores' value
+//   rows the same way, and warp 0 adds the four shares in warp order and
+//   finishes the row (the second norm on registers). At the image preset's
+//   16 scores that is one step of loads for the keys and one for the values:
+//   three round trips to L2 in all, with the row's.
 // Bytes per row: x, residual, 2 x heads x Lk key and value rows (from L2 and
 // L1: the rows of a sequence share them), stream_out and out.
 #define ABS_WARPS 4
+// float4s of a row per lane: rows of up to 512 columns.
 #define ABS_HELD 4
 #define ABS_MAX_SCORES 128
 
@@ -934,13 +940,13 @@ __device__ __forceinline__ const elem* absorbed_value(const AbsorbedAttentionPar
     return p.values + (b * p.lk + j) * p.v_stride + p.v_col + e * p.cols;
 }
 
-// Head e's scores (indices e * Lk + j) turned into probabilities in place.
-__device__ __forceinline__ void absorbed_softmax(const AbsorbedAttentionParams& p, int b, int e,
-                                                 float* scores) {
+// Head e's scores (indices e * Lk + j) turned into probabilities in place;
+// key_bias[e * Lk + j] is added to score e * Lk + j first.
+__device__ __forceinline__ void absorbed_softmax(const AbsorbedAttentionParams& p, int e,
+                                                 float* scores, const float* key_bias) {
     float m = OP_NEG_INF;
     for (int j = 0; j < p.lk; ++j) {
-        const float kb = to_f32(p.key_bias[(b * p.lk + j) * p.b_stride + p.b_col + e]);
-        const float s = (scores[e * p.lk + j] + kb) * p.scale;
+        const float s = (scores[e * p.lk + j] + key_bias[e * p.lk + j]) * p.scale;
         scores[e * p.lk + j] = s;
         m = fmaxf(m, s);
     }
@@ -999,9 +1005,11 @@ extern "C" __global__ void OP_KERNEL_NAME(attention_absorbed_naive)(const Absorb
     const float cm = sd * inv_cols;
     const float rstd = 1.0f / sqrtf(fmaxf(sdd * inv_cols - cm * cm, 0.0f) + p.eps);
 
-    float probs[ABS_MAX_SCORES];
+    float probs[ABS_MAX_SCORES], key_bias[ABS_MAX_SCORES];
     const int n = p.heads * p.lk;
     for (int q = 0; q < n; ++q) {
+        const int e = q / p.lk;
+        key_bias[q] = to_f32(p.key_bias[(b * p.lk + q - e * p.lk) * p.b_stride + p.b_col + e]);
         const elem* k = absorbed_key(p, b, q);
         float dot = 0.0f;
         for (int c = 0; c < p.cols; ++c) {
@@ -1012,7 +1020,7 @@ extern "C" __global__ void OP_KERNEL_NAME(attention_absorbed_naive)(const Absorb
         probs[q] = dot;
     }
     for (int e = 0; e < p.heads; ++e) {
-        absorbed_softmax(p, b, e, probs);
+        absorbed_softmax(p, e, probs, key_bias);
     }
 
     // y = s + a, and the second norm of it. Its deviations are taken as
@@ -1068,23 +1076,35 @@ __device__ __forceinline__ float dot4_acc(float4 a, float4 b, float acc) {
     return fmaf(a.w, b.w, acc);
 }
 
-// Scores per step of v2: their key rows' loads in flight together.
+// Key or value rows per step of v2: their loads in flight together.
 #define ABS_STEP 4
 
-// v2 for one row; `scores` is the warp's [ABS_MAX_SCORES] in shared memory.
+// v2's shared memory: the row's scores (then probabilities) and key biases,
+// and warps 1..3's shares of a.
+struct AbsorbedShared {
+    float scores[ABS_MAX_SCORES];
+    float key_bias[ABS_MAX_SCORES];
+    float4 a[ABS_WARPS - 1][32 * ABS_HELD];
+};
+
+// v2 for row `row`, a warp of the block's 4. Every warp takes the first norm
+// itself (the row from L1 after the first), then the scores q = warp, warp +
+// 4, .. and those rows' share of a; warp 0 adds the shares in warp order and
+// finishes the row.
 template <bool VEC>
 __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionParams& p, int row,
-                                                       int lane, float* scores) {
+                                                       int warp, int lane, AbsorbedShared& sh) {
     const int b = row / p.lq;
     const int base = row * p.cols;
     const elem* x = p.x + base;
     const elem* r = p.residual != nullptr ? p.residual + base : nullptr;
     const int c4 = p.cols >> 2;
+    const int n = p.heads * p.lk;
     const float inv_cols = 1.0f / (float)p.cols;
     const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 
-    // The first norm, as layer_norm_warp_held. Columns past C stay zero in
-    // h, so they add nothing to the scores.
+    // Everything that needs nothing computed here, loaded at once: the row,
+    // its residual and the key biases (thread t holds score t's).
     float4 xa[ABS_HELD], ra[ABS_HELD], s[ABS_HELD], dev[ABS_HELD], h[ABS_HELD];
 #pragma unroll
     for (int k = 0; k < ABS_HELD; ++k) {
@@ -1092,6 +1112,14 @@ __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionPa
         xa[k] = i < c4 ? absorbed_load4<VEC>(x + 4 * i) : zero;
         ra[k] = i < c4 && r != nullptr ? absorbed_load4<VEC>(r + 4 * i) : zero;
     }
+    for (int t = 32 * warp + lane; t < n; t += 32 * ABS_WARPS) {
+        const int e = t / p.lk;
+        const int j = t - e * p.lk;
+        sh.key_bias[t] = to_f32(p.key_bias[(b * p.lk + j) * p.b_stride + p.b_col + e]);
+    }
+
+    // The first norm, as layer_norm_warp_held. Columns past C stay zero in
+    // h, so they add nothing to the scores.
     float sx = 0.0f, sr = 0.0f;
 #pragma unroll
     for (int k = 0; k < ABS_HELD; ++k) {
@@ -1120,15 +1148,15 @@ __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionPa
         }
     }
 
-    // Scores, ABS_STEP at a time.
-    const int n = p.heads * p.lk;
-    for (int q0 = 0; q0 < n; q0 += ABS_STEP) {
+    // This warp's scores q = warp + 4 u, ABS_STEP at a time.
+    for (int q0 = warp; q0 < n; q0 += ABS_WARPS * ABS_STEP) {
         float part[ABS_STEP];
 #pragma unroll
         for (int u = 0; u < ABS_STEP; ++u) {
+            const int q = q0 + ABS_WARPS * u;
             part[u] = 0.0f;
-            if (q0 + u < n) {
-                const elem* k = absorbed_key(p, b, q0 + u);
+            if (q < n) {
+                const elem* k = absorbed_key(p, b, q);
 #pragma unroll
                 for (int t = 0; t < ABS_HELD; ++t) {
                     const int i = lane + 32 * t;
@@ -1145,51 +1173,76 @@ __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionPa
         if (lane == 0) {
 #pragma unroll
             for (int u = 0; u < ABS_STEP; ++u) {
-                if (q0 + u < n) {
-                    scores[q0 + u] = part[u];
+                if (q0 + ABS_WARPS * u < n) {
+                    sh.scores[q0 + ABS_WARPS * u] = part[u];
                 }
             }
         }
     }
-    __syncwarp();
-    if (lane < p.heads) {
-        absorbed_softmax(p, b, lane, scores);
+    __syncthreads();
+    if (threadIdx.x < p.heads) {
+        absorbed_softmax(p, threadIdx.x, sh.scores, sh.key_bias);
     }
-    __syncwarp();
+    __syncthreads();
 
-    // a = out_bias + the probabilities' sum of value rows; y = s + a.
+    // This warp's share of a: the probabilities' sum of its value rows.
     float4 a[ABS_HELD];
 #pragma unroll
     for (int k = 0; k < ABS_HELD; ++k) {
-        const int i = lane + 32 * k;
-        a[k] = i < c4 ? absorbed_load4<VEC>(p.out_bias + 4 * i) : zero;
+        a[k] = zero;
     }
-    for (int q = 0; q < n; ++q) {
-        const float w = scores[q];
-        const elem* v = absorbed_value(p, b, q);
+    for (int q0 = warp; q0 < n; q0 += ABS_WARPS * ABS_STEP) {
+        float4 v[ABS_STEP][ABS_HELD];
 #pragma unroll
-        for (int k = 0; k < ABS_HELD; ++k) {
-            const int i = lane + 32 * k;
-            if (i < c4) {
-                const float4 u = absorbed_load4<VEC>(v + 4 * i);
-                a[k] = make_float4(fmaf(w, u.x, a[k].x), fmaf(w, u.y, a[k].y),
-                                   fmaf(w, u.z, a[k].z), fmaf(w, u.w, a[k].w));
+        for (int u = 0; u < ABS_STEP; ++u) {
+            const int q = q0 + ABS_WARPS * u;
+            const elem* row_v = q < n ? absorbed_value(p, b, q) : nullptr;
+#pragma unroll
+            for (int k = 0; k < ABS_HELD; ++k) {
+                const int i = lane + 32 * k;
+                v[u][k] = row_v != nullptr && i < c4 ? absorbed_load4<VEC>(row_v + 4 * i) : zero;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < ABS_STEP; ++u) {
+            const int q = q0 + ABS_WARPS * u;
+            const float w = q < n ? sh.scores[q] : 0.0f;
+#pragma unroll
+            for (int k = 0; k < ABS_HELD; ++k) {
+                a[k] = make_float4(fmaf(w, v[u][k].x, a[k].x), fmaf(w, v[u][k].y, a[k].y),
+                                   fmaf(w, v[u][k].z, a[k].z), fmaf(w, v[u][k].w, a[k].w));
             }
         }
     }
-    // The scores are read: the warp's next row may write them.
-    __syncwarp();
+    if (warp > 0) {
+#pragma unroll
+        for (int k = 0; k < ABS_HELD; ++k) {
+            sh.a[warp - 1][lane + 32 * k] = a[k];
+        }
+    }
+    __syncthreads();
+    if (warp > 0) {
+        return;
+    }
 
-    // stream_out, and the second norm of y by its deviations (x - mx) +
-    // (r - mr) + (a - ma), as v1 takes them.
+    // Warp 0: a = out_bias + the shares in warp order, y = s + a, and the
+    // second norm of y by its deviations (x - mx) + (r - mr) + (a - ma), as
+    // v1 takes them.
     float sa = 0.0f;
 #pragma unroll
     for (int k = 0; k < ABS_HELD; ++k) {
         const int i = lane + 32 * k;
         if (i < c4) {
-            sa += (a[k].x + a[k].y) + (a[k].z + a[k].w);
-            const float4 y =
-                make_float4(s[k].x + a[k].x, s[k].y + a[k].y, s[k].z + a[k].z, s[k].w + a[k].w);
+            float4 t = absorbed_load4<VEC>(p.out_bias + 4 * i);
+            t = make_float4(t.x + a[k].x, t.y + a[k].y, t.z + a[k].z, t.w + a[k].w);
+#pragma unroll
+            for (int w = 0; w < ABS_WARPS - 1; ++w) {
+                const float4 o = sh.a[w][i];
+                t = make_float4(t.x + o.x, t.y + o.y, t.z + o.z, t.w + o.w);
+            }
+            a[k] = t;
+            sa += (t.x + t.y) + (t.z + t.w);
+            const float4 y = make_float4(s[k].x + t.x, s[k].y + t.y, s[k].z + t.z, s[k].w + t.w);
             absorbed_store4<VEC>(p.stream_out + base + 4 * i, y);
         }
     }
@@ -1198,9 +1251,8 @@ __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionPa
 #pragma unroll
     for (int k = 0; k < ABS_HELD; ++k) {
         if (lane + 32 * k < c4) {
-            const float4 d = layer_norm_dev4(a[k], dev[k], true, ma, 0.0f);
-            dev[k] = d;
-            layer_norm_moments4(d, se, see);
+            dev[k] = layer_norm_dev4(a[k], dev[k], true, ma, 0.0f);
+            layer_norm_moments4(dev[k], se, see);
         }
     }
     const float ce = warp_sum(se) * inv_cols;
@@ -1218,20 +1270,15 @@ __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionPa
     }
 }
 
-// v2: block 128 threads (4 warps), one warp per row; grid ceil(rows / 4).
+// v2: block 128 threads (4 warps), one row per block; grid rows.
 extern "C" __global__ void __launch_bounds__(ABS_WARPS * 32)
-OP_KERNEL_NAME(attention_absorbed_warp)(const AbsorbedAttentionParams p) {
+OP_KERNEL_NAME(attention_absorbed_rows)(const AbsorbedAttentionParams p) {
     dependent_launch_prologue();
-    __shared__ float scores[ABS_WARPS][ABS_MAX_SCORES];
+    __shared__ AbsorbedShared sh;
     const int warp = threadIdx.x >> 5;
-    const int row = blockIdx.x * ABS_WARPS + warp;
-    // The whole warp leaves together (row is warp-uniform).
-    if (row >= p.rows) {
-        return;
-    }
     if (p.vec4) {
-        attention_absorbed_row<true>(p, row, threadIdx.x & 31, scores[warp]);
+        attention_absorbed_row<true>(p, blockIdx.x, warp, threadIdx.x & 31, sh);
     } else {
-        attention_absorbed_row<false>(p, row, threadIdx.x & 31, scores[warp]);
+        attention_absorbed_row<false>(p, blockIdx.x, warp, threadIdx.x & 31, sh);
     }
 }

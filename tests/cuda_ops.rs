@@ -1365,15 +1365,17 @@ fn check_graph_replay(be: &Cuda, storage: DType, tol: f64) {
 
     // fc; the encoder layer's 4 (norm1 + QKV, the attention over its 4 keys
     // + the out-projection and norm2 + FFN up one kernel each at 4 rows, FFN
-    // down); its last norm + the stacked K/V, one kernel; the first
-    // decoder layer's 4 and the second's 8, and the decoder's last norm with
+    // down); its last norm + the stacked (absorbed) K/V, one kernel; the
+    // first decoder layer's 3 (the absorbed cross-attention with its norms,
+    // FFN up, FFN down) and the second's 6 (norm1 + QKV, the self-attention,
+    // its out-projection, then the same 3), and the decoder's last norm with
     // the output projection, 1: at 77 rows a norm folds into the split GEMM
     // after it where its blocks are a cluster, else it is a kernel of its own
-    // (one more in the first layer, three in the second, one at the output).
+    // (one more in the second layer, one at the output).
     let decoder = if be.cluster_split_k() {
-        4 + 8 + 1
+        3 + 6 + 1
     } else {
-        5 + 11 + 2
+        3 + 7 + 2
     };
     assert_eq!(eager_launches, 1 + 4 + 1 + decoder);
     let mut graph = proj.capture(batch, n_in).unwrap();

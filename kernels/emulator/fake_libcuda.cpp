@@ -84,7 +84,7 @@ struct Entry {
     K(ns, attention_few_keys, sfx, AttentionParams),        \
     K(ns, attention_split_keys, sfx, AttentionParams),      \
     K(ns, attention_absorbed_naive, sfx, AbsorbedAttentionParams), \
-    K(ns, attention_absorbed_warp, sfx, AbsorbedAttentionParams), \
+    K(ns, attention_absorbed_rows, sfx, AbsorbedAttentionParams), \
     K(ns, alignment_loss_naive_rows, sfx, LossParams),      \
     K(ns, alignment_loss_naive_finish, sfx, LossParams),    \
     K(ns, alignment_loss_rows, sfx, LossParams),            \

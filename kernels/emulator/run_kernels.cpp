@@ -448,8 +448,8 @@ static void test_attention_absorbed(int batch, int lq, int lk, int heads, int co
             v = "naive";
             emu::launch(dim3(cdiv(rows, 128)), dim3(128), [&] { attention_absorbed_naive(p); });
         } else {
-            v = p.vec4 ? "warp vec4" : "warp scalar";
-            emu::launch(dim3(cdiv(rows, 4)), dim3(128), [&] { attention_absorbed_warp(p); });
+            v = p.vec4 ? "rows vec4" : "rows scalar";
+            emu::launch(dim3(rows), dim3(128), [&] { attention_absorbed_rows(p); });
         }
         report(std::string(name) + " " + v, out.p, want, 1e-5);
         report(std::string(name) + " " + v + " stream", so.p, wstream, 1e-6);

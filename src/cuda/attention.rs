@@ -161,7 +161,7 @@ pub(crate) static PROGRAM: Program = Program {
         "attention_few_keys",
         "attention_split_keys",
         "attention_absorbed_naive",
-        "attention_absorbed_warp",
+        "attention_absorbed_rows",
     ],
     half_kernels: &["attention_tc_d64", "attention_tc_d128"],
     tf32_kernels: &[],
@@ -432,9 +432,7 @@ pub(super) fn attention(
     be.launch(&PROGRAM, kernel, grid, (block, 1, 1), &params)
 }
 
-/// Rows per block of `attention_absorbed_warp` (`ABS_WARPS`), one a warp.
-const ABSORBED_WARPS: usize = 4;
-/// Widest row `attention_absorbed_warp` holds (`ABS_HELD` float4 a lane).
+/// Widest row `attention_absorbed_rows` holds (`ABS_HELD` float4 a lane).
 const ABSORBED_MAX_COLS: usize = 512;
 
 /// [`absorbing_pays`](crate::ops::absorbing_pays), for rows v2 holds.
@@ -442,20 +440,17 @@ pub(crate) fn absorbed_pays(keys: usize, heads: usize, cols: usize) -> bool {
     crate::ops::absorbing_pays(keys, heads, cols) && cols % 4 == 0 && cols <= ABSORBED_MAX_COLS
 }
 
-/// `(kernel, grid, block)` of one `attention_absorbed` of `d`: v2 (a warp
-/// per row) where the rows are multiples of 4 columns it holds, else v1.
+/// `(kernel, grid, block)` of one `attention_absorbed` of `d`: v2 (a block
+/// of 4 warps per row) where the rows are multiples of 4 columns it holds,
+/// else v1 (a thread per row).
 pub(crate) fn absorbed_plan(
     d: &AbsorbedAttentionDims,
     version: KernelVersion,
 ) -> Result<(&'static str, u32, u32)> {
     let rows = d.batch * d.lq;
     if version == KernelVersion::Fast && d.cols % 4 == 0 && d.cols <= ABSORBED_MAX_COLS {
-        let grid = blocks_for("attention_absorbed", rows, ABSORBED_WARPS)?;
-        return Ok((
-            "attention_absorbed_warp",
-            grid,
-            (32 * ABSORBED_WARPS) as u32,
-        ));
+        let grid = blocks_for("attention_absorbed", rows, 1)?;
+        return Ok(("attention_absorbed_rows", grid, 128));
     }
     Ok((
         "attention_absorbed_naive",
@@ -903,7 +898,7 @@ mod tests {
                 let (kernel, _, _) = absorbed_plan(&d, version).unwrap();
                 let v2 = version == KernelVersion::Fast && cols % 4 == 0 && cols <= 512;
                 assert_eq!(
-                    kernel == "attention_absorbed_warp",
+                    kernel == "attention_absorbed_rows",
                     v2,
                     "{cols} {version:?}"
                 );

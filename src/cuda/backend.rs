@@ -147,7 +147,7 @@ pub struct CudaOptions {
     /// are few ([`Backend::attention_absorbed_pays`]: heads x keys at most
     /// a quarter of the width, as the presets' 4 to 24 signal tokens give),
     /// both projections are absorbed into the memory's keys and values
-    /// ([`Backend::attention_absorbed`], `attention_absorbed_warp`): one
+    /// ([`Backend::attention_absorbed`], `attention_absorbed_rows`): one
     /// kernel per layer with both LayerNorms around it, instead of two GEMMs,
     /// an attention and a LayerNorm. The same function in another order of
     /// sums: results agree to rounding. The baseline it is measured against.
