@@ -361,9 +361,11 @@ pub fn standard_cases() -> Vec<Case> {
     // The projector's decoder cross-attention at batch 2 (image and video
     // presets' signal tokens), tiny rows (CUDA: a warp mostly idle), rows
     // of a width not a multiple of 4 or past 512 (CUDA: v1), heads x keys at
-    // the bound, unaligned blocks, a large mean.
+    // the bound, unaligned blocks, a large mean, more rows than a GPU holds
+    // blocks (CUDA: blocks of several rows).
     for (batch, lq, lk, heads, cols, residual, packed, offset) in [
         (2, 77, 4, 4, 512, true, false, 0.0),
+        (9, 77, 4, 2, 16, true, true, 0.0),
         (1, 77, 24, 4, 512, false, false, 0.0),
         (2, 77, 4, 4, 512, true, true, 0.0),
         (3, 5, 1, 1, 12, true, false, 0.0),

@@ -380,7 +380,7 @@ static void test_layer_norm(int rows, int cols, bool res, double offset, bool wi
 // Rows of `cols` over `lk` keys in `heads` heads; keys, values and key bias
 // side by side in one tensor from column `start` (an odd start: scalar loads).
 static void test_attention_absorbed(int batch, int lq, int lk, int heads, int cols, bool res,
-                                    double offset, int start) {
+                                    double offset, int start, int rows_per_block = 1) {
     // A width of float4s where the start is one (16-byte loads), else odd.
     const int rows = batch * lq, wide = heads * cols,
               width = start + 2 * wide + (start % 4 == 0 ? (heads + 4) / 4 * 4 : heads + 1);
@@ -429,8 +429,8 @@ static void test_attention_absorbed(int batch, int lq, int lk, int heads, int co
         for (int j = 0; j < cols; ++j) { want[i * cols + j] = o[j]; wstream[i * cols + j] = y[j]; }
     }
     char name[128];
-    snprintf(name, sizeof name, "attention_absorbed B%d Lq%d Lk%d H%d C%d%s mean %g start %d", batch,
-             lq, lk, heads, cols, res ? " +res" : "", offset, start);
+    snprintf(name, sizeof name, "attention_absorbed B%d Lq%d Lk%d H%d C%d%s mean %g start %d R%d",
+             batch, lq, lk, heads, cols, res ? " +res" : "", offset, start, rows_per_block);
     for (int variant = 0; variant < 2; ++variant) {
         if (variant == 1 && (cols % 4 != 0 || cols > 512)) continue;  // v1 only (as the host)
         Buf out(rows * cols), so(rows * cols);
@@ -449,7 +449,8 @@ static void test_attention_absorbed(int batch, int lq, int lk, int heads, int co
             emu::launch(dim3(cdiv(rows, 128)), dim3(128), [&] { attention_absorbed_naive(p); });
         } else {
             v = p.vec4 ? "rows vec4" : "rows scalar";
-            emu::launch(dim3(rows), dim3(128), [&] { attention_absorbed_rows(p); });
+            p.rows_per_block = rows_per_block;
+            emu::launch(dim3(cdiv(rows, rows_per_block)), dim3(128), [&] { attention_absorbed_rows(p); });
         }
         report(std::string(name) + " " + v, out.p, want, 1e-5);
         report(std::string(name) + " " + v + " stream", so.p, wstream, 1e-6);
@@ -1169,6 +1170,9 @@ int main(int argc, char** argv) {
         test_attention_absorbed(2, 7, 5, 3, 100, true, 1000.0, 3);
         test_attention_absorbed(1, 9, 8, 16, 516, false, 0.0, 0);
         test_attention_absorbed(2, 3, 3, 2, 10, true, 0.0, 1);
+        // Blocks of several rows, the last one short, across two sequences.
+        test_attention_absorbed(2, 7, 4, 4, 64, true, 0.0, 0, 3);
+        test_attention_absorbed(3, 5, 6, 2, 36, false, 0.0, 1, 4);
     }
     if (want("attn") && long_cases) {
         test_attention(1, 33, 4096, 2, 64, false, true, false);

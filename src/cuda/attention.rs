@@ -79,7 +79,7 @@ pub(crate) struct AbsorbedAttentionParams {
     eps: f32,
     after_eps: f32,
     vec4: i32,
-    pad0: i32,
+    rows_per_block: i32,
 }
 
 // SAFETY: plain data (u64, i32 and f32 fields, no padding), laid out exactly as
@@ -118,7 +118,7 @@ fn file_layouts() -> String {
             eps,
             after_eps,
             vec4,
-            pad0
+            rows_per_block
         })
 }
 
@@ -440,22 +440,37 @@ pub(crate) fn absorbed_pays(keys: usize, heads: usize, cols: usize) -> bool {
     crate::ops::absorbing_pays(keys, heads, cols) && cols % 4 == 0 && cols <= ABSORBED_MAX_COLS
 }
 
-/// `(kernel, grid, block)` of one `attention_absorbed` of `d`: v2 (a block
-/// of 4 warps per row) where the rows are multiples of 4 columns it holds,
-/// else v1 (a thread per row).
+/// Most rows a v2 block takes one after another.
+const ABSORBED_MAX_ROWS_PER_BLOCK: usize = 16;
+/// v2 blocks per SM before a block takes more than one row: as many as fit
+/// (128 registers a thread).
+const ABSORBED_BLOCKS_PER_SM: usize = 4;
+
+/// `(kernel, grid, block, rows per block)` of one `attention_absorbed` of
+/// `d` on a GPU of `sm_count` SMs: v2 (a block of 4 warps per row) where the
+/// rows are multiples of 4 columns it holds, else v1 (a thread per row). A
+/// v2 block takes one row while the grid fits the GPU at once (batch 1 to
+/// 6), else enough consecutive rows that it does (batch 64: 10), up to 16:
+/// a sequence's key and value rows are then read from L2 once per block.
 pub(crate) fn absorbed_plan(
     d: &AbsorbedAttentionDims,
     version: KernelVersion,
-) -> Result<(&'static str, u32, u32)> {
+    sm_count: u32,
+) -> Result<(&'static str, u32, u32, usize)> {
     let rows = d.batch * d.lq;
     if version == KernelVersion::Fast && d.cols % 4 == 0 && d.cols <= ABSORBED_MAX_COLS {
-        let grid = blocks_for("attention_absorbed", rows, 1)?;
-        return Ok(("attention_absorbed_rows", grid, 128));
+        let resident = ABSORBED_BLOCKS_PER_SM * sm_count.max(1) as usize;
+        let per_block = rows
+            .div_ceil(resident)
+            .clamp(1, ABSORBED_MAX_ROWS_PER_BLOCK);
+        let grid = blocks_for("attention_absorbed", rows, per_block)?;
+        return Ok(("attention_absorbed_rows", grid, 128, per_block));
     }
     Ok((
         "attention_absorbed_naive",
         blocks_for("attention_absorbed", rows, 128)?,
         128,
+        1,
     ))
 }
 
@@ -535,9 +550,13 @@ pub(super) fn attention_absorbed(
         eps: norm.eps as f32,
         after_eps: after.eps as f32,
         vec4: i32::from(vec4),
-        pad0: 0,
+        rows_per_block: 1,
     };
-    let (kernel, grid, block) = absorbed_plan(&d, be.version())?;
+    let (kernel, grid, block, per_block) = absorbed_plan(&d, be.version(), be.sm_count())?;
+    let params = AbsorbedAttentionParams {
+        rows_per_block: i32_of("attention_absorbed rows per block", per_block)?,
+        ..params
+    };
     be.launch(&PROGRAM, kernel, (grid, 1, 1), (block, 1, 1), &params)
 }
 
@@ -895,7 +914,7 @@ mod tests {
                     v_start: 4 * cols,
                     b_start: 8 * cols,
                 };
-                let (kernel, _, _) = absorbed_plan(&d, version).unwrap();
+                let (kernel, _, _, _) = absorbed_plan(&d, version, SMS).unwrap();
                 let v2 = version == KernelVersion::Fast && cols % 4 == 0 && cols <= 512;
                 assert_eq!(
                     kernel == "attention_absorbed_rows",
@@ -909,6 +928,32 @@ mod tests {
         for k in PROGRAM.kernels.iter().chain(PROGRAM.half_kernels) {
             assert!(seen.contains(k), "{k} is never planned");
         }
+    }
+
+    #[test]
+    fn absorbed_blocks_take_rows_while_the_grid_fits() {
+        let dims = |batch, cols| AbsorbedAttentionDims {
+            batch,
+            lq: 77,
+            cols,
+            lk: 4,
+            heads: 4,
+            k_stride: 8 * cols + 8,
+            v_stride: 8 * cols + 8,
+            b_stride: 8 * cols + 8,
+            k_start: 0,
+            v_start: 4 * cols,
+            b_start: 8 * cols,
+        };
+        let f = |batch| absorbed_plan(&dims(batch, 512), KernelVersion::Fast, SMS).unwrap();
+        // Batch 1 and 6: a row a block, within 4 blocks per SM; batch 64:
+        // 4928 rows in 10s, 493 blocks; batch 1000: at most 16 rows a block.
+        assert_eq!(f(1), ("attention_absorbed_rows", 77, 128, 1));
+        assert_eq!(f(6), ("attention_absorbed_rows", 462, 128, 1));
+        assert_eq!(f(64), ("attention_absorbed_rows", 493, 128, 10));
+        assert_eq!(f(1000).3, 16);
+        let naive = absorbed_plan(&dims(64, 512), KernelVersion::Naive, SMS).unwrap();
+        assert_eq!(naive, ("attention_absorbed_naive", 39, 128, 1));
     }
 
     #[test]
