@@ -70,8 +70,9 @@
 #                      linear_mma and linear_layer_norm_mma), the
 #                      decoder's own layer_norm kernels and the batch-64 f32 attention
 #                      (self: attention_flash; cross, over the 4 signal tokens:
-#                      attention_few_keys) and the batch-1 bf16 self-attention
-#                      (attention_split_keys)
+#                      attention_few_keys), the batch-1 bf16 self-attention
+#                      (attention_split_keys) and the absorbed cross-attention
+#                      at batch 1 and 64 (attention_absorbed)
 #   TORCH_PYTHON       the python with torch (default: python3)
 #   TORCH_PRECISIONS   PyTorch precisions (default: f32,bf16,f16)
 #   TORCH_TIMEOUT      seconds for the PyTorch step (default: 3600; torch.compile
@@ -109,7 +110,7 @@ SANITIZER_RUN=${SANITIZER_RUN:-check}
 STEPS=${STEPS:-check bench torch compare profile deep sanitizer wgpu}
 PROFILE_PRECISIONS=${PROFILE_PRECISIONS:-f32 bf16}
 PROFILE_BATCHES=${PROFILE_BATCHES:-1 64}
-DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:4 bf16:1:linear_tc_vec8:3:3 f32:1:linear_rows:0:3 bf16:64:linear_wgmma:0:2 bf16:64:linear_layer_norm_wgmma:0:2 f32:1:layer_norm_warp:0:2 f32:64:attention_flash:0:1 f32:64:attention_few_keys:0:1 bf16:1:attention_split_keys:0:1}
+DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:4 bf16:1:linear_tc_vec8:3:3 f32:1:linear_rows:0:3 bf16:64:linear_wgmma:0:2 bf16:64:linear_layer_norm_wgmma:0:2 f32:1:layer_norm_warp:0:2 f32:64:attention_flash:0:1 f32:64:attention_few_keys:0:1 bf16:1:attention_split_keys:0:1 bf16:1:attention_absorbed:0:1 bf16:64:attention_absorbed:0:1}
 TORCH_PYTHON=${TORCH_PYTHON:-python3}
 TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16,f16}
 TORCH_TIMEOUT=${TORCH_TIMEOUT:-3600}
