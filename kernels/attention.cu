@@ -988,25 +988,7 @@ extern "C" __global__ void OP_KERNEL_NAME(attention_absorbed_naive)(const Absorb
     const elem* x = p.x + base;
     const elem* r = p.residual != nullptr ? p.residual + base : nullptr;
     const float inv_cols = 1.0f / (float)p.cols;
-
-    // The first norm, as layer_norm_naive.
-    float sx = 0.0f, sr = 0.0f;
-    for (int c = 0; c < p.cols; ++c) {
-        sx += to_f32(x[c]);
-        sr += r != nullptr ? to_f32(r[c]) : 0.0f;
-    }
-    const float mx = sx * inv_cols, mr = sr * inv_cols;
-    const auto dev = [&](int c) {
-        return (to_f32(x[c]) - mx) + (r != nullptr ? to_f32(r[c]) - mr : 0.0f);
-    };
-    float sd = 0.0f, sdd = 0.0f;
-    for (int c = 0; c < p.cols; ++c) {
-        const float d = dev(c);
-        sd += d;
-        sdd = fmaf(d, d, sdd);
-    }
-    const float cm = sd * inv_cols;
-    const float rstd = 1.0f / sqrtf(fmaxf(sdd * inv_cols - cm * cm, 0.0f) + p.eps);
+    const RowNorm n1 = layer_norm_row_naive(x, r, p.cols, p.eps);
 
     float probs[ABS_MAX_SCORES], key_bias[ABS_MAX_SCORES];
     const int n = p.heads * p.lk;
@@ -1016,8 +998,8 @@ extern "C" __global__ void OP_KERNEL_NAME(attention_absorbed_naive)(const Absorb
         const elem* k = absorbed_key(p, b, q);
         float dot = 0.0f;
         for (int c = 0; c < p.cols; ++c) {
-            const float h =
-                fmaf((dev(c) - cm) * rstd, to_f32(p.norm_weight[c]), to_f32(p.norm_bias[c]));
+            const float h = fmaf((n1.dev(x, r, c) - n1.c) * n1.rstd, to_f32(p.norm_weight[c]),
+                                 to_f32(p.norm_bias[c]));
             dot = fmaf(h, to_f32(k[c]), dot);
         }
         probs[q] = dot;
@@ -1039,14 +1021,14 @@ extern "C" __global__ void OP_KERNEL_NAME(attention_absorbed_naive)(const Absorb
     const float ma = sa * inv_cols;
     float se = 0.0f, see = 0.0f;
     for (int c = 0; c < p.cols; ++c) {
-        const float d = dev(c) + (absorbed_naive_add(p, b, c, probs) - ma);
+        const float d = n1.dev(x, r, c) + (absorbed_naive_add(p, b, c, probs) - ma);
         se += d;
         see = fmaf(d, d, see);
     }
     const float ce = se * inv_cols;
     const float rstd_y = 1.0f / sqrtf(fmaxf(see * inv_cols - ce * ce, 0.0f) + p.after_eps);
     for (int c = 0; c < p.cols; ++c) {
-        const float d = dev(c) + (absorbed_naive_add(p, b, c, probs) - ma);
+        const float d = n1.dev(x, r, c) + (absorbed_naive_add(p, b, c, probs) - ma);
         p.out[base + c] = from_f32(
             fmaf((d - ce) * rstd_y, to_f32(p.after_weight[c]), to_f32(p.after_bias[c])));
     }

@@ -543,6 +543,38 @@ __device__ __forceinline__ void store4(elem* p, float4 v) {
 #endif
 }
 
+// layer_norm's statistics of one row x + r (r may be null) by plain loops, as
+// the v1 kernels take them (layer_norm_naive, attention_absorbed_naive): the
+// means of x and r, and the mean c and 1 / std of the deviations
+// (x - mx) + (r - mr).
+struct RowNorm {
+    float mx, mr, c, rstd;
+
+    __device__ __forceinline__ float dev(const elem* x, const elem* r, int j) const {
+        return (to_f32(x[j]) - mx) + (r != nullptr ? to_f32(r[j]) - mr : 0.0f);
+    }
+};
+
+__device__ __forceinline__ RowNorm layer_norm_row_naive(const elem* x, const elem* r, int cols,
+                                                        float eps) {
+    const float inv_cols = 1.0f / (float)cols;
+    float sx = 0.0f, sr = 0.0f;
+    for (int j = 0; j < cols; ++j) {
+        sx += to_f32(x[j]);
+        sr += r != nullptr ? to_f32(r[j]) : 0.0f;
+    }
+    RowNorm n{sx * inv_cols, sr * inv_cols, 0.0f, 0.0f};
+    float sd = 0.0f, sdd = 0.0f;
+    for (int j = 0; j < cols; ++j) {
+        const float d = n.dev(x, r, j);
+        sd += d;
+        sdd = fmaf(d, d, sdd);
+    }
+    n.c = sd * inv_cols;
+    n.rstd = 1.0f / sqrtf(fmaxf(sdd * inv_cols - n.c * n.c, 0.0f) + eps);
+    return n;
+}
+
 // ---------------------------------------------------------------- attention
 // Scaled-dot-product attention's operands (attention.cu; linear.cu's
 // attention_linear_rows). Q [B, Lq, *], K and V [B, Lk, *] are column blocks

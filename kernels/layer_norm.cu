@@ -44,36 +44,14 @@ extern "C" __global__ void OP_KERNEL_NAME(layer_norm_naive)(const LayerNormParam
     const int base = row * p.cols;
     const elem* x = p.x + base;
     const elem* r = p.residual != nullptr ? p.residual + base : nullptr;
-    const float inv_cols = 1.0f / (float)p.cols;
-
-    float sx = 0.0f, sr = 0.0f;
+    const RowNorm n = layer_norm_row_naive(x, r, p.cols, p.eps);
     for (int j = 0; j < p.cols; ++j) {
-        sx += to_f32(x[j]);
-        if (r != nullptr) {
-            sr += to_f32(r[j]);
-            if (p.sum_out != nullptr) {
-                p.sum_out[base + j] = from_f32(to_f32(x[j]) + to_f32(r[j]));
-            }
-        } else if (p.sum_out != nullptr) {
-            p.sum_out[base + j] = x[j];
+        const float d = n.dev(x, r, j);
+        p.out[base + j] = from_f32(fmaf((d - n.c) * n.rstd, to_f32(p.weight[j]), to_f32(p.bias[j])));
+        if (p.sum_out != nullptr) {
+            p.sum_out[base + j] =
+                r != nullptr ? from_f32(to_f32(x[j]) + to_f32(r[j])) : x[j];
         }
-    }
-    const float mx = sx * inv_cols;
-    const float mr = sr * inv_cols;
-
-    float sd = 0.0f, sdd = 0.0f;
-    for (int j = 0; j < p.cols; ++j) {
-        const float d = (to_f32(x[j]) - mx) + (r != nullptr ? to_f32(r[j]) - mr : 0.0f);
-        sd += d;
-        sdd = fmaf(d, d, sdd);
-    }
-    const float c = sd * inv_cols;
-    const float var = fmaxf(sdd * inv_cols - c * c, 0.0f);
-    const float rstd = 1.0f / sqrtf(var + p.eps);
-
-    for (int j = 0; j < p.cols; ++j) {
-        const float d = (to_f32(x[j]) - mx) + (r != nullptr ? to_f32(r[j]) - mr : 0.0f);
-        p.out[base + j] = from_f32(fmaf((d - c) * rstd, to_f32(p.weight[j]), to_f32(p.bias[j])));
     }
 }
 

@@ -110,6 +110,77 @@ fn moments(m: vec2<f32>, eps: f32) -> vec2<f32> {
     return vec2<f32>(c, inverseSqrt(max(m.y / f32(p.cols) - c * c, 0.0) + eps));
 }
 
+// What both kernels do over an invocation's columns c = lid, lid + WG, ..
+// of the row at `base`; they differ in how they add the invocations' parts.
+// `means` are those of x and of the residual.
+
+// The parts of the sums of x and of the residual.
+fn sums_part(base: u32, lid: u32) -> vec2<f32> {
+    var sums = vec2<f32>(0.0);
+    for (var c = lid; c < p.cols; c += WG) {
+        sums += vec2<f32>(f32(x[base + c]), res(base + c));
+    }
+    return sums;
+}
+
+// The first norm's deviation of column c.
+fn dev1(base: u32, c: u32, means: vec2<f32>) -> f32 {
+    return (f32(x[base + c]) - means.x) + (res(base + c) - means.y);
+}
+
+// The parts of the sum and sum of squares of the first norm's deviations.
+fn moments1_part(base: u32, lid: u32, means: vec2<f32>) -> vec2<f32> {
+    var m = vec2<f32>(0.0);
+    for (var c = lid; c < p.cols; c += WG) {
+        let d = dev1(base, c, means);
+        m += vec2<f32>(d, d * d);
+    }
+    return m;
+}
+
+// Column c of h, the first norm's output (`st1`: its moments()).
+fn h_at(base: u32, c: u32, means: vec2<f32>, st1: vec2<f32>) -> f32 {
+    return (dev1(base, c, means) - st1.x) * st1.y * f32(norm_weight[c]) + f32(norm_bias[c]);
+}
+
+// a = out_bias + the probabilities' sum of value rows: into `out` (held
+// there until the second norm), s + a into `stream_out`; the part of a's sum.
+fn add_part(base: u32, b: u32, lid: u32) -> f32 {
+    var sa = 0.0;
+    for (var c = lid; c < p.cols; c += WG) {
+        var a = f32(out_bias[c]);
+        for (var q = 0u; q < p.heads * p.lk; q++) {
+            a += scores[q] * f32(values[value_at(b, q) + c]);
+        }
+        stream_out[base + c] = elem(f32(x[base + c]) + res(base + c) + a);
+        out[base + c] = elem(a);
+        sa += a;
+    }
+    return sa;
+}
+
+// The second norm's deviation of column c: the first's plus a's.
+fn dev2(base: u32, c: u32, means: vec2<f32>, ma: f32) -> f32 {
+    return dev1(base, c, means) + (f32(out[base + c]) - ma);
+}
+
+fn moments2_part(base: u32, lid: u32, means: vec2<f32>, ma: f32) -> vec2<f32> {
+    var m = vec2<f32>(0.0);
+    for (var c = lid; c < p.cols; c += WG) {
+        let d = dev2(base, c, means, ma);
+        m += vec2<f32>(d, d * d);
+    }
+    return m;
+}
+
+// The second norm's output (`st2`: its moments()) over a in `out`.
+fn store_out(base: u32, lid: u32, means: vec2<f32>, ma: f32, st2: vec2<f32>) {
+    for (var c = lid; c < p.cols; c += WG) {
+        let d = dev2(base, c, means, ma);
+        out[base + c] = elem((d - st2.x) * st2.y * f32(after_weight[c]) + f32(after_bias[c]));
+    }
+}
+
 // ---------------------------------------------------------------- v1 (naive)
 
 // The sum of every invocation's `v`, added in invocation order by the first
@@ -129,6 +200,10 @@ fn v1_sum(v: f32, lid: u32) -> f32 {
     return partial[1][0];
 }
 
+fn v1_sum2(v: vec2<f32>, lid: u32) -> vec2<f32> {
+    return vec2<f32>(v1_sum(v.x, lid), v1_sum(v.y, lid));
+}
+
 @compute @workgroup_size(WG)
 fn attention_absorbed_v1(@builtin(local_invocation_id) lid3: vec3<u32>,
                          @builtin(workgroup_id) wid: vec3<u32>) {
@@ -140,28 +215,12 @@ fn attention_absorbed_v1(@builtin(local_invocation_id) lid3: vec3<u32>,
     let lid = lid3.x;
     let b = row / p.lq;
     let base = row * p.cols;
-    let inv_cols = 1.0 / f32(p.cols);
-    var sx = 0.0;
-    var sr = 0.0;
-    for (var c = lid; c < p.cols; c += WG) {
-        sx += f32(x[base + c]);
-        sr += res(base + c);
-    }
-    let mx = v1_sum(sx, lid) * inv_cols;
-    let mr = v1_sum(sr, lid) * inv_cols;
-    var m1 = vec2<f32>(0.0);
-    for (var c = lid; c < p.cols; c += WG) {
-        let d = (f32(x[base + c]) - mx) + (res(base + c) - mr);
-        m1 += vec2<f32>(d, d * d);
-    }
-    let st1 = moments(vec2<f32>(v1_sum(m1.x, lid), v1_sum(m1.y, lid)), p.eps);
-    let n = p.heads * p.lk;
-    for (var q = 0u; q < n; q++) {
+    let means = v1_sum2(sums_part(base, lid), lid) / f32(p.cols);
+    let st1 = moments(v1_sum2(moments1_part(base, lid, means), lid), p.eps);
+    for (var q = 0u; q < p.heads * p.lk; q++) {
         var dot = 0.0;
         for (var c = lid; c < p.cols; c += WG) {
-            let d = (f32(x[base + c]) - mx) + (res(base + c) - mr);
-            let h = (d - st1.x) * st1.y * f32(norm_weight[c]) + f32(norm_bias[c]);
-            dot += h * f32(keys[key_at(b, q) + c]);
+            dot += h_at(base, c, means, st1) * f32(keys[key_at(b, q) + c]);
         }
         let total = v1_sum(dot, lid);
         if (lid == 0u) {
@@ -175,27 +234,9 @@ fn attention_absorbed_v1(@builtin(local_invocation_id) lid3: vec3<u32>,
         }
     }
     workgroupBarrier();
-    var sa = 0.0;
-    for (var c = lid; c < p.cols; c += WG) {
-        var a = f32(out_bias[c]);
-        for (var q = 0u; q < n; q++) {
-            a += scores[q] * f32(values[value_at(b, q) + c]);
-        }
-        stream_out[base + c] = elem(f32(x[base + c]) + res(base + c) + a);
-        out[base + c] = elem(a);
-        sa += a;
-    }
-    let ma = v1_sum(sa, lid) * inv_cols;
-    var m2 = vec2<f32>(0.0);
-    for (var c = lid; c < p.cols; c += WG) {
-        let d = (f32(x[base + c]) - mx) + (res(base + c) - mr) + (f32(out[base + c]) - ma);
-        m2 += vec2<f32>(d, d * d);
-    }
-    let st2 = moments(vec2<f32>(v1_sum(m2.x, lid), v1_sum(m2.y, lid)), p.after_eps);
-    for (var c = lid; c < p.cols; c += WG) {
-        let d = (f32(x[base + c]) - mx) + (res(base + c) - mr) + (f32(out[base + c]) - ma);
-        out[base + c] = elem((d - st2.x) * st2.y * f32(after_weight[c]) + f32(after_bias[c]));
-    }
+    let ma = v1_sum(add_part(base, b, lid), lid) / f32(p.cols);
+    let st2 = moments(v1_sum2(moments2_part(base, lid, means, ma), lid), p.after_eps);
+    store_out(base, lid, means, ma, st2);
 }
 
 // ---------------------------------------------------------------- fast
@@ -228,28 +269,15 @@ fn attention_absorbed(@builtin(local_invocation_id) lid3: vec3<u32>,
     let lid = lid3.x;
     let b = row / p.lq;
     let base = row * p.cols;
-    let inv_cols = 1.0 / f32(p.cols);
-
-    // The first norm's statistics.
-    var sums = vec2<f32>(0.0);
-    for (var c = lid; c < p.cols; c += WG) {
-        sums += vec2<f32>(f32(x[base + c]), res(base + c));
-    }
-    let means = workgroup_sum2(sums, lid) * inv_cols;
-    var m1 = vec2<f32>(0.0);
-    for (var c = lid; c < p.cols; c += WG) {
-        let d = (f32(x[base + c]) - means.x) + (res(base + c) - means.y);
-        m1 += vec2<f32>(d, d * d);
-    }
-    let st1 = moments(workgroup_sum2(m1, lid), p.eps);
+    let means = workgroup_sum2(sums_part(base, lid), lid) / f32(p.cols);
+    let st1 = moments(workgroup_sum2(moments1_part(base, lid, means), lid), p.eps);
 
     // Scores, CHUNK at a time.
     let n = p.heads * p.lk;
     for (var q0 = 0u; q0 < n; q0 += CHUNK) {
         var acc: array<f32, CHUNK>;
         for (var c = lid; c < p.cols; c += WG) {
-            let d = (f32(x[base + c]) - means.x) + (res(base + c) - means.y);
-            let h = (d - st1.x) * st1.y * f32(norm_weight[c]) + f32(norm_bias[c]);
+            let h = h_at(base, c, means, st1);
             for (var u = 0u; u < CHUNK; u++) {
                 if (q0 + u < n) {
                     acc[u] += h * f32(keys[key_at(b, q0 + u) + c]);
@@ -278,27 +306,7 @@ fn attention_absorbed(@builtin(local_invocation_id) lid3: vec3<u32>,
         softmax_head(b, lid);
     }
     workgroupBarrier();
-
-    // a (held in `out`), the new stream, and the second norm.
-    var sa = 0.0;
-    for (var c = lid; c < p.cols; c += WG) {
-        var a = f32(out_bias[c]);
-        for (var q = 0u; q < n; q++) {
-            a += scores[q] * f32(values[value_at(b, q) + c]);
-        }
-        stream_out[base + c] = elem(f32(x[base + c]) + res(base + c) + a);
-        out[base + c] = elem(a);
-        sa += a;
-    }
-    let ma = workgroup_sum2(vec2<f32>(sa, 0.0), lid).x * inv_cols;
-    var m2 = vec2<f32>(0.0);
-    for (var c = lid; c < p.cols; c += WG) {
-        let d = (f32(x[base + c]) - means.x) + (res(base + c) - means.y) + (f32(out[base + c]) - ma);
-        m2 += vec2<f32>(d, d * d);
-    }
-    let st2 = moments(workgroup_sum2(m2, lid), p.after_eps);
-    for (var c = lid; c < p.cols; c += WG) {
-        let d = (f32(x[base + c]) - means.x) + (res(base + c) - means.y) + (f32(out[base + c]) - ma);
-        out[base + c] = elem((d - st2.x) * st2.y * f32(after_weight[c]) + f32(after_bias[c]));
-    }
+    let ma = workgroup_sum2(vec2<f32>(add_part(base, b, lid), 0.0), lid).x / f32(p.cols);
+    let st2 = moments(workgroup_sum2(moments2_part(base, lid, means, ma), lid), p.after_eps);
+    store_out(base, lid, means, ma, st2);
 }
