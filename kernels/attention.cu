@@ -1123,32 +1123,36 @@ __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionPa
     }
     const float cm = warp_sum(sd) * inv_cols;
     const float rstd = 1.0f / sqrtf(fmaxf(warp_sum(sdd) * inv_cols - cm * cm, 0.0f) + p.eps);
+    // Selects, not branches, here and below: a step's loads issue together.
 #pragma unroll
     for (int k = 0; k < ABS_HELD; ++k) {
         const int i = lane + 32 * k;
-        h[k] = zero;
-        if (i < c4) {
-            h[k] = layer_norm_out4(dev[k], cm, rstd, absorbed_load4<VEC>(p.norm_weight + 4 * i),
-                                   absorbed_load4<VEC>(p.norm_bias + 4 * i));
-        }
+        const float4 g = i < c4 ? absorbed_load4<VEC>(p.norm_weight + 4 * i) : zero;
+        const float4 beta = i < c4 ? absorbed_load4<VEC>(p.norm_bias + 4 * i) : zero;
+        h[k] = layer_norm_out4(dev[k], cm, rstd, g, beta);
     }
 
-    // This warp's scores q = warp + 4 u, ABS_STEP at a time.
+    // This warp's scores q = warp + 4 u, ABS_STEP at a time: every load of
+    // a step first, then the products.
     for (int q0 = warp; q0 < n; q0 += ABS_WARPS * ABS_STEP) {
-        float part[ABS_STEP];
+        float4 kv[ABS_STEP][ABS_HELD];
 #pragma unroll
         for (int u = 0; u < ABS_STEP; ++u) {
             const int q = q0 + ABS_WARPS * u;
-            part[u] = 0.0f;
-            if (q < n) {
-                const elem* k = absorbed_key(p, b, q);
+            const elem* row_k = q < n ? absorbed_key(p, b, q) : nullptr;
 #pragma unroll
-                for (int t = 0; t < ABS_HELD; ++t) {
-                    const int i = lane + 32 * t;
-                    if (i < c4) {
-                        part[u] = dot4_acc(h[t], absorbed_load4<VEC>(k + 4 * i), part[u]);
-                    }
-                }
+            for (int t = 0; t < ABS_HELD; ++t) {
+                const int i = lane + 32 * t;
+                kv[u][t] = row_k != nullptr && i < c4 ? absorbed_load4<VEC>(row_k + 4 * i) : zero;
+            }
+        }
+        float part[ABS_STEP];
+#pragma unroll
+        for (int u = 0; u < ABS_STEP; ++u) {
+            part[u] = 0.0f;
+#pragma unroll
+            for (int t = 0; t < ABS_HELD; ++t) {
+                part[u] = dot4_acc(h[t], kv[u][t], part[u]);
             }
         }
 #pragma unroll
@@ -1220,17 +1224,22 @@ __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionPa
 #pragma unroll
     for (int k = 0; k < ABS_HELD; ++k) {
         const int i = lane + 32 * k;
-        if (i < c4) {
-            float4 t = absorbed_load4<VEC>(p.out_bias + 4 * i);
-            t = make_float4(t.x + a[k].x, t.y + a[k].y, t.z + a[k].z, t.w + a[k].w);
+        float4 t = i < c4 ? absorbed_load4<VEC>(p.out_bias + 4 * i) : zero;
+        t = make_float4(t.x + a[k].x, t.y + a[k].y, t.z + a[k].z, t.w + a[k].w);
 #pragma unroll
-            for (int w = 0; w < ABS_WARPS - 1; ++w) {
-                const float4 o = sh.a[w][i];
-                t = make_float4(t.x + o.x, t.y + o.y, t.z + o.z, t.w + o.w);
-            }
-            a[k] = t;
-            sa += (t.x + t.y) + (t.z + t.w);
-            const float4 y = make_float4(s[k].x + t.x, s[k].y + t.y, s[k].z + t.z, s[k].w + t.w);
+        for (int w = 0; w < ABS_WARPS - 1; ++w) {
+            const float4 o = sh.a[w][i];
+            t = make_float4(t.x + o.x, t.y + o.y, t.z + o.z, t.w + o.w);
+        }
+        a[k] = t;
+        sa += (t.x + t.y) + (t.z + t.w);
+    }
+#pragma unroll
+    for (int k = 0; k < ABS_HELD; ++k) {
+        const int i = lane + 32 * k;
+        if (i < c4) {
+            const float4 y =
+                make_float4(s[k].x + a[k].x, s[k].y + a[k].y, s[k].z + a[k].z, s[k].w + a[k].w);
             absorbed_store4<VEC>(p.stream_out + base + 4 * i, y);
         }
     }
@@ -1238,10 +1247,9 @@ __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionPa
     float se = 0.0f, see = 0.0f;
 #pragma unroll
     for (int k = 0; k < ABS_HELD; ++k) {
-        if (lane + 32 * k < c4) {
-            dev[k] = layer_norm_dev4(a[k], dev[k], true, ma, 0.0f);
-            layer_norm_moments4(dev[k], se, see);
-        }
+        // Past C, a and the deviations are zero: nothing added.
+        dev[k] = lane + 32 * k < c4 ? layer_norm_dev4(a[k], dev[k], true, ma, 0.0f) : zero;
+        layer_norm_moments4(dev[k], se, see);
     }
     const float ce = warp_sum(se) * inv_cols;
     const float rstd_y =
@@ -1249,11 +1257,11 @@ __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionPa
 #pragma unroll
     for (int k = 0; k < ABS_HELD; ++k) {
         const int i = lane + 32 * k;
+        const float4 g = i < c4 ? absorbed_load4<VEC>(p.after_weight + 4 * i) : zero;
+        const float4 beta = i < c4 ? absorbed_load4<VEC>(p.after_bias + 4 * i) : zero;
+        const float4 o = layer_norm_out4(dev[k], ce, rstd_y, g, beta);
         if (i < c4) {
-            absorbed_store4<VEC>(
-                p.out + base + 4 * i,
-                layer_norm_out4(dev[k], ce, rstd_y, absorbed_load4<VEC>(p.after_weight + 4 * i),
-                                absorbed_load4<VEC>(p.after_bias + 4 * i)));
+            absorbed_store4<VEC>(p.out + base + 4 * i, o);
         }
     }
 }
