@@ -1064,6 +1064,30 @@ __device__ __forceinline__ float dot4_acc(float4 a, float4 b, float acc) {
 // Key or value rows per step of v2: their loads in flight together.
 #define ABS_STEP 4
 
+// v2: the lane's float4s of a warp's step of key rows (or value rows) q0,
+// q0 + 4, .., zero past the scores or the row: selects, not branches, so that
+// the step's loads issue together (with branches ptxas issued them one round
+// trip at a time).
+template <bool VEC>
+__device__ __forceinline__ void absorbed_load_step(const AbsorbedAttentionParams& p, bool values,
+                                                   int b, int q0, int lane,
+                                                   float4 (&out)[ABS_STEP][ABS_HELD]) {
+    const int n = p.heads * p.lk;
+    const int c4 = p.cols >> 2;
+#pragma unroll
+    for (int u = 0; u < ABS_STEP; ++u) {
+        const int q = q0 + ABS_WARPS * u;
+        const elem* row =
+            q >= n ? nullptr : values ? absorbed_value(p, b, q) : absorbed_key(p, b, q);
+#pragma unroll
+        for (int k = 0; k < ABS_HELD; ++k) {
+            const int i = lane + 32 * k;
+            out[u][k] = row != nullptr && i < c4 ? absorbed_load4<VEC>(row + 4 * i)
+                                                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+    }
+}
+
 // v2's shared memory: the row's scores (then probabilities) and key biases,
 // and warps 1..3's shares of a.
 struct AbsorbedShared {
@@ -1136,16 +1160,7 @@ __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionPa
     // a step first, then the products.
     for (int q0 = warp; q0 < n; q0 += ABS_WARPS * ABS_STEP) {
         float4 kv[ABS_STEP][ABS_HELD];
-#pragma unroll
-        for (int u = 0; u < ABS_STEP; ++u) {
-            const int q = q0 + ABS_WARPS * u;
-            const elem* row_k = q < n ? absorbed_key(p, b, q) : nullptr;
-#pragma unroll
-            for (int t = 0; t < ABS_HELD; ++t) {
-                const int i = lane + 32 * t;
-                kv[u][t] = row_k != nullptr && i < c4 ? absorbed_load4<VEC>(row_k + 4 * i) : zero;
-            }
-        }
+        absorbed_load_step<VEC>(p, false, b, q0, lane, kv);
         float part[ABS_STEP];
 #pragma unroll
         for (int u = 0; u < ABS_STEP; ++u) {
@@ -1182,16 +1197,7 @@ __device__ __forceinline__ void attention_absorbed_row(const AbsorbedAttentionPa
     }
     for (int q0 = warp; q0 < n; q0 += ABS_WARPS * ABS_STEP) {
         float4 v[ABS_STEP][ABS_HELD];
-#pragma unroll
-        for (int u = 0; u < ABS_STEP; ++u) {
-            const int q = q0 + ABS_WARPS * u;
-            const elem* row_v = q < n ? absorbed_value(p, b, q) : nullptr;
-#pragma unroll
-            for (int k = 0; k < ABS_HELD; ++k) {
-                const int i = lane + 32 * k;
-                v[u][k] = row_v != nullptr && i < c4 ? absorbed_load4<VEC>(row_v + 4 * i) : zero;
-            }
-        }
+        absorbed_load_step<VEC>(p, true, b, q0, lane, v);
 #pragma unroll
         for (int u = 0; u < ABS_STEP; ++u) {
             const int q = q0 + ABS_WARPS * u;
