@@ -612,6 +612,10 @@ impl<B: Backend> Projector<B> {
         if prefix.batch != kv.shape()[0] {
             return Err(Error::invalid("decoder prefix of another batch size"));
         }
+        // Where `kv` holds the absorbed keys and values, their layout.
+        let absorbed = absorbed
+            .then(|| AbsorbedCross::new(c.decoder_layers, c.heads, d))
+            .transpose()?;
         for (l, layer) in self.decoder.iter().enumerate() {
             let _layer = profile::range_with(|| format!("decoder.layer{l}"));
             let (k, v) = (Cols::new(kv, 2 * d * l), Cols::new(kv, 2 * d * l + d));
@@ -629,8 +633,7 @@ impl<B: Backend> Projector<B> {
                 NormOf::Pending
             };
             let norm3 = NextNorm::new(of, &layer.norm3, c.eps);
-            if absorbed {
-                let shape = AbsorbedCross::new(c.decoder_layers, c.heads, d)?;
+            if let Some(shape) = &absorbed {
                 let attn = shape.input(kv, l, &layer.cross_out.bias, spec.scale());
                 let on = if l == 0 {
                     Some(&prefix.stream)

@@ -522,6 +522,7 @@ pub(super) fn attention_absorbed(
         .iter()
         .all(|s| s % 4 == 0)
         && ptrs.iter().all(|p| p % 16 == 0);
+    let (kernel, grid, block, per_block) = absorbed_plan(&d, be.version(), be.sm_count())?;
     let params = AbsorbedAttentionParams {
         x: ptrs[0],
         residual: ptrs[1],
@@ -550,12 +551,7 @@ pub(super) fn attention_absorbed(
         eps: norm.eps as f32,
         after_eps: after.eps as f32,
         vec4: i32::from(vec4),
-        rows_per_block: 1,
-    };
-    let (kernel, grid, block, per_block) = absorbed_plan(&d, be.version(), be.sm_count())?;
-    let params = AbsorbedAttentionParams {
         rows_per_block: i32_of("attention_absorbed rows per block", per_block)?,
-        ..params
     };
     be.launch(&PROGRAM, kernel, (grid, 1, 1), (block, 1, 1), &params)
 }
