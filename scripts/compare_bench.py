@@ -116,8 +116,8 @@ def ratio(theirs, ours):
 
 
 def why(row):
-    """'failed: ...' for a failed PyTorch row, else ''."""
-    if row is not None and str(row.get("status", "ok")).startswith("failed"):
+    """'failed: ...' or 'skipped: ...' for a PyTorch row not measured, else ''."""
+    if row is not None and str(row.get("status", "ok")).startswith(("failed", "skipped")):
         return row["status"]
     return ""
 

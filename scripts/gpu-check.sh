@@ -4,14 +4,16 @@
 #   scripts/gpu-check.sh                      # uses target/release/outproj
 #   OUTPROJ=/path/to/outproj OUT=results scripts/gpu-check.sh
 #
-# Steps (each one's full output goes to a log file in the output folder):
+# Steps (each one's full output goes to a log file in the output folder; the
+# step groups after `info` run in the order $STEPS lists them):
 #   nvidia-smi       the GPU and driver (skipped without nvidia-smi)
 #   nvrtc            finds libnvrtc.so.13 (CUDA 13.0; from a CUDA toolkit or the
 #                    nvidia-cuda-nvrtc wheel PyTorch installs) and puts its folder
 #                    on LD_LIBRARY_PATH for the steps below
 #   info             outproj info
-#   check-cuda       outproj check --device cuda (f32), then check-cuda-<p> for each
-#                    precision in $CHECK_PRECISIONS, where the binary has --precision
+#   check-cuda       outproj check --device cuda (f32); group `check`
+#   check-cuda-<p>   the same for each precision in $CHECK_PRECISIONS, where the
+#                    binary has --precision; group `check-precisions`
 #   bench-cuda       outproj bench --device cuda --json, once per batch in $BATCHES
 #                    (a fault at one batch leaves the others' rows) and, when the
 #                    binary has --precision, per precision in $PRECISIONS (steps
@@ -41,14 +43,24 @@
 #   check-wgpu,      the same check and bench on wgpu, when `outproj info` reports
 #   bench-wgpu       a wgpu adapter that is a real GPU (the NVIDIA Vulkan driver)
 # then prints one table: step, status, key figure. Exits non-zero when any step
-# failed. A failed step does not stop the ones after it.
+# failed. A failed step does not stop the ones after it; a step the time budget
+# (BUDGET) leaves no room for is recorded as skipped.
 #
 # Environment:
-#   QUICK              1: a run that fits ~8 minutes on an H100/H200 (batches 1,64;
+#   QUICK              1: a run within BUDGET=480 s on an H100/H200 (batches 1,64;
 #                      f32 and bf16; 0.2 s per measurement; torch.compile in
 #                      reduce-overhead mode only; sanitizers on forwards, not a check;
 #                      four deep targets: the split GEMMs, the batch-64 tiles and
-#                      the batch-64 tiles with the LayerNorm after them)
+#                      the batch-64 tiles with the LayerNorm after them), the groups
+#                      in the order the acceptance needs them: check bench torch
+#                      compare check-precisions profile sanitizer deep wgpu
+#   BUDGET             seconds the whole script may take (default: no limit; 480
+#                      with QUICK=1, for a 10-minute slot). Each step's timeout is
+#                      cut to what is left before the last RESERVE seconds (default
+#                      45: compare and the summary), a step with less than MIN_STEP
+#                      seconds (default 20) left is skipped, and the PyTorch step is
+#                      told to stop starting measurements in time
+#                      (torch_baseline.py --budget)
 #   OUTPROJ            the binary (default: target/release/outproj next to this script)
 #   OUT                output folder (default: ./gpu-check-<date>)
 #   BATCHES            bench batch sizes (default: 1,8,64)
@@ -56,8 +68,10 @@
 #                      (default: "f32 tf32 f16 bf16")
 #   CHECK_PRECISIONS   outproj check precisions besides f32 (default: "tf32 f16 bf16")
 #   BENCH_SECONDS      outproj bench --seconds (default: 1)
-#   STEPS              step groups (default: "check bench torch compare profile
-#                      sanitizer wgpu"); info and the setup steps always run
+#   STEPS              step groups, run in the order given (default: "check
+#                      check-precisions bench torch compare profile deep sanitizer
+#                      wgpu"; "none": only info and the setup steps, which always
+#                      run first)
 #   PROFILE_PRECISIONS precisions profiled with ncu (default: "f32 bf16")
 #   PROFILE_BATCHES    batch sizes profiled with ncu (default: "1 64")
 #   DEEP_TARGETS       what `deep` profiles, as precision:batch:kernel-regex:skip:count
@@ -97,6 +111,9 @@ if [[ $QUICK == 1 ]]; then
     TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16}
     TORCH_ARGS=${TORCH_ARGS:---seconds 0.2 --compile-modes reduce-overhead}
     SANITIZER_RUN=${SANITIZER_RUN:-forwards}
+    # What the acceptance needs first: both sides' times and the comparison.
+    STEPS=${STEPS:-check bench torch compare check-precisions profile sanitizer deep wgpu}
+    BUDGET=${BUDGET:-480}
     DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:3 bf16:1:linear_tc_vec8:3:2 bf16:64:linear_wgmma:0:1 bf16:64:linear_layer_norm_wgmma:0:1}
 fi
 BATCHES=${BATCHES:-1,8,64}
@@ -105,9 +122,13 @@ CHECK_PRECISIONS=${CHECK_PRECISIONS:-tf32 f16 bf16}
 BENCH_SECONDS=${BENCH_SECONDS:-1}
 TORCH_ARGS=${TORCH_ARGS:-}
 SANITIZER_RUN=${SANITIZER_RUN:-check}
-# Step groups to run; the others are recorded as skipped (split a long check
-# over several calls with the same binary).
-STEPS=${STEPS:-check bench torch compare profile deep sanitizer wgpu}
+STEP_GROUPS="check check-precisions bench torch compare profile deep sanitizer wgpu"
+# Step groups to run, in this order; the others are recorded as skipped (split a
+# long check over several calls with the same binary).
+STEPS=${STEPS:-$STEP_GROUPS}
+BUDGET=${BUDGET:-}
+RESERVE=${RESERVE:-45}
+MIN_STEP=${MIN_STEP:-20}
 PROFILE_PRECISIONS=${PROFILE_PRECISIONS:-f32 bf16}
 PROFILE_BATCHES=${PROFILE_BATCHES:-1 64}
 DEEP_TARGETS=${DEEP_TARGETS:-f32:1:linear_tiled:3:4 bf16:1:linear_tc_vec8:3:3 f32:1:linear_rows:0:3 bf16:64:linear_wgmma:0:2 bf16:64:linear_layer_norm_wgmma:0:2 f32:1:layer_norm_warp:0:2 f32:64:attention_flash:0:1 f32:64:attention_few_keys:0:1 bf16:1:attention_split_keys:0:1 bf16:1:attention_absorbed:0:1 bf16:64:attention_absorbed:0:1}
@@ -119,6 +140,21 @@ STEP_TIMEOUT=${STEP_TIMEOUT:-1800}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-5400}
 
 want() { [[ " $STEPS " == *" $1 "* ]]; }
+
+deadline=""
+if [[ -n $BUDGET ]]; then
+    deadline=$((SECONDS + BUDGET))
+fi
+
+# starts NAME: whether step NAME may start: true without a BUDGET, else while at
+# least MIN_STEP seconds are left before the RESERVE; otherwise NAME is recorded
+# as skipped (not a failure: it was not run).
+starts() {
+    [[ -z $deadline ]] && return 0
+    ((deadline - SECONDS - RESERVE >= MIN_STEP)) && return 0
+    record "$1" skip "the time budget is spent (BUDGET=$BUDGET s)"
+    return 1
+}
 
 steps=()
 statuses=()
@@ -178,14 +214,27 @@ trap 'record interrupted FAIL "stopped by a signal"; exit 130' INT TERM
 run_step() {
     local name=$1 limit=$2
     shift 2
-    local rc
+    local rc cut=0
+    if [[ -n $deadline ]] && ((deadline - SECONDS - RESERVE < limit)); then
+        # Never under MIN_STEP: compare runs within the reserve.
+        limit=$((deadline - SECONDS - RESERVE))
+        ((limit < MIN_STEP)) && limit=$MIN_STEP
+        cut=1
+    fi
     {
         echo "\$ $*"
         echo "# started $(date -Is)"
     } >"$OUT/$name.log"
     if command -v timeout >/dev/null 2>&1; then
-        timeout --kill-after=30 "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+        timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
         rc=$?
+        if [[ $rc == 124 || $rc == 137 ]]; then
+            if ((cut)); then
+                echo "gpu-check: stopped after ${limit}s, where the time budget (BUDGET=$BUDGET) ran out"
+            else
+                echo "gpu-check: stopped after ${limit}s (the step's timeout)"
+            fi >>"$OUT/$name.err"
+        fi
     else
         "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
         rc=$?
@@ -329,6 +378,7 @@ record info "$(status_of "$rc")" "${cuda_line:-$(last_error info)}"
 check_step() {
     local name=$1 rc
     shift
+    starts "$name" || return 0
     run_step "$name" "$STEP_TIMEOUT" "$OUTPROJ" check "$@"
     rc=$?
     if [[ $rc == 0 ]]; then
@@ -343,22 +393,26 @@ if "$OUTPROJ" bench --help 2>/dev/null | grep -q -- --precision; then
     has_precision=1
 fi
 
-if want check; then
+group_check() {
     check_step check-cuda --device cuda
+}
+
+group_check-precisions() {
     if ((has_precision)); then
         for p in $CHECK_PRECISIONS; do
             check_step "check-cuda-$p" --device cuda --precision "$p"
         done
+    else
+        record check-precisions skip "this outproj has no --precision"
     fi
-else
-    record check skip "not in STEPS"
-fi
+}
 
 # bench_step NAME BATCH ARGS...: one `outproj bench --json` at BATCH; its JSON
 # also in NAME.json.
 bench_step() {
     local name=$1 batch=$2 rc
     shift 2
+    starts "$name" || return 0
     run_step "$name" "$STEP_TIMEOUT" "$OUTPROJ" bench "$@" --batch "$batch" \
         --seconds "$BENCH_SECONDS" --json
     rc=$?
@@ -370,7 +424,7 @@ bench_step() {
     fi
 }
 
-if want bench; then
+group_bench() {
     # One process per precision and batch: a kernel's fault (a sticky CUDA
     # error ends the process) costs only that batch's rows.
     for b in ${BATCHES//,/ }; do
@@ -382,37 +436,41 @@ if want bench; then
             bench_step "bench-cuda-b$b" "$b" --device cuda
         fi
     done
-else
-    record bench skip "not in STEPS"
-fi
+}
 
 # PyTorch on the same GPU: the anchor our times are compared with.
-torch_json=""
-if want torch; then
+group_torch() {
     if ! "$TORCH_PYTHON" -c "import torch" >/dev/null 2>&1; then
         record torch-baseline skip "$TORCH_PYTHON cannot import torch (set TORCH_PYTHON)"
     elif ! "$TORCH_PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
         record torch-baseline skip "torch $("$TORCH_PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null) sees no CUDA device"
     else
         read -r -a torch_args <<<"$TORCH_ARGS"
+        starts torch-baseline || return 0
+        # It stops starting measurements a little before its timeout (a
+        # measurement under way or a compile may overrun) and writes its JSON
+        # after every row, so even a kill leaves what it measured.
+        if [[ -n $deadline ]]; then
+            local torch_budget=$((deadline - SECONDS - RESERVE - 20))
+            torch_args+=(--budget "$((torch_budget > 1 ? torch_budget : 1))")
+        fi
         run_step torch-baseline "$TORCH_TIMEOUT" "$TORCH_PYTHON" "$script_dir/torch_baseline.py" \
             --device cuda --batches "$BATCHES" --precisions "$TORCH_PRECISIONS" \
             --outproj "$OUTPROJ" --json "$OUT/torch-baseline.json" --markdown "$OUT/torch-baseline.md" \
             ${torch_args[@]+"${torch_args[@]}"}
         rc=$?
-        [[ -s $OUT/torch-baseline.json ]] && torch_json=$OUT/torch-baseline.json
         fig=$(grep -v '^[[:space:]]*$' "$OUT/torch-baseline.out" 2>/dev/null | tail -n 1)
         case $rc in
             0) record torch-baseline ok "$fig" ;;
-            124) record torch-baseline FAIL "timed out after ${TORCH_TIMEOUT}s" ;;
+            124) record torch-baseline FAIL "timed out: $(last_error torch-baseline) (its JSON keeps the rows measured)" ;;
             *) record torch-baseline FAIL "exit $rc: ${fig:-$(last_error torch-baseline)}" ;;
         esac
     fi
-else
-    record torch skip "not in STEPS"
-fi
+}
 
-if want compare; then
+group_compare() {
+    local torch_json=""
+    [[ -s $OUT/torch-baseline.json ]] && torch_json=$OUT/torch-baseline.json
     ours_json=()
     for f in "$OUT"/bench-cuda*.json; do
         [[ -e $f ]] && ours_json+=(--ours "$f")
@@ -437,9 +495,7 @@ if want compare; then
             record compare FAIL "exit $rc: $(last_error compare)"
         fi
     fi
-else
-    record compare skip "not in STEPS"
-fi
+}
 
 # summarise NAME RC SCRIPT TITLE: after an ncu step NAME that exited with RC,
 # scripts/SCRIPT turns NAME.out into NAME.md; records the step with its title line.
@@ -455,11 +511,12 @@ summarise() {
 }
 
 # Device time of every kernel of one forward (and the once-per-batch-size prefix).
-if want profile; then
+group_profile() {
     if command -v ncu >/dev/null 2>&1; then
         for p in $PROFILE_PRECISIONS; do
             for b in $PROFILE_BATCHES; do
                 name=profile-$p-b$b
+                starts "$name" || continue
                 run_step "$name" "$STEP_TIMEOUT" ncu --csv --metrics gpu__time_duration.sum \
                     --cache-control none --clock-control none \
                     "$OUTPROJ" run --device cuda --precision "$p" --batch "$b"
@@ -469,16 +526,15 @@ if want profile; then
     else
         record profile skip "ncu not found"
     fi
-else
-    record profile skip "not in STEPS"
-fi
+}
 
 # Where a few kernels' time goes: ncu's full set on selected launches.
-if want deep; then
+group_deep() {
     if command -v ncu >/dev/null 2>&1; then
         for target in $DEEP_TARGETS; do
             IFS=: read -r p b kernel skip count <<<"$target"
             name=deep-$p-b$b-${kernel//[^A-Za-z0-9_]/_}
+            starts "$name" || continue
             run_step "$name" "$STEP_TIMEOUT" ncu --set full --page raw --csv \
                 -k "regex:$kernel" --launch-skip "${skip:-0}" --launch-count "${count:-1}" \
                 "$OUTPROJ" run --device cuda --precision "$p" --batch "$b"
@@ -487,13 +543,12 @@ if want deep; then
     else
         record deep skip "ncu not found"
     fi
-else
-    record deep skip "not in STEPS"
-fi
+}
 
-if want sanitizer; then
+group_sanitizer() {
     if command -v compute-sanitizer >/dev/null 2>&1; then
         for tool in $SANITIZER_TOOLS; do
+            starts "$tool" || continue
             if [[ $SANITIZER_RUN == forwards ]]; then
                 # Every fast kernel a forward uses (CUDA cores, TF32 and 16-bit tensor
                 # cores), one forward each: a whole check under a sanitizer takes long.
@@ -517,19 +572,17 @@ if want sanitizer; then
             case $rc in
                 0) record "$tool" ok "${fig:-no errors reported}" ;;
                 86) record "$tool" FAIL "${fig:-errors found}: see $tool.log" ;;
-                124) record "$tool" FAIL "timed out after ${SANITIZER_TIMEOUT}s" ;;
+                124) record "$tool" FAIL "timed out: $(last_error "$tool")" ;;
                 *) record "$tool" FAIL "exit $rc: ${fig:-$(last_error "$tool")}" ;;
             esac
         done
     else
         record sanitizer skip "compute-sanitizer not found"
     fi
-else
-    record sanitizer skip "not in STEPS"
-fi
+}
 
 # wgpu on the same GPU, when its adapter is a real GPU (not llvmpipe).
-if want wgpu; then
+group_wgpu() {
     wgpu_block=$(awk '/^[^ ]/ { on = ($1 == "wgpu") } on' "$OUT/info.out" 2>/dev/null)
     if ! grep -qE '^wgpu +available' <<<"$wgpu_block"; then
         record wgpu skip "no usable wgpu adapter: $(head -n 1 <<<"$wgpu_block" | tr -s ' ' | cut -c1-80)"
@@ -537,6 +590,7 @@ if want wgpu; then
         ! grep -qE 'DiscreteGpu|IntegratedGpu|VirtualGpu|NVIDIA' <<<"$wgpu_block"; then
         record wgpu skip "the wgpu adapter is not a GPU"
     else
+        starts check-wgpu || return 0
         run_step check-wgpu "$STEP_TIMEOUT" "$OUTPROJ" check --device wgpu
         rc=$?
         if [[ $rc == 0 ]]; then
@@ -544,6 +598,7 @@ if want wgpu; then
         else
             record check-wgpu FAIL "exit $rc: $(check_figure check-wgpu) $(last_error check-wgpu)"
         fi
+        starts bench-wgpu || return 0
         run_step bench-wgpu "$STEP_TIMEOUT" "$OUTPROJ" bench --device wgpu --batch "$BATCHES" --json
         rc=$?
         if [[ $rc == 0 ]]; then
@@ -552,6 +607,18 @@ if want wgpu; then
             record bench-wgpu FAIL "exit $rc: $(last_error bench-wgpu)"
         fi
     fi
-else
-    record wgpu skip "not in STEPS"
-fi
+}
+
+# The groups asked for, in the order asked.
+for group in $STEPS; do
+    if [[ $group == none ]]; then
+        continue
+    elif [[ " $STEP_GROUPS " == *" $group "* ]]; then
+        "group_$group"
+    else
+        record "$group" FAIL "unknown step group (one of: $STEP_GROUPS)"
+    fi
+done
+for group in $STEP_GROUPS; do
+    want "$group" || record "$group" skip "not in STEPS"
+done

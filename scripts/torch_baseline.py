@@ -27,6 +27,13 @@ Needs torch (and numpy, which torch pulls in); the safetensors package is not ne
 A failed measurement (torch.compile without a working Triton, out of memory, ...)
 becomes a row "failed: <reason>" and the rest goes on. Exits 1 when the cross-check
 fails.
+
+The cheap measurements come first (eager forwards and ops, every precision and batch),
+then torch.compile, batch by batch, as compiling takes tens of seconds each. With
+--budget the run stops starting measurements once that many seconds have passed (a
+compile also once less time is left than the longest compile so far took); what it
+did not start becomes a row "skipped: time budget". The JSON and markdown are
+rewritten after every row, so a run stopped from outside keeps what it measured.
 """
 
 import argparse
@@ -305,28 +312,50 @@ def cross_check(model, args, work, weights_path):
     return row
 
 
-def forward_rows(model, precision, batch, args, timer, device, g):
-    dtype = DTYPES[precision]
-    shape = f"image batch {batch}"
+class Budget:
+    """Wall seconds the run may take (None: no limit)."""
+
+    def __init__(self, seconds):
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.longest_compile = 0.0
+
+    def left(self):
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    def allows(self, compile_=False):
+        """Whether a measurement (a compile with `compile_`) may start now."""
+        return self.left() > (self.longest_compile if compile_ else 0.0)
+
+
+SKIPPED = "skipped: time budget"
+
+
+def forward_inputs(precision, batch, device, g):
     # The forward's inputs are small: rotate 8 of them (the weights cannot rotate; they
     # are one model, as in outproj bench).
-    inputs = [(randn((batch, N_IN, IN_DIM), dtype, device, g),) for _ in range(8)]
-    rows = []
+    return [(randn((batch, N_IN, IN_DIM), DTYPES[precision], device, g),) for _ in range(8)]
 
-    def run(what, fn, warmup=None, extra=None):
-        row = {"what": what, "precision": precision, "batch": batch, "shape": shape, **(extra or {})}
+
+def forward_row(what, precision, batch, fn, inputs, timer, budget, sink, warmup=None, extra=None):
+    row = {"what": what, "precision": precision, "batch": batch, "shape": f"image batch {batch}",
+           **(extra or {})}
+    if not budget.allows():
+        row["status"] = SKIPPED
+    else:
         try:
             row.update(timer(fn, inputs, warmup), status="ok")
         except Exception as e:  # recorded, never fatal: the next row may still work
             row["status"] = f"failed: {one_line(e)}"
-        rows.append(row)
-        log(row)
+    sink(row)
 
-    run("eager", model)
-    if args.no_compile:
-        return rows
+
+def compile_rows(model, precision, batch, args, timer, budget, sink, inputs):
     for mode in args.compile_modes:
         what = f"compile {mode}"
+        row = {"what": what, "precision": precision, "batch": batch, "shape": f"image batch {batch}"}
+        if not budget.allows(compile_=True):
+            sink({**row, "status": SKIPPED})
+            continue
         try:
             torch._dynamo.reset()
             compiled = torch.compile(model, mode=mode, dynamic=False)
@@ -340,33 +369,41 @@ def forward_rows(model, precision, batch, args, timer, device, g):
             fn(*inputs[0])  # compiles
             timer.sync()
             compile_s = time.perf_counter() - t0
+            budget.longest_compile = max(budget.longest_compile, compile_s)
         except Exception as e:
-            row = {"what": what, "precision": precision, "batch": batch, "shape": shape,
-                   "status": f"failed: {one_line(e)}"}
-            rows.append(row)
-            log(row)
+            sink({**row, "status": f"failed: {one_line(e)}"})
             continue
         # CUDA graphs record on the first calls after compiling: warm up longer.
-        run(what, fn, warmup=max(timer.warmup, 5), extra={"compile_s": round(compile_s, 2)})
-    return rows
+        forward_row(what, precision, batch, fn, inputs, timer, budget, sink,
+                    warmup=max(timer.warmup, 5), extra={"compile_s": round(compile_s, 2)})
 
 
-def op_rows(precision, batch, timer, device, g, l2_bytes):
-    rows = []
+def op_rows(precision, batch, timer, budget, sink, device, g, l2_bytes):
     for op, shape, p in projector_ops(batch):
         row = {"what": op, "precision": precision, "batch": batch, "shape": shape,
                "impl": {"linear": "F.linear", "layer_norm": "F.layer_norm",
                         "linear_layer_norm": "F.linear + residual + F.layer_norm",
                         "attention": "F.scaled_dot_product_attention"}[op]}
-        try:
-            fn, sets = op_case(op, p, DTYPES[precision], device, g, l2_bytes)
-            row.update(timer(fn, sets), status="ok")
-            del sets
-        except Exception as e:
-            row["status"] = f"failed: {one_line(e)}"
-        rows.append(row)
-        log(row)
-    return rows
+        if not budget.allows():
+            row["status"] = SKIPPED
+        else:
+            try:
+                fn, sets = op_case(op, p, DTYPES[precision], device, g, l2_bytes)
+                row.update(timer(fn, sets), status="ok")
+                del sets
+            except Exception as e:
+                row["status"] = f"failed: {one_line(e)}"
+        sink(row)
+
+
+def save(result, args):
+    """Rewrites the JSON and markdown with every row so far (a reader never sees half a file)."""
+    for path, text in ((args.json, lambda: json.dumps(result, indent=1)),
+                       (args.markdown, lambda: markdown(result))):
+        if path:
+            with open(path + ".tmp", "w") as f:
+                f.write(text())
+            os.replace(path + ".tmp", path)
 
 
 def log(row):
@@ -382,9 +419,10 @@ def fmt(v, digits=1):
 def markdown(result):
     env = result["environment"]
     l2 = f"L2 {env['l2_bytes'] / 2**20:.0f} MiB, " if env["l2_bytes"] else ""
+    bw = env.get("copy_gbytes_per_s")  # absent while the run is still before it
+    bw = f"copy bandwidth {bw:.0f} GB/s" if bw else "copy bandwidth not yet measured"
     lines = [f"# PyTorch baseline: NExT-GPT image projector (legacy), {env['device_name']}", "",
-             f"torch {env['torch']}, {env['device']}, {l2}copy bandwidth "
-             f"{env['copy_gbytes_per_s']:.0f} GB/s. Times in µs: the median wall time of one "
+             f"torch {env['torch']}, {env['device']}, {l2}{bw}. Times in µs: the median wall time of one "
              "synchronised run (issue to completion); device µs: CUDA events around the same "
              "run. buffers: argument sets rotated over.", "",
              "| precision | batch | what | shape | median µs | min µs | device µs | runs | buffers "
@@ -419,7 +457,8 @@ def summary(result):
     def us(what, precision="f32", batch=1):
         for r in rows:
             if (r["what"], r["precision"], r["batch"]) == (what, precision, batch):
-                return f"{r['median_us']:.0f} us" if "median_us" in r else "failed"
+                return (f"{r['median_us']:.0f} us" if "median_us" in r
+                        else r.get("status", "failed").split(":")[0])
         return None
     parts = [f"{w} {v}" for w in ("eager", "compile default", "compile reduce-overhead", "floor")
              if (v := us(w)) is not None]
@@ -450,6 +489,8 @@ def main():
     ap.add_argument("--save-weights", metavar="PATH", help="write the weights as a checkpoint")
     ap.add_argument("--outproj", metavar="BIN", help="cross-check `BIN run` on the same weights")
     ap.add_argument("--outproj-device", help="device for BIN (default: --device)")
+    ap.add_argument("--budget", type=float, metavar="SECONDS",
+                    help="start no measurement after this many seconds (see above)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--markdown", metavar="PATH")
     args = ap.parse_args()
@@ -485,6 +526,16 @@ def main():
         env["triton"] = f"unavailable: {one_line(e)}"
 
     rows = []
+    result = {"environment": env, "rows": rows}
+    budget = Budget(args.budget)
+
+    def sink(row):
+        row.setdefault("device", device.type)
+        row["source"] = "torch"
+        rows.append(row)
+        log(row)
+        save(result, args)
+
     model = build_model(args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     env["parameters"] = n_params
@@ -496,7 +547,7 @@ def main():
             print(f"weights: {weights_path} ({n_params} parameters, f32)", file=sys.stderr)
         if args.outproj:
             row = cross_check(model, args, work, weights_path)
-            rows.append({"device": args.outproj_device or args.device, **row})
+            sink({**row, "device": args.outproj_device or args.device})
             print(f"cross-check: {row['status']}" + (
                 f", rel vs torch f64 {row['rel_outproj_vs_torch_f64']:.2e}"
                 if "rel_outproj_vs_torch_f64" in row else ""), file=sys.stderr)
@@ -505,43 +556,37 @@ def main():
     copy_bytes = (1 << 30) if cuda else (32 << 20 if args.quick else 256 << 20)
     bw, t = copy_bandwidth(device, copy_bytes, timer)
     env["copy_gbytes_per_s"] = bw / 1e9
-    rows.append({"what": "copy bandwidth", "precision": "-", "batch": "-",
-                 "shape": f"{copy_bytes >> 20} MiB read + written", **t, "status": "ok",
-                 "gbytes_per_s": bw / 1e9, "note": f"{bw / 1e9:.0f} GB/s"})
+    sink({"what": "copy bandwidth", "precision": "-", "batch": "-",
+          "shape": f"{copy_bytes >> 20} MiB read + written", **t, "status": "ok",
+          "gbytes_per_s": bw / 1e9, "note": f"{bw / 1e9:.0f} GB/s"})
 
     g = torch.Generator().manual_seed(args.seed + 2)
+    models, inputs = {}, {}
     with torch.inference_mode():
         for precision in args.precisions:
             dtype = DTYPES[precision]
             elem = torch.tensor([], dtype=dtype).element_size()
+            models[precision] = copy.deepcopy(model).to(device=device, dtype=dtype)
             with matmul_precision(precision):
-                mp = copy.deepcopy(model).to(device=device, dtype=dtype)
                 for batch in batches:
                     w_bytes = n_params * elem
                     a_bytes = batch * (N_IN * IN_DIM + N_OUT * OUT_DIM) * elem
-                    rows.append({"what": "floor", "precision": precision, "batch": batch,
-                                 "shape": f"image batch {batch}",
-                                 "median_us": (w_bytes + a_bytes) / bw * 1e6,
-                                 "weight_bytes": w_bytes, "activation_bytes": a_bytes, "status": "ok",
-                                 "note": f"({w_bytes / 1e6:.1f} MB weights + {a_bytes / 1e6:.2f} MB "
-                                         f"activations) / {bw / 1e9:.0f} GB/s"})
-                    rows += forward_rows(mp, precision, batch, args, timer, device, g)
+                    sink({"what": "floor", "precision": precision, "batch": batch,
+                          "shape": f"image batch {batch}", "median_us": (w_bytes + a_bytes) / bw * 1e6,
+                          "weight_bytes": w_bytes, "activation_bytes": a_bytes, "status": "ok",
+                          "note": f"({w_bytes / 1e6:.1f} MB weights + {a_bytes / 1e6:.2f} MB "
+                                  f"activations) / {bw / 1e9:.0f} GB/s"})
+                    x = inputs[precision, batch] = forward_inputs(precision, batch, device, g)
+                    forward_row("eager", precision, batch, models[precision], x, timer, budget, sink)
                     if not args.no_ops:
-                        rows += op_rows(precision, batch, timer, device, g, l2)
-                del mp
-                if cuda:
-                    torch.cuda.empty_cache()
+                        op_rows(precision, batch, timer, budget, sink, device, g, l2)
+        if not args.no_compile:
+            for batch in batches:
+                for precision in args.precisions:
+                    with matmul_precision(precision):
+                        compile_rows(models[precision], precision, batch, args, timer, budget, sink,
+                                     inputs[precision, batch])
 
-    for r in rows:
-        r.setdefault("device", device.type)
-        r["source"] = "torch"
-    result = {"environment": env, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(result))
     print(summary(result))
     failed = [r for r in rows if r["what"] == "cross-check" and r["status"] != "ok"]
     sys.exit(1 if failed else 0)

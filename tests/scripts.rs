@@ -110,6 +110,7 @@ fn compare_bench_marks_targets_notes_bursts_baselines_and_graphs_without_feature
  "rows":[
   {"precision":"bf16","batch":1,"what":"eager","shape":"image batch 1","median_us":2857,"status":"ok"},
   {"precision":"bf16","batch":1,"what":"compile reduce-overhead","shape":"image batch 1","median_us":540,"status":"ok"},
+  {"precision":"bf16","batch":1,"what":"compile default","shape":"image batch 1","status":"skipped: time budget"},
   {"precision":"bf16","batch":1,"what":"linear","shape":"77x1536x512","median_us":37.2,"status":"ok"}]}"#,
     )?;
     let md = run(
@@ -136,6 +137,13 @@ fn compare_bench_marks_targets_notes_bursts_baselines_and_graphs_without_feature
     for line in want {
         assert!(md.contains(line), "missing {line:?} in\n{md}");
     }
+    // A PyTorch row the time budget left out says so.
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("| torch.compile (default) |")
+                && l.ends_with("| skipped: time budget |")),
+        "{md}"
+    );
     Ok(())
 }
 
@@ -185,6 +193,7 @@ fn gpu_check_parses_and_skips_what_is_not_asked() -> Result<(), String> {
     assert!(out.status.success(), "{}\n{stdout}", out.status);
     for group in [
         "check",
+        "check-precisions",
         "bench",
         "torch",
         "compare",
@@ -203,5 +212,109 @@ fn gpu_check_parses_and_skips_what_is_not_asked() -> Result<(), String> {
     let summary = std::fs::read_to_string(dir.join("summary.txt"))
         .map_err(|e| format!("summary.txt: {e}"))?;
     assert!(summary.contains("info"), "{summary}");
+    Ok(())
+}
+
+#[test]
+fn gpu_check_keeps_to_its_time_budget() -> Result<(), String> {
+    // A stub `outproj` whose check hangs: the check is stopped where the budget
+    // runs out, the bench steps after it are skipped (not failed), compare still
+    // runs in the reserve, and the summary is written, all within the budget.
+    let dir = scratch("gpu_check_budget")?;
+    let stub = dir.join("outproj");
+    write(
+        &stub,
+        r#"#!/usr/bin/env bash
+case $1 in
+    --version) echo "outproj stub" ;;
+    info) echo "cuda   available  stub" ;;
+    check) sleep 60 ;;
+    bench) [[ $2 == --help ]] && echo "--precision" ;;
+esac
+"#,
+    )?;
+    run("chmod", &["+x", &stub.display().to_string()])?;
+    let out_dir = dir.join("out");
+    let started = std::time::Instant::now();
+    let out = Command::new("bash")
+        .arg("scripts/gpu-check.sh")
+        .current_dir(root())
+        .env("OUTPROJ", &stub)
+        .env("OUT", &out_dir)
+        .env("STEPS", "check bench compare")
+        .env("BATCHES", "1")
+        .env("PRECISIONS", "f32 bf16")
+        .env("BUDGET", "6")
+        .env("RESERVE", "1")
+        .env("MIN_STEP", "2")
+        .output()
+        .map_err(|e| format!("running gpu-check.sh: {e}"))?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "the stopped check is a failure:\n{stdout}"
+    );
+    assert!(
+        elapsed < 20.0,
+        "{elapsed:.1} s for a budget of 6 s:\n{stdout}"
+    );
+    let line = |step: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(step))
+            .unwrap_or("")
+            .to_string()
+    };
+    let check = line("check-cuda");
+    assert!(
+        check.contains("FAIL") && check.contains("time budget"),
+        "{check}\n{stdout}"
+    );
+    for step in ["bench-cuda-f32-b1", "bench-cuda-bf16-b1"] {
+        let l = line(step);
+        assert!(
+            l.contains("skip") && l.contains("time budget"),
+            "{l}\n{stdout}"
+        );
+    }
+    assert!(line("compare").contains("skip"), "{stdout}");
+    assert!(
+        line("check-precisions").contains("not in STEPS"),
+        "{stdout}"
+    );
+    let summary = std::fs::read_to_string(out_dir.join("summary.txt"))
+        .map_err(|e| format!("summary.txt: {e}"))?;
+    assert!(summary.contains("bench-cuda-bf16-b1"), "{summary}");
+    Ok(())
+}
+
+#[test]
+fn gpu_check_runs_groups_in_the_order_asked() -> Result<(), String> {
+    // QUICK's order puts bench before the precision checks; an unknown group
+    // is a failure that names the known ones.
+    let dir = scratch("gpu_check_order")?;
+    let out = Command::new("bash")
+        .arg("scripts/gpu-check.sh")
+        .current_dir(root())
+        .env("OUTPROJ", env!("CARGO_BIN_EXE_outproj"))
+        .env("OUT", &dir)
+        .env("STEPS", "compare nonsense")
+        .output()
+        .map_err(|e| format!("running gpu-check.sh: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    let order: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let pos = |s: &str| order.iter().position(|&x| x == s);
+    assert!(pos("compare") < pos("nonsense"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("nonsense")
+            && l.contains("FAIL")
+            && l.contains("check-precisions")),
+        "{stdout}"
+    );
     Ok(())
 }
