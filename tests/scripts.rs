@@ -40,6 +40,23 @@ fn write(path: &Path, text: &str) -> Result<String, String> {
     Ok(path.display().to_string())
 }
 
+/// Runs scripts/gpu-check.sh with `outproj` at `outproj`, its output folder `out`
+/// and the environment `env`; (whether it succeeded, its stdout).
+fn gpu_check(outproj: &Path, out: &Path, env: &[(&str, &str)]) -> Result<(bool, String), String> {
+    let result = Command::new("bash")
+        .arg("scripts/gpu-check.sh")
+        .current_dir(root())
+        .env("OUTPROJ", outproj)
+        .env("OUT", out)
+        .envs(env.iter().copied())
+        .output()
+        .map_err(|e| format!("running gpu-check.sh: {e}"))?;
+    Ok((
+        result.status.success(),
+        String::from_utf8_lossy(&result.stdout).into_owned(),
+    ))
+}
+
 /// ncu's CSV (with its own log lines first) for three launches.
 const NCU_CSV: &str = r#"==PROF== Connected to process 1234
 ==PROF== Profiling "linear_tiled_vec4": 0%....50%....100% - 1 pass
@@ -180,17 +197,9 @@ fn gpu_check_parses_and_skips_what_is_not_asked() -> Result<(), String> {
     // No step group asked for: only the setup steps and `info` run, each other
     // group is recorded as skipped, and the script succeeds.
     let dir = scratch("gpu_check")?;
-    let outproj = env!("CARGO_BIN_EXE_outproj");
-    let out = Command::new("bash")
-        .arg("scripts/gpu-check.sh")
-        .current_dir(root())
-        .env("OUTPROJ", outproj)
-        .env("OUT", &dir)
-        .env("STEPS", "none")
-        .output()
-        .map_err(|e| format!("running gpu-check.sh: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{stdout}", out.status);
+    let outproj = Path::new(env!("CARGO_BIN_EXE_outproj"));
+    let (ok, stdout) = gpu_check(outproj, &dir, &[("STEPS", "none")])?;
+    assert!(ok, "{stdout}");
     for group in [
         "check",
         "check-precisions",
@@ -236,25 +245,20 @@ esac
     run("chmod", &["+x", &stub.display().to_string()])?;
     let out_dir = dir.join("out");
     let started = std::time::Instant::now();
-    let out = Command::new("bash")
-        .arg("scripts/gpu-check.sh")
-        .current_dir(root())
-        .env("OUTPROJ", &stub)
-        .env("OUT", &out_dir)
-        .env("STEPS", "check bench compare")
-        .env("BATCHES", "1")
-        .env("PRECISIONS", "f32 bf16")
-        .env("BUDGET", "6")
-        .env("RESERVE", "1")
-        .env("MIN_STEP", "2")
-        .output()
-        .map_err(|e| format!("running gpu-check.sh: {e}"))?;
+    let (ok, stdout) = gpu_check(
+        &stub,
+        &out_dir,
+        &[
+            ("STEPS", "check bench compare"),
+            ("BATCHES", "1"),
+            ("PRECISIONS", "f32 bf16"),
+            ("BUDGET", "6"),
+            ("RESERVE", "1"),
+            ("MIN_STEP", "2"),
+        ],
+    )?;
     let elapsed = started.elapsed().as_secs_f64();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !out.status.success(),
-        "the stopped check is a failure:\n{stdout}"
-    );
+    assert!(!ok, "the stopped check is a failure:\n{stdout}");
     assert!(
         elapsed < 20.0,
         "{elapsed:.1} s for a budget of 6 s:\n{stdout}"
@@ -294,16 +298,9 @@ fn gpu_check_runs_groups_in_the_order_asked() -> Result<(), String> {
     // QUICK's order puts bench before the precision checks; an unknown group
     // is a failure that names the known ones.
     let dir = scratch("gpu_check_order")?;
-    let out = Command::new("bash")
-        .arg("scripts/gpu-check.sh")
-        .current_dir(root())
-        .env("OUTPROJ", env!("CARGO_BIN_EXE_outproj"))
-        .env("OUT", &dir)
-        .env("STEPS", "compare nonsense")
-        .output()
-        .map_err(|e| format!("running gpu-check.sh: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{stdout}");
+    let outproj = Path::new(env!("CARGO_BIN_EXE_outproj"));
+    let (ok, stdout) = gpu_check(outproj, &dir, &[("STEPS", "compare nonsense")])?;
+    assert!(!ok, "{stdout}");
     let order: Vec<&str> = stdout
         .lines()
         .filter_map(|l| l.split_whitespace().next())
