@@ -157,6 +157,91 @@ class Data:
                         self.torch.get((precision, batch, op, shape))))
         return out
 
+def op_kernel_us(row):
+    """An op row's kernel time: back to back (`burst_us`) where measured, else CUDA
+    events, else wall time."""
+    if row is None:
+        return None
+    for key in ("burst_us", "device_us", "median_us"):
+        if row.get(key) is not None:
+            return row[key]
+    return None
+
+
+# Checks for PREDICTIONS: (claim, check), check(d) -> (measured, holds), holds None
+# where a row is missing.
+def forward_within(precision, batch, low, high):
+    def check(d):
+        what, t = d.best_forward(precision, batch)
+        if t is None:
+            return "not measured", None
+        return f"{what} {fmt_us(t, ' µs')}", t <= high
+    return (f"{precision} batch {batch}: {low}-{high} µs", check)
+
+
+def op_faster(precision, batch, op, shape, baseline, factor):
+    def check(d):
+        ours = op_kernel_us(d.ours.get((precision, batch, op, shape)))
+        base = op_kernel_us(d.ours.get((precision, batch, f"{op} {baseline}", shape)))
+        if ours is None or base is None:
+            return "not measured", None
+        return (f"{fmt_us(base, ' µs')} / {fmt_us(ours, ' µs')} = {base / ours:.2f}x",
+                base >= factor * ours)
+    return (f"{precision} `{op}` {shape}: ≥ {factor}x faster than `{op} {baseline}`", check)
+
+
+def op_within(precision, batch, op, shape, limit):
+    def check(d):
+        t = op_kernel_us(d.ours.get((precision, batch, op, shape)))
+        if t is None:
+            return "not measured", None
+        return fmt_us(t, " µs"), t <= limit
+    return (f"{precision} `{op}` {shape}: ≤ {limit} µs", check)
+
+
+def graph_gain(precision, batch, without, at_least):
+    def check(d):
+        graph = d.ours_forward(precision, batch, "projector graph")
+        other = d.ours_forward(precision, batch, without)
+        if graph is None or other is None:
+            return "not measured", None
+        return f"{fmt_us(other - graph, ' µs')} slower", other - graph >= at_least
+    return (f"{precision} batch {batch}: `{without}` ≥ {at_least} µs slower than "
+            "`projector graph`", check)
+
+
+# The untimed rounds' predictions, each with what docs/PERFORMANCE.md says would refute
+# it: (round, claim, check). A round that changes the forward updates its range here.
+PREDICTIONS = [
+    ("all rounds so far", *forward_within("bf16", 1, 95, 210)),
+    ("all rounds so far", *forward_within("f32", 1, 85, 220)),
+    ("all rounds so far", *forward_within("bf16", 64, 720, 1150)),
+    ("9: split-keys attention", *op_faster("bf16", 1, "attention", "B1 Lq77 Lk77 H4 d128",
+                                           "q-blocks", 3)),
+    ("9: split-keys attention", *op_faster("f32", 1, "attention", "B1 Lq77 Lk77 H4 d128",
+                                           "q-blocks", 3)),
+    ("10: warpgroup MMA (v6)", *op_faster("bf16", 64, "linear", "4928x2048x512 relu",
+                                          "mma.sync", 1.5)),
+    ("10: warpgroup MMA (v6)", *op_faster("bf16", 64, "linear", "4928x512x2048 none",
+                                          "mma.sync", 1.5)),
+    ("11: absorbed cross-attention", *op_within("bf16", 1, "attention_absorbed",
+                                                "B1 Lq77 Lk4 H4 C512", 4)),
+    ("11: absorbed cross-attention", *graph_gain("bf16", 1,
+                                                 "projector graph literal cross-attention", 12)),
+    ("11: absorbed cross-attention", *graph_gain("f32", 1,
+                                                 "projector graph literal cross-attention", 12)),
+]
+
+
+def predictions(d):
+    """[(round, claim, measured, verdict)]"""
+    out = []
+    for round_, claim, check in PREDICTIONS:
+        measured, holds = check(d)
+        verdict = "not measured" if holds is None else ("holds" if holds else "**refuted**")
+        out.append((round_, claim, measured, verdict))
+    return out
+
 
 def targets(d):
     """[(target, ours, reference, status)]"""
@@ -231,6 +316,11 @@ def render(d, env, ours_device, inputs):
                      + (f", relative error {rel:.2e}." if rel is not None else "."))
     lines += ["", "## Targets", "", "| target | ours | reference | status |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {s} |" for a, b, c, s in targets(d)]
+    lines += ["", "## Predictions (docs/PERFORMANCE.md) and what would refute them", "",
+              "A forward range holds unless the time is above it. Op rows: kernel time "
+              "(back to back where measured).", "",
+              "| round | prediction | measured | verdict |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {v} |" for a, b, c, v in predictions(d)]
 
     keys = list(d.ours) + list(d.torch)
     precisions = sorted({k[0] for k in keys if k[0] in PRECISIONS}, key=PRECISIONS.index)

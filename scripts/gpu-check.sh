@@ -23,7 +23,8 @@
 #                    of `outproj run --device cuda` on the same weights; writes
 #                    torch-baseline.json and .md (skipped without torch or its CUDA)
 #   compare          scripts/compare_bench.py: ours vs PyTorch per precision and batch,
-#                    with the performance targets, into comparison.md (and printed)
+#                    with the performance targets and the untimed rounds' predictions
+#                    (held or refuted), into comparison.md (and printed)
 #   profile-<p>-b<n> ncu (gpu__time_duration only, caches and clocks left alone)
 #                    over one `outproj run --precision <p> --batch <n>` for each
 #                    precision in $PROFILE_PRECISIONS and batch in $PROFILE_BATCHES:
@@ -486,10 +487,15 @@ group_compare() {
         rc=$?
         if [[ $rc == 0 ]]; then
             cat "$OUT/comparison.md"
-            fig=$(awk -F'|' '/^\| .* \| .* \| .* \| (met|\*\*not met\*\*|not measured) \|$/ {
-                    s = $5; gsub(/^ +| +$|\*/, "", s); n[s]++ }
-                END { printf "targets: %d met, %d not met, %d not measured",
-                      n["met"], n["not met"], n["not measured"] }' "$OUT/comparison.md")
+            fig=$(awk -F'|' '/^## / { sec = $0 }
+                /^\| .* \| .* \| .* \| [^|]+ \|$/ && NF == 6 {
+                    s = $5; gsub(/^ +| +$|\*/, "", s)
+                    if (sec ~ /^## Targets/) t[s]++
+                    else if (sec ~ /^## Predictions/) p[s]++ }
+                END { printf "targets: %d met, %d not met, %d not measured; ",
+                      t["met"], t["not met"], t["not measured"]
+                      printf "predictions: %d hold, %d refuted, %d not measured",
+                      p["holds"], p["refuted"], p["not measured"] }' "$OUT/comparison.md")
             record compare ok "$fig (comparison.md)"
         else
             record compare FAIL "exit $rc: $(last_error compare)"

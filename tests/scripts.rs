@@ -94,13 +94,8 @@ fn profile_summary_reads_ncu_csv() -> Result<(), String> {
     Ok(())
 }
 
-#[test]
-fn compare_bench_marks_targets_notes_bursts_baselines_and_graphs_without_features(
-) -> Result<(), String> {
-    let dir = scratch("compare_bench")?;
-    let ours = write(
-        &dir.join("bench-cuda-bf16.json"),
-        r#"[
+/// `outproj bench --json` rows (bf16, batch 1) for compare_bench.py.
+const OURS_BF16: &str = r#"[
  {"device":"cuda","precision":"bf16","what":"projector","shape":"image batch 1","median_us":500,
   "min_us":490,"device_us":480,"burst_us":400,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":71},
  {"device":"cuda","precision":"bf16","what":"projector graph","shape":"image batch 1","median_us":70,
@@ -113,23 +108,32 @@ fn compare_bench_marks_targets_notes_bursts_baselines_and_graphs_without_feature
   "median_us":77,"min_us":76,"device_us":76,"burst_us":75,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":71},
  {"device":"cuda","precision":"bf16","what":"projector graph attention apart","shape":"image batch 1",
   "median_us":73.5,"min_us":73,"device_us":72,"burst_us":71,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":71},
+ {"device":"cuda","precision":"bf16","what":"projector graph literal cross-attention","shape":"image batch 1",
+  "median_us":90,"min_us":89,"device_us":88,"burst_us":87,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":77},
+ {"device":"cuda","precision":"bf16","what":"attention_absorbed","shape":"B1 Lq77 Lk4 H4 C512","median_us":9,
+  "min_us":8,"device_us":6,"burst_us":5,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":null},
  {"device":"cuda","precision":"bf16","what":"linear","shape":"77x1536x512","median_us":20,
   "min_us":19,"device_us":12,"burst_us":6.5,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":null},
  {"device":"cuda","precision":"bf16","what":"linear wmma","shape":"77x1536x512","median_us":30,
   "min_us":29,"device_us":22,"burst_us":16.5,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":null},
  {"device":"cuda","precision":"bf16","what":"linear square","shape":"77x1536x512","median_us":25,
   "min_us":24,"device_us":20,"burst_us":15,"runs":10,"gflops":1,"gbytes_per_s":1,"launches":null}
-]"#,
-    )?;
-    let torch = write(
-        &dir.join("torch-baseline.json"),
-        r#"{"environment":{"torch":"2.x","device_name":"H200","device":"cuda","copy_gbytes_per_s":4177},
+]"#;
+
+/// scripts/torch_baseline.py's JSON for the same precision and batch.
+const TORCH_BASELINE: &str = r#"{"environment":{"torch":"2.x","device_name":"H200","device":"cuda","copy_gbytes_per_s":4177},
  "rows":[
   {"precision":"bf16","batch":1,"what":"eager","shape":"image batch 1","median_us":2857,"status":"ok"},
   {"precision":"bf16","batch":1,"what":"compile reduce-overhead","shape":"image batch 1","median_us":540,"status":"ok"},
   {"precision":"bf16","batch":1,"what":"compile default","shape":"image batch 1","status":"skipped: time budget"},
-  {"precision":"bf16","batch":1,"what":"linear","shape":"77x1536x512","median_us":37.2,"status":"ok"}]}"#,
-    )?;
+  {"precision":"bf16","batch":1,"what":"linear","shape":"77x1536x512","median_us":37.2,"status":"ok"}]}"#;
+
+#[test]
+fn compare_bench_marks_targets_notes_bursts_baselines_and_graphs_without_features(
+) -> Result<(), String> {
+    let dir = scratch("compare_bench")?;
+    let ours = write(&dir.join("bench-cuda-bf16.json"), OURS_BF16)?;
+    let torch = write(&dir.join("torch-baseline.json"), TORCH_BASELINE)?;
     let md = run(
         "python3",
         &[
@@ -149,6 +153,10 @@ fn compare_bench_marks_targets_notes_bursts_baselines_and_graphs_without_feature
         "| ours: projector graph split-K in memory | image batch 1 | 84.0 | | | cluster split-K (and the decoder's folded norms) 1.20x faster |",
         "| ours: projector graph layer_norms apart | image batch 1 | 77.0 | | | folded layer_norms 1.10x faster |",
         "| ours: projector graph attention apart | image batch 1 | 73.5 | | | folded attention 1.05x faster |",
+        "| all rounds so far | bf16 batch 1: 95-210 µs | projector graph 70.0 µs | holds |",
+        "| 11: absorbed cross-attention | bf16 `attention_absorbed` B1 Lq77 Lk4 H4 C512: ≤ 4 µs | 5.0 µs | **refuted** |",
+        "| 11: absorbed cross-attention | bf16 batch 1: `projector graph literal cross-attention` ≥ 12 µs slower than `projector graph` | 20.0 µs slower | holds |",
+        "| 10: warpgroup MMA (v6) | bf16 `linear` 4928x512x2048 none: ≥ 1.5x faster than `linear mma.sync` | not measured | not measured |",
         "| linear vs F.linear (cuBLAS) | 77x1536x512 | 20.0 | 37.2 | 1.86x | ours 6.5 µs per run back to back; v3 WMMA 30.0 µs (1.50x ours); v5 128x128 tiles 25.0 µs (1.25x ours) |",
     ];
     for line in want {
@@ -311,6 +319,27 @@ fn gpu_check_runs_groups_in_the_order_asked() -> Result<(), String> {
         stdout.lines().any(|l| l.starts_with("nonsense")
             && l.contains("FAIL")
             && l.contains("check-precisions")),
+        "{stdout}"
+    );
+    Ok(())
+}
+
+#[test]
+fn gpu_check_counts_targets_and_predictions() -> Result<(), String> {
+    // compare on the same rows as compare_bench's test: the summary counts the
+    // targets and the predictions apart.
+    let dir = scratch("gpu_check_compare")?;
+    write(&dir.join("bench-cuda-bf16-b1.json"), OURS_BF16)?;
+    write(&dir.join("torch-baseline.json"), TORCH_BASELINE)?;
+    let outproj = Path::new(env!("CARGO_BIN_EXE_outproj"));
+    let (ok, stdout) = gpu_check(outproj, &dir, &[("STEPS", "compare")])?;
+    assert!(ok, "{stdout}");
+    let want =
+        "targets: 3 met, 0 not met, 3 not measured; predictions: 2 hold, 1 refuted, 7 not measured";
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("compare") && l.contains(want)),
         "{stdout}"
     );
     Ok(())
