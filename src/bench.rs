@@ -663,6 +663,58 @@ impl<B: Backend> Prepared<B> {
     }
 }
 
+/// Most argument sets a [`Rotation`] takes (PyTorch's side takes as many).
+pub const MAX_ROTATED_SETS: usize = 256;
+
+/// How many argument sets of `set_bytes` bytes to rotate over so that together
+/// they exceed twice a cache of `cache_bytes`: 2 to [`MAX_ROTATED_SETS`], and 1
+/// where there is no cache to beat (`cache_bytes` 0). The rule
+/// scripts/torch_baseline.py's `sets_for` times PyTorch's ops by.
+pub fn rotated_sets(set_bytes: f64, cache_bytes: usize) -> usize {
+    if cache_bytes == 0 {
+        return 1;
+    }
+    let sets = (2.0 * cache_bytes as f64 / set_bytes.max(1.0)).ceil();
+    sets.clamp(2.0, MAX_ROTATED_SETS as f64) as usize
+}
+
+/// An op case's argument sets (weights included), one per run in turn, so
+/// that run after run the op reads its operands from memory rather than from
+/// the cache the run before it warmed.
+pub struct Rotation<B: Backend> {
+    sets: Vec<Prepared<B>>,
+    next: usize,
+}
+
+impl<B: Backend> Rotation<B> {
+    /// [`rotated_sets`] sets of `case` on `be` for a cache of `cache_bytes`,
+    /// each from its own seed (from `seed` on), `elem` bytes per element.
+    pub fn new(case: &OpCase, be: &B, seed: u64, cache_bytes: usize, elem: usize) -> Result<Self> {
+        let n = rotated_sets(case.bytes(elem), cache_bytes);
+        let sets = (0..n as u64)
+            .map(|i| case.prepare(be, seed + i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Rotation { sets, next: 0 })
+    }
+
+    /// How many sets it rotates over.
+    pub fn count(&self) -> usize {
+        self.sets.len()
+    }
+
+    /// Issue the op once on the next set (does not wait for it).
+    pub fn run(&mut self, be: &B) -> Result<()> {
+        let i = self.next;
+        self.next = (i + 1) % self.sets.len();
+        match self.sets.get_mut(i) {
+            Some(set) => set.run(be),
+            None => Err(crate::error::Error::invalid(
+                "a rotation without argument sets",
+            )),
+        }
+    }
+}
+
 /// Timings of repeated runs.
 #[derive(Clone, Debug)]
 pub struct Timing {
@@ -750,6 +802,57 @@ mod tests {
             device_median: None,
             runs: 3,
         }
+    }
+
+    #[test]
+    fn rotated_sets_exceed_twice_the_cache() {
+        assert_eq!(rotated_sets(1e6, 0), 1, "no cache: one set");
+        assert_eq!(rotated_sets(1e6, 50_000_000), 100);
+        assert_eq!(rotated_sets(1e6 + 1.0, 50_000_000), 100, "rounded up");
+        assert_eq!(rotated_sets(1.0, 50_000_000), MAX_ROTATED_SETS);
+        assert_eq!(rotated_sets(1e9, 50_000_000), 2, "never one on a cache");
+        assert_eq!(rotated_sets(0.0, 1), 2);
+    }
+
+    #[test]
+    fn a_rotation_runs_its_sets_in_turn() -> Result<()> {
+        let be = Reference;
+        let case = OpCase::LayerNorm { rows: 4, cols: 8 };
+        // 640 bytes a set at 8 bytes an element: 4 sets exceed twice 1280.
+        let mut r = Rotation::new(&case, &be, 1, 1280, 8)?;
+        assert_eq!(r.count(), 4);
+        let written = |r: &Rotation<Reference>| -> Result<Vec<bool>> {
+            r.sets
+                .iter()
+                .map(|set| match set {
+                    Prepared::LayerNorm { out, .. } => {
+                        // The reference allocates NaN.
+                        Ok(be.download(out)?.to_f64_vec().iter().all(|v| v.is_finite()))
+                    }
+                    _ => Err(crate::error::Error::invalid("not a layer_norm set")),
+                })
+                .collect()
+        };
+        assert_eq!(written(&r)?, [false; 4]);
+        for _ in 0..3 {
+            r.run(&be)?;
+        }
+        assert_eq!(written(&r)?, [true, true, true, false]);
+        r.run(&be)?;
+        r.run(&be)?;
+        assert_eq!(r.next, 1, "back to the first set after the last");
+        // Each set has its own values.
+        let inputs: Vec<Vec<f64>> = r
+            .sets
+            .iter()
+            .filter_map(|set| match set {
+                Prepared::LayerNorm { x, .. } => be.download(x).ok().map(|t| t.to_f64_vec()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(inputs.len(), 4);
+        assert!(inputs[1..].iter().all(|x| *x != inputs[0]));
+        Ok(())
     }
 
     #[test]

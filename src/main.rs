@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use output_projector::bench::{self, OpCase};
+use output_projector::bench::{self, OpCase, Rotation};
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 #[cfg(feature = "cuda")]
 use output_projector::cuda::{Cuda, CudaOptions, CudaTensor, ProjectorGraph};
@@ -867,6 +867,8 @@ struct BenchRow {
     gbytes_per_s: f64,
     /// Kernels one run launches (a graph replay: the kernels in the graph).
     launches: Option<u64>,
+    /// Argument sets an op row rotated over, run by run (bench::Rotation).
+    buffers: Option<usize>,
 }
 
 /// Most runs per burst, and bursts, of `bench`'s back-to-back device timing
@@ -880,6 +882,9 @@ struct Bench<'a> {
     batches: &'a [usize],
     budget: Duration,
     precision: Precision,
+    /// The device cache an op row's argument sets together exceed twice over
+    /// (bench::Rotation), in bytes; 0 where its size is unknown (one set).
+    cache_bytes: usize,
 }
 
 impl Bench<'_> {
@@ -980,7 +985,7 @@ impl Bench<'_> {
                 if theirs.is_none() || theirs == kernel(be, &case)? {
                     continue;
                 }
-                let mut p = case.prepare(&other, 2)?;
+                let mut p = Rotation::new(&case, &other, 2, self.cache_bytes, elem)?;
                 let (t, burst) = self.measure(&other, || p.run(&other))?;
                 let what = format!("{} {label}", case.op());
                 let (flops, bytes) = (case.flops(), case.bytes(elem));
@@ -994,6 +999,7 @@ impl Bench<'_> {
                     bytes,
                 );
                 r.burst_us = burst;
+                r.buffers = Some(p.count());
                 rows.push(r);
             }
         }
@@ -1035,13 +1041,14 @@ impl BackendTask for Bench<'_> {
             }
             for case in OpCase::projector_ops(&config, batch, n_in)? {
                 for (suffix, b) in &variants {
-                    let mut p = case.prepare(b, 2)?;
+                    let mut p = Rotation::new(&case, b, 2, self.cache_bytes, elem)?;
                     let (t, burst) = self.measure(b, || p.run(b))?;
                     let what = format!("{}{suffix}", case.op());
                     let (flops, bytes) = (case.flops(), case.bytes(elem));
                     let shape = case.shape();
                     let mut r = row(kind, self.precision, &what, shape, &t, flops, bytes);
                     r.burst_us = burst;
+                    r.buffers = Some(p.count());
                     rows.push(r);
                 }
             }
@@ -1056,31 +1063,36 @@ impl BackendTask for Bench<'_> {
     /// where kernels are queued with programmatic dependent launch, the graph
     /// again with serial launches, and where split GEMMs add their slices in
     /// a cluster, again through memory, so the table shows what each gains.
+    /// Op rows rotate over argument sets that together exceed twice the L2.
     #[cfg(feature = "cuda")]
     fn run_cuda(self, be: Cuda) -> Result<Vec<BenchRow>> {
+        let this = Bench {
+            cache_bytes: be.l2_bytes(),
+            ..self
+        };
         let mut rows = Vec::new();
-        for batch in self.batches {
+        for batch in this.batches {
             let one = Bench {
                 batches: std::slice::from_ref(batch),
-                ..self
+                ..this
             };
             rows.extend(one.run(be.clone(), DeviceKind::Cuda)?);
-            rows.extend(self.baseline_rows(&be, *batch)?);
+            rows.extend(this.baseline_rows(&be, *batch)?);
         }
-        let weights = self.weights()?;
+        let weights = this.weights()?;
         let mut backends = vec![("projector graph", be.clone())];
         for f in launch_features(&be) {
             backends.push((f.graph_row, be.with_options(f.off)?));
         }
         for (what, be) in backends {
             let proj = Projector::new(be.clone(), &weights)?;
-            for &batch in self.batches {
-                let hidden = be.upload(&self.hidden(batch)?)?;
+            for &batch in this.batches {
+                let hidden = be.upload(&this.hidden(batch)?)?;
                 let mut graph = proj.capture(batch, hidden.shape()[1])?;
                 graph.forward(&hidden)?;
-                let (t, burst) = self.measure(&be, || graph.replay())?;
+                let (t, burst) = this.measure(&be, || graph.replay())?;
                 let launches = Some(graph.kernels());
-                let mut r = self.projector_row(DeviceKind::Cuda, what, batch, &t, launches);
+                let mut r = this.projector_row(DeviceKind::Cuda, what, batch, &t, launches);
                 r.burst_us = burst;
                 rows.push(r);
             }
@@ -1118,6 +1130,7 @@ fn row(
         gflops: flops / s / 1e9,
         gbytes_per_s: bytes / s / 1e9,
         launches: None,
+        buffers: None,
     }
 }
 
@@ -1150,6 +1163,7 @@ fn bench(
             batches: &batches,
             budget,
             precision,
+            cache_bytes: 0,
         };
         rows.extend(device::run_on_with(kind, precision, task)?);
     }
@@ -1160,7 +1174,7 @@ fn bench(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<6} {:<5} {:<24} {:<34} {:>12} {:>12} {:>12} {:>10} {:>6} {:>9} {:>9} {:>8}",
+        "{:<6} {:<5} {:<24} {:<34} {:>12} {:>12} {:>12} {:>10} {:>6} {:>5} {:>9} {:>9} {:>8}",
         "device",
         "prec",
         "what",
@@ -1170,6 +1184,7 @@ fn bench(
         "device us",
         "burst us",
         "runs",
+        "sets",
         "GFLOP/s",
         "GB/s",
         "kernels"
@@ -1178,8 +1193,9 @@ fn bench(
         let device_us = r.device_us.map_or("-".to_string(), |d| format!("{d:.1}"));
         let burst_us = r.burst_us.map_or("-".to_string(), |d| format!("{d:.1}"));
         let launches = r.launches.map_or("-".to_string(), |n| n.to_string());
+        let sets = r.buffers.map_or("-".to_string(), |n| n.to_string());
         println!(
-            "{:<6} {:<5} {:<24} {:<34} {:>12.1} {:>12.1} {:>12} {:>10} {:>6} {:>9.2} {:>9.2} {:>8}",
+            "{:<6} {:<5} {:<24} {:<34} {:>12.1} {:>12.1} {:>12} {:>10} {:>6} {:>5} {:>9.2} {:>9.2} {:>8}",
             r.device,
             r.precision,
             r.what,
@@ -1189,6 +1205,7 @@ fn bench(
             device_us,
             burst_us,
             r.runs,
+            sets,
             r.gflops,
             r.gbytes_per_s,
             launches
@@ -1197,7 +1214,9 @@ fn bench(
     println!(
         "(device us: timestamp queries or CUDA events where offered, around one run; burst us: \
          the same per run of up to {BURST_RUNS} runs queued back to back (- where two do not \
-         fit the time budget); rates use device us when present; kernels: launches per forward)"
+         fit the time budget); sets: argument sets an op row rotates over, run by run, together \
+         over twice the GPU's L2 where its size is known (1: one set, cache warm); rates use \
+         device us when present; kernels: launches per forward)"
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -6,6 +6,7 @@
 
 use std::sync::Once;
 
+use output_projector::bench::{OpCase, Rotation, MAX_ROTATED_SETS};
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::cuda::{Cuda, CudaOptions, KernelVersion};
 use output_projector::ops::{
@@ -198,6 +199,34 @@ fn alignment_loss_matches_reference() {
 fn gather_signal_tokens_matches_reference() {
     // One f32 rounding of a sum of two f32 values.
     check_cases(&verify::standard_cases(), "gather_signal_tokens", 1e-7);
+}
+
+/// The device sizes the planners and `outproj bench` work from.
+#[test]
+fn device_sizes_are_read() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    assert!(be.sm_count() > 0);
+    // bench's op rows rotate argument sets over twice the L2: every GPU the
+    // backend runs on has one of a few MiB at least.
+    assert!(be.l2_bytes() >= 1 << 20, "{} bytes of L2", be.l2_bytes());
+    if emulated() {
+        assert_eq!((be.sm_count(), be.l2_bytes()), (132, 50 << 20), "an H100's");
+    }
+    // A small GEMM's 2.1 KB sets: the most a rotation takes, each run in turn.
+    let case = OpCase::Linear {
+        m: 4,
+        n: 8,
+        k: 16,
+        act: Activation::Relu,
+    };
+    let mut sets = Rotation::new(&case, &be, 1, be.l2_bytes(), 4).expect("argument sets");
+    assert_eq!(sets.count(), MAX_ROTATED_SETS);
+    for _ in 0..=sets.count() {
+        sets.run(&be).expect("a run");
+    }
+    be.synchronize().expect("the runs");
 }
 
 /// On the emulated driver every thread of a kernel is a CPU fiber and a
@@ -1694,6 +1723,7 @@ fn kernels_race_free_under_thread_sanitizer() {
 
 /// The tests above that need a device.
 const DEVICE_TESTS: &[&str] = &[
+    "device_sizes_are_read",
     "linear_matches_reference",
     "layer_norm_linear_matches_reference",
     "layer_norm_linear_in_clusters_matches_two_ops",

@@ -191,6 +191,7 @@ CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
     case 75: *v = 9; break;    // compute capability major
     case 76: *v = 0; break;    // minor
     case 16: *v = 132; break;  // multiprocessors
+    case 38: *v = 50 << 20; break;  // L2 bytes (an H100's)
     case 115: *v = 1; break;   // memory pools supported
     case 120: *v = 1; break;   // cluster launch
     default: *v = 0; break;

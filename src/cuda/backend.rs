@@ -563,6 +563,8 @@ struct Shared {
     clusters: bool,
     device_name: String,
     sm_count: u32,
+    /// Bytes of L2 cache (0 where the driver does not say).
+    l2_bytes: usize,
     /// Loaded modules by (file, storage type).
     modules: Mutex<HashMap<(&'static str, DType), Arc<Loaded>>>,
     pool: Arc<Pool>,
@@ -669,6 +671,10 @@ impl Cuda {
         let sm_count = ctx
             .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("reading the multiprocessor count"))?;
+        let l2_bytes = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(driver("reading the L2 cache size"))?;
+        let l2_bytes = usize::try_from(l2_bytes).unwrap_or(0);
         let clusters = ctx
             .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH)
             .map_err(driver("asking whether the device launches clusters"))?
@@ -700,6 +706,7 @@ impl Cuda {
             clusters,
             device_name,
             sm_count,
+            l2_bytes,
             modules: Mutex::new(HashMap::new()),
             tile_counters,
             pool,
@@ -798,6 +805,11 @@ impl Cuda {
     /// Streaming multiprocessors of the device.
     pub fn sm_count(&self) -> u32 {
         self.inner.shared.sm_count
+    }
+
+    /// Bytes of the device's L2 cache (0 where the driver does not say).
+    pub fn l2_bytes(&self) -> usize {
+        self.inner.shared.l2_bytes
     }
 
     /// Whether kernels are queued with programmatic dependent launch: sm_90
