@@ -365,10 +365,15 @@ impl OpCase {
     /// Inputs and outputs on `be`, filled with seeded random values.
     pub fn prepare<B: Backend>(&self, be: &B, seed: u64) -> Result<Prepared<B>> {
         let mut rng = Rng::new(seed);
-        let mut up = |shape: Vec<usize>| -> Result<B::Tensor> {
-            let n = crate::tensor::checked_numel(&shape, "bench input")?;
-            be.upload(&HostTensor::from_f64(shape, rng.normal_vec(n))?)
-        };
+        self.prepare_with(be, &mut |shape| be.upload(&random_input(&mut rng, shape)?))
+    }
+
+    /// Inputs (each from `up`, asked in a fixed order) and outputs on `be`.
+    fn prepare_with<B: Backend>(
+        &self,
+        be: &B,
+        up: &mut dyn FnMut(Vec<usize>) -> Result<B::Tensor>,
+    ) -> Result<Prepared<B>> {
         let p = match *self {
             OpCase::Linear { m, n, k, act } => Prepared::Linear {
                 x: up(vec![m, k])?,
@@ -663,6 +668,12 @@ impl<B: Backend> Prepared<B> {
     }
 }
 
+/// A bench input of `shape`: standard normal values.
+fn random_input(rng: &mut Rng, shape: Vec<usize>) -> Result<HostTensor> {
+    let n = crate::tensor::checked_numel(&shape, "bench input")?;
+    HostTensor::from_f64(shape, rng.normal_vec(n))
+}
+
 /// Most argument sets a [`Rotation`] takes (PyTorch's side takes as many).
 pub const MAX_ROTATED_SETS: usize = 256;
 
@@ -680,7 +691,9 @@ pub fn rotated_sets(set_bytes: f64, cache_bytes: usize) -> usize {
 
 /// An op case's argument sets (weights included), one per run in turn, so
 /// that run after run the op reads its operands from memory rather than from
-/// the cache the run before it warmed.
+/// the cache the run before it warmed. The sets hold the same values in
+/// buffers of their own (a cache holds addresses, not values; generating 256
+/// sets' values would take a second a row).
 pub struct Rotation<B: Backend> {
     sets: Vec<Prepared<B>>,
     next: usize,
@@ -688,12 +701,26 @@ pub struct Rotation<B: Backend> {
 
 impl<B: Backend> Rotation<B> {
     /// [`rotated_sets`] sets of `case` on `be` for a cache of `cache_bytes`,
-    /// each from its own seed (from `seed` on), `elem` bytes per element.
+    /// `elem` bytes per element, holding [`OpCase::prepare`]'s values for `seed`.
     pub fn new(case: &OpCase, be: &B, seed: u64, cache_bytes: usize, elem: usize) -> Result<Self> {
-        let n = rotated_sets(case.bytes(elem), cache_bytes);
-        let sets = (0..n as u64)
-            .map(|i| case.prepare(be, seed + i))
-            .collect::<Result<Vec<_>>>()?;
+        let count = rotated_sets(case.bytes(elem), cache_bytes);
+        let mut rng = Rng::new(seed);
+        let mut inputs: Vec<HostTensor> = Vec::new();
+        let mut sets = Vec::with_capacity(count);
+        for _ in 0..count {
+            // The first set draws the inputs; the others upload them again.
+            let mut i = 0;
+            sets.push(case.prepare_with(be, &mut |shape| {
+                if i == inputs.len() {
+                    inputs.push(random_input(&mut rng, shape)?);
+                }
+                i += 1;
+                match inputs.get(i - 1) {
+                    Some(input) => be.upload(input),
+                    None => Err(crate::error::Error::invalid("bench inputs out of order")),
+                }
+            })?);
+        }
         Ok(Rotation { sets, next: 0 })
     }
 
@@ -841,7 +868,7 @@ mod tests {
         r.run(&be)?;
         r.run(&be)?;
         assert_eq!(r.next, 1, "back to the first set after the last");
-        // Each set has its own values.
+        // The same values in every set, those `prepare` gives.
         let inputs: Vec<Vec<f64>> = r
             .sets
             .iter()
@@ -851,7 +878,11 @@ mod tests {
             })
             .collect();
         assert_eq!(inputs.len(), 4);
-        assert!(inputs[1..].iter().all(|x| *x != inputs[0]));
+        let Prepared::LayerNorm { x, .. } = case.prepare(&be, 1)? else {
+            return Err(crate::error::Error::invalid("not a layer_norm set"));
+        };
+        let once = be.download(&x)?.to_f64_vec();
+        assert!(inputs.iter().all(|x| *x == once));
         Ok(())
     }
 
