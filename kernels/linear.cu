@@ -1678,9 +1678,11 @@ OP_KERNEL_NAME(linear_mma_narrow_vec8)(const LinearParams p) {
 // per 16 K columns two wgmma_m64k16<BN> (the tile's rows 0-63 and 64-127)
 // on the stage in place: no fragment loads (v5: 16 ldmatrix per 64 MMAs of
 // a warp), and the next step's copies are issued while the MMAs run. A
-// step: its copies waited for and fenced to the MMAs' proxy, the last
-// step's MMAs waited for (they read the stage the copies after the barrier
-// overwrite), one barrier, the MMAs, the copies two steps on.
+// step: its copies waited for and fenced to the MMAs' proxy, a barrier, the
+// MMAs; then the step before's MMAs waited for (one group stays in flight,
+// so the tensor cores go from one step's MMAs to the next's without waiting
+// for the warpgroup between them), a barrier (they read the stage the
+// copies overwrite), the copies two steps on.
 // acc[i][4 j + e]: rows 64 i + 16 warp + g + 8 (e / 2), columns
 // 8 j + 2 t + e % 2 of the tile (g = lane / 4, t = lane % 4). Every thread
 // returns after a barrier that frees the stages for the epilogue's scratch.
@@ -1714,8 +1716,7 @@ __device__ __forceinline__ void linear_wgmma_products(const LinearParams& p,
     for (int step = 0; step < steps; ++step) {
         cp_async_wait<LINEAR_MMA_STAGES - 2>();
         fence_proxy_async_shared();
-        wgmma_wait<0>();
-        __syncthreads();
+        __syncthreads();  // every thread's copies of this step's stage landed
         wgmma_fence();
         const char* xs = reinterpret_cast<const char*>(sm.stage[read].x);
         const char* ws = reinterpret_cast<const char*>(sm.stage[read].w);
@@ -1728,6 +1729,11 @@ __device__ __forceinline__ void linear_wgmma_products(const LinearParams& p,
             wgmma_m64k16<BN>(acc[1], wgmma_desc_sw64(xs + 64 * 64 + 32 * h), b);
         }
         wgmma_commit();
+        // The step before's MMAs done, this step's left running (MMAs on
+        // the same accumulators run in order): once every warp has waited,
+        // the stage they read takes the copies two steps on.
+        wgmma_wait<1>();
+        __syncthreads();
         const int next = step + LINEAR_MMA_STAGES - 1;
         if (next < steps) {
             copy_x(sm.stage[write].x, next * LINEAR_MMA_BK, p.k);

@@ -215,7 +215,7 @@ def graph_gain(precision, batch, without, at_least):
 PREDICTIONS = [
     ("all rounds so far", *forward_within("bf16", 1, 95, 210)),
     ("all rounds so far", *forward_within("f32", 1, 85, 220)),
-    ("all rounds so far", *forward_within("bf16", 64, 720, 1150)),
+    ("all rounds so far", *forward_within("bf16", 64, 700, 1140)),
     ("9: split-keys attention", *op_faster("bf16", 1, "attention", "B1 Lq77 Lk77 H4 d128",
                                            "q-blocks", 3)),
     ("9: split-keys attention", *op_faster("f32", 1, "attention", "B1 Lq77 Lk77 H4 d128",
