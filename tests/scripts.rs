@@ -303,8 +303,9 @@ esac
 
 #[test]
 fn gpu_check_runs_groups_in_the_order_asked() -> Result<(), String> {
-    // QUICK's order puts bench before the precision checks; an unknown group
-    // is a failure that names the known ones.
+    // Groups run in the order STEPS gives them (QUICK's puts the comparison
+    // before the other precisions' checks); an unknown group is a failure that
+    // names the known ones.
     let dir = scratch("gpu_check_order")?;
     let outproj = Path::new(env!("CARGO_BIN_EXE_outproj"));
     let (ok, stdout) = gpu_check(outproj, &dir, &[("STEPS", "compare nonsense")])?;
