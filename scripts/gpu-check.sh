@@ -107,7 +107,7 @@ QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
     BATCHES=${BATCHES:-1,64}
     PRECISIONS=${PRECISIONS:-f32 bf16}
-    CHECK_PRECISIONS=${CHECK_PRECISIONS:-tf32 bf16}
+    CHECK_PRECISIONS=${CHECK_PRECISIONS:-bf16 tf32}  # bf16 first: the 16-bit kernels
     BENCH_SECONDS=${BENCH_SECONDS:-0.2}
     TORCH_PRECISIONS=${TORCH_PRECISIONS:-f32,bf16}
     TORCH_ARGS=${TORCH_ARGS:---seconds 0.2 --compile-modes reduce-overhead}
