@@ -590,6 +590,24 @@ mod tests {
     /// The H200's SM count.
     const SMS: u32 = 132;
 
+    /// The decoder's absorbed cross-attention: 77 rows of `cols` per sequence,
+    /// 4 heads over 4 keys, laid out as the projector's memory GEMM writes it.
+    fn absorbed_dims(batch: usize, cols: usize) -> AbsorbedAttentionDims {
+        AbsorbedAttentionDims {
+            batch,
+            lq: 77,
+            cols,
+            lk: 4,
+            heads: 4,
+            k_stride: 8 * cols + 8,
+            v_stride: 8 * cols + 8,
+            b_stride: 8 * cols + 8,
+            k_start: 0,
+            v_start: 4 * cols,
+            b_start: 8 * cols,
+        }
+    }
+
     #[test]
     fn head_dims_pick_their_tile() {
         let f = |hd| {
@@ -897,19 +915,7 @@ mod tests {
         }
         for version in [KernelVersion::Naive, KernelVersion::Fast] {
             for cols in [512, 12, 10, 516] {
-                let d = AbsorbedAttentionDims {
-                    batch: 2,
-                    lq: 77,
-                    cols,
-                    lk: 4,
-                    heads: 4,
-                    k_stride: 8 * cols + 8,
-                    v_stride: 8 * cols + 8,
-                    b_stride: 8 * cols + 8,
-                    k_start: 0,
-                    v_start: 4 * cols,
-                    b_start: 8 * cols,
-                };
+                let d = absorbed_dims(2, cols);
                 let (kernel, _, _, _) = absorbed_plan(&d, version, SMS).unwrap();
                 let v2 = version == KernelVersion::Fast && cols % 4 == 0 && cols <= 512;
                 assert_eq!(
@@ -928,27 +934,15 @@ mod tests {
 
     #[test]
     fn absorbed_blocks_take_rows_while_the_grid_fits() {
-        let dims = |batch, cols| AbsorbedAttentionDims {
-            batch,
-            lq: 77,
-            cols,
-            lk: 4,
-            heads: 4,
-            k_stride: 8 * cols + 8,
-            v_stride: 8 * cols + 8,
-            b_stride: 8 * cols + 8,
-            k_start: 0,
-            v_start: 4 * cols,
-            b_start: 8 * cols,
-        };
-        let f = |batch| absorbed_plan(&dims(batch, 512), KernelVersion::Fast, SMS).unwrap();
+        let f =
+            |batch| absorbed_plan(&absorbed_dims(batch, 512), KernelVersion::Fast, SMS).unwrap();
         // Batch 1 and 6: a row a block, within 4 blocks per SM; batch 64:
         // 4928 rows in 10s, 493 blocks; batch 1000: at most 16 rows a block.
         assert_eq!(f(1), ("attention_absorbed_rows", 77, 128, 1));
         assert_eq!(f(6), ("attention_absorbed_rows", 462, 128, 1));
         assert_eq!(f(64), ("attention_absorbed_rows", 493, 128, 10));
         assert_eq!(f(1000).3, 16);
-        let naive = absorbed_plan(&dims(64, 512), KernelVersion::Naive, SMS).unwrap();
+        let naive = absorbed_plan(&absorbed_dims(64, 512), KernelVersion::Naive, SMS).unwrap();
         assert_eq!(naive, ("attention_absorbed_naive", 39, 128, 1));
     }
 
