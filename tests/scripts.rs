@@ -35,6 +35,10 @@ fn run(program: &str, args: &[&str]) -> Result<String, String> {
     Ok(stdout)
 }
 
+fn read(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn write(path: &Path, text: &str) -> Result<String, String> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(path.display().to_string())
@@ -226,8 +230,7 @@ fn gpu_check_parses_and_skips_what_is_not_asked() -> Result<(), String> {
             "{group} not recorded as skipped:\n{stdout}"
         );
     }
-    let summary = std::fs::read_to_string(dir.join("summary.txt"))
-        .map_err(|e| format!("summary.txt: {e}"))?;
+    let summary = read(&dir.join("summary.txt"))?;
     assert!(summary.contains("info"), "{summary}");
     Ok(())
 }
@@ -295,8 +298,7 @@ esac
         line("check-precisions").contains("not in STEPS"),
         "{stdout}"
     );
-    let summary = std::fs::read_to_string(out_dir.join("summary.txt"))
-        .map_err(|e| format!("summary.txt: {e}"))?;
+    let summary = read(&out_dir.join("summary.txt"))?;
     assert!(summary.contains("bench-cuda-bf16-b1"), "{summary}");
     Ok(())
 }
