@@ -731,14 +731,13 @@ impl<B: Backend> Rotation<B> {
 
     /// Issue the op once on the next set (does not wait for it).
     pub fn run(&mut self, be: &B) -> Result<()> {
-        let i = self.next;
-        self.next = (i + 1) % self.sets.len();
-        match self.sets.get_mut(i) {
-            Some(set) => set.run(be),
-            None => Err(crate::error::Error::invalid(
-                "a rotation without argument sets",
-            )),
-        }
+        let count = self.sets.len();
+        let set = self
+            .sets
+            .get_mut(self.next)
+            .ok_or_else(|| crate::error::Error::invalid("a rotation without argument sets"))?;
+        self.next = (self.next + 1) % count; // count >= 1: a set was found
+        set.run(be)
     }
 }
 
