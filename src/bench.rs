@@ -674,6 +674,10 @@ fn random_input(rng: &mut Rng, shape: Vec<usize>) -> Result<HostTensor> {
     HostTensor::from_f64(shape, rng.normal_vec(n))
 }
 
+/// Inputs a forward row rotates over, run by run: as many as
+/// scripts/torch_baseline.py's `forward_inputs`. The weights, one model, stay.
+pub const FORWARD_INPUTS: usize = 8;
+
 /// Most argument sets a [`Rotation`] takes (PyTorch's side takes as many).
 pub const MAX_ROTATED_SETS: usize = 256;
 
@@ -695,8 +699,7 @@ pub fn rotated_sets(set_bytes: f64, cache_bytes: usize) -> usize {
 /// buffers of their own (a cache holds addresses, not values; generating 256
 /// sets' values would take a second a row).
 pub struct Rotation<B: Backend> {
-    sets: Vec<Prepared<B>>,
-    next: usize,
+    sets: Cycle<Prepared<B>>,
 }
 
 impl<B: Backend> Rotation<B> {
@@ -721,7 +724,9 @@ impl<B: Backend> Rotation<B> {
                 }
             })?);
         }
-        Ok(Rotation { sets, next: 0 })
+        Ok(Rotation {
+            sets: Cycle::new(sets, "argument sets")?,
+        })
     }
 
     /// How many sets it rotates over.
@@ -731,13 +736,43 @@ impl<B: Backend> Rotation<B> {
 
     /// Issue the op once on the next set (does not wait for it).
     pub fn run(&mut self, be: &B) -> Result<()> {
-        let count = self.sets.len();
-        let set = self
-            .sets
-            .get_mut(self.next)
-            .ok_or_else(|| crate::error::Error::invalid("a rotation without argument sets"))?;
-        self.next = (self.next + 1) % count; // count >= 1: a set was found
-        set.run(be)
+        self.sets.next_mut().run(be)
+    }
+}
+
+/// Items handed out one at a time, in turn, round and round: a bench's
+/// rotating inputs.
+pub struct Cycle<T> {
+    items: Vec<T>,
+    next: usize,
+}
+
+impl<T> Cycle<T> {
+    /// A cycle over `items`; an error naming `what` if there are none.
+    pub fn new(items: Vec<T>, what: &str) -> Result<Self> {
+        if items.is_empty() {
+            return Err(crate::error::Error::invalid(format!(
+                "a bench rotation needs at least one of its {what}"
+            )));
+        }
+        Ok(Cycle { items, next: 0 })
+    }
+
+    /// How many items it cycles over (at least one).
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Never: a cycle holds at least one item.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The next item in turn.
+    pub fn next_mut(&mut self) -> &mut T {
+        let i = self.next;
+        self.next = (i + 1) % self.items.len(); // len >= 1, i < len: in bounds
+        &mut self.items[i]
     }
 }
 
@@ -849,6 +884,7 @@ mod tests {
         assert_eq!(r.count(), 4);
         let written = |r: &Rotation<Reference>| -> Result<Vec<bool>> {
             r.sets
+                .items
                 .iter()
                 .map(|set| match set {
                     Prepared::LayerNorm { out, .. } => {
@@ -866,10 +902,11 @@ mod tests {
         assert_eq!(written(&r)?, [true, true, true, false]);
         r.run(&be)?;
         r.run(&be)?;
-        assert_eq!(r.next, 1, "back to the first set after the last");
+        assert_eq!(r.sets.next, 1, "back to the first set after the last");
         // The same values in every set, those `prepare` gives.
         let inputs: Vec<Vec<f64>> = r
             .sets
+            .items
             .iter()
             .filter_map(|set| match set {
                 Prepared::LayerNorm { x, .. } => be.download(x).ok().map(|t| t.to_f64_vec()),
@@ -882,6 +919,19 @@ mod tests {
         };
         let once = be.download(&x)?.to_f64_vec();
         assert!(inputs.iter().all(|x| *x == once));
+        Ok(())
+    }
+
+    #[test]
+    fn a_cycle_hands_out_its_items_in_turn_and_is_never_empty() -> Result<()> {
+        let Err(e) = Cycle::<u8>::new(Vec::new(), "forward inputs") else {
+            panic!("an empty cycle was made");
+        };
+        assert!(e.to_string().contains("forward inputs"), "{e}");
+        let mut c = Cycle::new(vec![1, 2, 3], "inputs")?;
+        let seen: Vec<i32> = (0..7).map(|_| *c.next_mut()).collect();
+        assert_eq!(seen, [1, 2, 3, 1, 2, 3, 1]);
+        assert_eq!(c.len(), 3);
         Ok(())
     }
 

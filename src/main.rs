@@ -867,7 +867,8 @@ struct BenchRow {
     gbytes_per_s: f64,
     /// Kernels one run launches (a graph replay: the kernels in the graph).
     launches: Option<u64>,
-    /// Argument sets an op row rotated over, run by run (bench::Rotation).
+    /// Inputs a forward row (bench::FORWARD_INPUTS) or argument sets an op
+    /// row (bench::Rotation) rotated over, run by run.
     buffers: Option<usize>,
 }
 
@@ -896,10 +897,18 @@ impl Bench<'_> {
         ProjectorWeights::random(self.config(), Some(self.modality), 0)
     }
 
-    fn hidden(&self, batch: usize) -> Result<HostTensor> {
-        let c = self.config();
-        let shape = vec![batch, c.n_in.unwrap_or(4), c.in_dim];
-        HostTensor::randn(shape, 1, "--batch")
+    fn n_in(&self) -> usize {
+        self.config().n_in.unwrap_or(4)
+    }
+
+    /// [`bench::FORWARD_INPUTS`] inputs of `batch` rows on `be`, each its own
+    /// draw, for a forward row to rotate over as PyTorch's side does.
+    fn inputs<B: Backend>(&self, be: &B, batch: usize) -> Result<bench::Cycle<B::Tensor>> {
+        let shape = vec![batch, self.n_in(), self.config().in_dim];
+        let inputs = (1..=bench::FORWARD_INPUTS as u64)
+            .map(|seed| be.upload(&HostTensor::randn(shape.clone(), seed, "--batch")?))
+            .collect::<Result<Vec<_>>>()?;
+        bench::Cycle::new(inputs, "forward inputs")
     }
 
     /// Bytes per element as the backend stores it (the reference holds f64).
@@ -932,7 +941,7 @@ impl Bench<'_> {
         launches: Option<u64>,
     ) -> BenchRow {
         let c = self.config();
-        let flops = OpCase::forward_flops(&c, batch, c.n_in.unwrap_or(4));
+        let flops = OpCase::forward_flops(&c, batch, self.n_in());
         let weight_bytes = (c.parameter_count() * self.elem(kind)) as f64;
         let shape = format!("{} batch {batch}", self.modality.name());
         let mut r = row(kind, self.precision, what, shape, t, flops, weight_bytes);
@@ -980,7 +989,7 @@ impl Bench<'_> {
         let mut rows = Vec::new();
         for (label, options) in baselines {
             let other = be.with_options(options)?;
-            for case in OpCase::projector_ops(&config, batch, config.n_in.unwrap_or(4))? {
+            for case in OpCase::projector_ops(&config, batch, self.n_in())? {
                 let theirs = kernel(&other, &case)?;
                 if theirs.is_none() || theirs == kernel(be, &case)? {
                     continue;
@@ -1020,23 +1029,25 @@ impl BackendTask for Bench<'_> {
         }
         let config = self.config();
         let w = self.weights()?;
-        let n_in = config.n_in.unwrap_or(4);
+        let n_in = self.n_in();
         let elem = self.elem(kind);
         let mut rows = Vec::new();
         for &batch in self.batches {
-            let hidden = self.hidden(batch)?;
             for (suffix, b) in &variants {
                 let proj = Projector::new(b.clone(), &w)?;
-                let h = b.upload(&hidden)?;
+                let mut inputs = self.inputs(b, batch)?;
                 let mut plan = proj.plan(batch, n_in)?;
                 let before = b.kernel_launches();
-                proj.forward_with(&mut plan, &h, None)?;
+                proj.forward_with(&mut plan, inputs.next_mut(), None)?;
                 let launches = b.kernel_launches().zip(before).map(|(a, z)| a - z);
-                let (t, burst) =
-                    self.measure(b, || proj.forward_with(&mut plan, &h, None).map(|_| ()))?;
+                let (t, burst) = self.measure(b, || {
+                    proj.forward_with(&mut plan, inputs.next_mut(), None)
+                        .map(|_| ())
+                })?;
                 let what = format!("projector{suffix}");
                 let mut r = self.projector_row(kind, &what, batch, &t, launches);
                 r.burst_us = burst;
+                r.buffers = Some(inputs.len());
                 rows.push(r);
             }
             for case in OpCase::projector_ops(&config, batch, n_in)? {
@@ -1063,7 +1074,10 @@ impl BackendTask for Bench<'_> {
     /// where kernels are queued with programmatic dependent launch, the graph
     /// again with serial launches, and where split GEMMs add their slices in
     /// a cluster, again through memory, so the table shows what each gains.
-    /// Op rows rotate over argument sets that together exceed twice the L2.
+    /// Op rows rotate over argument sets that together exceed twice the L2;
+    /// forward rows over 8 inputs, which a graph row copies into its input
+    /// buffer before each replay (`ProjectorGraph::forward`, as
+    /// `torch.compile`'s CUDA graphs copy theirs).
     #[cfg(feature = "cuda")]
     fn run_cuda(self, be: Cuda) -> Result<Vec<BenchRow>> {
         let this = Bench {
@@ -1087,13 +1101,15 @@ impl BackendTask for Bench<'_> {
         for (what, be) in backends {
             let proj = Projector::new(be.clone(), &weights)?;
             for &batch in this.batches {
-                let hidden = be.upload(&this.hidden(batch)?)?;
-                let mut graph = proj.capture(batch, hidden.shape()[1])?;
-                graph.forward(&hidden)?;
-                let (t, burst) = this.measure(&be, || graph.replay())?;
+                let mut inputs = this.inputs(&be, batch)?;
+                let mut graph = proj.capture(batch, this.n_in())?;
+                graph.forward(inputs.next_mut())?;
+                let (t, burst) =
+                    this.measure(&be, || graph.forward(inputs.next_mut()).map(|_| ()))?;
                 let launches = Some(graph.kernels());
                 let mut r = this.projector_row(DeviceKind::Cuda, what, batch, &t, launches);
                 r.burst_us = burst;
+                r.buffers = Some(inputs.len());
                 rows.push(r);
             }
         }
@@ -1214,9 +1230,9 @@ fn bench(
     println!(
         "(device us: timestamp queries or CUDA events where offered, around one run; burst us: \
          the same per run of up to {BURST_RUNS} runs queued back to back (- where two do not \
-         fit the time budget); sets: argument sets an op row rotates over, run by run, together \
-         over twice the GPU's L2 where its size is known (1: one set, cache warm); rates use \
-         device us when present; kernels: launches per forward)"
+         fit the time budget); sets: inputs a forward row, or argument sets an op row, rotates \
+         over run by run (an op's together over twice the GPU's L2 where its size is known; 1: \
+         one set, cache warm); rates use device us when present; kernels: launches per forward)"
     );
     Ok(ExitCode::SUCCESS)
 }
