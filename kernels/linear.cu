@@ -1683,10 +1683,14 @@ OP_KERNEL_NAME(linear_mma_narrow_vec8)(const LinearParams p) {
 // so the tensor cores go from one step's MMAs to the next's without waiting
 // for the warpgroup between them), a barrier (they read the stage the
 // copies overwrite), the copies two steps on.
+// SERIAL: the loop v6 had first, kept as the baseline this one is measured
+// against (`linear_wgmma_serial_*`): the step before's MMAs waited for
+// before the barrier, none in flight, so the tensor cores drain between
+// steps; the copies are issued right after the MMAs, one barrier a step.
 // acc[i][4 j + e]: rows 64 i + 16 warp + g + 8 (e / 2), columns
 // 8 j + 2 t + e % 2 of the tile (g = lane / 4, t = lane % 4). Every thread
 // returns after a barrier that frees the stages for the epilogue's scratch.
-template <int BN>
+template <int BN, bool SERIAL = false>
 __device__ __forceinline__ void linear_wgmma_products(const LinearParams& p,
                                                       LinearMmaSmem<BN>& sm,
                                                       float (&acc)[2][BN / 2]) {
@@ -1716,6 +1720,9 @@ __device__ __forceinline__ void linear_wgmma_products(const LinearParams& p,
     for (int step = 0; step < steps; ++step) {
         cp_async_wait<LINEAR_MMA_STAGES - 2>();
         fence_proxy_async_shared();
+        if constexpr (SERIAL) {
+            wgmma_wait<0>();  // the stage the copies below overwrite is read
+        }
         __syncthreads();  // every thread's copies of this step's stage landed
         wgmma_fence();
         const char* xs = reinterpret_cast<const char*>(sm.stage[read].x);
@@ -1729,11 +1736,13 @@ __device__ __forceinline__ void linear_wgmma_products(const LinearParams& p,
             wgmma_m64k16<BN>(acc[1], wgmma_desc_sw64(xs + 64 * 64 + 32 * h), b);
         }
         wgmma_commit();
-        // The step before's MMAs done, this step's left running (MMAs on
-        // the same accumulators run in order): once every warp has waited,
-        // the stage they read takes the copies two steps on.
-        wgmma_wait<1>();
-        __syncthreads();
+        if constexpr (!SERIAL) {
+            // The step before's MMAs done, this step's left running (MMAs on
+            // the same accumulators run in order): once every warp has
+            // waited, the stage they read takes the copies two steps on.
+            wgmma_wait<1>();
+            __syncthreads();
+        }
         const int next = step + LINEAR_MMA_STAGES - 1;
         if (next < steps) {
             copy_x(sm.stage[write].x, next * LINEAR_MMA_BK, p.k);
@@ -1752,11 +1761,11 @@ __device__ __forceinline__ void linear_wgmma_products(const LinearParams& p,
 
 // v6's GEMM: the products, then each warp's 16-row pieces of 64 columns
 // through its scratch (linear_mma_store16), as v5 stores its own.
-template <int BN>
+template <int BN, bool SERIAL = false>
 __device__ __forceinline__ void linear_wgmma(const LinearParams& p) {
     __shared__ __align__(1024) LinearMmaSmem<BN> sm;
     float acc[2][BN / 2];
-    linear_wgmma_products<BN>(p, sm, acc);
+    linear_wgmma_products<BN, SERIAL>(p, sm, acc);
     const int warp = threadIdx.x >> 5;
     const bool vec_out = linear_vec_out(p);
 #pragma unroll
@@ -1782,6 +1791,18 @@ extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, LINEAR_MMA_NARR
 OP_KERNEL_NAME(linear_wgmma_narrow_vec8)(const LinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_NARROW_BN); });
     linear_wgmma<LINEAR_MMA_NARROW_BN>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, 2)
+OP_KERNEL_NAME(linear_wgmma_serial_vec8)(const LinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_BN); });
+    linear_wgmma<LINEAR_MMA_BN, true>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_MMA_THREADS, LINEAR_MMA_NARROW_BLOCKS)
+OP_KERNEL_NAME(linear_wgmma_serial_narrow_vec8)(const LinearParams p) {
+    dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_MMA_NARROW_BN); });
+    linear_wgmma<LINEAR_MMA_NARROW_BN, true>(p);
 }
 #endif  // OP_WGMMA
 

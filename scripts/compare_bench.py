@@ -50,6 +50,7 @@ OPS = {"attention": "F.scaled_dot_product_attention", "layer_norm": "F.layer_nor
 # Our op again on another kernel (present where the op takes a different one there):
 # (op, our row, label).
 OP_BASELINES = [("linear", "linear mma.sync", "v5 mma.sync"),
+                ("linear", "linear wgmma serial", "v6 serial K loop"),
                 ("linear", "linear wmma", "v3 WMMA"),
                 ("linear", "linear square", "v5 128x128 tiles"),
                 ("attention", "attention q-blocks", "query blocks (v2/v3)")]
@@ -230,6 +231,10 @@ PREDICTIONS = [
                                                  "projector graph literal cross-attention", 12)),
     ("11: absorbed cross-attention", *graph_gain("f32", 1,
                                                  "projector graph literal cross-attention", 12)),
+    ("12: v6 one MMA group in flight", *op_faster("bf16", 64, "linear", "4928x2048x512 relu",
+                                                  "wgmma serial", 1.05)),
+    ("12: v6 one MMA group in flight", *op_faster("bf16", 64, "linear", "4928x1536x512 none",
+                                                  "wgmma serial", 1.05)),
 ]
 
 

@@ -567,15 +567,18 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
     let k = 200;
     let square = (128 * (sms.div_ceil(12).max(2) - 1) + 5, 128 * 12);
     let narrow = (128 * sms.div_ceil(4) + 5, 512);
-    // v6 on v5 (mma.sync), which it replaces, where `be` takes v6.
-    let mma_sync = if be.warpgroup_mma() {
-        Some(be.with_options(CudaOptions {
-            mma_sync_tiles: true,
-            ..be.options().clone()
-        })?)
-    } else {
-        None
+    // v6 on v5 (mma.sync), which it replaces, and v6's serial K loop, where
+    // `be` takes v6.
+    let with = |set: fn(&mut CudaOptions)| -> Result<Option<Cuda>> {
+        if !be.warpgroup_mma() {
+            return Ok(None);
+        }
+        let mut o = be.options().clone();
+        set(&mut o);
+        be.with_options(o).map(Some)
     };
+    let mma_sync = with(|o| o.mma_sync_tiles = true)?;
+    let serial = with(|o| o.wgmma_serial_steps = true)?;
     let mut runs = vec![(be.clone(), square)];
     if precision.storage().size() == 2 {
         runs.extend([
@@ -596,8 +599,8 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
             ),
         ]);
     }
-    if let Some(v5) = &mma_sync {
-        runs.extend([(v5.clone(), square), (v5.clone(), narrow)]);
+    for b in mma_sync.iter().chain(&serial) {
+        runs.extend([(b.clone(), square), (b.clone(), narrow)]);
     }
     let mut rows = Vec::new();
     for (b, (m, n)) in runs {
@@ -954,7 +957,8 @@ impl Bench<'_> {
 impl Bench<'_> {
     /// `batch`'s GEMMs and attentions again on the kernels they would take
     /// under other options, where those differ, as rows after that batch's
-    /// op rows: v6 (warpgroup MMA) on v5's mma.sync (`linear mma.sync`), the
+    /// op rows: v6 (warpgroup MMA) on v5's mma.sync (`linear mma.sync`) and
+    /// with its MMAs drained between K steps (`linear wgmma serial`), the
     /// large tiles on v3's WMMA ones (`linear wmma`), 128x64 tiles on
     /// 128x128 ones (`linear square`), and v5's split keys on the
     /// query-block kernels (`attention q-blocks`).
@@ -966,6 +970,7 @@ impl Bench<'_> {
         };
         let baselines = [
             ("mma.sync", with(|o| o.mma_sync_tiles = true)),
+            ("wgmma serial", with(|o| o.wgmma_serial_steps = true)),
             ("wmma", with(|o| o.wmma_large_tiles = true)),
             ("square", with(|o| o.square_mma_tiles = true)),
             ("q-blocks", with(|o| o.query_block_attention = true)),
@@ -1267,7 +1272,7 @@ fn kernel_table(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitC
         }
     }
     println!(
-        "{:<24} {:<7} {:<30} {:>9} {:>9} {:>8} {:>14}",
+        "{:<24} {:<7} {:<36} {:>9} {:>9} {:>8} {:>14}",
         "file", "storage", "kernel", "registers", "smem B", "stack B", "spill st/ld B"
     );
     let (mut count, mut spilling) = (0, 0);
@@ -1276,7 +1281,7 @@ fn kernel_table(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitC
             count += 1;
             spilling += usize::from(k.spill_stores + k.spill_loads > 0);
             println!(
-                "{:<24} {:<7} {:<30} {:>9} {:>9} {:>8} {:>14}",
+                "{:<24} {:<7} {:<36} {:>9} {:>9} {:>8} {:>14}",
                 p.file,
                 p.storage.name(),
                 k.name,

@@ -480,9 +480,10 @@ fn tf32_linear_matches_reference() {
 
 /// Linear on tensor cores with 128x128 tiles: an output with a large tile for
 /// every SM (the rule `linear` picks them by), ragged at the edges and with a
-/// K tail, in bf16 (warpgroup MMA on sm_90, mma.sync, and WMMA where asked
-/// for) and TF32; and 512 columns whose square tiles would leave a few SMs
-/// two (128x64 tiles; on mma.sync bitwise the square ones).
+/// K tail, in bf16 (warpgroup MMA on sm_90, with its K loop serial where
+/// asked for, mma.sync, and WMMA where asked for) and TF32; and 512 columns
+/// whose square tiles would leave a few SMs two (128x64 tiles; on mma.sync
+/// bitwise the square ones).
 #[test]
 fn large_tile_linear_matches_reference() {
     let bf16 = |set: fn(&mut CudaOptions)| {
@@ -514,6 +515,16 @@ fn large_tile_linear_matches_reference() {
             DType::BF16,
             1e-2,
             "linear_mma_vec8",
+        ),
+        (
+            bf16(|o| o.wgmma_serial_steps = true),
+            DType::BF16,
+            1e-2,
+            if wgmma {
+                "linear_wgmma_serial_vec8"
+            } else {
+                "linear_mma_vec8"
+            },
         ),
         (
             bf16(|o| o.wmma_large_tiles = true),
@@ -548,7 +559,7 @@ fn large_tile_linear_matches_reference() {
     let bits = |c: &verify::Comparison| (c.rel.to_bits(), c.max_abs.to_bits());
     let mut runs = vec![(mma_sync, "linear_mma")];
     if wgmma {
-        runs.push((default, "linear_wgmma"));
+        runs.push((default.clone(), "linear_wgmma"));
     }
     let mut distances = Vec::new();
     for (be, family) in runs {
@@ -578,6 +589,15 @@ fn large_tile_linear_matches_reference() {
             );
         }
         distances.push(bits(&narrow));
+    }
+    // v6's serial K loop on the narrow tiles (its square ones are above).
+    if wgmma {
+        let serial = bf16(|o| o.wgmma_serial_steps = true).unwrap();
+        let kernel = "linear_wgmma_serial_narrow_vec8";
+        assert_eq!(serial.linear_kernel(m, n, 40).unwrap(), kernel);
+        let c = large_tile_case(&serial, DType::BF16, m, n, kernel);
+        assert!(c.rel <= 1e-2, "{}: rel {:.3e}", c.case, c.rel);
+        distances.push(bits(&c));
     }
     // The emulator sums wgmma's products as mma.sync's, in k order.
     if emulated() {

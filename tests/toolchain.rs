@@ -179,11 +179,15 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
     ];
 
     /// The warpgroup-MMA kernels, which sm_90a's 16-bit compiles add.
-    const WGMMA_KERNELS: [&str; 6] = [
+    const WGMMA_KERNELS: [&str; 10] = [
         "linear_layer_norm_wgmma_vec8_bf16",
         "linear_layer_norm_wgmma_vec8_f16",
         "linear_wgmma_narrow_vec8_bf16",
         "linear_wgmma_narrow_vec8_f16",
+        "linear_wgmma_serial_narrow_vec8_bf16",
+        "linear_wgmma_serial_narrow_vec8_f16",
+        "linear_wgmma_serial_vec8_bf16",
+        "linear_wgmma_serial_vec8_f16",
         "linear_wgmma_vec8_bf16",
         "linear_wgmma_vec8_f16",
     ];
@@ -208,7 +212,7 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         assert_eq!(tc, want, "{arch}: the tensor-core kernels");
         for (file, storage, k) in kernels {
             println!(
-                "{arch} {file:<24} {storage:<4} {:<30} {:>3} registers {:>6} B smem {:>4} B stack, spill {} B stores / {} B loads",
+                "{arch} {file:<24} {storage:<4} {:<36} {:>3} registers {:>6} B smem {:>4} B stack, spill {} B stores / {} B loads",
                 k.name, k.registers, k.shared_bytes, k.stack_bytes, k.spill_stores, k.spill_loads
             );
             assert_registers_without_spills(arch, k);

@@ -649,6 +649,8 @@ struct HalfF16 {
     static void linear_mma_narrow(const LP& p) { k_f16::linear_mma_narrow_vec8_f16(p); }
     static void linear_wgmma(const LP& p) { k_f16::linear_wgmma_vec8_f16(p); }
     static void linear_wgmma_narrow(const LP& p) { k_f16::linear_wgmma_narrow_vec8_f16(p); }
+    static void linear_wgmma_serial(const LP& p) { k_f16::linear_wgmma_serial_vec8_f16(p); }
+    static void linear_wgmma_serial_narrow(const LP& p) { k_f16::linear_wgmma_serial_narrow_vec8_f16(p); }
     typedef k_f16::LayerNormLinearParams LNP;
     static void layer_norm_linear_tc(const LNP& p) { k_f16::layer_norm_linear_tc_vec8_f16(p); }
     typedef k_f16::LinearLayerNormParams LLNP;
@@ -679,6 +681,8 @@ struct HalfBF16 {
     static void linear_mma_narrow(const LP& p) { k_bf16::linear_mma_narrow_vec8_bf16(p); }
     static void linear_wgmma(const LP& p) { k_bf16::linear_wgmma_vec8_bf16(p); }
     static void linear_wgmma_narrow(const LP& p) { k_bf16::linear_wgmma_narrow_vec8_bf16(p); }
+    static void linear_wgmma_serial(const LP& p) { k_bf16::linear_wgmma_serial_vec8_bf16(p); }
+    static void linear_wgmma_serial_narrow(const LP& p) { k_bf16::linear_wgmma_serial_narrow_vec8_bf16(p); }
     typedef k_bf16::LayerNormLinearParams LNP;
     static void layer_norm_linear_tc(const LNP& p) { k_bf16::layer_norm_linear_tc_vec8_bf16(p); }
     typedef k_bf16::LinearLayerNormParams LLNP;
@@ -857,6 +861,19 @@ static void test_linear_half(int m, int n, int k, bool large = false) {
                         [&] { S::linear_wgmma_narrow(p); });
             check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n,
                        "v6's narrow tiles");
+            // v6's serial K loop (the baseline of one group in flight): the
+            // same sums, square and narrow.
+            std::vector<E> serial((size_t)m * n + ooff, S::from(NAN));
+            p.out = serial.data() + ooff;
+            emu::launch(grid, dim3(128), [&] { S::linear_wgmma_serial(p); });
+            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n,
+                       "v6's serial K loop");
+            std::vector<E> serial_narrow((size_t)m * n + ooff, S::from(NAN));
+            p.out = serial_narrow.data() + ooff;
+            emu::launch(dim3(cdiv(n, 64), cdiv(m, 128), 1), dim3(128),
+                        [&] { S::linear_wgmma_serial_narrow(p); });
+            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n,
+                       "v6's serial K loop, narrow tiles");
         } else if (variant == 6) {
             // v4 with two chunks a thread in flight, with one warp (many
             // chunks a thread, odd counts among them).

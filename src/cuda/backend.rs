@@ -115,6 +115,16 @@ pub struct CudaOptions {
     /// hardware's tensor cores may add a 16-column step's products in another
     /// order: results agree to rounding.
     pub mma_sync_tiles: bool,
+    /// Run the GEMMs that take warpgroup MMA on `linear_wgmma_serial_vec8` /
+    /// `linear_wgmma_serial_narrow_vec8` (default off): the same kernels
+    /// with v6's first K loop, which waits for a step's MMAs before the next
+    /// step's issue, so the tensor cores drain between steps. Off, one
+    /// step's MMAs stay in flight while the next step's are issued. The
+    /// baseline that loop is measured against; the LayerNorms folded into v6
+    /// do not fold under it, and [`square_mma_tiles`](Self::square_mma_tiles)
+    /// takes precedence. The same sums in the same order: bitwise the same
+    /// output.
+    pub wgmma_serial_steps: bool,
     /// Run every LayerNorm as a kernel of its own, before the linear that
     /// reads it (default off). Off, a LayerNorm folds into that linear where
     /// one kernel can do both: GEMMs of up to 16 rows, and, where split
@@ -860,7 +870,9 @@ impl Cuda {
     pub fn warpgroup_mma(&self) -> bool {
         matches!(
             super::linear::gemm_of(self),
-            super::linear::Gemm::Warpgroup | super::linear::Gemm::WarpgroupSquare
+            super::linear::Gemm::Warpgroup
+                | super::linear::Gemm::WarpgroupSquare
+                | super::linear::Gemm::WarpgroupSerial
         )
     }
 

@@ -200,6 +200,8 @@ pub(crate) static PROGRAM: Program = Program {
     wgmma_kernels: &[
         "linear_wgmma_vec8",
         "linear_wgmma_narrow_vec8",
+        "linear_wgmma_serial_vec8",
+        "linear_wgmma_serial_narrow_vec8",
         "linear_layer_norm_wgmma_vec8",
     ],
     layouts,
@@ -295,8 +297,9 @@ fn split_k(
 /// Which fast GEMM runs: v2 on CUDA cores (f32), v3 on tensor cores for
 /// 16-bit storage (where large tiles fill the device v5, or on sm_90a v6,
 /// 128x128 or 128x64 as [`narrow_tiles_spread_better`] says; `HalfSquare`
-/// and `WarpgroupSquare`: 128x128 only; `HalfWmma`: v3's large tiles there),
-/// or v3 on TF32 tensor cores (f32 with `tf32`).
+/// and `WarpgroupSquare`: 128x128 only; `WarpgroupSerial`: v6 with its MMAs
+/// drained between K steps; `HalfWmma`: v3's large tiles there), or v3 on
+/// TF32 tensor cores (f32 with `tf32`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Gemm {
     Tiled,
@@ -305,6 +308,7 @@ pub(crate) enum Gemm {
     HalfWmma,
     Warpgroup,
     WarpgroupSquare,
+    WarpgroupSerial,
     Tf32,
 }
 
@@ -318,6 +322,7 @@ impl Gemm {
             (DType::F32, true) => Gemm::Tf32,
             _ if options.wmma_large_tiles => Gemm::HalfWmma,
             _ if warpgroup && options.square_mma_tiles => Gemm::WarpgroupSquare,
+            _ if warpgroup && options.wgmma_serial_steps => Gemm::WarpgroupSerial,
             _ if warpgroup => Gemm::Warpgroup,
             _ if options.square_mma_tiles => Gemm::HalfSquare,
             _ => Gemm::Half,
@@ -330,6 +335,7 @@ impl Gemm {
         match self {
             Gemm::Half => Some("linear_mma_narrow_vec8"),
             Gemm::Warpgroup => Some("linear_wgmma_narrow_vec8"),
+            Gemm::WarpgroupSerial => Some("linear_wgmma_serial_narrow_vec8"),
             _ => None,
         }
     }
@@ -387,6 +393,7 @@ impl Gemm {
         match self {
             Gemm::Half | Gemm::HalfSquare => Some(("linear_mma_vec8", 128, 32)),
             Gemm::Warpgroup | Gemm::WarpgroupSquare => Some(("linear_wgmma_vec8", 128, 32)),
+            Gemm::WarpgroupSerial => Some(("linear_wgmma_serial_vec8", 128, 32)),
             Gemm::HalfWmma => Some(("linear_tc_large_vec8", 256, 32)),
             Gemm::Tf32 => Some(("linear_tc_tf32_large_vec4", 256, 16)),
             Gemm::Tiled => None,
@@ -709,8 +716,8 @@ pub(super) fn layer_norm_linear(
 /// decoder) and N, a multiple of 8, spans one cluster of narrow tiles, which
 /// then holds whole rows; `linear_layer_norm_wgmma_vec8` where `linear`
 /// takes v6, else `linear_layer_norm_mma_vec8`. Not under
-/// `square_mma_tiles` or `wmma_large_tiles` (the baselines keep their
-/// kernels), nor without clusters.
+/// `square_mma_tiles`, `wgmma_serial_steps` or `wmma_large_tiles` (the
+/// baselines keep their kernels), nor without clusters.
 fn linear_layer_norm_grid(
     d: LinearDims,
     version: KernelVersion,
@@ -1322,6 +1329,7 @@ mod tests {
             for gemm in [
                 Gemm::HalfSquare,
                 Gemm::WarpgroupSquare,
+                Gemm::WarpgroupSerial,
                 Gemm::HalfWmma,
                 Gemm::Tiled,
                 Gemm::Tf32,
@@ -1375,6 +1383,10 @@ mod tests {
                 Gemm::WarpgroupSquare
             );
             assert_eq!(
+                of(storage, "sm_90a", |o| o.wgmma_serial_steps = true),
+                Gemm::WarpgroupSerial
+            );
+            assert_eq!(
                 of(storage, "sm_90a", |o| o.mma_sync_tiles = true),
                 Gemm::Half
             );
@@ -1396,15 +1408,17 @@ mod tests {
         // Batch 64's decoder GEMMs: 39 x 4 large tiles and more. v5 takes
         // 128x64 tiles for N = 512 only (156 square tiles on 132 SMs).
         for (m, n, k) in [(4928, 512, 2048), (4928, 2048, 512), (4928, 1536, 512)] {
-            let (v5, v6) = if n == 512 {
+            let (v5, v6, serial) = if n == 512 {
                 (
                     ("linear_mma_narrow_vec8", NARROW_TILE),
                     ("linear_wgmma_narrow_vec8", NARROW_TILE),
+                    ("linear_wgmma_serial_narrow_vec8", NARROW_TILE),
                 )
             } else {
                 (
                     ("linear_mma_vec8", LARGE_TILE),
                     ("linear_wgmma_vec8", LARGE_TILE),
+                    ("linear_wgmma_serial_vec8", LARGE_TILE),
                 )
             };
             for (gemm, want_kernel, want_threads, columns) in [
@@ -1412,6 +1426,7 @@ mod tests {
                 (Gemm::HalfSquare, "linear_mma_vec8", 128, LARGE_TILE),
                 (Gemm::Warpgroup, v6.0, 128, v6.1),
                 (Gemm::WarpgroupSquare, "linear_wgmma_vec8", 128, LARGE_TILE),
+                (Gemm::WarpgroupSerial, serial.0, 128, serial.1),
                 (Gemm::HalfWmma, "linear_tc_large_vec8", 256, LARGE_TILE),
                 (Gemm::Tf32, "linear_tc_tf32_large_vec4", 256, LARGE_TILE),
             ] {
