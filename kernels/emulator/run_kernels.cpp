@@ -835,44 +835,27 @@ static void test_linear_half(int m, int n, int k, bool large = false) {
             // (in the emulator both sum each 16 K columns as fmas in order).
             if (!vec) continue;
             v = "mma_vec8";
-            const dim3 grid(cdiv(n, 128), cdiv(m, 128), 1);
-            emu::launch(grid, dim3(128), [&] { S::linear_mma(p); });
-            std::vector<E> large((size_t)m * n + ooff, S::from(NAN));
-            p.out = large.data() + ooff;
-            emu::launch(grid, dim3(256), [&] { S::linear_large(p); });
-            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n, "v3's large tiles");
+            const dim3 square(cdiv(n, 128), cdiv(m, 128), 1), narrow(cdiv(n, 64), cdiv(m, 128), 1);
+            emu::launch(square, dim3(128), [&] { S::linear_mma(p); });
+            // Another kernel on the same operands: bitwise v5's output.
+            const auto same_as_v5 = [&](dim3 grid, unsigned threads,
+                                        void (*kernel)(const typename S::LP&), const char* what) {
+                std::vector<E> o((size_t)m * n + ooff, S::from(NAN));
+                p.out = o.data() + ooff;
+                emu::launch(grid, dim3(threads), [&] { kernel(p); });
+                check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n, what);
+            };
+            same_as_v5(square, 256, &S::linear_large, "v3's large tiles");
             // Its 128x64 tiles: the same sums, tile by tile.
-            std::vector<E> narrow((size_t)m * n + ooff, S::from(NAN));
-            p.out = narrow.data() + ooff;
-            emu::launch(dim3(cdiv(n, 64), cdiv(m, 128), 1), dim3(128),
-                        [&] { S::linear_mma_narrow(p); });
-            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n,
-                       "v5's narrow tiles");
+            same_as_v5(narrow, 128, &S::linear_mma_narrow, "v5's narrow tiles");
             // v6 (warpgroup MMA on the same stages), square and narrow: the
             // same sums in the same order as v5's, from the stages as the
-            // hardware's descriptors read them.
-            std::vector<E> wg((size_t)m * n + ooff, S::from(NAN));
-            p.out = wg.data() + ooff;
-            emu::launch(grid, dim3(128), [&] { S::linear_wgmma(p); });
-            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n, "v6's tiles");
-            std::vector<E> wg_narrow((size_t)m * n + ooff, S::from(NAN));
-            p.out = wg_narrow.data() + ooff;
-            emu::launch(dim3(cdiv(n, 64), cdiv(m, 128), 1), dim3(128),
-                        [&] { S::linear_wgmma_narrow(p); });
-            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n,
-                       "v6's narrow tiles");
-            // v6's serial K loop (the baseline of one group in flight): the
-            // same sums, square and narrow.
-            std::vector<E> serial((size_t)m * n + ooff, S::from(NAN));
-            p.out = serial.data() + ooff;
-            emu::launch(grid, dim3(128), [&] { S::linear_wgmma_serial(p); });
-            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n,
-                       "v6's serial K loop");
-            std::vector<E> serial_narrow((size_t)m * n + ooff, S::from(NAN));
-            p.out = serial_narrow.data() + ooff;
-            emu::launch(dim3(cdiv(n, 64), cdiv(m, 128), 1), dim3(128),
-                        [&] { S::linear_wgmma_serial_narrow(p); });
-            check_same(std::string(name) + " " + v, out_p, p.out, (size_t)m * n,
+            // hardware's descriptors read them; its serial K loop (the
+            // baseline of one group in flight) too.
+            same_as_v5(square, 128, &S::linear_wgmma, "v6's tiles");
+            same_as_v5(narrow, 128, &S::linear_wgmma_narrow, "v6's narrow tiles");
+            same_as_v5(square, 128, &S::linear_wgmma_serial, "v6's serial K loop");
+            same_as_v5(narrow, 128, &S::linear_wgmma_serial_narrow,
                        "v6's serial K loop, narrow tiles");
         } else if (variant == 6) {
             // v4 with two chunks a thread in flight, with one warp (many
