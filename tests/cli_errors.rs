@@ -1232,12 +1232,15 @@ fn kernels_and_bench_arguments() {
 
 /// `outproj bench` on the reference: every row timed, the forward over its
 /// 8 rotating inputs, each op on one argument set (no cache size to beat).
+/// The audio projector: one query, the quickest forward of the presets.
 #[test]
 fn bench_times_every_row_on_the_cpu() {
     let out = outproj([
         "bench",
         "--device",
         "cpu",
+        "--modality",
+        "audio",
         "--batch",
         "1",
         "--seconds",
