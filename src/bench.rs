@@ -731,7 +731,7 @@ impl<B: Backend> Rotation<B> {
 
     /// How many sets it rotates over.
     pub fn count(&self) -> usize {
-        self.sets.len()
+        self.sets.count()
     }
 
     /// Issue the op once on the next set (does not wait for it).
@@ -759,13 +759,8 @@ impl<T> Cycle<T> {
     }
 
     /// How many items it cycles over (at least one).
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.items.len()
-    }
-
-    /// Never: a cycle holds at least one item.
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// The next item in turn.
@@ -931,7 +926,7 @@ mod tests {
         let mut c = Cycle::new(vec![1, 2, 3], "inputs")?;
         let seen: Vec<i32> = (0..7).map(|_| *c.next_mut()).collect();
         assert_eq!(seen, [1, 2, 3, 1, 2, 3, 1]);
-        assert_eq!(c.len(), 3);
+        assert_eq!(c.count(), 3);
         Ok(())
     }
 

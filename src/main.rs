@@ -567,36 +567,23 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
     let k = 200;
     let square = (128 * (sms.div_ceil(12).max(2) - 1) + 5, 128 * 12);
     let narrow = (128 * sms.div_ceil(4) + 5, 512);
+    let with = |set| be.with_options(options_with(be.options(), set));
     // v6 on v5 (mma.sync), which it replaces, and v6's serial K loop, where
     // `be` takes v6.
-    let with = |set: fn(&mut CudaOptions)| -> Result<Option<Cuda>> {
-        if !be.warpgroup_mma() {
-            return Ok(None);
-        }
-        let mut o = be.options().clone();
-        set(&mut o);
-        be.with_options(o).map(Some)
+    let (mma_sync, serial) = if be.warpgroup_mma() {
+        (
+            Some(with(|o| o.mma_sync_tiles = true)?),
+            Some(with(|o| o.wgmma_serial_steps = true)?),
+        )
+    } else {
+        (None, None)
     };
-    let mma_sync = with(|o| o.mma_sync_tiles = true)?;
-    let serial = with(|o| o.wgmma_serial_steps = true)?;
     let mut runs = vec![(be.clone(), square)];
     if precision.storage().size() == 2 {
         runs.extend([
-            (
-                be.with_options(CudaOptions {
-                    wmma_large_tiles: true,
-                    ..be.options().clone()
-                })?,
-                square,
-            ),
+            (with(|o| o.wmma_large_tiles = true)?, square),
             (be.clone(), narrow),
-            (
-                be.with_options(CudaOptions {
-                    square_mma_tiles: true,
-                    ..be.options().clone()
-                })?,
-                narrow,
-            ),
+            (with(|o| o.square_mma_tiles = true)?, narrow),
         ]);
     }
     for b in mma_sync.iter().chain(&serial) {
@@ -670,6 +657,14 @@ struct LaunchFeature {
     exact: bool,
 }
 
+/// `base` with one change made by `set`: a baseline or a feature turned off.
+#[cfg(feature = "cuda")]
+fn options_with(base: &CudaOptions, set: fn(&mut CudaOptions)) -> CudaOptions {
+    let mut o = base.clone();
+    set(&mut o);
+    o
+}
+
 /// The features `be` uses: programmatic dependent launch, split-K in a
 /// thread-block cluster, LayerNorms and attention folded into the linears
 /// after them, warpgroup MMA, the absorbed cross-attention, attention over
@@ -677,11 +672,7 @@ struct LaunchFeature {
 #[cfg(feature = "cuda")]
 fn launch_features(be: &Cuda) -> Vec<LaunchFeature> {
     let base = be.options().clone();
-    let with = |set: fn(&mut CudaOptions)| {
-        let mut o = base.clone();
-        set(&mut o);
-        o
-    };
+    let with = |set| options_with(&base, set);
     let mut features = Vec::new();
     if be.dependent_launch() {
         let off = with(|o| o.serial_launches = true);
@@ -904,14 +895,14 @@ impl Bench<'_> {
         self.config().n_in.unwrap_or(4)
     }
 
-    /// [`bench::FORWARD_INPUTS`] inputs of `batch` rows on `be`, each its own
-    /// draw, for a forward row to rotate over as PyTorch's side does.
-    fn inputs<B: Backend>(&self, be: &B, batch: usize) -> Result<bench::Cycle<B::Tensor>> {
+    /// [`bench::FORWARD_INPUTS`] inputs of `batch` rows, each its own draw,
+    /// for a forward row to rotate over as PyTorch's side does (drawn once
+    /// per batch, uploaded to each backend by [`upload_inputs`]).
+    fn inputs(&self, batch: usize) -> Result<Vec<HostTensor>> {
         let shape = vec![batch, self.n_in(), self.config().in_dim];
-        let inputs = (1..=bench::FORWARD_INPUTS as u64)
-            .map(|seed| be.upload(&HostTensor::randn(shape.clone(), seed, "--batch")?))
-            .collect::<Result<Vec<_>>>()?;
-        bench::Cycle::new(inputs, "forward inputs")
+        (1..=bench::FORWARD_INPUTS as u64)
+            .map(|seed| HostTensor::randn(shape.clone(), seed, "--batch"))
+            .collect()
     }
 
     /// Bytes per element as the backend stores it (the reference holds f64).
@@ -963,11 +954,7 @@ impl Bench<'_> {
     /// 128x128 ones (`linear square`), and v5's split keys on the
     /// query-block kernels (`attention q-blocks`).
     fn baseline_rows(&self, be: &Cuda, batch: usize) -> Result<Vec<BenchRow>> {
-        let with = |set: fn(&mut CudaOptions)| {
-            let mut o = be.options().clone();
-            set(&mut o);
-            o
-        };
+        let with = |set| options_with(be.options(), set);
         let baselines = [
             ("mma.sync", with(|o| o.mma_sync_tiles = true)),
             ("wgmma serial", with(|o| o.wgmma_serial_steps = true)),
@@ -1021,6 +1008,12 @@ impl Bench<'_> {
     }
 }
 
+/// `inputs` on `be`, to be taken in turn.
+fn upload_inputs<B: Backend>(be: &B, inputs: &[HostTensor]) -> Result<bench::Cycle<B::Tensor>> {
+    let on_be = inputs.iter().map(|h| be.upload(h)).collect::<Result<_>>()?;
+    bench::Cycle::new(on_be, "forward inputs")
+}
+
 impl BackendTask for Bench<'_> {
     type Output = Vec<BenchRow>;
 
@@ -1038,9 +1031,10 @@ impl BackendTask for Bench<'_> {
         let elem = self.elem(kind);
         let mut rows = Vec::new();
         for &batch in self.batches {
+            let hidden = self.inputs(batch)?;
             for (suffix, b) in &variants {
                 let proj = Projector::new(b.clone(), &w)?;
-                let mut inputs = self.inputs(b, batch)?;
+                let mut inputs = upload_inputs(b, &hidden)?;
                 let mut plan = proj.plan(batch, n_in)?;
                 let before = b.kernel_launches();
                 proj.forward_with(&mut plan, inputs.next_mut(), None)?;
@@ -1052,7 +1046,7 @@ impl BackendTask for Bench<'_> {
                 let what = format!("projector{suffix}");
                 let mut r = self.projector_row(kind, &what, batch, &t, launches);
                 r.burst_us = burst;
-                r.buffers = Some(inputs.len());
+                r.buffers = Some(inputs.count());
                 rows.push(r);
             }
             for case in OpCase::projector_ops(&config, batch, n_in)? {
@@ -1103,10 +1097,15 @@ impl BackendTask for Bench<'_> {
         for f in launch_features(&be) {
             backends.push((f.graph_row, be.with_options(f.off)?));
         }
+        let hidden = this
+            .batches
+            .iter()
+            .map(|&batch| this.inputs(batch))
+            .collect::<Result<Vec<_>>>()?;
         for (what, be) in backends {
             let proj = Projector::new(be.clone(), &weights)?;
-            for &batch in this.batches {
-                let mut inputs = this.inputs(&be, batch)?;
+            for (&batch, hidden) in this.batches.iter().zip(&hidden) {
+                let mut inputs = upload_inputs(&be, hidden)?;
                 let mut graph = proj.capture(batch, this.n_in())?;
                 graph.forward(inputs.next_mut())?;
                 let (t, burst) =
@@ -1114,7 +1113,7 @@ impl BackendTask for Bench<'_> {
                 let launches = Some(graph.kernels());
                 let mut r = this.projector_row(DeviceKind::Cuda, what, batch, &t, launches);
                 r.burst_us = burst;
-                r.buffers = Some(inputs.len());
+                r.buffers = Some(inputs.count());
                 rows.push(r);
             }
         }
