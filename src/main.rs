@@ -125,6 +125,11 @@ enum Command {
         /// (for `cuobjdump -sass` or `nvdisasm`).
         #[arg(long)]
         cubin_dir: Option<PathBuf>,
+        /// Also store each CUBIN in this kernel cache folder, where a backend
+        /// with `OUTPROJ_KERNEL_CACHE` set to it finds them instead of
+        /// compiling (a deployment's cache filled ahead of time).
+        #[arg(long)]
+        kernel_cache: Option<PathBuf>,
     },
 }
 
@@ -214,7 +219,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             json,
             Precision::parse(&precision)?,
         ),
-        Command::Kernels { arch, cubin_dir } => kernels(&arch, cubin_dir.as_deref()),
+        Command::Kernels {
+            arch,
+            cubin_dir,
+            kernel_cache,
+        } => kernels(&arch, cubin_dir.as_deref(), kernel_cache.as_deref()),
     }
 }
 
@@ -1241,7 +1250,11 @@ fn bench(
     Ok(ExitCode::SUCCESS)
 }
 
-fn kernels(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitCode> {
+fn kernels(
+    arch: &str,
+    cubin_dir: Option<&std::path::Path>,
+    kernel_cache: Option<&std::path::Path>,
+) -> Result<ExitCode> {
     let number = arch
         .strip_prefix("sm_")
         .map(|n| n.strip_suffix('a').unwrap_or(n));
@@ -1250,24 +1263,33 @@ fn kernels(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitCode> 
             "--arch `{arch}`: expected sm_XX or sm_XXa, e.g. sm_80 or sm_90a"
         )));
     }
-    kernel_table(arch, cubin_dir)
+    kernel_table(arch, cubin_dir, kernel_cache)
 }
 
 /// ptxas's report of every kernel compiled for `arch` (needs NVRTC, not a GPU).
 #[cfg(feature = "cuda")]
-fn kernel_table(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitCode> {
-    // The folder first: a bad path is known before minutes of compiling.
-    if let Some(dir) = cubin_dir {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::invalid(format!("--cubin-dir {}: {e}", dir.display())))?;
+fn kernel_table(
+    arch: &str,
+    cubin_dir: Option<&std::path::Path>,
+    kernel_cache: Option<&std::path::Path>,
+) -> Result<ExitCode> {
+    // The folders first: a bad path is known before minutes of compiling.
+    for (flag, dir) in [("--cubin-dir", cubin_dir), ("--kernel-cache", kernel_cache)] {
+        if let Some(dir) = dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::invalid(format!("{flag} {}: {e}", dir.display())))?;
+        }
     }
     let reports = output_projector::cuda::program_reports(arch)?;
-    if let Some(dir) = cubin_dir {
-        for p in &reports {
+    for p in &reports {
+        if let Some(dir) = cubin_dir {
             let stem = p.file.trim_end_matches(".cu");
             let path = dir.join(format!("{stem}-{}-{arch}.cubin", p.storage.name()));
             std::fs::write(&path, &p.cubin)
                 .map_err(|e| Error::invalid(format!("writing {}: {e}", path.display())))?;
+        }
+        if let Some(dir) = kernel_cache {
+            p.store_in_cache(dir)?;
         }
     }
     println!(
@@ -1309,7 +1331,11 @@ fn kernel_table(arch: &str, cubin_dir: Option<&std::path::Path>) -> Result<ExitC
 }
 
 #[cfg(not(feature = "cuda"))]
-fn kernel_table(_arch: &str, _cubin_dir: Option<&std::path::Path>) -> Result<ExitCode> {
+fn kernel_table(
+    _arch: &str,
+    _cubin_dir: Option<&std::path::Path>,
+    _kernel_cache: Option<&std::path::Path>,
+) -> Result<ExitCode> {
     Err(Error::Unavailable {
         backend: "cuda".into(),
         reason: "built without the `cuda` cargo feature".into(),

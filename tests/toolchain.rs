@@ -261,6 +261,14 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
             })
             .collect();
         check_kernels(arch, &kernels);
+        // The emulated sm_90 device of tests/cuda_ops.rs
+        // (`backend_runs_on_emulated_driver`) loads its kernels from here
+        // rather than compile them again: scripts/test.sh runs this first.
+        let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-cache");
+        for p in &reports {
+            p.store_in_cache(&cache)
+                .unwrap_or_else(|e| panic!("{arch} {}: {e}", p.file));
+        }
     }
 
     /// `outproj kernels`' table as (file, storage, report) rows, and its last
@@ -291,7 +299,8 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
 
     /// `outproj kernels --cubin-dir` for sm_80 prints a table whose kernels
     /// pass [`check_kernels`] and writes one CUBIN (an ELF file) per kernel
-    /// file and storage type; a path that is a file is an error naming it.
+    /// file and storage type, the same ones `--kernel-cache` stores under the
+    /// cache's names; a path that is a file is an error naming it.
     #[test]
     fn kernels_command_writes_cubins() {
         use std::process::Command;
@@ -300,9 +309,13 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         }
         let dir = std::env::temp_dir().join(format!("outproj-cubins-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        let cache = dir.with_extension("cache");
+        let _ = std::fs::remove_dir_all(&cache);
         let out = Command::new(env!("CARGO_BIN_EXE_outproj"))
             .args(["kernels", "--arch", "sm_80", "--cubin-dir"])
             .arg(&dir)
+            .arg("--kernel-cache")
+            .arg(&cache)
             .output()
             .expect("running outproj");
         assert!(
@@ -329,6 +342,27 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
         }
         let count = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
         assert_eq!(count, 3 * files.len());
+        let contents = |dir: &std::path::Path| {
+            let mut all: Vec<(Vec<u8>, bool)> = std::fs::read_dir(dir)
+                .unwrap_or_else(|e| panic!("{dir:?}: {e}"))
+                .map(|e| {
+                    let path = e.expect("a folder entry").path();
+                    let name = path.file_name().unwrap_or_default().to_string_lossy();
+                    let cache_name = name.contains("-sm_80-nvrtc") && name.ends_with(".cubin");
+                    (std::fs::read(&path).expect("a CUBIN"), cache_name)
+                })
+                .collect();
+            all.sort();
+            all
+        };
+        let cached = contents(&cache);
+        assert!(cached.iter().all(|(_, cache_name)| *cache_name));
+        let written: Vec<Vec<u8>> = contents(&dir).into_iter().map(|(b, _)| b).collect();
+        assert_eq!(
+            cached.into_iter().map(|(b, _)| b).collect::<Vec<_>>(),
+            written,
+            "--kernel-cache stores what --cubin-dir writes"
+        );
         let not_a_dir = dir.join("linear-f32-sm_80.cubin");
         let out = Command::new(env!("CARGO_BIN_EXE_outproj"))
             .args(["kernels", "--arch", "sm_80", "--cubin-dir"])
@@ -341,6 +375,7 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
             "{stderr}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&cache);
     }
 
     #[test]

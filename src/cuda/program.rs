@@ -403,6 +403,32 @@ pub struct ProgramReport {
     pub warnings: Vec<String>,
 }
 
+impl ProgramReport {
+    /// Stores this CUBIN in the kernel cache folder `dir` under the name a
+    /// backend whose [`KernelCache`] is `dir` (or `$OUTPROJ_KERNEL_CACHE=dir`)
+    /// looks it up by on a device of this architecture. A deployment fills its
+    /// cache ahead of time (`outproj kernels --kernel-cache DIR`) so that no
+    /// process pays for the compiles. Returns the file's path.
+    pub fn store_in_cache(&self, dir: &Path) -> Result<PathBuf> {
+        let program = PROGRAMS
+            .iter()
+            .find(|p| p.file == self.file)
+            .ok_or_else(|| Error::invalid(format!("no kernel file `{}`", self.file)))?;
+        let path = dir.join(cache_file_name(
+            program,
+            self.storage,
+            &program.full_source(self.storage)?,
+            &self.arch,
+            probe_nvrtc()?.version,
+        ));
+        write_atomically(&path, &self.cubin).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+}
+
 /// Compiles every kernel file for `arch` (e.g. `sm_90`), once per storage type,
 /// and returns ptxas's report of each (file by file, f32 then f16 then bf16):
 /// registers, shared memory, stack and spills per kernel. Needs NVRTC, not a
@@ -607,6 +633,16 @@ mod tests {
             first
         );
         assert_eq!(std::fs::read(&files[0]).unwrap(), first);
+        // A report stored ahead of time lands where the lookup reads.
+        let report = ProgramReport {
+            cubin: planted.clone(),
+            ..program_report(p, DType::F32, "sm_80").unwrap()
+        };
+        assert_eq!(report.store_in_cache(&dir).unwrap(), files[0]);
+        assert_eq!(
+            cubin_from_disk_or_compile(p, DType::F32, "sm_80", Some(&dir)).unwrap(),
+            planted
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
