@@ -7,15 +7,19 @@
 //
 //   c++ -std=c++17 -O1 -pthread -fsanitize=address,undefined run_kernels.cpp -o run_kernels
 //   ASAN_OPTIONS=detect_leaks=0 ./run_kernels [--reverse] [--long] [op ...]
+//   ./run_kernels --list
 //
-// ops: gather loss ln absorbed attn linear (default: all); or, of linear, only
+// ops: gather loss ln absorbed attn linear (default: all; --list prints them,
+// one process's worth each, and an unknown op is an error); or, of linear, only
 // linear_large (the 16-bit GEMMs' 128-row tiles: v3's large, v5, v6) or
 // linear_layer_norm (the GEMMs with the LayerNorm after them). --reverse runs the threads of
 // a block in the opposite order between barriers (another interleaving);
 // --long adds the long attention cases (Lk = 4096, Lq = 4096).
 #include "kernels.h"
 using namespace k_f32;
+#include <algorithm>
 #include <cfloat>
+#include <iterator>
 #include <set>
 #include <string>
 
@@ -1124,6 +1128,13 @@ static void test_gather(int batch, int seq, int n, int ch, bool embeds, bool ide
     }
 }
 
+// The ops a run can name. The first six partition the cases (`--list` prints
+// them, so that a runner can give each its own process); `linear_large` and
+// `linear_layer_norm` are parts of `linear`.
+static const char* const kOps[] = {"gather", "loss", "ln", "absorbed", "attn", "linear",
+                                   "linear_large", "linear_layer_norm"};
+static const int kPartitionOps = 6;
+
 int main(int argc, char** argv) {
     std::set<std::string> ops;
     bool long_cases = false;
@@ -1131,7 +1142,17 @@ int main(int argc, char** argv) {
         std::string a = argv[i];
         if (a == "--reverse") emu::reverse_order = true;
         else if (a == "--long") long_cases = true;
-        else ops.insert(a);
+        else if (a == "--list") {
+            for (int op = 0; op < kPartitionOps; ++op) printf("%s\n", kOps[op]);
+            return 0;
+        } else if (std::find(std::begin(kOps), std::end(kOps), a) != std::end(kOps)) {
+            ops.insert(a);
+        } else {
+            fprintf(stderr, "run_kernels: unknown op `%s`; the ops are", a.c_str());
+            for (const char* op : kOps) fprintf(stderr, " %s", op);
+            fprintf(stderr, "\n");
+            return 2;
+        }
     }
     auto want = [&](const char* op) { return ops.empty() || ops.count(op) > 0; };
     if (want("gather")) {
