@@ -11,6 +11,11 @@
 #                    nvidia-cuda-nvrtc wheel PyTorch installs) and puts its folder
 #                    on LD_LIBRARY_PATH for the steps below
 #   info             outproj info
+#   kernels          outproj kernels --arch native --kernel-cache: every kernel
+#                    compiled in parallel into the kernel cache the steps below
+#                    load from (the cache is on: OUTPROJ_KERNEL_CACHE defaults to
+#                    1 here; 0 turns the cache and this step off); skipped
+#                    without a CUDA device or with STEPS=none
 #   check-cuda       outproj check --device cuda (f32); group `check`
 #   check-cuda-<p>   the same for each precision in $CHECK_PRECISIONS, where the
 #                    binary has --precision; group `check-precisions`
@@ -96,7 +101,8 @@
 #                      synccheck and initcheck also work)
 #   STEP_TIMEOUT       seconds per plain step (default: 1800)
 #   SANITIZER_TIMEOUT  seconds per sanitizer step (default: 5400)
-#   OUTPROJ_KERNEL_CACHE  passed through: set to 1 to keep compiled kernels on disk
+#   OUTPROJ_KERNEL_CACHE  the kernel cache (default here: 1, the default folder;
+#                      a folder; 0 for none)
 set -u
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -374,6 +380,31 @@ run_step info "$STEP_TIMEOUT" "$OUTPROJ" info
 rc=$?
 cuda_line=$(grep -E '^cuda ' "$OUT/info.out" | head -n 1 | tr -s ' ')
 record info "$(status_of "$rc")" "${cuda_line:-$(last_error info)}"
+
+# Every kernel compiled at once, a core per file and storage type, into the
+# kernel cache the steps below load from; without it each step's process
+# compiles what it uses, one file after another (minutes of the budget). On
+# unless OUTPROJ_KERNEL_CACHE turns the cache off (0 or off).
+case ${OUTPROJ_KERNEL_CACHE:-1} in
+    0 | off) record kernels skip "OUTPROJ_KERNEL_CACHE=$OUTPROJ_KERNEL_CACHE" ;;
+    *)
+        export OUTPROJ_KERNEL_CACHE=${OUTPROJ_KERNEL_CACHE:-1}
+        if [[ $STEPS == none ]]; then
+            record kernels skip "no step group asked for"
+        elif ! grep -qE '^cuda +available' "$OUT/info.out" 2>/dev/null; then
+            record kernels skip "no CUDA device"
+        elif starts kernels; then
+            started=$SECONDS
+            run_step kernels "$STEP_TIMEOUT" "$OUTPROJ" kernels --arch native --kernel-cache
+            rc=$?
+            if [[ $rc == 0 ]]; then
+                record kernels ok "$(tail -n 1 "$OUT/kernels.out") ($((SECONDS - started)) s)"
+            else
+                record kernels FAIL "exit $rc: $(last_error kernels)"
+            fi
+        fi
+        ;;
+esac
 
 # check_step NAME ARGS...: one `outproj check`.
 check_step() {

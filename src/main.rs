@@ -118,7 +118,8 @@ enum Command {
     /// Registers, shared memory and spill bytes of each CUDA kernel.
     Kernels {
         /// Target architecture, e.g. sm_80, or sm_90a (what an H100 or H200
-        /// is compiled for).
+        /// is compiled for); `native`: what the backend compiles for on
+        /// device 0.
         #[arg(long, default_value = "sm_90a")]
         arch: String,
         /// Also write each compiled CUBIN here, as `<file>-<storage>-<arch>.cubin`
@@ -127,9 +128,11 @@ enum Command {
         cubin_dir: Option<PathBuf>,
         /// Also store each CUBIN in this kernel cache folder, where a backend
         /// with `OUTPROJ_KERNEL_CACHE` set to it finds them instead of
-        /// compiling (a deployment's cache filled ahead of time).
-        #[arg(long)]
-        kernel_cache: Option<PathBuf>,
+        /// compiling (a deployment's cache filled ahead of time). Without a
+        /// folder: the one `OUTPROJ_KERNEL_CACHE` names, else the default
+        /// (`OUTPROJ_KERNEL_CACHE=1`'s).
+        #[arg(long, num_args = 0..=1, value_name = "DIR")]
+        kernel_cache: Option<Option<PathBuf>>,
     },
 }
 
@@ -223,7 +226,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             arch,
             cubin_dir,
             kernel_cache,
-        } => kernels(&arch, cubin_dir.as_deref(), kernel_cache.as_deref()),
+        } => kernels(&arch, cubin_dir.as_deref(), kernel_cache),
     }
 }
 
@@ -1253,14 +1256,14 @@ fn bench(
 fn kernels(
     arch: &str,
     cubin_dir: Option<&std::path::Path>,
-    kernel_cache: Option<&std::path::Path>,
+    kernel_cache: Option<Option<PathBuf>>,
 ) -> Result<ExitCode> {
     let number = arch
         .strip_prefix("sm_")
         .map(|n| n.strip_suffix('a').unwrap_or(n));
-    if number.is_none_or(|n| n.parse::<u32>().is_err()) {
+    if arch != "native" && number.is_none_or(|n| n.parse::<u32>().is_err()) {
         return Err(Error::invalid(format!(
-            "--arch `{arch}`: expected sm_XX or sm_XXa, e.g. sm_80 or sm_90a"
+            "--arch `{arch}`: expected sm_XX or sm_XXa, e.g. sm_80 or sm_90a, or native"
         )));
     }
     kernel_table(arch, cubin_dir, kernel_cache)
@@ -1271,8 +1274,35 @@ fn kernels(
 fn kernel_table(
     arch: &str,
     cubin_dir: Option<&std::path::Path>,
-    kernel_cache: Option<&std::path::Path>,
+    kernel_cache: Option<Option<PathBuf>>,
 ) -> Result<ExitCode> {
+    use output_projector::cuda::KernelCache;
+    let arch = match arch {
+        "native" => {
+            let devices = output_projector::cuda::probe_devices()?;
+            devices
+                .first()
+                .map(|d| d.arch())
+                .ok_or_else(|| Error::invalid("--arch native: no CUDA device"))?
+        }
+        _ => arch.to_string(),
+    };
+    let arch = arch.as_str();
+    let kernel_cache = match kernel_cache {
+        Some(None) => Some(
+            KernelCache::FromEnv
+                .folder()
+                .or_else(KernelCache::default_folder)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "--kernel-cache without a folder: OUTPROJ_KERNEL_CACHE, \
+                         XDG_CACHE_HOME and HOME name none",
+                    )
+                })?,
+        ),
+        other => other.flatten(),
+    };
+    let kernel_cache = kernel_cache.as_deref();
     // The folders first: a bad path is known before minutes of compiling.
     for (flag, dir) in [("--cubin-dir", cubin_dir), ("--kernel-cache", kernel_cache)] {
         if let Some(dir) = dir {
@@ -1334,7 +1364,7 @@ fn kernel_table(
 fn kernel_table(
     _arch: &str,
     _cubin_dir: Option<&std::path::Path>,
-    _kernel_cache: Option<&std::path::Path>,
+    _kernel_cache: Option<Option<PathBuf>>,
 ) -> Result<ExitCode> {
     Err(Error::Unavailable {
         backend: "cuda".into(),

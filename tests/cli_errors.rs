@@ -1195,6 +1195,34 @@ fn kernels_and_bench_arguments() {
             "cuda"
         }],
     );
+    // So is a --kernel-cache that is a file, given or from the environment.
+    let out = outproj([
+        "kernels",
+        "--arch",
+        "sm_90",
+        "--kernel-cache",
+        file.to_str().unwrap(),
+    ]);
+    let flag = if cfg!(feature = "cuda") {
+        "--kernel-cache"
+    } else {
+        "cuda"
+    };
+    expect_error(&out, &[flag]);
+    let out = Command::new(env!("CARGO_BIN_EXE_outproj"))
+        .args(["kernels", "--arch", "sm_90", "--kernel-cache"])
+        .env("OUTPROJ_KERNEL_CACHE", &file)
+        .output()
+        .expect("running outproj");
+    expect_error(&out, &[flag]);
+    // `native` needs a device: where there is none, the error says why.
+    #[cfg(feature = "cuda")]
+    if !output_projector::cuda::driver_present() {
+        expect_error(
+            &outproj(["kernels", "--arch", "native"]),
+            &["cuda", "libcuda"],
+        );
+    }
 
     expect_error(
         &outproj(["bench", "--device", "cpu", "--batch", "0"]),

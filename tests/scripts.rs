@@ -231,6 +231,12 @@ fn gpu_check_parses_and_skips_what_is_not_asked() -> Result<(), String> {
             "{group} not recorded as skipped:\n{stdout}"
         );
     }
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("kernels") && l.contains("skip")),
+        "{stdout}"
+    );
     let summary = read(&dir.join("summary.txt"))?;
     assert!(summary.contains("info"), "{summary}");
     Ok(())
@@ -251,6 +257,7 @@ case $1 in
     info) echo "cuda   available  stub" ;;
     check) sleep 60 ;;
     bench) [[ $2 == --help ]] && echo "--precision" ;;
+    kernels) echo "$* into ${OUTPROJ_KERNEL_CACHE:-no cache}" ;;
 esac
 "#,
     )?;
@@ -282,6 +289,12 @@ esac
             .unwrap_or("")
             .to_string()
     };
+    // The kernels compiled first, into the kernel cache, which is on.
+    let kernels = line("kernels");
+    assert!(
+        kernels.contains(" ok ") && kernels.contains("--arch native --kernel-cache into 1"),
+        "{kernels}\n{stdout}"
+    );
     let check = line("check-cuda");
     assert!(
         check.contains("FAIL") && check.contains("time budget"),

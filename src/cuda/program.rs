@@ -203,24 +203,27 @@ impl KernelCache {
                 let value = std::env::var_os(KERNEL_CACHE_ENV)?;
                 match value.to_str() {
                     Some("" | "0" | "off") => None,
-                    Some("1" | "on") => default_cache_folder(),
+                    Some("1" | "on") => Self::default_folder(),
                     _ => Some(PathBuf::from(value)),
                 }
             }
         }
     }
-}
 
-fn default_cache_folder() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|h| !h.is_empty())
-                .map(|h| PathBuf::from(h).join(".cache"))
-        })?;
-    Some(base.join("output-projector").join("kernels"))
+    /// `$XDG_CACHE_HOME/output-projector/kernels`, else
+    /// `~/.cache/output-projector/kernels` (what `OUTPROJ_KERNEL_CACHE=1`
+    /// means); None when neither variable names a folder.
+    pub fn default_folder() -> Option<PathBuf> {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|h| !h.is_empty())
+                    .map(|h| PathBuf::from(h).join(".cache"))
+            })?;
+        Some(base.join("output-projector").join("kernels"))
+    }
 }
 
 /// FNV-1a (64 bit) over `parts`, each followed by a separator byte: a stable
