@@ -16,7 +16,6 @@ use output_projector::ops::Backend;
 #[cfg(feature = "cuda")]
 use output_projector::ops::Shaped;
 use output_projector::projector::Projector;
-#[cfg(feature = "cuda")]
 use output_projector::signal::SignalPositions;
 use output_projector::tensor::{DType, HostTensor};
 use output_projector::verify;
@@ -68,9 +67,16 @@ enum Command {
     Run {
         #[command(flatten)]
         model: ModelArgs,
-        /// Input safetensors: `hidden` [B, n_in, in_dim] and optional `embeds` (same shape).
+        /// Input safetensors: `hidden` [B, n_in, in_dim] and optional `embeds` (same
+        /// shape); or full LLM outputs: `hidden` [B, T, in_dim], optional `embeds`,
+        /// `token_ids` [B, T] and the signal tokens' ids (`signal_ids` or --signal-ids),
+        /// which are found in each sequence and gathered.
         #[arg(long)]
         input: Option<PathBuf>,
+        /// The signal tokens' ids in order (e.g. those of [IMG0],..,[IMG3]),
+        /// comma-separated: with `token_ids` in --input, instead of its `signal_ids`.
+        #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+        signal_ids: Option<Vec<i64>>,
         /// Output safetensors; receives `conditioning` [B, n_out, out_dim].
         #[arg(long)]
         output: Option<PathBuf>,
@@ -201,11 +207,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run {
             model,
             input,
+            signal_ids,
             output,
             out_dtype,
             batch,
             seed,
-        } => run(&model, input, output, out_dtype, batch, seed),
+        } => run(&model, input, signal_ids, output, out_dtype, batch, seed),
         Command::Check { device, precision } => check(device, Precision::parse(&precision)?),
         Command::Bench {
             device,
@@ -297,7 +304,15 @@ fn load_weights(m: &ModelArgs, seed: u64) -> Result<(ProjectorWeights, bool)> {
     }
 }
 
-fn load_input(path: &PathBuf) -> Result<(HostTensor, Option<HostTensor>)> {
+/// What `run --input` projects.
+struct Input {
+    hidden: HostTensor,
+    embeds: Option<HostTensor>,
+    /// Where the signal tokens are, when `hidden` holds whole sequences.
+    positions: Option<SignalPositions>,
+}
+
+fn load_input(path: &PathBuf, signal_ids: Option<Vec<i64>>) -> Result<Input> {
     let file = TensorFile::open(path)?;
     let hidden = file.get("hidden")?;
     let embeds = if file.contains("embeds") {
@@ -305,24 +320,57 @@ fn load_input(path: &PathBuf) -> Result<(HostTensor, Option<HostTensor>)> {
     } else {
         None
     };
-    if hidden.shape().len() != 3 {
+    let whole = file.contains("token_ids");
+    let &[batch, seq, _] = hidden.shape() else {
         return Err(Error::invalid(format!(
-            "{}: `hidden` must be [batch, n_in, in_dim], found shape {:?}",
+            "{}: `hidden` must be [batch, {}, in_dim], found shape {:?}",
             path.display(),
+            if whole { "seq" } else { "n_in" },
             hidden.shape()
         )));
-    }
+    };
     if let Some(e) = &embeds {
         e.check_shape("embeds", hidden.shape())?;
     }
-    Ok((hidden, embeds))
+    let positions = if whole {
+        let (shape, token_ids) = file.get_ids("token_ids")?;
+        if shape != [batch, seq] {
+            return Err(Error::Shape {
+                key: "token_ids".into(),
+                expected: vec![batch, seq],
+                found: shape,
+            });
+        }
+        let signal_ids = match signal_ids {
+            Some(ids) => ids,
+            None if file.contains("signal_ids") => file.get_ids("signal_ids")?.1,
+            None => {
+                return Err(Error::invalid(format!(
+                    "{}: `token_ids` needs the signal tokens' ids: --signal-ids, or `signal_ids` in the file",
+                    path.display()
+                )))
+            }
+        };
+        Some(SignalPositions::find(&token_ids, batch, seq, &signal_ids)?)
+    } else if signal_ids.is_some() || file.contains("signal_ids") {
+        return Err(Error::invalid(format!(
+            "{}: signal token ids are given, but no `token_ids` [batch, seq] to find them in",
+            path.display()
+        )));
+    } else {
+        None
+    };
+    Ok(Input {
+        hidden,
+        embeds,
+        positions,
+    })
 }
 
 /// One forward: the conditioning and the forward's own time.
 struct Project<'a> {
     weights: &'a ProjectorWeights,
-    hidden: &'a HostTensor,
-    embeds: Option<&'a HostTensor>,
+    input: &'a Input,
 }
 
 impl BackendTask for Project<'_> {
@@ -330,11 +378,19 @@ impl BackendTask for Project<'_> {
 
     fn run<B: Backend>(self, be: B, _: DeviceKind) -> Result<Self::Output> {
         let proj = Projector::new(be.clone(), self.weights)?;
-        let h = be.upload(self.hidden)?;
-        let e = self.embeds.map(|e| be.upload(e)).transpose()?;
+        let h = be.upload(&self.input.hidden)?;
+        let e = self
+            .input
+            .embeds
+            .as_ref()
+            .map(|e| be.upload(e))
+            .transpose()?;
         be.synchronize()?;
         let t = Instant::now();
-        let y = proj.forward(&h, e.as_ref())?;
+        let y = match &self.input.positions {
+            Some(p) => proj.forward_at(&h, e.as_ref(), p)?,
+            None => proj.forward(&h, e.as_ref())?,
+        };
         be.synchronize()?;
         let elapsed = t.elapsed();
         Ok((be.download(&y)?, elapsed))
@@ -344,6 +400,7 @@ impl BackendTask for Project<'_> {
 fn run(
     m: &ModelArgs,
     input: Option<PathBuf>,
+    signal_ids: Option<Vec<i64>>,
     output: Option<PathBuf>,
     out_dtype: Option<String>,
     batch: usize,
@@ -359,8 +416,13 @@ fn run(
     let t_load = Instant::now();
     let (w, random_weights) = load_weights(m, seed)?;
     let c = w.config().clone();
-    let (hidden, embeds) = match &input {
-        Some(path) => load_input(path)?,
+    let data = match &input {
+        Some(path) => load_input(path, signal_ids)?,
+        None if signal_ids.is_some() => {
+            return Err(Error::invalid(
+                "--signal-ids needs an --input with `token_ids` to find them in",
+            ))
+        }
         None => {
             if batch == 0 {
                 return Err(Error::invalid("--batch must be at least 1"));
@@ -369,18 +431,29 @@ fn run(
             let shape = vec![batch, n_in, c.in_dim];
             let hidden = HostTensor::randn(shape.clone(), seed.wrapping_add(1), "--batch")?;
             let embeds = HostTensor::randn(shape, seed.wrapping_add(2), "--batch")?;
-            (hidden, Some(embeds))
+            Input {
+                hidden,
+                embeds: Some(embeds),
+                positions: None,
+            }
         }
     };
-    hidden.check_finite("hidden")?;
-    if let Some(e) = &embeds {
+    if let (Some(p), Some(want)) = (&data.positions, c.n_in) {
+        if p.count() != want {
+            return Err(Error::invalid(format!(
+                "this projector takes {want} signal tokens per sequence; {} signal ids given",
+                p.count()
+            )));
+        }
+    }
+    data.hidden.check_finite("hidden")?;
+    if let Some(e) = &data.embeds {
         e.check_finite("embeds")?;
     }
     let load_time = t_load.elapsed();
     let task = Project {
         weights: &w,
-        hidden: &hidden,
-        embeds: embeds.as_ref(),
+        input: &data,
     };
     let (y, fwd_time) = device::run_on_with(kind, precision, task)?;
     y.check_finite("conditioning")?;
@@ -396,6 +469,15 @@ fn run(
             "note: no --input given: seeded random hidden states and embeddings (seeds {} and {})",
             seed.wrapping_add(1),
             seed.wrapping_add(2)
+        );
+    }
+    if let Some(p) = &data.positions {
+        let n = p.count();
+        println!(
+            "signal tokens: {n} gathered from each of {} sequences of {} tokens (sequence 0 at {:?})",
+            p.batch(),
+            p.seq_len(),
+            p.positions().iter().take(n).collect::<Vec<_>>()
         );
     }
     println!(

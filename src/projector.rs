@@ -543,11 +543,24 @@ impl<B: Backend> Projector<B> {
             )));
         }
         let positions = SignalPositions::find(token_ids, shape[0], shape[1], signal_ids)?;
+        self.forward_at(hidden, embeds, &positions)
+    }
+
+    /// [`Projector::forward_from_llm`] with the signal tokens' positions already
+    /// found (e.g. once on the host, reused for several forwards).
+    pub fn forward_at(
+        &self,
+        hidden: &B::Tensor,
+        embeds: Option<&B::Tensor>,
+        positions: &SignalPositions,
+    ) -> Result<B::Tensor> {
+        // gather_signal_tokens checks hidden's shape against the positions.
+        let in_dim = hidden.shape().last().copied().unwrap_or(0);
         let mut x = self
             .backend
-            .alloc(&[shape[0], positions.count(), shape[2]])?;
+            .alloc(&[positions.batch(), positions.count(), in_dim])?;
         self.backend
-            .gather_signal_tokens(hidden, embeds, &positions, &mut x)?;
+            .gather_signal_tokens(hidden, embeds, positions, &mut x)?;
         self.forward(&x, None)
     }
 

@@ -360,6 +360,175 @@ fn small_model_runs_with_explicit_prefix_and_random_input() {
     expect_success(&out);
 }
 
+/// Full LLM outputs for the small projector: hidden and embeds [2, 7, 16] and
+/// `token_ids` [2, 7] (i64) holding the signal tokens 900, 901, 902 at
+/// positions 1, 2, 5 and 0, 3, 4 (each sequence with a signal token once more
+/// after the last, which the search must not take); `extra` tensors added (e.g. `signal_ids`).
+fn write_llm_outputs(s: &Scratch, file: &str, token_ids: &[i64], extra: Vec<RawTensor>) -> PathBuf {
+    let mut ts = vec![
+        from_host("hidden", &tensor(&[2, 7, 16], 6)),
+        from_host("embeds", &tensor(&[2, 7, 16], 7)),
+        raw_tensor(
+            "token_ids",
+            "I64",
+            &[2, token_ids.len() / 2],
+            token_ids.iter().flat_map(|t| t.to_le_bytes()).collect(),
+        ),
+    ];
+    ts.extend(extra);
+    let p = s.path(file);
+    std::fs::write(&p, raw_file(&ts)).expect("write");
+    p
+}
+
+const LLM_TOKENS: [i64; 14] = [1, 900, 901, 7, 8, 902, 901, 900, 5, 6, 901, 902, 2, 900];
+const LLM_POSITIONS: [[usize; 3]; 2] = [[1, 2, 5], [0, 3, 4]];
+
+/// `signal_ids` [3] as an i32 tensor.
+fn signal_ids_tensor(ids: &[i32]) -> RawTensor {
+    raw_tensor(
+        "signal_ids",
+        "I32",
+        &[ids.len()],
+        ids.iter().flat_map(|t| t.to_le_bytes()).collect(),
+    )
+}
+
+/// `run --input` with whole sequences and their token ids finds the signal
+/// tokens and projects exactly what the gathered input projects: the same
+/// f64 output, with the ids from the file or from --signal-ids.
+#[test]
+fn run_finds_signal_tokens_in_llm_outputs() {
+    let s = Scratch::new("llm");
+    let w = write_small(&s, "w.safetensors", "");
+    let gather = |seed| {
+        let full = tensor(&[2, 7, 16], seed).to_f64_vec();
+        let rows = LLM_POSITIONS
+            .iter()
+            .enumerate()
+            .flat_map(|(b, ps)| ps.map(|p| (b * 7 + p) * 16))
+            .flat_map(|r| full[r..r + 16].to_vec())
+            .collect();
+        HostTensor::from_f64(vec![2, 3, 16], rows)
+            .unwrap()
+            .to_dtype(DType::F32)
+    };
+    let gathered = write_input(&s, "gathered.safetensors", gather(6), Some(gather(7)));
+    let conditioning = |input: &Path, extra: &[&str]| {
+        let out_path = s.path("out.safetensors");
+        let mut args = vec!["--output", out_path.to_str().unwrap()];
+        args.extend(extra);
+        let out = run_cpu(&w, input, &args);
+        expect_success(&out);
+        let y = TensorFile::open(&out_path)
+            .unwrap()
+            .get("conditioning")
+            .unwrap();
+        (y, String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (want, _) = conditioning(&gathered, &[]);
+    assert_eq!(want.shape(), &[2, 3, 5]);
+
+    let in_file = write_llm_outputs(
+        &s,
+        "llm.safetensors",
+        &LLM_TOKENS,
+        vec![signal_ids_tensor(&[900, 901, 902])],
+    );
+    let bare = write_llm_outputs(&s, "llm-bare.safetensors", &LLM_TOKENS, vec![]);
+    for (input, extra) in [
+        (&in_file, &[][..]),
+        (&bare, &["--signal-ids", "900,901,902"][..]),
+    ] {
+        let (got, stdout) = conditioning(input, extra);
+        assert_eq!(got.shape(), want.shape());
+        assert_eq!(got.to_f64_vec(), want.to_f64_vec(), "{}", input.display());
+        assert!(
+            stdout.contains("signal tokens: 3 gathered from each of 2 sequences of 7 tokens (sequence 0 at [1, 2, 5])"),
+            "{stdout}"
+        );
+    }
+    // --signal-ids overrides the file's: [IMG1] alone is the token after [IMG0].
+    let (one, stdout) = conditioning(&in_file, &["--signal-ids", "901"]);
+    assert_ne!(one.to_f64_vec(), want.to_f64_vec());
+    assert!(stdout.contains("(sequence 0 at [2])"), "{stdout}");
+}
+
+#[test]
+fn llm_outputs_errors() {
+    let s = Scratch::new("llmerr");
+    let w = write_small(&s, "w.safetensors", "");
+    let bare = write_llm_outputs(&s, "bare.safetensors", &LLM_TOKENS, vec![]);
+    // No signal ids anywhere.
+    expect_error(
+        &run_cpu(&w, &bare, &[]),
+        &["token_ids", "--signal-ids", "signal_ids"],
+    );
+    // Ids given, but nothing to find them in.
+    expect_error(
+        &run_cpu(&w, &small_input(&s), &["--signal-ids", "900"]),
+        &["token_ids"],
+    );
+    let stray = write_input(&s, "stray.safetensors", tensor(&[2, 3, 16], 1), None);
+    let mut ts = vec![
+        from_host("hidden", &tensor(&[2, 3, 16], 1)),
+        signal_ids_tensor(&[900]),
+    ];
+    std::fs::write(&stray, raw_file(&ts)).unwrap();
+    expect_error(
+        &run_cpu(&w, &stray, &[]),
+        &["token_ids", "stray.safetensors"],
+    );
+    let out = outproj([
+        "run",
+        "--device",
+        "cpu",
+        "--weights",
+        w.to_str().unwrap(),
+        "--signal-ids",
+        "900",
+    ]);
+    expect_error(&out, &["--signal-ids", "--input"]);
+    // A signal token missing from a sequence, or out of order: the sequence named.
+    expect_error(
+        &run_cpu(&w, &bare, &["--signal-ids", "900,903"]),
+        &["903", "1"],
+    );
+    expect_error(&run_cpu(&w, &bare, &["--signal-ids", "902,900"]), &["900"]);
+    expect_error(&run_cpu(&w, &bare, &["--signal-ids", ""]), &["signal"]);
+    expect_error(
+        &run_cpu(&w, &bare, &["--signal-ids", "900,x"]),
+        &["signal-ids"],
+    );
+    // token_ids of the wrong shape or type.
+    let short = write_llm_outputs(&s, "short.safetensors", &LLM_TOKENS[..12], vec![]);
+    expect_error(
+        &run_cpu(&w, &short, &["--signal-ids", "900"]),
+        &["token_ids", "[2, 7]", "[2, 6]"],
+    );
+    ts = vec![
+        from_host("hidden", &tensor(&[2, 7, 16], 6)),
+        from_host("token_ids", &tensor(&[2, 7], 8)),
+    ];
+    let floats = s.path("float-ids.safetensors");
+    std::fs::write(&floats, raw_file(&ts)).unwrap();
+    expect_error(
+        &run_cpu(&w, &floats, &["--signal-ids", "900"]),
+        &["token_ids", "F32"],
+    );
+    // hidden of rank 2 with token ids.
+    ts = vec![
+        from_host("hidden", &tensor(&[7, 16], 6)),
+        raw_tensor("token_ids", "I64", &[1, 7], vec![0; 56]),
+    ];
+    let flat = s.path("flat.safetensors");
+    std::fs::write(&flat, raw_file(&ts)).unwrap();
+    expect_error(
+        &run_cpu(&w, &flat, &["--signal-ids", "900"]),
+        &["hidden", "seq"],
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Missing, empty, truncated and foreign files
 // ---------------------------------------------------------------------------
@@ -794,6 +963,23 @@ fn n_in_against_the_audio_preset() {
     expect_error(
         &run_cpu(&wp, &f, &["--modality", "audio"]),
         &["hidden", "shape", "8"],
+    );
+    // From LLM outputs: 3 signal ids for a projector of 8.
+    let h = from_host("hidden", &tensor(&[1, 5, 4096], 1));
+    let ids = raw_tensor(
+        "token_ids",
+        "I32",
+        &[1, 5],
+        [7i32, 1, 2, 3, 9]
+            .iter()
+            .flat_map(|t| t.to_le_bytes())
+            .collect(),
+    );
+    let llm = s.path("llm3.safetensors");
+    std::fs::write(&llm, raw_file(&[h, ids])).unwrap();
+    expect_error(
+        &run_cpu(&wp, &llm, &["--signal-ids", "1,2,3"]),
+        &["8 signal tokens", "3 signal ids"],
     );
     // The weights are not the image preset: not under its prefix, nor of its shapes.
     let f8 = write_input(&s, "in8.safetensors", tensor(&[1, 8, 4096], 1), None);
