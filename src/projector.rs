@@ -102,14 +102,15 @@ pub struct DecoderPrefix<T> {
 }
 
 /// Every buffer of one forward at one `(batch, n_in)`, made by
-/// [`Projector::plan`] for one projector. [`Projector::forward_with`] writes
-/// into it and allocates nothing.
+/// [`Projector::plan`] for one projector. [`Projector::forward_with`] and
+/// [`Projector::forward_with_at`] write into it and allocate nothing.
 pub struct Plan<T> {
     projector: u64,
     batch: usize,
     n_in: usize,
-    /// `hidden + embeds`, made on the first forward given embeds.
-    summed: Option<T>,
+    /// The signal tokens gathered (and `hidden + embeds`), made by the first
+    /// forward that gathers: one given embeds, or whole sequences.
+    gathered: Option<T>,
     encoder: Work<T>,
     /// Keys and values of every decoder layer, from the encoder's output:
     /// `[B, n_in, layers * 2d]`.
@@ -303,7 +304,7 @@ impl<B: Backend> Projector<B> {
             projector: self.id,
             batch,
             n_in,
-            summed: None,
+            gathered: None,
             encoder: Work::new(be, [batch, n_in], d, c.ffn_dim)?,
             cross_kv: be.alloc(&[batch, n_in, kv_cols])?,
             decoder,
@@ -472,39 +473,88 @@ impl<B: Backend> Projector<B> {
         hidden: &B::Tensor,
         embeds: Option<&B::Tensor>,
     ) -> Result<&'p B::Tensor> {
+        self.forward_planned(plan, hidden, embeds, None)
+    }
+
+    /// [`forward_at`](Self::forward_at) into the buffers of `plan` (made for
+    /// `positions`' batch and signal-token count); after the first call it
+    /// allocates nothing.
+    pub fn forward_with_at<'p>(
+        &self,
+        plan: &'p mut Plan<B::Tensor>,
+        hidden: &B::Tensor,
+        embeds: Option<&B::Tensor>,
+        positions: &SignalPositions,
+    ) -> Result<&'p B::Tensor> {
+        self.forward_planned(plan, hidden, embeds, Some(positions))
+    }
+
+    /// The forward of `plan` from `hidden`: the signal tokens themselves
+    /// (`positions` None; summed with `embeds` when given), or whole sequences
+    /// with the signal tokens at `positions`, gathered first.
+    fn forward_planned<'p>(
+        &self,
+        plan: &'p mut Plan<B::Tensor>,
+        hidden: &B::Tensor,
+        embeds: Option<&B::Tensor>,
+        positions: Option<&SignalPositions>,
+    ) -> Result<&'p B::Tensor> {
         let _range = profile::range("projector.forward");
-        let shape = hidden.shape();
-        self.check_input_shape(shape)?;
         if plan.projector != self.id {
             return Err(Error::invalid(
                 "forward_with: the plan was made by another projector",
             ));
         }
-        if (shape[0], shape[1]) != (plan.batch, plan.n_in) {
-            return Err(Error::Shape {
-                key: "hidden".into(),
-                expected: vec![plan.batch, plan.n_in, self.config.in_dim],
-                found: shape.to_vec(),
-            });
-        }
-        if let Some(e) = embeds {
-            if e.shape() != shape {
-                return Err(Error::Shape {
-                    key: "embeds".into(),
-                    expected: shape.to_vec(),
-                    found: e.shape().to_vec(),
-                });
+        let shape = hidden.shape();
+        let planned = [plan.batch, plan.n_in, self.config.in_dim];
+        let all;
+        let gather = match positions {
+            None => {
+                self.check_input_shape(shape)?;
+                if shape != planned {
+                    return Err(Error::Shape {
+                        key: "hidden".into(),
+                        expected: planned.to_vec(),
+                        found: shape.to_vec(),
+                    });
+                }
+                match embeds {
+                    Some(e) if e.shape() != shape => {
+                        return Err(Error::Shape {
+                            key: "embeds".into(),
+                            expected: shape.to_vec(),
+                            found: e.shape().to_vec(),
+                        })
+                    }
+                    Some(_) => {
+                        all = SignalPositions::all(plan.batch, plan.n_in)?;
+                        Some(&all)
+                    }
+                    None => None,
+                }
             }
-            let be = &self.backend;
-            let summed = match &mut plan.summed {
+            // The gather checks hidden and embeds against the positions.
+            Some(p) => {
+                if [p.batch(), p.count()] != planned[..2] {
+                    return Err(Error::Shape {
+                        key: "signal token positions".into(),
+                        expected: planned[..2].to_vec(),
+                        found: vec![p.batch(), p.count()],
+                    });
+                }
+                Some(p)
+            }
+        };
+        if let Some(positions) = gather {
+            let x = match &mut plan.gathered {
                 Some(x) => x,
-                none => none.insert(be.alloc(shape)?),
+                none => none.insert(self.backend.alloc(&planned)?),
             };
-            let all = SignalPositions::all(plan.batch, plan.n_in)?;
-            be.gather_signal_tokens(hidden, Some(e), &all, summed)?;
+            self.backend
+                .gather_signal_tokens(hidden, embeds, positions, x)?;
         }
         let Plan {
-            summed,
+            gathered,
             encoder,
             cross_kv,
             decoder,
@@ -514,7 +564,7 @@ impl<B: Backend> Projector<B> {
             absorbed,
             ..
         } = plan;
-        let x = match (embeds, summed.as_ref()) {
+        let x = match (gather, gathered.as_ref()) {
             (Some(_), Some(x)) => x,
             _ => hidden,
         };
@@ -554,14 +604,9 @@ impl<B: Backend> Projector<B> {
         embeds: Option<&B::Tensor>,
         positions: &SignalPositions,
     ) -> Result<B::Tensor> {
-        // gather_signal_tokens checks hidden's shape against the positions.
-        let in_dim = hidden.shape().last().copied().unwrap_or(0);
-        let mut x = self
-            .backend
-            .alloc(&[positions.batch(), positions.count(), in_dim])?;
-        self.backend
-            .gather_signal_tokens(hidden, embeds, positions, &mut x)?;
-        self.forward(&x, None)
+        let mut plan = self.plan(positions.batch(), positions.count())?;
+        self.forward_with_at(&mut plan, hidden, embeds, positions)?;
+        Ok(plan.into_output())
     }
 
     /// `memory = Encoder(fc(x))`, projected at once to every decoder layer's

@@ -318,6 +318,44 @@ fn batch_rows_are_independent_and_gathering_matches_direct_input() {
         .forward_from_llm(&long_h, Some(&long_e), &ids, &signal)
         .unwrap();
     assert_eq!(y.data(), all.data());
+    // The positions found once, a plan reused: the same, and mixing the two
+    // kinds of input in one plan is fine.
+    let positions = SignalPositions::find(&ids, b, t, &signal).unwrap();
+    let mut plan = proj.plan(b, n_in).unwrap();
+    for _ in 0..2 {
+        let y = proj
+            .forward_with_at(&mut plan, &long_h, Some(&long_e), &positions)
+            .unwrap();
+        assert_eq!(y.data(), all.data());
+        let y = proj
+            .forward_with(&mut plan, &hidden, Some(&embeds))
+            .unwrap();
+        assert_eq!(y.data(), all.data());
+    }
+    let y = proj
+        .forward_with_at(&mut plan, &long_h, None, &positions)
+        .unwrap();
+    assert_ne!(
+        y.data(),
+        all.data(),
+        "without embeds, the hidden states alone"
+    );
+    // Positions of another count, or another batch, are not this plan's.
+    let fewer = SignalPositions::find(&ids, b, t, &signal[..3]).unwrap();
+    let e = proj
+        .forward_with_at(&mut plan, &long_h, Some(&long_e), &fewer)
+        .unwrap_err();
+    assert!(e.to_string().contains("positions"), "{e}");
+    let one = SignalPositions::find(&ids[..t], 1, t, &signal).unwrap();
+    assert!(proj
+        .forward_with_at(&mut plan, &long_h, Some(&long_e), &one)
+        .is_err());
+    // Positions of this plan's shape for sequences of another length: the gather says so.
+    let short = RefTensor::new(vec![b, t - 1, c], vec![0.0; b * (t - 1) * c]).unwrap();
+    let e = proj
+        .forward_with_at(&mut plan, &short, None, &positions)
+        .unwrap_err();
+    assert!(e.to_string().contains("gather_signal_tokens"), "{e}");
     // A missing signal token names the sequence.
     ids[2 * t + 3] = 7;
     let e = proj
