@@ -587,6 +587,9 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     linear_tiled<VEC>(p, LinearTiledFirst<VEC>{p}, LinearTiledNextX<VEC>{p});
 }
 
+// v2's entry points are f32 only: 16-bit storage runs these GEMMs on tensor
+// cores (v3), so its compiles leave them out.
+#if OP_ELEM == 0
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS)
 OP_KERNEL_NAME(linear_tiled_vec4)(const LinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_BN); });
@@ -598,6 +601,7 @@ OP_KERNEL_NAME(linear_tiled_scalar)(const LinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p, LINEAR_BN); });
     linear_tiled<false>(p);
 }
+#endif
 
 // Few rows (M up to a few row groups of LINEAR_ROWS_M, the encoder side of a
 // small batch): a block computes LINEAR_ROWS_M rows x LINEAR_ROWS_N columns
@@ -1036,6 +1040,7 @@ __device__ __forceinline__ void layer_norm_slice(const LayerNormLinearParams& q,
 // into grids that one wave of them holds.
 #define LINEAR_NORM_TILED_BLOCKS 2
 #define LINEAR_NORM_TILED_STEPS 2
+#if OP_ELEM == 0
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS, LINEAR_NORM_TILED_BLOCKS)
 OP_KERNEL_NAME(layer_norm_linear_tiled_vec4)(const LayerNormLinearParams p) {
     dependent_launch_prologue([&] { linear_prefetch_w(p.linear, LINEAR_BN); });
@@ -1070,6 +1075,7 @@ OP_KERNEL_NAME(layer_norm_linear_tiled_vec4)(const LayerNormLinearParams p) {
             }
         });
 }
+#endif  // OP_ELEM == 0
 
 // Tensor cores: f16/bf16 storage always; f32 storage as TF32 where the host
 // found mma.h (OP_TF32) and the target has TF32 (sm_80), and in the emulator.

@@ -63,14 +63,11 @@ struct Entry {
     {EMU_STR(fn##sfx), [](void* p) { ns::fn##sfx(*(const ns::P*)p); }, sizeof(ns::P)}
 #define KERNELS(ns, sfx)                                    \
     K(ns, linear_naive, sfx, LinearParams),                 \
-    K(ns, linear_tiled_vec4, sfx, LinearParams),            \
-    K(ns, linear_tiled_scalar, sfx, LinearParams),          \
     K(ns, linear_rows_vec4, sfx, LinearParams),             \
     K(ns, linear_rows_deep_vec4, sfx, LinearParams),        \
     K(ns, linear_rows_scalar, sfx, LinearParams),           \
     K(ns, layer_norm_linear_rows, sfx, LayerNormLinearParams), \
     K(ns, attention_linear_rows, sfx, AttentionLinearParams), \
-    K(ns, layer_norm_linear_tiled_vec4, sfx, LayerNormLinearParams), \
     K(ns, layer_norm_naive, sfx, LayerNormParams),          \
     K(ns, layer_norm_warp_vec4, sfx, LayerNormParams),      \
     K(ns, layer_norm_warp_scalar, sfx, LayerNormParams),    \
@@ -95,6 +92,9 @@ static Entry ENTRIES[] = {
     KERNELS(k_f32, ),
     KERNELS(k_f16, _f16),
     KERNELS(k_bf16, _bf16),
+    K(k_f32, linear_tiled_vec4, , LinearParams),
+    K(k_f32, linear_tiled_scalar, , LinearParams),
+    K(k_f32, layer_norm_linear_tiled_vec4, , LayerNormLinearParams),
     K(k_f16, linear_tc_vec8, _f16, LinearParams),
     K(k_f16, linear_tc_scalar, _f16, LinearParams),
     K(k_bf16, linear_tc_vec8, _bf16, LinearParams),

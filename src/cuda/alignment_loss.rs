@@ -51,6 +51,7 @@ pub(crate) static PROGRAM: Program = Program {
         "alignment_loss_rows",
         "alignment_loss_finish",
     ],
+    f32_kernels: &[],
     half_kernels: &[],
     tf32_kernels: &[],
     wgmma_kernels: &[],

@@ -163,6 +163,7 @@ pub(crate) static PROGRAM: Program = Program {
         "attention_absorbed_naive",
         "attention_absorbed_rows",
     ],
+    f32_kernels: &[],
     half_kernels: &["attention_tc_d64", "attention_tc_d128"],
     tf32_kernels: &[],
     wgmma_kernels: &[],

@@ -46,6 +46,7 @@ pub(crate) static PROGRAM: Program = Program {
     file: "gather_signal_tokens.cu",
     source: include_str!("../../kernels/gather_signal_tokens.cu"),
     kernels: &["gather_signal_tokens_naive", "gather_signal_tokens_vec4"],
+    f32_kernels: &[],
     half_kernels: &[],
     tf32_kernels: &[],
     wgmma_kernels: &[],

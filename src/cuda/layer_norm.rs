@@ -52,6 +52,7 @@ pub(crate) static PROGRAM: Program = Program {
         "layer_norm_warp_vec4",
         "layer_norm_warp_scalar",
     ],
+    f32_kernels: &[],
     half_kernels: &[],
     tf32_kernels: &[],
     wgmma_kernels: &[],

@@ -174,13 +174,15 @@ pub(crate) static PROGRAM: Program = Program {
     source: include_str!("../../kernels/linear.cu"),
     kernels: &[
         "linear_naive",
-        "linear_tiled_vec4",
-        "linear_tiled_scalar",
         "linear_rows_vec4",
         "linear_rows_deep_vec4",
         "linear_rows_scalar",
         "layer_norm_linear_rows",
         "attention_linear_rows",
+    ],
+    f32_kernels: &[
+        "linear_tiled_vec4",
+        "linear_tiled_scalar",
         "layer_norm_linear_tiled_vec4",
     ],
     half_kernels: &[

@@ -86,6 +86,9 @@ pub(crate) struct Program {
     pub source: &'static str,
     /// Every entry point of the file (base names, in every storage type).
     pub kernels: &'static [&'static str],
+    /// Entry points only the f32 compile has (CUDA-core kernels that 16-bit
+    /// storage never takes: it has tensor cores for those shapes).
+    pub f32_kernels: &'static [&'static str],
     /// Entry points only the f16 and bf16 compiles have (tensor-core kernels).
     pub half_kernels: &'static [&'static str],
     /// Entry points only the f32 compile has, where [`tf32_compiled`] says so
@@ -101,9 +104,12 @@ pub(crate) struct Program {
 impl Program {
     /// The base names of the entry points a `storage` compile for `arch` has.
     pub fn kernels_for(&self, storage: DType, arch: &str) -> impl Iterator<Item = &'static str> {
-        let extra: &'static [&'static str] = if storage != DType::F32 {
+        let storage_only = if storage == DType::F32 {
+            self.f32_kernels
+        } else {
             self.half_kernels
-        } else if tf32_compiled(storage, arch) {
+        };
+        let tf32: &'static [&'static str] = if tf32_compiled(storage, arch) {
             self.tf32_kernels
         } else {
             &[]
@@ -113,7 +119,12 @@ impl Program {
         } else {
             &[]
         };
-        self.kernels.iter().chain(extra).chain(wgmma).copied()
+        self.kernels
+            .iter()
+            .chain(storage_only)
+            .chain(tf32)
+            .chain(wgmma)
+            .copied()
     }
 
     /// The source as compiled for `storage`: the storage define (and for f32
@@ -665,6 +676,7 @@ mod tests {
             file: "gather_signal_tokens.cu",
             source: include_str!("../../kernels/gather_signal_tokens.cu"),
             kernels: &["gather_signal_tokens_naive"],
+            f32_kernels: &[],
             half_kernels: &[],
             tf32_kernels: &[],
             wgmma_kernels: &[],
@@ -703,6 +715,7 @@ mod tests {
                 entries += 1;
             }
             let listed = p.kernels.len()
+                + p.f32_kernels.len()
                 + p.half_kernels.len()
                 + p.tf32_kernels.len()
                 + p.wgmma_kernels.len();
@@ -723,6 +736,7 @@ mod tests {
             for k in p
                 .kernels
                 .iter()
+                .chain(p.f32_kernels)
                 .chain(p.half_kernels)
                 .chain(p.tf32_kernels)
                 .chain(p.wgmma_kernels)
