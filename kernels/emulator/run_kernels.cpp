@@ -640,8 +640,16 @@ struct HalfF16 {
     typedef k_f16::AttentionParams P;
     static const char* name() { return "f16"; }
     static E from(float f) { return __float2half_rn(f); }
-    static void flash(const P& p) { p.head_dim <= 64 ? k_f16::attention_flash_d64_f16(p) : k_f16::attention_flash_d128_f16(p); }
-    static void flash_q16(const P& p) { p.head_dim <= 64 ? k_f16::attention_flash_d64_q16_f16(p) : k_f16::attention_flash_d128_q16_f16(p); }
+    static void flash(const P& p) {
+        p.head_dim <= 32   ? k_f16::attention_flash_d32_f16(p)
+        : p.head_dim <= 64 ? k_f16::attention_flash_d64_f16(p)
+                           : k_f16::attention_flash_d128_f16(p);
+    }
+    static void flash_q16(const P& p) {
+        p.head_dim <= 32   ? k_f16::attention_flash_d32_q16_f16(p)
+        : p.head_dim <= 64 ? k_f16::attention_flash_d64_q16_f16(p)
+                           : k_f16::attention_flash_d128_q16_f16(p);
+    }
     static void tc(const P& p) { p.head_dim == 64 ? k_f16::attention_tc_d64_f16(p) : k_f16::attention_tc_d128_f16(p); }
     static void few_keys(const P& p) { k_f16::attention_few_keys_f16(p); }
     static void split_keys(const P& p) { k_f16::attention_split_keys_f16(p); }
@@ -672,8 +680,16 @@ struct HalfBF16 {
     typedef k_bf16::AttentionParams P;
     static const char* name() { return "bf16"; }
     static E from(float f) { return __float2bfloat16_rn(f); }
-    static void flash(const P& p) { p.head_dim <= 64 ? k_bf16::attention_flash_d64_bf16(p) : k_bf16::attention_flash_d128_bf16(p); }
-    static void flash_q16(const P& p) { p.head_dim <= 64 ? k_bf16::attention_flash_d64_q16_bf16(p) : k_bf16::attention_flash_d128_q16_bf16(p); }
+    static void flash(const P& p) {
+        p.head_dim <= 32   ? k_bf16::attention_flash_d32_bf16(p)
+        : p.head_dim <= 64 ? k_bf16::attention_flash_d64_bf16(p)
+                           : k_bf16::attention_flash_d128_bf16(p);
+    }
+    static void flash_q16(const P& p) {
+        p.head_dim <= 32   ? k_bf16::attention_flash_d32_q16_bf16(p)
+        : p.head_dim <= 64 ? k_bf16::attention_flash_d64_q16_bf16(p)
+                           : k_bf16::attention_flash_d128_q16_bf16(p);
+    }
     static void tc(const P& p) { p.head_dim == 64 ? k_bf16::attention_tc_d64_bf16(p) : k_bf16::attention_tc_d128_bf16(p); }
     static void few_keys(const P& p) { k_bf16::attention_few_keys_bf16(p); }
     static void split_keys(const P& p) { k_bf16::attention_split_keys_bf16(p); }
@@ -748,7 +764,11 @@ static void test_attention_half(int batch, int lq, int lk, int heads, int hd, bo
     // (few keys; any Lk here); 6, 7: v5 (split keys; any Lk here). 3, 5 and
     // 7 with scalar loads and the output 8 bytes off 16-byte alignment
     // (scalar stores).
+    // v3 takes head dims 64 and 128; the host gives others to v2.
+    const bool tc = hd == 64 || hd == 128;
+    const std::string flash = "flash_d" + std::to_string(hd <= 32 ? 32 : hd <= 64 ? 64 : 128);
     for (int variant = 0; variant < 8; ++variant) {
+        if (!tc && (variant == 2 || variant == 3)) continue;
         const bool scalar = variant % 2 == 1 && variant >= 3;
         const int off = scalar ? 4 : 0;
         std::vector<E> out(total + off, S::from(NAN));
@@ -762,10 +782,10 @@ static void test_attention_half(int batch, int lq, int lk, int heads, int hd, bo
             v = std::string("few_keys") + (p.vec4 ? " vec4" : " scalar, out +8 bytes");
             emu::launch(dim3(cdiv((long)batch * heads * lq, 4)), dim3(128), [&] { S::few_keys(p); });
         } else if (variant == 0) {
-            v = "flash_d" + std::to_string(hd <= 64 ? 64 : 128);
+            v = flash;
             emu::launch(dim3(cdiv(lq, 8), heads, batch), dim3(128), [&] { S::flash(p); });
         } else if (variant == 1) {
-            v = "flash_d" + std::to_string(hd <= 64 ? 64 : 128) + "_q16";
+            v = flash + "_q16";
             emu::launch(dim3(cdiv(lq, 16), heads, batch), dim3(128), [&] { S::flash_q16(p); });
         } else {
             v = std::string("tc_d") + std::to_string(hd) + (p.vec4 ? " vec4" : " scalar, out +8 bytes");
@@ -784,6 +804,9 @@ static void test_attention_half_cases() {
         {1, 3, 129, 2, 64, 0, 1, 0},  {2, 129, 129, 2, 64, 1, 0, 1}, {2, 64, 64, 8, 64, 0, 1, 1},
         {2, 77, 77, 4, 128, 1, 1, 1}, {1, 129, 3, 2, 128, 0, 1, 0}, {2, 1, 77, 2, 64, 0, 1, 0},
         {1, 3, 3, 2, 64, 1, 1, 1},    {1, 129, 129, 1, 128, 1, 0, 1},
+        // Head dims v3 does not take (v2's d32, d64 and d128 builds, 16-bit).
+        {2, 77, 77, 4, 32, 0, 1, 1},  {1, 9, 20, 3, 24, 1, 0, 0},   {1, 17, 33, 2, 96, 0, 1, 0},
+        {1, 7, 7, 2, 48, 1, 0, 1},
     };
     for (auto& k : cases) {
         test_attention_half<HalfF16>(k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]);
