@@ -438,14 +438,6 @@ fn run(
             }
         }
     };
-    if let (Some(p), Some(want)) = (&data.positions, c.n_in) {
-        if p.count() != want {
-            return Err(Error::invalid(format!(
-                "this projector takes {want} signal tokens per sequence; {} signal ids given",
-                p.count()
-            )));
-        }
-    }
     data.hidden.check_finite("hidden")?;
     if let Some(e) = &data.embeds {
         e.check_finite("embeds")?;

@@ -604,6 +604,14 @@ impl<B: Backend> Projector<B> {
         embeds: Option<&B::Tensor>,
         positions: &SignalPositions,
     ) -> Result<B::Tensor> {
+        // Said in terms of the ids: plan's own check would speak of a
+        // `hidden` of n_in tokens, which whole sequences are not.
+        if let Some(want) = self.config.n_in.filter(|&n| n != positions.count()) {
+            return Err(Error::invalid(format!(
+                "this projector takes {want} signal tokens per sequence; {} signal ids given",
+                positions.count()
+            )));
+        }
         let mut plan = self.plan(positions.batch(), positions.count())?;
         self.forward_with_at(&mut plan, hidden, embeds, positions)?;
         Ok(plan.into_output())
