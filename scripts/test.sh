@@ -55,4 +55,7 @@ cargo test "${cargo_flags[@]}" "$@"
 # --no-run` builds them with the test profile and so reuses the build above
 # (`cargo build --benches` would build every dependency again, in dev).
 cargo test "${cargo_flags[@]}" --benches --no-run "$@"
+# The API documentation builds without a warning: every public item documented
+# (`#![warn(missing_docs)]`) and every intra-doc link resolved.
+RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings" cargo doc "${cargo_flags[@]}" --no-deps
 outproj_log "all tests passed"

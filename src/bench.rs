@@ -16,55 +16,93 @@ use crate::tensor::HostTensor;
 /// One op call at a projector shape.
 #[derive(Clone, Debug, PartialEq)]
 pub enum OpCase {
+    /// `linear` of `[m, k]` to `n` columns, with a bias and `act` fused (no residual).
     Linear {
+        /// Rows of the input and output (`batch * tokens`).
         m: usize,
+        /// Output columns (rows of the weight `[n, k]`).
         n: usize,
+        /// Input columns, the length of each dot product.
         k: usize,
+        /// The activation fused into the linear.
         act: Activation,
     },
+    /// `layer_norm` of `x + residual`, `[rows, cols]`, writing the sum too.
     LayerNorm {
+        /// Rows normalised (`batch * tokens`).
         rows: usize,
+        /// Columns per row, the width normalised over.
         cols: usize,
     },
     /// A LayerNorm (with a residual) of `[m, k]` and the linear to `n`
     /// columns that reads it.
     LayerNormLinear {
+        /// Rows (`batch * tokens`).
         m: usize,
+        /// The linear's output columns.
         n: usize,
+        /// Columns normalised, and the linear's input columns.
         k: usize,
     },
     /// A linear of `[m, k]` to `n` columns and the LayerNorm (with a
     /// residual) that reads its output.
     LinearLayerNorm {
+        /// Rows (`batch * tokens`).
         m: usize,
+        /// The linear's output columns, the width the LayerNorm normalises.
         n: usize,
+        /// The linear's input columns.
         k: usize,
     },
+    /// `attention` of `lq` queries over `lk` keys per sequence, K and V packed
+    /// in one `[batch, lk, 2 * heads * head_dim]` tensor; not causal, no mask,
+    /// scale `1 / sqrt(head_dim)`.
     Attention {
+        /// Sequences.
         batch: usize,
+        /// Queries per sequence.
         lq: usize,
+        /// Keys (and values) per sequence.
         lk: usize,
+        /// Attention heads.
         heads: usize,
+        /// Each head's width: Q, K, V and the output have `heads * head_dim` columns.
         head_dim: usize,
     },
     /// The absorbed cross-attention of `[batch, lq, cols]` rows over `lk`
     /// keys in `heads` heads, with the LayerNorms around it.
     AttentionAbsorbed {
+        /// Sequences.
         batch: usize,
+        /// Rows attending per sequence.
         lq: usize,
+        /// Keys per sequence.
         lk: usize,
+        /// Heads absorbed, each a block of `cols` columns in the keys and in the values.
         heads: usize,
+        /// The rows' width `C` (`d_model` at the projector's shapes).
         cols: usize,
     },
+    /// `alignment_loss` ([`LossKind::TokenL2`]) of `[batch, tokens, dim]`
+    /// predictions against targets, with its gradient.
     AlignmentLoss {
+        /// Sequences.
         batch: usize,
+        /// Tokens per sequence (`n_out` at the projector's shapes).
         tokens: usize,
+        /// Each token's width (`out_dim` at the projector's shapes).
         dim: usize,
     },
+    /// `gather_signal_tokens`: the last `n` of `seq` positions of `[batch, seq,
+    /// channels]` hidden states plus embeddings, into `[batch, n, channels]`.
     Gather {
+        /// Sequences.
         batch: usize,
+        /// Tokens per sequence `T` (`4 * n` at the projector's shapes).
         seq: usize,
+        /// Signal tokens gathered per sequence.
         n: usize,
+        /// Each token's width `C` (`in_dim` at the projector's shapes).
         channels: usize,
     },
 }
@@ -221,6 +259,8 @@ impl OpCase {
             + gemm(m, c.out_dim, d)
     }
 
+    /// The [`Backend`] method the case calls (e.g. `layer_norm_linear`), as the
+    /// bench table prints it.
     pub fn op(&self) -> &'static str {
         match self {
             OpCase::Linear { .. } => "linear",
@@ -484,71 +524,129 @@ fn product(dims: &[usize]) -> f64 {
 
 /// An op's inputs and outputs, ready to run again and again.
 pub enum Prepared<B: Backend> {
+    /// [`OpCase::Linear`]'s operands.
     Linear {
+        /// The input `[m, k]`.
         x: B::Tensor,
+        /// The weight `[n, k]`.
         w: B::Tensor,
+        /// The bias `[n]`.
         b: B::Tensor,
+        /// The activation fused into the linear.
         act: Activation,
+        /// The output `[m, n]`.
         out: B::Tensor,
     },
+    /// [`OpCase::LayerNorm`]'s operands (eps 1e-5).
     LayerNorm {
+        /// The input `[rows, cols]`.
         x: B::Tensor,
+        /// Added to `x` before the statistics, `[rows, cols]`.
         residual: B::Tensor,
+        /// The scale `[cols]`.
         w: B::Tensor,
+        /// The shift `[cols]`.
         b: B::Tensor,
+        /// The normalised output `[rows, cols]`.
         out: B::Tensor,
+        /// Receives `x + residual`, `[rows, cols]`.
         sum: B::Tensor,
     },
+    /// [`OpCase::LayerNormLinear`]'s operands (eps 1e-5, no activation).
     LayerNormLinear {
+        /// The norm's input `[m, k]`.
         x: B::Tensor,
+        /// Added to `x` before the norm, `[m, k]`.
         residual: B::Tensor,
+        /// The norm's scale `[k]`.
         gamma: B::Tensor,
+        /// The norm's shift `[k]`.
         beta: B::Tensor,
+        /// The linear's weight `[n, k]`.
         w: B::Tensor,
+        /// The linear's bias `[n]`.
         b: B::Tensor,
+        /// Receives `x + residual`, `[m, k]`.
         sum: B::Tensor,
+        /// Scratch for the normalised rows, `[m, k]`; a fused kernel leaves it unwritten.
         h: B::Tensor,
+        /// The linear's output `[m, n]`.
         out: B::Tensor,
     },
+    /// [`OpCase::LinearLayerNorm`]'s operands (eps 1e-5, no activation).
     LinearLayerNorm {
+        /// The linear's input `[m, k]`.
         x: B::Tensor,
+        /// The linear's weight `[n, k]`.
         w: B::Tensor,
+        /// The linear's bias `[n]`.
         b: B::Tensor,
+        /// Added to the linear's output before the norm, `[m, n]`.
         residual: B::Tensor,
+        /// The norm's scale `[n]`.
         gamma: B::Tensor,
+        /// The norm's shift `[n]`.
         beta: B::Tensor,
+        /// Scratch for the linear's output, `[m, n]`; a fused kernel leaves it unwritten.
         y: B::Tensor,
+        /// Receives the linear's output plus `residual`, `[m, n]`.
         sum: B::Tensor,
+        /// The normalised sum `[m, n]`.
         out: B::Tensor,
     },
+    /// [`OpCase::Attention`]'s operands.
     Attention {
+        /// The queries `[batch, lq, heads * head_dim]`.
         q: B::Tensor,
+        /// Keys then values, side by side: `[batch, lk, 2 * heads * head_dim]`.
         kv: B::Tensor,
+        /// Heads and head width; not causal, scale `1 / sqrt(head_dim)`.
         spec: AttentionSpec,
+        /// The output `[batch, lq, heads * head_dim]`.
         out: B::Tensor,
     },
+    /// [`OpCase::AttentionAbsorbed`]'s operands (eps 1e-5, score scale
+    /// `1 / sqrt(cols)`).
     AttentionAbsorbed {
+        /// The rows attending, `[batch, lq, cols]`.
         x: B::Tensor,
+        /// Added to `x` before the first norm, `[batch, lq, cols]`.
         residual: B::Tensor,
         /// The first norm's weight and bias, the output bias, the second
         /// norm's weight and bias.
         vectors: [B::Tensor; 5],
         /// Keys, values and key bias side by side.
         kv: B::Tensor,
+        /// Heads absorbed: `kv` is `[batch, lk, heads * (2 * cols + 1)]`, `heads`
+        /// blocks of `cols` columns for the keys, as many for the values, then
+        /// `heads` key-bias columns.
         heads: usize,
+        /// Receives the residual stream `x + residual + attention + output bias`,
+        /// `[batch, lq, cols]`.
         stream: B::Tensor,
+        /// The second norm of `stream`, `[batch, lq, cols]`.
         out: B::Tensor,
     },
+    /// [`OpCase::AlignmentLoss`]'s operands ([`LossKind::TokenL2`]).
     Loss {
+        /// The predictions `[batch, tokens, dim]`.
         pred: B::Tensor,
+        /// The targets `[batch, tokens, dim]`.
         target: B::Tensor,
+        /// Receives the loss, `[1]`.
         loss: B::Tensor,
+        /// Receives the gradient with respect to `pred`, `[batch, tokens, dim]`.
         grad: B::Tensor,
     },
+    /// [`OpCase::Gather`]'s operands.
     Gather {
+        /// The hidden states `[batch, seq, channels]`.
         hidden: B::Tensor,
+        /// The input embeddings added to them, `[batch, seq, channels]`.
         embeds: B::Tensor,
+        /// The last `n` positions of every sequence.
         positions: SignalPositions,
+        /// The gathered tokens `[batch, n, channels]`.
         out: B::Tensor,
     },
 }
@@ -774,11 +872,14 @@ impl<T> Cycle<T> {
 /// Timings of repeated runs.
 #[derive(Clone, Debug)]
 pub struct Timing {
-    /// Wall-clock time from issuing the work to its completion.
+    /// The median run's wall-clock time, from issuing the work to its completion.
     pub median: Duration,
+    /// The fastest run's wall-clock time, from issuing the work to its completion.
     pub min: Duration,
-    /// The device's own time (timestamp queries), where the backend measures it.
+    /// The median run's device time (timestamp queries), where the backend
+    /// measures it.
     pub device_median: Option<Duration>,
+    /// Runs timed, the warm-up run not counted.
     pub runs: usize,
 }
 

@@ -12,6 +12,7 @@ pub enum Variant {
 }
 
 impl Variant {
+    /// The name messages print and `parse` accepts: `"legacy"` or `"v1.5"`.
     pub fn name(self) -> &'static str {
         match self {
             Variant::Legacy => "legacy",
@@ -19,6 +20,7 @@ impl Variant {
         }
     }
 
+    /// Parses `"legacy"`, `"v1.5"` or `"v15"`; anything else is [`Error::Invalid`].
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "legacy" => Ok(Variant::Legacy),
@@ -45,18 +47,24 @@ impl Variant {
         }
     }
 
+    /// Both variants, legacy first.
     pub const ALL: [Variant; 2] = [Variant::Legacy, Variant::V15];
 }
 
 /// The three projectors of NExT-GPT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Modality {
+    /// Image projector (`[IMG0]..` tokens): 77 x 768 out (legacy, Stable Diffusion's
+    /// CLIP states) or 77 x 1024 (v1.5).
     Image,
+    /// Video projector (`[VID0]..` tokens) for Zeroscope: 77 x 1024 out.
     Video,
+    /// Audio projector (`[AUD0]..` tokens) for AudioLDM: 1 x 512 out (a CLAP embedding).
     Audio,
 }
 
 impl Modality {
+    /// The modality's name as `parse` accepts it: `"image"`, `"video"` or `"audio"`.
     pub fn name(self) -> &'static str {
         match self {
             Modality::Image => "image",
@@ -65,6 +73,7 @@ impl Modality {
         }
     }
 
+    /// Parses `"image"`, `"video"` or `"audio"`; anything else is [`Error::Invalid`].
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "image" => Ok(Modality::Image),
@@ -76,6 +85,7 @@ impl Modality {
         }
     }
 
+    /// All three modalities: image, video, audio.
     pub const ALL: [Modality; 3] = [Modality::Image, Modality::Video, Modality::Audio];
 
     /// The state-dict prefix of this projector inside a full NExT-GPT checkpoint.
@@ -104,20 +114,30 @@ impl Modality {
 /// Everything that fixes the projector's shapes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProjectorConfig {
+    /// Which code base's parameter names (`fc`/`model` or `in_fc`/`out_fc`) the weights use.
     pub variant: Variant,
     /// LLM hidden size (4096 for Vicuna-7B).
     pub in_dim: usize,
+    /// Transformer width `E`: output of the input linear, width of the queries (512 in
+    /// every preset).
     pub d_model: usize,
+    /// Attention heads per MHA (4 in every preset); head dim is `d_model / heads`.
     pub heads: usize,
+    /// Hidden width of each layer's FFN, `linear1` output (2048 in every preset).
     pub ffn_dim: usize,
+    /// Number of pre-LayerNorm encoder layers (4 in every preset).
     pub encoder_layers: usize,
+    /// Number of pre-LayerNorm decoder layers (4 in every preset).
     pub decoder_layers: usize,
-    /// Learned queries: tokens of conditioning produced.
+    /// Learned queries: tokens of conditioning produced (77, or 1 for audio).
     pub n_out: usize,
+    /// Width of each output token, the diffusion model's conditioning width: 768 or 1024
+    /// (CLIP hidden states) or 512 (the CLAP embedding).
     pub out_dim: usize,
-    /// Signal tokens the projector expects, when known (a preset); the model itself
-    /// accepts any number.
+    /// Signal tokens per sequence, `Some` for a preset: the projector then rejects any
+    /// other count. `None` accepts any number (the Transformer itself has no fixed length).
     pub n_in: Option<usize>,
+    /// LayerNorm epsilon, added to the biased variance (1e-5, PyTorch's default).
     pub eps: f64,
 }
 
@@ -147,6 +167,7 @@ impl ProjectorConfig {
         }
     }
 
+    /// Width of one attention head, `d_model / heads` (128 for the presets).
     pub fn head_dim(&self) -> usize {
         self.d_model / self.heads.max(1)
     }

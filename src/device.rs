@@ -7,12 +7,17 @@ use crate::error::{Error, Result};
 pub enum DeviceKind {
     /// The best available: CUDA, then wgpu, then the CPU reference.
     Auto,
+    /// The naive float64 CPU reference ([`crate::reference::Reference`]); always available.
     Cpu,
+    /// WGSL compute shaders through wgpu (Vulkan, Metal or DX12), on the best adapter
+    /// or the one named by `$WGPU_ADAPTER_NAME`; needs the `wgpu` feature.
     Wgpu,
+    /// CUDA device 0, kernels compiled at run time by NVRTC; needs the `cuda` feature.
     Cuda,
 }
 
 impl DeviceKind {
+    /// Parses `"auto"`, `"cpu"`, `"wgpu"` or `"cuda"`; anything else is [`Error::Invalid`].
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "auto" => Ok(DeviceKind::Auto),
@@ -25,6 +30,7 @@ impl DeviceKind {
         }
     }
 
+    /// The name `parse` accepts: `"auto"`, `"cpu"`, `"wgpu"` or `"cuda"`.
     pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Auto => "auto",
@@ -38,6 +44,7 @@ impl DeviceKind {
 /// What `outproj info` reports for one backend.
 #[derive(Clone, Debug)]
 pub struct BackendStatus {
+    /// The backend probed: `Cpu`, `Wgpu` or `Cuda` (never `Auto`).
     pub kind: DeviceKind,
     /// `Ok(description)` when the backend can run the projector here,
     /// `Err(reason)` when it cannot.
@@ -194,6 +201,7 @@ fn cuda_status() -> BackendStatus {
 /// the CPU reference computes in f64 and takes only `F32` (the default).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Precision {
+    /// f32 storage and f32 arithmetic throughout; the default.
     #[default]
     F32,
     /// f32 storage, GEMMs on tensor cores with TF32 inputs (CUDA, sm_80+).
@@ -205,6 +213,7 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// Parses `"f32"`, `"tf32"`, `"f16"` or `"bf16"`; anything else is [`Error::Invalid`].
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "f32" => Ok(Precision::F32),
@@ -217,6 +226,7 @@ impl Precision {
         }
     }
 
+    /// The name `parse` accepts: `"f32"`, `"tf32"`, `"f16"` or `"bf16"`.
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
@@ -261,7 +271,9 @@ impl Precision {
 /// Work to run on whichever backend a [`DeviceKind`] resolves to: the generic
 /// method is instantiated once per backend compiled in.
 pub trait BackendTask: Sized {
+    /// What the task returns.
     type Output;
+    /// Run the task on `backend`; `kind` names it (`Cpu`, `Wgpu` or `Cuda`, never `Auto`).
     fn run<B: crate::ops::Backend>(self, backend: B, kind: DeviceKind) -> Result<Self::Output>;
 
     /// On CUDA: what only CUDA can do besides (graph replay), or [`run`](Self::run).

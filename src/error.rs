@@ -13,35 +13,57 @@ pub enum Error {
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the operating system said.
         #[source]
         source: std::io::Error,
     },
     /// A file is not valid safetensors (truncated, bad header, ...).
     #[error("{path}: not a valid safetensors file: {reason}")]
-    Format { path: PathBuf, reason: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it, and where.
+        reason: String,
+    },
     /// A tensor the model needs is absent.
     #[error("missing tensor `{key}`{hint}")]
-    MissingKey { key: String, hint: String },
+    MissingKey {
+        /// The tensor's full name (PyTorch's state-dict key).
+        key: String,
+        /// Where it was looked for, and other names it may have, appended to the
+        /// message as is (may be empty).
+        hint: String,
+    },
     /// A tensor has the wrong shape.
     #[error("tensor `{key}`: expected shape {expected:?}, found {found:?}")]
     Shape {
+        /// The tensor (a checkpoint key, or an op's argument such as `linear weight`).
         key: String,
+        /// The shape required.
         expected: Vec<usize>,
+        /// The shape given.
         found: Vec<usize>,
     },
     /// A tensor has a dtype this crate does not accept.
     #[error("tensor `{key}`: expected dtype {expected}, found {found}")]
     DType {
+        /// The tensor.
         key: String,
+        /// The dtypes accepted there.
         expected: String,
+        /// The dtype given.
         found: String,
     },
     /// An input or weight holds NaN or infinity.
     #[error("tensor `{key}` holds a non-finite value ({value}) at flat index {index}")]
     NonFinite {
+        /// The tensor.
         key: String,
+        /// The first non-finite element's index in row-major order.
         index: usize,
+        /// Its value (NaN or ±infinity).
         value: f64,
     },
     /// A size computation overflowed `usize`, or a size is out of range.
@@ -55,13 +77,29 @@ pub enum Error {
     Invalid(String),
     /// The LLM output does not contain the signal tokens as required.
     #[error("sequence {batch}: {reason}")]
-    SignalTokens { batch: usize, reason: String },
+    SignalTokens {
+        /// The sequence (index in the batch).
+        batch: usize,
+        /// Which signal token is missing or out of order.
+        reason: String,
+    },
     /// A backend or device was asked for that is not available here.
     #[error("backend `{backend}` is not available: {reason}")]
-    Unavailable { backend: String, reason: String },
+    Unavailable {
+        /// The backend's name (`cpu`, `wgpu`, `cuda`).
+        backend: String,
+        /// Why: no adapter or device, no driver library, no NVRTC, a feature the
+        /// device lacks, ...
+        reason: String,
+    },
     /// A backend reported a failure (driver, compiler, device error).
     #[error("{backend}: {message}")]
-    Backend { backend: String, message: String },
+    Backend {
+        /// The backend's name ([`crate::ops::Backend::name`]).
+        backend: String,
+        /// What failed, with the driver's, compiler's or device's own message.
+        message: String,
+    },
 }
 
 impl Error {

@@ -13,6 +13,8 @@
 //! - [`projector::Projector`]: the model, written once, generic over the backend.
 //! - [`weights`]: safetensors checkpoints with PyTorch's state-dict names.
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod config;
 pub mod device;

@@ -73,7 +73,7 @@ enum Command {
         /// which are found in each sequence and gathered.
         #[arg(long)]
         input: Option<PathBuf>,
-        /// The signal tokens' ids in order (e.g. those of [IMG0],..,[IMG3]),
+        /// The signal tokens' ids in order (e.g. those of `[IMG0]`..`[IMG3]`),
         /// comma-separated: with `token_ids` in --input, instead of its `signal_ids`.
         #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
         signal_ids: Option<Vec<i64>>,

@@ -10,13 +10,16 @@ use crate::tensor::HostTensor;
 
 /// What every backend's tensor can say about itself.
 pub trait Shaped {
+    /// The dimensions, outermost first.
     fn shape(&self) -> &[usize];
 }
 
 /// The activation fused into [`Backend::linear`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Activation {
+    /// The identity: no activation.
     None,
+    /// `max(x, 0)`.
     Relu,
     /// `0.5 x (1 + erf(x / sqrt 2))`, PyTorch's default GELU.
     GeluErf,
@@ -25,6 +28,7 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// The name [`Activation::parse`] takes back, as benchmarks and the command line print it.
     pub fn name(self) -> &'static str {
         match self {
             Activation::None => "none",
@@ -34,6 +38,8 @@ impl Activation {
         }
     }
 
+    /// The activation named `s` (`none`, `relu`, `gelu` or `gelu_erf`, `gelu_tanh`);
+    /// another name is an [`Error::Invalid`].
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "none" => Ok(Activation::None),
@@ -71,11 +77,14 @@ pub enum LossKind {
 /// every row, read with the tensor's row stride `W`. This is how Q, K and V are read
 /// in place from a packed `in_proj` output.
 pub struct Cols<'a, T> {
+    /// The `[B, L, W]` tensor the block is read from.
     pub tensor: &'a T,
+    /// The block's first column, in `0..W`.
     pub start: usize,
 }
 
 impl<'a, T> Cols<'a, T> {
+    /// The columns of `tensor` from `start` on; the op says how many it reads.
     pub fn new(tensor: &'a T, start: usize) -> Self {
         Cols { tensor, start }
     }
@@ -93,10 +102,15 @@ impl<T> Copy for Cols<'_, T> {}
 /// (column blocks, as [`Backend::attention`] takes them), the heads, and the
 /// key padding mask.
 pub struct AttentionInput<'a, T, M> {
+    /// The queries, `[B, Lq, *]`: `heads * head_dim` columns from `start`.
     pub q: Cols<'a, T>,
+    /// The keys, `[B, Lk, *]`: `heads * head_dim` columns from `start`.
     pub k: Cols<'a, T>,
+    /// The values, `[B, Lk, *]`: `heads * head_dim` columns from `start`.
     pub v: Cols<'a, T>,
+    /// Heads, head width, causality and score scale.
     pub spec: &'a AttentionSpec,
+    /// The key padding mask `[B, Lk]`, if any keys are to be ignored.
     pub mask: Option<&'a M>,
 }
 
@@ -112,10 +126,15 @@ impl<T, M> Copy for AttentionInput<'_, T, M> {}
 /// residual` (or `x`) over the last dimension, scaled by `weight` and
 /// shifted by `bias`, with `eps` added to the variance.
 pub struct NormInput<'a, T> {
+    /// The rows to normalise, `[.., C]`.
     pub x: &'a T,
+    /// Added to `x` before the statistics, same shape as `x`.
     pub residual: Option<&'a T>,
+    /// The scale `[C]` (PyTorch's `LayerNorm.weight`).
     pub weight: &'a T,
+    /// The shift `[C]` (PyTorch's `LayerNorm.bias`).
     pub bias: &'a T,
+    /// Added to the variance (PyTorch's `LayerNorm.eps`, 1e-5 by default).
     pub eps: f64,
 }
 
@@ -131,9 +150,13 @@ impl<T> Copy for NormInput<'_, T> {}
 /// linear's output plus `residual` (or alone), scaled by `weight` and shifted
 /// by `bias`, with `eps` added to the variance.
 pub struct NormAfter<'a, T> {
+    /// Added to the linear's output before the statistics, `[M, N]`.
     pub residual: Option<&'a T>,
+    /// The scale `[N]` (PyTorch's `LayerNorm.weight`).
     pub weight: &'a T,
+    /// The shift `[N]` (PyTorch's `LayerNorm.bias`).
     pub bias: &'a T,
+    /// Added to the variance (PyTorch's `LayerNorm.eps`, 1e-5 by default).
     pub eps: f64,
 }
 
@@ -161,6 +184,7 @@ pub struct AbsorbedAttentionInput<'a, T> {
     pub key_bias: Cols<'a, T>,
     /// `[C]`: the output projection's bias.
     pub out_bias: &'a T,
+    /// The number of heads absorbed; each has a block of `C` columns in `keys` and `values`.
     pub heads: usize,
     /// The score scale (`1 / sqrt(head_dim)` of the attention absorbed).
     pub scale: f64,
@@ -178,7 +202,9 @@ impl<T> Copy for AbsorbedAttentionInput<'_, T> {}
 /// `head_dim` inside each of Q, K, V and the output.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionSpec {
+    /// The number of heads.
     pub heads: usize,
+    /// Each head's width: Q, K, V and the output have `heads * head_dim` columns.
     pub head_dim: usize,
     /// Query `i` sees keys `j <= i` (top-left aligned, as PyTorch's `is_causal`).
     pub causal: bool,
@@ -187,6 +213,7 @@ pub struct AttentionSpec {
 }
 
 impl AttentionSpec {
+    /// `heads` heads of width `head_dim`, not causal, scale `1 / sqrt(head_dim)`.
     pub fn new(heads: usize, head_dim: usize) -> Self {
         AttentionSpec {
             heads,
@@ -196,6 +223,7 @@ impl AttentionSpec {
         }
     }
 
+    /// The score scale in use: the `scale` field if set, else `1 / sqrt(head_dim)`.
     pub fn scale(&self) -> f64 {
         self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt())
     }
@@ -212,6 +240,8 @@ pub struct KeyPaddingMask {
 }
 
 impl KeyPaddingMask {
+    /// A mask of `batch` rows of `keys` entries, row-major; `true` ignores the key.
+    /// `ignore` must hold `batch * keys` entries.
     pub fn new(batch: usize, keys: usize, ignore: Vec<bool>) -> Result<Self> {
         let n = batch
             .checked_mul(keys)
@@ -229,10 +259,12 @@ impl KeyPaddingMask {
         })
     }
 
+    /// The number of sequences `B`.
     pub fn batch(&self) -> usize {
         self.batch
     }
 
+    /// The number of keys `Lk` per sequence.
     pub fn keys(&self) -> usize {
         self.keys
     }
@@ -558,11 +590,16 @@ fn nonempty(op: &str, dims: &[(&str, usize)]) -> Result<()> {
 pub struct LinearDims {
     /// Rows of `x` (product of all but the last dimension).
     pub m: usize,
+    /// Output features: rows of `w`, columns of `out`.
     pub n: usize,
+    /// Input features: columns of `x` and of `w`.
     pub k: usize,
 }
 
 impl LinearDims {
+    /// Checks the shapes of a `linear` call: `x [.., k]`, `w [n, k]`, `b [n]`,
+    /// `residual` and `out [.., n]`, no dimension 0; an [`Error::Shape`] names the
+    /// first tensor that disagrees.
     pub fn check(
         x: &[usize],
         w: &[usize],
@@ -602,11 +639,16 @@ impl LinearDims {
 /// The rows of one `layer_norm` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LayerNormDims {
+    /// Rows normalised (product of all but the last dimension).
     pub rows: usize,
+    /// The normalised size: the last dimension.
     pub cols: usize,
 }
 
 impl LayerNormDims {
+    /// Checks the shapes of a `layer_norm` call (`residual`, `out` and `sum_out`
+    /// as `x`, `weight` and `bias` `[cols]`, no dimension 0) and that `eps` is
+    /// finite and not negative.
     pub fn check(
         x: &[usize],
         residual: Option<&[usize]>,
@@ -642,22 +684,35 @@ impl LayerNormDims {
 /// The geometry of one `attention` call, with every row stride resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionDims {
+    /// Sequences `B`.
     pub batch: usize,
+    /// Queries per sequence.
     pub lq: usize,
+    /// Keys (and values) per sequence.
     pub lk: usize,
+    /// Heads.
     pub heads: usize,
+    /// Each head's width.
     pub head_dim: usize,
-    /// Row strides (widths) of the Q, K, V source tensors.
+    /// Row stride (width) of the tensor Q is read from.
     pub q_stride: usize,
+    /// Row stride (width) of the tensor K is read from.
     pub k_stride: usize,
+    /// Row stride (width) of the tensor V is read from.
     pub v_stride: usize,
-    /// First column of the Q, K, V blocks.
+    /// First column of the Q block.
     pub q_start: usize,
+    /// First column of the K block.
     pub k_start: usize,
+    /// First column of the V block.
     pub v_start: usize,
 }
 
 impl AttentionDims {
+    /// Checks an `attention` call: Q, K and V are `[B, L, width]` tensors whose
+    /// `heads * head_dim` columns from their start fit, K and V agree with Q on `B`
+    /// and with each other on `Lk`, the mask is `[B, Lk]`, `out` is
+    /// `[B, Lq, heads * head_dim]`, the scale is finite and no size is 0.
     #[allow(clippy::too_many_arguments)]
     pub fn check(
         q: (&[usize], usize),
@@ -733,9 +788,10 @@ impl AttentionDims {
     }
 }
 
-/// Most `heads x keys` scores of one row of [`Backend::attention_absorbed`],
-/// and most heads: what its kernels hold per row.
+/// Most `heads x keys` scores of one row of [`Backend::attention_absorbed`]:
+/// what its kernels hold per row.
 pub const ABSORBED_MAX_SCORES: usize = 128;
+/// Most heads of one [`Backend::attention_absorbed`] call.
 pub const ABSORBED_MAX_HEADS: usize = 32;
 
 /// Whether absorbing an attention of `keys` keys in `heads` heads over rows
@@ -758,23 +814,37 @@ pub fn absorbing_pays(keys: usize, heads: usize, cols: usize) -> bool {
 /// resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AbsorbedAttentionDims {
+    /// Sequences `B`.
     pub batch: usize,
+    /// Rows attending per sequence.
     pub lq: usize,
     /// Columns of a row (`C`).
     pub cols: usize,
+    /// Keys per sequence.
     pub lk: usize,
+    /// Heads absorbed.
     pub heads: usize,
-    /// Row strides (widths) of the keys, values and key bias tensors.
+    /// Row stride (width) of the keys tensor.
     pub k_stride: usize,
+    /// Row stride (width) of the values tensor.
     pub v_stride: usize,
+    /// Row stride (width) of the key bias tensor.
     pub b_stride: usize,
-    /// First column of their blocks.
+    /// First column of the keys' block.
     pub k_start: usize,
+    /// First column of the values' block.
     pub v_start: usize,
+    /// First column of the key bias's block.
     pub b_start: usize,
 }
 
 impl AbsorbedAttentionDims {
+    /// Checks an `attention_absorbed` call: both LayerNorms as
+    /// [`LayerNormDims::check`] does (the one after without a residual), `x`
+    /// `[B, Lq, C]`, keys and values with `heads * C` columns and the key bias
+    /// with `heads` from their starts, all of `B` sequences of the same `Lk`,
+    /// at most [`ABSORBED_MAX_HEADS`] heads and [`ABSORBED_MAX_SCORES`] scores a
+    /// row, a finite scale.
     pub fn check<T: Shaped>(
         norm: &NormInput<'_, T>,
         attn: &AbsorbedAttentionInput<'_, T>,
@@ -890,12 +960,17 @@ impl AbsorbedAttentionDims {
 /// The geometry of one `alignment_loss` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LossDims {
+    /// Sequences `B`.
     pub batch: usize,
+    /// Tokens per sequence `N`.
     pub tokens: usize,
+    /// Channels per token `D`.
     pub dim: usize,
 }
 
 impl LossDims {
+    /// Checks an `alignment_loss` call: `pred` and `target` and `grad`
+    /// `[B, N, D]`, no dimension 0, `loss` `[1]`.
     pub fn check(pred: &[usize], target: &[usize], loss: &[usize], grad: &[usize]) -> Result<Self> {
         if pred.len() != 3 {
             return Err(Error::invalid(format!(
@@ -921,13 +996,20 @@ impl LossDims {
 /// The geometry of one `gather_signal_tokens` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GatherDims {
+    /// Sequences `B`.
     pub batch: usize,
+    /// Tokens per sequence `T` of the LLM's output.
     pub seq_len: usize,
+    /// Signal tokens gathered per sequence.
     pub n: usize,
+    /// Channels per token (the LLM's hidden size).
     pub channels: usize,
 }
 
 impl GatherDims {
+    /// Checks a `gather_signal_tokens` call: `hidden` (and `embeds`) `[B, T, C]`
+    /// with `positions` found in `[B, T]` token ids, `out` `[B, n, C]`, `B` and
+    /// `C` not 0.
     pub fn check(
         hidden: &[usize],
         embeds: Option<&[usize]>,

@@ -15,7 +15,7 @@
 //! backend as one op ([`Backend::layer_norm_linear`]), which it may run as one
 //! kernel.
 //!
-//! Two rewrites cut a forward's launches and weight traffic without changing
+//! Three rewrites cut a forward's launches and weight traffic without changing
 //! what it computes:
 //! - The decoder starts from the learned queries, which do not depend on the
 //!   input: its first layer's self-attention block, the norm after it and the
@@ -126,10 +126,13 @@ pub struct Plan<T> {
 }
 
 impl<T> Plan<T> {
+    /// Sequences per forward, `B`: the batch the plan was made for.
     pub fn batch(&self) -> usize {
         self.batch
     }
 
+    /// Signal tokens per sequence the plan was made for (the input is
+    /// `[B, n_in, in_dim]`).
     pub fn n_in(&self) -> usize {
         self.n_in
     }
@@ -270,10 +273,12 @@ impl<B: Backend> Projector<B> {
         })
     }
 
+    /// The config of the weights the projector was built from.
     pub fn config(&self) -> &ProjectorConfig {
         &self.config
     }
 
+    /// The backend the weights live on; inputs must be its tensors.
     pub fn backend(&self) -> &B {
         &self.backend
     }

@@ -105,10 +105,13 @@ impl SignalPositions {
         })
     }
 
+    /// Sequences, `B`.
     pub fn batch(&self) -> usize {
         self.batch
     }
 
+    /// Tokens per sequence, `T`: the `hidden` rows a gather reads from
+    /// (`n` for [`all`](Self::all)).
     pub fn seq_len(&self) -> usize {
         self.seq_len
     }

@@ -6,15 +6,19 @@ use half::{bf16, f16};
 /// Element types accepted in files and on the host.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE binary64; what the CPU reference computes in.
     F64,
+    /// IEEE binary32; the default.
     #[default]
     F32,
+    /// IEEE binary16 (the released checkpoint's storage type).
     F16,
+    /// bfloat16: f32's exponent range, 8-bit significand.
     BF16,
 }
 
 impl DType {
-    /// The name PyTorch and the CLI use.
+    /// The short name the CLI takes and messages print: `f64`, `f32`, `f16` or `bf16`.
     pub fn name(self) -> &'static str {
         match self {
             DType::F64 => "f64",
@@ -33,7 +37,8 @@ impl DType {
         }
     }
 
-    /// Parse a CLI name (`f64`, `f32`, `f16`, `bf16`).
+    /// Parse a CLI name (`f64`, `f32`, `f16`, `bf16`) or PyTorch's long name
+    /// (`float64`, `float32`, `float16`, `bfloat16`).
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "f64" | "float64" => Ok(DType::F64),
@@ -56,9 +61,13 @@ impl std::fmt::Display for DType {
 /// The elements of a host tensor, in their stored type.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HostData {
+    /// [`DType::F64`] elements, row-major.
     F64(Vec<f64>),
+    /// [`DType::F32`] elements, row-major.
     F32(Vec<f32>),
+    /// [`DType::F16`] elements, row-major.
     F16(Vec<f16>),
+    /// [`DType::BF16`] elements, row-major.
     BF16(Vec<bf16>),
 }
 
@@ -134,14 +143,17 @@ impl HostTensor {
         Self::new(shape, HostData::F32(data))
     }
 
+    /// Dimensions, outermost first; `[]` for a scalar.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// The elements in their stored dtype.
     pub fn data(&self) -> &HostData {
         &self.data
     }
 
+    /// Number of elements (the product of the shape).
     pub fn numel(&self) -> usize {
         match &self.data {
             HostData::F64(v) => v.len(),
@@ -151,6 +163,7 @@ impl HostTensor {
         }
     }
 
+    /// The stored element type.
     pub fn dtype(&self) -> DType {
         match &self.data {
             HostData::F64(_) => DType::F64,

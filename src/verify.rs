@@ -18,52 +18,87 @@ use crate::weights::ProjectorWeights;
 /// One op call to compare.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Case {
+    /// `linear`: `act(x · wᵀ + b) + residual`, `x: [m, k]`, `w: [n, k]`.
     Linear {
+        /// Rows of `x` and of the output.
         m: usize,
+        /// Output columns (rows of `w`).
         n: usize,
+        /// Input columns, the length of each dot product.
         k: usize,
+        /// The activation fused into the linear.
         act: Activation,
+        /// Whether a bias `[n]` is added.
         bias: bool,
+        /// Whether a residual `[m, n]` is added after the activation.
         residual: bool,
     },
+    /// `layer_norm` of `[rows, cols]`: the normalised rows compared, and the sum
+    /// `x + residual` where there is a residual.
     LayerNorm {
+        /// Rows normalised.
         rows: usize,
+        /// Columns per row, the width normalised over.
         cols: usize,
+        /// Whether a residual `[rows, cols]` is added before the statistics.
         residual: bool,
-        /// Added to every input: a large mean tests the variance computation.
+        /// Added to every element of `x` (not the residual): a large mean tests
+        /// the variance computation.
         offset: f64,
     },
     /// A LayerNorm of `[m, k]` (plus a residual) feeding a linear to `n`
     /// columns; the sum `x + residual` compared too.
     LayerNormLinear {
+        /// Rows.
         m: usize,
+        /// The linear's output columns.
         n: usize,
+        /// Columns normalised, and the linear's input columns.
         k: usize,
+        /// The activation fused into the linear.
         act: Activation,
+        /// Whether a residual `[m, k]` is added to `x` before the norm.
         residual: bool,
-        /// Added to every input, as in `LayerNorm`.
+        /// Added to every element of `x`, as in `LayerNorm`.
         offset: f64,
     },
     /// A linear of `[m, k]` to `n` columns whose output (plus a residual)
     /// a LayerNorm reads; the sum compared too.
     LinearLayerNorm {
+        /// Rows.
         m: usize,
+        /// The linear's output columns, the width the LayerNorm normalises.
         n: usize,
+        /// The linear's input columns.
         k: usize,
+        /// The activation fused into the linear, before the residual is added.
         act: Activation,
+        /// Whether a residual `[m, n]` is added to the linear's output before the
+        /// norm; without one, `offset` has no effect.
         residual: bool,
         /// Added to the residual: a large mean of the norm's input (the
         /// stream's, not the linear's output, whose rounding would set the
         /// error).
         offset: f64,
     },
+    /// `attention` of `lq` queries over `lk` keys per sequence, scale
+    /// `1 / sqrt(head_dim)`.
     Attention {
+        /// Sequences.
         batch: usize,
+        /// Queries per sequence.
         lq: usize,
+        /// Keys (and values) per sequence.
         lk: usize,
+        /// Attention heads.
         heads: usize,
+        /// Each head's width: Q, K, V and the output have `heads * head_dim` columns.
         head_dim: usize,
+        /// Query `i` sees keys `j <= i` only.
         causal: bool,
+        /// A key padding mask ignoring every key but key 0 with probability 0.4;
+        /// with `causal`, key 0 of sequence 0 is ignored too, leaving its query 0
+        /// no visible key (output: zeros).
         mask: bool,
         /// Q, K and V as the three column blocks of one packed `[B, L, 3C]` tensor
         /// (self-attention, needs `lq == lk`); else Q alone and K, V packed.
@@ -72,11 +107,17 @@ pub enum Case {
     /// `attention_absorbed` of `[batch, lq, cols]` rows over `lk` keys in
     /// `heads` heads, both outputs compared.
     AttentionAbsorbed {
+        /// Sequences.
         batch: usize,
+        /// Rows attending per sequence.
         lq: usize,
+        /// Keys per sequence.
         lk: usize,
+        /// Heads absorbed, each a block of `cols` columns in the keys and in the values.
         heads: usize,
+        /// The rows' width `C`.
         cols: usize,
+        /// Whether a residual `[batch, lq, cols]` is added before the first norm.
         residual: bool,
         /// Keys, values and key bias as column blocks of one tensor, from
         /// an odd column (no 16-byte loads); else three tensors of their own.
@@ -84,17 +125,32 @@ pub enum Case {
         /// Added to every input row, as in `LayerNorm`.
         offset: f64,
     },
+    /// `alignment_loss` of `[batch, tokens, dim]` predictions against targets:
+    /// the loss and its gradient compared.
     AlignmentLoss {
+        /// Sequences.
         batch: usize,
+        /// Tokens per sequence.
         tokens: usize,
+        /// Each token's width.
         dim: usize,
+        /// Which loss.
         kind: LossKind,
     },
+    /// `gather_signal_tokens` of `n` consecutive signal tokens, from position
+    /// `3b mod (seq - n + 1)` in sequence `b`, out of `[batch, seq, channels]`
+    /// hidden states into `[batch, n, channels]`.
     Gather {
+        /// Sequences.
         batch: usize,
+        /// Tokens per sequence `T`.
         seq: usize,
+        /// Signal tokens per sequence.
         n: usize,
+        /// Each token's width `C`.
         channels: usize,
+        /// Whether input embeddings `[batch, seq, channels]` are added to the
+        /// hidden states gathered.
         embeds: bool,
     },
 }
@@ -102,10 +158,19 @@ pub enum Case {
 /// The outcome of one comparison.
 #[derive(Clone, Debug)]
 pub struct Comparison {
+    /// The op compared, as [`Case::op`] names it; for a whole forward,
+    /// `projector` or the name given to [`compare_projector_by`].
     pub op: &'static str,
+    /// The case in words: [`Case::describe`], or [`ProjectorCase::name`] for a
+    /// whole forward.
     pub case: String,
-    /// `||out - ref|| / ||ref||` (the worst over the op's outputs).
+    /// `||out - ref|| / ||ref||` (the worst over the op's outputs), as
+    /// [`crate::tensor::compare`] computes it: `||out||` where the reference is all
+    /// zeros, infinite where an output is non-finite or has the wrong shape.
     pub rel: f64,
+    /// The largest `|out - ref|` (the worst over the op's outputs); infinite
+    /// where an output holds a non-finite value (a poisoned element left
+    /// unwritten) or has the wrong shape.
     pub max_abs: f64,
 }
 
@@ -134,6 +199,7 @@ impl Case {
         }
     }
 
+    /// The [`Backend`] method the case calls, e.g. `layer_norm_linear`.
     pub fn op(&self) -> &'static str {
         match self {
             Case::Linear { .. } => "linear",
@@ -147,6 +213,8 @@ impl Case {
         }
     }
 
+    /// The case's shape and options in words, e.g. `77x129x513 relu +b +res` or
+    /// `B2 Lq77 Lk4 H4 C512 +res packed`.
     pub fn describe(&self) -> String {
         match *self {
             Case::Linear {
@@ -947,9 +1015,18 @@ pub fn compare_projector<B: Backend>(
 /// The random weights and inputs of a projector comparison, rounded to a
 /// storage type, and the case's name.
 pub struct ProjectorCase {
+    /// The projector's weights: [`ProjectorWeights::random`] of the seed, every
+    /// tensor rounded to the storage type.
     pub weights: ProjectorWeights,
+    /// Signal-token hidden states `[batch, n_in, in_dim]`, standard normal,
+    /// rounded to the storage type (`n_in` is the config's, or 4 where it has
+    /// none).
     pub hidden: HostTensor,
+    /// Their input embeddings, the same shape and drawn the same way; the
+    /// forward adds them to `hidden`.
     pub embeds: HostTensor,
+    /// The case in words: variant, input tokens x width, output tokens x width
+    /// and batch, e.g. `legacy 4x4096->77x768 batch 2`.
     pub name: String,
 }
 

@@ -58,6 +58,8 @@ impl TensorFile {
         })
     }
 
+    /// Memory-map the file at `path` and parse its header: an unreadable file is
+    /// [`Error::Io`], a malformed header [`Error::Format`]. No tensor is read yet.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let io = |source| Error::Io {
@@ -71,6 +73,7 @@ impl TensorFile {
         Self::parse(path, Bytes::Mapped(map))
     }
 
+    /// The file's path (for [`from_static`](Self::from_static), its `name`), as messages print it.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -80,6 +83,7 @@ impl TensorFile {
         self.header.tensors().into_keys().collect()
     }
 
+    /// Whether the file holds a tensor named `name` (the full key, prefix included).
     pub fn contains(&self, name: &str) -> bool {
         self.header.info(name).is_some()
     }
@@ -253,7 +257,12 @@ pub fn layout(c: &ProjectorConfig) -> Vec<(String, Vec<usize>)> {
 pub struct Selection {
     /// The key prefix (e.g. `gen_text_hidden_fcs.0.`); `Some("")` means none.
     pub prefix: Option<String>,
+    /// Which projector: narrows the prefixes searched to its checkpoint prefix (or
+    /// none), and the shapes must then match its preset, whose `n_in` the config takes.
+    /// Unset: the prefix's modality, or the one preset the shapes fit; else no `n_in`.
     pub modality: Option<Modality>,
+    /// Which names the weights must use (`fc`/`model` or `in_fc`/`out_fc`); weights
+    /// under the other names are an error. Unset: read off the names.
     pub variant: Option<Variant>,
     /// Attention heads (cannot be read off the shapes; default 4).
     pub heads: Option<usize>,
@@ -271,10 +280,14 @@ pub struct ProjectorWeights {
 const DEFAULT_HEADS: usize = 4;
 
 impl ProjectorWeights {
+    /// The config the weights were checked against (for [`load`](Self::load), read off
+    /// the shapes).
     pub fn config(&self) -> &ProjectorConfig {
         &self.config
     }
 
+    /// Which NExT-GPT projector these are, when known (given, or detected by
+    /// [`load`](Self::load)).
     pub fn modality(&self) -> Option<Modality> {
         self.modality
     }

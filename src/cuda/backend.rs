@@ -50,6 +50,8 @@ use half::{bf16, f16};
 /// Options of [`Cuda::new`] and [`Cuda::on_stream`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CudaOptions {
+    /// Which kernels the ops launch: the tuned ones ([`KernelVersion::Fast`], default)
+    /// or the naive v1 kernels ([`KernelVersion::Naive`]), the benchmarks' baseline.
     pub version: KernelVersion,
     /// Where compiled kernels are kept between runs (default: as
     /// `$OUTPROJ_KERNEL_CACHE` says, off when unset).
@@ -545,10 +547,12 @@ pub struct CudaMask {
 }
 
 impl CudaMask {
+    /// Rows of the mask: the batch size `B` of the mask `[B, Lk]`.
     pub fn batch(&self) -> usize {
         self.batch
     }
 
+    /// Entries per row: the key count `Lk` of the mask `[B, Lk]`.
     pub fn keys(&self) -> usize {
         self.keys
     }
@@ -781,10 +785,12 @@ impl Cuda {
         Ok(Self::with_shared(Arc::clone(&self.inner.shared), options))
     }
 
+    /// The options this backend was made with.
     pub fn options(&self) -> &CudaOptions {
         &self.inner.options
     }
 
+    /// Which kernels the ops launch ([`CudaOptions::version`]).
     pub fn version(&self) -> KernelVersion {
         self.inner.options.version
     }
@@ -799,15 +805,18 @@ impl Cuda {
         &self.inner.shared.stream
     }
 
+    /// The CUDA context of the stream (for [`Cuda::new`], the device's primary context).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.inner.shared.ctx
     }
 
-    /// The architecture kernels are compiled for, e.g. `sm_90`.
+    /// The architecture kernels are compiled for, e.g. `sm_89`; `sm_90a` on sm_90
+    /// devices (for warpgroup MMA).
     pub fn arch(&self) -> &str {
         &self.inner.shared.arch
     }
 
+    /// The device's name as the driver reports it, e.g. `NVIDIA H200`.
     pub fn device_name(&self) -> &str {
         &self.inner.shared.device_name
     }

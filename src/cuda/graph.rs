@@ -108,6 +108,7 @@ impl ProjectorGraph<'_> {
         self.graph.kernels()
     }
 
+    /// The batch size the graph was captured for; every replay runs exactly this many rows.
     pub fn batch(&self) -> usize {
         self.plan.batch()
     }

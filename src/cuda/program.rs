@@ -404,8 +404,10 @@ pub struct ProgramReport {
     pub file: &'static str,
     /// The storage type it was compiled for (f32, f16 or bf16).
     pub storage: DType,
+    /// The architecture it was compiled for, as NVRTC's `--gpu-architecture` takes it
+    /// (e.g. `sm_89`; `sm_90a` on sm_90).
     pub arch: String,
-    /// Size of the CUBIN.
+    /// Size of the CUBIN, in bytes.
     pub cubin_bytes: usize,
     /// The CUBIN itself (for `cuobjdump -sass`).
     pub cubin: Vec<u8>,

@@ -37,14 +37,17 @@ impl RefTensor {
         Ok(RefTensor { shape, data })
     }
 
+    /// The elements, row-major.
     pub fn data(&self) -> &[f64] {
         &self.data
     }
 
+    /// The elements, row-major, to write in place (the shape stays).
     pub fn data_mut(&mut self) -> &mut [f64] {
         &mut self.data
     }
 
+    /// The elements, row-major, taking the tensor apart.
     pub fn into_data(self) -> Vec<f64> {
         self.data
     }

@@ -22,8 +22,10 @@ use crate::tensor::{checked_numel, DType, HostData, HostTensor};
 /// The storage type of every tensor of a backend (arithmetic is f32 either way).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Precision {
+    /// f32 tensors (the [`WgpuOptions`] default).
     F32,
-    /// Needs the SHADER_F16 feature.
+    /// f16 tensors (uploads convert to it, downloads return it). Needs the
+    /// adapter's SHADER_F16 feature; [`Wgpu::new`] is [`Error::Unavailable`] without it.
     F16,
 }
 
@@ -46,7 +48,10 @@ impl Precision {
 /// Options of [`Wgpu::new`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WgpuOptions {
+    /// What the backend's tensors hold (default [`Precision::F32`]).
     pub precision: Precision,
+    /// Which shaders the ops dispatch: the tuned ones ([`KernelVersion::Fast`], default)
+    /// or the naive v1 ones ([`KernelVersion::Naive`]), the benchmarks' baseline.
     pub version: KernelVersion,
 }
 
@@ -199,10 +204,12 @@ impl WgpuMask {
         &self.words
     }
 
+    /// Rows of the mask: the batch size `B` of the mask `[B, Lk]`.
     pub fn batch(&self) -> usize {
         self.batch
     }
 
+    /// Entries per row: the key count `Lk` of the mask `[B, Lk]`.
     pub fn keys(&self) -> usize {
         self.keys
     }
@@ -301,10 +308,13 @@ impl Wgpu {
         self.inner.dispatches.load(Ordering::Relaxed)
     }
 
+    /// The open device (queue, limits, features), shared with backends made by
+    /// [`with_options`](Self::with_options).
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.inner.gpu
     }
 
+    /// The options this backend was made with.
     pub fn options(&self) -> WgpuOptions {
         self.inner.options
     }
