@@ -776,7 +776,8 @@ fn case_inputs(case: &Case, inp: &mut Inputs) -> Result<CaseInputs> {
             let embeds = embeds
                 .then(|| inp.tensor(&[batch, seq, channels], 1.0, 0.0))
                 .transpose()?;
-            // Signal ids 1000.. at a different start in every sequence.
+            // Signal ids 1000.., starting 3 tokens later in each sequence than in
+            // the one before, modulo the room there is.
             let signal: Vec<i64> = (0..n as i64).map(|i| 1000 + i).collect();
             let mut ids = vec![7i64; batch * seq];
             for b in 0..batch {
