@@ -12,6 +12,41 @@
 //! - [`reference::Reference`]: the CPU oracle.
 //! - [`projector::Projector`]: the model, written once, generic over the backend.
 //! - [`weights`]: safetensors checkpoints with PyTorch's state-dict names.
+//! - [`cuda::Cuda`] and [`wgpu::Wgpu`]: the GPU backends (features `cuda` and
+//!   `wgpu`, both on by default; neither needs a GPU or a CUDA toolkit to build).
+//!
+//! # Example
+//!
+//! The audio projector on the CPU reference, with seeded random weights; a real
+//! checkpoint comes from [`weights::ProjectorWeights::load`], and the same code
+//! runs on a GPU with `Cuda::open()?` or `Wgpu::open()?` in place of `Reference`.
+//!
+//! ```
+//! use output_projector::config::{Modality, ProjectorConfig, Variant};
+//! use output_projector::ops::Backend;
+//! use output_projector::projector::Projector;
+//! use output_projector::reference::Reference;
+//! use output_projector::tensor::HostTensor;
+//! use output_projector::weights::ProjectorWeights;
+//!
+//! # fn main() -> output_projector::Result<()> {
+//! let mut config = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
+//! config.in_dim = 32; // the LLM's hidden size (4096 for Vicuna-7B); small here
+//! let weights = ProjectorWeights::random(config, Some(Modality::Audio), 7)?;
+//! let projector = Projector::new(Reference, &weights)?;
+//!
+//! // The LLM's hidden states at the 8 [AUD] tokens of one answer: [1, 8, in_dim].
+//! let hidden = HostTensor::from_f32(vec![1, 8, 32], vec![0.5; 8 * 32])?;
+//! let h = projector.backend().upload(&hidden)?;
+//! let clap = projector.backend().download(&projector.forward(&h, None)?)?;
+//! assert_eq!(clap.shape(), &[1, 1, 512]); // AudioLDM's conditioning
+//!
+//! // Wrong shapes are errors that say what was expected, never panics.
+//! let short = projector.backend().upload(&HostTensor::from_f32(vec![1, 7, 32], vec![0.5; 7 * 32])?)?;
+//! assert!(projector.forward(&short, None).is_err());
+//! # Ok(())
+//! # }
+//! ```
 
 #![warn(missing_docs)]
 
