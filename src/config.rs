@@ -1,6 +1,12 @@
 //! The projector's hyper-parameters, NExT-GPT's presets and checkpoint layouts.
 
 use crate::error::{Error, Result};
+use crate::tensor::checked_numel;
+
+/// Most layers a config's encoder or decoder may have (NExT-GPT's have 4): a
+/// bound that keeps a config read from a file from asking for billions of
+/// parameter names before anything else is checked.
+pub const MAX_LAYERS: usize = 4096;
 
 /// Which of NExT-GPT's code bases named the weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -192,6 +198,7 @@ impl ProjectorConfig {
         if self.n_in == Some(0) {
             return Err(Error::invalid("config: n_in must be at least 1"));
         }
+        self.parameter_count()?;
         if self.d_model % self.heads != 0 {
             return Err(Error::invalid(format!(
                 "config: d_model {} is not divisible by {} heads",
@@ -207,12 +214,28 @@ impl ProjectorConfig {
         Ok(())
     }
 
-    /// Number of parameters.
-    pub fn parameter_count(&self) -> usize {
+    /// Number of parameters; an error where a stack has more than
+    /// [`MAX_LAYERS`] layers or a tensor's size or the total overflows `usize`.
+    pub fn parameter_count(&self) -> Result<usize> {
+        for (name, layers) in [
+            ("encoder_layers", self.encoder_layers),
+            ("decoder_layers", self.decoder_layers),
+        ] {
+            if layers > MAX_LAYERS {
+                return Err(Error::invalid(format!(
+                    "config: {name} {layers} is more than {MAX_LAYERS}"
+                )));
+            }
+        }
         crate::weights::layout(self)
             .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+            .try_fold(0usize, |total, (name, shape)| {
+                total
+                    .checked_add(checked_numel(shape, name)?)
+                    .ok_or_else(|| {
+                        Error::Overflow(format!("config: the parameter count of {self:?}"))
+                    })
+            })
     }
 }
 
@@ -222,7 +245,11 @@ mod tests {
 
     #[test]
     fn preset_parameter_counts_match_spec() {
-        let count = |m| ProjectorConfig::preset(m, Variant::Legacy).parameter_count();
+        let count = |m| {
+            ProjectorConfig::preset(m, Variant::Legacy)
+                .parameter_count()
+                .unwrap()
+        };
         assert_eq!(count(Modality::Image), 31_958_784);
         assert_eq!(count(Modality::Video), 32_090_112);
         assert_eq!(count(Modality::Audio), 31_788_544);
@@ -236,5 +263,27 @@ mod tests {
             }
         }
         assert_eq!(Modality::from_prefix(""), None);
+    }
+
+    #[test]
+    fn configs_too_large_to_count_are_errors() {
+        let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+        let wide = ProjectorConfig {
+            d_model: 1 << 62,
+            ..image.clone()
+        };
+        assert!(matches!(wide.validate(), Err(Error::Overflow(_))));
+        let deep = ProjectorConfig {
+            encoder_layers: 1 << 40,
+            ..image.clone()
+        };
+        let e = deep.validate().unwrap_err().to_string();
+        assert!(e.contains("encoder_layers 1099511627776 is more than 4096"), "{e}");
+        assert!(deep.parameter_count().is_err());
+        let most = ProjectorConfig {
+            decoder_layers: MAX_LAYERS,
+            ..image
+        };
+        most.validate().unwrap();
     }
 }

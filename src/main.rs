@@ -480,7 +480,7 @@ fn run(
         c.heads,
         c.encoder_layers,
         c.decoder_layers,
-        c.parameter_count()
+        c.parameter_count()?
     );
     let v = y.to_f64_vec();
     let mean = v.iter().sum::<f64>() / v.len() as f64;
@@ -1019,14 +1019,14 @@ impl Bench<'_> {
         batch: usize,
         t: &bench::Timing,
         launches: Option<u64>,
-    ) -> BenchRow {
+    ) -> Result<BenchRow> {
         let c = self.config();
         let flops = OpCase::forward_flops(&c, batch, self.n_in());
-        let weight_bytes = (c.parameter_count() * self.elem(kind)) as f64;
+        let weight_bytes = (c.parameter_count()? * self.elem(kind)) as f64;
         let shape = format!("{} batch {batch}", self.modality.name());
         let mut r = row(kind, self.precision, what, shape, t, flops, weight_bytes);
         r.launches = launches;
-        r
+        Ok(r)
     }
 }
 
@@ -1130,7 +1130,7 @@ impl BackendTask for Bench<'_> {
                         .map(|_| ())
                 })?;
                 let what = format!("projector{suffix}");
-                let mut r = self.projector_row(kind, &what, batch, &t, launches);
+                let mut r = self.projector_row(kind, &what, batch, &t, launches)?;
                 r.burst_us = burst;
                 r.buffers = Some(inputs.count());
                 rows.push(r);
@@ -1197,7 +1197,7 @@ impl BackendTask for Bench<'_> {
                 let (t, burst) =
                     this.measure(&be, || graph.forward(inputs.next_mut()).map(|_| ()))?;
                 let launches = Some(graph.kernels());
-                let mut r = this.projector_row(DeviceKind::Cuda, what, batch, &t, launches);
+                let mut r = this.projector_row(DeviceKind::Cuda, what, batch, &t, launches)?;
                 r.burst_us = burst;
                 r.buffers = Some(inputs.count());
                 rows.push(r);

@@ -67,9 +67,11 @@ impl Rng {
         }
     }
 
-    /// `n` values uniform in [lo, hi).
-    pub fn uniform_vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
-        (0..n).map(|_| self.uniform_in(lo, hi)).collect()
+    /// Overwrite `out` with values uniform in [lo, hi).
+    pub fn fill_uniform(&mut self, out: &mut [f64], lo: f64, hi: f64) {
+        for x in out {
+            *x = self.uniform_in(lo, hi);
+        }
     }
 }
 

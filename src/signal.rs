@@ -1,6 +1,7 @@
 //! Where the signal tokens (`[IMG0]..`, `[VID0]..`, `[AUD0]..`) sit in an LLM's output.
 
 use crate::error::{Error, Result};
+use crate::tensor::try_filled;
 
 /// Validated positions of `n` signal tokens in each of `B` sequences of length `T`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +50,12 @@ impl SignalPositions {
             });
         }
         let count = signal_ids.len();
+        if count > seq_len {
+            return Err(Error::invalid(format!(
+                "{count} signal token ids cannot all be found in sequences of {seq_len} tokens"
+            )));
+        }
+        // count <= seq_len, so this is at most the token count, which exists.
         let mut positions = Vec::with_capacity(batch * count);
         for (b, seq) in token_ids.chunks_exact(seq_len).enumerate().take(batch) {
             let mut from = 0usize;
@@ -97,11 +104,15 @@ impl SignalPositions {
                 "signal positions [{batch}, {n}]: batch and count must be at least 1"
             )));
         }
+        let mut positions = try_filled(total, 0, "signal positions")?;
+        for (i, p) in positions.iter_mut().enumerate() {
+            *p = i % n;
+        }
         Ok(SignalPositions {
             batch,
             seq_len: n,
             count: n,
-            positions: (0..total).map(|i| i % n).collect(),
+            positions,
         })
     }
 
@@ -151,5 +162,21 @@ mod tests {
         assert!(SignalPositions::find(&[1, 2], 0, 2, &[1]).is_err());
         assert!(SignalPositions::find(&[1, 2], 1, 2, &[]).is_err());
         assert!(SignalPositions::find(&[1, 2], usize::MAX, 2, &[1]).is_err());
+    }
+
+    #[test]
+    fn sizes_that_cannot_be_met_are_errors_before_any_allocation() {
+        // A million sequences of one token and a million ids: the positions
+        // would be 8 TB; more ids than tokens cannot be found anyway.
+        let tokens = vec![0i64; 1_000_000];
+        let ids = vec![7i64; 1_000_000];
+        let e = SignalPositions::find(&tokens, 1_000_000, 1, &ids).err();
+        assert!(
+            e.as_ref()
+                .is_some_and(|e| e.to_string().contains("sequences of 1 tokens")),
+            "{e:?}"
+        );
+        let e = SignalPositions::all(1 << 40, 1 << 20).err();
+        assert!(matches!(e, Some(Error::OutOfMemory(_))), "{e:?}");
     }
 }

@@ -181,14 +181,17 @@ impl HostTensor {
     /// Rows `rows` of the first dimension (e.g. the q or the k/v part of a packed
     /// `in_proj_weight`), in the stored dtype.
     pub fn rows(&self, rows: std::ops::Range<usize>) -> Result<Self> {
-        let first = self.shape.first().copied().unwrap_or(0);
+        let Some((&first, rest)) = self.shape.split_first() else {
+            return Err(Error::invalid("rows of a scalar tensor"));
+        };
         if rows.start > rows.end || rows.end > first {
             return Err(Error::invalid(format!(
                 "rows {rows:?} out of range for shape {:?}",
                 self.shape
             )));
         }
-        let cols: usize = self.shape[1..].iter().product();
+        // Countable even where the first dimension is 0 (no elements).
+        let cols = checked_numel(rest, "rows")?;
         let r = rows.start * cols..rows.end * cols;
         let data = match &self.data {
             HostData::F64(v) => HostData::F64(v[r].to_vec()),
@@ -369,6 +372,17 @@ pub fn compare(out: &[f64], reference: &[f64]) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_of_scalars_and_of_uncountable_empties_are_errors() -> Result<()> {
+        let scalar = HostTensor::from_f32(vec![], vec![1.0])?;
+        assert!(scalar.rows(0..0).is_err());
+        let empty = HostTensor::from_f32(vec![0, 1 << 40, 1 << 40], vec![])?;
+        assert!(matches!(empty.rows(0..0), Err(Error::Overflow(_))));
+        let t = HostTensor::from_f32(vec![3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?;
+        assert_eq!(t.rows(1..3)?.to_f32_vec(), vec![3.0, 4.0, 5.0, 6.0]);
+        Ok(())
+    }
 
     #[test]
     fn concat_rows_stacks_in_order_and_refuses_what_does_not_stack() -> Result<()> {

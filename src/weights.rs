@@ -10,7 +10,7 @@ use safetensors::tensor::{Dtype, Metadata};
 use crate::config::{Modality, ProjectorConfig, Variant};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
-use crate::tensor::{DType, HostData, HostTensor};
+use crate::tensor::{try_filled, DType, HostData, HostTensor};
 
 /// A safetensors file, memory-mapped, with its header parsed and validated.
 /// Tensors are read (and converted) one at a time, so a large checkpoint that holds
@@ -215,8 +215,10 @@ pub fn layout(c: &ProjectorConfig) -> Vec<(String, Vec<usize>)> {
     out.push((format!("{fc}.weight"), vec![d, c.in_dim]));
     out.push((format!("{fc}.bias"), vec![d]));
     let attn = |out: &mut Vec<(String, Vec<usize>)>, p: &str| {
-        out.push((format!("{p}.in_proj_weight"), vec![3 * d, d]));
-        out.push((format!("{p}.in_proj_bias"), vec![3 * d]));
+        // Saturating: a size past usize is then refused by the count over it
+        // (ProjectorConfig::parameter_count) instead of wrapping.
+        out.push((format!("{p}.in_proj_weight"), vec![d.saturating_mul(3), d]));
+        out.push((format!("{p}.in_proj_bias"), vec![d.saturating_mul(3)]));
         out.push((format!("{p}.out_proj.weight"), vec![d, d]));
         out.push((format!("{p}.out_proj.bias"), vec![d]));
     };
@@ -352,26 +354,24 @@ impl ProjectorWeights {
         let mut tensors = BTreeMap::new();
         for (name, shape) in &shapes {
             let n = crate::tensor::checked_numel(shape, name)?;
+            let mut data = try_filled(n, 0.0, name)?;
             let (module, param) = name.rsplit_once('.').unwrap_or(("", name));
-            // U(±1/sqrt(fan_in)) for a Linear's own weight and bias; fan_in from its weight.
-            let kaiming = |rng: &mut Rng| {
+            if name == "query_embs" {
+                rng.fill_normal(&mut data);
+            } else if module.ends_with("norm") || module.contains(".norm") {
+                data.fill(if param == "weight" { 1.0 } else { 0.0 });
+            } else if param == "in_proj_bias" || module.ends_with("out_proj") && param == "bias" {
+                // zeros
+            } else if io_linears.contains(&module) || shape.len() == 1 {
+                // U(±1/sqrt(fan_in)) for a Linear's own weight and bias; fan_in from its weight.
                 let fan_in = shapes.get(&format!("{module}.weight")).map_or(1, |s| s[1]);
                 let b = 1.0 / (fan_in as f64).sqrt();
-                rng.uniform_vec(n, -b, b)
-            };
-            let data = if name == "query_embs" {
-                rng.normal_vec(n)
-            } else if module.ends_with("norm") || module.contains(".norm") {
-                vec![if param == "weight" { 1.0 } else { 0.0 }; n]
-            } else if param == "in_proj_bias" || module.ends_with("out_proj") && param == "bias" {
-                vec![0.0; n]
-            } else if io_linears.contains(&module) || shape.len() == 1 {
-                kaiming(&mut rng)
+                rng.fill_uniform(&mut data, -b, b);
             } else {
                 // nn.Transformer resets every matrix with xavier_uniform.
-                let b = (6.0 / (shape[0] + shape[1]) as f64).sqrt();
-                rng.uniform_vec(n, -b, b)
-            };
+                let b = (6.0 / (shape[0] as f64 + shape[1] as f64)).sqrt();
+                rng.fill_uniform(&mut data, -b, b);
+            }
             let t = HostTensor::from_f64(shape.clone(), data)?.to_dtype(DType::F32);
             tensors.insert(name.clone(), t);
         }
@@ -422,12 +422,13 @@ impl ProjectorWeights {
             }
             Ok(s[axis])
         };
-        // Layers: one past the highest index with any key, so that a layer with a
-        // missing tensor is reported by name below instead of being dropped.
+        // Layers: every index with any key, which must run 0, 1, .. without a
+        // gap; a layer with some tensors missing is reported by name below
+        // instead of being dropped.
         let names = file.names();
         let count_layers = |stack: &str| -> Result<usize> {
             let head = key(&format!("tfm.{stack}.layers."));
-            let count = names
+            let found: BTreeSet<usize> = names
                 .iter()
                 .filter_map(|k| {
                     k.strip_prefix(&head)?
@@ -436,15 +437,29 @@ impl ProjectorWeights {
                         .parse::<usize>()
                         .ok()
                 })
-                .max()
-                .map_or(0, |l| l + 1);
-            if count == 0 {
-                return Err(Error::MissingKey {
-                    key: key(&format!("tfm.{stack}.layers.0.norm1.weight")),
-                    hint: format!(" in {}: no {stack} layer found", file.path().display()),
-                });
+                .collect();
+            // The first index absent: 0 where none is found, else a gap below the last.
+            let gap = found
+                .iter()
+                .zip(0..)
+                .find(|(&l, i)| l != *i)
+                .map(|(_, i)| i);
+            match (gap, found.last()) {
+                (None, Some(_)) => Ok(found.len()),
+                (gap, last) => {
+                    let missing = gap.unwrap_or(0);
+                    let why = match last {
+                        Some(last) => {
+                            format!("{stack} layer {last} has tensors, layer {missing} none")
+                        }
+                        None => format!("no {stack} layer found"),
+                    };
+                    Err(Error::MissingKey {
+                        key: key(&format!("tfm.{stack}.layers.{missing}.norm1.weight")),
+                        hint: format!(" in {}: {why}", file.path().display()),
+                    })
+                }
             }
-            Ok(count)
         };
         let config = ProjectorConfig {
             variant,
@@ -473,6 +488,8 @@ impl ProjectorWeights {
                 }
             }
         };
+        // The shapes come from the file: sizes past usize are refused here.
+        config.validate()?;
         let mut tensors = BTreeMap::new();
         for (name, _) in layout(&config) {
             let t = file.get(&key(&name))?;
@@ -592,5 +609,82 @@ fn find_prefix(file: &TensorFile, sel: &Selection) -> Result<String> {
             "{}: several projectors ({found:?}); choose one with --modality or --prefix",
             file.path().display()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint of empty F32 tensors of the given shapes: sizes a header
+    /// can claim without the data to back them.
+    fn empty_tensors(tensors: &[(&str, &[usize])]) -> TensorFile {
+        let entries: Vec<String> = tensors
+            .iter()
+            .map(|(name, shape)| {
+                format!(r#""{name}":{{"dtype":"F32","shape":{shape:?},"data_offsets":[0,0]}}"#)
+            })
+            .collect();
+        let header = format!("{{{}}}", entries.join(","));
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        TensorFile::from_static("empty.safetensors", Box::leak(bytes.into_boxed_slice()))
+            .unwrap()
+    }
+
+    /// Layer indices and dimensions come from the header: absurd ones are
+    /// errors before anything is sized by them (a layer index of 2^64 - 1
+    /// used to be counted to, a d_model of 2^63 tripled).
+    #[test]
+    fn absurd_sizes_in_a_header_are_errors() {
+        let huge = format!("tfm.encoder.layers.{}.norm1.weight", usize::MAX);
+        let file = empty_tensors(&[
+            ("query_embs", &[1, 0, 8]),
+            ("fc.weight", &[0, 4]),
+            ("tfm.encoder.layers.0.linear1.weight", &[0, 8]),
+            ("tfm.encoder.layers.0.norm1.weight", &[0]),
+            (&huge, &[0]),
+            ("model.weight", &[0, 8]),
+        ]);
+        let e = ProjectorWeights::load(&file, &Selection::default()).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("encoder layer {} has tensors, layer 1 none", usize::MAX)),
+            "{e}"
+        );
+
+        let file = empty_tensors(&[
+            ("query_embs", &[1, 0, 1 << 63]),
+            ("fc.weight", &[0, 4]),
+            ("tfm.encoder.layers.0.linear1.weight", &[16, 0]),
+            ("tfm.decoder.layers.0.linear1.weight", &[16, 0]),
+            ("model.weight", &[4, 0]),
+        ]);
+        let e = ProjectorWeights::load(&file, &Selection::default()).unwrap_err();
+        assert!(e.to_string().contains("n_out must be at least 1"), "{e}");
+
+        // The other dims 1 or more: the in_dim of a zero-row input linear.
+        let file = empty_tensors(&[
+            ("query_embs", &[0, 2, 8]),
+            ("fc.weight", &[0, 1 << 62]),
+            ("tfm.encoder.layers.0.linear1.weight", &[16, 0]),
+            ("tfm.decoder.layers.0.linear1.weight", &[16, 0]),
+            ("model.weight", &[4, 0]),
+        ]);
+        let e = ProjectorWeights::load(&file, &Selection::default()).unwrap_err();
+        assert!(matches!(e, Error::Overflow(_)), "{e}");
+    }
+
+    #[test]
+    fn layers_must_count_from_zero() {
+        let file = empty_tensors(&[
+            ("query_embs", &[0, 2, 8]),
+            ("fc.weight", &[0, 4]),
+            ("tfm.encoder.layers.0.linear1.weight", &[16, 0]),
+            ("tfm.decoder.layers.1.linear1.weight", &[16, 0]),
+            ("model.weight", &[4, 0]),
+        ]);
+        let e = ProjectorWeights::load(&file, &Selection::default()).unwrap_err();
+        assert!(e.to_string().contains("decoder layer 1 has tensors, layer 0 none"), "{e}");
+        assert!(e.to_string().contains("tfm.decoder.layers.0.norm1.weight"), "{e}");
     }
 }
