@@ -184,3 +184,41 @@ fn projector_matches_reference() {
     assert!(r.rel <= 1e-2, "f16 {}: rel {:.3e}", r.case, r.rel);
     println!("f16 projector: rel {:.2e}", r.rel);
 }
+
+/// Parameters the kernels take as f32 must survive the conversion: an eps
+/// that rounds to 0 (a constant row would give NaN, the reference its bias)
+/// or a scale past f32's range is an error, where the f64 reference runs.
+#[test]
+fn parameters_f32_cannot_hold_are_errors() {
+    use output_projector::ops::{AttentionSpec, Backend, Cols};
+    use output_projector::reference::Reference;
+    use output_projector::tensor::HostTensor;
+    let Some(be) = backend(WgpuOptions::default()) else {
+        return;
+    };
+    fn layer_norm<B: Backend>(be: &B, eps: f64) -> output_projector::Result<()> {
+        let up = |shape: Vec<usize>, seed| be.upload(&HostTensor::randn(shape, seed, "x")?);
+        let (x, w, b) = (up(vec![2, 8], 1)?, up(vec![8], 2)?, up(vec![8], 3)?);
+        be.layer_norm(&x, None, &w, &b, eps, &mut be.alloc(&[2, 8])?, None)
+    }
+    fn attention<B: Backend>(be: &B, scale: f64) -> output_projector::Result<()> {
+        let qkv = be.upload(&HostTensor::randn(vec![1, 3, 24], 4, "qkv")?)?;
+        let spec = AttentionSpec {
+            scale: Some(scale),
+            ..AttentionSpec::new(2, 4)
+        };
+        let (q, k, v) = (Cols::new(&qkv, 0), Cols::new(&qkv, 8), Cols::new(&qkv, 16));
+        be.attention(q, k, v, &spec, None, &mut be.alloc(&[1, 3, 8])?)
+    }
+    for (what, result) in [
+        ("eps 1e-50", layer_norm(&be, 1e-50)),
+        ("scale 1e39", attention(&be, 1e39)),
+    ] {
+        let e = result.expect_err(what).to_string();
+        assert!(e.contains("does not fit f32"), "{what}: {e}");
+    }
+    layer_norm(&Reference, 1e-50).unwrap();
+    attention(&Reference, 1e39).unwrap();
+    layer_norm(&be, 1e-5).unwrap();
+    attention(&be, 0.5).unwrap();
+}

@@ -9,12 +9,12 @@
 
 use cudarc::driver::DeviceRepr;
 
-use super::backend::{blocks_for, i32_of, Cuda, CudaMask, CudaTensor, KernelVersion};
+use super::backend::{blocks_for, i32_of, launchable, Cuda, CudaMask, CudaTensor, KernelVersion};
 use super::program::{param_layout, Program};
 use crate::error::{Error, Result};
 use crate::ops::{
-    AbsorbedAttentionDims, AbsorbedAttentionInput, AttentionDims, AttentionInput, NormAfter,
-    NormInput,
+    f32_param, AbsorbedAttentionDims, AbsorbedAttentionInput, AttentionDims, AttentionInput,
+    AttentionSpec, NormAfter, NormInput,
 };
 use crate::tensor::DType;
 
@@ -348,19 +348,10 @@ pub(super) fn kernel_for(
     let width = heads
         .checked_mul(head_dim)
         .ok_or_else(|| Error::Overflow(format!("attention heads {heads} x head_dim {head_dim}")))?;
-    let d = AttentionDims {
-        batch,
-        lq,
-        lk,
-        heads,
-        head_dim,
-        q_stride: width,
-        k_stride: width,
-        v_stride: width,
-        q_start: 0,
-        k_start: 0,
-        v_start: 0,
-    };
+    let (q, kv) = ([batch, lq, width], [batch, lk, width]);
+    launchable("attention", &[&q, &kv])?;
+    let spec = AttentionSpec::new(heads, head_dim);
+    let d = AttentionDims::check((&q, 0), (&kv, 0), (&kv, 0), &spec, None, &q)?;
     Ok(plan_on(be, &d)?.0)
 }
 
@@ -410,7 +401,7 @@ pub(super) fn params(
         q_col: i32_of("attention q column", d.q_start)?,
         k_col: i32_of("attention k column", d.k_start)?,
         v_col: i32_of("attention v column", d.v_start)?,
-        scale: spec.scale() as f32,
+        scale: f32_param("attention: scale", spec.scale())?,
         causal: i32::from(spec.causal),
         vec4: i32::from(vec4_ok(d, [qp, kp, vp])),
     })
@@ -548,9 +539,9 @@ pub(super) fn attention_absorbed(
         v_col: i32_of("attention_absorbed values column", d.v_start)?,
         b_stride: i32_of("attention_absorbed key_bias stride", d.b_stride)?,
         b_col: i32_of("attention_absorbed key_bias column", d.b_start)?,
-        scale: attn.scale as f32,
-        eps: norm.eps as f32,
-        after_eps: after.eps as f32,
+        scale: f32_param("attention_absorbed: scale", attn.scale)?,
+        eps: f32_param("attention_absorbed: eps", norm.eps)?,
+        after_eps: f32_param("attention_absorbed: eps", after.eps)?,
         vec4: i32::from(vec4),
         rows_per_block: i32_of("attention_absorbed rows per block", per_block)?,
     };

@@ -6,7 +6,7 @@ use cudarc::driver::DeviceRepr;
 use super::backend::{blocks_for, i32_of, Cuda, CudaTensor, KernelVersion};
 use super::program::{param_layout, Program};
 use crate::error::Result;
-use crate::ops::LayerNormDims;
+use crate::ops::{f32_param, LayerNormDims};
 
 /// Mirror of `LayerNormParams` in kernels/layer_norm.cu.
 #[repr(C)]
@@ -129,7 +129,7 @@ pub(super) fn layer_norm(
         sum_out: sp.unwrap_or(0),
         rows: i32_of("layer_norm rows", d.rows)?,
         cols: i32_of("layer_norm cols", d.cols)?,
-        eps: eps as f32,
+        eps: f32_param("layer_norm: eps", eps)?,
         pad0: 0,
     };
     let (kernel, grid, block) = plan(d, be.version(), vec4)?;

@@ -22,7 +22,9 @@ use super::backend::{
 };
 use super::program::{param_layout, wgmma_compiled, Program};
 use crate::error::Result;
-use crate::ops::{Activation, AttentionDims, AttentionInput, LinearDims, NormAfter, NormInput};
+use crate::ops::{
+    f32_param, Activation, AttentionDims, AttentionInput, LinearDims, NormAfter, NormInput,
+};
 use crate::tensor::DType;
 
 /// Mirror of `LinearParams` in kernels/linear.cu.
@@ -678,7 +680,7 @@ pub(super) fn layer_norm_linear(
         norm_weight: na.weight,
         norm_bias: na.bias,
         sum_out: na.sum_out,
-        eps: norm.eps as f32,
+        eps: f32_param("layer_norm: eps", norm.eps)?,
         pad0: 0,
     };
     match fused {
@@ -824,7 +826,7 @@ pub(super) fn linear_layer_norm(
         norm_bias: na.bias,
         sum_out: na.sum_out,
         norm_out: op,
-        eps: norm.eps as f32,
+        eps: f32_param("layer_norm: eps", norm.eps)?,
         pad0: 0,
     };
     let cluster = Some((grid.0, 1, 1));

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use super::backend::{Bind, Kernel, KernelVersion, Wgpu, WgpuMask, WgpuTensor};
 use crate::error::{Error, Result};
-use crate::ops::{AttentionDims, AttentionSpec};
+use crate::ops::{f32_param, AttentionDims, AttentionSpec};
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
 // At the start of a line: the head also names them in passing.
@@ -197,16 +197,13 @@ pub(super) fn attention(
         causal: u32::from(spec.causal),
         has_mask: u32::from(mask.is_some()),
         // Scores in the log2 domain: softmax(x) = exp2(x log2 e - max) / sum.
-        scale_log2: (spec.scale() * std::f64::consts::LOG2_E) as f32,
+        scale_log2: f32_param(
+            "wgpu attention: scale x log2(e)",
+            spec.scale() * std::f64::consts::LOG2_E,
+        )?,
         row_stride,
         q_tiles: super::u32_of(q_tiles)?,
     };
-    if !params.scale_log2.is_finite() {
-        return Err(Error::invalid(format!(
-            "wgpu attention: scale {} does not fit f32",
-            spec.scale()
-        )));
-    }
     let mask = mask.map_or(Bind::Unused, |m| Bind::Words(m.words()));
     be.dispatch(
         &kernel,

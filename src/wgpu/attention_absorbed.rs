@@ -4,7 +4,7 @@
 use super::attention::mul;
 use super::backend::{Kernel, KernelVersion, Wgpu, WgpuTensor};
 use crate::error::{Error, Result};
-use crate::ops::{AbsorbedAttentionDims, AbsorbedAttentionInput, NormAfter, NormInput};
+use crate::ops::{f32_param, AbsorbedAttentionDims, AbsorbedAttentionInput, NormAfter, NormInput};
 
 fn kernel(entry: &'static str) -> Kernel {
     Kernel {
@@ -90,18 +90,11 @@ pub(super) fn attention_absorbed(
         b_stride: super::u32_of(d.b_stride)?,
         b_start: super::u32_of(d.b_start)?,
         has_residual: u32::from(norm.residual.is_some()),
-        // The eps are validated finite and >= 0.
-        scale: attn.scale as f32,
-        eps: norm.eps as f32,
-        after_eps: after.eps as f32,
+        scale: f32_param("wgpu attention_absorbed: scale", attn.scale)?,
+        eps: f32_param("attention_absorbed: eps", norm.eps)?,
+        after_eps: f32_param("attention_absorbed: eps", after.eps)?,
         row_stride: groups[0],
     };
-    if !params.scale.is_finite() {
-        return Err(Error::invalid(format!(
-            "wgpu attention_absorbed: scale {} does not fit f32",
-            attn.scale
-        )));
-    }
     let reads = [
         norm.x.into(),
         norm.residual.into(),

@@ -223,8 +223,12 @@ fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
 }
 
 /// Round `bytes` up to a multiple of 16 (the vec4 granule), at least 16.
-fn padded(bytes: u64) -> u64 {
-    bytes.max(1).div_ceil(16) * 16
+fn padded(bytes: u64) -> Result<u64> {
+    bytes
+        .max(1)
+        .div_ceil(16)
+        .checked_mul(16)
+        .ok_or_else(|| Error::Overflow(format!("a wgpu buffer of {bytes} bytes")))
 }
 
 impl Wgpu {
@@ -359,7 +363,7 @@ impl Wgpu {
             .and_then(|b| b.checked_add(offset))
             .ok_or_else(|| Error::Overflow(format!("wgpu tensor of shape {shape:?}")))?;
         // Kernels read whole 4-byte words: the binding is rounded up to 4 bytes.
-        if bytes.div_ceil(4) * 4 > buffer.size() {
+        if bytes.div_ceil(4).saturating_mul(4) > buffer.size() {
             return Err(Error::invalid(format!(
                 "wgpu buffer of {} bytes is too small for shape {shape:?} at offset {offset} ({bytes} bytes)",
                 buffer.size()
@@ -374,7 +378,7 @@ impl Wgpu {
     }
 
     fn buffer(&self, bytes: u64) -> Result<::wgpu::Buffer> {
-        let size = padded(bytes);
+        let size = padded(bytes)?;
         if size > self.inner.gpu.limits.max_buffer_size {
             return Err(Error::OutOfMemory(format!(
                 "a wgpu buffer of {size} bytes exceeds the device's limit of {}",

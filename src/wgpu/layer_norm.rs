@@ -1,6 +1,6 @@
 use super::backend::{Kernel, KernelVersion, Wgpu, WgpuTensor};
 use crate::error::Result;
-use crate::ops::LayerNormDims;
+use crate::ops::{f32_param, LayerNormDims};
 
 /// The shader works on "units" of one or four elements; one of these preludes,
 /// prepended to it, says which (see the head of `shaders/layer_norm.wgsl`).
@@ -117,8 +117,7 @@ pub(super) fn layer_norm(
         units: super::u32_of(units)?,
         team: super::u32_of(team)?,
         has_residual: u32::from(residual.is_some()),
-        // eps is validated finite and >= 0; f32 is what the kernel adds.
-        eps: eps as f32,
+        eps: f32_param("layer_norm: eps", eps)?,
     };
     let reads = [x.into(), residual.into(), weight.into(), bias.into()];
     match sum_out {
