@@ -458,7 +458,9 @@ impl<B: Backend> Projector<B> {
 
     /// The conditioning `[B, n_out, out_dim]` for signal-token states
     /// `hidden` (`[B, n_in, in_dim]`) plus, when given, their input embeddings
-    /// `embeds` (same shape), as NExT-GPT adds them.
+    /// `embeds` (same shape), as NExT-GPT adds them. Values are not inspected
+    /// on the device: a NaN or infinity in the input comes out as NaN, as in
+    /// PyTorch (`outproj run` refuses such inputs on the host).
     pub fn forward(&self, hidden: &B::Tensor, embeds: Option<&B::Tensor>) -> Result<B::Tensor> {
         self.check_input_shape(hidden.shape())?;
         let shape = hidden.shape();

@@ -293,19 +293,54 @@ impl HostTensor {
         }
     }
 
+    /// [`to_dtype`](Self::to_dtype) into a backend's storage: an error, led by
+    /// `what`, where a finite element overflows `dtype` (f16 tops out at
+    /// 65504) instead of silently becoming infinite. NaN and infinities pass
+    /// as they are: a forward propagates them, as PyTorch's does.
+    pub fn to_storage(&self, dtype: DType, what: &str) -> Result<HostTensor> {
+        let converted = self.to_dtype(dtype);
+        let mut from = 0;
+        while let Some((i, _)) = converted.non_finite_from(from) {
+            let value = self.value(i);
+            if value.is_finite() {
+                return Err(Error::invalid(format!(
+                    "{what}: {value} at flat index {i} overflows {dtype} storage"
+                )));
+            }
+            from = i + 1;
+        }
+        Ok(converted)
+    }
+
+    /// Element `i` (in bounds) as f64.
+    fn value(&self, i: usize) -> f64 {
+        match &self.data {
+            HostData::F64(v) => v[i],
+            HostData::F32(v) => v[i] as f64,
+            HostData::F16(v) => v[i].to_f64(),
+            HostData::BF16(v) => v[i].to_f64(),
+        }
+    }
+
     /// The first non-finite element, if any, as `(flat index, value)`.
     pub fn first_non_finite(&self) -> Option<(usize, f64)> {
-        fn find<T: Copy>(v: &[T], f: impl Fn(T) -> f64) -> Option<(usize, f64)> {
+        self.non_finite_from(0)
+    }
+
+    /// The first non-finite element at or after flat index `from`.
+    fn non_finite_from(&self, from: usize) -> Option<(usize, f64)> {
+        fn find<T: Copy>(v: &[T], from: usize, f: impl Fn(T) -> f64) -> Option<(usize, f64)> {
             v.iter()
                 .map(|&x| f(x))
                 .enumerate()
+                .skip(from)
                 .find(|(_, x)| !x.is_finite())
         }
         match &self.data {
-            HostData::F64(v) => find(v, |x| x),
-            HostData::F32(v) => find(v, |x| x as f64),
-            HostData::F16(v) => find(v, |x| x.to_f64()),
-            HostData::BF16(v) => find(v, |x| x.to_f64()),
+            HostData::F64(v) => find(v, from, |x| x),
+            HostData::F32(v) => find(v, from, |x| x as f64),
+            HostData::F16(v) => find(v, from, |x| x.to_f64()),
+            HostData::BF16(v) => find(v, from, |x| x.to_f64()),
         }
     }
 
@@ -372,6 +407,22 @@ pub fn compare(out: &[f64], reference: &[f64]) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_conversion_refuses_overflow_and_passes_non_finite_values() -> Result<()> {
+        let t = HostTensor::from_f32(vec![4], vec![1.0, f32::NAN, f32::INFINITY, 70000.0])?;
+        let e = t.to_storage(DType::F16, "upload").unwrap_err().to_string();
+        assert_eq!(e, "upload: 70000 at flat index 3 overflows f16 storage");
+        let t = HostTensor::from_f32(vec![3], vec![65504.0, f32::NAN, f32::NEG_INFINITY])?;
+        let half = t.to_storage(DType::F16, "upload")?;
+        assert_eq!(half.to_f64_vec()[0], 65504.0);
+        assert!(half.to_f64_vec()[1].is_nan());
+        let big = HostTensor::from_f64(vec![1], vec![1e300])?;
+        assert!(big.to_storage(DType::F32, "upload").is_err());
+        assert!(big.to_storage(DType::BF16, "upload").is_err());
+        assert!(big.to_storage(DType::F64, "upload").is_ok());
+        Ok(())
+    }
 
     #[test]
     fn rows_of_scalars_and_of_uncountable_empties_are_errors() -> Result<()> {

@@ -222,3 +222,23 @@ fn parameters_f32_cannot_hold_are_errors() {
     layer_norm(&be, 1e-5).unwrap();
     attention(&be, 0.5).unwrap();
 }
+
+/// An f32 value past f16's range is an error on upload to f16 storage, not
+/// an infinity the forward would turn into NaN.
+#[test]
+fn f16_upload_refuses_values_past_its_range() {
+    use output_projector::ops::Backend;
+    use output_projector::tensor::HostTensor;
+    let Some(half) = backend(WgpuOptions {
+        precision: Precision::F16,
+        version: KernelVersion::Fast,
+    }) else {
+        return;
+    };
+    let t = HostTensor::from_f32(vec![2, 2], vec![1.0, -2.0, 3.0, -1e5]).unwrap();
+    let e = half.upload(&t).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("-100000 at flat index 3 overflows f16"), "{e}");
+    let fits = HostTensor::from_f32(vec![2], vec![65504.0, -65504.0]).unwrap();
+    let back = half.download(&half.upload(&fits).unwrap()).unwrap();
+    assert_eq!(back.to_f64_vec(), vec![65504.0, -65504.0]);
+}

@@ -630,6 +630,24 @@ pub(crate) fn i32_of(what: &str, n: usize) -> Result<i32> {
     })
 }
 
+/// Checks that tensors of `shapes` could be given to the kernels (element
+/// counts within their 32-bit indices): for the queries that take sizes, not
+/// tensors, such as [`Cuda::linear_kernel`].
+pub(crate) fn launchable(what: &str, shapes: &[&[usize]]) -> Result<()> {
+    for shape in shapes {
+        i32_of(what, checked_numel(shape, what)?)?;
+    }
+    Ok(())
+}
+
+/// The dims of an `m x k` by `n` linear asked about by size, checked as a
+/// call's would be.
+fn linear_query(m: usize, n: usize, k: usize) -> Result<LinearDims> {
+    let (x, w, out) = ([m, k], [n, k], [m, n]);
+    launchable("linear", &[&x, &w, &out])?;
+    LinearDims::check(&x, &w, None, None, &out)
+}
+
 /// Blocks of `threads` covering `n` items, as a grid size.
 pub(crate) fn blocks_for(what: &str, n: usize, threads: usize) -> Result<u32> {
     let blocks = n.div_ceil(threads).max(1);
@@ -861,7 +879,7 @@ impl Cuda {
     /// 16-bit GEMM of many tiles. What nsys and ncu show it as, with
     /// `_f16` / `_bf16` appended for 16-bit storage.
     pub fn linear_kernel(&self, m: usize, n: usize, k: usize) -> Result<&'static str> {
-        super::linear::kernel_for(self, LinearDims { m, n, k })
+        super::linear::kernel_for(self, linear_query(m, n, k)?)
     }
 
     /// The kernel that runs an `m x k` by `n` linear and the LayerNorm of its
@@ -869,7 +887,7 @@ impl Cuda {
     /// suffix: `linear_layer_norm_wgmma_vec8` or `linear_layer_norm_mma_vec8`;
     /// `None` where they run as two ops.
     pub fn linear_layer_norm_kernel(&self, m: usize, n: usize, k: usize) -> Option<&'static str> {
-        super::linear::linear_layer_norm_kernel(self, LinearDims { m, n, k })
+        super::linear::linear_layer_norm_kernel(self, linear_query(m, n, k).ok()?)
     }
 
     /// Whether the 16-bit GEMMs of many tiles run on warpgroup MMA (v6,
@@ -1067,14 +1085,14 @@ impl Cuda {
 
     /// Uploads `t` in the backend's storage type: as it is when the types
     /// match, else converted on the host (f32/f64 to f16 or bf16 rounds to
-    /// nearest even).
+    /// nearest even; a finite value past the storage's range is an error).
     fn upload_tensor(&self, t: &HostTensor) -> Result<CudaTensor> {
         let storage = self.storage();
         let converted;
         let host = if t.dtype() == storage {
             t
         } else {
-            converted = t.to_dtype(storage);
+            converted = t.to_storage(storage, "cuda upload")?;
             &converted
         };
         let block = match host.data() {

@@ -419,7 +419,7 @@ impl Wgpu {
 
     pub(crate) fn upload_tensor(&self, t: &HostTensor) -> Result<WgpuTensor> {
         let out = self.alloc_tensor(t.shape())?;
-        let converted = t.to_dtype(self.inner.options.precision.dtype());
+        let converted = t.to_storage(self.inner.options.precision.dtype(), "wgpu upload")?;
         let mut bytes = converted.as_bytes().to_vec();
         bytes.resize(bytes.len().div_ceil(4) * 4, 0);
         if !bytes.is_empty() {
