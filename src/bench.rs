@@ -4,14 +4,14 @@
 use std::time::{Duration, Instant};
 
 use crate::config::ProjectorConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::{
     AbsorbedAttentionInput, Activation, AttentionSpec, Backend, Cols, LossKind, NormAfter,
     NormInput, Shaped,
 };
 use crate::rng::Rng;
 use crate::signal::SignalPositions;
-use crate::tensor::HostTensor;
+use crate::tensor::{checked_numel, try_filled, HostTensor};
 
 /// One op call at a projector shape.
 #[derive(Clone, Debug, PartialEq)]
@@ -459,10 +459,12 @@ impl OpCase {
                 heads,
                 head_dim,
             } => {
-                let w = heads * head_dim;
+                let w = heads
+                    .checked_mul(head_dim)
+                    .ok_or_else(|| Error::Overflow(format!("{heads} heads x {head_dim}")))?;
                 Prepared::Attention {
                     q: up(vec![batch, lq, w])?,
-                    kv: up(vec![batch, lk, 2 * w])?,
+                    kv: up(vec![batch, lk, w.saturating_mul(2)])?,
                     spec: AttentionSpec::new(heads, head_dim),
                     out: be.alloc(&[batch, lq, w])?,
                 }
@@ -474,7 +476,12 @@ impl OpCase {
                 heads,
                 cols,
             } => {
-                let kv = up(vec![batch, lk, heads * (2 * cols + 1)])?;
+                let kv_cols = cols
+                    .checked_mul(2)
+                    .and_then(|c| c.checked_add(1))
+                    .and_then(|c| c.checked_mul(heads))
+                    .ok_or_else(|| Error::Overflow(format!("{heads} heads x {cols} columns")))?;
+                let kv = up(vec![batch, lk, kv_cols])?;
                 Prepared::AttentionAbsorbed {
                     x: up(vec![batch, lq, cols])?,
                     residual: up(vec![batch, lq, cols])?,
@@ -503,8 +510,16 @@ impl OpCase {
                 n,
                 channels,
             } => {
-                let ids: Vec<i64> = (0..batch * seq).map(|i| (i % seq) as i64).collect();
-                let signal: Vec<i64> = (0..n as i64).map(|i| i + (seq - n) as i64).collect();
+                // The signal tokens end each sequence.
+                let start = seq.checked_sub(n).ok_or_else(|| {
+                    Error::invalid(format!("gather: {n} signal tokens in sequences of {seq}"))
+                })?;
+                let mut ids =
+                    try_filled(checked_numel(&[batch, seq], "token ids")?, 0, "token ids")?;
+                for (i, id) in ids.iter_mut().enumerate() {
+                    *id = (i % seq) as i64;
+                }
+                let signal: Vec<i64> = (start..seq).map(|i| i as i64).collect();
                 Prepared::Gather {
                     hidden: up(vec![batch, seq, channels])?,
                     embeds: up(vec![batch, seq, channels])?,
@@ -951,6 +966,36 @@ mod tests {
     use super::*;
     use crate::reference::Reference;
 
+    #[test]
+    fn cases_that_cannot_be_built_are_errors() {
+        let gather = |seq, n| OpCase::Gather {
+            batch: 2,
+            seq,
+            n,
+            channels: 8,
+        };
+        let e = gather(3, 4)
+            .prepare(&Reference, 1)
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("gather: 4 signal tokens in sequences of 3")
+        );
+        assert!(gather(4, 4).prepare(&Reference, 1).is_ok());
+        let wide = OpCase::Attention {
+            batch: 1,
+            lq: 1,
+            lk: 1,
+            heads: usize::MAX,
+            head_dim: 2,
+        };
+        assert!(matches!(
+            wide.prepare(&Reference, 1),
+            Err(Error::Overflow(_))
+        ));
+    }
+
     fn single(median_us: u64) -> Timing {
         let d = Duration::from_micros(median_us);
         Timing {
@@ -1050,10 +1095,16 @@ mod tests {
         });
         assert_eq!(t.ok(), Some(None));
         assert_eq!(calls, 0);
-        // Errors of the work come back.
+        // Errors of the work come back as they were, and end the burst.
+        calls = 0;
         let t = time_burst(&Reference, &single(10), budget, 20, 5, || {
+            calls += 1;
             Err(crate::error::Error::invalid("boom"))
         });
-        assert!(t.is_err());
+        match t {
+            Err(crate::error::Error::Invalid(msg)) => assert_eq!(msg, "boom"),
+            other => panic!("expected the work's own error, got {other:?}"),
+        }
+        assert_eq!(calls, 1, "the burst went on after an error");
     }
 }

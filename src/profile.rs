@@ -46,12 +46,52 @@ pub const ENABLED: bool = cfg!(feature = "nvtx");
 
 #[cfg(test)]
 mod tests {
+    use super::{range, range_with, Range, ENABLED};
+    use std::cell::RefCell;
+
     #[test]
     fn ranges_nest_and_end() {
-        let outer = super::range("outer");
+        // What happens, in order: a range's name is made when it opens (with the
+        // feature) and never otherwise; the code inside each range runs once.
+        let log = RefCell::new(Vec::<String>::new());
+        let note = |what: String| log.borrow_mut().push(what);
+        let outer = range_with(|| {
+            note("name outer".into());
+            "outer".into()
+        });
         for i in 0..3 {
-            let _inner = super::range_with(|| format!("inner {i}"));
+            let _inner = range_with(|| {
+                note(format!("name inner {i}"));
+                format!("inner {i}")
+            });
+            let _leaf = range(&format!("leaf {i}"));
+            note(format!("body {i}"));
         }
         drop(outer);
+        let mut want = Vec::new();
+        if ENABLED {
+            want.push("name outer".to_string());
+        }
+        for i in 0..3 {
+            if ENABLED {
+                want.push(format!("name inner {i}"));
+            }
+            want.push(format!("body {i}"));
+        }
+        assert_eq!(log.into_inner(), want, "nvtx feature on: {ENABLED}");
+        assert_eq!(ENABLED, cfg!(feature = "nvtx"));
+        // Without the feature a range is an empty value.
+        if !ENABLED {
+            assert_eq!(std::mem::size_of::<Range>(), 0);
+        }
+    }
+
+    #[test]
+    fn names_nvtx_cannot_hold_do_not_panic() {
+        // Interior NULs end a C string: the range drops them instead of failing.
+        let _a = range("a\0b");
+        let _b = range_with(|| "\0".repeat(3));
+        let _c = range("");
+        let _d = range_with(|| "x".repeat(1 << 16));
     }
 }

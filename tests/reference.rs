@@ -23,6 +23,33 @@ fn alloc(shape: &[usize]) -> RefTensor {
     Reference.alloc(shape).unwrap()
 }
 
+/// The error `r` holds: of the kind `kind` accepts, with every word of `words` in
+/// its message.
+#[track_caller]
+fn expect_err<T>(r: Result<T, Error>, kind: fn(&Error) -> bool, words: &[&str]) -> Error {
+    let Err(e) = r else {
+        panic!("succeeded, but an error naming {words:?} was expected");
+    };
+    assert!(kind(&e), "an error of another kind: {e:?}");
+    let msg = e.to_string();
+    for w in words {
+        assert!(msg.contains(w), "`{msg}` does not name `{w}`");
+    }
+    e
+}
+
+fn is_shape(e: &Error) -> bool {
+    matches!(e, Error::Shape { .. })
+}
+
+fn is_invalid(e: &Error) -> bool {
+    matches!(e, Error::Invalid(_))
+}
+
+fn is_overflow(e: &Error) -> bool {
+    matches!(e, Error::Overflow(_))
+}
+
 #[test]
 fn fully_masked_query_row_gives_zeros_and_others_ignore_masked_keys() {
     let (b, l, h, hd) = (2, 5, 2, 3);
@@ -162,59 +189,81 @@ fn shape_mismatches_are_errors_not_panics() {
     let x = rand(&[2, 5], 11);
     let w = rand(&[3, 4], 12);
     let mut y = alloc(&[2, 3]);
-    let e = Reference
-        .linear(&x, &w, None, Activation::None, None, &mut y)
-        .unwrap_err();
-    assert!(matches!(e, Error::Shape { .. }), "{e}");
+    expect_err(
+        Reference.linear(&x, &w, None, Activation::None, None, &mut y),
+        is_shape,
+        &["`linear weight`", "expected shape [3, 5], found [3, 4]"],
+    );
     let w = rand(&[3, 5], 12);
     let bad_bias = rand(&[4], 13);
-    assert!(Reference
-        .linear(&x, &w, Some(&bad_bias), Activation::Relu, None, &mut y)
-        .is_err());
+    expect_err(
+        Reference.linear(&x, &w, Some(&bad_bias), Activation::Relu, None, &mut y),
+        is_shape,
+        &["`linear bias`", "expected shape [3], found [4]"],
+    );
     let mut bad_out = alloc(&[2, 4]);
-    assert!(Reference
-        .linear(&x, &w, None, Activation::Relu, None, &mut bad_out)
-        .is_err());
+    expect_err(
+        Reference.linear(&x, &w, None, Activation::Relu, None, &mut bad_out),
+        is_shape,
+        &["`linear out`", "expected shape [2, 3], found [2, 4]"],
+    );
     let empty = rand(&[0, 5], 14);
     let mut y0 = alloc(&[0, 3]);
-    assert!(Reference
-        .linear(&empty, &w, None, Activation::None, None, &mut y0)
-        .is_err());
+    expect_err(
+        Reference.linear(&empty, &w, None, Activation::None, None, &mut y0),
+        is_invalid,
+        &["linear", "rows of x must be at least 1"],
+    );
     // attention: a column block past the row end, a mask of the wrong size
     let qkv = rand(&[1, 4, 12], 15);
     let mut o = alloc(&[1, 4, 4]);
     let spec = AttentionSpec::new(2, 2);
-    assert!(Reference
-        .attention(
+    expect_err(
+        Reference.attention(
             Cols::new(&qkv, 10),
             Cols::new(&qkv, 0),
             Cols::new(&qkv, 4),
             &spec,
             None,
-            &mut o
-        )
-        .is_err());
+            &mut o,
+        ),
+        is_invalid,
+        &["attention q", "columns 10..14", "width 12"],
+    );
     let mask = KeyPaddingMask::new(1, 3, vec![false; 3]).unwrap();
-    assert!(Reference
-        .attention(
+    expect_err(
+        Reference.attention(
             Cols::new(&qkv, 0),
             Cols::new(&qkv, 4),
             Cols::new(&qkv, 8),
             &spec,
             Some(&mask),
-            &mut o
-        )
-        .is_err());
-    assert!(KeyPaddingMask::new(2, 3, vec![false; 5]).is_err());
+            &mut o,
+        ),
+        is_shape,
+        &[
+            "`attention key padding mask`",
+            "expected shape [1, 4], found [1, 3]",
+        ],
+    );
+    expect_err(
+        KeyPaddingMask::new(2, 3, vec![false; 5]),
+        is_invalid,
+        &["key padding mask [2, 3]", "needs 6 entries, 5 given"],
+    );
     // layer_norm: negative eps, wrong weight
     let (ln_w, ln_b) = (rand(&[5], 16), rand(&[5], 17));
     let mut yy = alloc(&[2, 5]);
-    assert!(Reference
-        .layer_norm(&x, None, &ln_w, &ln_b, -1.0, &mut yy, None)
-        .is_err());
-    assert!(Reference
-        .layer_norm(&x, None, &rand(&[4], 1), &ln_b, 1e-5, &mut yy, None)
-        .is_err());
+    expect_err(
+        Reference.layer_norm(&x, None, &ln_w, &ln_b, -1.0, &mut yy, None),
+        is_invalid,
+        &["layer_norm", "eps", "-1"],
+    );
+    expect_err(
+        Reference.layer_norm(&x, None, &rand(&[4], 1), &ln_b, 1e-5, &mut yy, None),
+        is_shape,
+        &["`layer_norm weight`", "expected shape [5], found [4]"],
+    );
     // linear_layer_norm: a norm weight of the linear's input width, a sum of
     // another shape
     let w3 = rand(&[3, 5], 18);
@@ -227,38 +276,59 @@ fn shape_mismatches_are_errors_not_panics() {
         eps: 1e-5,
     };
     let none = Activation::None;
-    let e = Reference
-        .linear_layer_norm(&x, &w3, None, none, &mut ly, norm(&ln_w), None, &mut lout)
-        .unwrap_err();
-    assert!(matches!(e, Error::Shape { .. }), "{e}");
+    expect_err(
+        Reference.linear_layer_norm(&x, &w3, None, none, &mut ly, norm(&ln_w), None, &mut lout),
+        is_shape,
+        &["`layer_norm weight`", "expected shape [3], found [5]"],
+    );
     let mut bad_sum = alloc(&[3, 2]);
     let sum = Some(&mut bad_sum);
-    assert!(Reference
-        .linear_layer_norm(&x, &w3, None, none, &mut ly, norm(&n_w), sum, &mut lout)
-        .is_err());
+    expect_err(
+        Reference.linear_layer_norm(&x, &w3, None, none, &mut ly, norm(&n_w), sum, &mut lout),
+        is_shape,
+        &[
+            "`layer_norm sum_out`",
+            "expected shape [2, 3], found [3, 2]",
+        ],
+    );
     let sum = Some(&mut lsum);
     Reference
         .linear_layer_norm(&x, &w3, None, none, &mut ly, norm(&n_w), sum, &mut lout)
         .unwrap();
     // loss: mismatched target
     let (mut l, mut g) = (alloc(&[1]), alloc(&[1, 2, 5]));
-    assert!(Reference
-        .alignment_loss(
+    expect_err(
+        Reference.alignment_loss(
             LossKind::Mse,
             &rand(&[1, 2, 5], 1),
             &rand(&[1, 2, 4], 2),
             &mut l,
-            &mut g
-        )
-        .is_err());
+            &mut g,
+        ),
+        is_shape,
+        &[
+            "`alignment_loss target`",
+            "expected shape [1, 2, 5], found [1, 2, 4]",
+        ],
+    );
     // gather: positions found for another shape
     let pos = SignalPositions::all(1, 2).unwrap();
     let mut gout = alloc(&[2, 2, 5]);
-    assert!(Reference
-        .gather_signal_tokens(&rand(&[2, 3, 5], 1), None, &pos, &mut gout)
-        .is_err());
+    expect_err(
+        Reference.gather_signal_tokens(&rand(&[2, 3, 5], 1), None, &pos, &mut gout),
+        is_invalid,
+        &[
+            "gather_signal_tokens",
+            "positions were found for [1, 2]",
+            "hidden is [2, 3, _]",
+        ],
+    );
     // overflowing shapes
-    assert!(Reference.alloc(&[usize::MAX, 2]).is_err());
+    expect_err(
+        Reference.alloc(&[usize::MAX, 2]),
+        is_overflow,
+        &["element count", "overflows"],
+    );
 }
 
 fn tiny_config(variant: Variant) -> ProjectorConfig {
@@ -342,14 +412,23 @@ fn batch_rows_are_independent_and_gathering_matches_direct_input() {
     );
     // Positions of another count, or another batch, are not this plan's.
     let fewer = SignalPositions::find(&ids, b, t, &signal[..3]).unwrap();
-    let e = proj
-        .forward_with_at(&mut plan, &long_h, Some(&long_e), &fewer)
-        .unwrap_err();
-    assert!(e.to_string().contains("positions"), "{e}");
+    expect_err(
+        proj.forward_with_at(&mut plan, &long_h, Some(&long_e), &fewer),
+        is_shape,
+        &[
+            "`signal token positions`",
+            "expected shape [3, 4], found [3, 3]",
+        ],
+    );
     let one = SignalPositions::find(&ids[..t], 1, t, &signal).unwrap();
-    assert!(proj
-        .forward_with_at(&mut plan, &long_h, Some(&long_e), &one)
-        .is_err());
+    expect_err(
+        proj.forward_with_at(&mut plan, &long_h, Some(&long_e), &one),
+        is_shape,
+        &[
+            "`signal token positions`",
+            "expected shape [3, 4], found [1, 4]",
+        ],
+    );
     // Positions of this plan's shape for sequences of another length: the gather says so.
     let short = RefTensor::new(vec![b, t - 1, c], vec![0.0; b * (t - 1) * c]).unwrap();
     let e = proj
@@ -521,20 +600,22 @@ fn a_plan_is_reused_and_belongs_to_its_projector_and_shape() {
     }
 
     // A plan of another shape or another projector is an error, not a wrong answer.
-    let e = proj
-        .forward_with(&mut plan, &rand(&[b + 1, n_in, c], 33), None)
-        .unwrap_err();
-    assert!(matches!(e, Error::Shape { .. }), "{e}");
+    expect_err(
+        proj.forward_with(&mut plan, &rand(&[b + 1, n_in, c], 33), None),
+        is_shape,
+        &["`hidden`", "expected shape [2, 3, 12], found [3, 3, 12]"],
+    );
     let twin = Projector::new(Reference, &w).unwrap();
     let e = twin.forward_with(&mut plan, &hidden, None).unwrap_err();
     assert!(e.to_string().contains("another projector"), "{e}");
-    let e = proj
-        .forward_with(&mut plan, &hidden, Some(&rand(&[b, n_in, c + 1], 34)))
-        .unwrap_err();
-    assert!(matches!(e, Error::Shape { .. }), "{e}");
-    assert!(proj.plan(0, n_in).is_err());
-    assert!(proj.plan(b, 0).is_err());
-    assert!(proj.plan(usize::MAX, n_in).is_err());
+    expect_err(
+        proj.forward_with(&mut plan, &hidden, Some(&rand(&[b, n_in, c + 1], 34))),
+        is_shape,
+        &["`embeds`", "expected shape [2, 3, 12], found [2, 3, 13]"],
+    );
+    expect_err(proj.plan(0, n_in), is_invalid, &["batch is 0"]);
+    expect_err(proj.plan(b, 0), is_invalid, &["n_in is 0"]);
+    expect_err(proj.plan(usize::MAX, n_in), is_overflow, &["overflows"]);
 }
 
 /// The reference, saying that every `linear_layer_norm` folds, so that the

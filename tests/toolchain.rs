@@ -449,6 +449,7 @@ mod cuda_driver {
 
 #[cfg(feature = "wgpu")]
 mod wgpu_errors {
+    use super::required;
     use output_projector::wgpu::{open, probe};
     use output_projector::Error;
 
@@ -464,8 +465,13 @@ mod wgpu_errors {
 
     #[test]
     fn invalid_shader_is_an_error_not_a_panic() {
-        if probe().is_err() {
-            return; // reported by wgpu::adapter_computes
+        match probe() {
+            Ok(_) => {}
+            Err(e) if required("REQUIRE_WGPU") => panic!("REQUIRE_WGPU=1 but {e}"),
+            Err(e) => {
+                println!("skipped: wgpu unavailable: {e}");
+                return;
+            }
         }
         let gpu = open().expect("open a device");
         match gpu.scoped("bad shader", |device, _| {
@@ -481,7 +487,14 @@ mod wgpu_errors {
         // An error outside any scope reaches the non-panicking handler and is
         // reported by the next scoped call.
         let _ = gpu.device.create_shader_module(source(BAD_WGSL));
-        assert!(gpu.scoped("after", |_, _| ()).is_err());
+        match gpu.scoped("after", |_, _| ()) {
+            Err(Error::Backend { backend, message }) => {
+                assert_eq!(backend, "wgpu");
+                assert!(message.starts_with("after: "), "{message}");
+                assert!(message.contains("undefined_thing"), "{message}");
+            }
+            other => panic!("expected the uncaptured error as a Backend error, got {other:?}"),
+        }
         // And the device still works afterwards.
         assert!(gpu.scoped("clean", |_, _| ()).is_ok());
         output_projector::wgpu::smoke_test_on(&gpu).expect("device still computes");
