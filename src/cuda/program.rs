@@ -613,14 +613,23 @@ mod tests {
 
     /// Compiles for sm_80 into an empty folder, then shows the file is what a
     /// second call reads, and that a damaged file is replaced.
+    /// Whether NVRTC is here; if not, says so in one line, or fails the test
+    /// where `REQUIRE_NVRTC=1` (CI).
+    fn nvrtc_or_skip() -> bool {
+        if super::super::nvrtc_present() {
+            return true;
+        }
+        assert!(
+            std::env::var("REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "REQUIRE_NVRTC=1 but NVRTC is missing"
+        );
+        println!("skipped: nvrtc unavailable");
+        false
+    }
+
     #[test]
     fn disk_cache_round_trip() {
-        if !super::super::nvrtc_present() {
-            assert!(
-                std::env::var("REQUIRE_NVRTC").as_deref() != Ok("1"),
-                "REQUIRE_NVRTC=1 but NVRTC is missing"
-            );
-            println!("skipped: nvrtc unavailable");
+        if !nvrtc_or_skip() {
             return;
         }
         let dir = std::env::temp_dir().join(format!("outproj-cubin-cache-{}", std::process::id()));
@@ -665,8 +674,7 @@ mod tests {
     /// A host struct that drifts from the kernel's is a compile error.
     #[test]
     fn a_layout_mismatch_fails_to_compile() {
-        if !super::super::nvrtc_present() {
-            println!("skipped: nvrtc unavailable");
+        if !nvrtc_or_skip() {
             return;
         }
         fn wrong() -> String {
