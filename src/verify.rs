@@ -12,7 +12,7 @@ use crate::projector::Projector;
 use crate::reference::Reference;
 use crate::rng::Rng;
 use crate::signal::SignalPositions;
-use crate::tensor::{checked_numel, compare, DType, HostTensor};
+use crate::tensor::{checked_numel, compare, try_filled, DType, HostTensor};
 use crate::weights::ProjectorWeights;
 
 /// One op call to compare.
@@ -536,7 +536,10 @@ impl Inputs {
 /// A tensor full of NaN on `be`: what a kernel does not write stays NaN.
 pub fn poisoned<B: Backend>(be: &B, shape: &[usize]) -> Result<B::Tensor> {
     let n = checked_numel(shape, "poisoned output")?;
-    be.upload(&HostTensor::from_f32(shape.to_vec(), vec![f32::NAN; n])?)
+    be.upload(&HostTensor::from_f32(
+        shape.to_vec(),
+        try_filled(n, f32::NAN, "poisoned output")?,
+    )?)
 }
 
 /// A case's inputs on the host, shared by the backend under test and the reference.
