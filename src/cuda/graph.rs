@@ -35,6 +35,9 @@ pub struct ProjectorGraph<'p> {
     projector: &'p Projector<Cuda>,
     plan: Plan<CudaTensor>,
     input: CudaTensor,
+    /// The input's address in the capture: `input_mut` allows replacing the
+    /// tensor, which the graph would not see.
+    input_ptr: u64,
 }
 
 impl Projector<Cuda> {
@@ -57,6 +60,7 @@ impl Projector<Cuda> {
             graph,
             projector: self,
             plan,
+            input_ptr: input.device_ptr(),
             input,
         })
     }
@@ -85,6 +89,12 @@ impl ProjectorGraph<'_> {
     /// input buffer holds then (write it with your own kernels or copies on
     /// the same stream, or use [`forward`](Self::forward)).
     pub fn replay(&self) -> Result<()> {
+        if self.input.device_ptr() != self.input_ptr {
+            return Err(Error::invalid(
+                "the graph's input tensor was replaced: the graph reads the buffer it was \
+                 captured with; write into input_mut() instead of assigning to it",
+            ));
+        }
         self.backend().replay(&self.graph)
     }
 
@@ -93,7 +103,9 @@ impl ProjectorGraph<'_> {
         &self.input
     }
 
-    /// The input, to be written by your own work on the backend's stream.
+    /// The input, to be written by your own work on the backend's stream
+    /// (as an op's output, or through its address). Replacing the tensor
+    /// itself makes [`replay`](Self::replay) an error.
     pub fn input_mut(&mut self) -> &mut CudaTensor {
         &mut self.input
     }
