@@ -567,7 +567,7 @@ pub fn attention_then_linear<B: Backend>(
 pub(crate) fn f32_param(what: &str, v: f64) -> Result<f32> {
     let f = v as f32;
     if !f.is_finite() || (f == 0.0 && v != 0.0) {
-        return Err(Error::invalid(format!("{what} {v} does not fit f32")));
+        return Err(Error::invalid(format!("{what} {v:e} does not fit f32")));
     }
     Ok(f)
 }
