@@ -278,7 +278,10 @@ mod tests {
             ..image.clone()
         };
         let e = deep.validate().unwrap_err().to_string();
-        assert!(e.contains("encoder_layers 1099511627776 is more than 4096"), "{e}");
+        assert!(
+            e.contains("encoder_layers 1099511627776 is more than 4096"),
+            "{e}"
+        );
         assert!(deep.parameter_count().is_err());
         let most = ProjectorConfig {
             decoder_layers: MAX_LAYERS,

@@ -564,6 +564,7 @@ pub fn attention_then_linear<B: Backend>(
 /// `v` as the f32 a GPU kernel takes, or an error naming `what` where f32
 /// cannot hold it: out of its range, or a non-zero value that rounds to 0
 /// (an eps lost so would make a constant row's output NaN, not its bias).
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 pub(crate) fn f32_param(what: &str, v: f64) -> Result<f32> {
     let f = v as f32;
     if !f.is_finite() || (f == 0.0 && v != 0.0) {

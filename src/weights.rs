@@ -628,8 +628,7 @@ mod tests {
         let header = format!("{{{}}}", entries.join(","));
         let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
         bytes.extend_from_slice(header.as_bytes());
-        TensorFile::from_static("empty.safetensors", Box::leak(bytes.into_boxed_slice()))
-            .unwrap()
+        TensorFile::from_static("empty.safetensors", Box::leak(bytes.into_boxed_slice())).unwrap()
     }
 
     /// Layer indices and dimensions come from the header: absurd ones are
@@ -648,7 +647,10 @@ mod tests {
         ]);
         let e = ProjectorWeights::load(&file, &Selection::default()).unwrap_err();
         assert!(
-            e.to_string().contains(&format!("encoder layer {} has tensors, layer 1 none", usize::MAX)),
+            e.to_string().contains(&format!(
+                "encoder layer {} has tensors, layer 1 none",
+                usize::MAX
+            )),
             "{e}"
         );
 
@@ -684,7 +686,14 @@ mod tests {
             ("model.weight", &[4, 0]),
         ]);
         let e = ProjectorWeights::load(&file, &Selection::default()).unwrap_err();
-        assert!(e.to_string().contains("decoder layer 1 has tensors, layer 0 none"), "{e}");
-        assert!(e.to_string().contains("tfm.decoder.layers.0.norm1.weight"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("decoder layer 1 has tensors, layer 0 none"),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("tfm.decoder.layers.0.norm1.weight"),
+            "{e}"
+        );
     }
 }
