@@ -1089,7 +1089,11 @@ fn linear_layer_norm_in_clusters_matches_two_ops() {
 /// launches, the same forward but for the order of the norms' sums.
 #[test]
 fn folded_layer_norms_match_separate_ones() {
-    for (storage, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+    // Measured on the emulated driver: f32 2.3e-7; bf16 0 (the folded GEMMs
+    // round the normalised rows to bf16 for the tensor cores, as the separate
+    // norm stores them). A GPU's f32 sums, ordered or contracted otherwise,
+    // can move single elements across a bf16 rounding boundary (2^-8): 5e-3.
+    for (storage, tol) in [(DType::F32, 1e-5), (DType::BF16, 5e-3)] {
         let Some((be, apart)) = backend_pair(storage, |o| o.separate_layer_norms = true) else {
             return;
         };
@@ -1124,6 +1128,8 @@ fn folded_layer_norms_match_separate_ones() {
 /// batch 1.
 #[test]
 fn absorbed_cross_attention_matches_literal() {
+    // Measured on the emulated driver: f32 2.6e-7, bf16 5.7e-3 (the absorbed
+    // products are rounded at other points than the literal ones): 3.5x that.
     for (storage, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
         let Some((be, literal)) = backend_pair(storage, |o| o.literal_cross_attention = true)
         else {
