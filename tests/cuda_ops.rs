@@ -2186,26 +2186,14 @@ fn a_replaced_graph_input_is_an_error() {
     let Some(be) = backend(KernelVersion::Fast) else {
         return;
     };
-    let config = ProjectorConfig {
-        in_dim: 16,
-        d_model: 16,
-        heads: 2,
-        ffn_dim: 32,
-        encoder_layers: 1,
-        decoder_layers: 1,
-        n_out: 3,
-        out_dim: 8,
-        n_in: None,
-        ..ProjectorConfig::preset(Modality::Image, Variant::Legacy)
-    };
-    let w = ProjectorWeights::random(config, None, 5).unwrap();
+    let w = ProjectorWeights::random(small_projector(64), None, 5).unwrap();
     let proj = Projector::new(be.clone(), &w).unwrap();
-    let mut graph = proj.capture(1, 2).unwrap();
+    let mut graph = proj.capture(1, 4).unwrap();
     let x = be
-        .upload(&HostTensor::randn(vec![1, 2, 16], 6, "x").unwrap())
+        .upload(&HostTensor::randn(vec![1, 4, 64], 6, "x").unwrap())
         .unwrap();
     graph.forward(&x).unwrap();
-    *graph.input_mut() = be.alloc(&[1, 2, 16]).unwrap();
+    *graph.input_mut() = be.alloc(&[1, 4, 64]).unwrap();
     let e = graph.replay().unwrap_err();
     assert!(e.to_string().contains("input tensor was replaced"), "{e}");
     assert!(graph.forward(&x).is_err());

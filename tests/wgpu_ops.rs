@@ -19,6 +19,14 @@ fn backend(options: WgpuOptions) -> Option<Wgpu> {
     }
 }
 
+/// The fast kernels with f16 storage (None, said in one line, without an adapter).
+fn f16_backend() -> Option<Wgpu> {
+    backend(WgpuOptions {
+        precision: Precision::F16,
+        version: KernelVersion::Fast,
+    })
+}
+
 /// Every standard case of `op` within `tol` on each kernel version.
 fn check_op(op: &str, tol: f64) {
     for version in [KernelVersion::Naive, KernelVersion::Fast] {
@@ -115,10 +123,7 @@ fn gather_signal_tokens_matches_reference() {
 /// same f16-rounded inputs.
 #[test]
 fn every_op_with_f16_storage() {
-    let Some(be) = backend(WgpuOptions {
-        precision: Precision::F16,
-        version: KernelVersion::Fast,
-    }) else {
+    let Some(be) = f16_backend() else {
         return;
     };
     for (i, case) in verify::standard_cases().iter().enumerate() {
@@ -174,10 +179,7 @@ fn projector_matches_reference() {
         assert!(r.rel <= 1e-4, "{}: rel {:.3e}", r.case, r.rel);
     }
     // f16 storage through all eight layers.
-    let Some(half) = backend(WgpuOptions {
-        precision: Precision::F16,
-        version: KernelVersion::Fast,
-    }) else {
+    let Some(half) = f16_backend() else {
         return;
     };
     let r = verify::compare_projector(&half, &image, 1, DType::F16, 12).unwrap();
@@ -229,10 +231,7 @@ fn parameters_f32_cannot_hold_are_errors() {
 fn f16_upload_refuses_values_past_its_range() {
     use output_projector::ops::Backend;
     use output_projector::tensor::HostTensor;
-    let Some(half) = backend(WgpuOptions {
-        precision: Precision::F16,
-        version: KernelVersion::Fast,
-    }) else {
+    let Some(half) = f16_backend() else {
         return;
     };
     let t = HostTensor::from_f32(vec![2, 2], vec![1.0, -2.0, 3.0, -1e5]).unwrap();
