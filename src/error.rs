@@ -19,8 +19,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A file is not valid safetensors (truncated, bad header, ...).
-    #[error("{path}: not a valid safetensors file: {reason}")]
+    /// A checkpoint or tensor file is malformed (truncated, bad header, a damaged
+    /// record, ...).
+    #[error("{path}: {reason}")]
     Format {
         /// The file.
         path: PathBuf,

@@ -1,25 +1,45 @@
-//! safetensors files: reading tensors (f64, f32, f16, bf16) with checks that name the
-//! key, and the projector's weights under PyTorch's exact state-dict names.
+//! Checkpoints (safetensors, or PyTorch's `torch.save`): reading tensors (f64, f32,
+//! f16, bf16) with checks that name the key, and the projector's weights under
+//! PyTorch's exact state-dict names.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use half::{bf16, f16};
-use safetensors::tensor::{Dtype, Metadata};
+use safetensors::tensor::Dtype;
 
 use crate::config::{Modality, ProjectorConfig, Variant};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tensor::{try_filled, DType, HostData, HostTensor};
 
-/// A safetensors file, memory-mapped, with its header parsed and validated.
-/// Tensors are read (and converted) one at a time, so a large checkpoint that holds
-/// an LLM besides the projector costs only the projector's bytes.
+mod torch;
+
+/// A checkpoint, memory-mapped, with its index of tensors parsed and validated: a
+/// safetensors file, or a PyTorch one (`torch.save` of a state dict, PyTorch 1.6 or
+/// later; nested dicts' names joined with `.`). Tensors are read (and converted) one at
+/// a time, so a large checkpoint that holds an LLM besides the projector costs only the
+/// projector's bytes.
 pub struct TensorFile {
     path: PathBuf,
     map: Bytes,
-    data_start: usize,
-    header: Metadata,
+    tensors: BTreeMap<String, Entry>,
+    metadata: Option<HashMap<String, String>>,
+    /// A PyTorch checkpoint's storage records: CRC-32 checked on a tensor's first read.
+    records: Vec<(torch::Record, OnceLock<bool>)>,
+    /// Names a PyTorch checkpoint holds as something other than a dense tensor.
+    unsupported: BTreeMap<String, String>,
+}
+
+/// One tensor of a [`TensorFile`]: element type, shape and bytes in the file.
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    range: Range<usize>,
+    /// The PyTorch storage record it views.
+    record: Option<usize>,
 }
 
 enum Bytes {
@@ -38,28 +58,75 @@ impl std::ops::Deref for Bytes {
 }
 
 impl TensorFile {
-    /// A safetensors image compiled into the program; `name` stands for its path
+    /// A checkpoint image compiled into the program; `name` stands for its path
     /// in messages.
     pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<Self> {
         Self::parse(PathBuf::from(name), Bytes::Static(bytes))
     }
 
     fn parse(path: PathBuf, map: Bytes) -> Result<Self> {
-        let (header_len, header) =
-            safetensors::SafeTensors::read_metadata(&map).map_err(|e| Error::Format {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let format = |reason: String| Error::Format {
+            path: path.clone(),
+            reason,
+        };
+        if torch::is_legacy(&map) {
+            return Err(format(
+                "a PyTorch checkpoint in the legacy format (before PyTorch 1.6), which this \
+                 reader does not take: load it and torch.save it again with PyTorch 1.6 or later"
+                    .into(),
+            ));
+        }
+        if torch::is_archive(&map) {
+            let index = torch::index(&map)
+                .map_err(|e| format(format!("not a valid PyTorch checkpoint: {e}")))?;
+            return Ok(TensorFile {
+                tensors: index.tensors,
+                metadata: None,
+                records: index
+                    .records
+                    .into_iter()
+                    .map(|r| (r, OnceLock::new()))
+                    .collect(),
+                unsupported: index.unsupported,
+                path,
+                map,
+            });
+        }
+        let (header_len, header) = safetensors::SafeTensors::read_metadata(&map)
+            .map_err(|e| format(format!("not a valid safetensors file: {e}")))?;
+        let data_start = 8 + header_len;
+        let mut tensors = BTreeMap::new();
+        for (name, info) in header.tensors() {
+            let (start, end) = info.data_offsets;
+            let range = data_start
+                .checked_add(start)
+                .zip(data_start.checked_add(end))
+                .map(|(s, e)| s..e)
+                .ok_or_else(|| {
+                    format(format!(
+                        "not a valid safetensors file: tensor `{name}` lies outside the file"
+                    ))
+                })?;
+            let entry = Entry {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                range,
+                record: None,
+            };
+            tensors.insert(name, entry);
+        }
         Ok(TensorFile {
             path,
             map,
-            data_start: 8 + header_len,
-            header,
+            tensors,
+            metadata: header.metadata().clone(),
+            records: Vec::new(),
+            unsupported: BTreeMap::new(),
         })
     }
 
-    /// Memory-map the file at `path` and parse its header: an unreadable file is
-    /// [`Error::Io`], a malformed header [`Error::Format`]. No tensor is read yet.
+    /// Memory-map the file at `path` and index its tensors: an unreadable file is
+    /// [`Error::Io`], a malformed one [`Error::Format`]. No tensor is read yet.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let io = |source| Error::Io {
@@ -80,32 +147,29 @@ impl TensorFile {
 
     /// Every tensor name, sorted.
     pub fn names(&self) -> BTreeSet<String> {
-        self.header.tensors().into_keys().collect()
+        self.tensors.keys().cloned().collect()
     }
 
     /// Whether the file holds a tensor named `name` (the full key, prefix included).
     pub fn contains(&self, name: &str) -> bool {
-        self.header.info(name).is_some()
+        self.tensors.contains_key(name)
     }
 
-    /// The free-form string metadata of the header.
+    /// The free-form string metadata of a safetensors header (PyTorch checkpoints
+    /// have none).
     pub fn metadata(&self) -> Option<&HashMap<String, String>> {
-        self.header.metadata().as_ref()
+        self.metadata.as_ref()
     }
 
     /// The shape of a tensor, without reading it.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.header.info(name).map(|i| i.shape.as_slice())
+        self.tensors.get(name).map(|e| e.shape.as_slice())
     }
 
     /// Read one floating-point tensor.
     pub fn get(&self, name: &str) -> Result<HostTensor> {
-        let info = self.header.info(name).ok_or_else(|| Error::MissingKey {
-            key: name.to_string(),
-            hint: format!(" in {}", self.path.display()),
-        })?;
-        let bytes = self.bytes(name, info.data_offsets)?;
-        let data = match info.dtype {
+        let (entry, bytes) = self.entry(name)?;
+        let data = match entry.dtype {
             Dtype::F64 => HostData::F64(bytemuck::pod_collect_to_vec(bytes)),
             Dtype::F32 => HostData::F32(bytemuck::pod_collect_to_vec(bytes)),
             Dtype::F16 => HostData::F16(bytemuck::pod_collect_to_vec::<u8, f16>(bytes)),
@@ -118,17 +182,13 @@ impl TensorFile {
                 })
             }
         };
-        HostTensor::new(info.shape.clone(), data)
+        HostTensor::new(entry.shape.clone(), data)
     }
 
     /// Read an integer tensor (i64, i32, u32 or u8) as i64, e.g. token ids.
     pub fn get_ids(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
-        let info = self.header.info(name).ok_or_else(|| Error::MissingKey {
-            key: name.to_string(),
-            hint: format!(" in {}", self.path.display()),
-        })?;
-        let bytes = self.bytes(name, info.data_offsets)?;
-        let ids = match info.dtype {
+        let (entry, bytes) = self.entry(name)?;
+        let ids = match entry.dtype {
             Dtype::I64 => bytemuck::pod_collect_to_vec::<u8, i64>(bytes),
             Dtype::I32 => bytemuck::pod_collect_to_vec::<u8, i32>(bytes)
                 .into_iter()
@@ -147,20 +207,43 @@ impl TensorFile {
                 })
             }
         };
-        Ok((info.shape.clone(), ids))
+        Ok((entry.shape.clone(), ids))
     }
 
-    fn bytes(&self, name: &str, (start, end): (usize, usize)) -> Result<&[u8]> {
-        let range = self
-            .data_start
-            .checked_add(start)
-            .zip(self.data_start.checked_add(end));
-        range
-            .and_then(|(s, e)| self.map.get(s..e))
-            .ok_or_else(|| Error::Format {
-                path: self.path.clone(),
-                reason: format!("tensor `{name}` lies outside the file"),
-            })
+    /// A tensor's entry and bytes, its storage record checked against its CRC-32.
+    fn entry(&self, name: &str) -> Result<(&Entry, &[u8])> {
+        let format = |reason: String| Error::Format {
+            path: self.path.clone(),
+            reason,
+        };
+        let Some(entry) = self.tensors.get(name) else {
+            if let Some(what) = self.unsupported.get(name) {
+                return Err(format(format!(
+                    "`{name}` is stored as {what}(...), not as a dense tensor"
+                )));
+            }
+            return Err(Error::MissingKey {
+                key: name.to_string(),
+                hint: format!(" in {}", self.path.display()),
+            });
+        };
+        let bytes = self
+            .map
+            .get(entry.range.clone())
+            .ok_or_else(|| format(format!("tensor `{name}` lies outside the file")))?;
+        if let Some((record, checked)) = entry.record.and_then(|r| self.records.get(r)) {
+            let intact = checked.get_or_init(|| {
+                self.map
+                    .get(record.range.clone())
+                    .is_some_and(|b| crc32fast::hash(b) == record.crc32)
+            });
+            if !*intact {
+                return Err(format(format!(
+                    "the storage of tensor `{name}` fails its CRC-32 check: the file is damaged"
+                )));
+            }
+        }
+        Ok((entry, bytes))
     }
 }
 

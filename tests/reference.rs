@@ -4,7 +4,7 @@
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::ops::{
     linear_then_layer_norm, Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind,
-    NormAfter,
+    NormAfter, Shaped,
 };
 use output_projector::projector::Projector;
 use output_projector::reference::{RefTensor, Reference};
@@ -748,4 +748,188 @@ fn norms_folded_into_the_linears_before_them_change_nothing() {
         let (e, d) = (config.encoder_layers, config.decoder_layers);
         assert_eq!(be.calls.get(), 2 * e + 2 + 3 * (d - 1));
     }
+}
+
+fn golden(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
+}
+
+fn is_format(e: &Error) -> bool {
+    matches!(e, Error::Format { .. })
+}
+
+/// NExT-GPT saves its checkpoint with `torch.save` (an OrderedDict of parameters).
+/// Read here, PyTorch's file gives the safetensors fixture's tensors bit for bit, and
+/// the projector loaded from it PyTorch's float64 output.
+#[test]
+fn a_pytorch_checkpoint_reads_as_its_safetensors_twin() {
+    let pt = TensorFile::open(golden("torch_legacy_b1.pt")).unwrap();
+    let st = TensorFile::open(golden("model_legacy_b1.weights.safetensors")).unwrap();
+    let mut names = st.names();
+    // The fixture's one tensor outside the projector, which the .pt leaves out.
+    assert!(names.remove("llm.embed_tokens.weight"));
+    assert_eq!(pt.names(), names);
+    for name in &names {
+        assert_eq!(pt.shape(name), st.shape(name), "{name}");
+        assert_eq!(pt.get(name).unwrap(), st.get(name).unwrap(), "{name}");
+    }
+    assert!(pt.metadata().is_none());
+
+    let w = ProjectorWeights::load(&pt, &Selection::default()).unwrap();
+    let twin = ProjectorWeights::load(&st, &Selection::default()).unwrap();
+    assert_eq!(w.tensors(), twin.tensors());
+    assert_eq!((w.config(), w.modality()), (twin.config(), twin.modality()));
+    let io = TensorFile::open(golden("model_legacy_b1.io.safetensors")).unwrap();
+    let up = |n: &str| {
+        RefTensor::new(
+            io.get(n).unwrap().shape().to_vec(),
+            io.get(n).unwrap().to_f64_vec(),
+        )
+    };
+    let y = Projector::new(Reference, &w)
+        .unwrap()
+        .forward(&up("hidden").unwrap(), Some(&up("embeds").unwrap()))
+        .unwrap();
+    let want = io.get("conditioning").unwrap();
+    assert_eq!(y.shape(), want.shape());
+    let (rel, _) = compare(y.data(), &want.to_f64_vec());
+    assert!(rel <= 1e-10, "relative error {rel:e}");
+}
+
+/// A training-style checkpoint (pickle protocol 4): nested dicts, views of one
+/// storage at offsets, every storage type the reader takes, empty and 0-dim tensors;
+/// what it cannot read is an error naming the tensor, only when asked for.
+#[test]
+fn a_pytorch_checkpoint_of_mixed_content_reads_what_it_can_and_names_the_rest() {
+    let pt = TensorFile::open(golden("torch_mixed.pt")).unwrap();
+    let want = TensorFile::open(golden("torch_mixed.expected.safetensors")).unwrap();
+    assert_eq!(pt.names(), want.names());
+    let ints = ["dtypes.i64", "dtypes.i32", "dtypes.u8", "dtypes.bool"];
+    for name in want.names() {
+        assert_eq!(pt.shape(&name), want.shape(&name), "{name}");
+        if ints.contains(&name.as_str()) {
+            assert_eq!(
+                pt.get_ids(&name).unwrap(),
+                want.get_ids(&name).unwrap(),
+                "{name}"
+            );
+            expect_err(
+                pt.get(&name),
+                |e| matches!(e, Error::DType { .. }),
+                &[&name],
+            );
+        } else {
+            assert_eq!(pt.get(&name).unwrap(), want.get(&name).unwrap(), "{name}");
+        }
+    }
+    assert_eq!(pt.shape("empty"), Some(&[0, 4][..]));
+    assert_eq!(pt.shape("scalar"), Some(&[][..]));
+    assert_eq!(pt.get_ids("dtypes.i64").unwrap().1[3], 1 << 40);
+    let refused: Vec<String> = serde_json::from_str(&want.metadata().unwrap()["refused"]).unwrap();
+    assert_eq!(refused.len(), 4);
+    let why = [
+        ("refused.transposed", "not contiguous"),
+        ("refused.quantized", "_rebuild_qtensor"),
+        ("refused.complex", "ComplexFloatStorage"),
+        ("args", "argparse.Namespace"),
+    ];
+    for (name, reason) in why {
+        assert!(refused.iter().any(|r| r == name), "{name}");
+        assert!(!pt.contains(name));
+        expect_err(pt.get(name), is_format, &[name, reason, "torch_mixed.pt"]);
+    }
+    expect_err(
+        pt.get("epoch"),
+        |e| matches!(e, Error::MissingKey { .. }),
+        &["epoch"],
+    );
+}
+
+#[test]
+fn a_pytorch_checkpoint_in_the_legacy_format_is_refused_with_a_way_out() {
+    expect_err(
+        TensorFile::open(golden("torch_legacy_format.pt")),
+        is_format,
+        &["legacy format", "PyTorch 1.6"],
+    );
+}
+
+/// Damage to a PyTorch checkpoint, anywhere (the pickle, the zip's headers and
+/// directory, the storages, the length), loads or fails with an error: never a
+/// panic. Damage to a storage's bytes is always caught, by its CRC-32.
+#[test]
+fn damaged_pytorch_checkpoints_load_or_fail_cleanly() {
+    let good = std::fs::read(golden("torch_legacy_b1.pt")).unwrap();
+    let find = |needle: &[u8]| {
+        good.windows(needle.len())
+            .position(|w| w == needle)
+            .unwrap()
+    };
+    // The pickle follows its local header's name; each storage's bytes are found by
+    // its twin's; the central directory starts at the first "PK\1\2".
+    let pickle = find(b"torch_legacy_b1/data.pkl") + "torch_legacy_b1/data.pkl".len();
+    let storages = find(b"torch_legacy_b1/data/0");
+    let directory = find(b"PK\x01\x02");
+    let twin = TensorFile::open(golden("model_legacy_b1.weights.safetensors")).unwrap();
+    let data: Vec<(usize, usize)> = twin
+        .names()
+        .iter()
+        .filter(|n| n.starts_with("gen_text_hidden_fcs_video.0."))
+        .map(|n| {
+            let t = twin.get(n).unwrap();
+            (find(t.as_bytes()), t.as_bytes().len())
+        })
+        .collect();
+    let mut rng = Rng::new(11);
+    let mut pick = |lo: usize, hi: usize| lo + (rng.next_u64() % (hi - lo) as u64) as usize;
+    let mut outcomes = [(0, 0); 4];
+    for i in 0..1200 {
+        let mut bytes = good.clone();
+        let kind = i % 4;
+        match kind {
+            0 => {
+                for _ in 0..1 + pick(0, 3) {
+                    let at = pick(pickle, storages);
+                    bytes[at] = pick(0, 256) as u8;
+                }
+            }
+            1 => {
+                let (start, len) = data[pick(0, data.len())];
+                bytes[pick(start, start + len)] ^= 1 + pick(0, 255) as u8;
+            }
+            2 => {
+                let at = pick(directory, good.len());
+                bytes[at] = pick(0, 256) as u8;
+            }
+            _ => bytes.truncate(pick(0, good.len())),
+        }
+        let changed_storage = kind == 1;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        let run = || -> Result<(), Error> {
+            let file = TensorFile::from_static("damaged.pt", bytes)?;
+            let w = ProjectorWeights::load(&file, &Selection::default())?;
+            Projector::new(Reference, &w)?;
+            Ok(())
+        };
+        match std::panic::catch_unwind(run) {
+            Ok(Ok(())) if changed_storage => {
+                panic!("case {i}: a changed storage byte loaded")
+            }
+            Ok(Ok(())) => outcomes[kind].0 += 1,
+            Ok(Err(e)) => {
+                if changed_storage {
+                    assert!(e.to_string().contains("CRC-32"), "case {i}: {e}");
+                }
+                outcomes[kind].1 += 1
+            }
+            Err(_) => panic!("case {i}, damage {kind}: a panic"),
+        }
+    }
+    println!("(loaded, failed) per damage kind {outcomes:?}");
+    assert!(
+        outcomes.iter().all(|&(_, failed)| failed > 0),
+        "{outcomes:?}"
+    );
 }

@@ -1,0 +1,750 @@
+//! PyTorch checkpoints (`torch.save`, the zip format of PyTorch 1.6 and later): the
+//! index of the tensors of a state dict, each a byte range of the file.
+//!
+//! `data.pkl` is read by a small pickle machine that executes nothing: the functions
+//! PyTorch uses to rebuild tensors, parameters and ordered dicts are interpreted, any
+//! other global becomes an inert placeholder, so a file can neither run code nor make
+//! this reader do more work than its size allows (every value is shared, not copied).
+//! Storages are the archive's uncompressed records, read in place.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Cursor;
+use std::ops::Range;
+use std::rc::Rc;
+
+use safetensors::tensor::Dtype;
+
+use super::Entry;
+
+/// A storage record of the archive: its bytes and the CRC-32 the archive gives them.
+pub(super) struct Record {
+    pub range: Range<usize>,
+    pub crc32: u32,
+}
+
+/// Every tensor of the checkpoint by its state-dict name (nested dicts joined with `.`).
+pub(super) struct Index {
+    pub tensors: BTreeMap<String, Entry>,
+    pub records: Vec<Record>,
+    /// Names whose value this reader does not take (quantized, sparse or strided
+    /// tensors, say), each with the reason: an error if asked for.
+    pub unsupported: BTreeMap<String, String>,
+}
+
+/// Whether `bytes` start as a zip archive (PyTorch's format since 1.6).
+pub(super) fn is_archive(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PK\x03\x04")
+}
+
+/// Whether `bytes` start as PyTorch's legacy (before 1.6) serialization: a protocol-2
+/// pickle of its magic number 0x1950a86a20f9469cfc6c.
+pub(super) fn is_legacy(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19")
+}
+
+/// Dicts nested deeper than this are refused (a pickle can make a dict hold itself).
+const MAX_DEPTH: usize = 32;
+
+pub(super) fn index(bytes: &[u8]) -> Result<Index, String> {
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| format!("not a readable zip archive: {e}"))?;
+    let names: Vec<String> = zip.file_names().map(str::to_string).collect();
+    // The records live under one folder, named after the file when it was saved.
+    let pkl = names
+        .iter()
+        .filter(|n| *n == "data.pkl" || (n.ends_with("/data.pkl") && n.matches('/').count() == 1))
+        .min_by_key(|n| n.len())
+        .ok_or("a zip archive without data.pkl is not a PyTorch checkpoint")?;
+    let root = pkl[..pkl.len() - "data.pkl".len()].to_string();
+    let mut record = |name: &str| -> Result<Option<Record>, String> {
+        let Some(i) = zip.index_for_name(name) else {
+            return Ok(None);
+        };
+        let file = zip
+            .by_index_raw(i)
+            .map_err(|e| format!("record {name}: {e}"))?;
+        if file.compression() != zip::CompressionMethod::Stored {
+            return Err(format!(
+                "record {name} is compressed ({}); PyTorch stores records uncompressed, \
+                 so the file was repacked: save it again with torch.save",
+                file.compression()
+            ));
+        }
+        let start = file
+            .data_start()
+            .ok_or_else(|| format!("record {name}: no data offset"))?;
+        let range = usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(file.size()).ok())
+            .and_then(|(s, n)| Some(s..s.checked_add(n)?))
+            .filter(|r| r.end <= bytes.len())
+            .ok_or_else(|| format!("record {name} lies outside the file"))?;
+        Ok(Some(Record {
+            range,
+            crc32: file.crc32(),
+        }))
+    };
+    if let Some(order) = record(&format!("{root}byteorder"))? {
+        let order = &bytes[order.range];
+        if order != b"little" {
+            return Err(format!(
+                "the checkpoint's byte order is {:?}; only little-endian is read",
+                String::from_utf8_lossy(order)
+            ));
+        }
+    }
+    let pickle = record(pkl)?.ok_or("data.pkl vanished")?;
+    let (root_value, machine) = Machine::run(&bytes[pickle.range])?;
+
+    let mut index = Index {
+        tensors: BTreeMap::new(),
+        records: Vec::new(),
+        unsupported: BTreeMap::new(),
+    };
+    let mut leaves = Vec::new();
+    match &root_value {
+        Value::Dict(d) => machine.flatten(*d, "", 0, &mut leaves)?,
+        other => {
+            return Err(format!(
+                "data.pkl holds {}, not a dict of tensors (a state dict)",
+                other.kind()
+            ))
+        }
+    }
+    let mut records: HashMap<Rc<str>, usize> = HashMap::new();
+    for (name, value) in leaves {
+        match value {
+            Value::Tensor(t) => {
+                if let Err(reason) = t.contiguous(&name) {
+                    index.unsupported.insert(name, reason);
+                    continue;
+                }
+                let r = match records.get(&t.storage.key) {
+                    Some(&r) => r,
+                    None => {
+                        let path = format!("{root}data/{}", t.storage.key);
+                        let rec = record(&path)?.ok_or_else(|| {
+                            format!("tensor `{name}`'s storage {path} is not in the archive")
+                        })?;
+                        let r = index.records.len();
+                        index.records.push(rec);
+                        records.insert(t.storage.key.clone(), r);
+                        r
+                    }
+                };
+                let entry = t.entry(&name, r, &index.records[r])?;
+                index.tensors.insert(name, entry);
+            }
+            Value::Opaque(what) => {
+                let reason = format!("`{name}` is {what}, not a dense tensor this reader takes");
+                index.unsupported.insert(name, reason);
+            }
+            _ => {}
+        }
+    }
+    Ok(index)
+}
+
+/// A storage named by a persistent id: `('storage', torch.HalfStorage, key, location, numel)`.
+struct Storage {
+    dtype: Dtype,
+    key: Rc<str>,
+    numel: usize,
+}
+
+/// A dense tensor: a strided view of a storage.
+struct Tensor {
+    storage: Rc<Storage>,
+    offset: usize,
+    shape: Vec<usize>,
+    stride: Vec<usize>,
+}
+
+impl Tensor {
+    /// The element count of a row-major tensor (a dimension of size 1 may carry any
+    /// stride), or why it is not one.
+    fn contiguous(&self, name: &str) -> Result<usize, String> {
+        let mut expected = 1usize;
+        for (&n, &s) in self.shape.iter().zip(&self.stride).rev() {
+            if n != 1 && s != expected {
+                return Err(format!(
+                    "tensor `{name}` is not contiguous (shape {:?}, strides {:?}); \
+                     save `tensor.contiguous()` instead",
+                    self.shape, self.stride
+                ));
+            }
+            expected = expected
+                .checked_mul(n)
+                .ok_or_else(|| format!("tensor `{name}`: shape {:?} overflows", self.shape))?;
+        }
+        Ok(expected)
+    }
+
+    fn entry(&self, name: &str, record: usize, rec: &Record) -> Result<Entry, String> {
+        let size = self.storage.dtype.bitsize() / 8; // storages hold whole bytes
+        let bytes = rec.range.len();
+        if self.storage.numel.checked_mul(size) != Some(bytes) {
+            return Err(format!(
+                "tensor `{name}`: its storage holds {bytes} bytes, not {} elements of {:?}",
+                self.storage.numel, self.storage.dtype
+            ));
+        }
+        let numel = self.contiguous(name)?;
+        let start = rec.range.start;
+        let range = if numel == 0 {
+            start..start
+        } else {
+            let end = self
+                .offset
+                .checked_add(numel)
+                .filter(|&end| end <= self.storage.numel)
+                .ok_or_else(|| {
+                    format!(
+                        "tensor `{name}` (offset {}, {numel} elements) reaches past its storage \
+                         of {} elements",
+                        self.offset, self.storage.numel
+                    )
+                })?;
+            // In bounds: end <= numel, and numel * size is the record's length.
+            start + self.offset * size..start + end * size
+        };
+        Ok(Entry {
+            dtype: self.storage.dtype,
+            shape: self.shape.clone(),
+            range,
+            record: Some(record),
+        })
+    }
+}
+
+/// The globals a state dict's pickle names; anything else is [`Value::Opaque`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Global {
+    OrderedDict,
+    Size,
+    RebuildTensor,
+    RebuildTensorV2,
+    RebuildParameter,
+    RebuildParameterWithState,
+    RebuildFromTypeV2,
+    TensorType,
+    StorageType(Dtype),
+}
+
+fn global(module: &str, name: &str) -> Option<Global> {
+    Some(match (module, name) {
+        ("collections", "OrderedDict") => Global::OrderedDict,
+        ("torch", "Size") => Global::Size,
+        ("torch._utils", "_rebuild_tensor") => Global::RebuildTensor,
+        ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
+        ("torch._utils", "_rebuild_parameter") => Global::RebuildParameter,
+        ("torch._utils", "_rebuild_parameter_with_state") => Global::RebuildParameterWithState,
+        ("torch._tensor", "_rebuild_from_type_v2") => Global::RebuildFromTypeV2,
+        ("torch", "Tensor") | ("torch.nn.parameter", "Parameter") => Global::TensorType,
+        ("torch", storage) => Global::StorageType(match storage {
+            "DoubleStorage" => Dtype::F64,
+            "FloatStorage" => Dtype::F32,
+            "HalfStorage" => Dtype::F16,
+            "BFloat16Storage" => Dtype::BF16,
+            "LongStorage" => Dtype::I64,
+            "IntStorage" => Dtype::I32,
+            "ShortStorage" => Dtype::I16,
+            "CharStorage" => Dtype::I8,
+            "ByteStorage" => Dtype::U8,
+            "BoolStorage" => Dtype::BOOL,
+            _ => return None,
+        }),
+        _ => return None,
+    })
+}
+
+#[derive(Clone)]
+enum Value {
+    None,
+    Bool,
+    Int(i64),
+    Float,
+    Str(Rc<str>),
+    Bytes,
+    Tuple(Rc<[Value]>),
+    /// Index into [`Machine::lists`].
+    List(usize),
+    /// Index into [`Machine::dicts`].
+    Dict(usize),
+    Global(Global),
+    Storage(Rc<Storage>),
+    Tensor(Rc<Tensor>),
+    /// A global this reader does not interpret, what calling one gave, or a storage
+    /// of a type it does not take, described for messages.
+    Opaque(Rc<str>),
+}
+
+impl Value {
+    fn kind(&self) -> &'static str {
+        match self {
+            Value::None => "None",
+            Value::Bool => "a bool",
+            Value::Int(_) => "an int",
+            Value::Float => "a float",
+            Value::Str(_) => "a string",
+            Value::Bytes => "bytes",
+            Value::Tuple(_) => "a tuple",
+            Value::List(_) => "a list",
+            Value::Dict(_) => "a dict",
+            Value::Global(_) => "a class or function",
+            Value::Storage(_) => "a storage",
+            Value::Tensor(_) => "a tensor",
+            Value::Opaque(_) => "an object",
+        }
+    }
+
+    fn usize(&self, what: &str) -> Result<usize, String> {
+        match self {
+            Value::Int(i) => usize::try_from(*i).map_err(|_| format!("{what} {i} is negative")),
+            other => Err(format!("{what} is {}, not an int", other.kind())),
+        }
+    }
+
+    fn usizes(&self, what: &str) -> Result<Vec<usize>, String> {
+        match self {
+            Value::Tuple(t) => t.iter().map(|v| v.usize(what)).collect(),
+            other => Err(format!("{what} is {}, not a tuple", other.kind())),
+        }
+    }
+}
+
+/// The pickle virtual machine (the subset of opcodes protocols 2 to 5 use for data).
+struct Machine {
+    stack: Vec<Value>,
+    marks: Vec<usize>,
+    memo: HashMap<u32, Value>,
+    lists: Vec<Vec<Value>>,
+    dicts: Vec<Vec<(Value, Value)>>,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let s = self
+            .pos
+            .checked_add(n)
+            .and_then(|end| self.bytes.get(self.pos..end))
+            .ok_or_else(|| format!("data.pkl ends inside an opcode at byte {}", self.pos))?;
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn len(&mut self, width: usize) -> Result<usize, String> {
+        let mut a = [0u8; 8];
+        a[..width].copy_from_slice(self.take(width)?);
+        usize::try_from(u64::from_le_bytes(a)).map_err(|_| "a length past usize".to_string())
+    }
+
+    fn line(&mut self) -> Result<&'a str, String> {
+        let rest = self.bytes.get(self.pos..).unwrap_or_default();
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("data.pkl ends inside a text opcode")?;
+        let line =
+            std::str::from_utf8(&rest[..n]).map_err(|_| "a text opcode that is not UTF-8")?;
+        self.pos += n + 1;
+        Ok(line)
+    }
+
+    fn str(&mut self, width: usize) -> Result<Value, String> {
+        let n = self.len(width)?;
+        let s = std::str::from_utf8(self.take(n)?).map_err(|_| "a string that is not UTF-8")?;
+        Ok(Value::Str(s.into()))
+    }
+}
+
+impl Machine {
+    fn run(bytes: &[u8]) -> Result<(Value, Machine), String> {
+        let mut m = Machine {
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+            lists: Vec::new(),
+            dicts: Vec::new(),
+        };
+        let mut r = Reader { bytes, pos: 0 };
+        loop {
+            let at = r.pos;
+            let op = r.u8()?;
+            match op {
+                0x80 => {
+                    r.u8()?; // PROTO: any version; unknown opcodes are refused below
+                }
+                0x95 => {
+                    r.take(8)?; // FRAME: a length hint
+                }
+                b'.' => {
+                    let top = m.pop()?;
+                    return Ok((top, m));
+                }
+                b'(' => m.marks.push(m.stack.len()),
+                b'0' => {
+                    m.pop()?;
+                }
+                b'1' => {
+                    m.pop_mark()?;
+                }
+                b'2' => {
+                    let top = m.stack.last().cloned().ok_or("DUP on an empty stack")?;
+                    m.stack.push(top);
+                }
+                b'N' => m.stack.push(Value::None),
+                0x88 | 0x89 => m.stack.push(Value::Bool),
+                b'I' => {
+                    let line = r.line()?;
+                    m.stack.push(match line {
+                        "01" | "00" => Value::Bool,
+                        _ => Value::Int(line.parse().map_err(|_| format!("bad INT {line:?}"))?),
+                    });
+                }
+                b'J' => m
+                    .stack
+                    .push(Value::Int(i32::from_le_bytes(r.array()?).into())),
+                b'K' => m.stack.push(Value::Int(r.u8()?.into())),
+                b'M' => m
+                    .stack
+                    .push(Value::Int(u16::from_le_bytes(r.array()?).into())),
+                0x8a | 0x8b => {
+                    let n = if op == 0x8a {
+                        r.u8()?.into()
+                    } else {
+                        r.len(4)?
+                    };
+                    let digits = r.take(n)?;
+                    if n > 8 {
+                        return Err(format!("an integer of {n} bytes at byte {at}"));
+                    }
+                    // Little-endian two's complement, sign-extended.
+                    let fill = if digits.last().is_some_and(|&b| b & 0x80 != 0) {
+                        0xff
+                    } else {
+                        0
+                    };
+                    let mut a = [fill; 8];
+                    a[..n].copy_from_slice(digits);
+                    m.stack.push(Value::Int(i64::from_le_bytes(a)));
+                }
+                b'G' => {
+                    r.take(8)?;
+                    m.stack.push(Value::Float);
+                }
+                b'F' => {
+                    let line = r.line()?;
+                    line.parse::<f64>()
+                        .map_err(|_| format!("bad FLOAT {line:?}"))?;
+                    m.stack.push(Value::Float);
+                }
+                b'X' | b'T' => m.stack.push(r.str(4)?),
+                0x8c | b'U' => m.stack.push(r.str(1)?),
+                0x8d => m.stack.push(r.str(8)?),
+                b'B' | b'C' | 0x8e => {
+                    let n = r.len(match op {
+                        b'C' => 1,
+                        b'B' => 4,
+                        _ => 8,
+                    })?;
+                    r.take(n)?;
+                    m.stack.push(Value::Bytes);
+                }
+                b')' => m.stack.push(Value::Tuple(Rc::from([]))),
+                b't' => {
+                    let items = m.pop_mark()?;
+                    m.stack.push(Value::Tuple(items.into()));
+                }
+                0x85..=0x87 => {
+                    let n = usize::from(op - 0x84);
+                    let mut items = (0..n).map(|_| m.pop()).collect::<Result<Vec<_>, _>>()?;
+                    items.reverse();
+                    m.stack.push(Value::Tuple(items.into()));
+                }
+                b']' => {
+                    let v = m.new_list(Vec::new());
+                    m.stack.push(v);
+                }
+                b'l' => {
+                    let items = m.pop_mark()?;
+                    let v = m.new_list(items);
+                    m.stack.push(v);
+                }
+                b'a' | b'e' => {
+                    let items = if op == b'a' {
+                        vec![m.pop()?]
+                    } else {
+                        m.pop_mark()?
+                    };
+                    match m.stack.last() {
+                        Some(Value::List(l)) => m.lists[*l].extend(items),
+                        _ => return Err(format!("APPEND to a non-list at byte {at}")),
+                    }
+                }
+                b'}' => {
+                    let v = m.new_dict(Vec::new());
+                    m.stack.push(v);
+                }
+                b'd' | b's' | b'u' => {
+                    let items = match op {
+                        b's' => {
+                            let v = m.pop()?;
+                            vec![m.pop()?, v]
+                        }
+                        _ => m.pop_mark()?,
+                    };
+                    if items.len() % 2 != 0 {
+                        return Err(format!("an odd number of dict items at byte {at}"));
+                    }
+                    let mut pairs = Vec::with_capacity(items.len() / 2);
+                    let mut items = items.into_iter();
+                    while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                        pairs.push((k, v));
+                    }
+                    if op == b'd' {
+                        let v = m.new_dict(pairs);
+                        m.stack.push(v);
+                    } else {
+                        match m.stack.last() {
+                            Some(Value::Dict(d)) => m.dicts[*d].extend(pairs),
+                            // Items set on an object this reader does not model are dropped.
+                            Some(Value::Opaque(_)) => {}
+                            _ => return Err(format!("SETITEM on a non-dict at byte {at}")),
+                        }
+                    }
+                }
+                b'c' => {
+                    let module = r.line()?;
+                    let name = r.line()?;
+                    m.stack.push(Self::global_value(module, name));
+                }
+                0x93 => {
+                    let name = m.pop()?;
+                    let module = m.pop()?;
+                    match (module, name) {
+                        (Value::Str(module), Value::Str(name)) => {
+                            m.stack.push(Self::global_value(&module, &name))
+                        }
+                        _ => return Err(format!("STACK_GLOBAL without two strings at byte {at}")),
+                    }
+                }
+                b'R' | 0x81 => {
+                    let args = m.pop()?;
+                    let callable = m.pop()?;
+                    let value = m
+                        .call(callable, args)
+                        .map_err(|e| format!("{e} (byte {at})"))?;
+                    m.stack.push(value);
+                }
+                b'b' => {
+                    // BUILD sets an object's state: nothing a tensor's bytes depend on.
+                    m.pop()?;
+                    if m.stack.is_empty() {
+                        return Err(format!("BUILD on an empty stack at byte {at}"));
+                    }
+                }
+                b'Q' => {
+                    let pid = m.pop()?;
+                    m.stack
+                        .push(Self::persistent(pid).map_err(|e| format!("{e} (byte {at})"))?);
+                }
+                b'p' | b'q' | b'r' | 0x94 => {
+                    let key = match op {
+                        b'p' => r.line()?.parse().map_err(|_| "bad PUT index")?,
+                        b'q' => r.u8()?.into(),
+                        b'r' => u32::from_le_bytes(r.array()?),
+                        _ => u32::try_from(m.memo.len()).map_err(|_| "memo overflow")?,
+                    };
+                    let top = m.stack.last().cloned().ok_or("PUT on an empty stack")?;
+                    m.memo.insert(key, top);
+                }
+                b'g' | b'h' | b'j' => {
+                    let key: u32 = match op {
+                        b'g' => r.line()?.parse().map_err(|_| "bad GET index")?,
+                        b'h' => r.u8()?.into(),
+                        _ => u32::from_le_bytes(r.array()?),
+                    };
+                    let v = m
+                        .memo
+                        .get(&key)
+                        .cloned()
+                        .ok_or_else(|| format!("GET of unset memo entry {key} at byte {at}"))?;
+                    m.stack.push(v);
+                }
+                other => {
+                    return Err(format!(
+                        "pickle opcode {other:#04x} at byte {at} is not one a state dict uses"
+                    ))
+                }
+            }
+        }
+    }
+
+    fn global_value(module: &str, name: &str) -> Value {
+        match global(module, name) {
+            Some(g) => Value::Global(g),
+            None => Value::Opaque(format!("{module}.{name}").into()),
+        }
+    }
+
+    fn pop(&mut self) -> Result<Value, String> {
+        if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
+            return Err("a pop across a MARK".into());
+        }
+        self.stack
+            .pop()
+            .ok_or_else(|| "a pop from an empty stack".into())
+    }
+
+    fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
+        let at = self.marks.pop().ok_or("no MARK to pop to")?;
+        Ok(self.stack.split_off(at))
+    }
+
+    fn new_list(&mut self, items: Vec<Value>) -> Value {
+        self.lists.push(items);
+        Value::List(self.lists.len() - 1)
+    }
+
+    fn new_dict(&mut self, items: Vec<(Value, Value)>) -> Value {
+        self.dicts.push(items);
+        Value::Dict(self.dicts.len() - 1)
+    }
+
+    fn persistent(pid: Value) -> Result<Value, String> {
+        let Value::Tuple(t) = &pid else {
+            return Err(format!(
+                "a persistent id that is {}, not a tuple",
+                pid.kind()
+            ));
+        };
+        match &t[..] {
+            [Value::Str(tag), ty, key, _location, numel] if &**tag == "storage" => {
+                let dtype = match ty {
+                    Value::Global(Global::StorageType(d)) => *d,
+                    // Complex or quantized, say: an error only if such a tensor is read.
+                    Value::Opaque(ty) => {
+                        return Ok(Value::Opaque(format!("a tensor of {ty}").into()))
+                    }
+                    other => return Err(format!("a storage type that is {}", other.kind())),
+                };
+                let key: Rc<str> = match key {
+                    Value::Str(s) => s.clone(),
+                    Value::Int(i) => i.to_string().into(),
+                    other => return Err(format!("a storage key that is {}", other.kind())),
+                };
+                Ok(Value::Storage(Rc::new(Storage {
+                    dtype,
+                    key,
+                    numel: numel.usize("a storage's size")?,
+                })))
+            }
+            _ => Err("a persistent id that is not ('storage', type, key, location, size)".into()),
+        }
+    }
+
+    fn call(&mut self, callable: Value, args: Value) -> Result<Value, String> {
+        let g = match callable {
+            Value::Global(g) => g,
+            // Calling what is not interpreted gives an object that is not either (its
+            // description not growing with each call, to keep memory linear in the file).
+            Value::Opaque(what) if what.ends_with("(...)") => return Ok(Value::Opaque(what)),
+            Value::Opaque(what) => return Ok(Value::Opaque(format!("{what}(...)").into())),
+            other => return Err(format!("a call of {}", other.kind())),
+        };
+        let Value::Tuple(args) = args else {
+            return Err(format!("arguments that are {}, not a tuple", args.kind()));
+        };
+        match (g, &args[..]) {
+            (Global::OrderedDict, []) => Ok(self.new_dict(Vec::new())),
+            (Global::Size, [dims]) => {
+                dims.usizes("a torch.Size")?;
+                Ok(dims.clone())
+            }
+            (
+                Global::RebuildTensor | Global::RebuildTensorV2,
+                [storage, offset, size, stride, ..],
+            ) => {
+                let storage = match storage {
+                    Value::Storage(s) => s,
+                    Value::Opaque(_) => return Ok(storage.clone()),
+                    other => return Err(format!("a tensor rebuilt from {}", other.kind())),
+                };
+                let shape = size.usizes("a tensor's size")?;
+                let stride = stride.usizes("a tensor's stride")?;
+                if shape.len() != stride.len() {
+                    return Err(format!(
+                        "a tensor of size {shape:?} with strides {stride:?}"
+                    ));
+                }
+                Ok(Value::Tensor(Rc::new(Tensor {
+                    storage: storage.clone(),
+                    offset: offset.usize("a tensor's storage offset")?,
+                    shape,
+                    stride,
+                })))
+            }
+            (Global::RebuildParameter | Global::RebuildParameterWithState, [data, ..]) => {
+                match data {
+                    Value::Tensor(_) | Value::Opaque(_) => Ok(data.clone()),
+                    other => Err(format!("a parameter rebuilt from {}", other.kind())),
+                }
+            }
+            (Global::RebuildFromTypeV2, [func, _ty, args, _state]) => {
+                self.call(func.clone(), args.clone())
+            }
+            (g, args) => Err(format!("a call of {g:?} with {} arguments", args.len())),
+        }
+    }
+
+    /// The leaves of a dict, names of nested dicts joined with `.`; later items win,
+    /// as they do in Python.
+    fn flatten(
+        &self,
+        dict: usize,
+        prefix: &str,
+        depth: usize,
+        out: &mut Vec<(String, Value)>,
+    ) -> Result<(), String> {
+        if depth >= MAX_DEPTH {
+            return Err(format!(
+                "dicts nested deeper than {MAX_DEPTH} (at `{prefix}`)"
+            ));
+        }
+        let mut items: BTreeMap<String, &Value> = BTreeMap::new();
+        for (k, v) in &self.dicts[dict] {
+            let key = match k {
+                Value::Str(s) => s.to_string(),
+                Value::Int(i) => i.to_string(),
+                // Keys of other kinds cannot name a parameter.
+                _ => continue,
+            };
+            items.insert(key, v);
+        }
+        for (key, v) in items {
+            let name = format!("{prefix}{key}");
+            match v {
+                Value::Dict(d) => self.flatten(*d, &format!("{name}."), depth + 1, out)?,
+                Value::Tensor(_) | Value::Opaque(_) => out.push((name, v.clone())),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
