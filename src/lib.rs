@@ -11,7 +11,8 @@
 //!   gather_signal_tokens) that every backend implements.
 //! - [`reference::Reference`]: the CPU oracle.
 //! - [`projector::Projector`]: the model, written once, generic over the backend.
-//! - [`weights`]: safetensors checkpoints with PyTorch's state-dict names.
+//! - [`weights`]: checkpoints (safetensors, or PyTorch's `torch.save`) with PyTorch's
+//!   state-dict names.
 //! - [`cuda::Cuda`] and [`wgpu::Wgpu`]: the GPU backends (features `cuda` and
 //!   `wgpu`, both on by default; neither needs a GPU or a CUDA toolkit to build).
 //!

@@ -35,7 +35,8 @@ struct Cli {
 
 #[derive(clap::Args, Clone, Debug)]
 struct ModelArgs {
-    /// Projector weights (safetensors; a whole NExT-GPT checkpoint is fine).
+    /// Projector weights: safetensors, or a PyTorch checkpoint (`torch.save`, e.g.
+    /// NExT-GPT's `pytorch_model.pt`); a whole NExT-GPT checkpoint is fine.
     #[arg(long)]
     weights: Option<PathBuf>,
     /// auto, cpu, wgpu or cuda.
@@ -67,7 +68,7 @@ enum Command {
     Run {
         #[command(flatten)]
         model: ModelArgs,
-        /// Input safetensors: `hidden` [B, n_in, in_dim] and optional `embeds` (same
+        /// Input (safetensors or `torch.save`): `hidden` [B, n_in, in_dim] and optional `embeds` (same
         /// shape); or full LLM outputs: `hidden` [B, T, in_dim], optional `embeds`,
         /// `token_ids` [B, T] and the signal tokens' ids (`signal_ids` or --signal-ids),
         /// which are found in each sequence and gathered.

@@ -341,6 +341,43 @@ fn small_model_runs_without_embeds_and_in_other_dtypes() {
     assert_eq!((y.shape(), y.dtype()), (&[2usize, 3, 5][..], DType::F16));
 }
 
+fn golden(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
+}
+
+/// NExT-GPT's checkpoint format (`torch.save` of its parameters) runs as its
+/// safetensors twin does, to the same output; one PyTorch does not write any more is
+/// one line naming the file and the way out.
+#[test]
+fn a_pytorch_checkpoint_runs_as_its_safetensors_twin() {
+    let s = Scratch::new("torch");
+    let input = golden("model_legacy_b1.io.safetensors");
+    let mut outputs = Vec::new();
+    for weights in ["torch_legacy_b1.pt", "model_legacy_b1.weights.safetensors"] {
+        let out_path = s.path(&format!("{weights}.out.safetensors"));
+        let out = run_cpu(
+            &golden(weights),
+            &input,
+            &["--output", out_path.to_str().unwrap()],
+        );
+        expect_success(&out);
+        let y = TensorFile::open(&out_path)
+            .unwrap()
+            .get("conditioning")
+            .unwrap();
+        outputs.push(y);
+    }
+    assert_eq!(outputs[0], outputs[1]);
+    assert_eq!(outputs[0].shape(), &[1, 4, 32]);
+    let legacy = golden("torch_legacy_format.pt");
+    expect_error(
+        &run_cpu(&legacy, &input, &[]),
+        &["torch_legacy_format.pt", "legacy format", "PyTorch 1.6"],
+    );
+}
+
 #[test]
 fn small_model_runs_with_explicit_prefix_and_random_input() {
     let s = Scratch::new("prefix");

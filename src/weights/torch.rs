@@ -65,9 +65,8 @@ pub(super) fn index(bytes: &[u8]) -> Result<Index, String> {
             .map_err(|e| format!("record {name}: {e}"))?;
         if file.compression() != zip::CompressionMethod::Stored {
             return Err(format!(
-                "record {name} is compressed ({}); PyTorch stores records uncompressed, \
-                 so the file was repacked: save it again with torch.save",
-                file.compression()
+                "record {name} is compressed; PyTorch stores records uncompressed, so the \
+                 file was repacked: save it again with torch.save"
             ));
         }
         let start = file
@@ -746,5 +745,136 @@ impl Machine {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The leaves of the dict a pickle makes: tensors as their shape, what is not
+    /// interpreted as its description.
+    fn leaves(pickle: &[u8]) -> Result<Vec<(String, String)>, String> {
+        let (root, m) = Machine::run(pickle)?;
+        let Value::Dict(d) = root else {
+            return Err(format!("a root of {}", root.kind()));
+        };
+        let mut out = Vec::new();
+        m.flatten(d, "", 0, &mut out)?;
+        Ok(out
+            .into_iter()
+            .map(|(name, v)| {
+                let v = match v {
+                    Value::Tensor(t) => format!("{:?} at {}", t.shape, t.offset),
+                    Value::Opaque(what) => what.to_string(),
+                    other => other.kind().to_string(),
+                };
+                (name, v)
+            })
+            .collect())
+    }
+
+    fn text(s: &str) -> Vec<u8> {
+        let mut v = vec![b'X'];
+        v.extend((s.len() as u32).to_le_bytes());
+        v.extend(s.as_bytes());
+        v
+    }
+
+    fn global(module: &str, name: &str) -> Vec<u8> {
+        format!("c{module}\n{name}\n").into_bytes()
+    }
+
+    /// `{name: tensor of `shape` viewing a FloatStorage of 6 elements}`, as torch.save
+    /// writes it with protocol 2.
+    fn state_dict(name: &str, offset: u8, shape: [u8; 2], stride: [u8; 2]) -> Vec<u8> {
+        let mut p = b"\x80\x02}q\x00(".to_vec();
+        p.extend(text(name));
+        p.extend(global("torch._utils", "_rebuild_tensor_v2"));
+        p.extend(b"(("); // the arguments, and the persistent id within them
+        p.extend(text("storage"));
+        p.extend(global("torch", "FloatStorage"));
+        p.extend(text("0"));
+        p.extend(text("cpu"));
+        p.extend([b'K', 6, b't', b'Q', b'K', offset]);
+        p.extend([
+            b'K', shape[0], b'K', shape[1], 0x86, b'K', stride[0], b'K', stride[1], 0x86,
+        ]);
+        p.push(0x89);
+        p.extend(global("collections", "OrderedDict"));
+        p.extend(b")Rt");
+        p.extend(b"Ru.");
+        p
+    }
+
+    #[test]
+    fn a_state_dict_pickle_gives_its_tensors() {
+        let got = leaves(&state_dict("w", 0, [2, 3], [3, 1])).unwrap();
+        assert_eq!(got, [("w".to_string(), "[2, 3] at 0".to_string())]);
+        let got = leaves(&state_dict("w", 2, [1, 4], [7, 1])).unwrap();
+        assert_eq!(got, [("w".to_string(), "[1, 4] at 2".to_string())]);
+    }
+
+    #[test]
+    fn a_dict_that_holds_itself_is_an_error() {
+        let mut p = b"}q\x00".to_vec();
+        p.extend(text("a"));
+        p.extend(b"h\x00s.");
+        let e = leaves(&p).unwrap_err();
+        assert!(e.contains("nested deeper than 32"), "{e}");
+    }
+
+    /// Globals are never executed; calling one, however often, gives an inert object
+    /// whose description does not grow.
+    #[test]
+    fn globals_are_inert_and_their_calls_stay_small() {
+        let mut p = b"}(".to_vec();
+        p.extend(text("x"));
+        p.extend(global("os", "system"));
+        for _ in 0..10_000 {
+            p.extend(b")R");
+        }
+        p.extend(b"u.");
+        let got = leaves(&p).unwrap();
+        assert_eq!(got, [("x".to_string(), "os.system(...)".to_string())]);
+    }
+
+    #[test]
+    fn malformed_pickles_are_errors() {
+        let mut wide = b"\x8a\x09".to_vec();
+        wide.extend([1; 9]);
+        wide.push(b'.');
+        let mut negative = state_dict("w", 0, [2, 3], [3, 1]);
+        // The first dimension as BININT -1 instead of BININT1 2.
+        let at = negative
+            .windows(4)
+            .position(|w| w == [b'K', 2, b'K', 3])
+            .unwrap();
+        negative.splice(at..at + 2, *b"J\xff\xff\xff\xff");
+        let mut ranks = state_dict("w", 0, [2, 3], [3, 1]);
+        let at = ranks
+            .windows(5)
+            .position(|w| w == [b'K', 3, b'K', 1, 0x86])
+            .unwrap();
+        ranks.splice(at..at + 5, [b'K', 1, 0x85]);
+        let cases: [(&[u8], &str); 13] = [
+            (b"\xff", "opcode 0xff at byte 0"),
+            (b"X\xff\xff\xff\x7f", "ends inside an opcode"),
+            (b"K\x01", "ends inside an opcode at byte 2"),
+            (b"(0", "across a MARK"),
+            (b".", "empty stack"),
+            (b"h\x05", "unset memo entry 5"),
+            (&wide, "an integer of 9 bytes"),
+            (b"K\x01K\x02a.", "APPEND to a non-list"),
+            (b"}K\x01u.", "no MARK"),
+            (b"}(K\x01u.", "odd number of dict items"),
+            (b"K\x01Q.", "persistent id"),
+            (&negative, "a tensor's size -1 is negative"),
+            (&ranks, "strides [1]"),
+        ];
+        for (pickle, words) in cases {
+            let e = leaves(pickle).unwrap_err();
+            assert!(e.contains(words), "`{e}` does not say `{words}`");
+        }
     }
 }

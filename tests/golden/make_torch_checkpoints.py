@@ -16,6 +16,8 @@ reader of PyTorch's format is checked against files PyTorch itself wrote.
   lists the names that must be refused.
 - torch_legacy_format.pt: a state dict saved with _use_new_zipfile_serialization=False
   (the format before PyTorch 1.6), which the reader refuses with a message.
+- torch_repacked.pt, torch_big_endian.pt: torch_mixed.pt's records rewritten by Python's
+  zipfile, deflated, and with a byteorder record of "big": both refused with a message.
 
 Usage:  python tests/golden/make_torch_checkpoints.py   (needs torch, safetensors; CPU)
 torch.save writes a random serialization id, so reruns differ in bytes, not content.
@@ -25,6 +27,7 @@ import argparse
 import collections
 import json
 import os
+import zipfile
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -112,11 +115,24 @@ def legacy_format():
     print("wrote torch_legacy_format.pt")
 
 
+def rewritten():
+    with zipfile.ZipFile(out("torch_mixed.pt")) as z:
+        records = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(out("torch_repacked.pt"), "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in records:
+            z.writestr(name, data)
+    with zipfile.ZipFile(out("torch_big_endian.pt"), "w", zipfile.ZIP_STORED) as z:
+        for name, data in records:
+            z.writestr(name, b"big" if name.endswith("/byteorder") else data)
+    print("wrote torch_repacked.pt, torch_big_endian.pt")
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     nextgpt_style()
     mixed()
     legacy_format()
+    rewritten()
     for name in ["torch_legacy_b1.pt", "torch_mixed.pt", "torch_mixed.expected.safetensors",
-                 "torch_legacy_format.pt"]:
+                 "torch_legacy_format.pt", "torch_repacked.pt", "torch_big_endian.pt"]:
         print(f"{name}: {os.path.getsize(out(name))} bytes")
