@@ -42,7 +42,9 @@ pub(super) fn is_legacy(bytes: &[u8]) -> bool {
     bytes.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19")
 }
 
-/// Dicts nested deeper than this are refused (a pickle can make a dict hold itself).
+/// Dicts or tuples nested deeper than this are refused (a pickle can make a dict hold
+/// itself, and a tuple nested as deep as the file is long would overflow the stack
+/// when dropped).
 const MAX_DEPTH: usize = 32;
 
 pub(super) fn index(bytes: &[u8]) -> Result<Index, String> {
@@ -102,7 +104,7 @@ pub(super) fn index(bytes: &[u8]) -> Result<Index, String> {
     };
     let mut leaves = Vec::new();
     match &root_value {
-        Value::Dict(d) => machine.flatten(*d, "", 0, &mut leaves)?,
+        Value::Dict(d) => machine.flatten(*d, "", 0, &mut machine.flatten_budget(), &mut leaves)?,
         other => {
             return Err(format!(
                 "data.pkl holds {}, not a dict of tensors (a state dict)",
@@ -265,7 +267,8 @@ enum Value {
     Float,
     Str(Rc<str>),
     Bytes,
-    Tuple(Rc<[Value]>),
+    /// Items, and how deep tuples nest in it (bounded: values drop recursively).
+    Tuple(Rc<[Value]>, usize),
     /// Index into [`Machine::lists`].
     List(usize),
     /// Index into [`Machine::dicts`].
@@ -287,7 +290,7 @@ impl Value {
             Value::Float => "a float",
             Value::Str(_) => "a string",
             Value::Bytes => "bytes",
-            Value::Tuple(_) => "a tuple",
+            Value::Tuple(..) => "a tuple",
             Value::List(_) => "a list",
             Value::Dict(_) => "a dict",
             Value::Global(_) => "a class or function",
@@ -306,10 +309,23 @@ impl Value {
 
     fn usizes(&self, what: &str) -> Result<Vec<usize>, String> {
         match self {
-            Value::Tuple(t) => t.iter().map(|v| v.usize(what)).collect(),
+            Value::Tuple(t, _) => t.iter().map(|v| v.usize(what)).collect(),
             other => Err(format!("{what} is {}, not a tuple", other.kind())),
         }
     }
+}
+
+/// A tuple of `items`, refused when tuples would nest deeper than [`MAX_DEPTH`].
+fn tuple(items: Vec<Value>) -> Result<Value, String> {
+    let inner = items.iter().map(|v| match v {
+        Value::Tuple(_, depth) => *depth,
+        _ => 0,
+    });
+    let depth = 1 + inner.max().unwrap_or(0);
+    if depth > MAX_DEPTH {
+        return Err(format!("tuples nested deeper than {MAX_DEPTH}"));
+    }
+    Ok(Value::Tuple(items.into(), depth))
 }
 
 /// The pickle virtual machine (the subset of opcodes protocols 2 to 5 use for data).
@@ -465,16 +481,16 @@ impl Machine {
                     r.take(n)?;
                     m.stack.push(Value::Bytes);
                 }
-                b')' => m.stack.push(Value::Tuple(Rc::from([]))),
+                b')' => m.stack.push(Value::Tuple(Rc::from([]), 1)),
                 b't' => {
                     let items = m.pop_mark()?;
-                    m.stack.push(Value::Tuple(items.into()));
+                    m.stack.push(tuple(items)?);
                 }
                 0x85..=0x87 => {
                     let n = usize::from(op - 0x84);
                     let mut items = (0..n).map(|_| m.pop()).collect::<Result<Vec<_>, _>>()?;
                     items.reverse();
-                    m.stack.push(Value::Tuple(items.into()));
+                    m.stack.push(tuple(items)?);
                 }
                 b']' => {
                     let v = m.new_list(Vec::new());
@@ -595,6 +611,12 @@ impl Machine {
         }
     }
 
+    /// Items [`flatten`](Self::flatten) may visit: each dict's twice over, and more.
+    fn flatten_budget(&self) -> usize {
+        let items: usize = self.dicts.iter().map(Vec::len).sum();
+        2 * items + 1024
+    }
+
     fn global_value(module: &str, name: &str) -> Value {
         match global(module, name) {
             Some(g) => Value::Global(g),
@@ -627,7 +649,7 @@ impl Machine {
     }
 
     fn persistent(pid: Value) -> Result<Value, String> {
-        let Value::Tuple(t) = &pid else {
+        let Value::Tuple(t, _) = &pid else {
             return Err(format!(
                 "a persistent id that is {}, not a tuple",
                 pid.kind()
@@ -667,7 +689,7 @@ impl Machine {
             Value::Opaque(what) => return Ok(Value::Opaque(format!("{what}(...)").into())),
             other => return Err(format!("a call of {}", other.kind())),
         };
-        let Value::Tuple(args) = args else {
+        let Value::Tuple(args, _) = args else {
             return Err(format!("arguments that are {}, not a tuple", args.kind()));
         };
         match (g, &args[..]) {
@@ -705,6 +727,10 @@ impl Machine {
                     other => Err(format!("a parameter rebuilt from {}", other.kind())),
                 }
             }
+            // Not recursive, so that a file cannot nest calls as deep as its size.
+            (Global::RebuildFromTypeV2, [Value::Global(Global::RebuildFromTypeV2), ..]) => {
+                Err("_rebuild_from_type_v2 of itself".into())
+            }
             (Global::RebuildFromTypeV2, [func, _ty, args, _state]) => {
                 self.call(func.clone(), args.clone())
             }
@@ -713,12 +739,15 @@ impl Machine {
     }
 
     /// The leaves of a dict, names of nested dicts joined with `.`; later items win,
-    /// as they do in Python.
+    /// as they do in Python. A dict may be reached by several names, but `budget`
+    /// items in all, so that dicts shared at every level cannot make the names
+    /// exponentially many.
     fn flatten(
         &self,
         dict: usize,
         prefix: &str,
         depth: usize,
+        budget: &mut usize,
         out: &mut Vec<(String, Value)>,
     ) -> Result<(), String> {
         if depth >= MAX_DEPTH {
@@ -726,6 +755,9 @@ impl Machine {
                 "dicts nested deeper than {MAX_DEPTH} (at `{prefix}`)"
             ));
         }
+        *budget = budget
+            .checked_sub(self.dicts[dict].len())
+            .ok_or("dicts shared under more names than a checkpoint has tensors")?;
         let mut items: BTreeMap<String, &Value> = BTreeMap::new();
         for (k, v) in &self.dicts[dict] {
             let key = match k {
@@ -739,7 +771,7 @@ impl Machine {
         for (key, v) in items {
             let name = format!("{prefix}{key}");
             match v {
-                Value::Dict(d) => self.flatten(*d, &format!("{name}."), depth + 1, out)?,
+                Value::Dict(d) => self.flatten(*d, &format!("{name}."), depth + 1, budget, out)?,
                 Value::Tensor(_) | Value::Opaque(_) => out.push((name, v.clone())),
                 _ => {}
             }
@@ -760,7 +792,7 @@ mod tests {
             return Err(format!("a root of {}", root.kind()));
         };
         let mut out = Vec::new();
-        m.flatten(d, "", 0, &mut out)?;
+        m.flatten(d, "", 0, &mut m.flatten_budget(), &mut out)?;
         Ok(out
             .into_iter()
             .map(|(name, v)| {
@@ -837,6 +869,41 @@ mod tests {
         p.extend(b"u.");
         let got = leaves(&p).unwrap();
         assert_eq!(got, [("x".to_string(), "os.system(...)".to_string())]);
+    }
+
+    /// What would take time or stack exponential in, or as deep as, the file's size
+    /// is refused: tuples nested 100,000 deep, dicts that hold one dict twice at each
+    /// of 30 levels (2^30 names), a type rebuilt through itself.
+    #[test]
+    fn pickles_that_nest_without_bound_are_errors() {
+        let mut deep = b")".to_vec();
+        deep.extend([0x85; 100_000]);
+        deep.push(b'.');
+        let e = Machine::run(&deep).err().unwrap();
+        assert!(e.contains("tuples nested deeper than 32"), "{e}");
+
+        let mut shared = b"}q\x00".to_vec();
+        for level in 1..30u8 {
+            shared.extend([b'}', b'q', level, b'(']);
+            for key in ["a", "b"] {
+                shared.extend(text(key));
+                shared.extend([b'h', level - 1]);
+            }
+            shared.push(b'u');
+        }
+        shared.push(b'.');
+        let e = leaves(&shared).unwrap_err();
+        assert!(e.contains("shared under more names"), "{e}");
+
+        // _rebuild_from_type_v2(_rebuild_from_type_v2, None, (), None)
+        let mut p = b"}(".to_vec();
+        p.extend(text("x"));
+        p.extend(global("torch._tensor", "_rebuild_from_type_v2"));
+        p.push(b'(');
+        p.extend(global("torch._tensor", "_rebuild_from_type_v2"));
+        p.extend(b"N)NtRu.");
+        let e = leaves(&p).unwrap_err();
+        assert!(e.contains("_rebuild_from_type_v2 of itself"), "{e}");
     }
 
     #[test]
