@@ -68,10 +68,10 @@ enum Command {
     Run {
         #[command(flatten)]
         model: ModelArgs,
-        /// Input (safetensors or `torch.save`): `hidden` [B, n_in, in_dim] and optional `embeds` (same
-        /// shape); or full LLM outputs: `hidden` [B, T, in_dim], optional `embeds`,
-        /// `token_ids` [B, T] and the signal tokens' ids (`signal_ids` or --signal-ids),
-        /// which are found in each sequence and gathered.
+        /// Input (safetensors or `torch.save`): `hidden` [B, n_in, in_dim] and optional
+        /// `embeds` (same shape); or full LLM outputs: `hidden` [B, T, in_dim], optional
+        /// `embeds`, `token_ids` [B, T] and the signal tokens' ids (`signal_ids` or
+        /// --signal-ids), which are found in each sequence and gathered.
         #[arg(long)]
         input: Option<PathBuf>,
         /// The signal tokens' ids in order (e.g. those of `[IMG0]`..`[IMG3]`),

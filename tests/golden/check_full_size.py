@@ -7,6 +7,11 @@ output with PyTorch's float64 forward. Exits non-zero if any case exceeds the to
 1e-9 for the float64 CPU reference, 1e-4 for the f32 GPU backends.
 
     python tests/golden/check_full_size.py target/release/outproj [workdir] [--device cpu|wgpu|cuda]
+        [--format safetensors|pt]
+
+`--format pt` writes the checkpoints and inputs with torch.save instead, as NExT-GPT
+saves its own: an OrderedDict of nn.Parameter, beside a LoRA-like tensor the loader
+must pass over.
 
 Needs torch and safetensors; not run in CI (the files are ~130 MB each).
 """
@@ -15,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import OrderedDict
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,6 +45,11 @@ def main():
         i = args.index("--device")
         device = args[i + 1]
         del args[i:i + 2]
+    fmt = "safetensors"
+    if "--format" in args:
+        i = args.index("--format")
+        fmt = args[i + 1]
+        del args[i:i + 2]
     tol = TOLERANCE[device]
     exe = os.path.abspath(args[0])
     work = args[1] if len(args) > 1 else tempfile.mkdtemp(prefix="outproj-full-")
@@ -56,9 +67,18 @@ def main():
         embeds = torch.randn(batch, n_in, 4096, generator=g, dtype=torch.float64).float()
         with torch.no_grad():
             want = model(hidden.double(), embeds.double())
-        wpath, ipath, opath = (os.path.join(work, f"{name}.{s}.safetensors") for s in ("weights", "input", "out"))
-        save_file(sd, wpath)
-        save_file({"hidden": hidden, "embeds": embeds}, ipath)
+        ext = "pt" if fmt == "pt" else "safetensors"
+        wpath, ipath = (os.path.join(work, f"{name}.{s}.{ext}") for s in ("weights", "input"))
+        opath = os.path.join(work, f"{name}.out.safetensors")
+        if fmt == "pt":
+            ckpt = OrderedDict((k, torch.nn.Parameter(v)) for k, v in sd.items())
+            ckpt["llama_model.base_model.model.layers.0.self_attn.q_proj.lora_A.weight"] = \
+                torch.nn.Parameter(torch.randn(32, 4096, generator=g).half())
+            torch.save(ckpt, wpath)
+            torch.save({"hidden": hidden, "embeds": embeds}, ipath)
+        else:
+            save_file(sd, wpath)
+            save_file({"hidden": hidden, "embeds": embeds}, ipath)
         cmd = [exe, "run", "--device", device, "--weights", wpath, "--input", ipath, "--output", opath] + extra
         if modality:
             cmd += ["--modality", modality]
@@ -72,8 +92,8 @@ def main():
         worst = max(worst, rel)
         ok = rel <= tol
         failed |= not ok
-        print(f"{name:<16} {str(list(want.shape)):<16} stored {str(dtype)[6:]:<9} rel {rel:.2e}  {'ok' if ok else 'FAIL'}")
-    print(json.dumps({"device": device, "worst_rel": worst, "tolerance": tol, "passed": not failed}))
+        print(f"{name:<16} {str(list(want.shape)):<16} stored {str(dtype)[6:]:<9} {ext:<11} rel {rel:.2e}  {'ok' if ok else 'FAIL'}")
+    print(json.dumps({"device": device, "format": fmt, "worst_rel": worst, "tolerance": tol, "passed": not failed}))
     sys.exit(1 if failed else 0)
 
 
