@@ -813,6 +813,11 @@ mod tests {
         v
     }
 
+    /// `{key: value}`, `value` the opcodes that push it.
+    fn dict_of(key: &str, value: &[u8]) -> Vec<u8> {
+        [&b"}("[..], &text(key), value, b"u."].concat()
+    }
+
     fn global(module: &str, name: &str) -> Vec<u8> {
         format!("c{module}\n{name}\n").into_bytes()
     }
@@ -860,14 +865,11 @@ mod tests {
     /// whose description does not grow.
     #[test]
     fn globals_are_inert_and_their_calls_stay_small() {
-        let mut p = b"}(".to_vec();
-        p.extend(text("x"));
-        p.extend(global("os", "system"));
+        let mut value = global("os", "system");
         for _ in 0..10_000 {
-            p.extend(b")R");
+            value.extend(b")R");
         }
-        p.extend(b"u.");
-        let got = leaves(&p).unwrap();
+        let got = leaves(&dict_of("x", &value)).unwrap();
         assert_eq!(got, [("x".to_string(), "os.system(...)".to_string())]);
     }
 
@@ -896,13 +898,9 @@ mod tests {
         assert!(e.contains("shared under more names"), "{e}");
 
         // _rebuild_from_type_v2(_rebuild_from_type_v2, None, (), None)
-        let mut p = b"}(".to_vec();
-        p.extend(text("x"));
-        p.extend(global("torch._tensor", "_rebuild_from_type_v2"));
-        p.push(b'(');
-        p.extend(global("torch._tensor", "_rebuild_from_type_v2"));
-        p.extend(b"N)NtRu.");
-        let e = leaves(&p).unwrap_err();
+        let f = global("torch._tensor", "_rebuild_from_type_v2");
+        let value = [&f[..], b"(", &f, b"N)NtR"].concat();
+        let e = leaves(&dict_of("x", &value)).unwrap_err();
         assert!(e.contains("_rebuild_from_type_v2 of itself"), "{e}");
     }
 
