@@ -35,8 +35,9 @@ struct Cli {
 
 #[derive(clap::Args, Clone, Debug)]
 struct ModelArgs {
-    /// Projector weights: safetensors, or a PyTorch checkpoint (`torch.save`, e.g.
-    /// NExT-GPT's `pytorch_model.pt`); a whole NExT-GPT checkpoint is fine.
+    /// Projector weights: safetensors, a PyTorch checkpoint (`torch.save`, e.g.
+    /// NExT-GPT's `pytorch_model.pt`) or the `*.index.json` of a sharded one; a whole
+    /// NExT-GPT checkpoint is fine.
     #[arg(long)]
     weights: Option<PathBuf>,
     /// auto, cpu, wgpu or cuda.

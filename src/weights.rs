@@ -18,18 +18,36 @@ use crate::tensor::{try_filled, DType, HostData, HostTensor};
 mod torch;
 
 /// A checkpoint, memory-mapped, with its index of tensors parsed and validated: a
-/// safetensors file, or a PyTorch one (`torch.save` of a state dict, PyTorch 1.6 or
-/// later; nested dicts' names joined with `.`). Tensors are read (and converted) one at
-/// a time, so a large checkpoint that holds an LLM besides the projector costs only the
-/// projector's bytes.
+/// safetensors file, a PyTorch one (`torch.save` of a state dict, PyTorch 1.6 or
+/// later; nested dicts' names joined with `.`), or the shards a `*.index.json` names
+/// (as Hugging Face writes large checkpoints), each of either format. Tensors are read
+/// (and converted) one at a time, so a large checkpoint that holds an LLM besides the
+/// projector costs only the projector's bytes.
 pub struct TensorFile {
     path: PathBuf,
+    source: Source,
+}
+
+enum Source {
+    /// One safetensors or PyTorch file.
+    File(Contents),
+    /// The shards an index names (files, never indexes themselves), and the shard
+    /// that holds each tensor.
+    Shards {
+        shards: Vec<TensorFile>,
+        shard_of: BTreeMap<String, usize>,
+    },
+}
+
+/// One file's bytes and its index.
+struct Contents {
     map: Bytes,
     tensors: BTreeMap<String, Entry>,
     metadata: Option<HashMap<String, String>>,
     /// A PyTorch checkpoint's storage records: CRC-32 checked on a tensor's first read.
     records: Vec<(torch::Record, OnceLock<bool>)>,
-    /// Names a PyTorch checkpoint holds as something other than a dense tensor.
+    /// Names a PyTorch checkpoint holds as something other than a dense tensor,
+    /// with the reason.
     unsupported: BTreeMap<String, String>,
 }
 
@@ -79,7 +97,7 @@ impl TensorFile {
         if torch::is_archive(&map) {
             let index = torch::index(&map)
                 .map_err(|e| format(format!("not a valid PyTorch checkpoint: {e}")))?;
-            return Ok(TensorFile {
+            let contents = Contents {
                 tensors: index.tensors,
                 metadata: None,
                 records: index
@@ -88,8 +106,11 @@ impl TensorFile {
                     .map(|r| (r, OnceLock::new()))
                     .collect(),
                 unsupported: index.unsupported,
-                path,
                 map,
+            };
+            return Ok(TensorFile {
+                path,
+                source: Source::File(contents),
             });
         }
         let (header_len, header) = safetensors::SafeTensors::read_metadata(&map)
@@ -115,20 +136,33 @@ impl TensorFile {
             };
             tensors.insert(name, entry);
         }
-        Ok(TensorFile {
-            path,
+        let contents = Contents {
             map,
             tensors,
             metadata: header.metadata().clone(),
             records: Vec::new(),
             unsupported: BTreeMap::new(),
+        };
+        Ok(TensorFile {
+            path,
+            source: Source::File(contents),
         })
     }
 
     /// Memory-map the file at `path` and index its tensors: an unreadable file is
-    /// [`Error::Io`], a malformed one [`Error::Format`]. No tensor is read yet.
+    /// [`Error::Io`], a malformed one [`Error::Format`]. No tensor is read yet. A path
+    /// ending in `.json` is an index of shards (`{"weight_map": {name: file}}`, files
+    /// beside it), each opened so.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
+        let path = path.as_ref();
+        if path.extension().is_some_and(|e| e == "json") {
+            Self::open_index(path.to_path_buf())
+        } else {
+            Self::open_file(path.to_path_buf())
+        }
+    }
+
+    fn open_file(path: PathBuf) -> Result<Self> {
         let io = |source| Error::Io {
             path: path.clone(),
             source,
@@ -140,6 +174,59 @@ impl TensorFile {
         Self::parse(path, Bytes::Mapped(map))
     }
 
+    fn open_index(path: PathBuf) -> Result<Self> {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let format = |reason: String| Error::Format {
+            path: path.clone(),
+            reason: format!("not a valid checkpoint index: {reason}"),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let index: Index = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+        if index.weight_map.is_empty() {
+            return Err(format("its weight_map names no tensor".into()));
+        }
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let mut shards: Vec<TensorFile> = Vec::new();
+        let mut opened: HashMap<&str, usize> = HashMap::new();
+        let mut shard_of = BTreeMap::new();
+        for (name, file) in &index.weight_map {
+            let i = match opened.get(file.as_str()) {
+                Some(&i) => i,
+                None => {
+                    // Only files beside the index: no absolute paths, no `..`.
+                    let relative = Path::new(file);
+                    let plain = relative
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)));
+                    if !plain || file.is_empty() {
+                        return Err(format(format!(
+                            "it maps `{name}` to `{file}`, which is not a file beside it"
+                        )));
+                    }
+                    shards.push(Self::open_file(dir.join(relative))?);
+                    opened.insert(file, shards.len() - 1);
+                    shards.len() - 1
+                }
+            };
+            if !shards[i].contains(name) {
+                return Err(format(format!(
+                    "it maps `{name}` to {file}, which does not hold it"
+                )));
+            }
+            shard_of.insert(name.clone(), i);
+        }
+        Ok(TensorFile {
+            path,
+            source: Source::Shards { shards, shard_of },
+        })
+    }
+
     /// The file's path (for [`from_static`](Self::from_static), its `name`), as messages print it.
     pub fn path(&self) -> &Path {
         &self.path
@@ -147,23 +234,35 @@ impl TensorFile {
 
     /// Every tensor name, sorted.
     pub fn names(&self) -> BTreeSet<String> {
-        self.tensors.keys().cloned().collect()
+        match &self.source {
+            Source::File(c) => c.tensors.keys().cloned().collect(),
+            Source::Shards { shard_of, .. } => shard_of.keys().cloned().collect(),
+        }
     }
 
     /// Whether the file holds a tensor named `name` (the full key, prefix included).
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        match &self.source {
+            Source::File(c) => c.tensors.contains_key(name),
+            Source::Shards { shard_of, .. } => shard_of.contains_key(name),
+        }
     }
 
     /// The free-form string metadata of a safetensors header (PyTorch checkpoints
-    /// have none).
+    /// and indexes of shards have none).
     pub fn metadata(&self) -> Option<&HashMap<String, String>> {
-        self.metadata.as_ref()
+        match &self.source {
+            Source::File(c) => c.metadata.as_ref(),
+            Source::Shards { .. } => None,
+        }
     }
 
     /// The shape of a tensor, without reading it.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.tensors.get(name).map(|e| e.shape.as_slice())
+        match &self.source {
+            Source::File(c) => c.tensors.get(name).map(|e| e.shape.as_slice()),
+            Source::Shards { shards, shard_of } => shards.get(*shard_of.get(name)?)?.shape(name),
+        }
     }
 
     /// Read one floating-point tensor.
@@ -210,30 +309,37 @@ impl TensorFile {
         Ok((entry.shape.clone(), ids))
     }
 
-    /// A tensor's entry and bytes, its storage record checked against its CRC-32.
+    /// A tensor's entry and bytes (from the shard that holds it), its storage
+    /// record checked against its CRC-32.
     fn entry(&self, name: &str) -> Result<(&Entry, &[u8])> {
+        let missing = || Error::MissingKey {
+            key: name.to_string(),
+            hint: format!(" in {}", self.path.display()),
+        };
+        let c = match &self.source {
+            Source::File(c) => c,
+            Source::Shards { shards, shard_of } => {
+                let shard = shard_of.get(name).and_then(|&i| shards.get(i));
+                return shard.ok_or_else(missing)?.entry(name);
+            }
+        };
         let format = |reason: String| Error::Format {
             path: self.path.clone(),
             reason,
         };
-        let Some(entry) = self.tensors.get(name) else {
-            if let Some(what) = self.unsupported.get(name) {
-                return Err(format(format!(
-                    "`{name}` is stored as {what}(...), not as a dense tensor"
-                )));
-            }
-            return Err(Error::MissingKey {
-                key: name.to_string(),
-                hint: format!(" in {}", self.path.display()),
+        let Some(entry) = c.tensors.get(name) else {
+            return Err(match c.unsupported.get(name) {
+                Some(why) => format(why.clone()),
+                None => missing(),
             });
         };
-        let bytes = self
+        let bytes = c
             .map
             .get(entry.range.clone())
             .ok_or_else(|| format(format!("tensor `{name}` lies outside the file")))?;
-        if let Some((record, checked)) = entry.record.and_then(|r| self.records.get(r)) {
+        if let Some((record, checked)) = entry.record.and_then(|r| c.records.get(r)) {
             let intact = checked.get_or_init(|| {
-                self.map
+                c.map
                     .get(record.range.clone())
                     .is_some_and(|b| crc32fast::hash(b) == record.crc32)
             });

@@ -1,6 +1,8 @@
 //! Properties of the CPU reference that the PyTorch fixtures do not pin down:
 //! edge cases, error paths, gradients against finite differences.
 
+use std::collections::BTreeMap;
+
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::ops::{
     linear_then_layer_norm, Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind,
@@ -973,4 +975,109 @@ fn damaged_pytorch_checkpoints_load_or_fail_cleanly() {
     }
     println!("torch_mixed.pt damaged: {opened} opened, {refused} refused");
     assert!(opened > 0 && refused > 0);
+}
+
+/// Hugging Face's sharded checkpoints: a `*.index.json` whose `weight_map` names the
+/// shard of each tensor, shards of either format, read as one file.
+#[test]
+fn a_sharded_checkpoint_reads_as_one_file() {
+    let dir = std::env::temp_dir().join(format!("outproj-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let w = ProjectorWeights::random(tiny_config(Variant::Legacy), None, 9).unwrap();
+    let mut state = w.state_dict("gen_text_hidden_fcs.0.");
+    let names: Vec<String> = state.keys().cloned().collect();
+    let second = state.split_off(&names[names.len() / 2]);
+    // A tensor the index does not list stays out of the checkpoint.
+    let mut first = state;
+    first.insert(
+        "llm.unlisted".into(),
+        second.values().next().unwrap().clone(),
+    );
+    let index = |map: &[(&String, &str)]| {
+        let map: BTreeMap<&str, &str> = map.iter().map(|(n, f)| (n.as_str(), *f)).collect();
+        serde_json::json!({"metadata": {"total_size": 1234}, "weight_map": map}).to_string()
+    };
+    output_projector::weights::save(dir.join("model-1.safetensors"), &first, None).unwrap();
+    output_projector::weights::save(dir.join("model-2.safetensors"), &second, None).unwrap();
+    let map: Vec<(&String, &str)> = names
+        .iter()
+        .map(|n| {
+            (
+                n,
+                if second.contains_key(n) {
+                    "model-2.safetensors"
+                } else {
+                    "model-1.safetensors"
+                },
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("model.safetensors.index.json"), index(&map)).unwrap();
+    let file = TensorFile::open(dir.join("model.safetensors.index.json")).unwrap();
+    assert_eq!(file.names(), names.iter().cloned().collect());
+    assert!(!file.contains("llm.unlisted") && file.metadata().is_none());
+    let sel = Selection {
+        heads: Some(2),
+        ..Selection::default()
+    };
+    assert_eq!(
+        ProjectorWeights::load(&file, &sel).unwrap().tensors(),
+        w.tensors()
+    );
+
+    // A PyTorch shard (pytorch_model.bin.index.json names .bin files).
+    std::fs::copy(
+        golden("torch_legacy_b1.pt"),
+        dir.join("pytorch_model-1.bin"),
+    )
+    .unwrap();
+    let pt_names = TensorFile::open(golden("torch_legacy_b1.pt"))
+        .unwrap()
+        .names();
+    let map: Vec<(&String, &str)> = pt_names
+        .iter()
+        .map(|n| (n, "pytorch_model-1.bin"))
+        .collect();
+    std::fs::write(dir.join("pytorch_model.bin.index.json"), index(&map)).unwrap();
+    let file = TensorFile::open(dir.join("pytorch_model.bin.index.json")).unwrap();
+    let twin = TensorFile::open(golden("model_legacy_b1.weights.safetensors")).unwrap();
+    let load = |f: &TensorFile| ProjectorWeights::load(f, &Selection::default()).unwrap();
+    assert_eq!(load(&file).tensors(), load(&twin).tensors());
+
+    // Indexes that are wrong: each an error naming what, never a file outside the folder.
+    let query = names.iter().find(|n| n.ends_with("query_embs")).unwrap();
+    let cases: [(String, &[&str]); 7] = [
+        (
+            index(&[(query, "../model-1.safetensors")]),
+            &["not a file beside it", "../model-1"],
+        ),
+        (index(&[(query, "/etc/passwd")]), &["not a file beside it"]),
+        (index(&[(query, "")]), &["not a file beside it"]),
+        (
+            index(&[(query, "model-2.safetensors")]),
+            &["does not hold it", "query_embs"],
+        ),
+        (
+            index(&[(query, "model.safetensors.index.json")]),
+            &["model.safetensors.index.json"],
+        ),
+        (index(&[]), &["names no tensor"]),
+        (
+            "{\"weight_map\": [1]".into(),
+            &["not a valid checkpoint index"],
+        ),
+    ];
+    for (i, (text, words)) in cases.into_iter().enumerate() {
+        let path = dir.join(format!("bad-{i}.index.json"));
+        std::fs::write(&path, text).unwrap();
+        expect_err(TensorFile::open(&path), is_format, words);
+    }
+    let path = dir.join("missing.index.json");
+    std::fs::write(&path, index(&[(query, "no-such-shard.safetensors")])).unwrap();
+    expect_err(
+        TensorFile::open(&path),
+        |e| matches!(e, Error::Io { .. }),
+        &["no-such-shard.safetensors"],
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
