@@ -167,6 +167,13 @@ impl TensorFile {
             path: path.clone(),
             source,
         };
+        // A directory cannot be mapped, and opening a FIFO would wait for a writer.
+        if !std::fs::metadata(&path).map_err(io)?.is_file() {
+            return Err(Error::Format {
+                reason: "not a regular file".into(),
+                path,
+            });
+        }
         let file = std::fs::File::open(&path).map_err(io)?;
         // SAFETY: the map is read-only and private to this value; as with any mapped
         // file, truncating it while mapped is the caller's responsibility.
@@ -214,7 +221,7 @@ impl TensorFile {
                     shards.len() - 1
                 }
             };
-            if !shards[i].contains(name) {
+            if !shards[i].holds(name) {
                 return Err(format(format!(
                     "it maps `{name}` to {file}, which does not hold it"
                 )));
@@ -236,7 +243,11 @@ impl TensorFile {
     pub fn names(&self) -> BTreeSet<String> {
         match &self.source {
             Source::File(c) => c.tensors.keys().cloned().collect(),
-            Source::Shards { shard_of, .. } => shard_of.keys().cloned().collect(),
+            Source::Shards { shards, shard_of } => shard_of
+                .iter()
+                .filter(|&(name, &i)| shards[i].contains(name))
+                .map(|(name, _)| name.clone())
+                .collect(),
         }
     }
 
@@ -244,7 +255,9 @@ impl TensorFile {
     pub fn contains(&self, name: &str) -> bool {
         match &self.source {
             Source::File(c) => c.tensors.contains_key(name),
-            Source::Shards { shard_of, .. } => shard_of.contains_key(name),
+            Source::Shards { shards, shard_of } => shard_of
+                .get(name)
+                .is_some_and(|&i| shards[i].contains(name)),
         }
     }
 
@@ -254,6 +267,15 @@ impl TensorFile {
         match &self.source {
             Source::File(c) => c.metadata.as_ref(),
             Source::Shards { .. } => None,
+        }
+    }
+
+    /// Whether the file holds `name`, as a tensor or as something [`get`](Self::get)
+    /// says it cannot read.
+    fn holds(&self, name: &str) -> bool {
+        match &self.source {
+            Source::File(c) => c.tensors.contains_key(name) || c.unsupported.contains_key(name),
+            Source::Shards { shard_of, .. } => shard_of.contains_key(name),
         }
     }
 

@@ -801,8 +801,10 @@ fn a_pytorch_checkpoint_reads_as_its_safetensors_twin() {
 }
 
 /// A training-style checkpoint (pickle protocol 4): nested dicts, views of one
-/// storage at offsets, every storage type the reader takes, empty and 0-dim tensors;
-/// what it cannot read is an error naming the tensor, only when asked for.
+/// storage at offsets, every storage type the reader takes, empty and 0-dim tensors,
+/// tensors in lists and tuples, a set; what it cannot read (a strided view, a
+/// quantized or complex tensor, an object, a name two values share) is an error
+/// naming it, only when asked for.
 #[test]
 fn a_pytorch_checkpoint_of_mixed_content_reads_what_it_can_and_names_the_rest() {
     let pt = TensorFile::open(golden("torch_mixed.pt")).unwrap();
@@ -827,15 +829,20 @@ fn a_pytorch_checkpoint_of_mixed_content_reads_what_it_can_and_names_the_rest() 
         }
     }
     assert_eq!(pt.shape("empty"), Some(&[0, 4][..]));
+    assert_eq!(pt.shape("empty_3_0"), Some(&[3, 0][..]));
+    assert_eq!(pt.shape("layers.1.w"), Some(&[3][..]));
+    assert!(pt.contains("pair.1") && !pt.contains("tags"));
     assert_eq!(pt.shape("scalar"), Some(&[][..]));
     assert_eq!(pt.get_ids("dtypes.i64").unwrap().1[3], 1 << 40);
     let refused: Vec<String> = serde_json::from_str(&want.metadata().unwrap()["refused"]).unwrap();
-    assert_eq!(refused.len(), 4);
+    assert_eq!(refused.len(), 6);
     let why = [
         ("refused.transposed", "not contiguous"),
         ("refused.quantized", "_rebuild_qtensor"),
         ("refused.complex", "ComplexFloatStorage"),
         ("args", "argparse.Namespace"),
+        ("dup.x", "names two values"),
+        ("ids.1", "names two values"),
     ];
     for (name, reason) in why {
         assert!(refused.iter().any(|r| r == name), "{name}");
@@ -1043,6 +1050,27 @@ fn a_sharded_checkpoint_reads_as_one_file() {
     let twin = TensorFile::open(golden("model_legacy_b1.weights.safetensors")).unwrap();
     let load = |f: &TensorFile| ProjectorWeights::load(f, &Selection::default()).unwrap();
     assert_eq!(load(&file).tensors(), load(&twin).tensors());
+
+    // A shard's tensor the reader cannot take is an error when read, not when opened.
+    std::fs::copy(golden("torch_mixed.pt"), dir.join("mixed.bin")).unwrap();
+    let (bf16, strided) = (
+        String::from("dtypes.bf16"),
+        String::from("refused.transposed"),
+    );
+    let path = dir.join("mixed.bin.index.json");
+    std::fs::write(
+        &path,
+        index(&[(&bf16, "mixed.bin"), (&strided, "mixed.bin")]),
+    )
+    .unwrap();
+    let file = TensorFile::open(&path).unwrap();
+    assert_eq!(file.names(), [bf16.clone()].into());
+    assert_eq!(file.get(&bf16).unwrap().shape(), &[2, 3]);
+    expect_err(
+        file.get(&strided),
+        is_format,
+        &["not contiguous", "mixed.bin"],
+    );
 
     // Indexes that are wrong: each an error naming what, never a file outside the folder.
     let query = names.iter().find(|n| n.ends_with("query_embs")).unwrap();

@@ -47,6 +47,12 @@ pub(super) fn is_legacy(bytes: &[u8]) -> bool {
 /// when dropped).
 const MAX_DEPTH: usize = 32;
 
+/// Tensors of more dimensions are refused (PyTorch's kernels take at most 25).
+const MAX_RANK: usize = 64;
+
+/// Longer names of globals are cut in messages.
+const MAX_NAME: usize = 128;
+
 pub(super) fn index(bytes: &[u8]) -> Result<Index, String> {
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
         .map_err(|e| format!("not a readable zip archive: {e}"))?;
@@ -95,53 +101,71 @@ pub(super) fn index(bytes: &[u8]) -> Result<Index, String> {
         }
     }
     let pickle = record(pkl)?.ok_or("data.pkl vanished")?;
-    let (root_value, machine) = Machine::run(&bytes[pickle.range])?;
+    let (root_value, machine) = Machine::run(&bytes[pickle.range.clone()])?;
 
     let mut index = Index {
         tensors: BTreeMap::new(),
         records: Vec::new(),
         unsupported: BTreeMap::new(),
     };
-    let mut leaves = Vec::new();
-    match &root_value {
-        Value::Dict(d) => machine.flatten(*d, "", 0, &mut machine.flatten_budget(), &mut leaves)?,
-        other => {
-            return Err(format!(
-                "data.pkl holds {}, not a dict of tensors (a state dict)",
-                other.kind()
-            ))
-        }
+    if !matches!(root_value, Value::Dict(_)) {
+        return Err(format!(
+            "data.pkl holds {}, not a dict of tensors (a state dict)",
+            root_value.kind()
+        ));
     }
-    let mut records: HashMap<Rc<str>, usize> = HashMap::new();
+    let mut leaves = Vec::new();
+    let mut budget = pickle
+        .range
+        .len()
+        .saturating_mul(16)
+        .saturating_add(1 << 20);
+    machine.flatten(&root_value, String::new(), 0, &mut budget, &mut leaves)?;
+
+    // Each storage's record, and the element type its first tensor reads it as.
+    let mut records: HashMap<Rc<str>, (usize, Dtype)> = HashMap::new();
     for (name, value) in leaves {
-        match value {
-            Value::Tensor(t) => {
-                if let Err(reason) = t.contiguous(&name) {
-                    index.unsupported.insert(name, reason);
+        if index.tensors.remove(&name).is_some() || index.unsupported.contains_key(&name) {
+            let why = format!("`{name}` names two values (keys joined with `.` read the same)");
+            index.unsupported.insert(name, why);
+            continue;
+        }
+        let why = match value {
+            Value::Tensor(t) => match t.contiguous(&name) {
+                Err(why) => why,
+                Ok(numel) => {
+                    let key = &t.storage.key;
+                    let r = match records.get(key) {
+                        Some(&(r, dtype)) if dtype == t.storage.dtype => r,
+                        Some(_) => {
+                            let why =
+                                format!("`{name}` reads storage {key} as another element type");
+                            index.unsupported.insert(name, why);
+                            continue;
+                        }
+                        None => {
+                            let path = format!("{root}data/{key}");
+                            let rec = record(&path)?.ok_or_else(|| {
+                                format!("tensor `{name}`'s storage {path} is not in the archive")
+                            })?;
+                            index.records.push(rec);
+                            let r = index.records.len() - 1;
+                            records.insert(key.clone(), (r, t.storage.dtype));
+                            r
+                        }
+                    };
+                    let entry = t.entry(&name, numel, r, &index.records[r])?;
+                    index.tensors.insert(name, entry);
                     continue;
                 }
-                let r = match records.get(&t.storage.key) {
-                    Some(&r) => r,
-                    None => {
-                        let path = format!("{root}data/{}", t.storage.key);
-                        let rec = record(&path)?.ok_or_else(|| {
-                            format!("tensor `{name}`'s storage {path} is not in the archive")
-                        })?;
-                        let r = index.records.len();
-                        index.records.push(rec);
-                        records.insert(t.storage.key.clone(), r);
-                        r
-                    }
-                };
-                let entry = t.entry(&name, r, &index.records[r])?;
-                index.tensors.insert(name, entry);
-            }
-            Value::Opaque(what) => {
-                let reason = format!("`{name}` is {what}, not a dense tensor this reader takes");
-                index.unsupported.insert(name, reason);
-            }
-            _ => {}
-        }
+            },
+            Value::Opaque(what, made) => format!(
+                "`{name}` is {}, not a dense tensor this reader takes",
+                describe(&what, made)
+            ),
+            _ => continue,
+        };
+        index.unsupported.insert(name, why);
     }
     Ok(index)
 }
@@ -162,26 +186,37 @@ struct Tensor {
 }
 
 impl Tensor {
-    /// The element count of a row-major tensor (a dimension of size 1 may carry any
-    /// stride), or why it is not one.
+    /// The element count of a row-major tensor (a dimension of size 1, or any
+    /// dimension of an empty tensor, may carry any stride, as in PyTorch), or why
+    /// it is not one.
     fn contiguous(&self, name: &str) -> Result<usize, String> {
-        let mut expected = 1usize;
+        let numel = self
+            .shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| format!("tensor `{name}`: shape {:?} overflows", self.shape))?;
+        let mut expected = 1;
         for (&n, &s) in self.shape.iter().zip(&self.stride).rev() {
-            if n != 1 && s != expected {
+            if numel > 0 && n != 1 && s != expected {
                 return Err(format!(
                     "tensor `{name}` is not contiguous (shape {:?}, strides {:?}); \
                      save `tensor.contiguous()` instead",
                     self.shape, self.stride
                 ));
             }
-            expected = expected
-                .checked_mul(n)
-                .ok_or_else(|| format!("tensor `{name}`: shape {:?} overflows", self.shape))?;
+            expected *= n; // at most numel
         }
-        Ok(expected)
+        Ok(numel)
     }
 
-    fn entry(&self, name: &str, record: usize, rec: &Record) -> Result<Entry, String> {
+    /// Where the `numel` elements of a contiguous tensor lie in the file.
+    fn entry(
+        &self,
+        name: &str,
+        numel: usize,
+        record: usize,
+        rec: &Record,
+    ) -> Result<Entry, String> {
         let size = self.storage.dtype.bitsize() / 8; // storages hold whole bytes
         let bytes = rec.range.len();
         if self.storage.numel.checked_mul(size) != Some(bytes) {
@@ -190,7 +225,6 @@ impl Tensor {
                 self.storage.numel, self.storage.dtype
             ));
         }
-        let numel = self.contiguous(name)?;
         let start = rec.range.start;
         let range = if numel == 0 {
             start..start
@@ -276,9 +310,26 @@ enum Value {
     Global(Global),
     Storage(Rc<Storage>),
     Tensor(Rc<Tensor>),
-    /// A global this reader does not interpret, what calling one gave, or a storage
-    /// of a type it does not take, described for messages.
-    Opaque(Rc<str>),
+    /// What this reader does not interpret: a global (its name, cut to
+    /// [`MAX_NAME`]), what calling one gave, or a storage of a type it does not take.
+    /// The name is shared, never rebuilt, so that memory stays linear in the file.
+    Opaque(Rc<str>, Made),
+}
+
+#[derive(Clone, Copy)]
+enum Made {
+    Named,
+    Called,
+    Storage,
+}
+
+/// How messages describe an object this reader does not interpret.
+fn describe(name: &str, made: Made) -> String {
+    match made {
+        Made::Named => name.to_string(),
+        Made::Called => format!("{name}(...)"),
+        Made::Storage => format!("a tensor of {name}"),
+    }
 }
 
 impl Value {
@@ -296,7 +347,7 @@ impl Value {
             Value::Global(_) => "a class or function",
             Value::Storage(_) => "a storage",
             Value::Tensor(_) => "a tensor",
-            Value::Opaque(_) => "an object",
+            Value::Opaque(..) => "an object",
         }
     }
 
@@ -307,12 +358,25 @@ impl Value {
         }
     }
 
-    fn usizes(&self, what: &str) -> Result<Vec<usize>, String> {
+    /// A tensor's sizes or strides: a tuple of at most [`MAX_RANK`] ints.
+    fn dims(&self, what: &str) -> Result<Vec<usize>, String> {
         match self {
+            Value::Tuple(t, _) if t.len() > MAX_RANK => Err(format!(
+                "{what} has {} dimensions, more than the {MAX_RANK} read",
+                t.len()
+            )),
             Value::Tuple(t, _) => t.iter().map(|v| v.usize(what)).collect(),
             other => Err(format!("{what} is {}, not a tuple", other.kind())),
         }
     }
+}
+
+/// Take `units` from what [`Machine::flatten`] may still do.
+fn charge(budget: &mut usize, units: usize) -> Result<(), String> {
+    *budget = budget
+        .checked_sub(units)
+        .ok_or("containers shared under more names than the pickle's size allows")?;
+    Ok(())
 }
 
 /// A tuple of `items`, refused when tuples would nest deeper than [`MAX_DEPTH`].
@@ -414,7 +478,12 @@ impl Machine {
                 }
                 b'(' => m.marks.push(m.stack.len()),
                 b'0' => {
-                    m.pop()?;
+                    // Right after a MARK, CPython's unpickler pops the mark.
+                    if m.marks.last() == Some(&m.stack.len()) {
+                        m.marks.pop();
+                    } else {
+                        m.pop()?;
+                    }
                 }
                 b'1' => {
                     m.pop_mark()?;
@@ -539,7 +608,7 @@ impl Machine {
                         match m.stack.last() {
                             Some(Value::Dict(d)) => m.dicts[*d].extend(pairs),
                             // Items set on an object this reader does not model are dropped.
-                            Some(Value::Opaque(_)) => {}
+                            Some(Value::Opaque(..)) => {}
                             _ => return Err(format!("SETITEM on a non-dict at byte {at}")),
                         }
                     }
@@ -602,6 +671,31 @@ impl Machine {
                         .ok_or_else(|| format!("GET of unset memo entry {key} at byte {at}"))?;
                     m.stack.push(v);
                 }
+                0x8f => m.stack.push(Value::Opaque("set".into(), Made::Named)),
+                0x90 => {
+                    m.pop_mark()?; // ADDITEMS to a set: nothing a tensor depends on
+                    if m.stack.is_empty() {
+                        return Err(format!("ADDITEMS on an empty stack at byte {at}"));
+                    }
+                }
+                0x91 => {
+                    m.pop_mark()?;
+                    m.stack.push(Value::Opaque("frozenset".into(), Made::Named));
+                }
+                0x92 => {
+                    m.pop()?; // NEWOBJ_EX's keyword arguments
+                    let args = m.pop()?;
+                    let class = m.pop()?;
+                    let value = m
+                        .call(class, args)
+                        .map_err(|e| format!("{e} (byte {at})"))?;
+                    m.stack.push(value);
+                }
+                0x96 => {
+                    let n = r.len(8)?;
+                    r.take(n)?;
+                    m.stack.push(Value::Bytes);
+                }
                 other => {
                     return Err(format!(
                         "pickle opcode {other:#04x} at byte {at} is not one a state dict uses"
@@ -611,16 +705,18 @@ impl Machine {
         }
     }
 
-    /// Items [`flatten`](Self::flatten) may visit: each dict's twice over, and more.
-    fn flatten_budget(&self) -> usize {
-        let items: usize = self.dicts.iter().map(Vec::len).sum();
-        2 * items + 1024
-    }
-
     fn global_value(module: &str, name: &str) -> Value {
         match global(module, name) {
             Some(g) => Value::Global(g),
-            None => Value::Opaque(format!("{module}.{name}").into()),
+            None => {
+                let mut name = format!("{module}.{name}");
+                if name.len() > MAX_NAME {
+                    let cut = (0..=MAX_NAME).rev().find(|&i| name.is_char_boundary(i));
+                    name.truncate(cut.unwrap_or(0));
+                    name.push_str("...");
+                }
+                Value::Opaque(name.into(), Made::Named)
+            }
         }
     }
 
@@ -660,9 +756,7 @@ impl Machine {
                 let dtype = match ty {
                     Value::Global(Global::StorageType(d)) => *d,
                     // Complex or quantized, say: an error only if such a tensor is read.
-                    Value::Opaque(ty) => {
-                        return Ok(Value::Opaque(format!("a tensor of {ty}").into()))
-                    }
+                    Value::Opaque(ty, _) => return Ok(Value::Opaque(ty.clone(), Made::Storage)),
                     other => return Err(format!("a storage type that is {}", other.kind())),
                 };
                 let key: Rc<str> = match key {
@@ -683,10 +777,8 @@ impl Machine {
     fn call(&mut self, callable: Value, args: Value) -> Result<Value, String> {
         let g = match callable {
             Value::Global(g) => g,
-            // Calling what is not interpreted gives an object that is not either (its
-            // description not growing with each call, to keep memory linear in the file).
-            Value::Opaque(what) if what.ends_with("(...)") => return Ok(Value::Opaque(what)),
-            Value::Opaque(what) => return Ok(Value::Opaque(format!("{what}(...)").into())),
+            // Calling what is not interpreted gives an object that is not either.
+            Value::Opaque(name, _) => return Ok(Value::Opaque(name, Made::Called)),
             other => return Err(format!("a call of {}", other.kind())),
         };
         let Value::Tuple(args, _) = args else {
@@ -695,7 +787,7 @@ impl Machine {
         match (g, &args[..]) {
             (Global::OrderedDict, []) => Ok(self.new_dict(Vec::new())),
             (Global::Size, [dims]) => {
-                dims.usizes("a torch.Size")?;
+                dims.dims("a torch.Size")?;
                 Ok(dims.clone())
             }
             (
@@ -704,11 +796,11 @@ impl Machine {
             ) => {
                 let storage = match storage {
                     Value::Storage(s) => s,
-                    Value::Opaque(_) => return Ok(storage.clone()),
+                    Value::Opaque(..) => return Ok(storage.clone()),
                     other => return Err(format!("a tensor rebuilt from {}", other.kind())),
                 };
-                let shape = size.usizes("a tensor's size")?;
-                let stride = stride.usizes("a tensor's stride")?;
+                let shape = size.dims("a tensor's size")?;
+                let stride = stride.dims("a tensor's stride")?;
                 if shape.len() != stride.len() {
                     return Err(format!(
                         "a tensor of size {shape:?} with strides {stride:?}"
@@ -723,7 +815,7 @@ impl Machine {
             }
             (Global::RebuildParameter | Global::RebuildParameterWithState, [data, ..]) => {
                 match data {
-                    Value::Tensor(_) | Value::Opaque(_) => Ok(data.clone()),
+                    Value::Tensor(_) | Value::Opaque(..) => Ok(data.clone()),
                     other => Err(format!("a parameter rebuilt from {}", other.kind())),
                 }
             }
@@ -738,43 +830,67 @@ impl Machine {
         }
     }
 
-    /// The leaves of a dict, names of nested dicts joined with `.`; later items win,
-    /// as they do in Python. A dict may be reached by several names, but `budget`
-    /// items in all, so that dicts shared at every level cannot make the names
-    /// exponentially many.
+    /// The tensors and uninterpreted objects in `value` under `name`: a dict's items
+    /// named by their keys, a list's or tuple's by their positions, joined with `.`
+    /// (`{"model": {"fc.weight": t}}` gives `model.fc.weight`, `{"layers": [t]}`
+    /// `layers.0`). Of a dict's items under the same key, the last counts, as in
+    /// Python; a string and an int key that read the same are both kept (the caller
+    /// finds them ambiguous). A container may be reached by several names, but each
+    /// item and each byte of a name costs one unit of `budget`, so that containers
+    /// shared at every level cannot make the names exponentially many or long.
     fn flatten(
         &self,
-        dict: usize,
-        prefix: &str,
+        value: &Value,
+        name: String,
         depth: usize,
         budget: &mut usize,
         out: &mut Vec<(String, Value)>,
     ) -> Result<(), String> {
+        let items: Vec<(String, &Value)> = match value {
+            Value::Dict(d) => {
+                let mut items = BTreeMap::new();
+                for (k, v) in &self.dicts[*d] {
+                    let key = match k {
+                        Value::Str(s) => (s.to_string(), false),
+                        Value::Int(i) => (i.to_string(), true),
+                        // Keys of other kinds cannot name a parameter.
+                        _ => continue,
+                    };
+                    items.insert(key, v);
+                }
+                items.into_iter().map(|((k, _), v)| (k, v)).collect()
+            }
+            Value::List(l) => self.lists[*l]
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i.to_string(), v))
+                .collect(),
+            Value::Tuple(t, _) => t
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i.to_string(), v))
+                .collect(),
+            Value::Tensor(_) | Value::Opaque(..) => {
+                charge(budget, name.len())?;
+                out.push((name, value.clone()));
+                return Ok(());
+            }
+            _ => return Ok(()),
+        };
         if depth >= MAX_DEPTH {
             return Err(format!(
-                "dicts nested deeper than {MAX_DEPTH} (at `{prefix}`)"
+                "containers nested deeper than {MAX_DEPTH} (at `{name}`)"
             ));
         }
-        *budget = budget
-            .checked_sub(self.dicts[dict].len())
-            .ok_or("dicts shared under more names than a checkpoint has tensors")?;
-        let mut items: BTreeMap<String, &Value> = BTreeMap::new();
-        for (k, v) in &self.dicts[dict] {
-            let key = match k {
-                Value::Str(s) => s.to_string(),
-                Value::Int(i) => i.to_string(),
-                // Keys of other kinds cannot name a parameter.
-                _ => continue,
-            };
-            items.insert(key, v);
-        }
+        charge(budget, items.len())?;
         for (key, v) in items {
-            let name = format!("{prefix}{key}");
-            match v {
-                Value::Dict(d) => self.flatten(*d, &format!("{name}."), depth + 1, budget, out)?,
-                Value::Tensor(_) | Value::Opaque(_) => out.push((name, v.clone())),
-                _ => {}
-            }
+            let child = if depth == 0 {
+                key
+            } else {
+                format!("{name}.{key}")
+            };
+            charge(budget, child.len())?;
+            self.flatten(v, child, depth + 1, budget, out)?;
         }
         Ok(())
     }
@@ -792,13 +908,14 @@ mod tests {
             return Err(format!("a root of {}", root.kind()));
         };
         let mut out = Vec::new();
-        m.flatten(d, "", 0, &mut m.flatten_budget(), &mut out)?;
+        let mut budget = 16 * pickle.len() + (1 << 20);
+        m.flatten(&Value::Dict(d), String::new(), 0, &mut budget, &mut out)?;
         Ok(out
             .into_iter()
             .map(|(name, v)| {
                 let v = match v {
                     Value::Tensor(t) => format!("{:?} at {}", t.shape, t.offset),
-                    Value::Opaque(what) => what.to_string(),
+                    Value::Opaque(name, made) => describe(&name, made),
                     other => other.kind().to_string(),
                 };
                 (name, v)
@@ -904,6 +1021,65 @@ mod tests {
         assert!(e.contains("_rebuild_from_type_v2 of itself"), "{e}");
     }
 
+    /// A file may repeat what it holds once (by the memo) but gets no more than
+    /// linear memory from it: a 100 kB global name called 2000 times is described in
+    /// a few bytes, 2000 names under a 100 kB key exceed the budget, and a size of
+    /// 100 dimensions is refused.
+    #[test]
+    fn what_a_file_repeats_costs_no_more_than_its_size() {
+        let long = "m".repeat(100_000);
+        let mut calls = global(&long, "f");
+        calls.extend(b"q\x01");
+        for _ in 0..2000 {
+            calls.extend(b"0h\x01)R");
+        }
+        let got = leaves(&dict_of("x", &calls)).unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(
+            got[0].1.len() <= MAX_NAME + 8 && got[0].1.ends_with("...(...)"),
+            "{}",
+            got[0].1
+        );
+
+        let mut inner = b"}(".to_vec();
+        for i in 0..2000u16 {
+            inner.push(b'M');
+            inner.extend(i.to_le_bytes());
+            inner.extend(global("os", "system"));
+        }
+        inner.push(b'u');
+        let e = leaves(&dict_of(&long, &inner)).unwrap_err();
+        assert!(e.contains("shared under more names"), "{e}");
+
+        let mut rank = b"}(".to_vec();
+        rank.extend(text("x"));
+        rank.extend(global("torch", "Size"));
+        rank.extend(b"((");
+        rank.extend([b'K', 1].repeat(100));
+        rank.extend(b"tt");
+        rank.extend(b"Ru.");
+        let e = leaves(&rank).unwrap_err();
+        assert!(e.contains("100 dimensions, more than the 64 read"), "{e}");
+    }
+
+    /// What protocols 4 and 5 write for sets, frozensets and bytearrays is read (as
+    /// objects nothing depends on), and a POP right after a MARK pops the mark, as
+    /// CPython's unpickler does.
+    #[test]
+    fn sets_and_other_protocol_4_values_are_inert() {
+        let mut p = b"}(".to_vec();
+        p.extend(text("tags"));
+        p.extend(b"\x8f(K\x01K\x02\x90");
+        p.extend(text("frozen"));
+        p.extend(b"(K\x01\x91");
+        p.extend(text("buffer"));
+        p.extend(b"\x96\x02\x00\x00\x00\x00\x00\x00\x00ab");
+        p.extend(b"(0u.");
+        let got = leaves(&p).unwrap();
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["frozen", "tags"]);
+    }
+
     #[test]
     fn malformed_pickles_are_errors() {
         let mut wide = b"\x8a\x09".to_vec();
@@ -926,7 +1102,7 @@ mod tests {
             (b"\xff", "opcode 0xff at byte 0"),
             (b"X\xff\xff\xff\x7f", "ends inside an opcode"),
             (b"K\x01", "ends inside an opcode at byte 2"),
-            (b"(0", "across a MARK"),
+            (b"K\x01K\x01(R", "across a MARK"),
             (b".", "empty stack"),
             (b"h\x05", "unset memo entry 5"),
             (&wide, "an integer of 9 bytes"),

@@ -10,8 +10,9 @@ reader of PyTorch's format is checked against files PyTorch itself wrote.
   pickle protocol 4: a module's state_dict() (with its _metadata) nested in a dict,
   plain Python values and an argparse.Namespace beside it, tensors that view one storage
   at different offsets, f64/f16/bf16/i64/i32/u8/bool storages, empty and 0-dim tensors,
-  and tensors the reader must refuse by name when asked for them (a transposed view,
-  a quantized and a complex tensor). `expected` holds each readable tensor as a
+  tensors in lists and tuples, a set, and values the reader must refuse by name when
+  asked for them (a transposed view, a quantized and a complex tensor, an object, and
+  names that two values share once keys are joined with '.'). `expected` holds each readable tensor as a
   contiguous copy under its name, nested dicts' names joined with '.'; its metadata
   lists the names that must be refused.
 - torch_legacy_format.pt: a state dict saved with _use_new_zipfile_serialization=False
@@ -76,7 +77,11 @@ def mixed():
             "bool": torch.tensor([True, False, True]),
         },
         "empty": torch.zeros(0, 4),
+        "empty_3_0": torch.zeros(3, 0),  # strides (1, 1): any stride goes when empty
+        "empty_2_0_4": torch.zeros(2, 0, 4),
         "scalar": torch.tensor(2.5),
+        "layers": [torch.randn(2, generator=g), {"w": torch.randn(3, generator=g)}],
+        "pair": (torch.randn(1, generator=g), torch.randn(1, generator=g)),
         "param": torch.nn.Parameter(torch.randn(2, 2, generator=g)),
     }
     refused = {
@@ -84,22 +89,32 @@ def mixed():
         "refused.quantized": torch.quantize_per_tensor(torch.randn(4, generator=g), 0.1, 0, torch.qint8),
         "refused.complex": torch.randn(3, generator=g, dtype=torch.complex64),
         "args": argparse.Namespace(lr=1e-4, name="run"),
+        "dup.x": None,  # both `dup.x` and `dup` = {"x": ...} below
+        "ids.1": None,  # keys 1 and "1"
     }
     ckpt = dict(readable)
     ckpt["refused"] = {k.split(".", 1)[1]: v for k, v in refused.items() if k.startswith("refused.")}
     ckpt["args"] = refused["args"]
+    ckpt["dup.x"] = torch.ones(1)
+    ckpt["dup"] = {"x": torch.zeros(1)}
+    ckpt["ids"] = {1: torch.ones(1), "1": torch.zeros(1)}
+    ckpt["tags"] = {"a", "b"}  # protocol 4 writes sets with their own opcodes
     ckpt["epoch"] = 3
     ckpt["history"] = [0.5, 0.25, None, "text", b"bytes"]
     torch.save(ckpt, out("torch_mixed.pt"), pickle_protocol=4)
 
     expected = {}
 
-    def flatten(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                flatten(v, f"{prefix}{k}.")
-            else:
-                expected[prefix + k] = v.detach().contiguous().clone()
+    def flatten(v, name):
+        if isinstance(v, dict):
+            items = v.items()
+        elif isinstance(v, (list, tuple)):
+            items = enumerate(v)
+        else:
+            expected[name] = v.detach().contiguous().clone()
+            return
+        for k, x in items:
+            flatten(x, f"{name}.{k}" if name else str(k))
 
     flatten(readable, "")
     meta = {"refused": json.dumps(sorted(refused))}
