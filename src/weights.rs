@@ -51,6 +51,37 @@ struct Contents {
     unsupported: BTreeMap<String, String>,
 }
 
+/// An index's `weight_map`, refusing a name given twice (JSON parsers keep the last,
+/// which would pick one of two shards silently).
+struct WeightMap(BTreeMap<String, String>);
+
+impl<'de> serde::Deserialize<'de> for WeightMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = WeightMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map from tensor names to shard files")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut items: A,
+            ) -> std::result::Result<WeightMap, A::Error> {
+                let mut map = BTreeMap::new();
+                while let Some((name, file)) = items.next_entry::<String, String>()? {
+                    if map.contains_key(&name) {
+                        let e = format!("`{name}` is in the weight_map twice");
+                        return Err(serde::de::Error::custom(e));
+                    }
+                    map.insert(name, file);
+                }
+                Ok(WeightMap(map))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
 /// One tensor of a [`TensorFile`]: element type, shape and bytes in the file.
 struct Entry {
     dtype: Dtype,
@@ -184,7 +215,7 @@ impl TensorFile {
     fn open_index(path: PathBuf) -> Result<Self> {
         #[derive(serde::Deserialize)]
         struct Index {
-            weight_map: BTreeMap<String, String>,
+            weight_map: WeightMap,
         }
         let format = |reason: String| Error::Format {
             path: path.clone(),
@@ -195,14 +226,14 @@ impl TensorFile {
             source,
         })?;
         let index: Index = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
-        if index.weight_map.is_empty() {
+        if index.weight_map.0.is_empty() {
             return Err(format("its weight_map names no tensor".into()));
         }
         let dir = path.parent().unwrap_or(Path::new(""));
         let mut shards: Vec<TensorFile> = Vec::new();
         let mut opened: HashMap<&str, usize> = HashMap::new();
         let mut shard_of = BTreeMap::new();
-        for (name, file) in &index.weight_map {
+        for (name, file) in &index.weight_map.0 {
             let i = match opened.get(file.as_str()) {
                 Some(&i) => i,
                 None => {

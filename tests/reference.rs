@@ -1074,7 +1074,7 @@ fn a_sharded_checkpoint_reads_as_one_file() {
 
     // Indexes that are wrong: each an error naming what, never a file outside the folder.
     let query = names.iter().find(|n| n.ends_with("query_embs")).unwrap();
-    let cases: [(String, &[&str]); 7] = [
+    let cases: [(String, &[&str]); 8] = [
         (
             index(&[(query, "../model-1.safetensors")]),
             &["not a file beside it", "../model-1"],
@@ -1093,6 +1093,10 @@ fn a_sharded_checkpoint_reads_as_one_file() {
         (
             "{\"weight_map\": [1]".into(),
             &["not a valid checkpoint index"],
+        ),
+        (
+            format!("{{\"weight_map\": {{\"{query}\": \"a\", \"{query}\": \"b\"}}}}"),
+            &["query_embs` is in the weight_map twice"],
         ),
     ];
     for (i, (text, words)) in cases.into_iter().enumerate() {
