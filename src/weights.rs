@@ -19,7 +19,7 @@ mod torch;
 
 /// A checkpoint, memory-mapped, with its index of tensors parsed and validated: a
 /// safetensors file, a PyTorch one (`torch.save` of a state dict, PyTorch 1.6 or
-/// later; nested dicts' names joined with `.`), or the shards a `*.index.json` names
+/// later; nested dicts' keys and lists' positions joined with `.`), or the shards a `*.index.json` names
 /// (as Hugging Face writes large checkpoints), each of either format. Tensors are read
 /// (and converted) one at a time, so a large checkpoint that holds an LLM besides the
 /// projector costs only the projector's bytes.
