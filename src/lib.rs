@@ -57,6 +57,8 @@ pub mod device;
 pub mod error;
 pub mod golden;
 pub mod ops;
+#[doc(hidden)]
+pub mod parallel;
 pub mod profile;
 pub mod projector;
 pub mod reference;

@@ -1853,36 +1853,17 @@ fn run_each_op(
     ops: &[String],
     env: (&str, &str),
 ) -> Vec<(String, std::process::Output)> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let next = AtomicUsize::new(0);
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut outputs: Vec<(usize, std::process::Output)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers.min(ops.len()))
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(op) = ops.get(i) else { return mine };
-                        let out = std::process::Command::new(exe)
-                            .arg(op)
-                            .env(env.0, env.1)
-                            .output()
-                            .unwrap_or_else(|e| panic!("running {} {op}: {e}", exe.display()));
-                        mine.push((i, out));
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("an emulator runner thread"))
-            .collect()
-    });
-    outputs.sort_by_key(|(i, _)| *i);
-    outputs
-        .into_iter()
-        .map(|(i, out)| (ops[i].clone(), out))
+    let run = |op: &String| {
+        std::process::Command::new(exe)
+            .arg(op)
+            .env(env.0, env.1)
+            .output()
+            .unwrap_or_else(|e| panic!("running {} {op}: {e}", exe.display()))
+    };
+    let outputs = output_projector::parallel::map_in_order(ops, run);
+    ops.iter()
+        .cloned()
+        .zip(outputs.expect("an emulator runner thread"))
         .collect()
 }
 

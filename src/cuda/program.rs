@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::{compile_options, compile_with_headers, probe_nvrtc, Compiled, KernelReport};
@@ -455,38 +454,15 @@ pub fn program_reports(arch: &str) -> Result<Vec<ProgramReport>> {
         .iter()
         .flat_map(|&program| STORAGE_TYPES.iter().map(move |&storage| (program, storage)))
         .collect();
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(jobs.len());
-    let next = AtomicUsize::new(0);
-    let mut done: Vec<(usize, Result<ProgramReport>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(program, storage)) = jobs.get(i) else {
-                            return mine;
-                        };
-                        mine.push((i, program_report(program, storage, arch)));
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().map_err(|_| Error::Backend {
-                    backend: "nvrtc".into(),
-                    message: "a compilation thread panicked".into(),
-                })
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(|per_thread| per_thread.into_iter().flatten().collect())
-    })?;
-    done.sort_by_key(|(i, _)| *i);
-    done.into_iter().map(|(_, report)| report).collect()
+    let compile =
+        |&(program, storage): &(&'static Program, DType)| program_report(program, storage, arch);
+    crate::parallel::map_in_order(&jobs, compile)
+        .map_err(|_| Error::Backend {
+            backend: "nvrtc".into(),
+            message: "a compilation thread panicked".into(),
+        })?
+        .into_iter()
+        .collect()
 }
 
 /// ptxas's report of `program` compiled for `arch` with `storage`.
