@@ -1,7 +1,7 @@
 //! `outproj`: run, check and benchmark the NExT-GPT output projector.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -63,8 +63,17 @@ struct ModelArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Which backends and devices exist here, and why a missing one is missing.
-    Info,
+    /// Which backends and devices exist here, and why a missing one is missing; with
+    /// --weights, the projectors a checkpoint holds instead.
+    Info {
+        /// A checkpoint (safetensors, `torch.save` or `*.index.json`): list each
+        /// projector in it, with its prefix, preset, storage type and shapes.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Attention heads (the shapes cannot tell; default 4).
+        #[arg(long)]
+        heads: Option<usize>,
+    },
     /// Project signal-token states into diffusion conditioning.
     Run {
         #[command(flatten)]
@@ -205,7 +214,11 @@ fn one_line(s: &str) -> String {
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Info => info(),
+        Command::Info { weights: None, .. } => info(),
+        Command::Info {
+            weights: Some(path),
+            heads,
+        } => list_projectors(&path, heads),
         Command::Run {
             model,
             input,
@@ -249,6 +262,53 @@ fn info() -> Result<ExitCode> {
         for d in &s.details {
             println!("      {}", one_line(d));
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Each projector in the checkpoint at `path`, one line each: its prefix, preset
+/// (when its shapes are one), storage type, shapes and parameter count, or why it
+/// does not load. An error when none loads.
+fn list_projectors(path: &Path, heads: Option<usize>) -> Result<ExitCode> {
+    let file = TensorFile::open(path)?;
+    let prefixes = weights::projector_prefixes(&file);
+    println!("{}: {} projector(s)", path.display(), prefixes.len());
+    let mut loaded = 0;
+    for prefix in &prefixes {
+        let sel = Selection {
+            prefix: Some(prefix.clone()),
+            heads,
+            ..Selection::default()
+        };
+        let shown = if prefix.is_empty() {
+            "(no prefix)"
+        } else {
+            prefix
+        };
+        match ProjectorWeights::load(&file, &sel) {
+            Ok(w) => {
+                let c = w.config();
+                let preset = w.modality().map_or("no preset", |m| m.name());
+                let storage = w.get("query_embs")?.dtype().name();
+                let n_in = c.n_in.map_or("any".to_string(), |n| n.to_string());
+                println!(
+                    "  {shown:<34} {preset:<9} {:<6} {storage:<4} n_in {n_in:<3} [B, n_in, {}] -> [B, {}, {}]  {} parameters",
+                    c.variant.name(),
+                    c.in_dim,
+                    c.n_out,
+                    c.out_dim,
+                    c.parameter_count()?
+                );
+                loaded += 1;
+            }
+            Err(e) => println!("  {shown:<34} does not load: {}", one_line(&e.to_string())),
+        }
+    }
+    if loaded == 0 {
+        return Err(Error::invalid(format!(
+            "{}: no projector in it loads",
+            path.display()
+        )));
     }
     Ok(ExitCode::SUCCESS)
 }

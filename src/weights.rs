@@ -800,13 +800,18 @@ fn match_preset(mut config: ProjectorConfig, m: Modality) -> Result<ProjectorCon
     Ok(config)
 }
 
-/// The checkpoint prefix of the projector to load.
-fn find_prefix(file: &TensorFile, sel: &Selection) -> Result<String> {
-    let found: Vec<String> = file
-        .names()
+/// The checkpoint prefixes of the projectors in `file` (each `{prefix}query_embs`),
+/// sorted; `""` for one stored without a prefix.
+pub fn projector_prefixes(file: &TensorFile) -> Vec<String> {
+    file.names()
         .into_iter()
         .filter_map(|k| k.strip_suffix("query_embs").map(str::to_string))
-        .collect();
+        .collect()
+}
+
+/// The checkpoint prefix of the projector to load.
+fn find_prefix(file: &TensorFile, sel: &Selection) -> Result<String> {
+    let found = projector_prefixes(file);
     let list = || {
         if found.is_empty() {
             "no projector (no `query_embs` key) in the file".to_string()

@@ -378,6 +378,61 @@ fn a_pytorch_checkpoint_runs_as_its_safetensors_twin() {
     );
 }
 
+/// `info --weights` lists every projector of a checkpoint, says why one does not
+/// load, and is an error when none does.
+#[test]
+fn info_lists_the_projectors_of_a_checkpoint() {
+    let s = Scratch::new("info");
+    let mut all = small_weights(1).state_dict("gen_text_hidden_fcs.0.");
+    all.extend(small_weights(2).state_dict("gen_text_hidden_fcs_audio.0."));
+    let broken = small_weights(3).state_dict("gen_text_hidden_fcs_video.0.");
+    all.extend(broken.into_iter().filter(|(k, _)| !k.ends_with("fc.bias")));
+    let path = s.path("three.safetensors");
+    weights::save(&path, &all, None).unwrap();
+    let heads = ["--heads", "2"];
+    let out = outproj(
+        ["info", "--weights", path.to_str().unwrap()]
+            .iter()
+            .chain(&heads),
+    );
+    expect_success(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(
+        lines[0].ends_with("three.safetensors: 3 projector(s)"),
+        "{text}"
+    );
+    for (line, prefix) in lines[1..]
+        .iter()
+        .zip(["gen_text_hidden_fcs.0.", "gen_text_hidden_fcs_audio.0."])
+    {
+        assert!(line.trim_start().starts_with(prefix), "{text}");
+        assert!(
+            line.contains("legacy f32") && line.contains("[B, n_in, 16] -> [B, 3, 5]"),
+            "{text}"
+        );
+    }
+    assert!(
+        lines[3].contains("gen_text_hidden_fcs_video.0.") && lines[3].contains("does not load"),
+        "{text}"
+    );
+    assert!(lines[3].contains("fc.bias"), "{text}");
+
+    let out = outproj([
+        "info",
+        "--weights",
+        golden("torch_legacy_b1.pt").to_str().unwrap(),
+    ]);
+    expect_success(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gen_text_hidden_fcs_video.0."));
+    let none = golden("torch_mixed.pt");
+    expect_error(
+        &outproj(["info", "--weights", none.to_str().unwrap()]),
+        &["torch_mixed.pt", "no projector"],
+    );
+}
+
 #[test]
 fn small_model_runs_with_explicit_prefix_and_random_input() {
     let s = Scratch::new("prefix");
