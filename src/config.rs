@@ -106,12 +106,23 @@ impl Modality {
         }
     }
 
-    /// The modality and variant whose checkpoint prefix is `prefix`, if any.
+    /// Whether `prefix` is this projector's checkpoint prefix, alone or under the
+    /// prefix of a wrapper (DeepSpeed's `module.`, PEFT's `base_model.model.`):
+    /// `module.gen_text_hidden_fcs.0.` is the legacy image projector's.
+    pub fn is_prefix(self, variant: Variant, prefix: &str) -> bool {
+        let own = self.checkpoint_prefix(variant);
+        prefix
+            .strip_suffix(own)
+            .is_some_and(|wrapper| wrapper.is_empty() || wrapper.ends_with('.'))
+    }
+
+    /// The modality and variant whose checkpoint prefix `prefix` is (see
+    /// [`is_prefix`](Self::is_prefix)), if any.
     pub fn from_prefix(prefix: &str) -> Option<(Modality, Variant)> {
         Variant::ALL.iter().find_map(|&v| {
             Modality::ALL
                 .iter()
-                .find(|m| m.checkpoint_prefix(v) == prefix)
+                .find(|m| m.is_prefix(v, prefix))
                 .map(|&m| (m, v))
         })
     }
@@ -263,6 +274,12 @@ mod tests {
             }
         }
         assert_eq!(Modality::from_prefix(""), None);
+        let wrapped = Modality::from_prefix("module.gen_text_hidden_fcs_audio.0.");
+        assert_eq!(wrapped, Some((Modality::Audio, Variant::Legacy)));
+        let wrapped = Modality::from_prefix("base_model.model.mm_output_vid_projector.");
+        assert_eq!(wrapped, Some((Modality::Video, Variant::V15)));
+        assert_eq!(Modality::from_prefix("xgen_text_hidden_fcs.0."), None);
+        assert_eq!(Modality::from_prefix("gen_text_hidden_fcs.0.x."), None);
     }
 
     #[test]

@@ -501,8 +501,9 @@ pub fn layout(c: &ProjectorConfig) -> Vec<(String, Vec<usize>)> {
 pub struct Selection {
     /// The key prefix (e.g. `gen_text_hidden_fcs.0.`); `Some("")` means none.
     pub prefix: Option<String>,
-    /// Which projector: narrows the prefixes searched to its checkpoint prefix (or
-    /// none), and the shapes must then match its preset, whose `n_in` the config takes.
+    /// Which projector: narrows the prefixes searched to its checkpoint prefix (alone,
+    /// under a wrapper's prefix such as `module.`, or none), and the shapes must then
+    /// match its preset, whose `n_in` the config takes.
     /// Unset: the prefix's modality, or the one preset the shapes fit; else no `n_in`.
     pub modality: Option<Modality>,
     /// Which names the weights must use (`fc`/`model` or `in_fc`/`out_fc`); weights
@@ -833,9 +834,9 @@ fn find_prefix(file: &TensorFile, sel: &Selection) -> Result<String> {
             .iter()
             .filter(|p| {
                 p.is_empty()
-                    || Variant::ALL.iter().any(|&v| {
-                        sel.variant.is_none_or(|w| w == v) && m.checkpoint_prefix(v) == p.as_str()
-                    })
+                    || Variant::ALL
+                        .iter()
+                        .any(|&v| sel.variant.is_none_or(|w| w == v) && m.is_prefix(v, p))
             })
             .collect(),
         None => found.iter().collect(),

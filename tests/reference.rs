@@ -490,6 +490,20 @@ fn checkpoints_round_trip_under_every_prefix_and_variant() {
         ProjectorWeights::load(&file, &sel).unwrap().tensors(),
         w.tensors()
     );
+    // Under a wrapper's prefix (DeepSpeed's `module.`) a modality still picks its
+    // projector, whose shapes are then checked against the preset.
+    let mut wrapped = w.state_dict("module.gen_text_hidden_fcs.0.");
+    wrapped.extend(w.state_dict("module.gen_text_hidden_fcs_audio.0."));
+    let path = dir.join("wrapped.safetensors");
+    output_projector::weights::save(&path, &wrapped, None).unwrap();
+    let file = TensorFile::open(&path).unwrap();
+    let sel = Selection {
+        modality: Some(Modality::Audio),
+        heads: Some(2),
+        ..Selection::default()
+    };
+    let e = ProjectorWeights::load(&file, &sel).unwrap_err();
+    assert!(e.to_string().contains("legacy audio preset"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
