@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use safetensors::tensor::Dtype;
 
-use super::Entry;
+use super::file::Entry;
 
 /// A storage record of the archive: its bytes and the CRC-32 the archive gives them.
 pub(super) struct Record {
