@@ -628,7 +628,10 @@ impl Machine {
                         _ => return Err(format!("STACK_GLOBAL without two strings at byte {at}")),
                     }
                 }
-                b'R' | 0x81 => {
+                b'R' | 0x81 | 0x92 => {
+                    if op == 0x92 {
+                        m.pop()?; // NEWOBJ_EX's keyword arguments
+                    }
                     let args = m.pop()?;
                     let callable = m.pop()?;
                     let value = m
@@ -681,15 +684,6 @@ impl Machine {
                 0x91 => {
                     m.pop_mark()?;
                     m.stack.push(Value::Opaque("frozenset".into(), Made::Named));
-                }
-                0x92 => {
-                    m.pop()?; // NEWOBJ_EX's keyword arguments
-                    let args = m.pop()?;
-                    let class = m.pop()?;
-                    let value = m
-                        .call(class, args)
-                        .map_err(|e| format!("{e} (byte {at})"))?;
-                    m.stack.push(value);
                 }
                 0x96 => {
                     let n = r.len(8)?;
