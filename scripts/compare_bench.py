@@ -312,8 +312,8 @@ def render(d, env, ours_device, inputs):
     lines.append(f"outproj rows: device `{ours_device}`. Inputs: {', '.join(inputs)}.")
     lines.append("Times: median µs of one run, issue to completion, synchronised after each "
                  "run, on both sides. Ratios > 1: ours is faster.")
-    if ours_device == "cpu":
-        lines.append("(outproj's CPU backend is the float64 reference, not a fast path.)")
+    if ours_device == "reference":
+        lines.append("(outproj's `reference` device is the float64 oracle, not a fast path.)")
     for r in env.get("cross_checks", []):
         rel = r.get("rel_outproj_vs_torch_f64")
         lines.append("Same weights, cross-check of `outproj run --device "

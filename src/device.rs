@@ -5,10 +5,13 @@ use crate::error::{Error, Result};
 /// A backend the caller can ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DeviceKind {
-    /// The best available: CUDA, then wgpu, then the CPU reference.
+    /// The best available: CUDA, then wgpu on a GPU, then the CPU backend.
     Auto,
-    /// The naive float64 CPU reference ([`crate::reference::Reference`]); always available.
+    /// The f32 CPU backend ([`crate::cpu::Cpu`]) on every core; always available.
     Cpu,
+    /// The naive float64 CPU reference ([`crate::reference::Reference`]), the
+    /// oracle the other backends are checked against; always available.
+    Reference,
     /// WGSL compute shaders through wgpu (Vulkan, Metal or DX12), on the best adapter
     /// or the one named by `$WGPU_ADAPTER_NAME`; needs the `wgpu` feature.
     Wgpu,
@@ -17,24 +20,27 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
-    /// Parses `"auto"`, `"cpu"`, `"wgpu"` or `"cuda"`; anything else is [`Error::Invalid`].
+    /// Parses `"auto"`, `"cpu"`, `"reference"`, `"wgpu"` or `"cuda"`; anything
+    /// else is [`Error::Invalid`].
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "auto" => Ok(DeviceKind::Auto),
             "cpu" => Ok(DeviceKind::Cpu),
+            "reference" => Ok(DeviceKind::Reference),
             "wgpu" => Ok(DeviceKind::Wgpu),
             "cuda" => Ok(DeviceKind::Cuda),
             _ => Err(Error::invalid(format!(
-                "unknown device `{s}` (expected auto, cpu, wgpu or cuda)"
+                "unknown device `{s}` (expected auto, cpu, reference, wgpu or cuda)"
             ))),
         }
     }
 
-    /// The name `parse` accepts: `"auto"`, `"cpu"`, `"wgpu"` or `"cuda"`.
+    /// The name `parse` accepts.
     pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Auto => "auto",
             DeviceKind::Cpu => "cpu",
+            DeviceKind::Reference => "reference",
             DeviceKind::Wgpu => "wgpu",
             DeviceKind::Cuda => "cuda",
         }
@@ -44,7 +50,7 @@ impl DeviceKind {
 /// What `outproj info` reports for one backend.
 #[derive(Clone, Debug)]
 pub struct BackendStatus {
-    /// The backend probed: `Cpu`, `Wgpu` or `Cuda` (never `Auto`).
+    /// The backend probed (never `Auto`).
     pub kind: DeviceKind,
     /// `Ok(description)` when the backend can run the projector here,
     /// `Err(reason)` when it cannot.
@@ -55,10 +61,15 @@ pub struct BackendStatus {
 
 /// Probe every backend. Never panics: a missing driver or library is a reason.
 pub fn survey() -> Vec<BackendStatus> {
-    [DeviceKind::Cpu, DeviceKind::Wgpu, DeviceKind::Cuda]
-        .into_iter()
-        .map(status)
-        .collect()
+    [
+        DeviceKind::Reference,
+        DeviceKind::Cpu,
+        DeviceKind::Wgpu,
+        DeviceKind::Cuda,
+    ]
+    .into_iter()
+    .map(status)
+    .collect()
 }
 
 /// Probe one backend.
@@ -66,22 +77,33 @@ pub fn status(kind: DeviceKind) -> BackendStatus {
     match kind {
         DeviceKind::Wgpu => wgpu_status(),
         DeviceKind::Cuda => cuda_status(),
+        DeviceKind::Reference => BackendStatus {
+            kind: DeviceKind::Reference,
+            usable: Ok("naive float64 reference (the oracle)".into()),
+            details: vec![],
+        },
         DeviceKind::Cpu | DeviceKind::Auto => BackendStatus {
             kind: DeviceKind::Cpu,
-            usable: Ok("naive float64 reference (the oracle)".into()),
+            usable: crate::cpu::Cpu::open()
+                .map(|c| format!("f32 on {} threads ({})", c.threads(), c.simd()))
+                .map_err(reason),
             details: vec![],
         },
     }
 }
 
 /// The backend `kind` resolves to here, or why it cannot be used. Only the
-/// backends that `kind` can mean are probed.
+/// backends that `kind` can mean are probed. `Auto` passes over a wgpu
+/// adapter that is itself a CPU (Mesa's lavapipe): the CPU backend is faster.
 pub fn resolve(kind: DeviceKind) -> Result<DeviceKind> {
     match kind {
-        DeviceKind::Auto => Ok([DeviceKind::Cuda, DeviceKind::Wgpu]
-            .into_iter()
-            .find(|&k| status(k).usable.is_ok())
-            .unwrap_or(DeviceKind::Cpu)),
+        DeviceKind::Auto => Ok(if status(DeviceKind::Cuda).usable.is_ok() {
+            DeviceKind::Cuda
+        } else if wgpu_on_a_gpu() {
+            DeviceKind::Wgpu
+        } else {
+            DeviceKind::Cpu
+        }),
         k => match status(k).usable {
             Ok(_) => Ok(k),
             Err(reason) => Err(Error::Unavailable {
@@ -92,8 +114,19 @@ pub fn resolve(kind: DeviceKind) -> Result<DeviceKind> {
     }
 }
 
+/// Whether wgpu's adapter works here and is not a CPU.
+fn wgpu_on_a_gpu() -> bool {
+    #[cfg(feature = "wgpu")]
+    {
+        crate::wgpu::probe().is_ok_and(|i| i.device_type != "Cpu")
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        false
+    }
+}
+
 /// The reason inside an `Unavailable` error, or the whole message.
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
 fn reason(e: Error) -> String {
     match e {
         Error::Unavailable { reason, .. } => reason,
@@ -247,12 +280,12 @@ impl Precision {
     }
 
     /// Whether backend `kind` computes in this precision (CUDA: all of them;
-    /// wgpu: f32 and f16; the CPU reference: f32, in float64).
+    /// wgpu: f32 and f16; the CPU: f32; the reference: f32, in float64).
     pub fn runs_on(self, kind: DeviceKind) -> bool {
         match kind {
             DeviceKind::Cuda => true,
             DeviceKind::Wgpu => matches!(self, Precision::F32 | Precision::F16),
-            DeviceKind::Cpu | DeviceKind::Auto => self == Precision::F32,
+            DeviceKind::Cpu | DeviceKind::Reference | DeviceKind::Auto => self == Precision::F32,
         }
     }
 
@@ -307,11 +340,17 @@ pub fn run_on_with<T: BackendTask>(
         )))
     };
     match kind {
+        DeviceKind::Reference => {
+            if precision != Precision::F32 {
+                return unsupported("the reference computes in float64; use a GPU device");
+            }
+            task.run(crate::reference::Reference, DeviceKind::Reference)
+        }
         DeviceKind::Cpu | DeviceKind::Auto => {
             if precision != Precision::F32 {
-                return unsupported("the CPU reference computes in float64; use a GPU device");
+                return unsupported("the CPU backend computes in f32; use a GPU device");
             }
-            task.run(crate::reference::Reference, DeviceKind::Cpu)
+            task.run(crate::cpu::Cpu::open()?, DeviceKind::Cpu)
         }
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => {

@@ -53,6 +53,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod golden;

@@ -256,11 +256,11 @@ fn info() -> Result<ExitCode> {
     println!("outproj {}", env!("CARGO_PKG_VERSION"));
     for s in device::survey() {
         match &s.usable {
-            Ok(what) => println!("{:<5} available: {what}", s.kind.name()),
-            Err(why) => println!("{:<5} unavailable: {}", s.kind.name(), one_line(why)),
+            Ok(what) => println!("{:<9} available: {what}", s.kind.name()),
+            Err(why) => println!("{:<9} unavailable: {}", s.kind.name(), one_line(why)),
         }
         for d in &s.details {
-            println!("      {}", one_line(d));
+            println!("          {}", one_line(d));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -472,7 +472,7 @@ fn run(
     let precision = Precision::parse(&m.precision)?;
     let out_dtype = match out_dtype {
         Some(s) => DType::parse(&s)?,
-        None if kind == DeviceKind::Cpu => DType::F64,
+        None if kind == DeviceKind::Reference => DType::F64,
         None => DType::F32,
     };
     let t_load = Instant::now();
@@ -551,7 +551,7 @@ fn run(
         "conditioning: {:?} on {} ({}): mean {mean:.6}, std {std:.6}, first {:?}",
         y.shape(),
         kind.name(),
-        if kind == DeviceKind::Cpu {
+        if kind == DeviceKind::Reference {
             "f64"
         } else {
             precision.name()
@@ -615,7 +615,7 @@ impl BackendTask for Check {
     fn run<B: Backend>(self, be: B, kind: DeviceKind) -> Result<Vec<CheckRow>> {
         // f32 kernels against float64: 1e-5 per op, 1e-4 through 8 layers; the
         // float64 reference itself agrees with PyTorch to ~1e-13.
-        let (op_tol, model_tol) = if kind == DeviceKind::Cpu {
+        let (op_tol, model_tol) = if kind == DeviceKind::Reference {
             (1e-10, 1e-10)
         } else {
             self.precision.tolerances()
@@ -628,7 +628,7 @@ impl BackendTask for Check {
         // reference on identically rounded inputs.
         // 16-bit storage cannot hold those rows at all (f16 steps are 0.5 at
         // 1000): the fixtures are checked in f32 and TF32 only.
-        let golden_tol = if kind == DeviceKind::Cpu {
+        let golden_tol = if kind == DeviceKind::Reference {
             1e-10
         } else {
             model_tol.max(1e-4)
@@ -641,7 +641,7 @@ impl BackendTask for Check {
                     .map(|c| row("pytorch", c, golden_tol)),
             );
         }
-        if kind == DeviceKind::Cpu {
+        if kind == DeviceKind::Reference {
             return Ok(rows);
         }
         let mut variants = vec![("", be.clone())];
@@ -655,14 +655,14 @@ impl BackendTask for Check {
             for (i, case) in cases.enumerate() {
                 let mut c = verify::compare_case(b, &case, storage, 1000 + i as u64)?;
                 c.case.push_str(suffix);
-                rows.push(row("cpu", c, op_tol));
+                rows.push(row("reference", c, op_tol));
             }
         }
         let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
         let audio = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
         for (config, batch) in [(&image, 1), (&image, 3), (&audio, 2)] {
             let c = verify::compare_projector(&be, config, batch, storage, 7)?;
-            rows.push(row("cpu", c, model_tol));
+            rows.push(row("reference", c, model_tol));
         }
         Ok(rows)
     }
@@ -692,7 +692,7 @@ impl BackendTask for Check {
                     Ok(again)
                 },
             )?;
-            rows.push(check_row("cpu", c, precision.tolerances().1));
+            rows.push(check_row("reference", c, precision.tolerances().1));
         }
         for f in launch_features(&be) {
             rows.push(against_plain(&be, &image, precision, &f)?);
@@ -749,7 +749,7 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
         };
         let mut c = verify::compare_case(&b, &case, precision.storage(), 77)?;
         c.case = format!("{} {}", c.case, b.linear_kernel(m, n, k)?);
-        rows.push(check_row("cpu", c, precision.tolerances().0));
+        rows.push(check_row("reference", c, precision.tolerances().0));
     }
     // The narrow GEMM with the LayerNorm after it: one kernel in 16-bit
     // where the device launches clusters (batch 64's decoder).
@@ -766,7 +766,7 @@ fn large_tile_rows(be: &Cuda, precision: Precision) -> Result<Vec<CheckRow>> {
         let mut c = verify::compare_case(b, &case, precision.storage(), 78)?;
         let how = b.linear_layer_norm_kernel(m, n, k).unwrap_or("two ops");
         c.case = format!("{} {how}", c.case);
-        rows.push(check_row("cpu", c, precision.tolerances().0));
+        rows.push(check_row("reference", c, precision.tolerances().0));
     }
     Ok(rows)
 }
@@ -1055,7 +1055,7 @@ impl Bench<'_> {
 
     /// Bytes per element as the backend stores it (the reference holds f64).
     fn elem(&self, kind: DeviceKind) -> usize {
-        if kind == DeviceKind::Cpu {
+        if kind == DeviceKind::Reference {
             8
         } else {
             self.precision.storage().size()
@@ -1282,7 +1282,7 @@ fn row(
     let s = device.unwrap_or(t.median.as_secs_f64());
     BenchRow {
         device: kind.name().into(),
-        precision: if kind == DeviceKind::Cpu {
+        precision: if kind == DeviceKind::Reference {
             "f64"
         } else {
             precision.name()

@@ -281,10 +281,15 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 /// `run` on the CPU with the given weights and input, plus `extra` arguments.
 fn run_cpu(weights: &Path, input: &Path, extra: &[&str]) -> Output {
+    run_device("cpu", weights, input, extra)
+}
+
+/// `run` on `device` with the given weights and input, plus `extra` arguments.
+fn run_device(device: &str, weights: &Path, input: &Path, extra: &[&str]) -> Output {
     let mut args: Vec<&OsStr> = vec![
         "run".as_ref(),
         "--device".as_ref(),
-        "cpu".as_ref(),
+        device.as_ref(),
         "--weights".as_ref(),
         weights.as_os_str(),
         "--input".as_ref(),
@@ -298,23 +303,32 @@ fn run_cpu(weights: &Path, input: &Path, extra: &[&str]) -> Output {
 // Positive controls
 // ---------------------------------------------------------------------------
 
+/// Each CPU device writes its own precision by default: f64 from the
+/// reference, f32 from the CPU backend, and they agree to f32's accuracy.
 #[test]
-fn small_model_runs_and_writes_f64_on_cpu() {
+fn small_model_runs_on_both_cpu_devices() {
     let s = Scratch::new("ok");
     let w = write_small(&s, "w.safetensors", "");
     let input = small_input(&s);
-    let out_path = s.path("out.safetensors");
-    let out = run_cpu(&w, &input, &["--output", out_path.to_str().unwrap()]);
-    expect_success(&out);
-    let f = TensorFile::open(&out_path).expect("output readable");
-    let y = f.get("conditioning").expect("conditioning in output");
-    assert_eq!(y.shape(), &[2, 3, 5]);
-    assert_eq!(
-        y.dtype(),
-        DType::F64,
-        "the CPU reference writes its own precision by default"
-    );
-    assert!(y.first_non_finite().is_none());
+    let mut outputs = Vec::new();
+    for (device, dtype) in [("reference", DType::F64), ("cpu", DType::F32)] {
+        let out_path = s.path(&format!("out-{device}.safetensors"));
+        let out = run_device(
+            device,
+            &w,
+            &input,
+            &["--output", out_path.to_str().unwrap()],
+        );
+        expect_success(&out);
+        let f = TensorFile::open(&out_path).expect("output readable");
+        let y = f.get("conditioning").expect("conditioning in output");
+        assert_eq!(y.shape(), &[2, 3, 5]);
+        assert_eq!(y.dtype(), dtype, "{device}");
+        assert!(y.first_non_finite().is_none());
+        outputs.push(y.to_f64_vec());
+    }
+    let (rel, _) = output_projector::tensor::compare(&outputs[1], &outputs[0]);
+    assert!(rel <= 1e-5, "cpu vs reference: rel {rel:.2e}");
 }
 
 #[test]
@@ -1298,11 +1312,15 @@ fn unknown_or_unsupported_precision() {
         expect_error(&outproj(["check", "--precision", p]), &["precision", p]);
         expect_error(&outproj(["bench", "--precision", p]), &["precision", p]);
     }
-    // The CPU reference computes in float64 only.
+    // The reference computes in float64 only, the CPU backend in f32.
     for p in ["tf32", "f16", "bf16"] {
         expect_error(
-            &run_cpu(&w, &input, &["--precision", p]),
+            &run_device("reference", &w, &input, &["--precision", p]),
             &["--precision", p, "float64"],
+        );
+        expect_error(
+            &run_cpu(&w, &input, &["--precision", p]),
+            &["--precision", p, "CPU backend computes in f32"],
         );
     }
     expect_success(&run_cpu(&w, &input, &["--precision", "f32"]));
@@ -1392,15 +1410,23 @@ fn gpu_devices_fail_cleanly_or_run() {
             println!("skipped: {d} run: {line}");
         }
     }
-    // auto takes CUDA, else wgpu, else the CPU, which is always there.
+    // auto takes CUDA, else wgpu on a GPU, else the CPU backend, which is
+    // always there (and faster than wgpu on a CPU adapter such as lavapipe).
+    let info = String::from_utf8_lossy(&outproj(["info"]).stdout).into_owned();
+    let wgpu_is_a_cpu = info
+        .lines()
+        .any(|l| l.starts_with("wgpu ") && l.contains(", Cpu)"));
+    let expected = usable
+        .into_iter()
+        .find(|&d| d == "cuda" || !wgpu_is_a_cpu)
+        .unwrap_or("cpu");
     let out = run("auto");
     expect_success(&out);
-    assert_eq!(
-        ran_on(&out),
-        usable.first().copied().unwrap_or("cpu"),
-        "{}",
-        describe(&out)
-    );
+    assert_eq!(ran_on(&out), expected, "{}\n{info}", describe(&out));
+    // The reference is a device too, always there.
+    let out = run("reference");
+    expect_success(&out);
+    assert_eq!(ran_on(&out), "reference", "{}", describe(&out));
 }
 
 #[test]

@@ -1,0 +1,272 @@
+//! `linear` on the CPU, and the dot-product engine it shares with attention.
+//!
+//! Both operands of `x · wᵀ` are K-contiguous rows, so each output is a dot
+//! product of two contiguous rows. A register tile of `MR` rows of `x` by `NR`
+//! rows of `w` keeps `MR·NR` accumulators of 8 lanes: each step loads `MR + NR`
+//! vectors for `MR·NR` multiply-adds. A thread's block of `x` rows stays in its
+//! L2 while it walks its block of `w` rows, `NR` at a time (in L1).
+
+use rayon::prelude::*;
+
+use super::{tiles, Tile};
+use crate::ops::{Activation, LinearDims};
+
+/// Lanes per accumulator: one AVX register of f32.
+const LANES: usize = 8;
+/// Rows of `x` per register tile.
+const MR: usize = 4;
+/// Rows of `w` per register tile: 4 x 3 accumulators, 4 + 1 operands in
+/// flight, within AVX2's 16 registers.
+const NR: usize = 3;
+/// Bytes of `x` rows a thread keeps in its L2 while it walks `w`.
+const X_BLOCK_BYTES: usize = 256 << 10;
+
+/// The instruction set the dot products are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Simd {
+    /// What the build targets (SSE2 on x86-64, NEON with FMA on aarch64).
+    Baseline,
+    /// AVX2 with fused multiply-add, found at run time.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+}
+
+impl Simd {
+    pub(crate) fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Simd::Avx2Fma;
+        }
+        Simd::Baseline
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Simd::Baseline if BASELINE_FMA => "baseline+fma",
+            Simd::Baseline => "baseline",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2Fma => "avx2+fma",
+        }
+    }
+}
+
+/// Whether the build's baseline has a fused multiply-add instruction; without
+/// one `f32::mul_add` would be a library call, so the baseline multiplies and
+/// adds.
+const BASELINE_FMA: bool = cfg!(any(target_arch = "aarch64", target_feature = "fma"));
+
+/// `out[r][c] = xs[r] · ws[c]` for rows of one length.
+pub(crate) fn dots(simd: Simd, xs: &[&[f32]], ws: &[&[f32]], out: &mut [&mut [f32]]) {
+    match simd {
+        Simd::Baseline => dots_with::<BASELINE_FMA>(xs, ws, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Simd::Avx2Fma` exists only where `detect` found both features.
+        Simd::Avx2Fma => unsafe { dots_avx2(xs, ws, out) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2(xs: &[&[f32]], ws: &[&[f32]], out: &mut [&mut [f32]]) {
+    dots_with::<true>(xs, ws, out)
+}
+
+#[inline(always)]
+fn dots_with<const FMA: bool>(xs: &[&[f32]], ws: &[&[f32]], out: &mut [&mut [f32]]) {
+    for (c0, w) in (0..ws.len()).step_by(NR).zip(ws.chunks(NR)) {
+        for (x, o) in xs.chunks(MR).zip(out.chunks_mut(MR)) {
+            match (x.len(), w.len()) {
+                (4, 3) => tile::<4, 3, FMA>(x, w, o, c0),
+                (4, 2) => tile::<4, 2, FMA>(x, w, o, c0),
+                (4, _) => tile::<4, 1, FMA>(x, w, o, c0),
+                (3, 3) => tile::<3, 3, FMA>(x, w, o, c0),
+                (3, 2) => tile::<3, 2, FMA>(x, w, o, c0),
+                (3, _) => tile::<3, 1, FMA>(x, w, o, c0),
+                (2, 3) => tile::<2, 3, FMA>(x, w, o, c0),
+                (2, 2) => tile::<2, 2, FMA>(x, w, o, c0),
+                (2, _) => tile::<2, 1, FMA>(x, w, o, c0),
+                (_, 3) => tile::<1, 3, FMA>(x, w, o, c0),
+                (_, 2) => tile::<1, 2, FMA>(x, w, o, c0),
+                _ => tile::<1, 1, FMA>(x, w, o, c0),
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// One register tile: `o[r][c0 + c] = x[r] · w[c]` for `R` rows and `C` columns.
+#[inline(always)]
+fn tile<const R: usize, const C: usize, const FMA: bool>(
+    x: &[&[f32]],
+    w: &[&[f32]],
+    o: &mut [&mut [f32]],
+    c0: usize,
+) {
+    let k = x[0].len();
+    let x: [&[f32]; R] = std::array::from_fn(|r| &x[r][..k]);
+    let w: [&[f32]; C] = std::array::from_fn(|c| &w[c][..k]);
+    let mut acc = [[[0.0f32; LANES]; C]; R];
+    let body = k - k % LANES;
+    let mut i = 0;
+    while i < body {
+        let mut xv = [[0.0f32; LANES]; R];
+        for r in 0..R {
+            xv[r].copy_from_slice(&x[r][i..i + LANES]);
+        }
+        for c in 0..C {
+            let mut wv = [0.0f32; LANES];
+            wv.copy_from_slice(&w[c][i..i + LANES]);
+            for r in 0..R {
+                for l in 0..LANES {
+                    acc[r][c][l] = madd::<FMA>(xv[r][l], wv[l], acc[r][c][l]);
+                }
+            }
+        }
+        i += LANES;
+    }
+    for r in 0..R {
+        for c in 0..C {
+            let a = acc[r][c];
+            // A fixed tree, so that results do not depend on the thread count.
+            let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+            for t in body..k {
+                s = madd::<FMA>(x[r][t], w[c][t], s);
+            }
+            o[r][c0 + c] = s;
+        }
+    }
+}
+
+/// The inputs of one `linear` call.
+pub(super) struct Linear<'a> {
+    pub x: &'a [f32],
+    pub w: &'a [f32],
+    pub b: Option<&'a [f32]>,
+    pub act: Activation,
+    pub residual: Option<&'a [f32]>,
+}
+
+/// `out = act(x · wᵀ + b) + residual`, tiles of the output spread over the pool.
+pub(super) fn linear(simd: Simd, d: LinearDims, a: Linear<'_>, out: &mut [f32]) {
+    let (row_block, col_block) = blocks(d, rayon::current_num_threads());
+    tiles(out, d.n, row_block, col_block)
+        .into_par_iter()
+        .for_each(|mut t| linear_tile(simd, d, &a, &mut t));
+}
+
+/// Rows and columns per task: as many `x` rows as fit the L2 budget, and
+/// columns cut so that every thread has about four tiles to take.
+fn blocks(d: LinearDims, threads: usize) -> (usize, usize) {
+    let rows = (X_BLOCK_BYTES / (4 * d.k)).clamp(MR, 256) / MR * MR;
+    let row_blocks = d.m.div_ceil(rows);
+    let want = 4 * threads.max(1);
+    let col_blocks = want.div_ceil(row_blocks).max(1);
+    let cols =
+        d.n.div_ceil(col_blocks)
+            .next_multiple_of(NR)
+            .clamp(NR, 8 * 16 * NR);
+    (rows, cols)
+}
+
+fn linear_tile(simd: Simd, d: LinearDims, a: &Linear<'_>, t: &mut Tile<'_>) {
+    let k = d.k;
+    let cols = t.rows[0].len();
+    let xs: Vec<&[f32]> = (t.row..t.row + t.rows.len())
+        .map(|r| &a.x[r * k..(r + 1) * k])
+        .collect();
+    let ws: Vec<&[f32]> = (t.col..t.col + cols)
+        .map(|c| &a.w[c * k..(c + 1) * k])
+        .collect();
+    dots(simd, &xs, &ws, &mut t.rows);
+    for (i, row) in t.rows.iter_mut().enumerate() {
+        let r = t.row + i;
+        for (j, y) in row.iter_mut().enumerate() {
+            let n = t.col + j;
+            let mut v = *y + a.b.map_or(0.0, |b| b[n]);
+            v = activate(a.act, v);
+            if let Some(res) = a.residual {
+                v += res[r * d.n + n];
+            }
+            *y = v;
+        }
+    }
+}
+
+/// The activation in f32 (PyTorch's formulas).
+pub(super) fn activate(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::None => x,
+        Activation::Relu => x.max(0.0),
+        Activation::GeluErf => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
+        Activation::GeluTanh => {
+            let c = (2.0 / std::f32::consts::PI).sqrt();
+            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every tile shape and both instruction sets against a plain f64 loop,
+    /// on lengths around the lane count.
+    #[test]
+    fn dots_match_a_plain_loop() {
+        let mut sets = vec![Simd::Baseline];
+        if Simd::detect() != Simd::Baseline {
+            sets.push(Simd::detect());
+        }
+        let value = |i: usize| ((i * 7919 % 113) as f32 - 56.0) / 17.0;
+        for simd in sets {
+            for (rows, cols, k) in [(1, 1, 1), (5, 7, 7), (4, 3, 8), (9, 10, 17), (3, 2, 64)] {
+                let x: Vec<f32> = (0..rows * k).map(value).collect();
+                let w: Vec<f32> = (0..cols * k).map(|i| value(i + 5)).collect();
+                let xs: Vec<&[f32]> = x.chunks(k).collect();
+                let ws: Vec<&[f32]> = w.chunks(k).collect();
+                let mut out = vec![f32::NAN; rows * cols];
+                let mut rows_out: Vec<&mut [f32]> = out.chunks_mut(cols).collect();
+                dots(simd, &xs, &ws, &mut rows_out);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let want: f64 = (0..k)
+                            .map(|t| x[r * k + t] as f64 * w[c * k + t] as f64)
+                            .sum();
+                        let got = out[r * cols + c] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{simd:?} {rows}x{cols}x{k} at ({r}, {c}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_give_every_thread_work() {
+        let d = LinearDims {
+            m: 4,
+            n: 512,
+            k: 4096,
+        };
+        let (rows, cols) = blocks(d, 8);
+        assert_eq!(rows, 16);
+        assert!(d.n.div_ceil(cols) >= 32, "{cols} columns a tile");
+        let big = LinearDims {
+            m: 4928,
+            n: 2048,
+            k: 512,
+        };
+        let (rows, cols) = blocks(big, 2);
+        assert_eq!((rows, cols % NR), (128, 0));
+    }
+}
