@@ -1,7 +1,8 @@
 //! `attention` on the CPU: one task per (sequence, head, block of queries).
 //! The block's scores against every key are one [`dots`] call (the GEMM's
-//! register tiles), then a max-subtracted softmax and the weighted sum of the
-//! value rows, all in f32.
+//! register tiles), then a max-subtracted softmax, and the probabilities
+//! times the values a second one (against the head's values transposed),
+//! all in f32.
 
 use rayon::prelude::*;
 
@@ -53,7 +54,8 @@ pub(super) fn attention<'a>(simd: Simd, d: AttentionDims, a: Attention<'a>, out:
         let mut scores = vec![0.0f32; qs.len() * d.lk];
         let mut score_rows: Vec<&mut [f32]> = scores.chunks_mut(d.lk).collect();
         dots(simd, &qs, &ks, &mut score_rows);
-        for (n, (o, s)) in t.rows.iter_mut().zip(score_rows).enumerate() {
+        // Each row's probabilities, 0 where a key is hidden.
+        for (n, s) in score_rows.iter_mut().enumerate() {
             let i = t.row + n;
             let visible =
                 |j: usize| !(a.causal && j > i || a.ignore.is_some_and(|m| m[b * d.lk + j]));
@@ -64,27 +66,29 @@ pub(super) fn attention<'a>(simd: Simd, d: AttentionDims, a: Attention<'a>, out:
                     max = max.max(*s);
                 }
             }
-            o.fill(0.0);
             if max == f32::NEG_INFINITY {
-                continue; // every key masked: zeros
+                s.fill(0.0); // every key hidden: zeros
+                continue;
             }
             let mut denom = 0.0f32;
-            for (j, &s) in s.iter().enumerate() {
-                if !visible(j) {
-                    continue;
-                }
-                let p = (s - max).exp();
-                denom += p;
-                for (o, v) in o
-                    .iter_mut()
-                    .zip(row(a.v, b * d.lk + j, d.v_stride, d.v_start))
-                {
-                    *o += p * v;
-                }
+            for (j, s) in s.iter_mut().enumerate() {
+                *s = if visible(j) { (*s - max).exp() } else { 0.0 };
+                denom += *s;
             }
             let inv = 1.0 / denom;
-            o.iter_mut().for_each(|o| *o *= inv);
+            s.iter_mut().for_each(|s| *s *= inv);
         }
+        // P·V as dot products of P's rows with Vᵀ's, on the same register tiles.
+        let mut vt = vec![0.0f32; hd * d.lk];
+        for j in 0..d.lk {
+            let v = row(a.v, b * d.lk + j, d.v_stride, d.v_start);
+            for (t, &x) in v.iter().enumerate() {
+                vt[t * d.lk + j] = x;
+            }
+        }
+        let vts: Vec<&[f32]> = vt.chunks(d.lk).collect();
+        let ps: Vec<&[f32]> = score_rows.iter().map(|s| &s[..]).collect();
+        dots(simd, &ps, &vts, &mut t.rows);
     });
 }
 

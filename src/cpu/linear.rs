@@ -14,10 +14,11 @@ use crate::ops::{Activation, LinearDims};
 /// Lanes per accumulator: one AVX register of f32.
 const LANES: usize = 8;
 /// Rows of `x` per register tile.
-const MR: usize = 4;
-/// Rows of `w` per register tile: 4 x 3 accumulators, 4 + 1 operands in
-/// flight, within AVX2's 16 registers.
-const NR: usize = 3;
+const MR: usize = 3;
+/// Rows of `w` per register tile: 3 x 4 accumulators and 3 + 1 operands,
+/// AVX2's 16 registers. (4 x 3 needs 17: one spills, and the GEMMs ran at
+/// less than half the speed.)
+const NR: usize = 4;
 /// Bytes of `x` rows a thread keeps in its L2 while it walks `w`.
 const X_BLOCK_BYTES: usize = 256 << 10;
 
@@ -50,97 +51,135 @@ impl Simd {
     }
 }
 
-/// Whether the build's baseline has a fused multiply-add instruction; without
-/// one `f32::mul_add` would be a library call, so the baseline multiplies and
-/// adds.
+/// Whether the build's baseline has a fused multiply-add instruction.
 const BASELINE_FMA: bool = cfg!(any(target_arch = "aarch64", target_feature = "fma"));
 
 /// `out[r][c] = xs[r] · ws[c]` for rows of one length.
 pub(crate) fn dots(simd: Simd, xs: &[&[f32]], ws: &[&[f32]], out: &mut [&mut [f32]]) {
     match simd {
-        Simd::Baseline => dots_with::<BASELINE_FMA>(xs, ws, out),
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Simd::Avx2Fma` exists only where `detect` found both features.
-        Simd::Avx2Fma => unsafe { dots_avx2(xs, ws, out) },
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2(xs: &[&[f32]], ws: &[&[f32]], out: &mut [&mut [f32]]) {
-    dots_with::<true>(xs, ws, out)
-}
-
-#[inline(always)]
-fn dots_with<const FMA: bool>(xs: &[&[f32]], ws: &[&[f32]], out: &mut [&mut [f32]]) {
-    for (c0, w) in (0..ws.len()).step_by(NR).zip(ws.chunks(NR)) {
-        for (x, o) in xs.chunks(MR).zip(out.chunks_mut(MR)) {
-            match (x.len(), w.len()) {
-                (4, 3) => tile::<4, 3, FMA>(x, w, o, c0),
-                (4, 2) => tile::<4, 2, FMA>(x, w, o, c0),
-                (4, _) => tile::<4, 1, FMA>(x, w, o, c0),
-                (3, 3) => tile::<3, 3, FMA>(x, w, o, c0),
-                (3, 2) => tile::<3, 2, FMA>(x, w, o, c0),
-                (3, _) => tile::<3, 1, FMA>(x, w, o, c0),
-                (2, 3) => tile::<2, 3, FMA>(x, w, o, c0),
-                (2, 2) => tile::<2, 2, FMA>(x, w, o, c0),
-                (2, _) => tile::<2, 1, FMA>(x, w, o, c0),
-                (_, 3) => tile::<1, 3, FMA>(x, w, o, c0),
-                (_, 2) => tile::<1, 2, FMA>(x, w, o, c0),
-                _ => tile::<1, 1, FMA>(x, w, o, c0),
+        Simd::Baseline => {
+            for (x, o) in xs.iter().zip(out.iter_mut()) {
+                for (w, o) in ws.iter().zip(o.iter_mut()) {
+                    *o = dot(x, w);
+                }
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Simd::Avx2Fma` exists only where `detect` found both features.
+        Simd::Avx2Fma => unsafe { avx2::dots(xs, ws, out) },
     }
 }
 
+/// One dot product in `LANES` partial sums (the compiler vectorises them),
+/// reduced by [`reduce`].
+fn dot(x: &[f32], w: &[f32]) -> f32 {
+    let w = &w[..x.len()];
+    let mut acc = [0.0f32; LANES];
+    let body = x.len() - x.len() % LANES;
+    for (xv, wv) in x[..body]
+        .chunks_exact(LANES)
+        .zip(w[..body].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            acc[l] = madd(xv[l], wv[l], acc[l]);
+        }
+    }
+    reduce(acc, &x[body..], &w[body..])
+}
+
+/// A fused multiply-add where the baseline has one; else a multiply and an add
+/// (`f32::mul_add` would be a library call).
 #[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
+fn madd(a: f32, b: f32, c: f32) -> f32 {
+    if BASELINE_FMA {
         a.mul_add(b, c)
     } else {
         a * b + c
     }
 }
 
-/// One register tile: `o[r][c0 + c] = x[r] · w[c]` for `R` rows and `C` columns.
+/// The lanes of one accumulator summed in a fixed tree (so that results do
+/// not depend on the tiling, hence on the thread count), then the tail.
 #[inline(always)]
-fn tile<const R: usize, const C: usize, const FMA: bool>(
-    x: &[&[f32]],
-    w: &[&[f32]],
-    o: &mut [&mut [f32]],
-    c0: usize,
-) {
-    let k = x[0].len();
-    let x: [&[f32]; R] = std::array::from_fn(|r| &x[r][..k]);
-    let w: [&[f32]; C] = std::array::from_fn(|c| &w[c][..k]);
-    let mut acc = [[[0.0f32; LANES]; C]; R];
-    let body = k - k % LANES;
-    let mut i = 0;
-    while i < body {
-        let mut xv = [[0.0f32; LANES]; R];
-        for r in 0..R {
-            xv[r].copy_from_slice(&x[r][i..i + LANES]);
-        }
-        for c in 0..C {
-            let mut wv = [0.0f32; LANES];
-            wv.copy_from_slice(&w[c][i..i + LANES]);
-            for r in 0..R {
-                for l in 0..LANES {
-                    acc[r][c][l] = madd::<FMA>(xv[r][l], wv[l], acc[r][c][l]);
+fn reduce(a: [f32; LANES], x: &[f32], w: &[f32]) -> f32 {
+    let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    for (&x, &w) in x.iter().zip(w) {
+        s = madd(x, w, s);
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{reduce, LANES, MR, NR};
+
+    /// [`super::dots`] in `MR x NR` tiles of AVX2 accumulators.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots(xs: &[&[f32]], ws: &[&[f32]], out: &mut [&mut [f32]]) {
+        for (c0, w) in (0..ws.len()).step_by(NR).zip(ws.chunks(NR)) {
+            for (x, o) in xs.chunks(MR).zip(out.chunks_mut(MR)) {
+                match (x.len(), w.len()) {
+                    (3, 4) => tile::<3, 4>(x, w, o, c0),
+                    (3, 3) => tile::<3, 3>(x, w, o, c0),
+                    (3, 2) => tile::<3, 2>(x, w, o, c0),
+                    (3, _) => tile::<3, 1>(x, w, o, c0),
+                    (2, 4) => tile::<2, 4>(x, w, o, c0),
+                    (2, 3) => tile::<2, 3>(x, w, o, c0),
+                    (2, 2) => tile::<2, 2>(x, w, o, c0),
+                    (2, _) => tile::<2, 1>(x, w, o, c0),
+                    (_, 4) => tile::<1, 4>(x, w, o, c0),
+                    (_, 3) => tile::<1, 3>(x, w, o, c0),
+                    (_, 2) => tile::<1, 2>(x, w, o, c0),
+                    _ => tile::<1, 1>(x, w, o, c0),
                 }
             }
         }
-        i += LANES;
     }
-    for r in 0..R {
+
+    /// `o[r][c0 + c] = x[r] · w[c]`: `R x C` accumulators of 8 lanes, each
+    /// step loading `R + C` vectors for `R·C` fused multiply-adds.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize, const C: usize>(
+        x: &[&[f32]],
+        w: &[&[f32]],
+        o: &mut [&mut [f32]],
+        c0: usize,
+    ) {
+        let k = x[0].len();
+        let mut xr = [&[][..]; R];
+        let mut wr = [&[][..]; C];
+        for r in 0..R {
+            xr[r] = &x[r][..k];
+        }
         for c in 0..C {
-            let a = acc[r][c];
-            // A fixed tree, so that results do not depend on the thread count.
-            let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-            for t in body..k {
-                s = madd::<FMA>(x[r][t], w[c][t], s);
+            wr[c] = &w[c][..k];
+        }
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let body = k - k % LANES;
+        let mut i = 0;
+        while i < body {
+            let mut xv = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                // SAFETY: i + LANES <= body <= k, the length of every row.
+                xv[r] = _mm256_loadu_ps(xr[r].as_ptr().add(i));
             }
-            o[r][c0 + c] = s;
+            for c in 0..C {
+                let wv = _mm256_loadu_ps(wr[c].as_ptr().add(i));
+                for r in 0..R {
+                    acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+                }
+            }
+            i += LANES;
+        }
+        for r in 0..R {
+            for c in 0..C {
+                let mut lanes = [0.0f32; LANES];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
+                o[r][c0 + c] = reduce(lanes, &xr[r][body..], &wr[c][body..]);
+            }
         }
     }
 }
@@ -260,7 +299,7 @@ mod tests {
         };
         let (rows, cols) = blocks(d, 8);
         assert_eq!(rows, 16);
-        assert!(d.n.div_ceil(cols) >= 32, "{cols} columns a tile");
+        assert!(d.n.div_ceil(cols) >= 24, "{cols} columns a tile");
         let big = LinearDims {
             m: 4928,
             n: 2048,
