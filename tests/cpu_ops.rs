@@ -3,33 +3,43 @@
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::cpu::{Cpu, CpuOptions};
 use output_projector::golden;
-use output_projector::ops::Backend;
+use output_projector::ops::{Backend, KernelVersion};
 use output_projector::tensor::{DType, HostTensor};
 use output_projector::verify;
 
 fn cpu(threads: usize) -> Cpu {
-    Cpu::new(CpuOptions { threads }).expect("cpu backend")
+    Cpu::new(CpuOptions {
+        threads,
+        ..CpuOptions::default()
+    })
+    .expect("cpu backend")
 }
 
-/// Every standard case of `op` within `tol`, with f32 inputs and with inputs
-/// rounded to f16 (the reference sees the same rounded values).
+/// Every standard case of `op` within `tol` on each kernel version, with f32
+/// inputs and with inputs rounded to f16 (the reference sees the same
+/// rounded values).
 fn check_op(op: &str, tol: f64) {
-    let be = cpu(0);
+    let fast = cpu(0);
+    assert_eq!(fast.options().version, KernelVersion::Fast);
+    let naive = fast.naive().unwrap().expect("a v1");
     let cases = verify::standard_cases();
     let mine: Vec<_> = cases.iter().filter(|c| c.op() == op).collect();
     assert!(!mine.is_empty(), "no standard case for {op}");
-    for (i, case) in mine.into_iter().enumerate() {
-        for dtype in [DType::F32, DType::F16] {
-            let r = verify::compare_case(&be, case, dtype, 300 + i as u64)
-                .unwrap_or_else(|e| panic!("{}: {e}", case.describe()));
-            assert!(
-                r.rel <= tol,
-                "{dtype} {} {}: rel {:.3e} max_abs {:.3e}",
-                r.op,
-                r.case,
-                r.rel,
-                r.max_abs
-            );
+    for be in [fast, naive] {
+        let version = be.options().version;
+        for (i, case) in mine.iter().enumerate() {
+            for dtype in [DType::F32, DType::F16] {
+                let r = verify::compare_case(&be, case, dtype, 300 + i as u64)
+                    .unwrap_or_else(|e| panic!("{version:?} {}: {e}", case.describe()));
+                assert!(
+                    r.rel <= tol,
+                    "{version:?} {dtype} {} {}: rel {:.3e} max_abs {:.3e}",
+                    r.op,
+                    r.case,
+                    r.rel,
+                    r.max_abs
+                );
+            }
         }
     }
 }

@@ -15,6 +15,10 @@ use crate::ops::{AbsorbedAttentionDims, AttentionDims};
 /// read stay in cache.
 const QUERIES: usize = 16;
 
+/// Keys from which P·V runs as dot products against the values transposed:
+/// below, a dot product would be shorter than one accumulator's 8 lanes.
+const TRANSPOSE_KEYS: usize = 8;
+
 /// The inputs of one `attention` call.
 pub(super) struct Attention<'a> {
     pub q: &'a [f32],
@@ -77,6 +81,17 @@ pub(super) fn attention<'a>(simd: Simd, d: AttentionDims, a: Attention<'a>, out:
             }
             let inv = 1.0 / denom;
             s.iter_mut().for_each(|s| *s *= inv);
+        }
+        if d.lk < TRANSPOSE_KEYS {
+            // Few keys: each output row a sum of as many value rows.
+            for (o, p) in t.rows.iter_mut().zip(&score_rows) {
+                o.fill(0.0);
+                for (j, &p) in p.iter().enumerate() {
+                    let v = row(a.v, b * d.lk + j, d.v_stride, d.v_start);
+                    o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+                }
+            }
+            return;
         }
         // P·V as dot products of P's rows with Vᵀ's, on the same register tiles.
         let mut vt = vec![0.0f32; hd * d.lk];

@@ -17,7 +17,7 @@
 //! let mut config = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
 //! config.in_dim = 64;
 //! let weights = ProjectorWeights::random(config, None, 0)?;
-//! let cpu = Cpu::open()?; // every core; Cpu::new(CpuOptions { threads: 2 }) for two
+//! let cpu = Cpu::open()?; // every core; Cpu::new(CpuOptions { threads: 2, .. }) for two
 //! let projector = Projector::new(cpu.clone(), &weights)?;
 //! let hidden = cpu.upload(&HostTensor::from_f32(vec![1, 8, 64], vec![0.1; 8 * 64])?)?;
 //! let conditioning = cpu.download(&projector.forward(&hidden, None)?)?;
@@ -37,8 +37,8 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::ops::{
     f32_param, AbsorbedAttentionDims, AbsorbedAttentionInput, Activation, AttentionDims,
-    AttentionSpec, Backend, Cols, GatherDims, KeyPaddingMask, LayerNormDims, LinearDims, LossDims,
-    LossKind, NormAfter, NormInput, Shaped,
+    AttentionSpec, Backend, Cols, GatherDims, KernelVersion, KeyPaddingMask, LayerNormDims,
+    LinearDims, LossDims, LossKind, NormAfter, NormInput, Shaped,
 };
 use crate::signal::SignalPositions;
 use crate::tensor::{checked_numel, try_filled, DType, HostData, HostTensor};
@@ -91,6 +91,12 @@ impl Shaped for CpuTensor {
 pub struct CpuOptions {
     /// Worker threads; 0 (the default) for one per core the machine offers.
     pub threads: usize,
+    /// [`KernelVersion::Fast`] (the default): dot products in register tiles
+    /// of AVX2 accumulators where the CPU has AVX2 and FMA.
+    /// [`KernelVersion::Naive`], the v1 baseline and second oracle: one dot
+    /// product at a time, in 8 partial sums the compiler vectorises for the
+    /// build's baseline (SSE2 on x86-64).
+    pub version: KernelVersion,
 }
 
 /// The CPU backend: a cheap handle to its thread pool (clone it freely).
@@ -98,6 +104,7 @@ pub struct CpuOptions {
 pub struct Cpu {
     pool: Arc<rayon::ThreadPool>,
     simd: linear::Simd,
+    version: KernelVersion,
 }
 
 impl std::fmt::Debug for Cpu {
@@ -105,6 +112,7 @@ impl std::fmt::Debug for Cpu {
         f.debug_struct("Cpu")
             .field("threads", &self.threads())
             .field("simd", &self.simd)
+            .field("version", &self.version)
             .finish()
     }
 }
@@ -127,8 +135,20 @@ impl Cpu {
             })?;
         Ok(Cpu {
             pool: Arc::new(pool),
-            simd: linear::Simd::detect(),
+            simd: match options.version {
+                KernelVersion::Fast => linear::Simd::detect(),
+                KernelVersion::Naive => linear::Simd::Baseline,
+            },
+            version: options.version,
         })
+    }
+
+    /// The options it runs with (`threads` as started).
+    pub fn options(&self) -> CpuOptions {
+        CpuOptions {
+            threads: self.threads(),
+            version: self.version,
+        }
     }
 
     /// Worker threads the ops are spread over.
@@ -179,6 +199,15 @@ impl Backend for Cpu {
 
     fn upload_mask(&self, mask: &KeyPaddingMask) -> Result<KeyPaddingMask> {
         Ok(mask.clone())
+    }
+
+    /// The v1 kernels on the same threads.
+    fn naive(&self) -> Result<Option<Self>> {
+        Ok(Some(Cpu {
+            pool: Arc::clone(&self.pool),
+            simd: linear::Simd::Baseline,
+            version: KernelVersion::Naive,
+        }))
     }
 
     fn linear(
@@ -404,6 +433,11 @@ mod tests {
     fn a_pool_of_zero_threads_means_every_core() {
         let cpu = Cpu::open().unwrap();
         assert!(cpu.threads() >= 1);
-        assert_eq!(Cpu::new(CpuOptions { threads: 1 }).unwrap().threads(), 1);
+        let one = Cpu::new(CpuOptions {
+            threads: 1,
+            ..CpuOptions::default()
+        })
+        .unwrap();
+        assert_eq!(one.threads(), 1);
     }
 }
