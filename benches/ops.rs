@@ -1,5 +1,6 @@
 //! Criterion benchmarks: each op at the image projector's shapes, and the whole
-//! projector, on every backend compiled in and available here (on CUDA also
+//! projector, on every backend compiled in and available here (the reference,
+//! the CPU backend and its v1, wgpu, CUDA; on CUDA also
 //! replayed from a CUDA graph, f32 and bf16).
 //!
 //! `cargo bench --bench ops`; add `-- projector` or `-- linear` to filter.
@@ -68,8 +69,19 @@ fn projector_on<B: Backend>(c: &mut Criterion, label: &str, be: &B, batches: &[u
 
 fn benches(c: &mut Criterion) {
     // The reference is naive by design: batch 1 only, as the baseline.
-    ops_on(c, "cpu", &Reference, 8);
-    projector_on(c, "cpu", &Reference, &[1]);
+    ops_on(c, "reference", &Reference, 8);
+    projector_on(c, "reference", &Reference, &[1]);
+    // The CPU backend beside its v1, then the projector at batch 1 and 8.
+    if let Ok(cpu) = output_projector::cpu::Cpu::open() {
+        for (label, be) in [
+            ("cpu", Some(cpu.clone())),
+            ("cpu-v1", cpu.naive().ok().flatten()),
+        ] {
+            let Some(be) = be else { continue };
+            ops_on(c, label, &be, 4);
+        }
+        projector_on(c, "cpu", &cpu, &[1, 8]);
+    }
     #[cfg(feature = "wgpu")]
     if let Ok(gpu) = output_projector::wgpu::Wgpu::open() {
         // Each kernel beside its naive v1, then the projector at batch 1, 8, 64.
