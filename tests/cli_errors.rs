@@ -1619,46 +1619,59 @@ fn kernels_and_bench_arguments() {
     }
 }
 
-/// `outproj bench` on the reference: every row timed, the forward over its
-/// 8 rotating inputs, each op on one argument set (no cache size to beat).
-/// The audio projector: one query, the quickest forward of the presets.
+/// `outproj bench` on both CPU devices: every row timed, the forward over its
+/// 8 rotating inputs, each op on one argument set (no cache size to beat);
+/// the CPU backend's v1 rows beside its own. The audio projector: one query,
+/// the quickest forward of the presets.
 #[test]
 fn bench_times_every_row_on_the_cpu() {
-    let out = outproj([
-        "bench",
-        "--device",
-        "cpu",
-        "--modality",
-        "audio",
-        "--batch",
-        "1",
-        "--seconds",
-        "0.01",
-        "--json",
-    ]);
-    expect_success(&out);
-    let rows: Vec<serde_json::Value> =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}\n{}", describe(&out)));
-    let field = |r: &serde_json::Value, k: &str| r[k].clone();
-    let what: Vec<String> = rows
-        .iter()
-        .map(|r| field(r, "what").as_str().unwrap_or("").to_string())
-        .collect();
-    for op in [
-        "projector",
-        "linear",
-        "layer_norm",
-        "attention",
-        "attention_absorbed",
-    ] {
-        assert!(what.iter().any(|w| w == op), "no `{op}` row in {what:?}");
-    }
-    for r in &rows {
-        let us = field(r, "median_us").as_f64().unwrap_or(f64::NAN);
-        assert!(us.is_finite() && us > 0.0, "{r}");
-        let sets = field(r, "buffers").as_u64();
-        let expected = if r["what"] == "projector" { 8 } else { 1 };
-        assert_eq!(sets, Some(expected), "{r}");
+    for device in ["reference", "cpu"] {
+        let out = outproj([
+            "bench",
+            "--device",
+            device,
+            "--modality",
+            "audio",
+            "--batch",
+            "1",
+            "--seconds",
+            "0.01",
+            "--json",
+        ]);
+        expect_success(&out);
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}\n{}", describe(&out)));
+        let field = |r: &serde_json::Value, k: &str| r[k].clone();
+        let what: Vec<String> = rows
+            .iter()
+            .map(|r| field(r, "what").as_str().unwrap_or("").to_string())
+            .collect();
+        let mut ops = vec![
+            "projector",
+            "linear",
+            "layer_norm",
+            "attention",
+            "attention_absorbed",
+        ];
+        if device == "cpu" {
+            ops.extend(["projector v1", "linear v1", "attention v1"]);
+        }
+        for op in ops {
+            assert!(
+                what.iter().any(|w| w == op),
+                "{device}: no `{op}` row in {what:?}"
+            );
+        }
+        for r in &rows {
+            assert_eq!(field(r, "device"), device, "{r}");
+            let us = field(r, "median_us").as_f64().unwrap_or(f64::NAN);
+            assert!(us.is_finite() && us > 0.0, "{r}");
+            let sets = field(r, "buffers").as_u64();
+            let forward = field(r, "what")
+                .as_str()
+                .is_some_and(|w| w.starts_with("projector"));
+            assert_eq!(sets, Some(if forward { 8 } else { 1 }), "{r}");
+        }
     }
 }
 
