@@ -71,6 +71,58 @@ pub enum HostData {
     BF16(Vec<bf16>),
 }
 
+/// A row-major tensor of `T` in host memory: the tensors of the CPU backends
+/// ([`RefTensor`](crate::reference::RefTensor) of f64,
+/// [`CpuTensor`](crate::cpu::CpuTensor) of f32). The shape always matches the
+/// element count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dense<T> {
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: Vec<T>,
+}
+
+impl<T: Clone> Dense<T> {
+    /// A tensor from its elements, without a copy; the count must match the shape.
+    pub fn new(shape: Vec<usize>, data: Vec<T>) -> Result<Self> {
+        let n = checked_numel(&shape, "tensor")?;
+        if n != data.len() {
+            return Err(Error::invalid(format!(
+                "shape {shape:?} holds {n} elements but {} were given",
+                data.len()
+            )));
+        }
+        Ok(Dense { shape, data })
+    }
+
+    /// A tensor of `shape` holding `value` everywhere; an error, not an
+    /// abort, where it cannot be allocated.
+    pub fn filled(shape: &[usize], value: T) -> Result<Self> {
+        let n = checked_numel(shape, "tensor")?;
+        Dense::new(shape.to_vec(), try_filled(n, value, "tensor")?)
+    }
+
+    /// The elements, row-major.
+    pub fn data(&self) -> &[T] {
+        &self.data
+    }
+
+    /// The elements, row-major, to write in place (the shape stays).
+    pub fn data_mut(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+
+    /// The elements, row-major, taking the tensor apart (no copy).
+    pub fn into_data(self) -> Vec<T> {
+        self.data
+    }
+}
+
+impl<T> crate::ops::Shaped for Dense<T> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
 /// A row-major tensor in host memory. The shape always matches the element count.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostTensor {

@@ -1002,6 +1002,32 @@ pub fn compare_case<B: Backend>(
     })
 }
 
+/// Every case of `cases` for `op` on `be` against the reference ([`compare_case`],
+/// inputs rounded to `dtype`, case `i` drawn from `seed + i`), each within `tol`:
+/// how many there were, or a line naming the first that failed to run or to
+/// agree.
+pub fn check_cases<B: Backend>(
+    be: &B,
+    cases: &[Case],
+    op: &str,
+    dtype: DType,
+    seed: u64,
+    tol: f64,
+) -> std::result::Result<usize, String> {
+    let mine: Vec<&Case> = cases.iter().filter(|c| c.op() == op).collect();
+    for (i, case) in mine.iter().enumerate() {
+        let r = compare_case(be, case, dtype, seed + i as u64)
+            .map_err(|e| format!("{dtype} {}: {e}", case.describe()))?;
+        if !(r.rel <= tol) {
+            return Err(format!(
+                "{dtype} {} {}: rel {:.3e} max_abs {:.3e} (tolerance {tol:.0e})",
+                r.op, r.case, r.rel, r.max_abs
+            ));
+        }
+    }
+    Ok(mine.len())
+}
+
 /// The whole projector on `be` against the reference, with the same random
 /// weights and inputs (rounded to `dtype`).
 pub fn compare_projector<B: Backend>(

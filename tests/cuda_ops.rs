@@ -88,19 +88,8 @@ fn check_cases(cases: &[Case], op: &str, tol: f64) {
 
 /// Every standard case of `op` within `tol` on `be`.
 fn check_cases_on(be: &Cuda, cases: &[Case], op: &str, tol: f64) {
-    let options = be.options();
-    for (i, case) in cases.iter().filter(|c| c.op() == op).enumerate() {
-        let r = verify::compare_case(be, case, DType::F32, 100 + i as u64)
-            .unwrap_or_else(|e| panic!("{options:?} {}: {e}", case.describe()));
-        assert!(
-            r.rel <= tol,
-            "{options:?} {} {}: rel {:.3e} max_abs {:.3e}",
-            r.op,
-            r.case,
-            r.rel,
-            r.max_abs
-        );
-    }
+    verify::check_cases(be, cases, op, DType::F32, 100, tol)
+        .unwrap_or_else(|e| panic!("{:?} {e}", be.options()));
 }
 
 // Tolerances: f32 kernels accumulate in f32 against a float64 reference; over

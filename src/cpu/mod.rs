@@ -41,50 +41,11 @@ use crate::ops::{
     LinearDims, LossDims, LossKind, NormAfter, NormInput, Shaped,
 };
 use crate::signal::SignalPositions;
-use crate::tensor::{checked_numel, try_filled, DType, HostData, HostTensor};
+use crate::tensor::{DType, Dense, HostData, HostTensor};
 
-/// A row-major f32 tensor in host memory.
-#[derive(Clone, Debug, PartialEq)]
-pub struct CpuTensor {
-    shape: Vec<usize>,
-    data: Vec<f32>,
-}
-
-impl CpuTensor {
-    /// A tensor from the caller's elements, without a copy; the count must
-    /// match the shape.
-    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
-        let n = checked_numel(&shape, "tensor")?;
-        if n != data.len() {
-            return Err(Error::invalid(format!(
-                "shape {shape:?} holds {n} elements but {} were given",
-                data.len()
-            )));
-        }
-        Ok(CpuTensor { shape, data })
-    }
-
-    /// The elements, row-major.
-    pub fn data(&self) -> &[f32] {
-        &self.data
-    }
-
-    /// The elements, row-major, to write in place (the shape stays).
-    pub fn data_mut(&mut self) -> &mut [f32] {
-        &mut self.data
-    }
-
-    /// The elements, row-major, taking the tensor apart (no copy).
-    pub fn into_data(self) -> Vec<f32> {
-        self.data
-    }
-}
-
-impl Shaped for CpuTensor {
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-}
+/// A row-major f32 tensor in host memory; [`Dense::new`] wraps the caller's
+/// `Vec<f32>` without a copy.
+pub type CpuTensor = Dense<f32>;
 
 /// Options of [`Cpu::new`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -192,9 +153,8 @@ impl Backend for Cpu {
     }
 
     fn alloc(&self, shape: &[usize]) -> Result<CpuTensor> {
-        let n = checked_numel(shape, "tensor")?;
         // NaN, so that an element no op writes can never pass as a result.
-        CpuTensor::new(shape.to_vec(), try_filled(n, f32::NAN, "tensor")?)
+        CpuTensor::filled(shape, f32::NAN)
     }
 
     fn upload_mask(&self, mask: &KeyPaddingMask) -> Result<KeyPaddingMask> {

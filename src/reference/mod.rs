@@ -8,56 +8,17 @@ mod gather_signal_tokens;
 mod layer_norm;
 mod linear;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops::{
     AbsorbedAttentionDims, AbsorbedAttentionInput, Activation, AttentionDims, AttentionSpec,
     Backend, Cols, GatherDims, KeyPaddingMask, LayerNormDims, LinearDims, LossDims, LossKind,
     NormAfter, NormInput, Shaped,
 };
 use crate::signal::SignalPositions;
-use crate::tensor::{checked_numel, try_filled, HostTensor};
+use crate::tensor::{Dense, HostTensor};
 
 /// A row-major f64 tensor in host memory.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RefTensor {
-    shape: Vec<usize>,
-    data: Vec<f64>,
-}
-
-impl RefTensor {
-    /// A tensor from its elements; the count must match the shape.
-    pub fn new(shape: Vec<usize>, data: Vec<f64>) -> Result<Self> {
-        let n = checked_numel(&shape, "tensor")?;
-        if n != data.len() {
-            return Err(Error::invalid(format!(
-                "shape {shape:?} holds {n} elements but {} were given",
-                data.len()
-            )));
-        }
-        Ok(RefTensor { shape, data })
-    }
-
-    /// The elements, row-major.
-    pub fn data(&self) -> &[f64] {
-        &self.data
-    }
-
-    /// The elements, row-major, to write in place (the shape stays).
-    pub fn data_mut(&mut self) -> &mut [f64] {
-        &mut self.data
-    }
-
-    /// The elements, row-major, taking the tensor apart.
-    pub fn into_data(self) -> Vec<f64> {
-        self.data
-    }
-}
-
-impl Shaped for RefTensor {
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-}
+pub type RefTensor = Dense<f64>;
 
 /// The CPU reference backend.
 #[derive(Clone, Copy, Debug, Default)]
@@ -80,9 +41,8 @@ impl Backend for Reference {
     }
 
     fn alloc(&self, shape: &[usize]) -> Result<RefTensor> {
-        let n = checked_numel(shape, "tensor")?;
         // NaN, so that an element no op writes can never pass as a result.
-        RefTensor::new(shape.to_vec(), try_filled(n, f64::NAN, "tensor")?)
+        RefTensor::filled(shape, f64::NAN)
     }
 
     fn upload_mask(&self, mask: &KeyPaddingMask) -> Result<KeyPaddingMask> {
