@@ -1018,7 +1018,7 @@ pub fn check_cases<B: Backend>(
     for (i, case) in mine.iter().enumerate() {
         let r = compare_case(be, case, dtype, seed + i as u64)
             .map_err(|e| format!("{dtype} {}: {e}", case.describe()))?;
-        if !(r.rel <= tol) {
+        if r.rel.is_nan() || r.rel > tol {
             return Err(format!(
                 "{dtype} {} {}: rel {:.3e} max_abs {:.3e} (tolerance {tol:.0e})",
                 r.op, r.case, r.rel, r.max_abs
