@@ -50,7 +50,9 @@ pub type CpuTensor = Dense<f32>;
 /// Options of [`Cpu::new`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuOptions {
-    /// Worker threads; 0 (the default) for one per core the machine offers.
+    /// Worker threads; 0 (the default) for `$RAYON_NUM_THREADS` where it is
+    /// set, else one per core the machine offers. More than 16 per core is an
+    /// [`Error::Invalid`] (a count that large is a mistake, not a setting).
     pub threads: usize,
     /// [`KernelVersion::Fast`] (the default): dot products in register tiles
     /// of AVX2 accumulators where the CPU has AVX2 and FMA.
@@ -59,6 +61,9 @@ pub struct CpuOptions {
     /// build's baseline (SSE2 on x86-64).
     pub version: KernelVersion,
 }
+
+/// Threads per core [`Cpu::new`] accepts at most.
+const MAX_THREADS_PER_CORE: usize = 16;
 
 /// The CPU backend: a cheap handle to its thread pool (clone it freely).
 #[derive(Clone)]
@@ -86,6 +91,14 @@ impl Cpu {
 
     /// The backend on its own pool of `options.threads` threads.
     pub fn new(options: CpuOptions) -> Result<Cpu> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if options.threads > MAX_THREADS_PER_CORE * cores {
+            return Err(Error::invalid(format!(
+                "cpu backend: {} threads asked for, more than {MAX_THREADS_PER_CORE} for each of \
+                 this machine's {cores} cores",
+                options.threads
+            )));
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads)
             .thread_name(|i| format!("outproj-cpu-{i}"))
@@ -399,5 +412,13 @@ mod tests {
         })
         .unwrap();
         assert_eq!(one.threads(), 1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let e = Cpu::new(CpuOptions {
+            threads: 17 * cores,
+            ..CpuOptions::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("threads asked for"), "{e}");
     }
 }
