@@ -41,7 +41,7 @@ use crate::ops::{
     LinearDims, LossDims, LossKind, NormAfter, NormInput, Shaped,
 };
 use crate::signal::SignalPositions;
-use crate::tensor::{DType, Dense, HostData, HostTensor};
+use crate::tensor::{DType, Dense, HostTensor};
 
 /// A row-major f32 tensor in host memory; [`Dense::new`] wraps the caller's
 /// `Vec<f32>` without a copy.
@@ -135,18 +135,6 @@ impl Cpu {
     pub fn simd(&self) -> &'static str {
         self.simd.name()
     }
-
-    /// A tensor of the caller's host tensor's shape and elements converted to
-    /// f32: an error where a finite value overflows f32.
-    fn to_f32(t: &HostTensor) -> Result<Vec<f32>> {
-        match t.data() {
-            HostData::F32(v) => Ok(v.clone()),
-            _ => match t.to_storage(DType::F32, "upload to cpu")?.data() {
-                HostData::F32(v) => Ok(v.clone()),
-                _ => Err(Error::invalid("upload to cpu: conversion to f32 failed")),
-            },
-        }
-    }
 }
 
 impl Backend for Cpu {
@@ -157,8 +145,17 @@ impl Backend for Cpu {
         "cpu"
     }
 
+    /// f32 goes up as it is; another type is converted first, a finite value
+    /// past f32's range an error.
     fn upload(&self, t: &HostTensor) -> Result<CpuTensor> {
-        CpuTensor::new(t.shape().to_vec(), Cpu::to_f32(t)?)
+        let converted;
+        let host = if t.dtype() == DType::F32 {
+            t
+        } else {
+            converted = t.to_storage(DType::F32, "upload to cpu")?;
+            &converted
+        };
+        CpuTensor::new(t.shape().to_vec(), host.to_f32_vec())
     }
 
     fn download(&self, t: &CpuTensor) -> Result<HostTensor> {
