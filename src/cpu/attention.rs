@@ -135,6 +135,15 @@ pub(super) fn attention_absorbed(
 ) {
     let c = d.cols;
     let scratch = || (vec![0.0f64; c], vec![0.0f32; c], vec![0.0f32; d.lk]);
+    // Each (sequence, head)'s key rows, listed once for all its rows.
+    let keys: Vec<Vec<&[f32]>> = (0..d.batch * d.heads)
+        .map(|be| {
+            let (b, e) = (be / d.heads, be % d.heads);
+            (0..d.lk)
+                .map(|j| &a.keys[(b * d.lk + j) * d.k_stride + d.k_start + e * c..][..c])
+                .collect()
+        })
+        .collect();
     stream_out
         .par_chunks_mut(c)
         .zip(out.par_chunks_mut(c))
@@ -148,10 +157,7 @@ pub(super) fn attention_absorbed(
             }
             for e in 0..d.heads {
                 let at = |j: usize, stride: usize, start: usize| (b * d.lk + j) * stride + start;
-                let keys: Vec<&[f32]> = (0..d.lk)
-                    .map(|j| &a.keys[at(j, d.k_stride, d.k_start) + e * c..][..c])
-                    .collect();
-                dots(simd, &[&h[..]], &keys, &mut [&mut p[..]]);
+                dots(simd, &[&h[..]], &keys[b * d.heads + e], &mut [&mut p[..]]);
                 for (j, p) in p.iter_mut().enumerate() {
                     *p = (*p + a.key_bias[at(j, d.b_stride, d.b_start) + e]) * a.scale;
                 }
