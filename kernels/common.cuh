@@ -57,29 +57,81 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// One step of a warp's transposing reduction of 2 WIDTH sums per lane: a lane
+// keeps the half of its sums its lane bit WIDTH selects and adds its
+// partner's copy of that half, so sums [0, WIDTH) become the pair sums of
+// that half. After the steps WIDTH = N / 2, ..., 1 lane l holds sum l % N of
+// its group of N lanes: N - 1 shuffles for what N warp_sums' 5 N shuffles do
+// over the same lanes. a + b == b + a exactly, so partners agree bit for bit.
+// A separate template per width, so every index is a constant and the sums
+// stay in registers.
+template <int WIDTH>
+__device__ __forceinline__ void warp_fold(float* v, int lane) {
+    const bool upper = (lane & WIDTH) != 0;
+#pragma unroll
+    for (int i = 0; i < WIDTH; ++i) {
+        const float send = upper ? v[i] : v[i + WIDTH];
+        const float keep = upper ? v[i + WIDTH] : v[i];
+        v[i] = keep + __shfl_xor_sync(OP_FULL_MASK, send, WIDTH);
+    }
+}
+
+// warp_fold's steps WIDTH, WIDTH / 2, ..., 1.
+template <int WIDTH>
+__device__ __forceinline__ void warp_folds(float* v, int lane) {
+    if constexpr (WIDTH >= 1) {
+        warp_fold<WIDTH>(v, lane);
+        warp_folds<WIDTH / 2>(v, lane);
+    }
+}
+
 // block_sum of N values at once: every thread gets the N block sums. Every
 // thread must call it; `scratch` is a __shared__ float[32][N]; the leading
-// barrier lets calls follow each other.
+// barrier lets calls follow each other. For N a power of two from 2 to 32,
+// a warp folds its sums (warp_folds: lane l then holds sum l % N) and the
+// warps' sums are added in warp order from shared memory: N - 1 + log2(32 / N)
+// shuffles in all, where N warp_sums in each of two passes take 10 N.
 template <int N>
 __device__ __forceinline__ void block_sums(float (&v)[N], float (*scratch)[N]) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int warps = blockDim.x >> 5;
+    if constexpr (N > 1 && N <= 32 && (N & (N - 1)) == 0) {
+        warp_folds<N / 2>(v, lane);
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-        v[i] = warp_sum(v[i]);
-    }
-    __syncthreads();
-    if (lane == 0) {
+        for (int offset = N; offset < 32; offset <<= 1) {
+            v[0] += __shfl_xor_sync(OP_FULL_MASK, v[0], offset);
+        }
+        __syncthreads();
+        if (lane < N) {
+            scratch[warp][lane] = v[0];
+        }
+        __syncthreads();
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-            scratch[warp][i] = v[i];
+            float s = 0.0f;
+            for (int w = 0; w < warps; ++w) {
+                s += scratch[w][i];
+            }
+            v[i] = s;
         }
-    }
-    __syncthreads();
+    } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-        v[i] = warp_sum(lane < warps ? scratch[lane][i] : 0.0f);
+        for (int i = 0; i < N; ++i) {
+            v[i] = warp_sum(v[i]);
+        }
+        __syncthreads();
+        if (lane == 0) {
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                scratch[warp][i] = v[i];
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            v[i] = warp_sum(lane < warps ? scratch[lane][i] : 0.0f);
+        }
     }
 }
 

@@ -618,20 +618,6 @@ OP_KERNEL_NAME(linear_tiled_scalar)(const LinearParams p) {
 // warp's transposing reduction below.
 static_assert(LINEAR_ROWS_M * LINEAR_ROWS_N == 32, "one sum per lane");
 
-// One step of linear_rows' transposing reduction: sums [0, WIDTH) of a lane
-// become the pair sums of the half its bit WIDTH selects. A separate template
-// per width, so every index is a constant and the sums stay in registers.
-template <int WIDTH>
-__device__ __forceinline__ void linear_rows_fold(float* acc, int lane) {
-    const bool upper = (lane & WIDTH) != 0;
-#pragma unroll
-    for (int i = 0; i < WIDTH; ++i) {
-        const float send = upper ? acc[i] : acc[i + WIDTH];
-        const float keep = upper ? acc[i + WIDTH] : acc[i];
-        acc[i] = keep + __shfl_xor_sync(OP_FULL_MASK, send, WIDTH);
-    }
-}
-
 // v4's output: lane l of warp 0 finishes output l of the block (row
 // l / LINEAR_ROWS_N, column l % LINEAR_ROWS_N); its bias and residual are
 // loaded at the start, in flight during the sums.
@@ -671,23 +657,17 @@ __device__ __forceinline__ void linear_rows_fma(float* acc, const float4* a, con
     }
 }
 
-// v4's end: each thread's 32 partial sums to the block's 32 outputs.
-// Transposing warp reduction: at each width, a lane keeps the half of its
-// sums its lane bit selects and adds its partner's copy of that half; after
-// 16 + 8 + 4 + 2 + 1 shuffles lane l holds the warp's sum l (32 sums for
-// the 160 shuffles of one warp_sum each). a + b == b + a exactly, so both
-// partners' sums agree bit for bit and the result is deterministic. Then
+// v4's end: each thread's 32 partial sums to the block's 32 outputs. The
+// warp's transposing reduction (warp_folds, common.cuh): after 16 + 8 + 4 +
+// 2 + 1 shuffles lane l holds the warp's sum l (32 sums for the 160
+// shuffles of one warp_sum each), bitwise the same in both partners. Then
 // warp 0 adds the warps' sums in fixed order and applies the epilogue.
 __device__ __forceinline__ void linear_rows_finish(const LinearParams& p, float* acc,
                                                    const LinearRowsOut& o) {
     __shared__ float sums[LINEAR_ROWS_MAX_THREADS / 32][32];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    linear_rows_fold<16>(acc, lane);
-    linear_rows_fold<8>(acc, lane);
-    linear_rows_fold<4>(acc, lane);
-    linear_rows_fold<2>(acc, lane);
-    linear_rows_fold<1>(acc, lane);
+    warp_folds<16>(acc, lane);
     sums[warp][lane] = acc[0];
     __syncthreads();
     if (warp == 0) {

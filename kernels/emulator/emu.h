@@ -278,6 +278,7 @@ struct Fiber {
     char* stack = nullptr;
     void* tsan = nullptr;  // its ThreadSanitizer fiber (-fsanitize=thread)
     State st = RUN;
+    dim3 tid;  // its threadIdx
     uint64_t xval = 0, xres = 0;
     int xsrc = 0;
     int xkind = 0;  // 0 plain warp barrier, 1 exchange
@@ -474,10 +475,8 @@ EMU_NO_TSAN_ENTRY inline void trampoline() {
     to_sched(true);
 }
 
-inline void set_tid(int i) {
-    threadIdx.x = i % blockDim.x;
-    threadIdx.y = (i / blockDim.x) % blockDim.y;
-    threadIdx.z = i / (blockDim.x * blockDim.y);
+inline dim3 tid_of(int i) {
+    return dim3(i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y));
 }
 
 // Every thread of this block is at cluster_sync: waits for the cluster's
@@ -520,6 +519,7 @@ inline void schedule_block() {
         Fiber& f = fibers[i];
         if (!f.stack) f.stack = take_stack();
         ctx_make(f.ctx, f.stack, STACK, trampoline);
+        f.tid = tid_of(i);
         f.st = RUN;
         f.copies.clear();  // a thread that exited without waiting: never completed
         f.committed = 0;
@@ -537,7 +537,7 @@ inline void schedule_block() {
             int i = reverse_order ? n - 1 - k : k;
             if (fibers[i].st != RUN) continue;
             cur = i;
-            set_tid(i);
+            threadIdx = fibers[i].tid;
             ++switches;
 #if EMU_TSAN
             // The first switch of a block orders the thread after everything
