@@ -2003,20 +2003,13 @@ fn backend_runs_on_emulated_driver() {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulated-driver");
     std::fs::create_dir_all(&dir).expect("creating the emulated driver's folder");
     let lib = dir.join("libcuda.so.1");
-    let mut shared = vec![
+    let shared = [
         "-shared",
         "-fPIC",
         "-fvisibility=hidden",
         "-fvisibility-inlines-hidden",
         "-Wl,-Bsymbolic",
     ];
-    // TLS descriptors: the emulator reads its thread_locals (threadIdx, the
-    // fibers) at every scheduling point, and in a library loaded with dlopen
-    // the default model makes each read a call to __tls_get_addr (an eighth
-    // of an emulated run). aarch64's default is descriptors already.
-    if cfg!(target_arch = "x86_64") {
-        shared.push("-mtls-dialect=gnu2");
-    }
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     // libasan to preload, when the compiler has one.
     let asan = Command::new(&cxx)

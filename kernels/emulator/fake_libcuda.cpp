@@ -5,7 +5,6 @@
 // parameter structs, the memory pool, copies and the kernels.
 //
 //   c++ -std=c++17 -g1 -O2 -pthread -shared -fPIC -fvisibility=hidden -Wl,-Bsymbolic
-//       -mtls-dialect=gnu2 (x86-64: see tests/cuda_ops.rs)
 //       fake_libcuda.cpp -o <dir>/libcuda.so.1
 //   LD_LIBRARY_PATH=<dir>:$LD_LIBRARY_PATH <test binary>
 //
