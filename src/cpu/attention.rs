@@ -1,13 +1,14 @@
 //! `attention` on the CPU: one task per (sequence, head, block of queries).
 //! The block's scores against every key are one [`dots`] call (the GEMM's
-//! register tiles), then a max-subtracted softmax, and the probabilities
-//! times the values a second one (against the head's values transposed),
-//! all in f32.
+//! register tiles), then a max-subtracted softmax (vectorised, [`softmax`]),
+//! and the probabilities times the values a second one (against the head's
+//! values transposed), all in f32.
 
 use rayon::prelude::*;
 
 use super::layer_norm::{norm_row, normalize};
 use super::linear::{dots, Simd};
+use super::softmax::softmax;
 use super::tiles;
 use crate::ops::{AbsorbedAttentionDims, AttentionDims};
 
@@ -59,28 +60,16 @@ pub(super) fn attention<'a>(simd: Simd, d: AttentionDims, a: Attention<'a>, out:
         let mut score_rows: Vec<&mut [f32]> = scores.chunks_mut(d.lk).collect();
         dots(simd, &qs, &ks, &mut score_rows);
         // Each row's probabilities, 0 where a key is hidden.
+        let masked = a.causal || a.ignore.is_some();
+        let mut hidden = vec![false; if masked { d.lk } else { 0 }];
         for (n, s) in score_rows.iter_mut().enumerate() {
-            let i = t.row + n;
-            let visible =
-                |j: usize| !(a.causal && j > i || a.ignore.is_some_and(|m| m[b * d.lk + j]));
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in s.iter_mut().enumerate() {
-                if visible(j) {
-                    *s *= a.scale;
-                    max = max.max(*s);
+            if masked {
+                let i = t.row + n;
+                for (j, h) in hidden.iter_mut().enumerate() {
+                    *h = a.causal && j > i || a.ignore.is_some_and(|m| m[b * d.lk + j]);
                 }
             }
-            if max == f32::NEG_INFINITY {
-                s.fill(0.0); // every key hidden: zeros
-                continue;
-            }
-            let mut denom = 0.0f32;
-            for (j, s) in s.iter_mut().enumerate() {
-                *s = if visible(j) { (*s - max).exp() } else { 0.0 };
-                denom += *s;
-            }
-            let inv = 1.0 / denom;
-            s.iter_mut().for_each(|s| *s *= inv);
+            softmax(simd, s, a.scale, masked.then_some(&hidden[..]));
         }
         if d.lk < TRANSPOSE_KEYS {
             // Few keys: each output row a sum of as many value rows.
@@ -149,30 +138,31 @@ pub(super) fn attention_absorbed(
         .zip(out.par_chunks_mut(c))
         .enumerate()
         .for_each_init(scratch, |(s, h, p), (r, (y, o))| {
-            let b = r / d.lq;
-            let res = a.residual.map(|res| &res[r * c..(r + 1) * c]);
-            norm_row(&a.x[r * c..(r + 1) * c], res, a.norm, a.eps, h, None, s);
-            for (s, &ob) in s.iter_mut().zip(a.out_bias) {
-                *s += ob as f64;
-            }
-            for e in 0..d.heads {
-                let at = |j: usize, stride: usize, start: usize| (b * d.lk + j) * stride + start;
-                dots(simd, &[&h[..]], &keys[b * d.heads + e], &mut [&mut p[..]]);
-                for (j, p) in p.iter_mut().enumerate() {
-                    *p = (*p + a.key_bias[at(j, d.b_stride, d.b_start) + e]) * a.scale;
+            simd.run(|| {
+                let b = r / d.lq;
+                let res = a.residual.map(|res| &res[r * c..(r + 1) * c]);
+                norm_row(&a.x[r * c..(r + 1) * c], res, a.norm, a.eps, h, None, s);
+                for (s, &ob) in s.iter_mut().zip(a.out_bias) {
+                    *s += ob as f64;
                 }
-                let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                p.iter_mut().for_each(|p| *p = (*p - max).exp());
-                let inv = 1.0 / p.iter().sum::<f32>();
-                for (j, &pj) in p.iter().enumerate() {
-                    let value = &a.values[at(j, d.v_stride, d.v_start) + e * c..][..c];
-                    let w = (pj * inv) as f64;
-                    for (s, &v) in s.iter_mut().zip(value) {
-                        *s += w * v as f64;
+                for e in 0..d.heads {
+                    let at =
+                        |j: usize, stride: usize, start: usize| (b * d.lk + j) * stride + start;
+                    dots(simd, &[&h[..]], &keys[b * d.heads + e], &mut [&mut p[..]]);
+                    for (j, p) in p.iter_mut().enumerate() {
+                        *p += a.key_bias[at(j, d.b_stride, d.b_start) + e];
+                    }
+                    softmax(simd, p, a.scale, None);
+                    for (j, &pj) in p.iter().enumerate() {
+                        let value = &a.values[at(j, d.v_stride, d.v_start) + e * c..][..c];
+                        let w = pj as f64;
+                        for (s, &v) in s.iter_mut().zip(value) {
+                            *s += w * v as f64;
+                        }
                     }
                 }
-            }
-            y.iter_mut().zip(s.iter()).for_each(|(y, &s)| *y = s as f32);
-            normalize(s, a.after, a.after_eps, o);
+                y.iter_mut().zip(s.iter()).for_each(|(y, &s)| *y = s as f32);
+                normalize(s, a.after, a.after_eps, o);
+            })
         });
 }

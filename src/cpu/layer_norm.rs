@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use super::fold8;
+use super::linear::Simd;
 use crate::ops::LayerNormDims;
 
 /// The inputs of one `layer_norm` call.
@@ -19,6 +21,7 @@ const MIN_ROWS: usize = 8;
 /// `s = x + residual` (rounded to f32 into `sum_out` where given), and `out =
 /// (s - mean) / sqrt(var + eps) * weight + bias`.
 pub(super) fn layer_norm(
+    simd: Simd,
     d: LayerNormDims,
     a: LayerNorm<'_>,
     out: &mut [f32],
@@ -33,18 +36,22 @@ pub(super) fn layer_norm(
             .enumerate()
             .for_each_init(
                 || vec![0.0f64; c],
-                |wide, (r, (o, s))| a.row(r, o, Some(s), wide),
+                |wide, (r, (o, s))| simd.run(|| a.row(r, o, Some(s), wide)),
             ),
         None => out
             .par_chunks_mut(c)
             .with_min_len(MIN_ROWS)
             .enumerate()
-            .for_each_init(|| vec![0.0f64; c], |wide, (r, o)| a.row(r, o, None, wide)),
+            .for_each_init(
+                || vec![0.0f64; c],
+                |wide, (r, o)| simd.run(|| a.row(r, o, None, wide)),
+            ),
     }
 }
 
 impl LayerNorm<'_> {
     /// Row `r`: [`norm_row`] of its `x` and residual.
+    #[inline(always)]
     fn row(&self, r: usize, out: &mut [f32], sum: Option<&mut [f32]>, s: &mut [f64]) {
         let c = out.len();
         let x = &self.x[r * c..(r + 1) * c];
@@ -58,6 +65,7 @@ impl LayerNorm<'_> {
 /// digits); then two passes (the mean, then the variance of the deviations,
 /// never `E[s²] - E[s]²`, which cancels). `s` keeps the sum; `sum`, where
 /// given, receives it rounded to f32.
+#[inline(always)]
 pub(super) fn norm_row(
     x: &[f32],
     res: Option<&[f32]>,
@@ -84,30 +92,14 @@ pub(super) fn norm_row(
 }
 
 /// `out = (s - mean) / sqrt(var + eps) * weight + bias` of a row held in f64.
+#[inline(always)]
 pub(super) fn normalize(s: &[f64], [weight, bias]: [&[f32]; 2], eps: f64, out: &mut [f32]) {
     let c = s.len() as f64;
-    let mean = sum(s, |v| v) / c;
-    let var = sum(s, |v| (v - mean) * (v - mean)) / c;
+    let add = |a: f64, b: f64| a + b;
+    let mean = fold8(s, 0.0, add, add) / c;
+    let var = fold8(s, 0.0, |a, v| a + (v - mean) * (v - mean), add) / c;
     let rstd = 1.0 / (var + eps).sqrt();
     for (((o, &v), &w), &b) in out.iter_mut().zip(s.iter()).zip(weight).zip(bias) {
         *o = ((v - mean) * rstd) as f32 * w + b;
     }
-}
-
-/// `Σ f(v)` in partial sums of 8 lanes (the compiler vectorises them), then
-/// a fixed tree and the tail: one chain of dependent adds would take 4 cycles
-/// an element.
-#[inline(always)]
-fn sum(s: &[f64], f: impl Fn(f64) -> f64) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    let chunks = s.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l += f(v);
-        }
-    }
-    let tree = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    tail.iter().fold(tree, |acc, &v| acc + f(v))
 }
