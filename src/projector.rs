@@ -1151,7 +1151,7 @@ impl AbsorbedCross {
     }
 
     /// The stacked weight `[layers x width, d]` and bias of `layers`'
-    /// projections, one thread per layer.
+    /// projections, each head of each layer a job for the machine's cores.
     fn weights(&self, layers: &[AttentionWeights]) -> Result<(HostTensor, HostTensor)> {
         if layers.len() != self.layers {
             return Err(Error::invalid(format!(
@@ -1160,77 +1160,92 @@ impl AbsorbedCross {
                 self.layers
             )));
         }
-        let (d, width) = (self.d, self.width);
+        let (d, heads, width) = (self.d, self.heads, self.width);
         let rows = self.layers * width;
         let mut w = try_filled(rows * d, 0.0f64, "absorbed cross-attention weight")?;
         let mut b = try_filled(rows, 0.0f64, "absorbed cross-attention bias")?;
-        std::thread::scope(|scope| -> Result<()> {
-            let mut jobs = Vec::with_capacity(layers.len());
-            let blocks = w.chunks_mut(width * d).zip(b.chunks_mut(width));
-            for (a, (w, b)) in layers.iter().zip(blocks) {
-                let job = std::thread::Builder::new()
-                    .name("absorb".into())
-                    .spawn_scoped(scope, move || self.absorb(a, w, b))
-                    .map_err(|e| Error::invalid(format!("absorbing the cross-attention: {e}")))?;
-                jobs.push(job);
+        let mut jobs = Vec::with_capacity(self.layers * heads);
+        for (layer, (w, b)) in layers
+            .iter()
+            .zip(w.chunks_mut(width * d).zip(b.chunks_mut(width)))
+        {
+            let (keys, rest) = w.split_at_mut(heads * d * d);
+            let (values, key_bias) = rest.split_at_mut(heads * d * d);
+            let value_bias = &mut b[heads * d..2 * heads * d];
+            let rows = keys
+                .chunks_mut(d * d)
+                .zip(values.chunks_mut(d * d))
+                .zip(value_bias.chunks_mut(d).zip(key_bias.chunks_mut(d)));
+            for (head, ((keys, values), (value_bias, key_bias))) in rows.enumerate() {
+                jobs.push(Mutex::new(HeadRows {
+                    layer,
+                    head,
+                    keys,
+                    values,
+                    value_bias,
+                    key_bias,
+                }));
             }
-            for job in jobs {
-                job.join().map_err(|_| {
-                    Error::invalid("absorbing the cross-attention: a thread panicked")
-                })?;
-            }
-            Ok(())
-        })?;
+        }
+        // Each job's lock is taken once, by the thread that runs it.
+        crate::parallel::map_in_order(&jobs, |job| {
+            job.lock().map(|mut rows| self.absorb(&mut rows)).is_ok()
+        })
+        .ok()
+        .filter(|done| done.iter().all(|&ok| ok))
+        .ok_or_else(|| Error::invalid("absorbing the cross-attention: a thread panicked"))?;
+        drop(jobs);
         Ok((
             HostTensor::from_f64(vec![rows, d], w)?,
             HostTensor::from_f64(vec![rows], b)?,
         ))
     }
 
-    /// One layer's block of rows (`w`, `b`, zeroed) from its projections.
-    /// The key projection's bias gives every key of a head the same share of
-    /// its score, `(W_qᵉ h + b_qᵉ) · b_kᵉ`, which the softmax cancels: the
-    /// key and key-bias rows have no bias. The value projection's bias comes
-    /// out of the softmax whole (the probabilities sum to 1), through the
-    /// value rows' bias.
-    fn absorb(&self, a: &AttentionWeights, w: &mut [f64], b: &mut [f64]) {
-        let (d, heads) = (self.d, self.heads);
-        let hd = d / heads;
+    /// One head's rows (zeroed) from its layer's projections. The key
+    /// projection's bias gives every key of a head the same share of its
+    /// score, `(W_qᵉ h + b_qᵉ) · b_kᵉ`, which the softmax cancels: the key
+    /// and key-bias rows have no bias. The value projection's bias comes out
+    /// of the softmax whole (the probabilities sum to 1), through the value
+    /// rows' bias.
+    fn absorb(&self, rows: &mut HeadRows<'_>) {
+        let (d, hd, e) = (self.d, self.d / self.heads, rows.head);
+        let a = rows.layer;
         let ((wq, bq), (wk, _), (wv, bv), wo) = (&a.q, &a.k, &a.v, &a.out);
-        let (keys, rest) = w.split_at_mut(heads * d * d);
-        let (values, biases) = rest.split_at_mut(heads * d * d);
+        let head = e * hd * d..(e + 1) * hd * d;
+        let (k, v) = (&wk[head.clone()], &wv[head.clone()]);
         let mut coef = vec![0.0f64; d * hd];
-        for e in 0..heads {
-            let head = e * hd * d..(e + 1) * hd * d;
-            let (k, v) = (&wk[head.clone()], &wv[head.clone()]);
-            let block = e * d * d..(e + 1) * d * d;
-            // Key row i: Σ_t W_q[e·hd + t, i] · W_k[e·hd + t, :].
-            for (t, q) in wq[head.clone()].chunks_exact(d).enumerate() {
-                for (c, &q) in coef.chunks_exact_mut(hd).zip(q) {
-                    c[t] = q;
-                }
+        // Key row i: Σ_t W_q[e·hd + t, i] · W_k[e·hd + t, :].
+        for (t, q) in wq[head].chunks_exact(d).enumerate() {
+            for (c, &q) in coef.chunks_exact_mut(hd).zip(q) {
+                c[t] = q;
             }
-            combine(hd, &coef, k, &mut keys[block.clone()]);
-            // Value row i: Σ_t W_o[i, e·hd + t] · W_v[e·hd + t, :].
-            for (i, c) in coef.chunks_exact_mut(hd).enumerate() {
-                c.copy_from_slice(&wo[i * d + e * hd..i * d + (e + 1) * hd]);
-            }
-            combine(hd, &coef, v, &mut values[block]);
-            let value_bias = &mut b[heads * d + e * d..heads * d + (e + 1) * d];
-            for (b, c) in value_bias.iter_mut().zip(coef.chunks_exact(hd)) {
-                for (c, bv) in c.iter().zip(&bv[e * hd..(e + 1) * hd]) {
-                    *b += c * bv;
-                }
-            }
-            // Key-bias row: Σ_t b_q[e·hd + t] · W_k[e·hd + t, :].
-            combine(
-                hd,
-                &bq[e * hd..(e + 1) * hd],
-                k,
-                &mut biases[e * d..(e + 1) * d],
-            );
         }
+        combine(hd, &coef, k, rows.keys);
+        // Value row i: Σ_t W_o[i, e·hd + t] · W_v[e·hd + t, :].
+        for (i, c) in coef.chunks_exact_mut(hd).enumerate() {
+            c.copy_from_slice(&wo[i * d + e * hd..i * d + (e + 1) * hd]);
+        }
+        combine(hd, &coef, v, rows.values);
+        for (b, c) in rows.value_bias.iter_mut().zip(coef.chunks_exact(hd)) {
+            for (c, bv) in c.iter().zip(&bv[e * hd..(e + 1) * hd]) {
+                *b += c * bv;
+            }
+        }
+        // Key-bias row: Σ_t b_q[e·hd + t] · W_k[e·hd + t, :].
+        combine(hd, &bq[e * hd..(e + 1) * hd], k, rows.key_bias);
     }
+}
+
+/// What one head of one layer writes of [`AbsorbedCross`]'s weight and bias.
+struct HeadRows<'a> {
+    layer: &'a AttentionWeights,
+    head: usize,
+    /// Its `d` key rows, `d` value rows (each `d` long) and their share of
+    /// the bias (the key rows have none), and its key-bias row.
+    keys: &'a mut [f64],
+    values: &'a mut [f64],
+    value_bias: &'a mut [f64],
+    key_bias: &'a mut [f64],
 }
 
 /// `out[i] += Σ_t coef[i][t] · src[t]` for `terms` rows `src[t]` and the

@@ -325,6 +325,15 @@ impl HostTensor {
         }
     }
 
+    /// [`to_f32_vec`](Self::to_f32_vec) that moves an f32 tensor's elements
+    /// instead of copying them.
+    pub fn into_f32_vec(self) -> Vec<f32> {
+        match self.data {
+            HostData::F32(v) => v,
+            _ => self.to_f32_vec(),
+        }
+    }
+
     /// The tensor converted to `dtype` (round to nearest even).
     pub fn to_dtype(&self, dtype: DType) -> HostTensor {
         let data = match dtype {

@@ -149,14 +149,12 @@ impl Backend for Cpu {
     /// f32 goes up as it is; another type is converted first, a finite value
     /// past f32's range an error.
     fn upload(&self, t: &HostTensor) -> Result<CpuTensor> {
-        let converted;
-        let host = if t.dtype() == DType::F32 {
-            t
+        let data = if t.dtype() == DType::F32 {
+            t.to_f32_vec()
         } else {
-            converted = t.to_storage(DType::F32, "upload to cpu")?;
-            &converted
+            t.to_storage(DType::F32, "upload to cpu")?.into_f32_vec()
         };
-        CpuTensor::new(t.shape().to_vec(), host.to_f32_vec())
+        CpuTensor::new(t.shape().to_vec(), data)
     }
 
     fn download(&self, t: &CpuTensor) -> Result<HostTensor> {
