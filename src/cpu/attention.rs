@@ -1,13 +1,13 @@
 //! `attention` on the CPU: one task per (sequence, head, block of queries).
 //! The block's scores against every key are one [`dots`] call (the GEMM's
 //! register tiles), then a max-subtracted softmax (vectorised, [`softmax`]),
-//! and the probabilities times the values a second one (against the head's
-//! values transposed), all in f32.
+//! and the probabilities times the values row by row ([`weighted_sums`]),
+//! all in f32.
 
 use rayon::prelude::*;
 
 use super::layer_norm::{norm_row, normalize};
-use super::linear::{dots, Simd};
+use super::linear::{dots, weighted_sums, Simd};
 use super::softmax::softmax;
 use super::tiles;
 use crate::ops::{AbsorbedAttentionDims, AttentionDims};
@@ -15,10 +15,6 @@ use crate::ops::{AbsorbedAttentionDims, AttentionDims};
 /// Queries per task: their scores (`QUERIES x Lk`) and the key rows they all
 /// read stay in cache.
 const QUERIES: usize = 16;
-
-/// Keys from which P·V runs as dot products against the values transposed:
-/// below, a dot product would be shorter than one accumulator's 8 lanes.
-const TRANSPOSE_KEYS: usize = 8;
 
 /// The inputs of one `attention` call.
 pub(super) struct Attention<'a> {
@@ -71,28 +67,11 @@ pub(super) fn attention<'a>(simd: Simd, d: AttentionDims, a: Attention<'a>, out:
             }
             softmax(simd, s, a.scale, masked.then_some(&hidden[..]));
         }
-        if d.lk < TRANSPOSE_KEYS {
-            // Few keys: each output row a sum of as many value rows.
-            for (o, p) in t.rows.iter_mut().zip(&score_rows) {
-                o.fill(0.0);
-                for (j, &p) in p.iter().enumerate() {
-                    let v = row(a.v, b * d.lk + j, d.v_stride, d.v_start);
-                    o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
-                }
-            }
-            return;
-        }
-        // P·V as dot products of P's rows with Vᵀ's, on the same register tiles.
-        let mut vt = vec![0.0f32; hd * d.lk];
-        for j in 0..d.lk {
-            let v = row(a.v, b * d.lk + j, d.v_stride, d.v_start);
-            for (t, &x) in v.iter().enumerate() {
-                vt[t * d.lk + j] = x;
-            }
-        }
-        let vts: Vec<&[f32]> = vt.chunks(d.lk).collect();
+        let vs: Vec<&[f32]> = (0..d.lk)
+            .map(|j| row(a.v, b * d.lk + j, d.v_stride, d.v_start))
+            .collect();
         let ps: Vec<&[f32]> = score_rows.iter().map(|s| &s[..]).collect();
-        dots(simd, &ps, &vts, &mut t.rows);
+        weighted_sums(simd, &ps, &vs, &mut t.rows);
     });
 }
 
