@@ -237,9 +237,8 @@ mod avx2 {
             for r in 0..R {
                 pj[r] = _mm256_set1_ps(pr[r][j]);
             }
-            for c in 0..C {
-                // SAFETY: `v` holds C * LANES elements.
-                let vv = _mm256_loadu_ps(v.as_ptr().add(c * LANES));
+            for (c, v) in v.chunks_exact(LANES).enumerate() {
+                let vv = _mm256_loadu_ps(v.as_ptr());
                 for r in 0..R {
                     acc[r][c] = _mm256_fmadd_ps(pj[r], vv, acc[r][c]);
                 }
@@ -247,9 +246,8 @@ mod avx2 {
         }
         for r in 0..R {
             let out = &mut o[r][c0..c0 + C * LANES];
-            for c in 0..C {
-                // SAFETY: `out` holds C * LANES elements.
-                _mm256_storeu_ps(out.as_mut_ptr().add(c * LANES), acc[r][c]);
+            for (out, &acc) in out.chunks_exact_mut(LANES).zip(&acc[r]) {
+                _mm256_storeu_ps(out.as_mut_ptr(), acc);
             }
         }
     }
