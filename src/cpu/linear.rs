@@ -157,25 +157,33 @@ mod avx2 {
 
     use super::{reduce, LANES, MR, NR};
 
+    /// `$tile::<R, C>(..)` for a tile of `rows` (at most `MR`) by `cols`
+    /// (`NR` or more taken as `NR`).
+    macro_rules! by_tile {
+        ($rows:expr, $cols:expr, $tile:ident($($arg:expr),*)) => {
+            match ($rows, $cols) {
+                (3, 4..) => $tile::<3, 4>($($arg),*),
+                (3, 3) => $tile::<3, 3>($($arg),*),
+                (3, 2) => $tile::<3, 2>($($arg),*),
+                (3, _) => $tile::<3, 1>($($arg),*),
+                (2, 4..) => $tile::<2, 4>($($arg),*),
+                (2, 3) => $tile::<2, 3>($($arg),*),
+                (2, 2) => $tile::<2, 2>($($arg),*),
+                (2, _) => $tile::<2, 1>($($arg),*),
+                (_, 4..) => $tile::<1, 4>($($arg),*),
+                (_, 3) => $tile::<1, 3>($($arg),*),
+                (_, 2) => $tile::<1, 2>($($arg),*),
+                _ => $tile::<1, 1>($($arg),*),
+            }
+        };
+    }
+
     /// [`super::dots`] in `MR x NR` tiles of AVX2 accumulators.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dots(xs: &[&[f32]], ws: &[&[f32]], out: &mut [&mut [f32]]) {
         for (c0, w) in (0..ws.len()).step_by(NR).zip(ws.chunks(NR)) {
             for (x, o) in xs.chunks(MR).zip(out.chunks_mut(MR)) {
-                match (x.len(), w.len()) {
-                    (3, 4) => tile::<3, 4>(x, w, o, c0),
-                    (3, 3) => tile::<3, 3>(x, w, o, c0),
-                    (3, 2) => tile::<3, 2>(x, w, o, c0),
-                    (3, _) => tile::<3, 1>(x, w, o, c0),
-                    (2, 4) => tile::<2, 4>(x, w, o, c0),
-                    (2, 3) => tile::<2, 3>(x, w, o, c0),
-                    (2, 2) => tile::<2, 2>(x, w, o, c0),
-                    (2, _) => tile::<2, 1>(x, w, o, c0),
-                    (_, 4) => tile::<1, 4>(x, w, o, c0),
-                    (_, 3) => tile::<1, 3>(x, w, o, c0),
-                    (_, 2) => tile::<1, 2>(x, w, o, c0),
-                    _ => tile::<1, 1>(x, w, o, c0),
-                }
+                by_tile!(x.len(), w.len(), tile(x, w, o, c0));
             }
         }
     }
@@ -192,20 +200,7 @@ mod avx2 {
         for c0 in (0..body).step_by(NR * LANES) {
             let vecs = (body - c0) / LANES;
             for (p, o) in ps.chunks(MR).zip(out.chunks_mut(MR)) {
-                match (p.len(), vecs) {
-                    (3, 4..) => sum_tile::<3, 4>(p, vs, o, c0),
-                    (3, 3) => sum_tile::<3, 3>(p, vs, o, c0),
-                    (3, 2) => sum_tile::<3, 2>(p, vs, o, c0),
-                    (3, _) => sum_tile::<3, 1>(p, vs, o, c0),
-                    (2, 4..) => sum_tile::<2, 4>(p, vs, o, c0),
-                    (2, 3) => sum_tile::<2, 3>(p, vs, o, c0),
-                    (2, 2) => sum_tile::<2, 2>(p, vs, o, c0),
-                    (2, _) => sum_tile::<2, 1>(p, vs, o, c0),
-                    (_, 4..) => sum_tile::<1, 4>(p, vs, o, c0),
-                    (_, 3) => sum_tile::<1, 3>(p, vs, o, c0),
-                    (_, 2) => sum_tile::<1, 2>(p, vs, o, c0),
-                    _ => sum_tile::<1, 1>(p, vs, o, c0),
-                }
+                by_tile!(p.len(), vecs, sum_tile(p, vs, o, c0));
             }
         }
         for (p, o) in ps.iter().zip(out.iter_mut()) {
@@ -370,33 +365,44 @@ pub(super) fn activate(act: Activation, x: f32) -> f32 {
 mod tests {
     use super::*;
 
-    /// Every tile shape and both instruction sets against a plain f64 loop,
-    /// on lengths around the lane count.
-    #[test]
-    fn dots_match_a_plain_loop() {
+    /// [`dots`] or [`weighted_sums`].
+    type Product = fn(Simd, &[&[f32]], &[&[f32]], &mut [&mut [f32]]);
+
+    /// `run(simd, a, b, out)` on every instruction set found against a plain
+    /// f64 loop, for each `(rows, inner, cols)`: `a` is `rows x inner`, `b`
+    /// the other operand given as its `cols` rows of `inner` (`dots`) or
+    /// its `inner` rows of `cols` (`weighted_sums`). Outputs poisoned first.
+    fn check_products(run: Product, b_by_cols: bool, shapes: &[(usize, usize, usize)]) {
         let mut sets = vec![Simd::Baseline];
         if Simd::detect() != Simd::Baseline {
             sets.push(Simd::detect());
         }
         let value = |i: usize| ((i * 7919 % 113) as f32 - 56.0) / 17.0;
         for simd in sets {
-            for (rows, cols, k) in [(1, 1, 1), (5, 7, 7), (4, 3, 8), (9, 10, 17), (3, 2, 64)] {
-                let x: Vec<f32> = (0..rows * k).map(value).collect();
-                let w: Vec<f32> = (0..cols * k).map(|i| value(i + 5)).collect();
-                let xs: Vec<&[f32]> = x.chunks(k).collect();
-                let ws: Vec<&[f32]> = w.chunks(k).collect();
+            for &(rows, inner, cols) in shapes {
+                let a: Vec<f32> = (0..rows * inner).map(value).collect();
+                let b: Vec<f32> = (0..inner * cols).map(|i| value(i + 5)).collect();
+                let b_at = |t: usize, c: usize| {
+                    b[if b_by_cols {
+                        c * inner + t
+                    } else {
+                        t * cols + c
+                    }]
+                };
+                let a_rows: Vec<&[f32]> = a.chunks(inner).collect();
+                let b_rows: Vec<&[f32]> = b.chunks(if b_by_cols { inner } else { cols }).collect();
                 let mut out = vec![f32::NAN; rows * cols];
                 let mut rows_out: Vec<&mut [f32]> = out.chunks_mut(cols).collect();
-                dots(simd, &xs, &ws, &mut rows_out);
+                run(simd, &a_rows, &b_rows, &mut rows_out);
                 for r in 0..rows {
                     for c in 0..cols {
-                        let want: f64 = (0..k)
-                            .map(|t| x[r * k + t] as f64 * w[c * k + t] as f64)
+                        let want: f64 = (0..inner)
+                            .map(|t| a[r * inner + t] as f64 * b_at(t, c) as f64)
                             .sum();
                         let got = out[r * cols + c] as f64;
                         assert!(
                             (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{simd:?} {rows}x{cols}x{k} at ({r}, {c}): {got} vs {want}"
+                            "{simd:?} {rows}x{inner}x{cols} at ({r}, {c}): {got} vs {want}"
                         );
                     }
                 }
@@ -404,38 +410,18 @@ mod tests {
         }
     }
 
-    /// Every tile shape, column tails and both instruction sets against a
-    /// plain f64 loop.
+    /// Every tile shape, on lengths around the lane count.
+    #[test]
+    fn dots_match_a_plain_loop() {
+        let shapes = [(1, 1, 1), (5, 7, 7), (4, 8, 3), (9, 17, 10), (3, 64, 2)];
+        check_products(dots, true, &shapes);
+    }
+
+    /// Every tile shape, and columns past the last whole vector.
     #[test]
     fn weighted_sums_match_a_plain_loop() {
-        let mut sets = vec![Simd::Baseline];
-        if Simd::detect() != Simd::Baseline {
-            sets.push(Simd::detect());
-        }
-        let value = |i: usize| ((i * 7919 % 113) as f32 - 56.0) / 17.0;
-        for simd in sets {
-            for (rows, terms, cols) in [(1, 1, 1), (5, 7, 7), (4, 3, 8), (7, 10, 47), (3, 2, 64)] {
-                let p: Vec<f32> = (0..rows * terms).map(value).collect();
-                let v: Vec<f32> = (0..terms * cols).map(|i| value(i + 5)).collect();
-                let ps: Vec<&[f32]> = p.chunks(terms).collect();
-                let vs: Vec<&[f32]> = v.chunks(cols).collect();
-                let mut out = vec![f32::NAN; rows * cols];
-                let mut rows_out: Vec<&mut [f32]> = out.chunks_mut(cols).collect();
-                weighted_sums(simd, &ps, &vs, &mut rows_out);
-                for r in 0..rows {
-                    for c in 0..cols {
-                        let want: f64 = (0..terms)
-                            .map(|j| p[r * terms + j] as f64 * v[j * cols + c] as f64)
-                            .sum();
-                        let got = out[r * cols + c] as f64;
-                        assert!(
-                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{simd:?} {rows}x{terms}x{cols} at ({r}, {c}): {got} vs {want}"
-                        );
-                    }
-                }
-            }
-        }
+        let shapes = [(1, 1, 1), (5, 7, 7), (4, 3, 8), (7, 10, 47), (3, 2, 64)];
+        check_products(weighted_sums, false, &shapes);
     }
 
     #[test]
