@@ -55,11 +55,13 @@ pub struct CpuOptions {
     /// set, else one per core the machine offers. More than 16 per core is an
     /// [`Error::Invalid`] (a count that large is a mistake, not a setting).
     pub threads: usize,
-    /// [`KernelVersion::Fast`] (the default): dot products in register tiles
-    /// of AVX2 accumulators where the CPU has AVX2 and FMA.
+    /// [`KernelVersion::Fast`] (the default): dot products (and attention's
+    /// sums of value rows) in register tiles of AVX2 accumulators where the
+    /// CPU has AVX2 and FMA.
     /// [`KernelVersion::Naive`], the v1 baseline and second oracle: one dot
     /// product at a time, in 8 partial sums the compiler vectorises for the
-    /// build's baseline (SSE2 on x86-64).
+    /// build's baseline (SSE2 on x86-64), and attention's P·V one value row at
+    /// a time.
     pub version: KernelVersion,
 }
 
