@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::layer_norm::{norm_row, normalize};
-use super::linear::{dots, weighted_sums, Simd};
+use super::linear::{dots, weighted_sums, Rows, Simd};
 use super::softmax::softmax;
 use super::tiles;
 use crate::ops::{AbsorbedAttentionDims, AttentionDims};
@@ -54,7 +54,7 @@ pub(super) fn attention<'a>(simd: Simd, d: AttentionDims, a: Attention<'a>, out:
             .collect();
         let mut scores = vec![0.0f32; qs.len() * d.lk];
         let mut score_rows: Vec<&mut [f32]> = scores.chunks_mut(d.lk).collect();
-        dots(simd, &qs, &ks, &mut score_rows);
+        dots(simd, &qs, &ks, Rows::Cached, &mut score_rows);
         // Each row's probabilities, 0 where a key is hidden.
         let masked = a.causal || a.ignore.is_some();
         let mut hidden = vec![false; if masked { d.lk } else { 0 }];
@@ -127,7 +127,13 @@ pub(super) fn attention_absorbed(
                 for e in 0..d.heads {
                     let at =
                         |j: usize, stride: usize, start: usize| (b * d.lk + j) * stride + start;
-                    dots(simd, &[&h[..]], &keys[b * d.heads + e], &mut [&mut p[..]]);
+                    dots(
+                        simd,
+                        &[&h[..]],
+                        &keys[b * d.heads + e],
+                        Rows::Cached,
+                        &mut [&mut p[..]],
+                    );
                     for (j, p) in p.iter_mut().enumerate() {
                         *p += a.key_bias[at(j, d.b_stride, d.b_start) + e];
                     }
