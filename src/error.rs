@@ -70,7 +70,11 @@ pub enum Error {
     /// A size computation overflowed `usize`, or a size is out of range.
     #[error("size overflow: {0}")]
     Overflow(String),
-    /// An allocation the sizes asked for could not be made.
+    /// An allocation the sizes asked for could not be made. On Linux a host
+    /// allocation of 64 MiB or more is first measured against the memory the
+    /// process can still get ([`crate::tensor::memory_available`]), so a batch
+    /// too large for the machine is this error, not the kernel's
+    /// out-of-memory killer.
     #[error("out of memory: {0}")]
     OutOfMemory(String),
     /// Arguments that do not fit together (op shapes, config, batch 0, ...).

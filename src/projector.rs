@@ -55,7 +55,7 @@ use crate::ops::{
 };
 use crate::profile;
 use crate::signal::SignalPositions;
-use crate::tensor::{checked_numel, try_filled, HostTensor};
+use crate::tensor::{try_filled, HostTensor};
 use crate::weights::ProjectorWeights;
 
 struct Linear<T> {
@@ -412,14 +412,8 @@ impl<B: Backend> Projector<B> {
 
     /// `query_embs` repeated `batch` times, on the device.
     fn repeated_queries(&self, batch: usize) -> Result<B::Tensor> {
-        let (n, d) = (self.config.n_out, self.config.d_model);
-        let one = self.query_embs.to_f64_vec();
-        let mut all = try_filled(checked_numel(&[batch, n, d], "queries")?, 0.0, "queries")?;
-        for row in all.chunks_exact_mut(one.len().max(1)) {
-            row.copy_from_slice(&one);
-        }
-        let all = HostTensor::from_f64(vec![batch, n, d], all)?;
-        self.backend.upload(&all.to_dtype(self.query_embs.dtype()))
+        self.backend
+            .upload(&self.query_embs.repeat(batch, "queries")?)
     }
 
     /// An error unless `shape` is a valid `[batch, n_in, in_dim]` input.
@@ -1296,6 +1290,7 @@ mod tests {
     use super::*;
     use crate::reference::{RefTensor, Reference};
     use crate::rng::Rng;
+    use crate::tensor::checked_numel;
 
     /// The blocked sum of rows against the plain loop it replaces (one
     /// scaled row added at a time), to the bit: lengths below, at and past

@@ -144,15 +144,101 @@ pub fn checked_numel(shape: &[usize], what: &str) -> Result<usize> {
 /// A vector of `n` copies of `value`, or an error (never an abort) when `n`
 /// elements cannot be allocated; `what` names the tensor in the message.
 pub fn try_filled<T: Clone>(n: usize, value: T, what: &str) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| {
-        Error::OutOfMemory(format!(
-            "{what}: cannot allocate {n} elements of {} bytes",
-            std::mem::size_of::<T>()
-        ))
-    })?;
+    let mut v = try_with_capacity(n, what)?;
     v.resize(n, value);
     Ok(v)
+}
+
+/// A copy of `src`, or an error (never an abort) when it cannot be allocated.
+pub fn try_copied<T: Copy>(src: &[T], what: &str) -> Result<Vec<T>> {
+    let mut v = try_with_capacity(src.len(), what)?;
+    v.extend_from_slice(src);
+    Ok(v)
+}
+
+/// An empty vector with room for `n` elements. An allocator that overcommits
+/// (Linux's default) grants more than the machine has, and the kernel ends
+/// the process when the pages are written, so a large request is first
+/// measured against [`memory_available`].
+fn try_with_capacity<T>(n: usize, what: &str) -> Result<Vec<T>> {
+    let size = std::mem::size_of::<T>();
+    let refuse = |why: String| {
+        Error::OutOfMemory(format!(
+            "{what}: cannot allocate {n} elements of {size} bytes{why}"
+        ))
+    };
+    let bytes = n.saturating_mul(size) as u64;
+    if bytes >= CHECKED_BYTES {
+        if let Some(free) = memory_available() {
+            if bytes > free {
+                return Err(refuse(format!(
+                    " ({} MiB; {} MiB available)",
+                    bytes >> 20,
+                    free >> 20
+                )));
+            }
+        }
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| refuse(String::new()))?;
+    Ok(v)
+}
+
+/// Allocations from this size on are checked against [`memory_available`]
+/// (reading it costs a few file reads).
+const CHECKED_BYTES: u64 = 64 << 20;
+
+/// Bytes this process can still be given before the kernel's out-of-memory
+/// killer steps in: free and reclaimable memory plus free swap, and no more
+/// than its control group's limit allows (cgroup v2, else v1), not counting
+/// the group's reclaimable file cache as used. `None` where the system does
+/// not say (outside Linux).
+pub fn memory_available() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let meminfo = read("/proc/meminfo")?;
+    let kib = |name: &str| field(&meminfo, name).map(|k| k.saturating_mul(1024));
+    let mut free = kib("MemAvailable")?.saturating_add(kib("SwapFree").unwrap_or(0));
+    // (limit, usage, statistics, the file cache the kernel can reclaim)
+    let groups = [
+        (
+            "memory.max",
+            "memory.current",
+            "memory.stat",
+            "inactive_file",
+        ),
+        (
+            "memory/memory.limit_in_bytes",
+            "memory/memory.usage_in_bytes",
+            "memory/memory.stat",
+            "total_inactive_file",
+        ),
+    ];
+    let number = |name: &str| {
+        read(&format!("/sys/fs/cgroup/{name}"))?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    };
+    for (limit, usage, stat, cache) in groups {
+        // cgroup v2 writes "max" for no limit, which is no number.
+        if let (Some(limit), Some(usage)) = (number(limit), number(usage)) {
+            let stat = read(&format!("/sys/fs/cgroup/{stat}"));
+            let cache = stat.and_then(|s| field(&s, cache)).unwrap_or(0);
+            free = free.min(limit.saturating_sub(usage.saturating_sub(cache)));
+            break;
+        }
+    }
+    Some(free)
+}
+
+/// The number after `name` (or `name:`) at the start of a line of `text`,
+/// as /proc/meminfo and cgroups' memory.stat write them.
+fn field(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        let key = words.next()?;
+        (key.strip_suffix(':').unwrap_or(key) == name).then(|| words.next()?.parse().ok())?
+    })
 }
 
 impl HostTensor {
@@ -302,6 +388,36 @@ impl HostTensor {
         };
         let mut shape = first.shape.clone();
         shape[0] = rows;
+        Self::new(shape, data)
+    }
+
+    /// `times` copies of the tensor one after another along its first
+    /// dimension (PyTorch's `repeat(times, 1, ...)`), in its own dtype; `what`
+    /// names the result in an error.
+    pub fn repeat(&self, times: usize, what: &str) -> Result<Self> {
+        let mut shape = self.shape.clone();
+        let first = shape
+            .first_mut()
+            .ok_or_else(|| Error::invalid(format!("{what}: a scalar has no rows to repeat")))?;
+        *first = first.checked_mul(times).ok_or_else(|| {
+            Error::Overflow(format!("{what}: {times} copies of {:?}", self.shape))
+        })?;
+        let n = checked_numel(&shape, what)?;
+        macro_rules! repeat {
+            ($v:expr) => {{
+                let mut out = try_with_capacity(n, what)?;
+                for _ in 0..times {
+                    out.extend_from_slice($v);
+                }
+                out
+            }};
+        }
+        let data = match &self.data {
+            HostData::F64(v) => HostData::F64(repeat!(v)),
+            HostData::F32(v) => HostData::F32(repeat!(v)),
+            HostData::F16(v) => HostData::F16(repeat!(v)),
+            HostData::BF16(v) => HostData::BF16(repeat!(v)),
+        };
         Self::new(shape, data)
     }
 
@@ -519,5 +635,52 @@ mod tests {
         let scalar = HostTensor::from_f32(vec![], vec![1.0])?;
         assert!(HostTensor::concat_rows(&[scalar]).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn repeat_tiles_the_first_dimension_in_the_tensor_s_own_dtype() -> Result<()> {
+        let one = HostTensor::from_f32(vec![1, 2, 2], vec![1.0, 2.0, 3.0, 4.0])?;
+        let three = one.to_dtype(DType::F16).repeat(3, "queries")?;
+        assert_eq!(three.shape(), &[3, 2, 2]);
+        assert_eq!(three.dtype(), DType::F16);
+        assert_eq!(three.to_f64_vec(), [1.0, 2.0, 3.0, 4.0].repeat(3));
+        let none = one.repeat(0, "queries")?;
+        assert_eq!((none.shape(), none.numel()), (&[0, 2, 2][..], 0));
+        let scalar = HostTensor::from_f32(vec![], vec![1.0])?;
+        let e = scalar.repeat(2, "queries").unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)), "{e:?}");
+        let e = one.repeat(usize::MAX, "queries").unwrap_err();
+        assert!(matches!(e, Error::Overflow(_)), "{e:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn fields_are_read_as_proc_and_cgroups_write_them() {
+        let meminfo =
+            "MemTotal:       24683568 kB\nMemFree:  100 kB\nMemAvailable:   23987596 kB\n";
+        assert_eq!(field(meminfo, "MemAvailable"), Some(23987596));
+        assert_eq!(field(meminfo, "MemFree"), Some(100));
+        assert_eq!(field(meminfo, "SwapFree"), None);
+        let stat = "anon 4096\nactive_file 7\ninactive_file 123\n";
+        assert_eq!(field(stat, "inactive_file"), Some(123));
+        assert_eq!(field(stat, "file"), None);
+        assert_eq!(field("inactive_file x\n", "inactive_file"), None);
+    }
+
+    /// A request past what the machine can give is refused before anything
+    /// is reserved or written (the kernel would otherwise end the process
+    /// once the pages were touched).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn allocations_past_the_available_memory_are_refused() {
+        let free = memory_available().expect("/proc/meminfo is readable on Linux");
+        assert!(free > 0);
+        let n = usize::try_from(free / 4 + 1).expect("fits usize");
+        let e = try_with_capacity::<f32>(n, "big").unwrap_err().to_string();
+        assert!(e.starts_with("out of memory: big: cannot allocate"), "{e}");
+        assert!(e.ends_with("MiB available)"), "{e}");
+        let v = try_filled(CHECKED_BYTES as usize / 4, 1.0f32, "checked, fits").expect("64 MiB");
+        assert_eq!(v.len(), (CHECKED_BYTES / 4) as usize);
+        assert_eq!(try_copied(&v[..3], "small").expect("copied"), [1.0; 3]);
     }
 }

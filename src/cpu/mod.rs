@@ -42,7 +42,7 @@ use crate::ops::{
     LinearDims, LossDims, LossKind, NormAfter, NormInput, Shaped,
 };
 use crate::signal::SignalPositions;
-use crate::tensor::{DType, Dense, HostTensor};
+use crate::tensor::{try_copied, DType, Dense, HostData, HostTensor};
 
 /// A row-major f32 tensor in host memory; [`Dense::new`] wraps the caller's
 /// `Vec<f32>` without a copy.
@@ -151,16 +151,15 @@ impl Backend for Cpu {
     /// f32 goes up as it is; another type is converted first, a finite value
     /// past f32's range an error.
     fn upload(&self, t: &HostTensor) -> Result<CpuTensor> {
-        let data = if t.dtype() == DType::F32 {
-            t.to_f32_vec()
-        } else {
-            t.to_storage(DType::F32, "upload to cpu")?.into_f32_vec()
+        let data = match t.data() {
+            HostData::F32(v) => try_copied(v, "upload to cpu")?,
+            _ => t.to_storage(DType::F32, "upload to cpu")?.into_f32_vec(),
         };
         CpuTensor::new(t.shape().to_vec(), data)
     }
 
     fn download(&self, t: &CpuTensor) -> Result<HostTensor> {
-        HostTensor::from_f32(t.shape.clone(), t.data.clone())
+        HostTensor::from_f32(t.shape.clone(), try_copied(&t.data, "download from cpu")?)
     }
 
     fn alloc(&self, shape: &[usize]) -> Result<CpuTensor> {
