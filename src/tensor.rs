@@ -162,26 +162,32 @@ pub fn try_copied<T: Copy>(src: &[T], what: &str) -> Result<Vec<T>> {
 /// measured against [`memory_available`].
 fn try_with_capacity<T>(n: usize, what: &str) -> Result<Vec<T>> {
     let size = std::mem::size_of::<T>();
-    let refuse = |why: String| {
-        Error::OutOfMemory(format!(
-            "{what}: cannot allocate {n} elements of {size} bytes{why}"
-        ))
-    };
+    check_room(n, size, what)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| out_of_memory(n, size, what, String::new()))?;
+    Ok(v)
+}
+
+/// An error unless `n` elements of `size` bytes fit in the memory left
+/// ([`memory_available`]; from 64 MiB up).
+fn check_room(n: usize, size: usize, what: &str) -> Result<()> {
     let bytes = n.saturating_mul(size) as u64;
     if bytes >= CHECKED_BYTES {
         if let Some(free) = memory_available() {
             if bytes > free {
-                return Err(refuse(format!(
-                    " ({} MiB; {} MiB available)",
-                    bytes >> 20,
-                    free >> 20
-                )));
+                let why = format!(" ({} MiB; {} MiB available)", bytes >> 20, free >> 20);
+                return Err(out_of_memory(n, size, what, why));
             }
         }
     }
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| refuse(String::new()))?;
-    Ok(v)
+    Ok(())
+}
+
+fn out_of_memory(n: usize, size: usize, what: &str, why: String) -> Error {
+    Error::OutOfMemory(format!(
+        "{what}: cannot allocate {n} elements of {size} bytes{why}"
+    ))
 }
 
 /// Allocations from this size on are checked against [`memory_available`]
@@ -455,13 +461,18 @@ impl HostTensor {
         let data = match dtype {
             DType::F64 => HostData::F64(self.to_f64_vec()),
             DType::F32 => HostData::F32(self.to_f32_vec()),
+            // Each element converted once, with no f32 copy of the whole.
             DType::F16 => HostData::F16(match &self.data {
                 HostData::F64(v) => v.iter().map(|&x| f16::from_f64(x)).collect(),
-                _ => self.to_f32_vec().into_iter().map(f16::from_f32).collect(),
+                HostData::F32(v) => v.iter().map(|&x| f16::from_f32(x)).collect(),
+                HostData::F16(v) => v.clone(),
+                HostData::BF16(v) => v.iter().map(|x| f16::from_f32(x.to_f32())).collect(),
             }),
             DType::BF16 => HostData::BF16(match &self.data {
                 HostData::F64(v) => v.iter().map(|&x| bf16::from_f64(x)).collect(),
-                _ => self.to_f32_vec().into_iter().map(bf16::from_f32).collect(),
+                HostData::F32(v) => v.iter().map(|&x| bf16::from_f32(x)).collect(),
+                HostData::F16(v) => v.iter().map(|x| bf16::from_f32(x.to_f32())).collect(),
+                HostData::BF16(v) => v.clone(),
             }),
         };
         HostTensor {
@@ -474,7 +485,11 @@ impl HostTensor {
     /// `what`, where a finite element overflows `dtype` (f16 tops out at
     /// 65504) instead of silently becoming infinite. NaN and infinities pass
     /// as they are: a forward propagates them, as PyTorch's does.
+    ///
+    /// Like the other checked allocations, the copy is first measured
+    /// against the memory left.
     pub fn to_storage(&self, dtype: DType, what: &str) -> Result<HostTensor> {
+        check_room(self.numel(), dtype.size(), what)?;
         let converted = self.to_dtype(dtype);
         let mut from = 0;
         while let Some((i, _)) = converted.non_finite_from(from) {
