@@ -292,6 +292,14 @@ pub trait Backend: Clone {
     fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
     /// Allocate a tensor. Its contents are unspecified until an op writes it.
     fn alloc(&self, shape: &[usize]) -> Result<Self::Tensor>;
+    /// An error unless `elements` more elements fit in the backend's memory.
+    /// A projector's plan asks before it allocates its buffers, so that a
+    /// batch too large fails before it has taken the memory. By default
+    /// nothing is checked: a device's allocator refuses on its own.
+    fn check_room(&self, elements: usize, what: &str) -> Result<()> {
+        let _ = (elements, what);
+        Ok(())
+    }
     /// Copy a mask to the backend.
     fn upload_mask(&self, mask: &KeyPaddingMask) -> Result<Self::Mask>;
     /// Wait until every op issued so far has finished (a no-op on the CPU).

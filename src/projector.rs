@@ -55,7 +55,7 @@ use crate::ops::{
 };
 use crate::profile;
 use crate::signal::SignalPositions;
-use crate::tensor::{try_filled, HostTensor};
+use crate::tensor::{checked_numel, try_filled, HostTensor};
 use crate::weights::ProjectorWeights;
 
 struct Linear<T> {
@@ -303,6 +303,19 @@ impl<B: Backend> Projector<B> {
                 .checked_mul(2 * d)
                 .ok_or_else(|| Error::Overflow("decoder keys and values".into()))?,
         };
+        // Every buffer below, counted before any is taken.
+        let buffers = Work::<B::Tensor>::shapes([batch, n], d, c.ffn_dim)
+            .into_iter()
+            .chain(Work::<B::Tensor>::shapes([batch, n_in], d, c.ffn_dim))
+            .chain([[batch, n_in, kv_cols], [batch, n, d], [batch, n, c.out_dim]]);
+        let elements = buffers.into_iter().try_fold(0usize, |sum, shape| {
+            sum.checked_add(checked_numel(&shape, "the plan's buffers")?)
+                .ok_or_else(|| Error::Overflow("the plan's buffers".into()))
+        })?;
+        be.check_room(
+            elements,
+            &format!("the buffers of a forward at batch {batch}"),
+        )?;
         let mut decoder = Work::new(be, [batch, n], d, c.ffn_dim)?;
         let prefix = self.prefix(batch, &mut decoder)?;
         Ok(Plan {
@@ -869,22 +882,30 @@ struct Work<T> {
 }
 
 impl<T: Shaped> Work<T> {
-    fn new<B: Backend<Tensor = T>>(
-        be: &B,
-        [batch, tokens]: [usize; 2],
-        d: usize,
-        ffn: usize,
-    ) -> Result<Self> {
+    /// The shapes of `s[0]`, `s[1]`, `f`, `h`, `qkv`, `a` and `ffn`.
+    fn shapes([batch, tokens]: [usize; 2], d: usize, ffn: usize) -> [[usize; 3]; 7] {
+        let rows = |cols| [batch, tokens, cols];
+        let wide = d.saturating_mul(3);
+        [
+            rows(d),
+            rows(d),
+            rows(d),
+            rows(d),
+            rows(wide),
+            rows(d),
+            rows(ffn),
+        ]
+    }
+
+    fn new<B: Backend<Tensor = T>>(be: &B, rows: [usize; 2], d: usize, ffn: usize) -> Result<Self> {
+        let [s0, s1, f, h, qkv, a, ffn] = Self::shapes(rows, d, ffn);
         Ok(Work {
-            s: [
-                be.alloc(&[batch, tokens, d])?,
-                be.alloc(&[batch, tokens, d])?,
-            ],
-            f: be.alloc(&[batch, tokens, d])?,
-            h: be.alloc(&[batch, tokens, d])?,
-            qkv: be.alloc(&[batch, tokens, 3 * d])?,
-            a: be.alloc(&[batch, tokens, d])?,
-            ffn: be.alloc(&[batch, tokens, ffn])?,
+            s: [be.alloc(&s0)?, be.alloc(&s1)?],
+            f: be.alloc(&f)?,
+            h: be.alloc(&h)?,
+            qkv: be.alloc(&qkv)?,
+            a: be.alloc(&a)?,
+            ffn: be.alloc(&ffn)?,
             normed: false,
         })
     }
@@ -1290,7 +1311,6 @@ mod tests {
     use super::*;
     use crate::reference::{RefTensor, Reference};
     use crate::rng::Rng;
-    use crate::tensor::checked_numel;
 
     /// The blocked sum of rows against the plain loop it replaces (one
     /// scaled row added at a time), to the bit: lengths below, at and past

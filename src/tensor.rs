@@ -171,7 +171,7 @@ fn try_with_capacity<T>(n: usize, what: &str) -> Result<Vec<T>> {
 
 /// An error unless `n` elements of `size` bytes fit in the memory left
 /// ([`memory_available`]; from 64 MiB up).
-fn check_room(n: usize, size: usize, what: &str) -> Result<()> {
+pub(crate) fn check_room(n: usize, size: usize, what: &str) -> Result<()> {
     let bytes = n.saturating_mul(size) as u64;
     if bytes >= CHECKED_BYTES {
         if let Some(free) = memory_available() {

@@ -158,3 +158,31 @@ fn what_f32_cannot_hold_is_an_error() {
         .to_string();
     assert!(e.contains("does not fit f32"), "{e}");
 }
+
+/// A plan whose buffers would not fit in the memory left is refused before
+/// it takes any (the kernel's out-of-memory killer would otherwise end the
+/// process while the buffers are written).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_batch_too_large_for_the_memory_is_refused_up_front() {
+    use output_projector::error::Error;
+    use output_projector::projector::Projector;
+    use output_projector::tensor::memory_available;
+    use output_projector::weights::ProjectorWeights;
+    let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+    let weights = ProjectorWeights::random(image.clone(), Some(Modality::Image), 3).unwrap();
+    let projector = Projector::new(cpu(2), &weights).unwrap();
+    let free = memory_available().expect("/proc/meminfo is readable on Linux");
+    // The output buffer alone is past what is left.
+    let batch = (free / (image.n_out * image.out_dim * 4) as u64 + 1) as usize;
+    let e = projector.plan(batch, 4).map(|_| ()).unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory(_)), "{e:?}");
+    let e = e.to_string();
+    assert!(
+        e.contains(&format!("the buffers of a forward at batch {batch}")),
+        "{e}"
+    );
+    assert!(e.ends_with("MiB available)"), "{e}");
+    // A batch that fits still plans.
+    assert!(projector.plan(2, 4).is_ok());
+}

@@ -162,6 +162,10 @@ impl Backend for Cpu {
         HostTensor::from_f32(t.shape.clone(), try_copied(&t.data, "download from cpu")?)
     }
 
+    fn check_room(&self, elements: usize, what: &str) -> Result<()> {
+        crate::tensor::check_room(elements, std::mem::size_of::<f32>(), what)
+    }
+
     fn alloc(&self, shape: &[usize]) -> Result<CpuTensor> {
         // NaN, so that an element no op writes can never pass as a result.
         CpuTensor::filled(shape, f32::NAN)

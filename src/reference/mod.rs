@@ -40,6 +40,10 @@ impl Backend for Reference {
         HostTensor::from_f64(t.shape.clone(), t.data.clone())
     }
 
+    fn check_room(&self, elements: usize, what: &str) -> Result<()> {
+        crate::tensor::check_room(elements, std::mem::size_of::<f64>(), what)
+    }
+
     fn alloc(&self, shape: &[usize]) -> Result<RefTensor> {
         // NaN, so that an element no op writes can never pass as a result.
         RefTensor::filled(shape, f64::NAN)
