@@ -11,6 +11,10 @@
 # - NVRTC 13.0 and the CUDA headers (cuda_fp16.h, cuda_bf16.h), taken from the
 #   PyPI wheels `nvidia-cuda-nvrtc` and `nvidia-cuda-runtime` into `.venv-cuda`.
 #   NVRTC stays at 13.0: a CUDA 13.0 driver rejects PTX from a newer NVRTC.
+# - for the CPU backend's NEON tiles on an x86-64 machine: Rust's
+#   aarch64-unknown-linux-gnu target (rustup), a cross linker and libc
+#   (`gcc-aarch64-linux-gnu libc6-dev-arm64-cross`) and qemu's user-mode
+#   emulator (`qemu-user`), which runs the aarch64 test binaries.
 #
 # Variables exported:
 #   LD_LIBRARY_PATH       gains the wheel's lib folder (libnvrtc.so.13 and
@@ -18,6 +22,9 @@
 #                         loader; it reads LD_LIBRARY_PATH only at process start)
 #   OUTPROJ_CUDA_INCLUDE  folder holding cuda_fp16.h / cuda_bf16.h
 #   NODEVICE_SELECT=1     silences a harmless Mesa device-select message
+#   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_{LINKER,RUNNER}
+#                         the cross linker, and qemu-aarch64 with the cross
+#                         libc, when both are installed
 # Nothing is exported when nothing is found; callers keep their own values.
 
 OUTPROJ_ROOT="${OUTPROJ_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
@@ -151,9 +158,50 @@ outproj_ensure_nvrtc() {
     outproj_nvrtc_lib_dir >/dev/null && outproj_cuda_include_dir >/dev/null
 }
 
+# Where the aarch64 cross libc lives (Debian's libc6-dev-arm64-cross).
+OUTPROJ_AARCH64_SYSROOT="${OUTPROJ_AARCH64_SYSROOT:-/usr/aarch64-linux-gnu}"
+
+# True when aarch64 test binaries can be built and run here: the Rust target,
+# the cross linker and libc, and qemu-aarch64.
+outproj_have_aarch64() {
+    [[ -d $(rustc --print sysroot 2>/dev/null)/lib/rustlib/aarch64-unknown-linux-gnu ]] &&
+        command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 &&
+        command -v qemu-aarch64 >/dev/null 2>&1 &&
+        [[ -e $OUTPROJ_AARCH64_SYSROOT/lib/ld-linux-aarch64.so.1 ]]
+}
+
+# Installs what outproj_have_aarch64 looks for, when it is missing.
+outproj_ensure_aarch64() {
+    if outproj_have_aarch64; then
+        outproj_log "aarch64: target, cross linker and qemu-aarch64 present"
+        return 0
+    fi
+    if [[ ! -d $(rustc --print sysroot 2>/dev/null)/lib/rustlib/aarch64-unknown-linux-gnu ]]; then
+        if ! command -v rustup >/dev/null 2>&1; then
+            outproj_log "aarch64: no Rust target aarch64-unknown-linux-gnu and no rustup to add it"
+            return 1
+        fi
+        outproj_log "aarch64: adding the Rust target aarch64-unknown-linux-gnu with rustup"
+        rustup target add aarch64-unknown-linux-gnu || return 1
+    fi
+    if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || ! command -v qemu-aarch64 >/dev/null 2>&1 ||
+        [[ ! -e $OUTPROJ_AARCH64_SYSROOT/lib/ld-linux-aarch64.so.1 ]]; then
+        if ! command -v apt-get >/dev/null 2>&1; then
+            outproj_log "aarch64: no apt-get; install an aarch64 cross gcc and libc and qemu-user by hand"
+            return 1
+        fi
+        outproj_log "aarch64: installing gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user with apt-get"
+        outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+        outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+    fi
+    outproj_have_aarch64
+}
+
 outproj_install_deps() {
     outproj_ensure_vulkan
     outproj_ensure_nvrtc
+    outproj_ensure_aarch64
 }
 
 outproj_export_env() {
@@ -168,6 +216,10 @@ outproj_export_env() {
         export OUTPROJ_CUDA_INCLUDE="$inc"
     fi
     export NODEVICE_SELECT="${NODEVICE_SELECT:-1}"
+    if command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1; then
+        export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER="${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER:-aarch64-linux-gnu-gcc}"
+        export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER:-qemu-aarch64 -L $OUTPROJ_AARCH64_SYSROOT}"
+    fi
 }
 
 outproj_export_env

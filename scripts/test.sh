@@ -4,9 +4,11 @@
 #   - Mesa lavapipe (Vulkan on the CPU) for wgpu, with apt-get, when no Vulkan
 #     driver is installed;
 #   - NVRTC 13.0 and the CUDA headers from PyPI into .venv-cuda;
-#   - libclang (apt-get), which the `nvtx` feature's bindings are generated with.
-# Missing toolchains fail the tests (REQUIRE_WGPU=1, REQUIRE_NVRTC=1); set either
-# to 0 beforehand to let those tests skip instead. OUTPROJ_SKIP_INSTALL=1 installs
+#   - libclang (apt-get), which the `nvtx` feature's bindings are generated with;
+#   - on x86-64, the aarch64 target, a cross gcc and qemu-user (rustup, apt-get),
+#     which build and run the CPU backend's tests for aarch64 (its NEON tiles).
+# Missing toolchains fail the tests (REQUIRE_WGPU=1, REQUIRE_NVRTC=1,
+# REQUIRE_AARCH64=1); set any to 0 beforehand to let those tests skip instead. OUTPROJ_SKIP_INSTALL=1 installs
 # nothing. Extra arguments go to every `cargo test`.
 set -euo pipefail
 
@@ -26,15 +28,19 @@ if [[ ${OUTPROJ_SKIP_INSTALL:-0} != 1 ]]; then
     outproj_ensure_vulkan || outproj_log "warning: could not install a Vulkan driver; wgpu tests will report it"
     outproj_ensure_nvrtc || outproj_log "warning: could not install NVRTC; nvrtc tests will report it"
     outproj_ensure_libclang || outproj_log "warning: could not install libclang; the nvtx build will fail"
+    if [[ $(uname -m) == x86_64 ]]; then
+        outproj_ensure_aarch64 || outproj_log "warning: could not install the aarch64 toolchain; its tests will report it"
+    fi
     outproj_export_env
 fi
 export REQUIRE_WGPU="${REQUIRE_WGPU:-1}"
 export REQUIRE_NVRTC="${REQUIRE_NVRTC:-1}"
+export REQUIRE_AARCH64="${REQUIRE_AARCH64:-1}"
 
 outproj_log "$(rustc --version), $(cargo --version)"
 outproj_log "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 outproj_log "OUTPROJ_CUDA_INCLUDE=${OUTPROJ_CUDA_INCLUDE:-}"
-outproj_log "NODEVICE_SELECT=$NODEVICE_SELECT REQUIRE_WGPU=$REQUIRE_WGPU REQUIRE_NVRTC=$REQUIRE_NVRTC"
+outproj_log "NODEVICE_SELECT=$NODEVICE_SELECT REQUIRE_WGPU=$REQUIRE_WGPU REQUIRE_NVRTC=$REQUIRE_NVRTC REQUIRE_AARCH64=$REQUIRE_AARCH64"
 
 # The nvtx feature on in every step: one feature set is one build (another
 # rebuilds some 40 dependencies, minutes on 2 cores). Without a profiler its
@@ -58,4 +64,27 @@ cargo test "${cargo_flags[@]}" --benches --no-run "$@"
 # The API documentation builds without a warning: every public item documented
 # (`#![warn(missing_docs)]`) and every intra-doc link resolved.
 RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings" cargo doc "${cargo_flags[@]}" --no-deps
+# The CPU backend's NEON tiles, on an x86-64 machine: the library's unit tests
+# (every tile shape, bit for bit against the baseline loop) and the CPU
+# backend's ops and projector against the reference and PyTorch's golden
+# output, built for aarch64 and run under qemu-aarch64. Only the CPU backend:
+# the GPU backends are left out of this build, and the tests that spend their
+# time in the float64 reference at full size (minutes under emulation) run on
+# x86-64 only.
+if [[ $(uname -m) == x86_64 ]]; then
+    if outproj_have_aarch64; then
+        aarch64_flags=(--target aarch64-unknown-linux-gnu --no-default-features)
+        if [[ ${CI:-} == true && -f Cargo.lock ]]; then
+            aarch64_flags+=(--locked)
+        fi
+        cargo test "${aarch64_flags[@]}" --lib --test cpu_ops "$@" -- \
+            --skip linear_matches_reference --skip projector_matches_reference \
+            --skip results_do_not_depend_on_threads --exact
+    elif [[ $REQUIRE_AARCH64 == 1 ]]; then
+        outproj_log "aarch64: no Rust target, cross gcc or qemu-aarch64 (REQUIRE_AARCH64=1); see scripts/env.sh"
+        exit 1
+    else
+        outproj_log "aarch64: toolchain missing; the NEON tests are skipped (REQUIRE_AARCH64=0)"
+    fi
+fi
 outproj_log "all tests passed"

@@ -9,19 +9,19 @@
 
 use rayon::prelude::*;
 
-use super::{tiles, Tile};
+use super::{lanes, tiles, Tile};
 use crate::ops::{Activation, LinearDims};
 
-/// Lanes per accumulator: one AVX register of f32.
-const LANES: usize = 8;
+/// Lanes per accumulator: one AVX register of f32, two NEON ones.
+pub(super) const LANES: usize = 8;
 /// f32 per 64-byte cache line.
-const LINE: usize = 16;
+pub(super) const LINE: usize = 16;
 /// Rows of `x` per register tile.
-const MR: usize = 3;
+pub(super) const MR: usize = 3;
 /// Rows of `w` per register tile: 3 x 4 accumulators and 3 + 1 operands,
-/// AVX2's 16 registers. (4 x 3 needs 17: one spills, and the GEMMs ran at
-/// less than half the speed.)
-const NR: usize = 4;
+/// AVX2's 16 registers (4 x 3 needs 17: one spills, and the GEMMs ran at
+/// less than half the speed); NEON's 32, with `w`'s 8 lanes loaded 4 at a time.
+pub(super) const NR: usize = 4;
 /// Bytes of `x` rows a thread keeps in its L2 while it walks `w`.
 const X_BLOCK_BYTES: usize = 256 << 10;
 
@@ -33,6 +33,9 @@ pub(crate) enum Simd {
     /// AVX2 with fused multiply-add, found at run time.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
+    /// NEON's fused multiply-add in register tiles (every aarch64 CPU).
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    Neon,
 }
 
 impl Simd {
@@ -41,6 +44,9 @@ impl Simd {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             return Simd::Avx2Fma;
         }
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        return Simd::Neon;
+        #[allow(unreachable_code)]
         Simd::Baseline
     }
 
@@ -55,6 +61,9 @@ impl Simd {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Simd::Avx2Fma` exists only where `detect` found both features.
             Simd::Avx2Fma => unsafe { run_avx2(f) },
+            // NEON is the build's baseline: nothing to switch on.
+            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+            Simd::Neon => f(),
         }
     }
 
@@ -64,6 +73,8 @@ impl Simd {
             Simd::Baseline => "baseline",
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2Fma => "avx2+fma",
+            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+            Simd::Neon => "neon",
         }
     }
 }
@@ -102,6 +113,9 @@ pub(crate) fn dots(simd: Simd, xs: &[&[f32]], ws: &[&[f32]], rows: Rows, out: &m
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Simd::Avx2Fma` exists only where `detect` found both features.
         Simd::Avx2Fma => unsafe { avx2::dots(xs, ws, rows, out) },
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        // SAFETY: the build targets NEON.
+        Simd::Neon => unsafe { lanes::dots::<lanes::Neon>(xs, ws, rows, out) },
     }
 }
 
@@ -123,6 +137,9 @@ pub(crate) fn weighted_sums(simd: Simd, ps: &[&[f32]], vs: &[&[f32]], out: &mut 
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Simd::Avx2Fma` exists only where `detect` found both features.
         Simd::Avx2Fma => unsafe { avx2::weighted_sums(ps, vs, out) },
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        // SAFETY: the build targets NEON.
+        Simd::Neon => unsafe { lanes::weighted_sums::<lanes::Neon>(ps, vs, out) },
     }
 }
 
@@ -157,7 +174,7 @@ fn madd(a: f32, b: f32, c: f32) -> f32 {
 /// The lanes of one accumulator summed in a fixed tree (so that results do
 /// not depend on the tiling, hence on the thread count), then the tail.
 #[inline(always)]
-fn reduce(a: [f32; LANES], x: &[f32], w: &[f32]) -> f32 {
+pub(super) fn reduce(a: [f32; LANES], x: &[f32], w: &[f32]) -> f32 {
     let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
     for (&x, &w) in x.iter().zip(w) {
         s = madd(x, w, s);
@@ -165,162 +182,20 @@ fn reduce(a: [f32; LANES], x: &[f32], w: &[f32]) -> f32 {
     s
 }
 
+/// The entry points compiled for AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use std::arch::x86_64::*;
+    use super::{lanes, Rows};
+    use lanes::Avx2;
 
-    use super::{reduce, Rows, LANES, LINE, MR, NR};
-
-    /// `$tile::<R, C>(..)` for a tile of `rows` (at most `MR`) by `cols`
-    /// (`NR` or more taken as `NR`).
-    macro_rules! by_tile {
-        ($rows:expr, $cols:expr, $tile:ident($($arg:expr),*)) => {
-            match ($rows, $cols) {
-                (3, 4..) => $tile::<3, 4>($($arg),*),
-                (3, 3) => $tile::<3, 3>($($arg),*),
-                (3, 2) => $tile::<3, 2>($($arg),*),
-                (3, _) => $tile::<3, 1>($($arg),*),
-                (2, 4..) => $tile::<2, 4>($($arg),*),
-                (2, 3) => $tile::<2, 3>($($arg),*),
-                (2, 2) => $tile::<2, 2>($($arg),*),
-                (2, _) => $tile::<2, 1>($($arg),*),
-                (_, 4..) => $tile::<1, 4>($($arg),*),
-                (_, 3) => $tile::<1, 3>($($arg),*),
-                (_, 2) => $tile::<1, 2>($($arg),*),
-                _ => $tile::<1, 1>($($arg),*),
-            }
-        };
-    }
-
-    /// [`super::dots`] in `MR x NR` tiles of AVX2 accumulators. Streamed
-    /// rows are fetched a tile ahead by the first rows' tile; the other rows'
-    /// tiles find them in cache.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dots(xs: &[&[f32]], ws: &[&[f32]], rows: Rows, out: &mut [&mut [f32]]) {
-        for (c0, w) in (0..ws.len()).step_by(NR).zip(ws.chunks(NR)) {
-            let next = match rows {
-                Rows::Streamed => ws.get(c0 + NR..).unwrap_or_default(),
-                Rows::Cached => &[],
-            };
-            let mut ahead = &next[..next.len().min(NR)];
-            for (x, o) in xs.chunks(MR).zip(out.chunks_mut(MR)) {
-                by_tile!(x.len(), w.len(), tile(x, w, o, c0, ahead));
-                ahead = &[];
-            }
-        }
+        lanes::dots::<Avx2>(xs, ws, rows, out)
     }
 
-    /// [`super::weighted_sums`] in tiles of `MR` rows by `NR` vectors of
-    /// columns; the columns past the last whole vector one at a time, in the
-    /// same order.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn weighted_sums(ps: &[&[f32]], vs: &[&[f32]], out: &mut [&mut [f32]]) {
-        let Some(n) = out.first().map(|o| o.len()) else {
-            return;
-        };
-        let body = n - n % LANES;
-        for c0 in (0..body).step_by(NR * LANES) {
-            let vecs = (body - c0) / LANES;
-            for (p, o) in ps.chunks(MR).zip(out.chunks_mut(MR)) {
-                by_tile!(p.len(), vecs, sum_tile(p, vs, o, c0));
-            }
-        }
-        for (p, o) in ps.iter().zip(out.iter_mut()) {
-            for (c, o) in o.iter_mut().enumerate().skip(body) {
-                *o = p.iter().zip(vs).fold(0.0, |s, (&p, v)| p.mul_add(v[c], s));
-            }
-        }
-    }
-
-    /// `o[r][c0..c0 + 8C] = Σ_j p[r][j] · v[j][c0..]`: `R x C` accumulators;
-    /// per `j`, `R` broadcast weights and `C` vectors of the row for `R·C`
-    /// fused multiply-adds (16 registers at 3 x 4).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn sum_tile<const R: usize, const C: usize>(
-        p: &[&[f32]],
-        vs: &[&[f32]],
-        o: &mut [&mut [f32]],
-        c0: usize,
-    ) {
-        let mut pr = [&[][..]; R];
-        for r in 0..R {
-            pr[r] = &p[r][..vs.len()];
-        }
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        for (j, v) in vs.iter().enumerate() {
-            let v = &v[c0..c0 + C * LANES];
-            let mut pj = [_mm256_setzero_ps(); R];
-            for r in 0..R {
-                pj[r] = _mm256_set1_ps(pr[r][j]);
-            }
-            for (c, v) in v.chunks_exact(LANES).enumerate() {
-                let vv = _mm256_loadu_ps(v.as_ptr());
-                for r in 0..R {
-                    acc[r][c] = _mm256_fmadd_ps(pj[r], vv, acc[r][c]);
-                }
-            }
-        }
-        for r in 0..R {
-            let out = &mut o[r][c0..c0 + C * LANES];
-            for (out, &acc) in out.chunks_exact_mut(LANES).zip(&acc[r]) {
-                _mm256_storeu_ps(out.as_mut_ptr(), acc);
-            }
-        }
-    }
-
-    /// `o[r][c0 + c] = x[r] · w[c]`: `R x C` accumulators of 8 lanes, each
-    /// step loading `R + C` vectors for `R·C` fused multiply-adds, and
-    /// prefetching the rows `ahead` into L2 a cache line each.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const R: usize, const C: usize>(
-        x: &[&[f32]],
-        w: &[&[f32]],
-        o: &mut [&mut [f32]],
-        c0: usize,
-        ahead: &[&[f32]],
-    ) {
-        let k = x[0].len();
-        let mut xr = [&[][..]; R];
-        let mut wr = [&[][..]; C];
-        for r in 0..R {
-            xr[r] = &x[r][..k];
-        }
-        for c in 0..C {
-            wr[c] = &w[c][..k];
-        }
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let body = k - k % LANES;
-        let mut i = 0;
-        while i < body {
-            let mut xv = [_mm256_setzero_ps(); R];
-            for r in 0..R {
-                // SAFETY: i + LANES <= body <= k, the length of every row.
-                xv[r] = _mm256_loadu_ps(xr[r].as_ptr().add(i));
-            }
-            if i % LINE == 0 {
-                for a in ahead {
-                    // Into L2, not L1: L1's few line-fill buffers held the
-                    // 4-row GEMM to 19 GB/s.
-                    _mm_prefetch::<_MM_HINT_T1>(a.as_ptr().wrapping_add(i).cast());
-                }
-            }
-            for c in 0..C {
-                let wv = _mm256_loadu_ps(wr[c].as_ptr().add(i));
-                for r in 0..R {
-                    acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
-                }
-            }
-            i += LANES;
-        }
-        for r in 0..R {
-            for c in 0..C {
-                let mut lanes = [0.0f32; LANES];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
-                o[r][c0 + c] = reduce(lanes, &xr[r][body..], &wr[c][body..]);
-            }
-        }
+        lanes::weighted_sums::<Avx2>(ps, vs, out)
     }
 }
 
@@ -409,19 +284,20 @@ mod tests {
             sets.push(Simd::detect());
         }
         let value = |i: usize| ((i * 7919 % 113) as f32 - 56.0) / 17.0;
-        for simd in sets {
-            for &(rows, inner, cols) in shapes {
-                let a: Vec<f32> = (0..rows * inner).map(value).collect();
-                let b: Vec<f32> = (0..inner * cols).map(|i| value(i + 5)).collect();
-                let b_at = |t: usize, c: usize| {
-                    b[if b_by_cols {
-                        c * inner + t
-                    } else {
-                        t * cols + c
-                    }]
-                };
-                let a_rows: Vec<&[f32]> = a.chunks(inner).collect();
-                let b_rows: Vec<&[f32]> = b.chunks(if b_by_cols { inner } else { cols }).collect();
+        for &(rows, inner, cols) in shapes {
+            let a: Vec<f32> = (0..rows * inner).map(value).collect();
+            let b: Vec<f32> = (0..inner * cols).map(|i| value(i + 5)).collect();
+            let b_at = |t: usize, c: usize| {
+                b[if b_by_cols {
+                    c * inner + t
+                } else {
+                    t * cols + c
+                }]
+            };
+            let a_rows: Vec<&[f32]> = a.chunks(inner).collect();
+            let b_rows: Vec<&[f32]> = b.chunks(if b_by_cols { inner } else { cols }).collect();
+            let mut baseline = Vec::new();
+            for &simd in &sets {
                 let mut out = vec![f32::NAN; rows * cols];
                 let mut rows_out: Vec<&mut [f32]> = out.chunks_mut(cols).collect();
                 run(simd, &a_rows, &b_rows, &mut rows_out);
@@ -436,6 +312,18 @@ mod tests {
                             "{simd:?} {rows}x{inner}x{cols} at ({r}, {c}): {got} vs {want}"
                         );
                     }
+                }
+                // The tiles sum in the baseline's order: with a fused
+                // multiply-add in the baseline too, they agree bit for bit.
+                if simd == Simd::Baseline {
+                    baseline = out;
+                } else if BASELINE_FMA {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&out),
+                        bits(&baseline),
+                        "{simd:?} {rows}x{inner}x{cols}"
+                    );
                 }
             }
         }

@@ -29,6 +29,7 @@
 mod alignment_loss;
 mod attention;
 mod gather_signal_tokens;
+mod lanes;
 mod layer_norm;
 mod linear;
 mod softmax;

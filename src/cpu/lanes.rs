@@ -1,0 +1,276 @@
+//! The register tiles of [`dots`](super::linear::dots) and
+//! [`weighted_sums`](super::linear::weighted_sums), written once over
+//! [`Lanes`]: eight f32 lanes in one instruction set's registers.
+//!
+//! Everything here is `#[inline(always)]`, so a tile compiles for the
+//! instruction set of the function it is inlined into: a
+//! `#[target_feature(enable = "avx2,fma")]` entry point on x86-64 (AVX2 is
+//! found at run time), any function on aarch64 (NEON is its baseline).
+//!
+//! Eight lanes on every instruction set, summed by the same tree as the
+//! baseline's [`reduce`]: where the baseline has a fused multiply-add (aarch64),
+//! the tiles give its results bit for bit.
+
+use super::linear::{reduce, Rows, LANES, LINE, MR, NR};
+
+/// Eight f32 lanes: one AVX register, or two NEON ones.
+///
+/// # Safety
+///
+/// Every method needs its instruction set present; the pointer methods read
+/// or write 8 f32 from `p`, except [`Lanes::prefetch`], which may point
+/// anywhere (a prefetch never faults).
+pub(super) trait Lanes: Copy {
+    unsafe fn zero() -> Self;
+    unsafe fn splat(x: f32) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(self, p: *mut f32);
+    /// `a · b + c`, rounded once.
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
+    /// Asks for the cache line of `p` into L2.
+    unsafe fn prefetch(p: *const f32);
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) use x86::Avx2;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Lanes;
+
+    #[derive(Clone, Copy)]
+    pub(in crate::cpu) struct Avx2(__m256);
+
+    impl Lanes for Avx2 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Avx2(_mm256_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            Avx2(_mm256_set1_ps(x))
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx2(_mm256_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self.0)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            Avx2(_mm256_fmadd_ps(a.0, b.0, c.0))
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            // Into L2, not L1: L1's few line-fill buffers held the 4-row GEMM
+            // to 19 GB/s.
+            _mm_prefetch::<_MM_HINT_T1>(p.cast())
+        }
+    }
+}
+
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+pub(super) use arm::Neon;
+
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+mod arm {
+    use std::arch::aarch64::*;
+
+    use super::Lanes;
+
+    /// Lanes 0-3 and 4-7.
+    #[derive(Clone, Copy)]
+    pub(in crate::cpu) struct Neon(float32x4_t, float32x4_t);
+
+    impl Lanes for Neon {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Neon(vdupq_n_f32(0.0), vdupq_n_f32(0.0))
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            let v = vdupq_n_f32(x);
+            Neon(v, v)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Neon(vld1q_f32(p), vld1q_f32(p.add(4)))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            vst1q_f32(p, self.0);
+            vst1q_f32(p.add(4), self.1);
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            Neon(vfmaq_f32(c.0, a.0, b.0), vfmaq_f32(c.1, a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            // `prfm` never faults, whatever the address.
+            std::arch::asm!(
+                "prfm pldl2keep, [{p}]",
+                p = in(reg) p,
+                options(nostack, readonly, preserves_flags)
+            );
+        }
+    }
+}
+
+/// `$tile::<V, R, C>(..)` for a tile of `rows` (at most `MR`) by `cols`
+/// (`NR` or more taken as `NR`).
+macro_rules! by_tile {
+    ($V:ident, $rows:expr, $cols:expr, $tile:ident($($arg:expr),*)) => {
+        match ($rows, $cols) {
+            (3, 4..) => $tile::<$V, 3, 4>($($arg),*),
+            (3, 3) => $tile::<$V, 3, 3>($($arg),*),
+            (3, 2) => $tile::<$V, 3, 2>($($arg),*),
+            (3, _) => $tile::<$V, 3, 1>($($arg),*),
+            (2, 4..) => $tile::<$V, 2, 4>($($arg),*),
+            (2, 3) => $tile::<$V, 2, 3>($($arg),*),
+            (2, 2) => $tile::<$V, 2, 2>($($arg),*),
+            (2, _) => $tile::<$V, 2, 1>($($arg),*),
+            (_, 4..) => $tile::<$V, 1, 4>($($arg),*),
+            (_, 3) => $tile::<$V, 1, 3>($($arg),*),
+            (_, 2) => $tile::<$V, 1, 2>($($arg),*),
+            _ => $tile::<$V, 1, 1>($($arg),*),
+        }
+    };
+}
+
+/// [`dots`](super::linear::dots) in `MR x NR` tiles. Streamed rows are
+/// fetched a tile ahead by the first rows' tile; the other rows' tiles find
+/// them in cache.
+#[inline(always)]
+pub(super) unsafe fn dots<V: Lanes>(
+    xs: &[&[f32]],
+    ws: &[&[f32]],
+    rows: Rows,
+    out: &mut [&mut [f32]],
+) {
+    for (c0, w) in (0..ws.len()).step_by(NR).zip(ws.chunks(NR)) {
+        let next = match rows {
+            Rows::Streamed => ws.get(c0 + NR..).unwrap_or_default(),
+            Rows::Cached => &[],
+        };
+        let mut ahead = &next[..next.len().min(NR)];
+        for (x, o) in xs.chunks(MR).zip(out.chunks_mut(MR)) {
+            by_tile!(V, x.len(), w.len(), tile(x, w, o, c0, ahead));
+            ahead = &[];
+        }
+    }
+}
+
+/// [`weighted_sums`](super::linear::weighted_sums) in tiles of `MR` rows by
+/// `NR` vectors of columns; the columns past the last whole vector one at a
+/// time, in the same order.
+#[inline(always)]
+pub(super) unsafe fn weighted_sums<V: Lanes>(ps: &[&[f32]], vs: &[&[f32]], out: &mut [&mut [f32]]) {
+    let Some(n) = out.first().map(|o| o.len()) else {
+        return;
+    };
+    let body = n - n % LANES;
+    for c0 in (0..body).step_by(NR * LANES) {
+        let vecs = (body - c0) / LANES;
+        for (p, o) in ps.chunks(MR).zip(out.chunks_mut(MR)) {
+            by_tile!(V, p.len(), vecs, sum_tile(p, vs, o, c0));
+        }
+    }
+    for (p, o) in ps.iter().zip(out.iter_mut()) {
+        for (c, o) in o.iter_mut().enumerate().skip(body) {
+            *o = p.iter().zip(vs).fold(0.0, |s, (&p, v)| p.mul_add(v[c], s));
+        }
+    }
+}
+
+/// `o[r][c0..c0 + 8C] = Σ_j p[r][j] · v[j][c0..]`: `R x C` accumulators;
+/// per `j`, `R` broadcast weights and `C` vectors of the row for `R·C`
+/// fused multiply-adds (16 AVX registers at 3 x 4; 29 NEON ones).
+#[inline(always)]
+unsafe fn sum_tile<V: Lanes, const R: usize, const C: usize>(
+    p: &[&[f32]],
+    vs: &[&[f32]],
+    o: &mut [&mut [f32]],
+    c0: usize,
+) {
+    let mut pr = [&[][..]; R];
+    for r in 0..R {
+        pr[r] = &p[r][..vs.len()];
+    }
+    let mut acc = [[V::zero(); C]; R];
+    for (j, v) in vs.iter().enumerate() {
+        let v = &v[c0..c0 + C * LANES];
+        let mut pj = [V::zero(); R];
+        for r in 0..R {
+            pj[r] = V::splat(pr[r][j]);
+        }
+        for (c, v) in v.chunks_exact(LANES).enumerate() {
+            let vv = V::load(v.as_ptr());
+            for r in 0..R {
+                acc[r][c] = V::fma(pj[r], vv, acc[r][c]);
+            }
+        }
+    }
+    for r in 0..R {
+        let out = &mut o[r][c0..c0 + C * LANES];
+        for (out, &acc) in out.chunks_exact_mut(LANES).zip(&acc[r]) {
+            acc.store(out.as_mut_ptr());
+        }
+    }
+}
+
+/// `o[r][c0 + c] = x[r] · w[c]`: `R x C` accumulators of 8 lanes, each step
+/// loading `R + C` vectors for `R·C` fused multiply-adds (16 AVX registers at
+/// 3 x 4; 32 NEON ones, with `w`'s vectors loaded a half at a time), and
+/// prefetching the rows `ahead` into L2 a cache line each.
+#[inline(always)]
+unsafe fn tile<V: Lanes, const R: usize, const C: usize>(
+    x: &[&[f32]],
+    w: &[&[f32]],
+    o: &mut [&mut [f32]],
+    c0: usize,
+    ahead: &[&[f32]],
+) {
+    let k = x[0].len();
+    let mut xr = [&[][..]; R];
+    let mut wr = [&[][..]; C];
+    for r in 0..R {
+        xr[r] = &x[r][..k];
+    }
+    for c in 0..C {
+        wr[c] = &w[c][..k];
+    }
+    let mut acc = [[V::zero(); C]; R];
+    let body = k - k % LANES;
+    let mut i = 0;
+    while i < body {
+        let mut xv = [V::zero(); R];
+        for r in 0..R {
+            // SAFETY: i + LANES <= body <= k, the length of every row.
+            xv[r] = V::load(xr[r].as_ptr().add(i));
+        }
+        if i % LINE == 0 {
+            for a in ahead {
+                V::prefetch(a.as_ptr().wrapping_add(i));
+            }
+        }
+        for c in 0..C {
+            let wv = V::load(wr[c].as_ptr().add(i));
+            for r in 0..R {
+                acc[r][c] = V::fma(xv[r], wv, acc[r][c]);
+            }
+        }
+        i += LANES;
+    }
+    for r in 0..R {
+        for c in 0..C {
+            let mut lanes = [0.0f32; LANES];
+            acc[r][c].store(lanes.as_mut_ptr());
+            o[r][c0 + c] = reduce(lanes, &xr[r][body..], &wr[c][body..]);
+        }
+    }
+}
