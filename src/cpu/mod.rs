@@ -1,9 +1,9 @@
 //! The CPU backend: f32 tensors in host memory, every op spread over a thread
-//! pool, the GEMMs and attention's dot products on register tiles the compiler
-//! vectorises (AVX2 and FMA chosen at run time on x86-64). It is the device for
-//! an engine without a GPU; the float64 [`Reference`](crate::reference::Reference)
-//! stays the oracle it is checked against, and the naive baseline it is
-//! measured against.
+//! pool, the GEMMs and attention's dot products on register tiles of fused
+//! multiply-adds (AVX2 and FMA, chosen at run time on x86-64; NEON on aarch64).
+//! It is the device for an engine without a GPU; the float64
+//! [`Reference`](crate::reference::Reference) stays the oracle it is checked
+//! against, and the naive baseline it is measured against.
 //!
 //! ```
 //! use output_projector::config::{Modality, ProjectorConfig, Variant};
@@ -58,7 +58,7 @@ pub struct CpuOptions {
     pub threads: usize,
     /// [`KernelVersion::Fast`] (the default): dot products (and attention's
     /// sums of value rows) in register tiles of AVX2 accumulators where the
-    /// CPU has AVX2 and FMA.
+    /// CPU has AVX2 and FMA, of NEON accumulators on aarch64.
     /// [`KernelVersion::Naive`], the v1 baseline and second oracle: one dot
     /// product at a time, in 8 partial sums the compiler vectorises for the
     /// build's baseline (SSE2 on x86-64), and attention's P·V one value row at
@@ -135,7 +135,8 @@ impl Cpu {
     }
 
     /// The instruction set the dot products compile for on this machine
-    /// (`avx2+fma` on most x86-64 machines, else the target's baseline).
+    /// (`avx2+fma` on most x86-64 machines, `neon` on aarch64, else the
+    /// target's baseline).
     pub fn simd(&self) -> &'static str {
         self.simd.name()
     }
