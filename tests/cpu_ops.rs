@@ -1,6 +1,9 @@
 //! The CPU backend against the float64 reference and PyTorch's golden outputs.
 
+use std::sync::Arc;
+
 use output_projector::config::{Modality, ProjectorConfig, Variant};
+use output_projector::cpu::rayon::ThreadPoolBuilder;
 use output_projector::cpu::{Cpu, CpuOptions};
 use output_projector::golden;
 use output_projector::ops::{Backend, KernelVersion};
@@ -115,24 +118,32 @@ fn cpu_matches_pytorch() {
 }
 
 /// Tiles depend on the thread count, sums do not: 1, 2 and 3 threads give the
-/// same bits, and so do repeated runs.
+/// same bits, and so do repeated runs, and a pool of the caller's, called
+/// from outside it and from one of its own threads.
 #[test]
 fn results_do_not_depend_on_threads() {
     let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
     let case = verify::ProjectorCase::new(&image, 2, DType::F32, 5).unwrap();
-    let run = |threads| {
-        let be = cpu(threads);
-        case.run(&be, |p, h, e| be.download(&p.forward(h, Some(e))?))
+    let on = |be: &Cpu| {
+        case.run(be, |p, h, e| be.download(&p.forward(h, Some(e))?))
             .unwrap()
             .to_f32_vec()
             .iter()
             .map(|x| x.to_bits())
             .collect::<Vec<_>>()
     };
+    let run = |threads| on(&cpu(threads));
     let one = run(1);
     assert_eq!(one, run(2));
     assert_eq!(one, run(3));
     assert_eq!(one, run(3));
+
+    let pool = Arc::new(ThreadPoolBuilder::new().num_threads(3).build().unwrap());
+    let theirs = Cpu::on_pool(Arc::clone(&pool), KernelVersion::Fast);
+    assert!(Arc::ptr_eq(theirs.pool(), &pool));
+    assert_eq!(theirs.options().threads, 3);
+    assert_eq!(one, on(&theirs));
+    assert_eq!(one, pool.install(|| on(&theirs)));
 }
 
 /// Values f32 cannot hold are errors on upload, and an attention scale past

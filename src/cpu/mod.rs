@@ -36,6 +36,9 @@ mod softmax;
 
 use std::sync::Arc;
 
+/// The rayon whose pools [`Cpu::on_pool`] takes.
+pub use rayon;
+
 use crate::error::{Error, Result};
 use crate::ops::{
     f32_param, AbsorbedAttentionDims, AbsorbedAttentionInput, Activation, AttentionDims,
@@ -111,14 +114,46 @@ impl Cpu {
                 backend: "cpu".into(),
                 reason: format!("cannot start {} worker threads: {e}", options.threads),
             })?;
-        Ok(Cpu {
-            pool: Arc::new(pool),
-            simd: match options.version {
+        Ok(Cpu::on_pool(Arc::new(pool), options.version))
+    }
+
+    /// The backend on the caller's own rayon pool, shared with the rest of
+    /// an engine, so that the projector's ops and the engine's work do not
+    /// oversubscribe the cores. Results do not depend on the pool's size.
+    /// Calling an op from one of the pool's own threads is fine: it runs
+    /// there, its parts spread over the pool. (The absorption of the
+    /// cross-attention weights, host code shared by every backend that runs
+    /// once per projector at its first forward, `plan` or `capture`, takes
+    /// threads of its own, one per core.)
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    ///
+    /// use output_projector::cpu::rayon::ThreadPoolBuilder;
+    /// use output_projector::cpu::Cpu;
+    /// use output_projector::ops::KernelVersion;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = Arc::new(ThreadPoolBuilder::new().num_threads(2).build()?);
+    /// let cpu = Cpu::on_pool(Arc::clone(&pool), KernelVersion::Fast);
+    /// assert_eq!(cpu.threads(), 2);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn on_pool(pool: Arc<rayon::ThreadPool>, version: KernelVersion) -> Cpu {
+        Cpu {
+            pool,
+            simd: match version {
                 KernelVersion::Fast => linear::Simd::detect(),
                 KernelVersion::Naive => linear::Simd::Baseline,
             },
-            version: options.version,
-        })
+            version,
+        }
+    }
+
+    /// The pool the ops run on.
+    pub fn pool(&self) -> &Arc<rayon::ThreadPool> {
+        &self.pool
     }
 
     /// The options it runs with (`threads` as started).
@@ -179,11 +214,10 @@ impl Backend for Cpu {
 
     /// The v1 kernels on the same threads.
     fn naive(&self) -> Result<Option<Self>> {
-        Ok(Some(Cpu {
-            pool: Arc::clone(&self.pool),
-            simd: linear::Simd::Baseline,
-            version: KernelVersion::Naive,
-        }))
+        Ok(Some(Cpu::on_pool(
+            Arc::clone(&self.pool),
+            KernelVersion::Naive,
+        )))
     }
 
     fn linear(
