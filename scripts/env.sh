@@ -88,20 +88,28 @@ outproj_as_root() {
     fi
 }
 
+# `outproj_apt_install WHAT PACKAGE...`: installs the packages with apt-get
+# (for WHAT, named in the log), or says why it cannot.
+outproj_apt_install() {
+    local what=$1
+    shift
+    if ! command -v apt-get >/dev/null 2>&1; then
+        outproj_log "$what: no apt-get; install $* (or your system's equivalent) by hand"
+        return 1
+    fi
+    outproj_log "$what: installing $* with apt-get"
+    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+        outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
 # Installs Mesa lavapipe + the Vulkan loader when no Vulkan driver is present.
 outproj_ensure_vulkan() {
     if outproj_have_vulkan; then
         outproj_log "vulkan: driver present ($(compgen -G '/usr/share/vulkan/icd.d/*.json' | xargs -r -n1 basename | tr '\n' ' '))"
         return 0
     fi
-    if ! command -v apt-get >/dev/null 2>&1; then
-        outproj_log "vulkan: no driver found and no apt-get; install Mesa's lavapipe (Vulkan on the CPU) by hand"
-        return 1
-    fi
-    outproj_log "vulkan: no driver found; installing mesa-vulkan-drivers libvulkan1 (Mesa lavapipe) with apt-get"
-    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        mesa-vulkan-drivers libvulkan1
+    outproj_log "vulkan: no driver found; Mesa's lavapipe runs Vulkan on the CPU"
+    outproj_apt_install vulkan mesa-vulkan-drivers libvulkan1
 }
 
 # Installs libclang (for the `nvtx` feature's bindings) with apt-get when missing.
@@ -116,13 +124,8 @@ outproj_ensure_libclang() {
             return 0
         fi
     done
-    if ! command -v apt-get >/dev/null 2>&1; then
-        outproj_log "libclang: not found and no apt-get; install libclang to build the nvtx feature"
-        return 1
-    fi
-    outproj_log "libclang: not found; installing libclang-dev with apt-get"
-    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libclang-dev
+    outproj_log "libclang: not found; the nvtx feature's bindings need it"
+    outproj_apt_install libclang libclang-dev
 }
 
 # Installs NVRTC 13.0 and the CUDA runtime headers into $OUTPROJ_CUDA_VENV when missing.
@@ -134,15 +137,9 @@ outproj_ensure_nvrtc() {
     local py
     py=$(command -v python3 || true)
     if [[ -z $py ]]; then
-        if command -v apt-get >/dev/null 2>&1; then
-            outproj_log "nvrtc: no python3; installing python3 python3-venv with apt-get"
-            outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-            outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3 python3-venv
-            py=$(command -v python3)
-        else
-            outproj_log "nvrtc: python3 is needed to fetch $OUTPROJ_NVRTC_WHEEL"
-            return 1
-        fi
+        outproj_log "nvrtc: no python3, which fetches $OUTPROJ_NVRTC_WHEEL"
+        outproj_apt_install nvrtc python3 python3-venv || return 1
+        py=$(command -v python3)
     fi
     outproj_log "nvrtc: installing $OUTPROJ_NVRTC_WHEEL $OUTPROJ_CUDART_WHEEL $OUTPROJ_CRT_WHEEL into $OUTPROJ_CUDA_VENV"
     if [[ ! -x $OUTPROJ_CUDA_VENV/bin/python ]] && ! "$py" -m venv "$OUTPROJ_CUDA_VENV" 2>/dev/null; then
@@ -186,14 +183,7 @@ outproj_ensure_aarch64() {
     fi
     if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || ! command -v qemu-aarch64 >/dev/null 2>&1 ||
         [[ ! -e $OUTPROJ_AARCH64_SYSROOT/lib/ld-linux-aarch64.so.1 ]]; then
-        if ! command -v apt-get >/dev/null 2>&1; then
-            outproj_log "aarch64: no apt-get; install an aarch64 cross gcc and libc and qemu-user by hand"
-            return 1
-        fi
-        outproj_log "aarch64: installing gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user with apt-get"
-        outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-        outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-            gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+        outproj_apt_install aarch64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user || return 1
     fi
     outproj_have_aarch64
 }
