@@ -8,8 +8,9 @@
 #   - on x86-64, the aarch64 target, a cross gcc and qemu-user (rustup, apt-get),
 #     which build and run the CPU backend's tests for aarch64 (its NEON tiles).
 # Missing toolchains fail the tests (REQUIRE_WGPU=1, REQUIRE_NVRTC=1,
-# REQUIRE_AARCH64=1); set any to 0 beforehand to let those tests skip instead. OUTPROJ_SKIP_INSTALL=1 installs
-# nothing. Extra arguments go to every `cargo test`.
+# REQUIRE_AARCH64=1); set any to 0 beforehand to let those tests skip instead.
+# OUTPROJ_SKIP_INSTALL=1 installs nothing. Extra arguments go to every
+# `cargo test`.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -46,10 +47,11 @@ outproj_log "NODEVICE_SELECT=$NODEVICE_SELECT REQUIRE_WGPU=$REQUIRE_WGPU REQUIRE
 # rebuilds some 40 dependencies, minutes on 2 cores). Without a profiler its
 # ranges do nothing; the default build differs only in src/profile.rs's empty
 # stand-ins for them.
-cargo_flags=(--features nvtx)
+locked=()
 if [[ ${CI:-} == true && -f Cargo.lock ]]; then
-    cargo_flags+=(--locked)
+    locked=(--locked)
 fi
+cargo_flags=(--features nvtx "${locked[@]}")
 
 # The toolchains first, output shown: the adapter, NVRTC's version and the
 # register/spill report, or the one-line reason a check was skipped. Only here:
@@ -73,11 +75,7 @@ RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings" cargo doc "${cargo_flags[@]}" --no-
 # x86-64 only.
 if [[ $(uname -m) == x86_64 ]]; then
     if outproj_have_aarch64; then
-        aarch64_flags=(--target aarch64-unknown-linux-gnu --no-default-features)
-        if [[ ${CI:-} == true && -f Cargo.lock ]]; then
-            aarch64_flags+=(--locked)
-        fi
-        cargo test "${aarch64_flags[@]}" --lib --test cpu_ops "$@" -- \
+        cargo test --target aarch64-unknown-linux-gnu --no-default-features "${locked[@]}" --lib --test cpu_ops "$@" -- \
             --skip linear_matches_reference --skip projector_matches_reference \
             --skip results_do_not_depend_on_threads --exact
     elif [[ $REQUIRE_AARCH64 == 1 ]]; then

@@ -45,9 +45,13 @@ impl Simd {
             return Simd::Avx2Fma;
         }
         #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
-        return Simd::Neon;
-        #[allow(unreachable_code)]
-        Simd::Baseline
+        {
+            Simd::Neon
+        }
+        #[cfg(not(all(target_arch = "aarch64", target_feature = "neon")))]
+        {
+            Simd::Baseline
+        }
     }
 
     /// `f()` compiled for this instruction set: with AVX2, `f` and what it
