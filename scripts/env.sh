@@ -98,8 +98,8 @@ outproj_apt_install() {
         return 1
     fi
     outproj_log "$what: installing $* with apt-get"
-    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
-        outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    outproj_as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
 }
 
 # Installs Mesa lavapipe + the Vulkan loader when no Vulkan driver is present.
@@ -158,13 +158,21 @@ outproj_ensure_nvrtc() {
 # Where the aarch64 cross libc lives (Debian's libc6-dev-arm64-cross).
 OUTPROJ_AARCH64_SYSROOT="${OUTPROJ_AARCH64_SYSROOT:-/usr/aarch64-linux-gnu}"
 
-# True when aarch64 test binaries can be built and run here: the Rust target,
-# the cross linker and libc, and qemu-aarch64.
-outproj_have_aarch64() {
-    [[ -d $(rustc --print sysroot 2>/dev/null)/lib/rustlib/aarch64-unknown-linux-gnu ]] &&
-        command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 &&
+# True when Rust's aarch64-unknown-linux-gnu standard library is installed.
+outproj_have_aarch64_target() {
+    [[ -d $(rustc --print sysroot 2>/dev/null)/lib/rustlib/aarch64-unknown-linux-gnu ]]
+}
+
+# True when the cross linker, its libc and qemu-aarch64 are installed.
+outproj_have_aarch64_tools() {
+    command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 &&
         command -v qemu-aarch64 >/dev/null 2>&1 &&
         [[ -e $OUTPROJ_AARCH64_SYSROOT/lib/ld-linux-aarch64.so.1 ]]
+}
+
+# True when aarch64 test binaries can be built and run here.
+outproj_have_aarch64() {
+    outproj_have_aarch64_target && outproj_have_aarch64_tools
 }
 
 # Installs what outproj_have_aarch64 looks for, when it is missing.
@@ -173,7 +181,7 @@ outproj_ensure_aarch64() {
         outproj_log "aarch64: target, cross linker and qemu-aarch64 present"
         return 0
     fi
-    if [[ ! -d $(rustc --print sysroot 2>/dev/null)/lib/rustlib/aarch64-unknown-linux-gnu ]]; then
+    if ! outproj_have_aarch64_target; then
         if ! command -v rustup >/dev/null 2>&1; then
             outproj_log "aarch64: no Rust target aarch64-unknown-linux-gnu and no rustup to add it"
             return 1
@@ -181,8 +189,7 @@ outproj_ensure_aarch64() {
         outproj_log "aarch64: adding the Rust target aarch64-unknown-linux-gnu with rustup"
         rustup target add aarch64-unknown-linux-gnu || return 1
     fi
-    if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || ! command -v qemu-aarch64 >/dev/null 2>&1 ||
-        [[ ! -e $OUTPROJ_AARCH64_SYSROOT/lib/ld-linux-aarch64.so.1 ]]; then
+    if ! outproj_have_aarch64_tools; then
         outproj_apt_install aarch64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user || return 1
     fi
     outproj_have_aarch64
@@ -206,7 +213,7 @@ outproj_export_env() {
         export OUTPROJ_CUDA_INCLUDE="$inc"
     fi
     export NODEVICE_SELECT="${NODEVICE_SELECT:-1}"
-    if command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1; then
+    if outproj_have_aarch64_tools; then
         export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER="${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER:-aarch64-linux-gnu-gcc}"
         export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER:-qemu-aarch64 -L $OUTPROJ_AARCH64_SYSROOT}"
     fi
