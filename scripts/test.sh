@@ -19,7 +19,7 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -x $HOME/.cargo/bin/cargo ]]; then
     export PATH="$HOME/.cargo/bin:$PATH"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-    echo "test.sh: cargo not found; install Rust (https://rustup.rs), version 1.85 or newer" >&2
+    echo "test.sh: cargo not found; install Rust (https://rustup.rs), version 1.90 or newer" >&2
     exit 1
 fi
 

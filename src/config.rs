@@ -210,7 +210,7 @@ impl ProjectorConfig {
             return Err(Error::invalid("config: n_in must be at least 1"));
         }
         self.parameter_count()?;
-        if self.d_model % self.heads != 0 {
+        if !self.d_model.is_multiple_of(self.heads) {
             return Err(Error::invalid(format!(
                 "config: d_model {} is not divisible by {} heads",
                 self.d_model, self.heads

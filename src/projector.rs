@@ -1133,7 +1133,7 @@ impl AbsorbedCross {
             .checked_mul(width)
             .and_then(|r| r.checked_mul(d))
             .ok_or_else(overflow)?;
-        if heads == 0 || d % heads != 0 {
+        if heads == 0 || !d.is_multiple_of(heads) {
             return Err(Error::invalid(format!(
                 "absorbed cross-attention: width {d} is not a multiple of {heads} heads"
             )));

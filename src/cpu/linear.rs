@@ -365,7 +365,9 @@ mod tests {
         };
         // The x block fills the L2 budget in whole register tiles.
         let fits = |rows: usize, k: usize| {
-            rows % MR == 0 && rows * k * 4 <= X_BLOCK_BYTES && (rows + MR) * k * 4 > X_BLOCK_BYTES
+            rows.is_multiple_of(MR)
+                && rows * k * 4 <= X_BLOCK_BYTES
+                && (rows + MR) * k * 4 > X_BLOCK_BYTES
         };
         let (rows, cols) = blocks(d, 8);
         assert!(fits(rows, d.k), "{rows} rows");

@@ -358,7 +358,7 @@ pub(super) fn kernel_for(
 /// 16-byte loads of Q, K and V rows are possible: every head's block starts at
 /// a multiple of 4 floats of a 16-byte aligned tensor.
 pub(crate) fn vec4_ok(d: &AttentionDims, ptrs: [u64; 3]) -> bool {
-    d.head_dim % 4 == 0
+    d.head_dim.is_multiple_of(4)
         && [
             d.q_stride, d.k_stride, d.v_stride, d.q_start, d.k_start, d.v_start,
         ]
@@ -429,7 +429,9 @@ const ABSORBED_MAX_COLS: usize = 512;
 
 /// [`absorbing_pays`](crate::ops::absorbing_pays), for rows v2 holds.
 pub(crate) fn absorbed_pays(keys: usize, heads: usize, cols: usize) -> bool {
-    crate::ops::absorbing_pays(keys, heads, cols) && cols % 4 == 0 && cols <= ABSORBED_MAX_COLS
+    crate::ops::absorbing_pays(keys, heads, cols)
+        && cols.is_multiple_of(4)
+        && cols <= ABSORBED_MAX_COLS
 }
 
 /// Most rows a v2 block takes one after another.
@@ -450,7 +452,7 @@ pub(crate) fn absorbed_plan(
     sm_count: u32,
 ) -> Result<(&'static str, u32, u32, usize)> {
     let rows = d.batch * d.lq;
-    if version == KernelVersion::Fast && d.cols % 4 == 0 && d.cols <= ABSORBED_MAX_COLS {
+    if version == KernelVersion::Fast && d.cols.is_multiple_of(4) && d.cols <= ABSORBED_MAX_COLS {
         let resident = ABSORBED_BLOCKS_PER_SM * sm_count.max(1) as usize;
         let per_block = rows
             .div_ceil(resident)

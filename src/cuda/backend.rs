@@ -1001,7 +1001,7 @@ impl Cuda {
         shape: &[usize],
     ) -> Result<CudaTensor> {
         let size = self.storage().size() as u64;
-        if ptr == 0 || ptr % size != 0 {
+        if ptr == 0 || !ptr.is_multiple_of(size) {
             return Err(Error::invalid(format!(
                 "device pointer {ptr:#x} is null or not {size}-byte aligned"
             )));

@@ -113,7 +113,7 @@ pub(super) fn gather_signal_tokens(
             .collect::<Result<Vec<i32>>>()?;
         Some(be.upload_bytes(&pos)?)
     };
-    let vec4 = d.channels % 4 == 0
+    let vec4 = d.channels.is_multiple_of(4)
         && [Some(hp), ep, Some(op)]
             .into_iter()
             .flatten()

@@ -119,7 +119,7 @@ pub(super) fn layer_norm(
         .into_iter()
         .flatten()
         .all(|p| p % 16 == 0);
-    let vec4 = d.cols % 4 == 0 && aligned;
+    let vec4 = d.cols.is_multiple_of(4) && aligned;
     let params = LayerNormParams {
         x: xp,
         residual: rp.unwrap_or(0),

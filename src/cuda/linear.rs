@@ -518,7 +518,7 @@ fn narrow_tiles_spread_better(d: LinearDims, sm_count: u32) -> bool {
 fn rows_prologue_threads(d: LinearDims, version: KernelVersion) -> Option<u32> {
     let fits = version == KernelVersion::Fast
         && d.m <= ROWS_MAX_M
-        && d.k % 4 == 0
+        && d.k.is_multiple_of(4)
         && d.k <= 4 * ROWS_MAX_THREADS;
     fits.then(|| d.k.div_ceil(4).next_multiple_of(32).max(32) as u32)
 }
@@ -735,7 +735,7 @@ fn linear_layer_norm_grid(
         Gemm::Warpgroup => "linear_layer_norm_wgmma_vec8",
         _ => return Ok(None),
     };
-    if !clusters || d.n % 8 != 0 || d.n.div_ceil(NARROW_TILE) > MAX_CLUSTER {
+    if !clusters || !d.n.is_multiple_of(8) || d.n.div_ceil(NARROW_TILE) > MAX_CLUSTER {
         return Ok(None);
     }
     Ok(match plan(d, version, sm_count, gemm, wide, clusters)? {
@@ -845,8 +845,10 @@ fn attention_linear_threads(
     version: KernelVersion,
 ) -> Option<u32> {
     let group = a.head_dim / 4;
-    let fits =
-        a.lk <= FEW_KEYS_MAX && a.head_dim % 4 == 0 && group.is_power_of_two() && group <= 32;
+    let fits = a.lk <= FEW_KEYS_MAX
+        && a.head_dim.is_multiple_of(4)
+        && group.is_power_of_two()
+        && group <= 32;
     fits.then(|| rows_prologue_threads(d, version)).flatten()
 }
 
@@ -915,7 +917,7 @@ pub(super) fn gemm_of(be: &Cuda) -> Gemm {
 /// Whether rows of K elements can be copied 16 bytes at a time on `be`
 /// (the operands' alignment aside).
 fn k_wide(be: &Cuda, k: usize) -> bool {
-    k % (16 / be.storage().size()) == 0
+    k.is_multiple_of(16 / be.storage().size())
 }
 
 /// How `linear` runs for `d` on `be`, `aligned` saying whether x and w are

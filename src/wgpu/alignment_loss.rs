@@ -93,7 +93,7 @@ pub(super) fn alignment_loss(
         .ok_or_else(|| Error::Overflow("alignment_loss tokens".into()))?;
     // Every element index of the shader must fit in 32 bits.
     let numel = super::u32_of(tokens.saturating_mul(d.dim))?;
-    let vec4 = be.version() == KernelVersion::Fast && d.dim % 4 == 0;
+    let vec4 = be.version() == KernelVersion::Fast && d.dim.is_multiple_of(4);
     let units = if vec4 { d.dim / 4 } else { d.dim };
     let team = match be.version() {
         KernelVersion::Naive => 1,

@@ -352,7 +352,7 @@ impl Wgpu {
             )));
         }
         let align = u64::from(self.inner.gpu.limits.min_storage_buffer_offset_alignment);
-        if offset % align != 0 {
+        if !offset.is_multiple_of(align) {
             return Err(Error::invalid(format!(
                 "wgpu buffer offset {offset} is not a multiple of the device's storage alignment {align}"
             )));

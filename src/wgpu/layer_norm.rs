@@ -97,7 +97,7 @@ pub(super) fn layer_norm(
 ) -> Result<()> {
     // Every element index of the shader must fit in 32 bits.
     super::u32_of(d.rows.saturating_mul(d.cols))?;
-    let vec4 = be.version() == KernelVersion::Fast && d.cols % 4 == 0;
+    let vec4 = be.version() == KernelVersion::Fast && d.cols.is_multiple_of(4);
     let units = if vec4 { d.cols / 4 } else { d.cols };
     let (team, groups, kernels) = match be.version() {
         KernelVersion::Naive => (1, be.grid(d.rows.div_ceil(V1_WORKGROUP))?, (&V1, &V1_SUM)),

@@ -112,7 +112,9 @@ pub(super) fn linear(
             Precision::F32 => 16,
             Precision::F16 => 8,
         };
-        let vec4 = d.k % 4 == 0 && x.offset() % vec4_bytes == 0 && w.offset() % vec4_bytes == 0;
+        let vec4 = d.k.is_multiple_of(4)
+            && x.offset().is_multiple_of(vec4_bytes)
+            && w.offset().is_multiple_of(vec4_bytes);
         let (bm, bn, kernels) = if d.m <= MAX_ROWS_FOR_SPLIT {
             (ROWS_M, ROWS_N, [&ROWS, &ROWS_SCALAR])
         } else {

@@ -461,7 +461,7 @@ impl Gpu {
             .checked_add(3)
             .map(|b| b & !3)
             .ok_or_else(|| Error::Overflow(format!("read of {bytes} bytes")))?;
-        if offset % 4 != 0
+        if !offset.is_multiple_of(4)
             || offset
                 .checked_add(padded)
                 .is_none_or(|end| end > buffer.size())
