@@ -405,49 +405,51 @@ impl OpCase {
     /// Inputs and outputs on `be`, filled with seeded random values.
     pub fn prepare<B: Backend>(&self, be: &B, seed: u64) -> Result<Prepared<B>> {
         let mut rng = Rng::new(seed);
-        self.prepare_with(be, &mut |shape| be.upload(&random_input(&mut rng, shape)?))
+        self.prepare_with(be, &mut |shape, role| {
+            role.upload(be, &random_input(&mut rng, shape)?)
+        })
     }
 
     /// Inputs (each from `up`, asked in a fixed order) and outputs on `be`.
     fn prepare_with<B: Backend>(
         &self,
         be: &B,
-        up: &mut dyn FnMut(Vec<usize>) -> Result<B::Tensor>,
+        up: &mut dyn FnMut(Vec<usize>, Role) -> Result<B::Tensor>,
     ) -> Result<Prepared<B>> {
         let p = match *self {
             OpCase::Linear { m, n, k, act } => Prepared::Linear {
-                x: up(vec![m, k])?,
-                w: up(vec![n, k])?,
-                b: up(vec![n])?,
+                x: up(vec![m, k], Role::Input)?,
+                w: up(vec![n, k], Role::Weight)?,
+                b: up(vec![n], Role::Input)?,
                 act,
                 out: be.alloc(&[m, n])?,
             },
             OpCase::LayerNorm { rows, cols } => Prepared::LayerNorm {
-                x: up(vec![rows, cols])?,
-                residual: up(vec![rows, cols])?,
-                w: up(vec![cols])?,
-                b: up(vec![cols])?,
+                x: up(vec![rows, cols], Role::Input)?,
+                residual: up(vec![rows, cols], Role::Input)?,
+                w: up(vec![cols], Role::Input)?,
+                b: up(vec![cols], Role::Input)?,
                 out: be.alloc(&[rows, cols])?,
                 sum: be.alloc(&[rows, cols])?,
             },
             OpCase::LayerNormLinear { m, n, k } => Prepared::LayerNormLinear {
-                x: up(vec![m, k])?,
-                residual: up(vec![m, k])?,
-                gamma: up(vec![k])?,
-                beta: up(vec![k])?,
-                w: up(vec![n, k])?,
-                b: up(vec![n])?,
+                x: up(vec![m, k], Role::Input)?,
+                residual: up(vec![m, k], Role::Input)?,
+                gamma: up(vec![k], Role::Input)?,
+                beta: up(vec![k], Role::Input)?,
+                w: up(vec![n, k], Role::Weight)?,
+                b: up(vec![n], Role::Input)?,
                 sum: be.alloc(&[m, k])?,
                 h: be.alloc(&[m, k])?,
                 out: be.alloc(&[m, n])?,
             },
             OpCase::LinearLayerNorm { m, n, k } => Prepared::LinearLayerNorm {
-                x: up(vec![m, k])?,
-                w: up(vec![n, k])?,
-                b: up(vec![n])?,
-                residual: up(vec![m, n])?,
-                gamma: up(vec![n])?,
-                beta: up(vec![n])?,
+                x: up(vec![m, k], Role::Input)?,
+                w: up(vec![n, k], Role::Weight)?,
+                b: up(vec![n], Role::Input)?,
+                residual: up(vec![m, n], Role::Input)?,
+                gamma: up(vec![n], Role::Input)?,
+                beta: up(vec![n], Role::Input)?,
                 y: be.alloc(&[m, n])?,
                 sum: be.alloc(&[m, n])?,
                 out: be.alloc(&[m, n])?,
@@ -463,8 +465,8 @@ impl OpCase {
                     .checked_mul(head_dim)
                     .ok_or_else(|| Error::Overflow(format!("{heads} heads x {head_dim}")))?;
                 Prepared::Attention {
-                    q: up(vec![batch, lq, w])?,
-                    kv: up(vec![batch, lk, w.saturating_mul(2)])?,
+                    q: up(vec![batch, lq, w], Role::Input)?,
+                    kv: up(vec![batch, lk, w.saturating_mul(2)], Role::Input)?,
                     spec: AttentionSpec::new(heads, head_dim),
                     out: be.alloc(&[batch, lq, w])?,
                 }
@@ -481,16 +483,16 @@ impl OpCase {
                     .and_then(|c| c.checked_add(1))
                     .and_then(|c| c.checked_mul(heads))
                     .ok_or_else(|| Error::Overflow(format!("{heads} heads x {cols} columns")))?;
-                let kv = up(vec![batch, lk, kv_cols])?;
+                let kv = up(vec![batch, lk, kv_cols], Role::Input)?;
                 Prepared::AttentionAbsorbed {
-                    x: up(vec![batch, lq, cols])?,
-                    residual: up(vec![batch, lq, cols])?,
+                    x: up(vec![batch, lq, cols], Role::Input)?,
+                    residual: up(vec![batch, lq, cols], Role::Input)?,
                     vectors: [
-                        up(vec![cols])?,
-                        up(vec![cols])?,
-                        up(vec![cols])?,
-                        up(vec![cols])?,
-                        up(vec![cols])?,
+                        up(vec![cols], Role::Input)?,
+                        up(vec![cols], Role::Input)?,
+                        up(vec![cols], Role::Input)?,
+                        up(vec![cols], Role::Input)?,
+                        up(vec![cols], Role::Input)?,
                     ],
                     kv,
                     heads,
@@ -499,8 +501,8 @@ impl OpCase {
                 }
             }
             OpCase::AlignmentLoss { batch, tokens, dim } => Prepared::Loss {
-                pred: up(vec![batch, tokens, dim])?,
-                target: up(vec![batch, tokens, dim])?,
+                pred: up(vec![batch, tokens, dim], Role::Input)?,
+                target: up(vec![batch, tokens, dim], Role::Input)?,
                 loss: be.alloc(&[1])?,
                 grad: be.alloc(&[batch, tokens, dim])?,
             },
@@ -521,8 +523,8 @@ impl OpCase {
                 }
                 let signal: Vec<i64> = (start..seq).map(|i| i as i64).collect();
                 Prepared::Gather {
-                    hidden: up(vec![batch, seq, channels])?,
-                    embeds: up(vec![batch, seq, channels])?,
+                    hidden: up(vec![batch, seq, channels], Role::Input)?,
+                    embeds: up(vec![batch, seq, channels], Role::Input)?,
                     positions: SignalPositions::find(&ids, batch, seq, &signal)?,
                     out: be.alloc(&[batch, n, channels])?,
                 }
@@ -815,6 +817,23 @@ pub struct Rotation<B: Backend> {
     sets: Cycle<Prepared<B>>,
 }
 
+/// What an op's argument is: a GEMM's weight goes up by
+/// [`Backend::upload_weight`], the rest by [`Backend::upload`].
+#[derive(Clone, Copy)]
+enum Role {
+    Input,
+    Weight,
+}
+
+impl Role {
+    fn upload<B: Backend>(self, be: &B, t: &HostTensor) -> Result<B::Tensor> {
+        match self {
+            Role::Input => be.upload(t),
+            Role::Weight => be.upload_weight(t),
+        }
+    }
+}
+
 impl<B: Backend> Rotation<B> {
     /// [`rotated_sets`] sets of `case` on `be` for a cache of `cache_bytes`,
     /// `elem` bytes per element, holding [`OpCase::prepare`]'s values for `seed`.
@@ -826,13 +845,13 @@ impl<B: Backend> Rotation<B> {
         for _ in 0..count {
             // The first set draws the inputs; the others upload them again.
             let mut i = 0;
-            sets.push(case.prepare_with(be, &mut |shape| {
+            sets.push(case.prepare_with(be, &mut |shape, role| {
                 if i == inputs.len() {
                     inputs.push(random_input(&mut rng, shape)?);
                 }
                 i += 1;
                 match inputs.get(i - 1) {
-                    Some(input) => be.upload(input),
+                    Some(input) => role.upload(be, input),
                     None => Err(crate::error::Error::invalid("bench inputs out of order")),
                 }
             })?);

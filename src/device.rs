@@ -85,7 +85,13 @@ pub fn status(kind: DeviceKind) -> BackendStatus {
         DeviceKind::Cpu | DeviceKind::Auto => BackendStatus {
             kind: DeviceKind::Cpu,
             usable: crate::cpu::Cpu::open()
-                .map(|c| format!("f32 on {} threads ({})", c.threads(), c.simd()))
+                .map(|c| {
+                    format!(
+                        "f32, or bf16 GEMMs, on {} threads ({})",
+                        c.threads(),
+                        c.simd()
+                    )
+                })
                 .map_err(reason),
             details: vec![],
         },
@@ -241,7 +247,8 @@ pub enum Precision {
     Tf32,
     /// f16 storage (CUDA sm_80+, or wgpu with shader-f16).
     F16,
-    /// bf16 storage (CUDA sm_80+).
+    /// bf16 storage (CUDA sm_80+); on the CPU, the GEMMs' weights and
+    /// inputs in bf16 ([`CpuOptions::precision`](crate::cpu::CpuOptions::precision)).
     Bf16,
 }
 
@@ -280,12 +287,14 @@ impl Precision {
     }
 
     /// Whether backend `kind` computes in this precision (CUDA: all of them;
-    /// wgpu: f32 and f16; the CPU: f32; the reference: f32, in float64).
+    /// wgpu: f32 and f16; the CPU: f32 and bf16 (its GEMMs); the reference:
+    /// f32, in float64).
     pub fn runs_on(self, kind: DeviceKind) -> bool {
         match kind {
             DeviceKind::Cuda => true,
             DeviceKind::Wgpu => matches!(self, Precision::F32 | Precision::F16),
-            DeviceKind::Cpu | DeviceKind::Reference | DeviceKind::Auto => self == Precision::F32,
+            DeviceKind::Cpu | DeviceKind::Auto => matches!(self, Precision::F32 | Precision::Bf16),
+            DeviceKind::Reference => self == Precision::F32,
         }
     }
 
@@ -342,15 +351,18 @@ pub fn run_on_with<T: BackendTask>(
     match kind {
         DeviceKind::Reference => {
             if precision != Precision::F32 {
-                return unsupported("the reference computes in float64; use a GPU device");
+                return unsupported(
+                    "the reference computes in float64; use --device cpu (bf16) or a GPU device",
+                );
             }
             task.run(crate::reference::Reference, DeviceKind::Reference)
         }
         DeviceKind::Cpu | DeviceKind::Auto => {
-            if precision != Precision::F32 {
-                return unsupported("the CPU backend computes in f32; use a GPU device");
+            if !precision.runs_on(DeviceKind::Cpu) {
+                return unsupported("the CPU backend computes in f32, or its GEMMs in bf16");
             }
-            task.run(crate::cpu::Cpu::open()?, DeviceKind::Cpu)
+            let cpu = crate::cpu::Cpu::open()?.with_precision(precision)?;
+            task.run(cpu, DeviceKind::Cpu)
         }
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => {

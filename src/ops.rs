@@ -288,6 +288,14 @@ pub trait Backend: Clone {
 
     /// Copy a host tensor to the backend, converting to its storage type.
     fn upload(&self, t: &HostTensor) -> Result<Self::Tensor>;
+    /// Copy a GEMM's weight (`w` of [`linear`](Backend::linear), `[n, k]`)
+    /// to the backend, in the form its `linear` reads fastest; only `linear`
+    /// takes it as `w`, and [`download`](Backend::download) gives it back.
+    /// By default, [`upload`](Backend::upload); the CPU set to bf16 keeps it
+    /// in bf16.
+    fn upload_weight(&self, t: &HostTensor) -> Result<Self::Tensor> {
+        self.upload(t)
+    }
     /// Copy a tensor back to the host.
     fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
     /// Allocate a tensor. Its contents are unspecified until an op writes it.

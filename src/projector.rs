@@ -182,9 +182,10 @@ impl<B: Backend> Projector<B> {
         config.validate()?;
         let d = config.d_model;
         let up = |name: &str| backend.upload(weights.get(name)?);
+        let up_weight = |name: &str| backend.upload_weight(weights.get(name)?);
         let linear = |p: &str| -> Result<Linear<B::Tensor>> {
             Ok(Linear {
-                weight: up(&format!("{p}.weight"))?,
+                weight: up_weight(&format!("{p}.weight"))?,
                 bias: up(&format!("{p}.bias"))?,
             })
         };
@@ -208,7 +209,7 @@ impl<B: Backend> Projector<B> {
         let attn = |p: &str| -> Result<AttnPair<B::Tensor>> {
             Ok((
                 Linear {
-                    weight: up(&format!("{p}.in_proj_weight"))?,
+                    weight: up_weight(&format!("{p}.in_proj_weight"))?,
                     bias: up(&format!("{p}.in_proj_bias"))?,
                 },
                 linear(&format!("{p}.out_proj"))?,
@@ -241,7 +242,7 @@ impl<B: Backend> Projector<B> {
                 self_qkv,
                 self_out,
                 cross_q: Linear {
-                    weight: backend.upload(&qw)?,
+                    weight: backend.upload_weight(&qw)?,
                     bias: backend.upload(&qb)?,
                 },
                 cross_out: linear(&format!("{ca}.out_proj"))?,
@@ -253,7 +254,7 @@ impl<B: Backend> Projector<B> {
             });
         }
         let cross_kv = Linear {
-            weight: backend.upload(&HostTensor::concat_rows(&kv_weights)?)?,
+            weight: backend.upload_weight(&HostTensor::concat_rows(&kv_weights)?)?,
             bias: backend.upload(&HostTensor::concat_rows(&kv_biases)?)?,
         };
         Ok(Projector {
@@ -367,7 +368,7 @@ impl<B: Backend> Projector<B> {
         }
         let (w, b) = shape.weights(&layers)?;
         let a = Arc::new(Linear {
-            weight: be.upload(&w)?,
+            weight: be.upload_weight(&w)?,
             bias: be.upload(&b)?,
         });
         *kept = Some(Arc::clone(&a));

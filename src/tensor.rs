@@ -160,7 +160,7 @@ pub fn try_copied<T: Copy>(src: &[T], what: &str) -> Result<Vec<T>> {
 /// (Linux's default) grants more than the machine has, and the kernel ends
 /// the process when the pages are written, so a large request is first
 /// measured against [`memory_available`].
-fn try_with_capacity<T>(n: usize, what: &str) -> Result<Vec<T>> {
+pub(crate) fn try_with_capacity<T>(n: usize, what: &str) -> Result<Vec<T>> {
     let size = std::mem::size_of::<T>();
     check_room(n, size, what)?;
     let mut v = Vec::new();

@@ -813,7 +813,14 @@ fn run_case<B: Backend>(be: &B, inputs: &CaseInputs) -> Result<Vec<HostTensor>> 
         } => {
             let mut out = poisoned(be, &[x.shape()[0], w.shape()[0]])?;
             let (b, r) = (opt(b)?, opt(residual)?);
-            be.linear(&up(x)?, &up(w)?, b.as_ref(), *act, r.as_ref(), &mut out)?;
+            be.linear(
+                &up(x)?,
+                &be.upload_weight(w)?,
+                b.as_ref(),
+                *act,
+                r.as_ref(),
+                &mut out,
+            )?;
             Ok(vec![be.download(&out)?])
         }
         CaseInputs::LayerNorm(NormInputs { x, residual, w, b }) => {
@@ -852,7 +859,7 @@ fn run_case<B: Backend>(be: &B, inputs: &CaseInputs) -> Result<Vec<HostTensor>> 
                 bias: &bt,
                 eps: 1e-5,
             };
-            let (wt, lb) = (up(w)?, up(b)?);
+            let (wt, lb) = (be.upload_weight(w)?, up(b)?);
             be.layer_norm_linear(
                 input,
                 Some(&mut sum),
@@ -885,7 +892,7 @@ fn run_case<B: Backend>(be: &B, inputs: &CaseInputs) -> Result<Vec<HostTensor>> 
                 bias: &bt,
                 eps: 1e-5,
             };
-            let (xt, wt, lb) = (up(x)?, up(w)?, up(b)?);
+            let (xt, wt, lb) = (up(x)?, be.upload_weight(w)?, up(b)?);
             let sum_out = Some(&mut sum);
             be.linear_layer_norm(&xt, &wt, Some(&lb), *act, &mut y, norm, sum_out, &mut out)?;
             // Compared: the norm and the sum (`y` is scratch).

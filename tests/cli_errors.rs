@@ -1312,24 +1312,38 @@ fn unknown_or_unsupported_precision() {
         expect_error(&outproj(["check", "--precision", p]), &["precision", p]);
         expect_error(&outproj(["bench", "--precision", p]), &["precision", p]);
     }
-    // The reference computes in float64 only, the CPU backend in f32.
+    // The reference computes in float64 only, the CPU backend in f32 (and
+    // its GEMMs in bf16).
     for p in ["tf32", "f16", "bf16"] {
         expect_error(
             &run_device("reference", &w, &input, &["--precision", p]),
             &["--precision", p, "float64"],
         );
+    }
+    for p in ["tf32", "f16"] {
         expect_error(
             &run_cpu(&w, &input, &["--precision", p]),
-            &["--precision", p, "CPU backend computes in f32"],
+            &[
+                "--precision",
+                p,
+                "CPU backend computes in f32, or its GEMMs in bf16",
+            ],
         );
     }
-    expect_success(&run_cpu(&w, &input, &["--precision", "f32"]));
+    for p in ["f32", "bf16"] {
+        let out = run_cpu(&w, &input, &["--precision", p]);
+        expect_success(&out);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("on cpu ({p})")),
+            "{out:?}"
+        );
+    }
     // Without --device, only backends computing in that precision run (CUDA
-    // for bf16): where there is none, one line saying so.
+    // for TF32): where there is none, one line saying so.
     let out = outproj([
         "bench",
         "--precision",
-        "bf16",
+        "tf32",
         "--batch",
         "1",
         "--seconds",
@@ -1337,7 +1351,7 @@ fn unknown_or_unsupported_precision() {
     ]);
     expect_success_or_error(
         &out,
-        &["--precision bf16", "no backend here computes in it"],
+        &["--precision tf32", "no backend here computes in it"],
     );
     // wgpu has no bf16 or TF32: an error naming the precision, or (without an
     // adapter, which REQUIRE_WGPU=1 rules out) the backend's own reason it is absent.

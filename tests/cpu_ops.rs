@@ -5,8 +5,9 @@ use std::sync::Arc;
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::cpu::rayon::ThreadPoolBuilder;
 use output_projector::cpu::{Cpu, CpuOptions};
+use output_projector::device::Precision;
 use output_projector::golden;
-use output_projector::ops::{Backend, KernelVersion};
+use output_projector::ops::{Activation, Backend, KernelVersion};
 use output_projector::tensor::{DType, HostTensor};
 use output_projector::verify;
 
@@ -144,6 +145,133 @@ fn results_do_not_depend_on_threads() {
     assert_eq!(theirs.options().threads, 3);
     assert_eq!(one, on(&theirs));
     assert_eq!(one, pool.install(|| on(&theirs)));
+}
+
+fn bf16_cpu(threads: usize) -> Cpu {
+    Cpu::new(CpuOptions {
+        threads,
+        precision: Precision::Bf16,
+        ..CpuOptions::default()
+    })
+    .expect("bf16 cpu backend")
+}
+
+/// The GEMM ops with bf16 weights, on each kernel version. Inputs drawn in
+/// bf16: rounding `x` to bf16 is exact, so only f32 sums err (1e-5, as in
+/// f32), except after a LayerNorm. Inputs drawn in f32: `x` and `w` each rounded once to bf16's 8
+/// bits, 2^-9 relative at most, about a third of that on a sum of many
+/// products: `Precision::Bf16`'s 1e-2 for one op.
+#[test]
+fn bf16_gemms_match_reference() {
+    let fast = bf16_cpu(0);
+    let naive = fast.naive().unwrap().expect("a v1");
+    assert_eq!(naive.options().precision, Precision::Bf16);
+    let cases = verify::standard_cases();
+    let one_op = Precision::Bf16.tolerances().0;
+    // With a LayerNorm before the GEMM, its output is rounded to bf16 too.
+    let ops = [
+        ("linear", 1e-5),
+        ("layer_norm_linear", one_op),
+        ("linear_layer_norm", 1e-5),
+    ];
+    for be in [fast, naive] {
+        for (op, bf16_inputs) in ops {
+            for (dtype, tol) in [(DType::BF16, bf16_inputs), (DType::F32, one_op)] {
+                let n = verify::check_cases(&be, &cases, op, dtype, 310, tol)
+                    .unwrap_or_else(|e| panic!("{:?} {op}: {e}", be.options().version));
+                assert!(n > 0, "no standard case for {op}");
+            }
+        }
+    }
+}
+
+/// The whole projector with bf16 GEMMs within `Precision::Bf16`'s 2e-2 of
+/// the float64 reference, weights and inputs drawn in bf16 and in f32; and
+/// the same bits on 1 and 3 threads.
+#[test]
+fn bf16_projector_matches_reference() {
+    let be = bf16_cpu(0);
+    let tol = Precision::Bf16.tolerances().1;
+    let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+    let v15 = ProjectorConfig::preset(Modality::Video, Variant::V15);
+    for (config, batch, dtype) in [
+        (&image, 1, DType::BF16),
+        (&image, 3, DType::F32),
+        (&v15, 2, DType::BF16),
+    ] {
+        let r = verify::compare_projector(&be, config, batch, dtype, 12).unwrap();
+        assert!(r.rel <= tol, "{} {dtype}: rel {:.3e}", r.case, r.rel);
+        println!("{} {dtype}: rel {:.2e}", r.case, r.rel);
+    }
+    let case = verify::ProjectorCase::new(&image, 2, DType::BF16, 5).unwrap();
+    let bits = |be: &Cpu| {
+        let y = case.run(be, |p, h, e| be.download(&p.forward(h, Some(e))?));
+        y.unwrap()
+            .to_f32_vec()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&bf16_cpu(1)), bits(&bf16_cpu(3)));
+}
+
+/// A bf16 weight comes back as it went up (odd rows padded inside, not
+/// outside); any other op than `linear`'s weight refuses it, and so does
+/// `data()`; values bf16 cannot hold, and precisions the CPU does not
+/// compute in, are errors.
+#[test]
+fn bf16_weights_are_linear_weights_only() {
+    use output_projector::ops::Shaped;
+    let be = bf16_cpu(1);
+    let w = HostTensor::randn(vec![3, 5], 6, "w")
+        .unwrap()
+        .to_storage(DType::BF16, "w")
+        .unwrap();
+    let up = be.upload_weight(&w).unwrap();
+    assert_eq!((up.dtype(), up.shape()), (DType::BF16, &[3, 5][..]));
+    let back = be.download(&up).unwrap();
+    assert_eq!(back.dtype(), DType::BF16);
+    assert_eq!(back.to_f32_vec(), w.to_f32_vec());
+    // An f32 backend keeps weights in f32.
+    assert_eq!(cpu(1).upload_weight(&w).unwrap().dtype(), DType::F32);
+
+    let x = be
+        .upload(&HostTensor::randn(vec![2, 5], 7, "x").unwrap())
+        .unwrap();
+    let mut out = be.alloc(&[2, 3]).unwrap();
+    be.linear(&x, &up, None, Activation::None, None, &mut out)
+        .unwrap();
+    let mut square = be.alloc(&[3, 3]).unwrap();
+    let e = be.linear(&up, &up, None, Activation::None, None, &mut square);
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("shape [3, 5] is stored in bf16"), "{e}");
+    let gamma = be.upload_weight(&w.rows(0..1).unwrap().reshape(vec![5]).unwrap());
+    let beta = be.upload(&HostTensor::from_f32(vec![5], vec![0.0; 5]).unwrap());
+    let mut y = be.alloc(&[2, 5]).unwrap();
+    let e = be.layer_norm(
+        &x,
+        None,
+        &gamma.unwrap(),
+        &beta.unwrap(),
+        1e-5,
+        &mut y,
+        None,
+    );
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("only linear's weight may be bf16"), "{e}");
+    assert!(up.data().is_err());
+
+    let big = HostTensor::from_f64(vec![2], vec![1.0, 1e39]).unwrap();
+    let e = be.upload_weight(&big).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("at flat index 1 overflows bf16"), "{e}");
+    for p in [Precision::F16, Precision::Tf32] {
+        let e = cpu(1)
+            .with_precision(p)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("precision {}", p.name())), "{e}");
+    }
 }
 
 /// Values f32 cannot hold are errors on upload, and an attention scale past

@@ -1,6 +1,8 @@
-//! The register tiles of [`dots`](super::linear::dots) and
+//! The register tiles of [`dots`](super::linear::dots),
+//! [`pair_dots`](super::linear::pair_dots) and
 //! [`weighted_sums`](super::linear::weighted_sums), written once over
-//! [`Lanes`]: eight f32 lanes in one instruction set's registers.
+//! [`Lanes`] (eight f32 lanes in one instruction set's registers) and
+//! [`Dot`] (what a step multiplies into them: f32, or pairs of bf16).
 //!
 //! Everything here is `#[inline(always)]`, so a tile compiles for the
 //! instruction set of the function it is inlined into: a
@@ -8,22 +10,29 @@
 //! found at run time), any function on aarch64 (NEON is its baseline).
 //!
 //! Eight lanes on every instruction set, summed by the same tree as the
-//! baseline's [`reduce`]: where the baseline has a fused multiply-add (aarch64),
-//! the tiles give its results bit for bit.
+//! baseline's [`tree`]: where the baseline has a fused multiply-add (aarch64),
+//! the f32 tiles give its results bit for bit. The bf16 tiles do everywhere:
+//! a product of two bf16 is exact in f32, so fused or not, each step rounds
+//! once.
 
-use super::linear::{reduce, Rows, LANES, LINE, MR, NR};
+use std::marker::PhantomData;
+
+use super::linear::{madd_pair, tree, Rows, LANES, LINE, MR, NR};
 
 /// Eight f32 lanes: one AVX register, or two NEON ones.
 ///
 /// # Safety
 ///
 /// Every method needs its instruction set present; the pointer methods read
-/// or write 8 f32 from `p`, except [`Lanes::prefetch`], which may point
+/// or write 8 values from `p`, except [`Lanes::prefetch`], which may point
 /// anywhere (a prefetch never faults).
 pub(super) trait Lanes: Copy {
     unsafe fn zero() -> Self;
     unsafe fn splat(x: f32) -> Self;
     unsafe fn load(p: *const f32) -> Self;
+    /// Eight bf16 pairs (the even element in each `u32`'s low half) as f32:
+    /// the odd elements, then the even ones.
+    unsafe fn load_pairs(p: *const u32) -> (Self, Self);
     unsafe fn store(self, p: *mut f32);
     /// `a · b + c`, rounded once.
     unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
@@ -31,14 +40,76 @@ pub(super) trait Lanes: Copy {
     unsafe fn prefetch(p: *const f32);
 }
 
+/// What one step of a dot-product tile multiplies: 8 elements of each row
+/// into 8 lanes of [`Dot::Acc`].
+///
+/// # Safety
+///
+/// As [`Lanes`]: [`Dot::load`] reads 8 elements from `p`.
+pub(super) trait Dot {
+    /// A row's element: `f32`, or a pair of bf16 in a `u32`.
+    type Elem: Copy;
+    type Acc: Lanes;
+    /// 8 elements as loaded.
+    type Vector: Copy;
+    unsafe fn load(p: *const Self::Elem) -> Self::Vector;
+    /// `acc + a · b`, lane by lane.
+    unsafe fn madd(a: Self::Vector, b: Self::Vector, acc: Self::Acc) -> Self::Acc;
+    /// The same for one element, for the tail past the last 8.
+    fn step(s: f32, x: Self::Elem, w: Self::Elem) -> f32;
+}
+
+/// f32 rows on `V`'s fused multiply-add.
+pub(super) struct F32s<V>(PhantomData<V>);
+
+impl<V: Lanes> Dot for F32s<V> {
+    type Elem = f32;
+    type Acc = V;
+    type Vector = V;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> V {
+        V::load(p)
+    }
+    #[inline(always)]
+    unsafe fn madd(a: V, b: V, acc: V) -> V {
+        V::fma(a, b, acc)
+    }
+    #[inline(always)]
+    fn step(s: f32, x: f32, w: f32) -> f32 {
+        super::linear::madd(x, w, s)
+    }
+}
+
+/// Rows of bf16 pairs widened to f32: per lane, the odd elements' product
+/// added, then the even ones' (the order of `vdpbf16ps`).
+pub(super) struct Pairs<V>(PhantomData<V>);
+
+impl<V: Lanes> Dot for Pairs<V> {
+    type Elem = u32;
+    type Acc = V;
+    type Vector = (V, V);
+    #[inline(always)]
+    unsafe fn load(p: *const u32) -> (V, V) {
+        V::load_pairs(p)
+    }
+    #[inline(always)]
+    unsafe fn madd(a: (V, V), b: (V, V), acc: V) -> V {
+        V::fma(a.1, b.1, V::fma(a.0, b.0, acc))
+    }
+    #[inline(always)]
+    fn step(s: f32, x: u32, w: u32) -> f32 {
+        madd_pair(s, x, w)
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
-pub(super) use x86::Avx2;
+pub(super) use x86::{Avx2, DotBf16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Lanes;
+    use super::{Dot, Lanes};
 
     #[derive(Clone, Copy)]
     pub(in crate::cpu) struct Avx2(__m256);
@@ -57,6 +128,16 @@ mod x86 {
             Avx2(_mm256_loadu_ps(p))
         }
         #[inline(always)]
+        unsafe fn load_pairs(p: *const u32) -> (Self, Self) {
+            let v = _mm256_loadu_si256(p.cast());
+            let odd = _mm256_and_si256(v, _mm256_set1_epi32(-0x1_0000));
+            let even = _mm256_slli_epi32::<16>(v);
+            (
+                Avx2(_mm256_castsi256_ps(odd)),
+                Avx2(_mm256_castsi256_ps(even)),
+            )
+        }
+        #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             _mm256_storeu_ps(p, self.0)
         }
@@ -69,6 +150,30 @@ mod x86 {
             // Into L2, not L1: L1's few line-fill buffers held the 4-row GEMM
             // to 19 GB/s.
             _mm_prefetch::<_MM_HINT_T1>(p.cast())
+        }
+    }
+
+    /// Rows of bf16 pairs on `vdpbf16ps` (AVX512-BF16 and AVX512-VL), eight
+    /// lanes in an AVX register: per lane the odd elements' product added,
+    /// then the even ones', each rounded once, as [`Pairs`](super::Pairs).
+    pub(in crate::cpu) struct DotBf16;
+
+    impl Dot for DotBf16 {
+        type Elem = u32;
+        type Acc = Avx2;
+        type Vector = __m256bh;
+        #[inline(always)]
+        unsafe fn load(p: *const u32) -> __m256bh {
+            // SAFETY: both are 32 bytes of plain data.
+            std::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(p.cast()))
+        }
+        #[inline(always)]
+        unsafe fn madd(a: __m256bh, b: __m256bh, acc: Avx2) -> Avx2 {
+            Avx2(_mm256_dpbf16_ps(acc.0, a, b))
+        }
+        #[inline(always)]
+        fn step(s: f32, x: u32, w: u32) -> f32 {
+            super::madd_pair(s, x, w)
         }
     }
 }
@@ -99,6 +204,13 @@ mod arm {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
             Neon(vld1q_f32(p), vld1q_f32(p.add(4)))
+        }
+        #[inline(always)]
+        unsafe fn load_pairs(p: *const u32) -> (Self, Self) {
+            let (lo, hi) = (vld1q_u32(p), vld1q_u32(p.add(4)));
+            let odd = |v| vreinterpretq_f32_u32(vandq_u32(v, vdupq_n_u32(0xffff_0000)));
+            let even = |v| vreinterpretq_f32_u32(vshlq_n_u32::<16>(v));
+            (Neon(odd(lo), odd(hi)), Neon(even(lo), even(hi)))
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
@@ -146,9 +258,9 @@ macro_rules! by_tile {
 /// fetched a tile ahead by the first rows' tile; the other rows' tiles find
 /// them in cache.
 #[inline(always)]
-pub(super) unsafe fn dots<V: Lanes>(
-    xs: &[&[f32]],
-    ws: &[&[f32]],
+pub(super) unsafe fn dots<D: Dot>(
+    xs: &[&[D::Elem]],
+    ws: &[&[D::Elem]],
     rows: Rows,
     out: &mut [&mut [f32]],
 ) {
@@ -159,7 +271,7 @@ pub(super) unsafe fn dots<V: Lanes>(
         };
         let mut ahead = &next[..next.len().min(NR)];
         for (x, o) in xs.chunks(MR).zip(out.chunks_mut(MR)) {
-            by_tile!(V, x.len(), w.len(), tile(x, w, o, c0, ahead));
+            by_tile!(D, x.len(), w.len(), tile(x, w, o, c0, ahead));
             ahead = &[];
         }
     }
@@ -224,16 +336,17 @@ unsafe fn sum_tile<V: Lanes, const R: usize, const C: usize>(
 }
 
 /// `o[r][c0 + c] = x[r] · w[c]`: `R x C` accumulators of 8 lanes, each step
-/// loading `R + C` vectors for `R·C` fused multiply-adds (16 AVX registers at
-/// 3 x 4; 32 NEON ones, with `w`'s vectors loaded a half at a time), and
-/// prefetching the rows `ahead` into L2 a cache line each.
+/// loading `R + C` vectors for `R·C` multiply-adds (16 AVX registers at
+/// 3 x 4 for f32 and for `vdpbf16ps`; 32 NEON ones, with `w`'s vectors loaded
+/// a half at a time), and prefetching the rows `ahead` into L2 a cache line
+/// each.
 #[inline(always)]
-unsafe fn tile<V: Lanes, const R: usize, const C: usize>(
-    x: &[&[f32]],
-    w: &[&[f32]],
+unsafe fn tile<D: Dot, const R: usize, const C: usize>(
+    x: &[&[D::Elem]],
+    w: &[&[D::Elem]],
     o: &mut [&mut [f32]],
     c0: usize,
-    ahead: &[&[f32]],
+    ahead: &[&[D::Elem]],
 ) {
     let k = x[0].len();
     let mut xr = [&[][..]; R];
@@ -244,24 +357,22 @@ unsafe fn tile<V: Lanes, const R: usize, const C: usize>(
     for c in 0..C {
         wr[c] = &w[c][..k];
     }
-    let mut acc = [[V::zero(); C]; R];
+    let mut acc = [[D::Acc::zero(); C]; R];
     let body = k - k % LANES;
     let mut i = 0;
     while i < body {
-        let mut xv = [V::zero(); R];
-        for r in 0..R {
-            // SAFETY: i + LANES <= body <= k, the length of every row.
-            xv[r] = V::load(xr[r].as_ptr().add(i));
-        }
+        // SAFETY: i + LANES <= body <= k, the length of every row.
+        let xv: [D::Vector; R] = std::array::from_fn(|r| D::load(xr[r].as_ptr().add(i)));
+        // An element is 4 bytes (an f32, or two bf16).
         if i % LINE == 0 {
             for a in ahead {
-                V::prefetch(a.as_ptr().wrapping_add(i));
+                D::Acc::prefetch(a.as_ptr().wrapping_add(i).cast());
             }
         }
         for c in 0..C {
-            let wv = V::load(wr[c].as_ptr().add(i));
+            let wv = D::load(wr[c].as_ptr().add(i));
             for r in 0..R {
-                acc[r][c] = V::fma(xv[r], wv, acc[r][c]);
+                acc[r][c] = D::madd(xv[r], wv, acc[r][c]);
             }
         }
         i += LANES;
@@ -270,7 +381,8 @@ unsafe fn tile<V: Lanes, const R: usize, const C: usize>(
         for c in 0..C {
             let mut lanes = [0.0f32; LANES];
             acc[r][c].store(lanes.as_mut_ptr());
-            o[r][c0 + c] = reduce(lanes, &xr[r][body..], &wr[c][body..]);
+            let tail = xr[r][body..].iter().zip(&wr[c][body..]);
+            o[r][c0 + c] = tail.fold(tree(lanes), |s, (&x, &w)| D::step(s, x, w));
         }
     }
 }

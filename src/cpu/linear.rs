@@ -10,7 +10,9 @@
 use rayon::prelude::*;
 
 use super::{lanes, tiles, Tile};
+use crate::error::Result;
 use crate::ops::{Activation, LinearDims};
+use crate::tensor::try_filled;
 
 /// Lanes per accumulator: one AVX register of f32, two NEON ones.
 pub(super) const LANES: usize = 8;
@@ -33,6 +35,10 @@ pub(crate) enum Simd {
     /// AVX2 with fused multiply-add, found at run time.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
+    /// The same, and AVX512-BF16's `vdpbf16ps` (with AVX512-VL) for the
+    /// products of bf16 pairs.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Bf16,
     /// NEON's fused multiply-add in register tiles (every aarch64 CPU).
     #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
     Neon,
@@ -42,6 +48,9 @@ impl Simd {
     pub(crate) fn detect() -> Simd {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512vl") {
+                return Simd::Avx2Bf16;
+            }
             return Simd::Avx2Fma;
         }
         #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
@@ -63,8 +72,8 @@ impl Simd {
         match self {
             Simd::Baseline => f(),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::Avx2Fma` exists only where `detect` found both features.
-            Simd::Avx2Fma => unsafe { run_avx2(f) },
+            // SAFETY: `detect` gives these only where it found AVX2 and FMA.
+            Simd::Avx2Fma | Simd::Avx2Bf16 => unsafe { run_avx2(f) },
             // NEON is the build's baseline: nothing to switch on.
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
             Simd::Neon => f(),
@@ -77,9 +86,26 @@ impl Simd {
             Simd::Baseline => "baseline",
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2Fma => "avx2+fma",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2Bf16 => "avx2+fma+avx512bf16",
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
             Simd::Neon => "neon",
         }
+    }
+
+    /// This instruction set and the lesser ones it contains, down to the
+    /// baseline: what a test can run here.
+    #[cfg(test)]
+    pub(crate) fn here() -> Vec<Simd> {
+        let mut sets = vec![Simd::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        if Simd::detect() == Simd::Avx2Bf16 {
+            sets.push(Simd::Avx2Fma);
+        }
+        if Simd::detect() != Simd::Baseline {
+            sets.push(Simd::detect());
+        }
+        sets
     }
 }
 
@@ -115,11 +141,44 @@ pub(crate) fn dots(simd: Simd, xs: &[&[f32]], ws: &[&[f32]], rows: Rows, out: &m
             }
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Simd::Avx2Fma` exists only where `detect` found both features.
-        Simd::Avx2Fma => unsafe { avx2::dots(xs, ws, rows, out) },
+        // SAFETY: `detect` gives these only where it found AVX2 and FMA.
+        Simd::Avx2Fma | Simd::Avx2Bf16 => unsafe { avx2::dots(xs, ws, rows, out) },
         #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
         // SAFETY: the build targets NEON.
-        Simd::Neon => unsafe { lanes::dots::<lanes::Neon>(xs, ws, rows, out) },
+        Simd::Neon => unsafe { lanes::dots::<lanes::F32s<lanes::Neon>>(xs, ws, rows, out) },
+    }
+}
+
+/// [`dots`] of rows of bf16 pairs ([`pack_pairs`]): per output, 8 lanes each
+/// summing the pairs `8i + lane` in order, a pair's odd element's product
+/// added before its even one's; the lanes summed by [`tree`], then the tail.
+/// Every instruction set gives the same bits (a product of two bf16 is exact
+/// in f32), except where a product or a partial sum falls below f32's
+/// normal range, which `vdpbf16ps` flushes to zero.
+pub(crate) fn pair_dots(
+    simd: Simd,
+    xs: &[&[u32]],
+    ws: &[&[u32]],
+    rows: Rows,
+    out: &mut [&mut [f32]],
+) {
+    match simd {
+        Simd::Baseline => {
+            for (x, o) in xs.iter().zip(out.iter_mut()) {
+                for (w, o) in ws.iter().zip(o.iter_mut()) {
+                    *o = lane_dot(x, w, madd_pair);
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` found AVX2 and FMA.
+        Simd::Avx2Fma => unsafe { avx2::pair_dots(xs, ws, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` found AVX2, FMA, AVX512-BF16 and AVX512-VL.
+        Simd::Avx2Bf16 => unsafe { avx2::pair_dots_bf16(xs, ws, rows, out) },
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        // SAFETY: the build targets NEON.
+        Simd::Neon => unsafe { lanes::dots::<lanes::Pairs<lanes::Neon>>(xs, ws, rows, out) },
     }
 }
 
@@ -139,8 +198,8 @@ pub(crate) fn weighted_sums(simd: Simd, ps: &[&[f32]], vs: &[&[f32]], out: &mut 
             }
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Simd::Avx2Fma` exists only where `detect` found both features.
-        Simd::Avx2Fma => unsafe { avx2::weighted_sums(ps, vs, out) },
+        // SAFETY: `detect` gives these only where it found AVX2 and FMA.
+        Simd::Avx2Fma | Simd::Avx2Bf16 => unsafe { avx2::weighted_sums(ps, vs, out) },
         #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
         // SAFETY: the build targets NEON.
         Simd::Neon => unsafe { lanes::weighted_sums::<lanes::Neon>(ps, vs, out) },
@@ -148,8 +207,15 @@ pub(crate) fn weighted_sums(simd: Simd, ps: &[&[f32]], vs: &[&[f32]], out: &mut 
 }
 
 /// One dot product in `LANES` partial sums (the compiler vectorises them),
-/// reduced by [`reduce`].
+/// summed by [`tree`], then the tail.
 fn dot(x: &[f32], w: &[f32]) -> f32 {
+    lane_dot(x, w, |s, x, w| madd(x, w, s))
+}
+
+/// `step` folds element `i` into lane `i % LANES`; the lanes are summed by
+/// [`tree`], then the tail is folded in order.
+#[inline(always)]
+fn lane_dot<E: Copy>(x: &[E], w: &[E], step: impl Fn(f32, E, E) -> f32) -> f32 {
     let w = &w[..x.len()];
     let mut acc = [0.0f32; LANES];
     let body = x.len() - x.len() % LANES;
@@ -158,16 +224,17 @@ fn dot(x: &[f32], w: &[f32]) -> f32 {
         .zip(w[..body].chunks_exact(LANES))
     {
         for l in 0..LANES {
-            acc[l] = madd(xv[l], wv[l], acc[l]);
+            acc[l] = step(acc[l], xv[l], wv[l]);
         }
     }
-    reduce(acc, &x[body..], &w[body..])
+    let tail = x[body..].iter().zip(&w[body..]);
+    tail.fold(tree(acc), |s, (&x, &w)| step(s, x, w))
 }
 
 /// A fused multiply-add where the baseline has one; else a multiply and an add
 /// (`f32::mul_add` would be a library call).
 #[inline(always)]
-fn madd(a: f32, b: f32, c: f32) -> f32 {
+pub(super) fn madd(a: f32, b: f32, c: f32) -> f32 {
     if BASELINE_FMA {
         a.mul_add(b, c)
     } else {
@@ -175,15 +242,49 @@ fn madd(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// The lanes of one accumulator summed in a fixed tree (so that results do
-/// not depend on the tiling, hence on the thread count), then the tail.
+/// `s` plus the products of two bf16 pairs: the odd (high) elements' first,
+/// then the even ones'. The products are exact in f32, so each add rounds once
+/// with or without a fused multiply-add.
 #[inline(always)]
-pub(super) fn reduce(a: [f32; LANES], x: &[f32], w: &[f32]) -> f32 {
-    let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-    for (&x, &w) in x.iter().zip(w) {
-        s = madd(x, w, s);
+pub(super) fn madd_pair(s: f32, x: u32, w: u32) -> f32 {
+    let odd = |v: u32| f32::from_bits(v & 0xffff_0000);
+    let even = |v: u32| f32::from_bits(v << 16);
+    madd(even(x), even(w), madd(odd(x), odd(w), s))
+}
+
+/// The lanes of one accumulator summed in a fixed tree, so that results do
+/// not depend on the tiling, hence on the thread count.
+#[inline(always)]
+pub(super) fn tree(a: [f32; LANES]) -> f32 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// `v` in bf16, rounded to nearest even, below bf16's normal range flushed
+/// to zero (as `vdpbf16ps` takes it).
+pub(super) fn bf16_bits(v: f32) -> u16 {
+    flush(half::bf16::from_f32(v).to_bits())
+}
+
+/// A bf16 below the normal range as a zero of its sign.
+pub(super) fn flush(b: u16) -> u16 {
+    if b & 0x7f80 == 0 {
+        b & 0x8000
+    } else {
+        b
     }
-    s
+}
+
+/// Rows of `k` elements as rows of `k.div_ceil(2)` bf16 pairs, `bits` giving
+/// an element's bf16 (element `2i` in the low half of pair `i`; an odd row's
+/// last pair padded with zero).
+pub(super) fn pack_pairs<T: Copy>(rows: &[T], k: usize, bits: impl Fn(T) -> u16, out: &mut [u32]) {
+    let kp = k.div_ceil(2);
+    for (row, out) in rows.chunks(k).zip(out.chunks_mut(kp)) {
+        for (pair, out) in row.chunks(2).zip(out.iter_mut()) {
+            let hi = pair.get(1).map_or(0, |&v| bits(v));
+            *out = u32::from(hi) << 16 | u32::from(bits(pair[0]));
+        }
+    }
 }
 
 /// The entry points compiled for AVX2 and FMA.
@@ -194,7 +295,27 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dots(xs: &[&[f32]], ws: &[&[f32]], rows: Rows, out: &mut [&mut [f32]]) {
-        lanes::dots::<Avx2>(xs, ws, rows, out)
+        lanes::dots::<lanes::F32s<Avx2>>(xs, ws, rows, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pair_dots(
+        xs: &[&[u32]],
+        ws: &[&[u32]],
+        rows: Rows,
+        out: &mut [&mut [f32]],
+    ) {
+        lanes::dots::<lanes::Pairs<Avx2>>(xs, ws, rows, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512bf16,avx512vl")]
+    pub(super) unsafe fn pair_dots_bf16(
+        xs: &[&[u32]],
+        ws: &[&[u32]],
+        rows: Rows,
+        out: &mut [&mut [f32]],
+    ) {
+        lanes::dots::<lanes::DotBf16>(xs, ws, rows, out)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -203,21 +324,60 @@ mod avx2 {
     }
 }
 
+/// The weight of one `linear` call: `[n, k]` f32, or `[n, k.div_ceil(2)]` bf16
+/// pairs ([`pack_pairs`]).
+#[derive(Clone, Copy)]
+pub(super) enum Weight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u32]),
+}
+
 /// The inputs of one `linear` call.
 pub(super) struct Linear<'a> {
     pub x: &'a [f32],
-    pub w: &'a [f32],
+    pub w: Weight<'a>,
     pub b: Option<&'a [f32]>,
     pub act: Activation,
     pub residual: Option<&'a [f32]>,
 }
 
-/// `out = act(x · wᵀ + b) + residual`, tiles of the output spread over the pool.
-pub(super) fn linear(simd: Simd, d: LinearDims, a: Linear<'_>, out: &mut [f32]) {
+/// `out = act(x · wᵀ + b) + residual`, tiles of the output spread over the
+/// pool. With a bf16 weight, `x` is rounded to bf16 first (a copy of `m` rows
+/// of bf16 pairs).
+pub(super) fn linear(simd: Simd, d: LinearDims, a: Linear<'_>, out: &mut [f32]) -> Result<()> {
     let (row_block, col_block) = blocks(d, rayon::current_num_threads());
-    tiles(out, d.n, row_block, col_block)
-        .into_par_iter()
-        .for_each(|mut t| linear_tile(simd, d, &a, &mut t));
+    let tiles = tiles(out, d.n, row_block, col_block);
+    match a.w {
+        Weight::F32(w) => tiles.into_par_iter().for_each(|mut t| {
+            let (xs, ws) = (
+                rows(a.x, d.k, t.row, t.rows.len()),
+                rows(w, d.k, t.col, t.width()),
+            );
+            dots(simd, &xs, &ws, Rows::Streamed, &mut t.rows);
+            epilogue(d, &a, &mut t);
+        }),
+        Weight::Bf16(w) => {
+            let kp = d.k.div_ceil(2);
+            let mut x = try_filled(d.m * kp, 0u32, "linear input in bf16")?;
+            x.par_chunks_mut(kp * row_block)
+                .zip(a.x.par_chunks(d.k * row_block))
+                .for_each(|(out, x)| pack_pairs(x, d.k, bf16_bits, out));
+            tiles.into_par_iter().for_each(|mut t| {
+                let (xs, ws) = (
+                    rows(&x, kp, t.row, t.rows.len()),
+                    rows(w, kp, t.col, t.width()),
+                );
+                pair_dots(simd, &xs, &ws, Rows::Streamed, &mut t.rows);
+                epilogue(d, &a, &mut t);
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Rows `first..first + count` of `len` elements each.
+fn rows<E>(v: &[E], len: usize, first: usize, count: usize) -> Vec<&[E]> {
+    v[first * len..(first + count) * len].chunks(len).collect()
 }
 
 /// Rows and columns per task: as many `x` rows as fit the L2 budget, and
@@ -234,16 +394,8 @@ fn blocks(d: LinearDims, threads: usize) -> (usize, usize) {
     (rows, cols)
 }
 
-fn linear_tile(simd: Simd, d: LinearDims, a: &Linear<'_>, t: &mut Tile<'_>) {
-    let k = d.k;
-    let cols = t.rows[0].len();
-    let xs: Vec<&[f32]> = (t.row..t.row + t.rows.len())
-        .map(|r| &a.x[r * k..(r + 1) * k])
-        .collect();
-    let ws: Vec<&[f32]> = (t.col..t.col + cols)
-        .map(|c| &a.w[c * k..(c + 1) * k])
-        .collect();
-    dots(simd, &xs, &ws, Rows::Streamed, &mut t.rows);
+/// A tile's bias, activation and residual, in place.
+fn epilogue(d: LinearDims, a: &Linear<'_>, t: &mut Tile<'_>) {
     for (i, row) in t.rows.iter_mut().enumerate() {
         let r = t.row + i;
         for (j, y) in row.iter_mut().enumerate() {
@@ -283,10 +435,7 @@ mod tests {
     /// the other operand given as its `cols` rows of `inner` (`dots`) or
     /// its `inner` rows of `cols` (`weighted_sums`). Outputs poisoned first.
     fn check_products(run: Product, b_by_cols: bool, shapes: &[(usize, usize, usize)]) {
-        let mut sets = vec![Simd::Baseline];
-        if Simd::detect() != Simd::Baseline {
-            sets.push(Simd::detect());
-        }
+        let sets = Simd::here();
         let value = |i: usize| ((i * 7919 % 113) as f32 - 56.0) / 17.0;
         for &(rows, inner, cols) in shapes {
             let a: Vec<f32> = (0..rows * inner).map(value).collect();
@@ -354,6 +503,95 @@ mod tests {
     fn weighted_sums_match_a_plain_loop() {
         let shapes = [(1, 1, 1), (5, 7, 7), (4, 3, 8), (7, 10, 47), (3, 2, 64)];
         check_products(weighted_sums, false, &shapes);
+    }
+
+    /// [`pair_dots`] on every instruction set here: the same bits as the
+    /// baseline's plain loop, on every tile shape and odd lengths, rows
+    /// cached and streamed, outputs poisoned; and within f32's rounding of
+    /// the f64 sum of the bf16 values. (An element only on one path, the
+    /// even one's product before the odd one's, or fewer lanes, changes bits
+    /// here.)
+    #[test]
+    fn pair_dots_give_the_same_bits_everywhere() {
+        let shapes: [(usize, usize, usize); 7] = [
+            (1, 1, 1),
+            (5, 7, 7),
+            (4, 8, 3),
+            (9, 17, 10),
+            (3, 64, 2),
+            (4, 41, 9),
+            (6, 300, 8),
+        ];
+        // Both signs, magnitudes from 2^-4 to 2^5 (close enough that the
+        // order of the adds shows in the bits), and zeros.
+        let mut rng = crate::rng::Rng::new(5);
+        let mut value = || {
+            let r = rng.next_u64();
+            let sign = if r & 1 == 0 { 1.0 } else { -1.0 };
+            let mantissa = 1.0 + (r >> 8 & 0xffff) as f32 / 65536.0;
+            let scale = 2f32.powi((r >> 32 & 0x3f) as i32 % 9 - 4);
+            if r >> 40 & 0xf == 0 {
+                0.0
+            } else {
+                sign * mantissa * scale
+            }
+        };
+        for &(rows, k, cols) in &shapes {
+            let kp = k.div_ceil(2);
+            let x: Vec<f32> = (0..rows * k).map(|_| value()).collect();
+            let w: Vec<f32> = (0..cols * k).map(|_| value()).collect();
+            let (mut xp, mut wp) = (vec![0u32; rows * kp], vec![0u32; cols * kp]);
+            pack_pairs(&x, k, bf16_bits, &mut xp);
+            pack_pairs(&w, k, bf16_bits, &mut wp);
+            let xs: Vec<&[u32]> = xp.chunks(kp).collect();
+            let ws: Vec<&[u32]> = wp.chunks(kp).collect();
+            let mut baseline: Vec<u32> = Vec::new();
+            for simd in Simd::here() {
+                for stream in [Rows::Cached, Rows::Streamed] {
+                    let mut out = vec![f32::NAN; rows * cols];
+                    let mut rows_out: Vec<&mut [f32]> = out.chunks_mut(cols).collect();
+                    pair_dots(simd, &xs, &ws, stream, &mut rows_out);
+                    let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                    if baseline.is_empty() {
+                        baseline = bits;
+                        let bf = |v: f32| f64::from(half::bf16::from_f32(v).to_f32());
+                        for r in 0..rows {
+                            for c in 0..cols {
+                                let want: f64 =
+                                    (0..k).map(|t| bf(x[r * k + t]) * bf(w[c * k + t])).sum();
+                                let scale: f64 = (0..k)
+                                    .map(|t| (bf(x[r * k + t]) * bf(w[c * k + t])).abs())
+                                    .sum();
+                                let got = f64::from(out[r * cols + c]);
+                                // The bound on a sum of k + 1 f32 adds.
+                                assert!(
+                                    (got - want).abs() <= (k + 1) as f64 * 6e-8 * scale,
+                                    "{rows}x{k}x{cols} at ({r}, {c}): {got} vs {want}"
+                                );
+                            }
+                        }
+                    } else {
+                        assert_eq!(bits, baseline, "{simd:?} {stream:?} {rows}x{k}x{cols}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The pairs hold bf16 rounded to nearest even, element `2i` low, an odd
+    /// row padded with zero, values below the normal range flushed.
+    #[test]
+    fn pairs_pack_rows() {
+        let x = [1.0f32, -2.0, 1.0 + 3.0 / 256.0, 1e-39, 3.0, f32::NAN];
+        let mut out = [0u32; 4];
+        pack_pairs(&x[..5], 5, bf16_bits, &mut out[..3]);
+        assert_eq!(out[0], 0xc000_3f80);
+        // 1 + 3/256 is halfway between 1 + 2/256 and 1 + 4/256: even wins.
+        assert_eq!(out[1] & 0xffff, 0x3f82);
+        assert_eq!(out[1] >> 16, 0, "1e-39 is below bf16's normal range");
+        assert_eq!(out[2], 0x0000_4040, "3.0, then the padding");
+        pack_pairs(&x[4..], 2, bf16_bits, &mut out[3..]);
+        assert!(f32::from_bits(out[3] & 0xffff_0000).is_nan());
     }
 
     #[test]

@@ -39,6 +39,7 @@ use std::sync::Arc;
 /// The rayon whose pools [`Cpu::on_pool`] takes.
 pub use rayon;
 
+use crate::device::{DeviceKind, Precision};
 use crate::error::{Error, Result};
 use crate::ops::{
     f32_param, AbsorbedAttentionDims, AbsorbedAttentionInput, Activation, AttentionDims,
@@ -46,11 +47,87 @@ use crate::ops::{
     LinearDims, LossDims, LossKind, NormAfter, NormInput, Shaped,
 };
 use crate::signal::SignalPositions;
-use crate::tensor::{try_copied, DType, Dense, HostData, HostTensor};
+use crate::tensor::{
+    try_copied, try_filled, try_with_capacity, DType, Dense, HostData, HostTensor,
+};
 
-/// A row-major f32 tensor in host memory; [`Dense::new`] wraps the caller's
-/// `Vec<f32>` without a copy.
-pub type CpuTensor = Dense<f32>;
+/// A row-major tensor in host memory: f32, or bf16 for the weight of a GEMM
+/// uploaded by [`Backend::upload_weight`] to a backend set to
+/// [`Precision::Bf16`] ([`CpuTensor::dtype`] tells which).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    shape: Vec<usize>,
+    data: Stored,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Stored {
+    F32(Vec<f32>),
+    /// Each row (the last dimension) in bf16 pairs, as `linear` reads them
+    /// (`linear::pack_pairs`).
+    Bf16(Vec<u32>),
+}
+
+impl CpuTensor {
+    /// An f32 tensor from its elements, without a copy; the count must match
+    /// the shape.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        let Dense { shape, data } = Dense::new(shape, data)?;
+        Ok(CpuTensor {
+            shape,
+            data: Stored::F32(data),
+        })
+    }
+
+    /// An f32 tensor of `shape` holding `value` everywhere; an error, not an
+    /// abort, where it cannot be allocated.
+    pub fn filled(shape: &[usize], value: f32) -> Result<Self> {
+        let Dense { shape, data } = Dense::filled(shape, value)?;
+        Ok(CpuTensor {
+            shape,
+            data: Stored::F32(data),
+        })
+    }
+
+    /// [`DType::F32`], or [`DType::BF16`] for a GEMM weight of a bf16 backend.
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            Stored::F32(_) => DType::F32,
+            Stored::Bf16(_) => DType::BF16,
+        }
+    }
+
+    /// The f32 elements, row-major; an error for a bf16 tensor (which
+    /// [`Backend::download`] gives back).
+    pub fn data(&self) -> Result<&[f32]> {
+        match &self.data {
+            Stored::F32(v) => Ok(v),
+            Stored::Bf16(_) => Err(Self::not_f32(&self.shape)),
+        }
+    }
+
+    /// The f32 elements, row-major, to write in place (the shape stays); an
+    /// error for a bf16 tensor.
+    pub fn data_mut(&mut self) -> Result<&mut [f32]> {
+        match &mut self.data {
+            Stored::F32(v) => Ok(v),
+            Stored::Bf16(_) => Err(Self::not_f32(&self.shape)),
+        }
+    }
+
+    fn not_f32(shape: &[usize]) -> Error {
+        Error::invalid(format!(
+            "cpu: a tensor of shape {shape:?} is stored in bf16, as a GEMM weight \
+             (Backend::upload_weight); only linear's weight may be bf16"
+        ))
+    }
+}
+
+impl Shaped for CpuTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
 
 /// Options of [`Cpu::new`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +144,13 @@ pub struct CpuOptions {
     /// build's baseline (SSE2 on x86-64), and attention's P·V one value row at
     /// a time.
     pub version: KernelVersion,
+    /// [`Precision::F32`] (the default), or [`Precision::Bf16`]: the GEMMs'
+    /// weights stored in bf16 ([`Backend::upload_weight`]), and each GEMM's
+    /// input rounded to bf16, its products summed in f32 (on AVX512-BF16's
+    /// `vdpbf16ps` where the CPU has it); everything else in f32. Half the
+    /// weights' memory; the same bits on every CPU. TF32 and f16 are an
+    /// [`Error::Invalid`].
+    pub precision: Precision,
 }
 
 /// Threads per core [`Cpu::new`] accepts at most.
@@ -78,6 +162,7 @@ pub struct Cpu {
     pool: Arc<rayon::ThreadPool>,
     simd: linear::Simd,
     version: KernelVersion,
+    precision: Precision,
 }
 
 impl std::fmt::Debug for Cpu {
@@ -86,6 +171,7 @@ impl std::fmt::Debug for Cpu {
             .field("threads", &self.threads())
             .field("simd", &self.simd)
             .field("version", &self.version)
+            .field("precision", &self.precision)
             .finish()
     }
 }
@@ -114,7 +200,7 @@ impl Cpu {
                 backend: "cpu".into(),
                 reason: format!("cannot start {} worker threads: {e}", options.threads),
             })?;
-        Ok(Cpu::on_pool(Arc::new(pool), options.version))
+        Cpu::on_pool(Arc::new(pool), options.version).with_precision(options.precision)
     }
 
     /// The backend on the caller's own rayon pool, shared with the rest of
@@ -148,7 +234,31 @@ impl Cpu {
                 KernelVersion::Naive => linear::Simd::Baseline,
             },
             version,
+            precision: Precision::F32,
         }
+    }
+
+    /// The same backend set to `precision` (see [`CpuOptions::precision`]):
+    /// [`Precision::F32`] or [`Precision::Bf16`], else an [`Error::Invalid`].
+    /// ```
+    /// use output_projector::cpu::Cpu;
+    /// use output_projector::device::Precision;
+    ///
+    /// # fn main() -> output_projector::Result<()> {
+    /// let cpu = Cpu::open()?.with_precision(Precision::Bf16)?;
+    /// assert_eq!(cpu.options().precision, Precision::Bf16);
+    /// assert!(Cpu::open()?.with_precision(Precision::F16).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_precision(self, precision: Precision) -> Result<Cpu> {
+        if !precision.runs_on(DeviceKind::Cpu) {
+            return Err(Error::invalid(format!(
+                "cpu backend: precision {} (it computes in f32, or bf16 GEMMs)",
+                precision.name()
+            )));
+        }
+        Ok(Cpu { precision, ..self })
     }
 
     /// The pool the ops run on.
@@ -161,6 +271,7 @@ impl Cpu {
         CpuOptions {
             threads: self.threads(),
             version: self.version,
+            precision: self.precision,
         }
     }
 
@@ -195,8 +306,46 @@ impl Backend for Cpu {
         CpuTensor::new(t.shape().to_vec(), data)
     }
 
+    /// In bf16 where the backend is set to [`Precision::Bf16`] (rounded to
+    /// nearest even, straight from any stored type; values below bf16's
+    /// normal range flushed to zero), else as [`upload`](Backend::upload).
+    fn upload_weight(&self, t: &HostTensor) -> Result<CpuTensor> {
+        let v = match (self.precision, t.data()) {
+            (Precision::Bf16, HostData::BF16(v)) => v,
+            // Another type: converted first, a finite value past bf16's range an error.
+            (Precision::Bf16, _) => {
+                return self.upload_weight(&t.to_storage(DType::BF16, "weight upload to cpu")?)
+            }
+            _ => return self.upload(t),
+        };
+        let k = t.shape().last().copied().unwrap_or(1);
+        let rows = t.numel().checked_div(k).unwrap_or(0);
+        let pairs = rows
+            .checked_mul(k.div_ceil(2))
+            .ok_or_else(|| Error::Overflow(format!("weight of shape {:?}", t.shape())))?;
+        let mut data = try_filled(pairs, 0u32, "weight upload to cpu")?;
+        linear::pack_pairs(v, k, |v| linear::flush(v.to_bits()), &mut data);
+        Ok(CpuTensor {
+            shape: t.shape().to_vec(),
+            data: Stored::Bf16(data),
+        })
+    }
+
     fn download(&self, t: &CpuTensor) -> Result<HostTensor> {
-        HostTensor::from_f32(t.shape.clone(), try_copied(&t.data, "download from cpu")?)
+        match &t.data {
+            Stored::F32(v) => {
+                HostTensor::from_f32(t.shape.clone(), try_copied(v, "download from cpu")?)
+            }
+            Stored::Bf16(pairs) => {
+                let k = t.shape.last().copied().unwrap_or(1);
+                let mut v = try_with_capacity(t.shape.iter().product(), "download from cpu")?;
+                for row in pairs.chunks(k.div_ceil(2)) {
+                    let halves = row.iter().flat_map(|&p| [p as u16, (p >> 16) as u16]);
+                    v.extend(halves.take(k).map(half::bf16::from_bits));
+                }
+                HostTensor::new(t.shape.clone(), HostData::BF16(v))
+            }
+        }
     }
 
     fn check_room(&self, elements: usize, what: &str) -> Result<()> {
@@ -214,10 +363,10 @@ impl Backend for Cpu {
 
     /// The v1 kernels on the same threads.
     fn naive(&self) -> Result<Option<Self>> {
-        Ok(Some(Cpu::on_pool(
-            Arc::clone(&self.pool),
-            KernelVersion::Naive,
-        )))
+        Ok(Some(Cpu {
+            precision: self.precision,
+            ..Cpu::on_pool(Arc::clone(&self.pool), KernelVersion::Naive)
+        }))
     }
 
     fn linear(
@@ -237,15 +386,18 @@ impl Backend for Cpu {
             &out.shape,
         )?;
         let args = linear::Linear {
-            x: &x.data,
-            w: &w.data,
-            b: b.map(|t| t.data()),
+            x: x.data()?,
+            w: match &w.data {
+                Stored::F32(v) => linear::Weight::F32(v),
+                Stored::Bf16(pairs) => linear::Weight::Bf16(pairs),
+            },
+            b: b.map(|t| t.data()).transpose()?,
             act,
-            residual: residual.map(|t| t.data()),
+            residual: residual.map(|t| t.data()).transpose()?,
         };
+        let out = out.data_mut()?;
         self.pool
-            .install(|| linear::linear(self.simd, d, args, &mut out.data));
-        Ok(())
+            .install(|| linear::linear(self.simd, d, args, out))
     }
 
     fn layer_norm(
@@ -268,21 +420,15 @@ impl Backend for Cpu {
             sum_out.as_ref().map(|t| t.shape()),
         )?;
         let args = layer_norm::LayerNorm {
-            x: &x.data,
-            residual: residual.map(|t| t.data()),
-            weight: &weight.data,
-            bias: &bias.data,
+            x: x.data()?,
+            residual: residual.map(|t| t.data()).transpose()?,
+            weight: weight.data()?,
+            bias: bias.data()?,
             eps,
         };
-        self.pool.install(|| {
-            layer_norm::layer_norm(
-                self.simd,
-                d,
-                args,
-                &mut out.data,
-                sum_out.map(|t| t.data_mut()),
-            )
-        });
+        let (out, sum_out) = (out.data_mut()?, sum_out.map(|t| t.data_mut()).transpose()?);
+        self.pool
+            .install(|| layer_norm::layer_norm(self.simd, d, args, out, sum_out));
         Ok(())
     }
 
@@ -304,15 +450,16 @@ impl Backend for Cpu {
             &out.shape,
         )?;
         let args = attention::Attention {
-            q: &q.tensor.data,
-            k: &k.tensor.data,
-            v: &v.tensor.data,
+            q: q.tensor.data()?,
+            k: k.tensor.data()?,
+            v: v.tensor.data()?,
             scale: f32_param("attention scale", spec.scale())?,
             causal: spec.causal,
             ignore: mask.map(|m| m.ignore()),
         };
+        let out = out.data_mut()?;
         self.pool
-            .install(|| attention::attention(self.simd, d, args, &mut out.data));
+            .install(|| attention::attention(self.simd, d, args, out));
         Ok(())
     }
 
@@ -326,21 +473,21 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let d = AbsorbedAttentionDims::check(&norm, &attn, &after, &stream_out.shape, &out.shape)?;
         let args = attention::Absorbed {
-            x: &norm.x.data,
-            residual: norm.residual.map(|r| r.data()),
-            norm: [&norm.weight.data, &norm.bias.data],
+            x: norm.x.data()?,
+            residual: norm.residual.map(|r| r.data()).transpose()?,
+            norm: [norm.weight.data()?, norm.bias.data()?],
             eps: norm.eps,
-            keys: &attn.keys.tensor.data,
-            values: &attn.values.tensor.data,
-            key_bias: &attn.key_bias.tensor.data,
-            out_bias: &attn.out_bias.data,
+            keys: attn.keys.tensor.data()?,
+            values: attn.values.tensor.data()?,
+            key_bias: attn.key_bias.tensor.data()?,
+            out_bias: attn.out_bias.data()?,
             scale: f32_param("attention scale", attn.scale)?,
-            after: [&after.weight.data, &after.bias.data],
+            after: [after.weight.data()?, after.bias.data()?],
             after_eps: after.eps,
         };
-        self.pool.install(|| {
-            attention::attention_absorbed(self.simd, d, args, &mut stream_out.data, &mut out.data)
-        });
+        let (stream_out, out) = (stream_out.data_mut()?, out.data_mut()?);
+        self.pool
+            .install(|| attention::attention_absorbed(self.simd, d, args, stream_out, out));
         Ok(())
     }
 
@@ -357,9 +504,10 @@ impl Backend for Cpu {
         grad: &mut CpuTensor,
     ) -> Result<()> {
         let d = LossDims::check(&pred.shape, &target.shape, &loss.shape, &grad.shape)?;
-        loss.data[0] = self.pool.install(|| {
-            alignment_loss::alignment_loss(d, kind, &pred.data, &target.data, &mut grad.data)
-        });
+        let (pred, target, grad) = (pred.data()?, target.data()?, grad.data_mut()?);
+        loss.data_mut()?[0] = self
+            .pool
+            .install(|| alignment_loss::alignment_loss(d, kind, pred, target, grad));
         Ok(())
     }
 
@@ -378,10 +526,10 @@ impl Backend for Cpu {
         )?;
         gather_signal_tokens::gather_signal_tokens(
             d,
-            &hidden.data,
-            embeds.map(|t| t.data()),
+            hidden.data()?,
+            embeds.map(|t| t.data()).transpose()?,
             positions.positions(),
-            &mut out.data,
+            out.data_mut()?,
         );
         Ok(())
     }
@@ -423,6 +571,13 @@ pub(crate) struct Tile<'a> {
     pub col: usize,
     /// One piece per row, each `col_block` long (or less at the right edge).
     pub rows: Vec<&'a mut [f32]>,
+}
+
+impl Tile<'_> {
+    /// Columns in the tile.
+    pub fn width(&self) -> usize {
+        self.rows.first().map_or(0, |r| r.len())
+    }
 }
 
 /// `out` (`rows * cols` elements) cut into tiles, in row-block-major order.
