@@ -47,6 +47,8 @@ pub(super) trait Lanes: Copy {
 ///
 /// As [`Lanes`]: [`Dot::load`] reads 8 elements from `p`.
 pub(super) trait Dot {
+    /// Rows of `x` per tile (at most `MR`).
+    const ROWS: usize = MR;
     /// A row's element: `f32`, or a pair of bf16 in a `u32`.
     type Elem: Copy;
     type Acc: Lanes;
@@ -85,6 +87,10 @@ impl<V: Lanes> Dot for F32s<V> {
 pub(super) struct Pairs<V>(PhantomData<V>);
 
 impl<V: Lanes> Dot for Pairs<V> {
+    /// 2 x 4 tiles: each operand unpacked takes twice the registers, and
+    /// 3 x 4 needs 20 of AVX2's 16 (36 of NEON's 32): it spilled, at half
+    /// the speed of 2 x 4.
+    const ROWS: usize = 2;
     type Elem = u32;
     type Acc = V;
     type Vector = (V, V);
@@ -270,7 +276,7 @@ pub(super) unsafe fn dots<D: Dot>(
             Rows::Cached => &[],
         };
         let mut ahead = &next[..next.len().min(NR)];
-        for (x, o) in xs.chunks(MR).zip(out.chunks_mut(MR)) {
+        for (x, o) in xs.chunks(D::ROWS).zip(out.chunks_mut(D::ROWS)) {
             by_tile!(D, x.len(), w.len(), tile(x, w, o, c0, ahead));
             ahead = &[];
         }
