@@ -1,6 +1,10 @@
 //! The CPU backend: f32 tensors in host memory, every op spread over a thread
 //! pool, the GEMMs and attention's dot products on register tiles of fused
 //! multiply-adds (AVX2 and FMA, chosen at run time on x86-64; NEON on aarch64).
+//! Set to [`Precision::Bf16`] ([`CpuOptions::precision`]), it keeps the GEMMs'
+//! weights in bf16 and multiplies them by inputs rounded to bf16, summing in
+//! f32: on AVX512-BF16's `vdpbf16ps` where the CPU has it, else on the same
+//! tiles with the values widened, in the same order, to the same bits.
 //! It is the device for an engine without a GPU; the float64
 //! [`Reference`](crate::reference::Reference) stays the oracle it is checked
 //! against, and the naive baseline it is measured against.
