@@ -8,7 +8,7 @@ use output_projector::cpu::{Cpu, CpuOptions};
 use output_projector::device::Precision;
 use output_projector::golden;
 use output_projector::ops::{Activation, Backend, KernelVersion};
-use output_projector::tensor::{DType, HostTensor};
+use output_projector::tensor::{DType, HostData, HostTensor};
 use output_projector::verify;
 
 fn cpu(threads: usize) -> Cpu {
@@ -232,6 +232,12 @@ fn bf16_weights_are_linear_weights_only() {
     let back = be.download(&up).unwrap();
     assert_eq!(back.dtype(), DType::BF16);
     assert_eq!(back.to_f32_vec(), w.to_f32_vec());
+    // Rows of no elements, and no rows, go up and come back too.
+    for shape in [vec![3, 0], vec![0, 5]] {
+        let empty = HostTensor::new(shape.clone(), HostData::BF16(vec![])).unwrap();
+        let back = be.download(&be.upload_weight(&empty).unwrap()).unwrap();
+        assert_eq!((back.shape(), back.numel()), (&shape[..], 0));
+    }
     // An f32 backend keeps weights in f32.
     assert_eq!(cpu(1).upload_weight(&w).unwrap().dtype(), DType::F32);
 

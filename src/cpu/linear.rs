@@ -278,7 +278,8 @@ pub(super) fn flush(b: u16) -> u16 {
 /// an element's bf16 (element `2i` in the low half of pair `i`; an odd row's
 /// last pair padded with zero).
 pub(super) fn pack_pairs<T: Copy>(rows: &[T], k: usize, bits: impl Fn(T) -> u16, out: &mut [u32]) {
-    let kp = k.div_ceil(2);
+    // Rows of no elements hold no pairs (and `chunks` takes no zero).
+    let (k, kp) = (k.max(1), k.div_ceil(2).max(1));
     for (row, out) in rows.chunks(k).zip(out.chunks_mut(kp)) {
         for (pair, out) in row.chunks(2).zip(out.iter_mut()) {
             let hi = pair.get(1).map_or(0, |&v| bits(v));

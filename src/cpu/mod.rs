@@ -343,7 +343,8 @@ impl Backend for Cpu {
             Stored::Bf16(pairs) => {
                 let k = t.shape.last().copied().unwrap_or(1);
                 let mut v = try_with_capacity(t.shape.iter().product(), "download from cpu")?;
-                for row in pairs.chunks(k.div_ceil(2)) {
+                // Rows of no elements hold no pairs (and `chunks` takes no zero).
+                for row in pairs.chunks(k.div_ceil(2).max(1)) {
                     let halves = row.iter().flat_map(|&p| [p as u16, (p >> 16) as u16]);
                     v.extend(halves.take(k).map(half::bf16::from_bits));
                 }
