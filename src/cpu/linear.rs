@@ -349,31 +349,38 @@ pub(super) fn linear(simd: Simd, d: LinearDims, a: Linear<'_>, out: &mut [f32]) 
     let (row_block, col_block) = blocks(d, rayon::current_num_threads());
     let tiles = tiles(out, d.n, row_block, col_block);
     match a.w {
-        Weight::F32(w) => tiles.into_par_iter().for_each(|mut t| {
-            let (xs, ws) = (
-                rows(a.x, d.k, t.row, t.rows.len()),
-                rows(w, d.k, t.col, t.width()),
-            );
-            dots(simd, &xs, &ws, Rows::Streamed, &mut t.rows);
-            epilogue(d, &a, &mut t);
-        }),
+        Weight::F32(w) => each_tile(simd, d, &a, tiles, (a.x, w, d.k), dots),
         Weight::Bf16(w) => {
             let kp = d.k.div_ceil(2);
             let mut x = try_filled(d.m * kp, 0u32, "linear input in bf16")?;
             x.par_chunks_mut(kp * row_block)
                 .zip(a.x.par_chunks(d.k * row_block))
                 .for_each(|(out, x)| pack_pairs(x, d.k, bf16_bits, out));
-            tiles.into_par_iter().for_each(|mut t| {
-                let (xs, ws) = (
-                    rows(&x, kp, t.row, t.rows.len()),
-                    rows(w, kp, t.col, t.width()),
-                );
-                pair_dots(simd, &xs, &ws, Rows::Streamed, &mut t.rows);
-                epilogue(d, &a, &mut t);
-            });
+            each_tile(simd, d, &a, tiles, (&x, w, kp), pair_dots);
         }
     }
     Ok(())
+}
+
+/// [`dots`] or [`pair_dots`].
+type Dots<E> = fn(Simd, &[&[E]], &[&[E]], Rows, &mut [&mut [f32]]);
+
+/// `product` of each tile's rows of `x` and `w` (rows of `len` elements),
+/// then its epilogue, the tiles spread over the pool.
+fn each_tile<E: Sync>(
+    simd: Simd,
+    d: LinearDims,
+    a: &Linear<'_>,
+    tiles: Vec<Tile<'_>>,
+    (x, w, len): (&[E], &[E], usize),
+    product: Dots<E>,
+) {
+    tiles.into_par_iter().for_each(|mut t| {
+        let xs = rows(x, len, t.row, t.rows.len());
+        let ws = rows(w, len, t.col, t.width());
+        product(simd, &xs, &ws, Rows::Streamed, &mut t.rows);
+        epilogue(d, a, &mut t);
+    });
 }
 
 /// Rows `first..first + count` of `len` elements each.
