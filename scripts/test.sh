@@ -78,8 +78,8 @@ if [[ $(uname -m) == x86_64 ]]; then
     if outproj_have_aarch64; then
         cargo test --target aarch64-unknown-linux-gnu --no-default-features "${locked[@]}" --lib --test cpu_ops "$@" -- \
             --skip linear_matches_reference --skip projector_matches_reference \
-            --skip results_do_not_depend_on_threads --skip bf16_gemms_match_reference \
-            --skip bf16_projector_matches_reference --exact
+            --skip results_do_not_depend_on_threads --skip gemms_in_16_bits_match_reference \
+            --skip projector_in_16_bits_matches_reference --exact
     elif [[ $REQUIRE_AARCH64 == 1 ]]; then
         outproj_log "aarch64: no Rust target, cross gcc or qemu-aarch64 (REQUIRE_AARCH64=1); see scripts/env.sh"
         exit 1

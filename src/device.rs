@@ -87,7 +87,7 @@ pub fn status(kind: DeviceKind) -> BackendStatus {
             usable: crate::cpu::Cpu::open()
                 .map(|c| {
                     format!(
-                        "f32, or bf16 GEMMs, on {} threads ({})",
+                        "f32, or bf16 or f16 GEMMs, on {} threads ({})",
                         c.threads(),
                         c.simd()
                     )
@@ -245,7 +245,9 @@ pub enum Precision {
     F32,
     /// f32 storage, GEMMs on tensor cores with TF32 inputs (CUDA, sm_80+).
     Tf32,
-    /// f16 storage (CUDA sm_80+, or wgpu with shader-f16).
+    /// f16 storage (CUDA sm_80+, or wgpu with shader-f16); on the CPU, the
+    /// GEMMs' weights and inputs in f16
+    /// ([`CpuOptions::precision`](crate::cpu::CpuOptions::precision)).
     F16,
     /// bf16 storage (CUDA sm_80+); on the CPU, the GEMMs' weights and
     /// inputs in bf16 ([`CpuOptions::precision`](crate::cpu::CpuOptions::precision)).
@@ -293,7 +295,7 @@ impl Precision {
         match kind {
             DeviceKind::Cuda => true,
             DeviceKind::Wgpu => matches!(self, Precision::F32 | Precision::F16),
-            DeviceKind::Cpu | DeviceKind::Auto => matches!(self, Precision::F32 | Precision::Bf16),
+            DeviceKind::Cpu | DeviceKind::Auto => self != Precision::Tf32,
             DeviceKind::Reference => self == Precision::F32,
         }
     }
@@ -352,14 +354,14 @@ pub fn run_on_with<T: BackendTask>(
         DeviceKind::Reference => {
             if precision != Precision::F32 {
                 return unsupported(
-                    "the reference computes in float64; use --device cpu (bf16) or a GPU device",
+                    "the reference computes in float64; use --device cpu (bf16, f16) or a GPU device",
                 );
             }
             task.run(crate::reference::Reference, DeviceKind::Reference)
         }
         DeviceKind::Cpu | DeviceKind::Auto => {
             if !precision.runs_on(DeviceKind::Cpu) {
-                return unsupported("the CPU backend computes in f32, or its GEMMs in bf16");
+                return unsupported("the CPU backend computes in f32, or its GEMMs in bf16 or f16");
             }
             let cpu = crate::cpu::Cpu::open()?.with_precision(precision)?;
             task.run(cpu, DeviceKind::Cpu)

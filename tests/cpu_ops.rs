@@ -8,7 +8,7 @@ use output_projector::cpu::{Cpu, CpuOptions};
 use output_projector::device::Precision;
 use output_projector::golden;
 use output_projector::ops::{Activation, Backend, KernelVersion};
-use output_projector::tensor::{DType, HostData, HostTensor};
+use output_projector::tensor::{DType, HostTensor};
 use output_projector::verify;
 
 fn cpu(threads: usize) -> Cpu {
@@ -147,137 +147,207 @@ fn results_do_not_depend_on_threads() {
     assert_eq!(one, pool.install(|| on(&theirs)));
 }
 
-fn bf16_cpu(threads: usize) -> Cpu {
+/// The 16-bit precisions the CPU computes its GEMMs in, and their storage.
+const SIXTEEN: [(Precision, DType); 2] =
+    [(Precision::Bf16, DType::BF16), (Precision::F16, DType::F16)];
+
+fn cpu_in(precision: Precision, threads: usize) -> Cpu {
     Cpu::new(CpuOptions {
         threads,
-        precision: Precision::Bf16,
+        precision,
         ..CpuOptions::default()
     })
-    .expect("bf16 cpu backend")
+    .expect("cpu backend")
 }
 
-/// The GEMM ops with bf16 weights, on each kernel version. Inputs drawn in
-/// bf16: rounding `x` to bf16 is exact, so only f32 sums err (1e-5, as in
-/// f32), except after a LayerNorm. Inputs drawn in f32: `x` and `w` each rounded once to bf16's 8
-/// bits, 2^-9 relative at most, about a third of that on a sum of many
-/// products: `Precision::Bf16`'s 1e-2 for one op.
+/// The GEMM ops with bf16 and f16 weights, on each kernel version. Inputs
+/// drawn in the same type: rounding `x` to it is exact, so only f32 sums err
+/// (1e-5, as in f32), except after a LayerNorm. Inputs drawn in f32: `x` and
+/// `w` each rounded once, to bf16's 8 bits (2^-9 relative at most) or f16's
+/// 11, about a third of that on a sum of many products: the precision's 1e-2
+/// for one op.
 #[test]
-fn bf16_gemms_match_reference() {
-    let fast = bf16_cpu(0);
-    let naive = fast.naive().unwrap().expect("a v1");
-    assert_eq!(naive.options().precision, Precision::Bf16);
-    let cases = verify::standard_cases();
-    let one_op = Precision::Bf16.tolerances().0;
-    // With a LayerNorm before the GEMM, its output is rounded to bf16 too.
-    let ops = [
-        ("linear", 1e-5),
-        ("layer_norm_linear", one_op),
-        ("linear_layer_norm", 1e-5),
-    ];
-    for be in [fast, naive] {
-        for (op, bf16_inputs) in ops {
-            for (dtype, tol) in [(DType::BF16, bf16_inputs), (DType::F32, one_op)] {
-                let n = verify::check_cases(&be, &cases, op, dtype, 310, tol)
-                    .unwrap_or_else(|e| panic!("{:?} {op}: {e}", be.options().version));
-                assert!(n > 0, "no standard case for {op}");
+fn gemms_in_16_bits_match_reference() {
+    for (precision, dtype) in SIXTEEN {
+        let fast = cpu_in(precision, 0);
+        let naive = fast.naive().unwrap().expect("a v1");
+        assert_eq!(naive.options().precision, precision);
+        let cases = verify::standard_cases();
+        let one_op = precision.tolerances().0;
+        // With a LayerNorm before the GEMM, its output is rounded too.
+        let ops = [
+            ("linear", 1e-5),
+            ("layer_norm_linear", one_op),
+            ("linear_layer_norm", 1e-5),
+        ];
+        for be in [fast, naive] {
+            for (op, exact_inputs) in ops {
+                for (dtype, tol) in [(dtype, exact_inputs), (DType::F32, one_op)] {
+                    let n =
+                        verify::check_cases(&be, &cases, op, dtype, 310, tol).unwrap_or_else(|e| {
+                            panic!("{precision:?} {:?} {op}: {e}", be.options().version)
+                        });
+                    assert!(n > 0, "no standard case for {op}");
+                }
             }
         }
     }
 }
 
-/// The whole projector with bf16 GEMMs within `Precision::Bf16`'s 2e-2 of
-/// the float64 reference, weights and inputs drawn in bf16 and in f32; and
-/// the same bits on 1 and 3 threads.
+/// The whole projector with bf16 and f16 GEMMs within the precision's 2e-2
+/// of the float64 reference, weights and inputs drawn in that type and in
+/// f32; and the same bits on 1 and 3 threads.
 #[test]
-fn bf16_projector_matches_reference() {
-    let be = bf16_cpu(0);
-    let tol = Precision::Bf16.tolerances().1;
+fn projector_in_16_bits_matches_reference() {
     let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
     let v15 = ProjectorConfig::preset(Modality::Video, Variant::V15);
-    for (config, batch, dtype) in [
-        (&image, 1, DType::BF16),
-        (&image, 3, DType::F32),
-        (&v15, 2, DType::BF16),
-    ] {
-        let r = verify::compare_projector(&be, config, batch, dtype, 12).unwrap();
-        assert!(r.rel <= tol, "{} {dtype}: rel {:.3e}", r.case, r.rel);
-        println!("{} {dtype}: rel {:.2e}", r.case, r.rel);
+    for (precision, dtype) in SIXTEEN {
+        let be = cpu_in(precision, 0);
+        let tol = precision.tolerances().1;
+        for (config, batch, dtype) in [
+            (&image, 1, dtype),
+            (&image, 3, DType::F32),
+            (&v15, 2, dtype),
+        ] {
+            let r = verify::compare_projector(&be, config, batch, dtype, 12).unwrap();
+            assert!(
+                r.rel <= tol,
+                "{precision:?} {} {dtype}: rel {:.3e}",
+                r.case,
+                r.rel
+            );
+            println!("{precision:?} {} {dtype}: rel {:.2e}", r.case, r.rel);
+        }
+        let case = verify::ProjectorCase::new(&image, 2, dtype, 5).unwrap();
+        let bits = |be: &Cpu| {
+            let y = case.run(be, |p, h, e| be.download(&p.forward(h, Some(e))?));
+            y.unwrap()
+                .to_f32_vec()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&cpu_in(precision, 1)), bits(&cpu_in(precision, 3)));
     }
-    let case = verify::ProjectorCase::new(&image, 2, DType::BF16, 5).unwrap();
-    let bits = |be: &Cpu| {
-        let y = case.run(be, |p, h, e| be.download(&p.forward(h, Some(e))?));
-        y.unwrap()
-            .to_f32_vec()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(bits(&bf16_cpu(1)), bits(&bf16_cpu(3)));
 }
 
-/// A bf16 weight comes back as it went up (odd rows padded inside, not
-/// outside); any other op than `linear`'s weight refuses it, and so does
-/// `data()`; values bf16 cannot hold, and precisions the CPU does not
-/// compute in, are errors.
+/// A bf16 or f16 weight comes back as it went up (bf16's odd rows padded
+/// inside, not outside); any other op than `linear`'s weight refuses it, and
+/// so does `data()`; values the type cannot hold, and TF32, are errors. In
+/// f16, so is a GEMM input past f16's range.
 #[test]
-fn bf16_weights_are_linear_weights_only() {
+fn weights_in_16_bits_are_linear_weights_only() {
     use output_projector::ops::Shaped;
-    let be = bf16_cpu(1);
-    let w = HostTensor::randn(vec![3, 5], 6, "w")
-        .unwrap()
-        .to_storage(DType::BF16, "w")
-        .unwrap();
-    let up = be.upload_weight(&w).unwrap();
-    assert_eq!((up.dtype(), up.shape()), (DType::BF16, &[3, 5][..]));
-    let back = be.download(&up).unwrap();
-    assert_eq!(back.dtype(), DType::BF16);
-    assert_eq!(back.to_f32_vec(), w.to_f32_vec());
-    // Rows of no elements, and no rows, go up and come back too.
-    for shape in [vec![3, 0], vec![0, 5]] {
-        let empty = HostTensor::new(shape.clone(), HostData::BF16(vec![])).unwrap();
-        let back = be.download(&be.upload_weight(&empty).unwrap()).unwrap();
-        assert_eq!((back.shape(), back.numel()), (&shape[..], 0));
-    }
-    // An f32 backend keeps weights in f32.
-    assert_eq!(cpu(1).upload_weight(&w).unwrap().dtype(), DType::F32);
+    for (precision, dtype) in SIXTEEN {
+        let be = cpu_in(precision, 1);
+        let w = HostTensor::randn(vec![3, 5], 6, "w")
+            .unwrap()
+            .to_storage(dtype, "w")
+            .unwrap();
+        let up = be.upload_weight(&w).unwrap();
+        assert_eq!((up.dtype(), up.shape()), (dtype, &[3, 5][..]));
+        let back = be.download(&up).unwrap();
+        assert_eq!(back.dtype(), dtype);
+        assert_eq!(back.to_f32_vec(), w.to_f32_vec());
+        // From f32: rounded once, to the same values.
+        let from_f32 = be.upload_weight(&w.to_dtype(DType::F32)).unwrap();
+        assert_eq!(be.download(&from_f32).unwrap().to_f32_vec(), w.to_f32_vec());
+        // Rows of no elements, and no rows, go up and come back too.
+        for shape in [vec![3, 0], vec![0, 5]] {
+            let empty = HostTensor::from_f32(shape.clone(), vec![]).unwrap();
+            let back = be.download(&be.upload_weight(&empty).unwrap()).unwrap();
+            assert_eq!((back.shape(), back.numel()), (&shape[..], 0));
+            // As a GEMM's weight: an error (a dimension of 0), not a panic.
+            let x = vec![1.0; 2 * shape[1]];
+            let x = be.upload(&HostTensor::from_f32(vec![2, shape[1]], x).unwrap());
+            let up = be.upload_weight(&empty).unwrap();
+            let mut out = be.alloc(&[2, shape[0]]).unwrap();
+            let got = be.linear(&x.unwrap(), &up, None, Activation::None, None, &mut out);
+            assert!(
+                got.unwrap_err().to_string().contains("at least 1"),
+                "{shape:?}"
+            );
+        }
+        // An f32 backend keeps weights in f32.
+        assert_eq!(cpu(1).upload_weight(&w).unwrap().dtype(), DType::F32);
 
-    let x = be
-        .upload(&HostTensor::randn(vec![2, 5], 7, "x").unwrap())
-        .unwrap();
-    let mut out = be.alloc(&[2, 3]).unwrap();
-    be.linear(&x, &up, None, Activation::None, None, &mut out)
-        .unwrap();
-    let mut square = be.alloc(&[3, 3]).unwrap();
-    let e = be.linear(&up, &up, None, Activation::None, None, &mut square);
-    let e = e.unwrap_err().to_string();
-    assert!(e.contains("shape [3, 5] is stored in bf16"), "{e}");
-    let gamma = be.upload_weight(&w.rows(0..1).unwrap().reshape(vec![5]).unwrap());
-    let beta = be.upload(&HostTensor::from_f32(vec![5], vec![0.0; 5]).unwrap());
-    let mut y = be.alloc(&[2, 5]).unwrap();
-    let e = be.layer_norm(
-        &x,
-        None,
-        &gamma.unwrap(),
-        &beta.unwrap(),
-        1e-5,
-        &mut y,
-        None,
-    );
-    let e = e.unwrap_err().to_string();
-    assert!(e.contains("only linear's weight may be bf16"), "{e}");
-    assert!(up.data().is_err());
+        let x = be
+            .upload(&HostTensor::randn(vec![2, 5], 7, "x").unwrap())
+            .unwrap();
+        let mut out = be.alloc(&[2, 3]).unwrap();
+        be.linear(&x, &up, None, Activation::None, None, &mut out)
+            .unwrap();
+        let mut square = be.alloc(&[3, 3]).unwrap();
+        let e = be.linear(&up, &up, None, Activation::None, None, &mut square);
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("shape [3, 5] is stored in {dtype}")),
+            "{e}"
+        );
+        let gamma = be.upload_weight(&w.rows(0..1).unwrap().reshape(vec![5]).unwrap());
+        let beta = be.upload(&HostTensor::from_f32(vec![5], vec![0.0; 5]).unwrap());
+        let mut y = be.alloc(&[2, 5]).unwrap();
+        let e = be.layer_norm(
+            &x,
+            None,
+            &gamma.unwrap(),
+            &beta.unwrap(),
+            1e-5,
+            &mut y,
+            None,
+        );
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("only linear's weight may be {dtype}")),
+            "{e}"
+        );
+        assert!(up.data().is_err());
 
-    let big = HostTensor::from_f64(vec![2], vec![1.0, 1e39]).unwrap();
-    let e = be.upload_weight(&big).map(|_| ()).unwrap_err().to_string();
-    assert!(e.contains("at flat index 1 overflows bf16"), "{e}");
-    for p in [Precision::F16, Precision::Tf32] {
-        let e = cpu(1)
-            .with_precision(p)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(&format!("precision {}", p.name())), "{e}");
+        let big = if precision == Precision::F16 {
+            7e4
+        } else {
+            1e39
+        };
+        let big = HostTensor::from_f64(vec![2], vec![1.0, big]).unwrap();
+        let e = be.upload_weight(&big).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("at flat index 1 overflows {dtype}")),
+            "{e}"
+        );
     }
+    // f16's range bounds a GEMM's input too: 65519 rounds to 65504, 65520
+    // to infinity (an error); an infinity passes, as it does in f32.
+    let be = cpu_in(Precision::F16, 1);
+    let w = be.upload_weight(&HostTensor::from_f32(vec![1, 3], vec![1.0; 3]).unwrap());
+    let w = w.unwrap();
+    let mut out = be.alloc(&[1, 1]).unwrap();
+    for (x, want) in [
+        ([65519.0, 0.0, -1.0], Ok(65503.0)),
+        (
+            [1.0, -65520.0, 0.0],
+            Err("-65520 at flat index 1 overflows f16"),
+        ),
+        ([f32::INFINITY, 1.0, 0.0], Ok(f32::INFINITY)),
+    ] {
+        let x = be.upload(&HostTensor::from_f32(vec![1, 3], x.to_vec()).unwrap());
+        let got = be.linear(&x.unwrap(), &w, None, Activation::None, None, &mut out);
+        match want {
+            Ok(v) => {
+                got.unwrap();
+                assert_eq!(out.data().unwrap()[0], v);
+            }
+            Err(msg) => {
+                let e = got.unwrap_err().to_string();
+                assert!(e.contains(msg), "{e}");
+            }
+        }
+    }
+    let e = cpu(1)
+        .with_precision(Precision::Tf32)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("precision tf32"), "{e}");
 }
 
 /// Values f32 cannot hold are errors on upload, and an attention scale past

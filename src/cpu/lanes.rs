@@ -2,7 +2,8 @@
 //! [`pair_dots`](super::linear::pair_dots) and
 //! [`weighted_sums`](super::linear::weighted_sums), written once over
 //! [`Lanes`] (eight f32 lanes in one instruction set's registers) and
-//! [`Dot`] (what a step multiplies into them: f32, or pairs of bf16).
+//! [`Dot`] (what a step multiplies into them: f32, or pairs of bf16); and
+//! [`half_dots`], f16 rows widened into the f32 tiles.
 //!
 //! Everything here is `#[inline(always)]`, so a tile compiles for the
 //! instruction set of the function it is inlined into: a
@@ -13,11 +14,11 @@
 //! baseline's [`tree`]: where the baseline has a fused multiply-add (aarch64),
 //! the f32 tiles give its results bit for bit. The bf16 tiles do everywhere:
 //! a product of two bf16 is exact in f32, so fused or not, each step rounds
-//! once.
+//! once. So do the f16 ones, for the same reason (11 bits by 11 fit f32's 24).
 
 use std::marker::PhantomData;
 
-use super::linear::{madd_pair, tree, Rows, LANES, LINE, MR, NR};
+use super::linear::{f16_value, madd_pair, tree, Rows, LANES, LINE, MR, NR};
 
 /// Eight f32 lanes: one AVX register, or two NEON ones.
 ///
@@ -33,6 +34,10 @@ pub(super) trait Lanes: Copy {
     /// Eight bf16 pairs (the even element in each `u32`'s low half) as f32:
     /// the odd elements, then the even ones.
     unsafe fn load_pairs(p: *const u32) -> (Self, Self);
+    /// Eight f16 (their bits) as f32.
+    unsafe fn load_halves(p: *const u16) -> Self;
+    /// Each lane rounded to the nearest f16 (ties to even), as f32.
+    unsafe fn round_f16(self) -> Self;
     unsafe fn store(self, p: *mut f32);
     /// `a · b + c`, rounded once.
     unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
@@ -144,6 +149,16 @@ mod x86 {
             )
         }
         #[inline(always)]
+        unsafe fn load_halves(p: *const u16) -> Self {
+            Avx2(_mm256_cvtph_ps(_mm_loadu_si128(p.cast())))
+        }
+        #[inline(always)]
+        unsafe fn round_f16(self) -> Self {
+            Avx2(_mm256_cvtph_ps(
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(self.0),
+            ))
+        }
+        #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             _mm256_storeu_ps(p, self.0)
         }
@@ -219,6 +234,41 @@ mod arm {
             (Neon(odd(lo), odd(hi)), Neon(even(lo), even(hi)))
         }
         #[inline(always)]
+        unsafe fn load_halves(p: *const u16) -> Self {
+            // `fcvtl` is base AArch64; its intrinsic (`vcvt_f32_f16`) is not
+            // stable Rust.
+            let v = vld1q_u16(p);
+            let (lo, hi): (float32x4_t, float32x4_t);
+            std::arch::asm!(
+                "fcvtl {lo:v}.4s, {v:v}.4h",
+                "fcvtl2 {hi:v}.4s, {v:v}.8h",
+                v = in(vreg) v,
+                lo = out(vreg) lo,
+                hi = out(vreg) hi,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+            Neon(lo, hi)
+        }
+        #[inline(always)]
+        unsafe fn round_f16(self) -> Self {
+            // To f16 and back, rounded as FPCR says: to nearest even, as
+            // Linux starts every thread.
+            let (lo, hi): (float32x4_t, float32x4_t);
+            std::arch::asm!(
+                "fcvtn {h:v}.4h, {a:v}.4s",
+                "fcvtn2 {h:v}.8h, {b:v}.4s",
+                "fcvtl {lo:v}.4s, {h:v}.4h",
+                "fcvtl2 {hi:v}.4s, {h:v}.8h",
+                a = in(vreg) self.0,
+                b = in(vreg) self.1,
+                h = out(vreg) _,
+                lo = out(vreg) lo,
+                hi = out(vreg) hi,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+            Neon(lo, hi)
+        }
+        #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             vst1q_f32(p, self.0);
             vst1q_f32(p.add(4), self.1);
@@ -242,7 +292,7 @@ mod arm {
 /// `$tile::<V, R, C>(..)` for a tile of `rows` (at most `MR`) by `cols`
 /// (`NR` or more taken as `NR`).
 macro_rules! by_tile {
-    ($V:ident, $rows:expr, $cols:expr, $tile:ident($($arg:expr),*)) => {
+    ($V:ty, $rows:expr, $cols:expr, $tile:ident($($arg:expr),*)) => {
         match ($rows, $cols) {
             (3, 4..) => $tile::<$V, 3, 4>($($arg),*),
             (3, 3) => $tile::<$V, 3, 3>($($arg),*),
@@ -280,6 +330,72 @@ pub(super) unsafe fn dots<D: Dot>(
             by_tile!(D, x.len(), w.len(), tile(x, w, o, c0, ahead));
             ahead = &[];
         }
+    }
+}
+
+/// [`half_dots`](super::linear::half_dots): each `NR` rows of `ws` widened to
+/// f32 once (exact), then multiplied by every row of `xs` in the f32 tiles, so
+/// that the widening costs nothing per row of `xs`. Streamed rows: the next
+/// `NR` rows are fetched into L2 while these are widened.
+#[inline(always)]
+pub(super) unsafe fn half_dots<V: Lanes>(
+    xs: &[&[f32]],
+    ws: &[&[u16]],
+    rows: Rows,
+    out: &mut [&mut [f32]],
+) {
+    let Some(k) = ws.first().map(|w| w.len()) else {
+        return;
+    };
+    let mut wide = vec![0.0f32; NR * k];
+    for (c0, w) in (0..ws.len()).step_by(NR).zip(ws.chunks(NR)) {
+        let next = match rows {
+            Rows::Streamed => ws.get(c0 + NR..).unwrap_or_default(),
+            Rows::Cached => &[],
+        };
+        let mut wr = [&[][..]; NR];
+        // Rows of no elements widen to none (and `chunks` takes no zero).
+        for (c, wide) in wide.chunks_mut(k.max(1)).take(w.len()).enumerate() {
+            widen::<V>(&w[c][..k], wide, next.get(c));
+            wr[c] = wide;
+        }
+        let wr = &wr[..w.len()];
+        for (x, o) in xs.chunks(MR).zip(out.chunks_mut(MR)) {
+            by_tile!(F32s<V>, x.len(), w.len(), tile(x, wr, o, c0, &[]));
+        }
+    }
+}
+
+/// `dst = src` as f32, fetching `ahead` into L2 a cache line at a time.
+#[inline(always)]
+unsafe fn widen<V: Lanes>(src: &[u16], dst: &mut [f32], ahead: Option<&&[u16]>) {
+    let body = src.len() - src.len() % LANES;
+    for i in (0..body).step_by(LANES) {
+        // Twice as many f16 as f32 to a line.
+        if let (Some(a), 0) = (ahead, i % (2 * LINE)) {
+            V::prefetch(a.as_ptr().wrapping_add(i).cast());
+        }
+        // SAFETY: i + LANES <= body <= both lengths.
+        V::load_halves(src.as_ptr().add(i)).store(dst.as_mut_ptr().add(i));
+    }
+    for (d, &s) in dst[body..].iter_mut().zip(&src[body..]) {
+        *d = f16_value(s);
+    }
+}
+
+/// `out = x` rounded to f16 (as [`Lanes::round_f16`]).
+#[inline(always)]
+pub(super) unsafe fn round_f16<V: Lanes>(x: &[f32], out: &mut [f32]) {
+    let out = &mut out[..x.len()];
+    let body = x.len() - x.len() % LANES;
+    for i in (0..body).step_by(LANES) {
+        // SAFETY: i + LANES <= body <= both lengths.
+        V::load(x.as_ptr().add(i))
+            .round_f16()
+            .store(out.as_mut_ptr().add(i));
+    }
+    for (o, &v) in out[body..].iter_mut().zip(&x[body..]) {
+        *o = super::linear::f16_round(v);
     }
 }
 

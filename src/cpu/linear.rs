@@ -9,8 +9,8 @@
 
 use rayon::prelude::*;
 
-use super::{lanes, tiles, Tile};
-use crate::error::Result;
+use super::{fold8, lanes, tiles, Tile};
+use crate::error::{Error, Result};
 use crate::ops::{Activation, LinearDims};
 use crate::tensor::try_filled;
 
@@ -32,7 +32,8 @@ const X_BLOCK_BYTES: usize = 256 << 10;
 pub(crate) enum Simd {
     /// What the build targets (SSE2 on x86-64, NEON with FMA on aarch64).
     Baseline,
-    /// AVX2 with fused multiply-add, found at run time.
+    /// AVX2 with fused multiply-add (and F16C's conversions), found at run
+    /// time.
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
     /// The same, and AVX512-BF16's `vdpbf16ps` (with AVX512-VL) for the
@@ -47,7 +48,10 @@ pub(crate) enum Simd {
 impl Simd {
     pub(crate) fn detect() -> Simd {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512vl") {
                 return Simd::Avx2Bf16;
             }
@@ -180,6 +184,65 @@ pub(crate) fn pair_dots(
         // SAFETY: the build targets NEON.
         Simd::Neon => unsafe { lanes::dots::<lanes::Pairs<lanes::Neon>>(xs, ws, rows, out) },
     }
+}
+
+/// [`dots`] of f32 rows by rows of f16 (their bits), each widened to f32:
+/// exact, so with `xs` holding f16 values too ([`round_f16`]) each product is
+/// exact and every instruction set gives the same bits.
+pub(crate) fn half_dots(
+    simd: Simd,
+    xs: &[&[f32]],
+    ws: &[&[u16]],
+    rows: Rows,
+    out: &mut [&mut [f32]],
+) {
+    match simd {
+        Simd::Baseline => {
+            let mut wide = Vec::new();
+            for (c, w) in ws.iter().enumerate() {
+                wide.clear();
+                wide.extend(w.iter().map(|&b| f16_value(b)));
+                for (x, o) in xs.iter().zip(out.iter_mut()) {
+                    o[c] = dot(x, &wide);
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` gives these only where it found AVX2, FMA and F16C.
+        Simd::Avx2Fma | Simd::Avx2Bf16 => unsafe { avx2::half_dots(xs, ws, rows, out) },
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        // SAFETY: the build targets NEON.
+        Simd::Neon => unsafe { lanes::half_dots::<lanes::Neon>(xs, ws, rows, out) },
+    }
+}
+
+/// `out = x` rounded to the nearest f16 (ties to even), as f32.
+pub(crate) fn round_f16(simd: Simd, x: &[f32], out: &mut [f32]) {
+    match simd {
+        Simd::Baseline => {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = f16_round(v);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` gives these only where it found AVX2, FMA and F16C.
+        Simd::Avx2Fma | Simd::Avx2Bf16 => unsafe { avx2::round_f16(x, out) },
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        // SAFETY: the build targets NEON.
+        Simd::Neon => unsafe { lanes::round_f16::<lanes::Neon>(x, out) },
+    }
+}
+
+/// The f16 of bits `b` as f32 (exact).
+#[inline(always)]
+pub(super) fn f16_value(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
+}
+
+/// `v` rounded to the nearest f16 (ties to even), as f32.
+#[inline(always)]
+pub(super) fn f16_round(v: f32) -> f32 {
+    half::f16::from_f32(v).to_f32()
 }
 
 /// `out[r] = Σ_j ps[r][j] · vs[j]`: rows of weights times a matrix given by
@@ -319,18 +382,34 @@ mod avx2 {
         lanes::dots::<lanes::DotBf16>(xs, ws, rows, out)
     }
 
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn half_dots(
+        xs: &[&[f32]],
+        ws: &[&[u16]],
+        rows: Rows,
+        out: &mut [&mut [f32]],
+    ) {
+        lanes::half_dots::<Avx2>(xs, ws, rows, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn round_f16(x: &[f32], out: &mut [f32]) {
+        lanes::round_f16::<Avx2>(x, out)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn weighted_sums(ps: &[&[f32]], vs: &[&[f32]], out: &mut [&mut [f32]]) {
         lanes::weighted_sums::<Avx2>(ps, vs, out)
     }
 }
 
-/// The weight of one `linear` call: `[n, k]` f32, or `[n, k.div_ceil(2)]` bf16
-/// pairs ([`pack_pairs`]).
+/// The weight of one `linear` call: `[n, k]` f32, `[n, k.div_ceil(2)]` bf16
+/// pairs ([`pack_pairs`]), or `[n, k]` f16 bits.
 #[derive(Clone, Copy)]
 pub(super) enum Weight<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u32]),
+    F16(&'a [u16]),
 }
 
 /// The inputs of one `linear` call.
@@ -343,8 +422,8 @@ pub(super) struct Linear<'a> {
 }
 
 /// `out = act(x · wᵀ + b) + residual`, tiles of the output spread over the
-/// pool. With a bf16 weight, `x` is rounded to bf16 first (a copy of `m` rows
-/// of bf16 pairs).
+/// pool. With a bf16 or f16 weight, `x` is rounded to that type first (a copy
+/// of `m` rows); a finite value of `x` past f16's range is an error.
 pub(super) fn linear(simd: Simd, d: LinearDims, a: Linear<'_>, out: &mut [f32]) -> Result<()> {
     let (row_block, col_block) = blocks(d, rayon::current_num_threads());
     let tiles = tiles(out, d.n, row_block, col_block);
@@ -358,22 +437,52 @@ pub(super) fn linear(simd: Simd, d: LinearDims, a: Linear<'_>, out: &mut [f32]) 
                 .for_each(|(out, x)| pack_pairs(x, d.k, bf16_bits, out));
             each_tile(simd, d, &a, tiles, (&x, w, kp), pair_dots);
         }
+        Weight::F16(w) => {
+            let mut x = try_filled(d.m * d.k, 0f32, "linear input in f16")?;
+            x.par_chunks_mut(d.k * row_block)
+                .zip(a.x.par_chunks(d.k * row_block))
+                .for_each(|(out, x)| round_f16(simd, x, out));
+            if let Some((i, v)) = past_f16(simd, a.x) {
+                return Err(Error::invalid(format!(
+                    "linear input: {v} at flat index {i} overflows f16 (the backend is set \
+                     to f16; f32 or bf16 hold it)"
+                )));
+            }
+            each_tile(simd, d, &a, tiles, (&x, w, d.k), half_dots);
+        }
     }
     Ok(())
 }
 
-/// [`dots`] or [`pair_dots`].
-type Dots<E> = fn(Simd, &[&[E]], &[&[E]], Rows, &mut [&mut [f32]]);
+/// The first finite value of `x` that f16 cannot hold (infinities and NaN
+/// pass through a forward as they do in f32).
+fn past_f16(simd: Simd, x: &[f32]) -> Option<(usize, f32)> {
+    // At 65520 and above a value rounds to infinity (f16's largest is 65504).
+    let finite_abs = |v: f32| if v.is_finite() { v.abs() } else { 0.0 };
+    let max = x
+        .par_chunks(1 << 14)
+        .map(|x| simd.run(|| fold8(x, 0.0, |m, v| m.max(finite_abs(v)), f32::max)))
+        .reduce(|| 0.0, f32::max);
+    if max < 65520.0 {
+        return None;
+    }
+    x.iter()
+        .position(|&v| finite_abs(v) >= 65520.0)
+        .map(|i| (i, x[i]))
+}
+
+/// [`dots`], [`pair_dots`] or [`half_dots`].
+type Dots<X, W> = fn(Simd, &[&[X]], &[&[W]], Rows, &mut [&mut [f32]]);
 
 /// `product` of each tile's rows of `x` and `w` (rows of `len` elements),
 /// then its epilogue, the tiles spread over the pool.
-fn each_tile<E: Sync>(
+fn each_tile<X: Sync, W: Sync>(
     simd: Simd,
     d: LinearDims,
     a: &Linear<'_>,
     tiles: Vec<Tile<'_>>,
-    (x, w, len): (&[E], &[E], usize),
-    product: Dots<E>,
+    (x, w, len): (&[X], &[W], usize),
+    product: Dots<X, W>,
 ) {
     tiles.into_par_iter().for_each(|mut t| {
         let xs = rows(x, len, t.row, t.rows.len());
@@ -513,14 +622,22 @@ mod tests {
         check_products(weighted_sums, false, &shapes);
     }
 
-    /// [`pair_dots`] on every instruction set here: the same bits as the
+    /// Rows of `k` values, packed into rows of `len(k)` elements.
+    type Pack<E> = fn(&[f32], usize) -> Vec<E>;
+    /// How `x` and `w` are packed, and the length of a packed row.
+    type Packing<X, W> = (Pack<X>, Pack<W>, fn(usize) -> usize);
+
+    /// `product` on every instruction set here: the same bits as the
     /// baseline's plain loop, on every tile shape and odd lengths, rows
     /// cached and streamed, outputs poisoned; and within f32's rounding of
-    /// the f64 sum of the bf16 values. (An element only on one path, the
-    /// even one's product before the odd one's, or fewer lanes, changes bits
-    /// here.)
-    #[test]
-    fn pair_dots_give_the_same_bits_everywhere() {
+    /// the f64 sum of the values as `round` gives them. (An element only on
+    /// one path, products added in another order, or fewer lanes, change
+    /// bits here.)
+    fn same_bits_everywhere<X: Copy, W: Copy>(
+        round: fn(f32) -> f32,
+        (pack_x, pack_w, len): Packing<X, W>,
+        product: Dots<X, W>,
+    ) {
         let shapes: [(usize, usize, usize); 7] = [
             (1, 1, 1),
             (5, 7, 7),
@@ -545,42 +662,112 @@ mod tests {
             }
         };
         for &(rows, k, cols) in &shapes {
-            let kp = k.div_ceil(2);
             let x: Vec<f32> = (0..rows * k).map(|_| value()).collect();
             let w: Vec<f32> = (0..cols * k).map(|_| value()).collect();
-            let (mut xp, mut wp) = (vec![0u32; rows * kp], vec![0u32; cols * kp]);
-            pack_pairs(&x, k, bf16_bits, &mut xp);
-            pack_pairs(&w, k, bf16_bits, &mut wp);
-            let xs: Vec<&[u32]> = xp.chunks(kp).collect();
-            let ws: Vec<&[u32]> = wp.chunks(kp).collect();
+            let (xp, wp) = (pack_x(&x, k), pack_w(&w, k));
+            let xs: Vec<&[X]> = xp.chunks(len(k)).collect();
+            let ws: Vec<&[W]> = wp.chunks(len(k)).collect();
             let mut baseline: Vec<u32> = Vec::new();
             for simd in Simd::here() {
                 for stream in [Rows::Cached, Rows::Streamed] {
                     let mut out = vec![f32::NAN; rows * cols];
                     let mut rows_out: Vec<&mut [f32]> = out.chunks_mut(cols).collect();
-                    pair_dots(simd, &xs, &ws, stream, &mut rows_out);
+                    product(simd, &xs, &ws, stream, &mut rows_out);
                     let bits: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
-                    if baseline.is_empty() {
-                        baseline = bits;
-                        let bf = |v: f32| f64::from(half::bf16::from_f32(v).to_f32());
-                        for r in 0..rows {
-                            for c in 0..cols {
-                                let want: f64 =
-                                    (0..k).map(|t| bf(x[r * k + t]) * bf(w[c * k + t])).sum();
-                                let scale: f64 = (0..k)
-                                    .map(|t| (bf(x[r * k + t]) * bf(w[c * k + t])).abs())
-                                    .sum();
-                                let got = f64::from(out[r * cols + c]);
-                                // The bound on a sum of k + 1 f32 adds.
-                                assert!(
-                                    (got - want).abs() <= (k + 1) as f64 * 6e-8 * scale,
-                                    "{rows}x{k}x{cols} at ({r}, {c}): {got} vs {want}"
-                                );
-                            }
-                        }
-                    } else {
+                    if !baseline.is_empty() {
                         assert_eq!(bits, baseline, "{simd:?} {stream:?} {rows}x{k}x{cols}");
+                        continue;
                     }
+                    baseline = bits;
+                    let r = |v: f32| f64::from(round(v));
+                    for i in 0..rows {
+                        for c in 0..cols {
+                            let terms = (0..k).map(|t| r(x[i * k + t]) * r(w[c * k + t]));
+                            let want: f64 = terms.clone().sum();
+                            let scale: f64 = terms.map(f64::abs).sum();
+                            let got = f64::from(out[i * cols + c]);
+                            // The bound on a sum of k + 1 f32 adds.
+                            assert!(
+                                (got - want).abs() <= (k + 1) as f64 * 6e-8 * scale,
+                                "{rows}x{k}x{cols} at ({i}, {c}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`pair_dots`] (bf16 pairs, `vdpbf16ps`'s order) gives the same bits
+    /// everywhere. It fails with a pair's even product added first.
+    #[test]
+    fn pair_dots_give_the_same_bits_everywhere() {
+        fn pack(v: &[f32], k: usize) -> Vec<u32> {
+            let mut out = vec![0u32; v.len() / k * k.div_ceil(2)];
+            pack_pairs(v, k, bf16_bits, &mut out);
+            out
+        }
+        let bf16 = |v: f32| half::bf16::from_f32(v).to_f32();
+        same_bits_everywhere(bf16, (pack, pack, |k| k.div_ceil(2)), pair_dots);
+    }
+
+    /// [`half_dots`] (f32 rows holding f16 values by f16 rows) gives the same
+    /// bits everywhere.
+    #[test]
+    fn half_dots_give_the_same_bits_everywhere() {
+        fn pack_x(v: &[f32], _: usize) -> Vec<f32> {
+            let mut out = vec![f32::NAN; v.len()];
+            round_f16(Simd::Baseline, v, &mut out);
+            out
+        }
+        fn pack_w(v: &[f32], _: usize) -> Vec<u16> {
+            v.iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect()
+        }
+        same_bits_everywhere(f16_round, (pack_x, pack_w, |k| k), half_dots);
+    }
+
+    /// [`round_f16`] on every instruction set here gives `half`'s rounding
+    /// bit for bit: ties to even, f16's subnormals, its largest value, the
+    /// first to round to infinity, infinities and NaN.
+    #[test]
+    fn f16_rounding_is_the_same_everywhere() {
+        let ulp = 2f32.powi(-10);
+        let mut x = vec![
+            0.0,
+            -0.0,
+            1.0 + ulp / 2.0,       // a tie: down to even
+            1.0 + 3.0 * ulp / 2.0, // a tie: up to even
+            2f32.powi(-24),        // the least subnormal
+            2f32.powi(-25),        // half of it: a tie, to zero
+            3.0 * 2f32.powi(-26),  // rounds up to the least subnormal
+            6.1e-5,                // subnormal, near the least normal
+            65504.0,
+            65519.99,
+            65520.0,
+            -65520.0,
+            1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        let mut rng = crate::rng::Rng::new(9);
+        x.extend((0..1000).map(|_| f32::from_bits(rng.next_u64() as u32 & 0xc7ff_ffff)));
+        for len in [x.len(), 7, 8, 9] {
+            let x = &x[..len];
+            let want: Vec<u32> = x.iter().map(|&v| f16_round(v).to_bits()).collect();
+            for simd in Simd::here() {
+                let mut out = vec![1.5f32; len];
+                round_f16(simd, x, &mut out);
+                for (i, (o, w)) in out.iter().zip(&want).enumerate() {
+                    let nan = f32::from_bits(*w).is_nan();
+                    assert!(
+                        o.to_bits() == *w || (nan && o.is_nan()),
+                        "{simd:?} {}: {o} vs {}",
+                        x[i],
+                        f32::from_bits(*w)
+                    );
                 }
             }
         }

@@ -4,7 +4,9 @@
 //! Set to [`Precision::Bf16`] ([`CpuOptions::precision`]), it keeps the GEMMs'
 //! weights in bf16 and multiplies them by inputs rounded to bf16, summing in
 //! f32: on AVX512-BF16's `vdpbf16ps` where the CPU has it, else on the same
-//! tiles with the values widened, in the same order, to the same bits.
+//! tiles with the values widened, in the same order, to the same bits. Set to
+//! [`Precision::F16`], it does the same in f16, the weights widened to f32 a
+//! few rows at a time (F16C on x86-64) into the f32 tiles.
 //! It is the device for an engine without a GPU; the float64
 //! [`Reference`](crate::reference::Reference) stays the oracle it is checked
 //! against, and the naive baseline it is measured against.
@@ -55,9 +57,10 @@ use crate::tensor::{
     try_copied, try_filled, try_with_capacity, DType, Dense, HostData, HostTensor,
 };
 
-/// A row-major tensor in host memory: f32, or bf16 for the weight of a GEMM
-/// uploaded by [`Backend::upload_weight`] to a backend set to
-/// [`Precision::Bf16`] ([`CpuTensor::dtype`] tells which).
+/// A row-major tensor in host memory: f32, or bf16 or f16 for the weight of a
+/// GEMM uploaded by [`Backend::upload_weight`] to a backend set to
+/// [`Precision::Bf16`] or [`Precision::F16`] ([`CpuTensor::dtype`] tells
+/// which).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuTensor {
     shape: Vec<usize>,
@@ -70,6 +73,8 @@ enum Stored {
     /// Each row (the last dimension) in bf16 pairs, as `linear` reads them
     /// (`linear::pack_pairs`).
     Bf16(Vec<u32>),
+    /// The bits of each f16, row-major, as `linear` reads them.
+    F16(Vec<u16>),
 }
 
 impl CpuTensor {
@@ -93,36 +98,39 @@ impl CpuTensor {
         })
     }
 
-    /// [`DType::F32`], or [`DType::BF16`] for a GEMM weight of a bf16 backend.
+    /// [`DType::F32`], or [`DType::BF16`] or [`DType::F16`] for a GEMM weight
+    /// of a bf16 or f16 backend.
     pub fn dtype(&self) -> DType {
         match self.data {
             Stored::F32(_) => DType::F32,
             Stored::Bf16(_) => DType::BF16,
+            Stored::F16(_) => DType::F16,
         }
     }
 
-    /// The f32 elements, row-major; an error for a bf16 tensor (which
+    /// The f32 elements, row-major; an error for a bf16 or f16 tensor (which
     /// [`Backend::download`] gives back).
     pub fn data(&self) -> Result<&[f32]> {
         match &self.data {
             Stored::F32(v) => Ok(v),
-            Stored::Bf16(_) => Err(Self::not_f32(&self.shape)),
+            _ => Err(Self::not_f32(&self.shape, self.dtype())),
         }
     }
 
     /// The f32 elements, row-major, to write in place (the shape stays); an
-    /// error for a bf16 tensor.
+    /// error for a bf16 or f16 tensor.
     pub fn data_mut(&mut self) -> Result<&mut [f32]> {
+        let dtype = self.dtype();
         match &mut self.data {
             Stored::F32(v) => Ok(v),
-            Stored::Bf16(_) => Err(Self::not_f32(&self.shape)),
+            _ => Err(Self::not_f32(&self.shape, dtype)),
         }
     }
 
-    fn not_f32(shape: &[usize]) -> Error {
+    fn not_f32(shape: &[usize], dtype: DType) -> Error {
         Error::invalid(format!(
-            "cpu: a tensor of shape {shape:?} is stored in bf16, as a GEMM weight \
-             (Backend::upload_weight); only linear's weight may be bf16"
+            "cpu: a tensor of shape {shape:?} is stored in {dtype}, as a GEMM weight \
+             (Backend::upload_weight); only linear's weight may be {dtype}"
         ))
     }
 }
@@ -148,12 +156,13 @@ pub struct CpuOptions {
     /// build's baseline (SSE2 on x86-64), and attention's P·V one value row at
     /// a time.
     pub version: KernelVersion,
-    /// [`Precision::F32`] (the default), or [`Precision::Bf16`]: the GEMMs'
-    /// weights stored in bf16 ([`Backend::upload_weight`]), and each GEMM's
-    /// input rounded to bf16, its products summed in f32 (on AVX512-BF16's
-    /// `vdpbf16ps` where the CPU has it); everything else in f32. Half the
-    /// weights' memory; the same bits on every CPU. TF32 and f16 are an
-    /// [`Error::Invalid`].
+    /// [`Precision::F32`] (the default), [`Precision::Bf16`] or
+    /// [`Precision::F16`]: the GEMMs' weights stored in that type
+    /// ([`Backend::upload_weight`]), and each GEMM's input rounded to it, its
+    /// products summed in f32 (bf16 on AVX512-BF16's `vdpbf16ps` where the CPU
+    /// has it); everything else in f32. Half the weights' memory; the same
+    /// bits on every CPU. In f16, a GEMM input past f16's range (65504) is an
+    /// error, as it would be infinite. TF32 is an [`Error::Invalid`].
     pub precision: Precision,
 }
 
@@ -243,7 +252,8 @@ impl Cpu {
     }
 
     /// The same backend set to `precision` (see [`CpuOptions::precision`]):
-    /// [`Precision::F32`] or [`Precision::Bf16`], else an [`Error::Invalid`].
+    /// [`Precision::F32`], [`Precision::Bf16`] or [`Precision::F16`], else an
+    /// [`Error::Invalid`].
     /// ```
     /// use output_projector::cpu::Cpu;
     /// use output_projector::device::Precision;
@@ -251,14 +261,14 @@ impl Cpu {
     /// # fn main() -> output_projector::Result<()> {
     /// let cpu = Cpu::open()?.with_precision(Precision::Bf16)?;
     /// assert_eq!(cpu.options().precision, Precision::Bf16);
-    /// assert!(Cpu::open()?.with_precision(Precision::F16).is_err());
+    /// assert!(Cpu::open()?.with_precision(Precision::Tf32).is_err());
     /// # Ok(())
     /// # }
     /// ```
     pub fn with_precision(self, precision: Precision) -> Result<Cpu> {
         if !precision.runs_on(DeviceKind::Cpu) {
             return Err(Error::invalid(format!(
-                "cpu backend: precision {} (it computes in f32, or bf16 GEMMs)",
+                "cpu backend: precision {} (it computes in f32, or bf16 or f16 GEMMs)",
                 precision.name()
             )));
         }
@@ -310,28 +320,34 @@ impl Backend for Cpu {
         CpuTensor::new(t.shape().to_vec(), data)
     }
 
-    /// In bf16 where the backend is set to [`Precision::Bf16`] (rounded to
-    /// nearest even, straight from any stored type; values below bf16's
-    /// normal range flushed to zero), else as [`upload`](Backend::upload).
+    /// In bf16 or f16 where the backend is set to [`Precision::Bf16`] or
+    /// [`Precision::F16`] (rounded to nearest even, straight from any stored
+    /// type, a finite value past the type's range an error; bf16 values below
+    /// its normal range flushed to zero), else as [`upload`](Backend::upload).
     fn upload_weight(&self, t: &HostTensor) -> Result<CpuTensor> {
-        let v = match (self.precision, t.data()) {
-            (Precision::Bf16, HostData::BF16(v)) => v,
-            // Another type: converted first, a finite value past bf16's range an error.
-            (Precision::Bf16, _) => {
-                return self.upload_weight(&t.to_storage(DType::BF16, "weight upload to cpu")?)
+        const WHAT: &str = "weight upload to cpu";
+        let data = match (self.precision, t.data()) {
+            (Precision::Bf16, HostData::BF16(v)) => {
+                let k = t.shape().last().copied().unwrap_or(1);
+                let rows = t.numel().checked_div(k).unwrap_or(0);
+                let pairs = rows
+                    .checked_mul(k.div_ceil(2))
+                    .ok_or_else(|| Error::Overflow(format!("weight of shape {:?}", t.shape())))?;
+                let mut data = try_filled(pairs, 0u32, WHAT)?;
+                linear::pack_pairs(v, k, |v| linear::flush(v.to_bits()), &mut data);
+                Stored::Bf16(data)
+            }
+            (Precision::F16, HostData::F16(v)) => {
+                Stored::F16(try_copied(bytemuck::cast_slice(v), WHAT)?)
+            }
+            (Precision::Bf16 | Precision::F16, _) => {
+                return self.upload_weight(&t.to_storage(self.precision.storage(), WHAT)?)
             }
             _ => return self.upload(t),
         };
-        let k = t.shape().last().copied().unwrap_or(1);
-        let rows = t.numel().checked_div(k).unwrap_or(0);
-        let pairs = rows
-            .checked_mul(k.div_ceil(2))
-            .ok_or_else(|| Error::Overflow(format!("weight of shape {:?}", t.shape())))?;
-        let mut data = try_filled(pairs, 0u32, "weight upload to cpu")?;
-        linear::pack_pairs(v, k, |v| linear::flush(v.to_bits()), &mut data);
         Ok(CpuTensor {
             shape: t.shape().to_vec(),
-            data: Stored::Bf16(data),
+            data,
         })
     }
 
@@ -349,6 +365,10 @@ impl Backend for Cpu {
                     v.extend(halves.take(k).map(half::bf16::from_bits));
                 }
                 HostTensor::new(t.shape.clone(), HostData::BF16(v))
+            }
+            Stored::F16(bits) => {
+                let v = try_copied(bytemuck::cast_slice(bits), "download from cpu")?;
+                HostTensor::new(t.shape.clone(), HostData::F16(v))
             }
         }
     }
@@ -395,6 +415,7 @@ impl Backend for Cpu {
             w: match &w.data {
                 Stored::F32(v) => linear::Weight::F32(v),
                 Stored::Bf16(pairs) => linear::Weight::Bf16(pairs),
+                Stored::F16(bits) => linear::Weight::F16(bits),
             },
             b: b.map(|t| t.data()).transpose()?,
             act,
