@@ -7,6 +7,8 @@
 //! vectors for `MR·NR` multiply-adds. A thread's block of `x` rows stays in its
 //! L2 while it walks its block of `w` rows, `NR` at a time (in L1).
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::{fold8, lanes, tiles, Tile};
@@ -200,8 +202,9 @@ pub(crate) fn half_dots(
         Simd::Baseline => {
             let mut wide = Vec::new();
             for (c, w) in ws.iter().enumerate() {
-                wide.clear();
-                wide.extend(w.iter().map(|&b| f16_value(b)));
+                wide.resize(w.len(), 0.0);
+                // A row at a time (`half` checks for F16C once a call).
+                bytemuck::cast_slice::<u16, f16>(w).convert_to_f32_slice(&mut wide);
                 for (x, o) in xs.iter().zip(out.iter_mut()) {
                     o[c] = dot(x, &wide);
                 }
@@ -220,8 +223,13 @@ pub(crate) fn half_dots(
 pub(crate) fn round_f16(simd: Simd, x: &[f32], out: &mut [f32]) {
     match simd {
         Simd::Baseline => {
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = f16_round(v);
+            // In pieces, through `half`'s slice conversions (F16C where
+            // found, checked once a call).
+            let mut bits = [f16::ZERO; 256];
+            for (x, o) in x.chunks(bits.len()).zip(out.chunks_mut(bits.len())) {
+                let bits = &mut bits[..x.len()];
+                bits.convert_from_f32_slice(x);
+                bits.convert_to_f32_slice(&mut o[..x.len()]);
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -236,13 +244,13 @@ pub(crate) fn round_f16(simd: Simd, x: &[f32], out: &mut [f32]) {
 /// The f16 of bits `b` as f32 (exact).
 #[inline(always)]
 pub(super) fn f16_value(b: u16) -> f32 {
-    half::f16::from_bits(b).to_f32()
+    f16::from_bits(b).to_f32()
 }
 
 /// `v` rounded to the nearest f16 (ties to even), as f32.
 #[inline(always)]
 pub(super) fn f16_round(v: f32) -> f32 {
-    half::f16::from_f32(v).to_f32()
+    f16::from_f32(v).to_f32()
 }
 
 /// `out[r] = Σ_j ps[r][j] · vs[j]`: rows of weights times a matrix given by
