@@ -1,6 +1,6 @@
 //! Criterion benchmarks: each op at the image projector's shapes, and the whole
-//! projector, on every backend compiled in and available here (the reference,
-//! the CPU backend and its v1, wgpu, CUDA; on CUDA also
+//! projector, on every backend compiled in and available here (the reference;
+//! the CPU backend, its v1, and its bf16 and f16 GEMMs; wgpu; CUDA, also
 //! replayed from a CUDA graph, f32 and bf16).
 //!
 //! `cargo bench --bench ops`; add `-- projector` or `-- linear` to filter.
@@ -8,6 +8,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use output_projector::bench::OpCase;
 use output_projector::config::{Modality, ProjectorConfig, Variant};
+use output_projector::device::Precision;
 use output_projector::ops::Backend;
 use output_projector::projector::Projector;
 use output_projector::reference::Reference;
@@ -81,6 +82,14 @@ fn benches(c: &mut Criterion) {
             ops_on(c, label, &be, 4);
         }
         projector_on(c, "cpu", &cpu, &[1, 8]);
+        // GEMMs with 16-bit weights: the ops and the projector at batch 1.
+        for (label, precision) in [("cpu-bf16", Precision::Bf16), ("cpu-f16", Precision::F16)] {
+            let Ok(be) = cpu.clone().with_precision(precision) else {
+                continue;
+            };
+            ops_on(c, label, &be, 2);
+            projector_on(c, label, &be, &[1]);
+        }
     }
     #[cfg(feature = "wgpu")]
     if let Ok(gpu) = output_projector::wgpu::Wgpu::open() {
