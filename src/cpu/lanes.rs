@@ -235,38 +235,22 @@ mod arm {
         }
         #[inline(always)]
         unsafe fn load_halves(p: *const u16) -> Self {
-            // `fcvtl` is base AArch64; its intrinsic (`vcvt_f32_f16`) is not
-            // stable Rust.
-            let v = vld1q_u16(p);
-            let (lo, hi): (float32x4_t, float32x4_t);
-            std::arch::asm!(
-                "fcvtl {lo:v}.4s, {v:v}.4h",
-                "fcvtl2 {hi:v}.4s, {v:v}.8h",
-                v = in(vreg) v,
-                lo = out(vreg) lo,
-                hi = out(vreg) hi,
-                options(pure, nomem, nostack, preserves_flags)
-            );
-            Neon(lo, hi)
+            from_halves(vld1q_u16(p))
         }
         #[inline(always)]
         unsafe fn round_f16(self) -> Self {
             // To f16 and back, rounded as FPCR says: to nearest even, as
             // Linux starts every thread.
-            let (lo, hi): (float32x4_t, float32x4_t);
+            let h: uint16x8_t;
             std::arch::asm!(
                 "fcvtn {h:v}.4h, {a:v}.4s",
                 "fcvtn2 {h:v}.8h, {b:v}.4s",
-                "fcvtl {lo:v}.4s, {h:v}.4h",
-                "fcvtl2 {hi:v}.4s, {h:v}.8h",
                 a = in(vreg) self.0,
                 b = in(vreg) self.1,
-                h = out(vreg) _,
-                lo = out(vreg) lo,
-                hi = out(vreg) hi,
+                h = out(vreg) h,
                 options(pure, nomem, nostack, preserves_flags)
             );
-            Neon(lo, hi)
+            from_halves(h)
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
@@ -286,6 +270,22 @@ mod arm {
                 options(nostack, readonly, preserves_flags)
             );
         }
+    }
+
+    /// Eight f16 (their bits) as f32: `fcvtl`, base AArch64, whose intrinsic
+    /// (`vcvt_f32_f16`) is not stable Rust.
+    #[inline(always)]
+    unsafe fn from_halves(v: uint16x8_t) -> Neon {
+        let (lo, hi): (float32x4_t, float32x4_t);
+        std::arch::asm!(
+            "fcvtl {lo:v}.4s, {v:v}.4h",
+            "fcvtl2 {hi:v}.4s, {v:v}.8h",
+            v = in(vreg) v,
+            lo = out(vreg) lo,
+            hi = out(vreg) hi,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        Neon(lo, hi)
     }
 }
 
