@@ -334,8 +334,8 @@ pub(super) unsafe fn dots<D: Dot>(
 }
 
 /// [`half_dots`](super::linear::half_dots): each `NR` rows of `ws` widened to
-/// f32 once (exact), then multiplied by every row of `xs` in the f32 tiles, so
-/// that the widening costs nothing per row of `xs`. Streamed rows: the next
+/// f32 once (exact), then multiplied by every row of `xs` in the f32 tiles: the
+/// widening is paid once for all the rows of `xs`. Streamed rows: the next
 /// `NR` rows are fetched into L2 while these are widened.
 #[inline(always)]
 pub(super) unsafe fn half_dots<V: Lanes>(

@@ -446,16 +446,16 @@ pub(super) fn linear(simd: Simd, d: LinearDims, a: Linear<'_>, out: &mut [f32]) 
             each_tile(simd, d, &a, tiles, (&x, w, kp), pair_dots);
         }
         Weight::F16(w) => {
-            let mut x = try_filled(d.m * d.k, 0f32, "linear input in f16")?;
-            x.par_chunks_mut(d.k * row_block)
-                .zip(a.x.par_chunks(d.k * row_block))
-                .for_each(|(out, x)| round_f16(simd, x, out));
             if let Some((i, v)) = past_f16(simd, a.x) {
                 return Err(Error::invalid(format!(
                     "linear input: {v} at flat index {i} overflows f16 (the backend is set \
                      to f16; f32 or bf16 hold it)"
                 )));
             }
+            let mut x = try_filled(a.x.len(), 0f32, "linear input in f16")?;
+            x.par_chunks_mut(d.k * row_block)
+                .zip(a.x.par_chunks(d.k * row_block))
+                .for_each(|(out, x)| round_f16(simd, x, out));
             each_tile(simd, d, &a, tiles, (&x, w, d.k), half_dots);
         }
     }
