@@ -291,10 +291,17 @@ pub trait Backend: Clone {
     /// Copy a GEMM's weight (`w` of [`linear`](Backend::linear), `[n, k]`)
     /// to the backend, in the form its `linear` reads fastest; only `linear`
     /// takes it as `w`, and [`download`](Backend::download) gives it back.
-    /// By default, [`upload`](Backend::upload); the CPU set to bf16 keeps it
-    /// in bf16.
+    /// By default, [`upload`](Backend::upload); the CPU set to bf16 or f16
+    /// keeps it in that type.
     fn upload_weight(&self, t: &HostTensor) -> Result<Self::Tensor> {
         self.upload(t)
+    }
+    /// The rayon pool that host work done for this backend runs on (the
+    /// once-per-projector absorption of the cross-attention weights): the CPU
+    /// backend's, so that it shares the cores the ops run on; by default
+    /// `None`, rayon's global pool.
+    fn host_pool(&self) -> Option<&rayon::ThreadPool> {
+        None
     }
     /// Copy a tensor back to the host.
     fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;

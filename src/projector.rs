@@ -47,6 +47,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use rayon::prelude::*;
+
 use crate::config::ProjectorConfig;
 use crate::error::{Error, Result};
 use crate::ops::{
@@ -366,7 +368,7 @@ impl<B: Backend> Projector<B> {
                 out: host(&layer.cross_out.weight)?,
             });
         }
-        let (w, b) = shape.weights(&layers)?;
+        let (w, b) = shape.weights(&layers, be.host_pool())?;
         let a = Arc::new(Linear {
             weight: be.upload_weight(&w)?,
             bias: be.upload(&b)?,
@@ -1167,8 +1169,13 @@ impl AbsorbedCross {
     }
 
     /// The stacked weight `[layers x width, d]` and bias of `layers`'
-    /// projections, each head of each layer a job for the machine's cores.
-    fn weights(&self, layers: &[AttentionWeights]) -> Result<(HostTensor, HostTensor)> {
+    /// projections, each head of each layer a job for `pool` (rayon's global
+    /// pool where `None`).
+    fn weights(
+        &self,
+        layers: &[AttentionWeights],
+        pool: Option<&rayon::ThreadPool>,
+    ) -> Result<(HostTensor, HostTensor)> {
         if layers.len() != self.layers {
             return Err(Error::invalid(format!(
                 "absorbed cross-attention: {} layers given, {} expected",
@@ -1193,24 +1200,25 @@ impl AbsorbedCross {
                 .zip(values.chunks_mut(d * d))
                 .zip(value_bias.chunks_mut(d).zip(key_bias.chunks_mut(d)));
             for (head, ((keys, values), (value_bias, key_bias))) in rows.enumerate() {
-                jobs.push(Mutex::new(HeadRows {
+                jobs.push(HeadRows {
                     layer,
                     head,
                     keys,
                     values,
                     value_bias,
                     key_bias,
-                }));
+                });
             }
         }
-        // Each job's lock is taken once, by the thread that runs it.
-        crate::parallel::map_in_order(&jobs, |job| {
-            job.lock().map(|mut rows| self.absorb(&mut rows)).is_ok()
-        })
-        .ok()
-        .filter(|done| done.iter().all(|&ok| ok))
-        .ok_or_else(|| Error::invalid("absorbing the cross-attention: a thread panicked"))?;
-        drop(jobs);
+        let run = || {
+            jobs.into_par_iter()
+                .for_each(|mut rows| self.absorb(&mut rows))
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match pool {
+            Some(pool) => pool.install(run),
+            None => run(),
+        }))
+        .map_err(|_| Error::invalid("absorbing the cross-attention: a thread panicked"))?;
         Ok((
             HostTensor::from_f64(vec![rows, d], w)?,
             HostTensor::from_f64(vec![rows], b)?,
@@ -1371,7 +1379,7 @@ mod tests {
             literal.push((w, b, norms));
         }
         let shape = AbsorbedCross::new(layers, heads, d)?;
-        let (aw, ab) = shape.weights(&host)?;
+        let (aw, ab) = shape.weights(&host, None)?;
         let spec = AttentionSpec::new(heads, d / heads);
         let (xt, rt, mt) = (up(&x)?, up(&r)?, up(&m)?);
         let mut kv = be.alloc(&[batch, lk, aw.shape()[0]])?;

@@ -220,10 +220,10 @@ impl Cpu {
     /// an engine, so that the projector's ops and the engine's work do not
     /// oversubscribe the cores. Results do not depend on the pool's size.
     /// Calling an op from one of the pool's own threads is fine: it runs
-    /// there, its parts spread over the pool. (The absorption of the
-    /// cross-attention weights, host code shared by every backend that runs
-    /// once per projector at its first forward, `plan` or `capture`, takes
-    /// threads of its own, one per core.)
+    /// there, its parts spread over the pool. So does the host work of a
+    /// [`Projector`](crate::projector::Projector) on this backend (the
+    /// absorption of the cross-attention weights at its first forward):
+    /// nothing starts threads of its own.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -371,6 +371,10 @@ impl Backend for Cpu {
                 HostTensor::new(t.shape.clone(), HostData::F16(v))
             }
         }
+    }
+
+    fn host_pool(&self) -> Option<&rayon::ThreadPool> {
+        Some(&self.pool)
     }
 
     fn check_room(&self, elements: usize, what: &str) -> Result<()> {
