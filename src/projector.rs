@@ -1279,6 +1279,24 @@ struct HeadRows<'a> {
 /// slice of `src` stays in L1 while every row of `out` takes it (a loop over
 /// `t` outside would sweep all of `out` once per term).
 fn combine(terms: usize, coef: &[f64], src: &[f64], out: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is there.
+        return unsafe { combine_avx2(terms, coef, src, out) };
+    }
+    combine_rows(terms, coef, src, out)
+}
+
+/// [`combine`] 4 f64 wide (SSE2's 2), unfused: the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn combine_avx2(terms: usize, coef: &[f64], src: &[f64], out: &mut [f64]) {
+    combine_rows(terms, coef, src, out)
+}
+
+/// [`combine`], for the instruction set of its caller.
+#[inline(always)]
+fn combine_rows(terms: usize, coef: &[f64], src: &[f64], out: &mut [f64]) {
     const BLOCK: usize = 16;
     let len = src.len() / terms.max(1);
     if len == 0 {
