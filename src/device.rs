@@ -236,8 +236,9 @@ fn cuda_status() -> BackendStatus {
     }
 }
 
-/// The number format a GPU backend computes in. Sums are f32 in every case;
-/// the CPU reference computes in f64 and takes only `F32` (the default).
+/// The number format a backend computes in. Sums are f32 in every case; the
+/// CPU backend keeps f32 but for its GEMMs in bf16 or f16; the reference
+/// computes in f64 and takes only `F32` (the default).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Precision {
     /// f32 storage and f32 arithmetic throughout; the default.
@@ -289,7 +290,7 @@ impl Precision {
     }
 
     /// Whether backend `kind` computes in this precision (CUDA: all of them;
-    /// wgpu: f32 and f16; the CPU: f32 and bf16 (its GEMMs); the reference:
+    /// wgpu: f32 and f16; the CPU: f32, bf16 and f16 (its GEMMs); the reference:
     /// f32, in float64).
     pub fn runs_on(self, kind: DeviceKind) -> bool {
         match kind {
