@@ -1287,7 +1287,10 @@ fn combine(terms: usize, coef: &[f64], src: &[f64], out: &mut [f64]) {
     combine_rows(terms, coef, src, out)
 }
 
-/// [`combine`] 4 f64 wide (SSE2's 2), unfused: the same bits.
+/// [`combine`] 4 f64 wide (SSE2's 2), unfused: the same bits. A named
+/// function, not `simd_run!`: its closure stayed out of line, compiled for
+/// SSE2 (objdump: no ymm register in it), where `combine_rows`, marked
+/// `#[inline(always)]`, is inlined here.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn combine_avx2(terms: usize, coef: &[f64], src: &[f64], out: &mut [f64]) {

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::layer_norm::{norm_row, normalize};
-use super::linear::{dots, weighted_sums, Rows, Simd};
+use super::linear::{dots, simd_run, weighted_sums, Rows, Simd};
 use super::softmax::softmax;
 use super::tiles;
 use crate::ops::{AbsorbedAttentionDims, AttentionDims};
@@ -117,7 +117,7 @@ pub(super) fn attention_absorbed(
         .zip(out.par_chunks_mut(c))
         .enumerate()
         .for_each_init(scratch, |(s, h, p), (r, (y, o))| {
-            simd.run(|| {
+            simd_run!(simd, {
                 let b = r / d.lq;
                 let res = a.residual.map(|res| &res[r * c..(r + 1) * c]);
                 norm_row(&a.x[r * c..(r + 1) * c], res, a.norm, a.eps, h, None, s);

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::fold8;
-use super::linear::Simd;
+use super::linear::{simd_run, Simd};
 use crate::ops::LayerNormDims;
 
 /// The inputs of one `layer_norm` call.
@@ -36,7 +36,7 @@ pub(super) fn layer_norm(
             .enumerate()
             .for_each_init(
                 || vec![0.0f64; c],
-                |wide, (r, (o, s))| simd.run(|| a.row(r, o, Some(s), wide)),
+                |wide, (r, (o, s))| simd_run!(simd, a.row(r, o, Some(s), wide)),
             ),
         None => out
             .par_chunks_mut(c)
@@ -44,7 +44,7 @@ pub(super) fn layer_norm(
             .enumerate()
             .for_each_init(
                 || vec![0.0f64; c],
-                |wide, (r, o)| simd.run(|| a.row(r, o, None, wide)),
+                |wide, (r, o)| simd_run!(simd, a.row(r, o, None, wide)),
             ),
     }
 }

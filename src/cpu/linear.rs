@@ -69,23 +69,6 @@ impl Simd {
         }
     }
 
-    /// `f()` compiled for this instruction set: with AVX2, `f` and what it
-    /// inlines (the row loops of the norms and the softmax, marked
-    /// `#[inline(always)]`) are vectorised 8 f32 or 4 f64 lanes wide instead
-    /// of the baseline's 4 or 2.
-    #[inline(always)]
-    pub(crate) fn run<R>(self, f: impl FnOnce() -> R) -> R {
-        match self {
-            Simd::Baseline => f(),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `detect` gives these only where it found AVX2 and FMA.
-            Simd::Avx2Fma | Simd::Avx2Bf16 => unsafe { run_avx2(f) },
-            // NEON is the build's baseline: nothing to switch on.
-            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
-            Simd::Neon => f(),
-        }
-    }
-
     pub(crate) fn name(self) -> &'static str {
         match self {
             Simd::Baseline if BASELINE_FMA => "baseline+fma",
@@ -115,9 +98,36 @@ impl Simd {
     }
 }
 
+/// `$body` compiled for the instruction set `$simd` (a [`Simd`]): with AVX2,
+/// the body and what it inlines (the row loops of the norms and the softmax,
+/// marked `#[inline(always)]`) are vectorised 8 f32 or 4 f64 lanes wide
+/// instead of the baseline's 4 or 2. The body is written out once per arm:
+/// one closure called from both had two callers and, once large, stayed out
+/// of line, compiled for the baseline (the absorbed attention's row did, AVX2
+/// or not). A closure with one caller is inlined at these call sites
+/// (objdump: each has its AVX2 `run_avx2`), but inlining a closure is LLVM's
+/// choice; code that must be AVX2 whatever its size is a named
+/// `#[target_feature]` function calling an `#[inline(always)]` one (as
+/// `projector::combine`).
+macro_rules! simd_run {
+    ($simd:expr, $body:expr) => {
+        match $simd {
+            #[cfg(target_arch = "x86_64")]
+            $crate::cpu::linear::Simd::Avx2Fma | $crate::cpu::linear::Simd::Avx2Bf16 => {
+                // SAFETY: `detect` gives these only where it found AVX2 and FMA.
+                unsafe { $crate::cpu::linear::run_avx2(|| $body) }
+            }
+            // The baseline, and NEON (the build's baseline on aarch64).
+            _ => $body,
+        }
+    };
+}
+pub(crate) use simd_run;
+
+/// `f()` with AVX2 and FMA on: [`simd_run`]'s AVX2 arm.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
@@ -469,7 +479,7 @@ fn past_f16(simd: Simd, x: &[f32]) -> Option<(usize, f32)> {
     let finite_abs = |v: f32| if v.is_finite() { v.abs() } else { 0.0 };
     let max = x
         .par_chunks(1 << 14)
-        .map(|x| simd.run(|| fold8(x, 0.0, |m, v| m.max(finite_abs(v)), f32::max)))
+        .map(|x| simd_run!(simd, fold8(x, 0.0, |m, v| m.max(finite_abs(v)), f32::max)))
         .reduce(|| 0.0, f32::max);
     if max < 65520.0 {
         return None;

@@ -7,13 +7,13 @@
 //! bitwise the same probabilities.
 
 use super::fold8;
-use super::linear::Simd;
+use super::linear::{simd_run, Simd};
 
 /// `row = softmax(row · scale)` over the keys `hidden` does not mark (all of
 /// them without it); hidden keys get 0, and a row with no visible key is all
 /// zeros.
 pub(super) fn softmax(simd: Simd, row: &mut [f32], scale: f32, hidden: Option<&[bool]>) {
-    simd.run(|| softmax_body(row, scale, hidden))
+    simd_run!(simd, softmax_body(row, scale, hidden))
 }
 
 #[inline(always)]
