@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::signal::SignalPositions;
-use crate::tensor::HostTensor;
+use crate::tensor::{DType, HostTensor};
 
 /// What every backend's tensor can say about itself.
 pub trait Shaped {
@@ -295,6 +295,14 @@ pub trait Backend: Clone {
     /// keeps it in that type.
     fn upload_weight(&self, t: &HostTensor) -> Result<Self::Tensor> {
         self.upload(t)
+    }
+    /// The host type [`upload_weight`](Backend::upload_weight) keeps as it
+    /// is. Weights made on the host in f64 (the absorbed cross-attention's)
+    /// are rounded to it where they are made, in parallel, rather than
+    /// converted whole at the upload; the bits are the same. By default
+    /// [`DType::F64`]: the upload converts.
+    fn weight_dtype(&self) -> DType {
+        DType::F64
     }
     /// The rayon pool that host work done for this backend runs on (the
     /// once-per-projector absorption of the cross-attention weights): the CPU

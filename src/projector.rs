@@ -57,7 +57,7 @@ use crate::ops::{
 };
 use crate::profile;
 use crate::signal::SignalPositions;
-use crate::tensor::{checked_numel, try_filled, HostTensor};
+use crate::tensor::{checked_numel, overflows, try_filled, try_zeroed, DType, Element, HostTensor};
 use crate::weights::ProjectorWeights;
 
 struct Linear<T> {
@@ -351,24 +351,29 @@ impl<B: Backend> Projector<B> {
         let d = c.d_model;
         let host = |t: &B::Tensor| be.download(t).map(|h| h.to_f64_vec());
         let (kv_w, kv_b) = (host(&self.cross_kv.weight)?, host(&self.cross_kv.bias)?);
-        let shape = AbsorbedCross::new(c.decoder_layers, c.heads, d)?;
-        let mut layers = Vec::with_capacity(self.decoder.len());
-        for (l, layer) in self.decoder.iter().enumerate() {
-            let kv = 2 * d * l;
-            layers.push(AttentionWeights {
-                q: (host(&layer.cross_q.weight)?, host(&layer.cross_q.bias)?),
-                k: (
-                    kv_w[kv * d..(kv + d) * d].to_vec(),
-                    kv_b[kv..kv + d].to_vec(),
-                ),
-                v: (
-                    kv_w[(kv + d) * d..(kv + 2 * d) * d].to_vec(),
-                    kv_b[kv + d..kv + 2 * d].to_vec(),
-                ),
-                out: host(&layer.cross_out.weight)?,
-            });
+        let mut own = Vec::with_capacity(self.decoder.len());
+        for layer in &self.decoder {
+            own.push((
+                host(&layer.cross_q.weight)?,
+                host(&layer.cross_q.bias)?,
+                host(&layer.cross_out.weight)?,
+            ));
         }
-        let (w, b) = shape.weights(&layers, be.host_pool())?;
+        let layers: Vec<AttentionWeights<'_>> = own
+            .iter()
+            .zip(kv_w.chunks_exact(2 * d * d).zip(kv_b.chunks_exact(2 * d)))
+            .map(|((wq, bq, wo), (kv_w, kv_b))| {
+                let ((wk, wv), (bk, bv)) = (kv_w.split_at(d * d), kv_b.split_at(d));
+                AttentionWeights {
+                    q: (wq, bq),
+                    k: (wk, bk),
+                    v: (wv, bv),
+                    out: wo,
+                }
+            })
+            .collect();
+        let shape = AbsorbedCross::new(c.decoder_layers, c.heads, d)?;
+        let (w, b) = shape.weights(&layers, be.weight_dtype(), be.host_pool())?;
         let a = Arc::new(Linear {
             weight: be.upload_weight(&w)?,
             bias: be.upload(&b)?,
@@ -1097,11 +1102,11 @@ impl<T: Shaped> Work<T> {
 /// One attention block's projections on the host, in f64: weight and bias of
 /// its query, key and value projections (`[d, d]` and `[d]`), and its output
 /// projection's weight.
-struct AttentionWeights {
-    q: (Vec<f64>, Vec<f64>),
-    k: (Vec<f64>, Vec<f64>),
-    v: (Vec<f64>, Vec<f64>),
-    out: Vec<f64>,
+struct AttentionWeights<'a> {
+    q: (&'a [f64], &'a [f64]),
+    k: (&'a [f64], &'a [f64]),
+    v: (&'a [f64], &'a [f64]),
+    out: &'a [f64],
 }
 
 /// The layout of the absorbed cross-attention's stacked weight (see the
@@ -1168,12 +1173,27 @@ impl AbsorbedCross {
         }
     }
 
-    /// The stacked weight `[layers x width, d]` and bias of `layers`'
-    /// projections, each head of each layer a job for `pool` (rayon's global
-    /// pool where `None`).
+    /// The stacked weight `[layers x width, d]`, in `dtype`, and bias (f64)
+    /// of `layers`' projections, each head of each layer a job for `pool`
+    /// (rayon's global pool where `None`). Each job sums its rows in f64 and
+    /// rounds them to `dtype` once, into pages it touches first.
     fn weights(
         &self,
-        layers: &[AttentionWeights],
+        layers: &[AttentionWeights<'_>],
+        dtype: DType,
+        pool: Option<&rayon::ThreadPool>,
+    ) -> Result<(HostTensor, HostTensor)> {
+        match dtype {
+            DType::F64 => self.weights_in::<f64>(layers, pool),
+            DType::F32 => self.weights_in::<f32>(layers, pool),
+            DType::F16 => self.weights_in::<half::f16>(layers, pool),
+            DType::BF16 => self.weights_in::<half::bf16>(layers, pool),
+        }
+    }
+
+    fn weights_in<T: Element>(
+        &self,
+        layers: &[AttentionWeights<'_>],
         pool: Option<&rayon::ThreadPool>,
     ) -> Result<(HostTensor, HostTensor)> {
         if layers.len() != self.layers {
@@ -1185,13 +1205,13 @@ impl AbsorbedCross {
         }
         let (d, heads, width) = (self.d, self.heads, self.width);
         let rows = self.layers * width;
-        let mut w = try_filled(rows * d, 0.0f64, "absorbed cross-attention weight")?;
+        // Zeroed pages from the allocator, not a serial fill: the padding
+        // rows stay zero, and each job faults in its own rows.
+        let mut w = try_zeroed::<T>(rows * d, "absorbed cross-attention weight")?;
         let mut b = try_filled(rows, 0.0f64, "absorbed cross-attention bias")?;
         let mut jobs = Vec::with_capacity(self.layers * heads);
-        for (layer, (w, b)) in layers
-            .iter()
-            .zip(w.chunks_mut(width * d).zip(b.chunks_mut(width)))
-        {
+        let blocks = w.chunks_mut(width * d).zip(b.chunks_mut(width));
+        for (layer_index, (layer, (w, b))) in layers.iter().zip(blocks).enumerate() {
             let (keys, rest) = w.split_at_mut(heads * d * d);
             let (values, key_bias) = rest.split_at_mut(heads * d * d);
             let value_bias = &mut b[heads * d..2 * heads * d];
@@ -1202,6 +1222,7 @@ impl AbsorbedCross {
             for (head, ((keys, values), (value_bias, key_bias))) in rows.enumerate() {
                 jobs.push(HeadRows {
                     layer,
+                    layer_index,
                     head,
                     keys,
                     values,
@@ -1212,64 +1233,93 @@ impl AbsorbedCross {
         }
         let run = || {
             jobs.into_par_iter()
-                .for_each(|mut rows| self.absorb(&mut rows))
+                .try_for_each_init(Vec::new, |sums, rows| self.absorb(rows, sums))
         };
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match pool {
             Some(pool) => pool.install(run),
             None => run(),
         }))
-        .map_err(|_| Error::invalid("absorbing the cross-attention: a thread panicked"))?;
+        .map_err(|_| Error::invalid("absorbing the cross-attention: a thread panicked"))??;
         Ok((
-            HostTensor::from_f64(vec![rows, d], w)?,
+            HostTensor::new(vec![rows, d], T::into_data(w))?,
             HostTensor::from_f64(vec![rows], b)?,
         ))
     }
 
-    /// One head's rows (zeroed) from its layer's projections. The key
-    /// projection's bias gives every key of a head the same share of its
-    /// score, `(W_qᵉ h + b_qᵉ) · b_kᵉ`, which the softmax cancels: the key
-    /// and key-bias rows have no bias. The value projection's bias comes out
-    /// of the softmax whole (the probabilities sum to 1), through the value
-    /// rows' bias.
-    fn absorb(&self, rows: &mut HeadRows<'_>) {
+    /// One head's rows from its layer's projections, summed in `sums` and
+    /// rounded into `rows`. The key projection's bias gives every key of a
+    /// head the same share of its score, `(W_qᵉ h + b_qᵉ) · b_kᵉ`, which the
+    /// softmax cancels: the key and key-bias rows have no bias. The value
+    /// projection's bias comes out of the softmax whole (the probabilities
+    /// sum to 1), through the value rows' bias.
+    fn absorb<T: Element>(&self, rows: HeadRows<'_, T>, sums: &mut Vec<f64>) -> Result<()> {
         let (d, hd, e) = (self.d, self.d / self.heads, rows.head);
         let a = rows.layer;
-        let ((wq, bq), (wk, _), (wv, bv), wo) = (&a.q, &a.k, &a.v, &a.out);
+        let ((wq, bq), (wk, _), (wv, bv), wo) = (a.q, a.k, a.v, a.out);
         let head = e * hd * d..(e + 1) * hd * d;
         let (k, v) = (&wk[head.clone()], &wv[head.clone()]);
-        let mut coef = vec![0.0f64; d * hd];
+        let layer_index = rows.layer_index;
+        if sums.len() != d * d {
+            *sums = try_filled(d * d, 0.0f64, "absorbed cross-attention")?;
+        }
+        // `out` summed from `coef` and `src` (see `combine`), then rounded.
+        let mut sum_into = |coef: &[f64], src: &[f64], out: &mut [T], part: &str| {
+            let sums = &mut sums[..out.len()];
+            sums.fill(0.0);
+            combine(hd, coef, src, sums);
+            round_into(sums, out).map_err(|(i, x)| {
+                let what = format!(
+                    "absorbed cross-attention weight, layer {layer_index} head {e}'s {part}"
+                );
+                overflows(&what, x, i, T::DTYPE)
+            })
+        };
+        let mut coef = try_filled(d * hd, 0.0f64, "absorbed cross-attention")?;
         // Key row i: Σ_t W_q[e·hd + t, i] · W_k[e·hd + t, :].
         for (t, q) in wq[head].chunks_exact(d).enumerate() {
             for (c, &q) in coef.chunks_exact_mut(hd).zip(q) {
                 c[t] = q;
             }
         }
-        combine(hd, &coef, k, rows.keys);
+        sum_into(&coef, k, rows.keys, "key rows")?;
         // Value row i: Σ_t W_o[i, e·hd + t] · W_v[e·hd + t, :].
         for (i, c) in coef.chunks_exact_mut(hd).enumerate() {
             c.copy_from_slice(&wo[i * d + e * hd..i * d + (e + 1) * hd]);
         }
-        combine(hd, &coef, v, rows.values);
+        sum_into(&coef, v, rows.values, "value rows")?;
         for (b, c) in rows.value_bias.iter_mut().zip(coef.chunks_exact(hd)) {
             for (c, bv) in c.iter().zip(&bv[e * hd..(e + 1) * hd]) {
                 *b += c * bv;
             }
         }
         // Key-bias row: Σ_t b_q[e·hd + t] · W_k[e·hd + t, :].
-        combine(hd, &bq[e * hd..(e + 1) * hd], k, rows.key_bias);
+        sum_into(&bq[e * hd..(e + 1) * hd], k, rows.key_bias, "key-bias row")
     }
 }
 
+/// `out = src` rounded to `T`, or the flat index and value of the first
+/// finite element that overflows it.
+fn round_into<T: Element>(src: &[f64], out: &mut [T]) -> std::result::Result<(), (usize, f64)> {
+    for (i, (o, &x)) in out.iter_mut().zip(src).enumerate() {
+        *o = T::from_f64(x);
+        if x.is_finite() && !o.to_f64().is_finite() {
+            return Err((i, x));
+        }
+    }
+    Ok(())
+}
+
 /// What one head of one layer writes of [`AbsorbedCross`]'s weight and bias.
-struct HeadRows<'a> {
-    layer: &'a AttentionWeights,
+struct HeadRows<'a, T> {
+    layer: &'a AttentionWeights<'a>,
+    layer_index: usize,
     head: usize,
     /// Its `d` key rows, `d` value rows (each `d` long) and their share of
     /// the bias (the key rows have none), and its key-bias row.
-    keys: &'a mut [f64],
-    values: &'a mut [f64],
+    keys: &'a mut [T],
+    values: &'a mut [T],
     value_bias: &'a mut [f64],
-    key_bias: &'a mut [f64],
+    key_bias: &'a mut [T],
 }
 
 /// `out[i] += Σ_t coef[i][t] · src[t]` for `terms` rows `src[t]` and the
@@ -1313,18 +1363,12 @@ fn combine_rows(terms: usize, coef: &[f64], src: &[f64], out: &mut [f64]) {
         for (p, s) in panel.iter_mut().zip(src.chunks_exact(len)) {
             p.copy_from_slice(&s[j..j + BLOCK]);
         }
-        for (c, row) in coef.chunks_exact(terms).zip(out.chunks_exact_mut(len)) {
-            // The block's sums stay in registers across the terms.
-            let mut acc = [0.0f64; BLOCK];
-            for (&c, p) in c.iter().zip(&panel) {
-                for (a, s) in acc.iter_mut().zip(p) {
-                    *a += c * s;
-                }
-            }
-            for (o, a) in row[j..j + BLOCK].iter_mut().zip(acc) {
-                *o += a;
-            }
-        }
+        // Rows two at a time: each load of the panel feeds both, and their
+        // eight chains of additions keep the adders busy.
+        let (pairs, rest) = coef.split_at(coef.len() / (2 * terms) * 2 * terms);
+        let (out_pairs, out_rest) = out.split_at_mut(pairs.len() / terms * len);
+        block_sums::<2, BLOCK>(pairs, &panel, len, j, out_pairs);
+        block_sums::<1, BLOCK>(rest, &panel, len, j, out_rest);
     }
     for (c, row) in coef.chunks_exact(terms).zip(out.chunks_exact_mut(len)) {
         for (j, o) in row.iter_mut().enumerate().skip(body) {
@@ -1332,6 +1376,39 @@ fn combine_rows(terms: usize, coef: &[f64], src: &[f64], out: &mut [f64]) {
                 .iter()
                 .zip(src.chunks_exact(len))
                 .fold(0.0, |acc, (&c, s)| acc + c * s[j]);
+        }
+    }
+}
+
+/// [`combine_rows`]'s sums of the columns `j..j + BLOCK` for `R` rows of
+/// `out` at a time (`out` a whole number of groups of `R` rows), each a
+/// dependent chain over the terms held in registers.
+#[inline(always)]
+fn block_sums<const R: usize, const BLOCK: usize>(
+    coef: &[f64],
+    panel: &[[f64; BLOCK]],
+    len: usize,
+    j: usize,
+    out: &mut [f64],
+) {
+    let terms = panel.len();
+    for (c, rows) in coef
+        .chunks_exact(R * terms)
+        .zip(out.chunks_exact_mut(R * len))
+    {
+        let mut acc = [[0.0f64; BLOCK]; R];
+        for (t, p) in panel.iter().enumerate() {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let c = c[r * terms + t];
+                for (a, s) in acc.iter_mut().zip(p) {
+                    *a += c * s;
+                }
+            }
+        }
+        for (row, acc) in rows.chunks_exact_mut(len).zip(acc) {
+            for (o, a) in row[j..j + BLOCK].iter_mut().zip(acc) {
+                *o += a;
+            }
         }
     }
 }
@@ -1366,6 +1443,66 @@ mod tests {
         }
     }
 
+    /// A layer's projections (weights and biases of q, k, v, out) in f64.
+    fn on_host(w: &[HostTensor], b: &[HostTensor]) -> [Vec<f64>; 7] {
+        [&w[0], &b[0], &w[1], &b[1], &w[2], &b[2], &w[3]].map(|t| t.to_f64_vec())
+    }
+
+    fn borrowed(p: &[Vec<f64>; 7]) -> AttentionWeights<'_> {
+        AttentionWeights {
+            q: (&p[0], &p[1]),
+            k: (&p[2], &p[3]),
+            v: (&p[4], &p[5]),
+            out: &p[6],
+        }
+    }
+
+    /// The stacked weight made in f32, f16 or bf16 is the f64 one rounded
+    /// by `to_storage`, to the bit; its bias is the f64 one. A product past
+    /// f16's range is an error naming where, not an infinite weight.
+    #[test]
+    fn absorbed_weights_round_once_to_the_backends_type() -> Result<()> {
+        let (heads, d, layers) = (3, 12, 2);
+        let mut rng = Rng::new(8);
+        let mut own = Vec::new();
+        for _ in 0..layers {
+            let mut t = |shape: &[usize]| -> Result<HostTensor> {
+                let n = checked_numel(shape, "test")?;
+                HostTensor::from_f64(shape.to_vec(), rng.normal_vec(n))
+            };
+            let w = [t(&[d, d])?, t(&[d, d])?, t(&[d, d])?, t(&[d, d])?];
+            let b = [t(&[d])?, t(&[d])?, t(&[d])?, t(&[d])?];
+            own.push(on_host(&w, &b));
+        }
+        let host: Vec<_> = own.iter().map(borrowed).collect();
+        let shape = AbsorbedCross::new(layers, heads, d)?;
+        let (w64, b64) = shape.weights(&host, DType::F64, None)?;
+        assert!(w64.to_f64_vec().iter().any(|&x| x != 0.0));
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let (w, b) = shape.weights(&host, dtype, None)?;
+            assert_eq!(w, w64.to_storage(dtype, "test")?, "{dtype}");
+            assert_eq!(b, b64, "{dtype}");
+        }
+        // The second layer's third head's query weights made huge: its key
+        // rows overflow f16 (and only f16).
+        let mut big = own.clone();
+        for q in &mut big[1][0][2 * d * d / heads..] {
+            *q *= 1e4;
+        }
+        let host: Vec<_> = big.iter().map(borrowed).collect();
+        assert!(shape.weights(&host, DType::F32, None).is_ok());
+        let e = shape
+            .weights(&host, DType::F16, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("absorbed cross-attention weight, layer 1 head 2's key rows: ")
+                && e.ends_with("overflows f16 storage"),
+            "{e}"
+        );
+        Ok(())
+    }
+
     /// The absorbed cross-attention (its weights, their layout in the GEMM's
     /// output, and the op) against the literal one, both on the f64
     /// reference: two layers, so the second layer's blocks are found at
@@ -1385,22 +1522,17 @@ mod tests {
             t(&[batch, lq, d])?,
             t(&[batch, lk, d])?,
         );
-        let mut host = Vec::new();
         let mut literal = Vec::new();
         for _ in 0..layers {
             let w: Vec<HostTensor> = (0..4).map(|_| t(&[d, d])).collect::<Result<_>>()?;
             let b: Vec<HostTensor> = (0..4).map(|_| t(&[d])).collect::<Result<_>>()?;
             let norms: Vec<HostTensor> = (0..4).map(|_| t(&[d])).collect::<Result<_>>()?;
-            host.push(AttentionWeights {
-                q: (w[0].to_f64_vec(), b[0].to_f64_vec()),
-                k: (w[1].to_f64_vec(), b[1].to_f64_vec()),
-                v: (w[2].to_f64_vec(), b[2].to_f64_vec()),
-                out: w[3].to_f64_vec(),
-            });
             literal.push((w, b, norms));
         }
+        let own: Vec<_> = literal.iter().map(|(w, b, _)| on_host(w, b)).collect();
+        let host: Vec<_> = own.iter().map(borrowed).collect();
         let shape = AbsorbedCross::new(layers, heads, d)?;
-        let (aw, ab) = shape.weights(&host, None)?;
+        let (aw, ab) = shape.weights(&host, DType::F64, None)?;
         let spec = AttentionSpec::new(heads, d / heads);
         let (xt, rt, mt) = (up(&x)?, up(&r)?, up(&m)?);
         let mut kv = be.alloc(&[batch, lk, aw.shape()[0]])?;

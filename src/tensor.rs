@@ -58,6 +58,49 @@ impl std::fmt::Display for DType {
     }
 }
 
+/// A host element type: its [`DType`], and conversions that round to nearest
+/// even straight from f64 or f32 (one rounding, never two).
+pub(crate) trait Element: bytemuck::Pod + Send + Sync {
+    const DTYPE: DType;
+    fn from_f64(x: f64) -> Self;
+    fn from_f32(x: f32) -> Self;
+    fn to_f64(self) -> f64;
+    fn into_data(v: Vec<Self>) -> HostData;
+}
+
+macro_rules! element {
+    ($t:ty, $dtype:ident, |$x:ident| $from_f64:expr, |$y:ident| $from_f32:expr, |$z:ident| $to_f64:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$dtype;
+            fn from_f64($x: f64) -> Self {
+                $from_f64
+            }
+            fn from_f32($y: f32) -> Self {
+                $from_f32
+            }
+            fn to_f64(self) -> f64 {
+                let $z = self;
+                $to_f64
+            }
+            fn into_data(v: Vec<Self>) -> HostData {
+                HostData::$dtype(v)
+            }
+        }
+    };
+}
+
+element!(f64, F64, |x| x, |x| x as f64, |x| x);
+element!(f32, F32, |x| x as f32, |x| x, |x| x as f64);
+element!(f16, F16, |x| f16::from_f64(x), |x| f16::from_f32(x), |x| x
+    .to_f64());
+element!(
+    bf16,
+    BF16,
+    |x| bf16::from_f64(x),
+    |x| bf16::from_f32(x),
+    |x| x.to_f64()
+);
+
 /// The elements of a host tensor, in their stored type.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HostData {
@@ -149,6 +192,15 @@ pub fn try_filled<T: Clone>(n: usize, value: T, what: &str) -> Result<Vec<T>> {
     Ok(v)
 }
 
+/// `n` zeros, or an error (never an abort) when they cannot be allocated.
+/// The allocator's zeroed pages: nothing is written until the first touch.
+pub(crate) fn try_zeroed<T: bytemuck::Zeroable>(n: usize, what: &str) -> Result<Vec<T>> {
+    let size = std::mem::size_of::<T>();
+    check_room(n, size, what)?;
+    bytemuck::allocation::try_zeroed_vec(n)
+        .map_err(|()| out_of_memory(n, size, what, String::new()))
+}
+
 /// A copy of `src`, or an error (never an abort) when it cannot be allocated.
 pub fn try_copied<T: Copy>(src: &[T], what: &str) -> Result<Vec<T>> {
     let mut v = try_with_capacity(src.len(), what)?;
@@ -187,6 +239,14 @@ pub(crate) fn check_room(n: usize, size: usize, what: &str) -> Result<()> {
 fn out_of_memory(n: usize, size: usize, what: &str, why: String) -> Error {
     Error::OutOfMemory(format!(
         "{what}: cannot allocate {n} elements of {size} bytes{why}"
+    ))
+}
+
+/// The error of a finite `value`, at flat index `i` of what `what` names,
+/// that would be infinite in `dtype`.
+pub(crate) fn overflows(what: &str, value: f64, i: usize, dtype: DType) -> Error {
+    Error::invalid(format!(
+        "{what}: {value} at flat index {i} overflows {dtype} storage"
     ))
 }
 
@@ -458,27 +518,30 @@ impl HostTensor {
 
     /// The tensor converted to `dtype` (round to nearest even).
     pub fn to_dtype(&self, dtype: DType) -> HostTensor {
-        let data = match dtype {
-            DType::F64 => HostData::F64(self.to_f64_vec()),
-            DType::F32 => HostData::F32(self.to_f32_vec()),
-            // Each element converted once, with no f32 copy of the whole.
-            DType::F16 => HostData::F16(match &self.data {
-                HostData::F64(v) => v.iter().map(|&x| f16::from_f64(x)).collect(),
-                HostData::F32(v) => v.iter().map(|&x| f16::from_f32(x)).collect(),
-                HostData::F16(v) => v.clone(),
-                HostData::BF16(v) => v.iter().map(|x| f16::from_f32(x.to_f32())).collect(),
-            }),
-            DType::BF16 => HostData::BF16(match &self.data {
-                HostData::F64(v) => v.iter().map(|&x| bf16::from_f64(x)).collect(),
-                HostData::F32(v) => v.iter().map(|&x| bf16::from_f32(x)).collect(),
-                HostData::F16(v) => v.iter().map(|x| bf16::from_f32(x.to_f32())).collect(),
-                HostData::BF16(v) => v.clone(),
-            }),
+        let data = if self.dtype() == dtype {
+            self.data.clone()
+        } else {
+            match dtype {
+                DType::F64 => HostData::F64(self.to_f64_vec()),
+                DType::F32 => HostData::F32(self.to_f32_vec()),
+                DType::F16 => self.converted::<f16>(),
+                DType::BF16 => self.converted::<bf16>(),
+            }
         };
         HostTensor {
             shape: self.shape.clone(),
             data,
         }
+    }
+
+    /// Each element converted once, with no f32 copy of the whole.
+    fn converted<T: Element>(&self) -> HostData {
+        T::into_data(match &self.data {
+            HostData::F64(v) => v.iter().map(|&x| T::from_f64(x)).collect(),
+            HostData::F32(v) => v.iter().map(|&x| T::from_f32(x)).collect(),
+            HostData::F16(v) => v.iter().map(|x| T::from_f32(x.to_f32())).collect(),
+            HostData::BF16(v) => v.iter().map(|x| T::from_f32(x.to_f32())).collect(),
+        })
     }
 
     /// [`to_dtype`](Self::to_dtype) into a backend's storage: an error, led by
@@ -495,9 +558,7 @@ impl HostTensor {
         while let Some((i, _)) = converted.non_finite_from(from) {
             let value = self.value(i);
             if value.is_finite() {
-                return Err(Error::invalid(format!(
-                    "{what}: {value} at flat index {i} overflows {dtype} storage"
-                )));
+                return Err(overflows(what, value, i, dtype));
             }
             from = i + 1;
         }

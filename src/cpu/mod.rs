@@ -373,6 +373,10 @@ impl Backend for Cpu {
         }
     }
 
+    fn weight_dtype(&self) -> DType {
+        self.precision.storage()
+    }
+
     fn host_pool(&self) -> Option<&rayon::ThreadPool> {
         Some(&self.pool)
     }

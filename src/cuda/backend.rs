@@ -1540,6 +1540,10 @@ impl Backend for Cuda {
         self.download_tensor(t)
     }
 
+    fn weight_dtype(&self) -> DType {
+        self.storage()
+    }
+
     fn alloc(&self, shape: &[usize]) -> Result<CudaTensor> {
         self.alloc_tensor(shape)
     }

@@ -327,6 +327,11 @@ impl Wgpu {
         self.inner.options.version
     }
 
+    /// The element type of every tensor of this backend.
+    pub(crate) fn storage(&self) -> DType {
+        self.inner.options.precision.dtype()
+    }
+
     /// The element size of every tensor of this backend.
     fn elem_bytes(&self) -> u64 {
         self.inner.options.precision.bytes()
@@ -419,7 +424,7 @@ impl Wgpu {
 
     pub(crate) fn upload_tensor(&self, t: &HostTensor) -> Result<WgpuTensor> {
         let out = self.alloc_tensor(t.shape())?;
-        let converted = t.to_storage(self.inner.options.precision.dtype(), "wgpu upload")?;
+        let converted = t.to_storage(self.storage(), "wgpu upload")?;
         let mut bytes = converted.as_bytes().to_vec();
         bytes.resize(bytes.len().div_ceil(4) * 4, 0);
         if !bytes.is_empty() {

@@ -828,6 +828,10 @@ impl crate::ops::Backend for Wgpu {
         self.download_tensor(t)
     }
 
+    fn weight_dtype(&self) -> crate::tensor::DType {
+        self.storage()
+    }
+
     fn alloc(&self, shape: &[usize]) -> Result<WgpuTensor> {
         self.alloc_tensor(shape)
     }
