@@ -50,20 +50,23 @@ pub(super) trait Lanes: Copy {
 ///
 /// # Safety
 ///
-/// As [`Lanes`]: [`Dot::load`] reads 8 elements from `p`.
+/// As [`Lanes`]: [`Dot::load`] and [`Dot::load_w`] read 8 elements from `p`.
 pub(super) trait Dot {
     /// Rows of `x` per tile (at most `MR`).
     const ROWS: usize = MR;
-    /// A row's element: `f32`, or a pair of bf16 in a `u32`.
+    /// An `x` row's element: `f32`, or a pair of bf16 in a `u32`.
     type Elem: Copy;
+    /// A `w` row's element: `Elem`, or f16 bits beside f32.
+    type W: Copy;
     type Acc: Lanes;
     /// 8 elements as loaded.
     type Vector: Copy;
     unsafe fn load(p: *const Self::Elem) -> Self::Vector;
+    unsafe fn load_w(p: *const Self::W) -> Self::Vector;
     /// `acc + a · b`, lane by lane.
     unsafe fn madd(a: Self::Vector, b: Self::Vector, acc: Self::Acc) -> Self::Acc;
     /// The same for one element, for the tail past the last 8.
-    fn step(s: f32, x: Self::Elem, w: Self::Elem) -> f32;
+    fn step(s: f32, x: Self::Elem, w: Self::W) -> f32;
 }
 
 /// f32 rows on `V`'s fused multiply-add.
@@ -71,10 +74,15 @@ pub(super) struct F32s<V>(PhantomData<V>);
 
 impl<V: Lanes> Dot for F32s<V> {
     type Elem = f32;
+    type W = f32;
     type Acc = V;
     type Vector = V;
     #[inline(always)]
     unsafe fn load(p: *const f32) -> V {
+        V::load(p)
+    }
+    #[inline(always)]
+    unsafe fn load_w(p: *const f32) -> V {
         V::load(p)
     }
     #[inline(always)]
@@ -84,6 +92,33 @@ impl<V: Lanes> Dot for F32s<V> {
     #[inline(always)]
     fn step(s: f32, x: f32, w: f32) -> f32 {
         super::linear::madd(x, w, s)
+    }
+}
+
+/// f32 rows by f16 rows, each 8 weights widened as they are loaded (exact):
+/// no widened copy of `w`, for few rows of `x`.
+pub(super) struct Halves<V>(PhantomData<V>);
+
+impl<V: Lanes> Dot for Halves<V> {
+    type Elem = f32;
+    type W = u16;
+    type Acc = V;
+    type Vector = V;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> V {
+        V::load(p)
+    }
+    #[inline(always)]
+    unsafe fn load_w(p: *const u16) -> V {
+        V::load_halves(p)
+    }
+    #[inline(always)]
+    unsafe fn madd(a: V, b: V, acc: V) -> V {
+        V::fma(a, b, acc)
+    }
+    #[inline(always)]
+    fn step(s: f32, x: f32, w: u16) -> f32 {
+        super::linear::madd(x, f16_value(w), s)
     }
 }
 
@@ -97,10 +132,15 @@ impl<V: Lanes> Dot for Pairs<V> {
     /// the speed of 2 x 4.
     const ROWS: usize = 2;
     type Elem = u32;
+    type W = u32;
     type Acc = V;
     type Vector = (V, V);
     #[inline(always)]
     unsafe fn load(p: *const u32) -> (V, V) {
+        V::load_pairs(p)
+    }
+    #[inline(always)]
+    unsafe fn load_w(p: *const u32) -> (V, V) {
         V::load_pairs(p)
     }
     #[inline(always)]
@@ -181,12 +221,17 @@ mod x86 {
 
     impl Dot for DotBf16 {
         type Elem = u32;
+        type W = u32;
         type Acc = Avx2;
         type Vector = __m256bh;
         #[inline(always)]
         unsafe fn load(p: *const u32) -> __m256bh {
             // SAFETY: both are 32 bytes of plain data.
             std::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(p.cast()))
+        }
+        #[inline(always)]
+        unsafe fn load_w(p: *const u32) -> __m256bh {
+            Self::load(p)
         }
         #[inline(always)]
         unsafe fn madd(a: __m256bh, b: __m256bh, acc: Avx2) -> Avx2 {
@@ -316,7 +361,7 @@ macro_rules! by_tile {
 #[inline(always)]
 pub(super) unsafe fn dots<D: Dot>(
     xs: &[&[D::Elem]],
-    ws: &[&[D::Elem]],
+    ws: &[&[D::W]],
     rows: Rows,
     out: &mut [&mut [f32]],
 ) {
@@ -333,10 +378,20 @@ pub(super) unsafe fn dots<D: Dot>(
     }
 }
 
+/// Up to `DIRECT_ROWS` rows of `x`, with rows of `DIRECT_K` elements or more,
+/// [`half_dots`] widens the weights as its tiles load them (at 4 rows, twice:
+/// a tile of 3 rows and one of 1), not into a buffer: 4 widened rows of 1024
+/// f32 and the rows of `x` beside them no longer fit L1. Measured at 4 x 512
+/// x K (best of 300): K = 1024-4096 1.1-1.6x faster; K = 512 no faster, and
+/// at 8 rows no faster either.
+const DIRECT_ROWS: usize = 4;
+const DIRECT_K: usize = 1024;
+
 /// [`half_dots`](super::linear::half_dots): each `NR` rows of `ws` widened to
 /// f32 once (exact), then multiplied by every row of `xs` in the f32 tiles: the
 /// widening is paid once for all the rows of `xs`. Streamed rows: the next
-/// `NR` rows are fetched into L2 while these are widened.
+/// `NR` rows are fetched into L2 while these are widened. For few rows of
+/// long `xs`, [`Halves`] tiles instead (see [`DIRECT_ROWS`]).
 #[inline(always)]
 pub(super) unsafe fn half_dots<V: Lanes>(
     xs: &[&[f32]],
@@ -347,6 +402,9 @@ pub(super) unsafe fn half_dots<V: Lanes>(
     let Some(k) = ws.first().map(|w| w.len()) else {
         return;
     };
+    if xs.len() <= DIRECT_ROWS && k >= DIRECT_K {
+        return dots::<Halves<V>>(xs, ws, rows, out);
+    }
     let mut wide = vec![0.0f32; NR * k];
     for (c0, w) in (0..ws.len()).step_by(NR).zip(ws.chunks(NR)) {
         let next = match rows {
@@ -465,11 +523,13 @@ unsafe fn sum_tile<V: Lanes, const R: usize, const C: usize>(
 #[inline(always)]
 unsafe fn tile<D: Dot, const R: usize, const C: usize>(
     x: &[&[D::Elem]],
-    w: &[&[D::Elem]],
+    w: &[&[D::W]],
     o: &mut [&mut [f32]],
     c0: usize,
-    ahead: &[&[D::Elem]],
+    ahead: &[&[D::W]],
 ) {
+    // `w`'s elements to a cache line: 16 of 4 bytes (an f32, two bf16), 32 f16.
+    let line = LINE * 4 / std::mem::size_of::<D::W>();
     let k = x[0].len();
     let mut xr = [&[][..]; R];
     let mut wr = [&[][..]; C];
@@ -485,14 +545,13 @@ unsafe fn tile<D: Dot, const R: usize, const C: usize>(
     while i < body {
         // SAFETY: i + LANES <= body <= k, the length of every row.
         let xv: [D::Vector; R] = std::array::from_fn(|r| D::load(xr[r].as_ptr().add(i)));
-        // An element is 4 bytes (an f32, or two bf16).
-        if i % LINE == 0 {
+        if i % line == 0 {
             for a in ahead {
                 D::Acc::prefetch(a.as_ptr().wrapping_add(i).cast());
             }
         }
         for c in 0..C {
-            let wv = D::load(wr[c].as_ptr().add(i));
+            let wv = D::load_w(wr[c].as_ptr().add(i));
             for r in 0..R {
                 acc[r][c] = D::madd(xv[r], wv, acc[r][c]);
             }

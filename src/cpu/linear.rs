@@ -656,7 +656,9 @@ mod tests {
         (pack_x, pack_w, len): Packing<X, W>,
         product: Dots<X, W>,
     ) {
-        let shapes: [(usize, usize, usize); 7] = [
+        // The last three: rows long enough that `half_dots` widens the
+        // weights as it loads them (up to 4 rows) or into a buffer (5).
+        let shapes: [(usize, usize, usize); 10] = [
             (1, 1, 1),
             (5, 7, 7),
             (4, 8, 3),
@@ -664,6 +666,9 @@ mod tests {
             (3, 64, 2),
             (4, 41, 9),
             (6, 300, 8),
+            (4, 1030, 6),
+            (1, 1024, 5),
+            (5, 1030, 3),
         ];
         // Both signs, magnitudes from 2^-4 to 2^5 (close enough that the
         // order of the adds shows in the bits), and zeros.
