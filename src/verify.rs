@@ -492,6 +492,126 @@ pub fn standard_cases() -> Vec<Case> {
     cases
 }
 
+/// `count` cases of every op at sizes drawn from `seed`: mostly 1 to 9 (edges of
+/// every register tile and vector width), some to 40, a few past 100 (several
+/// tiles, blocks and split-K slices), with every flag drawn too. Each case is
+/// small enough for the float64 reference (at most ~2 M multiply-adds).
+pub fn random_cases(seed: u64, count: usize) -> Vec<Case> {
+    use Activation::*;
+    let mut rng = Rng::new(seed);
+    let below = |rng: &mut Rng, n: u64| rng.next_u64() % n;
+    // 1..=9 mostly, 1..=40 sometimes, 1..=130 (not for `small`) rarely.
+    let size = |rng: &mut Rng, small: bool| -> usize {
+        let top = match below(rng, 10) {
+            0 if !small => 130,
+            0..=2 => 40,
+            _ => 9,
+        };
+        1 + below(rng, top) as usize
+    };
+    let mut cases = Vec::with_capacity(count);
+    for _ in 0..count {
+        let r = &mut rng;
+        let (m, n, k) = (size(r, false), size(r, false), size(r, false));
+        let (f1, f2, f3) = (below(r, 2) == 1, below(r, 2) == 1, below(r, 2) == 1);
+        let act = [None, Relu, GeluErf, GeluTanh][below(r, 4) as usize];
+        let offset = [0.0, 0.0, 100.0][below(r, 3) as usize];
+        let (batch, heads, few) = (size(r, true).min(3), size(r, true).min(4), size(r, true));
+        let op = below(r, 8);
+        cases.push(match op {
+            0 => Case::Linear {
+                m,
+                n,
+                k,
+                act,
+                bias: f1,
+                residual: f2,
+            },
+            1 => Case::LayerNorm {
+                rows: m,
+                cols: k,
+                residual: f1,
+                offset,
+            },
+            2 => Case::LayerNormLinear {
+                m,
+                n,
+                k,
+                act,
+                residual: f1,
+                offset,
+            },
+            3 => Case::LinearLayerNorm {
+                m,
+                n,
+                k,
+                act,
+                residual: f1,
+                offset,
+            },
+            4 => Case::Attention {
+                batch,
+                lq: m.min(40),
+                // Packed: keys and values beside the queries, as many.
+                lk: if f3 { m.min(40) } else { n.min(40) },
+                heads,
+                head_dim: k.min(64),
+                causal: f1,
+                mask: f2,
+                packed: f3,
+            },
+            5 => Case::AttentionAbsorbed {
+                batch,
+                lq: m.min(40),
+                // The op takes at most 128 scores a row.
+                lk: few.min(128 / heads),
+                heads,
+                cols: k,
+                residual: f1,
+                packed: f2,
+                offset,
+            },
+            6 => Case::AlignmentLoss {
+                batch,
+                tokens: m,
+                dim: k,
+                kind: if f1 { LossKind::TokenL2 } else { LossKind::Mse },
+            },
+            _ => Case::Gather {
+                batch,
+                seq: few + m.min(40) - 1,
+                n: few,
+                channels: k,
+                embeds: f1,
+            },
+        });
+    }
+    cases
+}
+
+/// Every op [`Case`] names, as [`Case::op`] gives it.
+pub const OPS: [&str; 8] = [
+    "linear",
+    "layer_norm",
+    "layer_norm_linear",
+    "linear_layer_norm",
+    "attention",
+    "attention_absorbed",
+    "alignment_loss",
+    "gather_signal_tokens",
+];
+
+/// The tolerance of [`check_cases`] for `op` in f32: 1e-5 (f32 sums of up to a
+/// few thousand terms against float64), 1e-7 for the gather (one rounding of a
+/// sum of two f32).
+pub fn f32_tolerance(op: &str) -> f64 {
+    if op == "gather_signal_tokens" {
+        1e-7
+    } else {
+        1e-5
+    }
+}
+
 /// Cases long enough to exercise tiling over many key blocks (Lk up to 4096).
 pub fn long_attention_cases() -> Vec<Case> {
     vec![

@@ -114,6 +114,21 @@ fn layer_norm_matches_reference() {
     check_cases(&verify::standard_cases(), "layer_norm", 1e-5);
 }
 
+/// Every op at 300 sizes drawn at random (`verify::random_cases`: mostly 1-9,
+/// some to 40, a few past 100), in f32 on each kernel version, within the
+/// standard cases' tolerances: the planner's every choice by size (few-row
+/// GEMMs, tiles, split-K, clusters, the attention kernels) meets odd shapes.
+/// (f32 only: with 16-bit storage every intermediate is rounded, and a
+/// LayerNorm over 2 nearly equal columns can flip; the standard cases check
+/// those.)
+#[test]
+fn random_sizes_match_reference() {
+    let cases = verify::random_cases(47, 300);
+    for op in verify::OPS {
+        check_cases(&cases, op, verify::f32_tolerance(op));
+    }
+}
+
 #[test]
 fn attention_matches_reference() {
     check_cases(&verify::standard_cases(), "attention", 1e-5);
