@@ -612,7 +612,9 @@ fn random_rows<B: Backend>(be: &B, suffix: &str) -> Result<Vec<CheckRow>> {
         for (i, case) in cases.iter().filter(|c| c.op() == op).enumerate() {
             let c = verify::compare_case(be, case, DType::F32, 2000 + i as u64)?;
             n += 1;
-            if worst.as_ref().is_none_or(|w| !(c.rel <= w.rel)) {
+            // A NaN is worse than any number.
+            let worse = |w: &verify::Comparison| c.rel.is_nan() || c.rel > w.rel;
+            if worst.as_ref().is_none_or(worse) {
                 worst = Some(c);
             }
         }
