@@ -69,39 +69,47 @@ pub(super) trait Dot {
     fn step(s: f32, x: Self::Elem, w: Self::W) -> f32;
 }
 
-/// f32 rows on `V`'s fused multiply-add.
-pub(super) struct F32s<V>(PhantomData<V>);
+/// f32 rows of `x` on `V`'s fused multiply-add, by rows of `w` of f32 or of
+/// f16 (their bits, `F32s<V, u16>`): each 8 weights widened as they are
+/// loaded (exact), with no widened copy of `w`, for few rows of `x`.
+pub(super) struct F32s<V, W = f32>(PhantomData<(V, W)>);
 
-impl<V: Lanes> Dot for F32s<V> {
-    type Elem = f32;
-    type W = f32;
-    type Acc = V;
-    type Vector = V;
+/// A weight element [`F32s`] multiplies in f32: f32, or f16 bits.
+pub(super) trait Wide: Copy {
+    /// 8 elements from `p`, as f32.
+    ///
+    /// # Safety
+    ///
+    /// As [`Lanes::load`].
+    unsafe fn load<V: Lanes>(p: *const Self) -> V;
+    fn value(self) -> f32;
+}
+
+impl Wide for f32 {
     #[inline(always)]
-    unsafe fn load(p: *const f32) -> V {
+    unsafe fn load<V: Lanes>(p: *const f32) -> V {
         V::load(p)
     }
     #[inline(always)]
-    unsafe fn load_w(p: *const f32) -> V {
-        V::load(p)
-    }
-    #[inline(always)]
-    unsafe fn madd(a: V, b: V, acc: V) -> V {
-        V::fma(a, b, acc)
-    }
-    #[inline(always)]
-    fn step(s: f32, x: f32, w: f32) -> f32 {
-        super::linear::madd(x, w, s)
+    fn value(self) -> f32 {
+        self
     }
 }
 
-/// f32 rows by f16 rows, each 8 weights widened as they are loaded (exact):
-/// no widened copy of `w`, for few rows of `x`.
-pub(super) struct Halves<V>(PhantomData<V>);
+impl Wide for u16 {
+    #[inline(always)]
+    unsafe fn load<V: Lanes>(p: *const u16) -> V {
+        V::load_halves(p)
+    }
+    #[inline(always)]
+    fn value(self) -> f32 {
+        f16_value(self)
+    }
+}
 
-impl<V: Lanes> Dot for Halves<V> {
+impl<V: Lanes, W: Wide> Dot for F32s<V, W> {
     type Elem = f32;
-    type W = u16;
+    type W = W;
     type Acc = V;
     type Vector = V;
     #[inline(always)]
@@ -109,16 +117,16 @@ impl<V: Lanes> Dot for Halves<V> {
         V::load(p)
     }
     #[inline(always)]
-    unsafe fn load_w(p: *const u16) -> V {
-        V::load_halves(p)
+    unsafe fn load_w(p: *const W) -> V {
+        W::load(p)
     }
     #[inline(always)]
     unsafe fn madd(a: V, b: V, acc: V) -> V {
         V::fma(a, b, acc)
     }
     #[inline(always)]
-    fn step(s: f32, x: f32, w: u16) -> f32 {
-        super::linear::madd(x, f16_value(w), s)
+    fn step(s: f32, x: f32, w: W) -> f32 {
+        super::linear::madd(x, w.value(), s)
     }
 }
 
@@ -391,7 +399,7 @@ const DIRECT_K: usize = 1024;
 /// f32 once (exact), then multiplied by every row of `xs` in the f32 tiles: the
 /// widening is paid once for all the rows of `xs`. Streamed rows: the next
 /// `NR` rows are fetched into L2 while these are widened. For few rows of
-/// long `xs`, [`Halves`] tiles instead (see [`DIRECT_ROWS`]).
+/// long `xs`, [`F32s`] tiles on the f16 rows instead (see [`DIRECT_ROWS`]).
 #[inline(always)]
 pub(super) unsafe fn half_dots<V: Lanes>(
     xs: &[&[f32]],
@@ -403,7 +411,7 @@ pub(super) unsafe fn half_dots<V: Lanes>(
         return;
     };
     if xs.len() <= DIRECT_ROWS && k >= DIRECT_K {
-        return dots::<Halves<V>>(xs, ws, rows, out);
+        return dots::<F32s<V, u16>>(xs, ws, rows, out);
     }
     let mut wide = vec![0.0f32; NR * k];
     for (c0, w) in (0..ws.len()).step_by(NR).zip(ws.chunks(NR)) {
