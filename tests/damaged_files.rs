@@ -1,9 +1,11 @@
 //! Checkpoints and inputs damaged at random — bytes flipped, set to edge values,
-//! dropped, repeated or cut off — in the safetensors header and in the pickle of a
-//! PyTorch checkpoint (re-zipped with its CRC right, so the pickle machine reads
-//! it): every reader (`TensorFile::open`, `get`, `get_ids`, `ProjectorWeights::load`)
-//! gives a typed error or what the file holds, never a panic. Each damaged file is
-//! kept where a case fails, to replay it.
+//! dropped, repeated or cut off — in the safetensors header, in the archive and in
+//! the pickle of a PyTorch checkpoint (re-zipped with its CRC right, so the pickle
+//! machine reads it in a sound archive): every reader (`TensorFile::open`, `get`,
+//! `get_ids`, `ProjectorWeights::load`) gives a typed error or what the file holds,
+//! never a panic. `tests/reference.rs` damages bytes in place and runs the forward;
+//! here bytes are also dropped and repeated, so everything after them shifts. Each
+//! damaged file is kept where a case fails, to replay it.
 
 use std::io::{Cursor, Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
