@@ -69,18 +69,17 @@ pub(crate) trait Element: bytemuck::Pod + Send + Sync {
 }
 
 macro_rules! element {
-    ($t:ty, $dtype:ident, |$x:ident| $from_f64:expr, |$y:ident| $from_f32:expr, |$z:ident| $to_f64:expr) => {
+    ($t:ty, $dtype:ident, $from_f64:expr, $from_f32:expr, $to_f64:expr) => {
         impl Element for $t {
             const DTYPE: DType = DType::$dtype;
-            fn from_f64($x: f64) -> Self {
-                $from_f64
+            fn from_f64(x: f64) -> Self {
+                $from_f64(x)
             }
-            fn from_f32($y: f32) -> Self {
-                $from_f32
+            fn from_f32(x: f32) -> Self {
+                $from_f32(x)
             }
             fn to_f64(self) -> f64 {
-                let $z = self;
-                $to_f64
+                $to_f64(self)
             }
             fn into_data(v: Vec<Self>) -> HostData {
                 HostData::$dtype(v)
@@ -89,17 +88,10 @@ macro_rules! element {
     };
 }
 
-element!(f64, F64, |x| x, |x| x as f64, |x| x);
-element!(f32, F32, |x| x as f32, |x| x, |x| x as f64);
-element!(f16, F16, |x| f16::from_f64(x), |x| f16::from_f32(x), |x| x
-    .to_f64());
-element!(
-    bf16,
-    BF16,
-    |x| bf16::from_f64(x),
-    |x| bf16::from_f32(x),
-    |x| x.to_f64()
-);
+element!(f64, F64, |x| x, f64::from, |x| x);
+element!(f32, F32, |x| x as f32, |x| x, f64::from);
+element!(f16, F16, f16::from_f64, f16::from_f32, f16::to_f64);
+element!(bf16, BF16, bf16::from_f64, bf16::from_f32, bf16::to_f64);
 
 /// The elements of a host tensor, in their stored type.
 #[derive(Clone, Debug, PartialEq)]
