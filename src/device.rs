@@ -289,6 +289,15 @@ impl Precision {
         }
     }
 
+    /// Machine epsilon of the coarsest type a value passes through: the
+    /// storage type's, or for TF32 its products' 10-bit mantissa (2^-10).
+    pub fn epsilon(self) -> f64 {
+        match self {
+            Precision::Tf32 => crate::tensor::DType::F16.epsilon(),
+            _ => self.storage().epsilon(),
+        }
+    }
+
     /// Whether backend `kind` computes in this precision (CUDA: all of them;
     /// wgpu: f32 and f16; the CPU: f32, bf16 and f16 (its GEMMs); the reference:
     /// f32, in float64).

@@ -601,26 +601,42 @@ struct Check {
 const RANDOM_CASES: usize = 200;
 
 /// Every op at [`RANDOM_CASES`] sizes drawn at random
-/// ([`verify::random_cases`]) in f32 against the reference: one row per op,
-/// its worst case (a NaN worst of all).
-fn random_rows<B: Backend>(be: &B, suffix: &str) -> Result<Vec<CheckRow>> {
+/// ([`verify::random_cases`]) against the reference, inputs rounded to
+/// `precision`'s storage: one row per op, its worst case (a NaN worst of all)
+/// against its bound. In f32 the bound is [`verify::f32_tolerance`]; in
+/// 16 bits and TF32 it is `tol`, or where one rounding can move a tiny output
+/// by more, [`verify::rounded_bound`].
+fn random_rows<B: Backend>(
+    be: &B,
+    suffix: &str,
+    precision: Precision,
+    tol: f64,
+) -> Result<Vec<CheckRow>> {
     let cases = verify::random_cases(53, RANDOM_CASES);
+    let storage = precision.storage();
     let mut rows = Vec::new();
     for op in verify::OPS {
-        let mut worst: Option<verify::Comparison> = None;
+        // The case furthest past its bound, and that bound.
+        let mut worst: Option<(verify::Comparison, f64)> = None;
         let mut n = 0;
         for (i, case) in cases.iter().filter(|c| c.op() == op).enumerate() {
-            let c = verify::compare_case(be, case, DType::F32, 2000 + i as u64)?;
+            let seed = 2000 + i as u64;
+            let c = verify::compare_case(be, case, storage, seed)?;
+            let bound = match precision {
+                Precision::F32 => verify::f32_tolerance(op),
+                _ => verify::rounded_bound(case, storage, seed, tol, precision.epsilon())?,
+            };
             n += 1;
             // A NaN is worse than any number.
-            let worse = |w: &verify::Comparison| c.rel.is_nan() || c.rel > w.rel;
+            let worse =
+                |(w, b): &(verify::Comparison, f64)| c.rel.is_nan() || c.rel / bound > w.rel / b;
             if worst.as_ref().is_none_or(worse) {
-                worst = Some(c);
+                worst = Some((c, bound));
             }
         }
-        if let Some(mut w) = worst {
+        if let Some((mut w, bound)) = worst {
             w.case = format!("worst of {n} random sizes: {}{suffix}", w.case);
-            rows.push(check_row("reference", w, verify::f32_tolerance(op)));
+            rows.push(check_row("reference", w, bound));
         }
     }
     Ok(rows)
@@ -686,11 +702,7 @@ impl BackendTask for Check {
                 c.case.push_str(suffix);
                 rows.push(row("reference", c, op_tol));
             }
-            // In f32 only: at a few terms one 16-bit rounding (or TF32's) can
-            // move a small output by more than the precision's tolerance.
-            if self.precision == Precision::F32 {
-                rows.extend(random_rows(b, suffix)?);
-            }
+            rows.extend(random_rows(b, suffix, self.precision, op_tol)?);
         }
         let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
         let audio = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
@@ -1004,7 +1016,7 @@ fn check(device: Option<String>, precision: Precision) -> Result<ExitCode> {
             let ok = r.rel <= r.tol;
             failures += usize::from(!ok);
             println!(
-                "{:<6} {:<8} {:<22} {:<42} {:>10.2e} {:>10.2e} {:>7.0e}  {}",
+                "{:<6} {:<8} {:<22} {:<42} {:>10.2e} {:>10.2e} {:>7.1e}  {}",
                 kind.name(),
                 r.against,
                 r.op,

@@ -28,6 +28,19 @@ impl DType {
         }
     }
 
+    /// Machine epsilon: the gap between 1 and the next value of the type
+    /// (2^-52, 2^-23, 2^-10, 2^-7). Rounding to the type moves a value by at
+    /// most half of it, relative.
+    pub fn epsilon(self) -> f64 {
+        let mantissa_bits = match self {
+            DType::F64 => 52,
+            DType::F32 => 23,
+            DType::F16 => 10,
+            DType::BF16 => 7,
+        };
+        (-(mantissa_bits as f64)).exp2()
+    }
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {

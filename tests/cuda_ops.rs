@@ -7,6 +7,7 @@
 use output_projector::bench::{OpCase, Rotation, MAX_ROTATED_SETS};
 use output_projector::config::{Modality, ProjectorConfig, Variant};
 use output_projector::cuda::{Cuda, CudaOptions, KernelVersion};
+use output_projector::device::Precision;
 use output_projector::ops::{
     Activation, AttentionInput, AttentionSpec, Backend, Cols, NormAfter, NormInput, Shaped,
 };
@@ -63,7 +64,6 @@ fn skip_note(why: &str) {
     }
 }
 
-/// Every standard case of `op` within `tol`, on each kernel version.
 /// Two backends storing `storage` on one device: default options, and those
 /// with `change` applied.
 fn backend_pair(storage: DType, change: fn(&mut CudaOptions)) -> Option<(Cuda, Cuda)> {
@@ -79,6 +79,7 @@ fn backend_pair(storage: DType, change: fn(&mut CudaOptions)) -> Option<(Cuda, C
     Some((be, other))
 }
 
+/// Every case of `cases` for `op` within `tol`, on each kernel version.
 fn check_cases(cases: &[Case], op: &str, tol: f64) {
     for version in [KernelVersion::Naive, KernelVersion::Fast] {
         let Some(be) = backend(version) else { return };
@@ -118,14 +119,60 @@ fn layer_norm_matches_reference() {
 /// some to 40, a few past 100), in f32 on each kernel version, within the
 /// standard cases' tolerances: the planner's every choice by size (few-row
 /// GEMMs, tiles, split-K, clusters, the attention kernels) meets odd shapes.
-/// (f32 only: with 16-bit storage every intermediate is rounded, and a
-/// LayerNorm over 2 nearly equal columns can flip; the standard cases check
-/// those.)
 #[test]
 fn random_sizes_match_reference() {
     let cases = verify::random_cases(47, 300);
     for op in verify::OPS {
         check_cases(&cases, op, verify::f32_tolerance(op));
+    }
+}
+
+/// The same sizes in f16 and bf16 storage on each kernel version, and with
+/// TF32 products: within the 16-bit standard cases' tolerance (TF32: 1e-2),
+/// or where one rounding can move a tiny output by more (a LayerNorm over 2
+/// nearly equal columns), within `verify::SPREAD_FACTOR` times what rounding
+/// the inputs alone does to the reference, and that wider bound rare
+/// (`RoundedBounds::tight`). The tensor-core kernels meet odd shapes here.
+#[test]
+fn random_sizes_in_16_bits_match_reference() {
+    let cases = verify::random_cases(47, 300);
+    let on = |version, storage| {
+        backend_with(CudaOptions {
+            version,
+            storage,
+            ..CudaOptions::default()
+        })
+    };
+    let (naive, fast) = (KernelVersion::Naive, KernelVersion::Fast);
+    let runs = [
+        (
+            Precision::F16,
+            [on(naive, DType::F16), on(fast, DType::F16)],
+        ),
+        (
+            Precision::Bf16,
+            [on(naive, DType::BF16), on(fast, DType::BF16)],
+        ),
+        (Precision::Tf32, [tf32_backend(), None]),
+    ];
+    for (precision, backends) in runs {
+        let (storage, eps) = (precision.storage(), precision.epsilon());
+        let tol = match precision {
+            Precision::Tf32 => precision.tolerances().0,
+            _ => half_op_tol(storage),
+        };
+        let mut held = verify::RoundedBounds::default();
+        for be in backends.iter().flatten() {
+            for op in verify::OPS {
+                let h = verify::check_cases_rounded(be, &cases, op, storage, 470, tol, eps)
+                    .unwrap_or_else(|e| panic!("{:?} {e}", be.options()));
+                assert!(h.cases > 0, "no case for {op}");
+                held += h;
+            }
+        }
+        let what = precision.name();
+        println!("{what}: {held}");
+        assert!(held.tight(), "{what}: {held}");
     }
 }
 
