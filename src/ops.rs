@@ -296,6 +296,13 @@ pub trait Backend: Clone {
     fn upload_weight(&self, t: &HostTensor) -> Result<Self::Tensor> {
         self.upload(t)
     }
+    /// [`upload_weight`](Backend::upload_weight) of a tensor the caller
+    /// gives up: where the backend would keep a copy of the host elements as
+    /// they are (the CPU: f32, or f16 when set to f16), it keeps the
+    /// tensor's own buffer instead. By default `upload_weight`.
+    fn upload_weight_owned(&self, t: HostTensor) -> Result<Self::Tensor> {
+        self.upload_weight(&t)
+    }
     /// The host type [`upload_weight`](Backend::upload_weight) keeps as it
     /// is. Weights made on the host in f64 (the absorbed cross-attention's)
     /// are rounded to it where they are made, in parallel, rather than

@@ -244,7 +244,7 @@ impl<B: Backend> Projector<B> {
                 self_qkv,
                 self_out,
                 cross_q: Linear {
-                    weight: backend.upload_weight(&qw)?,
+                    weight: backend.upload_weight_owned(qw)?,
                     bias: backend.upload(&qb)?,
                 },
                 cross_out: linear(&format!("{ca}.out_proj"))?,
@@ -256,7 +256,7 @@ impl<B: Backend> Projector<B> {
             });
         }
         let cross_kv = Linear {
-            weight: backend.upload_weight(&HostTensor::concat_rows(&kv_weights)?)?,
+            weight: backend.upload_weight_owned(HostTensor::concat_rows(&kv_weights)?)?,
             bias: backend.upload(&HostTensor::concat_rows(&kv_biases)?)?,
         };
         Ok(Projector {
@@ -375,7 +375,7 @@ impl<B: Backend> Projector<B> {
         let shape = AbsorbedCross::new(c.decoder_layers, c.heads, d)?;
         let (w, b) = shape.weights(&layers, be.weight_dtype(), be.host_pool())?;
         let a = Arc::new(Linear {
-            weight: be.upload_weight(&w)?,
+            weight: be.upload_weight_owned(w)?,
             bias: be.upload(&b)?,
         });
         *kept = Some(Arc::clone(&a));

@@ -521,6 +521,11 @@ impl HostTensor {
         }
     }
 
+    /// The shape and the elements, moved out.
+    pub fn into_parts(self) -> (Vec<usize>, HostData) {
+        (self.shape, self.data)
+    }
+
     /// The tensor converted to `dtype` (round to nearest even).
     pub fn to_dtype(&self, dtype: DType) -> HostTensor {
         let data = if self.dtype() == dtype {

@@ -351,6 +351,20 @@ impl Backend for Cpu {
         })
     }
 
+    /// The buffer kept where `upload_weight` would copy it as it is: f32
+    /// at [`Precision::F32`], f16 at [`Precision::F16`].
+    fn upload_weight_owned(&self, t: HostTensor) -> Result<CpuTensor> {
+        let (shape, data) = t.into_parts();
+        let data = match data {
+            HostData::F32(v) if self.precision == Precision::F32 => Stored::F32(v),
+            HostData::F16(v) if self.precision == Precision::F16 => {
+                Stored::F16(bytemuck::allocation::cast_vec(v))
+            }
+            data => return self.upload_weight(&HostTensor::new(shape, data)?),
+        };
+        Ok(CpuTensor { shape, data })
+    }
+
     fn download(&self, t: &CpuTensor) -> Result<HostTensor> {
         match &t.data {
             Stored::F32(v) => {
@@ -659,6 +673,52 @@ mod tests {
             let want: Vec<f32> = (0..rows * cols).map(|i| i as f32 + 1.0).collect();
             assert_eq!(out, want, "{rows}x{cols} in {rb}x{cb}");
         }
+    }
+
+    /// An owned weight upload gives the same tensor as a copying one in
+    /// every precision and host type, keeping the host buffer where it is
+    /// stored as it is, and refusing what overflows the same way.
+    #[test]
+    fn owned_weight_uploads_keep_the_buffer() -> Result<()> {
+        let t = HostTensor::randn(vec![3, 5], 7, "w")?;
+        for precision in [Precision::F32, Precision::Bf16, Precision::F16] {
+            let cpu = Cpu::new(CpuOptions {
+                precision,
+                ..CpuOptions::default()
+            })?;
+            for dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+                let host = t.to_dtype(dtype);
+                let copied = cpu.download(&cpu.upload_weight(&host)?)?;
+                let address = match host.data() {
+                    HostData::F32(v) => v.as_ptr() as usize,
+                    HostData::F16(v) => v.as_ptr() as usize,
+                    _ => 0,
+                };
+                let owned = cpu.upload_weight_owned(host)?;
+                let kept = match &owned.data {
+                    Stored::F32(v) => v.as_ptr() as usize,
+                    Stored::F16(v) => v.as_ptr() as usize,
+                    Stored::Bf16(v) => v.as_ptr() as usize,
+                };
+                // bf16 weights are packed in pairs: always a copy.
+                let stored = matches!(
+                    (precision, dtype),
+                    (Precision::F32, DType::F32) | (Precision::F16, DType::F16)
+                );
+                assert_eq!(kept == address, stored, "{precision:?} from {dtype}");
+                let got = cpu.download(&owned)?;
+                assert_eq!(got.dtype(), copied.dtype());
+                assert_eq!(
+                    got.to_f64_vec(),
+                    copied.to_f64_vec(),
+                    "{precision:?} {dtype}"
+                );
+            }
+            let big = HostTensor::from_f64(vec![1, 2], vec![1.0, 1e300])?;
+            let e = cpu.upload_weight_owned(big).unwrap_err().to_string();
+            assert!(e.contains("overflows"), "{precision:?}: {e}");
+        }
+        Ok(())
     }
 
     #[test]
