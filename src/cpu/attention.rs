@@ -75,6 +75,10 @@ pub(super) fn attention<'a>(simd: Simd, d: AttentionDims, a: Attention<'a>, out:
     });
 }
 
+/// Rows per `attention_absorbed` task, all of one sequence: the register
+/// tiles take 3 at a time, so each key and value row loaded serves 3.
+const ROWS: usize = 6;
+
 /// The inputs of one `attention_absorbed` call.
 pub(super) struct Absorbed<'a> {
     pub x: &'a [f32],
@@ -92,62 +96,84 @@ pub(super) struct Absorbed<'a> {
 
 /// Per row, in parallel: `s = x + residual`, `h = layer_norm(s)`; per head a
 /// softmax over the keys of `(h · keys + key_bias) · scale`; `stream_out = s +
-/// Σ p · values + out_bias` (summed in f64, then rounded); `out =
+/// Σ p · values + out_bias` (each head's share summed in f32, the stream in
+/// f64, then rounded); `out =
 /// layer_norm(stream_out)` of the rounded values, as the op after it would read them.
-pub(super) fn attention_absorbed(
+pub(super) fn attention_absorbed<'a>(
     simd: Simd,
     d: AbsorbedAttentionDims,
-    a: Absorbed<'_>,
+    a: Absorbed<'a>,
     stream_out: &mut [f32],
     out: &mut [f32],
 ) {
     let c = d.cols;
-    let scratch = || (vec![0.0f64; c], vec![0.0f32; c], vec![0.0f32; d.lk]);
-    // Each (sequence, head)'s key rows, listed once for all its rows.
-    let keys: Vec<Vec<&[f32]>> = (0..d.batch * d.heads)
-        .map(|be| {
-            let (b, e) = (be / d.heads, be % d.heads);
-            (0..d.lk)
-                .map(|j| &a.keys[(b * d.lk + j) * d.k_stride + d.k_start + e * c..][..c])
-                .collect()
-        })
-        .collect();
+    // Per block of rows: the stream in f64, the normalised rows, the
+    // scores, one head's shares.
+    let scratch = || {
+        let block = |n: usize| vec![0.0f32; ROWS * n];
+        (vec![0.0f64; ROWS * c], block(c), block(d.lk), block(c))
+    };
+    // Each (sequence, head)'s key or value rows, listed once for all its rows.
+    let rows_of = |data: &'a [f32], stride: usize, start: usize| -> Vec<Vec<&'a [f32]>> {
+        (0..d.batch * d.heads)
+            .map(|be| {
+                let (b, e) = (be / d.heads, be % d.heads);
+                (0..d.lk)
+                    .map(|j| &data[(b * d.lk + j) * stride + start + e * c..][..c])
+                    .collect()
+            })
+            .collect()
+    };
+    let keys = rows_of(a.keys, d.k_stride, d.k_start);
+    let values = rows_of(a.values, d.v_stride, d.v_start);
+    let seq = d.lq * c;
     stream_out
-        .par_chunks_mut(c)
-        .zip(out.par_chunks_mut(c))
+        .par_chunks_mut(seq)
+        .zip(out.par_chunks_mut(seq))
         .enumerate()
-        .for_each_init(scratch, |(s, h, p), (r, (y, o))| {
+        .flat_map(|(b, (ys, os))| {
+            let blocks = ys.par_chunks_mut(ROWS * c).zip(os.par_chunks_mut(ROWS * c));
+            blocks
+                .enumerate()
+                .map(move |(k, block)| (b, k * ROWS, block))
+        })
+        .for_each_init(scratch, |(s, h, p, share), (b, first, (ys, os))| {
             simd_run!(simd, {
-                let b = r / d.lq;
-                let res = a.residual.map(|res| &res[r * c..(r + 1) * c]);
-                norm_row(&a.x[r * c..(r + 1) * c], res, a.norm, a.eps, h, None, s);
-                for (s, &ob) in s.iter_mut().zip(a.out_bias) {
-                    *s += ob as f64;
+                let n = ys.len() / c;
+                let (s, h) = (&mut s[..n * c], &mut h[..n * c]);
+                let (p, share) = (&mut p[..n * d.lk], &mut share[..n * c]);
+                for (i, (s, h)) in s.chunks_mut(c).zip(h.chunks_mut(c)).enumerate() {
+                    let r = (b * d.lq + first + i) * c;
+                    let res = a.residual.map(|res| &res[r..r + c]);
+                    norm_row(&a.x[r..r + c], res, a.norm, a.eps, h, None, s);
+                    for (s, &ob) in s.iter_mut().zip(a.out_bias) {
+                        *s += ob as f64;
+                    }
                 }
+                let hs: Vec<&[f32]> = h.chunks(c).collect();
                 for e in 0..d.heads {
-                    let at =
-                        |j: usize, stride: usize, start: usize| (b * d.lk + j) * stride + start;
-                    dots(
-                        simd,
-                        &[&h[..]],
-                        &keys[b * d.heads + e],
-                        Rows::Cached,
-                        &mut [&mut p[..]],
-                    );
-                    for (j, p) in p.iter_mut().enumerate() {
-                        *p += a.key_bias[at(j, d.b_stride, d.b_start) + e];
-                    }
-                    softmax(simd, p, a.scale, None);
-                    for (j, &pj) in p.iter().enumerate() {
-                        let value = &a.values[at(j, d.v_stride, d.v_start) + e * c..][..c];
-                        let w = pj as f64;
-                        for (s, &v) in s.iter_mut().zip(value) {
-                            *s += w * v as f64;
+                    let be = b * d.heads + e;
+                    let mut ps: Vec<&mut [f32]> = p.chunks_mut(d.lk).collect();
+                    dots(simd, &hs, &keys[be], Rows::Cached, &mut ps);
+                    for p in ps.iter_mut() {
+                        for (j, p) in p.iter_mut().enumerate() {
+                            *p += a.key_bias[(b * d.lk + j) * d.b_stride + d.b_start + e];
                         }
+                        softmax(simd, p, a.scale, None);
+                    }
+                    // The head's shares in f32 (sums of Lk terms), added to
+                    // the stream in f64.
+                    let ps: Vec<&[f32]> = ps.into_iter().map(|p| &*p).collect();
+                    let mut shares: Vec<&mut [f32]> = share.chunks_mut(c).collect();
+                    weighted_sums(simd, &ps, &values[be], &mut shares);
+                    for (s, &v) in s.iter_mut().zip(share.iter()) {
+                        *s += v as f64;
                     }
                 }
-                y.iter_mut().zip(s.iter()).for_each(|(y, &s)| *y = s as f32);
-                normalize(s, a.after, a.after_eps, o);
+                for ((s, y), o) in s.chunks(c).zip(ys.chunks_mut(c)).zip(os.chunks_mut(c)) {
+                    y.iter_mut().zip(s).for_each(|(y, &s)| *y = s as f32);
+                    normalize(s, a.after, a.after_eps, o);
+                }
             })
         });
 }
