@@ -103,8 +103,42 @@ macro_rules! element {
 
 element!(f64, F64, |x| x, f64::from, |x| x);
 element!(f32, F32, |x| x as f32, |x| x, f64::from);
-element!(f16, F16, f16::from_f64, f16::from_f32, f16::to_f64);
-element!(bf16, BF16, bf16::from_f64, bf16::from_f32, bf16::to_f64);
+// Not `half`'s `from_f64`: its f16 goes through a rounding to f32 where the
+// CPU has F16C (two roundings), and its bf16 rounds on the f64's upper 32
+// bits alone, so a value just past a midpoint can round the wrong way.
+element!(
+    f16,
+    F16,
+    |x| f16::from_f32(to_f32_odd(x)),
+    f16::from_f32,
+    f16::to_f64
+);
+element!(
+    bf16,
+    BF16,
+    |x| bf16::from_f32(to_f32_odd(x)),
+    bf16::from_f32,
+    bf16::to_f64
+);
+
+/// `x` rounded to odd in f32: toward zero, then, where that was inexact, the
+/// last bit set. Rounding this to nearest in a type of at most 22 bits of
+/// precision (f16: 11, bf16: 8) gives what rounding `x` there once gives:
+/// the bits it drops are nonzero exactly when `x`'s were, so a midpoint is
+/// never made nor unmade.
+fn to_f32_odd(x: f64) -> f32 {
+    let y = x as f32;
+    let back = f64::from(y);
+    // Exact (or NaN), or rounded to the odd one of its two neighbours.
+    if back == x || x.is_nan() || y.to_bits() & 1 == 1 {
+        return y;
+    }
+    // Rounded to the even one: the other neighbour, on `x`'s side (one step
+    // of the magnitude; past f32's range that is its largest value).
+    let toward_zero = back.abs() > x.abs();
+    let bits = y.to_bits();
+    f32::from_bits(if toward_zero { bits - 1 } else { bits + 1 })
+}
 
 /// The elements of a host tensor, in their stored type.
 #[derive(Clone, Debug, PartialEq)]
@@ -672,6 +706,44 @@ pub fn compare(out: &[f64], reference: &[f64]) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// f64 to f16 and bf16 rounds once, to nearest even: a value a hair
+    /// past the midpoint of every pair of neighbours (either sign, normal
+    /// or subnormal) goes to its side, an exact midpoint to the even one,
+    /// the largest finite values and infinity where they should. `half`'s
+    /// own conversions miss half of the near-midpoint cases.
+    #[test]
+    fn f64_rounds_once_to_16_bits() {
+        fn check<T: Element>(top: u16, bits: impl Fn(T) -> u16, from_bits: impl Fn(u16) -> T) {
+            for b in 0..top {
+                for sign in [0, 0x8000] {
+                    let (lo, hi) = (from_bits(sign | b).to_f64(), from_bits(sign | (b + 1)));
+                    // Past the largest value, the one a wider exponent would give.
+                    let hi = match hi.to_f64() {
+                        h if h.is_infinite() => 2.0 * lo - from_bits(sign | (b - 1)).to_f64(),
+                        h => h,
+                    };
+                    let mid = (lo + hi) / 2.0;
+                    let even = if b % 2 == 0 { b } else { b + 1 };
+                    for (x, want) in [
+                        (mid * (1.0 + 1e-12), b + 1),
+                        (mid * (1.0 - 1e-12), b),
+                        (mid, even),
+                        (lo, b),
+                    ] {
+                        let got = bits(T::from_f64(x)) & 0x7fff;
+                        assert_eq!(got, want, "{} {x:e} from {b:#06x}", T::DTYPE);
+                    }
+                }
+            }
+        }
+        // Every finite value and the one past the largest (infinity).
+        check::<f16>(0x7c00, f16::to_bits, f16::from_bits);
+        check::<bf16>(0x7f80, bf16::to_bits, bf16::from_bits);
+        assert!(f16::from_f64(f64::NAN).is_nan() && <f16 as Element>::from_f64(f64::NAN).is_nan());
+        assert_eq!(<bf16 as Element>::from_f64(-1e300), bf16::NEG_INFINITY);
+        assert_eq!(<f16 as Element>::from_f64(1e-300).to_bits(), 0);
+    }
 
     #[test]
     fn storage_conversion_refuses_overflow_and_passes_non_finite_values() -> Result<()> {
