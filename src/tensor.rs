@@ -1,6 +1,7 @@
 //! Host-side tensors: what files hold and what backends upload from and download to.
 
 use crate::error::{Error, Result};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 /// Element types accepted in files and on the host.
@@ -120,6 +121,14 @@ element!(
     bf16::from_f32,
     bf16::to_f64
 );
+
+/// A vector of `v.len()` zeros of `O`, filled by `fill(v, out)`: a slice
+/// conversion of `half`'s.
+fn widened<I, O: Default + Clone>(v: &[I], fill: impl FnOnce(&[I], &mut [O])) -> Vec<O> {
+    let mut out = vec![O::default(); v.len()];
+    fill(v, &mut out);
+    out
+}
 
 /// `x` rounded to odd in f32: toward zero, then, where that was inexact, the
 /// last bit set. Rounding this to nearest in a type of at most 22 bits of
@@ -531,8 +540,8 @@ impl HostTensor {
         match &self.data {
             HostData::F64(v) => v.clone(),
             HostData::F32(v) => v.iter().map(|&x| x as f64).collect(),
-            HostData::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
-            HostData::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            HostData::F16(v) => widened(v, |v, out| v.convert_to_f64_slice(out)),
+            HostData::BF16(v) => widened(v, |v, out| v.convert_to_f64_slice(out)),
         }
     }
 
@@ -541,8 +550,8 @@ impl HostTensor {
         match &self.data {
             HostData::F64(v) => v.iter().map(|&x| x as f32).collect(),
             HostData::F32(v) => v.clone(),
-            HostData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            HostData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            HostData::F16(v) => widened(v, |v, out| v.convert_to_f32_slice(out)),
+            HostData::BF16(v) => widened(v, |v, out| v.convert_to_f32_slice(out)),
         }
     }
 
@@ -580,6 +589,19 @@ impl HostTensor {
 
     /// Each element converted once, with no f32 copy of the whole.
     fn converted<T: Element>(&self) -> HostData {
+        // From f32, `half`'s slice conversions: F16C where the CPU has it,
+        // rounded as the element-wise ones are.
+        if let HostData::F32(v) = &self.data {
+            match T::DTYPE {
+                DType::F16 => {
+                    return HostData::F16(widened(v, |v, out| out.convert_from_f32_slice(v)))
+                }
+                DType::BF16 => {
+                    return HostData::BF16(widened(v, |v, out| out.convert_from_f32_slice(v)))
+                }
+                _ => {}
+            }
+        }
         T::into_data(match &self.data {
             HostData::F64(v) => v.iter().map(|&x| T::from_f64(x)).collect(),
             HostData::F32(v) => v.iter().map(|&x| T::from_f32(x)).collect(),
@@ -627,19 +649,29 @@ impl HostTensor {
     /// The first non-finite element at or after flat index `from`.
     fn non_finite_from(&self, from: usize) -> Option<(usize, f64)> {
         // Sliced, not skipped: a scan resumed after each find stays one pass.
-        fn find<T: Copy>(v: &[T], from: usize, f: impl Fn(T) -> f64) -> Option<(usize, f64)> {
+        // Blocks of elements are tested without a branch each (so the test
+        // vectorises, on the stored bits: no conversion), and only a block
+        // that holds one is searched.
+        fn find<T: Element>(
+            v: &[T],
+            from: usize,
+            finite: impl Fn(T) -> bool,
+        ) -> Option<(usize, f64)> {
             let rest = v.get(from..)?;
-            rest.iter()
-                .map(|&x| f(x))
+            let block = rest
+                .chunks(1024)
+                .position(|b| !b.iter().fold(true, |all, &x| all & finite(x)))?;
+            let (i, x) = rest[block * 1024..]
+                .iter()
                 .enumerate()
-                .find(|(_, x)| !x.is_finite())
-                .map(|(i, x)| (from + i, x))
+                .find(|&(_, &x)| !finite(x))?;
+            Some((from + block * 1024 + i, x.to_f64()))
         }
         match &self.data {
-            HostData::F64(v) => find(v, from, |x| x),
-            HostData::F32(v) => find(v, from, |x| x as f64),
-            HostData::F16(v) => find(v, from, |x| x.to_f64()),
-            HostData::BF16(v) => find(v, from, |x| x.to_f64()),
+            HostData::F64(v) => find(v, from, f64::is_finite),
+            HostData::F32(v) => find(v, from, f32::is_finite),
+            HostData::F16(v) => find(v, from, f16::is_finite),
+            HostData::BF16(v) => find(v, from, bf16::is_finite),
         }
     }
 
@@ -743,6 +775,79 @@ mod tests {
         assert!(f16::from_f64(f64::NAN).is_nan() && <f16 as Element>::from_f64(f64::NAN).is_nan());
         assert_eq!(<bf16 as Element>::from_f64(-1e300), bf16::NEG_INFINITY);
         assert_eq!(<f16 as Element>::from_f64(1e-300).to_bits(), 0);
+    }
+
+    /// The first non-finite element is found wherever it lies: first or
+    /// last of a block of the scan, in a short last block, behind another.
+    #[test]
+    fn non_finite_elements_are_found_anywhere() -> Result<()> {
+        for dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+            let clean = HostTensor::from_f64(vec![3000], vec![1.5; 3000])?.to_dtype(dtype);
+            assert_eq!(clean.first_non_finite(), None, "{dtype}");
+            for at in [0, 1023, 1024, 2047, 2048, 2999] {
+                for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                    let mut v = vec![1.5; 3000];
+                    v[at] = bad;
+                    if let Some(next) = v.get_mut(at + 1) {
+                        *next = f64::NAN;
+                    }
+                    let t = HostTensor::from_f64(vec![3000], v)?.to_dtype(dtype);
+                    let (i, x) = t.first_non_finite().expect("found");
+                    assert_eq!(i, at, "{dtype} {bad}");
+                    assert!(x.is_nan() == bad.is_nan() && !x.is_finite(), "{dtype}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The slice conversions give the element-wise ones' bits: subnormals,
+    /// ties, the largest values, infinities and NaN included.
+    #[test]
+    fn slice_conversions_match_element_wise_ones() -> Result<()> {
+        let mut rng = crate::rng::Rng::new(5);
+        let mut v: Vec<f32> = (0..5000)
+            .map(|i| (rng.normal() * (2.0f64).powi(i % 60 - 30)) as f32)
+            .collect();
+        v.extend([
+            0.0,
+            -0.0,
+            65504.0,
+            65520.0,
+            1e-8,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NAN,
+        ]);
+        v.extend((0..64).map(|i| f16::from_bits(i * 977).to_f32() + 2.0f32.powi(-25)));
+        let t = HostTensor::from_f32(vec![v.len()], v.clone())?;
+        let bits = |t: &HostTensor| match t.data() {
+            HostData::F16(h) => h.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            HostData::BF16(h) => h.iter().map(|x| x.to_bits()).collect(),
+            _ => unreachable!(),
+        };
+        let f16s: Vec<u16> = v.iter().map(|&x| f16::from_f32(x).to_bits()).collect();
+        let bf16s: Vec<u16> = v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        let (h, b) = (t.to_dtype(DType::F16), t.to_dtype(DType::BF16));
+        assert_eq!(bits(&h), f16s);
+        assert_eq!(bits(&b), bf16s);
+        for narrow in [&h, &b] {
+            let one_by_one: Vec<u32> = match narrow.data() {
+                HostData::F16(x) => x.iter().map(|x| x.to_f32().to_bits()).collect(),
+                HostData::BF16(x) => x.iter().map(|x| x.to_f32().to_bits()).collect(),
+                _ => unreachable!(),
+            };
+            let wide: Vec<u32> = narrow.to_f32_vec().iter().map(|x| x.to_bits()).collect();
+            assert_eq!(wide, one_by_one);
+            let wider: Vec<u64> = narrow.to_f64_vec().iter().map(|x| x.to_bits()).collect();
+            let from_f32: Vec<u64> = narrow
+                .to_f32_vec()
+                .iter()
+                .map(|&x| f64::from(x).to_bits())
+                .collect();
+            assert_eq!(wider, from_f32);
+        }
+        Ok(())
     }
 
     #[test]
