@@ -1312,6 +1312,27 @@ pub fn check_cases_rounded<B: Backend>(
     Ok(held)
 }
 
+/// [`check_cases_rounded`] for every op of [`OPS`], each of which must have
+/// a case among `cases`: what the cases were held to, all ops together.
+pub fn check_ops_rounded<B: Backend>(
+    be: &B,
+    cases: &[Case],
+    dtype: DType,
+    seed: u64,
+    tol: f64,
+    eps: f64,
+) -> std::result::Result<RoundedBounds, String> {
+    let mut held = RoundedBounds::default();
+    for op in OPS {
+        let h = check_cases_rounded(be, cases, op, dtype, seed, tol, eps)?;
+        if h.cases == 0 {
+            return Err(format!("no case for {op}"));
+        }
+        held += h;
+    }
+    Ok(held)
+}
+
 /// The bound [`check_cases_rounded`] holds `case` to (inputs drawn as
 /// [`compare_case`] draws them from `seed`): `tol`, or [`SPREAD_FACTOR`]
 /// times its [`rounding_spread`] where that is more.
