@@ -124,7 +124,7 @@ element!(
 
 /// A vector of `v.len()` zeros of `O`, filled by `fill(v, out)`: a slice
 /// conversion of `half`'s.
-fn widened<I, O: Default + Clone>(v: &[I], fill: impl FnOnce(&[I], &mut [O])) -> Vec<O> {
+fn slice_converted<I, O: Default + Clone>(v: &[I], fill: impl FnOnce(&[I], &mut [O])) -> Vec<O> {
     let mut out = vec![O::default(); v.len()];
     fill(v, &mut out);
     out
@@ -540,8 +540,8 @@ impl HostTensor {
         match &self.data {
             HostData::F64(v) => v.clone(),
             HostData::F32(v) => v.iter().map(|&x| x as f64).collect(),
-            HostData::F16(v) => widened(v, |v, out| v.convert_to_f64_slice(out)),
-            HostData::BF16(v) => widened(v, |v, out| v.convert_to_f64_slice(out)),
+            HostData::F16(v) => slice_converted(v, |v, out| v.convert_to_f64_slice(out)),
+            HostData::BF16(v) => slice_converted(v, |v, out| v.convert_to_f64_slice(out)),
         }
     }
 
@@ -550,8 +550,8 @@ impl HostTensor {
         match &self.data {
             HostData::F64(v) => v.iter().map(|&x| x as f32).collect(),
             HostData::F32(v) => v.clone(),
-            HostData::F16(v) => widened(v, |v, out| v.convert_to_f32_slice(out)),
-            HostData::BF16(v) => widened(v, |v, out| v.convert_to_f32_slice(out)),
+            HostData::F16(v) => slice_converted(v, |v, out| v.convert_to_f32_slice(out)),
+            HostData::BF16(v) => slice_converted(v, |v, out| v.convert_to_f32_slice(out)),
         }
     }
 
@@ -594,10 +594,14 @@ impl HostTensor {
         if let HostData::F32(v) = &self.data {
             match T::DTYPE {
                 DType::F16 => {
-                    return HostData::F16(widened(v, |v, out| out.convert_from_f32_slice(v)))
+                    return HostData::F16(slice_converted(v, |v, out| {
+                        out.convert_from_f32_slice(v)
+                    }))
                 }
                 DType::BF16 => {
-                    return HostData::BF16(widened(v, |v, out| out.convert_from_f32_slice(v)))
+                    return HostData::BF16(slice_converted(v, |v, out| {
+                        out.convert_from_f32_slice(v)
+                    }))
                 }
                 _ => {}
             }
