@@ -1,7 +1,8 @@
 // linear: out[m, n] = act(sum_k x[m, k] * w[n, k] + bias[n]) + residual[m, n]
 // x [M, K] row-major, w [N, K] (PyTorch layout), bias [N], residual/out [M, N].
-// Storage is `elem` (f32 or f16, defined by the backend before this source);
-// every product and sum is f32.
+// Storage is `elem` (f32 or f16, defined by the backend before this source),
+// w's too or its own (read through `w_at` / `w4_at`, below); every product and
+// sum is f32.
 //
 // Entry points:
 //   linear_v1            naive: one invocation per output, a loop over K. The
@@ -36,14 +37,15 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<elem>;
-@group(0) @binding(2) var<storage, read> w: array<elem>;
+// w (binding 2) is declared by the backend before this source, with
+// `w_at(i)` and `w4_at(i)` that read element i and vec4 i as f32: in `elem`,
+// or packed two 16-bit weights to a word (`WgpuOptions::weights`).
 @group(0) @binding(3) var<storage, read> bias: array<elem>;
 @group(0) @binding(4) var<storage, read> residual: array<elem>;
 @group(0) @binding(5) var<storage, read_write> out: array<elem>;
-// The same x and w seen as vec4s, used only by the vec4 entry points (an
-// entry point binds only the variables it uses).
+// The same x seen as vec4s, used only by the vec4 entry points (an entry
+// point binds only the variables it uses).
 @group(0) @binding(1) var<storage, read> x4: array<elem4>;
-@group(0) @binding(2) var<storage, read> w4: array<elem4>;
 
 // ---------------------------------------------------------------------------
 // Epilogue: bias, activation, residual.
@@ -130,7 +132,7 @@ fn linear_v1(@builtin(global_invocation_id) gid: vec3<u32>) {
     let n = i % p.n;
     var acc = 0.0;
     for (var k = 0u; k < p.k; k++) {
-        acc = fma(f32(x[m * p.k + k]), f32(w[n * p.k + k]), acc);
+        acc = fma(f32(x[m * p.k + k]), w_at(n * p.k + k), acc);
     }
     finish(m, n, acc);
 }
@@ -193,7 +195,7 @@ fn stage_vec4(m0: u32, n0: u32, k0: u32, lid: u32) {
         let kv = k0 / 4u + kq;
         var v = vec4<f32>(0.0);
         if (n0 + row < p.n && kv < k4) {
-            v = vec4<f32>(w4[(n0 + row) * k4 + kv]);
+            v = w4_at((n0 + row) * k4 + kv);
         }
         tb[row * ROW4 + kq] = v;
     }
@@ -217,7 +219,7 @@ fn stage_scalar(m0: u32, n0: u32, k0: u32, lid: u32) {
         let kk = idx % BK;
         var v = 0.0;
         if (n0 + row < p.n && k0 + kk < p.k) {
-            v = f32(w[(n0 + row) * p.k + k0 + kk]);
+            v = w_at((n0 + row) * p.k + k0 + kk);
         }
         tb[row * ROW4 + kk / 4u][kk % 4u] = v;
     }
@@ -379,14 +381,14 @@ fn linear_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     let r = rows_index(b, lid / KS, k4);
     var acc: array<vec4<f32>, 8>;
     for (var kv = ks; kv < k4; kv += KS) {
-        let b0 = vec4<f32>(w4[r[4] + kv]);
-        let b1 = vec4<f32>(w4[r[5] + kv]);
-        let b2 = vec4<f32>(w4[r[6] + kv]);
-        let b3 = vec4<f32>(w4[r[7] + kv]);
-        let b4 = vec4<f32>(w4[r[8] + kv]);
-        let b5 = vec4<f32>(w4[r[9] + kv]);
-        let b6 = vec4<f32>(w4[r[10] + kv]);
-        let b7 = vec4<f32>(w4[r[11] + kv]);
+        let b0 = w4_at(r[4] + kv);
+        let b1 = w4_at(r[5] + kv);
+        let b2 = w4_at(r[6] + kv);
+        let b3 = w4_at(r[7] + kv);
+        let b4 = w4_at(r[8] + kv);
+        let b5 = w4_at(r[9] + kv);
+        let b6 = w4_at(r[10] + kv);
+        let b7 = w4_at(r[11] + kv);
         let a0 = vec4<f32>(x4[r[0] + kv]);
         acc[0] += dots(a0, b0, b1, b2, b3);
         acc[1] += dots(a0, b4, b5, b6, b7);
@@ -413,8 +415,8 @@ fn linear_rows_s(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     let r = rows_index(b, lid / KS, p.k);
     var acc: array<vec4<f32>, 8>;
     for (var k = ks; k < p.k; k += KS) {
-        let b03 = vec4<f32>(f32(w[r[4] + k]), f32(w[r[5] + k]), f32(w[r[6] + k]), f32(w[r[7] + k]));
-        let b47 = vec4<f32>(f32(w[r[8] + k]), f32(w[r[9] + k]), f32(w[r[10] + k]), f32(w[r[11] + k]));
+        let b03 = vec4<f32>(w_at(r[4] + k), w_at(r[5] + k), w_at(r[6] + k), w_at(r[7] + k));
+        let b47 = vec4<f32>(w_at(r[8] + k), w_at(r[9] + k), w_at(r[10] + k), w_at(r[11] + k));
         let a0 = f32(x[r[0] + k]);
         acc[0] = fma(vec4<f32>(a0), b03, acc[0]);
         acc[1] = fma(vec4<f32>(a0), b47, acc[1]);

@@ -251,7 +251,9 @@ pub enum Precision {
     /// ([`CpuOptions::precision`](crate::cpu::CpuOptions::precision)).
     F16,
     /// bf16 storage (CUDA sm_80+); on the CPU, the GEMMs' weights and
-    /// inputs in bf16 ([`CpuOptions::precision`](crate::cpu::CpuOptions::precision)).
+    /// inputs in bf16 ([`CpuOptions::precision`](crate::cpu::CpuOptions::precision));
+    /// on wgpu, f32 tensors and the GEMMs' weights in bf16
+    /// ([`WgpuOptions::weights`](crate::wgpu::WgpuOptions::weights), any adapter).
     Bf16,
 }
 
@@ -299,12 +301,12 @@ impl Precision {
     }
 
     /// Whether backend `kind` computes in this precision (CUDA: all of them;
-    /// wgpu: f32 and f16; the CPU: f32, bf16 and f16 (its GEMMs); the reference:
-    /// f32, in float64).
+    /// wgpu: f32, f16 and bf16 (its GEMMs' weights); the CPU: f32, bf16 and f16
+    /// (its GEMMs); the reference: f32, in float64).
     pub fn runs_on(self, kind: DeviceKind) -> bool {
         match kind {
             DeviceKind::Cuda => true,
-            DeviceKind::Wgpu => matches!(self, Precision::F32 | Precision::F16),
+            DeviceKind::Wgpu => self != Precision::Tf32,
             DeviceKind::Cpu | DeviceKind::Auto => self != Precision::Tf32,
             DeviceKind::Reference => self == Precision::F32,
         }
@@ -378,15 +380,19 @@ pub fn run_on_with<T: BackendTask>(
         }
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => {
-            use crate::wgpu::{Precision as WgpuPrecision, Wgpu, WgpuOptions};
-            let precision = match precision {
-                Precision::F32 => WgpuPrecision::F32,
-                Precision::F16 => WgpuPrecision::F16,
-                _ => return unsupported("wgpu computes in f32 or f16"),
+            use crate::wgpu::{Precision as WgpuPrecision, WeightType, Wgpu, WgpuOptions};
+            let (precision, weights) = match precision {
+                Precision::F32 => (WgpuPrecision::F32, WeightType::Storage),
+                Precision::F16 => (WgpuPrecision::F16, WeightType::Storage),
+                Precision::Bf16 => (WgpuPrecision::F32, WeightType::Bf16),
+                Precision::Tf32 => {
+                    return unsupported("wgpu computes in f32, f16, or f32 with bf16 GEMM weights")
+                }
             };
             let be = Wgpu::open()?;
             let options = WgpuOptions {
                 precision,
+                weights,
                 ..be.options()
             };
             task.run(be.with_options(options)?, DeviceKind::Wgpu)

@@ -56,7 +56,7 @@ struct ModelArgs {
     /// Attention heads (the shapes cannot tell; default 4).
     #[arg(long, allow_negative_numbers = true)]
     heads: Option<usize>,
-    /// Number format: f32, tf32 (CUDA), f16 (CUDA, wgpu, the CPU's GEMMs) or bf16 (CUDA, the CPU's GEMMs); sums are f32.
+    /// Number format: f32, tf32 (CUDA), f16 (CUDA, wgpu, the CPU's GEMMs) or bf16 (CUDA, the GEMMs' weights on wgpu and the CPU); sums are f32.
     #[arg(long, default_value = "f32")]
     precision: String,
 }
@@ -107,7 +107,7 @@ enum Command {
         /// Check only this backend (auto, cpu, wgpu, cuda); default: all available.
         #[arg(long)]
         device: Option<String>,
-        /// Number format: f32, tf32 (CUDA), f16 (CUDA, wgpu, the CPU's GEMMs) or bf16 (CUDA, the CPU's GEMMs).
+        /// Number format: f32, tf32 (CUDA), f16 (CUDA, wgpu, the CPU's GEMMs) or bf16 (CUDA, the GEMMs' weights on wgpu and the CPU).
         #[arg(long, default_value = "f32")]
         precision: String,
     },
@@ -128,7 +128,7 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Number format: f32, tf32 (CUDA), f16 (CUDA, wgpu, the CPU's GEMMs) or bf16 (CUDA, the CPU's GEMMs).
+        /// Number format: f32, tf32 (CUDA), f16 (CUDA, wgpu, the CPU's GEMMs) or bf16 (CUDA, the GEMMs' weights on wgpu and the CPU).
         #[arg(long, default_value = "f32")]
         precision: String,
     },

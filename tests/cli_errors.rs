@@ -1351,28 +1351,36 @@ fn unknown_or_unsupported_precision() {
         &out,
         &["--precision tf32", "no backend here computes in it"],
     );
-    // wgpu has no bf16 or TF32: an error naming the precision, or (without an
-    // adapter, which REQUIRE_WGPU=1 rules out) the backend's own reason it is absent.
-    for p in ["bf16", "tf32"] {
-        let out = outproj([
-            "bench",
-            "--device",
-            "wgpu",
-            "--precision",
-            p,
-            "--seconds",
-            "0.01",
-        ]);
-        let line = expect_error(&out, &[]);
-        if !required("REQUIRE_WGPU") && line.contains("backend `wgpu` is not available") {
-            println!("skipped: bench --device wgpu --precision {p}: {line}");
-        } else {
-            expect_error(
-                &out,
-                &[&format!("--precision {p}"), "wgpu computes in f32 or f16"],
-            );
-        }
+    // wgpu has no TF32: an error naming the precision, or (without an adapter,
+    // which REQUIRE_WGPU=1 rules out) the backend's own reason it is absent.
+    let out = outproj([
+        "bench",
+        "--device",
+        "wgpu",
+        "--precision",
+        "tf32",
+        "--seconds",
+        "0.01",
+    ]);
+    let line = expect_error(&out, &[]);
+    if !required("REQUIRE_WGPU") && line.contains("backend `wgpu` is not available") {
+        println!("skipped: bench --device wgpu --precision tf32: {line}");
+        return;
     }
+    expect_error(
+        &out,
+        &[
+            "--precision tf32",
+            "wgpu computes in f32, f16, or f32 with bf16",
+        ],
+    );
+    // bf16 there is f32 tensors with the GEMMs' weights in bf16.
+    let out = run_device("wgpu", &w, &input, &["--precision", "bf16"]);
+    expect_success(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("on wgpu (bf16)"),
+        "{out:?}"
+    );
 }
 
 /// The device `outproj run` says it computed on (`conditioning: [..] on D (..)`).

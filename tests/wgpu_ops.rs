@@ -4,7 +4,7 @@
 
 use output_projector::tensor::DType;
 use output_projector::verify;
-use output_projector::wgpu::{KernelVersion, Precision, Wgpu, WgpuOptions};
+use output_projector::wgpu::{KernelVersion, Precision, WeightType, Wgpu, WgpuOptions};
 
 fn backend(options: WgpuOptions) -> Option<Wgpu> {
     match output_projector::wgpu::open() {
@@ -23,7 +23,7 @@ fn backend(options: WgpuOptions) -> Option<Wgpu> {
 fn f16_backend() -> Option<Wgpu> {
     backend(WgpuOptions {
         precision: Precision::F16,
-        version: KernelVersion::Fast,
+        ..WgpuOptions::default()
     })
 }
 
@@ -46,7 +46,11 @@ fn check_versions(cases: &[verify::Case], op: &str, tol: f64) {
 /// adapter).
 fn on_each_version(precision: Precision, mut f: impl FnMut(KernelVersion, &Wgpu)) {
     for version in [KernelVersion::Naive, KernelVersion::Fast] {
-        let Some(be) = backend(WgpuOptions { precision, version }) else {
+        let Some(be) = backend(WgpuOptions {
+            precision,
+            version,
+            ..WgpuOptions::default()
+        }) else {
             return;
         };
         f(version, &be);
@@ -87,8 +91,8 @@ fn attention_matches_reference() {
 fn long_attention_matches_reference() {
     for version in [KernelVersion::Naive, KernelVersion::Fast] {
         let Some(be) = backend(WgpuOptions {
-            precision: Precision::F32,
             version,
+            ..WgpuOptions::default()
         }) else {
             return;
         };
@@ -269,4 +273,170 @@ fn f16_upload_refuses_values_past_its_range() {
     let fits = HostTensor::from_f32(vec![2], vec![65504.0, -65504.0]).unwrap();
     let back = half.download(&half.upload(&fits).unwrap()).unwrap();
     assert_eq!(back.to_f64_vec(), vec![65504.0, -65504.0]);
+}
+
+/// The GEMM ops and their kernels that take a weight ([`verify::OPS`]' first
+/// four but the lone LayerNorm).
+const GEMM_OPS: [&str; 3] = ["linear", "layer_norm_linear", "linear_layer_norm"];
+
+/// The 16-bit weight types, with their element type.
+const WEIGHT_TYPES: [(WeightType, DType); 2] = [
+    (WeightType::F16, DType::F16),
+    (WeightType::Bf16, DType::BF16),
+];
+
+/// `f` on a backend of each kernel version with f32 tensors and GEMM weights
+/// of `weights` (none without an adapter).
+fn on_each_version_with(weights: WeightType, mut f: impl FnMut(KernelVersion, &Wgpu)) {
+    for version in [KernelVersion::Naive, KernelVersion::Fast] {
+        let Some(be) = backend(WgpuOptions {
+            version,
+            weights,
+            ..WgpuOptions::default()
+        }) else {
+            return;
+        };
+        f(version, &be);
+    }
+}
+
+/// f16 and bf16 GEMM weights, packed two to a word, with f32 tensors. Inputs
+/// drawn in the weight's type: the packing loses nothing and the products
+/// and sums are f32, so every GEMM op meets f32's 1e-5, at the standard and
+/// at random sizes (odd K included, where a row's weights straddle words).
+/// Inputs drawn in f32: the weights are rounded once, to 2^-9 (bf16) or
+/// 2^-12 (f16) relative, within the precision's 1e-2 or `SPREAD_FACTOR`
+/// times what that rounding does to the reference, rarely the latter.
+#[test]
+fn gemms_with_16_bit_weights_match_reference() {
+    let random = verify::random_cases(47, 400);
+    for (weights, dtype) in WEIGHT_TYPES {
+        let mut held = verify::RoundedBounds::default();
+        on_each_version_with(weights, |version, be| {
+            for op in GEMM_OPS {
+                for cases in [&verify::standard_cases(), &random] {
+                    let n = verify::check_cases(be, cases, op, dtype, 470, 1e-5)
+                        .unwrap_or_else(|e| panic!("{weights:?} {version:?} exact: {e}"));
+                    assert!(n > 0, "no case for {op}");
+                }
+                held += verify::check_cases_rounded(
+                    be,
+                    &random,
+                    op,
+                    DType::F32,
+                    471,
+                    1e-2,
+                    dtype.epsilon(),
+                )
+                .unwrap_or_else(|e| panic!("{weights:?} {version:?} rounded: {e}"));
+            }
+        });
+        if held.cases == 0 {
+            return; // no adapter, said above
+        }
+        println!("{weights:?} weights: {held}");
+        assert!(held.tight(), "{weights:?} weights: {held}");
+    }
+}
+
+/// bf16 GEMM weights with f16 tensors: the weight widened from its own
+/// packing, the activations from `elem`, within the precision's 1e-2.
+#[test]
+fn bf16_weights_with_f16_tensors_match_reference() {
+    let Some(be) = backend(WgpuOptions {
+        precision: Precision::F16,
+        weights: WeightType::Bf16,
+        ..WgpuOptions::default()
+    }) else {
+        return;
+    };
+    for op in GEMM_OPS {
+        let n = verify::check_cases(&be, &verify::standard_cases(), op, DType::BF16, 472, 1e-2)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(n > 0, "no case for {op}");
+    }
+}
+
+/// The whole projector with 16-bit GEMM weights (the image preset, batch 2):
+/// the weights drawn in that type, so only the absorbed cross-attention's
+/// weights, made in float64, are rounded to it; within 2e-2 of the reference.
+#[test]
+fn projector_with_16_bit_weights_matches_reference() {
+    use output_projector::config::{Modality, ProjectorConfig, Variant};
+    let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+    for (weights, dtype) in WEIGHT_TYPES {
+        let Some(be) = backend(WgpuOptions {
+            weights,
+            ..WgpuOptions::default()
+        }) else {
+            return;
+        };
+        let r = verify::compare_projector(&be, &image, 2, dtype, 13).unwrap();
+        println!("{weights:?} weights: projector rel {:.2e}", r.rel);
+        assert!(r.rel <= 2e-2, "{weights:?} {}: rel {:.3e}", r.case, r.rel);
+    }
+}
+
+/// A packed weight takes half an f32 weight's memory, comes back as its host
+/// type, and is refused, with an error that says why, by every op but as
+/// linear's weight.
+#[test]
+fn packed_weights_are_only_linear_weights() {
+    use output_projector::ops::{Activation, Backend};
+    use output_projector::tensor::HostTensor;
+    for (weights, dtype) in WEIGHT_TYPES {
+        let Some(be) = backend(WgpuOptions {
+            weights,
+            ..WgpuOptions::default()
+        }) else {
+            return;
+        };
+        assert_eq!(be.weight_dtype(), dtype);
+        let host = HostTensor::randn(vec![5, 7], 9, "w").unwrap();
+        let w = be.upload_weight(&host).unwrap();
+        assert_eq!(w.dtype(), dtype);
+        assert_eq!(be.upload(&host).unwrap().dtype(), DType::F32);
+        // 35 elements in 18 words, rounded up to the 16-byte granule.
+        assert_eq!(w.buffer().size(), 80);
+        let back = be.download(&w).unwrap();
+        assert_eq!(back.dtype(), dtype);
+        assert_eq!(back, host.to_storage(dtype, "w").unwrap());
+
+        let x = be
+            .upload(&HostTensor::randn(vec![3, 7], 10, "x").unwrap())
+            .unwrap();
+        let mut out = be.alloc(&[3, 5]).unwrap();
+        be.linear(&x, &w, None, Activation::None, None, &mut out)
+            .unwrap();
+        let want = format!("is a GEMM weight in {dtype}");
+        let (g, b) = (
+            be.upload(&HostTensor::randn(vec![7], 11, "g").unwrap())
+                .unwrap(),
+            be.alloc(&[7]).unwrap(),
+        );
+        let e = be.layer_norm(
+            &w,
+            None,
+            &g,
+            &b,
+            1e-5,
+            &mut be.alloc(&[5, 7]).unwrap(),
+            None,
+        );
+        assert!(
+            e.unwrap_err().to_string().contains(&want),
+            "layer_norm input"
+        );
+        // As linear's input, or its output, a weight is refused too.
+        let mut w_out = be
+            .upload_weight(&HostTensor::randn(vec![3, 5], 12, "o").unwrap())
+            .unwrap();
+        let e = be.linear(&x, &w, None, Activation::None, None, &mut w_out);
+        assert!(e.unwrap_err().to_string().contains(&want), "linear output");
+        let w7 = be
+            .upload_weight(&HostTensor::randn(vec![3, 7], 13, "x").unwrap())
+            .unwrap();
+        let e = be.linear(&w7, &w, None, Activation::None, None, &mut out);
+        assert!(e.unwrap_err().to_string().contains(&want), "linear input");
+    }
 }

@@ -36,6 +36,7 @@ const fn kernel(shader: &'static str, source: &'static str, entry: &'static str)
         entry,
         reads: 2,
         writes: 2,
+        weight: None,
     }
 }
 

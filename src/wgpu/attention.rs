@@ -45,6 +45,7 @@ fn plain(entry: &'static str) -> Kernel {
         // q, k, v, mask words
         reads: 4,
         writes: 1,
+        weight: None,
     }
 }
 

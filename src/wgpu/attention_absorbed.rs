@@ -15,6 +15,7 @@ fn kernel(entry: &'static str) -> Kernel {
         // bias, after weight and bias
         reads: 10,
         writes: 2,
+        weight: None,
     }
 }
 

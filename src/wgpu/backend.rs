@@ -30,17 +30,35 @@ pub enum Precision {
 }
 
 impl Precision {
-    fn bytes(self) -> u64 {
-        match self {
-            Precision::F32 => 4,
-            Precision::F16 => 2,
-        }
-    }
-
     fn dtype(self) -> DType {
         match self {
             Precision::F32 => DType::F32,
             Precision::F16 => DType::F16,
+        }
+    }
+}
+
+/// How [`Backend::upload_weight`](crate::ops::Backend::upload_weight) stores a
+/// GEMM's weight (`w` of `linear`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum WeightType {
+    /// In the tensors' own type, [`WgpuOptions::precision`] (the default).
+    #[default]
+    Storage,
+    /// f16 (NExT-GPT's released weights, exactly), two to a 32-bit word that
+    /// `linear` widens with `unpack2x16float`: any adapter, SHADER_F16 or not.
+    F16,
+    /// bf16, two to a 32-bit word that `linear` widens with shifts: any adapter.
+    Bf16,
+}
+
+impl WeightType {
+    /// The element type of a weight on a backend whose tensors hold `storage`.
+    pub(crate) fn dtype(self, storage: DType) -> DType {
+        match self {
+            WeightType::Storage => storage,
+            WeightType::F16 => DType::F16,
+            WeightType::Bf16 => DType::BF16,
         }
     }
 }
@@ -53,6 +71,12 @@ pub struct WgpuOptions {
     /// Which shaders the ops dispatch: the tuned ones ([`KernelVersion::Fast`], default)
     /// or the naive v1 ones ([`KernelVersion::Naive`]), the benchmarks' baseline.
     pub version: KernelVersion,
+    /// The type of the GEMMs' weights ([`WeightType::Storage`] by default). In
+    /// f16 or bf16 they take half the memory of f32 ones and `linear` reads half
+    /// the bytes; its products and sums stay f32, and every other op takes only
+    /// tensors of [`precision`](Self::precision) (a weight elsewhere is an
+    /// [`Error::Invalid`]).
+    pub weights: WeightType,
 }
 
 impl Default for WgpuOptions {
@@ -60,6 +84,7 @@ impl Default for WgpuOptions {
         WgpuOptions {
             precision: Precision::F32,
             version: KernelVersion::Fast,
+            weights: WeightType::Storage,
         }
     }
 }
@@ -81,6 +106,59 @@ pub(crate) struct Kernel {
     pub entry: &'static str,
     pub reads: u32,
     pub writes: u32,
+    /// The read (0-based) that may be a GEMM weight in its own type: the
+    /// source then reads it through `w_at` and `w4_at` ([`weight_access`]),
+    /// compiled for that type.
+    pub weight: Option<u32>,
+}
+
+/// WGSL that declares read `read` as `w` (scalars) and `w4` (vec4s) and reads
+/// them as f32 through `w_at(i)` and `w4_at(i)`, for elements of `dtype` on a
+/// backend whose tensors hold `storage`. A 16-bit weight on an f32 backend is
+/// packed two to a word, element 2i in the low half (the host's little-endian
+/// bytes as they are).
+fn weight_access(read: u32, dtype: DType, storage: DType) -> String {
+    let binding = 1 + read;
+    let (scalar, vec4, body) = match dtype {
+        _ if dtype == storage => (
+            "elem",
+            "elem4",
+            r"
+fn w_at(i: u32) -> f32 { return f32(w[i]); }
+fn w4_at(i: u32) -> vec4<f32> { return vec4<f32>(w4[i]); }
+",
+        ),
+        DType::F16 => (
+            "u32",
+            "vec2<u32>",
+            r"
+fn w_at(i: u32) -> f32 { return unpack2x16float(w[i >> 1u])[i & 1u]; }
+fn w4_at(i: u32) -> vec4<f32> {
+    let v = w4[i];
+    return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y));
+}
+",
+        ),
+        // bf16 is the upper half of an f32: a shift or a mask widens it.
+        _ => (
+            "u32",
+            "vec2<u32>",
+            r"
+fn bf16_pair(v: u32) -> vec2<f32> {
+    return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f32>(v & 0xffff0000u));
+}
+fn w_at(i: u32) -> f32 { return bf16_pair(w[i >> 1u])[i & 1u]; }
+fn w4_at(i: u32) -> vec4<f32> {
+    let v = w4[i];
+    return vec4<f32>(bf16_pair(v.x), bf16_pair(v.y));
+}
+",
+        ),
+    };
+    format!(
+        "@group(0) @binding({binding}) var<storage, read> w: array<{scalar}>;\n\
+         @group(0) @binding({binding}) var<storage, read> w4: array<{vec4}>;{body}"
+    )
 }
 
 /// A storage binding of a dispatch: a tensor, or an unused placeholder for an
@@ -109,6 +187,9 @@ struct Pending {
     params: Vec<u8>,
 }
 
+/// A pipeline's shader, entry point and the type of its weight read.
+type PipelineKey = (&'static str, &'static str, DType);
+
 struct Inner {
     gpu: Arc<Gpu>,
     options: WgpuOptions,
@@ -116,7 +197,7 @@ struct Inner {
     /// Bound where a kernel's optional input is absent.
     placeholder: ::wgpu::Buffer,
     pending: Mutex<Pending>,
-    pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<::wgpu::ComputePipeline>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<::wgpu::ComputePipeline>>>,
     layouts: Mutex<HashMap<(u32, u32), Arc<::wgpu::BindGroupLayout>>>,
     /// Reusable buffers by size.
     free: Mutex<HashMap<u64, Vec<::wgpu::Buffer>>>,
@@ -159,13 +240,15 @@ impl Drop for Storage {
     }
 }
 
-/// A tensor in a wgpu storage buffer, at a byte offset, in the backend's precision.
+/// A tensor in a wgpu storage buffer, at a byte offset, in the backend's
+/// precision (or, for a GEMM weight, in [`WgpuOptions::weights`]).
 #[derive(Clone)]
 pub struct WgpuTensor {
     storage: Arc<Storage>,
     offset: u64,
     shape: Vec<usize>,
     numel: usize,
+    dtype: DType,
 }
 
 impl Shaped for WgpuTensor {
@@ -183,6 +266,20 @@ impl WgpuTensor {
     /// Where the tensor starts in [`WgpuTensor::buffer`], in bytes.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// The element type: the backend's precision, or for a GEMM weight
+    /// [`WgpuOptions::weights`]' (16-bit weights are packed two to a word).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes a binding of the tensor spans: whole 4-byte words, at least one.
+    fn binding_bytes(&self) -> u64 {
+        ((self.numel as u64) * self.dtype.size() as u64)
+            .div_ceil(4)
+            .max(1)
+            * 4
     }
 }
 
@@ -332,11 +429,6 @@ impl Wgpu {
         self.inner.options.precision.dtype()
     }
 
-    /// The element size of every tensor of this backend.
-    fn elem_bytes(&self) -> u64 {
-        self.inner.options.precision.bytes()
-    }
-
     /// A tensor over a buffer you own: `shape` elements of this backend's
     /// precision starting at byte `offset`. The buffer needs STORAGE, COPY_SRC
     /// and COPY_DST usage; the offset must meet the device's storage alignment.
@@ -364,7 +456,7 @@ impl Wgpu {
         }
         let numel = checked_numel(shape, "wgpu tensor")?;
         let bytes = (numel as u64)
-            .checked_mul(self.elem_bytes())
+            .checked_mul(self.storage().size() as u64)
             .and_then(|b| b.checked_add(offset))
             .ok_or_else(|| Error::Overflow(format!("wgpu tensor of shape {shape:?}")))?;
         // Kernels read whole 4-byte words: the binding is rounded up to 4 bytes.
@@ -379,6 +471,7 @@ impl Wgpu {
             offset,
             shape: shape.to_vec(),
             numel,
+            dtype: self.storage(),
         })
     }
 
@@ -406,9 +499,13 @@ impl Wgpu {
     }
 
     pub(crate) fn alloc_tensor(&self, shape: &[usize]) -> Result<WgpuTensor> {
+        self.alloc_in(shape, self.storage())
+    }
+
+    fn alloc_in(&self, shape: &[usize], dtype: DType) -> Result<WgpuTensor> {
         let numel = checked_numel(shape, "wgpu tensor")?;
         let bytes = (numel as u64)
-            .checked_mul(self.elem_bytes())
+            .checked_mul(dtype.size() as u64)
             .ok_or_else(|| Error::Overflow(format!("wgpu tensor of shape {shape:?}")))?;
         let buffer = self.buffer(bytes)?;
         Ok(WgpuTensor {
@@ -419,12 +516,22 @@ impl Wgpu {
             offset: 0,
             shape: shape.to_vec(),
             numel,
+            dtype,
         })
     }
 
     pub(crate) fn upload_tensor(&self, t: &HostTensor) -> Result<WgpuTensor> {
-        let out = self.alloc_tensor(t.shape())?;
-        let converted = t.to_storage(self.storage(), "wgpu upload")?;
+        self.upload_in(t, self.storage())
+    }
+
+    /// A GEMM weight in [`WgpuOptions::weights`].
+    pub(crate) fn upload_weight_tensor(&self, t: &HostTensor) -> Result<WgpuTensor> {
+        self.upload_in(t, self.inner.options.weights.dtype(self.storage()))
+    }
+
+    fn upload_in(&self, t: &HostTensor, dtype: DType) -> Result<WgpuTensor> {
+        let out = self.alloc_in(t.shape(), dtype)?;
+        let converted = t.to_storage(dtype, "wgpu upload")?;
         let mut bytes = converted.as_bytes().to_vec();
         bytes.resize(bytes.len().div_ceil(4) * 4, 0);
         if !bytes.is_empty() {
@@ -438,7 +545,7 @@ impl Wgpu {
     }
 
     pub(crate) fn download_tensor(&self, t: &WgpuTensor) -> Result<HostTensor> {
-        let bytes = (t.numel as u64) * self.elem_bytes();
+        let bytes = (t.numel as u64) * t.dtype.size() as u64;
         let encoder = self.take_encoder()?;
         let raw = if bytes == 0 {
             self.submit(encoder)?;
@@ -452,9 +559,10 @@ impl Wgpu {
             self.recycle()?;
             raw
         };
-        let data = match self.inner.options.precision {
-            Precision::F32 => HostData::F32(bytemuck::pod_collect_to_vec(&raw)),
-            Precision::F16 => HostData::F16(bytemuck::pod_collect_to_vec(&raw)),
+        let data = match t.dtype {
+            DType::F16 => HostData::F16(bytemuck::pod_collect_to_vec(&raw)),
+            DType::BF16 => HostData::BF16(bytemuck::pod_collect_to_vec(&raw)),
+            _ => HostData::F32(bytemuck::pod_collect_to_vec(&raw)),
         };
         HostTensor::new(t.shape.clone(), data)
     }
@@ -575,16 +683,22 @@ impl Wgpu {
         Ok(layout)
     }
 
-    fn pipeline(&self, k: &Kernel) -> Result<Arc<::wgpu::ComputePipeline>> {
-        if let Some(p) = lock(&self.inner.pipelines)?.get(&(k.shader, k.entry)) {
+    /// The pipeline of `k` reading its weight (if it has one) in `weight`.
+    fn pipeline(&self, k: &Kernel, weight: DType) -> Result<Arc<::wgpu::ComputePipeline>> {
+        let key = (k.shader, k.entry, weight);
+        if let Some(p) = lock(&self.inner.pipelines)?.get(&key) {
             return Ok(Arc::clone(p));
         }
         let layout = self.layout(k.reads, k.writes)?;
-        let header = match self.inner.options.precision {
+        let mut source = match self.inner.options.precision {
             Precision::F32 => "alias elem = f32;\nalias elem4 = vec4<f32>;\n",
             Precision::F16 => "enable f16;\nalias elem = f16;\nalias elem4 = vec4<f16>;\n",
-        };
-        let source = format!("{header}{}", k.source);
+        }
+        .to_string();
+        if let Some(read) = k.weight {
+            source += &weight_access(read, weight, self.storage());
+        }
+        source += k.source;
         let what = format!("compiling shaders/{} ({})", k.shader, k.entry);
         let pipeline = self.inner.gpu.scoped(&what, |device, _| {
             let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
@@ -606,7 +720,7 @@ impl Wgpu {
             })
         })?;
         let pipeline = Arc::new(pipeline);
-        lock(&self.inner.pipelines)?.insert((k.shader, k.entry), Arc::clone(&pipeline));
+        lock(&self.inner.pipelines)?.insert(key, Arc::clone(&pipeline));
         Ok(pipeline)
     }
 
@@ -637,7 +751,27 @@ impl Wgpu {
                 k.entry
             )));
         }
-        let pipeline = self.pipeline(k)?;
+        // A GEMM weight in its own type is read only where the kernel expects one.
+        let storage = self.storage();
+        let mut weight = storage;
+        let reads_at = reads.iter().enumerate().filter_map(|(i, b)| match b {
+            Bind::Tensor(t) => Some((Some(i as u32), *t)),
+            _ => None,
+        });
+        for (read, t) in reads_at.chain(writes.iter().map(|t| (None, *t))) {
+            if t.dtype == storage {
+                continue;
+            }
+            if read.is_none() || read != k.weight {
+                return Err(Error::invalid(format!(
+                    "wgpu {}: a tensor of shape {:?} is a GEMM weight in {} \
+                     (Backend::upload_weight); only linear's weight may be {}",
+                    k.entry, t.shape, t.dtype, t.dtype
+                )));
+            }
+            weight = t.dtype;
+        }
+        let pipeline = self.pipeline(k, weight)?;
         let layout = self.layout(k.reads, k.writes)?;
         let mut pending = lock(&self.inner.pending)?;
         if pending.params.len() as u64 >= PARAM_SLOT * ARENA_SLOTS {
@@ -651,12 +785,11 @@ impl Wgpu {
         pending.params.extend_from_slice(param_bytes);
         pending.params.resize((slot + PARAM_SLOT) as usize, 0);
 
-        let elem = self.elem_bytes();
-        fn tensor_binding(t: &WgpuTensor, elem: u64) -> ::wgpu::BufferBinding<'_> {
+        fn tensor_binding(t: &WgpuTensor) -> ::wgpu::BufferBinding<'_> {
             ::wgpu::BufferBinding {
                 buffer: t.buffer(),
                 offset: t.offset,
-                size: ::wgpu::BufferSize::new(((t.numel as u64) * elem).div_ceil(4).max(1) * 4),
+                size: ::wgpu::BufferSize::new(t.binding_bytes()),
             }
         }
         let mut entries = vec![::wgpu::BindGroupEntry {
@@ -669,7 +802,7 @@ impl Wgpu {
         }];
         for (i, b) in reads.iter().enumerate() {
             let resource = match b {
-                Bind::Tensor(t) => ::wgpu::BindingResource::Buffer(tensor_binding(t, elem)),
+                Bind::Tensor(t) => ::wgpu::BindingResource::Buffer(tensor_binding(t)),
                 Bind::Words(w) => ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
                     buffer: &w.storage.buffer,
                     offset: 0,
@@ -685,7 +818,7 @@ impl Wgpu {
         for (i, t) in writes.iter().enumerate() {
             entries.push(::wgpu::BindGroupEntry {
                 binding: 1 + k.reads + i as u32,
-                resource: ::wgpu::BindingResource::Buffer(tensor_binding(t, elem)),
+                resource: ::wgpu::BindingResource::Buffer(tensor_binding(t)),
             });
         }
         let gpu = &self.inner.gpu;

@@ -9,6 +9,7 @@ const KERNEL: Kernel = Kernel {
     entry: "gather_signal_tokens",
     reads: 3,
     writes: 1,
+    weight: None,
 };
 
 const WORKGROUP: usize = 256;

@@ -43,6 +43,7 @@ const fn kernel(
         entry,
         reads: 4,
         writes,
+        weight: None,
     }
 }
 

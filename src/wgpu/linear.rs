@@ -5,7 +5,7 @@
 //! kernel (4x32 blocks); each comes in a vec4 form and a scalar form for shapes
 //! or offsets that vec4 loads cannot serve.
 
-use super::backend::{Kernel, KernelVersion, Precision, Wgpu, WgpuTensor};
+use super::backend::{Kernel, KernelVersion, Wgpu, WgpuTensor};
 use crate::error::{Error, Result};
 use crate::ops::{Activation, LinearDims};
 
@@ -16,6 +16,8 @@ const fn kernel(entry: &'static str) -> Kernel {
         entry,
         reads: 4,
         writes: 1,
+        // x, then w: `w_at` and `w4_at` read it in the backend's weight type.
+        weight: Some(1),
     }
 }
 
@@ -108,13 +110,8 @@ pub(super) fn linear(
         (&V1, groups)
     } else {
         // vec4 loads need whole vec4 rows and tensors that start on a vec4.
-        let vec4_bytes = match be.options().precision {
-            Precision::F32 => 16,
-            Precision::F16 => 8,
-        };
-        let vec4 = d.k.is_multiple_of(4)
-            && x.offset().is_multiple_of(vec4_bytes)
-            && w.offset().is_multiple_of(vec4_bytes);
+        let on_vec4 = |t: &WgpuTensor| t.offset().is_multiple_of(4 * t.dtype().size() as u64);
+        let vec4 = d.k.is_multiple_of(4) && on_vec4(x) && on_vec4(w);
         let (bm, bn, kernels) = if d.m <= MAX_ROWS_FOR_SPLIT {
             (ROWS_M, ROWS_N, [&ROWS, &ROWS_SCALAR])
         } else {

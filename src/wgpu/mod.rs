@@ -84,7 +84,7 @@ mod gather_signal_tokens;
 mod layer_norm;
 mod linear;
 
-pub use backend::{KernelVersion, Precision, Wgpu, WgpuMask, WgpuOptions, WgpuTensor};
+pub use backend::{KernelVersion, Precision, WeightType, Wgpu, WgpuMask, WgpuOptions, WgpuTensor};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -828,8 +828,12 @@ impl crate::ops::Backend for Wgpu {
         self.download_tensor(t)
     }
 
+    fn upload_weight(&self, t: &crate::tensor::HostTensor) -> Result<WgpuTensor> {
+        self.upload_weight_tensor(t)
+    }
+
     fn weight_dtype(&self) -> crate::tensor::DType {
-        self.storage()
+        self.options().weights.dtype(self.storage())
     }
 
     fn alloc(&self, shape: &[usize]) -> Result<WgpuTensor> {
