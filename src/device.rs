@@ -145,8 +145,11 @@ fn wgpu_status() -> BackendStatus {
     let (usable, details) = match crate::wgpu::probe() {
         Ok(i) => (
             Ok(format!(
-                "adapter `{}` ({}, {})",
-                i.adapter, i.backend, i.device_type
+                "adapter `{}` ({}, {}): f32{}, or f32 with f16 or bf16 GEMM weights",
+                i.adapter,
+                i.backend,
+                i.device_type,
+                if i.shader_f16 { ", f16" } else { "" }
             )),
             vec![format!(
                 "driver {}, shader-f16 {}, subgroups {} (size {}..={}), {} B workgroup memory",

@@ -1193,6 +1193,18 @@ pub fn compare_case<B: Backend>(
     })
 }
 
+/// `case`'s outputs on `be` (every one poisoned first) for the inputs
+/// [`compare_case`] draws from `seed` in `dtype`: for comparing two backends,
+/// or two settings of one, bit for bit.
+pub fn case_outputs<B: Backend>(
+    be: &B,
+    case: &Case,
+    dtype: DType,
+    seed: u64,
+) -> Result<Vec<HostTensor>> {
+    run_case(be, &draw_inputs(case, dtype, seed)?)
+}
+
 /// Every case of `cases` for `op` on `be` against the reference ([`compare_case`],
 /// inputs rounded to `dtype`, case `i` drawn from `seed + i`), each within `tol`:
 /// how many there were, or a line naming the first that failed to run or to

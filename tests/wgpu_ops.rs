@@ -339,6 +339,43 @@ fn gemms_with_16_bit_weights_match_reference() {
     }
 }
 
+/// Widening a packed weight is exact and the kernels' arithmetic does not
+/// change with the weight's type: with weights that 16 bits hold, packed
+/// weights give the f32 weights' results bit for bit, on every kernel of
+/// both versions (the few-rows and tiled ones, vec4 and scalar).
+#[test]
+fn packed_weights_give_the_f32_weights_bits() {
+    let cases: Vec<_> = verify::standard_cases()
+        .into_iter()
+        .chain(verify::random_cases(48, 120))
+        .filter(|c| GEMM_OPS.contains(&c.op()))
+        .collect();
+    for (weights, dtype) in WEIGHT_TYPES {
+        for version in [KernelVersion::Naive, KernelVersion::Fast] {
+            let options = WgpuOptions {
+                version,
+                ..WgpuOptions::default()
+            };
+            let Some(plain) = backend(options) else {
+                return;
+            };
+            let packed = plain
+                .with_options(WgpuOptions { weights, ..options })
+                .unwrap();
+            for (i, case) in cases.iter().enumerate() {
+                let seed = 480 + i as u64;
+                let want = verify::case_outputs(&plain, case, dtype, seed).unwrap();
+                let got = verify::case_outputs(&packed, case, dtype, seed).unwrap();
+                assert!(
+                    got == want,
+                    "{weights:?} {version:?} {}: not the f32 weights' bits",
+                    case.describe()
+                );
+            }
+        }
+    }
+}
+
 /// bf16 GEMM weights with f16 tensors: the weight widened from its own
 /// packing, the activations from `elem`, within the precision's 1e-2.
 #[test]
