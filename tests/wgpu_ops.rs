@@ -35,22 +35,18 @@ fn check_op(op: &str, tol: f64) {
 /// Every case of `cases` for `op` (at least one) within `tol` on each kernel
 /// version, in f32.
 fn check_versions(cases: &[verify::Case], op: &str, tol: f64) {
-    on_each_version(Precision::F32, |version, be| {
+    on_each_version(WgpuOptions::default(), |version, be| {
         let n = verify::check_cases(be, cases, op, DType::F32, 100, tol)
             .unwrap_or_else(|e| panic!("{version:?} {e}"));
         assert!(n > 0, "no case for {op}");
     });
 }
 
-/// `f` on a backend of each kernel version in `precision` (none without an
-/// adapter).
-fn on_each_version(precision: Precision, mut f: impl FnMut(KernelVersion, &Wgpu)) {
+/// `f` on a backend of each kernel version, otherwise set as `options` (none
+/// without an adapter).
+fn on_each_version(options: WgpuOptions, mut f: impl FnMut(KernelVersion, &Wgpu)) {
     for version in [KernelVersion::Naive, KernelVersion::Fast] {
-        let Some(be) = backend(WgpuOptions {
-            precision,
-            version,
-            ..WgpuOptions::default()
-        }) else {
+        let Some(be) = backend(WgpuOptions { version, ..options }) else {
             return;
         };
         f(version, &be);
@@ -154,16 +150,25 @@ fn random_sizes_match_reference() {
 fn random_sizes_in_f16_match_reference() {
     let cases = verify::random_cases(43, 200);
     let mut held = verify::RoundedBounds::default();
-    on_each_version(Precision::F16, |version, be| {
+    let f16 = WgpuOptions {
+        precision: Precision::F16,
+        ..WgpuOptions::default()
+    };
+    on_each_version(f16, |version, be| {
         let eps = DType::F16.epsilon();
         held += verify::check_ops_rounded(be, &cases, DType::F16, 430, 1e-2, eps)
             .unwrap_or_else(|e| panic!("{version:?} {e}"));
     });
-    if held.cases == 0 {
-        return; // no adapter, said above
+    assert_tight("f16", &held);
+}
+
+/// What `held` says, and that its wide bounds were rare (nothing without an
+/// adapter, which the backend said).
+fn assert_tight(what: &str, held: &verify::RoundedBounds) {
+    if held.cases > 0 {
+        println!("{what}: {held}");
+        assert!(held.tight(), "{what}: {held}");
     }
-    println!("f16: {held}");
-    assert!(held.tight(), "f16: {held}");
 }
 
 /// The loss reduction has a fixed order: the same inputs give the same bits.
@@ -285,18 +290,11 @@ const WEIGHT_TYPES: [(WeightType, DType); 2] = [
     (WeightType::Bf16, DType::BF16),
 ];
 
-/// `f` on a backend of each kernel version with f32 tensors and GEMM weights
-/// of `weights` (none without an adapter).
-fn on_each_version_with(weights: WeightType, mut f: impl FnMut(KernelVersion, &Wgpu)) {
-    for version in [KernelVersion::Naive, KernelVersion::Fast] {
-        let Some(be) = backend(WgpuOptions {
-            version,
-            weights,
-            ..WgpuOptions::default()
-        }) else {
-            return;
-        };
-        f(version, &be);
+/// The default options but for the GEMMs' weights.
+fn weights_in(weights: WeightType) -> WgpuOptions {
+    WgpuOptions {
+        weights,
+        ..WgpuOptions::default()
     }
 }
 
@@ -312,7 +310,7 @@ fn gemms_with_16_bit_weights_match_reference() {
     let random = verify::random_cases(47, 400);
     for (weights, dtype) in WEIGHT_TYPES {
         let mut held = verify::RoundedBounds::default();
-        on_each_version_with(weights, |version, be| {
+        on_each_version(weights_in(weights), |version, be| {
             for op in GEMM_OPS {
                 for cases in [&verify::standard_cases(), &random] {
                     let n = verify::check_cases(be, cases, op, dtype, 470, 1e-5)
@@ -331,11 +329,7 @@ fn gemms_with_16_bit_weights_match_reference() {
                 .unwrap_or_else(|e| panic!("{weights:?} {version:?} rounded: {e}"));
             }
         });
-        if held.cases == 0 {
-            return; // no adapter, said above
-        }
-        println!("{weights:?} weights: {held}");
-        assert!(held.tight(), "{weights:?} weights: {held}");
+        assert_tight(&format!("{weights:?} weights"), &held);
     }
 }
 
@@ -402,10 +396,7 @@ fn projector_with_16_bit_weights_matches_reference() {
     use output_projector::config::{Modality, ProjectorConfig, Variant};
     let image = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
     for (weights, dtype) in WEIGHT_TYPES {
-        let Some(be) = backend(WgpuOptions {
-            weights,
-            ..WgpuOptions::default()
-        }) else {
+        let Some(be) = backend(weights_in(weights)) else {
             return;
         };
         let r = verify::compare_projector(&be, &image, 2, dtype, 13).unwrap();
@@ -422,10 +413,7 @@ fn packed_weights_are_only_linear_weights() {
     use output_projector::ops::{Activation, Backend};
     use output_projector::tensor::HostTensor;
     for (weights, dtype) in WEIGHT_TYPES {
-        let Some(be) = backend(WgpuOptions {
-            weights,
-            ..WgpuOptions::default()
-        }) else {
+        let Some(be) = backend(weights_in(weights)) else {
             return;
         };
         assert_eq!(be.weight_dtype(), dtype);
