@@ -1,7 +1,7 @@
 //! Criterion benchmarks: each op at the image projector's shapes, and the whole
 //! projector, on every backend compiled in and available here (the reference;
-//! the CPU backend, its v1, and its bf16 and f16 GEMMs; wgpu; CUDA, also
-//! replayed from a CUDA graph, f32 and bf16).
+//! the CPU backend, its v1, and its bf16 and f16 GEMMs; wgpu, also with bf16
+//! and f16 GEMM weights; CUDA, also replayed from a CUDA graph, f32 and bf16).
 //!
 //! `cargo bench --bench ops`; add `-- projector` or `-- linear` to filter.
 
@@ -101,6 +101,22 @@ fn benches(c: &mut Criterion) {
             let Some(be) = be else { continue };
             ops_on(c, label, &be, 4);
             projector_on(c, label, &be, &[1, 8, 64]);
+        }
+        // GEMM weights packed in 16 bits: the ops and the projector at batch 1.
+        use output_projector::wgpu::{WeightType, WgpuOptions};
+        for (label, weights) in [
+            ("wgpu-bf16w", WeightType::Bf16),
+            ("wgpu-f16w", WeightType::F16),
+        ] {
+            let options = WgpuOptions {
+                weights,
+                ..gpu.options()
+            };
+            let Ok(be) = gpu.with_options(options) else {
+                continue;
+            };
+            ops_on(c, label, &be, 2);
+            projector_on(c, label, &be, &[1]);
         }
     }
     #[cfg(feature = "cuda")]
