@@ -19,7 +19,8 @@ pub use crate::ops::KernelVersion;
 use crate::ops::{KeyPaddingMask, Shaped};
 use crate::tensor::{checked_numel, DType, HostData, HostTensor};
 
-/// The storage type of every tensor of a backend (arithmetic is f32 either way).
+/// The storage type of a backend's tensors, GEMM weights aside where
+/// [`WgpuOptions::weights`] gives them their own (arithmetic is f32 either way).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Precision {
     /// f32 tensors (the [`WgpuOptions`] default).
