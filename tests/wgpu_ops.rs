@@ -465,3 +465,69 @@ fn packed_weights_are_only_linear_weights() {
         assert!(e.unwrap_err().to_string().contains(&want), "linear input");
     }
 }
+
+/// Every finite f16 and bf16 value (subnormals, both zeros, the largest)
+/// comes out of a packed weight exactly: `linear` of x = e0 rows reads each
+/// weight row's first element back, through each kernel (v1, the few-rows and
+/// tiled ones, scalar (K = 1) and vec4 (K = 4)).
+#[test]
+fn packed_weights_widen_every_finite_value_exactly() {
+    use half::{bf16, f16};
+    use output_projector::ops::{Activation, Backend};
+    use output_projector::tensor::{HostData, HostTensor};
+    let finite = |bits: u16, to: fn(u16) -> f32| Some(to(bits)).filter(|v| v.is_finite());
+    let f16s: Vec<u16> = (0..=u16::MAX)
+        .filter(|&b| finite(b, |b| f16::from_bits(b).to_f32()).is_some())
+        .collect();
+    let bf16s: Vec<u16> = (0..=u16::MAX)
+        .filter(|&b| finite(b, |b| bf16::from_bits(b).to_f32()).is_some())
+        .collect();
+    assert_eq!((f16s.len(), bf16s.len()), (63488, 65280));
+    for (weights, bits) in [(WeightType::F16, &f16s), (WeightType::Bf16, &bf16s)] {
+        let values: Vec<f32> = match weights {
+            WeightType::F16 => bits.iter().map(|&b| f16::from_bits(b).to_f32()).collect(),
+            _ => bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect(),
+        };
+        let n = bits.len();
+        for version in [KernelVersion::Naive, KernelVersion::Fast] {
+            let Some(be) = backend(WgpuOptions {
+                version,
+                ..weights_in(weights)
+            }) else {
+                return;
+            };
+            for (m, k) in [(1, 1), (1, 4), (17, 1), (17, 4)] {
+                // Row i of w: the value, then zeros.
+                let mut w = vec![0u16; n * k];
+                for (row, &b) in w.chunks_exact_mut(k).zip(bits.iter()) {
+                    row[0] = b;
+                }
+                let data = match weights {
+                    WeightType::F16 => HostData::F16(w.into_iter().map(f16::from_bits).collect()),
+                    _ => HostData::BF16(w.into_iter().map(bf16::from_bits).collect()),
+                };
+                let w = be
+                    .upload_weight(&HostTensor::new(vec![n, k], data).unwrap())
+                    .unwrap();
+                let mut e0 = vec![0.0f32; m * k];
+                e0.iter_mut().step_by(k).for_each(|v| *v = 1.0);
+                let x = be
+                    .upload(&HostTensor::from_f32(vec![m, k], e0).unwrap())
+                    .unwrap();
+                let mut out = verify::poisoned(&be, &[m, n]).unwrap();
+                be.linear(&x, &w, None, Activation::None, None, &mut out)
+                    .unwrap();
+                let got = be.download(&out).unwrap().to_f32_vec();
+                for (r, row) in got.chunks_exact(n).enumerate() {
+                    // == holds +0 and -0 equal: 1 x -0 + 0 is +0.
+                    if let Some(i) = (0..n).find(|&i| row[i] != values[i]) {
+                        panic!(
+                            "{weights:?} {version:?} {m}x{k}: row {r} weight {:#06x} read as {:e}, not {:e}",
+                            bits[i], row[i], values[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

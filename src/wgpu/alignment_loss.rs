@@ -47,6 +47,12 @@ const FAST4: Kernel = kernel(VEC4, source!(vec4), "alignment_loss");
 // The total writes one element: only the scalar build binds a [1] tensor.
 const FAST_TOTAL: Kernel = kernel(SCALAR, source!(scalar), "alignment_total");
 
+/// Every kernel of this op (for the translation tests).
+#[cfg(test)]
+pub(super) fn kernels() -> Vec<Kernel> {
+    vec![V1, V1_TOTAL, FAST, FAST4, FAST_TOTAL]
+}
+
 /// Invocations per workgroup of the fast kernels (`WG` in the shader).
 const WORKGROUP: usize = 256;
 /// Invocations per workgroup of v1 (`V1_WG`).

@@ -56,6 +56,14 @@ fn subgroup(entry: &'static str) -> Kernel {
     }
 }
 
+/// Every kernel of this op (for the translation tests).
+#[cfg(test)]
+pub(super) fn kernels() -> Vec<Kernel> {
+    let plain = ["attention_v1", "attention_d64", "attention"].map(plain);
+    let subgroup = ["attention_sg_d64", "attention_sg"].map(subgroup);
+    plain.into_iter().chain(subgroup).collect()
+}
+
 /// Invocations per workgroup of v1 (`V1_WG` in the shader).
 const V1_WG: usize = 64;
 /// Queries per workgroup of the workgroup-memory flash kernel (`BQ`).

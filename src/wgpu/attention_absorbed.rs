@@ -19,6 +19,15 @@ fn kernel(entry: &'static str) -> Kernel {
     }
 }
 
+/// Every kernel of this op (for the translation tests).
+#[cfg(test)]
+pub(super) fn kernels() -> Vec<Kernel> {
+    vec![
+        kernel("attention_absorbed_v1"),
+        kernel("attention_absorbed"),
+    ]
+}
+
 /// Storage bindings the kernels take: more than the 8 of WebGPU's defaults,
 /// fewer than every native driver offers (the backend asks for the
 /// adapter's own limits).

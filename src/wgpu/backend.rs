@@ -31,7 +31,7 @@ pub enum Precision {
 }
 
 impl Precision {
-    fn dtype(self) -> DType {
+    pub(crate) fn dtype(self) -> DType {
         match self {
             Precision::F32 => DType::F32,
             Precision::F16 => DType::F16,
@@ -47,7 +47,7 @@ pub enum WeightType {
     #[default]
     Storage,
     /// f16 (NExT-GPT's released weights, exactly), two to a 32-bit word that
-    /// `linear` widens with `unpack2x16float`: any adapter, SHADER_F16 or not.
+    /// `linear` widens with integer ops: any adapter, SHADER_F16 or not.
     F16,
     /// bf16, two to a 32-bit word that `linear` widens with shifts: any adapter.
     Bf16,
@@ -113,6 +113,21 @@ pub(crate) struct Kernel {
     pub weight: Option<u32>,
 }
 
+/// The WGSL module of kernel `k` for tensors of `precision` and, where it
+/// reads a weight, a weight of `weight`: its source after the element types
+/// and the weight's access functions.
+pub(crate) fn module_source(k: &Kernel, precision: Precision, weight: DType) -> String {
+    let mut source = match precision {
+        Precision::F32 => "alias elem = f32;\nalias elem4 = vec4<f32>;\n",
+        Precision::F16 => "enable f16;\nalias elem = f16;\nalias elem4 = vec4<f16>;\n",
+    }
+    .to_string();
+    if let Some(read) = k.weight {
+        source += &weight_access(read, weight, precision.dtype());
+    }
+    source + k.source
+}
+
 /// WGSL that declares read `read` as `w` (scalars) and `w4` (vec4s) and reads
 /// them as f32 through `w_at(i)` and `w4_at(i)`, for elements of `dtype` on a
 /// backend whose tensors hold `storage`. A 16-bit weight on an f32 backend is
@@ -129,14 +144,29 @@ fn w_at(i: u32) -> f32 { return f32(w[i]); }
 fn w4_at(i: u32) -> vec4<f32> { return vec4<f32>(w4[i]); }
 ",
         ),
+        // Widened with integer ops: `unpack2x16float` needs a downlevel
+        // capability (SHADER_F16_IN_F32) that not every adapter offers.
         DType::F16 => (
             "u32",
             "vec2<u32>",
             r"
-fn w_at(i: u32) -> f32 { return unpack2x16float(w[i >> 1u])[i & 1u]; }
+fn f16_pair(v: u32) -> vec2<f32> {
+    let h = vec2<u32>(v & 0xffffu, v >> 16u);
+    let mag = h & vec2<u32>(0x7fffu);
+    // The exponent rebased from 15 to 127; f16's infinities and NaNs (exponent
+    // 31) to f32's (exponent 255).
+    let shifted = mag << vec2<u32>(13u);
+    let special = mag >= vec2<u32>(0x7c00u);
+    let bits = select(shifted + vec2<u32>(112u << 23u), shifted | vec2<u32>(0x7f800000u), special);
+    // Subnormals (and zero): the mantissa times 2^-24, exact in f32.
+    let subnormal = vec2<f32>(mag) * 5.9604644775390625e-8;
+    let f = select(bitcast<vec2<f32>>(bits), subnormal, mag < vec2<u32>(0x400u));
+    return bitcast<vec2<f32>>(bitcast<vec2<u32>>(f) | ((h & vec2<u32>(0x8000u)) << vec2<u32>(16u)));
+}
+fn w_at(i: u32) -> f32 { return f16_pair(w[i >> 1u])[i & 1u]; }
 fn w4_at(i: u32) -> vec4<f32> {
     let v = w4[i];
-    return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y));
+    return vec4<f32>(f16_pair(v.x), f16_pair(v.y));
 }
 ",
         ),
@@ -691,15 +721,7 @@ impl Wgpu {
             return Ok(Arc::clone(p));
         }
         let layout = self.layout(k.reads, k.writes)?;
-        let mut source = match self.inner.options.precision {
-            Precision::F32 => "alias elem = f32;\nalias elem4 = vec4<f32>;\n",
-            Precision::F16 => "enable f16;\nalias elem = f16;\nalias elem4 = vec4<f16>;\n",
-        }
-        .to_string();
-        if let Some(read) = k.weight {
-            source += &weight_access(read, weight, self.storage());
-        }
-        source += k.source;
+        let source = module_source(k, self.inner.options.precision, weight);
         let what = format!("compiling shaders/{} ({})", k.shader, k.entry);
         let pipeline = self.inner.gpu.scoped(&what, |device, _| {
             let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {

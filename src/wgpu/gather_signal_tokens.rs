@@ -12,6 +12,12 @@ const KERNEL: Kernel = Kernel {
     weight: None,
 };
 
+/// Every kernel of this op (for the translation tests).
+#[cfg(test)]
+pub(super) fn kernels() -> Vec<Kernel> {
+    vec![KERNEL]
+}
+
 const WORKGROUP: usize = 256;
 
 wgsl_params! {

@@ -54,6 +54,12 @@ const FAST_SUM: Kernel = kernel(SCALAR, source!(scalar), "layer_norm_sum", 2);
 const FAST4: Kernel = kernel(VEC4, source!(vec4), "layer_norm", 1);
 const FAST4_SUM: Kernel = kernel(VEC4, source!(vec4), "layer_norm_sum", 2);
 
+/// Every kernel of this op (for the translation tests).
+#[cfg(test)]
+pub(super) fn kernels() -> Vec<Kernel> {
+    vec![V1, V1_SUM, FAST, FAST_SUM, FAST4, FAST4_SUM]
+}
+
 /// Invocations per workgroup of the fast kernel (`WG` in the shader).
 const WORKGROUP: usize = 256;
 /// Invocations per workgroup of v1 (`V1_WG`).

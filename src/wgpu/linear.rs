@@ -27,6 +27,12 @@ const TILED_SCALAR: Kernel = kernel("linear_s");
 const ROWS: Kernel = kernel("linear_rows");
 const ROWS_SCALAR: Kernel = kernel("linear_rows_s");
 
+/// Every kernel of this op (for the translation tests).
+#[cfg(test)]
+pub(super) fn kernels() -> Vec<Kernel> {
+    vec![V1, TILED, TILED_SCALAR, ROWS, ROWS_SCALAR]
+}
+
 /// Invocations per workgroup of `linear_v1`.
 const V1_WORKGROUP: usize = 64;
 /// Output block of the tiled kernels.

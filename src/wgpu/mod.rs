@@ -83,6 +83,8 @@ mod backend;
 mod gather_signal_tokens;
 mod layer_norm;
 mod linear;
+#[cfg(test)]
+mod portability;
 
 pub use backend::{KernelVersion, Precision, WeightType, Wgpu, WgpuMask, WgpuOptions, WgpuTensor};
 
