@@ -80,6 +80,48 @@ fn reads_and_writes_callers_buffers_at_offsets() {
     assert_eq!(bytemuck::cast_slice::<u8, f32>(&raw), data.as_slice());
 }
 
+/// An engine's own f16 weight, already on the device, used as `linear`'s
+/// weight without a copy: packed two to a word, an odd count of them (the
+/// last word half used), at an offset.
+#[test]
+fn reads_a_callers_16_bit_weight() {
+    use output_projector::ops::Activation;
+    use output_projector::wgpu::WeightType;
+    let Some(gpu) = gpu() else { return };
+    let options = WgpuOptions {
+        weights: WeightType::F16,
+        ..WgpuOptions::default()
+    };
+    let be = Wgpu::new(Arc::clone(&gpu), options).unwrap();
+    let align = u64::from(gpu.limits.min_storage_buffer_offset_alignment);
+    // w [3, 5] = 0.5 (i - 7), every value exact in f16.
+    let w: Vec<f32> = (0..15).map(|i| 0.5 * (i as f32 - 7.0)).collect();
+    let mut bits: Vec<u16> = w
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect();
+    bits.push(0); // whole words to write
+    let buffer = caller_buffer(&gpu, align + 32);
+    gpu.queue
+        .write_buffer(&buffer, align, bytemuck::cast_slice(&bits));
+    let wt = be.weight_from_buffer(buffer, align, &[3, 5]).unwrap();
+    let x: Vec<f32> = (0..10).map(|i| i as f32).collect();
+    let xt = be
+        .upload(&HostTensor::from_f32(vec![2, 5], x.clone()).unwrap())
+        .unwrap();
+    let mut out = be.alloc(&[2, 3]).unwrap();
+    be.linear(&xt, &wt, None, Activation::None, None, &mut out)
+        .unwrap();
+    let want: Vec<f32> = (0..6)
+        .map(|o| (0..5).map(|k| x[o / 3 * 5 + k] * w[o % 3 * 5 + k]).sum())
+        .collect();
+    assert_eq!(be.download(&out).unwrap().to_f32_vec(), want);
+    // A buffer short of the 30 bytes is refused.
+    let short = caller_buffer(&gpu, 28);
+    let e = be.weight_from_buffer(short, 0, &[3, 5]).err().unwrap();
+    assert!(e.to_string().contains("too small"), "{e}");
+}
+
 #[test]
 fn unusable_buffers_are_refused() {
     let Some(gpu) = gpu() else { return };

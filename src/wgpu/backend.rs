@@ -469,6 +469,31 @@ impl Wgpu {
         offset: u64,
         shape: &[usize],
     ) -> Result<WgpuTensor> {
+        self.over_buffer(buffer, offset, shape, self.storage())
+    }
+
+    /// A GEMM weight over a buffer you own (`w` of `linear`, `[n, k]`
+    /// row-major), in [`WgpuOptions::weights`]' type: f16 or bf16 weights
+    /// already on the device (an engine's own) used as they are, two to a
+    /// 32-bit word, element 0 in the low half. The same checks as
+    /// [`tensor_from_buffer`](Self::tensor_from_buffer).
+    pub fn weight_from_buffer(
+        &self,
+        buffer: ::wgpu::Buffer,
+        offset: u64,
+        shape: &[usize],
+    ) -> Result<WgpuTensor> {
+        let dtype = self.inner.options.weights.dtype(self.storage());
+        self.over_buffer(buffer, offset, shape, dtype)
+    }
+
+    fn over_buffer(
+        &self,
+        buffer: ::wgpu::Buffer,
+        offset: u64,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<WgpuTensor> {
         let need = ::wgpu::BufferUsages::STORAGE
             | ::wgpu::BufferUsages::COPY_SRC
             | ::wgpu::BufferUsages::COPY_DST;
@@ -487,7 +512,7 @@ impl Wgpu {
         }
         let numel = checked_numel(shape, "wgpu tensor")?;
         let bytes = (numel as u64)
-            .checked_mul(self.storage().size() as u64)
+            .checked_mul(dtype.size() as u64)
             .and_then(|b| b.checked_add(offset))
             .ok_or_else(|| Error::Overflow(format!("wgpu tensor of shape {shape:?}")))?;
         // Kernels read whole 4-byte words: the binding is rounded up to 4 bytes.
@@ -502,7 +527,7 @@ impl Wgpu {
             offset,
             shape: shape.to_vec(),
             numel,
-            dtype: self.storage(),
+            dtype,
         })
     }
 
