@@ -488,6 +488,7 @@ mod tests {
         let header = format!("{{{}}}", entries.join(","));
         let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
         bytes.extend_from_slice(header.as_bytes());
+        // A test fixture built just above: a panic here is the test failing.
         TensorFile::from_static("empty.safetensors", Box::leak(bytes.into_boxed_slice())).unwrap()
     }
 

@@ -460,6 +460,12 @@ impl Wgpu {
         self.inner.options.precision.dtype()
     }
 
+    /// The element type of a GEMM weight: [`WgpuOptions::weights`]' on
+    /// this backend's precision.
+    pub(crate) fn weight_storage(&self) -> DType {
+        self.inner.options.weights.dtype(self.storage())
+    }
+
     /// A tensor over a buffer you own: `shape` elements of this backend's
     /// precision starting at byte `offset`. The buffer needs STORAGE, COPY_SRC
     /// and COPY_DST usage; the offset must meet the device's storage alignment.
@@ -483,8 +489,7 @@ impl Wgpu {
         offset: u64,
         shape: &[usize],
     ) -> Result<WgpuTensor> {
-        let dtype = self.inner.options.weights.dtype(self.storage());
-        self.over_buffer(buffer, offset, shape, dtype)
+        self.over_buffer(buffer, offset, shape, self.weight_storage())
     }
 
     fn over_buffer(
@@ -582,7 +587,7 @@ impl Wgpu {
 
     /// A GEMM weight in [`WgpuOptions::weights`].
     pub(crate) fn upload_weight_tensor(&self, t: &HostTensor) -> Result<WgpuTensor> {
-        self.upload_in(t, self.inner.options.weights.dtype(self.storage()))
+        self.upload_in(t, self.weight_storage())
     }
 
     fn upload_in(&self, t: &HostTensor, dtype: DType) -> Result<WgpuTensor> {

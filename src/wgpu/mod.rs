@@ -835,7 +835,7 @@ impl crate::ops::Backend for Wgpu {
     }
 
     fn weight_dtype(&self) -> crate::tensor::DType {
-        self.options().weights.dtype(self.storage())
+        self.weight_storage()
     }
 
     fn alloc(&self, shape: &[usize]) -> Result<WgpuTensor> {

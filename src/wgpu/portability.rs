@@ -72,6 +72,8 @@ fn registers(hlsl: &str) -> Vec<&str> {
         .collect()
 }
 
+// A test (this module is compiled for tests only): each panic below is its
+// failure report, naming the kernel and what naga refused.
 #[test]
 fn every_kernel_translates_to_metal_and_hlsl() {
     let mut translated = 0;
