@@ -1,7 +1,8 @@
 //! Criterion benchmarks: each op at the image projector's shapes, and the whole
 //! projector, on every backend compiled in and available here (the reference;
 //! the CPU backend, its v1, and its bf16 and f16 GEMMs; wgpu, also with bf16
-//! and f16 GEMM weights; CUDA, also replayed from a CUDA graph, f32 and bf16).
+//! and f16 GEMM weights and tuned for the other kind of adapter; CUDA, also
+//! replayed from a CUDA graph, f32 and bf16).
 //!
 //! `cargo bench --bench ops`; add `-- projector` or `-- linear` to filter.
 
@@ -116,6 +117,19 @@ fn benches(c: &mut Criterion) {
                 continue;
             };
             ops_on(c, label, &be, 2);
+            projector_on(c, label, &be, &[1]);
+        }
+        // Tuned for the other kind of adapter (wgpu-gpu on lavapipe).
+        use output_projector::wgpu::Tuning;
+        let (label, tuning) = match gpu.tuning() {
+            Tuning::Cpu => ("wgpu-gpu", Tuning::Gpu),
+            _ => ("wgpu-cpu", Tuning::Cpu),
+        };
+        if let Ok(be) = gpu.with_options(WgpuOptions {
+            tuning,
+            ..gpu.options()
+        }) {
+            ops_on(c, label, &be, 4);
             projector_on(c, label, &be, &[1]);
         }
     }

@@ -16,8 +16,11 @@
 //   linear_rows_s        output block per workgroup of 64, K split over 16
 //                        invocations that each stream their own slice of x and
 //                        w, then a reduction in workgroup memory. A 32-row tile
-//                        would mostly multiply padding, and without the K split
-//                        M = 4, N = 512 gives a GPU too few workgroups.
+//                        would mostly multiply padding. Tuned for CPU adapters.
+//   linear_rows_narrow / the same for a GPU: a 4x8 block per workgroup of 128,
+//   linear_rows_narrow_s K split over 64 invocations. M = 4, N = 512 is 64
+//                        workgroups (8192 invocations), where the 4x32 blocks
+//                        give 16: too few for a GPU's compute units.
 //
 // Both operands are K-contiguous and read along K: x[m, k..k+4] and
 // w[n, k..k+4] are vec4s, so neither needs a transpose and a vec4 path moves
@@ -330,7 +333,8 @@ const RM: u32 = 4u;
 const RN: u32 = 32u;
 const KS: u32 = 16u;
 
-var<workgroup> partial: array<f32, 2048>; // 32 sums x 64 invocations (8192 bytes)
+// 32 sums x 64 invocations, or 16 x 128 for the narrow blocks (8192 bytes).
+var<workgroup> partial: array<f32, 2048>;
 
 // Sum the 16 K-slices of every output and write the block: invocation o
 // finishes outputs o and o + 64 (row o / 32, column o % 32 = c + 4j).
@@ -359,13 +363,15 @@ fn reduce_rows(b: Block, lid: u32, acc: array<vec4<f32>, 8>) {
     }
 }
 
-fn rows_index(b: Block, c: u32, stride: u32) -> array<u32, 12> {
+// Offsets (in units of `stride`) of the block's 4 x rows, then of w rows
+// c + step * j (j < 8), both clamped to the matrices.
+fn rows_index(b: Block, c: u32, step: u32, stride: u32) -> array<u32, 12> {
     var r: array<u32, 12>;
     for (var i = 0u; i < 4u; i++) {
         r[i] = min(b.m0 + i, p.m - 1u) * stride;
     }
     for (var j = 0u; j < 8u; j++) {
-        r[4u + j] = min(b.n0 + c + 4u * j, p.n - 1u) * stride;
+        r[4u + j] = min(b.n0 + c + step * j, p.n - 1u) * stride;
     }
     return r;
 }
@@ -378,7 +384,7 @@ fn linear_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     }
     let ks = lid % KS;
     let k4 = p.k / 4u;
-    let r = rows_index(b, lid / KS, k4);
+    let r = rows_index(b, lid / KS, 4u, k4);
     var acc: array<vec4<f32>, 8>;
     for (var kv = ks; kv < k4; kv += KS) {
         let b0 = w4_at(r[4] + kv);
@@ -412,7 +418,7 @@ fn linear_rows_s(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         return;
     }
     let ks = lid % KS;
-    let r = rows_index(b, lid / KS, p.k);
+    let r = rows_index(b, lid / KS, 4u, p.k);
     var acc: array<vec4<f32>, 8>;
     for (var k = ks; k < p.k; k += KS) {
         let b03 = vec4<f32>(w_at(r[4] + k), w_at(r[5] + k), w_at(r[6] + k), w_at(r[7] + k));
@@ -431,4 +437,88 @@ fn linear_rows_s(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         acc[7] = fma(vec4<f32>(a3), b47, acc[7]);
     }
     reduce_rows(b, lid, acc);
+}
+
+// ---------------------------------------------------------------------------
+// Few rows on a GPU: a 4-row x 8-column block per workgroup of 128.
+// Invocation (ks, c) = (lid % 64, lid / 64) takes columns c + 2j (j < 4) and
+// every 64th vec4 of K starting at ks: 64 consecutive invocations read 1 KiB
+// of a weight row in one sweep. Each x vec4 feeds 4 columns, half the reuse of
+// the 4x32 blocks: x is small and stays in cache, and a GPU wants the
+// workgroups more. (lavapipe runs the 4x512x4096 GEMM 2x slower this way.)
+
+const NN: u32 = 8u;
+const NKS: u32 = 64u;
+const NTHREADS: u32 = 128u;
+
+var<workgroup> quarter: array<f32, 128>; // 32 outputs x 4 quarter sums
+
+// Sum the 64 K-slices of every output and write the block. Invocation
+// 4o + q sums a quarter of output o's slices (row o / 8, column o % 8 =
+// c + 2j); then the first 32 invocations add the quarters and finish.
+fn reduce_rows_narrow(b: Block, lid: u32, acc: array<vec4<f32>, 4>) {
+    for (var s = 0u; s < 16u; s++) {
+        partial[s * NTHREADS + lid] = acc[s / 4u][s % 4u];
+    }
+    workgroupBarrier();
+    let o = lid / 4u;
+    let col = o % NN;
+    // acc[o / 8][col / 2] of invocations ks + 64 (col % 2), ks in quarter lid % 4.
+    let base = (4u * (o / NN) + col / 2u) * NTHREADS + (col % 2u) * NKS + (lid % 4u) * (NKS / 4u);
+    var sum = 0.0;
+    for (var t = 0u; t < NKS / 4u; t++) {
+        sum += partial[base + t];
+    }
+    quarter[lid] = sum;
+    workgroupBarrier();
+    if (lid < RM * NN) {
+        let q = 4u * lid;
+        let m = b.m0 + lid / NN;
+        let n = b.n0 + lid % NN;
+        if (m < p.m && n < p.n) {
+            finish(m, n, (quarter[q] + quarter[q + 1u]) + (quarter[q + 2u] + quarter[q + 3u]));
+        }
+    }
+}
+
+@compute @workgroup_size(NTHREADS)
+fn linear_rows_narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let b = block_of(wg, RM, NN);
+    if (!b.live) {
+        return;
+    }
+    let ks = lid % NKS;
+    let k4 = p.k / 4u;
+    let r = rows_index(b, lid / NKS, 2u, k4);
+    var acc: array<vec4<f32>, 4>;
+    for (var kv = ks; kv < k4; kv += NKS) {
+        let b0 = w4_at(r[4] + kv);
+        let b1 = w4_at(r[5] + kv);
+        let b2 = w4_at(r[6] + kv);
+        let b3 = w4_at(r[7] + kv);
+        acc[0] += dots(vec4<f32>(x4[r[0] + kv]), b0, b1, b2, b3);
+        acc[1] += dots(vec4<f32>(x4[r[1] + kv]), b0, b1, b2, b3);
+        acc[2] += dots(vec4<f32>(x4[r[2] + kv]), b0, b1, b2, b3);
+        acc[3] += dots(vec4<f32>(x4[r[3] + kv]), b0, b1, b2, b3);
+    }
+    reduce_rows_narrow(b, lid, acc);
+}
+
+@compute @workgroup_size(NTHREADS)
+fn linear_rows_narrow_s(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let b = block_of(wg, RM, NN);
+    if (!b.live) {
+        return;
+    }
+    let ks = lid % NKS;
+    let r = rows_index(b, lid / NKS, 2u, p.k);
+    var acc: array<vec4<f32>, 4>;
+    for (var k = ks; k < p.k; k += NKS) {
+        let bk = vec4<f32>(w_at(r[4] + k), w_at(r[5] + k), w_at(r[6] + k), w_at(r[7] + k));
+        acc[0] = fma(vec4<f32>(f32(x[r[0] + k])), bk, acc[0]);
+        acc[1] = fma(vec4<f32>(f32(x[r[1] + k])), bk, acc[1]);
+        acc[2] = fma(vec4<f32>(f32(x[r[2] + k])), bk, acc[2]);
+        acc[3] = fma(vec4<f32>(f32(x[r[3] + k])), bk, acc[3]);
+    }
+    reduce_rows_narrow(b, lid, acc);
 }

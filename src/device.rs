@@ -152,13 +152,17 @@ fn wgpu_status() -> BackendStatus {
                 if i.shader_f16 { ", f16" } else { "" }
             )),
             vec![format!(
-                "driver {}, shader-f16 {}, subgroups {} (size {}..={}), {} B workgroup memory",
+                "driver {}, shader-f16 {}, subgroups {} (size {}..={}), {} B workgroup memory, kernels tuned for a {}",
                 i.driver,
                 i.shader_f16,
                 i.subgroup,
                 i.subgroup_min_size,
                 i.subgroup_max_size,
-                i.max_workgroup_storage
+                i.max_workgroup_storage,
+                match crate::wgpu::Tuning::Auto.on(&i) {
+                    crate::wgpu::Tuning::Cpu => "CPU",
+                    _ => "GPU",
+                }
             )],
         ),
         Err(e) => (Err(reason(e)), vec![]),

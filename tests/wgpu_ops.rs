@@ -4,7 +4,7 @@
 
 use output_projector::tensor::DType;
 use output_projector::verify;
-use output_projector::wgpu::{KernelVersion, Precision, WeightType, Wgpu, WgpuOptions};
+use output_projector::wgpu::{KernelVersion, Precision, Tuning, WeightType, Wgpu, WgpuOptions};
 
 fn backend(options: WgpuOptions) -> Option<Wgpu> {
     match output_projector::wgpu::open() {
@@ -27,29 +27,41 @@ fn f16_backend() -> Option<Wgpu> {
     })
 }
 
-/// Every standard case of `op` within `tol` on each kernel version.
+/// Every standard case of `op` within `tol` on each kernel set.
 fn check_op(op: &str, tol: f64) {
-    check_versions(&verify::standard_cases(), op, tol);
+    check_kernel_sets(&verify::standard_cases(), op, tol);
 }
 
 /// Every case of `cases` for `op` (at least one) within `tol` on each kernel
-/// version, in f32.
-fn check_versions(cases: &[verify::Case], op: &str, tol: f64) {
-    on_each_version(WgpuOptions::default(), |version, be| {
+/// set, in f32.
+fn check_kernel_sets(cases: &[verify::Case], op: &str, tol: f64) {
+    on_each_kernel_set(WgpuOptions::default(), |set, be| {
         let n = verify::check_cases(be, cases, op, DType::F32, 100, tol)
-            .unwrap_or_else(|e| panic!("{version:?} {e}"));
+            .unwrap_or_else(|e| panic!("{set} {e}"));
         assert!(n > 0, "no case for {op}");
     });
 }
 
-/// `f` on a backend of each kernel version, otherwise set as `options` (none
-/// without an adapter).
-fn on_each_version(options: WgpuOptions, mut f: impl FnMut(KernelVersion, &Wgpu)) {
-    for version in [KernelVersion::Naive, KernelVersion::Fast] {
-        let Some(be) = backend(WgpuOptions { version, ..options }) else {
+/// The kernel sets every op is checked on: the naive v1, and the fast
+/// kernels as tuned for a CPU adapter and for a GPU (any adapter runs both).
+const KERNEL_SETS: [(KernelVersion, Tuning); 3] = [
+    (KernelVersion::Naive, Tuning::Auto),
+    (KernelVersion::Fast, Tuning::Cpu),
+    (KernelVersion::Fast, Tuning::Gpu),
+];
+
+/// `f` on a backend of each kernel set, otherwise set as `options` (none
+/// without an adapter), with the set's name for messages.
+fn on_each_kernel_set(options: WgpuOptions, mut f: impl FnMut(&str, &Wgpu)) {
+    for (version, tuning) in KERNEL_SETS {
+        let Some(be) = backend(WgpuOptions {
+            version,
+            tuning,
+            ..options
+        }) else {
             return;
         };
-        f(version, &be);
+        f(&format!("{version:?}/{tuning:?}"), &be);
     }
 }
 
@@ -85,18 +97,12 @@ fn attention_matches_reference() {
 
 #[test]
 fn long_attention_matches_reference() {
-    for version in [KernelVersion::Naive, KernelVersion::Fast] {
-        let Some(be) = backend(WgpuOptions {
-            version,
-            ..WgpuOptions::default()
-        }) else {
-            return;
-        };
+    on_each_kernel_set(WgpuOptions::default(), |set, be| {
         for case in verify::long_attention_cases() {
-            let r = verify::compare_case(&be, &case, DType::F32, 3).unwrap();
-            assert!(r.rel <= 1e-5, "{version:?} {}: rel {:.3e}", r.case, r.rel);
+            let r = verify::compare_case(be, &case, DType::F32, 3).unwrap();
+            assert!(r.rel <= 1e-5, "{set} {}: rel {:.3e}", r.case, r.rel);
         }
-    }
+    });
 }
 
 #[test]
@@ -137,11 +143,11 @@ fn every_op_with_f16_storage() {
 fn random_sizes_match_reference() {
     let cases = verify::random_cases(43, 200);
     for op in verify::OPS {
-        check_versions(&cases, op, verify::f32_tolerance(op));
+        check_kernel_sets(&cases, op, verify::f32_tolerance(op));
     }
 }
 
-/// The same sizes with f16 storage on each kernel version: within 1e-2, or
+/// The same sizes with f16 storage on each kernel set: within 1e-2, or
 /// where one rounding can move a tiny output by more (a LayerNorm over 2
 /// nearly equal columns: 1.2e-2), within `verify::SPREAD_FACTOR` times what
 /// rounding the inputs alone does to the reference, and that wider bound
@@ -154,10 +160,10 @@ fn random_sizes_in_f16_match_reference() {
         precision: Precision::F16,
         ..WgpuOptions::default()
     };
-    on_each_version(f16, |version, be| {
+    on_each_kernel_set(f16, |set, be| {
         let eps = DType::F16.epsilon();
         held += verify::check_ops_rounded(be, &cases, DType::F16, 430, 1e-2, eps)
-            .unwrap_or_else(|e| panic!("{version:?} {e}"));
+            .unwrap_or_else(|e| panic!("{set} {e}"));
     });
     assert_tight("f16", &held);
 }
@@ -223,6 +229,55 @@ fn projector_matches_reference() {
     let r = verify::compare_projector(&half, &image, 1, DType::F16, 12).unwrap();
     assert!(r.rel <= 1e-2, "f16 {}: rel {:.3e}", r.case, r.rel);
     println!("f16 projector: rel {:.2e}", r.rel);
+}
+
+/// `Tuning::Auto` follows the adapter's kind; an explicit tuning is kept.
+#[test]
+fn tuning_follows_the_adapter() {
+    for (tuning, want) in [(Tuning::Cpu, Tuning::Cpu), (Tuning::Gpu, Tuning::Gpu)] {
+        let Some(be) = backend(WgpuOptions {
+            tuning,
+            ..WgpuOptions::default()
+        }) else {
+            return;
+        };
+        assert_eq!(be.tuning(), want);
+    }
+    let Some(be) = backend(WgpuOptions::default()) else {
+        return;
+    };
+    let cpu = be.gpu().info.device_type == "Cpu";
+    assert_eq!(be.tuning(), if cpu { Tuning::Cpu } else { Tuning::Gpu });
+}
+
+/// More workgroups than one grid dimension holds (65535 on lavapipe and most
+/// adapters) spill into the second: a 4 x 2,200,000 output is 137,500
+/// workgroups for v1, 68,750 and 275,000 for the two few-rows blocks, each
+/// output checked exactly (small integers).
+#[test]
+fn linear_past_one_grid_dimension() {
+    use output_projector::ops::{Activation, Backend};
+    use output_projector::tensor::HostTensor;
+    let (m, n, k) = (4, 2_200_000, 4);
+    let xs: Vec<f32> = (0..m * k).map(|i| (i % 5) as f32 - 2.0).collect();
+    let ws: Vec<f32> = (0..n * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+    on_each_kernel_set(WgpuOptions::default(), |set, be| {
+        let x = be
+            .upload(&HostTensor::from_f32(vec![m, k], xs.clone()).unwrap())
+            .unwrap();
+        let w = be
+            .upload_weight(&HostTensor::from_f32(vec![n, k], ws.clone()).unwrap())
+            .unwrap();
+        let mut out = verify::poisoned(be, &[m, n]).unwrap();
+        be.linear(&x, &w, None, Activation::None, None, &mut out)
+            .unwrap();
+        let got = be.download(&out).unwrap().to_f32_vec();
+        for (i, &v) in got.iter().enumerate() {
+            let (r, c) = (i / n, i % n);
+            let want: f32 = (0..k).map(|j| xs[r * k + j] * ws[c * k + j]).sum();
+            assert!(v == want, "{set}: out[{r}, {c}] = {v}, not {want}");
+        }
+    });
 }
 
 /// Parameters the kernels take as f32 must survive the conversion: an eps
@@ -310,11 +365,11 @@ fn gemms_with_16_bit_weights_match_reference() {
     let random = verify::random_cases(47, 400);
     for (weights, dtype) in WEIGHT_TYPES {
         let mut held = verify::RoundedBounds::default();
-        on_each_version(weights_in(weights), |version, be| {
+        on_each_kernel_set(weights_in(weights), |set, be| {
             for op in GEMM_OPS {
                 for cases in [&verify::standard_cases(), &random] {
                     let n = verify::check_cases(be, cases, op, dtype, 470, 1e-5)
-                        .unwrap_or_else(|e| panic!("{weights:?} {version:?} exact: {e}"));
+                        .unwrap_or_else(|e| panic!("{weights:?} {set} exact: {e}"));
                     assert!(n > 0, "no case for {op}");
                 }
                 held += verify::check_cases_rounded(
@@ -326,7 +381,7 @@ fn gemms_with_16_bit_weights_match_reference() {
                     1e-2,
                     dtype.epsilon(),
                 )
-                .unwrap_or_else(|e| panic!("{weights:?} {version:?} rounded: {e}"));
+                .unwrap_or_else(|e| panic!("{weights:?} {set} rounded: {e}"));
             }
         });
         assert_tight(&format!("{weights:?} weights"), &held);
@@ -335,8 +390,8 @@ fn gemms_with_16_bit_weights_match_reference() {
 
 /// Widening a packed weight is exact and the kernels' arithmetic does not
 /// change with the weight's type: with weights that 16 bits hold, packed
-/// weights give the f32 weights' results bit for bit, on every kernel of
-/// both versions (the few-rows and tiled ones, vec4 and scalar).
+/// weights give the f32 weights' results bit for bit, on every kernel (v1,
+/// the few-rows ones of both tunings and the tiled ones, vec4 and scalar).
 #[test]
 fn packed_weights_give_the_f32_weights_bits() {
     let cases: Vec<_> = verify::standard_cases()
@@ -345,9 +400,10 @@ fn packed_weights_give_the_f32_weights_bits() {
         .filter(|c| GEMM_OPS.contains(&c.op()))
         .collect();
     for (weights, dtype) in WEIGHT_TYPES {
-        for version in [KernelVersion::Naive, KernelVersion::Fast] {
+        for (version, tuning) in KERNEL_SETS {
             let options = WgpuOptions {
                 version,
+                tuning,
                 ..WgpuOptions::default()
             };
             let Some(plain) = backend(options) else {
@@ -362,7 +418,7 @@ fn packed_weights_give_the_f32_weights_bits() {
                 let got = verify::case_outputs(&packed, case, dtype, seed).unwrap();
                 assert!(
                     got == want,
-                    "{weights:?} {version:?} {}: not the f32 weights' bits",
+                    "{weights:?} {version:?}/{tuning:?} {}: not the f32 weights' bits",
                     case.describe()
                 );
             }
@@ -468,8 +524,8 @@ fn packed_weights_are_only_linear_weights() {
 
 /// Every finite f16 and bf16 value (subnormals, both zeros, the largest)
 /// comes out of a packed weight exactly: `linear` of x = e0 rows reads each
-/// weight row's first element back, through each kernel (v1, the few-rows and
-/// tiled ones, scalar (K = 1) and vec4 (K = 4)).
+/// weight row's first element back, through each kernel (v1, the few-rows
+/// ones of both tunings and the tiled ones, scalar (K = 1) and vec4 (K = 4)).
 #[test]
 fn packed_weights_widen_every_finite_value_exactly() {
     use half::{bf16, f16};
@@ -489,9 +545,10 @@ fn packed_weights_widen_every_finite_value_exactly() {
             _ => bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect(),
         };
         let n = bits.len();
-        for version in [KernelVersion::Naive, KernelVersion::Fast] {
+        for (version, tuning) in KERNEL_SETS {
             let Some(be) = backend(WgpuOptions {
                 version,
+                tuning,
                 ..weights_in(weights)
             }) else {
                 return;
@@ -522,7 +579,7 @@ fn packed_weights_widen_every_finite_value_exactly() {
                     // == holds +0 and -0 equal: 1 x -0 + 0 is +0.
                     if let Some(i) = (0..n).find(|&i| row[i] != values[i]) {
                         panic!(
-                            "{weights:?} {version:?} {m}x{k}: row {r} weight {:#06x} read as {:e}, not {:e}",
+                            "{weights:?} {version:?}/{tuning:?} {m}x{k}: row {r} weight {:#06x} read as {:e}, not {:e}",
                             bits[i], row[i], values[i]
                         );
                     }

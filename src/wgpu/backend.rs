@@ -64,6 +64,35 @@ impl WeightType {
     }
 }
 
+/// What the fast kernels' shapes suit (see [`WgpuOptions::tuning`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Tuning {
+    /// From the adapter: [`Tuning::Cpu`] on a CPU adapter (lavapipe,
+    /// SwiftShader: [`WgpuInfo::device_type`](super::WgpuInfo::device_type)
+    /// "Cpu"), [`Tuning::Gpu`] on any other.
+    #[default]
+    Auto,
+    /// Few, large workgroups: a CPU runs a workgroup per thread and gains from
+    /// reuse within it. The GEMMs of few rows take 4x32 output blocks.
+    Cpu,
+    /// Workgroups enough to fill a GPU's compute units: the GEMMs of few rows
+    /// take 4x8 output blocks (64 workgroups at the projector's batch-1 512
+    /// columns, against 16).
+    Gpu,
+}
+
+impl Tuning {
+    /// This tuning on the adapter `info` describes: `Auto` becomes `Cpu` or
+    /// `Gpu`, the others stay.
+    pub fn on(self, info: &super::WgpuInfo) -> Tuning {
+        match self {
+            Tuning::Auto if info.device_type == "Cpu" => Tuning::Cpu,
+            Tuning::Auto => Tuning::Gpu,
+            t => t,
+        }
+    }
+}
+
 /// Options of [`Wgpu::new`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WgpuOptions {
@@ -78,6 +107,9 @@ pub struct WgpuOptions {
     /// tensors of [`precision`](Self::precision) (a weight elsewhere is an
     /// [`Error::Invalid`]).
     pub weights: WeightType,
+    /// What the fast kernels' shapes suit ([`Tuning::Auto`] by default: the
+    /// adapter's kind). Results are the same up to the order of f32 sums.
+    pub tuning: Tuning,
 }
 
 impl Default for WgpuOptions {
@@ -86,6 +118,7 @@ impl Default for WgpuOptions {
             precision: Precision::F32,
             version: KernelVersion::Fast,
             weights: WeightType::Storage,
+            tuning: Tuning::Auto,
         }
     }
 }
@@ -453,6 +486,12 @@ impl Wgpu {
 
     pub(crate) fn version(&self) -> KernelVersion {
         self.inner.options.version
+    }
+
+    /// What the fast kernels are tuned for: [`WgpuOptions::tuning`], with
+    /// [`Tuning::Auto`] resolved from the adapter (never `Auto`).
+    pub fn tuning(&self) -> Tuning {
+        self.inner.options.tuning.on(&self.inner.gpu.info)
     }
 
     /// The element type of every tensor of this backend.

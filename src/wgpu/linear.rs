@@ -2,10 +2,11 @@
 //!
 //! The naive v1 runs one invocation per output. The fast path is a tiled GEMM
 //! (32x128 blocks, 8x8 outputs per invocation) or, for a few rows, a K-split
-//! kernel (4x32 blocks); each comes in a vec4 form and a scalar form for shapes
-//! or offsets that vec4 loads cannot serve.
+//! kernel (4x32 blocks of 64 invocations for a CPU adapter, 4x8 blocks of 128
+//! for a GPU: [`Tuning`]); each comes in a vec4 form and a scalar form for
+//! shapes or offsets that vec4 loads cannot serve.
 
-use super::backend::{Kernel, KernelVersion, Wgpu, WgpuTensor};
+use super::backend::{Kernel, KernelVersion, Tuning, Wgpu, WgpuTensor};
 use crate::error::{Error, Result};
 use crate::ops::{Activation, LinearDims};
 
@@ -26,11 +27,21 @@ const TILED: Kernel = kernel("linear");
 const TILED_SCALAR: Kernel = kernel("linear_s");
 const ROWS: Kernel = kernel("linear_rows");
 const ROWS_SCALAR: Kernel = kernel("linear_rows_s");
+const ROWS_NARROW: Kernel = kernel("linear_rows_narrow");
+const ROWS_NARROW_SCALAR: Kernel = kernel("linear_rows_narrow_s");
 
 /// Every kernel of this op (for the translation tests).
 #[cfg(test)]
 pub(super) fn kernels() -> Vec<Kernel> {
-    vec![V1, TILED, TILED_SCALAR, ROWS, ROWS_SCALAR]
+    vec![
+        V1,
+        TILED,
+        TILED_SCALAR,
+        ROWS,
+        ROWS_SCALAR,
+        ROWS_NARROW,
+        ROWS_NARROW_SCALAR,
+    ]
 }
 
 /// Invocations per workgroup of `linear_v1`.
@@ -38,13 +49,15 @@ const V1_WORKGROUP: usize = 64;
 /// Output block of the tiled kernels.
 const TILE_M: usize = 32;
 const TILE_N: usize = 128;
-/// Output block of the few-rows kernels.
+/// Output block of the few-rows kernels: 4 x 32 for a CPU adapter, 4 x 8
+/// for a GPU.
 const ROWS_M: usize = 4;
 const ROWS_N: usize = 32;
+const ROWS_NARROW_N: usize = 8;
 /// Up to this many rows the K-split kernel wins: a 32-row tile would mostly
-/// compute padding, and too few blocks would keep a GPU idle. On lavapipe it
-/// is 2x faster at M = 8 and still ahead at M = 16 (K = 512); the tile wins
-/// from M = 24.
+/// compute padding, and too few blocks would keep a GPU idle. On lavapipe
+/// (4x32 blocks) it is 2x faster at M = 8 and still ahead at M = 16
+/// (K = 512); the tile wins from M = 24. Not measured on a GPU.
 const MAX_ROWS_FOR_SPLIT: usize = 16;
 
 wgsl_params! {
@@ -118,10 +131,12 @@ pub(super) fn linear(
         // vec4 loads need whole vec4 rows and tensors that start on a vec4.
         let on_vec4 = |t: &WgpuTensor| t.offset().is_multiple_of(4 * t.dtype().size() as u64);
         let vec4 = d.k.is_multiple_of(4) && on_vec4(x) && on_vec4(w);
-        let (bm, bn, kernels) = if d.m <= MAX_ROWS_FOR_SPLIT {
-            (ROWS_M, ROWS_N, [&ROWS, &ROWS_SCALAR])
-        } else {
+        let (bm, bn, kernels) = if d.m > MAX_ROWS_FOR_SPLIT {
             (TILE_M, TILE_N, [&TILED, &TILED_SCALAR])
+        } else if be.tuning() == Tuning::Gpu {
+            (ROWS_M, ROWS_NARROW_N, [&ROWS_NARROW, &ROWS_NARROW_SCALAR])
+        } else {
+            (ROWS_M, ROWS_N, [&ROWS, &ROWS_SCALAR])
         };
         let blocks_n = d.n.div_ceil(bn);
         let blocks = d.m.div_ceil(bm) * blocks_n;

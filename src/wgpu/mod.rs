@@ -86,7 +86,9 @@ mod linear;
 #[cfg(test)]
 mod portability;
 
-pub use backend::{KernelVersion, Precision, WeightType, Wgpu, WgpuMask, WgpuOptions, WgpuTensor};
+pub use backend::{
+    KernelVersion, Precision, Tuning, WeightType, Wgpu, WgpuMask, WgpuOptions, WgpuTensor,
+};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

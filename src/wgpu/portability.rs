@@ -130,6 +130,6 @@ fn every_kernel_translates_to_metal_and_hlsl() {
             }
         }
     }
-    // 24 kernels in two precisions, and linear's 5 with two packed weight types.
-    assert_eq!(translated, 2 * (24 + 5 * 2), "kernels translated");
+    // 26 kernels in two precisions, and linear's 7 with two packed weight types.
+    assert_eq!(translated, 2 * (26 + 7 * 2), "kernels translated");
 }
