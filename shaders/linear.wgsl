@@ -12,6 +12,12 @@
 //                        outputs per invocation. `linear` fills the tiles with
 //                        vec4 loads (needs K % 4 == 0 and vec4-aligned
 //                        tensors), `linear_s` with scalar loads (any shape).
+//   linear_split /       the same blocks over one slice of K each (split-K,
+//   linear_split_s       for a GPU when the blocks are too few to fill it: the
+//                        decoder at batch 1 is 77 x 512, 12 blocks), their
+//                        f32 sums written to `partials`;
+//   linear_split_sum     then one invocation per output adds its slices in
+//                        order and finishes it.
 //   linear_rows /        few rows (the projector at batch 1: M = 4): a 4x32
 //   linear_rows_s        output block per workgroup of 64, K split over 16
 //                        invocations that each stream their own slice of x and
@@ -36,6 +42,8 @@ struct Params {
     groups_x: u32,     // workgroups per row of the dispatch grid
     blocks_n: u32,     // output blocks along N (tiled and rows kernels)
     blocks: u32,       // output blocks in all
+    splits: u32,       // slices of K (split-K kernels)
+    k_split: u32,      // K per slice, a multiple of BK
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -49,6 +57,10 @@ struct Params {
 // The same x seen as vec4s, used only by the vec4 entry points (an entry
 // point binds only the variables it uses).
 @group(0) @binding(1) var<storage, read> x4: array<elem4>;
+// Split-K's f32 partial sums [splits, M, N]: written at binding 5 by
+// linear_split(_s), read at binding 1 by linear_split_sum.
+@group(0) @binding(5) var<storage, read_write> partials: array<f32>;
+@group(0) @binding(1) var<storage, read> partials_in: array<f32>;
 
 // ---------------------------------------------------------------------------
 // Epilogue: bias, activation, residual.
@@ -170,10 +182,18 @@ struct Block {
     n0: u32,
 }
 
+fn flat_of(wg: vec3<u32>) -> u32 {
+    return wg.x + wg.y * p.groups_x;
+}
+
+// Block `i` of the output. Consecutive blocks share a row block: its x rows
+// stay in cache.
+fn block_at(i: u32, bm: u32, bn: u32) -> Block {
+    return Block(i < p.blocks, (i / p.blocks_n) * bm, (i % p.blocks_n) * bn);
+}
+
 fn block_of(wg: vec3<u32>, bm: u32, bn: u32) -> Block {
-    let flat = wg.x + wg.y * p.groups_x;
-    // Consecutive workgroups share a row block: its x rows stay in cache.
-    return Block(flat < p.blocks, (flat / p.blocks_n) * bm, (flat % p.blocks_n) * bn);
+    return block_at(flat_of(wg), bm, bn);
 }
 
 // x[m0.., k0..] and w[n0.., k0..] into the tiles, zero outside the matrices.
@@ -286,22 +306,37 @@ fn store_block(b: Block, tm: u32, tn: u32, acc: array<vec4<f32>, 16>) {
     }
 }
 
+// The block's sums over K in [k0, k1), k0 a multiple of BK: vec4 staging.
+fn sums_vec4(b: Block, k0: u32, k1: u32, lid: u32) -> array<vec4<f32>, 16> {
+    var acc: array<vec4<f32>, 16>;
+    for (var k = k0; k < k1; k += BK) {
+        stage_vec4(b.m0, b.n0, k, lid);
+        workgroupBarrier();
+        multiply(lid / CS, lid % CS, &acc);
+        workgroupBarrier();
+    }
+    return acc;
+}
+
+// The same with scalar staging.
+fn sums_scalar(b: Block, k0: u32, k1: u32, lid: u32) -> array<vec4<f32>, 16> {
+    var acc: array<vec4<f32>, 16>;
+    for (var k = k0; k < k1; k += BK) {
+        stage_scalar(b.m0, b.n0, k, lid);
+        workgroupBarrier();
+        multiply(lid / CS, lid % CS, &acc);
+        workgroupBarrier();
+    }
+    return acc;
+}
+
 @compute @workgroup_size(THREADS)
 fn linear(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let b = block_of(wg, BM, BN);
     if (!b.live) {
         return;
     }
-    let tm = lid / CS;
-    let tn = lid % CS;
-    var acc: array<vec4<f32>, 16>;
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        stage_vec4(b.m0, b.n0, k0, lid);
-        workgroupBarrier();
-        multiply(tm, tn, &acc);
-        workgroupBarrier();
-    }
-    store_block(b, tm, tn, acc);
+    store_block(b, lid / CS, lid % CS, sums_vec4(b, 0u, p.k, lid));
 }
 
 @compute @workgroup_size(THREADS)
@@ -310,16 +345,68 @@ fn linear_s(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
     if (!b.live) {
         return;
     }
-    let tm = lid / CS;
-    let tn = lid % CS;
-    var acc: array<vec4<f32>, 16>;
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        stage_scalar(b.m0, b.n0, k0, lid);
-        workgroupBarrier();
-        multiply(tm, tn, &acc);
-        workgroupBarrier();
+    store_block(b, lid / CS, lid % CS, sums_scalar(b, 0u, p.k, lid));
+}
+
+// Split-K: workgroup s * blocks + i sums block i over slice s of K.
+struct Slice {
+    live: bool,
+    b: Block,
+    s: u32,
+    k0: u32,
+    k1: u32,
+}
+
+fn slice_of(wg: vec3<u32>) -> Slice {
+    let flat = flat_of(wg);
+    let s = flat / p.blocks;
+    let k0 = s * p.k_split;
+    return Slice(s < p.splits, block_at(flat % p.blocks, BM, BN), s, k0, min(p.k, k0 + p.k_split));
+}
+
+fn store_partials(sl: Slice, tm: u32, tn: u32, acc: array<vec4<f32>, 16>) {
+    let base = sl.s * p.m * p.n;
+    for (var i = 0u; i < 8u; i++) {
+        let m = sl.b.m0 + tm + RS * i;
+        for (var j = 0u; j < 8u; j++) {
+            let n = sl.b.n0 + tn + CS * j;
+            if (m < p.m && n < p.n) {
+                partials[base + m * p.n + n] = acc[2u * i + j / 4u][j % 4u];
+            }
+        }
     }
-    store_block(b, tm, tn, acc);
+}
+
+@compute @workgroup_size(THREADS)
+fn linear_split(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let sl = slice_of(wg);
+    if (!sl.live) {
+        return;
+    }
+    store_partials(sl, lid / CS, lid % CS, sums_vec4(sl.b, sl.k0, sl.k1, lid));
+}
+
+@compute @workgroup_size(THREADS)
+fn linear_split_s(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let sl = slice_of(wg);
+    if (!sl.live) {
+        return;
+    }
+    store_partials(sl, lid / CS, lid % CS, sums_scalar(sl.b, sl.k0, sl.k1, lid));
+}
+
+@compute @workgroup_size(64)
+fn linear_split_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let o = gid.x + gid.y * p.groups_x * 64u;
+    let mn = p.m * p.n;
+    if (o >= mn) {
+        return;
+    }
+    var sum = 0.0;
+    for (var s = 0u; s < p.splits; s++) {
+        sum += partials_in[s * mn + o];
+    }
+    finish(o / p.n, o % p.n, sum);
 }
 
 // ---------------------------------------------------------------------------

@@ -124,17 +124,27 @@ fn gather_signal_tokens_matches_reference() {
 }
 
 /// f16 storage, f32 arithmetic: every op within 1e-2 of the reference run on the
-/// same f16-rounded inputs.
+/// same f16-rounded inputs, on each kernel set (split-K's f32 partial sums
+/// included).
 #[test]
 fn every_op_with_f16_storage() {
-    let Some(be) = f16_backend() else {
-        return;
+    let f16 = WgpuOptions {
+        precision: Precision::F16,
+        ..WgpuOptions::default()
     };
-    for (i, case) in verify::standard_cases().iter().enumerate() {
-        let r = verify::compare_case(&be, case, DType::F16, 500 + i as u64)
-            .unwrap_or_else(|e| panic!("{}: {e}", case.describe()));
-        assert!(r.rel <= 1e-2, "f16 {} {}: rel {:.3e}", r.op, r.case, r.rel);
-    }
+    on_each_kernel_set(f16, |set, be| {
+        for (i, case) in verify::standard_cases().iter().enumerate() {
+            let r = verify::compare_case(be, case, DType::F16, 500 + i as u64)
+                .unwrap_or_else(|e| panic!("{set} {}: {e}", case.describe()));
+            assert!(
+                r.rel <= 1e-2,
+                "{set} f16 {} {}: rel {:.3e}",
+                r.op,
+                r.case,
+                r.rel
+            );
+        }
+    });
 }
 
 /// Every op at 200 sizes drawn at random (`verify::random_cases`), on each

@@ -1,4 +1,4 @@
-use super::backend::{Bind, Kernel, KernelVersion, Precision, Wgpu, WgpuTensor};
+use super::backend::{Bind, Kernel, KernelVersion, Wgpu, WgpuTensor};
 use crate::error::{Error, Result};
 use crate::ops::{LossDims, LossKind};
 
@@ -120,13 +120,8 @@ pub(super) fn alignment_loss(
         loss_scale: loss_scale as f32,
     };
     // One f32 per token whatever the storage type, so the per-token terms keep
-    // full precision until the final sum: a pooled tensor of `tokens` 4-byte
-    // words (two f16 elements make one word).
-    let words = match be.options().precision {
-        Precision::F32 => tokens,
-        Precision::F16 => tokens * 2,
-    };
-    let partials = be.alloc_tensor(&[words])?;
+    // full precision until the final sum.
+    let partials = be.alloc_f32_scratch(tokens)?;
     let reads = [pred.into(), target.into()];
     let none = [Bind::Unused, Bind::Unused];
     match be.version() {

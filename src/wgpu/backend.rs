@@ -77,7 +77,9 @@ pub enum Tuning {
     Cpu,
     /// Workgroups enough to fill a GPU's compute units: the GEMMs of few rows
     /// take 4x8 output blocks (64 workgroups at the projector's batch-1 512
-    /// columns, against 16).
+    /// columns, against 16), and tiled GEMMs of few blocks split K over
+    /// workgroups (the decoder's at batch 1: 48-192 workgroups, against
+    /// 12-48).
     Gpu,
 }
 
@@ -600,6 +602,17 @@ impl Wgpu {
 
     pub(crate) fn alloc_tensor(&self, shape: &[usize]) -> Result<WgpuTensor> {
         self.alloc_in(shape, self.storage())
+    }
+
+    /// A pooled scratch tensor of at least `n` 4-byte words whatever the
+    /// storage type (two f16 elements make one word), for kernels that keep
+    /// f32 sums there (`array<f32>` in the shader).
+    pub(crate) fn alloc_f32_scratch(&self, n: usize) -> Result<WgpuTensor> {
+        let per_word = 4 / self.storage().size();
+        let numel = n
+            .checked_mul(per_word)
+            .ok_or_else(|| Error::Overflow(format!("wgpu scratch of {n} words")))?;
+        self.alloc_tensor(&[numel])
     }
 
     fn alloc_in(&self, shape: &[usize], dtype: DType) -> Result<WgpuTensor> {

@@ -130,6 +130,6 @@ fn every_kernel_translates_to_metal_and_hlsl() {
             }
         }
     }
-    // 26 kernels in two precisions, and linear's 7 with two packed weight types.
-    assert_eq!(translated, 2 * (26 + 7 * 2), "kernels translated");
+    // 29 kernels in two precisions, and linear's 10 with two packed weight types.
+    assert_eq!(translated, 2 * (29 + 10 * 2), "kernels translated");
 }
