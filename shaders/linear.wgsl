@@ -137,9 +137,15 @@ fn finish(m: u32, n: u32, acc: f32) {
 // ---------------------------------------------------------------------------
 // v1: naive.
 
+// The output of an invocation of the one-per-output grids (v1, split-K's sum):
+// 64 per workgroup, `groups_x` workgroups per grid row.
+fn output_of(gid: vec3<u32>) -> u32 {
+    return gid.x + gid.y * p.groups_x * 64u;
+}
+
 @compute @workgroup_size(64)
 fn linear_v1(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let i = gid.x + gid.y * p.groups_x * 64u;
+    let i = output_of(gid);
     if (i >= p.m * p.n) {
         return;
     }
@@ -397,7 +403,7 @@ fn linear_split_s(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
 
 @compute @workgroup_size(64)
 fn linear_split_sum(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let o = gid.x + gid.y * p.groups_x * 64u;
+    let o = output_of(gid);
     let mn = p.m * p.n;
     if (o >= mn) {
         return;

@@ -159,9 +159,11 @@ pub(super) fn linear(
     // vec4 loads need whole vec4 rows and tensors that start on a vec4.
     let on_vec4 = |t: &WgpuTensor| t.offset().is_multiple_of(4 * t.dtype().size() as u64);
     let vec4 = d.k.is_multiple_of(4) && on_vec4(x) && on_vec4(w);
-    let (bm, bn, kernels) = if d.m > MAX_FEW_ROWS {
+    let tiled = d.m > MAX_FEW_ROWS;
+    let gpu = be.tuning() == Tuning::Gpu;
+    let (bm, bn, kernels) = if tiled {
         (TILE_M, TILE_N, [&TILED, &TILED_SCALAR])
-    } else if be.tuning() == Tuning::Gpu {
+    } else if gpu {
         (ROWS_M, ROWS_NARROW_N, [&ROWS_NARROW, &ROWS_NARROW_SCALAR])
     } else {
         (ROWS_M, ROWS_N, [&ROWS, &ROWS_SCALAR])
@@ -170,8 +172,12 @@ pub(super) fn linear(
     let blocks = d.m.div_ceil(bm) * blocks_n;
     params.blocks_n = super::u32_of(blocks_n)?;
     params.blocks = super::u32_of(blocks)?;
-    let (k_split, splits) = k_slices(blocks, d.k);
-    if d.m > MAX_FEW_ROWS && be.tuning() == Tuning::Gpu && splits > 1 {
+    let (k_split, splits) = if tiled && gpu {
+        k_slices(blocks, d.k)
+    } else {
+        (d.k, 1)
+    };
+    if splits > 1 {
         check_extent(d.m * d.n, splits)?;
         params.splits = super::u32_of(splits)?;
         params.k_split = super::u32_of(k_split)?;
