@@ -592,13 +592,19 @@ struct CheckRow {
 
 /// Every check of one backend: PyTorch's golden outputs, then (for a GPU
 /// backend, fast and naive kernels) the reference on random awkward shapes, and
-/// whole projectors (on CUDA, also replayed from a CUDA graph).
+/// whole projectors: the presets (on CUDA, also replayed from a CUDA graph)
+/// and the worst of [`RANDOM_PROJECTORS`] drawn at random.
 struct Check {
     precision: Precision,
 }
 
 /// Cases of [`random_rows`].
 const RANDOM_CASES: usize = 200;
+
+/// Projectors of shapes drawn at random ([`verify::random_projectors`], every
+/// norm and attention bias drawn too) that `check` compares, reporting the
+/// worst.
+const RANDOM_PROJECTORS: usize = 40;
 
 /// Every op at [`RANDOM_CASES`] sizes drawn at random
 /// ([`verify::random_cases`]) against the reference, inputs rounded to
@@ -712,6 +718,10 @@ impl BackendTask for Check {
             let c = verify::compare_projector(&be, config, batch, storage, 7)?;
             rows.push(row("reference", c, model_tol));
         }
+        let shapes = verify::random_projectors(57, RANDOM_PROJECTORS);
+        let mut c = verify::worst_projector(&be, &shapes, storage, 5700).map_err(Error::invalid)?;
+        c.case = format!("worst of {} random shapes: {}", shapes.len(), c.case);
+        rows.push(row("reference", c, model_tol));
         Ok(rows)
     }
 

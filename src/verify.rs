@@ -2,7 +2,7 @@
 //! sizes, with outputs poisoned (NaN) first so that an element a kernel forgets
 //! to write always fails. Used by `outproj check` and by the tests.
 
-use crate::config::ProjectorConfig;
+use crate::config::{ProjectorConfig, Variant};
 use crate::error::Result;
 use crate::ops::{
     AbsorbedAttentionInput, Activation, AttentionSpec, Backend, Cols, KeyPaddingMask, LossKind,
@@ -600,6 +600,79 @@ pub fn random_cases(seed: u64, count: usize) -> Vec<Case> {
         });
     }
     cases
+}
+
+/// Most multiply-adds a [`random_projectors`] forward may take: about 30 ms
+/// of the float64 reference.
+const RANDOM_PROJECTOR_MACS: usize = 30_000_000;
+
+/// `count` projectors of shapes drawn from `seed`, each with a batch: both
+/// variants; 1 to 8 heads of 1 to 40 columns, now and then of 129 to 140
+/// (past the flash kernels' 128); widths, signal tokens and queries mostly 1
+/// to 9, some to 40, now and then a preset's 77 queries or an input width past
+/// 1024; 1 to 3 layers a stack; batch mostly 1 to 3, some to 9. So the few-row
+/// and tiled GEMMs, the absorbed and literal cross-attention (heads x tokens
+/// past 128), the folds and the decoder prefix all meet awkward sizes. Each
+/// forward takes at most [`RANDOM_PROJECTOR_MACS`] multiply-adds; the
+/// weights are [`ProjectorWeights::random_trained`]'s.
+pub fn random_projectors(seed: u64, count: usize) -> Vec<(ProjectorConfig, usize)> {
+    let mut rng = Rng::new(seed);
+    let below = |rng: &mut Rng, n: u64| rng.next_u64() % n;
+    // 1..=9 mostly, 1..=40 sometimes.
+    let size = |rng: &mut Rng| {
+        let top = if below(rng, 4) == 0 { 40 } else { 9 };
+        1 + below(rng, top) as usize
+    };
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        let r = &mut rng;
+        let heads = [1, 1, 2, 3, 4, 4, 5, 8][below(r, 8) as usize];
+        let head_dim = if below(r, 12) == 0 {
+            129 + below(r, 12) as usize
+        } else {
+            size(r)
+        };
+        let in_dim = if below(r, 12) == 0 {
+            1025 + below(r, 40) as usize
+        } else {
+            size(r) + below(r, 100) as usize
+        };
+        let n_out = if below(r, 8) == 0 { 77 } else { size(r) };
+        let config = ProjectorConfig {
+            variant: [Variant::Legacy, Variant::V15][below(r, 2) as usize],
+            in_dim,
+            d_model: heads * head_dim,
+            heads,
+            ffn_dim: size(r) + below(r, 100) as usize,
+            encoder_layers: 1 + below(r, 3) as usize,
+            decoder_layers: 1 + below(r, 3) as usize,
+            n_out,
+            out_dim: size(r) + below(r, 100) as usize,
+            n_in: Some(size(r)),
+            eps: [1e-5, 1e-6][below(r, 2) as usize],
+        };
+        let batch = size(r).min(if below(r, 3) == 0 { 9 } else { 3 });
+        if projector_macs(&config, batch) <= RANDOM_PROJECTOR_MACS {
+            out.push((config, batch));
+        }
+    }
+    out
+}
+
+/// Multiply-adds of a forward of `c` at `batch` (the GEMMs' and attention's).
+fn projector_macs(c: &ProjectorConfig, batch: usize) -> usize {
+    let (d, ffn, n_in) = (c.d_model, c.ffn_dim, c.n_in.unwrap_or(4));
+    let (enc, dec) = (batch * n_in, batch * c.n_out);
+    let attention = |q, k| batch * q * k * d * 2;
+    let encoder = enc * (4 * d * d + 2 * d * ffn) + attention(n_in, n_in);
+    let decoder = dec * (6 * d * d + 2 * d * ffn)
+        + enc * 2 * d * d
+        + attention(c.n_out, c.n_out)
+        + attention(c.n_out, n_in);
+    enc * c.in_dim * d
+        + c.encoder_layers * encoder
+        + c.decoder_layers * decoder
+        + dec * d * c.out_dim
 }
 
 /// Every op [`Case`] names, as [`Case::op`] gives it.
@@ -1430,7 +1503,7 @@ pub fn compare_projector<B: Backend>(
 /// The random weights and inputs of a projector comparison, rounded to a
 /// storage type, and the case's name.
 pub struct ProjectorCase {
-    /// The projector's weights: [`ProjectorWeights::random`] of the seed, every
+    /// The projector's weights: [`ProjectorWeights::random_trained`] of the seed, every
     /// tensor rounded to the storage type.
     pub weights: ProjectorWeights,
     /// Signal-token hidden states `[batch, n_in, in_dim]`, standard normal,
@@ -1441,7 +1514,8 @@ pub struct ProjectorCase {
     /// forward adds them to `hidden`.
     pub embeds: HostTensor,
     /// The case in words: variant, input tokens x width, output tokens x width
-    /// and batch, e.g. `legacy 4x4096->77x768 batch 2`.
+    /// and batch, e.g. `legacy 4x4096->77x768 batch 2`, with heads x head
+    /// width, FFN width and layers where they are not the presets'.
     pub name: String,
 }
 
@@ -1449,7 +1523,7 @@ impl ProjectorCase {
     /// `batch` sequences of `config`'s input tokens, weights and inputs drawn
     /// from `seed` and rounded to `dtype`.
     pub fn new(config: &ProjectorConfig, batch: usize, dtype: DType, seed: u64) -> Result<Self> {
-        let w = ProjectorWeights::random(config.clone(), None, seed)?;
+        let w = ProjectorWeights::random_trained(config.clone(), None, seed)?;
         let rounded = w
             .tensors()
             .iter()
@@ -1463,13 +1537,34 @@ impl ProjectorCase {
         };
         let hidden = inp.tensor(&[batch, n_in, config.in_dim], 1.0, 0.0)?;
         let embeds = inp.tensor(&[batch, n_in, config.in_dim], 1.0, 0.0)?;
+        // The Transformer's own shape where it is not the presets'.
+        let c = config;
+        let body = (
+            c.d_model,
+            c.heads,
+            c.ffn_dim,
+            c.encoder_layers,
+            c.decoder_layers,
+        );
+        let body = if body == (512, 4, 2048, 4, 4) {
+            String::new()
+        } else {
+            format!(
+                " ({}x{} heads, ffn {}, {}+{} layers)",
+                c.heads,
+                c.head_dim(),
+                c.ffn_dim,
+                c.encoder_layers,
+                c.decoder_layers
+            )
+        };
         let name = format!(
-            "{} {}x{}->{}x{} batch {batch}",
-            config.variant.name(),
+            "{} {}x{}->{}x{}{body} batch {batch}",
+            c.variant.name(),
             n_in,
-            config.in_dim,
-            config.n_out,
-            config.out_dim
+            c.in_dim,
+            c.n_out,
+            c.out_dim
         );
         Ok(ProjectorCase {
             weights,
@@ -1519,6 +1614,47 @@ pub fn compare_projector_by<B: Backend>(
     })
 }
 
+/// Every projector of `shapes` (config and batch, e.g. [`random_projectors`])
+/// on `be` against the reference ([`compare_projector`], inputs and weights
+/// rounded to `dtype`, shape `i` drawn from `seed + i`): the worst comparison
+/// (a NaN worst of all), or a line naming the shape that failed to run.
+pub fn worst_projector<B: Backend>(
+    be: &B,
+    shapes: &[(ProjectorConfig, usize)],
+    dtype: DType,
+    seed: u64,
+) -> std::result::Result<Comparison, String> {
+    let mut worst: Option<Comparison> = None;
+    for (i, (config, batch)) in shapes.iter().enumerate() {
+        let r = compare_projector(be, config, *batch, dtype, seed + i as u64)
+            .map_err(|e| format!("{dtype} projector {config:?} batch {batch}: {e}"))?;
+        let worse = |w: &Comparison| r.rel.is_nan() || r.rel > w.rel;
+        if worst.as_ref().is_none_or(worse) {
+            worst = Some(r);
+        }
+    }
+    worst.ok_or_else(|| "no projector shapes".to_string())
+}
+
+/// [`worst_projector`], within `tol`: the worst comparison, or a line naming
+/// the shape that failed to run or to agree.
+pub fn check_projectors<B: Backend>(
+    be: &B,
+    shapes: &[(ProjectorConfig, usize)],
+    dtype: DType,
+    seed: u64,
+    tol: f64,
+) -> std::result::Result<Comparison, String> {
+    let w = worst_projector(be, shapes, dtype, seed)?;
+    if w.rel.is_nan() || w.rel > tol {
+        return Err(format!(
+            "{dtype} projector {}: rel {:.3e} max_abs {:.3e} (tolerance {tol:.1e})",
+            w.case, w.rel, w.max_abs
+        ));
+    }
+    Ok(w)
+}
+
 /// A norm case's name suffix: the residual, and the rows' mean where it is offset.
 fn norm_suffix(residual: bool, offset: f64) -> String {
     let res = if residual { " +res" } else { "" };
@@ -1526,5 +1662,48 @@ fn norm_suffix(residual: bool, offset: f64) -> String {
         format!("{res} mean {offset}")
     } else {
         res.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 40 drawn shapes (as the tests draw them) reach each of the projector's
+    /// paths: heads past the flash kernels' width, the cross-attention's
+    /// scores past the absorbed op's 128 a row, inputs past K = 1024, the
+    /// presets' 77 queries, decoders of more than 16 rows, both variants;
+    /// every one valid and within the cost bound.
+    #[test]
+    fn random_projectors_reach_every_path() {
+        let shapes = random_projectors(43, 40);
+        let count = |f: &dyn Fn(&ProjectorConfig, usize) -> bool| {
+            shapes.iter().filter(|(c, b)| f(c, *b)).count()
+        };
+        for (c, b) in &shapes {
+            c.validate().unwrap();
+            assert!(projector_macs(c, *b) <= RANDOM_PROJECTOR_MACS);
+        }
+        let reached = [
+            ("head width past 128", count(&|c, _| c.head_dim() > 128)),
+            (
+                "scores past 128",
+                count(&|c, _| c.heads * c.n_in.unwrap_or(4) > 128),
+            ),
+            ("input width past 1024", count(&|c, _| c.in_dim > 1024)),
+            ("77 queries", count(&|c, _| c.n_out == 77)),
+            ("decoder past 16 rows", count(&|c, b| c.n_out * b > 16)),
+            (
+                "encoder past 16 rows",
+                count(&|c, b| c.n_in.unwrap_or(4) * b > 16),
+            ),
+            ("v1.5", count(&|c, _| c.variant == Variant::V15)),
+            ("legacy", count(&|c, _| c.variant == Variant::Legacy)),
+            ("batch past 3", count(&|_, b| b > 3)),
+        ];
+        println!("{reached:?}");
+        for (what, n) in reached {
+            assert!(n > 0, "no shape with {what}");
+        }
     }
 }

@@ -199,8 +199,43 @@ impl ProjectorWeights {
     /// attention biases 0, FFN biases `U(±1/sqrt(fan_in))`, LayerNorm 1 and 0,
     /// `query_embs` standard normal.
     pub fn random(config: ProjectorConfig, modality: Option<Modality>, seed: u64) -> Result<Self> {
+        Self::random_with(config, modality, seed, false)
+    }
+
+    /// [`random`](Self::random), but with every LayerNorm's gain and shift
+    /// and every attention bias drawn too, each tensor its own (gains
+    /// `1 + 0.2 N(0, 1)`, shifts and biases `0.1 N(0, 1)`), as in a trained
+    /// checkpoint. At their initial 1 and 0 a norm's or bias's parameters
+    /// applied in the wrong place, or not at all, change nothing: comparisons
+    /// of whole projectors draw these.
+    pub fn random_trained(
+        config: ProjectorConfig,
+        modality: Option<Modality>,
+        seed: u64,
+    ) -> Result<Self> {
+        Self::random_with(config, modality, seed, true)
+    }
+
+    fn random_with(
+        config: ProjectorConfig,
+        modality: Option<Modality>,
+        seed: u64,
+        trained: bool,
+    ) -> Result<Self> {
         config.validate()?;
         let mut rng = Rng::new(seed);
+        // A norm's or an attention bias's initial value, or for a trained
+        // one that value plus `scale` N(0, 1), drawn from a stream of its own
+        // so that every other tensor is `random`'s.
+        let mut trained_rng = Rng::new(seed ^ 0x7261_696e_6564);
+        let mut draw_about = |data: &mut [f64], init: f64, scale: f64| {
+            if trained {
+                trained_rng.fill_normal(data);
+                data.iter_mut().for_each(|v| *v = init + scale * *v);
+            } else {
+                data.fill(init);
+            }
+        };
         let io_linears = [
             config.variant.input_linear(),
             config.variant.output_linear(),
@@ -214,9 +249,14 @@ impl ProjectorWeights {
             if name == "query_embs" {
                 rng.fill_normal(&mut data);
             } else if module.ends_with("norm") || module.contains(".norm") {
-                data.fill(if param == "weight" { 1.0 } else { 0.0 });
+                let (init, scale) = if param == "weight" {
+                    (1.0, 0.2)
+                } else {
+                    (0.0, 0.1)
+                };
+                draw_about(&mut data, init, scale);
             } else if param == "in_proj_bias" || module.ends_with("out_proj") && param == "bias" {
-                // zeros
+                draw_about(&mut data, 0.0, 0.1);
             } else if io_linears.contains(&module) || shape.len() == 1 {
                 // U(±1/sqrt(fan_in)) for a Linear's own weight and bias; fan_in from its weight.
                 let fan_in = shapes.get(&format!("{module}.weight")).map_or(1, |s| s[1]);
@@ -475,6 +515,45 @@ fn find_prefix(file: &TensorFile, sel: &Selection) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `random_trained` draws each norm's gain and shift and each attention
+    /// bias, no two alike and none at its initial value; every other tensor
+    /// is the same as `random`'s.
+    #[test]
+    fn trained_weights_draw_the_norms_and_attention_biases() -> Result<()> {
+        let config = ProjectorConfig {
+            in_dim: 8,
+            d_model: 8,
+            heads: 2,
+            ffn_dim: 8,
+            encoder_layers: 2,
+            decoder_layers: 2,
+            ..ProjectorConfig::preset(Modality::Image, Variant::Legacy)
+        };
+        let init = ProjectorWeights::random(config.clone(), None, 3)?;
+        let trained = ProjectorWeights::random_trained(config, None, 3)?;
+        let mut drawn = Vec::new();
+        for (name, t) in init.tensors() {
+            let (a, b) = (t.to_f64_vec(), trained.get(name)?.to_f64_vec());
+            let (module, param) = name.rsplit_once('.').unwrap_or(("", name));
+            let is_norm = module.ends_with("norm") || module.contains(".norm");
+            let is_attention_bias =
+                param == "in_proj_bias" || module.ends_with("out_proj") && param == "bias";
+            if is_norm || is_attention_bias {
+                assert!(a.iter().zip(&b).all(|(x, y)| x != y), "{name}: {b:?}");
+                drawn.push(b);
+            } else {
+                assert_eq!(a, b, "{name}");
+            }
+        }
+        // norm1/norm2 (x2), the encoder's norm; norm1..3 (x2), the decoder's;
+        // weight and bias each; and 2 biases per attention, 3 of them a layer.
+        assert_eq!(drawn.len(), 2 * (2 * 2 + 1 + 2 * 3 + 1) + 2 * 3 * 2);
+        for (i, a) in drawn.iter().enumerate() {
+            assert!(drawn[..i].iter().all(|b| b != a), "drawn twice: {a:?}");
+        }
+        Ok(())
+    }
 
     /// A checkpoint of empty F32 tensors of the given shapes: sizes a header
     /// can claim without the data to back them.

@@ -118,6 +118,34 @@ fn projector_matches_reference() {
     }
 }
 
+/// Projectors of shapes drawn at random (`verify::random_projectors`: heads,
+/// widths, tokens, layers and batch, every norm and attention bias drawn)
+/// on each kernel version, within the projector's 1e-4 of the reference;
+/// with bf16 and f16 GEMMs (weights and inputs drawn in that type) within
+/// 2e-2.
+#[test]
+fn random_projectors_match_reference() {
+    let shapes = verify::random_projectors(43, 40);
+    let fast = cpu(0);
+    let naive = fast.naive().unwrap().expect("a v1");
+    for be in [fast, naive] {
+        let worst = verify::check_projectors(&be, &shapes, DType::F32, 430, 1e-4)
+            .unwrap_or_else(|e| panic!("{:?}: {e}", be.options().version));
+        println!(
+            "{:?}: worst {} rel {:.2e}",
+            be.options().version,
+            worst.case,
+            worst.rel
+        );
+    }
+    for (precision, dtype) in SIXTEEN {
+        let tol = precision.tolerances().1;
+        let worst = verify::check_projectors(&cpu_in(precision, 0), &shapes, dtype, 430, tol)
+            .unwrap_or_else(|e| panic!("{precision:?}: {e}"));
+        println!("{precision:?}: worst {} rel {:.2e}", worst.case, worst.rel);
+    }
+}
+
 /// Every golden case PyTorch computed in float64, at f32's accuracy.
 #[test]
 fn cpu_matches_pytorch() {

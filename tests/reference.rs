@@ -745,7 +745,7 @@ impl Backend for FoldsEveryNorm {
 #[test]
 fn norms_folded_into_the_linears_before_them_change_nothing() {
     let config = tiny_config(Variant::Legacy);
-    let w = ProjectorWeights::random(config.clone(), None, 5).unwrap();
+    let w = ProjectorWeights::random_trained(config.clone(), None, 5).unwrap();
     let hidden = rand(&[2, 4, 12], 30);
     let want = Projector::new(Reference, &w)
         .unwrap()

@@ -248,6 +248,26 @@ fn projector_matches_reference() {
     println!("f16 projector: rel {:.2e}", r.rel);
 }
 
+/// Projectors of shapes drawn at random (`verify::random_projectors`: heads,
+/// widths, tokens, layers and batch, every norm and attention bias drawn)
+/// on every kernel set, within the projector's 1e-4 of the reference; and
+/// in f16 storage within 2e-2.
+#[test]
+fn random_projectors_match_reference() {
+    let shapes = verify::random_projectors(44, 40);
+    on_each_kernel_set(WgpuOptions::default(), |set, be| {
+        let worst = verify::check_projectors(be, &shapes, DType::F32, 440, 1e-4)
+            .unwrap_or_else(|e| panic!("{set} {e}"));
+        println!("{set}: worst {} rel {:.2e}", worst.case, worst.rel);
+    });
+    let Some(half) = f16_backend() else {
+        return;
+    };
+    let worst = verify::check_projectors(&half, &shapes, DType::F16, 440, 2e-2)
+        .unwrap_or_else(|e| panic!("f16 {e}"));
+    println!("f16: worst {} rel {:.2e}", worst.case, worst.rel);
+}
+
 /// `Tuning::Auto` follows the adapter's kind; an explicit tuning is kept.
 #[test]
 fn tuning_follows_the_adapter() {
