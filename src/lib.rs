@@ -76,6 +76,45 @@ pub mod wgpu;
 
 pub use error::{Error, Result};
 
+/// What an engine shares between threads, or hands to another: a change that
+/// loses it fails to compile here.
+#[cfg(test)]
+mod thread_safety {
+    use crate::ops::Backend;
+    use crate::projector::{Plan, Projector};
+
+    fn shared<T: Send + Sync>() {}
+    fn moved<T: Send>() {}
+
+    fn backend<B: Backend + Send + Sync>()
+    where
+        B::Tensor: Send + Sync,
+        B::Mask: Send + Sync,
+    {
+        shared::<Projector<B>>();
+        shared::<Plan<B::Tensor>>();
+    }
+
+    #[test]
+    fn projectors_backends_and_tensors_cross_threads() {
+        backend::<crate::reference::Reference>();
+        backend::<crate::cpu::Cpu>();
+        #[cfg(feature = "wgpu")]
+        backend::<crate::wgpu::Wgpu>();
+        #[cfg(feature = "cuda")]
+        {
+            backend::<crate::cuda::Cuda>();
+            // Launched from one thread at a time, but from any.
+            moved::<crate::cuda::ProjectorGraph<'static>>();
+        }
+        shared::<crate::weights::ProjectorWeights>();
+        shared::<crate::weights::TensorFile>();
+        shared::<crate::tensor::HostTensor>();
+        shared::<crate::signal::SignalPositions>();
+        shared::<crate::Error>();
+    }
+}
+
 // The README's examples are compiled and run as doc tests.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

@@ -1655,6 +1655,70 @@ pub fn check_projectors<B: Backend>(
     Ok(w)
 }
 
+/// One projector forwarding from a thread per batch of `batches` at once,
+/// twice each, its first forwards among them (they absorb the
+/// cross-attention and build each batch's decoder prefix): the same bits as
+/// one thread's forwards on a projector of its own. The projector is the
+/// image preset's but 64 wide (64 inputs, 4 heads, FFN 96, 2 + 2 layers),
+/// with [`ProjectorWeights::random_trained`] weights. `Err` names the batch
+/// that differed or failed.
+pub fn check_threads<B>(be: &B, batches: &[usize], seed: u64) -> std::result::Result<(), String>
+where
+    B: Backend + Send + Sync,
+    B::Tensor: Send + Sync,
+    B::Mask: Send + Sync,
+{
+    let image = ProjectorConfig::preset(crate::config::Modality::Image, Variant::Legacy);
+    let config = &ProjectorConfig {
+        in_dim: 64,
+        d_model: 64,
+        ffn_dim: 96,
+        encoder_layers: 2,
+        decoder_layers: 2,
+        ..image
+    };
+    let failed = |batch: usize| move |e: crate::Error| format!("batch {batch}: {e}");
+    let cases = batches
+        .iter()
+        .map(|&b| ProjectorCase::new(config, b, DType::F32, seed).map_err(failed(b)))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let forward = |p: &Projector<B>, case: &ProjectorCase| -> Result<Vec<u32>> {
+        let (h, e) = (be.upload(&case.hidden)?, be.upload(&case.embeds)?);
+        let y = be.download(&p.forward(&h, Some(&e))?)?;
+        Ok(y.to_f32_vec().iter().map(|x| x.to_bits()).collect())
+    };
+    let weights = &cases.first().ok_or("no batches")?.weights;
+    let alone = Projector::new(be.clone(), weights).map_err(|e| e.to_string())?;
+    let want = cases
+        .iter()
+        .zip(batches)
+        .map(|(c, &b)| forward(&alone, c).map_err(failed(b)))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let shared = Projector::new(be.clone(), weights).map_err(|e| e.to_string())?;
+    std::thread::scope(|s| {
+        let threads: Vec<_> = cases
+            .iter()
+            .zip(batches)
+            .zip(&want)
+            .map(|((case, &b), want)| {
+                let shared = &shared;
+                s.spawn(move || {
+                    for round in 0..2 {
+                        if forward(shared, case).map_err(failed(b))? != *want {
+                            return Err(format!("batch {b}: round {round} differs"));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        threads.into_iter().try_for_each(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err("a forwarding thread panicked".into()))
+        })
+    })
+}
+
 /// A norm case's name suffix: the residual, and the rows' mean where it is offset.
 fn norm_suffix(residual: bool, offset: f64) -> String {
     let res = if residual { " +res" } else { "" };

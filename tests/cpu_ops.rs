@@ -146,6 +146,13 @@ fn random_projectors_match_reference() {
     }
 }
 
+/// One projector forwarding from three threads at once, its first forwards
+/// among them: the same bits as one thread's.
+#[test]
+fn one_projector_serves_many_threads() {
+    verify::check_threads(&cpu(0), &[1, 2, 3], 9).unwrap();
+}
+
 /// Every golden case PyTorch computed in float64, at f32's accuracy.
 #[test]
 fn cpu_matches_pytorch() {

@@ -2245,6 +2245,50 @@ fn what_the_kernels_cannot_take_is_an_error() {
     );
 }
 
+/// A graph captured on one thread replays, and is dropped, on another (as an
+/// engine's worker takes it over): the same bits as a replay where it was
+/// captured.
+#[test]
+fn a_graph_moves_to_another_thread() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    let w = ProjectorWeights::random_trained(small_projector(64), None, 5).unwrap();
+    let proj = Projector::new(be.clone(), &w).unwrap();
+    let x = be
+        .upload(&HostTensor::randn(vec![1, 4, 64], 6, "x").unwrap())
+        .unwrap();
+    let mut here = proj.capture(1, 4).unwrap();
+    let want = be.download(here.forward(&x).unwrap()).unwrap().to_f64_vec();
+    drop(here);
+    let graph = proj.capture(1, 4).unwrap();
+    let other = be.clone();
+    let got = std::thread::scope(|s| {
+        s.spawn(move || {
+            let be = other;
+            let mut graph = graph;
+            let y = be.download(graph.forward(&x).unwrap()).unwrap();
+            drop(graph);
+            y.to_f64_vec()
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(got, want);
+    assert!(want.iter().all(|v| v.is_finite()));
+    be.synchronize().unwrap();
+}
+
+/// One projector forwarding from three threads at once, its first forwards
+/// among them: the same bits as one thread's.
+#[test]
+fn one_projector_serves_many_threads() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    verify::check_threads(&be, &[1, 2, 3], 9).unwrap();
+}
+
 /// A graph reads the input buffer it was captured with: replacing the tensor
 /// behind `input_mut` makes replays an error instead of reading freed memory.
 #[test]

@@ -268,6 +268,16 @@ fn random_projectors_match_reference() {
     println!("f16: worst {} rel {:.2e}", worst.case, worst.rel);
 }
 
+/// One projector forwarding from three threads at once, its first forwards
+/// among them: the same bits as one thread's.
+#[test]
+fn one_projector_serves_many_threads() {
+    let Some(be) = backend(WgpuOptions::default()) else {
+        return;
+    };
+    verify::check_threads(&be, &[1, 2, 3], 9).unwrap();
+}
+
 /// `Tuning::Auto` follows the adapter's kind; an explicit tuning is kept.
 #[test]
 fn tuning_follows_the_adapter() {

@@ -455,6 +455,23 @@ impl Graph {
     }
 }
 
+// SAFETY: the driver's graph handles may be used from any thread with their
+// context current, which cudarc makes so before each launch, and `Drop`
+// below before the destroy. They are not internally synchronised, so
+// `Graph` is not `Sync`: whoever owns it launches it from one thread at a
+// time.
+unsafe impl Send for Graph {}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // cudarc destroys the graph on the dropping thread, which need not
+        // be the capturing one; an error is recorded on the context, as a
+        // failed destroy would be.
+        let bound = self._blocks.pool.ctx.bind_to_thread();
+        self._blocks.pool.ctx.record_err(bound);
+    }
+}
+
 struct GraphBlocks {
     pool: Arc<Pool>,
     blocks: Vec<(drv_sys::CUdeviceptr, usize)>,
