@@ -603,7 +603,7 @@ const RANDOM_CASES: usize = 200;
 
 /// Projectors of shapes drawn at random ([`verify::random_projectors`], every
 /// norm and attention bias drawn too) that `check` compares, reporting the
-/// worst.
+/// one furthest past its bound ([`verify::worst_projector`]).
 const RANDOM_PROJECTORS: usize = 40;
 
 /// Every op at [`RANDOM_CASES`] sizes drawn at random
@@ -719,9 +719,11 @@ impl BackendTask for Check {
             rows.push(row("reference", c, model_tol));
         }
         let shapes = verify::random_projectors(57, RANDOM_PROJECTORS);
-        let mut c = verify::worst_projector(&be, &shapes, storage, 5700).map_err(Error::invalid)?;
+        let eps = (self.precision != Precision::F32).then(|| self.precision.epsilon());
+        let (mut c, bound) = verify::worst_projector(&be, &shapes, storage, 5700, model_tol, eps)
+            .map_err(Error::invalid)?;
         c.case = format!("worst of {} random shapes: {}", shapes.len(), c.case);
-        rows.push(row("reference", c, model_tol));
+        rows.push(row("reference", c, bound));
         Ok(rows)
     }
 

@@ -319,10 +319,11 @@ fn projector_matches_reference() {
 /// Projectors of shapes drawn at random (`verify::random_projectors`: heads,
 /// widths, tokens, layers and batch, every norm and attention bias drawn):
 /// in f32 on each kernel version within 1e-4, and on the fast kernels in f16
-/// and bf16 storage within the 2e-2 that 16-bit projectors are held to (a
-/// tiny Transformer, 2 columns wide, moves more under 16-bit rounding than
-/// the presets: 1.0e-2 in wgpu's f16). Emulated: the fast kernels, the
-/// first ten shapes.
+/// and bf16 storage within the 2e-2 that 16-bit projectors are held to, or
+/// for a shape past that (a tiny Transformer moves more under 16-bit
+/// rounding than the presets) within `verify::SPREAD_FACTOR` times what
+/// rounding its weights and inputs alone does to the reference. Emulated:
+/// the fast kernels, the first ten shapes.
 #[test]
 fn random_projectors_match_reference() {
     let count = if emulated() { 10 } else { 40 };
@@ -339,10 +340,11 @@ fn random_projectors_match_reference() {
         let Some(be) = backend_storing(version, storage) else {
             return;
         };
-        let worst = verify::check_projectors(&be, &shapes, storage, 450, tol)
+        let eps = (storage != DType::F32).then(|| storage.epsilon());
+        let (worst, bound) = verify::check_projectors(&be, &shapes, storage, 450, tol, eps)
             .unwrap_or_else(|e| panic!("{version:?} {e}"));
         println!(
-            "{version:?} {storage}: worst {} rel {:.2e}",
+            "{version:?} {storage}: worst {} rel {:.2e} (bound {bound:.1e})",
             worst.case, worst.rel
         );
     }
