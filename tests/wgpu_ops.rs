@@ -249,32 +249,38 @@ fn projector_matches_reference() {
 }
 
 /// Projectors of shapes drawn at random (`verify::random_projectors`: heads,
-/// widths, tokens, layers and batch, every norm and attention bias drawn)
-/// on every kernel set, within the projector's 1e-4 of the reference; and
-/// in f16 storage within 2e-2, or for a shape past that within
+/// widths, tokens, layers and batch, every norm and attention bias drawn) on
+/// every kernel set: 40 in f32 within the projector's 1e-4 of the reference;
+/// the first 20 in f16 storage, and with f16 and bf16 GEMM weights (drawn in
+/// that type), within 2e-2, or for a shape past that within
 /// `verify::SPREAD_FACTOR` times what rounding its weights and inputs alone
 /// does to the reference.
 #[test]
 fn random_projectors_match_reference() {
     let shapes = verify::random_projectors(44, 40);
-    on_each_kernel_set(WgpuOptions::default(), |set, be| {
-        let (worst, bound) = verify::check_projectors(be, &shapes, DType::F32, 440, 1e-4, None)
-            .unwrap_or_else(|e| panic!("{set} {e}"));
-        println!(
-            "{set}: worst {} rel {:.2e} (bound {bound:.1e})",
-            worst.case, worst.rel
-        );
-    });
-    let Some(half) = f16_backend() else {
-        return;
+    let half = WgpuOptions {
+        precision: Precision::F16,
+        ..WgpuOptions::default()
     };
-    let eps = Some(DType::F16.epsilon());
-    let (worst, bound) = verify::check_projectors(&half, &shapes, DType::F16, 440, 2e-2, eps)
-        .unwrap_or_else(|e| panic!("f16 {e}"));
-    println!(
-        "f16: worst {} rel {:.2e} (bound {bound:.1e})",
-        worst.case, worst.rel
-    );
+    let (all, first) = (&shapes[..], &shapes[..20]);
+    let (f16_weights, bf16_weights) = (weights_in(WeightType::F16), weights_in(WeightType::Bf16));
+    let runs = [
+        ("f32", WgpuOptions::default(), all, DType::F32, 1e-4),
+        ("f16", half, first, DType::F16, 2e-2),
+        ("f16 weights", f16_weights, first, DType::F16, 2e-2),
+        ("bf16 weights", bf16_weights, first, DType::BF16, 2e-2),
+    ];
+    for (what, options, shapes, dtype, tol) in runs {
+        let eps = (dtype != DType::F32).then(|| dtype.epsilon());
+        on_each_kernel_set(options, |set, be| {
+            let (worst, bound) = verify::check_projectors(be, shapes, dtype, 440, tol, eps)
+                .unwrap_or_else(|e| panic!("{what} {set} {e}"));
+            println!(
+                "{what} {set}: worst {} rel {:.2e} (bound {bound:.1e})",
+                worst.case, worst.rel
+            );
+        });
+    }
 }
 
 /// One projector forwarding from three threads at once, its first forwards
