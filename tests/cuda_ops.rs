@@ -319,8 +319,8 @@ fn projector_matches_reference() {
 /// Projectors of shapes drawn at random (`verify::random_projectors`: heads,
 /// widths, tokens, layers and batch, every norm and attention bias drawn):
 /// in f32 on each kernel version within 1e-4, and on the fast kernels in f16
-/// and bf16 storage within the 2e-2 that 16-bit projectors are held to, or
-/// for a shape past that (a tiny Transformer moves more under 16-bit
+/// and bf16 storage and TF32 within the 2e-2 that such projectors are held
+/// to, or for a shape past that (a tiny Transformer moves more under 16-bit
 /// rounding than the presets) within `verify::SPREAD_FACTOR` times what
 /// rounding its weights and inputs alone does to the reference. Emulated:
 /// the fast kernels, the first ten shapes.
@@ -328,23 +328,27 @@ fn projector_matches_reference() {
 fn random_projectors_match_reference() {
     let count = if emulated() { 10 } else { 40 };
     let shapes = verify::random_projectors(45, count);
-    let mut runs = vec![(KernelVersion::Fast, DType::F32, 1e-4)];
+    let fast = |storage| backend_storing(KernelVersion::Fast, storage);
+    let mut runs = vec![("f32", fast(DType::F32), Precision::F32)];
     if !emulated() {
-        runs.push((KernelVersion::Naive, DType::F32, 1e-4));
+        let naive = backend(KernelVersion::Naive);
+        runs.push(("f32 v1", naive, Precision::F32));
     }
     runs.extend([
-        (KernelVersion::Fast, DType::F16, 2e-2),
-        (KernelVersion::Fast, DType::BF16, 2e-2),
+        ("f16", fast(DType::F16), Precision::F16),
+        ("bf16", fast(DType::BF16), Precision::Bf16),
+        ("tf32", tf32_backend(), Precision::Tf32),
     ]);
-    for (version, storage, tol) in runs {
-        let Some(be) = backend_storing(version, storage) else {
-            return;
+    for (what, be, precision) in runs {
+        let Some(be) = be else {
+            continue;
         };
-        let eps = (storage != DType::F32).then(|| storage.epsilon());
+        let (storage, tol) = (precision.storage(), precision.tolerances().1);
+        let eps = (precision != Precision::F32).then(|| precision.epsilon());
         let (worst, bound) = verify::check_projectors(&be, &shapes, storage, 450, tol, eps)
-            .unwrap_or_else(|e| panic!("{version:?} {e}"));
+            .unwrap_or_else(|e| panic!("{what} {e}"));
         println!(
-            "{version:?} {storage}: worst {} rel {:.2e} (bound {bound:.1e})",
+            "{what}: worst {} rel {:.2e} (bound {bound:.1e})",
             worst.case, worst.rel
         );
     }
