@@ -1718,12 +1718,14 @@ pub fn projector_spread(
 }
 
 /// One projector forwarding from a thread per batch of `batches` at once,
-/// twice each, its first forwards among them (they absorb the
-/// cross-attention and build each batch's decoder prefix): the same bits as
-/// one thread's forwards on a projector of its own. The projector is the
-/// image preset's but 64 wide (64 inputs, 4 heads, FFN 96, 2 + 2 layers),
-/// with [`ProjectorWeights::random_trained`] weights. `Err` names the batch
-/// that differed or failed.
+/// its first forwards among them (they absorb the cross-attention and build
+/// each batch's decoder prefix), each thread through a plan of its own
+/// reused for three inputs in turn (`hidden` with its embeddings, `hidden`
+/// alone, with them again): the same bits as plain forwards, one at a time,
+/// on a projector of its own. The projector is the image preset's but 64
+/// wide (64 inputs, 4 heads, FFN 96, 2 + 2 layers), with
+/// [`ProjectorWeights::random_trained`] weights. `Err` names the batch and
+/// input that differed or failed.
 pub fn check_threads<B>(be: &B, batches: &[usize], seed: u64) -> std::result::Result<(), String>
 where
     B: Backend + Send + Sync,
@@ -1744,33 +1746,43 @@ where
         .iter()
         .map(|&b| ProjectorCase::new(config, b, DType::F32, seed).map_err(failed(b)))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let forward = |p: &Projector<B>, case: &ProjectorCase| -> Result<Vec<u32>> {
-        let (h, e) = (be.upload(&case.hidden)?, be.upload(&case.embeds)?);
-        let y = be.download(&p.forward(&h, Some(&e))?)?;
+    let bits = |y: &B::Tensor| -> Result<Vec<u32>> {
+        let y = be.download(y)?;
         Ok(y.to_f32_vec().iter().map(|x| x.to_bits()).collect())
     };
+    let with_embeds = [true, false, true];
     let weights = &cases.first().ok_or("no batches")?.weights;
     let alone = Projector::new(be.clone(), weights).map_err(|e| e.to_string())?;
-    let want = cases
-        .iter()
-        .zip(batches)
-        .map(|(c, &b)| forward(&alone, c).map_err(failed(b)))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut want = Vec::new();
+    for (case, &b) in cases.iter().zip(batches) {
+        let (h, e) = (be.upload(&case.hidden), be.upload(&case.embeds));
+        let (h, e) = (h.map_err(failed(b))?, e.map_err(failed(b))?);
+        let plain = |embeds| bits(&alone.forward(&h, embeds)?);
+        let with = plain(Some(&e)).map_err(failed(b))?;
+        let without = plain(None).map_err(failed(b))?;
+        want.push(with_embeds.map(|w| if w { with.clone() } else { without.clone() }));
+    }
     let shared = Projector::new(be.clone(), weights).map_err(|e| e.to_string())?;
+    let planned = |case: &ProjectorCase, b: usize, want: &[Vec<u32>; 3]| -> Result<Option<usize>> {
+        let (h, e) = (be.upload(&case.hidden)?, be.upload(&case.embeds)?);
+        let mut plan = shared.plan(b, case.hidden.shape()[1])?;
+        for (i, (&embeds, want)) in with_embeds.iter().zip(want).enumerate() {
+            let y = shared.forward_with(&mut plan, &h, embeds.then_some(&e))?;
+            if bits(y)? != *want {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    };
     std::thread::scope(|s| {
         let threads: Vec<_> = cases
             .iter()
             .zip(batches)
             .zip(&want)
             .map(|((case, &b), want)| {
-                let shared = &shared;
-                s.spawn(move || {
-                    for round in 0..2 {
-                        if forward(shared, case).map_err(failed(b))? != *want {
-                            return Err(format!("batch {b}: round {round} differs"));
-                        }
-                    }
-                    Ok(())
+                s.spawn(move || match planned(case, b, want).map_err(failed(b))? {
+                    Some(i) => Err(format!("batch {b}: input {i} of the plan differs")),
+                    None => Ok(()),
                 })
             })
             .collect();

@@ -153,7 +153,8 @@ fn random_projectors_match_reference() {
 }
 
 /// One projector forwarding from three threads at once, its first forwards
-/// among them: the same bits as one thread's.
+/// among them, each thread's plan reused for three inputs: the same bits as
+/// plain forwards on one thread (`verify::check_threads`).
 #[test]
 fn one_projector_serves_many_threads() {
     verify::check_threads(&cpu(0), &[1, 2, 3], 9).unwrap();

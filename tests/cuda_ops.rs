@@ -2286,7 +2286,8 @@ fn a_graph_moves_to_another_thread() {
 }
 
 /// One projector forwarding from three threads at once, its first forwards
-/// among them: the same bits as one thread's.
+/// among them, each thread's plan reused for three inputs: the same bits as
+/// plain forwards on one thread (`verify::check_threads`).
 #[test]
 fn one_projector_serves_many_threads() {
     let Some(be) = backend(KernelVersion::Fast) else {
