@@ -604,7 +604,7 @@ pub fn random_cases(seed: u64, count: usize) -> Vec<Case> {
 
 /// Most multiply-adds a [`random_projectors`] forward may take: about 30 ms
 /// of the float64 reference.
-const RANDOM_PROJECTOR_MACS: usize = 30_000_000;
+pub const RANDOM_PROJECTOR_MACS: usize = 30_000_000;
 
 /// `count` projectors of shapes drawn from `seed`, each with a batch: both
 /// variants; 1 to 8 heads of 1 to 40 columns, now and then one or two of 129
