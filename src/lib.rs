@@ -84,6 +84,7 @@ mod thread_safety {
     use crate::projector::{Plan, Projector};
 
     fn shared<T: Send + Sync>() {}
+    #[cfg(feature = "cuda")]
     fn moved<T: Send>() {}
 
     fn backend<B: Backend + Send + Sync>()

@@ -157,7 +157,10 @@ fn random_projectors_match_reference() {
 /// plain forwards on one thread (`verify::check_threads`).
 #[test]
 fn one_projector_serves_many_threads() {
-    verify::check_threads(&cpu(0), &[1, 2, 3], 9).unwrap();
+    // A race shows in some runs, not all: three projectors, each raced anew.
+    for seed in 9..12 {
+        verify::check_threads(&cpu(0), &[1, 2, 3], seed).unwrap();
+    }
 }
 
 /// Every golden case PyTorch computed in float64, at f32's accuracy.

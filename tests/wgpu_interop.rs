@@ -171,6 +171,38 @@ fn a_wgpu_validation_error_is_an_err_and_the_backend_recovers() {
     );
 }
 
+/// More dispatches than the parameter arena has slots (512) between two
+/// downloads: the backend submits what is recorded whenever the arena fills,
+/// and every dispatch still reads its own parameters. 1200 chained linears
+/// `a <- x wᵀ + a` in small integers, exact in f32.
+#[test]
+fn more_dispatches_than_the_parameter_arena_holds() {
+    use output_projector::ops::Activation;
+    let Some(gpu) = gpu() else { return };
+    let be = Wgpu::new(gpu, WgpuOptions::default()).unwrap();
+    let x = be.upload(&HostTensor::from_f32(vec![1, 3], vec![1.0, 2.0, 3.0]).unwrap());
+    // x wᵀ = [6, 3, -1]
+    let w = HostTensor::from_f32(
+        vec![3, 3],
+        vec![1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, -1.0, 0.0],
+    );
+    let (x, w) = (x.unwrap(), be.upload(&w.unwrap()).unwrap());
+    let zeros = HostTensor::from_f32(vec![1, 3], vec![0.0; 3]).unwrap();
+    let (mut a, mut b) = (be.upload(&zeros).unwrap(), be.upload(&zeros).unwrap());
+    let before = be.submits();
+    let steps = 1200;
+    for _ in 0..steps {
+        be.linear(&x, &w, None, Activation::None, Some(&a), &mut b)
+            .unwrap();
+        std::mem::swap(&mut a, &mut b);
+    }
+    let got = be.download(&a).unwrap().to_f64_vec();
+    let n = steps as f64;
+    assert_eq!(got, vec![6.0 * n, 3.0 * n, -n]);
+    // Two full arenas and the download's submit.
+    assert_eq!(be.submits() - before, 3);
+}
+
 #[test]
 fn a_projector_forward_is_one_submit() {
     use output_projector::config::{ProjectorConfig, Variant};

@@ -291,7 +291,10 @@ fn one_projector_serves_many_threads() {
     let Some(be) = backend(WgpuOptions::default()) else {
         return;
     };
-    verify::check_threads(&be, &[1, 2, 3], 9).unwrap();
+    // A race shows in some runs, not all: three projectors, each raced anew.
+    for seed in 9..12 {
+        verify::check_threads(&be, &[1, 2, 3], seed).unwrap();
+    }
 }
 
 /// `Tuning::Auto` follows the adapter's kind; an explicit tuning is kept.

@@ -6,7 +6,9 @@
 //! Each dispatch's parameters go into a uniform arena (one 256-byte slot per
 //! dispatch) written just before the submit. Buffers are pooled by size; a
 //! dropped tensor's buffer becomes reusable only after the next submit, so no
-//! write can overtake recorded work that still reads it.
+//! write can overtake recorded work that still reads it. The arena's write,
+//! the submit and that reuse happen under one lock with the recording, so
+//! threads that share a backend keep to each other's order.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -659,18 +661,17 @@ impl Wgpu {
 
     pub(crate) fn download_tensor(&self, t: &WgpuTensor) -> Result<HostTensor> {
         let bytes = (t.numel as u64) * t.dtype.size() as u64;
-        let encoder = self.take_encoder()?;
+        let gpu = &self.inner.gpu;
         let raw = if bytes == 0 {
-            self.submit(encoder)?;
+            self.flush()?;
             Vec::new()
         } else {
-            let raw = self
-                .inner
-                .gpu
-                .read_buffer_after(encoder, t.buffer(), t.offset, bytes)?;
-            self.inner.submits.fetch_add(1, Ordering::Relaxed);
-            self.recycle()?;
-            raw
+            let read = self.submit_pending(|encoder| {
+                gpu.submit_read(encoder, t.buffer(), t.offset, bytes)
+                    .map(Some)
+            })?;
+            // Waited for outside the lock: other threads record meanwhile.
+            read.map_or(Ok(Vec::new()), |r| r.wait(gpu))?
         };
         let data = match t.dtype {
             DType::F16 => HostData::F16(bytemuck::pod_collect_to_vec(&raw)),
@@ -711,13 +712,27 @@ impl Wgpu {
 
     /// Submit the pending work and wait for it.
     pub(crate) fn sync(&self) -> Result<()> {
-        let encoder = self.take_encoder()?;
-        let submission = self.submit(encoder)?;
+        let submission = self.flush()?;
         self.inner.gpu.wait(submission)
     }
 
-    /// The pending encoder, with the parameter arena written for it.
-    fn take_encoder(&self) -> Result<Option<::wgpu::CommandEncoder>> {
+    /// Submit the pending work ([`Wgpu::submit_pending`]), if there is any.
+    fn flush(&self) -> Result<Option<::wgpu::SubmissionIndex>> {
+        let gpu = &self.inner.gpu;
+        self.submit_pending(|encoder| encoder.map(|e| gpu.submit(e)).transpose())
+    }
+
+    /// Hands the pending encoder (None where nothing is recorded), its
+    /// parameters written into the arena, to `submit`, which submits it, and
+    /// then lets the buffers retired so far be reused. All under the pending
+    /// lock, so that another thread can neither write the one arena between
+    /// these parameters and their submit, nor reuse a buffer whose last use
+    /// is recorded but not yet submitted. `submit` returns None where it
+    /// submitted nothing.
+    fn submit_pending<T>(
+        &self,
+        submit: impl FnOnce(Option<::wgpu::CommandEncoder>) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
         let mut p = lock(&self.inner.pending)?;
         let encoder = p.encoder.take();
         let params = std::mem::take(&mut p.params);
@@ -726,33 +741,19 @@ impl Wgpu {
                 queue.write_buffer(&self.inner.arena, 0, &params);
             })?;
         }
-        Ok(encoder)
-    }
-
-    fn submit(
-        &self,
-        encoder: Option<::wgpu::CommandEncoder>,
-    ) -> Result<Option<::wgpu::SubmissionIndex>> {
-        let Some(encoder) = encoder else {
-            return Ok(None);
-        };
-        let index = self
-            .inner
-            .gpu
-            .scoped("submitting", |_, queue| queue.submit([encoder.finish()]))?;
-        self.inner.submits.fetch_add(1, Ordering::Relaxed);
-        self.recycle()?;
-        Ok(Some(index))
-    }
-
-    /// Buffers retired before a submit may be reused by work recorded after it.
-    fn recycle(&self) -> Result<()> {
-        let retired = std::mem::take(&mut *lock(&self.inner.retired)?);
-        let mut free = lock(&self.inner.free)?;
-        for b in retired {
-            free.entry(b.size()).or_default().push(b);
+        let submitted = submit(encoder)?;
+        if submitted.is_some() {
+            self.inner.submits.fetch_add(1, Ordering::Relaxed);
+            // Every use of a buffer retired by now was recorded under this
+            // lock, so into what was just submitted or earlier.
+            let retired = std::mem::take(&mut *lock(&self.inner.retired)?);
+            let mut free = lock(&self.inner.free)?;
+            for b in retired {
+                free.entry(b.size()).or_default().push(b);
+            }
         }
-        Ok(())
+        drop(p);
+        Ok(submitted)
     }
 
     fn layout(&self, reads: u32, writes: u32) -> Result<Arc<::wgpu::BindGroupLayout>> {
@@ -879,11 +880,11 @@ impl Wgpu {
         let pipeline = self.pipeline(k, weight)?;
         let layout = self.layout(k.reads, k.writes)?;
         let mut pending = lock(&self.inner.pending)?;
-        if pending.params.len() as u64 >= PARAM_SLOT * ARENA_SLOTS {
-            // The arena is full: submit what is recorded and start again.
+        while pending.params.len() as u64 >= PARAM_SLOT * ARENA_SLOTS {
+            // The arena is full: submit what is recorded and start again
+            // (again where another thread filled it in between).
             drop(pending);
-            let encoder = self.take_encoder()?;
-            self.submit(encoder)?;
+            self.flush()?;
             pending = lock(&self.inner.pending)?;
         }
         let slot = pending.params.len() as u64;
@@ -1010,17 +1011,17 @@ impl Wgpu {
                 mapped_at_creation: false,
             })
         })?;
-        let mut encoder = self.take_encoder()?;
-        let enc = encoder.get_or_insert_with(|| {
-            gpu.device
-                .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
-                    label: Some("timestamps"),
-                })
-        });
-        enc.resolve_query_set(&queries, 0..2, &resolved, 0);
-        let raw = gpu.read_buffer_after(encoder, &resolved, 0, 16)?;
-        self.inner.submits.fetch_add(1, Ordering::Relaxed);
-        self.recycle()?;
+        let read = self.submit_pending(|mut encoder| {
+            let enc = encoder.get_or_insert_with(|| {
+                gpu.device
+                    .create_command_encoder(&::wgpu::CommandEncoderDescriptor {
+                        label: Some("timestamps"),
+                    })
+            });
+            enc.resolve_query_set(&queries, 0..2, &resolved, 0);
+            gpu.submit_read(encoder, &resolved, 0, 16).map(Some)
+        })?;
+        let raw = read.map_or(Ok(Vec::new()), |r| r.wait(gpu))?;
         let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&raw);
         let (start, end) = match ticks.as_slice() {
             [s, e] if e >= s => (*s, *e),

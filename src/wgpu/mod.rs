@@ -458,8 +458,29 @@ impl Gpu {
         offset: u64,
         bytes: u64,
     ) -> Result<Vec<u8>> {
+        self.submit_read(encoder, buffer, offset, bytes)?.wait(self)
+    }
+
+    /// Submits `encoder`'s commands.
+    pub(crate) fn submit(
+        &self,
+        encoder: ::wgpu::CommandEncoder,
+    ) -> Result<::wgpu::SubmissionIndex> {
+        self.scoped("submitting", |_, queue| queue.submit([encoder.finish()]))
+    }
+
+    /// The first half of [`Gpu::read_buffer_after`]: the copy recorded after
+    /// `encoder`'s commands and submitted with them. The bytes come from
+    /// [`Readback::wait`].
+    pub(crate) fn submit_read(
+        &self,
+        encoder: Option<::wgpu::CommandEncoder>,
+        buffer: &::wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+    ) -> Result<Readback> {
         if bytes == 0 {
-            return Ok(Vec::new());
+            return Ok(Readback::Empty);
         }
         let padded = bytes
             .checked_add(3)
@@ -493,10 +514,41 @@ impl Gpu {
             let submission = queue.submit([encoder.finish()]);
             (staging, submission)
         })?;
+        Ok(Readback::Submitted {
+            staging,
+            submission,
+            len,
+        })
+    }
+}
+
+/// A copy to the host submitted by [`Gpu::submit_read`], not yet waited for.
+pub(crate) enum Readback {
+    /// Nothing to read.
+    Empty,
+    /// The copy's staging buffer, its submission, and the bytes wanted.
+    Submitted {
+        staging: ::wgpu::Buffer,
+        submission: ::wgpu::SubmissionIndex,
+        len: usize,
+    },
+}
+
+impl Readback {
+    /// Waits for the copy and returns its bytes.
+    pub(crate) fn wait(self, gpu: &Gpu) -> Result<Vec<u8>> {
+        let Readback::Submitted {
+            staging,
+            submission,
+            len,
+        } = self
+        else {
+            return Ok(Vec::new());
+        };
         let mapped: Arc<Mutex<Option<std::result::Result<(), ::wgpu::BufferAsyncError>>>> =
             Arc::new(Mutex::new(None));
         let slot = Arc::clone(&mapped);
-        self.scoped("read_buffer: map", |_, _| {
+        gpu.scoped("read_buffer: map", |_, _| {
             staging
                 .slice(..)
                 .map_async(::wgpu::MapMode::Read, move |r| {
@@ -505,7 +557,7 @@ impl Gpu {
                     }
                 });
         })?;
-        self.wait(Some(submission))?;
+        gpu.wait(Some(submission))?;
         let status = mapped
             .lock()
             .map_err(|_| backend_error("read_buffer: map status poisoned"))?
