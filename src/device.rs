@@ -337,7 +337,12 @@ pub trait BackendTask: Sized {
     /// What the task returns.
     type Output;
     /// Run the task on `backend`; `kind` names it (`Cpu`, `Wgpu` or `Cuda`, never `Auto`).
-    fn run<B: crate::ops::Backend>(self, backend: B, kind: DeviceKind) -> Result<Self::Output>;
+    /// Every backend, its tensors and masks may be shared between threads.
+    fn run<B>(self, backend: B, kind: DeviceKind) -> Result<Self::Output>
+    where
+        B: crate::ops::Backend + Send + Sync,
+        B::Tensor: Send + Sync,
+        B::Mask: Send + Sync;
 
     /// On CUDA: what only CUDA can do besides (graph replay), or [`run`](Self::run).
     #[cfg(feature = "cuda")]

@@ -438,7 +438,12 @@ struct Project<'a> {
 impl BackendTask for Project<'_> {
     type Output = (HostTensor, Duration);
 
-    fn run<B: Backend>(self, be: B, _: DeviceKind) -> Result<Self::Output> {
+    fn run<B>(self, be: B, _: DeviceKind) -> Result<Self::Output>
+    where
+        B: Backend + Send + Sync,
+        B::Tensor: Send + Sync,
+        B::Mask: Send + Sync,
+    {
         let proj = Projector::new(be.clone(), self.weights)?;
         let h = be.upload(&self.input.hidden)?;
         let e = self
@@ -665,7 +670,12 @@ fn check_row(against: &'static str, c: verify::Comparison, tol: f64) -> CheckRow
 impl BackendTask for Check {
     type Output = Vec<CheckRow>;
 
-    fn run<B: Backend>(self, be: B, kind: DeviceKind) -> Result<Vec<CheckRow>> {
+    fn run<B>(self, be: B, kind: DeviceKind) -> Result<Vec<CheckRow>>
+    where
+        B: Backend + Send + Sync,
+        B::Tensor: Send + Sync,
+        B::Mask: Send + Sync,
+    {
         // f32 kernels against float64: 1e-5 per op, 1e-4 through 8 layers; the
         // float64 reference itself agrees with PyTorch to ~1e-13.
         let (op_tol, model_tol) = if kind == DeviceKind::Reference {
@@ -719,11 +729,25 @@ impl BackendTask for Check {
             rows.push(row("reference", c, model_tol));
         }
         let shapes = verify::random_projectors(57, RANDOM_PROJECTORS);
-        let eps = (self.precision != Precision::F32).then(|| self.precision.epsilon());
+        let eps = self.precision.epsilon();
         let (mut c, bound) = verify::worst_projector(&be, &shapes, storage, 5700, model_tol, eps)
             .map_err(Error::invalid)?;
         c.case = format!("worst of {} random shapes: {}", shapes.len(), c.case);
         rows.push(row("reference", c, bound));
+        // Bitwise, so a failure is a NaN row that names what differed.
+        let threads = verify::check_threads(&be, &[1, 2, 3], 9);
+        let mut case = "3 threads at once, each a plan for 3 inputs".to_string();
+        if let Err(e) = &threads {
+            case = format!("{case}: {e}");
+        }
+        rows.push(CheckRow {
+            against: "one thread",
+            op: "projector",
+            case,
+            rel: if threads.is_ok() { 0.0 } else { f64::NAN },
+            max_abs: 0.0,
+            tol: 0.0,
+        });
         Ok(rows)
     }
 
@@ -1228,7 +1252,12 @@ impl BackendTask for Bench<'_> {
     /// Each measurement on the fast kernels is followed at once by the same one
     /// on the naive v1 kernels (where the backend has them), so that both see the
     /// same machine load.
-    fn run<B: Backend>(self, be: B, kind: DeviceKind) -> Result<Vec<BenchRow>> {
+    fn run<B>(self, be: B, kind: DeviceKind) -> Result<Vec<BenchRow>>
+    where
+        B: Backend + Send + Sync,
+        B::Tensor: Send + Sync,
+        B::Mask: Send + Sync,
+    {
         let mut variants = vec![("", be.clone())];
         if let Some(naive) = be.naive()? {
             variants.push((" v1", naive));

@@ -344,7 +344,7 @@ fn random_projectors_match_reference() {
             continue;
         };
         let (storage, tol) = (precision.storage(), precision.tolerances().1);
-        let eps = (precision != Precision::F32).then(|| precision.epsilon());
+        let eps = precision.epsilon();
         let (worst, bound) = verify::check_projectors(&be, &shapes, storage, 450, tol, eps)
             .unwrap_or_else(|e| panic!("{what} {e}"));
         println!(

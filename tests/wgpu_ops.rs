@@ -271,7 +271,7 @@ fn random_projectors_match_reference() {
         ("bf16 weights", bf16_weights, first, DType::BF16, 2e-2),
     ];
     for (what, options, shapes, dtype, tol) in runs {
-        let eps = (dtype != DType::F32).then(|| dtype.epsilon());
+        let eps = dtype.epsilon();
         on_each_kernel_set(options, |set, be| {
             let (worst, bound) = verify::check_projectors(be, shapes, dtype, 440, tol, eps)
                 .unwrap_or_else(|e| panic!("{what} {set} {e}"));
