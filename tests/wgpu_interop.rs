@@ -80,6 +80,24 @@ fn reads_and_writes_callers_buffers_at_offsets() {
     assert_eq!(bytemuck::cast_slice::<u8, f32>(&raw), data.as_slice());
 }
 
+/// A read of 0 bytes after an encoder still runs the encoder's commands.
+#[test]
+fn an_empty_read_after_an_encoder_runs_its_commands() {
+    let Some(gpu) = gpu() else { return };
+    let (from, to) = (caller_buffer(&gpu, 16), caller_buffer(&gpu, 16));
+    let data = [1.0f32, 2.0, 3.0, 4.0];
+    gpu.queue
+        .write_buffer(&from, 0, bytemuck::cast_slice(&data));
+    let mut encoder = gpu
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+    encoder.copy_buffer_to_buffer(&from, 0, &to, 0, 16);
+    let nothing = gpu.read_buffer_after(Some(encoder), &to, 0, 0).unwrap();
+    assert!(nothing.is_empty());
+    let raw = gpu.read_buffer(&to, 16).unwrap();
+    assert_eq!(bytemuck::cast_slice::<u8, f32>(&raw), data.as_slice());
+}
+
 /// An engine's own f16 weight, already on the device, used as `linear`'s
 /// weight without a copy: packed two to a word, an odd count of them (the
 /// last word half used), at an offset.

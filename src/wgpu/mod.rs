@@ -450,7 +450,8 @@ impl Gpu {
     }
 
     /// Like [`Gpu::read_buffer`], from byte `offset` (a multiple of 4), after the
-    /// commands already recorded in `encoder`, which is submitted with the copy.
+    /// commands already recorded in `encoder`, which is submitted with the copy
+    /// (and waited for, with nothing to copy, when `bytes` is 0).
     pub fn read_buffer_after(
         &self,
         encoder: Option<::wgpu::CommandEncoder>,
@@ -480,7 +481,9 @@ impl Gpu {
         bytes: u64,
     ) -> Result<Readback> {
         if bytes == 0 {
-            return Ok(Readback::Empty);
+            // Nothing to copy, but the encoder's commands still run.
+            let submission = encoder.map(|e| self.submit(e)).transpose()?;
+            return Ok(Readback::Empty(submission));
         }
         let padded = bytes
             .checked_add(3)
@@ -524,8 +527,8 @@ impl Gpu {
 
 /// A copy to the host submitted by [`Gpu::submit_read`], not yet waited for.
 pub(crate) enum Readback {
-    /// Nothing to read.
-    Empty,
+    /// Nothing to read; the submission of the commands recorded before it, if any.
+    Empty(Option<::wgpu::SubmissionIndex>),
     /// The copy's staging buffer, its submission, and the bytes wanted.
     Submitted {
         staging: ::wgpu::Buffer,
@@ -537,13 +540,17 @@ pub(crate) enum Readback {
 impl Readback {
     /// Waits for the copy and returns its bytes.
     pub(crate) fn wait(self, gpu: &Gpu) -> Result<Vec<u8>> {
-        let Readback::Submitted {
-            staging,
-            submission,
-            len,
-        } = self
-        else {
-            return Ok(Vec::new());
+        let (staging, submission, len) = match self {
+            Readback::Empty(None) => return Ok(Vec::new()),
+            Readback::Empty(Some(submission)) => {
+                gpu.wait(Some(submission))?;
+                return Ok(Vec::new());
+            }
+            Readback::Submitted {
+                staging,
+                submission,
+                len,
+            } => (staging, submission, len),
         };
         let mapped: Arc<Mutex<Option<std::result::Result<(), ::wgpu::BufferAsyncError>>>> =
             Arc::new(Mutex::new(None));
