@@ -21,6 +21,30 @@ use output_projector::Error;
 /// missing device is a failure, not a skip.
 const EMULATED_DRIVER_ENV: &str = "OUTPROJ_TEST_EMULATED_DRIVER";
 
+/// The device the emulated driver reports (`kernels/emulator/fake_libcuda.cpp`):
+/// unset, an sm_90 (H100) that launches clusters; `sm_80`, an A100; `sm_90:114`,
+/// an sm_90 of 114 SMs (an H100 PCIe).
+const EMULATED_DEVICE_ENV: &str = "OUTPROJ_EMULATED_DEVICE";
+
+/// The tests `backend_runs_on_emulated_driver` runs again on an emulated
+/// sm_80, where the backend takes other kernels and launches: split-K
+/// through memory, every LayerNorm that sm_90 folds through a cluster apart,
+/// `mma.sync` for what takes warpgroup MMA there, kernels queued serially.
+const ON_EMULATED_SM80: &[&str] = &[
+    "device_sizes_are_read",
+    "projector_matches_reference",
+    "random_projectors_match_reference",
+    "half_storage_projector_matches_reference",
+    "tf32_projector_matches_reference",
+    "large_tile_linear_matches_reference",
+    "layer_norm_linear_matches_reference",
+    "linear_layer_norm_matches_reference",
+    "graph_replay_matches_eager_forward",
+    "dependent_launch_matches_serial",
+    "cluster_split_k_matches_split_k_through_memory",
+    "one_projector_serves_many_threads",
+];
+
 /// The backend with `version`, or None (after saying so once per test)
 /// where no CUDA device exists.
 fn backend(version: KernelVersion) -> Option<Cuda> {
@@ -268,7 +292,20 @@ fn device_sizes_are_read() {
     // backend runs on has one of a few MiB at least.
     assert!(be.l2_bytes() >= 1 << 20, "{} bytes of L2", be.l2_bytes());
     if emulated() {
-        assert_eq!((be.sm_count(), be.l2_bytes()), (132, 50 << 20), "an H100's");
+        // `sm_80`, or `sm_90:114`: a model and its SMs if not the model's own.
+        let device = std::env::var(EMULATED_DEVICE_ENV).unwrap_or_default();
+        let (model, sms) = device
+            .split_once(':')
+            .map_or((device.as_str(), None), |(m, n)| (m, n.parse().ok()));
+        let expected = match model {
+            "sm_80" => Some(("sm_80", 108, 40 << 20)), // an A100's
+            "" | "sm_90" => Some(("sm_90a", 132, 50 << 20)), // an H100's
+            _ => None,
+        };
+        if let Some((arch, model_sms, l2)) = expected {
+            let sms = sms.unwrap_or(model_sms);
+            assert_eq!((be.arch(), be.sm_count(), be.l2_bytes()), (arch, sms, l2));
+        }
     }
     // A small GEMM's 2.1 KB sets: the most a rotation takes, each run in turn.
     let case = OpCase::Linear {
@@ -623,9 +660,9 @@ fn tf32_linear_matches_reference() {
     assert!(tf32_shapes > 0, "no standard shape takes a TF32 kernel");
 }
 
-/// Linear on tensor cores with 128x128 tiles: an output with a large tile for
-/// every SM (the rule `linear` picks them by), ragged at the edges and with a
-/// K tail, in bf16 (warpgroup MMA on sm_90, with its K loop serial where
+/// Linear on tensor cores with 128x128 tiles: an output with two large tiles
+/// for every SM (the rule `linear` picks them by), ragged at the edges and
+/// with a K tail, in bf16 (warpgroup MMA on sm_90, with its K loop serial where
 /// asked for, mma.sync, and WMMA where asked for) and TF32; and 512 columns
 /// whose square tiles would leave a few SMs two (128x64 tiles; on mma.sync
 /// bitwise the square ones).
@@ -687,9 +724,11 @@ fn large_tile_linear_matches_reference() {
     for (be, storage, tol, kernel) in backends {
         // None: TF32 unavailable (tf32_backend said why); the rest still run.
         let Some(be) = be else { continue };
+        // Two rows of tiles (the second 5 deep) by one column per SM (the
+        // last 72 wide): the square tiles fall evenly on any SM count, so
+        // the narrow ones do not spread better.
         let sms = be.sm_count() as usize;
-        let n: usize = 128 * 12;
-        let m = 128 * (sms.div_ceil(12) - 1) + 5;
+        let (m, n): (usize, usize) = (128 + 5, 128 * (sms - 1) + 72);
         assert!(m.div_ceil(128) * n.div_ceil(128) >= sms);
         assert_eq!(be.linear_kernel(m, n, 40).unwrap(), kernel);
         let r = large_tile_case(&be, storage, m, n, kernel);
@@ -2068,7 +2107,8 @@ fn kernels_race_free_under_thread_sanitizer() {
 /// Where there is no GPU: this file's tests again, in a child process
 /// whose libcuda.so.1 is kernels/emulator/fake_libcuda.cpp (host memory as
 /// device memory, launches run by the CPU emulator), so the whole backend runs:
-/// planning, parameter structs, pool, copies, kernels, the projector. With
+/// planning, parameter structs, pool, copies, kernels, the projector; then
+/// those of [`ON_EMULATED_SM80`] on an emulated A100 (sm_80). With
 /// `OUTPROJ_EMULATION_SANITIZE=1` the driver is built with AddressSanitizer
 /// (preloaded into the child; about twice as slow), so a kernel touching memory
 /// outside an allocation aborts. Needs NVRTC (the real one compiles the
@@ -2143,48 +2183,62 @@ fn backend_runs_on_emulated_driver() {
         Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
         _ => dir.display().to_string(),
     };
-    let mut child = Command::new(std::env::current_exe().expect("this test binary"));
-    // Every test: the three of the emulator (this one among them) return
-    // at once there, the others need the device.
-    child
-        .arg("--test-threads=2")
-        .env("LD_LIBRARY_PATH", library_path)
-        .env(EMULATED_DRIVER_ENV, "1");
-    // The sm_90a CUBINs tests/toolchain.rs compiled and stored, where it ran
-    // before (as in scripts/test.sh): loaded, not compiled again (four
-    // minutes of NVRTC on one core). What is not there is compiled.
-    if std::env::var_os(KERNEL_CACHE_ENV).is_none() {
-        child.env(
-            KERNEL_CACHE_ENV,
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-cache"),
-        );
-    }
-    if sanitized {
-        if let Some(asan) = &asan {
+    let preload = asan.filter(|_| sanitized);
+    let run = |device: Option<&str>, tests: &[&str]| {
+        let mut child = Command::new(std::env::current_exe().expect("this test binary"));
+        child
+            .arg("--test-threads=2")
+            .args(tests)
+            .args((!tests.is_empty()).then_some("--exact"))
+            .env("LD_LIBRARY_PATH", &library_path)
+            .env(EMULATED_DRIVER_ENV, "1");
+        if let Some(device) = device {
+            child.env(EMULATED_DEVICE_ENV, device);
+        }
+        // The CUBINs tests/toolchain.rs compiled and stored for sm_80 and
+        // sm_90a, where it ran before (as in scripts/test.sh): loaded, not
+        // compiled again (four minutes of NVRTC on one core). What is not
+        // there is compiled.
+        if std::env::var_os(KERNEL_CACHE_ENV).is_none() {
+            child.env(
+                KERNEL_CACHE_ENV,
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-cache"),
+            );
+        }
+        if let Some(asan) = &preload {
             child
                 .env("LD_PRELOAD", asan)
                 .env("ASAN_OPTIONS", "detect_leaks=0");
         }
-    }
-    let out = child.output().expect("running the device tests");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "device tests on the emulated driver failed ({}):\n{stdout}\n{}",
-        out.status,
-        stderr.lines().rev().take(40).collect::<Vec<_>>().join("\n")
-    );
-    let passed = stdout.lines().filter(|l| l.ends_with("... ok")).count();
-    let ran = stdout.lines().find_map(|l| {
-        l.strip_prefix("running ")?
-            .strip_suffix(" tests")?
-            .parse()
-            .ok()
-    });
-    assert_eq!(Some(passed), ran, "{stdout}");
+        let out = child.output().expect("running the device tests");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let device = device.unwrap_or("the default device");
+        assert!(
+            out.status.success(),
+            "device tests on the emulated driver ({device}) failed ({}):\n{stdout}\n{}",
+            out.status,
+            stderr.lines().rev().take(40).collect::<Vec<_>>().join("\n")
+        );
+        let passed = stdout.lines().filter(|l| l.ends_with("... ok")).count();
+        let ran = stdout.lines().find_map(|l| {
+            l.strip_prefix("running ")?
+                .strip_suffix(" tests")?
+                .parse()
+                .ok()
+        });
+        assert_eq!(Some(passed), ran, "{stdout}");
+        assert!(tests.is_empty() || passed == tests.len(), "{stdout}");
+        passed
+    };
+    // Every test: the three of the emulator (this one among them) return at
+    // once there, the others need the device.
+    let passed = run(None, &[]);
+    // An A100: no clusters, no dependent launch, no warpgroup MMA; the tests
+    // whose kernels or launches that changes.
+    let sm80 = run(Some("sm_80"), ON_EMULATED_SM80);
     println!(
-        "{passed} tests passed on the emulated driver{}",
+        "{passed} tests passed on the emulated driver, {sm80} again on an emulated sm_80{}",
         if sanitized { " (AddressSanitizer)" } else { "" }
     );
 }
@@ -2249,6 +2303,45 @@ fn what_the_kernels_cannot_take_is_an_error() {
             .contains("70000 at flat index 1 overflows f16"),
         "{e}"
     );
+}
+
+/// The emulated driver finds a kernel only in a CUBIN that holds it, as a real
+/// one does: an sm_80 compile leaves out what is guarded for sm_90 (as the
+/// warpgroup-MMA GEMMs are), so a backend that asked an A100 for one would be
+/// refused there too.
+#[test]
+fn the_emulated_driver_finds_only_the_kernels_a_cubin_holds() {
+    use output_projector::cuda::cudarc::driver::CudaContext;
+    use output_projector::cuda::cudarc::nvrtc::Ptx;
+    if !emulated() {
+        return;
+    }
+    // Names the emulator has kernels for; only looked up, never launched.
+    let source = r#"
+extern "C" __global__ void gather_signal_tokens_vec4() {}
+#if __CUDA_ARCH__ >= 900
+extern "C" __global__ void gather_signal_tokens_naive() {}
+#endif
+"#;
+    let ctx = CudaContext::new(0).expect("the emulated device");
+    for (arch, both) in [("sm_80", false), ("sm_90a", true)] {
+        let compiled = output_projector::cuda::compile(source, "lookup.cu", arch)
+            .unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let module = ctx
+            .load_module(Ptx::from_binary(compiled.cubin))
+            .unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert!(
+            module.load_function("gather_signal_tokens_vec4").is_ok(),
+            "{arch}"
+        );
+        assert_eq!(
+            module.load_function("gather_signal_tokens_naive").is_ok(),
+            both,
+            "{arch}"
+        );
+        // Not a kernel of the CUBIN, though the emulator has one by that name.
+        assert!(module.load_function("layer_norm_naive").is_err(), "{arch}");
+    }
 }
 
 /// A graph captured on one thread replays, and is dropped, on another (as an

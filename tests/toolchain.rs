@@ -300,7 +300,8 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
     /// `outproj kernels --cubin-dir` for sm_80 prints a table whose kernels
     /// pass [`check_kernels`] and writes one CUBIN (an ELF file) per kernel
     /// file and storage type, the same ones `--kernel-cache` stores under the
-    /// cache's names; a path that is a file is an error naming it.
+    /// cache's names (copied into the tests' shared kernel cache); a path
+    /// that is a file is an error naming it.
     #[test]
     fn kernels_command_writes_cubins() {
         use std::process::Command;
@@ -374,6 +375,15 @@ extern "C" __global__ void sum_bf16(const __nv_bfloat16* __restrict__ x, float* 
             !out.status.success() && stderr.contains("--cubin-dir"),
             "{stderr}"
         );
+        // The emulated sm_80 of tests/cuda_ops.rs loads them from the shared
+        // cache, as the sm_90a device loads those compiled above.
+        let shared = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-cache");
+        std::fs::create_dir_all(&shared).unwrap_or_else(|e| panic!("{shared:?}: {e}"));
+        for entry in std::fs::read_dir(&cache).unwrap_or_else(|e| panic!("{cache:?}: {e}")) {
+            let path = entry.expect("a folder entry").path();
+            let to = shared.join(path.file_name().expect("a file name"));
+            std::fs::copy(&path, &to).unwrap_or_else(|e| panic!("{path:?} to {to:?}: {e}"));
+        }
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&cache);
     }

@@ -8,15 +8,20 @@
 //       fake_libcuda.cpp -o <dir>/libcuda.so.1
 //   LD_LIBRARY_PATH=<dir>:$LD_LIBRARY_PATH <test binary>
 //
-// It reports one device, "Emulated GPU (CPU)", compute capability 9.0 with 132
-// SMs (so the crate compiles for sm_90a and takes its warpgroup-MMA kernels),
-// that launches thread-block clusters (emu.h runs a cluster's blocks at
-// once, one OS thread each). Fresh allocations are filled with 0xff bytes (NaN as f32), so a kernel
+// It reports one device, "Emulated GPU (CPU)", by default compute capability
+// 9.0 with 132 SMs and an H100's L2 (so the crate compiles for sm_90a and takes
+// its warpgroup-MMA kernels), that launches thread-block clusters (emu.h runs a
+// cluster's blocks at once, one OS thread each). OUTPROJ_EMULATED_DEVICE names
+// another (`sm_80`: an A100's 108 SMs and 40 MB of L2, no clusters; see
+// `device_model`), so the host's choices for that device run end to end: a
+// cluster or a programmatic-dependent launch below sm_90 is refused, and so is a
+// kernel its CUBIN lacks (a warpgroup-MMA kernel outside sm_90a), as the real
+// driver would. Fresh allocations are filled with 0xff bytes (NaN as f32), so a kernel
 // that reads memory nothing wrote produces NaN. Built with -fsanitize=address
 // (and libasan preloaded into the process), out-of-bounds accesses of device
 // memory abort. Kernels load from CUBINs the real NVRTC compiled (checked to be
-// ELF images) and are looked up by name among the kernels of every storage
-// type (kernels.h; the f32 compile has the TF32 tensor-core kernels, which the
+// ELF images, and to name the kernel asked for among their symbols) and run the
+// emulator's build of that kernel (kernels.h; the f32 compile has the TF32 tensor-core kernels, which the
 // host compiles where it finds mma.h). Only what the crate calls exists;
 // NVRTC itself asks for the private cuGetExportTable, which fails here, as it
 // may on a real driver.
@@ -31,9 +36,12 @@
 // capture, as the crate promises never to do them there (the real driver
 // would turn some into graph nodes; the emulator is stricter).
 #include "kernels.h"
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
@@ -48,6 +56,46 @@ typedef void* CUevent;
 typedef void* CUmodule;
 typedef void* CUfunction;
 typedef unsigned long long CUdeviceptr;
+
+// The device reported: OUTPROJ_EMULATED_DEVICE, else an H100.
+struct DeviceModel {
+    const char* arch;
+    int major, minor, sms, l2_mib;
+    bool clusters;
+};
+static const DeviceModel MODELS[] = {
+    {"sm_80", 8, 0, 108, 40, false},  // A100
+    {"sm_86", 8, 6, 84, 6, false},    // RTX 3090
+    {"sm_89", 8, 9, 58, 48, false},   // L4
+    {"sm_90", 9, 0, 132, 50, true},   // H100
+    {"sm_100", 10, 0, 148, 126, true},  // B200
+    {"sm_120", 12, 0, 170, 96, true},   // RTX 5090
+};
+// The model named, or nullptr for a name not in MODELS (cuInit then fails).
+// `sm_90:114` is that model with 114 SMs (an H100 PCIe).
+static const DeviceModel* device_model() {
+    static DeviceModel chosen;
+    static const DeviceModel* model = [] () -> const DeviceModel* {
+        const char* env = getenv("OUTPROJ_EMULATED_DEVICE");
+        std::string name = env && *env ? env : "sm_90";
+        int sms = 0;
+        size_t colon = name.find(':');
+        if (colon != std::string::npos) {
+            sms = atoi(name.c_str() + colon + 1);
+            name.resize(colon);
+        }
+        for (const DeviceModel& m : MODELS) {
+            if (name == m.arch && (colon == std::string::npos || sms > 0)) {
+                chosen = m;
+                if (sms > 0) chosen.sms = sms;
+                return &chosen;
+            }
+        }
+        fprintf(stderr, "OUTPROJ_EMULATED_DEVICE=%s: not an emulated device\n", env);
+        return nullptr;
+    }();
+    return model;
+}
 
 static int g_ctx_token = 1;
 static thread_local CUcontext g_current = nullptr;
@@ -183,21 +231,40 @@ static void run_node(const Node& n) {
     }
 }
 
+// The length of the little-endian ELF64 image at `p`: the furthest end of its
+// header tables and of its sections' contents; 0 if it is not one.
+static size_t elf_bytes(const unsigned char* p) {
+    if (!p || memcmp(p, "\x7f" "ELF", 4) != 0 || p[4] != 2 || p[5] != 1) return 0;
+    auto u16 = [&](size_t o) { uint16_t v; memcpy(&v, p + o, 2); return (size_t)v; };
+    auto u32 = [&](size_t o) { uint32_t v; memcpy(&v, p + o, 4); return (size_t)v; };
+    auto u64 = [&](size_t o) { uint64_t v; memcpy(&v, p + o, 8); return (size_t)v; };
+    size_t phoff = u64(0x20), shoff = u64(0x28);
+    size_t phentsize = u16(0x36), phnum = u16(0x38), shentsize = u16(0x3a), shnum = u16(0x3c);
+    if (shentsize < 0x28 || (shnum && shoff < 64)) return 0;
+    size_t end = std::max<size_t>(64, std::max(phoff + phnum * phentsize, shoff + shnum * shentsize));
+    for (size_t i = 0; i < shnum; ++i) {
+        size_t h = shoff + i * shentsize;
+        const uint32_t SHT_NOBITS = 8;
+        if (u32(h + 4) != SHT_NOBITS) end = std::max(end, u64(h + 0x18) + u64(h + 0x20));
+    }
+    return end;
+}
+
 extern "C" {
 #pragma GCC visibility push(default)
-CUresult cuInit(unsigned) { return 0; }
+CUresult cuInit(unsigned) { return device_model() ? 0 : 100; }  // CUDA_ERROR_NO_DEVICE
 CUresult cuDriverGetVersion(int* v) { *v = 13000; return 0; }
 CUresult cuDeviceGetCount(int* n) { *n = 1; return 0; }
 CUresult cuDeviceGet(CUdevice* d, int ordinal) { if (ordinal != 0) return 101; *d = 0; return 0; }
 CUresult cuDeviceGetName(char* name, int len, CUdevice) { snprintf(name, len, "Emulated GPU (CPU)"); return 0; }
 CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
     switch (attr) {
-    case 75: *v = 9; break;    // compute capability major
-    case 76: *v = 0; break;    // minor
-    case 16: *v = 132; break;  // multiprocessors
-    case 38: *v = 50 << 20; break;  // L2 bytes (an H100's)
+    case 75: *v = device_model()->major; break;  // compute capability
+    case 76: *v = device_model()->minor; break;
+    case 16: *v = device_model()->sms; break;  // multiprocessors
+    case 38: *v = device_model()->l2_mib << 20; break;  // L2 bytes
     case 115: *v = 1; break;   // memory pools supported
-    case 120: *v = 1; break;   // cluster launch
+    case 120: *v = device_model()->clusters; break;  // cluster launch
     default: *v = 0; break;
     }
     return 0;
@@ -271,16 +338,20 @@ CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream st) 
 }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { memset((void*)d, v, n); return 0; }
 CUresult cuModuleLoadData(CUmodule* m, const void* image) {
-    if (memcmp(image, "\x7f" "ELF", 4) != 0) return 200;  // not an ELF CUBIN
-    *m = malloc(1);
+    size_t bytes = elf_bytes((const unsigned char*)image);
+    if (!bytes) return 200;  // CUDA_ERROR_INVALID_IMAGE: not a 64-bit ELF CUBIN
+    *m = new std::string((const char*)image, bytes);
     return 0;
 }
-CUresult cuModuleUnload(CUmodule m) { free(m); return 0; }
-CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+CUresult cuModuleUnload(CUmodule m) { delete (std::string*)m; return 0; }
+CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
+    // A symbol name stands whole in the CUBIN's string table, NUL on each side.
+    std::string symbol = std::string(1, '\0') + name + '\0';
+    if (!m || ((std::string*)m)->find(symbol) == std::string::npos) return 500;  // not found
     for (auto& e : ENTRIES) {
         if (strcmp(e.name, name) == 0) { *f = &e; return 0; }
     }
-    return 500;  // not found
+    return 500;
 }
 CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned smem, CUstream s, void** params, void** extra);
@@ -288,7 +359,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
 // attributes taken: programmatic stream serialization (id 6) set to 1 (kernels
 // run one after another here, which is one of the orders it allows, and each
 // kernel's griddepcontrol.wait is compiled out), and cluster dimensions (id 4)
-// of at most 8 blocks that divide the grid.
+// of at most 8 blocks that divide the grid; both only on sm_90 and newer.
 struct LaunchAttr {
     int id;
     char pad[4];
@@ -309,8 +380,9 @@ CUresult cuLaunchKernelEx(const LaunchConfig* c, CUfunction f, void** params, vo
     dim3 cluster(1, 1, 1);
     for (unsigned i = 0; i < c->num_attrs; ++i) {
         const LaunchAttr& a = c->attrs[i];
-        if (a.id == 6 && a.v.value == 1) continue;
-        if (a.id != 4) return 1;
+        // Dependent launch and clusters are sm_90's: refused on an older device.
+        if (a.id == 6 && a.v.value == 1 && device_model()->major >= 9) continue;
+        if (a.id != 4 || !device_model()->clusters) return 1;
         const unsigned* d = a.v.dims;
         if (!d[0] || !d[1] || !d[2] || d[0] * d[1] * d[2] > 8 || c->gx % d[0] || c->gy % d[1] ||
             c->gz % d[2]) {
@@ -361,7 +433,7 @@ CUresult cuStreamBeginCapture_v2(CUstream s, int) {
 CUresult cuStreamEndCapture(CUstream s, CUgraph* graph) {
     std::lock_guard<std::mutex> g(g_capture_mu);
     Capture* c = capture_of(s);
-    if (!c) return 400;  // CUDA_ERROR_ILLEGAL_STATE
+    if (!c) return 401;  // CUDA_ERROR_ILLEGAL_STATE: s is not capturing
     Capture done = std::move(*c);
     g_captures.erase(s);
     *graph = nullptr;
@@ -389,8 +461,25 @@ CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) {
 CUresult cuGraphUpload(CUgraphExec exec, CUstream) { return exec ? 0 : 1; }
 CUresult cuGraphExecDestroy(CUgraphExec exec) { delete exec; return 0; }
 CUresult cuGraphDestroy(CUgraph graph) { delete graph; return 0; }
-CUresult cuGetErrorName(CUresult r, const char** s) { *s = r ? "CUDA_ERROR_FAKE" : "CUDA_SUCCESS"; return 0; }
-CUresult cuGetErrorString(CUresult r, const char** s) { *s = r ? "fake driver error" : "no error"; return 0; }
+// The names of the codes returned here (cuda.h's), so that an error says which.
+CUresult cuGetErrorName(CUresult r, const char** s) {
+    switch (r) {
+    case 0: *s = "CUDA_SUCCESS"; break;
+    case 1: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+    case 2: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+    case 100: *s = "CUDA_ERROR_NO_DEVICE"; break;
+    case 101: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
+    case 200: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
+    case 401: *s = "CUDA_ERROR_ILLEGAL_STATE"; break;
+    case 500: *s = "CUDA_ERROR_NOT_FOUND"; break;
+    case 801: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
+    case 900: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+    case 901: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
+    default: *s = "CUDA_ERROR_UNKNOWN"; break;
+    }
+    return 0;
+}
+CUresult cuGetErrorString(CUresult r, const char** s) { *s = r ? "emulated driver error" : "no error"; return 0; }
 CUresult cuCtxGetDevice(CUdevice* d) { *d = 0; return 0; }
 CUresult cuGetExportTable(const void** t, const void*) { *t = nullptr; return 801; }
 #pragma GCC visibility pop
