@@ -64,6 +64,7 @@ struct DeviceModel {
     bool clusters;
 };
 static const DeviceModel MODELS[] = {
+    {"sm_75", 7, 5, 40, 4, false},    // T4 (f32 only)
     {"sm_80", 8, 0, 108, 40, false},  // A100
     {"sm_86", 8, 6, 84, 6, false},    // RTX 3090
     {"sm_89", 8, 9, 58, 48, false},   // L4

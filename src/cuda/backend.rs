@@ -768,9 +768,18 @@ impl Cuda {
     }
 
     /// F16 and BF16 storage need sm_80 (bf16 WMMA, and one rule for both);
-    /// so does TF32, which applies to f32 storage only and needs `mma.h`.
+    /// so does TF32, which applies to f32 storage only (said first: it is
+    /// wrong on any device) and needs `mma.h`.
     fn check_storage(arch: &str, major: i32, options: &CudaOptions) -> Result<()> {
         super::program::elem_code(options.storage)?;
+        if options.tf32 && options.storage != DType::F32 {
+            return Err(Error::invalid(format!(
+                "tf32 applies to f32 storage only; with {} storage linear already runs on \
+                 {} tensor cores",
+                options.storage.name(),
+                options.storage.name()
+            )));
+        }
         if options.storage != DType::F32 && major < 8 {
             return Err(Error::invalid(format!(
                 "{} storage needs sm_80 or newer; this device is {arch}",
@@ -778,14 +787,6 @@ impl Cuda {
             )));
         }
         if options.tf32 {
-            if options.storage != DType::F32 {
-                return Err(Error::invalid(format!(
-                    "tf32 applies to f32 storage only; with {} storage linear already runs on \
-                     {} tensor cores",
-                    options.storage.name(),
-                    options.storage.name()
-                )));
-            }
             if major < 8 {
                 return Err(Error::invalid(format!(
                     "tf32 needs sm_80 or newer (TF32 tensor cores); this device is {arch}"
@@ -1867,6 +1868,11 @@ mod tests {
         assert!(invalid(Cuda::check_storage("sm_75", 7, &tf32(DType::F32))));
         assert!(invalid(Cuda::check_storage("sm_90", 9, &tf32(DType::F16))));
         assert!(invalid(Cuda::check_storage("sm_90", 9, &tf32(DType::BF16))));
+        // On a device below sm_80 too, the option's own conflict is what is said.
+        match Cuda::check_storage("sm_75", 7, &tf32(DType::F16)) {
+            Err(Error::Invalid(e)) => assert!(e.contains("f32 storage only"), "{e}"),
+            other => panic!("{other:?}"),
+        }
         let off = CudaOptions::default();
         assert!(!off.tf32);
         assert!(Cuda::check_storage("sm_75", 7, &off).is_ok());
