@@ -16,15 +16,16 @@
 // `device_model`), so the host's choices for that device run end to end: a
 // cluster or a programmatic-dependent launch below sm_90 is refused, and so is a
 // kernel its CUBIN lacks (a warpgroup-MMA kernel outside sm_90a), as the real
-// driver would. Fresh allocations are filled with 0xff bytes (NaN as f32), so a kernel
-// that reads memory nothing wrote produces NaN. Built with -fsanitize=address
-// (and libasan preloaded into the process), out-of-bounds accesses of device
-// memory abort. Kernels load from CUBINs the real NVRTC compiled (checked to be
-// ELF images, and to name the kernel asked for among their symbols) and run the
-// emulator's build of that kernel (kernels.h; the f32 compile has the TF32 tensor-core kernels, which the
-// host compiles where it finds mma.h). Only what the crate calls exists;
-// NVRTC itself asks for the private cuGetExportTable, which fails here, as it
-// may on a real driver.
+// driver would. Fresh allocations are filled with 0xff bytes (NaN as f32), so
+// a kernel that reads memory nothing wrote produces NaN. Built with
+// -fsanitize=address (and libasan preloaded into the process), out-of-bounds
+// accesses of device memory abort. Kernels load from CUBINs the real NVRTC
+// compiled (checked to be ELF images for the device's architecture, and to
+// name the kernel asked for among their symbols) and run the emulator's build
+// of that kernel (kernels.h; the f32 compile has the TF32 tensor-core kernels,
+// which the host compiles where it finds mma.h). Only what the crate calls
+// exists; NVRTC itself asks for the private cuGetExportTable, which fails
+// here, as it may on a real driver.
 //
 // With OUTPROJ_EMULATOR_TRACE set, every kernel run is printed to stderr with
 // its grid, block and cluster size and the host time it took: a forward's
@@ -339,8 +340,17 @@ CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream st) 
 }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { memset((void*)d, v, n); return 0; }
 CUresult cuModuleLoadData(CUmodule* m, const void* image) {
-    size_t bytes = elf_bytes((const unsigned char*)image);
+    const unsigned char* p = (const unsigned char*)image;
+    size_t bytes = elf_bytes(p);
     if (!bytes) return 200;  // CUDA_ERROR_INVALID_IMAGE: not a 64-bit ELF CUBIN
+    // A CUBIN runs on its own major architecture at its minor or above:
+    // e_flags holds the SM number (bits 8-15 from ELF ABI version 8, as
+    // CUDA 13 writes; bits 0-7 before).
+    uint32_t flags;
+    memcpy(&flags, p + 0x30, 4);
+    int sm = p[8] >= 8 ? (flags >> 8) & 0xff : flags & 0xff;
+    const DeviceModel* d = device_model();
+    if (sm / 10 != d->major || sm % 10 > d->minor) return 209;  // CUDA_ERROR_NO_BINARY_FOR_GPU
     *m = new std::string((const char*)image, bytes);
     return 0;
 }
@@ -471,6 +481,7 @@ CUresult cuGetErrorName(CUresult r, const char** s) {
     case 100: *s = "CUDA_ERROR_NO_DEVICE"; break;
     case 101: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
     case 200: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
+    case 209: *s = "CUDA_ERROR_NO_BINARY_FOR_GPU"; break;
     case 401: *s = "CUDA_ERROR_ILLEGAL_STATE"; break;
     case 500: *s = "CUDA_ERROR_NOT_FOUND"; break;
     case 801: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
