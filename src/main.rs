@@ -262,6 +262,17 @@ fn info() -> Result<ExitCode> {
         for d in &s.details {
             println!("          {}", one_line(d));
         }
+        // What the backend does there, which takes opening it.
+        #[cfg(feature = "cuda")]
+        if s.kind == DeviceKind::Cuda && s.usable.is_ok() {
+            match output_projector::cuda::Cuda::open() {
+                Ok(be) => println!("          device 0 runs: {}", be.summary()),
+                Err(e) => println!(
+                    "          device 0: no backend: {}",
+                    one_line(&e.to_string())
+                ),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2296,6 +2296,54 @@ fn what_the_kernels_cannot_take_is_an_error() {
     );
 }
 
+/// `outproj info`'s line on what the backend does on the device says what
+/// its methods say.
+#[test]
+fn the_summary_says_what_the_backend_does() {
+    let Some(be) = backend(KernelVersion::Fast) else {
+        return;
+    };
+    let summary = be.summary();
+    let says = |what: &str| summary.contains(what);
+    assert!(says(&format!("{} SMs", be.sm_count())), "{summary}");
+    assert_eq!(
+        says("with programmatic dependent launch"),
+        be.dependent_launch(),
+        "{summary}"
+    );
+    assert_eq!(
+        says("split-K in thread-block clusters"),
+        be.cluster_split_k(),
+        "{summary}"
+    );
+    let sixteen_bit = Cuda::new(
+        0,
+        CudaOptions {
+            storage: DType::BF16,
+            ..CudaOptions::default()
+        },
+    );
+    match sixteen_bit {
+        Ok(bf16) => {
+            assert!(says("bf16") && says("mma"), "{summary}");
+            assert_eq!(says("warpgroup MMA"), bf16.warpgroup_mma(), "{summary}");
+        }
+        Err(e) => assert!(
+            below_sm80(&e.to_string()) && says("bf16 and tf32 need sm_80") && !says("mma"),
+            "{summary}: {e}"
+        ),
+    }
+    let info = std::process::Command::new(env!("CARGO_BIN_EXE_outproj"))
+        .arg("info")
+        .output()
+        .expect("running outproj info");
+    let stdout = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        stdout.contains(&format!("device 0 runs: {summary}\n")),
+        "{stdout}"
+    );
+}
+
 /// The emulated driver loads what a real one would: a CUBIN of the device's
 /// own architecture, not one of another major (as an sm_80 CUBIN on an
 /// H100); and in it finds a kernel only where the CUBIN holds it: an sm_80

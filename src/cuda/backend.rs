@@ -908,6 +908,49 @@ impl Cuda {
         super::linear::linear_layer_norm_kernel(self, linear_query(m, n, k).ok()?)
     }
 
+    /// What this backend does on its device, in one line (`outproj info`):
+    /// its SMs and L2, the precisions the device takes, and, with default
+    /// options, how kernels are queued, how split GEMMs add their slices and
+    /// what the 16-bit GEMMs of many tiles run on.
+    pub fn summary(&self) -> String {
+        let shared = &self.inner.shared;
+        let precisions = match (shared.cc_major >= 8, program::mma_header_found()) {
+            (true, true) => "f32, tf32, f16, bf16",
+            (true, false) => "f32, f16, bf16 (tf32 needs mma.h)",
+            (false, _) => "f32 (f16, bf16 and tf32 need sm_80)",
+        };
+        let dependent = if shared.cc_major < 9 {
+            "one by one (dependent launch needs sm_90)"
+        } else if shared.driver_version < 12030 {
+            "one by one (dependent launch needs a CUDA 12.3 driver)"
+        } else {
+            "with programmatic dependent launch"
+        };
+        let split = if shared.clusters {
+            "in thread-block clusters"
+        } else {
+            "through memory (no clusters)"
+        };
+        let gemm16 = if shared.cc_major < 8 {
+            ""
+        } else if super::linear::Gemm::for_storage(
+            DType::BF16,
+            &CudaOptions::default(),
+            &shared.arch,
+        ) == super::linear::Gemm::Warpgroup
+        {
+            "; 16-bit GEMMs of many tiles on warpgroup MMA (wgmma)"
+        } else {
+            "; 16-bit GEMMs of many tiles on mma.sync"
+        };
+        format!(
+            "{} SMs, {} MiB L2; precisions {precisions}; kernels queued {dependent}; \
+             split-K {split}{gemm16}",
+            shared.sm_count,
+            shared.l2_bytes >> 20
+        )
+    }
+
     /// Whether the 16-bit GEMMs of many tiles run on warpgroup MMA (v6,
     /// `linear_wgmma_vec8`): 16-bit storage on sm_90 (compiled as sm_90a),
     /// unless [`CudaOptions::mma_sync_tiles`] or
