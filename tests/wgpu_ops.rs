@@ -686,3 +686,69 @@ fn golden_cases_with_16_bit_weights() {
         }
     }
 }
+
+/// Set in the child processes of `attention_on_gpu_subgroup_sizes`: the
+/// subgroup size lavapipe was asked for.
+const SUBGROUP_CHILD_ENV: &str = "OUTPROJ_TEST_SUBGROUP_SIZE";
+
+/// Attention is the one op with subgroup kernels, written for any subgroup of
+/// at least 8 lanes; lavapipe's own are 8 wide, a GPU's 32 (NVIDIA, Apple) or
+/// 64 (AMD). Lavapipe's subgroups are as wide as the vectors it compiles to
+/// (`LP_NATIVE_VECTOR_WIDTH`), so where the adapter is lavapipe the attention
+/// tests and every op in f16 run again in a child process at 32 and at 64
+/// lanes (and `attention_subgroup_size_is_as_asked` checks each child got
+/// them).
+#[test]
+fn attention_on_gpu_subgroup_sizes() {
+    use std::process::Command;
+    if std::env::var_os(SUBGROUP_CHILD_ENV).is_some() {
+        return;
+    }
+    let Some(_) = backend(WgpuOptions::default()) else {
+        return;
+    };
+    let info = output_projector::wgpu::probe().expect("the adapter backend() opened");
+    if !info.adapter.starts_with("llvmpipe") {
+        println!(
+            "skipped: the adapter ({}) has subgroups of its own",
+            info.adapter
+        );
+        return;
+    }
+    for (bits, lanes) in [(1024, 32), (2048, 64)] {
+        let out = Command::new(std::env::current_exe().expect("this test binary"))
+            .args(["attention", "every_op_with_f16_storage", "--test-threads=2"])
+            .env("LP_NATIVE_VECTOR_WIDTH", bits.to_string())
+            .env(SUBGROUP_CHILD_ENV, lanes.to_string())
+            .output()
+            .expect("running the attention tests");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{lanes}-lane subgroups:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let passed = stdout.lines().filter(|l| l.ends_with("... ok")).count();
+        // The attention tests, the f16 one, the size check and this one.
+        assert!(passed >= 6, "{lanes}-lane subgroups:\n{stdout}");
+        assert!(!stdout.contains("FAILED"), "{stdout}");
+    }
+}
+
+/// In a child of `attention_on_gpu_subgroup_sizes`, the adapter's subgroups
+/// are as wide as asked (attention takes its subgroup kernels wherever they
+/// have 8 lanes or more).
+#[test]
+fn attention_subgroup_size_is_as_asked() {
+    let Some(lanes) = std::env::var(SUBGROUP_CHILD_ENV).ok() else {
+        return;
+    };
+    let lanes: u32 = lanes.parse().expect("a subgroup size");
+    let info = output_projector::wgpu::probe().expect("lavapipe");
+    assert!(info.subgroup, "{info}");
+    assert_eq!(
+        (info.subgroup_min_size, info.subgroup_max_size),
+        (lanes, lanes),
+        "{info}"
+    );
+}
