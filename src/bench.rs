@@ -910,6 +910,10 @@ pub struct Timing {
     pub median: Duration,
     /// The fastest run's wall-clock time, from issuing the work to its completion.
     pub min: Duration,
+    /// The median run's host time: from issuing the work until the call that
+    /// issues it returns (recording or launching it; on a synchronous backend,
+    /// all of it). The device can finish no earlier.
+    pub host_median: Duration,
     /// The median run's device time (timestamp queries), where the backend
     /// measures it.
     pub device_median: Option<Duration>,
@@ -963,18 +967,26 @@ pub fn time<B: Backend>(
     let start = Instant::now();
     let mut samples = Vec::new();
     let mut device = Vec::new();
+    let mut host = Vec::new();
     while samples.len() < min_runs.max(1) || start.elapsed() < budget {
         let t = Instant::now();
-        let on_device = be.device_time(&mut f)?;
+        let on_device = be.device_time(&mut || {
+            let issued = Instant::now();
+            let done = f();
+            host.push(issued.elapsed());
+            done
+        })?;
         be.synchronize()?;
         samples.push(t.elapsed());
         device.extend(on_device);
     }
     samples.sort();
     device.sort();
+    host.sort();
     Ok(Timing {
         median: samples[samples.len() / 2],
         min: samples[0],
+        host_median: host[host.len() / 2],
         device_median: device.get(device.len() / 2).copied(),
         runs: samples.len(),
     })
@@ -1020,9 +1032,22 @@ mod tests {
         Timing {
             median: d,
             min: d,
+            host_median: d,
             device_median: None,
             runs: 3,
         }
+    }
+
+    #[test]
+    fn host_time_is_the_issuing_calls_own() -> Result<()> {
+        // On the reference the call is the whole run: host time within it.
+        let t = time(&Reference, 3, Duration::ZERO, || {
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(())
+        })?;
+        assert!(t.host_median >= Duration::from_millis(2), "{t:?}");
+        assert!(t.host_median <= t.median, "{t:?}");
+        Ok(())
     }
 
     #[test]

@@ -1093,6 +1093,8 @@ struct BenchRow {
     shape: String,
     median_us: f64,
     min_us: f64,
+    /// Median host time: until the call issuing a run returned (bench::Timing).
+    host_us: f64,
     /// Median device time from timestamp queries, where the backend has them.
     device_us: Option<f64>,
     /// Device time per run of a burst of runs queued back to back (no host
@@ -1392,6 +1394,7 @@ fn row(
         shape,
         median_us: t.median.as_secs_f64() * 1e6,
         min_us: t.min.as_secs_f64() * 1e6,
+        host_us: t.host_median.as_secs_f64() * 1e6,
         device_us: device.map(|d| d * 1e6),
         burst_us: None,
         runs: t.runs,
@@ -1442,13 +1445,14 @@ fn bench(
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<6} {:<5} {:<24} {:<34} {:>12} {:>12} {:>12} {:>10} {:>6} {:>5} {:>9} {:>9} {:>8}",
+        "{:<6} {:<5} {:<24} {:<34} {:>12} {:>12} {:>10} {:>12} {:>10} {:>6} {:>5} {:>9} {:>9} {:>8}",
         "device",
         "prec",
         "what",
         "shape",
         "median us",
         "min us",
+        "host us",
         "device us",
         "burst us",
         "runs",
@@ -1463,13 +1467,14 @@ fn bench(
         let launches = r.launches.map_or("-".to_string(), |n| n.to_string());
         let sets = r.buffers.map_or("-".to_string(), |n| n.to_string());
         println!(
-            "{:<6} {:<5} {:<24} {:<34} {:>12.1} {:>12.1} {:>12} {:>10} {:>6} {:>5} {:>9.2} {:>9.2} {:>8}",
+            "{:<6} {:<5} {:<24} {:<34} {:>12.1} {:>12.1} {:>10.1} {:>12} {:>10} {:>6} {:>5} {:>9.2} {:>9.2} {:>8}",
             r.device,
             r.precision,
             r.what,
             r.shape,
             r.median_us,
             r.min_us,
+            r.host_us,
             device_us,
             burst_us,
             r.runs,
@@ -1480,7 +1485,8 @@ fn bench(
         );
     }
     println!(
-        "(device us: timestamp queries or CUDA events where offered, around one run; burst us: \
+        "(host us: until the call issuing a run returned (recording or launching; all of a \
+         run on the CPU); device us: timestamp queries or CUDA events where offered, around one run; burst us: \
          the same per run of up to {BURST_RUNS} runs queued back to back (- where two do not \
          fit the time budget); sets: inputs a forward row, or argument sets an op row, rotates \
          over run by run (an op's together over twice the GPU's L2 where its size is known; 1: \
