@@ -590,8 +590,8 @@ impl<B: Backend> Projector<B> {
             (Some(_), Some(x)) => x,
             _ => hidden,
         };
-        // A forward that failed part way may have left a norm pending.
-        (encoder.normed, decoder.normed) = (false, false);
+        encoder.start();
+        decoder.start();
         let absorbed = absorbed.as_deref();
         self.encode(x, encoder, absorbed.unwrap_or(&self.cross_kv), cross_kv)?;
         self.decode(cross_kv, decoder, q, prefix, absorbed.is_some(), out)?;
@@ -887,6 +887,8 @@ struct Work<T> {
     /// The last sub-block's output is already added to the stream and
     /// normalised into `h` (its norm folded into its last linear).
     normed: bool,
+    /// `s` is swapped from its order at allocation.
+    flipped: bool,
 }
 
 impl<T: Shaped> Work<T> {
@@ -915,7 +917,25 @@ impl<T: Shaped> Work<T> {
             a: be.alloc(&a)?,
             ffn: be.alloc(&ffn)?,
             normed: false,
+            flipped: false,
         })
+    }
+
+    /// Ready for a forward: no norm pending (one that failed part way may
+    /// have left one) and the stream in `s`'s first buffer, so that every
+    /// forward on a plan uses each buffer alike (a backend may cache what it
+    /// binds per buffer).
+    fn start(&mut self) {
+        self.normed = false;
+        if std::mem::take(&mut self.flipped) {
+            self.s.swap(0, 1);
+        }
+    }
+
+    /// The pending sum becomes the stream: `s[1]` is current now.
+    fn flip(&mut self) {
+        self.s.swap(0, 1);
+        self.flipped = !self.flipped;
     }
 
     /// `dest = act(lin(next's norm))`, the norm's input sum becoming the
@@ -950,7 +970,7 @@ impl<T: Shaped> Work<T> {
         let pending = sum_out.is_some();
         lin.apply_normed(be, input, sum_out, h, act, out)?;
         if pending {
-            self.s.swap(0, 1);
+            self.flip();
         }
         Ok(())
     }
@@ -1004,7 +1024,7 @@ impl<T: Shaped> Work<T> {
         };
         let (w, b) = (&lin.weight, Some(&lin.bias));
         be.linear_layer_norm(x, w, b, Activation::None, f, norm, Some(sum), h)?;
-        self.s.swap(0, 1);
+        self.flip();
         self.normed = true;
         Ok(())
     }
@@ -1079,7 +1099,7 @@ impl<T: Shaped> Work<T> {
             eps,
         };
         be.attention_absorbed(input, attn, after, sum, h)?;
-        self.s.swap(0, 1);
+        self.flip();
         self.normed = true;
         Ok(())
     }

@@ -208,6 +208,7 @@ fn more_dispatches_than_the_parameter_arena_holds() {
     let zeros = HostTensor::from_f32(vec![1, 3], vec![0.0; 3]).unwrap();
     let (mut a, mut b) = (be.upload(&zeros).unwrap(), be.upload(&zeros).unwrap());
     let before = be.submits();
+    let made = be.bind_groups_made();
     let steps = 1200;
     for _ in 0..steps {
         be.linear(&x, &w, None, Activation::None, Some(&a), &mut b)
@@ -219,16 +220,169 @@ fn more_dispatches_than_the_parameter_arena_holds() {
     assert_eq!(got, vec![6.0 * n, 3.0 * n, -n]);
     // Two full arenas and the download's submit.
     assert_eq!(be.submits() - before, 3);
+    // Every step binds (a, b) or (b, a): two bind groups, each step's
+    // parameters at its own offset into the arena.
+    assert_eq!(be.bind_groups_made() - made, 2);
 }
 
+/// A plan's forwards bind the same buffer ranges each time: after the first,
+/// they make no bind group, and their results are those of a backend that
+/// made every bind group afresh. Both tunings: the GPU one splits the small
+/// GEMMs over K, with pooled scratch for the slices.
 #[test]
-fn a_projector_forward_is_one_submit() {
-    use output_projector::config::{ProjectorConfig, Variant};
+fn a_plans_forwards_reuse_their_bind_groups() {
+    use output_projector::config::ProjectorConfig;
     use output_projector::projector::Projector;
     use output_projector::weights::ProjectorWeights;
+    use output_projector::wgpu::Tuning;
     let Some(gpu) = gpu() else { return };
-    let be = Wgpu::new(gpu, WgpuOptions::default()).unwrap();
+    // 18 decoder rows: tiled GEMMs, and the FFN's K = 256 splits in two.
     let config = ProjectorConfig {
+        n_out: 9,
+        ffn_dim: 256,
+        ..small_config()
+    };
+    let w = ProjectorWeights::random(config, None, 1).unwrap();
+    for tuning in [Tuning::Cpu, Tuning::Gpu] {
+        let options = WgpuOptions {
+            tuning,
+            ..WgpuOptions::default()
+        };
+        let be = Wgpu::new(Arc::clone(&gpu), options).unwrap();
+        let proj = Projector::new(be.clone(), &w).unwrap();
+        let input = |seed| {
+            let h = HostTensor::randn(vec![2, 4, 64], seed, "hidden").unwrap();
+            be.upload(&h).unwrap()
+        };
+        let (a, b) = (input(3), input(5));
+        let mut plan = proj.plan(2, 4).unwrap();
+        let mut run = |x| {
+            let (made, dispatched) = (be.bind_groups_made(), be.dispatches());
+            let y = proj.forward_with(&mut plan, x, None).unwrap();
+            let y = be.download(y).unwrap().to_f32_vec();
+            (
+                y,
+                be.bind_groups_made() - made,
+                be.dispatches() - dispatched,
+            )
+        };
+        let (first, made, dispatched) = run(&a);
+        assert!(
+            made > 0 && made <= dispatched,
+            "{tuning:?}: {made} of {dispatched}"
+        );
+        let (again, made, _) = run(&a);
+        assert_eq!(
+            made, 0,
+            "{tuning:?}: the same forward made bind groups again"
+        );
+        assert_eq!(again, first, "{tuning:?}");
+        // Another input: only the dispatches that read it bind anew.
+        let (other, made, dispatched) = run(&b);
+        assert!(
+            made > 0 && made < dispatched / 4,
+            "{tuning:?}: {made} of {dispatched}"
+        );
+        let fresh = Wgpu::new(Arc::clone(&gpu), options).unwrap();
+        let proj = Projector::new(fresh.clone(), &w).unwrap();
+        let h = fresh
+            .upload(&HostTensor::randn(vec![2, 4, 64], 5, "hidden").unwrap())
+            .unwrap();
+        let expected = fresh.download(&proj.forward(&h, None).unwrap()).unwrap();
+        assert_eq!(other, expected.to_f32_vec(), "{tuning:?}");
+        assert_ne!(other, first, "{tuning:?}");
+    }
+}
+
+/// Threads sharing one backend, each with a plan of its own, get what one
+/// thread alone gets: the arena, the buffer pool and the bind-group cache
+/// keep each forward's buffers to itself.
+#[test]
+fn threads_share_a_backend_each_with_a_plan() {
+    use output_projector::projector::Projector;
+    use output_projector::weights::ProjectorWeights;
+    use output_projector::wgpu::Tuning;
+    let Some(gpu) = gpu() else { return };
+    let options = WgpuOptions {
+        tuning: Tuning::Gpu, // split-K scratch from the pool as well
+        ..WgpuOptions::default()
+    };
+    let be = Wgpu::new(gpu, options).unwrap();
+    let w = ProjectorWeights::random(small_config(), None, 1).unwrap();
+    let proj = Projector::new(be.clone(), &w).unwrap();
+    let inputs: Vec<_> = (0..3)
+        .map(|seed| HostTensor::randn(vec![2, 4, 64], 10 + seed, "hidden").unwrap())
+        .collect();
+    let alone: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|h| {
+            let y = proj.forward(&be.upload(h).unwrap(), None).unwrap();
+            be.download(&y).unwrap().to_f32_vec()
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..3)
+            .map(|t| {
+                let (proj, be, inputs, alone) = (&proj, &be, &inputs, &alone);
+                scope.spawn(move || {
+                    let mut plan = proj.plan(2, 4).unwrap();
+                    for round in 0..12 {
+                        let i = (t + round) % inputs.len();
+                        // The input dropped before the forward is submitted:
+                        // its buffer must not take another thread's upload
+                        // before then.
+                        let x = be.upload(&inputs[i]).unwrap();
+                        let y = proj.forward_with(&mut plan, &x, None).unwrap();
+                        drop(x);
+                        let got = be.download(y).unwrap().to_f32_vec();
+                        assert_eq!(got, alone[i], "thread {t}, round {round}");
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+    });
+}
+
+/// A bind group over a caller's buffer is let go with the tensor over it,
+/// so the cache never keeps the caller's memory alive; pooled tensors' bind
+/// groups stay, up to the cache's bound.
+#[test]
+fn cached_bind_groups_let_a_callers_buffer_go() {
+    let Some(gpu) = gpu() else { return };
+    let be = Wgpu::new(Arc::clone(&gpu), WgpuOptions::default()).unwrap();
+    let pos = SignalPositions::all(1, 1).unwrap();
+    let pooled = be
+        .upload(&HostTensor::from_f32(vec![1, 1, 4], vec![1.0; 4]).unwrap())
+        .unwrap();
+    let theirs = be
+        .tensor_from_buffer(caller_buffer(&gpu, 16), 0, &[1, 1, 4])
+        .unwrap();
+    let mut out = be.alloc(&[1, 1, 4]).unwrap();
+    let held = be.bind_groups_held().unwrap();
+    be.gather_signal_tokens(&pooled, None, &pos, &mut out)
+        .unwrap();
+    be.gather_signal_tokens(&theirs, None, &pos, &mut out)
+        .unwrap();
+    be.synchronize().unwrap();
+    assert_eq!(be.bind_groups_held().unwrap(), held + 2);
+    drop(theirs);
+    assert_eq!(be.bind_groups_held().unwrap(), held + 1);
+    // Past the bound the cache starts again rather than grow.
+    let outs: Vec<_> = (0..4100).map(|_| be.alloc(&[1, 1, 4]).unwrap()).collect();
+    for mut o in outs {
+        be.gather_signal_tokens(&pooled, None, &pos, &mut o)
+            .unwrap();
+        assert!(be.bind_groups_held().unwrap() <= 4096);
+    }
+    be.synchronize().unwrap();
+}
+
+fn small_config() -> output_projector::config::ProjectorConfig {
+    use output_projector::config::{ProjectorConfig, Variant};
+    ProjectorConfig {
         variant: Variant::Legacy,
         in_dim: 64,
         d_model: 32,
@@ -240,8 +394,16 @@ fn a_projector_forward_is_one_submit() {
         out_dim: 16,
         n_in: None,
         eps: 1e-5,
-    };
-    let w = ProjectorWeights::random(config, None, 1).unwrap();
+    }
+}
+
+#[test]
+fn a_projector_forward_is_one_submit() {
+    use output_projector::projector::Projector;
+    use output_projector::weights::ProjectorWeights;
+    let Some(gpu) = gpu() else { return };
+    let be = Wgpu::new(gpu, WgpuOptions::default()).unwrap();
+    let w = ProjectorWeights::random(small_config(), None, 1).unwrap();
     let proj = Projector::new(be.clone(), &w).unwrap();
     let hidden = be
         .upload(&HostTensor::randn(vec![2, 4, 64], 3, "hidden").unwrap())

@@ -4,9 +4,12 @@
 //! [`Backend::synchronize`]), so a projector forward is one submit.
 //!
 //! Each dispatch's parameters go into a uniform arena (one 256-byte slot per
-//! dispatch) written just before the submit. Buffers are pooled by size; a
-//! dropped tensor's buffer becomes reusable only after the next submit, so no
-//! write can overtake recorded work that still reads it. The arena's write,
+//! dispatch) written just before the submit, bound at a dynamic offset, so a
+//! bind group depends only on the buffers it binds and is made once per set
+//! of them (cached; a plan's forwards bind the same ones every time).
+//! Buffers are pooled by size; a dropped tensor's buffer becomes reusable
+//! only after the next submit, so no write can overtake recorded work that
+//! still reads it. The arena's write,
 //! the submit and that reuse happen under one lock with the recording, so
 //! threads that share a backend keep to each other's order.
 
@@ -267,14 +270,22 @@ struct Inner {
     pending: Mutex<Pending>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<::wgpu::ComputePipeline>>>,
     layouts: Mutex<HashMap<(u32, u32), Arc<::wgpu::BindGroupLayout>>>,
-    /// Reusable buffers by size.
+    /// Reusable buffers by size, a stack per size. Buffers retired together
+    /// go back with the first retired on top, so work that takes and drops
+    /// its scratch in the same order each time (a plan's forward) gets the
+    /// same buffers each time, and so the same bind groups.
     free: Mutex<HashMap<u64, Vec<::wgpu::Buffer>>>,
     /// Buffers dropped since the last submit: reusable after the next one.
     retired: Mutex<Vec<::wgpu::Buffer>>,
+    /// Bind groups by what they bind, reused by every dispatch that binds the
+    /// same buffer ranges (a plan's forwards bind the same ones each time).
+    bind_groups: Mutex<HashMap<BindGroupKey, ::wgpu::BindGroup>>,
     /// Command buffers submitted so far.
     submits: AtomicU64,
     /// Compute dispatches recorded so far.
     dispatches: AtomicU64,
+    /// Bind groups made so far (the others came from `bind_groups`).
+    bind_groups_made: AtomicU64,
     /// Timestamps of the dispatches recorded inside [`Wgpu::time_on_device`].
     timing: Mutex<Option<Timing>>,
 }
@@ -292,18 +303,43 @@ pub struct Wgpu {
     inner: Arc<Inner>,
 }
 
-/// A buffer and the pool it returns to when the last tensor using it is dropped.
+/// A buffer range a bind group binds.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Binding {
+    buffer: ::wgpu::Buffer,
+    offset: u64,
+    size: u64,
+}
+
+/// A bind group's layout (reads, writes) and its storage bindings in order
+/// (the parameters' uniform binding is the arena at a dynamic offset in all).
+type BindGroupKey = (u32, u32, Vec<Binding>);
+
+/// At most this many bind groups are kept; past it the cache starts again.
+const BIND_GROUPS_KEPT: usize = 4096;
+
+/// A buffer and its backend; `pooled`: the buffer returns to the backend's
+/// pool when the last tensor using it is dropped (else it is the caller's, and
+/// only the bind groups that hold it on are let go).
 struct Storage {
     buffer: ::wgpu::Buffer,
-    pool: Option<Weak<Inner>>,
+    owner: Weak<Inner>,
+    pooled: bool,
 }
 
 impl Drop for Storage {
     fn drop(&mut self) {
-        if let Some(inner) = self.pool.as_ref().and_then(Weak::upgrade) {
+        let Some(inner) = self.owner.upgrade() else {
+            return;
+        };
+        if self.pooled {
             if let Ok(mut retired) = inner.retired.lock() {
                 retired.push(self.buffer.clone());
             }
+        } else if let Ok(mut groups) = inner.bind_groups.lock() {
+            // A caller's buffer is freed when they let it go: no cached bind
+            // group may keep it alive.
+            groups.retain(|(_, _, bound), _| bound.iter().all(|b| b.buffer != self.buffer));
         }
     }
 }
@@ -453,8 +489,10 @@ impl Wgpu {
                 layouts: Mutex::new(HashMap::new()),
                 free: Mutex::new(HashMap::new()),
                 retired: Mutex::new(Vec::new()),
+                bind_groups: Mutex::new(HashMap::new()),
                 submits: AtomicU64::new(0),
                 dispatches: AtomicU64::new(0),
+                bind_groups_made: AtomicU64::new(0),
                 timing: Mutex::new(None),
             }),
         })
@@ -470,6 +508,22 @@ impl Wgpu {
     /// and the download of its result take one).
     pub fn submits(&self) -> u64 {
         self.inner.submits.load(Ordering::Relaxed)
+    }
+
+    /// Bind groups this backend has made so far. A dispatch that binds the
+    /// buffer ranges of an earlier one reuses its bind group, so a
+    /// [`Projector::forward_with`](crate::projector::Projector::forward_with)
+    /// on a plan makes none after the plan's first forward on that input.
+    pub fn bind_groups_made(&self) -> u64 {
+        self.inner.bind_groups_made.load(Ordering::Relaxed)
+    }
+
+    /// Bind groups held for reuse now. Those that bind a caller's buffer
+    /// ([`Wgpu::tensor_from_buffer`], [`Wgpu::weight_from_buffer`]) are let go
+    /// when a tensor made over it is dropped (all its clones), so that the
+    /// cache never keeps a caller's buffer alive; at most 4096 are held.
+    pub fn bind_groups_held(&self) -> Result<usize> {
+        Ok(lock(&self.inner.bind_groups)?.len())
     }
 
     /// Compute dispatches this backend has recorded so far.
@@ -571,7 +625,11 @@ impl Wgpu {
             )));
         }
         Ok(WgpuTensor {
-            storage: Arc::new(Storage { buffer, pool: None }),
+            storage: Arc::new(Storage {
+                buffer,
+                owner: Arc::downgrade(&self.inner),
+                pooled: false,
+            }),
             offset,
             shape: shape.to_vec(),
             numel,
@@ -626,7 +684,8 @@ impl Wgpu {
         Ok(WgpuTensor {
             storage: Arc::new(Storage {
                 buffer,
-                pool: Some(Arc::downgrade(&self.inner)),
+                owner: Arc::downgrade(&self.inner),
+                pooled: true,
             }),
             offset: 0,
             shape: shape.to_vec(),
@@ -695,7 +754,8 @@ impl Wgpu {
         Ok(Words {
             storage: Arc::new(Storage {
                 buffer,
-                pool: Some(Arc::downgrade(&self.inner)),
+                owner: Arc::downgrade(&self.inner),
+                pooled: true,
             }),
             len: words.len(),
         })
@@ -748,7 +808,7 @@ impl Wgpu {
             // lock, so into what was just submitted or earlier.
             let retired = std::mem::take(&mut *lock(&self.inner.retired)?);
             let mut free = lock(&self.inner.free)?;
-            for b in retired {
+            for b in retired.into_iter().rev() {
                 free.entry(b.size()).or_default().push(b);
             }
         }
@@ -776,7 +836,7 @@ impl Wgpu {
             visibility: ::wgpu::ShaderStages::COMPUTE,
             ty: ::wgpu::BindingType::Buffer {
                 ty: ::wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset: false,
+                has_dynamic_offset: true,
                 min_binding_size: None,
             },
             count: None,
@@ -830,6 +890,70 @@ impl Wgpu {
         Ok(pipeline)
     }
 
+    /// The bind group of a dispatch of `k` reading `reads` and writing
+    /// `writes`, its parameters bound at a dynamic offset into the arena: made
+    /// once per set of buffer ranges, then taken from the cache (a bind group
+    /// costs microseconds to make, a forward makes dozens).
+    fn bind_group(
+        &self,
+        k: &Kernel,
+        reads: &[Bind<'_>],
+        writes: &[&WgpuTensor],
+    ) -> Result<::wgpu::BindGroup> {
+        let binding = |buffer: &::wgpu::Buffer, offset: u64, size: u64| Binding {
+            buffer: buffer.clone(),
+            offset,
+            size,
+        };
+        let tensor = |t: &WgpuTensor| binding(t.buffer(), t.offset, t.binding_bytes());
+        let bound: Vec<Binding> = reads
+            .iter()
+            .map(|b| match b {
+                Bind::Tensor(t) => tensor(t),
+                Bind::Words(w) => binding(&w.storage.buffer, 0, (w.len as u64).max(1) * 4),
+                Bind::Unused => binding(&self.inner.placeholder, 0, self.inner.placeholder.size()),
+            })
+            .chain(writes.iter().map(|t| tensor(t)))
+            .collect();
+        let key = (k.reads, k.writes, bound);
+        if let Some(group) = lock(&self.inner.bind_groups)?.get(&key) {
+            return Ok(group.clone());
+        }
+        let layout = self.layout(k.reads, k.writes)?;
+        let params = ::wgpu::BindGroupEntry {
+            binding: 0,
+            resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                buffer: &self.inner.arena,
+                offset: 0,
+                size: ::wgpu::BufferSize::new(PARAM_SLOT),
+            }),
+        };
+        let entries: Vec<_> = std::iter::once(params)
+            .chain(key.2.iter().zip(1..).map(|(b, i)| ::wgpu::BindGroupEntry {
+                binding: i,
+                resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                    buffer: &b.buffer,
+                    offset: b.offset,
+                    size: ::wgpu::BufferSize::new(b.size),
+                }),
+            }))
+            .collect();
+        let group = self.inner.gpu.scoped(k.entry, |device, _| {
+            device.create_bind_group(&::wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &layout,
+                entries: &entries,
+            })
+        })?;
+        self.inner.bind_groups_made.fetch_add(1, Ordering::Relaxed);
+        let mut groups = lock(&self.inner.bind_groups)?;
+        if groups.len() >= BIND_GROUPS_KEPT {
+            groups.clear();
+        }
+        groups.insert(key, group.clone());
+        Ok(group)
+    }
+
     /// Record one dispatch of `k` over `groups` workgroups with parameter block
     /// `params` (at most 256 bytes), reading `reads` and writing `writes`.
     pub(crate) fn dispatch<P: bytemuck::Pod>(
@@ -878,7 +1002,7 @@ impl Wgpu {
             weight = t.dtype;
         }
         let pipeline = self.pipeline(k, weight)?;
-        let layout = self.layout(k.reads, k.writes)?;
+        let bind_group = self.bind_group(k, reads, writes)?;
         let mut pending = lock(&self.inner.pending)?;
         while pending.params.len() as u64 >= PARAM_SLOT * ARENA_SLOTS {
             // The arena is full: submit what is recorded and start again
@@ -891,42 +1015,6 @@ impl Wgpu {
         pending.params.extend_from_slice(param_bytes);
         pending.params.resize((slot + PARAM_SLOT) as usize, 0);
 
-        fn tensor_binding(t: &WgpuTensor) -> ::wgpu::BufferBinding<'_> {
-            ::wgpu::BufferBinding {
-                buffer: t.buffer(),
-                offset: t.offset,
-                size: ::wgpu::BufferSize::new(t.binding_bytes()),
-            }
-        }
-        let mut entries = vec![::wgpu::BindGroupEntry {
-            binding: 0,
-            resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
-                buffer: &self.inner.arena,
-                offset: slot,
-                size: ::wgpu::BufferSize::new(PARAM_SLOT),
-            }),
-        }];
-        for (i, b) in reads.iter().enumerate() {
-            let resource = match b {
-                Bind::Tensor(t) => ::wgpu::BindingResource::Buffer(tensor_binding(t)),
-                Bind::Words(w) => ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
-                    buffer: &w.storage.buffer,
-                    offset: 0,
-                    size: ::wgpu::BufferSize::new((w.len as u64).max(1) * 4),
-                }),
-                Bind::Unused => self.inner.placeholder.as_entire_binding(),
-            };
-            entries.push(::wgpu::BindGroupEntry {
-                binding: 1 + i as u32,
-                resource,
-            });
-        }
-        for (i, t) in writes.iter().enumerate() {
-            entries.push(::wgpu::BindGroupEntry {
-                binding: 1 + k.reads + i as u32,
-                resource: ::wgpu::BindingResource::Buffer(tensor_binding(t)),
-            });
-        }
         let gpu = &self.inner.gpu;
         let pending = &mut *pending;
         let mut timing = lock(&self.inner.timing)?;
@@ -940,11 +1028,6 @@ impl Wgpu {
             }
         });
         let recorded = gpu.scoped(k.entry, |device, _| {
-            let bind_group = device.create_bind_group(&::wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &layout,
-                entries: &entries,
-            });
             let encoder = pending.encoder.get_or_insert_with(|| {
                 device.create_command_encoder(&::wgpu::CommandEncoderDescriptor {
                     label: Some("output-projector"),
@@ -955,7 +1038,8 @@ impl Wgpu {
                 timestamp_writes: timestamps,
             });
             pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
+            // Slots are multiples of PARAM_SLOT, within the arena: a u32.
+            pass.set_bind_group(0, &bind_group, &[slot as u32]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         });
         if recorded.is_ok() {
