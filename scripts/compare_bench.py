@@ -13,7 +13,8 @@ bench-cuda-bf16-b64.json), else f32. `outproj
 bench` lists each batch's op rows after that batch's projector rows, which gives their
 batch. Both sides are compared on `median_us`: the median wall time of one run from
 issue to completion, synchronised after each run (an op row's note adds ours back to back,
-`burst_us`, where present). Missing rows read "not measured".
+`burst_us`, and a forward row's the host's part, `host_us`: launching or replaying, where
+present). Missing rows read "not measured".
 Standard library only.
 """
 
@@ -338,7 +339,9 @@ def render(d, env, ours_device, inputs):
             shape = f"image batch {batch}"
             for what in reversed(FORWARD_OURS):
                 t = d.ours_forward(precision, batch, what)
-                lines.append(f"| ours: {what} | {shape} | {fmt_us(t)} | | | |")
+                host = (d.ours.get((precision, batch, what, shape)) or {}).get("host_us")
+                note = f"host {fmt_us(host)} µs until the call returned" if host is not None else ""
+                lines.append(f"| ours: {what} | {shape} | {fmt_us(t)} | | | {note} |")
             graph = d.ours_forward(precision, batch, "projector graph")
             for what, label, feature in GRAPH_WITHOUT:
                 without = d.ours_forward(precision, batch, what)
