@@ -398,7 +398,7 @@ fn small_config() -> output_projector::config::ProjectorConfig {
 }
 
 #[test]
-fn a_projector_forward_is_one_submit() {
+fn a_projector_forward_is_one_submit_and_its_bind_groups_settle() {
     use output_projector::projector::Projector;
     use output_projector::weights::ProjectorWeights;
     let Some(gpu) = gpu() else { return };
@@ -411,9 +411,12 @@ fn a_projector_forward_is_one_submit() {
     let embeds = be
         .upload(&HostTensor::randn(vec![2, 4, 64], 4, "embeds").unwrap())
         .unwrap();
-    for _ in 0..2 {
+    let mut made = Vec::new();
+    for _ in 0..6 {
         let before = be.submits();
+        let groups = be.bind_groups_made();
         let y = proj.forward(&hidden, Some(&embeds)).unwrap();
+        made.push(be.bind_groups_made() - groups);
         let out = be.download(&y).unwrap();
         assert_eq!(out.shape(), &[2, 7, 16]);
         assert_eq!(
@@ -422,6 +425,13 @@ fn a_projector_forward_is_one_submit() {
             "forward + readback must be one submit"
         );
     }
+    // Without a plan, each forward's buffers come from the pool; once it
+    // holds them all, they come in the same order, and so do the bind groups.
+    assert_eq!(
+        made.last(),
+        Some(&0),
+        "bind groups made per forward: {made:?}"
+    );
 }
 
 #[test]
