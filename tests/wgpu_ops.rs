@@ -8,6 +8,16 @@ use output_projector::wgpu::{KernelVersion, Precision, Tuning, WeightType, Wgpu,
 
 fn backend(options: WgpuOptions) -> Option<Wgpu> {
     match output_projector::wgpu::open() {
+        Ok(gpu)
+            if options.precision == Precision::F16
+                && !gpu.features.contains(wgpu::Features::SHADER_F16) =>
+        {
+            println!(
+                "skipped: f16 storage: `{}` lacks SHADER_F16",
+                gpu.info.adapter
+            );
+            None
+        }
         Ok(gpu) => Some(Wgpu::new(std::sync::Arc::new(gpu), options).expect("wgpu backend")),
         Err(e) if std::env::var("REQUIRE_WGPU").as_deref() == Ok("1") => {
             panic!("REQUIRE_WGPU=1 but no wgpu adapter: {e}")
@@ -708,9 +718,9 @@ fn attention_on_gpu_subgroup_sizes() {
         return;
     };
     let info = output_projector::wgpu::probe().expect("the adapter backend() opened");
-    if !info.adapter.starts_with("llvmpipe") {
+    if !(info.adapter.starts_with("llvmpipe") && info.subgroup) {
         println!(
-            "skipped: the adapter ({}) has subgroups of its own",
+            "skipped: the adapter ({}) is not lavapipe with subgroups",
             info.adapter
         );
         return;
@@ -751,4 +761,75 @@ fn attention_subgroup_size_is_as_asked() {
         (lanes, lanes),
         "{info}"
     );
+}
+
+/// Set in the child process of `ops_through_opengl`.
+const GL_CHILD_ENV: &str = "OUTPROJ_TEST_GL";
+
+/// The ops again through wgpu's OpenGL backend (naga writes GLSL; Mesa's
+/// llvmpipe runs it where the adapter is lavapipe): no subgroups there, so
+/// attention takes its workgroup-memory kernel at every shape, and no
+/// SHADER_F16, so the f16 tests skip, saying so. In a child process, as the
+/// backend is chosen when the first adapter is opened.
+#[test]
+fn ops_through_opengl() {
+    use std::process::Command;
+    if std::env::var_os(GL_CHILD_ENV).is_some() {
+        return;
+    }
+    let Some(_) = backend(WgpuOptions::default()) else {
+        return;
+    };
+    let info = output_projector::wgpu::probe().expect("the adapter backend() opened");
+    if !info.adapter.starts_with("llvmpipe") {
+        println!("skipped: the adapter ({}) is not lavapipe", info.adapter);
+        return;
+    }
+    let child = |args: &[&str]| {
+        Command::new(std::env::current_exe().expect("this test binary"))
+            .args(args)
+            .args(["--exact", "--test-threads=2"])
+            .env("WGPU_BACKEND", "gl")
+            .env(GL_CHILD_ENV, "1")
+            .output()
+            .expect("running the tests through OpenGL")
+    };
+    let probe = child(&["the_child_runs_on_opengl", "--nocapture"]);
+    if String::from_utf8_lossy(&probe.stdout).contains("no OpenGL adapter") {
+        println!("skipped: no OpenGL adapter (Mesa's libegl-mesa0 and libgl1-mesa-dri)");
+        return;
+    }
+    let filters = [
+        "linear_matches_reference",
+        "layer_norm_matches_reference",
+        "attention_matches_reference",
+        "long_attention_matches_reference",
+        "alignment_loss_matches_reference",
+        "gather_signal_tokens_matches_reference",
+        "every_op_with_f16_storage",
+        "the_child_runs_on_opengl",
+    ];
+    let out = child(&filters);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "through OpenGL:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every one ran (the f16 one skips its f16 backends, without SHADER_F16).
+    let passed = stdout.lines().filter(|l| l.ends_with("... ok")).count();
+    assert_eq!(passed, filters.len(), "through OpenGL:\n{stdout}");
+}
+
+/// In a child of `ops_through_opengl`, the adapter is OpenGL's, or there
+/// is none (said, for the parent to skip).
+#[test]
+fn the_child_runs_on_opengl() {
+    if std::env::var_os(GL_CHILD_ENV).is_none() {
+        return;
+    }
+    match output_projector::wgpu::probe() {
+        Ok(info) => assert_eq!(info.backend, "Gl", "{info}"),
+        Err(e) => println!("no OpenGL adapter: {e}"),
+    }
 }
