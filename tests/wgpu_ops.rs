@@ -697,6 +697,44 @@ fn golden_cases_with_16_bit_weights() {
     }
 }
 
+/// This test binary again in a child process with `env` set, on two threads,
+/// running the tests that `args` name (and libtest's options there): its
+/// output, once it is seen to have succeeded (`what` names the run).
+fn child_tests(what: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+        .args(args)
+        .arg("--test-threads=2")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The adapter, where a test that reruns tests in child processes (which set
+/// `child_env`) is not itself in one and the adapter is Mesa's llvmpipe;
+/// otherwise None, said in one line where it is not llvmpipe.
+fn lavapipe_parent(child_env: &str) -> Option<output_projector::wgpu::WgpuInfo> {
+    if std::env::var_os(child_env).is_some() {
+        return None;
+    }
+    backend(WgpuOptions::default())?;
+    let info = output_projector::wgpu::probe().expect("the adapter backend() opened");
+    if !info.adapter.starts_with("llvmpipe") {
+        println!(
+            "skipped: the adapter ({}) is not Mesa's llvmpipe",
+            info.adapter
+        );
+        return None;
+    }
+    Some(info)
+}
+
 /// Set in the child processes of `attention_on_gpu_subgroup_sizes`: the
 /// subgroup size lavapipe was asked for.
 const SUBGROUP_CHILD_ENV: &str = "OUTPROJ_TEST_SUBGROUP_SIZE";
@@ -710,34 +748,20 @@ const SUBGROUP_CHILD_ENV: &str = "OUTPROJ_TEST_SUBGROUP_SIZE";
 /// them).
 #[test]
 fn attention_on_gpu_subgroup_sizes() {
-    use std::process::Command;
-    if std::env::var_os(SUBGROUP_CHILD_ENV).is_some() {
-        return;
-    }
-    let Some(_) = backend(WgpuOptions::default()) else {
+    let Some(info) = lavapipe_parent(SUBGROUP_CHILD_ENV) else {
         return;
     };
-    let info = output_projector::wgpu::probe().expect("the adapter backend() opened");
-    if !(info.adapter.starts_with("llvmpipe") && info.subgroup) {
-        println!(
-            "skipped: the adapter ({}) is not lavapipe with subgroups",
-            info.adapter
-        );
+    if !info.subgroup {
+        println!("skipped: the adapter ({}) has no subgroups", info.adapter);
         return;
     }
-    for (bits, lanes) in [(1024, 32), (2048, 64)] {
-        let out = Command::new(std::env::current_exe().expect("this test binary"))
-            .args(["attention", "every_op_with_f16_storage", "--test-threads=2"])
-            .env("LP_NATIVE_VECTOR_WIDTH", bits.to_string())
-            .env(SUBGROUP_CHILD_ENV, lanes.to_string())
-            .output()
-            .expect("running the attention tests");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{lanes}-lane subgroups:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    for (bits, lanes) in [("1024", "32"), ("2048", "64")] {
+        let what = format!("{lanes}-lane subgroups");
+        let env = [
+            ("LP_NATIVE_VECTOR_WIDTH", bits),
+            (SUBGROUP_CHILD_ENV, lanes),
+        ];
+        let stdout = child_tests(&what, &["attention", "every_op_with_f16_storage"], &env);
         let passed = stdout.lines().filter(|l| l.ends_with("... ok")).count();
         // The attention tests, the f16 one, the size check and this one.
         assert!(passed >= 6, "{lanes}-lane subgroups:\n{stdout}");
@@ -773,29 +797,12 @@ const GL_CHILD_ENV: &str = "OUTPROJ_TEST_GL";
 /// backend is chosen when the first adapter is opened.
 #[test]
 fn ops_through_opengl() {
-    use std::process::Command;
-    if std::env::var_os(GL_CHILD_ENV).is_some() {
+    if lavapipe_parent(GL_CHILD_ENV).is_none() {
         return;
     }
-    let Some(_) = backend(WgpuOptions::default()) else {
-        return;
-    };
-    let info = output_projector::wgpu::probe().expect("the adapter backend() opened");
-    if !info.adapter.starts_with("llvmpipe") {
-        println!("skipped: the adapter ({}) is not lavapipe", info.adapter);
-        return;
-    }
-    let child = |args: &[&str]| {
-        Command::new(std::env::current_exe().expect("this test binary"))
-            .args(args)
-            .args(["--exact", "--test-threads=2"])
-            .env("WGPU_BACKEND", "gl")
-            .env(GL_CHILD_ENV, "1")
-            .output()
-            .expect("running the tests through OpenGL")
-    };
-    let probe = child(&["the_child_runs_on_opengl", "--nocapture"]);
-    if String::from_utf8_lossy(&probe.stdout).contains("no OpenGL adapter") {
+    let env = [("WGPU_BACKEND", "gl"), (GL_CHILD_ENV, "1")];
+    let probe = ["the_child_runs_on_opengl", "--exact", "--nocapture"];
+    if child_tests("OpenGL", &probe, &env).contains("no OpenGL adapter") {
         println!("skipped: no OpenGL adapter (Mesa's libegl-mesa0 and libgl1-mesa-dri)");
         return;
     }
@@ -809,13 +816,7 @@ fn ops_through_opengl() {
         "every_op_with_f16_storage",
         "the_child_runs_on_opengl",
     ];
-    let out = child(&filters);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "through OpenGL:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = child_tests("OpenGL", &[&filters[..], &["--exact"]].concat(), &env);
     // Every one ran (the f16 one skips its f16 backends, without SHADER_F16).
     let passed = stdout.lines().filter(|l| l.ends_with("... ok")).count();
     assert_eq!(passed, filters.len(), "through OpenGL:\n{stdout}");
