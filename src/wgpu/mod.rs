@@ -90,8 +90,9 @@ pub use backend::{
     KernelVersion, Precision, Tuning, WeightType, Wgpu, WgpuMask, WgpuOptions, WgpuTensor,
 };
 
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::wgpu::util::DeviceExt;
 
@@ -552,23 +553,33 @@ impl Readback {
                 len,
             } => (staging, submission, len),
         };
-        let mapped: Arc<Mutex<Option<std::result::Result<(), ::wgpu::BufferAsyncError>>>> =
-            Arc::new(Mutex::new(None));
-        let slot = Arc::clone(&mapped);
+        let (mapped, status) = std::sync::mpsc::channel();
         gpu.scoped("read_buffer: map", |_, _| {
             staging
                 .slice(..)
                 .map_async(::wgpu::MapMode::Read, move |r| {
-                    if let Ok(mut s) = slot.lock() {
-                        *s = Some(r);
-                    }
+                    // The receiver is gone only where the wait below failed.
+                    let _ = mapped.send(r);
                 });
         })?;
         gpu.wait(Some(submission))?;
-        let status = mapped
-            .lock()
-            .map_err(|_| backend_error("read_buffer: map status poisoned"))?
-            .take();
+        // The wait can return before the map callback has run: another
+        // thread's poll may have taken it from the device and not called it
+        // yet. Wait for the callback itself, polling meanwhile.
+        let deadline = Instant::now() + WAIT_TIMEOUT;
+        let status = loop {
+            match status.recv_timeout(Duration::from_millis(1)) {
+                Ok(r) => break Some(r),
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                    no_panic("read_buffer: poll", || {
+                        gpu.device
+                            .poll(::wgpu::PollType::Poll)
+                            .map_err(|e| backend_error(format!("waiting for the device: {e}")))
+                    })?;
+                }
+                Err(_) => break None,
+            }
+        };
         match status {
             Some(Ok(())) => {}
             Some(Err(e)) => return Err(backend_error(format!("read_buffer: mapping failed: {e}"))),
