@@ -9,9 +9,9 @@
 //! of them (cached; a plan's forwards bind the same ones every time).
 //! Buffers are pooled by size; a dropped tensor's buffer becomes reusable
 //! only after the next submit, so no write can overtake recorded work that
-//! still reads it. The arena's write,
-//! the submit and that reuse happen under one lock with the recording, so
-//! threads that share a backend keep to each other's order.
+//! still reads it. The arena's write, the submit and that reuse happen under
+//! one lock with the recording, so threads that share a backend keep to each
+//! other's order.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -327,6 +327,16 @@ struct Storage {
     pooled: bool,
 }
 
+impl Storage {
+    fn new(buffer: ::wgpu::Buffer, owner: &Arc<Inner>, pooled: bool) -> Arc<Self> {
+        Arc::new(Storage {
+            buffer,
+            owner: Arc::downgrade(owner),
+            pooled,
+        })
+    }
+}
+
 impl Drop for Storage {
     fn drop(&mut self) {
         let Some(inner) = self.owner.upgrade() else {
@@ -625,11 +635,7 @@ impl Wgpu {
             )));
         }
         Ok(WgpuTensor {
-            storage: Arc::new(Storage {
-                buffer,
-                owner: Arc::downgrade(&self.inner),
-                pooled: false,
-            }),
+            storage: Storage::new(buffer, &self.inner, false),
             offset,
             shape: shape.to_vec(),
             numel,
@@ -682,11 +688,7 @@ impl Wgpu {
             .ok_or_else(|| Error::Overflow(format!("wgpu tensor of shape {shape:?}")))?;
         let buffer = self.buffer(bytes)?;
         Ok(WgpuTensor {
-            storage: Arc::new(Storage {
-                buffer,
-                owner: Arc::downgrade(&self.inner),
-                pooled: true,
-            }),
+            storage: Storage::new(buffer, &self.inner, true),
             offset: 0,
             shape: shape.to_vec(),
             numel,
@@ -752,11 +754,7 @@ impl Wgpu {
             })?;
         }
         Ok(Words {
-            storage: Arc::new(Storage {
-                buffer,
-                owner: Arc::downgrade(&self.inner),
-                pooled: true,
-            }),
+            storage: Storage::new(buffer, &self.inner, true),
             len: words.len(),
         })
     }
