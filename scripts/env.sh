@@ -112,6 +112,32 @@ outproj_ensure_vulkan() {
     outproj_apt_install vulkan mesa-vulkan-drivers libvulkan1
 }
 
+# `outproj_fetch_vulkan_loader [DIR]`: downloads the Vulkan loader's Debian
+# package (libvulkan1, amd64, whatever this machine's processor) into DIR
+# (default: .gpu-deps, which git ignores), for a GPU machine whose driver has a
+# Vulkan ICD but no loader: scripts/gpu-check.sh unpacks it there, so wgpu runs
+# on that GPU. Carry DIR along with the binary. Needs apt-get; uses package
+# lists of its own, so the system's are left alone.
+outproj_fetch_vulkan_loader() {
+    local dir=${1:-$OUTPROJ_ROOT/.gpu-deps} lists rc
+    if ! command -v apt-get >/dev/null 2>&1; then
+        outproj_log "vulkan loader: no apt-get; put libvulkan1's amd64 .deb into $dir by hand"
+        return 1
+    fi
+    mkdir -p "$dir" || return 1
+    lists=$(mktemp -d) || return 1
+    mkdir -p "$lists/partial"
+    local o=(-q -oAPT::Architecture=amd64 -oAPT::Architectures=amd64 "-oDir::State::Lists=$lists")
+    # As root apt downloads as its own user, who cannot write these folders.
+    [[ $(id -u) == 0 ]] && o+=(-oAPT::Sandbox::User=root)
+    outproj_log "vulkan loader: downloading libvulkan1 (amd64) into $dir"
+    apt-get "${o[@]}" update >/dev/null &&
+        (cd "$dir" && apt-get "${o[@]}" download libvulkan1)
+    rc=$?
+    rm -rf "$lists"
+    return "$rc"
+}
+
 # Installs libclang (for the `nvtx` feature's bindings) with apt-get when missing.
 outproj_ensure_libclang() {
     # libclang itself: libclang-cpp (which other packages install) is a

@@ -10,6 +10,10 @@
 #   nvrtc            finds libnvrtc.so.13 (CUDA 13.0; from a CUDA toolkit or the
 #                    nvidia-cuda-nvrtc wheel PyTorch installs) and puts its folder
 #                    on LD_LIBRARY_PATH for the steps below
+#   vulkan           finds the Vulkan loader wgpu needs, or unpacks libvulkan1's
+#                    .deb from $VULKAN_DEBS where the machine has none, and points
+#                    the loader at $NVIDIA_ICD where its own folders name no
+#                    NVIDIA driver (skipped without either loader)
 #   info             outproj info
 #   kernels          outproj kernels --arch native --kernel-cache: every kernel
 #                    compiled in parallel into the kernel cache the steps below
@@ -101,6 +105,12 @@
 #                      synccheck and initcheck also work)
 #   STEP_TIMEOUT       seconds per plain step (default: 1800)
 #   SANITIZER_TIMEOUT  seconds per sanitizer step (default: 5400)
+#   VULKAN_DEBS        folder with libvulkan1's amd64 .deb, for a machine without a
+#                      Vulkan loader (default: .gpu-deps; fill it with
+#                      `source scripts/env.sh && outproj_fetch_vulkan_loader`, and
+#                      carry it with the binary)
+#   NVIDIA_ICD         the NVIDIA driver's Vulkan manifest (default:
+#                      /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json)
 #   OUTPROJ_KERNEL_CACHE  the kernel cache (default here: 1, the default folder;
 #                      a folder; 0 for none)
 set -u
@@ -145,6 +155,8 @@ TORCH_TIMEOUT=${TORCH_TIMEOUT:-3600}
 SANITIZER_TOOLS=${SANITIZER_TOOLS:-memcheck racecheck}
 STEP_TIMEOUT=${STEP_TIMEOUT:-1800}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-5400}
+VULKAN_DEBS=${VULKAN_DEBS:-$root/.gpu-deps}
+NVIDIA_ICD=${NVIDIA_ICD:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}
 
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
@@ -373,8 +385,51 @@ if lib=$(find_nvrtc); then
 else
     record nvrtc warn "libnvrtc.so.13 not found (pip install nvidia-cuda-nvrtc==13.0.88, or a CUDA 13.0 toolkit)"
 fi
+
+# wgpu's Vulkan loader (libvulkan.so.1) and the driver's manifest (ICD). The
+# GPU machine's driver brings NVIDIA's manifest but not always a loader: then
+# libvulkan1's .deb from $VULKAN_DEBS is unpacked into a folder of its own and
+# put on LD_LIBRARY_PATH. Where the loader's own folders hold no manifest that
+# names NVIDIA, VK_DRIVER_FILES points it at $NVIDIA_ICD.
+setup_vulkan() {
+    local how dir deb lib
+    if ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1 '; then
+        how="the system's loader"
+    elif compgen -G "$VULKAN_DEBS/libvulkan1_*.deb" >/dev/null; then
+        if ! command -v dpkg >/dev/null 2>&1; then
+            record vulkan FAIL "dpkg not found: cannot unpack $VULKAN_DEBS/libvulkan1_*.deb"
+            return
+        fi
+        dir=$(mktemp -d) || return
+        for deb in "$VULKAN_DEBS"/libvulkan1_*.deb; do
+            if ! dpkg -x "$deb" "$dir" 2>"$OUT/vulkan.err"; then
+                record vulkan FAIL "dpkg -x $deb: $(last_error vulkan)"
+                return
+            fi
+        done
+        lib=$(find "$dir" -name libvulkan.so.1 | head -n 1)
+        if [[ -z $lib ]]; then
+            record vulkan FAIL "no libvulkan.so.1 in $VULKAN_DEBS/libvulkan1_*.deb"
+            return
+        fi
+        export LD_LIBRARY_PATH="${lib%/*}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        how="the loader of $(basename "$deb") in ${lib%/*}"
+    else
+        record vulkan skip "no libvulkan.so.1, and no $VULKAN_DEBS/libvulkan1_*.deb to bring one (scripts/env.sh: outproj_fetch_vulkan_loader): wgpu will see no GPU"
+        return
+    fi
+    if [[ -z ${VK_DRIVER_FILES:-}${VK_ICD_FILENAMES:-} && -f $NVIDIA_ICD ]] &&
+        ! grep -qil nvidia /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json \
+            /usr/local/share/vulkan/icd.d/*.json 2>/dev/null; then
+        export VK_DRIVER_FILES=$NVIDIA_ICD
+        how+=", the driver's manifest $NVIDIA_ICD"
+    fi
+    record vulkan ok "$how"
+}
+setup_vulkan
+
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" >"$OUT/environment.txt"
-env | grep -E '^(CUDA|OUTPROJ|NVIDIA|WGPU)' >>"$OUT/environment.txt" 2>/dev/null
+env | grep -E '^(CUDA|OUTPROJ|NVIDIA|WGPU|VK_)' >>"$OUT/environment.txt" 2>/dev/null
 
 run_step info "$STEP_TIMEOUT" "$OUTPROJ" info
 rc=$?

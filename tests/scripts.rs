@@ -363,3 +363,96 @@ fn gpu_check_counts_targets_and_predictions() -> Result<(), String> {
     );
     Ok(())
 }
+
+#[test]
+fn gpu_check_brings_a_vulkan_loader_where_the_machine_has_none() -> Result<(), String> {
+    // A machine whose dynamic loader knows no libvulkan.so.1 (an `ldconfig`
+    // that lists nothing): the loader comes from the .deb in VULKAN_DEBS,
+    // unpacked into a folder put first on LD_LIBRARY_PATH, and the loader is
+    // pointed at NVIDIA_ICD, since no manifest of its own folders names
+    // NVIDIA. Without a .deb the step says how to get one.
+    if Command::new("dpkg-deb").arg("--version").output().is_err() {
+        println!("skipped: no dpkg-deb to build the test's package with");
+        return Ok(());
+    }
+    let dir = scratch("gpu_check_vulkan")?;
+    let pkg = dir.join("pkg");
+    let lib = pkg.join("usr/lib/x86_64-linux-gnu");
+    std::fs::create_dir_all(pkg.join("DEBIAN")).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&lib).map_err(|e| e.to_string())?;
+    write(
+        &pkg.join("DEBIAN/control"),
+        "Package: libvulkan1\nVersion: 9.9\nArchitecture: amd64\n\
+         Maintainer: test <test@example.com>\nDescription: a stand-in\n",
+    )?;
+    write(&lib.join("libvulkan.so.1"), "not a library")?;
+    let debs = dir.join("debs");
+    std::fs::create_dir_all(&debs).map_err(|e| e.to_string())?;
+    let deb = debs.join("libvulkan1_9.9_amd64.deb");
+    run(
+        "dpkg-deb",
+        &[
+            "--build",
+            &pkg.display().to_string(),
+            &deb.display().to_string(),
+        ],
+    )?;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+    let ldconfig = bin.join("ldconfig");
+    write(&ldconfig, "#!/bin/sh\nexit 0\n")?;
+    let stub = bin.join("outproj");
+    write(
+        &stub,
+        "#!/usr/bin/env bash\n[[ $1 == info ]] && echo \"loaders: $LD_LIBRARY_PATH manifest: $VK_DRIVER_FILES\"\nexit 0\n",
+    )?;
+    for f in [&ldconfig, &stub] {
+        run("chmod", &["+x", &f.display().to_string()])?;
+    }
+    let icd = write(&dir.join("nvidia_icd.json"), "{}")?;
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let debs = debs.display().to_string();
+    let mut env = vec![
+        ("STEPS", "none"),
+        ("PATH", path.as_str()),
+        ("VULKAN_DEBS", debs.as_str()),
+        ("NVIDIA_ICD", icd.as_str()),
+        ("VK_DRIVER_FILES", ""),
+        ("VK_ICD_FILENAMES", ""),
+    ];
+    let out = dir.join("out");
+    let (ok, stdout) = gpu_check(&stub, &out, &env)?;
+    assert!(ok, "{stdout}");
+    let vulkan = stdout
+        .lines()
+        .find(|l| l.starts_with("vulkan"))
+        .unwrap_or_default();
+    assert!(
+        vulkan.contains(" ok ") && vulkan.contains("libvulkan1_9.9_amd64.deb"),
+        "{stdout}"
+    );
+    let info = read(&out.join("info.out"))?;
+    let first = info
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.split(':').next())
+        .unwrap_or_default();
+    assert!(
+        read(&Path::new(first).join("libvulkan.so.1"))? == "not a library",
+        "the unpacked loader's folder is not first on LD_LIBRARY_PATH: {info}"
+    );
+    assert!(info.trim_end().ends_with(&format!("manifest: {icd}")), "{info}");
+
+    // No .deb: skipped, with the way to get one.
+    let empty = dir.join("empty").display().to_string();
+    env[2] = ("VULKAN_DEBS", empty.as_str());
+    let (ok, stdout) = gpu_check(&stub, &dir.join("out2"), &env)?;
+    assert!(ok, "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("vulkan")
+            && l.contains("skip")
+            && l.contains("no libvulkan.so.1")),
+        "{stdout}"
+    );
+    Ok(())
+}
