@@ -29,7 +29,11 @@
 //
 // With OUTPROJ_EMULATOR_TRACE set, every kernel run is printed to stderr with
 // its grid, block and cluster size and the host time it took: a forward's
-// launch list, in order, and where an emulated test spends its time.
+// launch list, in order, and where an emulated test spends its time. With
+// OUTPROJ_EMULATOR_SKIP_KERNELS set, launches are checked and recorded as
+// ever but no kernel runs (outputs are whatever memory held): what is left of
+// a forward's time is the host's own, the crate's and cudarc's share of each
+// launch without the real driver's.
 //
 // Stream capture records launches (with a copy of their parameters) instead of
 // running them; a graph replay runs them in order. Allocations, copies,
@@ -221,9 +225,10 @@ static bool launch_shape_ok(unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
 }
 static void run_node(const Node& n) {
     static const bool trace = getenv("OUTPROJ_EMULATOR_TRACE") != nullptr;
+    static const bool skip = getenv("OUTPROJ_EMULATOR_SKIP_KERNELS") != nullptr;
     void* p = (void*)n.params.data();
     auto start = std::chrono::steady_clock::now();
-    emu::launch(n.grid, n.block, [&] { n.entry->run(p); }, n.cluster);
+    if (!skip) emu::launch(n.grid, n.block, [&] { n.entry->run(p); }, n.cluster);
     if (trace) {
         // The host time of each launch: where emulated tests spend theirs.
         double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
