@@ -33,6 +33,8 @@ OUTPROJ_NVRTC_WHEEL="${OUTPROJ_NVRTC_WHEEL:-nvidia-cuda-nvrtc==13.0.88}"
 OUTPROJ_CUDART_WHEEL="${OUTPROJ_CUDART_WHEEL:-nvidia-cuda-runtime==13.0.96}"
 # crt/mma.h, which mma.h (WMMA, the f16/bf16 tensor-core GEMM) includes.
 OUTPROJ_CRT_WHEEL="${OUTPROJ_CRT_WHEEL:-nvidia-cuda-crt==13.0.88}"
+# The Vulkan loader and GL dispatch libraries a bare GPU machine may lack.
+OUTPROJ_GPU_DEBS="${OUTPROJ_GPU_DEBS:-libvulkan1 libglvnd0 libegl1 libgl1 libglx0 libopengl0 libgles2}"
 
 outproj_log() { printf '[env] %s\n' "$*" >&2; }
 
@@ -113,15 +115,17 @@ outproj_ensure_vulkan() {
 }
 
 # `outproj_fetch_vulkan_loader [DIR]`: downloads the Vulkan loader's Debian
-# package (libvulkan1, amd64, whatever this machine's processor) into DIR
-# (default: .gpu-deps, which git ignores), for a GPU machine whose driver has a
-# Vulkan ICD but no loader: scripts/gpu-check.sh unpacks it there, so wgpu runs
-# on that GPU. Carry DIR along with the binary. Needs apt-get; uses package
-# lists of its own, so the system's are left alone.
+# package (libvulkan1) and the GL dispatch libraries NVIDIA's Vulkan driver
+# links against (libglvnd0 and its kin), amd64 whatever this machine's
+# processor, into DIR (default: .gpu-deps, which git ignores). For a GPU
+# machine whose driver brings its Vulkan manifest but no loader:
+# scripts/gpu-check.sh unpacks them there, so wgpu runs on that GPU. Carry DIR
+# along with the binary. Needs apt-get; uses package lists of its own, so the
+# system's are left alone.
 outproj_fetch_vulkan_loader() {
     local dir=${1:-$OUTPROJ_ROOT/.gpu-deps} lists rc
     if ! command -v apt-get >/dev/null 2>&1; then
-        outproj_log "vulkan loader: no apt-get; put libvulkan1's amd64 .deb into $dir by hand"
+        outproj_log "vulkan loader: no apt-get; put the amd64 .debs of $OUTPROJ_GPU_DEBS into $dir by hand"
         return 1
     fi
     mkdir -p "$dir" || return 1
@@ -130,9 +134,10 @@ outproj_fetch_vulkan_loader() {
     local o=(-q -oAPT::Architecture=amd64 -oAPT::Architectures=amd64 "-oDir::State::Lists=$lists")
     # As root apt downloads as its own user, who cannot write these folders.
     [[ $(id -u) == 0 ]] && o+=(-oAPT::Sandbox::User=root)
-    outproj_log "vulkan loader: downloading libvulkan1 (amd64) into $dir"
+    outproj_log "vulkan loader: downloading $OUTPROJ_GPU_DEBS (amd64) into $dir"
+    # shellcheck disable=SC2086 # a list of package names
     apt-get "${o[@]}" update >/dev/null &&
-        (cd "$dir" && apt-get "${o[@]}" download libvulkan1)
+        (cd "$dir" && apt-get "${o[@]}" download $OUTPROJ_GPU_DEBS)
     rc=$?
     rm -rf "$lists"
     return "$rc"

@@ -10,10 +10,11 @@
 #   nvrtc            finds libnvrtc.so.13 (CUDA 13.0; from a CUDA toolkit or the
 #                    nvidia-cuda-nvrtc wheel PyTorch installs) and puts its folder
 #                    on LD_LIBRARY_PATH for the steps below
-#   vulkan           finds the Vulkan loader wgpu needs, or unpacks libvulkan1's
-#                    .deb from $VULKAN_DEBS where the machine has none, and points
-#                    the loader at $NVIDIA_ICD where its own folders name no
-#                    NVIDIA driver (skipped without either loader)
+#   vulkan           finds the Vulkan loader wgpu needs, or unpacks the .debs in
+#                    $VULKAN_DEBS (libvulkan1 and the GL dispatch libraries)
+#                    where the machine has none, and points the loader at
+#                    $NVIDIA_ICD where its own folders name no NVIDIA driver
+#                    (skipped without either loader)
 #   info             outproj info
 #   kernels          outproj kernels --arch native --kernel-cache: every kernel
 #                    compiled in parallel into the kernel cache the steps below
@@ -105,8 +106,9 @@
 #                      synccheck and initcheck also work)
 #   STEP_TIMEOUT       seconds per plain step (default: 1800)
 #   SANITIZER_TIMEOUT  seconds per sanitizer step (default: 5400)
-#   VULKAN_DEBS        folder with libvulkan1's amd64 .deb, for a machine without a
-#                      Vulkan loader (default: .gpu-deps; fill it with
+#   VULKAN_DEBS        folder with the amd64 .debs of libvulkan1 and the GL
+#                      dispatch libraries, for a machine without a Vulkan loader
+#                      (default: .gpu-deps; fill it with
 #                      `source scripts/env.sh && outproj_fetch_vulkan_loader`, and
 #                      carry it with the binary)
 #   NVIDIA_ICD         the NVIDIA driver's Vulkan manifest (default:
@@ -388,9 +390,10 @@ fi
 
 # wgpu's Vulkan loader (libvulkan.so.1) and the driver's manifest (ICD). The
 # GPU machine's driver brings NVIDIA's manifest but not always a loader: then
-# libvulkan1's .deb from $VULKAN_DEBS is unpacked into a folder of its own and
-# put on LD_LIBRARY_PATH. Where the loader's own folders hold no manifest that
-# names NVIDIA, VK_DRIVER_FILES points it at $NVIDIA_ICD.
+# the .debs in $VULKAN_DEBS (libvulkan1, and the GL dispatch libraries NVIDIA's
+# driver links against) are unpacked into a folder of their own, put on
+# LD_LIBRARY_PATH. Where the loader's own folders hold no manifest that names
+# NVIDIA, VK_DRIVER_FILES points it at $NVIDIA_ICD.
 setup_vulkan() {
     local how dir deb lib
     if ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1 '; then
@@ -401,7 +404,7 @@ setup_vulkan() {
             return
         fi
         dir=$(mktemp -d) || return
-        for deb in "$VULKAN_DEBS"/libvulkan1_*.deb; do
+        for deb in "$VULKAN_DEBS"/*.deb; do
             if ! dpkg -x "$deb" "$dir" 2>"$OUT/vulkan.err"; then
                 record vulkan FAIL "dpkg -x $deb: $(last_error vulkan)"
                 return
@@ -413,7 +416,7 @@ setup_vulkan() {
             return
         fi
         export LD_LIBRARY_PATH="${lib%/*}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        how="the loader of $(basename "$deb") in ${lib%/*}"
+        how="the loader of $(basename "$VULKAN_DEBS"/libvulkan1_*.deb) in ${lib%/*}"
     else
         record vulkan skip "no libvulkan.so.1, and no $VULKAN_DEBS/libvulkan1_*.deb to bring one (scripts/env.sh: outproj_fetch_vulkan_loader): wgpu will see no GPU"
         return
