@@ -410,7 +410,11 @@ fn gpu_check_brings_a_vulkan_loader_where_the_machine_has_none() -> Result<(), S
         run("chmod", &["+x", &f.display().to_string()])?;
     }
     let icd = write(&dir.join("nvidia_icd.json"), "{}")?;
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let debs = debs.display().to_string();
     let mut env = vec![
         ("STEPS", "none"),
@@ -441,7 +445,10 @@ fn gpu_check_brings_a_vulkan_loader_where_the_machine_has_none() -> Result<(), S
         read(&Path::new(first).join("libvulkan.so.1"))? == "not a library",
         "the unpacked loader's folder is not first on LD_LIBRARY_PATH: {info}"
     );
-    assert!(info.trim_end().ends_with(&format!("manifest: {icd}")), "{info}");
+    assert!(
+        info.trim_end().ends_with(&format!("manifest: {icd}")),
+        "{info}"
+    );
 
     // No .deb: skipped, with the way to get one.
     let empty = dir.join("empty").display().to_string();
