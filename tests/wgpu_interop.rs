@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use output_projector::ops::Backend;
+use output_projector::ops::{Activation, Backend};
 use output_projector::signal::SignalPositions;
 use output_projector::tensor::HostTensor;
 use output_projector::wgpu::{Gpu, Wgpu, WgpuOptions};
@@ -454,4 +454,46 @@ fn device_time_comes_from_timestamps_where_offered() {
     // Nothing dispatched: nothing to time.
     let ((), none) = be.time_on_device(|| Ok(())).unwrap();
     assert!(none.is_none());
+}
+
+#[test]
+fn a_tensor_past_the_largest_binding_is_a_clear_error() {
+    let Some(gpu) = gpu() else { return };
+    let limit = gpu.limits.max_storage_buffer_binding_size;
+    if limit > 1 << 30 || limit >= gpu.limits.max_buffer_size {
+        // A real GPU's limit is gigabytes (lavapipe's is 128 MiB): too much
+        // memory for a test, or no buffer could exceed it.
+        println!("skipped: a binding may span {limit} bytes here");
+        return;
+    }
+    let be = Wgpu::new(Arc::clone(&gpu), WgpuOptions::default()).unwrap();
+    // w [n, 4] of f32 spans 16 n bytes: 64 rows past the limit.
+    let n = (limit / 16) as usize + 64;
+    let x = be
+        .upload(&HostTensor::from_f32(vec![4, 4], vec![1.0; 16]).unwrap())
+        .unwrap();
+    let w = be
+        .upload_weight(&HostTensor::from_f32(vec![n, 4], vec![0.5; 4 * n]).unwrap())
+        .unwrap();
+    let mut out = be.alloc(&[4, n]).unwrap();
+    let e = be
+        .linear(&x, &w, None, Activation::None, None, &mut out)
+        .expect_err("a binding past the device's limit");
+    let message = e.to_string();
+    assert!(
+        matches!(e, output_projector::Error::OutOfMemory(_))
+            && message.contains(&format!("[{n}, 4]"))
+            && message.contains("max_storage_buffer_binding_size"),
+        "{message}"
+    );
+    // Nothing was recorded: the backend goes on, and a GEMM of the weight's
+    // first rows (a tensor of their own) is right.
+    drop((w, out));
+    let w = be
+        .upload_weight(&HostTensor::from_f32(vec![3, 4], vec![0.5; 12]).unwrap())
+        .unwrap();
+    let mut out = be.alloc(&[4, 3]).unwrap();
+    be.linear(&x, &w, None, Activation::None, None, &mut out)
+        .unwrap();
+    assert_eq!(be.download(&out).unwrap().to_f32_vec(), vec![2.0; 12]);
 }

@@ -917,6 +917,26 @@ impl Wgpu {
         if let Some(group) = lock(&self.inner.bind_groups)?.get(&key) {
             return Ok(group.clone());
         }
+        // Checked where a group is made (a cached one passed): a range past
+        // the device's limit would be a validation error in wgpu's words.
+        let limit = self.inner.gpu.limits.max_storage_buffer_binding_size;
+        let tensors = reads.iter().filter_map(|b| match b {
+            Bind::Tensor(t) => Some(*t),
+            _ => None,
+        });
+        if let Some(t) = tensors
+            .chain(writes.iter().copied())
+            .find(|t| t.binding_bytes() > limit)
+        {
+            return Err(Error::OutOfMemory(format!(
+                "wgpu {}: a tensor of shape {:?} spans {} bytes, past the {limit} bytes \
+                 one binding may span on this device (max_storage_buffer_binding_size); \
+                 a smaller batch fits",
+                k.entry,
+                t.shape,
+                t.binding_bytes()
+            )));
+        }
         let layout = self.layout(k.reads, k.writes)?;
         let params = ::wgpu::BindGroupEntry {
             binding: 0,
