@@ -509,6 +509,28 @@ pub trait Backend: Clone {
 
     /// The loss of `pred` against `target` (`[B, N, D]` each) into `loss` (`[1]`),
     /// and its gradient w.r.t. `pred` into `grad` (`[B, N, D]`).
+    ///
+    /// ```
+    /// use output_projector::cpu::Cpu;
+    /// use output_projector::ops::{Backend, LossKind};
+    /// use output_projector::tensor::HostTensor;
+    ///
+    /// # fn main() -> output_projector::Result<()> {
+    /// let be = Cpu::open()?;
+    /// // Two tokens of two dimensions, at distances 5 and 0 from their targets.
+    /// let pred = be.upload(&HostTensor::from_f32(vec![1, 2, 2], vec![3.0, 4.0, 1.0, 1.0])?)?;
+    /// let target = be.upload(&HostTensor::from_f32(vec![1, 2, 2], vec![0.0, 0.0, 1.0, 1.0])?)?;
+    /// let (mut loss, mut grad) = (be.alloc(&[1])?, be.alloc(&[1, 2, 2])?);
+    /// be.alignment_loss(LossKind::TokenL2, &pred, &target, &mut loss, &mut grad)?;
+    /// assert_eq!(be.download(&loss)?.to_f32_vec(), vec![2.5]); // (5 + 0) / 2 tokens
+    /// // (u - v) / (distance x B x N); 0 for the token at distance 0.
+    /// let grad = be.download(&grad)?.to_f32_vec();
+    /// for (g, want) in grad.iter().zip([0.3, 0.4, 0.0, 0.0]) {
+    ///     assert!((g - want).abs() < 1e-7, "{grad:?}");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     fn alignment_loss(
         &self,
         kind: LossKind,

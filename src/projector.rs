@@ -289,6 +289,38 @@ impl<B: Backend> Projector<B> {
     /// The buffers of a forward of `batch` rows of `n_in` signal tokens, with
     /// the decoder prefix for `batch` computed (on first use of that batch
     /// size) and kept. Reuse a plan for every forward of its shape.
+    ///
+    /// ```
+    /// use output_projector::config::{Modality, ProjectorConfig, Variant};
+    /// use output_projector::cpu::Cpu;
+    /// use output_projector::ops::Backend;
+    /// use output_projector::projector::Projector;
+    /// use output_projector::tensor::HostTensor;
+    /// use output_projector::weights::ProjectorWeights;
+    ///
+    /// # fn main() -> output_projector::Result<()> {
+    /// let mut config = ProjectorConfig::preset(Modality::Audio, Variant::Legacy);
+    /// config.in_dim = 16; // small for the example
+    /// let weights = ProjectorWeights::random(config, None, 1)?;
+    /// let projector = Projector::new(Cpu::open()?, &weights)?;
+    /// let be = projector.backend();
+    ///
+    /// // Batch 2 of the 8 [AUD] tokens: one plan, its buffers made once.
+    /// let mut plan = projector.plan(2, 8)?;
+    /// for step in 0..3 {
+    ///     let states = vec![0.25 * step as f32; 2 * 8 * 16];
+    ///     let hidden = be.upload(&HostTensor::from_f32(vec![2, 8, 16], states)?)?;
+    ///     let out = be.download(projector.forward_with(&mut plan, &hidden, None)?)?;
+    ///     // What a forward with buffers of its own gives, to the bit.
+    ///     let fresh = be.download(&projector.forward(&hidden, None)?)?;
+    ///     assert_eq!(out.to_f64_vec(), fresh.to_f64_vec());
+    /// }
+    /// // Another shape is an error that says which, not a wrong answer.
+    /// let three = be.upload(&HostTensor::from_f32(vec![3, 8, 16], vec![0.0; 3 * 8 * 16])?)?;
+    /// assert!(projector.forward_with(&mut plan, &three, None).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn plan(&self, batch: usize, n_in: usize) -> Result<Plan<B::Tensor>> {
         self.check_input_shape(&[batch, n_in, self.config.in_dim])?;
         let c = &self.config;
@@ -620,6 +652,42 @@ impl<B: Backend> Projector<B> {
 
     /// [`Projector::forward_from_llm`] with the signal tokens' positions already
     /// found (e.g. once on the host, reused for several forwards).
+    ///
+    /// ```
+    /// use output_projector::config::{Modality, ProjectorConfig, Variant};
+    /// use output_projector::cpu::Cpu;
+    /// use output_projector::ops::Backend;
+    /// use output_projector::projector::Projector;
+    /// use output_projector::signal::SignalPositions;
+    /// use output_projector::tensor::HostTensor;
+    /// use output_projector::weights::ProjectorWeights;
+    ///
+    /// # fn main() -> output_projector::Result<()> {
+    /// let mut config = ProjectorConfig::preset(Modality::Image, Variant::Legacy);
+    /// config.in_dim = 16;
+    /// let projector = Projector::new(Cpu::open()?, &ProjectorWeights::random(config, None, 2)?)?;
+    /// let be = projector.backend();
+    ///
+    /// // Two answers of 7 tokens; [IMG0]..[IMG3] are ids 900..=903 here, at
+    /// // other places in each.
+    /// let img = [900, 901, 902, 903];
+    /// let tokens: Vec<i64> = [vec![5, 900, 901, 902, 903, 6, 2], vec![7, 8, 9, 900, 901, 902, 903]]
+    ///     .concat();
+    /// let positions = SignalPositions::find(&tokens, 2, 7, &img)?;
+    ///
+    /// // The LLM's last hidden states at every token, [2, 7, in_dim].
+    /// let states: Vec<f32> = (0..2 * 7 * 16).map(|i| (i % 13) as f32 / 13.0).collect();
+    /// let hidden = be.upload(&HostTensor::from_f32(vec![2, 7, 16], states)?)?;
+    /// let conditioning = be.download(&projector.forward_at(&hidden, None, &positions)?)?;
+    /// assert_eq!(conditioning.shape(), &[2, 77, 768]); // Stable Diffusion's
+    ///
+    /// // The same positions in a plan's buffers: nothing allocated per forward.
+    /// let mut plan = projector.plan(positions.batch(), positions.count())?;
+    /// let again = projector.forward_with_at(&mut plan, &hidden, None, &positions)?;
+    /// assert_eq!(be.download(again)?.to_f64_vec(), conditioning.to_f64_vec());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn forward_at(
         &self,
         hidden: &B::Tensor,

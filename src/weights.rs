@@ -274,6 +274,36 @@ impl ProjectorWeights {
     }
 
     /// Find, read and check one projector in a checkpoint.
+    ///
+    /// ```
+    /// use output_projector::config::Modality;
+    /// use output_projector::cpu::Cpu;
+    /// use output_projector::ops::Backend;
+    /// use output_projector::projector::Projector;
+    /// use output_projector::weights::{ProjectorWeights, Selection, TensorFile};
+    ///
+    /// # fn main() -> output_projector::Result<()> {
+    /// // A small video projector saved by `torch.save`, as NExT-GPT saves its
+    /// // own, and an input with PyTorch's float64 output for it.
+    /// let file = TensorFile::open("tests/golden/torch_legacy_b1.pt")?;
+    /// let weights = ProjectorWeights::load(&file, &Selection::default())?;
+    /// let io = TensorFile::open("tests/golden/model_legacy_b1.io.safetensors")?;
+    ///
+    /// let projector = Projector::new(Cpu::open()?, &weights)?;
+    /// let be = projector.backend();
+    /// let hidden = be.upload(&io.get("hidden")?)?;
+    /// let embeds = be.upload(&io.get("embeds")?)?;
+    /// let ours = be.download(&projector.forward(&hidden, Some(&embeds))?)?;
+    /// let torch = io.get("conditioning")?;
+    /// let (rel, _) = output_projector::tensor::compare(&ours.to_f64_vec(), &torch.to_f64_vec());
+    /// assert!(rel < 1e-5, "relative error {rel}");
+    ///
+    /// // Asking for a projector the file does not hold is an error that says so.
+    /// let audio = Selection { modality: Some(Modality::Audio), ..Selection::default() };
+    /// assert!(ProjectorWeights::load(&file, &audio).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn load(file: &TensorFile, sel: &Selection) -> Result<Self> {
         let prefix = find_prefix(file, sel)?;
         let key = |name: &str| format!("{prefix}{name}");

@@ -703,6 +703,34 @@ impl Cuda {
     /// context is the backend's). The stream must outlive the backend and every
     /// tensor it made; ordering this work with work you submit elsewhere is up
     /// to you (submit on the same stream, or use events).
+    ///
+    /// ```no_run
+    /// use output_projector::cuda::cudarc::driver::CudaContext;
+    /// use output_projector::cuda::{Cuda, CudaOptions};
+    /// use output_projector::projector::Projector;
+    /// use output_projector::weights::{ProjectorWeights, Selection, TensorFile};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // The engine's context (device 0's primary one, which PyTorch uses too)
+    /// // and its stream.
+    /// let ctx = CudaContext::new(0)?;
+    /// let stream = ctx.new_stream()?;
+    /// let cuda = Cuda::on_stream(stream.clone(), CudaOptions::default())?;
+    /// let file = TensorFile::open("nextgpt.safetensors")?;
+    /// let projector = Projector::new(cuda.clone(), &ProjectorWeights::load(&file, &Selection::default())?)?;
+    ///
+    /// // The LLM's states at the 4 [IMG] tokens, already in the engine's device
+    /// // memory: wrapped, not copied (`tensor_from_raw` for a raw pointer).
+    /// let states = stream.alloc_zeros::<f32>(4 * 4096)?;
+    /// let hidden = cuda.tensor_from_slice(states, &[1, 4, 4096])?;
+    /// let mut plan = projector.plan(1, 4)?;
+    /// // Queued on `stream`: the engine's later work there is ordered after it.
+    /// let conditioning = projector.forward_with(&mut plan, &hidden, None)?;
+    /// let at = conditioning.device_ptr(); // [1, 77, 768] f32, read in place
+    /// # let _ = at;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn on_stream(stream: Arc<CudaStream>, options: CudaOptions) -> Result<Self> {
         require_driver()?;
         require_nvrtc()?;

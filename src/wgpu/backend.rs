@@ -576,6 +576,34 @@ impl Wgpu {
     /// A tensor over a buffer you own: `shape` elements of this backend's
     /// precision starting at byte `offset`. The buffer needs STORAGE, COPY_SRC
     /// and COPY_DST usage; the offset must meet the device's storage alignment.
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use output_projector::wgpu::wgpu::{BufferDescriptor, BufferUsages};
+    /// use output_projector::wgpu::{Gpu, Wgpu, WgpuOptions};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let (adapter, device, queue): (
+    /// #     output_projector::wgpu::wgpu::Adapter,
+    /// #     output_projector::wgpu::wgpu::Device,
+    /// #     output_projector::wgpu::wgpu::Queue,
+    /// # ) = todo!();
+    /// // The engine's device and queue: the backend records on them.
+    /// let gpu = Arc::new(Gpu::from_device(&adapter.get_info(), device.clone(), queue));
+    /// let be = Wgpu::new(gpu, WgpuOptions::default())?;
+    ///
+    /// // The LLM's states at the 4 [IMG] tokens, in the engine's buffer at byte 256.
+    /// let states = device.create_buffer(&BufferDescriptor {
+    ///     label: Some("engine's states"),
+    ///     size: 256 + 4 * 4096 * 4,
+    ///     usage: BufferUsages::STORAGE | BufferUsages::COPY_SRC | BufferUsages::COPY_DST,
+    ///     mapped_at_creation: false,
+    /// });
+    /// let hidden = be.tensor_from_buffer(states, 256, &[1, 4, 4096])?; // no copy
+    /// # let _ = hidden;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn tensor_from_buffer(
         &self,
         buffer: ::wgpu::Buffer,

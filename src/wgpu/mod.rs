@@ -86,6 +86,10 @@ mod linear;
 #[cfg(test)]
 mod portability;
 
+/// The wgpu this crate is built with, for [`Gpu::from_device`] and
+/// [`Wgpu::tensor_from_buffer`] (devices and buffers must come from the same
+/// version).
+pub use ::wgpu;
 pub use backend::{
     KernelVersion, Precision, Tuning, WeightType, Wgpu, WgpuMask, WgpuOptions, WgpuTensor,
 };
