@@ -21,6 +21,24 @@ impl SignalPositions {
     /// `p_i` is the first occurrence of `signal_ids[i]` after `p_{i-1}`. A sequence
     /// that lacks one of them, or has them out of order, is an error naming the
     /// sequence and the token.
+    ///
+    /// ```
+    /// use output_projector::signal::SignalPositions;
+    ///
+    /// # fn main() -> output_projector::Result<()> {
+    /// // [AUD0]..[AUD2] as ids 70..=72 (made up), in two answers of 6 tokens.
+    /// let aud = [70, 71, 72];
+    /// let tokens = [1, 70, 71, 72, 2, 0, /* */ 3, 4, 70, 5, 71, 72];
+    /// let found = SignalPositions::find(&tokens, 2, 6, &aud)?;
+    /// assert_eq!(found.positions(), &[1, 2, 3, 2, 4, 5]);
+    ///
+    /// // An answer without [AUD2] is an error naming it, not a shorter gather.
+    /// let short = [1, 70, 71, 2, 0, 0];
+    /// let e = SignalPositions::find(&short, 1, 6, &aud).unwrap_err();
+    /// assert!(e.to_string().starts_with("sequence 0"), "{e}");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn find(
         token_ids: &[i64],
         batch: usize,

@@ -621,6 +621,19 @@ impl HostTensor {
     ///
     /// Like the other checked allocations, the copy is first measured
     /// against the memory left.
+    ///
+    /// ```
+    /// use output_projector::tensor::{DType, HostTensor};
+    ///
+    /// # fn main() -> output_projector::Result<()> {
+    /// let t = HostTensor::from_f32(vec![3], vec![1.5, -2.0, 70000.0])?;
+    /// assert!(t.to_storage(DType::BF16, "hidden")?.to_f64_vec() == [1.5, -2.0, 70144.0]);
+    /// // 70000 is past f16's 65504: an error, where `to_dtype` gives infinity.
+    /// assert!(t.to_storage(DType::F16, "hidden").is_err());
+    /// assert!(t.to_dtype(DType::F16).to_f64_vec()[2].is_infinite());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn to_storage(&self, dtype: DType, what: &str) -> Result<HostTensor> {
         check_room(self.numel(), dtype.size(), what)?;
         let converted = self.to_dtype(dtype);
