@@ -222,6 +222,7 @@ on_exit() {
     local rc=$?
     trap - EXIT
     summary
+    [[ -n ${unpacked:-} ]] && rm -rf "$unpacked"
     if ((failures > 0)); then
         exit 1
     fi
@@ -404,6 +405,7 @@ setup_vulkan() {
             return
         fi
         dir=$(mktemp -d) || return
+        unpacked=$dir # removed on exit
         for deb in "$VULKAN_DEBS"/*.deb; do
             if ! dpkg -x "$deb" "$dir" 2>"$OUT/vulkan.err"; then
                 record vulkan FAIL "dpkg -x $deb: $(last_error vulkan)"
