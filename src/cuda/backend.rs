@@ -638,6 +638,13 @@ fn driver(what: &str) -> impl Fn(drv::DriverError) -> Error + '_ {
     move |e| backend_error(CUDA, format!("{what}: {}", driver_error_text(e)))
 }
 
+/// [`driver`] with the message written only on failure: for calls made per
+/// launch, where formatting it every time costs more than the call's own
+/// bookkeeping.
+fn driver_lazy(what: impl Fn() -> String) -> impl Fn(drv::DriverError) -> Error {
+    move |e| backend_error(CUDA, format!("{}: {}", what(), driver_error_text(e)))
+}
+
 /// `n` as a kernel's 32-bit int, or an error naming `what`.
 pub(crate) fn i32_of(what: &str, n: usize) -> Result<i32> {
     i32::try_from(n).map_err(|_| {
@@ -1270,7 +1277,7 @@ impl Cuda {
 
     /// Checks that `t` lives in this backend's context and that its element
     /// count fits the kernels' 32-bit indices; returns its address.
-    pub(crate) fn check_tensor(&self, what: &str, t: &CudaTensor) -> Result<u64> {
+    pub(crate) fn check_tensor(&self, what: impl std::fmt::Display, t: &CudaTensor) -> Result<u64> {
         if t.ctx != self.ctx_id() {
             return Err(Error::invalid(format!(
                 "{what}: the tensor belongs to another CUDA context"
@@ -1283,7 +1290,9 @@ impl Cuda {
                 self.storage().name()
             )));
         }
-        i32_of(what, t.numel)?;
+        if i32::try_from(t.numel).is_err() {
+            i32_of(&what.to_string(), t.numel)?;
+        }
         Ok(t.ptr)
     }
 
@@ -1551,7 +1560,10 @@ impl Cuda {
         // entry point by the program tests).
         if self.dependent_launch() || cluster.is_some() {
             let stream = &self.inner.shared.stream;
-            stream.context().bind_to_thread().map_err(driver(&what()))?;
+            stream
+                .context()
+                .bind_to_thread()
+                .map_err(driver_lazy(what))?;
             let blank = drv_sys::CUlaunchAttribute {
                 id: drv_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_IGNORE,
                 pad: [0; 4],
@@ -1596,7 +1608,7 @@ impl Cuda {
                 )
             }
             .result()
-            .map_err(driver(&what()))?;
+            .map_err(driver_lazy(what))?;
         } else {
             let mut args = self.inner.shared.stream.launch_builder(&f);
             args.arg(params);
@@ -1606,7 +1618,7 @@ impl Cuda {
                 shared_mem_bytes: 0,
             };
             // SAFETY: see above.
-            unsafe { args.launch(cfg) }.map_err(driver(&what()))?;
+            unsafe { args.launch(cfg) }.map_err(driver_lazy(what))?;
         }
         self.inner.shared.launches.fetch_add(1, Ordering::Relaxed);
         Ok(())

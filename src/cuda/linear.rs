@@ -596,7 +596,7 @@ fn layer_norm_linear_plan(
 
 /// The device address of `t` on `be` (0 where absent), checked; `what`
 /// names it in errors.
-fn address_of(be: &Cuda, what: &str, t: Option<&CudaTensor>) -> Result<u64> {
+fn address_of(be: &Cuda, what: impl std::fmt::Display, t: Option<&CudaTensor>) -> Result<u64> {
     t.map_or(Ok(0), |t| be.check_tensor(what, t))
 }
 
@@ -620,10 +620,11 @@ impl NormAddresses {
         sum_out: Option<&CudaTensor>,
     ) -> Result<Self> {
         Ok(NormAddresses {
-            residual: address_of(be, &format!("{op} residual"), residual)?,
-            weight: be.check_tensor(&format!("{op} norm weight"), weight)?,
-            bias: be.check_tensor(&format!("{op} norm bias"), bias)?,
-            sum_out: address_of(be, &format!("{op} sum_out"), sum_out)?,
+            // Names formatted only for an error: this runs at every launch.
+            residual: address_of(be, format_args!("{op} residual"), residual)?,
+            weight: be.check_tensor(format_args!("{op} norm weight"), weight)?,
+            bias: be.check_tensor(format_args!("{op} norm bias"), bias)?,
+            sum_out: address_of(be, format_args!("{op} sum_out"), sum_out)?,
         })
     }
 
