@@ -1825,7 +1825,8 @@ mod tests {
             shapes.iter().filter(|(c, b)| f(c, *b)).count()
         };
         for (c, b) in shapes {
-            // A unit test of the generator: an invalid shape is its failure.
+            // A unit test of the generator (in `mod tests`, never built for a
+            // caller): an invalid shape is its failure.
             c.validate().unwrap();
             assert!(projector_macs(c, *b) <= RANDOM_PROJECTOR_MACS);
         }

@@ -303,6 +303,19 @@ pub struct Wgpu {
     inner: Arc<Inner>,
 }
 
+/// The tensors a dispatch binds: each read's index with it, then the writes
+/// (index None).
+fn tensors_bound<'a>(
+    reads: &'a [Bind<'a>],
+    writes: &'a [&'a WgpuTensor],
+) -> impl Iterator<Item = (Option<u32>, &'a WgpuTensor)> {
+    let reads_at = reads.iter().enumerate().filter_map(|(i, b)| match b {
+        Bind::Tensor(t) => Some((Some(i as u32), *t)),
+        _ => None,
+    });
+    reads_at.chain(writes.iter().map(|t| (None, *t)))
+}
+
 /// A buffer range a bind group binds.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Binding {
@@ -948,13 +961,7 @@ impl Wgpu {
         // Checked where a group is made (a cached one passed): a range past
         // the device's limit would be a validation error in wgpu's words.
         let limit = self.inner.gpu.limits.max_storage_buffer_binding_size;
-        let tensors = reads.iter().filter_map(|b| match b {
-            Bind::Tensor(t) => Some(*t),
-            _ => None,
-        });
-        if let Some(t) = tensors
-            .chain(writes.iter().copied())
-            .find(|t| t.binding_bytes() > limit)
+        if let Some((_, t)) = tensors_bound(reads, writes).find(|(_, t)| t.binding_bytes() > limit)
         {
             return Err(Error::OutOfMemory(format!(
                 "wgpu {}: a tensor of shape {:?} spans {} bytes, past the {limit} bytes \
@@ -1030,11 +1037,7 @@ impl Wgpu {
         // A GEMM weight in its own type is read only where the kernel expects one.
         let storage = self.storage();
         let mut weight = storage;
-        let reads_at = reads.iter().enumerate().filter_map(|(i, b)| match b {
-            Bind::Tensor(t) => Some((Some(i as u32), *t)),
-            _ => None,
-        });
-        for (read, t) in reads_at.chain(writes.iter().map(|t| (None, *t))) {
+        for (read, t) in tensors_bound(reads, writes) {
             if t.dtype == storage {
                 continue;
             }

@@ -5,6 +5,10 @@
 //! what that entry point uses. The sources bind one buffer twice (as scalars
 //! and as vec4s) and rely on each entry point using only one of the two, so in
 //! HLSL no two resources of an entry point may share a register.
+//!
+//! A test module (`#[cfg(test)] mod portability` in `wgpu/mod.rs`): its
+//! panics are test failures on the crate's own sources, never reached from a
+//! caller's data.
 
 use naga::back::{hlsl, msl, pipeline_constants, PipelineConstants};
 use naga::valid::{Capabilities, ModuleInfo, ShaderStages, SubgroupOperationSet, ValidationFlags};
